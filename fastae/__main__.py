@@ -1,0 +1,23 @@
+"""Command line: ``python -m fastae demo`` (the main job) and ``python -m fastae bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastae", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    from . import demo
+
+    demo.add_arguments(commands.add_parser("demo", help="train autoencoders on digits"))
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo.run(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Argument checks shared by the ops and modules: errors name the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
+            f"got dtype {value.dtype}"
+        )
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def same_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if value.dtype != like.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of {like_name} ({like.dtype}), got {value.dtype}"
+        )
+    if value.device != like.device:
+        raise ValueError(
+            f"{name} must be on the device of {like_name} ({like.device}), got {value.device}"
+        )
+
+
+def size(name: str, value: torch.Tensor, dim: int, expected: int, why: str) -> None:
+    if value.shape[dim] != expected:
+        raise ValueError(
+            f"{name} must have size {expected} in dim {dim} ({why}), "
+            f"got shape {tuple(value.shape)}"
+        )
+
+
+def choice(name: str, value: object, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def finite_number(name: str, value: object, *, low=None, high=None, open_low=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if open_low else value < low):
+        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name} must be < {high}, got {value}")
+    return value

@@ -1,0 +1,16 @@
+"""Small data sets that ship with scikit-learn (no download), scaled for autoencoders."""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8x8 digits (1797 x 64) scaled to [0, 1], and their labels. Needs scikit-learn."""
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError as error:
+        raise ImportError("load_digits needs scikit-learn: pip install 'fastae[apps]'") from error
+    bunch = _load()
+    x = torch.as_tensor(bunch.data, dtype=dtype) / 16.0
+    return x, torch.as_tensor(bunch.target)

@@ -1,0 +1,200 @@
+"""``fastae.Autoencoder``: one hidden layer with sparsity, denoising and contractive terms."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks, ops, reference
+from .noise import Noise, check_noise
+
+# rho_hat is clamped to [KL_EPS, 1 - KL_EPS] inside the KL penalty so it stays finite when a
+# unit is always off or always on.
+KL_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class KLSparsity:
+    """weight * sum_j KL(rho || rho_hat_j): Bernoulli KL against the target mean activation."""
+
+    rho: float
+    weight: float = 1.0
+
+    def __post_init__(self):
+        rho = _checks.finite_number("rho", self.rho, low=0.0, high=1.0, open_low=True)
+        object.__setattr__(self, "rho", rho)
+        object.__setattr__(self, "weight", _checks.finite_number("weight", self.weight, low=0))
+
+    def penalty(self, h: Tensor, rho_hat: Tensor) -> Tensor:
+        rho = self.rho
+        q = rho_hat.clamp(KL_EPS, 1 - KL_EPS)
+        kl = rho * math.log(rho) - rho * torch.log(q)
+        kl = kl + (1 - rho) * math.log1p(-rho) - (1 - rho) * torch.log1p(-q)
+        return self.weight * kl.sum()
+
+
+@dataclass(frozen=True)
+class L1Sparsity:
+    """weight * mean_i sum_j |h_ij| (the L1 norm of each code, averaged over the batch)."""
+
+    weight: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "weight", _checks.finite_number("weight", self.weight, low=0))
+
+    def penalty(self, h: Tensor, rho_hat: Tensor, nonnegative: bool = True) -> Tensor:
+        # for nonnegative activations mean_i |h_ij| is rho_hat_j: no pass over h needed
+        column_mean = rho_hat if nonnegative else h.abs().mean(0)
+        return self.weight * column_mean.sum()
+
+
+@dataclass
+class AutoencoderOutput:
+    """What ``Autoencoder.forward`` returns.
+
+    loss: total = reconstruction_loss + sum(penalties.values()); reconstruction_loss: batch mean
+    of the per-sample loss; penalties: each regularizer's term by name ("sparsity",
+    "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,).
+    """
+
+    loss: Tensor
+    reconstruction_loss: Tensor
+    code: Tensor
+    per_sample: Tensor
+    penalties: dict[str, Tensor] = field(default_factory=dict)
+    jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2
+
+
+class Autoencoder(nn.Module):
+    """Regularized one-layer autoencoder.
+
+    Args:
+        in_features: d. hidden_features: H.
+        activation: hidden activation ("sigmoid", "tanh", "relu", "softplus").
+        output: "sigmoid" or "identity". loss: "bce" (sigmoid output) or "mse".
+        tied: decoder weight is the encoder weight transposed.
+        noise: a GaussianNoise / MaskingNoise / SaltPepperNoise spec for denoising training
+            (applied in training mode only; a spec without seed draws a fresh one each step).
+        sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
+        contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        activation: str = "sigmoid",
+        output: str = "sigmoid",
+        loss: str = "bce",
+        tied: bool = True,
+        noise: Noise | None = None,
+        sparsity: KLSparsity | L1Sparsity | None = None,
+        contractive: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("hidden_features", hidden_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
+        self.output = _checks.choice("output", output, reference.OUTPUTS)
+        self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
+        if loss == "bce" and output != "sigmoid":
+            raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
+        if not isinstance(tied, bool):
+            raise TypeError(f"tied must be a bool, got {type(tied).__name__}")
+        self.noise = check_noise(noise)
+        if sparsity is not None and not isinstance(sparsity, (KLSparsity, L1Sparsity)):
+            raise TypeError(
+                f"sparsity must be None, KLSparsity or L1Sparsity, got {type(sparsity).__name__}"
+            )
+        if isinstance(sparsity, KLSparsity) and activation != "sigmoid":
+            raise ValueError(
+                f"KLSparsity needs activation 'sigmoid' (activations in (0, 1)), "
+                f"got activation {activation!r}"
+            )
+        self.sparsity = sparsity
+        self.contractive = _checks.finite_number("contractive", contractive, low=0)
+        self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
+
+        self.weight = nn.Parameter(torch.empty(hidden_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(hidden_features))
+        self.decoder_weight = (
+            None if tied else nn.Parameter(torch.empty(in_features, hidden_features))
+        )
+        self.decoder_bias = nn.Parameter(torch.zeros(in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.decoder_bias)
+        if self.decoder_weight is not None:
+            nn.init.xavier_uniform_(self.decoder_weight)
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.in_features} -> {self.hidden_features}",
+            f"activation={self.activation!r}",
+            f"output={self.output!r}",
+            f"loss={self.loss_name!r}",
+            f"tied={self.tied}",
+        ]
+        if self.noise is not None:
+            parts.append(f"noise={self.noise}")
+        if self.sparsity is not None:
+            parts.append(f"sparsity={self.sparsity}")
+        if self.contractive:
+            parts.append(f"contractive={self.contractive}")
+        return ", ".join(parts)
+
+    @property
+    def decoder_matrix(self) -> Tensor:
+        """Decoder weight in nn.Linear layout (d, H): W^T when tied."""
+        return self.weight.t() if self.decoder_weight is None else self.decoder_weight
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes h (B, H) of clean inputs."""
+        return ops.encode(x, self.weight, self.bias, activation=self.activation)[0]
+
+    def decode(self, h: Tensor) -> Tensor:
+        """Reconstruction x^ (B, d) from codes."""
+        h = _checks.tensor("h", h, 2)
+        return reference.reconstruct(h, self.decoder_matrix, self.decoder_bias, self.output)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def reconstruction_error(self, x: Tensor) -> Tensor:
+        """Per-sample reconstruction loss (B,) of clean inputs: the anomaly score."""
+        h = self.encode(x)
+        return ops.decode_loss(
+            h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
+            loss=self.loss_name,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        noise = self.noise if self.training else None
+        h, rho_hat, jac = ops.encode(
+            x, self.weight, self.bias, activation=self.activation, noise=noise
+        )
+        per_sample = ops.decode_loss(
+            h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
+            loss=self.loss_name,
+        )  # fmt: skip
+        reconstruction_loss = per_sample.mean()
+        penalties = {}
+        if isinstance(self.sparsity, KLSparsity):
+            penalties["sparsity"] = self.sparsity.penalty(h, rho_hat)
+        elif isinstance(self.sparsity, L1Sparsity):
+            nonnegative = self.activation != "tanh"
+            penalties["sparsity"] = self.sparsity.penalty(h, rho_hat, nonnegative)
+        if self.contractive:
+            penalties["contractive"] = self.contractive * jac
+        loss = reconstruction_loss
+        for term in penalties.values():
+            loss = loss + term
+        return AutoencoderOutput(loss, reconstruction_loss, h, per_sample, penalties, jac)

@@ -1,0 +1,133 @@
+"""Input-corruption specs for denoising autoencoders.
+
+Every random number is a pure function of ``(seed, row * d + col)`` through Philox, the
+stream of Triton's ``tl.rand``/``tl.randn`` (see :mod:`fastae.philox`), so the kernels and the
+reference produce the same corruption and backward regenerates masks instead of storing them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+SEED_BOUND = 2**63 - 1  # seeds are int64 scalars in the op schemas
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _seed(seed: object) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed <= SEED_BOUND:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return seed
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh seed from torch's generator, so ``torch.manual_seed`` makes runs repeatable."""
+    return int(torch.randint(0, 2**62, (), generator=generator).item())
+
+
+class _Noise:
+    kind: str
+    seed: int | None
+
+    def with_seed(self, seed: int | None = None):
+        """This spec with a concrete seed: ``seed`` if given, its own, or a fresh draw."""
+        if seed is None:
+            seed = self.seed if self.seed is not None else draw_seed()
+        return replace(self, seed=_seed(seed))
+
+    def params(self) -> tuple[str, float, float, float]:
+        """(kind, level, low, high) as the ops' schemas take them."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GaussianNoise(_Noise):
+    """x~ = x + sigma * eps, eps ~ N(0, 1) (Box-Muller on Philox, as ``tl.randn``)."""
+
+    sigma: float
+    seed: int | None = None
+    kind = "gaussian"
+
+    def __post_init__(self):
+        sigma = _finite("sigma", self.sigma)
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        object.__setattr__(self, "sigma", sigma)
+        object.__setattr__(self, "seed", _seed(self.seed))
+
+    def params(self):
+        return "gaussian", self.sigma, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class MaskingNoise(_Noise):
+    """x~ = x * m, m ~ Bernoulli(1 - p); with ``rescale`` x~ = x * m / (1 - p) (dropout)."""
+
+    p: float
+    rescale: bool = False
+    seed: int | None = None
+    kind = "masking"
+
+    def __post_init__(self):
+        p = _finite("p", self.p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p must be in [0, 1), got {p}")
+        if not isinstance(self.rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {type(self.rescale).__name__}")
+        object.__setattr__(self, "p", p)
+        object.__setattr__(self, "seed", _seed(self.seed))
+
+    def params(self):
+        return ("masking_rescale" if self.rescale else "masking"), self.p, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class SaltPepperNoise(_Noise):
+    """With probability p an entry becomes ``low`` or ``high`` (1/2 each), else stays."""
+
+    p: float
+    low: float = 0.0
+    high: float = 1.0
+    seed: int | None = None
+    kind = "salt_pepper"
+
+    def __post_init__(self):
+        p = _finite("p", self.p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p must be in [0, 1), got {p}")
+        low, high = _finite("low", self.low), _finite("high", self.high)
+        object.__setattr__(self, "p", p)
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+        object.__setattr__(self, "seed", _seed(self.seed))
+
+    def params(self):
+        return "salt_pepper", self.p, self.low, self.high
+
+
+# kinds as the op schemas name them ("none": no corruption)
+NOISE_KINDS = ("none", "gaussian", "masking", "masking_rescale", "salt_pepper")
+Noise = GaussianNoise | MaskingNoise | SaltPepperNoise
+
+
+def check_noise(noise: object, name: str = "noise") -> Noise | None:
+    if noise is None or isinstance(noise, (GaussianNoise, MaskingNoise, SaltPepperNoise)):
+        return noise
+    raise TypeError(
+        f"{name} must be None, GaussianNoise, MaskingNoise or SaltPepperNoise, "
+        f"got {type(noise).__name__}"
+    )

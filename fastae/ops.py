@@ -1,0 +1,360 @@
+"""Differentiable ops registered with ``torch.library`` (namespace ``fastae``).
+
+Each public function checks its arguments, resolves the backend (see :mod:`fastae.backend`)
+and calls a custom op whose backward is analytic and is itself a custom op, so
+``torch.compile(fullgraph=True)`` traces through and ``torch.library.opcheck`` passes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from . import _checks, backend, reference
+from .noise import NOISE_KINDS, Noise, check_noise
+
+__all__ = ["encode", "corrupt", "decode_loss"]
+
+
+def _kernel_module(name: str):
+    """``fastae.kernels.<name>`` when Triton and that kernel exist, else None."""
+    if not backend.triton_available():
+        return None
+    try:
+        return importlib.import_module(f"fastae.kernels.{name}")
+    except ModuleNotFoundError:
+        return None
+
+
+def _impl(backend_name: str, kernel: str):
+    return _kernel_module(kernel) if backend_name == "triton" else reference
+
+
+def _fresh(out: Tensor, x: Tensor) -> Tensor:
+    """Custom ops may not return their input: copy only when the impl passed it through."""
+    return out.clone() if out is x else out
+
+
+def _stat_empty(like: Tensor, *shape: int) -> Tensor:
+    return like.new_empty(shape, dtype=reference.stat_dtype(like.dtype))
+
+
+# ----------------------------------------------------------------------------- corrupt
+
+
+@torch.library.custom_op("fastae::corrupt", mutates_args=())
+def _corrupt_op(
+    x: Tensor, kind: str, level: float, low: float, high: float, seed: int, backend_name: str
+) -> Tensor:
+    return _fresh(_impl(backend_name, "noise").corrupt(x, kind, level, low, high, seed), x)
+
+
+@_corrupt_op.register_fake
+def _(x, kind, level, low, high, seed, backend_name):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastae::corrupt_backward", mutates_args=())
+def _corrupt_backward_op(
+    grad: Tensor, kind: str, level: float, seed: int, backend_name: str
+) -> Tensor:
+    return _fresh(_impl(backend_name, "noise").corrupt_input_grad(grad, kind, level, seed), grad)
+
+
+@_corrupt_backward_op.register_fake
+def _(grad, kind, level, seed, backend_name):
+    return torch.empty_like(grad)
+
+
+def _corrupt_setup(ctx, inputs, output):
+    _, ctx.kind, ctx.level, _, _, ctx.seed, ctx.backend_name = inputs
+
+
+def _corrupt_bwd(ctx, grad):
+    dx = _corrupt_backward_op(grad.contiguous(), ctx.kind, ctx.level, ctx.seed, ctx.backend_name)
+    return dx, None, None, None, None, None, None
+
+
+_corrupt_op.register_autograd(_corrupt_bwd, setup_context=_corrupt_setup)
+
+
+def _check_input(x: object) -> Tensor:
+    x = _checks.tensor("x", x, 2)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must have at least one row and one column, got {tuple(x.shape)}")
+    return x
+
+
+def corrupt(x: Tensor, noise: Noise) -> Tensor:
+    """Corrupted copy of ``x`` (B, d). ``noise.seed=None`` draws a seed from torch's generator.
+
+    The gradient with respect to ``x`` regenerates the mask from the seed.
+    """
+    x = _check_input(x)
+    if noise is None:
+        raise TypeError("noise must be GaussianNoise, MaskingNoise or SaltPepperNoise, got None")
+    noise = check_noise(noise).with_seed()
+    kind, level, low, high = noise.params()
+    name = backend.resolve("corrupt", x.device, _kernel_module("noise") is not None)
+    return _corrupt_op(x, kind, level, low, high, noise.seed, name)
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+@torch.library.custom_op("fastae::encode", mutates_args=())
+def _encode_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    noise_kind: str,
+    level: float,
+    low: float,
+    high: float,
+    seed: int,
+    backend_name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _impl(backend_name, "encoder")
+    out = impl.encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed)
+    return tuple(_fresh(t, x) for t in out)
+
+
+@_encode_op.register_fake
+def _(x, weight, bias, activation, noise_kind, level, low, high, seed, backend_name):
+    hidden = weight.shape[0]
+    h = x.new_empty((x.shape[0], hidden))
+    return h, _stat_empty(x, hidden), _stat_empty(x), _stat_empty(x, hidden)
+
+
+@torch.library.custom_op("fastae::encode_backward", mutates_args=())
+def _encode_backward_op(
+    grad_h: Tensor,
+    grad_rho: Tensor,
+    grad_jac: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    h: Tensor,
+    c: Tensor,
+    activation: str,
+    noise_kind: str,
+    level: float,
+    low: float,
+    high: float,
+    seed: int,
+    backend_name: str,
+    needs_input_grad: bool,
+) -> list[Tensor]:
+    impl = _impl(backend_name, "encoder")
+    dw, db, dx = impl.encode_backward(
+        grad_h, grad_rho, grad_jac, x, weight, h, c, activation, noise_kind, level, low, high,
+        seed, needs_input_grad,
+    )  # fmt: skip
+    return [dw, db] if dx is None else [dw, db, dx]
+
+
+@_encode_backward_op.register_fake
+def _(grad_h, grad_rho, grad_jac, x, weight, h, c, *args):
+    needs_input_grad = args[-1]
+    out = [torch.empty_like(weight), weight.new_empty(weight.shape[0])]
+    return out + [torch.empty_like(x)] if needs_input_grad else out
+
+
+def _encode_setup(ctx, inputs, output):
+    x, weight, bias, *params = inputs
+    h, _, _, c = output
+    ctx.params = params  # activation, noise_kind, level, low, high, seed, backend_name
+    ctx.save_for_backward(x, weight, h, c)
+    ctx.mark_non_differentiable(c)
+
+
+def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_c):
+    x, weight, h, c = ctx.saved_tensors
+    needs_x = ctx.needs_input_grad[0]
+    grads = _encode_backward_op(
+        grad_h.contiguous(), grad_rho, grad_jac, x, weight, h, c, *ctx.params, needs_x
+    )
+    dx = grads[2] if needs_x else None
+    db = grads[1] if ctx.needs_input_grad[2] else None
+    return (dx, grads[0], db) + (None,) * len(ctx.params)
+
+
+_encode_op.register_autograd(_encode_bwd, setup_context=_encode_setup)
+
+
+def _check_layer(x: Tensor, weight: object, bias: object) -> tuple[Tensor, Tensor | None]:
+    weight = _checks.tensor("weight", weight, 2)
+    _checks.same_kind("weight", weight, "x", x)
+    _checks.size("weight", weight, 1, x.shape[1], "x has that many features")
+    if bias is not None:
+        bias = _checks.tensor("bias", bias, 1)
+        _checks.same_kind("bias", bias, "x", x)
+        _checks.size("bias", bias, 0, weight.shape[0], "weight has that many rows")
+    return weight, bias
+
+
+def encode(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    activation: str = "sigmoid",
+    noise: Noise | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One encoder layer with its regularization statistics.
+
+    Args:
+        x: (B, d) input. weight: (H, d) (``nn.Linear`` layout). bias: (H,) or None.
+        activation: "sigmoid", "tanh", "relu" or "softplus".
+        noise: optional corruption applied to x first; ``encode(x, W, b, noise=spec)`` equals
+            ``encode(corrupt(x, spec), W, b)`` for the same seed, without storing x~.
+
+    Returns:
+        h (B, H) = a(x~ W^T + b); rho_hat (H,) = mean_i h_i (float32 at least);
+        jac () = (1/B) sum_i ||J_enc(x_i)||_F^2 = (1/B) sum_ij a'(z_ij)^2 ||W_j||^2.
+    """
+    x = _check_input(x)
+    weight, bias = _check_layer(x, weight, bias)
+    activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
+    noise = check_noise(noise)
+    if noise is None:
+        kind, level, low, high, seed = "none", 0.0, 0.0, 0.0, 0
+    else:
+        noise = noise.with_seed()
+        (kind, level, low, high), seed = noise.params(), noise.seed
+    assert kind in NOISE_KINDS
+    name = backend.resolve("encode", x.device, _kernel_module("encoder") is not None)
+    h, rho_hat, jac, _ = _encode_op(
+        x, weight, bias, activation, kind, level, low, high, seed, name
+    )
+    return h, rho_hat, jac
+
+
+# ----------------------------------------------------------------------------- decode_loss
+
+
+@torch.library.custom_op("fastae::decode_loss", mutates_args=())
+def _decode_loss_op(
+    h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, output: str, loss: str,
+    backend_name: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return _impl(backend_name, "decoder").decode_forward(h, weight, bias, target, output, loss)
+
+
+@_decode_loss_op.register_fake
+def _(h, weight, bias, target, output, loss, backend_name):
+    return _stat_empty(h, h.shape[0]), target.new_empty(target.shape, dtype=h.dtype)
+
+
+@torch.library.custom_op("fastae::decode_loss_backward", mutates_args=())
+def _decode_backward_op(
+    grad_loss: Tensor, h: Tensor, weight: Tensor, grad_z: Tensor, backend_name: str,
+    needs_h_grad: bool,
+) -> list[Tensor]:  # fmt: skip
+    impl = _impl(backend_name, "decoder")
+    dw, db, dh = impl.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
+    return [dw, db] if dh is None else [dw, db, dh]
+
+
+@_decode_backward_op.register_fake
+def _(grad_loss, h, weight, grad_z, backend_name, needs_h_grad):
+    out = [torch.empty_like(weight), weight.new_empty(weight.shape[0])]
+    return out + [torch.empty_like(h)] if needs_h_grad else out
+
+
+@torch.library.custom_op("fastae::decode_loss_target_grad", mutates_args=())
+def _decode_target_grad_op(
+    grad_loss: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+    output: str, loss: str, backend_name: str,
+) -> Tensor:  # fmt: skip
+    impl = _impl(backend_name, "decoder")
+    return impl.decode_target_grad(grad_loss, h, weight, bias, target, output, loss)
+
+
+@_decode_target_grad_op.register_fake
+def _(grad_loss, h, weight, bias, target, *args):
+    return torch.empty_like(target)
+
+
+def _decode_setup(ctx, inputs, output):
+    h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name = inputs
+    ctx.target_grad = target.requires_grad
+    _, grad_z = output
+    # the target (and bias) are kept only when the target itself needs a gradient
+    extra = (bias, target) if ctx.target_grad else (None, None)
+    ctx.save_for_backward(h, weight, grad_z, *extra)
+    ctx.mark_non_differentiable(grad_z)
+
+
+def _decode_bwd(ctx, grad_loss, _grad_grad_z):
+    h, weight, grad_z, bias, target = ctx.saved_tensors
+    needs_h = ctx.needs_input_grad[0]
+    grads = _decode_backward_op(grad_loss, h, weight, grad_z, ctx.backend_name, needs_h)
+    dh = grads[2] if needs_h else None
+    db = grads[1] if ctx.needs_input_grad[2] else None
+    dt = None
+    if ctx.target_grad:
+        dt = _decode_target_grad_op(
+            grad_loss, h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name
+        )
+    return dh, grads[0], db, dt, None, None, None
+
+
+_decode_loss_op.register_autograd(_decode_bwd, setup_context=_decode_setup)
+
+
+def decode_loss(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    target: Tensor,
+    output: str = "sigmoid",
+    loss: str = "bce",
+) -> Tensor:
+    """Decoder layer plus reconstruction loss: per-sample l_i = sum_k ell(x^_ik, target_ik).
+
+    Args:
+        h: (B, H) code. weight: (d, H) (``nn.Linear`` layout; tied weights pass
+            ``encoder_weight.t()`` and both uses' gradients add up). bias: (d,) or None.
+        target: (B, d); in [0, 1] for BCE.
+        output: "sigmoid" or "identity" (x^ = a_out(h V^T + c)).
+        loss: "bce" (needs the sigmoid output; computed in the stable logits form) or "mse".
+
+    Returns:
+        (B,) per-sample loss (float32 at least) — also the anomaly score of each sample.
+    """
+    h = _checks.tensor("h", h, 2)
+    if h.shape[0] == 0:
+        raise ValueError(f"h must have at least one row, got {tuple(h.shape)}")
+    weight = _checks.tensor("weight", weight, 2)
+    _checks.same_kind("weight", weight, "h", h)
+    _checks.size("weight", weight, 1, h.shape[1], "h has that many features")
+    if bias is not None:
+        bias = _checks.tensor("bias", bias, 1)
+        _checks.same_kind("bias", bias, "h", h)
+        _checks.size("bias", bias, 0, weight.shape[0], "weight has that many rows")
+    target = _checks.tensor("target", target, 2)
+    _checks.same_kind("target", target, "h", h)
+    if tuple(target.shape) != (h.shape[0], weight.shape[0]):
+        raise ValueError(
+            f"target must have shape {(h.shape[0], weight.shape[0])} (rows of h, rows of "
+            f"weight), got {tuple(target.shape)}"
+        )
+    output = _checks.choice("output", output, reference.OUTPUTS)
+    loss = _checks.choice("loss", loss, reference.LOSSES)
+    if loss == "bce":
+        if output != "sigmoid":
+            raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
+        if not torch.compiler.is_compiling() and not target.is_meta:
+            lo, hi = torch.aminmax(target)
+            if not (lo >= 0 and hi <= 1):  # also false for NaN
+                raise ValueError(
+                    f"target must lie in [0, 1] for loss 'bce', got values in "
+                    f"[{lo.item()}, {hi.item()}]"
+                )
+    name = backend.resolve("decode_loss", h.device, _kernel_module("decoder") is not None)
+    per_sample, _ = _decode_loss_op(h, weight, bias, target, output, loss, name)
+    return per_sample

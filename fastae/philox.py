@@ -1,0 +1,85 @@
+"""Philox-4x32-10 in plain torch, bit-identical to Triton's ``tl.randint4x``/``tl.rand``.
+
+Triton (triton/language/random.py) runs Philox on the counter
+(c0, c1, c2, c3) = (offset_lo, offset_hi, 0, 0) with key (seed_lo, seed_hi), ten rounds, and
+maps a word u to a float in [0, 1) as  float32(u' ) * 4.6566127342e-10,  u' = u if u < 2^31
+else ~u  (u read as int32).  ``tl.randn`` applies Box-Muller to the first two uniforms.
+Here every uint32 lives in an int64 tensor; products are split into 16-bit halves so no
+intermediate exceeds 2^50.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+N_ROUNDS = 10
+_UNIFORM_SCALE = 4.6566127342e-10  # largest s with (2^31 - 1) * s < 1 in float32
+
+
+def _mul_hi_lo(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of const * x for uint32 ``const`` and ``x`` (int64 tensor)."""
+    c_hi, c_lo = const >> 16, const & 0xFFFF
+    x_hi, x_lo = x >> 16, x & 0xFFFF
+    low_part = c_lo * x_lo
+    mid = c_hi * x_lo + c_lo * x_hi
+    # const * x = c_hi*x_hi*2^32 + mid*2^16 + low_part
+    low_sum = (mid & 0xFFFF) * 65536 + low_part
+    lo = low_sum & _MASK32
+    hi = (c_hi * x_hi + (mid >> 16) + (low_sum >> 32)) & _MASK32
+    return hi, lo
+
+
+def randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Four uint32 words (as int64 tensors) per offset, as ``tl.randint4x(seed, offsets)``."""
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"offsets must be int64, got {offsets.dtype}")
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(offsets)
+    c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(N_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint_to_uniform(words: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1) from uint32 words, as Triton's ``uint_to_uniform_float``."""
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    folded = torch.where(signed < 0, -signed - 1, signed)  # ~x for negative int32 x
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """First Box-Muller normal, as Triton's ``pair_uniform_to_normal`` (float32)."""
+    u1 = torch.clamp(u1, min=1.0e-7)
+    theta = 6.283185307179586 * u2
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.cos(theta)
+
+
+def element_offsets(rows: int, cols: int, device: torch.device, base: int = 0) -> torch.Tensor:
+    """The logical offsets base + row * cols + col of a (rows, cols) tensor, as int64."""
+    row = torch.arange(rows, device=device, dtype=torch.int64).unsqueeze(1)
+    col = torch.arange(cols, device=device, dtype=torch.int64)
+    return base + row * cols + col
+
+
+def rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32, equal bit for bit to ``tl.rand(seed, offsets)``."""
+    return uint_to_uniform(randint4x(seed, offsets)[0])
+
+
+def randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 as ``tl.randn(seed, offsets)`` (equal up to libm rounding)."""
+    w0, w1, _, _ = randint4x(seed, offsets)
+    return box_muller(uint_to_uniform(w0), uint_to_uniform(w1))

@@ -1,0 +1,201 @@
+"""The math of every op in plain torch: the CPU backend and the oracle for the kernels.
+
+Forward and backward are written out analytically (DESIGN.md, "The math"); nothing here
+relies on autograd. Statistics accumulate in float32 at least (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import philox
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "softplus")
+OUTPUTS = ("sigmoid", "identity")
+LOSSES = ("bce", "mse")
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of statistics and partial sums: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "softplus":
+        return F.softplus(z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def slope(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """s = a'(z) written in terms of h = a(z)."""
+    if activation == "sigmoid":
+        return h * (1 - h)
+    if activation == "tanh":
+        return 1 - h * h
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "softplus":
+        return -torch.expm1(-h)  # 1 - exp(-h) = sigmoid(z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def curvature(h: torch.Tensor, s: torch.Tensor, activation: str) -> torch.Tensor:
+    """a''(z) from h and s: sigmoid s(1-2h), tanh -2hs, relu 0, softplus s(1-s)."""
+    if activation == "sigmoid":
+        return s * (1 - 2 * h)
+    if activation == "tanh":
+        return -2 * h * s
+    if activation == "relu":
+        return torch.zeros_like(h)
+    if activation == "softplus":
+        return s * (1 - s)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def _noise_words(x: torch.Tensor, seed: int, base: int):
+    offsets = philox.element_offsets(x.shape[0], x.shape[1], x.device, base)
+    return philox.randint4x(seed, offsets)
+
+
+def corrupt(
+    x: torch.Tensor, kind: str, level: float, low: float, high: float, seed: int, base: int = 0
+) -> torch.Tensor:
+    """x~ for a (B, d) tensor; random numbers from Philox at offset base + row*d + col."""
+    if kind == "none":
+        return x
+    compute = stat_dtype(x.dtype)
+    w0, w1, _, _ = _noise_words(x, seed, base)
+    if kind == "gaussian":
+        eps = philox.box_muller(philox.uint_to_uniform(w0), philox.uint_to_uniform(w1))
+        return (x.to(compute) + level * eps.to(compute)).to(x.dtype)
+    keep = philox.uint_to_uniform(w0) >= level
+    if kind in ("masking", "masking_rescale"):
+        scale = 1.0 / (1.0 - level) if kind == "masking_rescale" else 1.0
+        return torch.where(keep, x.to(compute) * scale, 0.0).to(x.dtype)
+    if kind == "salt_pepper":
+        salt = philox.uint_to_uniform(w1) >= 0.5
+        fill = torch.where(salt, high, low).to(x.dtype)
+        return torch.where(keep, x, fill)
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+def corrupt_input_grad(
+    grad: torch.Tensor, kind: str, level: float, seed: int, base: int = 0
+) -> torch.Tensor:
+    """d loss / d x from d loss / d x~: the mask regenerated from the seed, never stored."""
+    if kind in ("none", "gaussian"):
+        return grad
+    w0 = _noise_words(grad, seed, base)[0]
+    keep = philox.uint_to_uniform(w0) >= level
+    scale = 1.0 / (1.0 - level) if kind == "masking_rescale" else 1.0
+    return torch.where(keep, grad.to(stat_dtype(grad.dtype)) * scale, 0.0).to(grad.dtype)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
+    """h = a(x~ W^T + b), rho_hat = mean_i h, c_j = sum_i s_ij^2, jac = (1/B) sum_j c_j ||W_j||^2."""
+    x_tilde = corrupt(x, noise_kind, level, low, high, seed)
+    z = x_tilde @ weight.t()
+    if bias is not None:
+        z = z + bias
+    h = activate(z, activation)
+    acc = stat_dtype(h.dtype)
+    h_acc = h.to(acc)
+    batch = x.shape[0]
+    rho_hat = h_acc.sum(0) / batch
+    c = slope(h_acc, activation).square().sum(0)
+    row_sq_norm = weight.to(acc).square().sum(1)
+    jac = (c * row_sq_norm).sum() / batch
+    return h, rho_hat, jac, c
+
+
+def encode_backward(
+    grad_h, grad_rho, grad_jac, x, weight, h, c, activation, noise_kind, level, low, high, seed,
+    needs_input_grad,
+):  # fmt: skip
+    """(dW, db, dx or None) from DESIGN.md:
+    dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'';  dW = dz^T x~ + g_jac (2/B) c_j W_j;
+    db = sum_i dz;  dx = (dz W) * dx~/dx.
+    """
+    batch = x.shape[0]
+    acc = stat_dtype(h.dtype)
+    h_acc = h.to(acc)
+    s = slope(h_acc, activation)
+    row_sq_norm = weight.to(acc).square().sum(1)
+    g_jac = grad_jac.to(acc)
+    dz = s * (grad_h.to(acc) + grad_rho.to(acc) / batch)
+    dz = dz + (g_jac * (2.0 / batch)) * row_sq_norm * s * curvature(h_acc, s, activation)
+    grad_bias = dz.sum(0)
+    dz = dz.to(h.dtype)
+    x_tilde = corrupt(x, noise_kind, level, low, high, seed)
+    grad_weight = dz.t() @ x_tilde
+    grad_weight = grad_weight + ((g_jac * (2.0 / batch)) * c).unsqueeze(1).to(weight.dtype) * weight
+    grad_input = None
+    if needs_input_grad:
+        grad_input = corrupt_input_grad(dz @ weight, noise_kind, level, seed)
+    return grad_weight, grad_bias.to(weight.dtype), grad_input
+
+
+# ----------------------------------------------------------------------------- decoder + loss
+
+
+def decode_forward(h, weight, bias, target, output, loss):
+    """Per-sample loss l_i = sum_k ell(x^_ik, x_ik) and the per-element d ell / d z^ (B, d).
+
+    BCE uses the logits form ell = softplus(z^) - x z^, whose gradient is x^ - x.
+    """
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    acc = stat_dtype(z.dtype)
+    z_acc, t = z.to(acc), target.to(acc)
+    if loss == "bce":
+        per_element = F.softplus(z_acc) - t * z_acc
+        grad_z = torch.sigmoid(z_acc) - t
+    else:
+        out = torch.sigmoid(z_acc) if output == "sigmoid" else z_acc
+        diff = out - t
+        per_element = diff.square()
+        grad_z = 2 * diff
+        if output == "sigmoid":
+            grad_z = grad_z * out * (1 - out)
+    return per_element.sum(1), grad_z.to(z.dtype)
+
+
+def reconstruct(h, weight, bias, output):
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return torch.sigmoid(z) if output == "sigmoid" else z
+
+
+def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
+    """(dV, dc, dh or None): dz = g_l_i * d ell/d z^; dV = dz^T h, dc = sum_i dz, dh = dz V."""
+    dz = grad_z * grad_loss.to(grad_z.dtype).unsqueeze(1)
+    grad_weight = dz.t() @ h
+    grad_bias = dz.to(stat_dtype(dz.dtype)).sum(0).to(weight.dtype)
+    grad_h = dz @ weight if needs_h_grad else None
+    return grad_weight, grad_bias, grad_h
+
+
+def decode_target_grad(grad_loss, h, weight, bias, target, output, loss):
+    """d l / d x (target): BCE -z^; MSE -2 (x^ - x). Recomputes z^ (only when asked for)."""
+    out = reconstruct(h, weight, bias, "identity" if loss == "bce" else output)
+    acc = stat_dtype(out.dtype)
+    per_element = -out.to(acc) if loss == "bce" else -2 * (out.to(acc) - target.to(acc))
+    return (per_element * grad_loss.to(acc).unsqueeze(1)).to(target.dtype)

@@ -1,0 +1,180 @@
+"""``fastae.fit``: a small, repeatable training loop for autoencoders."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass
+class History:
+    """Per-epoch mean training loss, validation loss (if given) and what stopped the run."""
+
+    loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(data, np.ndarray):
+        return torch.as_tensor(data, dtype=like.dtype)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
+    return data
+
+
+def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool, generator):
+    if isinstance(data, (DataLoader, Iterable)) and not isinstance(
+        data, (torch.Tensor, np.ndarray)
+    ):
+        return data
+    tensor = _as_tensor(name, data, like)
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got {tuple(tensor.shape)}")
+    return DataLoader(
+        TensorDataset(tensor), batch_size=batch_size, shuffle=shuffle, generator=generator
+    )
+
+
+def _first(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class _Progress:
+    """tqdm when installed, else one line per epoch on stderr."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, epoch: int, stats: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()})
+            self.bar.update(1)
+        elif self.enabled:
+            text = " ".join(f"{k}={v:.4g}" for k, v in stats.items())
+            print(f"epoch {epoch + 1}: {text}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _mean_loss(model: nn.Module, batches, device) -> float:
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            x = _first(batch).to(device)
+            total += float(model(x).loss) * x.shape[0]
+            count += x.shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def fit(
+    model: nn.Module,
+    data,
+    *,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: torch.optim.Optimizer | None = None,
+    validation_data=None,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    seed: int | None = None,
+    shuffle: bool = True,
+    progress: bool = True,
+    restore_best: bool = True,
+) -> History:
+    """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
+
+    ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here, shuffled with
+    a generator seeded from ``seed``) or any iterable of batches (a DataLoader; a batch may be
+    a tensor or a tuple whose first item is the input). Batches move to the model's device;
+    numpy arrays take the model's dtype, tensors must already have it. With ``patience``,
+    training stops after that many epochs without a ``min_delta`` improvement of the
+    validation loss (training loss if no validation data) and the best weights are restored.
+    ``seed`` seeds torch's generator, so noise seeds and shuffling repeat exactly.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be None or a positive int, got {patience!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    like = next(model.parameters())
+    if seed is not None:
+        torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed if seed is not None else draw_int())
+    train = _batches("data", data, like, batch_size, shuffle, generator)
+    val = None
+    if validation_data is not None:
+        val = _batches("validation_data", validation_data, like, batch_size, False, None)
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+
+    history = History()
+    best, best_state, waited = math.inf, None, 0
+    bar = _Progress(epochs, progress, type(model).__name__)
+    start = time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            model.train()
+            total, count = 0.0, 0
+            for batch in train:
+                x = _first(batch).to(like.device)
+                optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                out.loss.backward()
+                optimizer.step()
+                total += float(out.loss.detach()) * x.shape[0]
+                count += x.shape[0]
+            history.loss.append(total / max(count, 1))
+            stats = {"loss": history.loss[-1]}
+            monitored = history.loss[-1]
+            if val is not None:
+                history.val_loss.append(_mean_loss(model, val, like.device))
+                stats["val_loss"] = monitored = history.val_loss[-1]
+            bar.update(epoch, stats)
+            if monitored < best - min_delta:
+                best, waited, history.best_epoch = monitored, 0, epoch
+                if patience is not None and restore_best:
+                    best_state = copy.deepcopy(model.state_dict())
+            elif patience is not None:
+                waited += 1
+                if waited >= patience:
+                    history.stopped_early = True
+                    break
+    finally:
+        bar.close()
+    if best_state is not None and history.stopped_early:
+        model.load_state_dict(best_state)
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def draw_int() -> int:
+    return int(torch.randint(0, 2**62, ()).item())

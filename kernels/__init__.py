@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``fastae.kernels``): jit kernels and their launchers only."""
