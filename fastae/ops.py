@@ -126,7 +126,7 @@ def _encode_op(
 def _(x, weight, bias, activation, noise_kind, level, low, high, seed, backend_name):
     hidden = weight.shape[0]
     h = x.new_empty((x.shape[0], hidden))
-    return h, _stat_empty(x, hidden), _stat_empty(x), _stat_empty(x, hidden)
+    return h, _stat_empty(x, hidden), _stat_empty(x), _stat_empty(x, 2, hidden)
 
 
 @torch.library.custom_op("fastae::encode_backward", mutates_args=())
@@ -137,7 +137,7 @@ def _encode_backward_op(
     x: Tensor,
     weight: Tensor,
     h: Tensor,
-    c: Tensor,
+    stats: Tensor,
     activation: str,
     noise_kind: str,
     level: float,
@@ -149,14 +149,14 @@ def _encode_backward_op(
 ) -> list[Tensor]:
     impl = _impl(backend_name, "encoder")
     dw, db, dx = impl.encode_backward(
-        grad_h, grad_rho, grad_jac, x, weight, h, c, activation, noise_kind, level, low, high,
-        seed, needs_input_grad,
+        grad_h, grad_rho, grad_jac, x, weight, h, stats, activation, noise_kind, level, low,
+        high, seed, needs_input_grad,
     )  # fmt: skip
     return [dw, db] if dx is None else [dw, db, dx]
 
 
 @_encode_backward_op.register_fake
-def _(grad_h, grad_rho, grad_jac, x, weight, h, c, *args):
+def _(grad_h, grad_rho, grad_jac, x, weight, h, stats, *args):
     needs_input_grad = args[-1]
     out = [torch.empty_like(weight), weight.new_empty(weight.shape[0])]
     return out + [torch.empty_like(x)] if needs_input_grad else out
@@ -164,17 +164,18 @@ def _(grad_h, grad_rho, grad_jac, x, weight, h, c, *args):
 
 def _encode_setup(ctx, inputs, output):
     x, weight, bias, *params = inputs
-    h, _, _, c = output
+    h, _, _, stats = output
     ctx.params = params  # activation, noise_kind, level, low, high, seed, backend_name
-    ctx.save_for_backward(x, weight, h, c)
-    ctx.mark_non_differentiable(c)
+    # h, W and x are alive anyway; stats = [c; ||W_j||^2] are two H-vectors; never z or x~
+    ctx.save_for_backward(x, weight, h, stats)
+    ctx.mark_non_differentiable(stats)
 
 
-def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_c):
-    x, weight, h, c = ctx.saved_tensors
+def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
+    x, weight, h, stats = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
     grads = _encode_backward_op(
-        grad_h.contiguous(), grad_rho, grad_jac, x, weight, h, c, *ctx.params, needs_x
+        grad_h.contiguous(), grad_rho, grad_jac, x, weight, h, stats, *ctx.params, needs_x
     )
     dx = grads[2] if needs_x else None
     db = grads[1] if ctx.needs_input_grad[2] else None
@@ -226,9 +227,7 @@ def encode(
         (kind, level, low, high), seed = noise.params(), noise.seed
     assert kind in NOISE_KINDS
     name = backend.resolve("encode", x.device, _kernel_module("encoder") is not None)
-    h, rho_hat, jac, _ = _encode_op(
-        x, weight, bias, activation, kind, level, low, high, seed, name
-    )
+    h, rho_hat, jac, _ = _encode_op(x, weight, bias, activation, kind, level, low, high, seed, name)
     return h, rho_hat, jac
 
 

@@ -70,6 +70,11 @@ def _noise_words(x: torch.Tensor, seed: int, base: int):
     return philox.randint4x(seed, offsets)
 
 
+def _f32(value: float) -> torch.Tensor:
+    """Noise hyper-parameters act in float32, as they do inside the kernels."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
 def corrupt(
     x: torch.Tensor, kind: str, level: float, low: float, high: float, seed: int, base: int = 0
 ) -> torch.Tensor:
@@ -77,17 +82,19 @@ def corrupt(
     if kind == "none":
         return x
     compute = stat_dtype(x.dtype)
+    level32 = _f32(level)
     w0, w1, _, _ = _noise_words(x, seed, base)
     if kind == "gaussian":
         eps = philox.box_muller(philox.uint_to_uniform(w0), philox.uint_to_uniform(w1))
-        return (x.to(compute) + level * eps.to(compute)).to(x.dtype)
-    keep = philox.uint_to_uniform(w0) >= level
-    if kind in ("masking", "masking_rescale"):
-        scale = 1.0 / (1.0 - level) if kind == "masking_rescale" else 1.0
-        return torch.where(keep, x.to(compute) * scale, 0.0).to(x.dtype)
+        return (x.to(compute) + (level32 * eps).to(compute)).to(x.dtype)
+    keep = philox.uint_to_uniform(w0) >= level32
+    if kind == "masking":
+        return torch.where(keep, x, 0.0)
+    if kind == "masking_rescale":
+        return torch.where(keep, x.to(compute) / (1 - level32).to(compute), 0.0).to(x.dtype)
     if kind == "salt_pepper":
         salt = philox.uint_to_uniform(w1) >= 0.5
-        fill = torch.where(salt, high, low).to(x.dtype)
+        fill = torch.where(salt, _f32(high), _f32(low)).to(x.dtype)
         return torch.where(keep, x, fill)
     raise ValueError(f"unknown noise kind {kind!r}")
 
@@ -98,17 +105,22 @@ def corrupt_input_grad(
     """d loss / d x from d loss / d x~: the mask regenerated from the seed, never stored."""
     if kind in ("none", "gaussian"):
         return grad
-    w0 = _noise_words(grad, seed, base)[0]
-    keep = philox.uint_to_uniform(w0) >= level
-    scale = 1.0 / (1.0 - level) if kind == "masking_rescale" else 1.0
-    return torch.where(keep, grad.to(stat_dtype(grad.dtype)) * scale, 0.0).to(grad.dtype)
+    level32 = _f32(level)
+    keep = philox.uint_to_uniform(_noise_words(grad, seed, base)[0]) >= level32
+    if kind == "masking_rescale":
+        compute = stat_dtype(grad.dtype)
+        return torch.where(keep, grad.to(compute) / (1 - level32).to(compute), 0.0).to(grad.dtype)
+    return torch.where(keep, grad, 0.0)
 
 
 # ----------------------------------------------------------------------------- encoder
 
 
 def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
-    """h = a(x~ W^T + b), rho_hat = mean_i h, c_j = sum_i s_ij^2, jac = (1/B) sum_j c_j ||W_j||^2."""
+    """(h, rho_hat, jac, stats): h = a(x~ W^T + b), rho_hat = mean_i h, and
+    jac = (1/B) sum_j c_j w_j with c_j = sum_i s_ij^2, w_j = ||W_j||^2; stats = [c; w] (2, H)
+    is what backward needs besides h, W and x.
+    """
     x_tilde = corrupt(x, noise_kind, level, low, high, seed)
     z = x_tilde @ weight.t()
     if bias is not None:
@@ -121,12 +133,12 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     c = slope(h_acc, activation).square().sum(0)
     row_sq_norm = weight.to(acc).square().sum(1)
     jac = (c * row_sq_norm).sum() / batch
-    return h, rho_hat, jac, c
+    return h, rho_hat, jac, torch.stack([c, row_sq_norm])
 
 
 def encode_backward(
-    grad_h, grad_rho, grad_jac, x, weight, h, c, activation, noise_kind, level, low, high, seed,
-    needs_input_grad,
+    grad_h, grad_rho, grad_jac, x, weight, h, stats, activation, noise_kind, level, low, high,
+    seed, needs_input_grad,
 ):  # fmt: skip
     """(dW, db, dx or None) from DESIGN.md:
     dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'';  dW = dz^T x~ + g_jac (2/B) c_j W_j;
@@ -136,7 +148,7 @@ def encode_backward(
     acc = stat_dtype(h.dtype)
     h_acc = h.to(acc)
     s = slope(h_acc, activation)
-    row_sq_norm = weight.to(acc).square().sum(1)
+    c, row_sq_norm = stats[0], stats[1]
     g_jac = grad_jac.to(acc)
     dz = s * (grad_h.to(acc) + grad_rho.to(acc) / batch)
     dz = dz + (g_jac * (2.0 / batch)) * row_sq_norm * s * curvature(h_acc, s, activation)

@@ -1,0 +1,142 @@
+"""Jit helpers shared by the kernels: activations, their derivatives, Philox corruption,
+block-size choice. Codes for constexpr switches are defined here once."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastae.backend import triton_interpreting
+
+ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2, "softplus": 3}
+NOISE_CODES = {"none": 0, "gaussian": 1, "masking": 2, "masking_rescale": 3, "salt_pepper": 4}
+
+SIGMOID: tl.constexpr = tl.constexpr(0)
+TANH: tl.constexpr = tl.constexpr(1)
+RELU: tl.constexpr = tl.constexpr(2)
+SOFTPLUS: tl.constexpr = tl.constexpr(3)
+
+NOISE_NONE: tl.constexpr = tl.constexpr(0)
+NOISE_GAUSSIAN: tl.constexpr = tl.constexpr(1)
+NOISE_MASKING: tl.constexpr = tl.constexpr(2)
+NOISE_MASKING_RESCALE: tl.constexpr = tl.constexpr(3)
+NOISE_SALT_PEPPER: tl.constexpr = tl.constexpr(4)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Triton accumulator dtype: float64 for float64 inputs (gradcheck), else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: tf32 for float32 unless torch asks for "highest"."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def interpreting() -> bool:
+    return triton_interpreting()
+
+
+@triton.jit
+def log1p(u):
+    """log(1 + u) for u >= 0, accurate for small u (Taylor series below 1e-2)."""
+    series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * 0.25)))
+    return tl.where(u < 1e-2, series, tl.log(1.0 + u))
+
+
+@triton.jit
+def one_minus_exp_neg(h):
+    """1 - exp(-h) = -expm1(-h) for h >= 0, accurate for small h."""
+    series = h * (1.0 - h * (0.5 - h * (1.0 / 6.0 - h * (1.0 / 24.0))))
+    return tl.where(h < 1e-2, series, 1.0 - tl.exp(-h))
+
+
+@triton.jit
+def activate(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == SIGMOID:
+        h = 1.0 / (1.0 + tl.exp(-z))
+    elif ACTIVATION == TANH:
+        # tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|)
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        h = tl.where(z < 0, -t, t)
+    elif ACTIVATION == RELU:
+        h = tl.maximum(z, 0.0)
+    else:
+        # softplus(z) = max(z, 0) + log(1 + exp(-|z|))
+        h = tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))
+    return h
+
+
+@triton.jit
+def slope(h, ACTIVATION: tl.constexpr):
+    """s = a'(z) in terms of h (DESIGN.md)."""
+    if ACTIVATION == SIGMOID:
+        s = h * (1.0 - h)
+    elif ACTIVATION == TANH:
+        s = 1.0 - h * h
+    elif ACTIVATION == RELU:
+        s = tl.where(h > 0, 1.0, 0.0).to(h.dtype)
+    else:
+        s = one_minus_exp_neg(h)
+    return s
+
+
+@triton.jit
+def curvature(h, s, ACTIVATION: tl.constexpr):
+    """a''(z): sigmoid s(1-2h), tanh -2hs, relu 0, softplus s(1-s)."""
+    if ACTIVATION == SIGMOID:
+        a2 = s * (1.0 - 2.0 * h)
+    elif ACTIVATION == TANH:
+        a2 = -2.0 * h * s
+    elif ACTIVATION == RELU:
+        a2 = s * 0.0
+    else:
+        a2 = s * (1.0 - s)
+    return a2
+
+
+@triton.jit
+def element_offsets(rows, cols, n_cols, base):
+    """Philox counters base + row * n_cols + col (int64) for a 2-D tile."""
+    return base + rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
+
+
+@triton.jit
+def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
+    """x~ of a tile (in the accumulator dtype), random numbers from Philox at ``offsets``.
+
+    Same streams as fastae.philox / fastae.reference.corrupt: word 0 decides masking and
+    salt-and-pepper corruption (u0 < p), word 1 salt vs pepper; Gaussian uses Box-Muller on
+    words 0 and 1 (tl.randn).
+    """
+    if NOISE == NOISE_GAUSSIAN:
+        eps = tl.randn(seed, offsets)
+        x = x + level * eps.to(x.dtype)
+    elif NOISE != NOISE_NONE:
+        w0, w1, _, _ = tl.randint4x(seed, offsets)
+        keep = tl.random.uint_to_uniform_float(w0) >= level
+        if NOISE == NOISE_SALT_PEPPER:
+            salt = tl.random.uint_to_uniform_float(w1) >= 0.5
+            x = tl.where(keep, x, tl.where(salt, high, low).to(x.dtype))
+        elif NOISE == NOISE_MASKING_RESCALE:
+            x = tl.where(keep, x / (1.0 - level), 0.0)
+        else:
+            x = tl.where(keep, x, 0.0)
+    return x
+
+
+@triton.jit
+def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
+    """d x~ / d x applied to ``grad``: the kept-entry mask regenerated from the seed."""
+    if NOISE >= NOISE_MASKING:
+        w0, _, _, _ = tl.randint4x(seed, offsets)
+        keep = tl.random.uint_to_uniform_float(w0) >= level
+        if NOISE == NOISE_MASKING_RESCALE:
+            grad = tl.where(keep, grad / (1.0 - level), 0.0)
+        else:
+            grad = tl.where(keep, grad, 0.0)
+    return grad

@@ -1,0 +1,336 @@
+"""Fused encoder: z = x~ W^T + b, h = a(z), and the sparsity and contractive statistics.
+
+Forward, two launches:
+  1. ``_forward_kernel``: a GEMM tile of z with x corrupted as it is loaded (Philox, never
+     stored), epilogue h = a(z), stores h and the tile's column sums of h and s^2 into fp32
+     partial buffers [row tiles, H] (padded rows masked); row-tile 0 also sums ||W_j||^2 from
+     the W tiles it loads.
+  2. ``_finish_kernel`` (one program): rho_hat = sum_t P_h / B, c = sum_t P_s2,
+     jac = (1/B) sum_j c_j ||W_j||^2 — deterministic, no atomics.
+Backward, three launches (DESIGN.md):
+  1. ``_grad_z_kernel``: dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'' and db partials.
+  2. ``_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated), and db.
+  3. ``_grad_input_kernel`` (only when x needs a gradient): dx = (dz W) * dx~/dx.
+Saved for backward: h, W, x and the H-vectors c and w = ||W_j||^2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    ACTIVATION_CODES,
+    NOISE_CODES,
+    acc_dtype,
+    activate,
+    corrupt_tile,
+    curvature,
+    dot_precision,
+    element_offsets,
+    input_grad_mask,
+    interpreting,
+    slope,
+)
+
+FINISH_BLOCK = 128
+
+
+def _gemm_configs(names: tuple[str, str, str]):
+    """Autotuning candidates; one small config under the interpreter (it is slow)."""
+    m, n, k = names
+    if interpreting():
+        return [triton.Config({m: 16, n: 16, k: 16, "GROUP": 4}, num_warps=1)]
+    shapes = [
+        (128, 128, 64, 4, 8),
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({m: bm, n: bn, k: bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in shapes
+    ]
+
+
+def _elementwise_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+        for bm, bn, w in [(64, 64, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8)]
+    ]
+
+
+@triton.jit
+def _tile_ids(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP):
+    """Grouped program order (Triton tutorial 03) so neighbouring programs share L2 tiles."""
+    tiles_r = tl.cdiv(n_rows, BLOCK_R)
+    tiles_c = tl.cdiv(n_cols, BLOCK_C)
+    per_group = GROUP * tiles_c
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(tiles_r - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.autotune(configs=_gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["B", "D", "H"])
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
+    B, D, H,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    seed, level, low, high,
+    ACTIVATION: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_N, GROUP)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    col_ok = cols < H
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :])
+        if NOISE != 0:
+            offsets = element_offsets(rows, ks, D, 0)
+            x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
+        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :])
+        x = tl.where(row_ok[:, None] & k_ok[None, :], x, 0.0)
+        w = tl.where(k_ok[:, None] & col_ok[None, :], w, 0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        if pid_m == 0:
+            w_acc = w.to(ACC)
+            sq_norm += tl.sum(w_acc * w_acc, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    h = activate(acc, ACTIVATION).to(h_ptr.dtype.element_ty)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], h, mask=out_ok)
+    # statistics of the stored (rounded) h, as backward will see it
+    h_acc = tl.where(out_ok, h.to(ACC), 0.0)
+    s = tl.where(out_ok, slope(h_acc, ACTIVATION), 0.0)
+    part = pid_m.to(tl.int64) * H + cols
+    tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
+    tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+    if pid_m == 0:
+        tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
+
+
+@triton.jit
+def _finish_kernel(
+    part_h_ptr, part_s2_ptr, sq_norm_ptr, rho_ptr, c_ptr, jac_ptr, n_parts, B, H,
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    jac = tl.zeros((BLOCK,), dtype=ACC)
+    for n0 in range(0, H, BLOCK):
+        cols = n0 + tl.arange(0, BLOCK)
+        col_ok = cols < H
+        sum_h = tl.zeros((BLOCK,), dtype=ACC)
+        sum_s2 = tl.zeros((BLOCK,), dtype=ACC)
+        for t0 in range(0, n_parts, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            idx = ts.to(tl.int64)[:, None] * H + cols[None, :]
+            ok = (ts < n_parts)[:, None] & col_ok[None, :]
+            sum_h += tl.sum(tl.load(part_h_ptr + idx, mask=ok, other=0.0), axis=0)
+            sum_s2 += tl.sum(tl.load(part_s2_ptr + idx, mask=ok, other=0.0), axis=0)
+        tl.store(rho_ptr + cols, sum_h / B, mask=col_ok)
+        tl.store(c_ptr + cols, sum_s2, mask=col_ok)
+        jac += sum_s2 * tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0)
+    tl.store(jac_ptr, tl.sum(jac, axis=0) / B)
+
+
+@triton.autotune(configs=_elementwise_configs(), key=["B", "H"])
+@triton.jit
+def _grad_z_kernel(
+    h_ptr, gh_ptr, grho_ptr, gjac_ptr, sq_norm_ptr, dz_ptr, part_db_ptr,
+    B, H, stride_gm, stride_gn,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    ok = (rows < B)[:, None] & col_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h = tl.load(h_ptr + r64 * H + cols[None, :], mask=ok, other=0.0).to(ACC)
+    g_h = tl.load(gh_ptr + r64 * stride_gm + cols[None, :] * stride_gn, mask=ok, other=0.0)
+    g_rho = tl.load(grho_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
+    w = tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0)
+    s = slope(h, ACTIVATION)
+    dz = s * (g_h.to(ACC) + g_rho[None, :] / B)
+    dz += (jac_coef * w)[None, :] * s * curvature(h, s, ACTIVATION)
+    dz = tl.where(ok, dz, 0.0)
+    tl.store(dz_ptr + r64 * H + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    tl.store(part_db_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(dz, axis=0), mask=col_ok)
+
+
+@triton.autotune(configs=_gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")), key=["B", "D", "H"])
+@triton.jit
+def _grad_weight_kernel(
+    dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr,
+    B, D, H, n_parts,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    seed, level, low, high,
+    NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_k = _tile_ids(tl.program_id(0), H, D, BLOCK_N, BLOCK_K, GROUP)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units: rows of dW
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # input features: columns of dW
+    col_ok = cols < H
+    k_ok = ks < D
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        r64 = rows.to(tl.int64)
+        dz_t = tl.load(
+            dz_ptr + r64[None, :] * H + cols[:, None],
+            mask=col_ok[:, None] & row_ok[None, :], other=0.0,
+        )  # fmt: skip
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + r64[:, None] * stride_xm + ks[None, :] * stride_xk, mask=x_ok)
+        if NOISE != 0:
+            offsets = element_offsets(rows, ks, D, 0)
+            x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
+        x = tl.where(x_ok, x, 0.0)
+        acc = tl.dot(dz_t, x, acc, input_precision=PRECISION, out_dtype=ACC)
+    jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
+    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    out_ok = col_ok[:, None] & k_ok[None, :]
+    w_idx = cols.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk
+    w = tl.load(w_ptr + w_idx, mask=out_ok, other=0.0).to(ACC)
+    acc += (jac_coef * c)[:, None] * w
+    out_idx = cols.to(tl.int64)[:, None] * D + ks[None, :]
+    tl.store(dw_ptr + out_idx, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
+    if pid_k == 0:
+        db = tl.zeros((BLOCK_N,), dtype=ACC)
+        for t in range(0, n_parts):
+            db += tl.load(part_db_ptr + t * H + cols, mask=col_ok, other=0.0)
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.autotune(configs=_gemm_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N")), key=["B", "D", "H"])
+@triton.jit
+def _grad_input_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    B, D, H, stride_wn, stride_wk, seed, level,
+    NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_k = _tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_K, GROUP)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    k_ok = ks < D
+    r64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        dz = tl.load(
+            dz_ptr + r64[:, None] * H + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        w = tl.load(
+            w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
+            mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(dz, w, acc, input_precision=PRECISION, out_dtype=ACC)
+    if NOISE != 0:
+        acc = input_grad_mask(acc, element_offsets(rows, ks, D, 0), seed, level, NOISE)
+    out_ok = row_ok[:, None] & k_ok[None, :]
+    tl.store(dx_ptr + r64[:, None] * D + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
+    return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
+
+
+def _stat(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
+    """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference."""
+    batch, features = x.shape
+    hidden = weight.shape[0]
+    h = torch.empty((batch, hidden), device=x.device, dtype=x.dtype)
+    acc = acc_dtype(x.dtype)
+    # partial buffers sized for the smallest BLOCK_M any config uses
+    max_parts = triton.cdiv(batch, 16)
+    part_h = _stat(x, max_parts, hidden)
+    part_s2 = _stat(x, max_parts, hidden)
+    stats = _stat(x, 2, hidden)  # row 0: c, row 1: w
+    rho_hat, jac = _stat(x, hidden), _stat(x)
+    _forward_kernel[_grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
+        x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
+        batch, features, hidden,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        seed, level, low, high,
+        ACTIVATION=ACTIVATION_CODES[activation], NOISE=NOISE_CODES[noise_kind],
+        HAS_BIAS=bias is not None, ACC=acc, PRECISION=dot_precision(x.dtype),
+    )  # fmt: skip
+    block_m = _forward_kernel.best_config.kwargs["BLOCK_M"]
+    n_parts = triton.cdiv(batch, block_m)
+    _finish_kernel[(1,)](
+        part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
+        ACC=acc, BLOCK_T=16, BLOCK=FINISH_BLOCK,
+    )  # fmt: skip
+    return h, rho_hat, jac, stats
+
+
+def encode_backward(
+    grad_h, grad_rho, grad_jac, x, weight, h, stats, activation, noise_kind, level, low, high,
+    seed, needs_input_grad,
+):  # fmt: skip
+    """(dW, db, dx or None) as ``fastae.reference.encode_backward``."""
+    batch, features = x.shape
+    hidden = weight.shape[0]
+    acc = acc_dtype(x.dtype)
+    precision = dot_precision(x.dtype)
+    noise = NOISE_CODES[noise_kind]
+    grad_rho = grad_rho.contiguous()
+    grad_jac = grad_jac.contiguous()
+    dz = torch.empty_like(h)
+    part_db = _stat(x, triton.cdiv(batch, 16), hidden)
+    _grad_z_kernel[
+        lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
+    ](
+        h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
+        batch, hidden, grad_h.stride(0), grad_h.stride(1),
+        ACTIVATION=ACTIVATION_CODES[activation], ACC=acc,
+    )  # fmt: skip
+    n_parts = triton.cdiv(batch, _grad_z_kernel.best_config.kwargs["BLOCK_M"])
+    grad_weight = torch.empty((hidden, features), device=x.device, dtype=weight.dtype)
+    grad_bias = torch.empty((hidden,), device=x.device, dtype=weight.dtype)
+    _grad_weight_kernel[_grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
+        dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
+        batch, features, hidden, n_parts,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        seed, level, low, high,
+        NOISE=noise, ACC=acc, PRECISION=precision,
+    )  # fmt: skip
+    grad_input = None
+    if needs_input_grad:
+        grad_input = torch.empty((batch, features), device=x.device, dtype=x.dtype)
+        _grad_input_kernel[_grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
+            dz, weight, grad_input, batch, features, hidden,
+            weight.stride(0), weight.stride(1), seed, level,
+            NOISE=noise, ACC=acc, PRECISION=precision,
+        )  # fmt: skip
+    return grad_weight, grad_bias, grad_input
