@@ -40,6 +40,18 @@ def interpreting() -> bool:
     return triton_interpreting()
 
 
+# Tests set this to fill every output buffer with NaN before a kernel writes it, so an
+# element a kernel forgets to write shows up.
+poison_outputs = False
+
+
+def empty(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Output buffer for a kernel to fill (every element must be written)."""
+    if poison_outputs:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 @triton.jit
 def log1p(u):
     """log(1 + u) for u >= 0, accurate for small u (Taylor series below 1e-2)."""

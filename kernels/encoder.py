@@ -29,6 +29,7 @@ from .common import (
     curvature,
     dot_precision,
     element_offsets,
+    empty,
     input_grad_mask,
     interpreting,
     slope,
@@ -262,14 +263,14 @@ def _grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
 
 def _stat(like: torch.Tensor, *shape: int) -> torch.Tensor:
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.empty(shape, device=like.device, dtype=dtype)
+    return empty(shape, like.device, dtype)
 
 
 def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
     """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference."""
     batch, features = x.shape
     hidden = weight.shape[0]
-    h = torch.empty((batch, hidden), device=x.device, dtype=x.dtype)
+    h = empty((batch, hidden), x.device, x.dtype)
     acc = acc_dtype(x.dtype)
     # partial buffers sized for the smallest BLOCK_M any config uses
     max_parts = triton.cdiv(batch, 16)
@@ -306,7 +307,7 @@ def encode_backward(
     noise = NOISE_CODES[noise_kind]
     grad_rho = grad_rho.contiguous()
     grad_jac = grad_jac.contiguous()
-    dz = torch.empty_like(h)
+    dz = empty(h.shape, h.device, h.dtype)
     part_db = _stat(x, triton.cdiv(batch, 16), hidden)
     _grad_z_kernel[
         lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
@@ -316,8 +317,8 @@ def encode_backward(
         ACTIVATION=ACTIVATION_CODES[activation], ACC=acc,
     )  # fmt: skip
     n_parts = triton.cdiv(batch, _grad_z_kernel.best_config.kwargs["BLOCK_M"])
-    grad_weight = torch.empty((hidden, features), device=x.device, dtype=weight.dtype)
-    grad_bias = torch.empty((hidden,), device=x.device, dtype=weight.dtype)
+    grad_weight = empty((hidden, features), x.device, weight.dtype)
+    grad_bias = empty((hidden,), x.device, weight.dtype)
     _grad_weight_kernel[_grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
         dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
         batch, features, hidden, n_parts,
@@ -327,7 +328,7 @@ def encode_backward(
     )  # fmt: skip
     grad_input = None
     if needs_input_grad:
-        grad_input = torch.empty((batch, features), device=x.device, dtype=x.dtype)
+        grad_input = empty((batch, features), x.device, x.dtype)
         _grad_input_kernel[_grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
             dz, weight, grad_input, batch, features, hidden,
             weight.stride(0), weight.stride(1), seed, level,

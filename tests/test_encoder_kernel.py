@@ -1,0 +1,181 @@
+"""The Triton encoder (fastae.kernels.encoder) against the reference backend.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so shapes stay small; on a CUDA machine the same tests run on the GPU, plus half precision.
+"""
+
+import pytest
+import torch
+
+import fastae
+from fastae import ops
+
+pytest.importorskip("triton")
+from fastae.kernels import common  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
+NOISES = [
+    fastae.GaussianNoise(0.3),
+    fastae.MaskingNoise(0.4),
+    fastae.MaskingNoise(0.25, rescale=True),
+    fastae.SaltPepperNoise(0.3, low=-0.5, high=2.0),
+]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN: an element a kernel forgets to write fails the test."""
+    monkeypatch.setattr(common, "poison_outputs", True)
+
+
+def _inputs(batch, features, hidden, dtype, *, x_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    x = torch.rand(batch, features, generator=g, dtype=torch.float64).to(dtype)
+    weight = rand(hidden, features, scale=features**-0.5 * 2)
+    bias = rand(hidden, scale=0.5)
+    upstream = (rand(batch, hidden), rand(hidden), rand(()))
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, weight, bias)]
+    leaves[0].requires_grad_(x_grad)
+    return leaves, [u.to(DEVICE) for u in upstream]
+
+
+def _run(backend, x, weight, bias, upstream, **kwargs):
+    with fastae.use_backend(backend):
+        h, rho_hat, jac = ops.encode(x, weight, bias, **kwargs)
+        loss = (h * upstream[0]).sum() + (rho_hat * upstream[1]).sum() + jac * upstream[2]
+        wrt = [t for t in (x, weight, bias) if t.requires_grad]
+        grads = torch.autograd.grad(loss.float().sum(), wrt)
+    return (h, rho_hat, jac, *grads)
+
+
+def _assert_close(got, want, rtol, atol):
+    names = ["h", "rho_hat", "jac", "grad 0", "grad 1", "grad 2"]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) elements"
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("batch,features,hidden", [(1, 5, 17), (7, 70, 1), (33, 5, 40)])
+def test_matches_reference_float64(activation, batch, features, hidden):
+    leaves, upstream = _inputs(batch, features, hidden, torch.float64)
+    got = _run("triton", *leaves, upstream, activation=activation)
+    want = _run("reference", *leaves, upstream, activation=activation)
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 33])
+@pytest.mark.parametrize("features", [5, 70])
+@pytest.mark.parametrize("hidden", [1, 17, 40])
+def test_odd_shapes_float32(batch, features, hidden):
+    leaves, upstream = _inputs(batch, features, hidden, torch.float32, seed=batch * hidden)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        got = _run("triton", *leaves, upstream, activation="sigmoid")
+        want = _run("reference", *leaves, upstream, activation="sigmoid")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    _assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: type(n).__name__ + str(n.params()[0]))
+def test_fused_noise_matches_reference(noise):
+    leaves, upstream = _inputs(9, 21, 18, torch.float64)
+    noise = noise.with_seed(12345)
+    got = _run("triton", *leaves, upstream, activation="tanh", noise=noise)
+    want = _run("reference", *leaves, upstream, activation="tanh", noise=noise)
+    # Gaussian eps comes from libm log/cos inside Box-Muller: equal to float32 rounding only
+    tol = 1e-6 if noise.kind == "gaussian" else 1e-10
+    _assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_no_input_grad_and_no_bias():
+    leaves, upstream = _inputs(6, 8, 9, torch.float64, x_grad=False)
+    x, weight, _ = leaves
+    for backend in ("triton", "reference"):
+        with fastae.use_backend(backend):
+            h, rho_hat, jac = ops.encode(x, weight, None, activation="softplus")
+            (h * upstream[0]).sum().backward()
+    assert x.grad is None
+    assert torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("layout", ["x transposed", "weight transposed", "sliced"])
+def test_strided_inputs(layout):
+    leaves, upstream = _inputs(11, 13, 10, torch.float64)
+    x, weight, bias = (t.detach() for t in leaves)
+    if layout == "x transposed":
+        x_view = x.t().contiguous().t()
+        weight_view = weight
+    elif layout == "weight transposed":
+        x_view = x
+        weight_view = weight.t().contiguous().t()
+    else:  # every other column / row of a larger tensor
+        x_view = torch.stack([x, -x], dim=2).reshape(x.shape[0], -1)[:, ::2]
+        weight_view = torch.stack([weight, -weight], dim=1).reshape(-1, weight.shape[1])[::2]
+    assert torch.equal(x_view, x) and torch.equal(weight_view, weight)
+    assert not (x_view.is_contiguous() and weight_view.is_contiguous())
+    views = [t.requires_grad_() for t in (x_view.detach(), weight_view.detach(), bias.clone())]
+    got = _run("triton", *views, upstream, activation="sigmoid")
+    plain = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    want = _run("reference", *plain, upstream, activation="sigmoid")
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_triton(activation):
+    (x, weight, bias), _ = _inputs(3, 4, 5, torch.float64)
+    noise = fastae.MaskingNoise(0.3, seed=7) if activation == "sigmoid" else None
+    with fastae.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.encode(*a, activation=activation, noise=noise),
+            (x, weight, bias),
+            fast_mode=True,
+        )
+
+
+def test_opcheck_triton():
+    (x, weight, bias), _ = _inputs(4, 6, 5, torch.float64)
+    args = (x, weight, bias, "tanh", "salt_pepper", 0.2, 0.0, 1.0, 99, "triton")
+    torch.library.opcheck(torch.ops.fastae.encode.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_half_precision_cuda(dtype, activation):
+    """Within 2x of torch's own error at this dtype, both measured against float64."""
+    leaves, upstream = _inputs(512, 784, 1024, dtype)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    oracle = _run("reference", *exact, [u.double() for u in upstream], activation=activation)
+    ours = _run("triton", *leaves, upstream, activation=activation)
+    torch_ = _run("reference", *leaves, upstream, activation=activation)
+    for name, a, b, ref in zip(
+        ["h", "rho", "jac", "dx", "dW", "db"], ours, torch_, oracle, strict=True
+    ):
+        err_ours = (a.double() - ref).norm() / ref.norm()
+        err_torch = (b.double() - ref).norm() / ref.norm()
+        assert err_ours <= 2 * err_torch + 1e-6, f"{name}: {err_ours:.2e} vs torch {err_torch:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tf32_cuda():
+    leaves, upstream = _inputs(1024, 784, 1000, torch.float32)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        got = _run("triton", *leaves, upstream, activation="sigmoid")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    want = _run("reference", *exact, [u.double() for u in upstream], activation="sigmoid")
+    for a, b in zip(got, want, strict=True):
+        assert ((a.double() - b).norm() / b.norm()) < 3e-3
