@@ -135,7 +135,7 @@ def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
             salt = tl.random.uint_to_uniform_float(w1) >= 0.5
             x = tl.where(keep, x, tl.where(salt, high, low).to(x.dtype))
         elif NOISE == NOISE_MASKING_RESCALE:
-            x = tl.where(keep, x / (1.0 - level), 0.0)
+            x = tl.where(keep, x / (1.0 - tl.cast(level, tl.float32)), 0.0)
         else:
             x = tl.where(keep, x, 0.0)
     return x
@@ -148,7 +148,7 @@ def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
         w0, _, _, _ = tl.randint4x(seed, offsets)
         keep = tl.random.uint_to_uniform_float(w0) >= level
         if NOISE == NOISE_MASKING_RESCALE:
-            grad = tl.where(keep, grad / (1.0 - level), 0.0)
+            grad = tl.where(keep, grad / (1.0 - tl.cast(level, tl.float32)), 0.0)
         else:
             grad = tl.where(keep, grad, 0.0)
     return grad

@@ -12,14 +12,21 @@ Backward, three launches (DESIGN.md):
   2. ``_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated), and db.
   3. ``_grad_input_kernel`` (only when x needs a gradient): dx = (dz W) * dx~/dx.
 Saved for backward: h, W, x and the H-vectors c and w = ||W_j||^2.
+
+The other fusion boundary, ``split``: cuBLAS computes z = x~ W^T + b (torch.addmm), one fused
+pass applies the activation in place and reduces the statistics, and backward uses cuBLAS for
+dW and dx around the same dz pass. ``FASTAE_ENCODER_FUSION=gemm|split|auto`` forces one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import noise as noise_kernels
 from .common import (
     ACTIVATION_CODES,
     NOISE_CODES,
@@ -36,6 +43,19 @@ from .common import (
 )
 
 FINISH_BLOCK = 128
+FUSIONS = ("auto", "gemm", "split")
+
+
+def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
+    """Which fusion boundary to use: ``FASTAE_ENCODER_FUSION`` if set, else the default rule.
+
+    The default is the fused GEMM (fewest launches and bytes); ``split`` stays selectable so
+    the benchmark can compare both at every shape.
+    """
+    choice = os.environ.get("FASTAE_ENCODER_FUSION", "auto")
+    if choice not in FUSIONS:
+        raise ValueError(f"FASTAE_ENCODER_FUSION must be one of {FUSIONS}, got {choice!r}")
+    return "gemm" if choice == "auto" else choice
 
 
 def _gemm_configs(names: tuple[str, str, str]):
@@ -125,6 +145,39 @@ def _forward_kernel(
     tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
     tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
     if pid_m == 0:
+        tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
+
+
+@triton.autotune(configs=_elementwise_configs(), key=["B", "H"])
+@triton.jit
+def _statistics_kernel(
+    z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
+    B, D, H, stride_wn, stride_wk,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``split`` boundary: h = a(z) in place over z, partial sums, and ||W_j||^2 (row tile 0)."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    ok = (rows < B)[:, None] & col_ok[None, :]
+    idx = rows.to(tl.int64)[:, None] * H + cols[None, :]
+    z = tl.load(z_ptr + idx, mask=ok, other=0.0).to(ACC)
+    h = activate(z, ACTIVATION).to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + idx, h, mask=ok)
+    h_acc = tl.where(ok, h.to(ACC), 0.0)
+    s = tl.where(ok, slope(h_acc, ACTIVATION), 0.0)
+    part = pid_m.to(tl.int64) * H + cols
+    tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
+    tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+    if pid_m == 0:
+        sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
+        for k0 in range(0, D, 64):
+            ks = k0 + tl.arange(0, 64)
+            w_idx = cols.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk
+            w_ok = col_ok[:, None] & (ks < D)[None, :]
+            w = tl.load(w_ptr + w_idx, mask=w_ok, other=0.0).to(ACC)
+            sq_norm += tl.sum(w * w, axis=1)
         tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
 
 
@@ -270,24 +323,35 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference."""
     batch, features = x.shape
     hidden = weight.shape[0]
-    h = empty((batch, hidden), x.device, x.dtype)
     acc = acc_dtype(x.dtype)
     # partial buffers sized for the smallest BLOCK_M any config uses
-    max_parts = triton.cdiv(batch, 16)
-    part_h = _stat(x, max_parts, hidden)
-    part_s2 = _stat(x, max_parts, hidden)
+    part_h = _stat(x, triton.cdiv(batch, 16), hidden)
+    part_s2 = _stat(x, triton.cdiv(batch, 16), hidden)
     stats = _stat(x, 2, hidden)  # row 0: c, row 1: w
     rho_hat, jac = _stat(x, hidden), _stat(x)
-    _forward_kernel[_grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
-        x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
-        batch, features, hidden,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        seed, level, low, high,
-        ACTIVATION=ACTIVATION_CODES[activation], NOISE=NOISE_CODES[noise_kind],
-        HAS_BIAS=bias is not None, ACC=acc, PRECISION=dot_precision(x.dtype),
-    )  # fmt: skip
-    block_m = _forward_kernel.best_config.kwargs["BLOCK_M"]
-    n_parts = triton.cdiv(batch, block_m)
+    code = ACTIVATION_CODES[activation]
+    if fusion(batch, features, hidden, x.dtype) == "split":
+        x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
+        h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
+        kernel = _statistics_kernel
+        kernel[
+            lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
+        ](
+            h, weight, part_h, part_s2, stats[1], batch, features, hidden,
+            weight.stride(0), weight.stride(1), ACTIVATION=code, ACC=acc,
+        )  # fmt: skip
+    else:
+        h = empty((batch, hidden), x.device, x.dtype)
+        kernel = _forward_kernel
+        kernel[_grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
+            x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
+            batch, features, hidden,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            seed, level, low, high,
+            ACTIVATION=code, NOISE=NOISE_CODES[noise_kind],
+            HAS_BIAS=bias is not None, ACC=acc, PRECISION=dot_precision(x.dtype),
+        )  # fmt: skip
+    n_parts = triton.cdiv(batch, kernel.best_config.kwargs["BLOCK_M"])
     _finish_kernel[(1,)](
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
         ACC=acc, BLOCK_T=16, BLOCK=FINISH_BLOCK,
@@ -317,6 +381,15 @@ def encode_backward(
         ACTIVATION=ACTIVATION_CODES[activation], ACC=acc,
     )  # fmt: skip
     n_parts = triton.cdiv(batch, _grad_z_kernel.best_config.kwargs["BLOCK_M"])
+    if fusion(batch, features, hidden, x.dtype) == "split":
+        x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
+        contractive = ((grad_jac * (2.0 / batch)) * stats[0]).unsqueeze(1) * weight
+        grad_weight = torch.addmm(contractive.to(weight.dtype), dz.t(), x_tilde)
+        grad_bias = part_db[:n_parts].sum(0).to(weight.dtype)
+        grad_input = None
+        if needs_input_grad:
+            grad_input = noise_kernels.corrupt_input_grad(dz @ weight, noise_kind, level, seed)
+        return grad_weight, grad_bias, grad_input
     grad_weight = empty((hidden, features), x.device, weight.dtype)
     grad_bias = empty((hidden,), x.device, weight.dtype)
     _grad_weight_kernel[_grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](

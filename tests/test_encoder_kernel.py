@@ -179,3 +179,22 @@ def test_tf32_cuda():
     want = _run("reference", *exact, [u.double() for u in upstream], activation="sigmoid")
     for a, b in zip(got, want, strict=True):
         assert ((a.double() - b).norm() / b.norm()) < 3e-3
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_split_boundary_matches_reference(activation, monkeypatch):
+    """The other fusion boundary (torch GEMMs + one fused statistics pass) computes the same."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", "split")
+    leaves, upstream = _inputs(10, 23, 19, torch.float64)
+    noise = fastae.SaltPepperNoise(0.2, seed=4) if activation == "relu" else None
+    got = _run("triton", *leaves, upstream, activation=activation, noise=noise)
+    want = _run("reference", *leaves, upstream, activation=activation, noise=noise)
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fusion_choice_is_validated(monkeypatch):
+    from fastae.kernels import encoder
+
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", "fastest")
+    with pytest.raises(ValueError, match="FASTAE_ENCODER_FUSION"):
+        encoder.fusion(8, 8, 8, torch.float32)

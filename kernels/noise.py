@@ -1,0 +1,73 @@
+"""Standalone corruption x~ = corrupt(x) and its input gradient, one elementwise pass each.
+
+Random numbers are Philox at (seed, base + row * d + col) through ``common.corrupt_tile``,
+the same streams the encoder uses when it fuses corruption into its loads; backward
+regenerates the mask from the seed instead of storing it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import NOISE_CODES, acc_dtype, corrupt_tile, element_offsets, empty, input_grad_mask
+
+
+def _configs():
+    from .common import interpreting
+
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+        for bm, bn, w in [(8, 256, 4), (16, 256, 8), (4, 512, 4), (32, 128, 4)]
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["B", "D"])
+@triton.jit
+def _corrupt_kernel(
+    x_ptr, out_ptr, B, D, stride_xm, stride_xn, stride_om, stride_on, seed, base, level, low,
+    high, NOISE: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rows < B)[:, None] & (cols < D)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :] * stride_xn, mask=ok, other=0.0)
+    offsets = element_offsets(rows, cols, D, base)
+    if GRAD:
+        y = input_grad_mask(x.to(ACC), offsets, seed, level, NOISE)
+    else:
+        y = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE)
+    tl.store(out_ptr + r64 * stride_om + cols[None, :] * stride_on, y.to(x.dtype), mask=ok)
+
+
+def _launch(x, kind, level, low, high, seed, base, grad):
+    batch, features = x.shape
+    out = empty(x.shape, x.device, x.dtype)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(batch, meta["BLOCK_M"]),
+        triton.cdiv(features, meta["BLOCK_N"]),
+    )
+    _corrupt_kernel[grid](
+        x, out, batch, features, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        seed, base, level, low, high,
+        NOISE=NOISE_CODES[kind], GRAD=grad, ACC=acc_dtype(x.dtype),
+    )  # fmt: skip
+    return out
+
+
+def corrupt(x, kind, level, low, high, seed, base=0):
+    """x~ as ``fastae.reference.corrupt`` (masks equal bit for bit)."""
+    if kind == "none":
+        return x
+    return _launch(x, kind, level, low, high, seed, base, grad=False)
+
+
+def corrupt_input_grad(grad, kind, level, seed, base=0):
+    """d loss / d x from d loss / d x~, as ``fastae.reference.corrupt_input_grad``."""
+    if kind in ("none", "gaussian"):
+        return grad
+    return _launch(grad, kind, level, 0.0, 0.0, seed, base, grad=True)
