@@ -237,14 +237,20 @@ def encode(
 @torch.library.custom_op("fastae::decode_loss", mutates_args=())
 def _decode_loss_op(
     h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, output: str, loss: str,
-    backend_name: str,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return _impl(backend_name, "decoder").decode_forward(h, weight, bias, target, output, loss)
+    backend_name: str, with_reconstruction: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(per-sample loss, d ell / d z^, x^ or an empty tensor)."""
+    impl = _impl(backend_name, "decoder")
+    out = impl.decode_forward(h, weight, bias, target, output, loss, with_reconstruction)
+    return out if with_reconstruction else (*out, h.new_empty(0))
 
 
 @_decode_loss_op.register_fake
-def _(h, weight, bias, target, output, loss, backend_name):
-    return _stat_empty(h, h.shape[0]), target.new_empty(target.shape, dtype=h.dtype)
+def _(h, weight, bias, target, output, loss, backend_name, with_reconstruction):
+    per_sample = _stat_empty(h, h.shape[0])
+    grad_z = target.new_empty(target.shape, dtype=h.dtype)
+    x_hat = target.new_empty(target.shape if with_reconstruction else (0,), dtype=h.dtype)
+    return per_sample, grad_z, x_hat
 
 
 @torch.library.custom_op("fastae::decode_loss_backward", mutates_args=())
@@ -278,16 +284,16 @@ def _(grad_loss, h, weight, bias, target, *args):
 
 
 def _decode_setup(ctx, inputs, output):
-    h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name = inputs
+    h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name, _ = inputs
     ctx.target_grad = target.requires_grad
-    _, grad_z = output
+    _, grad_z, x_hat = output
     # the target (and bias) are kept only when the target itself needs a gradient
     extra = (bias, target) if ctx.target_grad else (None, None)
     ctx.save_for_backward(h, weight, grad_z, *extra)
-    ctx.mark_non_differentiable(grad_z)
+    ctx.mark_non_differentiable(grad_z, x_hat)
 
 
-def _decode_bwd(ctx, grad_loss, _grad_grad_z):
+def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
     h, weight, grad_z, bias, target = ctx.saved_tensors
     needs_h = ctx.needs_input_grad[0]
     grads = _decode_backward_op(grad_loss, h, weight, grad_z, ctx.backend_name, needs_h)
@@ -298,7 +304,7 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z):
         dt = _decode_target_grad_op(
             grad_loss, h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name
         )
-    return dh, grads[0], db, dt, None, None, None
+    return dh, grads[0], db, dt, None, None, None, None
 
 
 _decode_loss_op.register_autograd(_decode_bwd, setup_context=_decode_setup)
@@ -312,7 +318,8 @@ def decode_loss(
     target: Tensor,
     output: str = "sigmoid",
     loss: str = "bce",
-) -> Tensor:
+    return_reconstruction: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Decoder layer plus reconstruction loss: per-sample l_i = sum_k ell(x^_ik, target_ik).
 
     Args:
@@ -322,8 +329,12 @@ def decode_loss(
         output: "sigmoid" or "identity" (x^ = a_out(h V^T + c)).
         loss: "bce" (needs the sigmoid output; computed in the stable logits form) or "mse".
 
+        return_reconstruction: also return x^ (B, d), computed in the same pass (no second
+            GEMM); it carries no gradient.
+
     Returns:
-        (B,) per-sample loss (float32 at least) — also the anomaly score of each sample.
+        (B,) per-sample loss (float32 at least) — also the anomaly score of each sample —
+        or (loss, x^) with ``return_reconstruction``.
     """
     h = _checks.tensor("h", h, 2)
     if h.shape[0] == 0:
@@ -355,5 +366,11 @@ def decode_loss(
                     f"[{lo.item()}, {hi.item()}]"
                 )
     name = backend.resolve("decode_loss", h.device, _kernel_module("decoder") is not None)
-    per_sample, _ = _decode_loss_op(h, weight, bias, target, output, loss, name)
-    return per_sample
+    if not isinstance(return_reconstruction, bool):
+        raise TypeError(
+            f"return_reconstruction must be a bool, got {type(return_reconstruction).__name__}"
+        )
+    per_sample, _, x_hat = _decode_loss_op(
+        h, weight, bias, target, output, loss, name, return_reconstruction
+    )
+    return (per_sample, x_hat) if return_reconstruction else per_sample

@@ -166,8 +166,9 @@ def encode_backward(
 # ----------------------------------------------------------------------------- decoder + loss
 
 
-def decode_forward(h, weight, bias, target, output, loss):
-    """Per-sample loss l_i = sum_k ell(x^_ik, x_ik) and the per-element d ell / d z^ (B, d).
+def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=False):
+    """Per-sample loss l_i = sum_k ell(x^_ik, x_ik) and the per-element d ell / d z^ (B, d)
+    (and x^ with ``with_reconstruction``).
 
     BCE uses the logits form ell = softplus(z^) - x z^, whose gradient is x^ - x.
     """
@@ -186,6 +187,9 @@ def decode_forward(h, weight, bias, target, output, loss):
         grad_z = 2 * diff
         if output == "sigmoid":
             grad_z = grad_z * out * (1 - out)
+    if with_reconstruction:
+        x_hat = torch.sigmoid(z_acc) if output == "sigmoid" else z_acc
+        return per_element.sum(1), grad_z.to(z.dtype), x_hat.to(z.dtype)
     return per_element.sum(1), grad_z.to(z.dtype)
 
 

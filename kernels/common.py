@@ -54,16 +54,16 @@ def empty(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 @triton.jit
 def log1p(u):
-    """log(1 + u) for u >= 0, accurate for small u (Taylor series below 1e-2)."""
-    series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * 0.25)))
-    return tl.where(u < 1e-2, series, tl.log(1.0 + u))
+    """log(1 + u) to full precision: log(w) * u / (w - 1), w = 1 + u (Goldberg's trick)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
 
 
 @triton.jit
 def one_minus_exp_neg(h):
-    """1 - exp(-h) = -expm1(-h) for h >= 0, accurate for small h."""
-    series = h * (1.0 - h * (0.5 - h * (1.0 / 6.0 - h * (1.0 / 24.0))))
-    return tl.where(h < 1e-2, series, 1.0 - tl.exp(-h))
+    """1 - exp(-h) = -expm1(-h) to full precision: (1 - v) h / -log(v), v = exp(-h) (Kahan)."""
+    v = tl.exp(-h)
+    return tl.where(v == 1.0, h, tl.where(v == 0.0, 1.0, (1.0 - v) * h / -tl.log(v)))
 
 
 @triton.jit
@@ -152,3 +152,53 @@ def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
         else:
             grad = tl.where(keep, grad, 0.0)
     return grad
+
+
+def gemm_configs(names: tuple[str, str, str]):
+    """Autotuning candidates; one small config under the interpreter (it is slow)."""
+    m, n, k = names
+    if interpreting():
+        return [triton.Config({m: 16, n: 16, k: 16, "GROUP": 4}, num_warps=1)]
+    shapes = [
+        (128, 128, 64, 4, 8),
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({m: bm, n: bn, k: bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in shapes
+    ]
+
+
+def elementwise_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+        for bm, bn, w in [(64, 64, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8)]
+    ]
+
+
+@triton.jit
+def tile_ids(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP):
+    """Grouped program order (Triton tutorial 03) so neighbouring programs share L2 tiles."""
+    tiles_r = tl.cdiv(n_rows, BLOCK_R)
+    tiles_c = tl.cdiv(n_cols, BLOCK_C)
+    per_group = GROUP * tiles_c
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(tiles_r - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
+    return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
+
+
+def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return empty(shape, like.device, dtype)

@@ -36,10 +36,14 @@ from .common import (
     curvature,
     dot_precision,
     element_offsets,
+    elementwise_configs,
     empty,
+    gemm_configs,
+    grid_2d,
     input_grad_mask,
-    interpreting,
     slope,
+    stat_buffer,
+    tile_ids,
 )
 
 FINISH_BLOCK = 128
@@ -58,48 +62,7 @@ def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
     return "gemm" if choice == "auto" else choice
 
 
-def _gemm_configs(names: tuple[str, str, str]):
-    """Autotuning candidates; one small config under the interpreter (it is slow)."""
-    m, n, k = names
-    if interpreting():
-        return [triton.Config({m: 16, n: 16, k: 16, "GROUP": 4}, num_warps=1)]
-    shapes = [
-        (128, 128, 64, 4, 8),
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-    ]
-    return [
-        triton.Config({m: bm, n: bn, k: bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
-        for bm, bn, bk, stages, warps in shapes
-    ]
-
-
-def _elementwise_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
-        for bm, bn, w in [(64, 64, 4), (128, 64, 4), (32, 128, 4), (64, 128, 8)]
-    ]
-
-
-@triton.jit
-def _tile_ids(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP):
-    """Grouped program order (Triton tutorial 03) so neighbouring programs share L2 tiles."""
-    tiles_r = tl.cdiv(n_rows, BLOCK_R)
-    tiles_c = tl.cdiv(n_cols, BLOCK_C)
-    per_group = GROUP * tiles_c
-    group = pid // per_group
-    first = group * GROUP
-    size = tl.minimum(tiles_r - first, GROUP)
-    return first + (pid % per_group) % size, (pid % per_group) // size
-
-
-@triton.autotune(configs=_gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["B", "D", "H"])
+@triton.autotune(configs=gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["B", "D", "H"])
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
@@ -110,7 +73,7 @@ def _forward_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = _tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_N, GROUP)
+    pid_m, pid_n = tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_N, GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
@@ -148,7 +111,7 @@ def _forward_kernel(
         tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
 
 
-@triton.autotune(configs=_elementwise_configs(), key=["B", "H"])
+@triton.autotune(configs=elementwise_configs(), key=["B", "H"])
 @triton.jit
 def _statistics_kernel(
     z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
@@ -204,7 +167,7 @@ def _finish_kernel(
     tl.store(jac_ptr, tl.sum(jac, axis=0) / B)
 
 
-@triton.autotune(configs=_elementwise_configs(), key=["B", "H"])
+@triton.autotune(configs=elementwise_configs(), key=["B", "H"])
 @triton.jit
 def _grad_z_kernel(
     h_ptr, gh_ptr, grho_ptr, gjac_ptr, sq_norm_ptr, dz_ptr, part_db_ptr,
@@ -231,7 +194,7 @@ def _grad_z_kernel(
     tl.store(part_db_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(dz, axis=0), mask=col_ok)
 
 
-@triton.autotune(configs=_gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")), key=["B", "D", "H"])
+@triton.autotune(configs=gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")), key=["B", "D", "H"])
 @triton.jit
 def _grad_weight_kernel(
     dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr,
@@ -241,7 +204,7 @@ def _grad_weight_kernel(
     NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    pid_n, pid_k = _tile_ids(tl.program_id(0), H, D, BLOCK_N, BLOCK_K, GROUP)
+    pid_n, pid_k = tile_ids(tl.program_id(0), H, D, BLOCK_N, BLOCK_K, GROUP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units: rows of dW
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # input features: columns of dW
     col_ok = cols < H
@@ -277,7 +240,7 @@ def _grad_weight_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-@triton.autotune(configs=_gemm_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N")), key=["B", "D", "H"])
+@triton.autotune(configs=gemm_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N")), key=["B", "D", "H"])
 @triton.jit
 def _grad_input_kernel(
     dz_ptr, w_ptr, dx_ptr,
@@ -285,7 +248,7 @@ def _grad_input_kernel(
     NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_k = _tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_K, GROUP)
+    pid_m, pid_k = tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_K, GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < B
@@ -310,25 +273,16 @@ def _grad_input_kernel(
     tl.store(dx_ptr + r64[:, None] * D + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
 
-def _grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
-    return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
-
-
-def _stat(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return empty(shape, like.device, dtype)
-
-
 def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
     """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference."""
     batch, features = x.shape
     hidden = weight.shape[0]
     acc = acc_dtype(x.dtype)
     # partial buffers sized for the smallest BLOCK_M any config uses
-    part_h = _stat(x, triton.cdiv(batch, 16), hidden)
-    part_s2 = _stat(x, triton.cdiv(batch, 16), hidden)
-    stats = _stat(x, 2, hidden)  # row 0: c, row 1: w
-    rho_hat, jac = _stat(x, hidden), _stat(x)
+    part_h = stat_buffer(x, triton.cdiv(batch, 16), hidden)
+    part_s2 = stat_buffer(x, triton.cdiv(batch, 16), hidden)
+    stats = stat_buffer(x, 2, hidden)  # row 0: c, row 1: w
+    rho_hat, jac = stat_buffer(x, hidden), stat_buffer(x)
     code = ACTIVATION_CODES[activation]
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
@@ -343,7 +297,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     else:
         h = empty((batch, hidden), x.device, x.dtype)
         kernel = _forward_kernel
-        kernel[_grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
+        kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
             x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
             batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -372,7 +326,7 @@ def encode_backward(
     grad_rho = grad_rho.contiguous()
     grad_jac = grad_jac.contiguous()
     dz = empty(h.shape, h.device, h.dtype)
-    part_db = _stat(x, triton.cdiv(batch, 16), hidden)
+    part_db = stat_buffer(x, triton.cdiv(batch, 16), hidden)
     _grad_z_kernel[
         lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
     ](
@@ -392,7 +346,7 @@ def encode_backward(
         return grad_weight, grad_bias, grad_input
     grad_weight = empty((hidden, features), x.device, weight.dtype)
     grad_bias = empty((hidden,), x.device, weight.dtype)
-    _grad_weight_kernel[_grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
+    _grad_weight_kernel[grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
         dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -402,7 +356,7 @@ def encode_backward(
     grad_input = None
     if needs_input_grad:
         grad_input = empty((batch, features), x.device, x.dtype)
-        _grad_input_kernel[_grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
+        _grad_input_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
             dz, weight, grad_input, batch, features, hidden,
             weight.stride(0), weight.stride(1), seed, level,
             NOISE=noise, ACC=acc, PRECISION=precision,

@@ -1,0 +1,210 @@
+"""Fused decoder and reconstruction loss: z^ = h V^T + c, x^ = a_out(z^), per-sample loss.
+
+Forward, two launches: ``_forward_kernel`` computes a GEMM tile of z^ and, in its epilogue,
+the per-element loss (BCE in the logits form softplus(z^) - x z^, or squared error) and its
+gradient d ell / d z^ (x^ - x for sigmoid + BCE), stores that gradient — the only (B, d)
+tensor kept for backward — and the tile's row sums of the loss into fp32 partials
+[column tiles, B]; a sum over the partials gives the per-sample loss.
+Backward is matrix products only, the per-sample upstream weights g_i applied as they load:
+``_grad_weight_kernel`` dV = (g * G)^T h with dc = sum_i g_i G_i from the same loop, and
+``_grad_code_kernel`` dh = g * (G V).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastae import reference
+
+from .common import (
+    acc_dtype,
+    dot_precision,
+    empty,
+    gemm_configs,
+    grid_2d,
+    log1p,
+    stat_buffer,
+    tile_ids,
+)
+
+OUTPUT_CODES = {"sigmoid": 0, "identity": 1}
+LOSS_CODES = {"bce": 0, "mse": 1}
+
+
+@triton.autotune(configs=gemm_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=["B", "D", "H"])
+@triton.jit
+def _forward_kernel(
+    h_ptr, v_ptr, c_ptr, t_ptr, gz_ptr, xhat_ptr, part_ptr,
+    B, D, H,
+    stride_hm, stride_hk, stride_vn, stride_vk, stride_tm, stride_tn,
+    OUTPUT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_XHAT: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    col_ok = cols < D
+    r64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        h = tl.load(
+            h_ptr + r64[:, None] * stride_hm + ks[None, :] * stride_hk,
+            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        v = tl.load(
+            v_ptr + cols.to(tl.int64)[None, :] * stride_vn + ks[:, None] * stride_vk,
+            mask=k_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(h, v, acc, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_BIAS:
+        acc += tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    t = tl.load(
+        t_ptr + r64[:, None] * stride_tm + cols[None, :] * stride_tn, mask=ok, other=0.0
+    ).to(ACC)
+    if OUTPUT == 0:
+        x_hat = 1.0 / (1.0 + tl.exp(-acc))
+    else:
+        x_hat = acc
+    if LOSS == 0:  # BCE with logits: softplus(z) - t z, gradient sigmoid(z) - t
+        ell = tl.maximum(acc, 0.0) + log1p(tl.exp(-tl.abs(acc))) - t * acc
+        grad = x_hat - t
+    else:
+        diff = x_hat - t
+        ell = diff * diff
+        grad = 2.0 * diff
+        if OUTPUT == 0:
+            grad = grad * x_hat * (1.0 - x_hat)
+    out = r64[:, None] * D + cols[None, :]
+    tl.store(gz_ptr + out, grad.to(gz_ptr.dtype.element_ty), mask=ok)
+    if WRITE_XHAT:
+        tl.store(xhat_ptr + out, x_hat.to(xhat_ptr.dtype.element_ty), mask=ok)
+    ell = tl.where(ok, ell, 0.0)
+    tl.store(part_ptr + pid_n.to(tl.int64) * B + rows, tl.sum(ell, axis=1), mask=row_ok)
+
+
+@triton.autotune(configs=gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")), key=["B", "D", "H"])
+@triton.jit
+def _grad_weight_kernel(
+    gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
+    B, D, H, stride_hm, stride_hk,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """dV[n, k] = sum_i g_i G[i, n] h[i, k]; programs of column block 0 also write dc."""
+    pid_n, pid_k = tile_ids(tl.program_id(0), D, H, BLOCK_N, BLOCK_K, GROUP)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs d: rows of dV
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # hidden units: columns of dV
+    col_ok = cols < D
+    k_ok = ks < H
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    dc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        r64 = rows.to(tl.int64)
+        g = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        gz_t = tl.load(
+            gz_ptr + r64[None, :] * D + cols[:, None],
+            mask=col_ok[:, None] & row_ok[None, :], other=0.0,
+        ).to(ACC) * g[None, :]  # fmt: skip
+        if pid_k == 0:
+            dc += tl.sum(gz_t, axis=1)
+        h = tl.load(
+            h_ptr + r64[:, None] * stride_hm + ks[None, :] * stride_hk,
+            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(gz_t.to(h.dtype), h, acc, input_precision=PRECISION, out_dtype=ACC)
+    out_ok = col_ok[:, None] & k_ok[None, :]
+    out = cols.to(tl.int64)[:, None] * H + ks[None, :]
+    tl.store(dv_ptr + out, acc.to(dv_ptr.dtype.element_ty), mask=out_ok)
+    if pid_k == 0:
+        tl.store(dc_ptr + cols, dc.to(dc_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.autotune(configs=gemm_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N")), key=["B", "D", "H"])
+@triton.jit
+def _grad_code_kernel(
+    gz_ptr, gl_ptr, v_ptr, dh_ptr,
+    B, D, H, stride_vn, stride_vk,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """dh[i, k] = g_i sum_n G[i, n] V[n, k]."""
+    pid_m, pid_k = tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_K, GROUP)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    k_ok = ks < H
+    r64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < D
+        gz = tl.load(
+            gz_ptr + r64[:, None] * D + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        v = tl.load(
+            v_ptr + cols.to(tl.int64)[:, None] * stride_vn + ks[None, :] * stride_vk,
+            mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(gz, v, acc, input_precision=PRECISION, out_dtype=ACC)
+    acc = acc * tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    out_ok = row_ok[:, None] & k_ok[None, :]
+    tl.store(dh_ptr + r64[:, None] * H + ks[None, :], acc.to(dh_ptr.dtype.element_ty), mask=out_ok)
+
+
+def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=False):
+    """(per-sample loss, d ell / d z^) as ``fastae.reference.decode_forward``; with
+    ``with_reconstruction`` also x^ from the same tiles (no second GEMM)."""
+    batch, hidden = h.shape
+    features = weight.shape[0]
+    grad_z = empty((batch, features), h.device, h.dtype)
+    x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else grad_z
+    parts = stat_buffer(h, triton.cdiv(features, 16), batch)
+    _forward_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_N")](
+        h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
+        batch, features, hidden,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+        target.stride(0), target.stride(1),
+        OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], HAS_BIAS=bias is not None,
+        WRITE_XHAT=with_reconstruction, ACC=acc_dtype(h.dtype), PRECISION=dot_precision(h.dtype),
+    )  # fmt: skip
+    n_parts = triton.cdiv(features, _forward_kernel.best_config.kwargs["BLOCK_N"])
+    per_sample = parts[:n_parts].sum(0)
+    if with_reconstruction:
+        return per_sample, grad_z, x_hat
+    return per_sample, grad_z
+
+
+def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
+    """(dV, dc, dh or None) as ``fastae.reference.decode_backward``."""
+    batch, hidden = h.shape
+    features = weight.shape[0]
+    acc = acc_dtype(h.dtype)
+    precision = dot_precision(h.dtype)
+    grad_loss = grad_loss.contiguous()
+    grad_weight = empty((features, hidden), h.device, weight.dtype)
+    grad_bias = empty((features,), h.device, weight.dtype)
+    _grad_weight_kernel[grid_2d(features, hidden, "BLOCK_N", "BLOCK_K")](
+        grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
+        h.stride(0), h.stride(1), ACC=acc, PRECISION=precision,
+    )  # fmt: skip
+    grad_h = None
+    if needs_h_grad:
+        grad_h = empty((batch, hidden), h.device, h.dtype)
+        _grad_code_kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K")](
+            grad_z, grad_loss, weight, grad_h, batch, features, hidden,
+            weight.stride(0), weight.stride(1), ACC=acc, PRECISION=precision,
+        )  # fmt: skip
+    return grad_weight, grad_bias, grad_h
+
+
+# The target's own gradient is rarely needed (targets are data); it recomputes z^ in torch.
+decode_target_grad = reference.decode_target_grad

@@ -1,0 +1,150 @@
+"""The Triton decoder + loss (fastae.kernels.decoder) against the reference backend."""
+
+import pytest
+import torch
+
+import fastae
+from fastae import ops
+
+pytest.importorskip("triton")
+from fastae.kernels import common  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PAIRS = [("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(common, "poison_outputs", True)
+
+
+def _inputs(batch, hidden, features, dtype, *, tied, target_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    h = torch.rand(batch, hidden, generator=g, dtype=torch.float64).to(dtype)
+    weight = randn(hidden, features, scale=hidden**-0.5 * 2)  # encoder layout (H, d)
+    if not tied:
+        weight = randn(features, hidden, scale=hidden**-0.5 * 2)
+    bias = randn(features, scale=0.3)
+    target = torch.rand(batch, features, generator=g, dtype=torch.float64).to(dtype)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (h, weight, bias, target)]
+    leaves[3].requires_grad_(target_grad)
+    upstream = randn(batch).to(DEVICE)
+    return leaves, upstream
+
+
+def _run(backend, h, weight, bias, target, upstream, *, tied, **kwargs):
+    decoder_weight = weight.t() if tied else weight
+    with fastae.use_backend(backend):
+        loss, x_hat = ops.decode_loss(
+            h, decoder_weight, bias, target=target, return_reconstruction=True, **kwargs
+        )
+        wrt = [t for t in (h, weight, bias, target) if t.requires_grad]
+        grads = torch.autograd.grad((loss * upstream).sum(), wrt)
+    return (loss, x_hat, *grads)
+
+
+def _assert_close(got, want, rtol, atol):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.isfinite(a).all(), f"output {i} has unwritten (NaN) elements"
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, i=i: f"#{i}: {m}")
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("batch,hidden,features", [(1, 17, 5), (7, 1, 70), (33, 40, 5)])
+def test_matches_reference(output, loss, tied, batch, hidden, features):
+    leaves, upstream = _inputs(batch, hidden, features, torch.float64, tied=tied, target_grad=True)
+    kw = dict(tied=tied, output=output, loss=loss)
+    got = _run("triton", *leaves, upstream, **kw)
+    want = _run("reference", *leaves, upstream, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_float32(output, loss):
+    leaves, upstream = _inputs(20, 24, 37, torch.float32, tied=True)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        kw = dict(tied=True, output=output, loss=loss)
+        got = _run("triton", *leaves, upstream, **kw)
+        want = _run("reference", *leaves, upstream, **kw)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    _assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_gradcheck_triton(output, loss):
+    (h, weight, bias, target), _ = _inputs(3, 4, 5, torch.float64, tied=False, target_grad=True)
+    with fastae.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.decode_loss(*a[:3], target=a[3], output=output, loss=loss),
+            (h, weight, bias, target),
+            fast_mode=True,
+        )
+
+
+def test_opcheck_triton():
+    (h, weight, bias, target), _ = _inputs(4, 5, 6, torch.float64, tied=False)
+    args = (h, weight, bias, target, "sigmoid", "bce", "triton", False)
+    torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
+
+
+def test_bce_target_outside_unit_interval_is_rejected():
+    (h, weight, bias, target), _ = _inputs(4, 5, 6, torch.float64, tied=False)
+    with fastae.use_backend("triton"), pytest.raises(ValueError, match="target"):
+        ops.decode_loss(h, weight, bias, target=target.detach() * 3 - 1)
+
+
+def test_saves_one_batch_by_features_tensor():
+    """Backward keeps h and V (alive anyway) plus one (B, d) tensor: d ell / d z^."""
+    (h, weight, bias, target), _ = _inputs(8, 6, 10, torch.float64, tied=False)
+    saved = []
+    with (
+        fastae.use_backend("triton"),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+    ):
+        ops.decode_loss(h, weight, bias, target=target)
+    new = [t for t in saved if t.data_ptr() not in (h.data_ptr(), weight.data_ptr())]
+    assert [tuple(t.shape) for t in new] == [(8, 10)]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_step_matches_reference(tied):
+    """encode + decode_loss, every regularizer: the loss and every parameter gradient."""
+    torch.manual_seed(0)
+    x = torch.rand(12, 30, dtype=torch.float64, device=DEVICE)
+    model = fastae.Autoencoder(
+        30, 9, tied=tied, noise=fastae.MaskingNoise(0.3, seed=5),
+        sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2,
+    ).to(device=DEVICE, dtype=torch.float64)  # fmt: skip
+    results = {}
+    for backend in ("triton", "reference"):
+        model.zero_grad()
+        with fastae.use_backend(backend):
+            out = model(x)
+            out.loss.backward()
+        results[backend] = [out.loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    _assert_close(results["triton"], results["reference"], rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_half_precision_cuda(dtype, output, loss):
+    leaves, upstream = _inputs(512, 1024, 784, dtype, tied=True)
+    kw = dict(tied=True, output=output, loss=loss)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    oracle = _run("reference", *exact, upstream.double(), **kw)
+    ours = _run("triton", *leaves, upstream, **kw)
+    torch_ = _run("reference", *leaves, upstream, **kw)
+    for i, (a, b, ref) in enumerate(zip(ours, torch_, oracle, strict=True)):
+        err_ours = (a.double() - ref).norm() / ref.norm()
+        err_torch = (b.double() - ref).norm() / ref.norm()
+        assert err_ours <= 2 * err_torch + 1e-6, f"#{i}: {err_ours:.2e} vs torch {err_torch:.2e}"
