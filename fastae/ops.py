@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from . import _checks, backend, reference
-from .noise import NOISE_KINDS, Noise, check_noise
+from .noise import NOISE_KINDS, SEED_BOUND, Noise, check_noise
 
-__all__ = ["encode", "corrupt", "decode_loss"]
+__all__ = ["encode", "corrupt", "decode_loss", "reparameterize"]
 
 
 def _kernel_module(name: str):
@@ -28,13 +28,39 @@ def _kernel_module(name: str):
         return None
 
 
+@torch.compiler.assume_constant_result
+def _backend_for(op: str, kernel: str, device: torch.device) -> str:
+    """The backend for ``op`` on ``device``; a constant to torch.compile (read at trace time)."""
+    return backend.resolve(op, device, _kernel_module(kernel) is not None)
+
+
 def _impl(backend_name: str, kernel: str):
     return _kernel_module(kernel) if backend_name == "triton" else reference
 
 
 def _fresh(out: Tensor, x: Tensor) -> Tensor:
-    """Custom ops may not return their input: copy only when the impl passed it through."""
-    return out.clone() if out is x else out
+    """Custom ops return new contiguous tensors (as their fake implementations promise)."""
+    return out.clone(memory_format=torch.contiguous_format) if out is x else out.contiguous()
+
+
+def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Inside ``torch.autocast`` for this device, cast float16/bfloat16/float32 inputs to the
+    autocast dtype (as autocast does for matmul ops); float64 and everything else stay."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    low = (torch.float16, torch.bfloat16, torch.float32)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in low else t for t in tensors)
+
+
+def _seed_tensor(noise: Noise | None) -> Tensor:
+    """The noise seed as an int64 CPU scalar: the spec's own, or a fresh draw from torch's
+    generator (a tensor, so torch.compile traces the draw instead of baking in a constant)."""
+    if noise is None:
+        return torch.zeros((), dtype=torch.int64)
+    if noise.seed is not None:
+        return torch.tensor(noise.seed, dtype=torch.int64)
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def _stat_empty(like: Tensor, *shape: int) -> Tensor:
@@ -46,26 +72,28 @@ def _stat_empty(like: Tensor, *shape: int) -> Tensor:
 
 @torch.library.custom_op("fastae::corrupt", mutates_args=())
 def _corrupt_op(
-    x: Tensor, kind: str, level: float, low: float, high: float, seed: int, backend_name: str
+    x: Tensor, kind: str, level: float, low: float, high: float, seed: Tensor, backend_name: str
 ) -> Tensor:
-    return _fresh(_impl(backend_name, "noise").corrupt(x, kind, level, low, high, seed), x)
+    impl = _impl(backend_name, "noise")
+    return _fresh(impl.corrupt(x, kind, level, low, high, int(seed)), x)
 
 
 @_corrupt_op.register_fake
 def _(x, kind, level, low, high, seed, backend_name):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fastae::corrupt_backward", mutates_args=())
 def _corrupt_backward_op(
-    grad: Tensor, kind: str, level: float, seed: int, backend_name: str
+    grad: Tensor, kind: str, level: float, seed: Tensor, backend_name: str
 ) -> Tensor:
-    return _fresh(_impl(backend_name, "noise").corrupt_input_grad(grad, kind, level, seed), grad)
+    impl = _impl(backend_name, "noise")
+    return _fresh(impl.corrupt_input_grad(grad, kind, level, int(seed)), grad)
 
 
 @_corrupt_backward_op.register_fake
 def _(grad, kind, level, seed, backend_name):
-    return torch.empty_like(grad)
+    return grad.new_empty(grad.shape)
 
 
 def _corrupt_setup(ctx, inputs, output):
@@ -95,10 +123,10 @@ def corrupt(x: Tensor, noise: Noise) -> Tensor:
     x = _check_input(x)
     if noise is None:
         raise TypeError("noise must be GaussianNoise, MaskingNoise or SaltPepperNoise, got None")
-    noise = check_noise(noise).with_seed()
+    noise = check_noise(noise)
     kind, level, low, high = noise.params()
-    name = backend.resolve("corrupt", x.device, _kernel_module("noise") is not None)
-    return _corrupt_op(x, kind, level, low, high, noise.seed, name)
+    name = _backend_for("corrupt", "noise", x.device)
+    return _corrupt_op(x, kind, level, low, high, _seed_tensor(noise), name)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -114,10 +142,11 @@ def _encode_op(
     level: float,
     low: float,
     high: float,
-    seed: int,
+    seed: Tensor,
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend_name, "encoder")
+    seed = int(seed)
     out = impl.encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed)
     return tuple(_fresh(t, x) for t in out)
 
@@ -143,11 +172,12 @@ def _encode_backward_op(
     level: float,
     low: float,
     high: float,
-    seed: int,
+    seed: Tensor,
     backend_name: str,
     needs_input_grad: bool,
 ) -> list[Tensor]:
     impl = _impl(backend_name, "encoder")
+    seed = int(seed)
     dw, db, dx = impl.encode_backward(
         grad_h, grad_rho, grad_jac, x, weight, h, stats, activation, noise_kind, level, low,
         high, seed, needs_input_grad,
@@ -158,8 +188,8 @@ def _encode_backward_op(
 @_encode_backward_op.register_fake
 def _(grad_h, grad_rho, grad_jac, x, weight, h, stats, *args):
     needs_input_grad = args[-1]
-    out = [torch.empty_like(weight), weight.new_empty(weight.shape[0])]
-    return out + [torch.empty_like(x)] if needs_input_grad else out
+    out = [weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])]
+    return out + [x.new_empty(x.shape)] if needs_input_grad else out
 
 
 def _encode_setup(ctx, inputs, output):
@@ -217,16 +247,17 @@ def encode(
         jac () = (1/B) sum_i ||J_enc(x_i)||_F^2 = (1/B) sum_ij a'(z_ij)^2 ||W_j||^2.
     """
     x = _check_input(x)
+    x, weight, bias = _autocast(x.device, x, weight, bias)
     weight, bias = _check_layer(x, weight, bias)
     activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
     noise = check_noise(noise)
     if noise is None:
-        kind, level, low, high, seed = "none", 0.0, 0.0, 0.0, 0
+        kind, level, low, high = "none", 0.0, 0.0, 0.0
     else:
-        noise = noise.with_seed()
-        (kind, level, low, high), seed = noise.params(), noise.seed
+        kind, level, low, high = noise.params()
+    seed = _seed_tensor(noise)
     assert kind in NOISE_KINDS
-    name = backend.resolve("encode", x.device, _kernel_module("encoder") is not None)
+    name = _backend_for("encode", "encoder", x.device)
     h, rho_hat, jac, _ = _encode_op(x, weight, bias, activation, kind, level, low, high, seed, name)
     return h, rho_hat, jac
 
@@ -265,8 +296,8 @@ def _decode_backward_op(
 
 @_decode_backward_op.register_fake
 def _(grad_loss, h, weight, grad_z, backend_name, needs_h_grad):
-    out = [torch.empty_like(weight), weight.new_empty(weight.shape[0])]
-    return out + [torch.empty_like(h)] if needs_h_grad else out
+    out = [weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])]
+    return out + [h.new_empty(h.shape)] if needs_h_grad else out
 
 
 @torch.library.custom_op("fastae::decode_loss_target_grad", mutates_args=())
@@ -280,7 +311,7 @@ def _decode_target_grad_op(
 
 @_decode_target_grad_op.register_fake
 def _(grad_loss, h, weight, bias, target, *args):
-    return torch.empty_like(target)
+    return target.new_empty(target.shape)
 
 
 def _decode_setup(ctx, inputs, output):
@@ -339,6 +370,7 @@ def decode_loss(
     h = _checks.tensor("h", h, 2)
     if h.shape[0] == 0:
         raise ValueError(f"h must have at least one row, got {tuple(h.shape)}")
+    h, weight, bias, target = _autocast(h.device, h, weight, bias, target)
     weight = _checks.tensor("weight", weight, 2)
     _checks.same_kind("weight", weight, "h", h)
     _checks.size("weight", weight, 1, h.shape[1], "h has that many features")
@@ -365,7 +397,7 @@ def decode_loss(
                     f"target must lie in [0, 1] for loss 'bce', got values in "
                     f"[{lo.item()}, {hi.item()}]"
                 )
-    name = backend.resolve("decode_loss", h.device, _kernel_module("decoder") is not None)
+    name = _backend_for("decode_loss", "decoder", h.device)
     if not isinstance(return_reconstruction, bool):
         raise TypeError(
             f"return_reconstruction must be a bool, got {type(return_reconstruction).__name__}"
@@ -374,3 +406,89 @@ def decode_loss(
         h, weight, bias, target, output, loss, name, return_reconstruction
     )
     return (per_sample, x_hat) if return_reconstruction else per_sample
+
+
+# ----------------------------------------------------------------------------- reparameterize
+
+
+@torch.library.custom_op("fastae::reparameterize", mutates_args=())
+def _reparameterize_op(
+    mu: Tensor, logvar: Tensor, seed: Tensor, backend_name: str
+) -> tuple[Tensor, Tensor]:
+    """(z, per-sample KL)."""
+    return _impl(backend_name, "vae").reparameterize_forward(mu, logvar, int(seed))
+
+
+@_reparameterize_op.register_fake
+def _(mu, logvar, seed, backend_name):
+    return mu.new_empty(mu.shape), _stat_empty(mu, mu.shape[0])
+
+
+@torch.library.custom_op("fastae::reparameterize_backward", mutates_args=())
+def _reparameterize_backward_op(
+    grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor,
+    backend_name: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(dmu, dlogvar); eps is regenerated from the seed."""
+    impl = _impl(backend_name, "vae")
+    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, int(seed))
+
+
+@_reparameterize_backward_op.register_fake
+def _(grad_z, grad_kl, mu, logvar, seed, backend_name):
+    return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    mu, logvar, ctx.seed, ctx.backend_name = inputs
+    # mu and logvar are alive anyway; eps is regenerated from the seed, never stored
+    ctx.save_for_backward(mu, logvar)
+
+
+def _reparameterize_bwd(ctx, grad_z, grad_kl):
+    mu, logvar = ctx.saved_tensors
+    dmu, dlogvar = _reparameterize_backward_op(
+        grad_z, grad_kl, mu, logvar, ctx.seed, ctx.backend_name
+    )
+    needs_mu, needs_logvar = ctx.needs_input_grad[:2]
+    return (dmu if needs_mu else None), (dlogvar if needs_logvar else None), None, None
+
+
+_reparameterize_op.register_autograd(_reparameterize_bwd, setup_context=_reparameterize_setup)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """Reparameterized sample of N(mu, exp(logvar)) and its KL divergence to N(0, I).
+
+    Args:
+        mu, logvar: (B, k) mean and log-variance of a diagonal Gaussian per sample (same
+            shape, dtype and device).
+        seed: Philox seed of eps; None draws one from torch's generator (so
+            ``torch.manual_seed`` makes runs repeatable).
+
+    Returns:
+        z (B, k) = mu + exp(logvar / 2) * eps, eps = ``tl.randn(seed, row * k + col)`` (the
+        stream of the noise ops), contiguous in mu's dtype; and kl (B,) =
+        -1/2 sum_j (1 + logvar - mu^2 - exp(logvar)), float32 at least.
+        The backward pass regenerates eps from the seed instead of storing it.
+    """
+    mu = _checks.tensor("mu", mu, 2)
+    logvar = _checks.tensor("logvar", logvar, 2)
+    _checks.same_kind("logvar", logvar, "mu", mu)
+    if logvar.shape != mu.shape:
+        raise ValueError(
+            f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}"
+        )
+    if mu.shape[0] == 0 or mu.shape[1] == 0:
+        raise ValueError(f"mu must have at least one row and one column, got {tuple(mu.shape)}")
+    if seed is None:
+        # a tensor draw, so torch.compile traces it instead of baking in a constant
+        seed_tensor = torch.randint(0, 2**62, (), dtype=torch.int64)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    elif not 0 <= seed <= SEED_BOUND:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    else:
+        seed_tensor = torch.tensor(seed, dtype=torch.int64)
+    name = _backend_for("reparameterize", "vae", mu.device)
+    return _reparameterize_op(mu, logvar, seed_tensor, name)

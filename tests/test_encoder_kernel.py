@@ -142,7 +142,8 @@ def test_gradcheck_triton(activation):
 
 def test_opcheck_triton():
     (x, weight, bias), _ = _inputs(4, 6, 5, torch.float64)
-    args = (x, weight, bias, "tanh", "salt_pepper", 0.2, 0.0, 1.0, 99, "triton")
+    seed = torch.tensor(99)
+    args = (x, weight, bias, "tanh", "salt_pepper", 0.2, 0.0, 1.0, seed, "triton")
     torch.library.opcheck(torch.ops.fastae.encode.default, args)
 
 

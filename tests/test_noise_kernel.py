@@ -95,8 +95,9 @@ def test_gradcheck_and_opcheck_triton(spec):
     with fastae.use_backend("triton"):
         assert torch.autograd.gradcheck(lambda t: ops.corrupt(t, spec.with_seed(3)), (x,))
     kind, level, low, high = spec.params()
+    seed = torch.tensor(3)
     torch.library.opcheck(
-        torch.ops.fastae.corrupt.default, (x, kind, level, low, high, 3, "triton")
+        torch.ops.fastae.corrupt.default, (x, kind, level, low, high, seed, "triton")
     )
 
 
