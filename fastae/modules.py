@@ -68,6 +68,23 @@ class AutoencoderOutput:
     jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2
 
 
+def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
+    """Mean over the batches of all processes from each process's mean, differentiably.
+
+    The sum is all-reduced with ``torch.distributed.nn.functional.all_reduce``, whose backward
+    all-reduces the gradient, so after data-parallel gradient averaging each process holds the
+    gradient of the global-batch statistic. Without an initialized process group: unchanged.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return column_mean
+    from torch.distributed.nn.functional import all_reduce
+
+    total = all_reduce(column_mean * batch)
+    count = torch.tensor(float(batch), device=column_mean.device, dtype=column_mean.dtype)
+    torch.distributed.all_reduce(count)
+    return total / count
+
+
 class Autoencoder(nn.Module):
     """Regularized one-layer autoencoder.
 
@@ -80,6 +97,10 @@ class Autoencoder(nn.Module):
             (applied in training mode only; a spec without seed draws a fresh one each step).
         sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
         contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
+        sync_statistics: under torch.distributed, all-reduce the sparsity column sums so the
+            KL penalty sees the mean activation of the global batch (like SyncBatchNorm);
+            the other terms are per-sample means, which data-parallel averaging already makes
+            global for equal local batch sizes.
     """
 
     def __init__(
@@ -94,6 +115,7 @@ class Autoencoder(nn.Module):
         noise: Noise | None = None,
         sparsity: KLSparsity | L1Sparsity | None = None,
         contractive: float = 0.0,
+        sync_statistics: bool = False,
     ):
         super().__init__()
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features)):
@@ -118,6 +140,9 @@ class Autoencoder(nn.Module):
             )
         self.sparsity = sparsity
         self.contractive = _checks.finite_number("contractive", contractive, low=0)
+        if not isinstance(sync_statistics, bool):
+            raise TypeError(f"sync_statistics must be a bool, got {type(sync_statistics).__name__}")
+        self.sync_statistics = sync_statistics
         self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
 
         self.weight = nn.Parameter(torch.empty(hidden_features, in_features))
@@ -163,7 +188,10 @@ class Autoencoder(nn.Module):
     def decode(self, h: Tensor) -> Tensor:
         """Reconstruction x^ (B, d) from codes."""
         h = _checks.tensor("h", h, 2)
-        return reference.reconstruct(h, self.decoder_matrix, self.decoder_bias, self.output)
+        weight = self.decoder_matrix
+        _checks.same_kind("h", h, "the decoder weight", weight)
+        _checks.size("h", h, 1, weight.shape[1], "the model has that many hidden units")
+        return reference.reconstruct(h, weight, self.decoder_bias, self.output)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -188,6 +216,8 @@ class Autoencoder(nn.Module):
         reconstruction_loss = per_sample.mean()
         penalties = {}
         if isinstance(self.sparsity, KLSparsity):
+            if self.sync_statistics:
+                rho_hat = global_column_mean(rho_hat, x.shape[0])
             penalties["sparsity"] = self.sparsity.penalty(h, rho_hat)
         elif isinstance(self.sparsity, L1Sparsity):
             nonnegative = self.activation != "tanh"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 
 @dataclass
@@ -34,7 +34,12 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool, generator):
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
+    """A DataLoader over a tensor (sharded across processes under torch.distributed)."""
     if isinstance(data, (DataLoader, Iterable)) and not isinstance(
         data, (torch.Tensor, np.ndarray)
     ):
@@ -42,9 +47,12 @@ def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool
     tensor = _as_tensor(name, data, like)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got {tuple(tensor.shape)}")
-    return DataLoader(
-        TensorDataset(tensor), batch_size=batch_size, shuffle=shuffle, generator=generator
-    )
+    dataset = TensorDataset(tensor)
+    if _distributed():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def _first(batch) -> torch.Tensor:
@@ -116,6 +124,10 @@ def fit(
     training stops after that many epochs without a ``min_delta`` improvement of the
     validation loss (training loss if no validation data) and the best weights are restored.
     ``seed`` seeds torch's generator, so noise seeds and shuffling repeat exactly.
+
+    Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
+    tensor data is sharded across processes with a DistributedSampler, and the losses in the
+    history are each process's own.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
@@ -128,20 +140,23 @@ def fit(
     like = next(model.parameters())
     if seed is not None:
         torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed if seed is not None else draw_int())
-    train = _batches("data", data, like, batch_size, shuffle, generator)
+    shuffle_seed = seed if seed is not None else draw_int()
+    train = _batches("data", data, like, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:
-        val = _batches("validation_data", validation_data, like, batch_size, False, None)
+        val = _batches("validation_data", validation_data, like, batch_size, False, 0)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
 
     history = History()
     best, best_state, waited = math.inf, None, 0
-    bar = _Progress(epochs, progress, type(model).__name__)
+    is_main = not _distributed() or torch.distributed.get_rank() == 0
+    bar = _Progress(epochs, progress and is_main, type(model).__name__)
     start = time.perf_counter()
     try:
         for epoch in range(epochs):
             model.train()
+            if isinstance(getattr(train, "sampler", None), DistributedSampler):
+                train.sampler.set_epoch(epoch)
             total, count = 0.0, 0
             for batch in train:
                 x = _first(batch).to(like.device)

@@ -1,0 +1,230 @@
+"""torch.compile, autocast, determinism, save/load, non-finite input and data-parallel training."""
+
+import copy
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastae
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(**kwargs):
+    defaults = dict(
+        noise=fastae.MaskingNoise(0.25),
+        sparsity=fastae.KLSparsity(0.1, 0.3),
+        contractive=0.05,
+    )
+    return fastae.Autoencoder(24, 10, **{**defaults, **kwargs}).to(DEVICE)
+
+
+def _data(n=40, d=24, seed=0):
+    return torch.rand(n, d, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.loss.backward()
+    return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_compile_fullgraph_matches_eager():
+    """A full step with every regularizer compiles with no graph break and matches eager."""
+    torch.manual_seed(0)
+    model = _model(noise=fastae.SaltPepperNoise(0.2, seed=11))
+    x = _data()
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c, grads_c = _step(compiled, x)
+    loss_e, grads_e = _step(model, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # fresh noise seeds drawn inside the compiled graph: no recompilation, still random
+    model.noise = fastae.MaskingNoise(0.25)
+    compiled = torch.compile(model, fullgraph=True)
+    first, second = compiled(x).loss, compiled(x).loss
+    assert torch.isfinite(first) and first != second
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_same_seed_gives_bitwise_identical_steps(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if DEVICE == "cpu" and not fastae.backend.triton_interpreting():
+            pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    x = _data(12, 24)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        model = _model()
+        with fastae.use_backend(backend):
+            runs.append(_step(model, x))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_state_dict_round_trip_and_resume():
+    """A model saved mid-training and loaded resumes to the same result as an uninterrupted one."""
+    x = _data(64)
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(x).loss.backward()
+            optimizer.step()
+
+    torch.manual_seed(5)
+    straight = _model(tied=False)
+    opt = torch.optim.Adam(straight.parameters(), lr=1e-2)
+    train(straight, opt, 3)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": straight.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()},
+        buffer,
+    )
+    train(straight, opt, 3)
+
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = _model(tied=False)
+    resumed.load_state_dict(state["model"])
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"])
+    train(resumed, opt2, 3)
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_module_deepcopy_and_pickle():
+    model = _model()
+    clone = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = _data(5)
+    for other in (clone, loaded):
+        other.eval()
+    model.eval()
+    for other in (clone, loaded):
+        assert torch.equal(model.reconstruction_error(x), other.reconstruction_error(x))
+
+
+def test_cpu_bf16_autocast_with_reference():
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(24, 10, sparsity=fastae.KLSparsity(0.1, 0.3), contractive=0.1)
+    x = torch.rand(16, 24)
+    with fastae.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.code.dtype == torch.bfloat16
+    out.loss.backward()
+    assert model.weight.grad.dtype == torch.float32
+    reference = fastae.Autoencoder(24, 10, sparsity=fastae.KLSparsity(0.1, 0.3), contractive=0.1)
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(out.loss, reference(x).loss, rtol=2e-2, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_and_grad_scaler(dtype):
+    torch.manual_seed(0)
+    model = _model()
+    x = _data(256)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    before = model.weight.detach().clone()
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(x)
+    scaler.scale(out.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert out.code.dtype == dtype and torch.isfinite(out.loss)
+    assert not torch.equal(before, model.weight)
+
+
+def test_non_finite_inputs_propagate():
+    x = _data(6)
+    x[2, 3] = float("nan")
+    weight = torch.randn(5, 24, device=DEVICE)
+    h, rho_hat, jac = fastae.ops.encode(x, weight)
+    assert torch.isnan(h[2]).all() and torch.isfinite(h[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(rho_hat).all() and torch.isnan(jac)
+    x[2, 3] = float("inf")
+    h, _, _ = fastae.ops.encode(x, weight, activation="tanh")
+    assert torch.isfinite(h[[0, 1, 3, 4, 5]]).all()
+
+
+def test_empty_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="x must have at least one row"):
+        fastae.ops.encode(torch.rand(0, 4), torch.rand(3, 4))
+    with pytest.raises(ValueError, match="h must have at least one row"):
+        fastae.ops.decode_loss(torch.rand(0, 3), torch.rand(4, 3), target=torch.rand(0, 4))
+
+
+@pytest.mark.parametrize("rho_hat_value", [0.0, 1.0])
+def test_kl_sparsity_finite_when_rho_hat_saturates(rho_hat_value):
+    """rho_hat is clamped to [1e-6, 1 - 1e-6] inside the KL penalty."""
+    rho_hat = torch.full((7,), rho_hat_value, requires_grad=True)
+    penalty = fastae.KLSparsity(0.05, 1.0).penalty(None, rho_hat)
+    penalty.backward()
+    assert torch.isfinite(penalty) and torch.isfinite(rho_hat.grad).all()
+
+
+# ------------------------------------------------------------------ data parallel (gloo, CPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, x, state, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = fastae.Autoencoder(
+            x.shape[1], 6, sparsity=fastae.KLSparsity(0.1, 1.0), contractive=0.1,
+            sync_statistics=True,
+        )  # fmt: skip
+        model.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        shard = x.chunk(world)[rank]
+        out = ddp(shard)
+        out.loss.backward()
+        loss = out.loss.detach().clone()
+        torch.distributed.all_reduce(loss)
+        if rank == 0:
+            torch.save((loss / world, [p.grad for p in model.parameters()]), result_path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(16, 12)
+    model = fastae.Autoencoder(
+        12, 6, sparsity=fastae.KLSparsity(0.1, 1.0), contractive=0.1, sync_statistics=True
+    )
+    state = copy.deepcopy(model.state_dict())
+    result = str(tmp_path / "rank0.pt")
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port(), x, state, result), nprocs=2, start_method="spawn"
+    )
+    ddp_loss, ddp_grads = torch.load(result, weights_only=True)
+    out = model(x)  # no process group here: local statistics of the whole batch
+    out.loss.backward()
+    torch.testing.assert_close(ddp_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, p in zip(ddp_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
