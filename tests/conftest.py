@@ -8,6 +8,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests: a small profile for CI, FASTAE_HYPOTHESIS_PROFILE=long for a thorough run.
+_slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=12, deadline=None, suppress_health_check=_slow_ok)
+settings.register_profile("long", max_examples=400, deadline=None, suppress_health_check=_slow_ok)
+settings.load_profile(os.environ.get("FASTAE_HYPOTHESIS_PROFILE", "ci"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
