@@ -125,9 +125,13 @@ def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
     salt-and-pepper corruption (u0 < p), word 1 salt vs pepper; Gaussian uses Box-Muller on
     words 0 and 1 (tl.randn).
     """
+    # hyper-parameters act in float32 (as kernel scalar arguments do on the GPU)
+    level = tl.cast(level, tl.float32)
+    low = tl.cast(low, tl.float32)
+    high = tl.cast(high, tl.float32)
     if NOISE == NOISE_GAUSSIAN:
         eps = tl.randn(seed, offsets)
-        x = x + level * eps.to(x.dtype)
+        x = x + (level * eps).to(x.dtype)
     elif NOISE != NOISE_NONE:
         w0, w1, _, _ = tl.randint4x(seed, offsets)
         keep = tl.random.uint_to_uniform_float(w0) >= level
@@ -135,7 +139,7 @@ def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
             salt = tl.random.uint_to_uniform_float(w1) >= 0.5
             x = tl.where(keep, x, tl.where(salt, high, low).to(x.dtype))
         elif NOISE == NOISE_MASKING_RESCALE:
-            x = tl.where(keep, x / (1.0 - tl.cast(level, tl.float32)), 0.0)
+            x = tl.where(keep, x / (1.0 - level), 0.0)
         else:
             x = tl.where(keep, x, 0.0)
     return x
