@@ -5,6 +5,7 @@ from .backend import get_backend, set_backend, use_backend
 from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
 from .noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 from .training import History, fit
+from .vae import VAE, VAEOutput
 
 __all__ = [
     "Autoencoder",
@@ -15,6 +16,8 @@ __all__ = [
     "L1Sparsity",
     "MaskingNoise",
     "SaltPepperNoise",
+    "VAE",
+    "VAEOutput",
     "fit",
     "get_backend",
     "ops",
@@ -22,3 +25,26 @@ __all__ = [
     "use_backend",
 ]
 __version__ = "0.1.0"
+
+# Estimators that need scikit-learn (the ``apps`` extra) load on first use, so that
+# ``import fastae`` needs only torch and numpy.
+_LAZY = {
+    "AutoencoderTransformer": "sklearn",
+    "AutoencoderOutlierDetector": "sklearn",
+    "SemiSupervisedAutoencoder": "applications",
+    "StackedAutoencoder": "applications",
+    "DECClustering": "applications",
+    "cluster_codes": "applications",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -16,6 +16,29 @@ from .noise import Noise, check_noise
 KL_EPS = 1e-6
 
 
+class _BernoulliKL(torch.autograd.Function):
+    """sum_j KL(rho || q_j), q = clamp(rho_hat, eps, 1 - eps), with its analytic gradient
+    d/dq = (q - rho) / (q (1 - q)), zero where the clamp is active.
+    Saves only rho_hat (an H-vector)."""
+
+    @staticmethod
+    def forward(ctx, rho_hat: Tensor, rho: float) -> Tensor:
+        ctx.save_for_backward(rho_hat)
+        ctx.rho = rho
+        q = rho_hat.clamp(KL_EPS, 1 - KL_EPS)
+        kl = rho * (math.log(rho) - torch.log(q))
+        kl += (1 - rho) * (math.log1p(-rho) - torch.log1p(-q))
+        return kl.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rho_hat,) = ctx.saved_tensors
+        q = rho_hat.clamp(KL_EPS, 1 - KL_EPS)
+        inside = (rho_hat >= KL_EPS) & (rho_hat <= 1 - KL_EPS)
+        d_q = torch.where(inside, (q - ctx.rho) / (q * (1 - q)), 0.0)
+        return grad * d_q, None
+
+
 @dataclass(frozen=True)
 class KLSparsity:
     """weight * sum_j KL(rho || rho_hat_j): Bernoulli KL against the target mean activation."""
@@ -29,11 +52,7 @@ class KLSparsity:
         object.__setattr__(self, "weight", _checks.finite_number("weight", self.weight, low=0))
 
     def penalty(self, h: Tensor, rho_hat: Tensor) -> Tensor:
-        rho = self.rho
-        q = rho_hat.clamp(KL_EPS, 1 - KL_EPS)
-        kl = rho * math.log(rho) - rho * torch.log(q)
-        kl = kl + (1 - rho) * math.log1p(-rho) - (1 - rho) * torch.log1p(-q)
-        return self.weight * kl.sum()
+        return self.weight * _BernoulliKL.apply(rho_hat, self.rho)
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,8 @@ class Autoencoder(nn.Module):
             (applied in training mode only; a spec without seed draws a fresh one each step).
         sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
         contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
+        check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
+            ``fastae.fit`` checks its data once and skips the per-step check).
         sync_statistics: under torch.distributed, all-reduce the sparsity column sums so the
             KL penalty sees the mean activation of the global batch (like SyncBatchNorm);
             the other terms are per-sample means, which data-parallel averaging already makes
@@ -115,6 +136,7 @@ class Autoencoder(nn.Module):
         noise: Noise | None = None,
         sparsity: KLSparsity | L1Sparsity | None = None,
         contractive: float = 0.0,
+        check_targets: bool = True,
         sync_statistics: bool = False,
     ):
         super().__init__()
@@ -143,6 +165,9 @@ class Autoencoder(nn.Module):
         if not isinstance(sync_statistics, bool):
             raise TypeError(f"sync_statistics must be a bool, got {type(sync_statistics).__name__}")
         self.sync_statistics = sync_statistics
+        if not isinstance(check_targets, bool):
+            raise TypeError(f"check_targets must be a bool, got {type(check_targets).__name__}")
+        self.check_targets = check_targets
         self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
 
         self.weight = nn.Parameter(torch.empty(hidden_features, in_features))
@@ -211,7 +236,7 @@ class Autoencoder(nn.Module):
         )
         per_sample = ops.decode_loss(
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
-            loss=self.loss_name,
+            loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
         reconstruction_loss = per_sample.mean()
         penalties = {}

@@ -28,10 +28,13 @@ def _kernel_module(name: str):
         return None
 
 
-@torch.compiler.assume_constant_result
 def _backend_for(op: str, kernel: str, device: torch.device) -> str:
     """The backend for ``op`` on ``device``; a constant to torch.compile (read at trace time)."""
     return backend.resolve(op, device, _kernel_module(kernel) is not None)
+
+
+# What torch.compiler.assume_constant_result sets, without importing torch._dynamo here.
+_backend_for._dynamo_marked_constant = True
 
 
 def _impl(backend_name: str, kernel: str):
@@ -46,7 +49,9 @@ def _fresh(out: Tensor, x: Tensor) -> Tensor:
 def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Inside ``torch.autocast`` for this device, cast float16/bfloat16/float32 inputs to the
     autocast dtype (as autocast does for matmul ops); float64 and everything else stay."""
-    if not torch.is_autocast_enabled(device.type):
+    if not (
+        torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    ):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     low = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,9 +103,12 @@ def _(grad, kind, level, seed, backend_name):
 
 def _corrupt_setup(ctx, inputs, output):
     _, ctx.kind, ctx.level, _, _, ctx.seed, ctx.backend_name = inputs
+    ctx.set_materialize_grads(False)
 
 
 def _corrupt_bwd(ctx, grad):
+    if grad is None:
+        return (None,) * 7
     dx = _corrupt_backward_op(grad.contiguous(), ctx.kind, ctx.level, ctx.seed, ctx.backend_name)
     return dx, None, None, None, None, None, None
 
@@ -199,11 +207,20 @@ def _encode_setup(ctx, inputs, output):
     # h, W and x are alive anyway; stats = [c; ||W_j||^2] are two H-vectors; never z or x~
     ctx.save_for_backward(x, weight, h, stats)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
 
 
 def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
     x, weight, h, stats = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
+    if grad_h is None and grad_rho is None and grad_jac is None:
+        return (None,) * (3 + len(ctx.params))
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    if grad_rho is None:
+        grad_rho = stats.new_zeros(h.shape[1])
+    if grad_jac is None:
+        grad_jac = stats.new_zeros(())
     grads = _encode_backward_op(
         grad_h.contiguous(), grad_rho, grad_jac, x, weight, h, stats, *ctx.params, needs_x
     )
@@ -322,9 +339,12 @@ def _decode_setup(ctx, inputs, output):
     extra = (bias, target) if ctx.target_grad else (None, None)
     ctx.save_for_backward(h, weight, grad_z, *extra)
     ctx.mark_non_differentiable(grad_z, x_hat)
+    ctx.set_materialize_grads(False)
 
 
 def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
+    if grad_loss is None:
+        return (None,) * 8
     h, weight, grad_z, bias, target = ctx.saved_tensors
     needs_h = ctx.needs_input_grad[0]
     grads = _decode_backward_op(grad_loss, h, weight, grad_z, ctx.backend_name, needs_h)
@@ -341,6 +361,16 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
 _decode_loss_op.register_autograd(_decode_bwd, setup_context=_decode_setup)
 
 
+def check_unit_interval(name: str, values: Tensor) -> None:
+    """ValueError unless every value lies in [0, 1] (NaN fails); one sync on GPUs."""
+    lo, hi = torch.aminmax(values.detach())
+    bounds = torch.stack([lo, hi]).tolist()
+    if not (bounds[0] >= 0 and bounds[1] <= 1):  # also false for NaN
+        raise ValueError(
+            f"{name} must lie in [0, 1] for loss 'bce', got values in [{bounds[0]}, {bounds[1]}]"
+        )
+
+
 def decode_loss(
     h: Tensor,
     weight: Tensor,
@@ -350,6 +380,7 @@ def decode_loss(
     output: str = "sigmoid",
     loss: str = "bce",
     return_reconstruction: bool = False,
+    check_target: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Decoder layer plus reconstruction loss: per-sample l_i = sum_k ell(x^_ik, target_ik).
 
@@ -359,9 +390,10 @@ def decode_loss(
         target: (B, d); in [0, 1] for BCE.
         output: "sigmoid" or "identity" (x^ = a_out(h V^T + c)).
         loss: "bce" (needs the sigmoid output; computed in the stable logits form) or "mse".
-
         return_reconstruction: also return x^ (B, d), computed in the same pass (no second
             GEMM); it carries no gradient.
+        check_target: for BCE, check that the target lies in [0, 1] (a device-to-host sync
+            on GPUs; ``fastae.fit`` checks its data once and turns this off per step).
 
     Returns:
         (B,) per-sample loss (float32 at least) — also the anomaly score of each sample —
@@ -390,13 +422,8 @@ def decode_loss(
     if loss == "bce":
         if output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
-        if not torch.compiler.is_compiling() and not target.is_meta:
-            lo, hi = torch.aminmax(target)
-            if not (lo >= 0 and hi <= 1):  # also false for NaN
-                raise ValueError(
-                    f"target must lie in [0, 1] for loss 'bce', got values in "
-                    f"[{lo.item()}, {hi.item()}]"
-                )
+        if check_target and not torch.compiler.is_compiling() and not target.is_meta:
+            check_unit_interval("target", target)
     name = _backend_for("decode_loss", "decoder", h.device)
     if not isinstance(return_reconstruction, bool):
         raise TypeError(
@@ -443,9 +470,12 @@ def _reparameterize_setup(ctx, inputs, output):
     mu, logvar, ctx.seed, ctx.backend_name = inputs
     # mu and logvar are alive anyway; eps is regenerated from the seed, never stored
     ctx.save_for_backward(mu, logvar)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros
 
 
 def _reparameterize_bwd(ctx, grad_z, grad_kl):
+    if grad_z is None and grad_kl is None:
+        return None, None, None, None
     mu, logvar = ctx.saved_tensors
     dmu, dlogvar = _reparameterize_backward_op(
         grad_z, grad_kl, mu, logvar, ctx.seed, ctx.backend_name

@@ -10,6 +10,7 @@ intermediate exceeds 2^50.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -60,7 +61,16 @@ def uint_to_uniform(words: torch.Tensor) -> torch.Tensor:
 
 
 def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
-    """First Box-Muller normal, as Triton's ``pair_uniform_to_normal`` (float32)."""
+    """First Box-Muller normal, as Triton's ``pair_uniform_to_normal`` (float32).
+
+    On the CPU log, sqrt and cos are numpy's float32 functions — what Triton's interpreter
+    evaluates ``tl.randn`` with — so the result equals the interpreted kernel's bit for bit;
+    on GPUs torch's (equal to the compiled kernel's up to libm rounding, about 1 ulp).
+    """
+    if u1.device.type == "cpu":
+        a, b = u1.numpy(), u2.numpy()
+        radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(a, np.float32(1.0e-7))))
+        return torch.from_numpy(radius * np.cos(np.float32(6.283185307179586) * b))
     u1 = torch.clamp(u1, min=1.0e-7)
     theta = 6.283185307179586 * u2
     radius = torch.sqrt(-2.0 * torch.log(u1))
@@ -80,6 +90,6 @@ def rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Standard normal float32 as ``tl.randn(seed, offsets)`` (equal up to libm rounding)."""
+    """Standard normal float32 as ``tl.randn(seed, offsets)`` (see :func:`box_muller`)."""
     w0, w1, _, _ = randint4x(seed, offsets)
     return box_muller(uint_to_uniform(w0), uint_to_uniform(w1))

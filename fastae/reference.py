@@ -215,3 +215,49 @@ def decode_target_grad(grad_loss, h, weight, bias, target, output, loss):
     acc = stat_dtype(out.dtype)
     per_element = -out.to(acc) if loss == "bce" else -2 * (out.to(acc) - target.to(acc))
     return (per_element * grad_loss.to(acc).unsqueeze(1)).to(target.dtype)
+
+
+# ----------------------------------------------------------------------------- reparameterize
+
+
+def standard_normal(seed: int, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """eps (rows, cols) float32 = ``tl.randn(seed, row * cols + col)``."""
+    return philox.randn(seed, philox.element_offsets(rows, cols, torch.device(device)))
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(N(mu, exp(logvar)) || N(0, I)) = 1/2 sum_j (mu^2 + exp(logvar) - 1 - logvar)
+    (B,), float32 at least; differentiable by autograd (no sampling)."""
+    acc = stat_dtype(mu.dtype)
+    m, lv = mu.to(acc), logvar.to(acc)
+    return 0.5 * (m * m + torch.expm1(lv) - lv).sum(1)
+
+
+def reparameterize_forward(mu, logvar, seed):
+    """(z, kl): z = mu + exp(logvar / 2) * eps with eps = :func:`standard_normal` at
+    (seed, row * k + col), contiguous in mu's dtype; kl (B,) = :func:`gaussian_kl`."""
+    acc = stat_dtype(mu.dtype)
+    eps = standard_normal(seed, mu.shape[0], mu.shape[1], mu.device).to(acc)
+    m, lv = mu.to(acc), logvar.to(acc)
+    z = (m + torch.exp(0.5 * lv) * eps).to(mu.dtype).contiguous()
+    return z, gaussian_kl(mu, logvar)
+
+
+def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
+    """(dmu, dlogvar), eps regenerated from the seed (a None upstream gradient is zero):
+    dmu = g_z + g_kl mu;  dlogvar = g_z eps exp(logvar / 2) / 2 + g_kl (exp(logvar) - 1) / 2.
+    """
+    acc = stat_dtype(mu.dtype)
+    m, lv = mu.to(acc), logvar.to(acc)
+    dmu = torch.zeros_like(m, memory_format=torch.contiguous_format)
+    dlogvar = torch.zeros_like(dmu)
+    if grad_z is not None:
+        eps = standard_normal(seed, mu.shape[0], mu.shape[1], mu.device).to(acc)
+        g = grad_z.to(acc)
+        dmu = dmu + g
+        dlogvar = dlogvar + 0.5 * g * eps * torch.exp(0.5 * lv)
+    if grad_kl is not None:
+        g = grad_kl.to(acc).unsqueeze(1)
+        dmu = dmu + g * m
+        dlogvar = dlogvar + 0.5 * g * torch.expm1(lv)
+    return dmu.to(mu.dtype).contiguous(), dlogvar.to(mu.dtype).contiguous()

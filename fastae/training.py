@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from .ops import check_unit_interval
 
 
 @dataclass
@@ -86,6 +89,26 @@ class _Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def _targets_checked_once(model: nn.Module, tensors: list):
+    """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
+    without the per-step check (a device sync each step)."""
+    module = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    if not (getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"):
+        yield
+        return
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        yield
+        return
+    for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
+        check_unit_interval(name, tensor)
+    module.check_targets = False
+    try:
+        yield
+    finally:
+        module.check_targets = True
+
+
 def _mean_loss(model: nn.Module, batches, device) -> float:
     total, count = 0.0, 0
     was_training = model.training
@@ -152,21 +175,25 @@ def fit(
     is_main = not _distributed() or torch.distributed.get_rank() == 0
     bar = _Progress(epochs, progress and is_main, type(model).__name__)
     start = time.perf_counter()
-    try:
+    given = [d for d in (data, validation_data) if d is not None]
+    given = [_as_tensor("data", d, like) if isinstance(d, np.ndarray) else d for d in given]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_targets_checked_once(model, given))
+        stack.callback(bar.close)
         for epoch in range(epochs):
             model.train()
             if isinstance(getattr(train, "sampler", None), DistributedSampler):
                 train.sampler.set_epoch(epoch)
-            total, count = 0.0, 0
+            total, count = torch.zeros((), device=like.device), 0  # one sync per epoch
             for batch in train:
                 x = _first(batch).to(like.device)
                 optimizer.zero_grad(set_to_none=True)
                 out = model(x)
                 out.loss.backward()
                 optimizer.step()
-                total += float(out.loss.detach()) * x.shape[0]
+                total += out.loss.detach().float() * x.shape[0]
                 count += x.shape[0]
-            history.loss.append(total / max(count, 1))
+            history.loss.append(float(total) / max(count, 1))
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]
             if val is not None:
@@ -182,8 +209,6 @@ def fit(
                 if waited >= patience:
                     history.stopped_early = True
                     break
-    finally:
-        bar.close()
     if best_state is not None and history.stopped_early:
         model.load_state_dict(best_state)
     model.eval()

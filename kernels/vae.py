@@ -20,7 +20,7 @@ from .common import acc_dtype, element_offsets, empty, interpreting, stat_buffer
 
 def _forward_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M": 4, "BLOCK_N": 16}, num_warps=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
         for bm, bn, w in [
@@ -38,7 +38,7 @@ def _forward_configs():
 
 def _backward_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M": 8, "BLOCK_N": 16}, num_warps=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
         for bm, bn, w in [

@@ -1,0 +1,226 @@
+"""``fastae.VAE``: a variational autoencoder built from the fused ops.
+
+x -> h = a(x W1^T + b1)                        (:func:`fastae.ops.encode`)
+  -> [mu, logvar] = h Wq^T + bq                 (one linear layer of 2k outputs)
+  -> z = mu + exp(logvar / 2) eps, kl           (:func:`fastae.ops.reparameterize`)
+  -> h2 = a(z W2^T + b2)                        (:func:`fastae.ops.encode`)
+  -> per-sample reconstruction loss of x        (:func:`fastae.ops.decode_loss`)
+
+Training minimizes mean_i (reconstruction_i + beta * kl_i); with beta = 1 that is the
+negative evidence lower bound (ELBO). In eval mode z = mu, so the codes, reconstructions and
+anomaly scores of an input do not depend on random draws (nor on the input's batch or row).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import _checks, ops, reference
+
+SCORES = ("elbo", "reconstruction")
+
+
+@dataclass
+class VAEOutput:
+    """What ``VAE.forward`` returns.
+
+    loss: mean_i (reconstruction_i + beta * kl_i), the training objective.
+    elbo: per-sample ELBO (B,) = -(reconstruction + kl) (beta = 1, the bound itself).
+    reconstruction: per-sample reconstruction loss (B,) (BCE or squared error, summed).
+    kl: per-sample KL(q(z|x) || N(0, I)) (B,).
+    per_sample: per-sample negative ELBO (B,) = -elbo, the anomaly score.
+    mu, logvar: posterior parameters (B, k); z: the latent code used (mu in eval mode).
+    """
+
+    loss: Tensor
+    elbo: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    per_sample: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+    @property
+    def code(self) -> Tensor:
+        """The posterior mean mu (B, k), the deterministic code."""
+        return self.mu
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class VAE(nn.Module):
+    """Variational autoencoder with one hidden layer on each side and a diagonal Gaussian
+    posterior.
+
+    Args:
+        in_features: d. hidden: H (units of the encoder and of the decoder hidden layer).
+        latent: k (latent dimensions).
+        activation: hidden activation ("relu", "sigmoid", "tanh", "softplus").
+        output: "sigmoid" or "identity". loss: "bce" (sigmoid output, inputs in [0, 1]) or
+            "mse".
+        beta: weight of the KL term in the training objective (beta-VAE; 1 = the ELBO).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        latent: int,
+        *,
+        activation: str = "relu",
+        output: str = "sigmoid",
+        loss: str = "bce",
+        beta: float = 1.0,
+    ):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.hidden = _positive_int("hidden", hidden)
+        self.latent = _positive_int("latent", latent)
+        self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
+        self.output = _checks.choice("output", output, reference.OUTPUTS)
+        self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
+        if loss == "bce" and output != "sigmoid":
+            raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
+        self.beta = _checks.finite_number("beta", beta, low=0)
+        self.encoder = nn.Linear(in_features, hidden)
+        self.posterior = nn.Linear(hidden, 2 * latent)  # rows [:k] give mu, rows [k:] logvar
+        self.decoder_hidden = nn.Linear(latent, hidden)
+        self.decoder = nn.Linear(hidden, in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features} -> {self.hidden} -> {self.latent}, "
+            f"activation={self.activation!r}, output={self.output!r}, "
+            f"loss={self.loss_name!r}, beta={self.beta}"
+        )
+
+    def _check_x(self, x: object) -> Tensor:
+        x = _checks.tensor("x", x, 2)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"x must have {self.in_features} columns (in_features), got shape {tuple(x.shape)}"
+            )
+        return x
+
+    def posterior_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of q(z | x), each (B, k)."""
+        x = self._check_x(x)
+        h = ops.encode(x, self.encoder.weight, self.encoder.bias, activation=self.activation)[0]
+        stats = F.linear(h, self.posterior.weight, self.posterior.bias)
+        return stats[:, : self.latent], stats[:, self.latent :]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The posterior mean mu (B, k): deterministic."""
+        return self.posterior_parameters(x)[0]
+
+    def _decoder_code(self, z: Tensor) -> Tensor:
+        weight, bias = self.decoder_hidden.weight, self.decoder_hidden.bias
+        return ops.encode(z, weight, bias, activation=self.activation)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoded mean x^ (B, d) of latent codes z (B, k)."""
+        z = _checks.tensor("z", z, 2)
+        if z.shape[1] != self.latent:
+            raise ValueError(
+                f"z must have {self.latent} columns (latent), got shape {tuple(z.shape)}"
+            )
+        h2 = self._decoder_code(z)
+        return reference.reconstruct(h2, self.decoder.weight, self.decoder.bias, self.output)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x^ (B, d) decoded from the posterior mean: deterministic."""
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n new samples (n, d): decoded means of z ~ N(0, I) drawn from ``generator`` (or
+        torch's default generator)."""
+        n = _positive_int("n", n)
+        like = self.decoder.weight
+        z = torch.randn(n, self.latent, generator=generator, device=like.device, dtype=like.dtype)
+        return self.decode(z)
+
+    def _reconstruction(self, z: Tensor, x: Tensor) -> Tensor:
+        return ops.decode_loss(
+            self._decoder_code(z), self.decoder.weight, self.decoder.bias, target=x,
+            output=self.output, loss=self.loss_name,
+        )  # fmt: skip
+
+    def reconstruction_error(self, x: Tensor) -> Tensor:
+        """Per-sample reconstruction loss (B,) with z = mu: deterministic."""
+        return self._reconstruction(self.encode(x), x)
+
+    def negative_elbo(self, x: Tensor) -> Tensor:
+        """Per-sample negative ELBO (B,) = reconstruction + kl with z = mu: deterministic
+        (the same input gives the same value wherever it sits in a batch)."""
+        mu, logvar = self.posterior_parameters(x)
+        return self._reconstruction(mu, x) + reference.gaussian_kl(mu, logvar)
+
+    def anomaly_score(self, x: Tensor, kind: str = "elbo") -> Tensor:
+        """Per-sample anomaly score (B,), higher = more abnormal: the negative ELBO
+        (``kind="elbo"``) or the reconstruction error (``"reconstruction"``), both with z = mu.
+        """
+        kind = _checks.choice("kind", kind, SCORES)
+        return self.negative_elbo(x) if kind == "elbo" else self.reconstruction_error(x)
+
+    def forward(self, x: Tensor, seed: int | None = None) -> VAEOutput:
+        """Training mode: z = mu + exp(logvar / 2) eps with eps from Philox at ``seed`` (None:
+        a fresh seed from torch's generator). Eval mode: z = mu (no random draws)."""
+        mu, logvar = self.posterior_parameters(x)
+        if self.training:
+            z, kl = ops.reparameterize(mu, logvar, seed)
+        else:
+            z, kl = mu, reference.gaussian_kl(mu, logvar)
+        reconstruction = self._reconstruction(z, x)
+        per_sample = reconstruction + kl
+        loss = (reconstruction + self.beta * kl).mean()
+        return VAEOutput(loss, -per_sample, reconstruction, kl, per_sample, mu, logvar, z)
+
+
+def save_image_grid(
+    images: Tensor,
+    path: str | os.PathLike,
+    image_shape: tuple[int, int],
+    *,
+    columns: int = 8,
+    title: str | None = None,
+) -> None:
+    """Save images (n, h * w), e.g. ``VAE.sample(n)`` of 8x8 digits, as one PNG mosaic
+    (gray scale, ink dark, a blank pixel between images). Needs matplotlib (``apps`` extra)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("save_image_grid needs matplotlib: pip install 'fastae[apps]'") from error
+    height, width = image_shape
+    images = _checks.tensor("images", images, 2).detach().float().cpu()
+    if images.shape[1] != height * width:
+        raise ValueError(
+            f"images must have {height * width} columns (image_shape {image_shape}), got "
+            f"shape {tuple(images.shape)}"
+        )
+    columns = _positive_int("columns", columns)
+    count = images.shape[0]
+    rows = max(1, math.ceil(count / columns))
+    low, high = min(0.0, images.min().item()), max(1.0, images.max().item())
+    mosaic = torch.full((rows * (height + 1) + 1, columns * (width + 1) + 1), low)
+    for i, image in enumerate(images.reshape(count, height, width)):
+        top, left = 1 + (i // columns) * (height + 1), 1 + (i % columns) * (width + 1)
+        mosaic[top : top + height, left : left + width] = image
+    figure = Figure(figsize=(0.6 * columns, 0.6 * rows + (0.4 if title else 0.0)))
+    axes = figure.add_subplot()
+    axes.imshow(mosaic.numpy(), cmap="gray_r", vmin=low, vmax=high, interpolation="nearest")
+    axes.set_axis_off()
+    if title:
+        axes.set_title(title)
+    figure.savefig(path, dpi=100, bbox_inches="tight")

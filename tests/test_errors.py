@@ -1,0 +1,317 @@
+"""Bad input raises ValueError or TypeError whose message names the argument."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastae
+from fastae import ops
+from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
+
+
+def names(arg: str) -> str:
+    """A regex matching ``arg`` as a whole word at the start of the message."""
+    return rf"^{arg}\b"
+
+
+def good_layer(dtype=torch.float32):
+    return (
+        torch.rand(4, 5, dtype=dtype),
+        torch.randn(3, 5, dtype=dtype),
+        torch.randn(3, dtype=dtype),
+    )
+
+
+def good_decoder(dtype=torch.float32):
+    return (
+        torch.rand(4, 3, dtype=dtype),
+        torch.randn(5, 3, dtype=dtype),
+        torch.randn(5, dtype=dtype),
+        torch.rand(4, 5, dtype=dtype),
+    )
+
+
+# ----------------------------------------------------------------------------- encode
+
+X, W, B = good_layer()
+ENCODE_CASES = {
+    "x 1-D": (ValueError, "x", dict(x=torch.rand(5))),
+    "x 3-D": (ValueError, "x", dict(x=torch.rand(2, 4, 5))),
+    "x empty": (ValueError, "x", dict(x=torch.rand(0, 5))),
+    "x integer": (TypeError, "x", dict(x=torch.randint(0, 5, (4, 5)))),
+    "x bool": (TypeError, "x", dict(x=torch.rand(4, 5) > 0.5)),
+    "x list": (TypeError, "x", dict(x=[[1.0] * 5] * 4)),
+    "x numpy": (TypeError, "x", dict(x=np.random.rand(4, 5))),
+    "weight 1-D": (ValueError, "weight", dict(weight=torch.randn(5))),
+    "weight 3-D": (ValueError, "weight", dict(weight=torch.randn(1, 3, 5))),
+    "weight features": (ValueError, "weight", dict(weight=torch.randn(3, 6))),
+    "weight transposed": (ValueError, "weight", dict(weight=torch.randn(5, 3))),
+    "weight float64": (TypeError, "weight", dict(weight=torch.randn(3, 5, dtype=torch.float64))),
+    "weight float16": (TypeError, "weight", dict(weight=torch.randn(3, 5).half())),
+    "weight integer": (TypeError, "weight", dict(weight=torch.randint(0, 3, (3, 5)))),
+    "weight meta": (ValueError, "weight", dict(weight=torch.randn(3, 5, device="meta"))),
+    "bias 2-D": (ValueError, "bias", dict(bias=torch.randn(1, 3))),
+    "bias size": (ValueError, "bias", dict(bias=torch.randn(4))),
+    "bias float64": (TypeError, "bias", dict(bias=torch.randn(3, dtype=torch.float64))),
+    "bias integer": (TypeError, "bias", dict(bias=torch.arange(3))),
+    "bias meta": (ValueError, "bias", dict(bias=torch.randn(3, device="meta"))),
+    "activation unknown": (ValueError, "activation", dict(activation="gelu")),
+    "activation case": (ValueError, "activation", dict(activation="Sigmoid")),
+    "activation not str": (ValueError, "activation", dict(activation=torch.sigmoid)),
+    "noise dict": (TypeError, "noise", dict(noise={"kind": "masking", "p": 0.5})),
+    "noise float": (TypeError, "noise", dict(noise=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODE_CASES))
+def test_encode_bad_input(case):
+    error, arg, override = ENCODE_CASES[case]
+    kwargs = dict(x=X, weight=W, bias=B, activation="sigmoid", noise=None) | override
+    x, weight, bias = kwargs.pop("x"), kwargs.pop("weight"), kwargs.pop("bias")
+    with pytest.raises(error, match=names(arg)):
+        ops.encode(x, weight, bias, **kwargs)
+
+
+def test_x_or_h_on_another_device_than_weight():
+    with pytest.raises(ValueError, match=names("weight")):
+        ops.encode(torch.rand(4, 5, device="meta"), W, B)
+    with pytest.raises(ValueError, match=names("weight")):
+        ops.decode_loss(torch.rand(4, 3, device="meta"), V, C, target=T)
+
+
+def test_encode_good_input_passes():
+    h, rho_hat, jac = ops.encode(X, W, B, noise=MaskingNoise(0.5))
+    assert h.shape == (4, 3) and rho_hat.shape == (3,) and jac.shape == ()
+
+
+# ----------------------------------------------------------------------------- corrupt
+
+
+@pytest.mark.parametrize(
+    "x, noise, error, arg",
+    [
+        (torch.rand(5), MaskingNoise(0.5), ValueError, "x"),
+        (torch.randint(0, 2, (3, 4)), MaskingNoise(0.5), TypeError, "x"),
+        (torch.rand(3, 4), None, TypeError, "noise"),
+        (torch.rand(3, 4), "masking", TypeError, "noise"),
+        (torch.rand(3, 0), MaskingNoise(0.5), ValueError, "x"),
+    ],
+)
+def test_corrupt_bad_input(x, noise, error, arg):
+    with pytest.raises(error, match=names(arg)):
+        ops.corrupt(x, noise)
+
+
+# ----------------------------------------------------------------------------- noise specs
+
+NOISE_CASES = [
+    (lambda: MaskingNoise(p=1.0), ValueError, "p"),
+    (lambda: MaskingNoise(p=-0.1), ValueError, "p"),
+    (lambda: MaskingNoise(p=1.5), ValueError, "p"),
+    (lambda: MaskingNoise(p=math.nan), ValueError, "p"),
+    (lambda: MaskingNoise(p=math.inf), ValueError, "p"),
+    (lambda: MaskingNoise(p="0.5"), TypeError, "p"),
+    (lambda: MaskingNoise(p=True), TypeError, "p"),
+    (lambda: MaskingNoise(p=torch.tensor(0.5)), TypeError, "p"),
+    (lambda: MaskingNoise(p=0.5, rescale=1), TypeError, "rescale"),
+    (lambda: MaskingNoise(p=0.5, seed=-1), ValueError, "seed"),
+    (lambda: MaskingNoise(p=0.5, seed=2**63), ValueError, "seed"),
+    (lambda: MaskingNoise(p=0.5, seed=1.0), TypeError, "seed"),
+    (lambda: MaskingNoise(p=0.5, seed=True), TypeError, "seed"),
+    (lambda: SaltPepperNoise(p=1.0), ValueError, "p"),
+    (lambda: SaltPepperNoise(p=-0.01), ValueError, "p"),
+    (lambda: SaltPepperNoise(p=0.2, low=math.nan), ValueError, "low"),
+    (lambda: SaltPepperNoise(p=0.2, high=math.inf), ValueError, "high"),
+    (lambda: SaltPepperNoise(p=0.2, high="1"), TypeError, "high"),
+    (lambda: GaussianNoise(sigma=-0.5), ValueError, "sigma"),
+    (lambda: GaussianNoise(sigma=-1e-9), ValueError, "sigma"),
+    (lambda: GaussianNoise(sigma=math.inf), ValueError, "sigma"),
+    (lambda: GaussianNoise(sigma=math.nan), ValueError, "sigma"),
+    (lambda: GaussianNoise(sigma=None), TypeError, "sigma"),
+    (lambda: GaussianNoise(sigma=0.1, seed="1"), TypeError, "seed"),
+    (lambda: MaskingNoise(0.5).with_seed(-3), ValueError, "seed"),
+]
+
+
+@pytest.mark.parametrize("make, error, arg", NOISE_CASES)
+def test_noise_spec_bad_input(make, error, arg):
+    with pytest.raises(error, match=names(arg)):
+        make()
+
+
+def test_noise_specs_accept_their_ranges():
+    assert MaskingNoise(p=0.0).p == 0.0
+    assert MaskingNoise(p=0.999).p == 0.999
+    assert GaussianNoise(sigma=0).sigma == 0.0
+    assert MaskingNoise(p=0.5, seed=2**63 - 1).seed == 2**63 - 1
+
+
+# ----------------------------------------------------------------------------- decode_loss
+
+H, V, C, T = good_decoder()
+DECODE_CASES = {
+    "h 1-D": (ValueError, "h", dict(h=torch.rand(3))),
+    "h empty": (ValueError, "h", dict(h=torch.rand(0, 3), target=torch.rand(0, 5))),
+    "h integer": (TypeError, "h", dict(h=torch.randint(0, 2, (4, 3)))),
+    "weight size": (ValueError, "weight", dict(weight=torch.randn(5, 4))),
+    "weight 3-D": (ValueError, "weight", dict(weight=torch.randn(1, 5, 3))),
+    "weight dtype": (TypeError, "weight", dict(weight=torch.randn(5, 3, dtype=torch.float64))),
+    "weight bf16": (TypeError, "weight", dict(weight=torch.randn(5, 3).bfloat16())),
+    "weight meta": (ValueError, "weight", dict(weight=torch.randn(5, 3, device="meta"))),
+    "bias size": (ValueError, "bias", dict(bias=torch.randn(3))),
+    "bias dtype": (TypeError, "bias", dict(bias=torch.randn(5).half())),
+    "bias integer": (TypeError, "bias", dict(bias=torch.arange(5))),
+    "target shape": (ValueError, "target", dict(target=torch.rand(4, 6))),
+    "target transposed": (ValueError, "target", dict(target=torch.rand(5, 4))),
+    "target rows": (ValueError, "target", dict(target=torch.rand(3, 5))),
+    "target 1-D": (ValueError, "target", dict(target=torch.rand(20))),
+    "target dtype": (TypeError, "target", dict(target=torch.rand(4, 5, dtype=torch.float64))),
+    "target integer": (TypeError, "target", dict(target=torch.randint(0, 2, (4, 5)))),
+    "target meta": (ValueError, "target", dict(target=torch.rand(4, 5, device="meta"))),
+    "target None": (TypeError, "target", dict(target=None)),
+    "output unknown": (ValueError, "output", dict(output="softmax", loss="mse")),
+    "loss unknown": (ValueError, "loss", dict(loss="l1")),
+    "loss not str": (ValueError, "loss", dict(loss=None)),
+    "bce above 1": (ValueError, "target", dict(target=torch.rand(4, 5) + 0.5)),
+    "bce below 0": (ValueError, "target", dict(target=torch.rand(4, 5) - 0.5)),
+    "bce nan": (ValueError, "target", dict(target=torch.full((4, 5), math.nan))),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_loss_bad_input(case):
+    error, arg, override = DECODE_CASES[case]
+    kwargs = dict(h=H, weight=V, bias=C, target=T, output="sigmoid", loss="bce") | override
+    h, weight, bias = kwargs.pop("h"), kwargs.pop("weight"), kwargs.pop("bias")
+    with pytest.raises(error, match=names(arg)):
+        ops.decode_loss(h, weight, bias, **kwargs)
+
+
+def test_bce_needs_sigmoid_output():
+    with pytest.raises(ValueError, match="output"):
+        ops.decode_loss(H, V, C, target=T, output="identity", loss="bce")
+
+
+def test_bce_accepts_the_closed_unit_interval_and_mse_any_target():
+    edges = torch.rand(4, 5).round()  # only 0 and 1
+    assert ops.decode_loss(H, V, C, target=edges).shape == (4,)
+    wide = torch.randn(4, 5) * 10
+    assert torch.isfinite(
+        ops.decode_loss(H, V, C, target=wide, output="identity", loss="mse")
+    ).all()
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+MODULE_CASES = [
+    (dict(in_features=0), ValueError, "in_features"),
+    (dict(in_features=True), ValueError, "in_features"),
+    (dict(in_features=5.0), ValueError, "in_features"),
+    (dict(hidden_features=-2), ValueError, "hidden_features"),
+    (dict(activation="gelu"), ValueError, "activation"),
+    (dict(output="tanh"), ValueError, "output"),
+    (dict(loss="huber"), ValueError, "loss"),
+    (dict(output="identity", loss="bce"), ValueError, "loss"),
+    (dict(tied=1), TypeError, "tied"),
+    (dict(noise="masking"), TypeError, "noise"),
+    (dict(sparsity=0.05), TypeError, "sparsity"),
+    (dict(sparsity=fastae.KLSparsity(0.05), activation="relu"), ValueError, "KLSparsity"),
+    (dict(contractive=-0.1), ValueError, "contractive"),
+    (dict(contractive=math.nan), ValueError, "contractive"),
+    (dict(contractive="1"), TypeError, "contractive"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, arg", MODULE_CASES)
+def test_autoencoder_bad_arguments(kwargs, error, arg):
+    kwargs = dict(in_features=5, hidden_features=3) | kwargs
+    d, hidden = kwargs.pop("in_features"), kwargs.pop("hidden_features")
+    with pytest.raises(error, match=names(arg)):
+        fastae.Autoencoder(d, hidden, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, error, arg",
+    [
+        (lambda: fastae.KLSparsity(rho=0.0), ValueError, "rho"),
+        (lambda: fastae.KLSparsity(rho=1.0), ValueError, "rho"),
+        (lambda: fastae.KLSparsity(rho=-0.2), ValueError, "rho"),
+        (lambda: fastae.KLSparsity(rho=1.3), ValueError, "rho"),
+        (lambda: fastae.KLSparsity(rho=math.nan), ValueError, "rho"),
+        (lambda: fastae.KLSparsity(rho="0.1"), TypeError, "rho"),
+        (lambda: fastae.KLSparsity(rho=0.1, weight=-1.0), ValueError, "weight"),
+        (lambda: fastae.KLSparsity(rho=0.1, weight=math.inf), ValueError, "weight"),
+        (lambda: fastae.L1Sparsity(weight=-0.5), ValueError, "weight"),
+        (lambda: fastae.L1Sparsity(weight=math.nan), ValueError, "weight"),
+        (lambda: fastae.L1Sparsity(weight=None), TypeError, "weight"),
+    ],
+)
+def test_sparsity_bad_arguments(make, error, arg):
+    with pytest.raises(error, match=names(arg)):
+        make()
+
+
+def test_autoencoder_forward_bad_input():
+    model = fastae.Autoencoder(5, 3)
+    with pytest.raises(ValueError, match=names("x")):
+        model(torch.rand(5))
+    with pytest.raises(TypeError, match=names("weight")):
+        model(torch.rand(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=names("weight")):
+        model(torch.rand(4, 6))
+    with pytest.raises(ValueError, match=names("target")):
+        model(torch.rand(4, 5) * 3)  # BCE needs inputs in [0, 1]
+    with pytest.raises(ValueError, match=names("h")):
+        model.decode(torch.rand(3))
+    with pytest.raises(ValueError, match=names("h")):
+        model.decode(torch.rand(4, 5))  # the model has 3 hidden units
+    with pytest.raises(TypeError, match=names("h")):
+        model.decode(torch.rand(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=names("h")):
+        model.decode(torch.randint(0, 2, (4, 3)))
+    with pytest.raises(ValueError, match=names("x")):
+        model.reconstruct(torch.rand(2, 3, 5))
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, arg",
+    [
+        (dict(epochs=0), ValueError, "epochs"),
+        (dict(epochs=2.0), ValueError, "epochs"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(batch_size=True), ValueError, "batch_size"),
+        (dict(patience=0), ValueError, "patience"),
+        (dict(patience=1.5), ValueError, "patience"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr=math.nan), ValueError, "lr"),
+        (dict(data=torch.rand(6, 5, 1)), ValueError, "data"),
+        (dict(data=5), TypeError, "data"),
+        (dict(validation_data=torch.rand(7)), ValueError, "validation_data"),
+        (dict(validation_data=3.0), TypeError, "validation_data"),
+    ],
+)
+def test_fit_bad_arguments(kwargs, error, arg):
+    model = fastae.Autoencoder(5, 3)
+    kwargs = dict(data=torch.rand(6, 5), epochs=1, progress=False) | kwargs
+    data = kwargs.pop("data")
+    with pytest.raises(error, match=names(arg)):
+        fastae.fit(model, data, **kwargs)
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+@pytest.mark.parametrize("name", ["cuda", "Triton", "", None, 1])
+def test_unknown_backend_name(name):
+    with pytest.raises(ValueError, match=names("backend")):
+        fastae.set_backend(name)
+    with pytest.raises(ValueError, match=names("backend")), fastae.use_backend(name):
+        pass
+    assert fastae.get_backend() in ("auto", "triton", "reference")

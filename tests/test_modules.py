@@ -1,0 +1,383 @@
+"""fastae.Autoencoder, its penalties, fastae.fit, and behaviour on the digits data set."""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastae
+from fastae import ops
+from fastae.training import _mean_loss
+
+ACT_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
+
+
+@pytest.fixture(autouse=True)
+def _seed_inputs(request):
+    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread
+    (these tensors are small: thread start-up and contention would dominate)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def naive_kl(rho, rho_hat):
+    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+
+def brute_jacobian_norm(model, x):
+    """Batch mean of ||d h(x_i) / d x_i||_F^2 by jacrev."""
+    act = ACT_FN[model.activation]
+
+    def code(xi):
+        return act(model.weight @ xi + model.bias)
+
+    jacobians = torch.func.vmap(torch.func.jacrev(code))(x)
+    return jacobians.square().sum((1, 2)).mean()
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+CONFIGS = {
+    "plain": dict(),
+    "kl+contractive": dict(sparsity=fastae.KLSparsity(0.1, weight=0.5), contractive=0.3),
+    "l1-tanh-untied-mse": dict(
+        activation="tanh",
+        output="identity",
+        loss="mse",
+        tied=False,
+        sparsity=fastae.L1Sparsity(0.2),
+        contractive=0.1,
+    ),  # fmt: skip
+    "l1-relu": dict(activation="relu", sparsity=fastae.L1Sparsity(0.05)),
+    "softplus-sigmoid-mse": dict(activation="softplus", loss="mse", contractive=1.0),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_forward_fields(config):
+    kwargs = CONFIGS[config]
+    model = fastae.Autoencoder(11, 6, **kwargs).double()
+    x = torch.rand(9, 11, dtype=torch.float64)
+    out = model(x)
+    assert isinstance(out, fastae.AutoencoderOutput)
+    assert out.code.shape == (9, 6) and out.per_sample.shape == (9,)
+    assert out.loss.shape == out.reconstruction_loss.shape == ()
+    torch.testing.assert_close(out.reconstruction_loss, out.per_sample.mean(), rtol=0, atol=0)
+    expected = out.reconstruction_loss + sum(out.penalties.values())
+    torch.testing.assert_close(out.loss, expected, rtol=1e-14, atol=0)
+
+    act = ACT_FN[model.activation]
+    h = act(x @ model.weight.t() + model.bias)
+    torch.testing.assert_close(out.code, h)
+    torch.testing.assert_close(out.jacobian_norm, brute_jacobian_norm(model, x))
+
+    z = h @ model.decoder_matrix.t() + model.decoder_bias
+    if model.loss_name == "bce":
+        per_sample = F.binary_cross_entropy_with_logits(z, x, reduction="none").sum(1)
+    else:
+        x_hat = torch.sigmoid(z) if model.output == "sigmoid" else z
+        per_sample = (x_hat - x).square().sum(1)
+    torch.testing.assert_close(out.per_sample, per_sample)
+
+    sparsity = kwargs.get("sparsity")
+    assert ("sparsity" in out.penalties) == (sparsity is not None)
+    assert ("contractive" in out.penalties) == bool(kwargs.get("contractive"))
+    if isinstance(sparsity, fastae.KLSparsity):
+        want = sparsity.weight * naive_kl(sparsity.rho, h.mean(0))
+        torch.testing.assert_close(out.penalties["sparsity"], want)
+    elif isinstance(sparsity, fastae.L1Sparsity):
+        want = sparsity.weight * h.abs().sum(1).mean()
+        torch.testing.assert_close(out.penalties["sparsity"], want)
+    if kwargs.get("contractive"):
+        want = kwargs["contractive"] * brute_jacobian_norm(model, x)
+        torch.testing.assert_close(out.penalties["contractive"], want)
+
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and bool(param.grad.abs().sum() > 0), name
+
+
+@pytest.mark.parametrize("config", ["kl+contractive", "l1-tanh-untied-mse"])
+@pytest.mark.parametrize("noise", [None, fastae.MaskingNoise(0.3, seed=8)])
+def test_gradcheck_model_loss(config, noise):
+    model = fastae.Autoencoder(5, 3, noise=noise, **CONFIGS[config]).double()
+    with torch.no_grad():
+        model.decoder_bias.normal_()
+        model.bias.normal_()
+    x = torch.rand(4, 5, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+
+    def loss(*values):
+        return torch.func.functional_call(model, dict(zip(names, values, strict=True)), (x,)).loss
+
+    assert torch.autograd.gradcheck(loss, params)
+
+
+def test_kl_penalty_stays_finite_for_saturated_units():
+    kl = fastae.KLSparsity(0.05, weight=2.0)
+    rho_hat = torch.tensor([0.0, 1.0, 0.3], dtype=torch.float64, requires_grad=True)
+    value = kl.penalty(None, rho_hat)
+    assert torch.isfinite(value)
+    (grad,) = torch.autograd.grad(value, rho_hat)
+    assert torch.isfinite(grad).all()
+    inner = torch.tensor([0.3], dtype=torch.float64)
+    torch.testing.assert_close(kl.penalty(None, inner), 2.0 * naive_kl(0.05, inner))
+
+
+def test_encode_decode_reconstruct_and_error():
+    model = fastae.Autoencoder(7, 4)
+    x = torch.rand(5, 7)
+    h = torch.sigmoid(x @ model.weight.t() + model.bias)
+    torch.testing.assert_close(model.encode(x), h)
+    x_hat = torch.sigmoid(h @ model.weight + model.decoder_bias)
+    torch.testing.assert_close(model.decode(h), x_hat)
+    torch.testing.assert_close(model.reconstruct(x), x_hat)
+    error = model.reconstruction_error(x)
+    torch.testing.assert_close(error, F.binary_cross_entropy(x_hat, x, reduction="none").sum(1))
+    model.eval()
+    torch.testing.assert_close(model(x).per_sample, error, rtol=0, atol=0)
+
+
+def test_untied_and_tied_parameters():
+    tied = fastae.Autoencoder(7, 4)
+    untied = fastae.Autoencoder(7, 4, tied=False, output="identity", loss="mse")
+    assert tied.decoder_weight is None
+    assert tied.decoder_matrix.shape == (7, 4)
+    assert tied.decoder_matrix.data_ptr() == tied.weight.data_ptr()
+    assert {n for n, _ in tied.named_parameters()} == {"weight", "bias", "decoder_bias"}
+    assert untied.decoder_weight.shape == (7, 4)
+    assert untied.decoder_matrix is untied.decoder_weight
+    assert {n for n, _ in untied.named_parameters()} == {
+        "weight", "bias", "decoder_weight", "decoder_bias",
+    }  # fmt: skip
+    x = torch.rand(5, 7)
+    h = untied.encode(x)
+    torch.testing.assert_close(untied.decode(h), h @ untied.decoder_weight.t())
+    assert not torch.allclose(untied.decoder_weight, untied.weight.t())
+    # the untied decoder's gradient reaches its own weight, not the encoder's through it
+    untied.reconstruction_error(x).sum().backward()
+    assert untied.decoder_weight.grad is not None and untied.weight.grad is not None
+    text = repr(untied)
+    assert "7 -> 4" in text and "tied=False" in text and "'mse'" in text
+
+
+def test_noise_only_in_training_mode():
+    spec = fastae.MaskingNoise(0.5)
+    model = fastae.Autoencoder(12, 5, noise=spec)
+    x = torch.rand(8, 12)
+    model.train()
+    first, second = model(x), model(x)
+    assert not torch.equal(first.per_sample, second.per_sample)
+    model.eval()
+    clean = model(x)
+    torch.testing.assert_close(clean.per_sample, model.reconstruction_error(x), rtol=0, atol=0)
+    torch.testing.assert_close(clean.code, model.encode(x), rtol=0, atol=0)
+
+    seeded = fastae.Autoencoder(12, 5, noise=fastae.MaskingNoise(0.5, seed=4)).train()
+    out = seeded(x)
+    x_tilde = ops.corrupt(x, seeded.noise)
+    torch.testing.assert_close(out.code, seeded.encode(x_tilde), rtol=0, atol=0)
+    # the target is the clean input
+    want = ops.decode_loss(out.code, seeded.weight.t(), seeded.decoder_bias, target=x)
+    torch.testing.assert_close(out.per_sample, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype):
+    model = fastae.Autoencoder(16, 8, sparsity=fastae.KLSparsity(0.1), contractive=0.2).to(dtype)
+    x = torch.rand(6, 16).to(dtype)
+    out = model(x)
+    assert out.code.dtype == dtype
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    reference = fastae.Autoencoder(16, 8, sparsity=fastae.KLSparsity(0.1), contractive=0.2)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(out.loss, reference(x.float()).loss, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    assert all(p.grad.dtype == dtype for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def small_problem(n=96, d=10):
+    basis = torch.rand(3, d)
+    return (torch.rand(n, 3) @ basis / 3).clamp(0, 1)
+
+
+def new_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return fastae.Autoencoder(10, 4, **kwargs)
+
+
+def test_fit_tensor_input():
+    data = small_problem()
+    model = new_model()
+    history = fastae.fit(model, data, epochs=6, batch_size=16, lr=0.03, seed=0, progress=False)
+    assert isinstance(history, fastae.History)
+    assert len(history.loss) == 6 and history.val_loss == []
+    assert all(math.isfinite(v) for v in history.loss)
+    assert history.loss[-1] < 0.95 * history.loss[0]
+    assert not history.stopped_early and history.seconds > 0
+    assert history.best_epoch == int(np.argmin(history.loss))
+    assert not model.training
+
+
+def test_fit_dataloader_numpy_and_list_inputs():
+    data = small_problem()
+    loader = DataLoader(TensorDataset(data), batch_size=16, shuffle=False)
+    numpy_data = data.numpy().astype(np.float64)  # takes the model's dtype
+    kwargs = dict(epochs=3, lr=0.03, shuffle=False, batch_size=16, seed=1, progress=False)
+    histories = []
+    for source in (loader, numpy_data, list(data.split(16)), data):
+        model = new_model(seed=3)
+        histories.append(fastae.fit(model, source, **kwargs).loss)
+    assert histories[0][-1] < histories[0][0]
+    # the same batches in the same order: identical training whatever the container
+    for other in histories[1:]:
+        assert other == pytest.approx(histories[0], rel=1e-6)
+
+
+def test_fit_validation_and_early_stopping():
+    data, val = small_problem(), small_problem(40)
+    model = new_model()
+    history = fastae.fit(
+        model, data, validation_data=val, epochs=30, patience=2, min_delta=1e6, lr=0.03,
+        batch_size=16, seed=0, progress=False,
+    )  # fmt: skip
+    # no epoch improves by 1e6, so training stops patience epochs after the first
+    assert history.stopped_early
+    assert len(history.loss) == len(history.val_loss) == 3
+    assert history.best_epoch == 0
+    # the best (first-epoch) weights are restored
+    restored = _mean_loss(model, DataLoader(TensorDataset(val), batch_size=16), "cpu")
+    assert restored == pytest.approx(history.val_loss[0], rel=1e-6)
+    assert restored != pytest.approx(history.val_loss[-1], rel=1e-6)
+
+
+def test_fit_patience_without_validation_monitors_training_loss():
+    data = small_problem()
+    history = fastae.fit(
+        new_model(), data, epochs=10, patience=1, min_delta=1e6, seed=0, progress=False
+    )
+    assert history.stopped_early and len(history.loss) == 2 and history.best_epoch == 0
+    full = fastae.fit(new_model(), data, epochs=4, patience=50, seed=0, progress=False)
+    assert not full.stopped_early and len(full.loss) == 4
+
+
+def test_fit_validation_loss_is_clean_eval_loss():
+    data, val = small_problem(), small_problem(32)
+    model = new_model(noise=fastae.MaskingNoise(0.5))
+    history = fastae.fit(
+        model, data, validation_data=val, epochs=2, batch_size=32, seed=0, progress=False
+    )
+    model.eval()
+    with torch.no_grad():
+        assert history.val_loss[-1] == pytest.approx(float(model(val).loss), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(noise=fastae.MaskingNoise(0.3)), dict(contractive=0.5, sparsity=fastae.KLSparsity(0.1))],
+)
+def test_fit_same_seed_same_history(kwargs):
+    data = small_problem()
+
+    def run(seed):
+        model = new_model(seed=11, **kwargs)
+        history = fastae.fit(
+            model, data, epochs=3, batch_size=16, lr=0.02, seed=seed, progress=False
+        )
+        return history.loss, model.weight.detach().clone()
+
+    first, weight_a = run(5)
+    second, weight_b = run(5)
+    assert first == second  # bitwise, float for float
+    assert torch.equal(weight_a, weight_b)
+    other, _ = run(6)
+    assert other != first
+
+
+# ----------------------------------------------------------------------------- behaviour on digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pytest.importorskip("sklearn")
+    from fastae.data import load_digits
+
+    x, _ = load_digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm[:1200]], x[perm[1200:]]
+
+
+def train_on_digits(train, hidden=32, epochs=8, **kwargs):
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(64, hidden, **kwargs)
+    fastae.fit(model, train, epochs=epochs, batch_size=64, lr=1e-2, seed=1, progress=False)
+    return model
+
+
+def statistics(model, x):
+    with torch.no_grad():
+        _, rho_hat, jac = ops.encode(x, model.weight, model.bias, activation=model.activation)
+    return rho_hat, float(jac)
+
+
+def test_digits_data():
+    pytest.importorskip("sklearn")
+    from fastae.data import load_digits
+
+    x, y = load_digits()
+    assert x.shape == (1797, 64) and x.dtype == torch.float32 and y.shape == (1797,)
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+
+
+@pytest.mark.slow
+def test_contractive_model_has_smaller_jacobian(digits):
+    train, test = digits
+    plain = train_on_digits(train)
+    contractive = train_on_digits(train, contractive=1.0)
+    _, plain_jac = statistics(plain, test)
+    _, contractive_jac = statistics(contractive, test)
+    assert contractive_jac < 0.5 * plain_jac
+    # and it still reconstructs: far better than the untrained model
+    untrained = fastae.Autoencoder(64, 32)
+    assert (
+        contractive.reconstruction_error(test).mean() < untrained.reconstruction_error(test).mean()
+    )
+
+
+@pytest.mark.slow
+def test_kl_sparse_model_mean_activation_near_rho(digits):
+    train, test = digits
+    rho = 0.05
+    sparse = train_on_digits(train, sparsity=fastae.KLSparsity(rho, weight=10.0))
+    plain = train_on_digits(train)
+    sparse_rho, _ = statistics(sparse, test)
+    plain_rho, _ = statistics(plain, test)
+    assert abs(float(sparse_rho.mean()) - rho) < 0.02
+    assert float(plain_rho.mean()) > 0.2
+
+
+@pytest.mark.slow
+def test_denoising_model_reconstructs_corrupted_inputs_better(digits):
+    train, test = digits
+    noise = fastae.MaskingNoise(0.5)
+    plain = train_on_digits(train, hidden=128)
+    denoising = train_on_digits(train, hidden=128, noise=noise)
+    corrupted = ops.corrupt(test, noise.with_seed(12345))
+
+    def error(model):
+        with torch.no_grad():
+            return float((model.reconstruct(corrupted) - test).square().sum(1).mean())
+
+    assert error(denoising) < 0.9 * error(plain)

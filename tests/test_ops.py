@@ -1,0 +1,485 @@
+"""The custom ops: gradcheck, opcheck, noise fused into encode, saved bytes, noise statistics,
+and backend selection."""
+
+import math
+import zlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+import fastae
+from fastae import backend, ops
+from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise, draw_seed
+
+ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
+NOISES = {
+    "none": None,
+    "gaussian": GaussianNoise(sigma=0.4, seed=3),
+    "masking": MaskingNoise(p=0.3, seed=2**35 + 1),
+    "masking_rescale": MaskingNoise(p=0.3, rescale=True, seed=17),
+    "salt_pepper": SaltPepperNoise(p=0.35, low=-1.0, high=2.0, seed=123456),
+}
+DECODERS = [("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")]
+
+
+@pytest.fixture(autouse=True)
+def _seed_inputs(request):
+    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread
+    (these tensors are small: thread start-up and contention would dominate)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def layer(batch, d, hidden, dtype=torch.float64, x_grad=True):
+    x = torch.rand(batch, d, dtype=dtype).requires_grad_(x_grad)
+    weight = (torch.randn(hidden, d, dtype=dtype) * 2 / d**0.5).requires_grad_()
+    bias = (torch.randn(hidden, dtype=dtype) * 0.5).requires_grad_()
+    return x, weight, bias
+
+
+def decoder_inputs(batch, d, hidden, dtype=torch.float64):
+    h = torch.rand(batch, hidden, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(d, hidden, dtype=dtype) * 2 / hidden**0.5).requires_grad_()
+    bias = (torch.randn(d, dtype=dtype) * 0.3).requires_grad_()
+    target = torch.rand(batch, d, dtype=dtype, requires_grad=True)
+    return h, weight, bias, target
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("kind", list(NOISES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_encode(activation, kind):
+    x, weight, bias = layer(5, 4, 3)
+    noise = NOISES[kind]
+
+    def fn(x, weight, bias):
+        return ops.encode(x, weight, bias, activation=activation, noise=noise)
+
+    # full Jacobians without noise; random projections (fast mode) with each noise kind
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=kind != "none")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_encode_without_bias(activation):
+    x, weight, _ = layer(3, 6, 4)
+
+    def fn(x, weight):
+        return ops.encode(x, weight, None, activation=activation, noise=NOISES["masking"])
+
+    assert torch.autograd.gradcheck(fn, (x, weight))
+
+
+@pytest.mark.parametrize("kind", [k for k in NOISES if k != "none"])
+def test_gradcheck_corrupt(kind):
+    x = torch.rand(6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.corrupt(x, NOISES[kind]), (x,))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("output, loss", DECODERS)
+def test_gradcheck_decode_loss(output, loss, with_bias):
+    h, weight, bias, target = decoder_inputs(4, 5, 3)
+    if not with_bias:
+        bias = None
+
+    def fn(h, weight, target, *maybe_bias):
+        b = maybe_bias[0] if maybe_bias else None
+        return ops.decode_loss(h, weight, b, target=target, output=output, loss=loss)
+
+    inputs = (h, weight, target) + ((bias,) if with_bias else ())
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_gradcheck_tied_encode_decode(activation):
+    x, weight, bias = layer(4, 5, 3, x_grad=False)
+    c = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def fn(weight, bias, c):
+        h, rho_hat, jac = ops.encode(
+            x, weight, bias, activation=activation, noise=NOISES["salt_pepper"]
+        )
+        per_sample = ops.decode_loss(h, weight.t(), c, target=x.clamp(0, 1), loss="mse")
+        return per_sample.mean() + rho_hat.square().sum() + 0.5 * jac
+
+    assert torch.autograd.gradcheck(fn, (weight, bias, c))
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+class _RecordFastaeOps(TorchDispatchMode):
+    """Records every ``fastae::`` op dispatched (with detached copies of its arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastae":
+            copy = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+            self.calls.append((func, *copy))
+        return func(*args, **kwargs)
+
+
+def _opcheck_public_call(forward, inputs):
+    """opcheck every fastae op that ``forward(*inputs)`` and its backward dispatch, with the
+    arguments the public API passes (forward ops get inputs that require grad)."""
+    with _RecordFastaeOps() as record_forward:
+        outputs = forward(*inputs)
+    outputs = [o for o in outputs if o.requires_grad]
+    with _RecordFastaeOps() as record_backward:
+        grads = [torch.randn_like(o) for o in outputs]
+        torch.autograd.backward(outputs, grads)
+    assert record_forward.calls and record_backward.calls
+    for func, args, kwargs in record_forward.calls:
+        args = tree_map_only(
+            torch.Tensor, lambda t: t.requires_grad_() if t.is_floating_point() else t, args
+        )
+        torch.library.opcheck(func, args, kwargs)
+    for func, args, kwargs in record_backward.calls:
+        torch.library.opcheck(func, args, kwargs)
+    return {str(c[0].name()) for c in record_forward.calls + record_backward.calls}
+
+
+def test_opcheck_corrupt():
+    x = torch.rand(5, 7, dtype=torch.float64, requires_grad=True)
+    ops_seen = _opcheck_public_call(lambda x: [ops.corrupt(x, NOISES["masking_rescale"])], [x])
+    assert any("corrupt" in name for name in ops_seen)
+
+
+@pytest.mark.parametrize(
+    "activation, kind, with_bias, x_grad, dtype",
+    [
+        ("sigmoid", "none", True, False, torch.float32),
+        ("tanh", "masking", False, True, torch.float64),
+        ("softplus", "gaussian", True, True, torch.bfloat16),
+    ],
+)
+def test_opcheck_encode(activation, kind, with_bias, x_grad, dtype):
+    x, weight, bias = layer(6, 5, 4, dtype=dtype, x_grad=x_grad)
+    inputs = [x, weight] + ([bias] if with_bias else [])
+
+    def forward(x, weight, bias=None):
+        return ops.encode(x, weight, bias, activation=activation, noise=NOISES[kind])
+
+    ops_seen = _opcheck_public_call(forward, inputs)
+    assert any("encode" in name for name in ops_seen)
+
+
+@pytest.mark.parametrize(
+    "output, loss, target_grad", [("sigmoid", "bce", True), ("identity", "mse", False)]
+)
+def test_opcheck_decode_loss(output, loss, target_grad):
+    h, weight, bias, target = decoder_inputs(5, 6, 3)
+    target.requires_grad_(target_grad)
+
+    def forward(h, weight, bias):
+        return [ops.decode_loss(h, weight, bias, target=target, output=output, loss=loss)]
+
+    ops_seen = _opcheck_public_call(forward, [h, weight, bias])
+    assert any("decode" in name for name in ops_seen)
+
+
+def test_meta_inputs_give_meta_outputs():
+    """Shape inference on the meta device goes through the ops' fake implementations."""
+    x = torch.empty(4, 5, device="meta")
+    weight, bias = torch.empty(3, 5, device="meta"), torch.empty(3, device="meta")
+    x_tilde = ops.corrupt(x, MaskingNoise(0.3))
+    assert x_tilde.is_meta and x_tilde.shape == (4, 5)
+    h, rho_hat, jac = ops.encode(x, weight, bias, noise=MaskingNoise(0.3))
+    assert h.is_meta and h.shape == (4, 3) and rho_hat.shape == (3,) and jac.shape == ()
+    per_sample = ops.decode_loss(h, weight.t(), None, target=x)
+    assert per_sample.is_meta and per_sample.shape == (4,)
+
+
+# ----------------------------------------------------------------------------- fused noise
+
+
+@pytest.mark.parametrize("kind", [k for k in NOISES if k != "none"])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_encode_with_noise_equals_encode_of_corrupt(dtype, activation, kind):
+    noise = NOISES[kind]
+    x, weight, bias = layer(7, 33, 17, dtype=dtype)
+    fused = ops.encode(x, weight, bias, activation=activation, noise=noise)
+    x_tilde = ops.corrupt(x, noise)
+    assert not torch.equal(x_tilde, x)
+    split = ops.encode(x_tilde, weight, bias, activation=activation)
+    for a, b in zip(fused, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    upstream = (torch.randn(7, 17, dtype=dtype), torch.randn(17), torch.randn(()))
+
+    def objective(out):
+        h, rho_hat, jac = out
+        return (h * upstream[0]).sum() + (rho_hat * upstream[1].to(rho_hat)).sum() + jac
+
+    got = torch.autograd.grad(objective(fused), (x, weight, bias))
+    want = torch.autograd.grad(objective(split), (x, weight, bias))
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-7}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_unseeded_noise_follows_torch_manual_seed():
+    x, weight, bias = layer(9, 12, 5)
+    spec = MaskingNoise(p=0.5)
+    assert spec.seed is None
+    torch.manual_seed(2024)
+    first = ops.corrupt(x, spec)
+    following = ops.corrupt(x, spec)
+    torch.manual_seed(2024)
+    again = ops.corrupt(x, spec)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, following)
+
+    torch.manual_seed(77)
+    out = ops.encode(x, weight, bias, noise=spec)
+    torch.manual_seed(77)
+    again = ops.encode(x, weight, bias, noise=spec)
+    torch.manual_seed(77)
+    split = ops.encode(ops.corrupt(x, spec), weight, bias)
+    for a, b, c in zip(out, again, split, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    # backward regenerates the very mask the forward drew
+    grads = torch.autograd.grad(out[0].sum() + out[2], (x, weight, bias))
+    grads_split = torch.autograd.grad(split[0].sum() + split[2], (x, weight, bias))
+    for a, b in zip(grads, grads_split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert bool((grads[0] == 0).any()) and bool((grads[0] != 0).any())
+
+
+def test_noise_spec_with_seed():
+    spec = MaskingNoise(p=0.2)
+    torch.manual_seed(5)
+    concrete = spec.with_seed()
+    torch.manual_seed(5)
+    assert concrete.seed == draw_seed()
+    assert concrete.with_seed().seed == concrete.seed
+    assert spec.with_seed(42).seed == 42
+    assert spec.seed is None  # specs are immutable
+
+
+# ----------------------------------------------------------------------------- saved bytes
+
+
+def _saved_during(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("kind", ["none", "gaussian", "masking_rescale", "salt_pepper"])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind):
+    batch, d, hidden = 37, 61, 23
+    x, weight, bias = layer(batch, d, hidden, dtype=dtype, x_grad=x_grad)
+    (h, rho_hat, jac), saved = _saved_during(
+        lambda: ops.encode(x, weight, bias, activation="tanh", noise=NOISES[kind])
+    )
+    nbytes = sum(t.numel() * t.element_size() for t in saved)
+    stat_size = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    # h, W and x are alive anyway; beyond them only statistics over H (c and ||W_j||^2) and
+    # the noise seed (an int64 scalar, if it is saved as a tensor at all)
+    alive = (h.numel() + weight.numel() + x.numel()) * x.element_size()
+    budget = alive + 2 * hidden * stat_size + 8
+    assert nbytes <= budget
+    big = [t for t in saved if t.numel() >= min(batch, d) * min(hidden, d)]
+    assert {t.data_ptr() for t in big} <= {x.data_ptr(), weight.data_ptr(), h.data_ptr()}
+    # the saved tensors suffice for backward
+    (h.float().sum() + rho_hat.sum() + jac).backward()
+    assert weight.grad is not None and bias.grad is not None
+    assert (x.grad is not None) == x_grad
+
+
+# ----------------------------------------------------------------------------- noise statistics
+
+
+def _binomial_ok(count, n, p):
+    return abs(count / n - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_masking_rate(p, rescale):
+    x = torch.rand(301, 199) + 0.5  # never zero, so zeros are masked entries
+    out = ops.corrupt(x, MaskingNoise(p=p, rescale=rescale, seed=2**33 + 9))
+    masked = out == 0
+    assert _binomial_ok(int(masked.sum()), x.numel(), p)
+    scale = 1 / (1 - p) if rescale else 1.0
+    torch.testing.assert_close(out[~masked], x[~masked] * scale)
+    # masked positions are spread over rows and columns
+    assert masked.any(1).float().mean() > 0.5 * (1 - (1 - p) ** 199)
+    assert masked.any(0).float().mean() > 0.5 * (1 - (1 - p) ** 301)
+
+
+def test_masking_p_zero_keeps_everything():
+    x = torch.rand(13, 11) + 0.1
+    assert torch.equal(ops.corrupt(x, MaskingNoise(p=0.0, seed=1)), x)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 2.0])
+def test_gaussian_moments(sigma):
+    x = torch.rand(257, 311, dtype=torch.float64)
+    eps = ops.corrupt(x, GaussianNoise(sigma=sigma, seed=2**40)) - x
+    n = eps.numel()
+    assert abs(float(eps.mean())) <= 5 * sigma / math.sqrt(n)
+    assert abs(float(eps.var()) - sigma**2) <= 5 * sigma**2 * math.sqrt(2 / (n - 1))
+    assert abs(float(eps[:, :1].mean()) - float(eps[:, 1:2].mean())) > 0  # not constant
+
+
+def test_gaussian_sigma_zero_is_identity():
+    x = torch.rand(5, 6)
+    assert torch.equal(ops.corrupt(x, GaussianNoise(sigma=0.0, seed=3)), x)
+
+
+def test_salt_pepper_rates():
+    x = torch.rand(240, 250)
+    p = 0.3
+    out = ops.corrupt(x, SaltPepperNoise(p=p, low=-1.0, high=2.0, seed=31337))
+    high, low = out == 2.0, out == -1.0
+    changed = int((high | low).sum())
+    assert _binomial_ok(changed, x.numel(), p)
+    assert _binomial_ok(int(high.sum()), changed, 0.5)
+    assert torch.equal(out[~(high | low)], x[~(high | low)])
+
+
+@pytest.mark.parametrize(
+    "make", [lambda s: MaskingNoise(0.5, seed=s), lambda s: SaltPepperNoise(0.5, seed=s)]
+)
+def test_masks_depend_on_seed_and_position_only(make):
+    x = torch.rand(64, 48) + 0.5
+    first = ops.corrupt(x, make(1)) == x
+    assert torch.equal(first, ops.corrupt(x, make(1)) == x)
+    assert not torch.equal(first, ops.corrupt(x, make(2)) == x)
+    assert not torch.equal(first, ops.corrupt(x, make(2**32 + 1)) == x)
+    assert not torch.equal(first[0], first[1])  # rows use different offsets
+    # the mask is a function of (seed, row * d + col), not of the values or dtype
+    other = torch.rand(64, 48, dtype=torch.float64) + 0.5
+    assert torch.equal(first, ops.corrupt(other, make(1)) == other)
+    # a non-contiguous input uses its logical indices
+    xt = (torch.rand(48, 64) + 0.5).t()
+    assert torch.equal(first, ops.corrupt(xt, make(1)) == xt)
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def _preload_kernels():
+    """Import kernel modules now, while TRITON_INTERPRET is as the suite set it."""
+    for name in ("noise", "encoder", "decoder"):
+        ops._kernel_module(name)
+
+
+def test_default_backend_is_auto_and_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTAE_BACKEND", raising=False)
+    assert fastae.get_backend() == "auto"
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert backend.resolve("encode", torch.device("cpu")) == "reference"
+
+
+def test_backend_env_var(monkeypatch):
+    monkeypatch.setenv("FASTAE_BACKEND", "reference")
+    assert fastae.get_backend() == "reference"
+    monkeypatch.setenv("FASTAE_BACKEND", "triton")
+    assert fastae.get_backend() == "triton"
+    monkeypatch.setenv("FASTAE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTAE_BACKEND"):
+        fastae.get_backend()
+    with pytest.raises(ValueError, match="FASTAE_BACKEND"):
+        ops.encode(torch.rand(2, 3), torch.rand(4, 3))
+
+
+def test_set_backend_and_use_backend(monkeypatch):
+    monkeypatch.setenv("FASTAE_BACKEND", "triton")
+    fastae.set_backend("reference")
+    assert fastae.get_backend() == "reference"  # set_backend wins over the env var
+    with fastae.use_backend("auto"):
+        assert fastae.get_backend() == "auto"
+        with fastae.use_backend("triton"):
+            assert fastae.get_backend() == "triton"
+        assert fastae.get_backend() == "auto"
+    assert fastae.get_backend() == "reference"
+    with pytest.raises(KeyError), fastae.use_backend("triton"):
+        raise KeyError("inside")
+    assert fastae.get_backend() == "reference"
+    fastae.set_backend("auto")
+    assert fastae.get_backend() == "auto"
+
+
+def test_reference_and_auto_agree_on_cpu():
+    x, weight, bias = layer(6, 7, 5)
+    with fastae.use_backend("reference"):
+        want = ops.encode(x, weight, bias, noise=NOISES["masking"])
+    with fastae.use_backend("auto"):
+        got = ops.encode(x, weight, bias, noise=NOISES["masking"])
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def _triton_calls(x):
+    h = torch.rand(x.shape[0], 3)
+    return {
+        "encode": lambda: ops.encode(x, torch.rand(3, x.shape[1])),
+        "corrupt": lambda: ops.corrupt(x, MaskingNoise(0.5, seed=1)),
+        "decode_loss": lambda: ops.decode_loss(h, torch.rand(x.shape[1], 3), target=x),
+    }
+
+
+@pytest.mark.parametrize("how", ["set_backend", "use_backend", "env"])
+@pytest.mark.parametrize("op", ["encode", "corrupt", "decode_loss"])
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch, how, op):
+    _preload_kernels()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    call = _triton_calls(torch.rand(4, 5))[op]
+    if how == "env":
+        monkeypatch.setenv("FASTAE_BACKEND", "triton")
+        with pytest.raises(RuntimeError, match="triton"):
+            call()
+    elif how == "set_backend":
+        fastae.set_backend("triton")
+        with pytest.raises(RuntimeError, match="triton"):
+            call()
+    else:
+        with fastae.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
+            call()
+    # never a silent fallback, but the reference backend still works
+    with fastae.use_backend("reference"):
+        call()
+
+
+def test_resolve_triton(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastae.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="my_op"):
+            backend.resolve("my_op", cpu, supported=False)
+        with pytest.raises(RuntimeError, match="meta"):
+            backend.resolve("my_op", torch.device("meta"))
+        if backend.triton_available():
+            assert backend.resolve("my_op", cpu) == "triton"
+        else:
+            with pytest.raises(RuntimeError, match="not installed"):
+                backend.resolve("my_op", cpu)
+    with fastae.use_backend("auto"):
+        assert backend.resolve("my_op", cpu, supported=False) == "reference"
+    with fastae.use_backend("reference"):
+        assert backend.resolve("my_op", torch.device("meta")) == "reference"

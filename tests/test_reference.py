@@ -1,0 +1,414 @@
+"""The reference backend against float64 brute-force oracles.
+
+Oracles: ``torch.func.jacrev`` Jacobians for the contractive term, autograd through naive
+torch compositions for every gradient, explicit masks for the noise.
+"""
+
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastae
+from fastae import philox, reference
+from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
+
+ACTIVATIONS = reference.ACTIVATIONS
+ACT_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
+SHAPES = list(itertools.product([1, 7, 33], [1, 5, 784], [1, 17, 100]))  # (B, d, H)
+NOISES = {
+    "gaussian": GaussianNoise(sigma=0.3, seed=11),
+    "masking": MaskingNoise(p=0.4, seed=2**40 + 3),
+    "masking_rescale": MaskingNoise(p=0.25, rescale=True, seed=5),
+    "salt_pepper": SaltPepperNoise(p=0.3, low=-0.5, high=1.5, seed=2**33),
+}
+F64 = {"rtol": 1e-9, "atol": 1e-11}
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(_fresh_backend, request):
+    """Reference backend, fresh random inputs reproducible from the test's id, one intra-op
+    thread (these tensors are small: thread start-up and contention would dominate)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with fastae.use_backend("reference"):
+        yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def explicit_corrupt(x: torch.Tensor, noise) -> torch.Tensor:
+    """x~ built from explicit masks drawn from the Philox stream at offsets row*d + col.
+
+    Noise levels act in float32 (as inside the kernels): sigma * eps and 1 - p are float32.
+    """
+    if noise is None:
+        return x
+    rows, cols = x.shape
+    offsets = philox.element_offsets(rows, cols, x.device)
+    w0, w1, _, _ = philox.randint4x(noise.seed, offsets)
+    u0, u1 = philox.uint_to_uniform(w0), philox.uint_to_uniform(w1)
+    if isinstance(noise, GaussianNoise):
+        eps = philox.randn(noise.seed, offsets)
+        return x + (f32(noise.sigma) * eps).to(x.dtype)
+    mask = (u0 >= f32(noise.p)).to(x.dtype)
+    if isinstance(noise, MaskingNoise):
+        keep_rate = (1 - f32(noise.p)).to(x.dtype) if noise.rescale else 1.0
+        return x * mask / keep_rate
+    fill = torch.where(u1 >= 0.5, f32(noise.high), f32(noise.low)).to(x.dtype)
+    return x * mask + fill * (1 - mask)
+
+
+def oracle_encode(x, weight, bias, activation, noise=None):
+    """(h, rho_hat, jac) by brute force: jac from per-sample Jacobians (jacrev)."""
+    act = ACT_FN[activation]
+    x_tilde = explicit_corrupt(x, noise)
+
+    def layer(xi):
+        z = weight @ xi
+        return act(z if bias is None else z + bias)
+
+    h = torch.vmap(layer)(x_tilde)
+    jacobians = torch.func.vmap(torch.func.jacrev(layer))(x_tilde)  # (B, H, d)
+    assert jacobians.shape == (x.shape[0], weight.shape[0], x.shape[1])
+    jac = jacobians.square().sum((1, 2)).mean()
+    return h, h.mean(0), jac
+
+
+def naive_encode(x, weight, bias, activation, noise=None):
+    """(h, rho_hat, jac) as plain torch at the input dtype, a'(z) by autograd."""
+    act = ACT_FN[activation]
+    x_tilde = explicit_corrupt(x, noise)
+    z = x_tilde @ weight.t()
+    if bias is not None:
+        z = z + bias
+    h = act(z)
+    (slope,) = torch.autograd.grad(h, z, torch.ones_like(h), create_graph=True)
+    jac = (slope.square() * weight.square().sum(1)).sum(1).mean()
+    return h, h.mean(0), jac
+
+
+def oracle_decode(h, weight, bias, target, output, loss):
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    if loss == "bce":
+        p = torch.sigmoid(z)
+        return -(target * torch.log(p) + (1 - target) * torch.log1p(-p)).sum(1)
+    out = torch.sigmoid(z) if output == "sigmoid" else z
+    return (out - target).square().sum(1)
+
+
+def make_layer(batch, d, hidden, dtype=torch.float64, bias=True, x_grad=True):
+    x = torch.rand(batch, d, dtype=dtype).requires_grad_(x_grad)
+    weight = (torch.randn(hidden, d, dtype=dtype) * (2.0 / d**0.5)).requires_grad_()
+    b = (torch.randn(hidden, dtype=dtype) * 0.5).requires_grad_() if bias else None
+    return x, weight, b
+
+
+def upstream(batch, hidden, dtype=torch.float64):
+    return torch.randn(batch, hidden, dtype=dtype), torch.randn(hidden), torch.randn(())
+
+
+def encode_objective(outputs, grads):
+    h, rho_hat, jac = outputs
+    g_h, g_rho, g_jac = grads
+    return (
+        (h * g_h.to(h.dtype)).sum()
+        + (rho_hat * g_rho.to(rho_hat.dtype)).sum()
+        + jac * g_jac.to(jac.dtype)
+    )
+
+
+def grads_of(value, tensors):
+    tensors = [t for t in tensors if t is not None and t.requires_grad]
+    return torch.autograd.grad(value, tensors)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_slope_and_curvature_match_autograd_derivatives(activation):
+    z = torch.cat([torch.randn(500) * 4, torch.tensor([-30.0, -3.0, 0.5, 3.0, 25.0])])
+    z = z.double().requires_grad_()
+    h = ACT_FN[activation](z)
+    (first,) = torch.autograd.grad(h.sum(), z, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), z)
+    s = reference.slope(h.detach(), activation)
+    torch.testing.assert_close(s, first.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        reference.curvature(h.detach(), s, activation), second, rtol=1e-9, atol=1e-10
+    )
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("batch, d, hidden", SHAPES)
+def test_encode_matches_jacrev_oracle(batch, d, hidden, activation):
+    x, weight, bias = make_layer(batch, d, hidden)
+    out = fastae.ops.encode(x, weight, bias, activation=activation)
+    expect = oracle_encode(x, weight, bias, activation)
+    assert out[0].shape == (batch, hidden) and out[1].shape == (hidden,) and out[2].shape == ()
+    for got, want in zip(out, expect, strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, **F64)
+
+    grads = upstream(batch, hidden)
+    got = grads_of(encode_objective(out, grads), (x, weight, bias))
+    want = grads_of(encode_objective(expect, grads), (x, weight, bias))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **F64)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_encode_without_bias(activation):
+    x, weight, _ = make_layer(9, 13, 6)
+    out = fastae.ops.encode(x, weight, None, activation=activation)
+    expect = oracle_encode(x, weight, None, activation)
+    for got, want in zip(out, expect, strict=True):
+        torch.testing.assert_close(got, want, **F64)
+    grads = upstream(9, 6)
+    got = grads_of(encode_objective(out, grads), (x, weight))
+    want = grads_of(encode_objective(expect, grads), (x, weight))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **F64)
+
+
+@pytest.mark.parametrize("output_index", [0, 1, 2])
+def test_encode_single_output_gradients(output_index):
+    """Gradients flow when only h, only rho_hat or only jac feeds the loss."""
+    x, weight, bias = make_layer(6, 11, 7)
+    out = fastae.ops.encode(x, weight, bias, activation="tanh")
+    expect = oracle_encode(x, weight, bias, "tanh")
+    got = grads_of(out[output_index].sum(), (x, weight, bias))
+    want = grads_of(expect[output_index].sum(), (x, weight, bias))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **F64)
+
+
+def test_jacobian_matches_naive_slope_formula():
+    x, weight, bias = make_layer(10, 8, 5)
+    for activation in ACTIVATIONS:
+        brute = oracle_encode(x, weight, bias, activation)[2]
+        naive = naive_encode(x, weight, bias, activation)[2]
+        torch.testing.assert_close(naive, brute, **F64)
+
+
+@pytest.mark.parametrize("kind", list(NOISES))
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("batch, d, hidden", [(1, 1, 1), (7, 5, 17), (33, 784, 100)])
+def test_encode_with_noise_matches_explicit_mask_oracle(batch, d, hidden, activation, kind):
+    noise = NOISES[kind]
+    x, weight, bias = make_layer(batch, d, hidden)
+    out = fastae.ops.encode(x, weight, bias, activation=activation, noise=noise)
+    expect = oracle_encode(x, weight, bias, activation, noise)
+    for got, want in zip(out, expect, strict=True):
+        torch.testing.assert_close(got, want, **F64)
+    grads = upstream(batch, hidden)
+    got = grads_of(encode_objective(out, grads), (x, weight, bias))
+    want = grads_of(encode_objective(expect, grads), (x, weight, bias))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **F64)
+
+
+@pytest.mark.parametrize("kind", list(NOISES))
+def test_corrupt_matches_explicit_mask(kind):
+    noise = NOISES[kind]
+    x = torch.rand(29, 37, dtype=torch.float64, requires_grad=True)
+    got = fastae.ops.corrupt(x, noise)
+    want = explicit_corrupt(x, noise)
+    torch.testing.assert_close(got, want, **F64)
+    g = torch.randn_like(got)
+    (grad,) = grads_of((got * g).sum(), [x])
+    torch.testing.assert_close(grad, grads_of((want * g).sum(), [x])[0], **F64)
+    if kind != "gaussian":
+        kept = (grad != 0).sum().item()
+        assert 0 < kept < x.numel()  # the mask is neither all-on nor all-off
+
+
+def test_salt_pepper_fills_low_and_high():
+    noise = SaltPepperNoise(p=0.5, low=-2.0, high=3.0, seed=99)
+    x = torch.rand(40, 50, dtype=torch.float64)
+    got = fastae.ops.corrupt(x, noise)
+    changed = got != x
+    assert set(got[changed].unique().tolist()) == {-2.0, 3.0}
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def _max_error(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("batch, d, hidden", [(7, 5, 17), (33, 784, 100)])
+def test_encode_float32_near_float64(batch, d, hidden, activation):
+    x64, w64, b64 = make_layer(batch, d, hidden)
+    x, weight, bias = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
+    out = fastae.ops.encode(x, weight, bias, activation=activation)
+    assert out[0].dtype == out[1].dtype == out[2].dtype == torch.float32
+    expect = oracle_encode(x64, w64, b64, activation)
+    for got, want in zip(out, expect, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
+    grads = upstream(batch, hidden)
+    got = grads_of(encode_objective(out, grads), (x, weight, bias))
+    want = grads_of(encode_objective(expect, grads), (x64, w64, b64))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        scale = w.abs().max().item()
+        assert _max_error(g, w) <= 2e-5 * scale + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_encode_half_within_twice_torch_error(dtype, activation):
+    """Half-precision outputs and gradients stay within 2x of plain torch's own error."""
+    x64, w64, b64 = make_layer(33, 64, 40)
+    x, weight, bias = (t.detach().to(dtype).requires_grad_() for t in (x64, w64, b64))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    out = fastae.ops.encode(x, weight, bias, activation=activation)
+    assert out[0].dtype == dtype
+    assert out[1].dtype == out[2].dtype == torch.float32
+    eager = naive_encode(x, weight, bias, activation)
+    expect = oracle_encode(x64, w64, b64, activation)
+    unit = torch.finfo(dtype).eps
+    for got, naive, want in zip(out, eager, expect, strict=True):
+        scale = want.abs().max().item()
+        assert _max_error(got, want) <= 2 * _max_error(naive, want) + unit * scale
+    grads = upstream(33, 40)
+    got = grads_of(encode_objective(out, grads), (x, weight, bias))
+    naive = grads_of(encode_objective(eager, grads), (x, weight, bias))
+    want = grads_of(encode_objective(expect, grads), (x64, w64, b64))
+    for g, n, w in zip(got, naive, want, strict=True):
+        assert g.dtype == dtype
+        scale = w.abs().max().item()
+        assert _max_error(g, w) <= 2 * _max_error(n, w) + unit * scale
+
+
+# ----------------------------------------------------------------------------- decode_loss
+
+DECODERS = [("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")]
+
+
+@pytest.mark.parametrize("output, loss", DECODERS)
+@pytest.mark.parametrize("batch, d, hidden", SHAPES[::2])
+def test_decode_loss_matches_oracle(batch, d, hidden, output, loss):
+    h = torch.rand(batch, hidden, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(d, hidden, dtype=torch.float64) * 2 / hidden**0.5).requires_grad_()
+    bias = (torch.randn(d, dtype=torch.float64) * 0.3).requires_grad_()
+    target = torch.rand(batch, d, dtype=torch.float64, requires_grad=True)
+    got = fastae.ops.decode_loss(h, weight, bias, target=target, output=output, loss=loss)
+    want = oracle_decode(h, weight, bias, target, output, loss)
+    assert got.shape == (batch,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, **F64)
+    g = torch.randn(batch, dtype=torch.float64)
+    inputs = (h, weight, bias, target)
+    for a, b in zip(grads_of(got @ g, inputs), grads_of(want @ g, inputs), strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("output, loss", DECODERS)
+def test_decode_loss_without_bias_and_partial_grads(output, loss):
+    h = torch.rand(8, 6, dtype=torch.float64)  # h needs no gradient here
+    weight = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(8, 10, dtype=torch.float64)
+    got = fastae.ops.decode_loss(h, weight, None, target=target, output=output, loss=loss)
+    want = oracle_decode(h, weight, None, target, output, loss)
+    torch.testing.assert_close(got, want, **F64)
+    (gw,) = grads_of(got.sum(), [weight])
+    (ww,) = grads_of(want.sum(), [weight])
+    torch.testing.assert_close(gw, ww, **F64)
+
+
+@pytest.mark.parametrize("output, loss", DECODERS)
+def test_decode_loss_target_gradient(output, loss):
+    h = torch.rand(5, 4, dtype=torch.float64)
+    weight = torch.randn(9, 4, dtype=torch.float64)
+    bias = torch.randn(9, dtype=torch.float64)
+    target = torch.rand(5, 9, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, dtype=torch.float64)
+    got = fastae.ops.decode_loss(h, weight, bias, target=target, output=output, loss=loss)
+    want = oracle_decode(h, weight, bias, target, output, loss)
+    (gt,) = grads_of(got @ g, [target])
+    (wt,) = grads_of(want @ g, [target])
+    torch.testing.assert_close(gt, wt, **F64)
+
+
+@pytest.mark.parametrize("output, loss", DECODERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_loss_low_precision(dtype, output, loss):
+    h = torch.rand(33, 17, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(50, 17) * 0.5).to(dtype).requires_grad_()
+    bias = (torch.randn(50) * 0.3).to(dtype).requires_grad_()
+    target = torch.rand(33, 50).to(dtype)
+    got = fastae.ops.decode_loss(h, weight, bias, target=target, output=output, loss=loss)
+    assert got.dtype == torch.float32
+    inputs64 = [t.detach().double().requires_grad_() for t in (h, weight, bias)]
+    want = oracle_decode(*inputs64, target.double(), output, loss)
+    eager = oracle_decode(h, weight, bias, target, output, loss)
+    g = torch.randn(33)
+    got_grads = grads_of(got @ g, (h, weight, bias))
+    want_grads = grads_of(want @ g.double(), inputs64)
+    eager_grads = grads_of(eager.float() @ g, (h, weight, bias))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-5)
+        for a, w in zip(got_grads, want_grads, strict=True):
+            assert _max_error(a, w) <= 2e-5 * w.abs().max().item() + 1e-6
+        return
+    unit = torch.finfo(dtype).eps
+    scale = want.abs().max().item()
+    assert _max_error(got, want) <= 2 * _max_error(eager, want) + unit * scale
+    for a, e, w in zip(got_grads, eager_grads, want_grads, strict=True):
+        assert a.dtype == dtype
+        assert _max_error(a, w) <= 2 * _max_error(e, w) + unit * w.abs().max().item()
+
+
+# ----------------------------------------------------------------------------- tied weights
+
+
+@pytest.mark.parametrize("noise", [None, "masking"])
+@pytest.mark.parametrize("activation", ["sigmoid", "softplus"])
+def test_tied_weights_gradients_add_up(activation, noise):
+    """decode_loss(h, W.t()) after encode(x, W): both uses of W contribute to its gradient."""
+    noise = NOISES[noise] if noise else None
+    x, weight, bias = make_layer(13, 21, 8, x_grad=False)
+    dec_bias = torch.randn(21, dtype=torch.float64, requires_grad=True)
+    rho, lam = 0.1, 0.7
+
+    def objective(encode, decode):
+        h, rho_hat, jac = encode(x, weight, bias, activation, noise)
+        per_sample = decode(h, weight.t(), dec_bias, x, "sigmoid", "bce")
+        q = rho_hat.clamp(1e-6, 1 - 1e-6)
+        kl = (rho * torch.log(rho / q) + (1 - rho) * torch.log((1 - rho) / (1 - q))).sum()
+        return per_sample.mean() + 0.3 * kl + lam * jac
+
+    def ours_encode(x, w, b, act, n):
+        return fastae.ops.encode(x, w, b, activation=act, noise=n)
+
+    def ours_decode(h, v, c, t, output, loss):
+        return fastae.ops.decode_loss(h, v, c, target=t, output=output, loss=loss)
+
+    got = objective(ours_encode, ours_decode)
+    want = objective(oracle_encode, oracle_decode)
+    torch.testing.assert_close(got, want, **F64)
+    params = (weight, bias, dec_bias)
+    got_grads = grads_of(got, params)
+    for g, w in zip(got_grads, grads_of(want, params), strict=True):
+        torch.testing.assert_close(g, w, **F64)
+    # the decoder use alone does not give the tied gradient
+    h = fastae.ops.encode(x, weight, bias, activation=activation, noise=noise)[0]
+    decoder_only = fastae.ops.decode_loss(h.detach(), weight.t(), dec_bias, target=x).mean()
+    assert not torch.allclose(grads_of(decoder_only, [weight])[0], got_grads[0])

@@ -1,0 +1,484 @@
+"""The VAE: ``fastae.ops.reparameterize`` (reference, Triton kernel, autograd, registration)
+and ``fastae.VAE`` (shapes, determinism, training on digits, quality of its samples)."""
+
+import importlib.util
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import fastae
+from fastae import ops, philox, reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from fastae.kernels import common
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = DEVICE == "cpu"
+BACKENDS = ["reference"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed_inputs(request, monkeypatch):
+    """Fresh random inputs per test, reproducible from the test's id; poisoned kernel outputs
+    (an element a kernel forgets to write shows up as NaN); one intra-op thread (the tensors
+    are small)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    if HAS_TRITON:
+        monkeypatch.setattr(common, "poison_outputs", True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    from fastae.kernels import vae
+
+    return vae
+
+
+def _posterior(batch, latent, dtype=torch.float32, device=DEVICE, grad=False):
+    mu = torch.randn(batch, latent, dtype=torch.float64).to(dtype).to(device)
+    logvar = (torch.randn(batch, latent, dtype=torch.float64) * 0.8).to(dtype).to(device)
+    return mu.requires_grad_(grad), logvar.requires_grad_(grad)
+
+
+def _naive(mu, logvar, eps):
+    """The eager expression (autograd differentiates it)."""
+    z = mu + torch.exp(logvar / 2) * eps
+    kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)
+    return z, kl
+
+
+# one element; odd sizes inside one tile; several row tiles and column chunks (the
+# interpreter's blocks are 16 x 32), with padding in both
+SHAPES = [(1, 1), (7, 13), (37, 70)]
+SEEDS = [0, 2**45 + 3]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reference_eps_is_the_philox_stream(seed):
+    """eps = tl.randn(seed, row * k + col): Box-Muller of Philox words 0 and 1."""
+    mu = torch.zeros(6, 11)
+    z, kl = reference.reparameterize_forward(mu, torch.zeros_like(mu), seed)
+    offsets = philox.element_offsets(6, 11, mu.device)
+    torch.testing.assert_close(z, philox.randn(seed, offsets), rtol=0, atol=2e-6)
+    assert torch.equal(kl, torch.zeros(6))
+    other, _ = reference.reparameterize_forward(mu, torch.zeros_like(mu), seed + 1)
+    assert not torch.equal(z, other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_matches_the_eager_expression(dtype):
+    mu, logvar = _posterior(9, 6, dtype, device="cpu")
+    z, kl = reference.reparameterize_forward(mu, logvar, 77)
+    eps = reference.standard_normal(77, 9, 6, mu.device).to(dtype)
+    want_z, want_kl = _naive(mu, logvar, eps)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    torch.testing.assert_close(z, want_z, **tol)
+    torch.testing.assert_close(kl, want_kl.to(kl.dtype), **tol)
+    assert z.dtype == dtype and kl.dtype == reference.stat_dtype(dtype)
+
+
+def test_reference_backward_matches_autograd():
+    mu, logvar = _posterior(8, 5, torch.float64, device="cpu", grad=True)
+    eps = reference.standard_normal(5, 8, 5, mu.device).double()
+    z, kl = _naive(mu, logvar, eps)
+    grad_z, grad_kl = torch.randn_like(z), torch.randn_like(kl)
+    want = torch.autograd.grad((z, kl), (mu, logvar), (grad_z, grad_kl), retain_graph=True)
+    got = reference.reparameterize_backward(grad_z, grad_kl, mu.detach(), logvar.detach(), 5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    only_kl = reference.reparameterize_backward(None, grad_kl, mu.detach(), logvar.detach(), 5)
+    want_kl = torch.autograd.grad(kl, (mu, logvar), grad_kl)
+    for g, w in zip(only_kl, want_kl, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("shape, seed", [(s, seed) for s in SHAPES for seed in SEEDS])
+def test_kernel_eps_equals_reference(shape, seed):
+    """mu = logvar = 0 gives z = eps: bit for bit under the interpreter (same numpy float32
+    Box-Muller), to libm rounding on a GPU."""
+    vae = _kernels()
+    mu = torch.zeros(shape, device=DEVICE)
+    z, kl = vae.reparameterize_forward(mu, torch.zeros_like(mu), seed)
+    want, _ = reference.reparameterize_forward(mu, torch.zeros_like(mu), seed)
+    if INTERPRETED:
+        assert torch.equal(z, want)
+    else:
+        torch.testing.assert_close(z, want, rtol=0, atol=4e-6)
+    assert torch.equal(kl, torch.zeros_like(kl))
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [(shape, torch.float32) for shape in SHAPES]
+    + [((7, 13), torch.float64), ((7, 13), torch.bfloat16)],
+)
+def test_kernel_forward_matches_reference(shape, dtype):
+    vae = _kernels()
+    mu, logvar = _posterior(*shape, dtype)
+    z, kl = vae.reparameterize_forward(mu, logvar, 2024)
+    want_z, want_kl = reference.reparameterize_forward(mu, logvar, 2024)
+    assert z.dtype == dtype and kl.dtype == reference.stat_dtype(dtype) and z.is_contiguous()
+    # eps equal bit for bit under the interpreter; to libm rounding (float32) on a GPU
+    tol = {torch.float32: 2e-6, torch.float64: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    tol = tol if INTERPRETED else max(tol, 2e-5)
+    torch.testing.assert_close(z, want_z, rtol=tol, atol=tol)
+    torch.testing.assert_close(kl, want_kl, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_strided_inputs():
+    """mu and logvar as column halves of one (B, 2k) tensor, and a transposed layout."""
+    vae = _kernels()
+    stats = torch.randn(9, 2 * 21, device=DEVICE)
+    mu, logvar = stats[:, :21], stats[:, 21:]
+    assert not mu.is_contiguous()
+    got = vae.reparameterize_forward(mu, logvar, 3)
+    want = vae.reparameterize_forward(mu.contiguous(), logvar.contiguous(), 3)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    transposed = logvar.t().contiguous().t()
+    got = vae.reparameterize_forward(mu, transposed, 3)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    grad_z = torch.randn(21, 9, device=DEVICE).t()
+    grad_kl = torch.randn(1, device=DEVICE).expand(9)  # stride 0, as from .sum()
+    got = vae.reparameterize_backward(grad_z, grad_kl, mu, transposed, 3)
+    want = vae.reparameterize_backward(
+        grad_z.contiguous(), grad_kl.contiguous(), mu.contiguous(), logvar.contiguous(), 3
+    )
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("which", ["both", "z", "kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_backward_matches_reference(which, dtype):
+    vae = _kernels()
+    mu, logvar = _posterior(19, 37, dtype)
+    grad_z = torch.randn_like(mu) if which != "kl" else None
+    grad_kl = torch.randn(19, device=DEVICE, dtype=reference.stat_dtype(dtype))
+    grad_kl = grad_kl if which != "z" else None
+    got = vae.reparameterize_backward(grad_z, grad_kl, mu, logvar, 2**40 + 9)
+    want = reference.reparameterize_backward(grad_z, grad_kl, mu, logvar, 2**40 + 9)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.is_contiguous()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_exp_minus_one_is_accurate_near_zero():
+    """KL of a posterior close to the prior: exp(logvar) - 1 - logvar without cancellation."""
+    vae = _kernels()
+    mu = torch.full((2, 16), 1e-4, device=DEVICE, dtype=torch.float32)
+    logvar = torch.full((2, 16), 3e-4, device=DEVICE, dtype=torch.float32)
+    _, kl = vae.reparameterize_forward(mu, logvar, 0)
+    exact = 0.5 * 16 * (1e-8 + math.expm1(3e-4) - 3e-4)
+    torch.testing.assert_close(kl, torch.full_like(kl, exact), rtol=1e-3, atol=0)
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize(
+    "backend_name, outputs",
+    [("reference", "both"), ("reference", "z"), ("reference", "kl")]
+    + [("triton", "both")] * HAS_TRITON,
+)
+def test_gradcheck(backend_name, outputs):
+    mu, logvar = _posterior(2, 3, torch.float64, grad=True)
+
+    def fn(mu, logvar):
+        z, kl = ops.reparameterize(mu, logvar, seed=41)
+        return {"both": (z, kl), "z": z, "kl": kl}[outputs]
+
+    with fastae.use_backend(backend_name):
+        assert torch.autograd.gradcheck(fn, (mu, logvar))
+
+
+@pytest.mark.parametrize(
+    "backend_name, dtype",
+    [("reference", torch.float64)] + [("triton", torch.float32)] * HAS_TRITON,
+)
+def test_opcheck(backend_name, dtype):
+    mu, logvar = _posterior(4, 6, dtype, grad=True)
+    seed = torch.tensor(2**33 + 5, dtype=torch.int64)
+    op = torch.ops.fastae.reparameterize.default
+    torch.library.opcheck(op, (mu, logvar, seed, backend_name))
+    grad_z = torch.randn(4, 6, dtype=dtype, device=DEVICE)
+    grad_kl = torch.randn(4, dtype=reference.stat_dtype(dtype), device=DEVICE)
+    backward = torch.ops.fastae.reparameterize_backward.default
+    for gz, gkl in [(grad_z, grad_kl), (None, grad_kl), (grad_z, None)]:
+        torch.library.opcheck(backward, (gz, gkl, mu.detach(), logvar.detach(), seed, backend_name))
+
+
+def test_op_matches_eager_autograd():
+    """z, kl and both input gradients of the op equal the eager expression's."""
+    mu, logvar = _posterior(6, 9, torch.float64, device="cpu", grad=True)
+    z, kl = ops.reparameterize(mu, logvar, seed=8)
+    eps = reference.standard_normal(8, 6, 9, mu.device).double()
+    want_z, want_kl = _naive(mu, logvar, eps)
+    torch.testing.assert_close(z, want_z)
+    torch.testing.assert_close(kl, want_kl)
+    loss = (z.sin().sum() + kl.square().sum(), want_z.sin().sum() + want_kl.square().sum())
+    got = torch.autograd.grad(loss[0], (mu, logvar))
+    want = torch.autograd.grad(loss[1], (mu, logvar))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_kl_matches_monte_carlo_estimate():
+    """KL(q || p) = E_q[log q(z) - log p(z)], estimated from 40000 draws per sample; each
+    estimate lies within 5 standard errors. Also checks eps is standard normal."""
+    draws = 40_000
+    mu = torch.tensor([[0.0, 0.0, 0.0], [1.5, -0.7, 0.3], [-0.2, 2.0, 0.0]])
+    logvar = torch.tensor([[0.0, 0.0, 0.0], [-1.2, 0.4, 0.9], [1.1, -2.0, -0.3]])
+    rows = mu.shape[0]
+    mu_rep, logvar_rep = mu.repeat(draws, 1).to(DEVICE), logvar.repeat(draws, 1).to(DEVICE)
+    z, kl = ops.reparameterize(mu_rep, logvar_rep, seed=123)
+    z, kl, mu_rep, logvar_rep = (t.double().cpu() for t in (z, kl, mu_rep, logvar_rep))
+    log_q = -0.5 * (logvar_rep + (z - mu_rep).square() / logvar_rep.exp()).sum(1)
+    log_p = -0.5 * z.square().sum(1)
+    sample = (log_q - log_p).view(draws, rows)
+    estimate, stderr = sample.mean(0), sample.std(0) / math.sqrt(draws)
+    exact = kl[:rows]
+    assert torch.equal(kl.view(draws, rows), exact.expand(draws, rows))
+    assert exact[0].item() == 0.0
+    assert ((estimate - exact).abs() <= 5 * stderr).all(), (estimate, exact, stderr)
+
+
+def test_unseeded_draws_follow_torch_manual_seed():
+    mu, logvar = _posterior(4, 3)
+    torch.manual_seed(5)
+    first = ops.reparameterize(mu, logvar)[0]
+    second = ops.reparameterize(mu, logvar)[0]
+    torch.manual_seed(5)
+    again = ops.reparameterize(mu, logvar)[0]
+    assert torch.equal(first, again) and not torch.equal(first, second)
+
+
+def test_backward_regenerates_eps_instead_of_storing_it():
+    mu, logvar = _posterior(8, 6, torch.float64, grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.reparameterize(mu, logvar, seed=1)
+    assert {t.data_ptr() for t in saved} == {mu.data_ptr(), logvar.data_ptr()}
+
+
+def test_meta_inputs_give_meta_outputs():
+    mu = torch.empty(5, 3, device="meta")
+    z, kl = ops.reparameterize(mu, torch.empty(5, 3, device="meta"), seed=0)
+    assert z.is_meta and z.shape == (5, 3) and kl.shape == (5,) and kl.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "mu, logvar, kwargs, error, match",
+    [
+        ([[0.0]], torch.zeros(1, 1), {}, TypeError, "mu must be a torch.Tensor"),
+        (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int64), {}, TypeError, "logvar"),
+        (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64), {}, TypeError, "logvar"),
+        (torch.zeros(3), torch.zeros(3), {}, ValueError, "mu must be 2-D"),
+        (torch.zeros(2, 3), torch.zeros(2, 4), {}, ValueError, "logvar must have the shape"),
+        (torch.zeros(2, 3), torch.zeros(3, 2), {}, ValueError, "logvar must have the shape"),
+        (torch.zeros(0, 3), torch.zeros(0, 3), {}, ValueError, "at least one row"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), {"seed": -1}, ValueError, "seed"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), {"seed": 2**63}, ValueError, "seed"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), {"seed": 1.5}, TypeError, "seed"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), {"seed": True}, TypeError, "seed"),
+    ],
+)
+def test_bad_arguments(mu, logvar, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.reparameterize(mu, logvar, **kwargs)
+
+
+def test_device_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="logvar must be on the device of mu"):
+        ops.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"))
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+def test_forward_terms():
+    model = fastae.VAE(10, 7, 3, beta=0.5)
+    x = torch.rand(6, 10)
+    out = model(x, seed=4)
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (6, 3)
+    for per_sample in (out.elbo, out.reconstruction, out.kl, out.per_sample):
+        assert per_sample.shape == (6,) and torch.isfinite(per_sample).all()
+    torch.testing.assert_close(out.loss, (out.reconstruction + 0.5 * out.kl).mean())
+    torch.testing.assert_close(out.elbo, -(out.reconstruction + out.kl))
+    torch.testing.assert_close(out.per_sample, -out.elbo)
+    z, kl = ops.reparameterize(out.mu, out.logvar, seed=4)
+    assert torch.equal(out.z, z) and torch.equal(out.kl, kl)
+    assert out.code is out.mu
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_training_draws_and_inference_is_deterministic():
+    model = fastae.VAE(12, 8, 4, loss="mse", output="identity")
+    x = torch.randn(9, 12)
+    assert torch.equal(model(x, seed=1).z, model(x, seed=1).z)
+    assert not torch.equal(model(x).z, model(x).z)
+    model.eval()
+    first, second = model(x), model(x)
+    assert torch.equal(first.z, first.mu) and torch.equal(first.loss, second.loss)
+    assert torch.equal(model.encode(x), first.mu)
+    assert torch.equal(model.reconstruct(x), model.reconstruct(x))
+    torch.testing.assert_close(model.negative_elbo(x), first.per_sample)
+    torch.testing.assert_close(model.reconstruction_error(x), first.reconstruction)
+    # the same input scores the same wherever it sits, whatever else is in the batch
+    score = model.anomaly_score(x)
+    alone = torch.cat([model.anomaly_score(x[i : i + 1]) for i in range(9)])
+    shuffled = model.anomaly_score(x.flip(0)).flip(0)
+    torch.testing.assert_close(alone, score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shuffled, score, rtol=1e-5, atol=1e-5)
+    recon = model.anomaly_score(x, kind="reconstruction")
+    assert (score >= recon).all()  # the KL term is nonnegative
+
+
+def test_sample_and_decode():
+    model = fastae.VAE(16, 8, 2)
+    samples = model.sample(7, generator=torch.Generator().manual_seed(3))
+    again = model.sample(7, generator=torch.Generator().manual_seed(3))
+    assert samples.shape == (7, 16) and torch.equal(samples, again)
+    assert ((samples >= 0) & (samples <= 1)).all() and not samples.requires_grad
+    assert model.decode(torch.zeros(3, 2)).shape == (3, 16)
+
+
+def test_module_on_triton_matches_reference():
+    _kernels()
+    model = fastae.VAE(9, 6, 3).double().to(DEVICE)
+    x = torch.rand(5, 9, dtype=torch.float64, device=DEVICE)
+    results = []
+    for name in ("reference", "triton"):
+        model.zero_grad()
+        with fastae.use_backend(name):
+            out = model(x, seed=17)
+            out.loss.backward()
+        results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    tol = 1e-6 if INTERPRETED else 1e-4  # eps equal bit for bit only under the interpreter
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((0, 4, 2), {}, ValueError, "in_features"),
+        ((8, 4, 0), {}, ValueError, "latent"),
+        ((8, 4, 2), {"beta": -1.0}, ValueError, "beta"),
+        ((8, 4, 2), {"beta": float("nan")}, ValueError, "beta"),
+        ((8, 4, 2), {"output": "identity"}, ValueError, "bce"),
+        ((8, 4, 2), {"activation": "gelu"}, ValueError, "activation"),
+    ],
+)
+def test_bad_module_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastae.VAE(*args, **kwargs)
+
+
+def test_bad_module_inputs():
+    model = fastae.VAE(8, 4, 2)
+    with pytest.raises(ValueError, match="x must have 8 columns"):
+        model(torch.rand(3, 5))
+    with pytest.raises(ValueError, match="z must have 2 columns"):
+        model.decode(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        model.sample(0)
+    with pytest.raises(ValueError, match="kind"):
+        model.anomaly_score(torch.rand(3, 8), kind="likelihood")
+
+
+def test_save_image_grid(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastae.vae import save_image_grid
+
+    model = fastae.VAE(12, 8, 2)
+    path = tmp_path / "samples.png"
+    save_image_grid(model.sample(10), path, (3, 4), columns=4, title="samples")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="images must have 12 columns"):
+        save_image_grid(torch.zeros(2, 5), path, (3, 4))
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def trained_on_digits():
+    """A VAE trained on the 8x8 digits (reference backend, a few seconds)."""
+    pytest.importorskip("sklearn")
+    from fastae.data import load_digits
+
+    x, y = load_digits()
+    torch.manual_seed(0)
+    model = fastae.VAE(64, 128, 4)
+    with fastae.use_backend("reference"), torch.no_grad():
+        model.eval()
+        before = model.negative_elbo(x).mean().item()
+        untrained_samples = model.sample(500, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with fastae.use_backend("reference"):
+            history = fastae.fit(
+                model, x, epochs=50, batch_size=512, lr=1e-2, seed=0, progress=False
+            )
+            with torch.no_grad():
+                after = model.negative_elbo(x).mean().item()
+    finally:
+        torch.set_num_threads(threads)
+    return model, x, y, history, before, after, untrained_samples
+
+
+@pytest.mark.slow
+def test_elbo_improves_on_digits(trained_on_digits):
+    model, x, _, history, before, after, _ = trained_on_digits
+    assert all(math.isfinite(v) for v in history.loss)
+    assert history.loss[-1] < history.loss[0] - 5.0, history.loss
+    # mean negative ELBO in nats per image: about 44 at initialization, about 24 trained
+    assert math.isfinite(after) and after < before - 10.0, (before, after)
+    assert after < 26.0  # a collapsed posterior (samples all alike) stays near 27
+
+
+@pytest.mark.slow
+def test_samples_look_like_digits(trained_on_digits):
+    """A logistic regression trained on real digits labels the VAE's samples with more
+    confidence than structureless images with the same pixel range (uniform noise) or the
+    same pixel marginals (each pixel shuffled across images), and as many kinds of digit."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    model, x, y, *_, untrained_samples = trained_on_digits
+    real = x.numpy()
+    with threadpool_limits(1):  # a small problem: BLAS threads would only contend
+        classifier = LogisticRegression(C=0.1, max_iter=3000).fit(real, y.numpy())
+    rng = np.random.default_rng(0)
+
+    def confidence(images):
+        return classifier.predict_proba(np.asarray(images)).max(1).mean()
+
+    samples = model.sample(500, generator=torch.Generator().manual_seed(1)).numpy()
+    uniform = rng.random((500, real.shape[1]))
+    shuffled = np.stack([rng.permutation(column) for column in real.T], 1)
+    baseline = max(confidence(uniform), confidence(shuffled), confidence(untrained_samples))
+    got = confidence(samples)
+    assert got > 0.1 + 0.25 and got > baseline + 0.05, (got, baseline)
+    labels = classifier.predict(samples)
+    assert len(np.unique(labels)) >= 8, np.bincount(labels, minlength=10)
