@@ -9,12 +9,17 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import demo
+    from . import benchmark, demo
 
     demo.add_arguments(commands.add_parser("demo", help="train autoencoders on digits"))
+    benchmark.add_arguments(
+        commands.add_parser("bench", help="time fastae against eager and compiled PyTorch")
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "bench":
+        return benchmark.run(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -36,8 +36,7 @@ def same_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor
 def size(name: str, value: torch.Tensor, dim: int, expected: int, why: str) -> None:
     if value.shape[dim] != expected:
         raise ValueError(
-            f"{name} must have size {expected} in dim {dim} ({why}), "
-            f"got shape {tuple(value.shape)}"
+            f"{name} must have size {expected} in dim {dim} ({why}), got shape {tuple(value.shape)}"
         )
 
 

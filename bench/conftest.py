@@ -1,0 +1,146 @@
+"""Options and the shared fixture of the benchmark suites (``pytest bench --benchmark-only``).
+
+Defaults: on the CPU one MNIST-like size (256x784x1024) in fp32; on CUDA the full size set
+(B=256..4096 784->1024 and B=8192 4096->4096) in tf32 and bf16. ``--fastae-sizes``,
+``--fastae-dtypes``, ``--fastae-providers`` and ``--fastae-device`` narrow or widen that.
+On the CPU the compile provider runs the training steps only (``--fastae-compile-cases``):
+each compilation takes seconds of the run's few minutes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastae import benchmark as fb
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastae", "fastae benchmarks")
+    group.addoption("--fastae-device", default=None, help="cpu or cuda (default: cuda if present)")
+    group.addoption(
+        "--fastae-sizes",
+        default=None,
+        help=f"preset ({', '.join(fb.SIZE_SETS)}) or comma-separated BxDxH sizes "
+        "(default: cpu on the CPU, full on CUDA)",
+    )
+    group.addoption(
+        "--fastae-dtypes",
+        default=None,
+        help="comma-separated among fp32, tf32, bf16 (default: fp32 on the CPU, tf32,bf16 on CUDA)",
+    )
+    group.addoption(
+        "--fastae-providers",
+        default=",".join(fb.PROVIDERS),
+        help="comma-separated among eager, compile, fastae (default: all three)",
+    )
+    group.addoption(
+        "--fastae-compile-cases",
+        choices=("all", "steps", "none"),
+        default=None,
+        help="which cases the compile provider runs (default: steps on the CPU, where each "
+        "compilation takes seconds, all on CUDA)",
+    )
+    group.addoption(
+        "--fastae-budget-s",
+        type=float,
+        default=None,
+        help="skip the cases that would start after this many seconds of the session",
+    )
+
+
+def pytest_configure(config):
+    config.stash[_START] = time.monotonic()
+
+
+# the cheap jacrev gap first, then the training steps, then the ops
+_FILE_ORDER = ("test_jacrev_gap.py", "test_steps.py", "test_ops.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order: by file, dtype, size, case, with each case's providers back to back (so a
+    budget cut leaves whole comparisons, the steps before the ops)."""
+
+    def key(item):
+        params = getattr(item, "callspec", None)
+        params = params.params if params else {}
+        size = params.get("size")
+        name = item.path.name
+        return (
+            _FILE_ORDER.index(name) if name in _FILE_ORDER else len(_FILE_ORDER),
+            list(fb.DTYPES).index(params["dtype"]) if "dtype" in params else -1,
+            (size.inputs, size.hidden, size.batch) if size else (),
+            fb.CASES.index(params["case"]) if "case" in params else -1,
+        )
+
+    here = Path(__file__).parent
+    ours = [item for item in items if here in item.path.parents]
+    items[:] = [item for item in items if here not in item.path.parents] + sorted(ours, key=key)
+
+
+_START = pytest.StashKey[float]()
+
+
+def _device(config) -> str:
+    return config.getoption("--fastae-device") or fb.default_device()
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    device = _device(config)
+    if "size" in metafunc.fixturenames:
+        sizes = fb.parse_sizes(config.getoption("--fastae-sizes") or fb.default_sizes(device))
+        metafunc.parametrize("size", sizes, ids=str)
+    if "dtype" in metafunc.fixturenames:
+        dtypes = config.getoption("--fastae-dtypes") or fb.default_dtypes(device)
+        metafunc.parametrize("dtype", fb.parse_list(dtypes, fb.DTYPES, "--fastae-dtypes"))
+    if "provider" in metafunc.fixturenames:
+        providers = config.getoption("--fastae-providers")
+        metafunc.parametrize("provider", fb.parse_list(providers, fb.PROVIDERS, "providers"))
+
+
+@pytest.fixture
+def device(request) -> str:
+    return _device(request.config)
+
+
+@pytest.fixture
+def first_dtype(request) -> str:
+    device = _device(request.config)
+    dtypes = request.config.getoption("--fastae-dtypes") or fb.default_dtypes(device)
+    return fb.parse_list(dtypes, fb.DTYPES, "--fastae-dtypes")[0]
+
+
+@pytest.fixture
+def run_case(request, benchmark, device):
+    """Build a case, warm it up (compile time excluded), record its figures, time it."""
+    compiled = []
+    config = request.config
+    budget = config.getoption("--fastae-budget-s")
+
+    def run(case: str, provider: str, size: fb.Size, dtype: str) -> None:
+        why = fb.unavailable(provider, device, case)
+        if why:
+            pytest.skip(why)
+        if provider == "compile":
+            scope = config.getoption("--fastae-compile-cases")
+            scope = scope or ("steps" if device == "cpu" else "all")
+            if scope == "none" or (scope == "steps" and case not in fb.STEPS):
+                pytest.skip(f"--fastae-compile-cases is {scope!r} (compiling takes seconds a case)")
+        if budget is not None and time.monotonic() - config.stash[_START] > budget:
+            pytest.skip(f"the session's time budget ({budget:g} s) is spent")
+        bench = fb.build(case, provider, size, dtype, device)
+        compiled.append(provider == "compile")
+        seconds = fb.warm_up(bench)
+        benchmark.group = f"{case} {size} {dtype}"
+        benchmark.extra_info.update(bench.info())
+        benchmark.extra_info.update(fb.figures(bench))
+        rounds = fb.rounds_for(seconds, bench.device.type)
+        benchmark.pedantic(bench.run, rounds=rounds, iterations=1, warmup_rounds=1)
+
+    yield run
+    if any(compiled):
+        torch._dynamo.reset()

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU check: on a CUDA machine with torch and Triton installed (no network needed), install
+# this checkout without dependencies, run the tests on CUDA, run the lean benchmark set to JSON
+# (the jacrev gap, the training steps, then the ops; B=4096 784->1024 and B=8192 4096->4096,
+# tf32 and bf16) and print the ratio table last. Everything lands in $OUT (default ./out):
+#   tests.log, bench.log, bench.json, SUMMARY.md, speedup.png
+# Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
+# Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
+# stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
+# the suite's options (default: the lean CUDA set); SKIP_INSTALL=1 and SKIP_TESTS=1 leave those
+# steps out.
+set -uo pipefail
+
+OUT="${OUT:-./out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+BUDGET_S="${BUDGET_S:-345}"
+BENCH_ARGS="${BENCH_ARGS:---fastae-device cuda --fastae-sizes lean --fastae-dtypes tf32,bf16}"
+start=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - start))); }
+log() { echo "== [$(($(date +%s) - start)) s] $*" | tee -a "$OUT/bench.log"; }
+: >"$OUT/bench.log"
+
+log "environment"
+"$PYTHON" - >>"$OUT/bench.log" 2>&1 <<'EOF'
+import platform
+import torch
+print("python", platform.python_version(), "torch", torch.__version__)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+else:
+    print("device: no CUDA")
+EOF
+tail -n 3 "$OUT/bench.log"
+
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    log "install (no dependencies)"
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/bench.log" 2>&1 \
+        || { log "install failed"; tail -n 20 "$OUT/bench.log"; exit 1; }
+fi
+
+tests_rc=skipped
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    limit=$(($(left) - 200))
+    [ "$limit" -lt 60 ] && limit=60
+    log "tests (at most $limit s)"
+    timeout "$limit" "$PYTHON" -m pytest -q tests -p no:cacheprovider >"$OUT/tests.log" 2>&1
+    tests_rc=$?
+    tail -n 3 "$OUT/tests.log"
+    [ "$tests_rc" = 124 ] && log "tests stopped at the time limit"
+fi
+
+budget=$(($(left) - 20))
+[ "$budget" -lt 30 ] && budget=30
+log "benchmarks: jacrev gap, steps, ops (cases start within $budget s)"
+# shellcheck disable=SC2086
+timeout $((budget + 120)) "$PYTHON" -m pytest bench -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json "$OUT/bench.json" --fastae-budget-s "$budget" \
+    --benchmark-columns=median,mean,stddev,rounds $BENCH_ARGS >>"$OUT/bench.log" 2>&1
+bench_rc=$?
+grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
+
+log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
+if [ ! -s "$OUT/bench.json" ]; then
+    log "no benchmark JSON was written; see $OUT/bench.log"
+    exit 1
+fi
+"$PYTHON" bench/summarize.py "$OUT/bench.json" --out "$OUT"

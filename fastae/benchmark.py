@@ -1,0 +1,751 @@
+"""Benchmark cases shared by ``pytest bench`` and ``python -m fastae bench``.
+
+A case is an op (``encode``, ``encode_stats``, ``corrupt``, ``decode_loss``: forward plus
+backward into the trainable inputs) or a training step (``plain``, ``sparse``, ``denoising``,
+``contractive``, ``all``: zero the gradients, forward, loss, backward; the optimizer update is
+the same for every provider and left out). Providers:
+
+- ``eager``: the plain PyTorch of :mod:`fastae.baselines`;
+- ``compile``: ``torch.compile`` of that same function (inductor; compile time excluded);
+- ``fastae``: :func:`fastae.ops.encode` / ``corrupt`` / ``decode_loss`` and
+  :class:`fastae.Autoencoder`, on whatever backend ``auto`` picks (recorded per op);
+- ``jacrev``: the contractive step with the brute-force ``torch.func.jacrev`` penalty.
+
+Beside time each case records device-independent figures of one step: the ops the dispatcher
+ran (a ``TorchDispatchMode`` count, where a fastae custom op counts once) and the bytes saved
+for backward (``saved_tensors_hooks``, storages counted once; also the part beyond the inputs
+and parameters). On CUDA also the peak allocated memory and the kernels launched
+(``torch.profiler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import baselines, ops
+from .modules import Autoencoder, KLSparsity
+from .noise import MaskingNoise
+
+OPS = ("encode", "encode_stats", "corrupt", "decode_loss")
+STEPS = ("plain", "sparse", "denoising", "contractive", "all")
+CASES = OPS + STEPS
+PROVIDERS = ("eager", "compile", "fastae")
+JACREV = "jacrev"  # extra provider, contractive step only
+
+# name -> (dtype, float32 matmul precision used while the case runs)
+DTYPES = {
+    "fp32": (torch.float32, "highest"),
+    "tf32": (torch.float32, "high"),
+    "bf16": (torch.bfloat16, "highest"),
+}
+
+
+class Size(NamedTuple):
+    batch: int
+    inputs: int
+    hidden: int
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.inputs}x{self.hidden}"
+
+    @classmethod
+    def parse(cls, text: str) -> Size:
+        parts = text.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(
+                f"size must look like BATCHxINPUTSxHIDDEN (256x784x1024), got {text!r}"
+            )
+        return cls(*map(int, parts))
+
+
+MNIST = [Size(256, 784, 1024), Size(1024, 784, 1024), Size(4096, 784, 1024)]
+LARGE = [Size(8192, 4096, 4096)]
+SIZE_SETS = {
+    "cpu": [Size(256, 784, 1024)],
+    "mnist": MNIST,
+    "large": LARGE,
+    "full": MNIST + LARGE,
+    "lean": [Size(4096, 784, 1024), Size(8192, 4096, 4096)],
+}
+JACREV_SIZE = Size(64, 784, 256)  # the brute-force gap is measured once, small
+
+
+def parse_sizes(text: str) -> list[Size]:
+    """A preset name (cpu, mnist, large, full, lean) or comma-separated BxDxH sizes."""
+    sizes: list[Size] = []
+    for part in text.split(","):
+        part = part.strip()
+        sizes += SIZE_SETS[part] if part in SIZE_SETS else [Size.parse(part)]
+    return sizes
+
+
+def parse_list(text: str, options: Sequence[str], what: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in options:
+            raise ValueError(f"{what} must be among {tuple(options)}, got {name!r}")
+    return names
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_sizes(device: str) -> str:
+    return "cpu" if device == "cpu" else "full"
+
+
+def default_dtypes(device: str) -> str:
+    return "fp32" if device == "cpu" else "tf32,bf16"
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def unavailable(provider: str, device: str, case: str | None = None) -> str | None:
+    """Why ``provider`` cannot run ``case`` on ``device``, or None when it can."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA is not available"
+    if provider == JACREV and case not in (None, "contractive"):
+        return "the jacrev provider only computes the contractive step"
+    if provider == "compile":
+        if device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
+            return "torch.compile on the CPU needs a C++ compiler"
+        if device.startswith("cuda"):
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "torch.compile on CUDA needs Triton"
+    return None
+
+
+# ----------------------------------------------------------------------------- compile probe
+
+_PROBES: list[TorchDispatchMode] = []
+
+
+def _inductor_with_probe(gm, example_inputs):
+    """Inductor, plus: while a probe mode is pushed, the compiled code runs inside it.
+
+    Dynamo does not trace frames entered under a dispatch mode, so the op counter cannot wrap
+    a compiled call from outside; here it wraps the compiled runtime from inside instead.
+    """
+    compiled = torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
+    def run(*args):
+        if not _PROBES:
+            return compiled(*args)
+        with _PROBES[-1]:
+            return compiled(*args)
+
+    if getattr(compiled, "_boxed_call", False):
+        run._boxed_call = True
+    return run
+
+
+def compile_function(fn: Callable) -> Callable:
+    """``torch.compile`` of an eager baseline as a user would (inductor, static shapes)."""
+    torch._dynamo.reset()  # no cache entries of earlier sizes or dtypes, no recompile limit
+    return torch.compile(fn, backend=_inductor_with_probe, fullgraph=True, dynamic=False)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+_STEP_MODELS = {
+    "plain": {},
+    "sparse": {"sparsity": KLSparsity(baselines.RHO, baselines.SPARSITY_WEIGHT)},
+    "denoising": {"noise": MaskingNoise(baselines.MASK_P)},
+    "contractive": {"contractive": baselines.CONTRACTIVE},
+    "all": {
+        "noise": MaskingNoise(baselines.MASK_P),
+        "sparsity": KLSparsity(baselines.RHO, baselines.SPARSITY_WEIGHT),
+        "contractive": baselines.CONTRACTIVE,
+    },
+}
+_EAGER_STEPS = {
+    "plain": baselines.plain_step,
+    "sparse": baselines.sparse_step,
+    "denoising": baselines.denoising_step,
+    "contractive": baselines.contractive_step,
+    "all": baselines.all_step,
+}
+
+
+@dataclass
+class Bench:
+    """One runnable case: ``run()`` is one timed call (synchronized on CUDA)."""
+
+    case: str
+    provider: str
+    size: Size
+    dtype: str
+    device: torch.device
+    forward: Callable[[], tuple[Tensor, ...]]
+    params: list[Tensor]  # leaves whose gradients the call computes (reset before each call)
+    inputs: list[Tensor]  # inputs and parameters: not counted as saved "beyond inputs"
+    grads: Callable[[tuple[Tensor, ...]], list[Tensor] | None] = lambda outs: None
+
+    @property
+    def kind(self) -> str:
+        return "op" if self.case in OPS else "step"
+
+    def step(self) -> None:
+        for p in self.params:
+            p.grad = None
+        outs = self.forward()
+        if self.params:
+            torch.autograd.backward(outs, self.grads(outs))
+
+    def run(self) -> None:
+        with matmul_precision(DTYPES[self.dtype][1]):
+            self.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+    def info(self) -> dict[str, Any]:
+        """What a result records about the case (JSON-ready)."""
+        return {
+            "case": self.case,
+            "kind": self.kind,
+            "provider": self.provider,
+            "size": str(self.size),
+            "batch": self.size.batch,
+            "inputs": self.size.inputs,
+            "hidden": self.size.hidden,
+            "dtype": self.dtype,
+            "matmul_precision": DTYPES[self.dtype][1] if self.dtype != "bf16" else "n/a",
+            "device": self.device.type,
+            "device_name": device_name(self.device),
+            "torch": torch.__version__,
+        }
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def build(
+    case: str, provider: str, size: Size, dtype: str = "fp32", device: str = "cpu", seed: int = 0
+) -> Bench:
+    """The case ready to run: inputs made, compiled function (not yet compiled) in place."""
+    if case not in CASES:
+        raise ValueError(f"case must be one of {CASES}, got {case!r}")
+    if provider not in PROVIDERS + (JACREV,):
+        raise ValueError(f"provider must be one of {PROVIDERS + (JACREV,)}, got {provider!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    why = unavailable(provider, device, case)
+    if why:
+        raise RuntimeError(f"provider {provider!r} cannot run here: {why}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = Autoencoder(size.inputs, size.hidden, **_STEP_MODELS.get(case, {}))
+    model = model.to(device=dev, dtype=DTYPES[dtype][0])
+    W, b, c = model.weight, model.bias, model.decoder_bias
+    x = torch.rand(size.batch, size.inputs, device=dev, dtype=W.dtype)
+    common = {"case": case, "provider": provider, "size": size, "dtype": dtype, "device": dev}
+
+    if case in STEPS:
+        inputs = [x, W, b, c]
+        if provider == "fastae":
+            forward = lambda: (model(x).loss,)  # noqa: E731
+        else:
+            fn = baselines.contractive_jacrev_step if provider == JACREV else _EAGER_STEPS[case]
+            fn = compile_function(fn) if provider == "compile" else fn
+            forward = lambda: (fn(x, W, b, c),)  # noqa: E731
+        return Bench(forward=forward, params=[W, b, c], inputs=inputs, **common)
+
+    if case == "corrupt":
+        if provider == "fastae":
+            spec = MaskingNoise(baselines.MASK_P)
+            forward = lambda: (ops.corrupt(x, spec),)  # noqa: E731
+        else:
+            fn = compile_function(baselines.corrupt) if provider == "compile" else baselines.corrupt
+            forward = lambda: (fn(x),)  # noqa: E731
+        return Bench(forward=forward, params=[], inputs=[x], **common)
+
+    upstream: list[Tensor] = []
+
+    def fixed_grads(outs: tuple[Tensor, ...]) -> list[Tensor]:
+        # the same random upstream gradients every call (made at the first)
+        if not upstream:
+            gen = torch.Generator(device=dev).manual_seed(seed + 1)
+            for out in outs:
+                upstream.append(
+                    torch.randn(out.shape, generator=gen, device=dev, dtype=out.dtype)
+                    if case != "decode_loss"
+                    else torch.full_like(out, 1.0 / size.batch)
+                )
+        return upstream
+
+    if case == "decode_loss":
+        h = torch.sigmoid(torch.nn.functional.linear(x, W, b)).detach().requires_grad_(True)
+        if provider == "fastae":
+            forward = lambda: (ops.decode_loss(h, W.t(), c, target=x),)  # noqa: E731
+        else:
+            fn = baselines.decode_loss
+            fn = compile_function(fn) if provider == "compile" else fn
+            forward = lambda: (fn(h, W, c, x),)  # noqa: E731
+        return Bench(
+            forward=forward, params=[h, W, c], inputs=[x, h, W, c], grads=fixed_grads, **common
+        )
+
+    with_stats = case == "encode_stats"
+    if provider == "fastae":
+
+        def forward():
+            out = ops.encode(x, W, b)
+            return out if with_stats else out[:1]
+
+    else:
+        fn = baselines.encode_with_statistics if with_stats else baselines.encode
+        fn = compile_function(fn) if provider == "compile" else fn
+
+        def forward():
+            out = fn(x, W, b)
+            return tuple(out) if with_stats else (out,)
+
+    return Bench(forward=forward, params=[W, b], inputs=[x, W, b], grads=fixed_grads, **common)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op the dispatcher runs (a custom op counts once, not what it runs) and
+    notes the ``backend_name`` each fastae op was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.backends: dict[str, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] += 1
+        if func.namespace == "fastae":
+            for i, argument in enumerate(func._schema.arguments):
+                if argument.name == "backend_name" and i < len(args):
+                    self.backends[name.removeprefix("fastae.")] = str(args[i])
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(bench: Bench) -> OpCounter:
+    """Ops dispatched by one call of ``bench`` (forward and backward)."""
+    counter = OpCounter()
+    with matmul_precision(DTYPES[bench.dtype][1]):
+        for p in bench.params:
+            p.grad = None
+        if bench.provider == "compile":
+            # compiled code: the probe pushes the counter inside the compiled runtime
+            _PROBES.append(counter)
+            try:
+                outs = bench.forward()
+            finally:
+                _PROBES.pop()
+        else:
+            with counter:
+                outs = bench.forward()
+        if bench.params:
+            grads = bench.grads(outs)
+            with counter:
+                torch.autograd.backward(outs, grads)
+    return counter
+
+
+def saved_bytes(bench: Bench) -> dict[str, int]:
+    """Bytes saved for backward by one forward, each storage once; and those beyond inputs."""
+    inputs = {t.untyped_storage().data_ptr() for t in bench.inputs}
+    storages: dict[int, int] = {}
+    count = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal count
+        count += 1
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with matmul_precision(DTYPES[bench.dtype][1]):
+        for p in bench.params:
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = bench.forward()
+        if bench.params:
+            torch.autograd.backward(outs, bench.grads(outs))
+    beyond = sum(n for ptr, n in storages.items() if ptr not in inputs)
+    return {
+        "saved_tensors": count,
+        "saved_bytes": sum(storages.values()),
+        "saved_bytes_beyond_inputs": beyond,
+    }
+
+
+def cuda_figures(bench: Bench) -> dict[str, Any]:
+    """Peak allocated memory of one call and the kernels it launches (CUDA only)."""
+    if bench.device.type != "cuda":
+        return {}
+    out: dict[str, Any] = {}
+    torch.cuda.synchronize(bench.device)
+    torch.cuda.reset_peak_memory_stats(bench.device)
+    before = torch.cuda.memory_allocated(bench.device)
+    bench.run()
+    peak = torch.cuda.max_memory_allocated(bench.device)
+    out["peak_allocated_bytes"] = peak
+    out["peak_allocated_beyond_start_bytes"] = peak - before
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            bench.run()
+        events = prof.events()
+        kernels = [
+            e
+            for e in events
+            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+        ]
+        launches = [
+            e
+            for e in events
+            if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+        ]
+        out["kernel_launches"] = len(kernels) if kernels else len(launches)
+    except Exception as error:  # the profiler is optional: keep the other figures
+        out["kernel_launches"] = None
+        out["kernel_launches_error"] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def figures(bench: Bench) -> dict[str, Any]:
+    """The device-independent figures of one call (plus the CUDA ones on CUDA)."""
+    counter = count_ops(bench)
+    counts = counter.counts
+    out: dict[str, Any] = {
+        "aten_ops": sum(counts.values()),
+        "fastae_ops": sum(n for name, n in counts.items() if name.startswith("fastae.")),
+        "ops_by_name": dict(sorted(counts.items())),
+        "fastae_backends": dict(sorted(counter.backends.items())),
+    }
+    if bench.provider == JACREV:
+        # torch.func transforms refuse to run under saved_tensors_hooks
+        out.update(saved_tensors=None, saved_bytes=None, saved_bytes_beyond_inputs=None)
+    else:
+        out.update(saved_bytes(bench))
+    out.update(cuda_figures(bench))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def rounds_for(seconds_per_call: float, device: str, budget_s: float | None = None) -> int:
+    """Timed rounds that fit a per-case budget: a few on the CPU, more on CUDA."""
+    if budget_s is None:
+        budget_s = 0.5 if device == "cpu" else 0.3
+    low, high = (3, 30) if device == "cpu" else (10, 200)
+    return int(min(high, max(low, budget_s / max(seconds_per_call, 1e-6))))
+
+
+def warm_up(bench: Bench, calls: int | None = None) -> float:
+    """Run ``calls`` times (default: once, twice when compiling, the first call compiling);
+    the seconds of the last call."""
+    seconds = math.inf
+    for _ in range(calls or (2 if bench.provider == "compile" else 1)):
+        start = time.perf_counter()
+        bench.run()
+        seconds = time.perf_counter() - start
+    return seconds
+
+
+def time_calls(bench: Bench, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        bench.run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def stats_of(times: list[float]) -> dict[str, float]:
+    return {
+        "min": min(times),
+        "max": max(times),
+        "mean": statistics.fmean(times),
+        "median": statistics.median(times),
+        "stddev": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "rounds": len(times),
+    }
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def records_from_json(data: dict) -> list[dict[str, Any]]:
+    """Flat records (info + figures + ``median_s`` ...) from a pytest-benchmark style JSON."""
+    records = []
+    for entry in data.get("benchmarks", []):
+        info = dict(entry.get("extra_info") or {})
+        if "case" not in info:
+            continue
+        stats = entry.get("stats") or {}
+        for key in ("median", "mean", "min", "stddev"):
+            if key in stats:
+                info[f"{key}_s"] = stats[key]
+        info["rounds"] = stats.get("rounds")
+        records.append(info)
+    return records
+
+
+def _key(record: dict) -> tuple:
+    case, dtype = record.get("case"), record.get("dtype")
+    return (
+        record.get("device_name", ""),
+        CASES.index(case) if case in CASES else len(CASES),
+        record.get("inputs", 0),
+        record.get("hidden", 0),
+        record.get("batch", 0),
+        list(DTYPES).index(dtype) if dtype in DTYPES else len(DTYPES),
+    )
+
+
+def group_rows(records: Iterable[dict]) -> list[dict[str, Any]]:
+    """One row per (card, case, size, dtype) with each provider's record."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        ident = tuple(record.get(k) for k in ("device_name", "case", "size", "dtype"))
+        row = rows.setdefault(ident, {"first": record, "providers": {}})
+        row["providers"][record["provider"]] = record
+    return sorted(rows.values(), key=lambda row: _key(row["first"]))
+
+
+def _ms(record: dict | None) -> str:
+    if record is None or record.get("median_s") is None:
+        return "-"
+    return f"{record['median_s'] * 1e3:.3f}"
+
+
+def speedup(row: dict, other: str) -> float | None:
+    """``other``'s median time over fastae's (above 1: fastae is faster)."""
+    providers = row["providers"]
+    fast, slow = providers.get("fastae"), providers.get(other)
+    if not fast or not slow or not fast.get("median_s") or slow.get("median_s") is None:
+        return None
+    return slow["median_s"] / fast["median_s"]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}x"
+
+
+def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
+    """Median ms per provider and fastae's speedup vs eager and vs compile, per case."""
+    rows = group_rows(records)
+    with_jacrev = any(JACREV in row["providers"] for row in rows)
+    header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
+    header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
+    lines = []
+    for row in rows:
+        first, prov = row["first"], row["providers"]
+        cells = [first["case"], first.get("size", ""), first.get("dtype", "")]
+        cells.append(first.get("matmul_precision", ""))
+        cells += [_ms(prov.get(p)) for p in PROVIDERS]
+        cells += [_ratio(speedup(row, "eager")), _ratio(speedup(row, "compile"))]
+        if with_jacrev:
+            cells += [_ms(prov.get(JACREV)), _ratio(speedup(row, JACREV))]
+        lines.append(cells)
+    return _format(header, lines, markdown)
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.3g}"
+
+
+def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
+    """Aten ops and saved MB (beyond inputs) per provider; CUDA peak MB and kernels if any."""
+    rows = group_rows(records)
+    providers = [p for p in PROVIDERS + (JACREV,) if any(p in r["providers"] for r in rows)]
+    on_cuda = any(r["first"].get("device") == "cuda" for r in rows)
+    header = ["case", "size", "dtype"]
+    header += [f"ops {p}" for p in providers] + [f"saved MB {p}" for p in providers]
+    if on_cuda:
+        header += [f"peak MB {p}" for p in providers] + [f"kernels {p}" for p in providers]
+    lines = []
+    for row in rows:
+        first, prov = row["first"], row["providers"]
+        cells = [first["case"], first.get("size", ""), first.get("dtype", "")]
+        cells += [str(prov[p].get("aten_ops", "-")) if p in prov else "-" for p in providers]
+        cells += [
+            _mb(prov[p].get("saved_bytes_beyond_inputs")) if p in prov else "-" for p in providers
+        ]
+        if on_cuda:
+            cells += [
+                _mb(prov[p].get("peak_allocated_bytes")) if p in prov else "-" for p in providers
+            ]
+            cells += [
+                str(prov[p].get("kernel_launches", "-")) if p in prov else "-" for p in providers
+            ]
+        lines.append(cells)
+    return _format(header, lines, markdown)
+
+
+def _format(header: list[str], lines: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(cells) + " |" for cells in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in
+              enumerate(header)]  # fmt: skip
+    keys = ("case", "size", "dtype", "precision")
+    fmt = "  ".join(
+        f"{{:<{w}}}" if h in keys else f"{{:>{w}}}" for h, w in zip(header, widths, strict=True)
+    )
+    return "\n".join([fmt.format(*header)] + [fmt.format(*cells) for cells in lines])
+
+
+def to_json(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Records in the pytest-benchmark JSON layout (``benchmarks`` with stats and extra_info)."""
+    benchmarks = []
+    for record in records:
+        info = {k: v for k, v in record.items() if not k.endswith("_s") and k != "rounds"}
+        stats = {k[:-2]: v for k, v in record.items() if k.endswith("_s")}
+        stats["rounds"] = record.get("rounds")
+        name = f"{record['case']}[{record['provider']}-{record['size']}-{record['dtype']}]"
+        group = f"{record['case']} {record['size']} {record['dtype']}"
+        benchmarks.append(
+            {"name": name, "group": group, "extra_info": info, "stats": stats, "params": None}
+        )
+    return {
+        "machine_info": {"python_version": platform.python_version(), "torch": torch.__version__},
+        "benchmarks": benchmarks,
+        "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "version": "fastae.benchmark",
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def measure(
+    case: str,
+    provider: str,
+    size: Size,
+    dtype: str,
+    device: str,
+    rounds: int | None = None,
+) -> dict[str, Any]:
+    """Build, warm up (compile), count and time one case: a flat record."""
+    bench = build(case, provider, size, dtype, device)
+    seconds = warm_up(bench)
+    record = bench.info()
+    record.update(figures(bench))
+    times = time_calls(bench, rounds or rounds_for(seconds, bench.device.type))
+    record.update({f"{k}_s": v for k, v in stats_of(times).items() if k != "rounds"})
+    record["rounds"] = len(times)
+    if provider == "compile":
+        torch._dynamo.reset()
+    return record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cases",
+        default=",".join(STEPS),
+        help=f"comma-separated among {', '.join(CASES)} (default: the training steps)",
+    )
+    parser.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help=f"comma-separated among {', '.join(PROVIDERS + (JACREV,))} (default: %(default)s)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="fp32, tf32 (fp32 with matmul precision 'high') or bf16, comma-separated "
+        "(default: fp32 on the CPU, tf32 on CUDA)",
+    )
+    parser.add_argument(
+        "--size",
+        default=None,
+        help="BATCHxINPUTSxHIDDEN, comma-separated, or a preset among "
+        f"{', '.join(SIZE_SETS)} (default: 256x784x1024 on the CPU, 4096x784x1024 on CUDA)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="timed calls per case")
+    parser.add_argument(
+        "--figures",
+        action="store_true",
+        help="also print the figures per case (ops dispatched, MB saved for backward)",
+    )
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or default_device()
+    try:
+        cases = parse_list(args.cases, CASES, "cases")
+        providers = parse_list(args.providers, PROVIDERS + (JACREV,), "providers")
+        dtypes = parse_list(args.dtype or ("fp32" if device == "cpu" else "tf32"), DTYPES, "dtype")
+        sizes = parse_sizes(args.size or ("256x784x1024" if device == "cpu" else "4096x784x1024"))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda, but CUDA is not available", file=sys.stderr)
+        return 2
+    print(f"fastae bench on {device_name(device)}, torch {torch.__version__}", file=sys.stderr)
+    records = []
+    for size in sizes:
+        for dtype in dtypes:
+            for case in cases:
+                for provider in providers:
+                    why = unavailable(provider, device, case)
+                    if why:
+                        if provider != JACREV:
+                            print(f"skip {case} {provider}: {why}", file=sys.stderr)
+                        continue
+                    record = measure(case, provider, size, dtype, device, args.rounds)
+                    print(
+                        f"  {case:<12} {provider:<8} {size} {dtype}: "
+                        f"{record['median_s'] * 1e3:.3f} ms",
+                        file=sys.stderr,
+                    )
+                    records.append(record)
+    print(ratio_table(records))
+    if args.figures:
+        print()
+        print(figures_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(records), f, indent=1)
+    return 0

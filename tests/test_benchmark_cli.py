@@ -1,0 +1,117 @@
+"""``python -m fastae bench``: the ratio table, the figures, and the eager baselines' math."""
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+import fastae
+from fastae import __main__ as cli
+from fastae import baselines
+from fastae import benchmark as fb
+
+CASES = ("sparse", "denoising", "contractive")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """``python -m fastae bench`` on a tiny CPU case (run in-process: its ``main``)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = ["bench", "--device", "cpu", "--size", "64x48x32", "--cases", ",".join(CASES)]
+    argv += ["--providers", "eager,fastae", "--rounds", "2", "--figures", "--json", str(out)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: one thread is fastest and steady on a busy machine
+    try:
+        with fastae.use_backend("reference"), redirect_stdout(stdout), redirect_stderr(stderr):
+            assert cli.main(argv) == 0, stderr.getvalue()
+    finally:
+        torch.set_num_threads(threads)
+    with open(out) as f:
+        return stdout.getvalue(), fb.records_from_json(json.load(f))
+
+
+def test_prints_ratio_table(bench_run):
+    stdout, _ = bench_run
+    lines = stdout.splitlines()
+    header = lines[0].split()
+    for column in ("case", "eager", "fastae", "vs"):
+        assert column in header
+    for case in CASES:
+        row = next(line for line in lines if line.startswith(case))
+        assert "64x48x32" in row and "fp32" in row
+        assert row.split()[-2].endswith("x")  # fastae vs eager, e.g. "0.85x"
+
+
+def _records(bench_run) -> dict[tuple[str, str], dict]:
+    _, records = bench_run
+    return {(r["case"], r["provider"]): r for r in records}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fastae_step_dispatches_fewer_ops(bench_run, case):
+    records = _records(bench_run)
+    eager, fast = records[(case, "eager")], records[(case, "fastae")]
+    assert fast["median_s"] > 0 and eager["median_s"] > 0
+    assert 0 < fast["aten_ops"] < eager["aten_ops"], (fast["ops_by_name"], eager["ops_by_name"])
+    assert fast["fastae_ops"] >= 2 and eager["fastae_ops"] == 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fastae_step_saves_less_for_backward(bench_run, case):
+    records = _records(bench_run)
+    eager, fast = records[(case, "eager")], records[(case, "fastae")]
+    assert 0 < fast["saved_bytes"] <= eager["saved_bytes"]
+    saved_less = eager["saved_bytes_beyond_inputs"] - fast["saved_bytes_beyond_inputs"]
+    if case == "sparse":
+        # both keep h and one (B, d) decoder tensor; the rest are a few H-vectors either way
+        assert saved_less >= 0
+    else:
+        # eager also keeps the mask and x~ (denoising) or s and s^2 (contractive)
+        assert saved_less >= 4 * eager["batch"] * min(eager["inputs"], eager["hidden"])
+
+
+def _params(d=13, hidden=7, batch=5, seed=0):
+    torch.manual_seed(seed)
+    model = fastae.Autoencoder(d, hidden).double()
+    torch.nn.init.normal_(model.bias)
+    torch.nn.init.normal_(model.decoder_bias)
+    x = torch.rand(batch, d, dtype=torch.float64)
+    return x, model.weight.detach(), model.bias.detach(), model.decoder_bias.detach()
+
+
+@pytest.mark.parametrize(
+    ("step", "options"),
+    [
+        (baselines.plain_step, {}),
+        (
+            baselines.sparse_step,
+            {"sparsity": fastae.KLSparsity(baselines.RHO, baselines.SPARSITY_WEIGHT)},
+        ),
+        (baselines.contractive_step, {"contractive": baselines.CONTRACTIVE}),
+        (baselines.contractive_jacrev_step, {"contractive": baselines.CONTRACTIVE}),
+    ],
+)
+def test_eager_baselines_compute_the_fastae_loss(step, options):
+    x, W, b, c = _params()
+    model = fastae.Autoencoder(x.shape[1], W.shape[0], **options).double()
+    with torch.no_grad():
+        model.weight.copy_(W), model.bias.copy_(b), model.decoder_bias.copy_(c)
+    with fastae.use_backend("reference"):
+        expected = model(x).loss
+    torch.testing.assert_close(step(x, W, b, c), expected)
+
+
+def test_eager_ops_compute_the_fastae_ops():
+    x, W, b, c = _params()
+    with fastae.use_backend("reference"):
+        h, rho_hat, jac = fastae.ops.encode(x, W, b)
+        per_sample = fastae.ops.decode_loss(h, W.t(), c, target=x)
+    for got, want in zip(baselines.encode_with_statistics(x, W, b), (h, rho_hat, jac), strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(baselines.decode_loss(h, W, c, x), per_sample)
+    torch.testing.assert_close(baselines.contractive_penalty_jacrev(x, W, b), jac)
+    kept = baselines.corrupt(torch.ones(200, 50)).mean().item()
+    assert abs(kept - (1 - baselines.MASK_P)) < 0.05
