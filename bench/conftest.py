@@ -34,8 +34,9 @@ def pytest_addoption(parser):
     )
     group.addoption(
         "--fastae-providers",
-        default=",".join(fb.PROVIDERS),
-        help="comma-separated among eager, compile, fastae (default: all three)",
+        default=None,
+        help=f"comma-separated among {', '.join(fb.ALL_PROVIDERS[:-1])} (default: eager, "
+        "compile, fastae; on CUDA also fastae_split and floor)",
     )
     group.addoption(
         "--fastae-compile-cases",
@@ -98,8 +99,8 @@ def pytest_generate_tests(metafunc):
         dtypes = config.getoption("--fastae-dtypes") or fb.default_dtypes(device)
         metafunc.parametrize("dtype", fb.parse_list(dtypes, fb.DTYPES, "--fastae-dtypes"))
     if "provider" in metafunc.fixturenames:
-        providers = config.getoption("--fastae-providers")
-        metafunc.parametrize("provider", fb.parse_list(providers, fb.PROVIDERS, "providers"))
+        providers = config.getoption("--fastae-providers") or fb.default_providers(device)
+        metafunc.parametrize("provider", fb.parse_list(providers, fb.ALL_PROVIDERS, "providers"))
 
 
 @pytest.fixture

@@ -66,9 +66,22 @@ timeout $((budget + 120)) "$PYTHON" -m pytest bench -q -p no:cacheprovider --ben
 bench_rc=$?
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
 
+# reparameterize at B=4096, k=64..1024, and corrupt on 256 MB against a plain copy
+extra=()
+for spec in "reparameterize vae tf32" "corrupt bandwidth tf32"; do
+    set -- $spec
+    [ "$(left)" -lt 25 ] && break
+    log "benchmarks: $1 at sizes '$2'"
+    timeout $(($(left) + 60)) "$PYTHON" -m pytest bench/test_ops.py -q -p no:cacheprovider \
+        --benchmark-only -k "$1" --fastae-device cuda --fastae-sizes "$2" --fastae-dtypes "$3" \
+        --fastae-providers eager,compile,fastae,floor --fastae-budget-s "$(left)" \
+        --benchmark-json "$OUT/bench_$1.json" >>"$OUT/bench.log" 2>&1
+    [ -s "$OUT/bench_$1.json" ] && extra+=("$OUT/bench_$1.json")
+done
+
 log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
 if [ ! -s "$OUT/bench.json" ]; then
     log "no benchmark JSON was written; see $OUT/bench.log"
     exit 1
 fi
-"$PYTHON" bench/summarize.py "$OUT/bench.json" --out "$OUT"
+"$PYTHON" bench/summarize.py "$OUT/bench.json" "${extra[@]}" --out "$OUT"

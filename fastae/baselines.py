@@ -44,6 +44,7 @@ __all__ = [
     "encode_with_statistics",
     "kl_sparsity",
     "plain_step",
+    "reparameterize",
     "sparse_step",
 ]
 
@@ -139,3 +140,11 @@ def contractive_jacrev_step(x: Tensor, W: Tensor, b: Tensor, c: Tensor) -> Tenso
     """The contractive step with the penalty from ``torch.func.jacrev`` (brute force)."""
     h = torch.sigmoid(F.linear(x, W, b))
     return decode_loss(h, W, c, x).mean() + CONTRACTIVE * contractive_penalty_jacrev(x, W, b)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    """fastae: ``fastae.ops.reparameterize(mu, logvar)`` — z = mu + exp(logvar / 2) eps and
+    the per-sample KL to N(0, I)."""
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)
+    return z, kl

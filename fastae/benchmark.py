@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -42,11 +43,18 @@ from . import baselines, ops
 from .modules import Autoencoder, KLSparsity
 from .noise import MaskingNoise
 
-OPS = ("encode", "encode_stats", "corrupt", "decode_loss")
+OPS = ("encode", "encode_stats", "corrupt", "decode_loss", "reparameterize")
 STEPS = ("plain", "sparse", "denoising", "contractive", "all")
 CASES = OPS + STEPS
 PROVIDERS = ("eager", "compile", "fastae")
 JACREV = "jacrev"  # extra provider, contractive step only
+# Extra providers (CUDA defaults): fastae with the other fusion boundary of the encoder
+# (cuBLAS GEMMs + one fused statistics pass), and the floor: the bare matrix products of the
+# case (torch.mm forward and backward), or a plain copy for corrupt.
+SPLIT = "fastae_split"
+FLOOR = "floor"
+EXTRA_PROVIDERS = (SPLIT, FLOOR, JACREV)
+ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 
 # name -> (dtype, float32 matmul precision used while the case runs)
 DTYPES = {
@@ -82,6 +90,10 @@ SIZE_SETS = {
     "large": LARGE,
     "full": MNIST + LARGE,
     "lean": [Size(4096, 784, 1024), Size(8192, 4096, 4096)],
+    # reparameterize: batch x (unused) x latent k
+    "vae": [Size(4096, 784, k) for k in (64, 128, 256, 512, 1024)],
+    # corrupt at 256 MB of float32 (the bandwidth check)
+    "bandwidth": [Size(8192, 8192, 1)],
 }
 JACREV_SIZE = Size(64, 784, 256)  # the brute-force gap is measured once, small
 
@@ -111,6 +123,12 @@ def default_sizes(device: str) -> str:
     return "cpu" if device == "cpu" else "full"
 
 
+def default_providers(device: str) -> str:
+    """eager, compile, fastae; on CUDA also the split boundary and the matrix-product floor."""
+    extra = (SPLIT, FLOOR) if device.startswith("cuda") else ()
+    return ",".join(PROVIDERS + extra)
+
+
 def default_dtypes(device: str) -> str:
     return "fp32" if device == "cpu" else "tf32,bf16"
 
@@ -124,6 +142,10 @@ def unavailable(provider: str, device: str, case: str | None = None) -> str | No
         return "CUDA is not available"
     if provider == JACREV and case not in (None, "contractive"):
         return "the jacrev provider only computes the contractive step"
+    if provider == FLOOR and case == "reparameterize":
+        return "no matrix-product floor for reparameterize"
+    if provider == SPLIT and case not in (None, "encode", "encode_stats") + STEPS:
+        return "the split fusion boundary is the encoder's"
     if provider == "compile":
         if device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
             return "torch.compile on the CPU needs a C++ compiler"
@@ -169,6 +191,20 @@ def compile_function(fn: Callable) -> Callable:
 
 
 @contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def matmul_precision(precision: str):
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
@@ -211,6 +247,7 @@ class Bench:
     params: list[Tensor]  # leaves whose gradients the call computes (reset before each call)
     inputs: list[Tensor]  # inputs and parameters: not counted as saved "beyond inputs"
     grads: Callable[[tuple[Tensor, ...]], list[Tensor] | None] = lambda outs: None
+    env: dict[str, str] | None = None  # environment while a call runs (forward and backward)
 
     @property
     def kind(self) -> str:
@@ -224,7 +261,7 @@ class Bench:
             torch.autograd.backward(outs, self.grads(outs))
 
     def run(self) -> None:
-        with matmul_precision(DTYPES[self.dtype][1]):
+        with matmul_precision(DTYPES[self.dtype][1]), _environment(self.env or {}):
             self.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -260,8 +297,8 @@ def build(
     """The case ready to run: inputs made, compiled function (not yet compiled) in place."""
     if case not in CASES:
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
-    if provider not in PROVIDERS + (JACREV,):
-        raise ValueError(f"provider must be one of {PROVIDERS + (JACREV,)}, got {provider!r}")
+    if provider not in ALL_PROVIDERS:
+        raise ValueError(f"provider must be one of {ALL_PROVIDERS}, got {provider!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     why = unavailable(provider, device, case)
@@ -269,11 +306,50 @@ def build(
         raise RuntimeError(f"provider {provider!r} cannot run here: {why}")
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = Autoencoder(size.inputs, size.hidden, **_STEP_MODELS.get(case, {}))
+    # fit() checks the data lies in [0, 1] once; the timed step does not sync to re-check it
+    model = Autoencoder(size.inputs, size.hidden, check_targets=False, **_STEP_MODELS.get(case, {}))
     model = model.to(device=dev, dtype=DTYPES[dtype][0])
     W, b, c = model.weight, model.bias, model.decoder_bias
     x = torch.rand(size.batch, size.inputs, device=dev, dtype=W.dtype)
-    common = {"case": case, "provider": provider, "size": size, "dtype": dtype, "device": dev}
+    env = {"FASTAE_ENCODER_FUSION": "split" if provider == SPLIT else "gemm"}
+    common = {
+        "case": case, "provider": provider, "size": size, "dtype": dtype, "device": dev, "env": env
+    }  # fmt: skip
+    if provider == SPLIT:
+        provider = "fastae"
+
+    upstream: list[Tensor] = []
+
+    def fixed_grads(outs: tuple[Tensor, ...]) -> list[Tensor]:
+        # the same random upstream gradients every call (made at the first)
+        if not upstream:
+            gen = torch.Generator(device=dev).manual_seed(seed + 1)
+            for out in outs:
+                upstream.append(
+                    torch.randn(out.shape, generator=gen, device=dev, dtype=out.dtype)
+                    if case != "decode_loss"
+                    else torch.full_like(out, 1.0 / size.batch)
+                )
+        return upstream
+
+    if provider == FLOOR:
+        return _floor(case, x, W, c, fixed_grads, common)
+
+    if case == "reparameterize":
+        k = size.hidden
+        gen = torch.Generator(device=dev).manual_seed(seed + 2)
+        stats = 0.5 * torch.randn(size.batch, 2 * k, generator=gen, device=dev, dtype=W.dtype)
+        mu = stats[:, :k].contiguous().requires_grad_()
+        logvar = stats[:, k:].contiguous().requires_grad_()
+        if provider == "fastae":
+            forward = lambda: ops.reparameterize(mu, logvar)  # noqa: E731
+        else:
+            fn = baselines.reparameterize
+            fn = compile_function(fn) if provider == "compile" else fn
+            forward = lambda: tuple(fn(mu, logvar))  # noqa: E731
+        return Bench(
+            forward=forward, params=[mu, logvar], inputs=[mu, logvar], grads=fixed_grads, **common
+        )
 
     if case in STEPS:
         inputs = [x, W, b, c]
@@ -293,20 +369,6 @@ def build(
             fn = compile_function(baselines.corrupt) if provider == "compile" else baselines.corrupt
             forward = lambda: (fn(x),)  # noqa: E731
         return Bench(forward=forward, params=[], inputs=[x], **common)
-
-    upstream: list[Tensor] = []
-
-    def fixed_grads(outs: tuple[Tensor, ...]) -> list[Tensor]:
-        # the same random upstream gradients every call (made at the first)
-        if not upstream:
-            gen = torch.Generator(device=dev).manual_seed(seed + 1)
-            for out in outs:
-                upstream.append(
-                    torch.randn(out.shape, generator=gen, device=dev, dtype=out.dtype)
-                    if case != "decode_loss"
-                    else torch.full_like(out, 1.0 / size.batch)
-                )
-        return upstream
 
     if case == "decode_loss":
         h = torch.sigmoid(torch.nn.functional.linear(x, W, b)).detach().requires_grad_(True)
@@ -336,6 +398,26 @@ def build(
             return tuple(out) if with_stats else (out,)
 
     return Bench(forward=forward, params=[W, b], inputs=[x, W, b], grads=fixed_grads, **common)
+
+
+def _floor(case: str, x: Tensor, W: Tensor, c: Tensor, grads, common: dict) -> Bench:
+    """The bare matrix products of a case, forward and backward through torch.mm: encode
+    x W^T and dW = G^T x; decode h W and dh, dW; a tied step both (five products); corrupt
+    a copy of x (read once, written once)."""
+    if case == "corrupt":
+        return Bench(forward=lambda: (x.clone(),), params=[], inputs=[x], **common)
+    if case == "decode_loss":
+        h = torch.rand(x.shape[0], W.shape[0], device=x.device, dtype=x.dtype)
+        h.requires_grad_()
+        forward = lambda: (h @ W,)  # noqa: E731
+        return Bench(forward=forward, params=[h, W], inputs=[x, h, W], grads=grads, **common)
+    tied_step = case in STEPS
+
+    def forward():
+        z = x @ W.t()
+        return (z @ W,) if tied_step else (z,)
+
+    return Bench(forward=forward, params=[W], inputs=[x, W], grads=grads, **common)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -572,8 +654,14 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
     """Median ms per provider and fastae's speedup vs eager and vs compile, per case."""
     rows = group_rows(records)
     with_jacrev = any(JACREV in row["providers"] for row in rows)
+    with_split = any(SPLIT in row["providers"] for row in rows)
+    with_floor = any(FLOOR in row["providers"] for row in rows)
     header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
     header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
+    # split: the encoder's other fusion boundary; floor: bare matrix products (or a copy)
+    header += (["split ms", "split/fastae"] if with_split else []) + (
+        ["floor ms", "fastae/floor"] if with_floor else []
+    )
     lines = []
     for row in rows:
         first, prov = row["first"], row["providers"]
@@ -583,6 +671,11 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
         cells += [_ratio(speedup(row, "eager")), _ratio(speedup(row, "compile"))]
         if with_jacrev:
             cells += [_ms(prov.get(JACREV)), _ratio(speedup(row, JACREV))]
+        if with_split:
+            cells += [_ms(prov.get(SPLIT)), _ratio(speedup(row, SPLIT))]
+        if with_floor:
+            floor = speedup(row, FLOOR)
+            cells += [_ms(prov.get(FLOOR)), _ratio(1 / floor if floor else None)]
         lines.append(cells)
     return _format(header, lines, markdown)
 
@@ -594,7 +687,7 @@ def _mb(value: int | None) -> str:
 def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
     """Aten ops and saved MB (beyond inputs) per provider; CUDA peak MB and kernels if any."""
     rows = group_rows(records)
-    providers = [p for p in PROVIDERS + (JACREV,) if any(p in r["providers"] for r in rows)]
+    providers = [p for p in ALL_PROVIDERS if any(p in r["providers"] for r in rows)]
     on_cuda = any(r["first"].get("device") == "cuda" for r in rows)
     header = ["case", "size", "dtype"]
     header += [f"ops {p}" for p in providers] + [f"saved MB {p}" for p in providers]
@@ -686,7 +779,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers",
         default=",".join(PROVIDERS),
-        help=f"comma-separated among {', '.join(PROVIDERS + (JACREV,))} (default: %(default)s)",
+        help=f"comma-separated among {', '.join(ALL_PROVIDERS)} (default: %(default)s)",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(
@@ -714,7 +807,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     try:
         cases = parse_list(args.cases, CASES, "cases")
-        providers = parse_list(args.providers, PROVIDERS + (JACREV,), "providers")
+        providers = parse_list(args.providers, ALL_PROVIDERS, "providers")
         dtypes = parse_list(args.dtype or ("fp32" if device == "cpu" else "tf32"), DTYPES, "dtype")
         sizes = parse_sizes(args.size or ("256x784x1024" if device == "cpu" else "4096x784x1024"))
     except ValueError as error:
