@@ -85,13 +85,16 @@ def _forward_kernel(
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :])
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_ok, other=0.0)
         if NOISE != 0:
+            # corrupt as loaded; padding stays zero (salt would otherwise fill it)
             offsets = element_offsets(rows, ks, D, 0)
             x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
-        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :])
-        x = tl.where(row_ok[:, None] & k_ok[None, :], x, 0.0)
-        w = tl.where(k_ok[:, None] & col_ok[None, :], w, 0.0)
+            x = tl.where(x_ok, x, 0.0)
+        w = tl.load(
+            w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+        )
         acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC)
         if pid_m == 0:
             w_acc = w.to(ACC)
@@ -219,11 +222,12 @@ def _grad_weight_kernel(
             mask=col_ok[:, None] & row_ok[None, :], other=0.0,
         )  # fmt: skip
         x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + r64[:, None] * stride_xm + ks[None, :] * stride_xk, mask=x_ok)
+        x_idx = r64[:, None] * stride_xm + ks[None, :] * stride_xk
+        x = tl.load(x_ptr + x_idx, mask=x_ok, other=0.0)
         if NOISE != 0:
             offsets = element_offsets(rows, ks, D, 0)
             x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
-        x = tl.where(x_ok, x, 0.0)
+            x = tl.where(x_ok, x, 0.0)
         acc = tl.dot(dz_t, x, acc, input_precision=PRECISION, out_dtype=ACC)
     jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
     c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
