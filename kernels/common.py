@@ -118,6 +118,15 @@ def element_offsets(rows, cols, n_cols, base):
 
 
 @triton.jit
+def uniform(words):
+    """float32 in [0, 1) from Philox words, as ``fastae.philox.uint_to_uniform`` (and Triton's
+    ``tl.rand``): read as int32, fold negatives with ~x, scale by 4.6566127342e-10."""
+    signed = words.to(tl.int32, bitcast=True)
+    signed = tl.where(signed < 0, ~signed, signed)
+    return signed.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
 def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
     """x~ of a tile (in the accumulator dtype), random numbers from Philox at ``offsets``.
 
@@ -134,9 +143,9 @@ def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
         x = x + (level * eps).to(x.dtype)
     elif NOISE != NOISE_NONE:
         w0, w1, _, _ = tl.randint4x(seed, offsets)
-        keep = tl.random.uint_to_uniform_float(w0) >= level
+        keep = uniform(w0) >= level
         if NOISE == NOISE_SALT_PEPPER:
-            salt = tl.random.uint_to_uniform_float(w1) >= 0.5
+            salt = uniform(w1) >= 0.5
             x = tl.where(keep, x, tl.where(salt, high, low).to(x.dtype))
         elif NOISE == NOISE_MASKING_RESCALE:
             x = tl.where(keep, x / (1.0 - level), 0.0)
@@ -150,7 +159,7 @@ def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
     """d x~ / d x applied to ``grad``: the kept-entry mask regenerated from the seed."""
     if NOISE >= NOISE_MASKING:
         w0, _, _, _ = tl.randint4x(seed, offsets)
-        keep = tl.random.uint_to_uniform_float(w0) >= level
+        keep = uniform(w0) >= level
         if NOISE == NOISE_MASKING_RESCALE:
             grad = tl.where(keep, grad / (1.0 - tl.cast(level, tl.float32)), 0.0)
         else:
