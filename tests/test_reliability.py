@@ -207,6 +207,13 @@ def _ddp_worker(rank, world, port, x, state, result_path):
         torch.distributed.all_reduce(loss)
         if rank == 0:
             torch.save((loss / world, [p.grad for p in model.parameters()]), result_path)
+        # fastae.fit under the process group: sharded data, parameters stay in sync
+        history = fastae.fit(ddp, x, epochs=3, batch_size=4, seed=0, progress=False)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        torch.distributed.all_gather(gathered, flat)
+        if rank == 0:
+            torch.save((history.loss, gathered), result_path + ".fit")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -223,6 +230,9 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
         _ddp_worker, args=(2, _free_port(), x, state, result), nprocs=2, start_method="spawn"
     )
     ddp_loss, ddp_grads = torch.load(result, weights_only=True)
+    fit_losses, rank_params = torch.load(result + ".fit", weights_only=True)
+    assert torch.equal(rank_params[0], rank_params[1])
+    assert fit_losses[-1] < fit_losses[0]
     out = model(x)  # no process group here: local statistics of the whole batch
     out.loss.backward()
     torch.testing.assert_close(ddp_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
