@@ -24,7 +24,7 @@ def _finite(name: str, value: object) -> float:
     return value
 
 
-def _seed(seed: object) -> int | None:
+def check_seed(seed: object) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -47,7 +47,7 @@ class _Noise:
         """This spec with a concrete seed: ``seed`` if given, its own, or a fresh draw."""
         if seed is None:
             seed = self.seed if self.seed is not None else draw_seed()
-        return replace(self, seed=_seed(seed))
+        return replace(self, seed=check_seed(seed))
 
     def params(self) -> tuple[str, float, float, float]:
         """(kind, level, low, high) as the ops' schemas take them."""
@@ -67,7 +67,7 @@ class GaussianNoise(_Noise):
         if sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         object.__setattr__(self, "sigma", sigma)
-        object.__setattr__(self, "seed", _seed(self.seed))
+        object.__setattr__(self, "seed", check_seed(self.seed))
 
     def params(self):
         return "gaussian", self.sigma, 0.0, 0.0
@@ -89,7 +89,7 @@ class MaskingNoise(_Noise):
         if not isinstance(self.rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(self.rescale).__name__}")
         object.__setattr__(self, "p", p)
-        object.__setattr__(self, "seed", _seed(self.seed))
+        object.__setattr__(self, "seed", check_seed(self.seed))
 
     def params(self):
         return ("masking_rescale" if self.rescale else "masking"), self.p, 0.0, 0.0
@@ -113,14 +113,12 @@ class SaltPepperNoise(_Noise):
         object.__setattr__(self, "p", p)
         object.__setattr__(self, "low", low)
         object.__setattr__(self, "high", high)
-        object.__setattr__(self, "seed", _seed(self.seed))
+        object.__setattr__(self, "seed", check_seed(self.seed))
 
     def params(self):
         return "salt_pepper", self.p, self.low, self.high
 
 
-# kinds as the op schemas name them ("none": no corruption)
-NOISE_KINDS = ("none", "gaussian", "masking", "masking_rescale", "salt_pepper")
 Noise = GaussianNoise | MaskingNoise | SaltPepperNoise
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, backend, reference
-from .noise import NOISE_KINDS, SEED_BOUND, Noise, check_noise
+from .noise import Noise, check_noise, check_seed
 
 __all__ = ["encode", "corrupt", "decode_loss", "reparameterize"]
 
@@ -58,14 +58,12 @@ def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | N
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in low else t for t in tensors)
 
 
-def _seed_tensor(noise: Noise | None) -> Tensor:
-    """The noise seed as an int64 CPU scalar: the spec's own, or a fresh draw from torch's
+def _seed_tensor(seed: int | None) -> Tensor:
+    """A Philox seed as an int64 CPU scalar: ``seed``, or for None a fresh draw from torch's
     generator (a tensor, so torch.compile traces the draw instead of baking in a constant)."""
-    if noise is None:
-        return torch.zeros((), dtype=torch.int64)
-    if noise.seed is not None:
-        return torch.tensor(noise.seed, dtype=torch.int64)
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 def _stat_empty(like: Tensor, *shape: int) -> Tensor:
@@ -134,7 +132,7 @@ def corrupt(x: Tensor, noise: Noise) -> Tensor:
     noise = check_noise(noise)
     kind, level, low, high = noise.params()
     name = _backend_for("corrupt", "noise", x.device)
-    return _corrupt_op(x, kind, level, low, high, _seed_tensor(noise), name)
+    return _corrupt_op(x, kind, level, low, high, _seed_tensor(noise.seed), name)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -272,8 +270,7 @@ def encode(
         kind, level, low, high = "none", 0.0, 0.0, 0.0
     else:
         kind, level, low, high = noise.params()
-    seed = _seed_tensor(noise)
-    assert kind in NOISE_KINDS
+    seed = _seed_tensor(0 if noise is None else noise.seed)
     name = _backend_for("encode", "encoder", x.device)
     h, rho_hat, jac, _ = _encode_op(x, weight, bias, activation, kind, level, low, high, seed, name)
     return h, rho_hat, jac
@@ -511,14 +508,6 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple
         )
     if mu.shape[0] == 0 or mu.shape[1] == 0:
         raise ValueError(f"mu must have at least one row and one column, got {tuple(mu.shape)}")
-    if seed is None:
-        # a tensor draw, so torch.compile traces it instead of baking in a constant
-        seed_tensor = torch.randint(0, 2**62, (), dtype=torch.int64)
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    elif not 0 <= seed <= SEED_BOUND:
-        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    else:
-        seed_tensor = torch.tensor(seed, dtype=torch.int64)
+    seed = _seed_tensor(check_seed(seed))
     name = _backend_for("reparameterize", "vae", mu.device)
-    return _reparameterize_op(mu, logvar, seed_tensor, name)
+    return _reparameterize_op(mu, logvar, seed, name)
