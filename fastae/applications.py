@@ -1,0 +1,628 @@
+"""Applications of regularized autoencoders (the ``apps`` extra: scikit-learn).
+
+- :class:`SemiSupervisedAutoencoder`: a softmax head on the code, trained on
+  cross-entropy(y, y^) + reconstruction_weight * (autoencoder loss); samples labelled -1 are
+  unlabelled and contribute only the autoencoder term (``sklearn.semi_supervised``'s
+  convention).
+- :class:`StackedAutoencoder`: greedy layer-wise pretraining (each layer a sparse / denoising /
+  contractive autoencoder on the codes of the layer below), then the whole stack fine-tuned
+  as one deep autoencoder.
+- :func:`cluster_codes` (k-means on codes) and :class:`DECClustering` (k-means on codes, then
+  refined with DEC's cluster-assignment loss, Xie et al. 2016).
+
+Everything trains through :func:`fastae.fit`. Models whose loss needs more than the input
+(labels, DEC targets) read them from extra columns appended to the training tensor, so the
+same batching, shuffling and seeding apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
+from .sklearn import (
+    _TORCH_DTYPES,
+    AutoencoderEstimatorMixin,
+    AutoencoderTransformer,
+    _as_dtype,
+    _decode,
+    _encode,
+    _nonnegative_int,
+    _positive_float,
+    _positive_int,
+    _seeded,
+    _validate_data,
+)
+
+try:
+    from scipy.special import logsumexp
+    from sklearn.base import (
+        BaseEstimator,
+        ClassifierMixin,
+        ClassNamePrefixFeaturesOutMixin,
+        ClusterMixin,
+        TransformerMixin,
+        clone,
+    )
+    from sklearn.cluster import KMeans
+    from sklearn.utils import check_array, check_random_state
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as error:  # pragma: no cover - fastae.sklearn raises first
+    raise ImportError(
+        "fastae.applications needs scikit-learn: pip install 'fastae[apps]'"
+    ) from error
+
+__all__ = [
+    "DECClustering",
+    "SemiSupervisedAutoencoder",
+    "StackedAutoencoder",
+    "cluster_codes",
+]
+
+UNLABELED = -1
+
+
+def _reconstruction_weight(weight) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)):
+        raise TypeError(f"reconstruction_weight must be a real number, got {weight!r}")
+    if not (np.isfinite(weight) and weight >= 0):
+        raise ValueError(f"reconstruction_weight must be finite and >= 0, got {weight!r}")
+    return float(weight)
+
+
+def _logits(module, x):
+    return module.logits(x)
+
+
+def _soft_assignments(module, x):
+    return module.soft_assignments(x)
+
+
+def layer_penalties(layer: Autoencoder, h: Tensor, rho_hat: Tensor, jac: Tensor) -> dict:
+    """The sparsity and contractive terms of ``layer`` from its encode statistics."""
+    penalties = {}
+    if isinstance(layer.sparsity, KLSparsity):
+        penalties["sparsity"] = layer.sparsity.penalty(h, rho_hat)
+    elif isinstance(layer.sparsity, L1Sparsity):
+        penalties["sparsity"] = layer.sparsity.penalty(h, rho_hat, layer.activation != "tanh")
+    if layer.contractive:
+        penalties["contractive"] = layer.contractive * jac
+    return penalties
+
+
+# ============================================================================ semi-supervised
+
+
+@dataclass
+class SemiSupervisedOutput:
+    """loss = cross_entropy + reconstruction_weight * autoencoder.loss."""
+
+    loss: Tensor
+    cross_entropy: Tensor
+    logits: Tensor
+    autoencoder: AutoencoderOutput
+
+
+class SemiSupervisedModule(nn.Module):
+    """An autoencoder with a linear softmax head on its code.
+
+    ``forward`` takes (B, d + 1): the d inputs, then the class index as a float (-1 when the
+    sample is unlabelled). Cross-entropy is averaged over the labelled rows of the batch (zero
+    when there are none); the autoencoder loss (reconstruction plus its penalties) over all.
+    """
+
+    def __init__(self, autoencoder: Autoencoder, n_classes: int, reconstruction_weight: float):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.head = nn.Linear(autoencoder.hidden_features, n_classes)
+        self.reconstruction_weight = float(reconstruction_weight)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.autoencoder.encode(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self.encode(x))
+
+    def forward(self, batch: Tensor) -> SemiSupervisedOutput:
+        d = self.autoencoder.in_features
+        x = batch[:, :d].contiguous()
+        y = batch[:, d].round().long()
+        out = self.autoencoder(x)
+        logits = self.head(out.code)
+        labeled = (y >= 0).to(logits.dtype)
+        per_sample = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+        cross_entropy = (per_sample * labeled).sum() / labeled.sum().clamp(min=1.0)
+        loss = cross_entropy + self.reconstruction_weight * out.loss
+        return SemiSupervisedOutput(loss, cross_entropy, logits, out)
+
+
+class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, BaseEstimator):
+    """Classifier trained on labelled and unlabelled samples together.
+
+    loss = cross-entropy(y, softmax(head(code))) + reconstruction_weight * autoencoder loss,
+    where the autoencoder loss is the per-sample reconstruction error (summed over features,
+    averaged over the batch) plus the sparsity / contractive penalties; with ``noise`` the
+    code the head sees during training is that of the corrupted input. Samples with
+    ``y == -1`` are unlabelled: they contribute only the autoencoder term.
+
+    Parameters are those of :class:`fastae.sklearn.AutoencoderTransformer` plus
+    ``reconstruction_weight`` (lambda). Attributes: ``classes_`` (the labels seen, -1
+    excluded), ``module_`` (a :class:`SemiSupervisedModule`), ``n_labeled_``, ``scaler_``,
+    ``loss_``, ``n_iter_``, ``loss_curve_``. ``encode`` gives the codes.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 32,
+        *,
+        reconstruction_weight: float = 0.1,
+        activation: str = "sigmoid",
+        scale: str | None = "standard",
+        loss: str = "auto",
+        tied: bool = True,
+        noise=None,
+        sparsity=None,
+        contractive: float = 0.0,
+        epochs: int = 50,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        device="auto",
+        random_state=None,
+        verbose: bool = False,
+    ):
+        self.n_components = n_components
+        self.reconstruction_weight = reconstruction_weight
+        self.activation = activation
+        self.scale = scale
+        self.loss = loss
+        self.tied = tied
+        self.noise = noise
+        self.sparsity = sparsity
+        self.contractive = contractive
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y):
+        X, y = self._validate_xy(X, y)
+        labeled = ~_unlabeled_mask(y)
+        if not labeled.any():
+            raise ValueError("y has no labelled sample: at least one label other than -1 needed")
+        check_classification_targets(y[labeled])
+        self.classes_, codes = np.unique(y[labeled], return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"SemiSupervisedAutoencoder needs at least 2 classes among the labelled "
+                f"samples, got 1 class ({self.classes_[0]!r})"
+            )
+        index = np.full(len(y), float(UNLABELED))
+        index[labeled] = codes
+        self.n_labeled_ = int(labeled.sum())
+
+        self._check_common_params()
+        n_components = _positive_int("n_components", self.n_components)
+        epochs = _positive_int("epochs", self.epochs)
+        weight = _reconstruction_weight(self.reconstruction_weight)
+        scaled = self._fit_scaling(X)
+        data = torch.cat(
+            [
+                self._tensor(scaled),
+                torch.tensor(index, dtype=torch.float32).to(self.device_)[:, None],
+            ],
+            dim=1,
+        )
+        seed = self._draw_seed()
+        with _seeded(seed):
+            autoencoder = self._layer(X.shape[1], n_components, self.loss_)
+            module = SemiSupervisedModule(autoencoder, len(self.classes_), weight)
+            self.module_ = module.to(self.device_)
+            history = self._train(self.module_, data, epochs, seed)
+        self.loss_curve_ = list(history.loss)
+        self.n_iter_ = len(history.loss)
+        self.train_seconds_ = history.seconds
+        return self
+
+    def _validate_xy(self, X, y):
+        X, y = _validate_data(
+            self, X, y, reset=True, dtype=[np.float64, np.float32], y_numeric=False
+        )
+        return X, y
+
+    def decision_function(self, X):
+        """Logits (n_samples, n_classes), or the positive-class logit difference for 2."""
+        logits = self._map_chunks(_logits, self._prepared(X))
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict_proba(self, X):
+        return self._map_chunks(lambda m, chunk: m.logits(chunk).softmax(1), self._prepared(X))
+
+    def predict_log_proba(self, X):
+        logits = self._map_chunks(_logits, self._prepared(X))
+        return logits - logsumexp(logits, axis=1, keepdims=True)
+
+    def predict(self, X):
+        logits = self._map_chunks(_logits, self._prepared(X))
+        return self.classes_[np.argmax(logits, axis=1)]
+
+    def encode(self, X):
+        """Codes (n_samples, n_components)."""
+        x = self._prepared(X)
+        return _as_dtype(self._map_chunks(_encode, x), x)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
+
+
+def _unlabeled_mask(y: np.ndarray) -> np.ndarray:
+    if y.dtype == object:
+        return np.array([isinstance(v, (int, np.integer)) and v == UNLABELED for v in y])
+    if y.dtype.kind in "iuf":
+        return y == UNLABELED
+    return np.zeros(len(y), dtype=bool)
+
+
+# ============================================================================ stacked
+
+
+class StackModule(nn.Module):
+    """A deep autoencoder made of pretrained :class:`fastae.Autoencoder` layers.
+
+    Encoding runs every layer's encoder in order; decoding runs their decoders in reverse,
+    the bottom layer's output activation and loss giving the reconstruction error. In
+    training mode the bottom layer's noise corrupts the input, and each layer's sparsity and
+    contractive terms (per-layer encoder Jacobian) join the loss.
+    """
+
+    def __init__(self, layers: list[Autoencoder]):
+        super().__init__()
+        if not layers:
+            raise ValueError("StackModule needs at least one layer")
+        self.layers = nn.ModuleList(layers)
+
+    @property
+    def hidden_features(self) -> int:
+        return self.layers[-1].hidden_features
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    def encode(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer.encode(x)
+        return x
+
+    def decode(self, h: Tensor) -> Tensor:
+        for layer in reversed(self.layers):
+            h = layer.decode(h)
+        return h
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        h, penalties = x, {}
+        for i, layer in enumerate(self.layers):
+            noise = layer.noise if (self.training and i == 0) else None
+            h, rho_hat, jac = ops.encode(
+                h, layer.weight, layer.bias, activation=layer.activation, noise=noise
+            )
+            for name, term in layer_penalties(layer, h, rho_hat, jac).items():
+                penalties[f"{name}{i}"] = term
+        code = h
+        for layer in reversed(self.layers[1:]):
+            h = layer.decode(h)
+        bottom = self.layers[0]
+        per_sample = ops.decode_loss(
+            h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
+            loss=bottom.loss_name, check_target=bottom.check_targets,
+        )  # fmt: skip
+        reconstruction_loss = per_sample.mean()
+        loss = reconstruction_loss
+        for term in penalties.values():
+            loss = loss + term
+        return AutoencoderOutput(loss, reconstruction_loss, code, per_sample, penalties)
+
+
+class StackedAutoencoder(
+    ClassNamePrefixFeaturesOutMixin, TransformerMixin, AutoencoderEstimatorMixin, BaseEstimator
+):
+    """Stacked autoencoder: greedy layer-wise pretraining, then fine-tuning of the stack.
+
+    Layer k (``sizes[k]`` units) is trained for ``pretrain_epochs`` as an autoencoder, with
+    this estimator's ``noise`` / ``sparsity`` / ``contractive`` regularizers, on the clean codes
+    of layer k-1 (layer 0 on the scaled inputs). The bottom layer uses ``loss_``; upper layers
+    reconstruct codes with BCE for sigmoid units and MSE otherwise. Then the whole stack is
+    fine-tuned for ``finetune_epochs`` as one deep autoencoder (:class:`StackModule`).
+
+    ``transform`` gives the top codes (``sizes[-1]`` columns), ``inverse_transform`` decodes
+    them back to input space, ``score_samples`` is minus the stack's reconstruction error.
+    The other parameters are those of :class:`fastae.sklearn.AutoencoderTransformer`.
+    Attributes: ``module_`` (:class:`StackModule`), ``pretrain_loss_`` (final pretraining loss
+    per layer), ``loss_curve_`` (fine-tuning), ``scaler_``, ``loss_``, ``n_iter_``.
+    """
+
+    def __init__(
+        self,
+        sizes=(64, 32),
+        *,
+        activation: str = "sigmoid",
+        scale: str | None = "standard",
+        loss: str = "auto",
+        tied: bool = True,
+        noise=None,
+        sparsity=None,
+        contractive: float = 0.0,
+        pretrain_epochs: int = 30,
+        finetune_epochs: int = 30,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        device="auto",
+        random_state=None,
+        verbose: bool = False,
+    ):
+        self.sizes = sizes
+        self.activation = activation
+        self.scale = scale
+        self.loss = loss
+        self.tied = tied
+        self.noise = noise
+        self.sparsity = sparsity
+        self.contractive = contractive
+        self.pretrain_epochs = pretrain_epochs
+        self.finetune_epochs = finetune_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y=None):
+        X = self._check_X(X, reset=True)
+        self._check_common_params()
+        if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__len__"):
+            raise TypeError(f"sizes must be a sequence of positive ints, got {self.sizes!r}")
+        sizes = [_positive_int("sizes[i]", size) for size in self.sizes]
+        if not sizes:
+            raise ValueError("sizes must name at least one layer")
+        pretrain_epochs = _positive_int("pretrain_epochs", self.pretrain_epochs)
+        finetune_epochs = _nonnegative_int("finetune_epochs", self.finetune_epochs)
+        scaled = self._fit_scaling(X)
+        data = self._tensor(scaled)
+        seed = self._draw_seed()
+        upper_loss = "bce" if self.activation == "sigmoid" else "mse"
+        layers, self.pretrain_loss_ = [], []
+        with _seeded(seed):
+            codes = data
+            for k, size in enumerate(sizes):
+                layer = self._layer(codes.shape[1], size, self.loss_ if k == 0 else upper_loss)
+                layer = layer.to(self.device_)
+                history = self._train(layer, codes, pretrain_epochs, seed + k + 1)
+                self.pretrain_loss_.append(history.loss[-1])
+                with torch.no_grad():
+                    codes = layer.encode(codes)
+                layers.append(layer)
+            self.module_ = StackModule(layers)
+            self.loss_curve_ = []
+            if finetune_epochs:
+                history = self._train(self.module_, data, finetune_epochs, seed)
+                self.loss_curve_ = list(history.loss)
+        self.module_.eval()
+        self.n_iter_ = pretrain_epochs * len(sizes) + finetune_epochs
+        self._n_features_out = sizes[-1]
+        return self
+
+    def transform(self, X):
+        x = self._prepared(X)
+        return _as_dtype(self._map_chunks(_encode, x), x)
+
+    def inverse_transform(self, X):
+        check_is_fitted(self)
+        codes = check_array(X, dtype=[np.float64, np.float32])
+        if codes.shape[1] != self.module_.hidden_features:
+            raise ValueError(
+                f"X has {codes.shape[1]} features, but inverse_transform expects "
+                f"{self.module_.hidden_features} (sizes[-1])"
+            )
+        self._sync_device()
+        h = torch.tensor(codes, dtype=_TORCH_DTYPES[codes.dtype], device=self.device_)
+        recon = self._map_chunks(_decode, h)
+        return _as_dtype(self._unscale(recon), h)
+
+    def score_samples(self, X):
+        """Minus the per-sample reconstruction error of the whole stack."""
+        return -self._reconstruction_error(self._prepared(X))
+
+    def score(self, X, y=None):
+        return float(np.mean(self.score_samples(X)))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+
+# ============================================================================ clustering
+
+
+def cluster_codes(codes, n_clusters: int = 10, *, random_state=None, n_init: int = 10) -> KMeans:
+    """k-means (scikit-learn) on codes, e.g. ``cluster_codes(ae.transform(X), 10)``.
+
+    Returns the fitted ``KMeans``: ``labels_``, ``cluster_centers_``, ``predict``.
+    """
+    codes = check_array(codes, dtype=[np.float64, np.float32])
+    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=random_state).fit(codes)
+
+
+def soft_assignments(z: Tensor, centers: Tensor, alpha: float = 1.0) -> Tensor:
+    """DEC's q_ij: Student's t kernel (1 + ||z_i - mu_j||^2 / alpha)^-((alpha + 1) / 2),
+    normalised over clusters."""
+    distance = torch.cdist(z, centers).square()
+    logits = -(alpha + 1.0) / 2.0 * torch.log1p(distance / alpha)
+    return logits.softmax(dim=1)
+
+
+def target_distribution(q: Tensor) -> Tensor:
+    """DEC's p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'), f_j = sum_i q_ij."""
+    weight = q.square() / q.sum(0)
+    return weight / weight.sum(1, keepdim=True)
+
+
+@dataclass
+class DECOutput:
+    loss: Tensor
+    kl: Tensor
+    autoencoder: AutoencoderOutput | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class DECModule(nn.Module):
+    """Encoder plus cluster centres trained on KL(P || Q) (+ reconstruction_weight * AE loss).
+
+    ``forward`` takes (B, d + K): the inputs, then the target distribution P of each row.
+    """
+
+    def __init__(self, autoencoder: nn.Module, centers: Tensor, alpha: float, weight: float):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.centers = nn.Parameter(centers.clone())
+        self.alpha = float(alpha)
+        self.reconstruction_weight = float(weight)
+
+    def soft_assignments(self, x: Tensor) -> Tensor:
+        return soft_assignments(self.autoencoder.encode(x), self.centers, self.alpha)
+
+    def forward(self, batch: Tensor) -> DECOutput:
+        d = batch.shape[1] - self.centers.shape[0]
+        x, p = batch[:, :d].contiguous(), batch[:, d:]
+        q = self.soft_assignments(x)
+        kl = (p * (torch.log(p.clamp_min(1e-12)) - torch.log(q.clamp_min(1e-12)))).sum(1).mean()
+        if not self.reconstruction_weight:
+            return DECOutput(kl, kl)
+        out = self.autoencoder(x)
+        return DECOutput(kl + self.reconstruction_weight * out.loss, kl, out)
+
+
+class DECClustering(ClusterMixin, BaseEstimator):
+    """Clustering on autoencoder codes: k-means, optionally refined DEC-style.
+
+    ``fit`` trains a clone of ``autoencoder`` (default ``AutoencoderTransformer()``; any
+    fastae estimator with ``module_.encode``, e.g. :class:`StackedAutoencoder`), runs k-means
+    on its codes, and then, for ``refine_epochs`` > 0, fine-tunes encoder and centres on DEC's
+    loss KL(P || Q) (Xie et al. 2016), with soft assignments Q from a Student's t kernel
+    (``alpha``) and the sharpened target P recomputed every ``update_interval`` epochs.
+    ``reconstruction_weight`` > 0 keeps the autoencoder loss in the objective (IDEC, Guo et
+    al. 2017). Training stops early when fewer than ``tol`` of the labels change between
+    target updates.
+
+    Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_``
+    (in code space), ``autoencoder_`` (the fitted, refined clone), ``n_iter_`` (refinement
+    epochs run).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        *,
+        autoencoder=None,
+        refine_epochs: int = 20,
+        update_interval: int = 1,
+        alpha: float = 1.0,
+        reconstruction_weight: float = 0.1,
+        tol: float = 1e-3,
+        lr: float = 1e-3,
+        n_init: int = 10,
+        random_state=None,
+        verbose: bool = False,
+    ):
+        self.n_clusters = n_clusters
+        self.autoencoder = autoencoder
+        self.refine_epochs = refine_epochs
+        self.update_interval = update_interval
+        self.alpha = alpha
+        self.reconstruction_weight = reconstruction_weight
+        self.tol = tol
+        self.lr = lr
+        self.n_init = n_init
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y=None):
+        n_clusters = _positive_int("n_clusters", self.n_clusters)
+        refine_epochs = _nonnegative_int("refine_epochs", self.refine_epochs)
+        update_interval = _positive_int("update_interval", self.update_interval)
+        _positive_float("alpha", self.alpha)
+        lr = _positive_float("lr", self.lr)
+        weight = _reconstruction_weight(self.reconstruction_weight)
+        random = check_random_state(self.random_state)
+        base = self.autoencoder if self.autoencoder is not None else AutoencoderTransformer()
+        autoencoder = clone(base)
+        if autoencoder.get_params().get("random_state", 0) is None:
+            autoencoder.set_params(random_state=random.randint(np.iinfo(np.int32).max))
+        self.autoencoder_ = autoencoder.fit(X)
+        X = check_array(X, dtype=[np.float64, np.float32])
+        self.n_features_in_ = X.shape[1]
+        codes = self.autoencoder_.transform(X)
+        kmeans = cluster_codes(
+            codes, n_clusters, random_state=random.randint(np.iinfo(np.int32).max),
+            n_init=self.n_init,
+        )  # fmt: skip
+        self.kmeans_labels_ = kmeans.labels_
+        self.labels_ = kmeans.labels_.copy()
+        self.n_iter_ = 0
+        self.cluster_centers_ = kmeans.cluster_centers_.astype(np.float64)
+        if refine_epochs:
+            module = self._module(weight)
+            x = self.autoencoder_._tensor(self.autoencoder_._scale(X))
+            self._refine(module, x, refine_epochs, update_interval, lr, random)
+            self.cluster_centers_ = module.centers.detach().double().cpu().numpy()
+        return self
+
+    def _module(self, reconstruction_weight: float = 0.0) -> DECModule:
+        """The fitted encoder with the current centres (the encoder is shared, not copied)."""
+        ae = self.autoencoder_
+        ae._sync_device()
+        centers = torch.tensor(self.cluster_centers_, dtype=torch.float32, device=ae.device_)
+        return DECModule(ae.module_, centers, float(self.alpha), reconstruction_weight)
+
+    def _refine(self, module, x: Tensor, epochs: int, interval: int, lr: float, random) -> None:
+        ae = self.autoencoder_
+        seed = int(random.randint(np.iinfo(np.int32).max))
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        previous = self.labels_
+        with _seeded(seed):
+            while self.n_iter_ < epochs:
+                q = ae._map_chunks(_soft_assignments, x, module)
+                labels = q.argmax(1)
+                changed = float(np.mean(labels != previous))
+                previous = labels
+                if self.n_iter_ and changed < self.tol:
+                    break
+                p = target_distribution(torch.tensor(q, dtype=torch.float32, device=x.device))
+                step = min(interval, epochs - self.n_iter_)
+                ae._train(
+                    module, torch.cat([x, p], dim=1), step, seed + self.n_iter_,
+                    optimizer=optimizer,
+                )  # fmt: skip
+                self.n_iter_ += step
+            q = ae._map_chunks(_soft_assignments, x, module)
+        self.labels_ = q.argmax(1)
+
+    def predict(self, X):
+        """Cluster of each sample: the largest soft assignment (nearest centre in code space)."""
+        check_is_fitted(self)
+        ae = self.autoencoder_
+        return ae._map_chunks(_soft_assignments, ae._prepared(X), self._module()).argmax(1)
+
+    def fit_predict(self, X, y=None):
+        return self.fit(X).labels_

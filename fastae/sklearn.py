@@ -1,0 +1,493 @@
+"""scikit-learn estimators built on :class:`fastae.Autoencoder` (the ``apps`` extra).
+
+- :class:`AutoencoderTransformer`: fit / transform / inverse_transform / score_samples, a
+  drop-in for ``PCA`` in a ``Pipeline`` (``n_components`` code units).
+- :class:`AutoencoderOutlierDetector`: reconstruction error as the anomaly score, with
+  scikit-learn's outlier-detector conventions and PyOD's fitted attributes.
+
+Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise``,
+``contractive``), scale their inputs (``scale="standard"``, ``"minmax"`` or ``None``), train
+with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
+seed from ``random_state`` in ``fit`` without touching torch's global generator, and pickle
+to CPU tensors (an unpickled estimator predicts on the CPU when CUDA is missing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import numpy as np
+import torch
+
+try:
+    from sklearn.base import (
+        BaseEstimator,
+        ClassNamePrefixFeaturesOutMixin,
+        OutlierMixin,
+        TransformerMixin,
+    )
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+    from sklearn.utils import check_array, check_random_state
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as error:  # pragma: no cover - exercised only without scikit-learn
+    raise ImportError("fastae.sklearn needs scikit-learn: pip install 'fastae[apps]'") from error
+
+try:
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # scikit-learn < 1.6
+
+    def _validate_data(estimator, *args, **kwargs):
+        return estimator._validate_data(*args, **kwargs)
+
+
+from . import reference
+from .backend import use_backend
+from .modules import Autoencoder, KLSparsity, L1Sparsity
+from .noise import check_noise
+from .training import History, fit
+
+__all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
+
+SCALES = ("standard", "minmax", None)
+ESTIMATOR_LOSSES = ("auto", "bce", "mse")
+# rows per forward pass at predict time (bounds memory on large inputs)
+PREDICT_CHUNK = 8192
+_SEED_BOUND = np.iinfo(np.int32).max
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"device must be 'auto' or a torch device, got {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available")
+    return resolved
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _nonnegative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def bernoulli_entropy(x: torch.Tensor) -> torch.Tensor:
+    """sum_k H(x_k) per row, H(p) = -p log p - (1 - p) log(1 - p): the minimum of BCE."""
+    x = x.clamp(0.0, 1.0)
+    return -(torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x)).sum(1)
+
+
+def _encode(module, x):
+    return module.encode(x)
+
+
+def _decode(module, h):
+    return module.decode(h)
+
+
+def _as_dtype(array: np.ndarray, like: torch.Tensor) -> np.ndarray:
+    return array.astype(np.float32 if like.dtype == torch.float32 else np.float64, copy=False)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """torch's generators (CPU and every CUDA device) forked and seeded with ``seed``: runs
+    repeat, and the caller's global generator state is left as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class AutoencoderEstimatorMixin:
+    """Shared machinery: parameter checks, scaling, device, seeding, training and pickling.
+
+    Subclasses set ``self.module_`` (an ``nn.Module`` with ``encode(x)`` and a forward that
+    returns an object with ``loss``, ``code`` and ``per_sample``).
+    """
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def _check_common_params(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.loss not in ESTIMATOR_LOSSES:
+            raise ValueError(f"loss must be one of {ESTIMATOR_LOSSES}, got {self.loss!r}")
+        if self.activation not in reference.ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {reference.ACTIVATIONS}, got {self.activation!r}"
+            )
+        check_noise(self.noise)
+        if self.sparsity is not None and not isinstance(self.sparsity, (KLSparsity, L1Sparsity)):
+            raise TypeError(
+                "sparsity must be None, fastae.KLSparsity or fastae.L1Sparsity, got "
+                f"{type(self.sparsity).__name__}"
+            )
+        _positive_int("batch_size", self.batch_size)
+        _positive_float("lr", self.lr)
+        self.device_ = resolve_device(self.device)
+
+    def _draw_seed(self) -> int:
+        return int(check_random_state(self.random_state).randint(_SEED_BOUND))
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _fit_scaling(self, X: np.ndarray) -> np.ndarray:
+        """Fit the scaler, resolve ``loss_`` and return the scaled training data."""
+        if self.scale == "standard":
+            self.scaler_ = StandardScaler().fit(X)
+        elif self.scale == "minmax":
+            self.scaler_ = MinMaxScaler(clip=True).fit(X)
+        else:
+            self.scaler_ = None
+        scaled = self._scale(X)
+        in_unit = bool(scaled.min() >= 0.0 and scaled.max() <= 1.0)
+        if self.loss == "auto":
+            self.loss_ = "bce" if in_unit else "mse"
+        else:
+            self.loss_ = self.loss
+        if self.loss_ == "bce" and not in_unit:
+            raise ValueError(
+                "loss='bce' needs inputs in [0, 1] after scaling; use scale='minmax' or "
+                f"loss='mse' (scaled inputs span [{scaled.min():.4g}, {scaled.max():.4g}])"
+            )
+        self.output_ = "sigmoid" if self.loss_ == "bce" else "identity"
+        return scaled
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return X if self.scaler_ is None else self.scaler_.transform(X)
+
+    def _unscale(self, X: np.ndarray) -> np.ndarray:
+        return X if self.scaler_ is None else self.scaler_.inverse_transform(X)
+
+    def _tensor(self, scaled: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor on ``device_`` (float32 for training); BCE targets are clipped to [0, 1]."""
+        if self.loss_ == "bce":
+            scaled = np.clip(scaled, 0.0, 1.0)
+        return torch.tensor(scaled, dtype=dtype, device=self.device_)
+
+    def _check_X(self, X, reset: bool) -> np.ndarray:
+        return _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+
+    def _prepared(self, X) -> torch.Tensor:
+        """Validated, scaled tensor of X for prediction, in X's precision (float64/float32)."""
+        check_is_fitted(self)
+        X = self._check_X(X, reset=False)
+        self._sync_device()
+        return self._tensor(self._scale(X), _TORCH_DTYPES[X.dtype])
+
+    # -- modules -----------------------------------------------------------------------------
+
+    def _layer(self, in_features: int, hidden: int, loss: str) -> Autoencoder:
+        return Autoencoder(
+            in_features,
+            hidden,
+            activation=self.activation,
+            output="sigmoid" if loss == "bce" else "identity",
+            loss=loss,
+            tied=self.tied,
+            noise=self.noise,
+            sparsity=self.sparsity,
+            contractive=self.contractive,
+            check_targets=False,  # BCE inputs are clipped to [0, 1] by _tensor
+        )
+
+    def _train(self, module, data: torch.Tensor, epochs: int, seed: int, **kwargs) -> History:
+        """:func:`fastae.fit` with this estimator's batch size, learning rate and progress."""
+        batch_size = min(int(self.batch_size), data.shape[0])
+        return fit(
+            module,
+            data,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=float(self.lr),
+            seed=seed,
+            progress=bool(self.verbose),
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def _map_chunks(self, fn, x: torch.Tensor, module=None) -> np.ndarray:
+        """``fn(module, chunk)`` over row chunks of ``x`` in eval mode, as float64 numpy.
+
+        ``module`` (default ``module_``) runs in x's dtype: float64 inputs get a float64 copy
+        (on the reference backend), so predictions for float64 data are reproducible to
+        float64 precision whatever the batch composition; float32 inputs use the trained
+        float32 module as is.
+        """
+        module = self.module_ if module is None else module
+        context = contextlib.nullcontext()
+        if x.dtype != next(module.parameters()).dtype:
+            module = copy.deepcopy(module).to(x.dtype)
+            context = use_backend("reference")
+        was_training = module.training
+        module.eval()
+        try:
+            with context:
+                parts = [
+                    fn(module, x[i : i + PREDICT_CHUNK])
+                    for i in range(0, x.shape[0], PREDICT_CHUNK)
+                ]
+        finally:
+            module.train(was_training)
+        return torch.cat(parts).double().cpu().numpy()
+
+    def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
+        """Per-sample loss above its minimum: squared error, or for BCE the KL divergence
+        sum_k KL(x_k || x^_k) = BCE - sum_k H(x_k), so a perfect reconstruction scores 0."""
+        if self.loss_ != "bce":
+            return self._map_chunks(lambda module, chunk: module(chunk).per_sample, x)
+        return self._map_chunks(
+            lambda module, chunk: module(chunk).per_sample - bernoulli_entropy(chunk), x
+        )
+
+    def _sync_device(self) -> None:
+        """Keep module and ``device_`` together (an unpickled estimator may lack CUDA)."""
+        if self.device_.type == "cuda" and not torch.cuda.is_available():
+            self.device_ = torch.device("cpu")
+        self.module_.to(self.device_)
+
+    # -- pickling ----------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        module = state.get("module_")
+        if module is not None and any(p.device.type != "cpu" for p in module.parameters()):
+            state["module_"] = copy.deepcopy(module).cpu()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if getattr(self, "module_", None) is not None and hasattr(self, "device_"):
+            if self.device_.type == "cuda" and not torch.cuda.is_available():
+                self.device_ = torch.device("cpu")
+            self.module_.to(self.device_)
+
+
+class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
+    """One :class:`fastae.Autoencoder` trained on scaled inputs."""
+
+    def __init__(
+        self,
+        n_components: int = 32,
+        *,
+        activation: str = "sigmoid",
+        scale: str | None = "standard",
+        loss: str = "auto",
+        tied: bool = True,
+        noise=None,
+        sparsity=None,
+        contractive: float = 0.0,
+        epochs: int = 50,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        device="auto",
+        random_state=None,
+        verbose: bool = False,
+    ):
+        self.n_components = n_components
+        self.activation = activation
+        self.scale = scale
+        self.loss = loss
+        self.tied = tied
+        self.noise = noise
+        self.sparsity = sparsity
+        self.contractive = contractive
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _fit_autoencoder(self, X) -> np.ndarray:
+        """Validate, scale, build and train ``module_``; returns the validated X."""
+        X = self._check_X(X, reset=True)
+        self._check_common_params()
+        n_components = _positive_int("n_components", self.n_components)
+        epochs = _positive_int("epochs", self.epochs)
+        scaled = self._fit_scaling(X)
+        seed = self._draw_seed()
+        with _seeded(seed):
+            self.module_ = self._layer(X.shape[1], n_components, self.loss_).to(self.device_)
+            history = self._train(self.module_, self._tensor(scaled), epochs, seed)
+        self.loss_curve_ = list(history.loss)
+        self.n_iter_ = len(history.loss)
+        self.train_seconds_ = history.seconds
+        return X
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
+
+
+class AutoencoderTransformer(
+    ClassNamePrefixFeaturesOutMixin, TransformerMixin, _SingleLayerEstimator
+):
+    """Regularized autoencoder as a scikit-learn transformer: ``transform`` gives the codes.
+
+    A drop-in for ``PCA(n_components)`` in a ``Pipeline``: ``transform`` returns the
+    ``n_components`` hidden activations, ``inverse_transform`` maps codes back to input space
+    (undoing the scaling), ``score_samples`` is minus the per-sample reconstruction error
+    (higher = better reconstructed, like PCA's log-likelihood) and ``score`` its mean.
+
+    Parameters:
+        n_components: hidden units H (the code size).
+        activation: hidden activation ("sigmoid", "tanh", "relu", "softplus").
+        scale: "standard" (StandardScaler), "minmax" (MinMaxScaler, clipped to [0, 1]) or None.
+        loss: "bce" (sigmoid output; inputs must lie in [0, 1] after scaling, later inputs
+            are clipped there), "mse" (identity output) or "auto": "bce" when the scaled
+            training data lies in [0, 1], else "mse". The choice is ``loss_``.
+        tied: decoder weight is the encoder weight transposed.
+        noise: a fastae GaussianNoise / MaskingNoise / SaltPepperNoise (denoising), or None.
+        sparsity: fastae.KLSparsity (sigmoid activation) or fastae.L1Sparsity, or None.
+        contractive: weight of the contractive penalty (mean squared Frobenius norm of the
+            encoder Jacobian).
+        epochs, batch_size, lr: Adam training through :func:`fastae.fit`.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        random_state: int, RandomState or None; ``fit`` draws the torch seed from it
+            (weights, shuffling and noise masks), leaving torch's global generator untouched.
+        verbose: show a progress bar while training.
+
+    Attributes:
+        module_ (fastae.Autoencoder), scaler_, loss_, output_, device_, n_iter_ (epochs run),
+        loss_curve_ (per-epoch training loss), train_seconds_, n_features_in_,
+        feature_names_in_ (when X has string column names).
+    """
+
+    def fit(self, X, y=None):
+        self._fit_autoencoder(X)
+        self._n_features_out = self.module_.hidden_features
+        return self
+
+    def transform(self, X):
+        x = self._prepared(X)
+        return _as_dtype(self._map_chunks(_encode, x), x)
+
+    def inverse_transform(self, X):
+        check_is_fitted(self)
+        codes = check_array(X, dtype=[np.float64, np.float32])
+        if codes.shape[1] != self.module_.hidden_features:
+            raise ValueError(
+                f"X has {codes.shape[1]} features, but inverse_transform expects "
+                f"{self.module_.hidden_features} (n_components)"
+            )
+        self._sync_device()
+        h = torch.tensor(codes, dtype=_TORCH_DTYPES[codes.dtype], device=self.device_)
+        recon = self._map_chunks(_decode, h)
+        return _as_dtype(self._unscale(recon), h)
+
+    def score_samples(self, X):
+        """Minus the per-sample reconstruction error (in the scaled space, ``loss_`` units)."""
+        return -self._reconstruction_error(self._prepared(X))
+
+    def score(self, X, y=None):
+        """Mean of :meth:`score_samples` (higher is better)."""
+        return float(np.mean(self.score_samples(X)))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+
+class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
+    """Outlier detection by reconstruction error, with scikit-learn's conventions.
+
+    Methods follow scikit-learn (as IsolationForest): ``score_samples`` is minus the
+    reconstruction error (higher = more normal); ``decision_function`` = ``score_samples -
+    offset_`` (negative = outlier); ``predict`` gives +1 (inlier) / -1 (outlier).
+    ``contamination`` (in (0, 0.5]) is the expected share of outliers in the training data
+    and sets ``offset_`` so that share of training samples falls below it.
+
+    Fitted attributes with PyOD's meaning (higher = more abnormal):
+        decision_scores_: reconstruction error of each training sample (= -score_samples).
+        threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
+        labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
+
+    The other parameters and attributes are those of :class:`AutoencoderTransformer`.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 32,
+        *,
+        contamination: float = 0.1,
+        activation: str = "sigmoid",
+        scale: str | None = "standard",
+        loss: str = "auto",
+        tied: bool = True,
+        noise=None,
+        sparsity=None,
+        contractive: float = 0.0,
+        epochs: int = 50,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        device="auto",
+        random_state=None,
+        verbose: bool = False,
+    ):
+        super().__init__(
+            n_components,
+            activation=activation,
+            scale=scale,
+            loss=loss,
+            tied=tied,
+            noise=noise,
+            sparsity=sparsity,
+            contractive=contractive,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            random_state=random_state,
+            verbose=verbose,
+        )
+        self.contamination = contamination
+
+    def fit(self, X, y=None):
+        c = self.contamination
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating)):
+            raise TypeError(f"contamination must be a float in (0, 0.5], got {c!r}")
+        if not 0.0 < c <= 0.5:
+            raise ValueError(f"contamination must be in (0, 0.5], got {c!r}")
+        X = self._fit_autoencoder(X)
+        x = self._tensor(self._scale(X), _TORCH_DTYPES[X.dtype])
+        self.decision_scores_ = self._reconstruction_error(x)
+        self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
+        self.offset_ = -self.threshold_
+        self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
+        return self
+
+    def score_samples(self, X):
+        """Minus the reconstruction error: higher means more normal."""
+        return -self._reconstruction_error(self._prepared(X))
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for outliers."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """+1 for inliers, -1 for outliers."""
+        return np.where(self.decision_function(X) >= 0, 1, -1)

@@ -1,0 +1,225 @@
+"""fastae.applications: semi-supervised classifier, stacked autoencoder, clustering on codes."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import load_digits, make_blobs  # noqa: E402
+from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+import fastae  # noqa: E402
+from fastae.applications import (  # noqa: E402
+    DECClustering,
+    SemiSupervisedAutoencoder,
+    SemiSupervisedModule,
+    StackedAutoencoder,
+    StackModule,
+    cluster_codes,
+    soft_assignments,
+    target_distribution,
+)
+from fastae.sklearn import AutoencoderTransformer  # noqa: E402
+
+# y == -1 marks unlabelled samples (sklearn.semi_supervised's convention), so labels {-1, 1}
+# leave one class: scikit-learn's check uses its own semi-supervised classifiers' integer
+# labels instead (it names them in _choose_check_classifiers_labels); ours cannot opt in.
+EXPECTED_FAILURES = {
+    "SemiSupervisedAutoencoder": {
+        "check_classifiers_classes": "y = -1 marks unlabelled samples, the check uses labels -1/1"
+    }
+}
+
+
+@parametrize_with_checks(
+    [
+        # check_classifiers_train wants > 83% training accuracy on 3 blobs: 20 quick epochs
+        SemiSupervisedAutoencoder(n_components=8, epochs=20, random_state=0),
+        StackedAutoencoder((6, 3), pretrain_epochs=2, finetune_epochs=2, random_state=0),
+    ],
+    expected_failed_checks=lambda estimator: EXPECTED_FAILURES.get(type(estimator).__name__, {}),
+)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return x / 16.0, y
+
+
+def test_lazy_exports():
+    assert fastae.SemiSupervisedAutoencoder is SemiSupervisedAutoencoder
+    assert fastae.StackedAutoencoder is StackedAutoencoder
+    assert fastae.DECClustering is DECClustering
+    assert fastae.cluster_codes is cluster_codes
+
+
+# ----------------------------------------------------------------------------- semi-supervised
+
+
+def _split_labels(y, fraction, seed=0):
+    rng = np.random.default_rng(seed)
+    labeled = rng.random(len(y)) < fraction
+    return np.where(labeled, y, -1), labeled
+
+
+def test_semi_supervised_learns_from_few_labels(digits):
+    x, y = digits
+    x_tr, y_tr, x_te, y_te = x[:1300], y[:1300], x[1300:], y[1300:]
+    y_semi, labeled = _split_labels(y_tr, 0.1)
+    model = SemiSupervisedAutoencoder(32, scale=None, epochs=25, lr=1e-2, random_state=0)
+    model.fit(x_tr, y_semi)
+    np.testing.assert_array_equal(model.classes_, np.arange(10))
+    assert model.n_labeled_ == labeled.sum()
+    assert model.score(x_te, y_te) > 0.75
+    proba = model.predict_proba(x_te[:20])
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(model.predict(x_te[:20]), model.classes_[proba.argmax(1)])
+    np.testing.assert_allclose(np.exp(model.predict_log_proba(x_te[:20])), proba, rtol=1e-6)
+    assert model.encode(x_te[:7]).shape == (7, 32)
+
+
+def test_unlabeled_rows_contribute_only_reconstruction():
+    torch.manual_seed(0)
+    ae = fastae.Autoencoder(6, 4, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2)
+    module = SemiSupervisedModule(ae, n_classes=3, reconstruction_weight=0.7)
+    x = torch.rand(9, 6)
+    unlabeled = torch.cat([x, torch.full((9, 1), -1.0)], 1)
+    out = module(unlabeled)
+    assert out.cross_entropy.item() == 0.0
+    torch.testing.assert_close(out.loss, 0.7 * out.autoencoder.loss)
+    out.loss.backward()
+    assert module.head.weight.grad.abs().max() == 0  # the head sees no labels
+    # labelled rows: cross-entropy over those rows only, averaged
+    y = torch.tensor([0, 2, -1, 1, -1, -1, 0, -1, 2], dtype=torch.float32)
+    module.zero_grad()
+    out = module(torch.cat([x, y[:, None]], 1))
+    keep = y >= 0
+    expected = torch.nn.functional.cross_entropy(out.logits[keep], y[keep].long())
+    torch.testing.assert_close(out.cross_entropy, expected)
+    torch.testing.assert_close(out.loss, expected + 0.7 * out.autoencoder.loss)
+
+
+def test_semi_supervised_labels_and_errors(digits):
+    x, y = digits
+    x, y = x[:200], y[:200]
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"], dtype=object)[y]  # fmt: skip
+    names[::2] = -1  # object labels, -1 marks unlabelled
+    model = SemiSupervisedAutoencoder(8, epochs=2, random_state=0).fit(x, names)
+    assert set(model.classes_) == set(names[1::2])
+    assert set(model.predict(x[:10])) <= set(model.classes_)
+    with pytest.raises(ValueError, match="no labelled sample"):
+        SemiSupervisedAutoencoder(epochs=1).fit(x, np.full(len(y), -1))
+    one_class = np.where(y == 3, 3, -1)
+    with pytest.raises(ValueError, match="2 classes"):
+        SemiSupervisedAutoencoder(epochs=1).fit(x, one_class)
+    with pytest.raises(ValueError, match="reconstruction_weight"):
+        SemiSupervisedAutoencoder(reconstruction_weight=-1.0, epochs=1).fit(x, y)
+
+
+def test_semi_supervised_pickles(digits):
+    x, y = digits
+    model = SemiSupervisedAutoencoder(8, epochs=2, random_state=0).fit(x[:200], y[:200])
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(model.predict_proba(x[:30]), restored.predict_proba(x[:30]))
+
+
+# ----------------------------------------------------------------------------- stacked
+
+
+def test_stack_is_pretrained_layer_by_layer_then_fine_tuned(digits):
+    x = digits[0][:600]
+    noise, sparsity = fastae.MaskingNoise(0.2), fastae.KLSparsity(0.1, 0.05)
+    params = {"scale": None, "noise": noise, "sparsity": sparsity, "random_state": 0}
+    pretrained = StackedAutoencoder([24, 12, 5], pretrain_epochs=8, finetune_epochs=0, **params)
+    pretrained.fit(x)
+    layers = pretrained.module_.layers
+    assert [(layer.in_features, layer.hidden_features) for layer in layers] == [
+        (64, 24), (24, 12), (12, 5)
+    ]  # fmt: skip
+    assert all(layer.noise is noise and layer.sparsity is sparsity for layer in layers)
+    assert [layer.loss_name for layer in layers] == ["bce", "bce", "bce"]
+    assert len(pretrained.pretrain_loss_) == 3 and pretrained.loss_curve_ == []
+    assert pretrained.transform(x[:10]).shape == (10, 5)
+    assert pretrained.inverse_transform(pretrained.transform(x[:10])).shape == (10, 64)
+
+    tuned = StackedAutoencoder([24, 12, 5], pretrain_epochs=8, finetune_epochs=8, **params)
+    tuned.fit(x)
+    assert len(tuned.loss_curve_) == 8
+    # same seed, same pretraining: fine-tuning the whole stack lowers its reconstruction error
+    assert tuned.score(x) > pretrained.score(x)
+    assert list(tuned.get_feature_names_out()) == [f"stackedautoencoder{i}" for i in range(5)]
+
+
+def test_stack_module_loss_terms():
+    torch.manual_seed(0)
+    bottom = fastae.Autoencoder(10, 6, noise=fastae.GaussianNoise(0.1), contractive=0.5)
+    top = fastae.Autoencoder(6, 3, sparsity=fastae.L1Sparsity(0.01))
+    stack = StackModule([bottom, top])
+    x = torch.rand(5, 10)
+    out = stack(x)
+    assert set(out.penalties) == {"contractive0", "sparsity1"}
+    assert out.code.shape == (5, 3)
+    total = out.reconstruction_loss + sum(out.penalties.values())
+    torch.testing.assert_close(out.loss, total)
+    stack.eval()
+    with torch.no_grad():
+        clean = stack(x)
+        expected = bottom.decode(top.decode(top.encode(bottom.encode(x))))
+    torch.testing.assert_close(stack.decode(stack.encode(x)), expected)
+    assert torch.isfinite(clean.per_sample).all()
+
+
+def test_stack_rejects_bad_sizes(digits):
+    x = digits[0][:50]
+    with pytest.raises(ValueError, match="at least one layer"):
+        StackedAutoencoder(sizes=[]).fit(x)
+    with pytest.raises(ValueError, match="sizes"):
+        StackedAutoencoder(sizes=[8, 0]).fit(x)
+    with pytest.raises(TypeError, match="sizes"):
+        StackedAutoencoder(sizes=8).fit(x)
+
+
+# ----------------------------------------------------------------------------- clustering
+
+
+def test_dec_math():
+    torch.manual_seed(0)
+    z, centers = torch.randn(20, 3), torch.randn(4, 3)
+    q = soft_assignments(z, centers)
+    torch.testing.assert_close(q.sum(1), torch.ones(20))
+    manual = (1 + torch.cdist(z, centers).square()) ** -1.0
+    torch.testing.assert_close(q, manual / manual.sum(1, keepdim=True))
+    p = target_distribution(q)
+    torch.testing.assert_close(p.sum(1), torch.ones(20))
+    assert (p.max(1).values >= q.max(1).values - 1e-6).all()  # sharper than q
+
+
+def test_kmeans_and_dec_on_codes():
+    x, y = make_blobs(600, n_features=12, centers=4, cluster_std=2.0, random_state=1)
+    ae = AutoencoderTransformer(6, epochs=15, lr=1e-2, random_state=0).fit(x)
+    kmeans = cluster_codes(ae.transform(x), 4, random_state=0)
+    assert kmeans.labels_.shape == (600,)
+    assert normalized_mutual_info_score(y, kmeans.labels_) > 0.8
+
+    dec = DECClustering(
+        4, autoencoder=AutoencoderTransformer(6, epochs=15, lr=1e-2), refine_epochs=4,
+        random_state=0,
+    )  # fmt: skip
+    labels = dec.fit_predict(x)
+    assert 1 <= dec.n_iter_ <= 4
+    assert dec.cluster_centers_.shape == (4, 6)
+    assert normalized_mutual_info_score(y, labels) > 0.8
+    assert normalized_mutual_info_score(y, dec.kmeans_labels_) > 0.8
+    np.testing.assert_array_equal(dec.predict(x), labels)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(dec)).predict(x[:50]), labels[:50])
+    assert dec.autoencoder.get_params()["random_state"] is None  # the template is untouched
+    only_kmeans = DECClustering(4, refine_epochs=0, random_state=0).fit(x)
+    np.testing.assert_array_equal(only_kmeans.labels_, only_kmeans.kmeans_labels_)

@@ -1,0 +1,253 @@
+"""fastae.sklearn: AutoencoderTransformer and AutoencoderOutlierDetector."""
+
+import importlib
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.ensemble import IsolationForest  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from sklearn.model_selection import GridSearchCV  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+import fastae  # noqa: E402
+from fastae.sklearn import AutoencoderOutlierDetector, AutoencoderTransformer  # noqa: E402
+
+# tiny defaults keep scikit-learn's ~50 checks per estimator fast
+TINY = {"n_components": 4, "epochs": 3, "batch_size": 32, "random_state": 0}
+
+
+@parametrize_with_checks([AutoencoderTransformer(**TINY), AutoencoderOutlierDetector(**TINY)])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return x / 16.0, y
+
+
+def _rng_state():
+    return torch.random.get_rng_state().clone()
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+def test_transform_shapes_names_and_inverse(digits):
+    x, _ = digits
+    model = AutoencoderTransformer(12, scale=None, epochs=30, lr=1e-2, random_state=0)
+    model.fit(x[:600])
+    codes = model.transform(x[:50])
+    assert codes.shape == (50, 12) and codes.dtype == np.float64
+    assert np.all((codes > 0) & (codes < 1))  # sigmoid units
+    assert model.transform(x[:5].astype(np.float32)).dtype == np.float32
+    names = model.get_feature_names_out()
+    assert list(names[:2]) == ["autoencodertransformer0", "autoencodertransformer1"]
+    recon = model.inverse_transform(codes)
+    assert recon.shape == (50, 64)
+    baseline = ((x[:50] - x[:600].mean(0)) ** 2).sum(1).mean()
+    assert ((recon - x[:50]) ** 2).sum(1).mean() < 0.5 * baseline
+    with pytest.raises(ValueError, match="n_components"):
+        model.inverse_transform(codes[:, :3])
+    scores = model.score_samples(x[:50])
+    assert scores.shape == (50,) and np.all(scores < 0)
+    assert model.score(x[:50]) == pytest.approx(scores.mean())
+
+
+def test_drop_in_for_pca_in_a_pipeline(digits):
+    x, y = digits
+    pipe = make_pipeline(
+        AutoencoderTransformer(16, scale=None, epochs=10, random_state=0),
+        LogisticRegression(max_iter=500),
+    )
+    pipe.fit(x[:1200], y[:1200])
+    assert pipe.score(x[1200:], y[1200:]) > 0.85
+    search = GridSearchCV(
+        make_pipeline(AutoencoderTransformer(epochs=2, random_state=0), LogisticRegression()),
+        {"autoencodertransformer__n_components": [4, 8]},
+        cv=2,
+    )
+    search.fit(x[:300], y[:300])
+    assert search.best_params_["autoencodertransformer__n_components"] in (4, 8)
+
+
+def test_regularizers_reach_the_module(digits):
+    x, _ = digits
+    noise, sparsity = fastae.MaskingNoise(0.2), fastae.KLSparsity(0.05, 0.1)
+    model = AutoencoderTransformer(
+        8, noise=noise, sparsity=sparsity, contractive=0.3, epochs=1, random_state=0
+    ).fit(x[:100])
+    assert model.module_.noise is noise
+    assert model.module_.sparsity is sparsity
+    assert model.module_.contractive == 0.3
+    assert model.noise is noise  # parameters stay as given
+    with pytest.raises(TypeError, match="sparsity"):
+        AutoencoderTransformer(sparsity=0.05).fit(x[:20])
+    with pytest.raises(TypeError, match="noise"):
+        AutoencoderTransformer(noise="masking").fit(x[:20])
+
+
+def test_random_state_is_resolved_in_fit_and_leaves_torch_alone(digits):
+    x, _ = digits
+    before = _rng_state()
+    a = AutoencoderTransformer(6, epochs=2, random_state=3).fit(x[:200]).transform(x[:20])
+    b = AutoencoderTransformer(6, epochs=2, random_state=3).fit(x[:200]).transform(x[:20])
+    c = AutoencoderTransformer(6, epochs=2, random_state=4).fit(x[:200]).transform(x[:20])
+    assert torch.equal(before, _rng_state())
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    rs = np.random.RandomState(0)
+    d = AutoencoderTransformer(6, epochs=2, random_state=rs).fit(x[:200]).transform(x[:20])
+    e = AutoencoderTransformer(6, epochs=2, random_state=rs).fit(x[:200]).transform(x[:20])
+    assert not np.allclose(d, e)  # a RandomState instance advances between fits
+
+
+@pytest.mark.parametrize(
+    "scale, data, loss",
+    [("standard", "pixels", "mse"), ("minmax", "pixels", "bce"), (None, "unit", "bce"),
+     (None, "pixels", "mse")],
+)  # fmt: skip
+def test_scaling_options_pick_the_loss(digits, scale, data, loss):
+    x, _ = digits
+    x = x[:100] if data == "unit" else 16 * x[:100]
+    model = AutoencoderTransformer(4, scale=scale, epochs=1, random_state=0).fit(x)
+    assert model.loss_ == loss
+    assert model.module_.loss_name == loss
+    assert model.module_.output == ("sigmoid" if loss == "bce" else "identity")
+    recon = model.inverse_transform(model.transform(x))
+    assert recon.shape == x.shape and np.isfinite(recon).all()
+    # values outside the training range are clipped for BCE, not rejected
+    assert np.isfinite(model.transform(x * 3 + 1)).all()
+
+
+def test_bad_parameters_name_themselves(digits):
+    x = digits[0][:20]
+    with pytest.raises(ValueError, match="scale"):
+        AutoencoderTransformer(scale="robust").fit(x)
+    with pytest.raises(ValueError, match="loss"):
+        AutoencoderTransformer(loss="l1").fit(x)
+    with pytest.raises(ValueError, match="inputs in \\[0, 1\\]"):
+        AutoencoderTransformer(scale=None, loss="bce").fit(x * 16)
+    with pytest.raises(ValueError, match="n_components"):
+        AutoencoderTransformer(n_components=0).fit(x)
+    with pytest.raises(ValueError, match="epochs"):
+        AutoencoderTransformer(epochs=0).fit(x)
+    with pytest.raises(ValueError, match="device"):
+        AutoencoderTransformer(device="tpu").fit(x)
+    with pytest.raises(ValueError, match="contamination"):
+        AutoencoderOutlierDetector(contamination=0.7).fit(x)
+
+
+def test_pickle_and_clone(digits):
+    x, _ = digits
+    model = AutoencoderTransformer(6, noise=fastae.GaussianNoise(0.1), epochs=2, random_state=0)
+    model.fit(x[:200])
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(model.transform(x[:30]), restored.transform(x[:30]))
+    fresh = clone(model)
+    assert not hasattr(fresh, "module_")
+    assert fresh.get_params() == model.get_params()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_is_used_when_present_and_pickles_to_cpu(digits):
+    x, _ = digits
+    model = AutoencoderOutlierDetector(6, epochs=2, random_state=0).fit(x[:300])
+    assert model.device_.type == "cuda"
+    assert next(model.module_.parameters()).is_cuda
+    state = model.__getstate__()
+    assert not next(state["module_"].parameters()).is_cuda
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_allclose(model.score_samples(x[:50]), restored.score_samples(x[:50]))
+    cpu = clone(model).set_params(device="cpu").fit(x[:300])
+    assert cpu.device_.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- detector
+
+
+def test_outlier_detector_conventions(digits):
+    x, _ = digits
+    train, test = x[:500], x[500:700]
+    detector = AutoencoderOutlierDetector(8, scale=None, contamination=0.05, epochs=5)
+    detector.set_params(random_state=0).fit(train)
+    scores = detector.score_samples(test)
+    np.testing.assert_allclose(detector.decision_function(test), scores - detector.offset_)
+    assert set(np.unique(detector.predict(test))) <= {-1, 1}
+    np.testing.assert_array_equal(
+        detector.predict(test), np.where(scores >= detector.offset_, 1, -1)
+    )
+    # PyOD's attributes: higher = more abnormal, labels 0/1 on the training data
+    np.testing.assert_allclose(detector.decision_scores_, -detector.score_samples(train))
+    assert detector.threshold_ == pytest.approx(-detector.offset_)
+    np.testing.assert_array_equal(detector.labels_, (detector.predict(train) == -1).astype(int))
+    assert detector.labels_.mean() == pytest.approx(0.05, abs=0.01)
+
+
+def test_outlier_detector_finds_off_manifold_points():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 20))
+    normal = rng.normal(size=(600, 3)) @ basis + 0.05 * rng.normal(size=(600, 20))
+    inliers = rng.normal(size=(100, 3)) @ basis + 0.05 * rng.normal(size=(100, 20))
+    outliers = rng.normal(size=(20, 20)) * normal.std(0)
+    test = np.vstack([inliers, outliers])
+    truth = np.r_[np.zeros(100), np.ones(20)]
+    detector = AutoencoderOutlierDetector(3, activation="tanh", epochs=40, random_state=0)
+    detector.fit(normal)
+    assert roc_auc_score(truth, -detector.score_samples(test)) > 0.9
+    assert (detector.predict(outliers) == -1).mean() > 0.8
+
+
+def test_held_out_digit_is_found(digits):
+    """Held-out digit: the reconstruction error (BCE above its minimum) flags the unseen class."""
+    x, y = digits
+    normal = x[(y != 0)][:900]
+    test = np.vstack([x[y != 0][900:1100], x[y == 0][:60]])
+    truth = np.r_[np.zeros(200), np.ones(60)]
+    detector = AutoencoderOutlierDetector(32, scale=None, epochs=15, random_state=0).fit(normal)
+    assert detector.loss_ == "bce"
+    # a perfect reconstruction scores 0: the inputs' entropy is taken off the BCE
+    assert detector.decision_scores_.min() > -1e-4
+    auroc = roc_auc_score(truth, -detector.score_samples(test))
+    forest = IsolationForest(random_state=0).fit(normal)
+    assert auroc > 0.75
+    assert auroc > roc_auc_score(truth, -forest.score_samples(test)) - 0.05
+
+
+# ----------------------------------------------------------------------------- optional extra
+
+
+def test_import_fastae_does_not_import_sklearn():
+    code = (
+        "import sys, fastae; "
+        "assert 'sklearn' not in sys.modules, 'sklearn imported'; "
+        "assert 'AutoencoderTransformer' in dir(fastae)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_sklearn_gives_a_clear_error(monkeypatch):
+    for name in [n for n in sys.modules if n == "sklearn" or n.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in ("fastae.sklearn", "fastae.applications"):
+        if name in sys.modules:
+            monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r"pip install 'fastae\[apps\]'"):
+        importlib.import_module("fastae.sklearn")
+    with pytest.raises(ImportError, match=r"pip install 'fastae\[apps\]'"):
+        fastae.AutoencoderOutlierDetector  # noqa: B018
+    with pytest.raises(AttributeError):
+        fastae.NoSuchThing  # noqa: B018
