@@ -105,6 +105,26 @@ def test_state_dict_round_trip_and_resume():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(
+    "make",
+    [_model, lambda: fastae.VAE(24, 12, 3).to(DEVICE), lambda: _model(tied=False, noise=None)],
+    ids=["autoencoder", "vae", "untied"],
+)
+def test_state_dict_round_trip_every_module(make):
+    torch.manual_seed(0)
+    model = make()
+    torch.manual_seed(1)
+    other = make()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    model.eval()
+    other.eval()
+    x = _data(5)
+    assert torch.equal(model.reconstruction_error(x), other.reconstruction_error(x))
+
+
 def test_module_deepcopy_and_pickle():
     model = _model()
     clone = copy.deepcopy(model)
