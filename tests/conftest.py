@@ -7,6 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests use small tensors, where one intra-op thread is fastest and immune to a busy
+# machine's oversubscription (two threads on two loaded cores make each tiny op slow).
+torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
