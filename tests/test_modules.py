@@ -1,7 +1,6 @@
 """fastae.Autoencoder, its penalties, fastae.fit, and behaviour on the digits data set."""
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -14,17 +13,6 @@ from fastae import ops
 from fastae.training import _mean_loss
 
 ACT_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
-
-
-@pytest.fixture(autouse=True)
-def _seed_inputs(request):
-    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread
-    (these tensors are small: thread start-up and contention would dominate)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def naive_kl(rho, rho_hat):

@@ -2,7 +2,6 @@
 and backend selection."""
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -22,17 +21,6 @@ NOISES = {
     "salt_pepper": SaltPepperNoise(p=0.35, low=-1.0, high=2.0, seed=123456),
 }
 DECODERS = [("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")]
-
-
-@pytest.fixture(autouse=True)
-def _seed_inputs(request):
-    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread
-    (these tensors are small: thread start-up and contention would dominate)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def layer(batch, d, hidden, dtype=torch.float64, x_grad=True):

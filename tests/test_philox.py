@@ -4,7 +4,6 @@ known-answer vector, and Triton's own ``tl.randint4x`` / ``tl.rand`` / ``tl.rand
 import importlib.util
 import math
 import os
-import zlib
 
 import pytest
 import torch
@@ -12,17 +11,6 @@ import torch
 from fastae import philox
 
 MASK32 = 0xFFFFFFFF
-
-
-@pytest.fixture(autouse=True)
-def _seed_inputs(request):
-    """Fresh random inputs per test, reproducible from the test's id; one intra-op thread
-    (these tensors are small: thread start-up and contention would dominate)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def python_philox(seed: int, offset: int) -> tuple[int, int, int, int]:

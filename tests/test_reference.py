@@ -5,7 +5,6 @@ torch compositions for every gradient, explicit masks for the noise.
 """
 
 import itertools
-import zlib
 
 import pytest
 import torch
@@ -28,15 +27,9 @@ F64 = {"rtol": 1e-9, "atol": 1e-11}
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend(_fresh_backend, request):
-    """Reference backend, fresh random inputs reproducible from the test's id, one intra-op
-    thread (these tensors are small: thread start-up and contention would dominate)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _reference_backend(_fresh_backend):
     with fastae.use_backend("reference"):
         yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- oracles
