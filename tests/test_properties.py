@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import fastae
 from fastae import ops, reference
+from fastae.benchmark import matmul_precision
 
 pytest.importorskip("triton")
 
@@ -55,6 +56,16 @@ def _grads(fn, inputs, weights):
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, inputs))
 
 
+def _both_backends(fn, inputs, weights):
+    """Outputs and gradients on the triton and reference backends, IEEE float32 products."""
+    results = {}
+    with matmul_precision("highest"):
+        for backend in ("triton", "reference"):
+            with fastae.use_backend(backend):
+                results[backend] = _grads(fn, inputs, weights)
+    return results
+
+
 def _close(got, want, dtype):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b.double(), rtol=TOL[dtype], atol=TOL[dtype])
@@ -77,15 +88,7 @@ def test_encode_triton_matches_reference(data):
         return ops.encode(*args[:2], args[2] if len(args) > 2 else None,
                           activation=activation, noise=noise)  # fmt: skip
 
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        results = {}
-        for backend in ("triton", "reference"):
-            with fastae.use_backend(backend):
-                results[backend] = _grads(run, inputs, weights)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    results = _both_backends(run, inputs, weights)
     tol_dtype = torch.float32 if noise is not None and noise.kind == "gaussian" else dtype
     _close(results["triton"], results["reference"], tol_dtype)
 
@@ -110,15 +113,7 @@ def test_decode_loss_triton_matches_reference(data):
         decoder = weight.t() if tied else weight
         return ops.decode_loss(h, decoder, bias, target=target, output=output, loss=loss)
 
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        results = {}
-        for backend in ("triton", "reference"):
-            with fastae.use_backend(backend):
-                results[backend] = _grads(run, [h, weight, bias, target], weights)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    results = _both_backends(run, [h, weight, bias, target], weights)
     _close(results["triton"], results["reference"], dtype)
 
 
