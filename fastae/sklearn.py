@@ -2,8 +2,9 @@
 
 - :class:`AutoencoderTransformer`: fit / transform / inverse_transform / score_samples, a
   drop-in for ``PCA`` in a ``Pipeline`` (``n_components`` code units).
-- :class:`AutoencoderOutlierDetector`: reconstruction error as the anomaly score, with
-  scikit-learn's outlier-detector conventions and PyOD's fitted attributes.
+- :class:`AutoencoderOutlierDetector`: reconstruction error (or, with ``model="vae"``, a
+  variational autoencoder's negative ELBO) as the anomaly score, with scikit-learn's
+  outlier-detector conventions and PyOD's fitted attributes.
 
 Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise``,
 ``contractive``), scale their inputs (``scale="standard"``, ``"minmax"`` or ``None``), train
@@ -41,16 +42,18 @@ except ImportError:  # scikit-learn < 1.6
         return estimator._validate_data(*args, **kwargs)
 
 
-from . import reference
+from . import _checks, reference
 from .backend import use_backend
 from .modules import Autoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
 from .training import History, fit
+from .vae import SCORES, VAE
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
 
 SCALES = ("standard", "minmax", None)
 ESTIMATOR_LOSSES = ("auto", "bce", "mse")
+DETECTOR_MODELS = ("autoencoder", "vae")
 # rows per forward pass at predict time (bounds memory on large inputs)
 PREDICT_CHUNK = 8192
 _SEED_BOUND = np.iinfo(np.int32).max
@@ -132,10 +135,7 @@ class AutoencoderEstimatorMixin:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.loss not in ESTIMATOR_LOSSES:
             raise ValueError(f"loss must be one of {ESTIMATOR_LOSSES}, got {self.loss!r}")
-        if self.activation not in reference.ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {reference.ACTIVATIONS}, got {self.activation!r}"
-            )
+        self._activation()
         check_noise(self.noise)
         if self.sparsity is not None and not isinstance(self.sparsity, (KLSparsity, L1Sparsity)):
             raise TypeError(
@@ -145,6 +145,14 @@ class AutoencoderEstimatorMixin:
         _positive_int("batch_size", self.batch_size)
         _positive_float("lr", self.lr)
         self.device_ = resolve_device(self.device)
+
+    def _activation(self) -> str:
+        """The hidden activation to build with (checked)."""
+        if self.activation not in reference.ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {reference.ACTIVATIONS}, got {self.activation!r}"
+            )
+        return self.activation
 
     def _draw_seed(self) -> int:
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
@@ -202,7 +210,7 @@ class AutoencoderEstimatorMixin:
         return Autoencoder(
             in_features,
             hidden,
-            activation=self.activation,
+            activation=self._activation(),
             output="sigmoid" if loss == "bce" else "identity",
             loss=loss,
             tied=self.tied,
@@ -415,18 +423,39 @@ class AutoencoderTransformer(
 class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
     """Outlier detection by reconstruction error, with scikit-learn's conventions.
 
-    Methods follow scikit-learn (as IsolationForest): ``score_samples`` is minus the
-    reconstruction error (higher = more normal); ``decision_function`` = ``score_samples -
-    offset_`` (negative = outlier); ``predict`` gives +1 (inlier) / -1 (outlier).
-    ``contamination`` (in (0, 0.5]) is the expected share of outliers in the training data
-    and sets ``offset_`` so that share of training samples falls below it.
+    Methods follow scikit-learn (as IsolationForest): ``score_samples`` is minus the anomaly
+    score (higher = more normal); ``decision_function`` = ``score_samples - offset_``
+    (negative = outlier); ``predict`` gives +1 (inlier) / -1 (outlier). ``contamination``
+    (in (0, 0.5]) is the expected share of outliers in the training data and sets ``offset_``
+    so that share of training samples falls below it.
+
+    The anomaly score is the per-sample reconstruction loss above its minimum: squared error,
+    or for BCE the KL divergence sum_k KL(x_k || x^_k) = BCE - sum_k H(x_k) (a perfect
+    reconstruction scores 0). With ``model="vae"`` a :class:`fastae.VAE` (``n_components``
+    latent dimensions, ``hidden`` units on each side) is trained instead, and the score is
+    its negative ELBO (``anomaly_score="elbo"``, the default: that reconstruction loss plus the
+    posterior's KL to the prior) or its reconstruction loss alone (``"reconstruction"``),
+    both decoded from the posterior mean, so the same input always gets the same score.
 
     Fitted attributes with PyOD's meaning (higher = more abnormal):
-        decision_scores_: reconstruction error of each training sample (= -score_samples).
+        decision_scores_: anomaly score of each training sample (= -score_samples).
         threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
         labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
 
-    The other parameters and attributes are those of :class:`AutoencoderTransformer`.
+    Parameters beyond those of :class:`AutoencoderTransformer`:
+        contamination: expected share of outliers, in (0, 0.5].
+        model: "autoencoder" (a :class:`fastae.Autoencoder` with ``n_components`` units and
+            the regularizers given) or "vae" (takes no ``noise``, ``sparsity`` or
+            ``contractive``; ``tied`` does not apply).
+        hidden: (model="vae") units of the VAE's encoder and decoder hidden layers.
+        beta: (model="vae") weight of the KL term in the training objective.
+        anomaly_score: None (the model's own: "elbo" for a VAE, the reconstruction loss for an
+            autoencoder), "elbo" (model="vae" only) or "reconstruction".
+        activation: "auto" ("sigmoid" for an autoencoder, "relu" for a VAE) or one of
+            "sigmoid", "tanh", "relu", "softplus".
+
+    The other attributes are those of :class:`AutoencoderTransformer`; ``module_`` is a
+    :class:`fastae.VAE` with ``model="vae"``.
     """
 
     def __init__(
@@ -434,7 +463,11 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
         n_components: int = 32,
         *,
         contamination: float = 0.1,
-        activation: str = "sigmoid",
+        model: str = "autoencoder",
+        hidden: int = 128,
+        beta: float = 1.0,
+        anomaly_score: str | None = None,
+        activation: str = "auto",
         scale: str | None = "standard",
         loss: str = "auto",
         tied: bool = True,
@@ -465,23 +498,83 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             verbose=verbose,
         )
         self.contamination = contamination
+        self.model = model
+        self.hidden = hidden
+        self.beta = beta
+        self.anomaly_score = anomaly_score
 
-    def fit(self, X, y=None):
+    def _check_model_params(self) -> None:
         c = self.contamination
         if isinstance(c, bool) or not isinstance(c, (int, float, np.floating)):
             raise TypeError(f"contamination must be a float in (0, 0.5], got {c!r}")
         if not 0.0 < c <= 0.5:
             raise ValueError(f"contamination must be in (0, 0.5], got {c!r}")
+        if self.model not in DETECTOR_MODELS:
+            raise ValueError(f"model must be one of {DETECTOR_MODELS}, got {self.model!r}")
+        kind = self.anomaly_score
+        if kind is not None and kind not in SCORES:
+            raise ValueError(f"anomaly_score must be None or one of {SCORES}, got {kind!r}")
+        if self.model == "autoencoder":
+            if kind == "elbo":
+                raise ValueError("anomaly_score='elbo' needs model='vae'")
+            return
+        _positive_int("hidden", self.hidden)
+        beta = float(self.beta) if isinstance(self.beta, np.floating) else self.beta
+        _checks.finite_number("beta", beta, low=0)
+        given = {
+            "noise": self.noise is not None,
+            "sparsity": self.sparsity is not None,
+            "contractive": self.contractive != 0,
+        }
+        for name, is_set in given.items():
+            if is_set:
+                raise ValueError(f"{name} applies to model='autoencoder', not model='vae'")
+
+    def _activation(self) -> str:
+        if self.activation == "auto":
+            return "relu" if self.model == "vae" else "sigmoid"
+        if self.activation not in reference.ACTIVATIONS:
+            options = ("auto", *reference.ACTIVATIONS)
+            raise ValueError(f"activation must be one of {options}, got {self.activation!r}")
+        return self.activation
+
+    def _layer(self, in_features: int, hidden: int, loss: str):
+        if self.model == "autoencoder":
+            return super()._layer(in_features, hidden, loss)
+        return VAE(
+            in_features,
+            self.hidden,
+            hidden,
+            activation=self._activation(),
+            output="sigmoid" if loss == "bce" else "identity",
+            loss=loss,
+            beta=float(self.beta),
+        )
+
+    def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
+        if self.model == "autoencoder":
+            return super()._reconstruction_error(x)
+        kind = self.anomaly_score or "elbo"
+        if self.loss_ != "bce":
+            return self._map_chunks(lambda module, chunk: module.anomaly_score(chunk, kind), x)
+        return self._map_chunks(
+            lambda module, chunk: module.anomaly_score(chunk, kind) - bernoulli_entropy(chunk),
+            x,
+        )
+
+    def fit(self, X, y=None):
+        self._check_model_params()
         X = self._fit_autoencoder(X)
         x = self._tensor(self._scale(X), _TORCH_DTYPES[X.dtype])
         self.decision_scores_ = self._reconstruction_error(x)
+        c = self.contamination
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
         self.offset_ = -self.threshold_
         self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
         return self
 
     def score_samples(self, X):
-        """Minus the reconstruction error: higher means more normal."""
+        """Minus the anomaly score: higher means more normal."""
         return -self._reconstruction_error(self._prepared(X))
 
     def decision_function(self, X):

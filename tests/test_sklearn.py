@@ -1,5 +1,6 @@
 """fastae.sklearn: AutoencoderTransformer and AutoencoderOutlierDetector."""
 
+import copy
 import importlib
 import pickle
 import subprocess
@@ -27,7 +28,13 @@ from fastae.sklearn import AutoencoderOutlierDetector, AutoencoderTransformer  #
 TINY = {"n_components": 4, "epochs": 3, "batch_size": 32, "random_state": 0}
 
 
-@parametrize_with_checks([AutoencoderTransformer(**TINY), AutoencoderOutlierDetector(**TINY)])
+@parametrize_with_checks(
+    [
+        AutoencoderTransformer(**TINY),
+        AutoencoderOutlierDetector(**TINY),
+        AutoencoderOutlierDetector(model="vae", hidden=8, **TINY),
+    ]
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -225,6 +232,59 @@ def test_held_out_digit_is_found(digits):
     forest = IsolationForest(random_state=0).fit(normal)
     assert auroc > 0.75
     assert auroc > roc_auc_score(truth, -forest.score_samples(test)) - 0.05
+
+
+def test_vae_detector_finds_the_held_out_digit(digits):
+    """model="vae": the negative ELBO (KL to the prior plus BCE above its minimum) flags the
+    unseen class, and the same input gets the same score wherever it sits."""
+    x, y = digits
+    normal = x[(y != 0)][:900]
+    test = np.vstack([x[y != 0][900:1100], x[y == 0][:60]])
+    truth = np.r_[np.zeros(200), np.ones(60)]
+    detector = AutoencoderOutlierDetector(4, model="vae", scale=None, epochs=15, random_state=0)
+    detector.fit(normal)
+    assert isinstance(detector.module_, fastae.VAE)
+    assert detector.module_.activation == "relu" and detector.module_.hidden == 128
+    scores = detector.score_samples(test)
+    auroc = roc_auc_score(truth, -scores)
+    forest = IsolationForest(random_state=0).fit(normal)
+    assert auroc > 0.8
+    assert auroc > roc_auc_score(truth, -forest.score_samples(test)) + 0.05
+    # deterministic: z = mu at inference, so neither repeats nor batch neighbours change it
+    np.testing.assert_array_equal(detector.score_samples(test), scores)
+    np.testing.assert_allclose(detector.score_samples(test[7:8]), scores[7:8], rtol=1e-5)
+    # the ELBO score is the reconstruction score plus the posterior's KL (>= 0)
+    module = copy.deepcopy(detector.module_).double().eval()
+    mu, logvar = module.posterior_parameters(torch.tensor(test, dtype=torch.float64))
+    with torch.no_grad():
+        kl = fastae.reference.gaussian_kl(mu, logvar).numpy()
+    assert np.all(kl >= 0)
+    detector.set_params(anomaly_score="reconstruction")
+    np.testing.assert_allclose(-scores, -detector.score_samples(test) + kl, rtol=1e-4)
+
+
+def test_vae_detector_arguments(digits):
+    x, _ = digits
+    small = x[:100]
+    with pytest.raises(ValueError, match="model must be one of"):
+        AutoencoderOutlierDetector(model="gan").fit(small)
+    with pytest.raises(ValueError, match="anomaly_score='elbo' needs model='vae'"):
+        AutoencoderOutlierDetector(anomaly_score="elbo").fit(small)
+    with pytest.raises(ValueError, match="anomaly_score must be None or one of"):
+        AutoencoderOutlierDetector(model="vae", anomaly_score="likelihood").fit(small)
+    for name, value in (
+        ("noise", fastae.MaskingNoise(0.2)),
+        ("sparsity", fastae.L1Sparsity(0.1)),
+        ("contractive", 0.1),
+    ):
+        with pytest.raises(ValueError, match=f"{name} applies to model='autoencoder'"):
+            AutoencoderOutlierDetector(model="vae", **{name: value}).fit(small)
+    with pytest.raises(ValueError, match="hidden must be a positive int"):
+        AutoencoderOutlierDetector(model="vae", hidden=0).fit(small)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        AutoencoderOutlierDetector(model="vae", beta=-1.0).fit(small)
+    with pytest.raises(ValueError, match="activation must be one of \\('auto'"):
+        AutoencoderOutlierDetector(activation="gelu").fit(small)
 
 
 # ----------------------------------------------------------------------------- optional extra
