@@ -1,13 +1,14 @@
 """The main job: plain, sparse, denoising and contractive autoencoders on digits, compared.
 
-``python -m fastae demo`` trains the four variants on scikit-learn's 8x8 digits (no
-download) and prints one table: reconstruction error, linear-probe accuracy of the codes
-against raw pixels and PCA of the same size, k-means NMI on codes (and after DEC
-refinement), anomaly AUROC (a held-out digit class; breast_cancer with malignant as the
-anomaly) against PCA reconstruction error and IsolationForest, semi-supervised accuracy with
-10% of the labels against logistic regression on those labels, and train time. It writes
-PNGs to ``--out``: learned filters, reconstructions of clean and corrupted inputs, a 2-D code
-scatter and anomaly-score histograms. ``--quick`` is the CI smoke run.
+``python -m fastae demo`` trains the four variants (and a stacked denoising autoencoder, DEC
+and a VAE) on scikit-learn's 8x8 digits (no download) and prints one table: reconstruction
+error, linear-probe accuracy of the codes against raw pixels and PCA of the same size, k-means
+NMI on codes (and after DEC refinement), anomaly AUROC (a held-out digit class; breast_cancer
+with malignant as the anomaly) against PCA reconstruction error and IsolationForest,
+semi-supervised accuracy with 10% of the labels against logistic regression on those labels,
+and train time. It writes PNGs to ``--out``: learned filters, reconstructions of clean and
+corrupted inputs, a 2-D code scatter, anomaly-score histograms and samples of a VAE.
+``--quick`` is the CI smoke run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ VARIANTS = ("plain", "sparse", "denoising", "contractive")
 LABELED_FRACTION = 0.1
 CANCER_CODE = 8  # code size on breast_cancer (30 features)
 FULL_EPOCHS, QUICK_EPOCHS = 50, 5
+# the VAE row: hidden units, latent dimensions and Adam's learning rate (batches of 64)
+VAE_HIDDEN, VAE_LATENT, VAE_LR = 128, 8, 3e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +141,9 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
     from sklearn.model_selection import train_test_split
 
     from .applications import DECClustering, SemiSupervisedAutoencoder, StackedAutoencoder
-    from .sklearn import AutoencoderOutlierDetector, AutoencoderTransformer
+    from .sklearn import AutoencoderOutlierDetector, AutoencoderTransformer, _seeded
+    from .training import fit
+    from .vae import VAE
 
     s, result = settings, Result()
     seed, hidden, epochs = s.seed, s.hidden, s.epochs
@@ -223,9 +228,28 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
     )
     result.set("DEC on contractive AE", "time", time.perf_counter() - start)
 
+    # variational autoencoder: its codes are the posterior means
+    vae_row = f"VAE {x_tr.shape[1]}-{VAE_HIDDEN}-{VAE_LATENT}"
+    vae_settings = {"model": "vae", "hidden": VAE_HIDDEN, "lr": VAE_LR}
+    with _seeded(seed):
+        vae = VAE(x_tr.shape[1], VAE_HIDDEN, VAE_LATENT).to(s.device)
+        start = time.perf_counter()
+        train = torch.tensor(x_tr, dtype=torch.float32, device=s.device)
+        history = fit(vae, train, epochs=epochs, batch_size=64, lr=VAE_LR, seed=seed,
+                      progress=s.verbose)  # fmt: skip
+        seconds = time.perf_counter() - start
+    with torch.no_grad():
+        test = torch.tensor(x_te, dtype=torch.float32, device=s.device)
+        codes_tr, codes_te = vae.encode(train).cpu().numpy(), vae.encode(test).cpu().numpy()
+        result.set(vae_row, "mse", _mse(vae.reconstruct(test).cpu().numpy(), x_te))
+    result.set(vae_row, "loss", history.loss[-1])
+    result.set(vae_row, "probe", _probe(codes_tr, y_tr, codes_te, y_te, seed))
+    result.set(vae_row, "nmi", _nmi(codes_te, y_te, seed))
+    result.set(vae_row, "time", seconds)
+
     # ------------------------------------------------------------ anomaly detection
     digit_scores = {}
-    bar = _progress(len(s.holdout_digits) * (len(VARIANTS) + 2), "held-out digits", s.verbose)
+    bar = _progress(len(s.holdout_digits) * (len(VARIANTS) + 3), "held-out digits", s.verbose)
     aurocs: dict[str, list[float]] = {}
     for digit in s.holdout_digits:
         normal = x_tr[y_tr != digit]
@@ -236,6 +260,9 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
             detector.set_params(**regularizers(name))
             scores[f"{name} AE"] = -detector.fit(normal).score_samples(x_te)
             _tick(bar, 1)
+        detector = AutoencoderOutlierDetector(VAE_LATENT, scale=None, **common, **vae_settings)
+        scores[vae_row] = -detector.fit(normal).score_samples(x_te)
+        _tick(bar, 1)
         forest = IsolationForest(random_state=seed).fit(normal)
         scores["IsolationForest"] = -forest.score_samples(x_te)
         digit_pca = PCA(hidden, random_state=seed).fit(normal)
@@ -263,6 +290,8 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
         detector = AutoencoderOutlierDetector(CANCER_CODE, scale="standard", **common)
         detector.set_params(**regularizers(name))
         cancer_scores[f"{name} AE"] = -detector.fit(benign).score_samples(c_te)
+    detector = AutoencoderOutlierDetector(CANCER_CODE, scale="standard", **common, **vae_settings)
+    cancer_scores[vae_row] = -detector.fit(benign).score_samples(c_te)
     cancer_scores["IsolationForest"] = (
         -IsolationForest(random_state=seed).fit(benign).score_samples(c_te)
     )
@@ -305,6 +334,8 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
             "digit_scores": digit_scores,
             "digit": s.holdout_digits[0],
             "cancer_scores": (cancer_scores, m_te),
+            "vae": vae,
+            "vae_name": vae_row,
         }
     return result
 
@@ -318,6 +349,7 @@ ROW_ORDER = (
     "contractive AE",
     "stacked",
     "DEC",
+    "VAE",
     "PCA",
     "raw pixels",
     "IsolationForest",
@@ -465,6 +497,14 @@ def write_figures(figures: dict, out: Path, seed: int) -> list[Path]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, out / "anomaly_scores.png"))
+
+    # new digits from the VAE: decoded means of z ~ N(0, I)
+    from .vae import save_image_grid
+
+    samples = figures["vae"].sample(64, generator=torch.Generator().manual_seed(seed))
+    path = out / "vae_samples.png"
+    save_image_grid(samples.cpu(), path, (8, 8), title=f"{figures['vae_name']}: 64 samples")
+    written.append(path)
     return written
 
 
@@ -483,10 +523,13 @@ def _warm_up(device: torch.device) -> None:
     """One tiny training step, so one-time set-up is not billed to the first model's time."""
     from .modules import Autoencoder
     from .training import fit
+    from .vae import VAE
 
     with torch.random.fork_rng(devices=[]):
         model = Autoencoder(4, 2, noise=MaskingNoise(p=0.1), contractive=0.1).to(device)
         fit(model, torch.rand(8, 4, device=device), epochs=1, batch_size=8, progress=False)
+        fit(VAE(4, 2, 2).to(device), torch.rand(8, 4, device=device), epochs=1, batch_size=8,
+            progress=False)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -523,7 +566,9 @@ def run(args: argparse.Namespace) -> int:
         f"AUROC digit: {notes['holdout']}, trained on the other classes. AUROC cancer: "
         f"trained on benign, code size {CANCER_CODE}. 10% labels: SemiSupervisedAutoencoder "
         f"(raw pixels row: logistic regression on the labelled 10% only). recon MSE: squared "
-        f"error summed over the 64 pixels in [0, 1]. time: training seconds."
+        f"error summed over the 64 pixels in [0, 1]. VAE: codes are posterior means, train "
+        f"loss the negative ELBO, anomaly score the negative ELBO (model='vae' detector). "
+        f"time: training seconds."
     )
     written = write_figures(results[0].figures, Path(args.out), args.seed)
     print("\nwrote " + ", ".join(str(path) for path in written))

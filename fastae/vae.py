@@ -145,11 +145,13 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n new samples (n, d): decoded means of z ~ N(0, I) drawn from ``generator`` (or
-        torch's default generator)."""
+        torch's default generator) on the generator's device, so a CPU generator gives the
+        same draws whatever device the model is on."""
         n = _positive_int("n", n)
         like = self.decoder.weight
-        z = torch.randn(n, self.latent, generator=generator, device=like.device, dtype=like.dtype)
-        return self.decode(z)
+        device = like.device if generator is None else generator.device
+        z = torch.randn(n, self.latent, generator=generator, device=device, dtype=like.dtype)
+        return self.decode(z.to(like.device))
 
     def _reconstruction(self, z: Tensor, x: Tensor) -> Tensor:
         return ops.decode_loss(

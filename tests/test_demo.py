@@ -9,7 +9,13 @@ pytest.importorskip("matplotlib")
 from fastae import demo  # noqa: E402
 from fastae.__main__ import main  # noqa: E402
 
-PNGS = ("filters.png", "reconstructions.png", "codes_2d.png", "anomaly_scores.png")
+PNGS = (
+    "filters.png",
+    "reconstructions.png",
+    "codes_2d.png",
+    "anomaly_scores.png",
+    "vae_samples.png",
+)
 
 
 def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys):
@@ -21,8 +27,11 @@ def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys):
                    "10% labels", "time s"):  # fmt: skip
         assert column in header
     for row in ("plain AE", "sparse AE", "denoising AE", "contractive AE", "stacked",
-                "DEC", "PCA (", "raw pixels", "IsolationForest"):  # fmt: skip
+                "DEC", "VAE 64-128-8", "PCA (", "raw pixels", "IsolationForest"):  # fmt: skip
         assert any(line.startswith(row) for line in text.splitlines()), row
+    vae_row = next(line for line in text.splitlines() if line.startswith("VAE"))
+    assert vae_row.split()[-2] == "-"  # no semi-supervised number for the VAE
+    assert all(cell != "-" for cell in vae_row.split()[2:-2]), vae_row
     for name in PNGS:
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) < 200_000, name
