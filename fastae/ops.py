@@ -19,18 +19,25 @@ __all__ = ["encode", "corrupt", "decode_loss", "reparameterize"]
 
 
 def _kernel_module(name: str):
-    """``fastae.kernels.<name>`` when Triton and that kernel exist, else None."""
+    """``fastae.kernels.<name>`` when Triton and that kernel file exist, else None. Imported
+    only once the triton backend is chosen; any other import error propagates."""
     if not backend.triton_available():
         return None
+    module = f"fastae.kernels.{name}"
     try:
-        return importlib.import_module(f"fastae.kernels.{name}")
-    except ModuleNotFoundError:
-        return None
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name == module:
+            return None
+        raise
 
 
 def _backend_for(op: str, kernel: str, device: torch.device) -> str:
     """The backend for ``op`` on ``device``; a constant to torch.compile (read at trace time)."""
-    return backend.resolve(op, device, _kernel_module(kernel) is not None)
+    chosen = backend.resolve(op, device)
+    if chosen == "triton" and _kernel_module(kernel) is None:
+        chosen = backend.resolve(op, device, supported=False)
+    return chosen
 
 
 # What torch.compiler.assume_constant_result sets, without importing torch._dynamo here.

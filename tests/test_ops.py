@@ -376,6 +376,34 @@ def _preload_kernels():
         ops._kernel_module(name)
 
 
+def test_kernel_modules_load_only_for_the_triton_backend(monkeypatch):
+    """A kernel module that fails to import breaks the triton backend loudly and leaves the
+    reference backend alone; a missing kernel file reads as "no kernel for this op"."""
+    import importlib
+
+    real_import = importlib.import_module
+    failure: list[Exception] = []
+
+    def import_module(name, *args):
+        if name.startswith("fastae.kernels."):
+            raise failure[0]
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    x, weight = torch.rand(3, 4), torch.rand(2, 4)
+    failure.append(ImportError("broken kernel file"))
+    with fastae.use_backend("reference"):
+        assert ops.encode(x, weight)[0].shape == (3, 2)
+    with fastae.use_backend("auto"):  # CPU tensors: auto is the reference backend
+        assert ops.encode(x, weight)[0].shape == (3, 2)
+    if backend.triton_available() and backend.triton_interpreting():
+        with fastae.use_backend("triton"), pytest.raises(ImportError, match="broken kernel"):
+            ops.encode(x, weight)
+        failure[0] = ModuleNotFoundError("gone", name="fastae.kernels.encoder")
+        with fastae.use_backend("triton"), pytest.raises(RuntimeError, match="no Triton kernel"):
+            ops.encode(x, weight)
+
+
 def test_default_backend_is_auto_and_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTAE_BACKEND", raising=False)
     assert fastae.get_backend() == "auto"
