@@ -41,8 +41,32 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class TensorBatches:
+    """Row batches of one tensor, gathered with one indexing op each (a DataLoader over a
+    TensorDataset would collate them sample by sample). With ``shuffle``, every pass follows a
+    fresh permutation drawn from a CPU generator seeded with ``seed``."""
+
+    def __init__(self, tensor: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
+        self.tensor, self.batch_size, self.shuffle = tensor, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.tensor.shape[0] / self.batch_size)
+
+    def __iter__(self):
+        rows = self.tensor.shape[0]
+        if not self.shuffle:
+            for start in range(0, rows, self.batch_size):
+                yield self.tensor[start : start + self.batch_size]
+            return
+        order = torch.randperm(rows, generator=self.generator).to(self.tensor.device)
+        for start in range(0, rows, self.batch_size):
+            yield self.tensor[order[start : start + self.batch_size]]
+
+
 def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
-    """A DataLoader over a tensor (sharded across processes under torch.distributed)."""
+    """Batches of a tensor (a DataLoader with a DistributedSampler under torch.distributed, so
+    each process gets its shard); any other iterable is used as it is."""
     if isinstance(data, (DataLoader, Iterable)) and not isinstance(
         data, (torch.Tensor, np.ndarray)
     ):
@@ -50,12 +74,11 @@ def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool
     tensor = _as_tensor(name, data, like)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got {tuple(tensor.shape)}")
-    dataset = TensorDataset(tensor)
     if _distributed():
+        dataset = TensorDataset(tensor)
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return TensorBatches(tensor, batch_size, shuffle, seed)
 
 
 def _first(batch) -> torch.Tensor:

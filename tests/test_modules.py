@@ -234,6 +234,24 @@ def test_fit_dataloader_numpy_and_list_inputs():
         assert other == pytest.approx(histories[0], rel=1e-6)
 
 
+def test_tensor_batches_cover_every_row_once_per_pass():
+    from fastae.training import TensorBatches
+
+    data = torch.arange(50.0).reshape(25, 2)
+    batches = TensorBatches(data, 8, shuffle=True, seed=4)
+    assert len(batches) == 4
+    first, second = [torch.cat(list(batches)) for _ in range(2)]
+    assert [b.shape[0] for b in batches] == [8, 8, 8, 1]
+    for epoch in (first, second):
+        assert sorted(epoch[:, 0].tolist()) == data[:, 0].tolist()  # a permutation of rows
+        assert torch.equal(epoch[:, 1], epoch[:, 0] + 1)  # rows stay whole
+    assert not torch.equal(first, second)  # a fresh order each pass
+    again = TensorBatches(data, 8, shuffle=True, seed=4)
+    assert torch.equal(torch.cat(list(again)), first)  # the seed fixes the orders
+    in_order = TensorBatches(data, 8, shuffle=False, seed=4)
+    assert torch.equal(torch.cat(list(in_order)), data)
+
+
 def test_fit_validation_and_early_stopping():
     data, val = small_problem(), small_problem(40)
     model = new_model()
