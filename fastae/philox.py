@@ -4,8 +4,9 @@ Triton (triton/language/random.py) runs Philox on the counter
 (c0, c1, c2, c3) = (offset_lo, offset_hi, 0, 0) with key (seed_lo, seed_hi), ten rounds, and
 maps a word u to a float in [0, 1) as  float32(u' ) * 4.6566127342e-10,  u' = u if u < 2^31
 else ~u  (u read as int32).  ``tl.randn`` applies Box-Muller to the first two uniforms.
-Here every uint32 lives in an int64 tensor; products are split into 16-bit halves so no
-intermediate exceeds 2^50.
+On the CPU the rounds run in numpy uint64 (a 32 x 32-bit product fits exactly); on other
+devices every uint32 lives in an int64 tensor and products are split into 16-bit halves so no
+intermediate exceeds 2^50 (torch has no uint64 shifts). Both give the same words.
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Four uint32 words (as int64 tensors) per offset, as ``tl.randint4x(seed, offsets)``."""
     if offsets.dtype != torch.int64:
         raise TypeError(f"offsets must be int64, got {offsets.dtype}")
+    if offsets.device.type == "cpu":
+        return _randint4x_numpy(seed, offsets)
+    return _randint4x_torch(seed, offsets)
+
+
+def _randint4x_numpy(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    counter = offsets.detach().contiguous().numpy().view(np.uint64)  # offsets are >= 0
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    c0, c1 = counter & mask, counter >> shift
+    c2 = c3 = np.zeros_like(counter)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(N_ROUNDS):
+        prod_b, prod_a = c2 * np.uint64(_ROUND_B), c0 * np.uint64(_ROUND_A)
+        c0, c1 = (prod_b >> shift) ^ c1 ^ np.uint64(k0), prod_b & mask
+        c2, c3 = (prod_a >> shift) ^ c3 ^ np.uint64(k1), prod_a & mask
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return tuple(torch.from_numpy(word.view(np.int64)) for word in (c0, c1, c2, c3))
+
+
+def _randint4x_torch(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(offsets)

@@ -49,9 +49,11 @@ def test_known_answer_vector():
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("base", [0, 2**32 - 4, 2**62 + 11])
-def test_randint4x_matches_python_oracle(seed, base):
+@pytest.mark.parametrize("impl", ["numpy", "torch"])
+def test_randint4x_matches_python_oracle(seed, base, impl):
+    """Both implementations: numpy uint64 (CPU tensors) and torch int64 (other devices)."""
     offsets = base + torch.randint(0, 2**20, (24,), dtype=torch.int64)
-    words = philox.randint4x(seed, offsets)
+    words = getattr(philox, f"_randint4x_{impl}")(seed, offsets)
     for w in words:
         assert w.dtype == torch.int64
         assert int(w.min()) >= 0 and int(w.max()) <= MASK32
