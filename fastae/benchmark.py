@@ -49,11 +49,21 @@ CASES = OPS + STEPS
 PROVIDERS = ("eager", "compile", "fastae")
 JACREV = "jacrev"  # extra provider, contractive step only
 # Extra providers (CUDA defaults): fastae with the other fusion boundary of the encoder
-# (cuBLAS GEMMs + one fused statistics pass), and the floor: the bare matrix products of the
-# case (torch.mm forward and backward), or a plain copy for corrupt.
+# (cuBLAS GEMMs + one fused statistics pass), fastae with the corrupted input written once and
+# stored for backward (denoising cases) instead of regenerated in the GEMMs, and the floor:
+# the bare matrix products of the case (torch.mm forward and backward), or a plain copy for
+# corrupt.
 SPLIT = "fastae_split"
+STORE = "fastae_store"
 FLOOR = "floor"
-EXTRA_PROVIDERS = (SPLIT, FLOOR, JACREV)
+EXTRA_PROVIDERS = (SPLIT, STORE, FLOOR, JACREV)
+# fastae variants: provider -> (its column in the ratio table, environment while it runs)
+VARIANTS = {
+    "fastae": (None, {"FASTAE_ENCODER_FUSION": "gemm", "FASTAE_CORRUPTED_INPUT": "regenerate"}),
+    SPLIT: ("split", {"FASTAE_ENCODER_FUSION": "split", "FASTAE_CORRUPTED_INPUT": "regenerate"}),
+    STORE: ("store", {"FASTAE_ENCODER_FUSION": "gemm", "FASTAE_CORRUPTED_INPUT": "store"}),
+}
+NOISY_CASES = ("denoising", "all")
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 
 # name -> (dtype, float32 matmul precision used while the case runs)
@@ -124,8 +134,9 @@ def default_sizes(device: str) -> str:
 
 
 def default_providers(device: str) -> str:
-    """eager, compile, fastae; on CUDA also the split boundary and the matrix-product floor."""
-    extra = (SPLIT, FLOOR) if device.startswith("cuda") else ()
+    """eager, compile, fastae; on CUDA also the split boundary, the stored corrupted input
+    and the matrix-product floor."""
+    extra = (SPLIT, STORE, FLOOR) if device.startswith("cuda") else ()
     return ",".join(PROVIDERS + extra)
 
 
@@ -146,6 +157,8 @@ def unavailable(provider: str, device: str, case: str | None = None) -> str | No
         return "no matrix-product floor for reparameterize"
     if provider == SPLIT and case not in (None, "encode", "encode_stats") + STEPS:
         return "the split fusion boundary is the encoder's"
+    if provider == STORE and case not in (None,) + NOISY_CASES:
+        return "the stored corrupted input needs a denoising case"
     if provider == "compile":
         if device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
             return "torch.compile on the CPU needs a C++ compiler"
@@ -260,8 +273,14 @@ class Bench:
         if self.params:
             torch.autograd.backward(outs, self.grads(outs))
 
-    def run(self) -> None:
+    @contextlib.contextmanager
+    def settings(self):
+        """The case's matmul precision and environment (forward and backward run inside)."""
         with matmul_precision(DTYPES[self.dtype][1]), _environment(self.env or {}):
+            yield
+
+    def run(self) -> None:
+        with self.settings():
             self.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -281,6 +300,7 @@ class Bench:
             "device": self.device.type,
             "device_name": device_name(self.device),
             "torch": torch.__version__,
+            "env": dict(self.env or {}),
         }
 
 
@@ -311,11 +331,11 @@ def build(
     model = model.to(device=dev, dtype=DTYPES[dtype][0])
     W, b, c = model.weight, model.bias, model.decoder_bias
     x = torch.rand(size.batch, size.inputs, device=dev, dtype=W.dtype)
-    env = {"FASTAE_ENCODER_FUSION": "split" if provider == SPLIT else "gemm"}
+    env = VARIANTS.get(provider, VARIANTS["fastae"])[1]
     common = {
         "case": case, "provider": provider, "size": size, "dtype": dtype, "device": dev, "env": env
     }  # fmt: skip
-    if provider == SPLIT:
+    if provider in VARIANTS:
         provider = "fastae"
 
     upstream: list[Tensor] = []
@@ -445,7 +465,7 @@ class OpCounter(TorchDispatchMode):
 def count_ops(bench: Bench) -> OpCounter:
     """Ops dispatched by one call of ``bench`` (forward and backward)."""
     counter = OpCounter()
-    with matmul_precision(DTYPES[bench.dtype][1]):
+    with bench.settings():
         for p in bench.params:
             p.grad = None
         if bench.provider == "compile":
@@ -478,7 +498,7 @@ def saved_bytes(bench: Bench) -> dict[str, int]:
         storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with matmul_precision(DTYPES[bench.dtype][1]):
+    with bench.settings():
         for p in bench.params:
             p.grad = None
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -654,14 +674,16 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
     """Median ms per provider and fastae's speedup vs eager and vs compile, per case."""
     rows = group_rows(records)
     with_jacrev = any(JACREV in row["providers"] for row in rows)
-    with_split = any(SPLIT in row["providers"] for row in rows)
+    variants = [p for p in (SPLIT, STORE) if any(p in row["providers"] for row in rows)]
     with_floor = any(FLOOR in row["providers"] for row in rows)
     header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
     header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
-    # split: the encoder's other fusion boundary; floor: bare matrix products (or a copy)
-    header += (["split ms", "split/fastae"] if with_split else []) + (
-        ["floor ms", "fastae/floor"] if with_floor else []
-    )
+    # split: the encoder's other fusion boundary; store: x~ stored, not regenerated;
+    # floor: bare matrix products (or a copy)
+    for variant in variants:
+        name = VARIANTS[variant][0]
+        header += [f"{name} ms", f"{name}/fastae"]
+    header += ["floor ms", "fastae/floor"] if with_floor else []
     lines = []
     for row in rows:
         first, prov = row["first"], row["providers"]
@@ -671,8 +693,8 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
         cells += [_ratio(speedup(row, "eager")), _ratio(speedup(row, "compile"))]
         if with_jacrev:
             cells += [_ms(prov.get(JACREV)), _ratio(speedup(row, JACREV))]
-        if with_split:
-            cells += [_ms(prov.get(SPLIT)), _ratio(speedup(row, SPLIT))]
+        for variant in variants:
+            cells += [_ms(prov.get(variant)), _ratio(speedup(row, variant))]
         if with_floor:
             floor = speedup(row, FLOOR)
             cells += [_ms(prov.get(FLOOR)), _ratio(1 / floor if floor else None)]

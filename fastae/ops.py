@@ -8,6 +8,7 @@ and calls a custom op whose backward is analytic and is itself a custom op, so
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 from torch import Tensor
@@ -40,8 +41,27 @@ def _backend_for(op: str, kernel: str, device: torch.device) -> str:
     return chosen
 
 
-# What torch.compiler.assume_constant_result sets, without importing torch._dynamo here.
+CORRUPTED_INPUT_MODES = ("auto", "regenerate", "store")
+
+
+def corrupted_input_mode() -> str:
+    """What ``encode(x, W, b, noise=spec)`` does with x~, from ``FASTAE_CORRUPTED_INPUT``:
+    ``regenerate`` (``auto``, the default) corrupts x as the encoder GEMM loads it and
+    regenerates it from the seed in backward, so x~ is never written; ``store`` runs one
+    corrupt pass and keeps x~ for backward's dW product (one more (B, d) tensor, no Philox
+    in the GEMMs). Both give the same values."""
+    choice = os.environ.get("FASTAE_CORRUPTED_INPUT", "auto")
+    if choice not in CORRUPTED_INPUT_MODES:
+        raise ValueError(
+            f"FASTAE_CORRUPTED_INPUT must be one of {CORRUPTED_INPUT_MODES}, got {choice!r}"
+        )
+    return "regenerate" if choice == "auto" else choice
+
+
+# What torch.compiler.assume_constant_result sets, without importing torch._dynamo here:
+# read at trace time, the choices are constants of a compiled graph.
 _backend_for._dynamo_marked_constant = True
+corrupted_input_mode._dynamo_marked_constant = True
 
 
 def _impl(backend_name: str, kernel: str):
@@ -262,7 +282,8 @@ def encode(
         x: (B, d) input. weight: (H, d) (``nn.Linear`` layout). bias: (H,) or None.
         activation: "sigmoid", "tanh", "relu" or "softplus".
         noise: optional corruption applied to x first; ``encode(x, W, b, noise=spec)`` equals
-            ``encode(corrupt(x, spec), W, b)`` for the same seed, without storing x~.
+            ``encode(corrupt(x, spec), W, b)`` for the same seed, without storing x~ (unless
+            ``FASTAE_CORRUPTED_INPUT=store``: see :func:`corrupted_input_mode`).
 
     Returns:
         h (B, H) = a(x~ W^T + b); rho_hat (H,) = mean_i h_i (float32 at least);
@@ -278,6 +299,10 @@ def encode(
     else:
         kind, level, low, high = noise.params()
     seed = _seed_tensor(0 if noise is None else noise.seed)
+    if kind != "none" and corrupted_input_mode() == "store":
+        corrupt_backend = _backend_for("corrupt", "noise", x.device)
+        x = _corrupt_op(x, kind, level, low, high, seed, corrupt_backend)
+        kind, level, low, high = "none", 0.0, 0.0, 0.0
     name = _backend_for("encode", "encoder", x.device)
     h, rho_hat, jac, _ = _encode_op(x, weight, bias, activation, kind, level, low, high, seed, name)
     return h, rho_hat, jac

@@ -20,7 +20,8 @@ def bench_run(tmp_path_factory):
     """``python -m fastae bench`` on a tiny CPU case (run in-process: its ``main``)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["bench", "--device", "cpu", "--size", "64x48x32", "--cases", ",".join(CASES)]
-    argv += ["--providers", "eager,fastae", "--rounds", "2", "--figures", "--json", str(out)]
+    argv += ["--providers", "eager,fastae,fastae_store", "--rounds", "2", "--figures"]
+    argv += ["--json", str(out)]
     stdout, stderr = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes: one thread is fastest and steady on a busy machine
@@ -42,7 +43,8 @@ def test_prints_ratio_table(bench_run):
     for case in CASES:
         row = next(line for line in lines if line.startswith(case))
         assert "64x48x32" in row and "fp32" in row
-        assert row.split()[-2].endswith("x")  # fastae vs eager, e.g. "0.85x"
+        # cells: case size dtype precision eager compile fastae, then fastae vs eager
+        assert row.split()[7].endswith("x")  # e.g. "0.85x"
 
 
 def _records(bench_run) -> dict[tuple[str, str], dict]:
@@ -71,6 +73,20 @@ def test_fastae_step_saves_less_for_backward(bench_run, case):
     else:
         # eager also keeps the mask and x~ (denoising) or s and s^2 (contractive)
         assert saved_less >= 4 * eager["batch"] * min(eager["inputs"], eager["hidden"])
+
+
+def test_stored_corrupted_input_provider(bench_run):
+    """fastae_store runs only the denoising case: it keeps x~ for backward, one (B, d) tensor
+    more than fastae's default, and the ratio table gets its column."""
+    stdout, records = bench_run
+    stored = [r for r in records if r["provider"] == fb.STORE]
+    assert [r["case"] for r in stored] == ["denoising"]
+    fast = _records(bench_run)[("denoising", "fastae")]
+    assert stored[0]["env"]["FASTAE_CORRUPTED_INPUT"] == "store"
+    extra = stored[0]["saved_bytes_beyond_inputs"] - fast["saved_bytes_beyond_inputs"]
+    assert extra == fast["batch"] * fast["inputs"] * 4  # x~ in fp32
+    header = stdout.splitlines()[0].split()
+    assert "store/fastae" in header
 
 
 def _params(d=13, hidden=7, batch=5, seed=0):

@@ -218,6 +218,48 @@ def test_encode_with_noise_equals_encode_of_corrupt(dtype, activation, kind):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "masking_rescale", "salt_pepper"])
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_stored_corrupted_input_gives_the_same_values(monkeypatch, backend_name, kind):
+    """FASTAE_CORRUPTED_INPUT=store: one corrupt pass writes x~ and backward keeps it (one
+    more (B, d) tensor); values and gradients are those of the memory-free default."""
+    if backend_name == "triton" and not backend.triton_interpreting():
+        pytest.skip("the triton backend on CPU runs under TRITON_INTERPRET=1")
+    x, weight, bias = layer(9, 21, 6)
+    upstream = torch.randn(9, 6, dtype=x.dtype)
+
+    def run():
+        (h, rho_hat, jac), saved = _saved_during(
+            lambda: ops.encode(x, weight, bias, activation="tanh", noise=NOISES[kind])
+        )
+        loss = (h * upstream).sum() + rho_hat.sum() + jac
+        return (h, rho_hat, jac), torch.autograd.grad(loss, (x, weight, bias)), saved
+
+    with fastae.use_backend(backend_name):
+        monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+        out, grads, saved = run()
+        monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "store")
+        out_stored, grads_stored, saved_stored = run()
+    for a, b in zip(out + grads, out_stored + grads_stored, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+    def inputs_sized(tensors):
+        return [t for t in tensors if t.shape == x.shape and t.data_ptr() != x.data_ptr()]
+
+    assert inputs_sized(saved) == []  # x~ never kept by the default
+    (x_tilde,) = inputs_sized(saved_stored)
+    torch.testing.assert_close(x_tilde, ops.corrupt(x, NOISES[kind]), rtol=0, atol=0)
+
+
+def test_corrupted_input_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "cache")
+    x, weight, bias = layer(3, 4, 2)
+    with pytest.raises(ValueError, match="FASTAE_CORRUPTED_INPUT must be one of"):
+        ops.encode(x, weight, bias, noise=NOISES["masking"])
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "auto")
+    assert ops.corrupted_input_mode() == "regenerate"
+
+
 def test_unseeded_noise_follows_torch_manual_seed():
     x, weight, bias = layer(9, 12, 5)
     spec = MaskingNoise(p=0.5)
