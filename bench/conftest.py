@@ -57,24 +57,28 @@ def pytest_configure(config):
     config.stash[_START] = time.monotonic()
 
 
-# the cheap jacrev gap first, then the training steps, then the ops
-_FILE_ORDER = ("test_jacrev_gap.py", "test_steps.py", "test_ops.py")
+# the cheap jacrev gap first; then the cases that carry a target: the fused encoder with its
+# statistics, the full step, the denoising step; then the rest
+_CASE_ORDER = (
+    "encode_stats", "all", "denoising", "contractive", "sparse", "plain", "decode_loss",
+    "encode", "corrupt", "reparameterize",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order: by file, dtype, size, case, with each case's providers back to back (so a
-    budget cut leaves whole comparisons, the steps before the ops)."""
+    """Order: jacrev gap, then by case (_CASE_ORDER), dtype and size, with each case's
+    providers back to back (so a budget cut leaves whole comparisons of the first cases)."""
 
     def key(item):
         params = getattr(item, "callspec", None)
         params = params.params if params else {}
         size = params.get("size")
-        name = item.path.name
+        case = params.get("case")
         return (
-            _FILE_ORDER.index(name) if name in _FILE_ORDER else len(_FILE_ORDER),
+            item.path.name != "test_jacrev_gap.py",
+            _CASE_ORDER.index(case) if case in _CASE_ORDER else len(_CASE_ORDER),
             list(fb.DTYPES).index(params["dtype"]) if "dtype" in params else -1,
             (size.inputs, size.hidden, size.batch) if size else (),
-            fb.CASES.index(params["case"]) if "case" in params else -1,
         )
 
     here = Path(__file__).parent

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine with torch and Triton installed (no network needed), install
 # this checkout without dependencies, run the tests on CUDA, run the lean benchmark set to JSON
-# (the jacrev gap, the training steps, then the ops; B=4096 784->1024 and B=8192 4096->4096,
+# (the jacrev gap, then the cases with targets first: encode with statistics, the full step, the
+# denoising step, then the rest; B=4096 784->1024 and B=8192 4096->4096,
 # tf32 and bf16) and print the ratio table last. Everything lands in $OUT (default ./out):
 #   tests.log, bench.log, bench.json, SUMMARY.md, speedup.png
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
