@@ -187,6 +187,12 @@ def gemm_configs(names: tuple[str, str, str]):
     ]
 
 
+def gemm_autotune(names: tuple[str, str, str]):
+    """``triton.autotune`` over :func:`gemm_configs` (names: the M, N and K block sizes of the
+    kernel's product), keyed on the problem's B, D and H (and, by Triton, the dtypes)."""
+    return triton.autotune(configs=gemm_configs(names), key=["B", "D", "H"])
+
+
 def elementwise_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]

@@ -25,7 +25,7 @@ def _configs():
 
 
 @triton.autotune(configs=_configs(), key=["B", "D"])
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "base"])
 def _corrupt_kernel(
     x_ptr, out_ptr, B, D, stride_xm, stride_xn, stride_om, stride_on, seed, base, level, low,
     high, NOISE: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr,
