@@ -234,6 +234,8 @@ def _ddp_worker(rank, world, port, x, state, result_path):
         torch.distributed.all_gather(gathered, flat)
         if rank == 0:
             torch.save((history.loss, gathered), result_path + ".fit")
+        # no rank tears down gloo while its peer still talks to it (that can abort a process)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
