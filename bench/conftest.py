@@ -57,16 +57,8 @@ def pytest_configure(config):
     config.stash[_START] = time.monotonic()
 
 
-# the cheap jacrev gap first; then the cases that carry a target: the fused encoder with its
-# statistics, the full step, the denoising step; then the rest
-_CASE_ORDER = (
-    "encode_stats", "all", "denoising", "contractive", "sparse", "plain", "decode_loss",
-    "encode", "corrupt", "reparameterize",
-)  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
-    """Order: jacrev gap, then by case (_CASE_ORDER), dtype and size, with each case's
+    """Order: the cheap jacrev gap, then by case (fb.CASE_ORDER), dtype and size, with each case's
     providers back to back (so a budget cut leaves whole comparisons of the first cases)."""
 
     def key(item):
@@ -76,7 +68,7 @@ def pytest_collection_modifyitems(config, items):
         case = params.get("case")
         return (
             item.path.name != "test_jacrev_gap.py",
-            _CASE_ORDER.index(case) if case in _CASE_ORDER else len(_CASE_ORDER),
+            fb.CASE_ORDER.index(case) if case in fb.CASE_ORDER else len(fb.CASE_ORDER),
             list(fb.DTYPES).index(params["dtype"]) if "dtype" in params else -1,
             (size.inputs, size.hidden, size.batch) if size else (),
         )

@@ -4,12 +4,12 @@
 # (the jacrev gap, then the cases with targets first: encode with statistics, the full step, the
 # denoising step, then the rest; B=4096 784->1024 and B=8192 4096->4096,
 # tf32 and bf16) and print the ratio table last. Everything lands in $OUT (default ./out):
-#   tests.log, bench.log, bench.json, SUMMARY.md, speedup.png
+#   tests.log, warm.log, bench.log, bench.json, SUMMARY.md, speedup.png
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
 # stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
-# the suite's options (default: the lean CUDA set); SKIP_INSTALL=1 and SKIP_TESTS=1 leave those
-# steps out.
+# the suite's options (default: the lean CUDA set; bench/warm_cache.py reads the same);
+# SKIP_INSTALL=1, SKIP_WARM=1 and SKIP_TESTS=1 leave those steps out.
 set -uo pipefail
 
 OUT="${OUT:-./out}"
@@ -46,15 +46,37 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
         || { log "install failed"; tail -n 20 "$OUT/bench.log"; exit 1; }
 fi
 
+# Compiling dominates a fresh machine's first minutes, one core a compile: fill the Triton and
+# inductor caches for the benchmarks in a pool of processes while the tests run (on the same
+# GPU; neither is timed). The tests run with FASTAE_AUTOTUNE=0 (one config a kernel: they check
+# values, not speed), on several processes where pytest-xdist is installed.
+cores=$(nproc 2>/dev/null || echo 4)
+limit=$(($(left) - 200))
+[ "$limit" -lt 60 ] && limit=60
+warm_pid=
+if [ "${SKIP_WARM:-0}" != 1 ]; then
+    log "warming the compile caches for the benchmarks (in the background, at most $limit s)"
+    # shellcheck disable=SC2086
+    "$PYTHON" bench/warm_cache.py --workers $(((cores + 1) / 2)) --budget-s "$limit" \
+        $BENCH_ARGS >"$OUT/warm.log" 2>&1 &
+    warm_pid=$!
+fi
+
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    limit=$(($(left) - 200))
-    [ "$limit" -lt 60 ] && limit=60
-    log "tests (at most $limit s)"
-    timeout "$limit" "$PYTHON" -m pytest -q tests -p no:cacheprovider >"$OUT/tests.log" 2>&1
+    parallel=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n $((cores / 2 > 1 ? cores / 2 : 1)))
+    log "tests (at most $limit s, ${parallel[*]:-one process})"
+    # SIGINT at the limit: pytest stops and still lists the failures so far
+    FASTAE_AUTOTUNE=0 timeout -s INT -k 30 "$limit" "$PYTHON" -m pytest -q -rfE tests \
+        -p no:cacheprovider "${parallel[@]}" >"$OUT/tests.log" 2>&1
     tests_rc=$?
     tail -n 3 "$OUT/tests.log"
     [ "$tests_rc" = 124 ] && log "tests stopped at the time limit"
+fi
+if [ -n "$warm_pid" ]; then
+    wait "$warm_pid"
+    log "$(tail -n 1 "$OUT/warm.log")"
 fi
 
 budget=$(($(left) - 20))

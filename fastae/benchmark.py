@@ -46,6 +46,12 @@ from .noise import MaskingNoise
 OPS = ("encode", "encode_stats", "corrupt", "decode_loss", "reparameterize")
 STEPS = ("plain", "sparse", "denoising", "contractive", "all")
 CASES = OPS + STEPS
+# the order of a run: the cases that carry a target first (the fused encoder with its
+# statistics, the full step, the denoising step), then the rest
+CASE_ORDER = (
+    "encode_stats", "all", "denoising", "contractive", "sparse", "plain", "decode_loss",
+    "encode", "corrupt", "reparameterize",
+)  # fmt: skip
 PROVIDERS = ("eager", "compile", "fastae")
 JACREV = "jacrev"  # extra provider, contractive step only
 # Extra providers (CUDA defaults): fastae with the other fusion boundary of the encoder

@@ -87,18 +87,33 @@ class AutoencoderOutput:
     jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """y = sum over processes of x. Every process's y depends on every x with slope 1, so
+    dL/dx is the sum over processes of dL/dy: backward all-reduces the gradient too."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+
 def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
     """Mean over the batches of all processes from each process's mean, differentiably.
 
-    The sum is all-reduced with ``torch.distributed.nn.functional.all_reduce``, whose backward
-    all-reduces the gradient, so after data-parallel gradient averaging each process holds the
-    gradient of the global-batch statistic. Without an initialized process group: unchanged.
+    The backward of the sum all-reduces the gradient, so after data-parallel gradient
+    averaging each process holds the gradient of the global-batch statistic. Without an
+    initialized process group: unchanged.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return column_mean
-    from torch.distributed.nn.functional import all_reduce
-
-    total = all_reduce(column_mean * batch)
+    total = _SumOverProcesses.apply(column_mean * batch)
     count = torch.tensor(float(batch), device=column_mean.device, dtype=column_mean.dtype)
     torch.distributed.all_reduce(count)
     return total / count

@@ -58,10 +58,16 @@ def corrupted_input_mode() -> str:
     return "regenerate" if choice == "auto" else choice
 
 
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 # What torch.compiler.assume_constant_result sets, without importing torch._dynamo here:
-# read at trace time, the choices are constants of a compiled graph.
+# read at trace time, the choices are constants of a compiled graph. (Dynamo in torch 2.11
+# cannot trace torch.amp.is_autocast_available itself; the answer is a constant anyway.)
 _backend_for._dynamo_marked_constant = True
 corrupted_input_mode._dynamo_marked_constant = True
+_autocast_available._dynamo_marked_constant = True
 
 
 def _impl(backend_name: str, kernel: str):
@@ -76,9 +82,7 @@ def _fresh(out: Tensor, x: Tensor) -> Tensor:
 def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Inside ``torch.autocast`` for this device, cast float16/bfloat16/float32 inputs to the
     autocast dtype (as autocast does for matmul ops); float64 and everything else stay."""
-    if not (
-        torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-    ):
+    if not (_autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     low = (torch.float16, torch.bfloat16, torch.float32)

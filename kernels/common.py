@@ -3,6 +3,8 @@ block-size choice. Codes for constexpr switches are defined here once."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -187,10 +189,68 @@ def gemm_configs(names: tuple[str, str, str]):
     ]
 
 
-def gemm_autotune(names: tuple[str, str, str]):
-    """``triton.autotune`` over :func:`gemm_configs` (names: the M, N and K block sizes of the
-    kernel's product), keyed on the problem's B, D and H (and, by Triton, the dtypes)."""
-    return triton.autotune(configs=gemm_configs(names), key=["B", "D", "H"])
+def fit_shared_memory(configs, names: tuple[str, str, str], element_size: int, limit: int):
+    """The configs whose pipelined operand tiles fit in ``limit`` bytes of shared memory,
+    estimated as stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size (the estimate of
+    Triton's matmul performance model; an upper bound). A config that does not fit is tried
+    with BLOCK_K halved (down to 16), so float32 keeps the large tiles that 16-bit types get.
+    If none fits, the one that needs least is kept (the autotuner needs a config)."""
+    m, n, k = names
+    fitting, smallest = {}, None
+    for config in configs:
+        blocks = dict(config.kwargs)
+        per_k = config.num_stages * (blocks[m] + blocks[n]) * element_size  # bytes per unit of K
+        while per_k * blocks[k] > limit and blocks[k] > 16:
+            blocks[k] //= 2
+        candidate = triton.Config(blocks, num_stages=config.num_stages, num_warps=config.num_warps)
+        if smallest is None or per_k * blocks[k] < smallest[0]:
+            smallest = (per_k * blocks[k], candidate)
+        key = (*sorted(blocks.items()), config.num_stages, config.num_warps)
+        if per_k * blocks[k] <= limit:
+            fitting.setdefault(key, candidate)
+    return list(fitting.values()) or [smallest[1]]
+
+
+def autotuning() -> bool:
+    """``FASTAE_AUTOTUNE=0`` runs each kernel's first candidate config instead of timing every
+    candidate on the first call for each shape: a fast start (the GPU tests use it), slower
+    kernels. Default 1."""
+    choice = os.environ.get("FASTAE_AUTOTUNE", "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"FASTAE_AUTOTUNE must be 0 or 1, got {choice!r}")
+    return choice == "1"
+
+
+def autotune(configs, key: list[str], fit=None, **kwargs):
+    """``triton.autotune`` whose candidates are ``fit(configs, named_args)`` (all if None),
+    only the first of them under ``FASTAE_AUTOTUNE=0``."""
+
+    def prune(configs, named_args, **_):
+        kept = fit(configs, named_args) if fit else configs
+        return kept if autotuning() else kept[:1]
+
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs
+    )
+
+
+def gemm_autotune(names: tuple[str, str, str], operands: tuple[str, str]):
+    """:func:`autotune` over :func:`gemm_configs` (names: the M, N and K block sizes of the
+    kernel's product; operands: the pointer arguments it multiplies), keyed on the problem's
+    B, D and H (and, by Triton, the dtypes). Configs that cannot fit the GPU's shared memory
+    for the operands' dtype are reshaped or dropped before any is compiled."""
+
+    def fit(configs, named_args):
+        tensors = [named_args[name] for name in operands]
+        if tensors[0].device.type != "cuda":
+            return configs
+        properties = triton.runtime.driver.active.utils.get_device_properties(
+            tensors[0].device.index
+        )
+        size = max(t.element_size() for t in tensors)
+        return fit_shared_memory(configs, names, size, properties["max_shared_mem"])
+
+    return autotune(gemm_configs(names), key=["B", "D", "H"], fit=fit)
 
 
 def elementwise_configs():

@@ -32,7 +32,7 @@ OUTPUT_CODES = {"sigmoid": 0, "identity": 1}
 LOSS_CODES = {"bce": 0, "mse": 1}
 
 
-@gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+@gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("h_ptr", "v_ptr"))
 @triton.jit
 def _forward_kernel(
     h_ptr, v_ptr, c_ptr, t_ptr, gz_ptr, xhat_ptr, part_ptr,
@@ -88,7 +88,7 @@ def _forward_kernel(
     tl.store(part_ptr + pid_n.to(tl.int64) * B + rows, tl.sum(ell, axis=1), mask=row_ok)
 
 
-@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"))
+@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("gz_ptr", "h_ptr"))
 @triton.jit
 def _grad_weight_kernel(
     gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
@@ -127,7 +127,7 @@ def _grad_weight_kernel(
         tl.store(dc_ptr + cols, dc.to(dc_ptr.dtype.element_ty), mask=col_ok)
 
 
-@gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+@gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("gz_ptr", "v_ptr"))
 @triton.jit
 def _grad_code_kernel(
     gz_ptr, gl_ptr, v_ptr, dh_ptr,

@@ -32,6 +32,7 @@ from .common import (
     NOISE_CODES,
     acc_dtype,
     activate,
+    autotune,
     corrupt_tile,
     curvature,
     dot_precision,
@@ -62,7 +63,7 @@ def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
     return "gemm" if choice == "auto" else choice
 
 
-@gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+@gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("x_ptr", "w_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
@@ -115,7 +116,7 @@ def _forward_kernel(
 
 
 # h = a(z) overwrites z: the autotuner restores z after timing each config
-@triton.autotune(configs=elementwise_configs(), key=["B", "H"], restore_value=["z_ptr"])
+@autotune(elementwise_configs(), key=["B", "H"], restore_value=["z_ptr"])
 @triton.jit
 def _statistics_kernel(
     z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
@@ -171,7 +172,7 @@ def _finish_kernel(
     tl.store(jac_ptr, tl.sum(jac, axis=0) / B)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["B", "H"])
+@autotune(elementwise_configs(), key=["B", "H"])
 @triton.jit
 def _grad_z_kernel(
     h_ptr, gh_ptr, grho_ptr, gjac_ptr, sq_norm_ptr, dz_ptr, part_db_ptr,
@@ -198,7 +199,7 @@ def _grad_z_kernel(
     tl.store(part_db_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(dz, axis=0), mask=col_ok)
 
 
-@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"))
+@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("dz_ptr", "x_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _grad_weight_kernel(
     dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr,
@@ -245,7 +246,7 @@ def _grad_weight_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-@gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+@gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("dz_ptr", "w_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _grad_input_kernel(
     dz_ptr, w_ptr, dx_ptr,

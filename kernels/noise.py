@@ -10,7 +10,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NOISE_CODES, acc_dtype, corrupt_tile, element_offsets, empty, input_grad_mask
+from .common import (
+    NOISE_CODES,
+    acc_dtype,
+    autotune,
+    corrupt_tile,
+    element_offsets,
+    empty,
+    input_grad_mask,
+)
 
 
 def _configs():
@@ -24,7 +32,7 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["B", "D"])
+@autotune(_configs(), key=["B", "D"])
 @triton.jit(do_not_specialize=["seed", "base"])
 def _corrupt_kernel(
     x_ptr, out_ptr, B, D, stride_xm, stride_xn, stride_om, stride_on, seed, base, level, low,

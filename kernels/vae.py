@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, element_offsets, empty, interpreting, stat_buffer
+from .common import acc_dtype, autotune, element_offsets, empty, interpreting, stat_buffer
 
 
 def _forward_configs():
@@ -65,7 +65,7 @@ def _expm1(x):
     return tl.where(small, kahan, u - 1.0)
 
 
-@triton.autotune(configs=_forward_configs(), key=["B", "K"])
+@autotune(_forward_configs(), key=["B", "K"])
 @triton.jit(do_not_specialize=["seed"])
 def _forward_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr, B, K,
@@ -91,7 +91,7 @@ def _forward_kernel(
     tl.store(kl_ptr + rows, 0.5 * kl, mask=row_ok)
 
 
-@triton.autotune(configs=_backward_configs(), key=["B", "K"])
+@autotune(_backward_configs(), key=["B", "K"])
 @triton.jit(do_not_specialize=["seed"])
 def _backward_kernel(
     gz_ptr, gkl_ptr, mu_ptr, lv_ptr, dmu_ptr, dlv_ptr, B, K,

@@ -16,7 +16,7 @@ import fastae
 from fastae import ops
 
 triton = pytest.importorskip("triton")
-from fastae.kernels import decoder, encoder, noise, vae  # noqa: E402
+from fastae.kernels import common, decoder, encoder, noise, vae  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,6 +42,7 @@ def _bench_each_config_several_times(kernel_call, quantiles):
 def tuned_on_every_call(monkeypatch):
     if DEVICE == "cuda":
         pytest.skip("on a GPU the real autotuner already times several configs")
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "1")  # the GPU check runs the tests with 0
     kernels = _autotuned_kernels()
     assert len(kernels) >= 10
     for kernel in kernels:
@@ -80,3 +81,106 @@ def test_autotuning_several_configs_keeps_results(tuned_on_every_call, monkeypat
     assert len(timed) >= 7, [kernel.base_fn.__name__ for kernel in timed]  # tuning happened
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_autotune_off_times_one_config_per_shape(tuned_on_every_call, monkeypatch):
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "0")
+    timed = {id(kernel): 0 for kernel in tuned_on_every_call}
+
+    def bench_and_count(kernel):
+        def bench(kernel_call, quantiles):
+            timed[id(kernel)] += 1
+            return _bench_each_config_several_times(kernel_call, quantiles)
+
+        return bench
+
+    for kernel in tuned_on_every_call:
+        monkeypatch.setattr(kernel, "_do_bench", bench_and_count(kernel))
+    want = _step("reference", "gemm", monkeypatch)
+    got = _step("triton", "gemm", monkeypatch)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    used = [kernel for kernel in tuned_on_every_call if kernel.cache]
+    assert len(used) >= 7
+    # Triton 3.6 still times a lone candidate once; later versions skip timing it
+    assert all(timed[id(kernel)] <= len(kernel.cache) for kernel in used)
+
+
+def test_autotune_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="FASTAE_AUTOTUNE"):
+        common.autotuning()
+
+
+SM90_SHARED = 232_448  # bytes of shared memory a block may opt in to on an H100
+GEMM_BLOCKS = [("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("BLOCK_N", "BLOCK_K", "BLOCK_M")]
+
+
+def _shape(config, names):
+    m, n, k = (config.kwargs[name] for name in names)
+    return m, n, k, config.num_stages, config.num_warps
+
+
+def _gemm_candidates(names):
+    # the GPU list, which the interpreter replaces by one small config
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "interpreting", lambda: False)
+        return common.gemm_configs(names)
+
+
+@pytest.mark.parametrize("names", GEMM_BLOCKS)
+def test_16_bit_gemm_configs_all_fit_an_h100(names):
+    configs = _gemm_candidates(names)
+    kept = common.fit_shared_memory(configs, names, 2, SM90_SHARED)
+    assert [_shape(c, names) for c in kept] == [_shape(c, names) for c in configs]
+
+
+@pytest.mark.parametrize("names", GEMM_BLOCKS)
+@pytest.mark.parametrize("element_size", [4, 8])
+def test_wide_dtypes_keep_every_tile_with_a_shorter_k_block(names, element_size):
+    configs = _gemm_candidates(names)
+    kept = [
+        _shape(c, names)
+        for c in common.fit_shared_memory(configs, names, element_size, SM90_SHARED)
+    ]
+    for m, n, k, stages, _ in kept:
+        assert stages * (m + n) * k * element_size <= SM90_SHARED
+    # the 128x128x64, 4-stage tile needs 262,144 B in float32: it is kept with BLOCK_K = 32
+    assert (128, 128, 32, 4, 8) in kept or element_size == 8
+    assert {(m, n, s, w) for m, n, _, s, w in kept} == {
+        (m, n, s, w) for m, n, _, s, w in (_shape(c, names) for c in configs)
+    }
+    assert len(kept) == len(set(kept))
+
+
+def test_when_nothing_fits_the_smallest_config_is_kept():
+    names = GEMM_BLOCKS[0]
+    kept = common.fit_shared_memory(_gemm_candidates(names), names, 4, limit=1024)
+    assert [_shape(c, names) for c in kept] == [(64, 64, 16, 4, 4)]
+
+
+# each GEMM kernel's (M, N, K) block names
+GEMM_KERNELS = [
+    (encoder._forward_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    (encoder._grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    (encoder._grad_input_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+    (decoder._forward_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    (decoder._grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    (decoder._grad_code_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+]
+
+
+def test_every_gemm_kernel_prunes_by_shared_memory():
+    assert all(kernel.early_config_prune is not None for kernel, _ in GEMM_KERNELS)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs the GPU's shared-memory limit")
+@pytest.mark.parametrize("kernel, names", GEMM_KERNELS)
+def test_float32_gemm_configs_fit_this_gpu(kernel, names, monkeypatch):
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "1")
+    limit = triton.runtime.driver.active.utils.get_device_properties(0)["max_shared_mem"]
+    x = torch.empty(4, 4, device=DEVICE)
+    kept = kernel.early_config_prune(_gemm_candidates(names), dict.fromkeys(kernel.arg_names, x))
+    assert len(kept) == len(_gemm_candidates(names))
+    for m, n, k, stages, _ in (_shape(c, names) for c in kept):
+        assert stages * (m + n) * k * 4 <= limit

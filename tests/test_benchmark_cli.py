@@ -1,8 +1,10 @@
 """``python -m fastae bench``: the ratio table, the figures, and the eager baselines' math."""
 
+import importlib
 import io
 import json
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +133,39 @@ def test_eager_ops_compute_the_fastae_ops():
     torch.testing.assert_close(baselines.contractive_penalty_jacrev(x, W, b), jac)
     kept = baselines.corrupt(torch.ones(200, 50)).mean().item()
     assert abs(kept - (1 - baselines.MASK_P)) < 0.05
+
+
+@pytest.fixture
+def warm_cache(monkeypatch):
+    """bench/warm_cache.py as a module (on sys.path, so its pool's processes import it too)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    return importlib.import_module("warm_cache")
+
+
+def test_warm_cache_jobs_follow_the_run_order(warm_cache):
+    args = warm_cache.argparse.Namespace(
+        device="cpu", sizes="32x24x16,64x24x16", dtypes="fp32,bf16",
+        providers="compile,fastae,fastae_split,fastae_store",
+    )  # fmt: skip
+    jobs = warm_cache.jobs(args)
+    fastae_jobs = [job for job in jobs if job[2] != ("compile",)]
+    assert [(case, dtype) for case, dtype, *_ in fastae_jobs] == [
+        (case, dtype) for dtype in ("fp32", "bf16") for case in fb.CASE_ORDER
+    ]
+    providers = {case: job_providers for case, _, job_providers, _, _ in fastae_jobs}
+    assert providers["all"] == ("fastae", "fastae_split", "fastae_store")
+    assert providers["encode"] == ("fastae", "fastae_split")
+    assert providers["corrupt"] == ("fastae",)
+    assert len(jobs) - len(fastae_jobs) == 2 * len(fb.CASES)
+    assert all(job[3] == (fb.Size(32, 24, 16), fb.Size(64, 24, 16)) for job in jobs)
+
+
+def test_warm_cache_runs_every_job(warm_cache, monkeypatch, capsys):
+    monkeypatch.setenv("FASTAE_BACKEND", "triton")  # the interpreted kernels on the CPU
+    argv = ["--fastae-device", "cpu", "--fastae-sizes", "16x12x8", "--fastae-dtypes", "fp32"]
+    argv += ["--fastae-providers", "fastae", "--workers", "1", "--benchmark-only"]
+    assert warm_cache.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out
+    done = [line.split("] ", 1)[1] for line in out.splitlines() if " fastae: " in line]
+    assert sorted(line.split()[0] for line in done) == sorted(fb.CASES)
