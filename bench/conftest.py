@@ -58,8 +58,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order: the cheap jacrev gap, then by case (fb.CASE_ORDER), dtype and size, with each case's
-    providers back to back (so a budget cut leaves whole comparisons of the first cases)."""
+    """Order: the cheap jacrev gap, then by case (fb.CASE_ORDER), dtype and size, with each
+    case's providers back to back (so a budget cut leaves whole comparisons of the first
+    cases)."""
 
     def key(item):
         params = getattr(item, "callspec", None)

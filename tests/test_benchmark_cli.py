@@ -1,5 +1,7 @@
-"""``python -m fastae bench``: the ratio table, the figures, and the eager baselines' math."""
+"""``python -m fastae bench``: the ratio table, the figures, and the eager baselines' math;
+``bench/warm_cache.py``: its jobs and a run of them."""
 
+import argparse
 import importlib
 import io
 import json
@@ -143,7 +145,7 @@ def warm_cache(monkeypatch):
 
 
 def test_warm_cache_jobs_follow_the_run_order(warm_cache):
-    args = warm_cache.argparse.Namespace(
+    args = argparse.Namespace(
         device="cpu", sizes="32x24x16,64x24x16", dtypes="fp32,bf16",
         providers="compile,fastae,fastae_split,fastae_store",
     )  # fmt: skip
