@@ -66,9 +66,17 @@ tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     parallel=()
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n $((cores / 2 > 1 ? cores / 2 : 1)))
-    log "tests (at most $limit s, ${parallel[*]:-one process})"
+    # the kernels' files first (CUDA-only checks among them), so a run cut short at the limit
+    # has checked the kernels on the GPU; pytest-xdist hands tests out in this order
+    first=(encoder_kernel decoder_kernel noise_kernel vae ops reliability autotune properties)
+    files=()
+    for name in "${first[@]}"; do files+=("tests/test_$name.py"); done
+    for file in tests/test_*.py; do
+        [[ " ${files[*]} " == *" $file "* ]] || files+=("$file")
+    done
+    log "tests (at most $limit s, ${parallel[*]:-one process}, kernels first)"
     # SIGINT at the limit: pytest stops and still lists the failures so far
-    FASTAE_AUTOTUNE=0 timeout -s INT -k 30 "$limit" "$PYTHON" -m pytest -q -rfE tests \
+    FASTAE_AUTOTUNE=0 timeout -s INT -k 30 "$limit" "$PYTHON" -m pytest -q -rfE "${files[@]}" \
         -p no:cacheprovider "${parallel[@]}" >"$OUT/tests.log" 2>&1
     tests_rc=$?
     tail -n 3 "$OUT/tests.log"

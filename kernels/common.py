@@ -194,7 +194,10 @@ def fit_shared_memory(configs, names: tuple[str, str, str], element_size: int, l
     estimated as stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size (the estimate of
     Triton's matmul performance model; an upper bound). A config that does not fit is tried
     with BLOCK_K halved (down to 16), so float32 keeps the large tiles that 16-bit types get.
-    If none fits, the one that needs least is kept (the autotuner needs a config)."""
+    If none fits, the one that needs least is kept (the autotuner needs a config). For 8-byte
+    elements (float64: gradcheck, where speed does not matter) the smallest tile comes first,
+    so ``FASTAE_AUTOTUNE=0`` compiles it: a 128x128 float64 tile spills registers heavily and
+    compiles about twice as long."""
     m, n, k = names
     fitting, smallest = {}, None
     for config in configs:
@@ -208,7 +211,10 @@ def fit_shared_memory(configs, names: tuple[str, str, str], element_size: int, l
         key = (*sorted(blocks.items()), config.num_stages, config.num_warps)
         if per_k * blocks[k] <= limit:
             fitting.setdefault(key, candidate)
-    return list(fitting.values()) or [smallest[1]]
+    kept = list(fitting.values()) or [smallest[1]]
+    if element_size == 8:
+        kept.sort(key=lambda config: config.kwargs[m] * config.kwargs[n])
+    return kept
 
 
 def autotuning() -> bool:

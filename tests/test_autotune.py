@@ -153,6 +153,16 @@ def test_wide_dtypes_keep_every_tile_with_a_shorter_k_block(names, element_size)
     assert len(kept) == len(set(kept))
 
 
+@pytest.mark.parametrize("names", GEMM_BLOCKS)
+def test_float64_starts_from_the_smallest_tile(names):
+    configs = _gemm_candidates(names)
+    kept = [_shape(c, names) for c in common.fit_shared_memory(configs, names, 8, SM90_SHARED)]
+    assert kept[0][:2] == (64, 64)
+    assert [m * n for m, n, *_ in kept] == sorted(m * n for m, n, *_ in kept)
+    narrow = common.fit_shared_memory(configs, names, 4, SM90_SHARED)
+    assert _shape(narrow[0], names)[:2] == (128, 128)  # other dtypes keep the list's order
+
+
 def test_when_nothing_fits_the_smallest_config_is_kept():
     names = GEMM_BLOCKS[0]
     kept = common.fit_shared_memory(_gemm_candidates(names), names, 4, limit=1024)
