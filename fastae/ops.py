@@ -3,6 +3,9 @@
 Each public function checks its arguments, resolves the backend (see :mod:`fastae.backend`)
 and calls a custom op whose backward is analytic and is itself a custom op, so
 ``torch.compile(fullgraph=True)`` traces through and ``torch.library.opcheck`` passes.
+Second derivatives (double backward: gradient penalties, Hessian-vector products) are exact
+too: each backward op has an autograd formula of its own, in plain torch ops on either
+backend (decode_loss's stops at the second order; the others go on).
 """
 
 from __future__ import annotations
@@ -101,6 +104,25 @@ def _stat_empty(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=reference.stat_dtype(like.dtype))
 
 
+def _second_order(forward, primals, cotangents, grads_of_first_order):
+    """Double backward through the reference: the first-order gradients are the
+    vector-Jacobian product J(primals)^T cotangents of ``forward`` (the reference forward,
+    plain torch); this returns the gradients of <grads_of_first_order, J^T cotangents> with
+    respect to (cotangents, primals), by ``torch.func.vjp`` of that product. Every step is a
+    torch op, so higher orders work as well. A None among ``grads_of_first_order`` is zero."""
+
+    def first_order(cotangents, primals):
+        return torch.func.vjp(forward, *primals)[1](cotangents)
+
+    first, pullback = torch.func.vjp(first_order, cotangents, primals)
+    return pullback(_zero_if_none(grads_of_first_order, first))
+
+
+def _zero_if_none(grads, like):
+    """Gradients of ``like`` with None (an unused output) as zeros."""
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True))
+
+
 # ----------------------------------------------------------------------------- corrupt
 
 
@@ -143,6 +165,19 @@ def _corrupt_bwd(ctx, grad):
 
 
 _corrupt_op.register_autograd(_corrupt_bwd, setup_context=_corrupt_setup)
+
+
+def _corrupt_backward_setup(ctx, inputs, output):
+    _, ctx.kind, ctx.level, ctx.seed, ctx.backend_name = inputs
+
+
+def _corrupt_backward_bwd(ctx, grad):
+    # the backward is linear in its gradient (the same mask): its own adjoint
+    dgrad = _corrupt_backward_op(grad.contiguous(), ctx.kind, ctx.level, ctx.seed, ctx.backend_name)
+    return dgrad, None, None, None, None
+
+
+_corrupt_backward_op.register_autograd(_corrupt_backward_bwd, setup_context=_corrupt_backward_setup)
 
 
 def _check_input(x: object) -> Tensor:
@@ -261,6 +296,45 @@ def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
 _encode_op.register_autograd(_encode_bwd, setup_context=_encode_setup)
 
 
+def _encode_backward_setup(ctx, inputs, output):
+    grad_h, grad_rho, grad_jac, x, weight, h, _, *params, ctx.needs_x = inputs
+    ctx.params = params[:-1]  # activation, noise_kind, level, low, high, seed
+    ctx.save_for_backward(grad_h, grad_rho, grad_jac, x, weight, h)
+
+
+def _encode_backward_bwd(ctx, grads):
+    """Double backward of encode: the vector-Jacobian product of the reference backward as a
+    function of (g_h, g_rho, g_jac, x, W, h), with stats = [sum_i a'(z)^2; ||W_j||^2]
+    recomputed from h and W (a'(z) is a function of h). h's share reaches x, W and b through
+    encode's own backward; plain torch ops throughout, so higher orders work too."""
+    activation, noise_kind, level, low, high, seed = ctx.params
+    # corruption is affine in x: x~ = (dx~/dx) x + x~(0), both regenerated from the seed
+    x = ctx.saved_tensors[3]
+    input_slope = reference.corrupt_input_grad(torch.ones_like(x), noise_kind, level, int(seed))
+    offset = reference.corrupt(torch.zeros_like(x), noise_kind, level, low, high, int(seed))
+
+    def first_order(grad_h, grad_rho, grad_jac, x, weight, h):
+        acc = reference.stat_dtype(h.dtype)
+        c = reference.slope(h.to(acc), activation).square().sum(0)
+        stats = torch.stack([c, weight.to(acc).square().sum(1)])
+        x_tilde = input_slope * x + offset
+        grad_w, grad_b, grad_x_tilde = reference.encode_backward(
+            grad_h, grad_rho, grad_jac, x_tilde, weight, h, stats, activation, "none", 0.0,
+            0.0, 1.0, 0, True,
+        )  # fmt: skip
+        return grad_w, grad_b, grad_x_tilde * input_slope
+
+    grad_w, grad_b, grad_x = (list(grads) + [None])[:3]
+    first, pullback = torch.func.vjp(first_order, *ctx.saved_tensors)
+    d_grad_h, d_grad_rho, d_grad_jac, d_x, d_w, d_h = pullback(
+        _zero_if_none((grad_w, grad_b, grad_x), first)
+    )
+    return (d_grad_h, d_grad_rho, d_grad_jac, d_x, d_w, d_h) + (None,) * (len(ctx.params) + 3)
+
+
+_encode_backward_op.register_autograd(_encode_backward_bwd, setup_context=_encode_backward_setup)
+
+
 def _check_layer(x: Tensor, weight: object, bias: object) -> tuple[Tensor, Tensor | None]:
     weight = _checks.tensor("weight", weight, 2)
     _checks.same_kind("weight", weight, "x", x)
@@ -336,16 +410,18 @@ def _(h, weight, bias, target, output, loss, backend_name, with_reconstruction):
 
 @torch.library.custom_op("fastae::decode_loss_backward", mutates_args=())
 def _decode_backward_op(
-    grad_loss: Tensor, h: Tensor, weight: Tensor, grad_z: Tensor, backend_name: str,
-    needs_h_grad: bool,
+    grad_loss: Tensor, h: Tensor, weight: Tensor, grad_z: Tensor, bias: Tensor | None,
+    target: Tensor | None, output: str, loss: str, backend_name: str, needs_h_grad: bool,
 ) -> list[Tensor]:  # fmt: skip
+    """(dV, dc[, dh]); bias, target (None unless it needs a gradient), output and loss are
+    there for double backward only."""
     impl = _impl(backend_name, "decoder")
     dw, db, dh = impl.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
     return [dw, db] if dh is None else [dw, db, dh]
 
 
 @_decode_backward_op.register_fake
-def _(grad_loss, h, weight, grad_z, backend_name, needs_h_grad):
+def _(grad_loss, h, weight, grad_z, bias, target, output, loss, backend_name, needs_h_grad):
     out = [weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])]
     return out + [h.new_empty(h.shape)] if needs_h_grad else out
 
@@ -364,13 +440,36 @@ def _(grad_loss, h, weight, bias, target, *args):
     return target.new_empty(target.shape)
 
 
+def _decode_target_grad_setup(ctx, inputs, output):
+    *tensors, ctx.output, ctx.loss, _ = inputs
+    ctx.save_for_backward(*tensors)  # grad_loss, h, weight, bias, target
+
+
+def _decode_target_grad_bwd(ctx, grad):
+    grad_loss, h, weight, bias, target = ctx.saved_tensors
+
+    def target_grad(grad_loss, h, weight, target, bias=None):
+        return reference.decode_target_grad(
+            grad_loss, h, weight, bias, target, ctx.output, ctx.loss
+        )
+
+    primals = (grad_loss, h, weight, target) + (() if bias is None else (bias,))
+    d = torch.func.vjp(target_grad, *primals)[1](grad)
+    return d[0], d[1], d[2], d[4] if bias is not None else None, d[3], None, None, None
+
+
+_decode_target_grad_op.register_autograd(
+    _decode_target_grad_bwd, setup_context=_decode_target_grad_setup
+)
+
+
 def _decode_setup(ctx, inputs, output):
     h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name, _ = inputs
     ctx.target_grad = target.requires_grad
     _, grad_z, x_hat = output
-    # the target (and bias) are kept only when the target itself needs a gradient
-    extra = (bias, target) if ctx.target_grad else (None, None)
-    ctx.save_for_backward(h, weight, grad_z, *extra)
+    # besides h, V and c (alive anyway) one (B, d) tensor, d ell / d z^; the target is kept
+    # only when it needs a gradient itself
+    ctx.save_for_backward(h, weight, grad_z, bias, target if ctx.target_grad else None)
     ctx.mark_non_differentiable(grad_z, x_hat)
     ctx.set_materialize_grads(False)
 
@@ -380,7 +479,9 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
         return (None,) * 8
     h, weight, grad_z, bias, target = ctx.saved_tensors
     needs_h = ctx.needs_input_grad[0]
-    grads = _decode_backward_op(grad_loss, h, weight, grad_z, ctx.backend_name, needs_h)
+    grads = _decode_backward_op(
+        grad_loss, h, weight, grad_z, bias, target, ctx.output, ctx.loss, ctx.backend_name, needs_h
+    )
     dh = grads[2] if needs_h else None
     db = grads[1] if ctx.needs_input_grad[2] else None
     dt = None
@@ -392,6 +493,89 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
 
 
 _decode_loss_op.register_autograd(_decode_bwd, setup_context=_decode_setup)
+
+
+def _decode_backward_setup(ctx, inputs, output):
+    grad_loss, h, weight, grad_z, bias, target, ctx.output, ctx.loss, _, _ = inputs
+    ctx.save_for_backward(grad_loss, h, weight, grad_z, bias, target)
+
+
+class _NoThirdDerivative(torch.autograd.Function):
+    """Copies of ``values`` whose gradient raises, linked to ``sources`` (what they depend
+    on): decode_loss's second derivatives are exact, a third is refused rather than dropped."""
+
+    @staticmethod
+    def forward(ctx, values, *sources):
+        return tuple(v.clone() for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("decode_loss: third derivatives are not supported (second are)")
+
+
+def _decode_backward_bwd(ctx, grads):
+    with torch.no_grad():
+        out = list(_decode_second_order(ctx, grads))
+    sources = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
+    if not torch.is_grad_enabled() or not sources:
+        return tuple(out)
+    returned = [i for i, t in enumerate(out) if t is not None]
+    refused = _NoThirdDerivative.apply([out[i] for i in returned], *sources)
+    for i, t in zip(returned, refused, strict=True):
+        out[i] = t
+    return tuple(out)
+
+
+def _decode_second_order(ctx, grads):
+    """Double backward of decode_loss, from the saved G = d ell / d z^ (no target needed):
+    with dz = g G, dV = dz^T h, dc = sum_i dz, dh = dz V and upstream (A, a, A_h),
+    Q = h A^T + a + A_h V^T is the gradient at dz; then d/dg_i = sum_k Q_ik G_ik,
+    R = Q g G'(z^), dh = dz A + R V, dV = A_h^T dz + R^T h, dc = sum_i R, d target = Q g dG/dx,
+    where G' = x^(1 - x^) (BCE), 2 (squared error, identity), 2 x^'^2 + G (1 - 2 x^)
+    (squared error, sigmoid: x^' = x^(1 - x^))."""
+    grad_loss, h, weight, grad_z, bias, target = ctx.saved_tensors
+    grad_w, grad_b, grad_h = (list(grads) + [None])[:3]
+    acc = reference.stat_dtype(h.dtype)
+    h_acc, w_acc = h.to(acc), weight.to(acc)
+    z = h_acc @ w_acc.t()
+    if bias is not None:
+        z = z + bias.to(acc)
+    g = grad_loss.to(acc).unsqueeze(1)
+    big_g = grad_z.to(acc)
+    dz = g * big_g
+    q = torch.zeros_like(dz)
+    d_h = torch.zeros_like(h_acc)
+    d_w = torch.zeros_like(w_acc)
+    if grad_w is not None:
+        q = q + h_acc @ grad_w.to(acc).t()
+        d_h = d_h + dz @ grad_w.to(acc)
+    if grad_b is not None:
+        q = q + grad_b.to(acc)
+    if grad_h is not None:
+        q = q + grad_h.to(acc) @ w_acc.t()
+        d_w = d_w + dz.t() @ grad_h.to(acc)
+    if ctx.output == "sigmoid":
+        x_hat = torch.sigmoid(z)
+        slope = x_hat * (1 - x_hat)
+    if ctx.loss == "bce":
+        big_g_prime, big_g_target = slope, -1.0
+    elif ctx.output == "identity":
+        big_g_prime, big_g_target = 2.0, -2.0
+    else:
+        big_g_prime, big_g_target = 2 * slope * slope + big_g * (1 - 2 * x_hat), -2 * slope
+    r = q * g * big_g_prime
+    d_h = d_h + r @ w_acc
+    d_w = d_w + r.t() @ h_acc
+    d_grad_loss = (q * big_g).sum(1)
+    d_bias = r.sum(0).to(bias.dtype) if bias is not None else None
+    d_target = (q * g * big_g_target).to(target.dtype) if target is not None else None
+    return (
+        d_grad_loss.to(grad_loss.dtype), d_h.to(h.dtype), d_w.to(weight.dtype), None, d_bias,
+        d_target, None, None, None, None,
+    )  # fmt: skip
+
+
+_decode_backward_op.register_autograd(_decode_backward_bwd, setup_context=_decode_backward_setup)
 
 
 def check_unit_interval(name: str, values: Tensor) -> None:
@@ -518,6 +702,37 @@ def _reparameterize_bwd(ctx, grad_z, grad_kl):
 
 
 _reparameterize_op.register_autograd(_reparameterize_bwd, setup_context=_reparameterize_setup)
+
+
+def _reparameterize_backward_setup(ctx, inputs, output):
+    grad_z, grad_kl, mu, logvar, ctx.seed, _ = inputs
+    ctx.save_for_backward(grad_z, grad_kl, mu, logvar)
+
+
+def _reparameterize_backward_bwd(ctx, grad_mu, grad_logvar):
+    """Double backward of reparameterize (eps regenerated from the seed once more)."""
+    grad_z, grad_kl, mu, logvar = ctx.saved_tensors
+    given = [i for i, g in enumerate((grad_z, grad_kl)) if g is not None]
+
+    eps = reference.standard_normal(int(ctx.seed), mu.shape[0], mu.shape[1], mu.device)
+
+    def forward(mu, logvar):
+        out = reference.reparameterize_with(mu, logvar, eps)
+        return tuple(out[i] for i in given)
+
+    cotangents = tuple((grad_z, grad_kl)[i] for i in given)
+    d_cotangents, (d_mu, d_logvar) = _second_order(
+        forward, (mu, logvar), cotangents, (grad_mu, grad_logvar)
+    )
+    d_grads = [None, None]
+    for i, d in zip(given, d_cotangents, strict=True):
+        d_grads[i] = d
+    return d_grads[0], d_grads[1], d_mu, d_logvar, None, None
+
+
+_reparameterize_backward_op.register_autograd(
+    _reparameterize_backward_bwd, setup_context=_reparameterize_backward_setup
+)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:

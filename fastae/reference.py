@@ -236,10 +236,14 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def reparameterize_forward(mu, logvar, seed):
     """(z, kl): z = mu + exp(logvar / 2) * eps with eps = :func:`standard_normal` at
     (seed, row * k + col), contiguous in mu's dtype; kl (B,) = :func:`gaussian_kl`."""
+    return reparameterize_with(mu, logvar, standard_normal(seed, *mu.shape, mu.device))
+
+
+def reparameterize_with(mu, logvar, eps):
+    """(z, kl) of :func:`reparameterize_forward` for a given eps (float32)."""
     acc = stat_dtype(mu.dtype)
-    eps = standard_normal(seed, mu.shape[0], mu.shape[1], mu.device).to(acc)
     m, lv = mu.to(acc), logvar.to(acc)
-    z = (m + torch.exp(0.5 * lv) * eps).to(mu.dtype).contiguous()
+    z = (m + torch.exp(0.5 * lv) * eps.to(acc)).to(mu.dtype).contiguous()
     return z, gaussian_kl(mu, logvar)
 
 

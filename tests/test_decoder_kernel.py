@@ -102,7 +102,7 @@ def test_bce_target_outside_unit_interval_is_rejected():
 
 
 def test_saves_one_batch_by_features_tensor():
-    """Backward keeps h and V (alive anyway) plus one (B, d) tensor: d ell / d z^."""
+    """Backward keeps h, V and c (alive anyway) plus one (B, d) tensor: d ell / d z^."""
     (h, weight, bias, target), _ = _inputs(8, 6, 10, torch.float64, tied=False)
     saved = []
     with (
@@ -110,7 +110,8 @@ def test_saves_one_batch_by_features_tensor():
         torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
     ):
         ops.decode_loss(h, weight, bias, target=target)
-    new = [t for t in saved if t.data_ptr() not in (h.data_ptr(), weight.data_ptr())]
+    alive = (h.data_ptr(), weight.data_ptr(), bias.data_ptr())
+    new = [t for t in saved if t.data_ptr() not in alive]
     assert [tuple(t.shape) for t in new] == [(8, 10)]
 
 

@@ -1,0 +1,120 @@
+"""Second derivatives (double backward) of every op, on both backends: gradgradcheck in
+float64, and a gradient penalty on a whole training step against a naive torch oracle.
+
+The first-order gradients come from each backend's own backward; their derivatives are plain
+torch ops on either backend, so the kernels need no second-order variants."""
+
+import pytest
+import torch
+from test_ops import ACTIVATIONS, DECODERS, NOISES, decoder_inputs, layer
+from test_reference import ACT_FN, explicit_corrupt
+
+import fastae
+from fastae import ops
+
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    with fastae.use_backend(request.param):
+        yield request.param
+
+
+def _gradgradcheck(fn, inputs):
+    # random projections (fast mode): full Jacobians of a first-order gradient under the
+    # interpreter take minutes
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "activation, kind",
+    [(a, "none") for a in ACTIVATIONS] + [("tanh", k) for k in NOISES if k != "none"],
+)
+def test_gradgradcheck_encode(backend_name, activation, kind):
+    x, weight, bias = layer(4, 5, 3)
+    noise = NOISES[kind]
+    _gradgradcheck(
+        lambda x, weight, bias: ops.encode(x, weight, bias, activation=activation, noise=noise),
+        (x, weight, bias),
+    )
+
+
+def test_gradgradcheck_encode_without_bias_and_input_grad(backend_name):
+    x, weight, _ = layer(3, 4, 5, x_grad=False)
+    noise = NOISES["salt_pepper"]
+    _gradgradcheck(lambda weight: ops.encode(x, weight, noise=noise), (weight,))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "masking_rescale"])
+def test_gradgradcheck_corrupt(backend_name, kind):
+    x = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
+    _gradgradcheck(lambda x: ops.corrupt(x, NOISES[kind]), (x,))
+
+
+@pytest.mark.parametrize("target_grad", [True, False])
+@pytest.mark.parametrize("output, loss", DECODERS)
+def test_gradgradcheck_decode_loss(backend_name, output, loss, target_grad):
+    h, weight, bias, target = decoder_inputs(3, 5, 4)
+    target.requires_grad_(target_grad)
+
+    def fn(h, weight, bias, *maybe_target):
+        t = maybe_target[0] if maybe_target else target
+        return ops.decode_loss(h, weight, bias, target=t, output=output, loss=loss)
+
+    _gradgradcheck(fn, (h, weight, bias) + ((target,) if target_grad else ()))
+
+
+@pytest.mark.parametrize("outputs", ["both", "z", "kl"])
+def test_gradgradcheck_reparameterize(backend_name, outputs):
+    mu = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    logvar = (0.5 * torch.randn(3, 4, dtype=torch.float64)).requires_grad_()
+
+    def fn(mu, logvar):
+        z, kl = ops.reparameterize(mu, logvar, seed=2**40 + 3)
+        return {"both": (z, kl), "z": z, "kl": kl}[outputs]
+
+    _gradgradcheck(fn, (mu, logvar))
+
+
+def _naive_step(x, weight, bias, c, noise):
+    """A tied sparse + denoising + contractive step in plain torch (slopes by autograd)."""
+    z = explicit_corrupt(x, noise) @ weight.t() + bias
+    h = ACT_FN["sigmoid"](z)
+    (slope,) = torch.autograd.grad(h, z, torch.ones_like(h), create_graph=True)
+    jac = (slope.square() * weight.square().sum(1)).sum(1).mean()
+    p = torch.sigmoid(h @ weight + c)
+    bce = -(x * torch.log(p) + (1 - x) * torch.log1p(-p)).sum(1)
+    return bce.mean() + h.mean(0).square().sum() + 0.3 * jac
+
+
+def _fastae_step(x, weight, bias, c, noise):
+    h, rho_hat, jac = ops.encode(x, weight, bias, noise=noise)
+    bce = ops.decode_loss(h, weight.t(), c, target=x)
+    return bce.mean() + rho_hat.square().sum() + 0.3 * jac
+
+
+def test_gradient_penalty_matches_naive_oracle(backend_name):
+    """d/dtheta [L + |dL/dtheta|^2] for a whole step: second derivatives through encode and
+    decode_loss (tied weights), against autograd of the naive composition."""
+    x, weight, bias = layer(6, 5, 4, x_grad=False)
+    c = (0.3 * torch.randn(5, dtype=torch.float64)).requires_grad_()
+    params = (weight, bias, c)
+
+    def penalized(step):
+        loss = step(x, *params, NOISES["masking"])
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        total = loss + sum(g.square().sum() for g in grads)
+        return torch.autograd.grad(total, params)
+
+    for got, want in zip(penalized(_fastae_step), penalized(_naive_step), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_decode_loss_third_derivative_is_refused(backend_name):
+    h, weight, bias, target = decoder_inputs(3, 4, 2)
+    loss = ops.decode_loss(h, weight, bias, target=target.detach()).sum()
+    (grad_h,) = torch.autograd.grad(loss, h, create_graph=True)
+    (grad_grad_h,) = torch.autograd.grad(grad_h.square().sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives are not supported"):
+        torch.autograd.grad(grad_grad_h.sum(), h)
