@@ -3,8 +3,8 @@
 Forward, two launches:
   1. ``_forward_kernel``: a GEMM tile of z with x corrupted as it is loaded (Philox, never
      stored), epilogue h = a(z), stores h and the tile's column sums of h and s^2 into fp32
-     partial buffers [row tiles, H] (padded rows masked); row-tile 0 also sums ||W_j||^2 from
-     the W tiles it loads.
+     partial buffers [row tiles, H] (padded rows masked); row-tile 0 then sums ||W_j||^2 over
+     its column block of W.
   2. ``_finish_kernel`` (one program): rho_hat = sum_t P_h / B, c = sum_t P_s2,
      jac = (1/B) sum_j c_j ||W_j||^2 — deterministic, no atomics.
 Backward, three launches (DESIGN.md):
@@ -82,7 +82,6 @@ def _forward_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
@@ -97,9 +96,6 @@ def _forward_kernel(
             w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0
         )
         acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC)
-        if pid_m == 0:
-            w_acc = w.to(ACC)
-            sq_norm += tl.sum(w_acc * w_acc, axis=0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     h = activate(acc, ACTIVATION).to(h_ptr.dtype.element_ty)
@@ -112,6 +108,17 @@ def _forward_kernel(
     tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
     tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
     if pid_m == 0:
+        # ||W_j||^2 in a second pass over this column block of W (mostly from L2), by row
+        # tile 0 only: summed inside the GEMM loop, it made every program copy each W tile
+        # from shared memory to registers (the branch does not sink that copy)
+        sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(
+                w_cols + ks[:, None] * stride_wk,
+                mask=(ks < D)[:, None] & col_ok[None, :], other=0.0,
+            ).to(ACC)  # fmt: skip
+            sq_norm += tl.sum(w * w, axis=0)
         tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
 
 
