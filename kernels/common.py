@@ -284,6 +284,16 @@ def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
     return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
 
 
+def wide_index(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset (sum of index * stride) of some tensor can pass 2^31 - 1, so
+    a kernel must compute its offsets in int64."""
+
+    def last_offset(t: torch.Tensor) -> int:
+        return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+
+    return any(t.numel() > 0 and last_offset(t) >= 2**31 for t in tensors)
+
+
 def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return empty(shape, like.device, dtype)

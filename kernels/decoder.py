@@ -26,6 +26,7 @@ from .common import (
     log1p,
     stat_buffer,
     tile_ids,
+    wide_index,
 )
 
 OUTPUT_CODES = {"sigmoid": 0, "identity": 1}
@@ -39,7 +40,7 @@ def _forward_kernel(
     B, D, H,
     stride_hm, stride_hk, stride_vn, stride_vk, stride_tm, stride_tn,
     OUTPUT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_XHAT: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_INDEX: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP)
@@ -64,8 +65,14 @@ def _forward_kernel(
     if HAS_BIAS:
         acc += tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
+    # the epilogue's per-element offsets in int32 unless they can pass 2^31: 64-bit offset
+    # tensors for the target, G and x^ made it spill twice as many registers
+    if WIDE_INDEX:
+        out_rows = r64
+    else:
+        out_rows = rows
     t = tl.load(
-        t_ptr + r64[:, None] * stride_tm + cols[None, :] * stride_tn, mask=ok, other=0.0
+        t_ptr + out_rows[:, None] * stride_tm + cols[None, :] * stride_tn, mask=ok, other=0.0
     ).to(ACC)
     if OUTPUT == 0:
         x_hat = 1.0 / (1.0 + tl.exp(-acc))
@@ -80,7 +87,7 @@ def _forward_kernel(
         grad = 2.0 * diff
         if OUTPUT == 0:
             grad = grad * x_hat * (1.0 - x_hat)
-    out = r64[:, None] * D + cols[None, :]
+    out = out_rows[:, None] * D + cols[None, :]
     tl.store(gz_ptr + out, grad.to(gz_ptr.dtype.element_ty), mask=ok)
     if WRITE_XHAT:
         tl.store(xhat_ptr + out, x_hat.to(xhat_ptr.dtype.element_ty), mask=ok)
@@ -174,7 +181,8 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
         target.stride(0), target.stride(1),
         OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], HAS_BIAS=bias is not None,
-        WRITE_XHAT=with_reconstruction, ACC=acc_dtype(h.dtype), PRECISION=dot_precision(h.dtype),
+        WRITE_XHAT=with_reconstruction, WIDE_INDEX=wide_index(target, grad_z),
+        ACC=acc_dtype(h.dtype), PRECISION=dot_precision(h.dtype),
     )  # fmt: skip
     n_parts = triton.cdiv(features, _forward_kernel.best_config.kwargs["BLOCK_N"])
     per_sample = parts[:n_parts].sum(0)

@@ -95,6 +95,34 @@ def test_opcheck_triton():
     torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
 
 
+@pytest.mark.parametrize("wide", [True, False])
+def test_both_index_widths_match_reference(monkeypatch, wide):
+    """The epilogue's int64 offsets (taken for tensors past 2^31 elements) and its int32
+    ones give the reference's values; the target is a transposed view (strided loads)."""
+    from fastae.kernels import decoder
+
+    monkeypatch.setattr(decoder, "wide_index", lambda *tensors: wide)
+    leaves, upstream = _inputs(9, 6, 11, torch.float64, tied=True, target_grad=True)
+    leaves[3] = leaves[3].detach().t().contiguous().t().requires_grad_()
+    assert not leaves[3].is_contiguous()
+    kw = dict(tied=True, output="sigmoid", loss="bce")
+    got = _run("triton", *leaves, upstream, **kw)
+    want = _run("reference", *leaves, upstream, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+def test_wide_index_threshold():
+    def meta(shape, stride=None):
+        t = torch.empty(shape, device="meta")
+        return t if stride is None else t.as_strided(shape, stride)
+
+    assert not common.wide_index(meta((2**16, 2**15)))  # last offset 2^31 - 1
+    assert common.wide_index(meta((2**16 + 1, 2**15)))
+    assert common.wide_index(meta((3, 5)), meta((2, 2), (2**31, 1)))  # any tensor counts
+    assert not common.wide_index(meta((2**20, 4), (0, 1)))  # expanded: offsets stay small
+    assert not common.wide_index(meta((0, 2**40)))
+
+
 def test_bce_target_outside_unit_interval_is_rejected():
     (h, weight, bias, target), _ = _inputs(4, 5, 6, torch.float64, tied=False)
     with fastae.use_backend("triton"), pytest.raises(ValueError, match="target"):
