@@ -257,7 +257,10 @@ def test_corrupted_input_mode_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="FASTAE_CORRUPTED_INPUT must be one of"):
         ops.encode(x, weight, bias, noise=NOISES["masking"])
     monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "auto")
-    assert ops.corrupted_input_mode() == "regenerate"
+    assert ops.corrupted_input_mode("triton") == "regenerate"
+    assert ops.corrupted_input_mode("reference") == "store"
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+    assert ops.corrupted_input_mode("reference") == "regenerate"
 
 
 def test_unseeded_noise_follows_torch_manual_seed():
@@ -318,7 +321,10 @@ def _saved_during(fn):
 @pytest.mark.parametrize("kind", ["none", "gaussian", "masking_rescale", "salt_pepper"])
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind):
+def test_encode_saves_only_h_w_x_and_h_vectors(monkeypatch, dtype, x_grad, kind):
+    """The memory-free path (the triton backend's default; the reference backend's under
+    ``FASTAE_CORRUPTED_INPUT=regenerate``) keeps no (B, d) tensor beyond x."""
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
     batch, d, hidden = 37, 61, 23
     x, weight, bias = layer(batch, d, hidden, dtype=dtype, x_grad=x_grad)
     (h, rho_hat, jac), saved = _saved_during(
