@@ -47,22 +47,26 @@ def _backend_for(op: str, kernel: str, device: torch.device) -> str:
 CORRUPTED_INPUT_MODES = ("auto", "regenerate", "store")
 
 
-def corrupted_input_mode(backend_name: str) -> str:
-    """What ``encode(x, W, b, noise=spec)`` does with x~ on ``backend_name``, from
-    ``FASTAE_CORRUPTED_INPUT``: ``regenerate`` corrupts x as the encoder GEMM loads it and
-    regenerates it from the seed in backward, so x~ is never written; ``store`` runs one
-    corrupt pass and keeps x~ for backward's dW product (one more (B, d) tensor, no Philox
-    in the GEMMs). Both give the same values. ``auto`` (the default) is ``regenerate`` on the
-    triton backend and ``store`` on the reference backend, where drawing the noise twice
-    (forward and backward) in torch costs more than keeping x~."""
+def corrupted_input_mode() -> str:
+    """What ``encode(x, W, b, noise=spec)`` does with x~, from ``FASTAE_CORRUPTED_INPUT``:
+    ``store`` (``auto``, the default) runs one corrupt pass and keeps x~ for backward's dW
+    product (one more (B, d) tensor, as eager PyTorch keeps); ``regenerate`` corrupts x as the
+    encoder GEMM loads it and regenerates it from the seed in backward, so x~ is never
+    written. Both give the same values.
+
+    Why ``store``: regenerating draws every element's noise once per column tile of each GEMM
+    (H / BLOCK_N times) instead of once. Each draw is one Philox call per element (the stream
+    of ``tl.rand``), about 65 instructions for a mask and 180 for a Gaussian (sm_90 code), so
+    the fused GEMM loop turns from tensor-core bound to integer bound (bf16 128x128x64 tile:
+    96 instructions per K step without noise, about 2,100 with a mask). On the CPU, the
+    reference backend's second Philox pass in backward costs more than keeping x~.
+    """
     choice = os.environ.get("FASTAE_CORRUPTED_INPUT", "auto")
     if choice not in CORRUPTED_INPUT_MODES:
         raise ValueError(
             f"FASTAE_CORRUPTED_INPUT must be one of {CORRUPTED_INPUT_MODES}, got {choice!r}"
         )
-    if choice == "auto":
-        return "store" if backend_name == "reference" else "regenerate"
-    return choice
+    return "store" if choice == "auto" else choice
 
 
 def _autocast_available(device_type: str) -> bool:
@@ -364,8 +368,9 @@ def encode(
         x: (B, d) input. weight: (H, d) (``nn.Linear`` layout). bias: (H,) or None.
         activation: "sigmoid", "tanh", "relu" or "softplus".
         noise: optional corruption applied to x first; ``encode(x, W, b, noise=spec)`` equals
-            ``encode(corrupt(x, spec), W, b)`` for the same seed; the triton backend does not
-            store x~ (see :func:`corrupted_input_mode`).
+            ``encode(corrupt(x, spec), W, b)`` for the same seed; with
+            ``FASTAE_CORRUPTED_INPUT=regenerate`` x~ is never stored (see
+            :func:`corrupted_input_mode`).
 
     Returns:
         h (B, H) = a(x~ W^T + b); rho_hat (H,) = mean_i h_i (float32 at least);
@@ -381,11 +386,11 @@ def encode(
     else:
         kind, level, low, high = noise.params()
     seed = _seed_tensor(0 if noise is None else noise.seed)
-    name = _backend_for("encode", "encoder", x.device)
-    if kind != "none" and corrupted_input_mode(name) == "store":
+    if kind != "none" and corrupted_input_mode() == "store":
         corrupt_backend = _backend_for("corrupt", "noise", x.device)
         x = _corrupt_op(x, kind, level, low, high, seed, corrupt_backend)
         kind, level, low, high = "none", 0.0, 0.0, 0.0
+    name = _backend_for("encode", "encoder", x.device)
     h, rho_hat, jac, _ = _encode_op(x, weight, bias, activation, kind, level, low, high, seed, name)
     return h, rho_hat, jac
 

@@ -39,3 +39,12 @@ def _fresh_backend():
     backend._override.clear()
     yield
     backend._override[:] = saved
+
+
+@pytest.fixture(autouse=True)
+def _fused_noise(request, monkeypatch):
+    """Modules with ``FUSED_NOISE = True`` check the memory-free path of a noisy encode (noise
+    drawn inside the encoder GEMMs and again in backward), so they select it: by default
+    encode corrupts x in one pass and keeps x~."""
+    if getattr(request.module, "FUSED_NOISE", False):
+        monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")

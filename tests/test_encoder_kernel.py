@@ -13,6 +13,8 @@ from fastae import ops
 pytest.importorskip("triton")
 from fastae.kernels import common  # noqa: E402
 
+FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
 NOISES = [

@@ -11,6 +11,8 @@ from fastae import ops, reference
 pytest.importorskip("triton")
 from fastae.kernels import common, noise  # noqa: E402
 
+FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = [
     ("gaussian", 0.7, 0.0, 0.0),

@@ -12,6 +12,8 @@ import fastae
 from fastae import backend, ops
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise, draw_seed
 
+FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
 NOISES = {
     "none": None,
@@ -221,8 +223,9 @@ def test_encode_with_noise_equals_encode_of_corrupt(dtype, activation, kind):
 @pytest.mark.parametrize("kind", ["gaussian", "masking_rescale", "salt_pepper"])
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_stored_corrupted_input_gives_the_same_values(monkeypatch, backend_name, kind):
-    """FASTAE_CORRUPTED_INPUT=store: one corrupt pass writes x~ and backward keeps it (one
-    more (B, d) tensor); values and gradients are those of the memory-free default."""
+    """FASTAE_CORRUPTED_INPUT=store (the default): one corrupt pass writes x~ and backward
+    keeps it (one more (B, d) tensor); values and gradients are those of the memory-free
+    path."""
     if backend_name == "triton" and not backend.triton_interpreting():
         pytest.skip("the triton backend on CPU runs under TRITON_INTERPRET=1")
     x, weight, bias = layer(9, 21, 6)
@@ -246,7 +249,7 @@ def test_stored_corrupted_input_gives_the_same_values(monkeypatch, backend_name,
     def inputs_sized(tensors):
         return [t for t in tensors if t.shape == x.shape and t.data_ptr() != x.data_ptr()]
 
-    assert inputs_sized(saved) == []  # x~ never kept by the default
+    assert inputs_sized(saved) == []  # x~ never kept when regenerated
     (x_tilde,) = inputs_sized(saved_stored)
     torch.testing.assert_close(x_tilde, ops.corrupt(x, NOISES[kind]), rtol=0, atol=0)
 
@@ -257,10 +260,7 @@ def test_corrupted_input_mode_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="FASTAE_CORRUPTED_INPUT must be one of"):
         ops.encode(x, weight, bias, noise=NOISES["masking"])
     monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "auto")
-    assert ops.corrupted_input_mode("triton") == "regenerate"
-    assert ops.corrupted_input_mode("reference") == "store"
-    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
-    assert ops.corrupted_input_mode("reference") == "regenerate"
+    assert ops.corrupted_input_mode() == "store"
 
 
 def test_unseeded_noise_follows_torch_manual_seed():
@@ -321,10 +321,7 @@ def _saved_during(fn):
 @pytest.mark.parametrize("kind", ["none", "gaussian", "masking_rescale", "salt_pepper"])
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_encode_saves_only_h_w_x_and_h_vectors(monkeypatch, dtype, x_grad, kind):
-    """The memory-free path (the triton backend's default; the reference backend's under
-    ``FASTAE_CORRUPTED_INPUT=regenerate``) keeps no (B, d) tensor beyond x."""
-    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+def test_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind):
     batch, d, hidden = 37, 61, 23
     x, weight, bias = layer(batch, d, hidden, dtype=dtype, x_grad=x_grad)
     (h, rho_hat, jac), saved = _saved_during(

@@ -13,6 +13,8 @@ from fastae.benchmark import matmul_precision
 
 pytest.importorskip("triton")
 
+FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5}

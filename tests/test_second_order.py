@@ -12,6 +12,8 @@ from test_reference import ACT_FN, explicit_corrupt
 import fastae
 from fastae import ops
 
+FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+
 BACKENDS = ["reference", "triton"]
 
 
