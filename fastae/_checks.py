@@ -40,6 +40,14 @@ def size(name: str, value: torch.Tensor, dim: int, expected: int, why: str) -> N
         )
 
 
+def model_input(x: object, weight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x (B, in_features) with the dtype and device of the model's weight."""
+    x = tensor("x", x, 2)
+    same_kind("x", x, "the model's parameters", weight)
+    size("x", x, 1, in_features, "the model's in_features")
+    return x
+
+
 def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")

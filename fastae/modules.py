@@ -223,6 +223,7 @@ class Autoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Codes h (B, H) of clean inputs."""
+        x = _checks.model_input(x, self.weight, self.in_features)
         return ops.encode(x, self.weight, self.bias, activation=self.activation)[0]
 
     def decode(self, h: Tensor) -> Tensor:
@@ -245,6 +246,7 @@ class Autoencoder(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> AutoencoderOutput:
+        x = _checks.model_input(x, self.weight, self.in_features)
         noise = self.noise if self.training else None
         h, rho_hat, jac = ops.encode(
             x, self.weight, self.bias, activation=self.activation, noise=noise

@@ -106,12 +106,7 @@ class VAE(nn.Module):
         )
 
     def _check_x(self, x: object) -> Tensor:
-        x = _checks.tensor("x", x, 2)
-        if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"x must have {self.in_features} columns (in_features), got shape {tuple(x.shape)}"
-            )
-        return x
+        return _checks.model_input(x, self.encoder.weight, self.in_features)
 
     def posterior_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of q(z | x), each (B, k)."""

@@ -258,10 +258,14 @@ def test_autoencoder_forward_bad_input():
     model = fastae.Autoencoder(5, 3)
     with pytest.raises(ValueError, match=names("x")):
         model(torch.rand(5))
-    with pytest.raises(TypeError, match=names("weight")):
+    with pytest.raises(TypeError, match=names("x")):
         model(torch.rand(4, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match=names("weight")):
+    with pytest.raises(ValueError, match=names("x")):
         model(torch.rand(4, 6))
+    with pytest.raises(TypeError, match=names("x")):
+        model.encode(torch.rand(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=names("x")):
+        model.reconstruction_error(torch.rand(4, 6))
     with pytest.raises(ValueError, match=names("target")):
         model(torch.rand(4, 5) * 3)  # BCE needs inputs in [0, 1]
     with pytest.raises(ValueError, match=names("h")):

@@ -395,8 +395,12 @@ def test_bad_module_arguments(args, kwargs, error, match):
 
 def test_bad_module_inputs():
     model = fastae.VAE(8, 4, 2)
-    with pytest.raises(ValueError, match="x must have 8 columns"):
+    with pytest.raises(
+        ValueError, match=r"x must have size 8 in dim 1 \(the model's in_features\)"
+    ):
         model(torch.rand(3, 5))
+    with pytest.raises(TypeError, match=r"x must have the dtype of the model's parameters"):
+        model.encode(torch.rand(3, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="z must have 2 columns"):
         model.decode(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="n must be a positive int"):
