@@ -1,13 +1,13 @@
 """Fused decoder and reconstruction loss: z^ = h V^T + c, x^ = a_out(z^), per-sample loss.
 
-Forward, two launches: ``_forward_kernel`` computes a GEMM tile of z^ and, in its epilogue,
-the per-element loss (BCE in the logits form softplus(z^) - x z^, or squared error) and its
-gradient d ell / d z^ (x^ - x for sigmoid + BCE), stores that gradient — the only (B, d)
-tensor kept for backward — and the tile's row sums of the loss into fp32 partials
+Forward, two launches: ``_decoder_forward_kernel`` computes a GEMM tile of z^ and, in its
+epilogue, the per-element loss (BCE in the logits form softplus(z^) - x z^, or squared error)
+and its gradient d ell / d z^ (x^ - x for sigmoid + BCE), stores that gradient — the only
+(B, d) tensor kept for backward — and the tile's row sums of the loss into fp32 partials
 [column tiles, B]; a sum over the partials gives the per-sample loss.
 Backward is matrix products only, the per-sample upstream weights g_i applied as they load:
-``_grad_weight_kernel`` dV = (g * G)^T h with dc = sum_i g_i G_i from the same loop, and
-``_grad_code_kernel`` dh = g * (G V).
+``_decoder_grad_weight_kernel`` dV = (g * G)^T h with dc = sum_i g_i G_i from the same loop,
+and ``_decoder_grad_code_kernel`` dh = g * (G V).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ LOSS_CODES = {"bce": 0, "mse": 1}
 
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("h_ptr", "v_ptr"))
 @triton.jit
-def _forward_kernel(
+def _decoder_forward_kernel(
     h_ptr, v_ptr, c_ptr, t_ptr, gz_ptr, xhat_ptr, part_ptr,
     B, D, H,
     stride_hm, stride_hk, stride_vn, stride_vk, stride_tm, stride_tn,
@@ -97,7 +97,7 @@ def _forward_kernel(
 
 @gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("gz_ptr", "h_ptr"))
 @triton.jit
-def _grad_weight_kernel(
+def _decoder_grad_weight_kernel(
     gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
     B, D, H, stride_hm, stride_hk,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -136,7 +136,7 @@ def _grad_weight_kernel(
 
 @gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("gz_ptr", "v_ptr"))
 @triton.jit
-def _grad_code_kernel(
+def _decoder_grad_code_kernel(
     gz_ptr, gl_ptr, v_ptr, dh_ptr,
     B, D, H, stride_vn, stride_vk,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -175,7 +175,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     grad_z = empty((batch, features), h.device, h.dtype)
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else grad_z
     parts = stat_buffer(h, triton.cdiv(features, 16), batch)
-    _forward_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_N")](
+    _decoder_forward_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_N")](
         h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
         batch, features, hidden,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
@@ -184,7 +184,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
         WRITE_XHAT=with_reconstruction, WIDE_INDEX=wide_index(target, grad_z),
         ACC=acc_dtype(h.dtype), PRECISION=dot_precision(h.dtype),
     )  # fmt: skip
-    n_parts = triton.cdiv(features, _forward_kernel.best_config.kwargs["BLOCK_N"])
+    n_parts = triton.cdiv(features, _decoder_forward_kernel.best_config.kwargs["BLOCK_N"])
     per_sample = parts[:n_parts].sum(0)
     if with_reconstruction:
         return per_sample, grad_z, x_hat
@@ -200,14 +200,14 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     grad_loss = grad_loss.contiguous()
     grad_weight = empty((features, hidden), h.device, weight.dtype)
     grad_bias = empty((features,), h.device, weight.dtype)
-    _grad_weight_kernel[grid_2d(features, hidden, "BLOCK_N", "BLOCK_K")](
+    _decoder_grad_weight_kernel[grid_2d(features, hidden, "BLOCK_N", "BLOCK_K")](
         grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
         h.stride(0), h.stride(1), ACC=acc, PRECISION=precision,
     )  # fmt: skip
     grad_h = None
     if needs_h_grad:
         grad_h = empty((batch, hidden), h.device, h.dtype)
-        _grad_code_kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K")](
+        _decoder_grad_code_kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K")](
             grad_z, grad_loss, weight, grad_h, batch, features, hidden,
             weight.stride(0), weight.stride(1), ACC=acc, PRECISION=precision,
         )  # fmt: skip

@@ -1,16 +1,17 @@
 """Fused encoder: z = x~ W^T + b, h = a(z), and the sparsity and contractive statistics.
 
 Forward, two launches:
-  1. ``_forward_kernel``: a GEMM tile of z with x corrupted as it is loaded (Philox, never
-     stored), epilogue h = a(z), stores h and the tile's column sums of h and s^2 into fp32
-     partial buffers [row tiles, H] (padded rows masked); row-tile 0 then sums ||W_j||^2 over
-     its column block of W.
-  2. ``_finish_kernel`` (one program): rho_hat = sum_t P_h / B, c = sum_t P_s2,
+  1. ``_encoder_forward_kernel``: a GEMM tile of z with x corrupted as it is loaded (Philox,
+     never stored), epilogue h = a(z), stores h and the tile's column sums of h and s^2 into
+     fp32 partial buffers [row tiles, H] (padded rows masked); row-tile 0 then sums ||W_j||^2
+     over its column block of W.
+  2. ``_encoder_finish_kernel`` (one program): rho_hat = sum_t P_h / B, c = sum_t P_s2,
      jac = (1/B) sum_j c_j ||W_j||^2 — deterministic, no atomics.
 Backward, three launches (DESIGN.md):
-  1. ``_grad_z_kernel``: dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'' and db partials.
-  2. ``_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated), and db.
-  3. ``_grad_input_kernel`` (only when x needs a gradient): dx = (dz W) * dx~/dx.
+  1. ``_encoder_grad_z_kernel``: dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'' and db partials.
+  2. ``_encoder_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated),
+     and db.
+  3. ``_encoder_grad_input_kernel`` (only when x needs a gradient): dx = (dz W) * dx~/dx.
 Saved for backward: h, W, x and the H-vectors c and w = ||W_j||^2.
 
 The other fusion boundary, ``split``: cuBLAS computes z = x~ W^T + b (torch.addmm), one fused
@@ -65,7 +66,7 @@ def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
 
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("x_ptr", "w_ptr"))
 @triton.jit(do_not_specialize=["seed"])
-def _forward_kernel(
+def _encoder_forward_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
     B, D, H,
     stride_xm, stride_xk, stride_wn, stride_wk,
@@ -125,7 +126,7 @@ def _forward_kernel(
 # h = a(z) overwrites z: the autotuner restores z after timing each config
 @autotune(elementwise_configs(), key=["B", "H"], restore_value=["z_ptr"])
 @triton.jit
-def _statistics_kernel(
+def _encoder_statistics_kernel(
     z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
     B, D, H, stride_wn, stride_wk,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,7 +158,7 @@ def _statistics_kernel(
 
 
 @triton.jit
-def _finish_kernel(
+def _encoder_finish_kernel(
     part_h_ptr, part_s2_ptr, sq_norm_ptr, rho_ptr, c_ptr, jac_ptr, n_parts, B, H,
     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -181,7 +182,7 @@ def _finish_kernel(
 
 @autotune(elementwise_configs(), key=["B", "H"])
 @triton.jit
-def _grad_z_kernel(
+def _encoder_grad_z_kernel(
     h_ptr, gh_ptr, grho_ptr, gjac_ptr, sq_norm_ptr, dz_ptr, part_db_ptr,
     B, H, stride_gm, stride_gn,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
@@ -208,7 +209,7 @@ def _grad_z_kernel(
 
 @gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("dz_ptr", "x_ptr"))
 @triton.jit(do_not_specialize=["seed"])
-def _grad_weight_kernel(
+def _encoder_grad_weight_kernel(
     dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr,
     B, D, H, n_parts,
     stride_xm, stride_xk, stride_wn, stride_wk,
@@ -255,7 +256,7 @@ def _grad_weight_kernel(
 
 @gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("dz_ptr", "w_ptr"))
 @triton.jit(do_not_specialize=["seed"])
-def _grad_input_kernel(
+def _encoder_grad_input_kernel(
     dz_ptr, w_ptr, dx_ptr,
     B, D, H, stride_wn, stride_wk, seed, level,
     NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -300,7 +301,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
-        kernel = _statistics_kernel
+        kernel = _encoder_statistics_kernel
         kernel[
             lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
         ](
@@ -309,7 +310,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
         )  # fmt: skip
     else:
         h = empty((batch, hidden), x.device, x.dtype)
-        kernel = _forward_kernel
+        kernel = _encoder_forward_kernel
         kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
             x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
             batch, features, hidden,
@@ -319,7 +320,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
             HAS_BIAS=bias is not None, ACC=acc, PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
     n_parts = triton.cdiv(batch, kernel.best_config.kwargs["BLOCK_M"])
-    _finish_kernel[(1,)](
+    _encoder_finish_kernel[(1,)](
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
         ACC=acc, BLOCK_T=16, BLOCK=FINISH_BLOCK,
     )  # fmt: skip
@@ -340,14 +341,14 @@ def encode_backward(
     grad_jac = grad_jac.contiguous()
     dz = empty(h.shape, h.device, h.dtype)
     part_db = stat_buffer(x, triton.cdiv(batch, 16), hidden)
-    _grad_z_kernel[
+    _encoder_grad_z_kernel[
         lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
     ](
         h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
         batch, hidden, grad_h.stride(0), grad_h.stride(1),
         ACTIVATION=ACTIVATION_CODES[activation], ACC=acc,
     )  # fmt: skip
-    n_parts = triton.cdiv(batch, _grad_z_kernel.best_config.kwargs["BLOCK_M"])
+    n_parts = triton.cdiv(batch, _encoder_grad_z_kernel.best_config.kwargs["BLOCK_M"])
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         contractive = ((grad_jac * (2.0 / batch)) * stats[0]).unsqueeze(1) * weight
@@ -359,7 +360,7 @@ def encode_backward(
         return grad_weight, grad_bias, grad_input
     grad_weight = empty((hidden, features), x.device, weight.dtype)
     grad_bias = empty((hidden,), x.device, weight.dtype)
-    _grad_weight_kernel[grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
+    _encoder_grad_weight_kernel[grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
         dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -369,7 +370,7 @@ def encode_backward(
     grad_input = None
     if needs_input_grad:
         grad_input = empty((batch, features), x.device, x.dtype)
-        _grad_input_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
+        _encoder_grad_input_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
             dz, weight, grad_input, batch, features, hidden,
             weight.stride(0), weight.stride(1), seed, level,
             NOISE=noise, ACC=acc, PRECISION=precision,

@@ -1,11 +1,12 @@
 """Reparameterization of a diagonal Gaussian and its KL divergence to N(0, I), one launch each way.
 
-Forward, ``_forward_kernel``: each program owns ``BLOCK_M`` rows and walks their k columns
-in ``BLOCK_N`` chunks; per element it draws eps = ``tl.randn(seed, row * k + col)`` (the
-Philox stream of the noise ops), stores z = mu + exp(logvar / 2) * eps, and accumulates
-kl_i = 1/2 sum_j (mu_ij^2 + exp(logvar_ij) - 1 - logvar_ij) in registers, so the per-sample
-KL needs no partial buffer and no second launch.
-Backward, ``_backward_kernel`` (elementwise): eps is regenerated from the seed, never stored;
+Forward, ``_reparameterize_forward_kernel``: each program owns ``BLOCK_M`` rows and walks
+their k columns in ``BLOCK_N`` chunks; per element it draws eps = ``tl.randn(seed, row * k +
+col)`` (the Philox stream of the noise ops), stores z = mu + exp(logvar / 2) * eps, and
+accumulates kl_i = 1/2 sum_j (mu_ij^2 + exp(logvar_ij) - 1 - logvar_ij) in registers, so the
+per-sample KL needs no partial buffer and no second launch.
+Backward, ``_reparameterize_backward_kernel`` (elementwise): eps is regenerated from the seed,
+never stored;
     dmu = g_z + g_kl mu,   dlogvar = g_z eps exp(logvar / 2) / 2 + g_kl (exp(logvar) - 1) / 2.
 Saved for backward: mu and logvar (alive anyway) and the seed.
 """
@@ -67,7 +68,7 @@ def _expm1(x):
 
 @autotune(_forward_configs(), key=["B", "K"])
 @triton.jit(do_not_specialize=["seed"])
-def _forward_kernel(
+def _reparameterize_forward_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr, B, K,
     stride_mm, stride_mk, stride_lm, stride_lk, seed,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -93,7 +94,7 @@ def _forward_kernel(
 
 @autotune(_backward_configs(), key=["B", "K"])
 @triton.jit(do_not_specialize=["seed"])
-def _backward_kernel(
+def _reparameterize_backward_kernel(
     gz_ptr, gkl_ptr, mu_ptr, lv_ptr, dmu_ptr, dlv_ptr, B, K,
     stride_gm, stride_gk, stride_gkl, stride_mm, stride_mk, stride_lm, stride_lk, seed,
     HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, ACC: tl.constexpr,
@@ -132,7 +133,7 @@ def reparameterize_forward(mu, logvar, seed):
     batch, latent = mu.shape
     z = empty((batch, latent), mu.device, mu.dtype)
     kl = stat_buffer(mu, batch)
-    _forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
+    _reparameterize_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
         mu, logvar, z, kl, batch, latent,
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
         ACC=acc_dtype(mu.dtype),
@@ -152,7 +153,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
         triton.cdiv(batch, meta["BLOCK_M"]),
         triton.cdiv(latent, meta["BLOCK_N"]),
     )
-    _backward_kernel[grid](
+    _reparameterize_backward_kernel[grid](
         gz, gkl, mu, logvar, dmu, dlogvar, batch, latent,
         gz.stride(0), gz.stride(1), gkl.stride(0),
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,

@@ -171,12 +171,12 @@ def test_when_nothing_fits_the_smallest_config_is_kept():
 
 # each GEMM kernel's (M, N, K) block names
 GEMM_KERNELS = [
-    (encoder._forward_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    (encoder._grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
-    (encoder._grad_input_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
-    (decoder._forward_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    (decoder._grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
-    (decoder._grad_code_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+    (encoder._encoder_forward_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    (encoder._encoder_grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    (encoder._encoder_grad_input_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+    (decoder._decoder_forward_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    (decoder._decoder_grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    (decoder._decoder_grad_code_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
 ]
 
 
