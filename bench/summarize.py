@@ -73,6 +73,15 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         lines += ["", "### Time and speedup", "", fb.ratio_table(card_records, markdown=True)]
         lines += ["", "### Device-independent figures", ""]
         lines.append(fb.figures_table(card_records, markdown=True))
+        profiled = fb.kernel_time_table(card_records, markdown=True)
+        if profiled.count("\n") > 1:
+            lines += ["", "### Where the GPU time goes", ""]
+            lines.append(
+                f"torch.profiler over {fb.PROFILED_CALLS} calls, per call: `GPU ms` = the sum "
+                "of kernel durations, `busy` = that over the median wall time (well below "
+                "100%: the call waits on the CPU to launch), and the longest kernels."
+            )
+            lines += ["", profiled]
     return "\n".join(lines) + "\n"
 
 

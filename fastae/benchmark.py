@@ -15,7 +15,7 @@ Beside time each case records device-independent figures of one step: the ops th
 ran (a ``TorchDispatchMode`` count, where a fastae custom op counts once) and the bytes saved
 for backward (``saved_tensors_hooks``, storages counted once; also the part beyond the inputs
 and parameters). On CUDA also the peak allocated memory and the kernels launched
-(``torch.profiler``).
+(``torch.profiler``: launches, GPU busy time and the longest kernels).
 """
 
 from __future__ import annotations
@@ -523,8 +523,34 @@ def saved_bytes(bench: Bench) -> dict[str, int]:
     }
 
 
+PROFILED_CALLS = 3  # calls under torch.profiler for the kernel figures (averaged per call)
+KERNELS_KEPT = 8  # kernels listed per case, the longest first
+
+
+def kernel_table(events, calls: int) -> dict[str, Any]:
+    """Per call, from the profiler events of ``calls`` calls: kernels launched, the GPU's busy
+    time (the sum of kernel durations; against the wall time it shows launch-bound steps) and
+    the longest kernels as [name, launches, microseconds]. Copies and memsets are left out."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type != DeviceType.CUDA or event.name.startswith(("Memcpy", "Memset")):
+            continue
+        entry = totals.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.time_range.elapsed_us()
+    by_time = sorted(totals.items(), key=lambda item: -item[1][1])
+    return {
+        "kernel_launches": round(sum(n for n, _ in totals.values()) / calls),
+        "kernel_time_us": sum(us for _, us in totals.values()) / calls,
+        "kernels": [[name, n / calls, us / calls] for name, (n, us) in by_time[:KERNELS_KEPT]],
+    }
+
+
 def cuda_figures(bench: Bench) -> dict[str, Any]:
-    """Peak allocated memory of one call and the kernels it launches (CUDA only)."""
+    """Peak allocated memory of one call and, from torch.profiler over a few calls, the
+    kernels a call launches and where its GPU time goes (CUDA only)."""
     if bench.device.type != "cuda":
         return {}
     out: dict[str, Any] = {}
@@ -536,23 +562,21 @@ def cuda_figures(bench: Bench) -> dict[str, Any]:
     out["peak_allocated_bytes"] = peak
     out["peak_allocated_beyond_start_bytes"] = peak - before
     try:
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            bench.run()
-        events = prof.events()
-        kernels = [
-            e
-            for e in events
-            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-        ]
-        launches = [
-            e
-            for e in events
-            if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
-        ]
-        out["kernel_launches"] = len(kernels) if kernels else len(launches)
+            for _ in range(PROFILED_CALLS):
+                bench.run()
+            torch.cuda.synchronize(bench.device)
+        out.update(kernel_table(prof.events(), PROFILED_CALLS))
+        if not out["kernels"]:  # no device activity recorded: count the launch calls
+            launches = [
+                e
+                for e in prof.events()
+                if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+            ]
+            out["kernel_launches"] = round(len(launches) / PROFILED_CALLS)
+            out["kernel_time_us"] = None
     except Exception as error:  # the profiler is optional: keep the other figures
         out["kernel_launches"] = None
         out["kernel_launches_error"] = f"{type(error).__name__}: {error}"
@@ -744,6 +768,36 @@ def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
     return _format(header, lines, markdown)
 
 
+def _kernel_name(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def kernel_time_table(records: Iterable[dict], markdown: bool = False, top: int = 4) -> str:
+    """Per case and provider (CUDA records with a profile): median wall ms, the GPU's busy ms
+    per call (sum of kernel durations), busy / wall, launches, and the longest kernels."""
+    header = ["case", "size", "dtype", "provider", "wall ms", "GPU ms", "busy", "launches"]
+    header.append("longest kernels (us per call, launches)")
+    lines = []
+    for row in group_rows(records):
+        first = row["first"]
+        for provider in ALL_PROVIDERS:
+            record = row["providers"].get(provider)
+            if not record or record.get("kernel_time_us") is None:
+                continue
+            busy_ms = record["kernel_time_us"] / 1e3
+            wall = record.get("median_s")
+            kernels = "; ".join(
+                f"{_kernel_name(name)} {us:.1f} (x{n:g})"
+                for name, n, us in (record.get("kernels") or [])[:top]
+            )
+            cells = [first["case"], first.get("size", ""), first.get("dtype", ""), provider]
+            cells += [_ms(record), f"{busy_ms:.3f}"]
+            cells.append(f"{busy_ms / (wall * 1e3):.0%}" if wall else "-")
+            cells += [str(record.get("kernel_launches", "-")), kernels]
+            lines.append(cells)
+    return _format(header, lines, markdown)
+
+
 def _format(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -830,7 +884,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--figures",
         action="store_true",
-        help="also print the figures per case (ops dispatched, MB saved for backward)",
+        help="also print the figures per case (ops dispatched, MB saved for backward; on CUDA "
+        "peak memory, launches and where the GPU time goes)",
     )
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
 
@@ -870,6 +925,9 @@ def run(args: argparse.Namespace) -> int:
     if args.figures:
         print()
         print(figures_table(records))
+        if any(record.get("kernels") for record in records):
+            print()
+            print(kernel_time_table(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(to_json(records), f, indent=1)

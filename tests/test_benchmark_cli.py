@@ -173,3 +173,52 @@ def test_warm_cache_runs_every_job(warm_cache, monkeypatch, capsys):
     assert "FAILED" not in out
     done = [line.split("] ", 1)[1] for line in out.splitlines() if " fastae: " in line]
     assert sorted(line.split()[0] for line in done) == sorted(fb.CASES)
+
+
+def _event(name: str, us: float, on_gpu: bool = True):
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    device = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    span = SimpleNamespace(elapsed_us=lambda: us)
+    return SimpleNamespace(name=name, device_type=device, time_range=span)
+
+
+def test_kernel_table_averages_the_profiled_calls():
+    calls = 3
+    events = []
+    for _ in range(calls):
+        events += [_event("gemm", 10.0), _event("stats", 4.0), _event("stats", 3.0)]
+        events += [_event("Memset (Device)", 50.0), _event("aten::mm", 99.0, on_gpu=False)]
+    table = fb.kernel_table(events, calls)
+    assert table["kernel_launches"] == 3
+    assert table["kernel_time_us"] == pytest.approx(17.0)
+    assert table["kernels"] == [["gemm", 1.0, pytest.approx(10.0)], ["stats", 2.0, 7.0]]
+
+
+def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch):
+    _, records = bench_run
+    profiled = []
+    for record in records:
+        record = dict(record, device_name="Some GPU")
+        if record["case"] == "sparse":
+            busy_us = record["median_s"] * 1e6 / 2  # busy half of the wall time
+            kernels = [["a_long_kernel_name_" * 4, 2.0, busy_us * 0.75], ["k", 1.0, busy_us / 4]]
+            record.update(kernel_launches=3, kernel_time_us=busy_us, kernels=kernels)
+        profiled.append(record)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(fb.to_json(profiled)))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    summarize = importlib.import_module("summarize")
+    with redirect_stdout(io.StringIO()):
+        assert summarize.main([str(path), "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    section = summary.split("### Where the GPU time goes", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| sparse")]
+    assert {row.split(" | ")[3] for row in rows} == {"eager", "fastae"}
+    cells = rows[0].split(" | ")
+    assert cells[6] == "50%" and cells[7] == "3"
+    assert cells[8].startswith("a_long_kernel_name_a_long_kernel_name_a_long_...")
+    assert "(x2)" in cells[8] and "; k " in cells[8]
+    assert "| denoising" not in section  # no profile, no row
