@@ -1,13 +1,19 @@
 """Backend selection: ``triton`` kernels or the plain-torch ``reference``.
 
-``auto`` picks ``triton`` for CUDA tensors when Triton imports (and for CPU tensors when
-``TRITON_INTERPRET=1`` runs the kernels in Triton's interpreter), else ``reference``.
-Asking for ``triton`` where it cannot run raises; it never falls back silently.
+``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``reference`` (CPU tensors
+included, even under ``TRITON_INTERPRET=1``: the interpreted kernels run on the CPU only when
+``triton`` is asked for by name). Asking for ``triton`` where it cannot run raises; it never
+falls back silently.
+
+The requested backend is, first to last: the innermost ``use_backend`` of the calling thread
+(a per-thread, per-asyncio-task override), the process-wide default of ``set_backend``, the
+``FASTAE_BACKEND`` environment variable, ``auto``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -16,7 +22,13 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 _ENV_VAR = "FASTAE_BACKEND"
-_override: list[str] = []  # stack of set_backend / use_backend choices
+# set_backend's process-wide default: empty, or one name. (tests/conftest.py saves, clears
+# and restores this list around each test.)
+_override: list[str] = []
+# use_backend's override: per thread (a new thread starts without one) and per asyncio task.
+_context: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fastae_backend", default=None
+)
 
 
 def _check_name(name: object) -> str:
@@ -37,7 +49,11 @@ def triton_interpreting() -> bool:
 
 
 def get_backend() -> str:
-    """The requested backend: the innermost ``use_backend``/``set_backend``, else the env var."""
+    """The requested backend: this thread's innermost ``use_backend``, else the ``set_backend``
+    default, else ``FASTAE_BACKEND``, else ``auto``."""
+    name = _context.get()
+    if name is not None:
+        return name
     if _override:
         return _override[-1]
     name = os.environ.get(_ENV_VAR, "auto")
@@ -47,20 +63,26 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the backend for the rest of the process (``auto``, ``triton`` or ``reference``)."""
-    _check_name(name)
-    _override.clear()
-    _override.append(name)
+    """Set the process-wide default backend (``auto``, ``triton`` or ``reference``).
+
+    It holds in every thread, over ``FASTAE_BACKEND``, except inside a ``use_backend`` block,
+    which wins in its own thread while it lasts; leaving the block does not undo this call.
+    """
+    _override[:] = [_check_name(name)]
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: ``with fastae.use_backend("reference"): ...``."""
-    _override.append(_check_name(name))
+    """Context manager: ``with fastae.use_backend("reference"): ...``.
+
+    The choice holds in the calling thread only (and in the asyncio task that entered it);
+    blocks nest, and leaving one restores the choice that held where it was entered.
+    """
+    token = _context.set(_check_name(name))
     try:
         yield
     finally:
-        _override.pop()
+        _context.reset(token)
 
 
 def _triton_can_run(device: torch.device) -> tuple[bool, str]:

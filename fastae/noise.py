@@ -13,14 +13,25 @@ from dataclasses import dataclass, replace
 import torch
 
 SEED_BOUND = 2**63 - 1  # seeds are int64 scalars in the op schemas
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels and the reference corrupt in fp32
 
 
 def _finite(name: str, value: object) -> float:
+    """``value`` as a float that is finite in float32 (where the corruption is computed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(
+            f"{name} must be finite in float32, got an int of {value.bit_length()} bits"
+        ) from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if abs(value) > _FLOAT32_MAX:
+        raise ValueError(
+            f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.6g}), got {value}"
+        )
     return value
 
 

@@ -2,6 +2,7 @@
 and backend selection."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -483,6 +484,60 @@ def test_set_backend_and_use_backend(monkeypatch):
         raise KeyError("inside")
     assert fastae.get_backend() == "reference"
     fastae.set_backend("auto")
+    assert fastae.get_backend() == "auto"
+
+
+def test_set_backend_inside_use_backend_outlives_the_block(monkeypatch):
+    monkeypatch.delenv("FASTAE_BACKEND", raising=False)
+    with fastae.use_backend("reference"):
+        fastae.set_backend("reference")
+    assert fastae.get_backend() == "reference"  # leaving the block does not undo set_backend
+    with fastae.use_backend("auto"):
+        fastae.set_backend("triton")
+        assert fastae.get_backend() == "auto"  # the block still wins while it lasts
+    assert fastae.get_backend() == "triton"
+
+
+def test_set_backend_inside_nested_use_backend(monkeypatch):
+    monkeypatch.delenv("FASTAE_BACKEND", raising=False)
+    with fastae.use_backend("auto"):
+        with fastae.use_backend("reference"):
+            fastae.set_backend("auto")
+            assert fastae.get_backend() == "reference"
+        assert fastae.get_backend() == "auto"
+        fastae.set_backend("reference")
+        assert fastae.get_backend() == "auto"
+    assert fastae.get_backend() == "reference"
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    monkeypatch.delenv("FASTAE_BACKEND", raising=False)
+    fastae.set_backend("auto")
+    both_inside, seen, errors = threading.Barrier(2, timeout=10), {}, []
+
+    def worker(name):
+        try:
+            seen[name, "before"] = fastae.get_backend()
+            with fastae.use_backend(name):
+                both_inside.wait()  # each thread is now inside its own block
+                seen[name, "inside"] = fastae.get_backend()
+                both_inside.wait()  # neither leaves before both have looked
+            seen[name, "after"] = fastae.get_backend()
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    with fastae.use_backend("triton"):  # the main thread's block is not the workers'
+        threads = [threading.Thread(target=worker, args=(n,)) for n in ("reference", "auto")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=20)
+        assert fastae.get_backend() == "triton"
+    assert not errors
+    for name in ("reference", "auto"):
+        assert seen[name, "before"] == "auto"  # set_backend's default holds in every thread
+        assert seen[name, "inside"] == name
+        assert seen[name, "after"] == "auto"
     assert fastae.get_backend() == "auto"
 
 
