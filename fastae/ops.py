@@ -694,6 +694,8 @@ _decode_backward_op.register_autograd(_decode_backward_bwd, setup_context=_decod
 
 def check_unit_interval(name: str, values: Tensor) -> None:
     """ValueError unless every value lies in [0, 1] (NaN fails); one sync on GPUs."""
+    if values.numel() == 0:
+        return
     lo, hi = torch.aminmax(values.detach())
     bounds = torch.stack([lo, hi]).tolist()
     if not (bounds[0] >= 0 and bounds[1] <= 1):  # also false for NaN

@@ -599,3 +599,14 @@ def test_resolve_triton(monkeypatch):
         assert backend.resolve("my_op", cpu, supported=False) == "reference"
     with fastae.use_backend("reference"):
         assert backend.resolve("my_op", torch.device("meta")) == "reference"
+
+
+@pytest.mark.parametrize("output, loss", DECODERS)
+def test_decode_loss_with_no_output_features_is_zero(output, loss):
+    h = torch.rand(3, 4, requires_grad=True)
+    per_sample = ops.decode_loss(
+        h, torch.randn(0, 4), target=torch.rand(3, 0), output=output, loss=loss
+    )
+    torch.testing.assert_close(per_sample, torch.zeros(3))
+    per_sample.sum().backward()
+    torch.testing.assert_close(h.grad, torch.zeros(3, 4))
