@@ -3,7 +3,9 @@
 # this checkout without dependencies, run the tests on CUDA, run the lean benchmark set to JSON
 # (the jacrev gap, then the cases with targets first: encode with statistics, the full step, the
 # denoising step, then the rest; B=4096 784->1024 and B=8192 4096->4096,
-# tf32 and bf16) and print the ratio table last. Everything lands in $OUT (default ./out):
+# tf32 and bf16; then reparameterize, corrupt on 256 MB, and the host time of encode with
+# statistics and of the full step at B=64) and print the ratio table last. Everything lands in
+# $OUT (default ./out):
 #   tests.log, warm.log, bench.log, bench.json, SUMMARY.md, speedup.png
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
@@ -97,13 +99,15 @@ timeout $((budget + 120)) "$PYTHON" -m pytest bench -q -p no:cacheprovider --ben
 bench_rc=$?
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
 
-# reparameterize at B=4096, k=64..1024, and corrupt on 256 MB against a plain copy
+# reparameterize at B=4096, k=64..1024; corrupt on 256 MB against a plain copy; then the host
+# time of encode with statistics and of the full step at B=64 (kernels of a few microseconds)
 extra=()
-for spec in "reparameterize vae tf32" "corrupt bandwidth tf32"; do
+for spec in "reparameterize vae tf32 ops" "corrupt bandwidth tf32 ops" \
+    "encode_stats host bf16 ops" "all host bf16 steps"; do
     set -- $spec
     [ "$(left)" -lt 25 ] && break
     log "benchmarks: $1 at sizes '$2'"
-    timeout $(($(left) + 60)) "$PYTHON" -m pytest bench/test_ops.py -q -p no:cacheprovider \
+    timeout $(($(left) + 60)) "$PYTHON" -m pytest "bench/test_$4.py" -q -p no:cacheprovider \
         --benchmark-only -k "$1" --fastae-device cuda --fastae-sizes "$2" --fastae-dtypes "$3" \
         --fastae-providers eager,compile,fastae,floor --fastae-budget-s "$(left)" \
         --benchmark-json "$OUT/bench_$1.json" >>"$OUT/bench.log" 2>&1

@@ -114,12 +114,15 @@ SIZE_SETS = {
     "vae": [Size(4096, 784, k) for k in (64, 128, 256, 512, 1024)],
     # corrupt at 256 MB of float32 (the bandwidth check)
     "bandwidth": [Size(8192, 8192, 1)],
+    # a batch whose kernels take a few microseconds: the time of a call is its host time
+    # (Python, dispatch, launches)
+    "host": [Size(64, 784, 1024)],
 }
 JACREV_SIZE = Size(64, 784, 256)  # the brute-force gap is measured once, small
 
 
 def parse_sizes(text: str) -> list[Size]:
-    """A preset name (cpu, mnist, large, full, lean) or comma-separated BxDxH sizes."""
+    """A preset name (see SIZE_SETS) or comma-separated BxDxH sizes."""
     sizes: list[Size] = []
     for part in text.split(","):
         part = part.strip()
