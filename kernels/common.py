@@ -284,6 +284,11 @@ def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
     return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
 
 
+# Offsets at or past this need int64 arithmetic (a module constant so tests can lower it and
+# run the wide variants on small tensors).
+INDEX_LIMIT = 2**31
+
+
 def wide_index(*tensors: torch.Tensor) -> bool:
     """Whether an element offset (sum of index * stride) of some tensor can pass 2^31 - 1, so
     a kernel must compute its offsets in int64."""
@@ -291,7 +296,25 @@ def wide_index(*tensors: torch.Tensor) -> bool:
     def last_offset(t: torch.Tensor) -> int:
         return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
-    return any(t.numel() > 0 and last_offset(t) >= 2**31 for t in tensors)
+    return any(t.numel() > 0 and last_offset(t) >= INDEX_LIMIT for t in tensors)
+
+
+def wide_columns(*tensors: torch.Tensor) -> bool:
+    """Whether the column offset (columns - 1) * column stride of some 2-D tensor can pass
+    2^31 - 1. The kernels compute row offsets in int64 but column offsets ``cols * stride`` in
+    int32 (int64 offset tensors cost registers and spills in the GEMM loops); a kernel's
+    ``WIDE_COLUMNS`` variant, chosen with this, widens the column index first. Only strided
+    huge operands need it: a column-major x with B * d >= 2^31, a tied V = W^T with
+    H * d >= 2^31; a contiguous tensor never does (its column stride is 1)."""
+    return any(t.numel() > 0 and (t.shape[1] - 1) * t.stride(1) >= INDEX_LIMIT for t in tensors)
+
+
+@triton.jit
+def column_index(cols, WIDE_COLUMNS: tl.constexpr):
+    """``cols`` as int64 in the ``WIDE_COLUMNS`` variant, else unchanged (int32)."""
+    if WIDE_COLUMNS:
+        cols = cols.to(tl.int64)
+    return cols
 
 
 def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:

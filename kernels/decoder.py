@@ -19,6 +19,7 @@ from fastae import reference
 
 from .common import (
     acc_dtype,
+    column_index,
     dot_precision,
     empty,
     gemm_autotune,
@@ -26,6 +27,7 @@ from .common import (
     log1p,
     stat_buffer,
     tile_ids,
+    wide_columns,
     wide_index,
 )
 
@@ -40,7 +42,8 @@ def _decoder_forward_kernel(
     B, D, H,
     stride_hm, stride_hk, stride_vn, stride_vk, stride_tm, stride_tn,
     OUTPUT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_XHAT: tl.constexpr,
-    WIDE_INDEX: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_INDEX: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP)
@@ -53,12 +56,13 @@ def _decoder_forward_kernel(
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
+        k_idx = column_index(ks, WIDE_COLUMNS)
         h = tl.load(
-            h_ptr + r64[:, None] * stride_hm + ks[None, :] * stride_hk,
+            h_ptr + r64[:, None] * stride_hm + k_idx[None, :] * stride_hk,
             mask=row_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
         v = tl.load(
-            v_ptr + cols.to(tl.int64)[None, :] * stride_vn + ks[:, None] * stride_vk,
+            v_ptr + cols.to(tl.int64)[None, :] * stride_vn + k_idx[:, None] * stride_vk,
             mask=k_ok[:, None] & col_ok[None, :], other=0.0,
         )  # fmt: skip
         acc = tl.dot(h, v, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -69,10 +73,12 @@ def _decoder_forward_kernel(
     # tensors for the target, G and x^ made it spill twice as many registers
     if WIDE_INDEX:
         out_rows = r64
+        out_cols = cols.to(tl.int64)
     else:
         out_rows = rows
+        out_cols = cols
     t = tl.load(
-        t_ptr + out_rows[:, None] * stride_tm + cols[None, :] * stride_tn, mask=ok, other=0.0
+        t_ptr + out_rows[:, None] * stride_tm + out_cols[None, :] * stride_tn, mask=ok, other=0.0
     ).to(ACC)
     if OUTPUT == 0:
         x_hat = 1.0 / (1.0 + tl.exp(-acc))
@@ -100,7 +106,7 @@ def _decoder_forward_kernel(
 def _decoder_grad_weight_kernel(
     gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
     B, D, H, stride_hm, stride_hk,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """dV[n, k] = sum_i g_i G[i, n] h[i, k]; programs of column block 0 also write dc."""
@@ -109,6 +115,7 @@ def _decoder_grad_weight_kernel(
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # hidden units: columns of dV
     col_ok = cols < D
     k_ok = ks < H
+    k_idx = column_index(ks, WIDE_COLUMNS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     dc = tl.zeros((BLOCK_N,), dtype=ACC)
     for m0 in range(0, B, BLOCK_M):
@@ -123,7 +130,7 @@ def _decoder_grad_weight_kernel(
         if pid_k == 0:
             dc += tl.sum(gz_t, axis=1)
         h = tl.load(
-            h_ptr + r64[:, None] * stride_hm + ks[None, :] * stride_hk,
+            h_ptr + r64[:, None] * stride_hm + k_idx[None, :] * stride_hk,
             mask=row_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
         acc = tl.dot(gz_t.to(h.dtype), h, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -139,7 +146,7 @@ def _decoder_grad_weight_kernel(
 def _decoder_grad_code_kernel(
     gz_ptr, gl_ptr, v_ptr, dh_ptr,
     B, D, H, stride_vn, stride_vk,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """dh[i, k] = g_i sum_n G[i, n] V[n, k]."""
@@ -148,6 +155,7 @@ def _decoder_grad_code_kernel(
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < B
     k_ok = ks < H
+    k_idx = column_index(ks, WIDE_COLUMNS)
     r64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     for n0 in range(0, D, BLOCK_N):
@@ -158,7 +166,7 @@ def _decoder_grad_code_kernel(
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )  # fmt: skip
         v = tl.load(
-            v_ptr + cols.to(tl.int64)[:, None] * stride_vn + ks[None, :] * stride_vk,
+            v_ptr + cols.to(tl.int64)[:, None] * stride_vn + k_idx[None, :] * stride_vk,
             mask=col_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
         acc = tl.dot(gz, v, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -172,6 +180,8 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     ``with_reconstruction`` also x^ from the same tiles (no second GEMM)."""
     batch, hidden = h.shape
     features = weight.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it at unit stride; copying a d-vector is free
     grad_z = empty((batch, features), h.device, h.dtype)
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else grad_z
     parts = stat_buffer(h, triton.cdiv(features, 16), batch)
@@ -182,7 +192,8 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
         target.stride(0), target.stride(1),
         OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], HAS_BIAS=bias is not None,
         WRITE_XHAT=with_reconstruction, WIDE_INDEX=wide_index(target, grad_z),
-        ACC=acc_dtype(h.dtype), PRECISION=dot_precision(h.dtype),
+        WIDE_COLUMNS=wide_columns(h, weight), ACC=acc_dtype(h.dtype),
+        PRECISION=dot_precision(h.dtype),
     )  # fmt: skip
     n_parts = triton.cdiv(features, _decoder_forward_kernel.best_config.kwargs["BLOCK_N"])
     per_sample = parts[:n_parts].sum(0)
@@ -197,19 +208,23 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     features = weight.shape[0]
     acc = acc_dtype(h.dtype)
     precision = dot_precision(h.dtype)
+    # the kernels read the B-vector grad_loss and G at unit stride (G as the forward wrote it:
+    # then .contiguous() returns it as it is); copying a vector is free
     grad_loss = grad_loss.contiguous()
+    grad_z = grad_z.contiguous()
     grad_weight = empty((features, hidden), h.device, weight.dtype)
     grad_bias = empty((features,), h.device, weight.dtype)
     _decoder_grad_weight_kernel[grid_2d(features, hidden, "BLOCK_N", "BLOCK_K")](
         grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
-        h.stride(0), h.stride(1), ACC=acc, PRECISION=precision,
+        h.stride(0), h.stride(1), WIDE_COLUMNS=wide_columns(h), ACC=acc, PRECISION=precision,
     )  # fmt: skip
     grad_h = None
     if needs_h_grad:
         grad_h = empty((batch, hidden), h.device, h.dtype)
         _decoder_grad_code_kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K")](
             grad_z, grad_loss, weight, grad_h, batch, features, hidden,
-            weight.stride(0), weight.stride(1), ACC=acc, PRECISION=precision,
+            weight.stride(0), weight.stride(1), WIDE_COLUMNS=wide_columns(weight), ACC=acc,
+            PRECISION=precision,
         )  # fmt: skip
     return grad_weight, grad_bias, grad_h
 

@@ -34,6 +34,7 @@ from .common import (
     acc_dtype,
     activate,
     autotune,
+    column_index,
     corrupt_tile,
     curvature,
     dot_precision,
@@ -46,6 +47,7 @@ from .common import (
     slope,
     stat_buffer,
     tile_ids,
+    wide_columns,
 )
 
 FINISH_BLOCK = 128
@@ -72,7 +74,7 @@ def _encoder_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk,
     seed, level, low, high,
     ACTIVATION: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_N, GROUP)
@@ -86,15 +88,16 @@ def _encoder_forward_kernel(
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
+        k_idx = column_index(ks, WIDE_COLUMNS)
         x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_ok, other=0.0)
+        x = tl.load(x_rows + k_idx[None, :] * stride_xk, mask=x_ok, other=0.0)
         if NOISE != 0:
             # corrupt as loaded; padding stays zero (salt would otherwise fill it)
             offsets = element_offsets(rows, ks, D, 0)
             x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
             x = tl.where(x_ok, x, 0.0)
         w = tl.load(
-            w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            w_cols + k_idx[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0
         )
         acc = tl.dot(x, w, acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
@@ -116,7 +119,7 @@ def _encoder_forward_kernel(
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(
-                w_cols + ks[:, None] * stride_wk,
+                w_cols + column_index(ks, WIDE_COLUMNS)[:, None] * stride_wk,
                 mask=(ks < D)[:, None] & col_ok[None, :], other=0.0,
             ).to(ACC)  # fmt: skip
             sq_norm += tl.sum(w * w, axis=0)
@@ -129,7 +132,8 @@ def _encoder_forward_kernel(
 def _encoder_statistics_kernel(
     z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
     B, D, H, stride_wn, stride_wk,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """``split`` boundary: h = a(z) in place over z, partial sums, and ||W_j||^2 (row tile 0)."""
     pid_m = tl.program_id(0)
@@ -150,7 +154,8 @@ def _encoder_statistics_kernel(
         sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
         for k0 in range(0, D, 64):
             ks = k0 + tl.arange(0, 64)
-            w_idx = cols.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk
+            k_idx = column_index(ks, WIDE_COLUMNS)
+            w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
             w_ok = col_ok[:, None] & (ks < D)[None, :]
             w = tl.load(w_ptr + w_idx, mask=w_ok, other=0.0).to(ACC)
             sq_norm += tl.sum(w * w, axis=1)
@@ -185,7 +190,7 @@ def _encoder_finish_kernel(
 def _encoder_grad_z_kernel(
     h_ptr, gh_ptr, grho_ptr, gjac_ptr, sq_norm_ptr, dz_ptr, part_db_ptr,
     B, H, stride_gm, stride_gn,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -195,7 +200,8 @@ def _encoder_grad_z_kernel(
     ok = (rows < B)[:, None] & col_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]
     h = tl.load(h_ptr + r64 * H + cols[None, :], mask=ok, other=0.0).to(ACC)
-    g_h = tl.load(gh_ptr + r64 * stride_gm + cols[None, :] * stride_gn, mask=ok, other=0.0)
+    g_cols = column_index(cols, WIDE_COLUMNS)[None, :]
+    g_h = tl.load(gh_ptr + r64 * stride_gm + g_cols * stride_gn, mask=ok, other=0.0)
     g_rho = tl.load(grho_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
     w = tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0)
@@ -214,7 +220,7 @@ def _encoder_grad_weight_kernel(
     B, D, H, n_parts,
     stride_xm, stride_xk, stride_wn, stride_wk,
     seed, level, low, high,
-    NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    NOISE: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_k = tile_ids(tl.program_id(0), H, D, BLOCK_N, BLOCK_K, GROUP)
@@ -222,6 +228,7 @@ def _encoder_grad_weight_kernel(
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # input features: columns of dW
     col_ok = cols < H
     k_ok = ks < D
+    k_idx = column_index(ks, WIDE_COLUMNS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -232,7 +239,7 @@ def _encoder_grad_weight_kernel(
             mask=col_ok[:, None] & row_ok[None, :], other=0.0,
         )  # fmt: skip
         x_ok = row_ok[:, None] & k_ok[None, :]
-        x_idx = r64[:, None] * stride_xm + ks[None, :] * stride_xk
+        x_idx = r64[:, None] * stride_xm + k_idx[None, :] * stride_xk
         x = tl.load(x_ptr + x_idx, mask=x_ok, other=0.0)
         if NOISE != 0:
             offsets = element_offsets(rows, ks, D, 0)
@@ -242,15 +249,17 @@ def _encoder_grad_weight_kernel(
     jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
     c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     out_ok = col_ok[:, None] & k_ok[None, :]
-    w_idx = cols.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk
+    w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
     w = tl.load(w_ptr + w_idx, mask=out_ok, other=0.0).to(ACC)
     acc += (jac_coef * c)[:, None] * w
     out_idx = cols.to(tl.int64)[:, None] * D + ks[None, :]
     tl.store(dw_ptr + out_idx, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
     if pid_k == 0:
         db = tl.zeros((BLOCK_N,), dtype=ACC)
-        for t in range(0, n_parts):
-            db += tl.load(part_db_ptr + t * H + cols, mask=col_ok, other=0.0)
+        part = part_db_ptr + cols  # advanced by H per row tile: pointer (64-bit) arithmetic
+        for _ in range(0, n_parts):
+            db += tl.load(part, mask=col_ok, other=0.0)
+            part += H
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -259,7 +268,7 @@ def _encoder_grad_weight_kernel(
 def _encoder_grad_input_kernel(
     dz_ptr, w_ptr, dx_ptr,
     B, D, H, stride_wn, stride_wk, seed, level,
-    NOISE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    NOISE: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_k = tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_K, GROUP)
@@ -267,6 +276,7 @@ def _encoder_grad_input_kernel(
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < B
     k_ok = ks < D
+    k_idx = column_index(ks, WIDE_COLUMNS)
     r64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     for n0 in range(0, H, BLOCK_N):
@@ -277,7 +287,7 @@ def _encoder_grad_input_kernel(
             mask=row_ok[:, None] & col_ok[None, :], other=0.0,
         )  # fmt: skip
         w = tl.load(
-            w_ptr + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
+            w_ptr + cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk,
             mask=col_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
         acc = tl.dot(dz, w, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -292,6 +302,8 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     batch, features = x.shape
     hidden = weight.shape[0]
     acc = acc_dtype(x.dtype)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it at unit stride; copying an H-vector is free
     # partial buffers sized for the smallest BLOCK_M any config uses
     part_h = stat_buffer(x, triton.cdiv(batch, 16), hidden)
     part_s2 = stat_buffer(x, triton.cdiv(batch, 16), hidden)
@@ -306,7 +318,8 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
             lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
         ](
             h, weight, part_h, part_s2, stats[1], batch, features, hidden,
-            weight.stride(0), weight.stride(1), ACTIVATION=code, ACC=acc,
+            weight.stride(0), weight.stride(1), ACTIVATION=code,
+            WIDE_COLUMNS=wide_columns(weight), ACC=acc,
         )  # fmt: skip
     else:
         h = empty((batch, hidden), x.device, x.dtype)
@@ -316,8 +329,8 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
             batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             seed, level, low, high,
-            ACTIVATION=code, NOISE=NOISE_CODES[noise_kind],
-            HAS_BIAS=bias is not None, ACC=acc, PRECISION=dot_precision(x.dtype),
+            ACTIVATION=code, NOISE=NOISE_CODES[noise_kind], HAS_BIAS=bias is not None,
+            WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
     n_parts = triton.cdiv(batch, kernel.best_config.kwargs["BLOCK_M"])
     _encoder_finish_kernel[(1,)](
@@ -337,8 +350,12 @@ def encode_backward(
     acc = acc_dtype(x.dtype)
     precision = dot_precision(x.dtype)
     noise = NOISE_CODES[noise_kind]
+    # the kernels read these at unit stride (h and the H-vectors of stats as the forward wrote
+    # them: then .contiguous() returns them as they are); copying a vector is free
     grad_rho = grad_rho.contiguous()
     grad_jac = grad_jac.contiguous()
+    h = h.contiguous()
+    stats = stats.contiguous()
     dz = empty(h.shape, h.device, h.dtype)
     part_db = stat_buffer(x, triton.cdiv(batch, 16), hidden)
     _encoder_grad_z_kernel[
@@ -346,7 +363,7 @@ def encode_backward(
     ](
         h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
         batch, hidden, grad_h.stride(0), grad_h.stride(1),
-        ACTIVATION=ACTIVATION_CODES[activation], ACC=acc,
+        ACTIVATION=ACTIVATION_CODES[activation], WIDE_COLUMNS=wide_columns(grad_h), ACC=acc,
     )  # fmt: skip
     n_parts = triton.cdiv(batch, _encoder_grad_z_kernel.best_config.kwargs["BLOCK_M"])
     if fusion(batch, features, hidden, x.dtype) == "split":
@@ -365,7 +382,7 @@ def encode_backward(
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         seed, level, low, high,
-        NOISE=noise, ACC=acc, PRECISION=precision,
+        NOISE=noise, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=precision,
     )  # fmt: skip
     grad_input = None
     if needs_input_grad:
@@ -373,6 +390,6 @@ def encode_backward(
         _encoder_grad_input_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
             dz, weight, grad_input, batch, features, hidden,
             weight.stride(0), weight.stride(1), seed, level,
-            NOISE=noise, ACC=acc, PRECISION=precision,
+            NOISE=noise, WIDE_COLUMNS=wide_columns(weight), ACC=acc, PRECISION=precision,
         )  # fmt: skip
     return grad_weight, grad_bias, grad_input

@@ -14,10 +14,12 @@ from .common import (
     NOISE_CODES,
     acc_dtype,
     autotune,
+    column_index,
     corrupt_tile,
     element_offsets,
     empty,
     input_grad_mask,
+    wide_columns,
 )
 
 
@@ -36,20 +38,21 @@ def _configs():
 @triton.jit(do_not_specialize=["seed", "base"])
 def _corrupt_kernel(
     x_ptr, out_ptr, B, D, stride_xm, stride_xn, stride_om, stride_on, seed, base, level, low,
-    high, NOISE: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr,
+    high, NOISE: tl.constexpr, GRAD: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rows < B)[:, None] & (cols < D)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + r64 * stride_xm + cols[None, :] * stride_xn, mask=ok, other=0.0)
+    c = column_index(cols, WIDE_COLUMNS)[None, :]
+    x = tl.load(x_ptr + r64 * stride_xm + c * stride_xn, mask=ok, other=0.0)
     offsets = element_offsets(rows, cols, D, base)
     if GRAD:
         y = input_grad_mask(x.to(ACC), offsets, seed, level, NOISE)
     else:
         y = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE)
-    tl.store(out_ptr + r64 * stride_om + cols[None, :] * stride_on, y.to(x.dtype), mask=ok)
+    tl.store(out_ptr + r64 * stride_om + c * stride_on, y.to(x.dtype), mask=ok)
 
 
 def _launch(x, kind, level, low, high, seed, base, grad):
@@ -62,7 +65,8 @@ def _launch(x, kind, level, low, high, seed, base, grad):
     _corrupt_kernel[grid](
         x, out, batch, features, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         seed, base, level, low, high,
-        NOISE=NOISE_CODES[kind], GRAD=grad, ACC=acc_dtype(x.dtype),
+        NOISE=NOISE_CODES[kind], GRAD=grad, WIDE_COLUMNS=wide_columns(x, out),
+        ACC=acc_dtype(x.dtype),
     )  # fmt: skip
     return out
 

@@ -16,7 +16,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, autotune, element_offsets, empty, interpreting, stat_buffer
+from .common import (
+    acc_dtype,
+    autotune,
+    column_index,
+    element_offsets,
+    empty,
+    interpreting,
+    stat_buffer,
+    wide_columns,
+)
 
 
 def _forward_configs():
@@ -71,7 +80,7 @@ def _expm1(x):
 def _reparameterize_forward_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr, B, K,
     stride_mm, stride_mk, stride_lm, stride_lk, seed,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
@@ -80,8 +89,9 @@ def _reparameterize_forward_kernel(
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols < K)[None, :]
-        mu = tl.load(mu_ptr + r64 * stride_mm + cols[None, :] * stride_mk, mask=ok, other=0.0)
-        lv = tl.load(lv_ptr + r64 * stride_lm + cols[None, :] * stride_lk, mask=ok, other=0.0)
+        c = column_index(cols, WIDE_COLUMNS)[None, :]
+        mu = tl.load(mu_ptr + r64 * stride_mm + c * stride_mk, mask=ok, other=0.0)
+        lv = tl.load(lv_ptr + r64 * stride_lm + c * stride_lk, mask=ok, other=0.0)
         mu = mu.to(ACC)
         lv = lv.to(ACC)
         eps = tl.randn(seed, element_offsets(rows, cols, K, 0))
@@ -97,7 +107,7 @@ def _reparameterize_forward_kernel(
 def _reparameterize_backward_kernel(
     gz_ptr, gkl_ptr, mu_ptr, lv_ptr, dmu_ptr, dlv_ptr, B, K,
     stride_gm, stride_gk, stride_gkl, stride_mm, stride_mk, stride_lm, stride_lk, seed,
-    HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, ACC: tl.constexpr,
+    HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,12 +115,13 @@ def _reparameterize_backward_kernel(
     row_ok = rows < B
     ok = row_ok[:, None] & (cols < K)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    lv = tl.load(lv_ptr + r64 * stride_lm + cols[None, :] * stride_lk, mask=ok, other=0.0)
+    c = column_index(cols, WIDE_COLUMNS)[None, :]
+    lv = tl.load(lv_ptr + r64 * stride_lm + c * stride_lk, mask=ok, other=0.0)
     lv = lv.to(ACC)
     dmu = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dlv = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if HAS_GZ:
-        gz = tl.load(gz_ptr + r64 * stride_gm + cols[None, :] * stride_gk, mask=ok, other=0.0)
+        gz = tl.load(gz_ptr + r64 * stride_gm + c * stride_gk, mask=ok, other=0.0)
         gz = gz.to(ACC)
         eps = tl.randn(seed, element_offsets(rows, cols, K, 0))
         dmu += gz
@@ -118,7 +129,7 @@ def _reparameterize_backward_kernel(
     if HAS_GKL:
         gkl = tl.load(gkl_ptr + rows.to(tl.int64) * stride_gkl, mask=row_ok, other=0.0)
         gkl = gkl.to(ACC)[:, None]
-        mu = tl.load(mu_ptr + r64 * stride_mm + cols[None, :] * stride_mk, mask=ok, other=0.0)
+        mu = tl.load(mu_ptr + r64 * stride_mm + c * stride_mk, mask=ok, other=0.0)
         dmu += gkl * mu.to(ACC)
         dlv += 0.5 * gkl * _expm1(lv)
     out = r64 * K + cols[None, :]
@@ -136,7 +147,7 @@ def reparameterize_forward(mu, logvar, seed):
     _reparameterize_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
         mu, logvar, z, kl, batch, latent,
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
-        ACC=acc_dtype(mu.dtype),
+        WIDE_COLUMNS=wide_columns(mu, logvar), ACC=acc_dtype(mu.dtype),
     )  # fmt: skip
     return z, kl
 
@@ -157,6 +168,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
         gz, gkl, mu, logvar, dmu, dlogvar, batch, latent,
         gz.stride(0), gz.stride(1), gkl.stride(0),
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
-        HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None, ACC=acc_dtype(mu.dtype),
+        HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None,
+        WIDE_COLUMNS=wide_columns(gz, mu, logvar), ACC=acc_dtype(mu.dtype),
     )  # fmt: skip
     return dmu, dlogvar

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import fastae
-from fastae import ops
+from fastae import ops, reference
 
 pytest.importorskip("triton")
-from fastae.kernels import common  # noqa: E402
+from fastae.kernels import common, decoder  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAIRS = [("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")]
@@ -99,8 +99,6 @@ def test_opcheck_triton():
 def test_both_index_widths_match_reference(monkeypatch, wide):
     """The epilogue's int64 offsets (taken for tensors past 2^31 elements) and its int32
     ones give the reference's values; the target is a transposed view (strided loads)."""
-    from fastae.kernels import decoder
-
     monkeypatch.setattr(decoder, "wide_index", lambda *tensors: wide)
     leaves, upstream = _inputs(9, 6, 11, torch.float64, tied=True, target_grad=True)
     leaves[3] = leaves[3].detach().t().contiguous().t().requires_grad_()
@@ -177,3 +175,74 @@ def test_half_precision_cuda(dtype, output, loss):
         err_ours = (a.double() - ref).norm() / ref.norm()
         err_torch = (b.double() - ref).norm() / ref.norm()
         assert err_ours <= 2 * err_torch + 1e-6, f"#{i}: {err_ours:.2e} vs torch {err_torch:.2e}"
+
+
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    """The values of vector ``t`` at stride 2, NaN between them (a read at unit stride shows)."""
+    spaced = torch.stack([t.detach(), torch.full_like(t, float("nan"))], dim=1)
+    return spaced[:, 0].requires_grad_(t.requires_grad)
+
+
+def test_strided_bias_matches_reference():
+    leaves, upstream = _inputs(9, 6, 11, torch.float64, tied=False)
+    h, weight, bias, target = leaves
+    strided = _every_other(bias)
+    assert strided.stride() == (2,) and torch.equal(strided, bias)
+    kw = dict(tied=False, output="sigmoid", loss="bce")
+    got = _run("triton", h, weight, strided, target, upstream, **kw)
+    want = _run("reference", h, weight, bias, target, upstream, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_strided_upstream_gradient_matches_reference():
+    """A per-sample upstream gradient at stride 2: through autograd and to the launcher."""
+    (h, weight, bias, target), upstream = _inputs(9, 6, 11, torch.float64, tied=False)
+    strided = _every_other(upstream)
+    results = {}
+    for backend in ("triton", "reference"):
+        with fastae.use_backend(backend):
+            loss = ops.decode_loss(h, weight, bias, target=target)
+            results[backend] = torch.autograd.grad(loss, (h, weight, bias), grad_outputs=strided)
+    _assert_close(results["triton"], results["reference"], rtol=1e-10, atol=1e-12)
+    h, weight, bias, target = (t.detach() for t in (h, weight, bias, target))
+    _, grad_z = reference.decode_forward(h, weight, bias, target, "sigmoid", "bce")
+    got = decoder.decode_backward(strided, h, weight, grad_z, True)
+    want = reference.decode_backward(strided, h, weight, grad_z, True)
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_wide_column_variants_match_reference(monkeypatch):
+    """The kernels' int64 column-index variants (chosen for strided operands whose column
+    offsets reach 2^31: a tied V = W^T with H * d >= 2^31, say) on small tensors: with the
+    threshold at 1 every operand with a column stride above 1 takes them (and the epilogue
+    its int64 offsets). Tied weights (V = W^T, column stride d), h and the target transposed
+    views."""
+    monkeypatch.setattr(common, "INDEX_LIMIT", 1)
+    leaves, upstream = _inputs(10, 7, 12, torch.float64, tied=True, target_grad=True)
+    h, weight, bias, target = leaves
+    h_view, target_view = (t.detach().t().contiguous().t().requires_grad_() for t in (h, target))
+    views = [h_view, weight, bias, target_view]
+    assert all(common.wide_columns(t) for t in (h_view, weight.t(), target_view))
+    kw = dict(tied=True, output="sigmoid", loss="mse")
+    got = _run("triton", *views, upstream, **kw)
+    want = _run("reference", *leaves, upstream, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+def test_wide_columns_threshold():
+    def meta(shape, stride):
+        return torch.empty(shape, device="meta").as_strided(shape, stride)
+
+    # column-major x (B, d): column offset (d - 1) * B
+    assert not common.wide_columns(meta((2**16, 2**15), (1, 2**16)))  # 2^31 - 2^16
+    assert common.wide_columns(meta((2**16, 2**15 + 1), (1, 2**16)))  # 2^31: int32 overflows
+    assert not common.wide_columns(meta((2, 2), (1, 2**31 - 1)))  # 2^31 - 1
+    # tied V = W^T, W (H, d) contiguous: V (d, H) has column stride d
+    d, hidden = 2**12, 2**19
+    assert common.wide_columns(meta((d, hidden + 1), (1, d)))
+    assert not common.wide_columns(meta((d, hidden), (1, d)))  # (H - 1) d < 2^31
+    # contiguous: the column stride is 1, however large the tensor
+    assert not common.wide_columns(meta((2**40, 2**20), (2**20, 1)))
+    assert not common.wide_columns(meta((3, 1), (1, 2**40)))  # one column: offset 0
+    assert not common.wide_columns(meta((0, 5), (1, 2**40)))  # empty
+    assert common.wide_columns(meta((3, 5), (5, 1)), meta((2, 2), (1, 2**31)))  # any tensor

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import fastae
-from fastae import ops
+from fastae import ops, reference
 
 pytest.importorskip("triton")
-from fastae.kernels import common  # noqa: E402
+from fastae.kernels import common, encoder  # noqa: E402
 
 FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
 
@@ -196,8 +196,61 @@ def test_split_boundary_matches_reference(activation, monkeypatch):
 
 
 def test_fusion_choice_is_validated(monkeypatch):
-    from fastae.kernels import encoder
-
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", "fastest")
     with pytest.raises(ValueError, match="FASTAE_ENCODER_FUSION"):
         encoder.fusion(8, 8, 8, torch.float32)
+
+
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    """The values of vector ``t`` at stride 2, NaN between them (a read at unit stride shows)."""
+    spaced = torch.stack([t.detach(), torch.full_like(t, float("nan"))], dim=1)
+    return spaced[:, 0].requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_strided_bias_matches_reference(fusion, monkeypatch):
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    leaves, upstream = _inputs(9, 11, 13, torch.float64)
+    x, weight, bias = leaves
+    strided = _every_other(bias)
+    assert strided.stride() == (2,) and torch.equal(strided, bias)
+    got = _run("triton", x, weight, strided, upstream, activation="softplus")
+    want = _run("reference", x, weight, bias, upstream, activation="softplus")
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_wide_column_variants_match_reference(fusion, monkeypatch):
+    """The kernels' int64 column-index variants (chosen for strided operands whose column
+    offsets reach 2^31: a column-major x with B * d >= 2^31, say) on small tensors: with the
+    threshold at 1 every operand with a column stride above 1 takes them."""
+    monkeypatch.setattr(common, "INDEX_LIMIT", 1)
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    leaves, upstream = _inputs(10, 13, 11, torch.float64)
+    x, weight, bias = leaves
+    views = [t.detach().t().contiguous().t().requires_grad_() for t in (x, weight)]
+    assert common.wide_columns(views[0]) and common.wide_columns(views[1])
+    noise = fastae.MaskingNoise(0.3, seed=8)
+    got = _run("triton", *views, bias, upstream, activation="tanh", noise=noise)
+    want = _run("reference", x, weight, bias, upstream, activation="tanh", noise=noise)
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_backward_launcher_strided_upstream(wide, monkeypatch):
+    """encode_backward called directly with a transposed g_h and a strided g_rho (the op
+    passes contiguous ones), in both column-index widths."""
+    if wide:
+        monkeypatch.setattr(common, "INDEX_LIMIT", 1)
+    (x, weight, bias), _ = _inputs(9, 7, 12, torch.float64)
+    x, weight, bias = x.detach(), weight.detach(), bias.detach()
+    params = ("sigmoid", "none", 0.0, 0.0, 0.0, 0)
+    h, _, _, stats = reference.encode_forward(x, weight, bias, *params)
+    grad_h = torch.randn(12, 9, dtype=torch.float64, device=DEVICE).t()
+    grad_rho = _every_other(torch.randn(12, dtype=torch.float64, device=DEVICE))
+    grad_jac = torch.tensor(0.7, dtype=torch.float64, device=DEVICE)
+    args = (grad_h, grad_rho, grad_jac, x, weight, h, stats, *params, True)
+    got = encoder.encode_backward(*args)
+    want = reference.encode_backward(*args)
+    for name, a, b in zip(["dW", "db", "dx"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")

@@ -117,3 +117,16 @@ def test_fused_encoder_regenerates_instead_of_storing():
         h, rho_hat, jac = ops.encode(x, weight, noise=fastae.MaskingNoise(0.5, seed=1))
     big = [t for t in saved if t.shape == x.shape]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+def test_wide_column_variant_matches_reference(monkeypatch):
+    """The int64 column-index variant (chosen for a strided x whose column offsets reach
+    2^31) on a small transposed view: with the threshold at 1 it is taken."""
+    monkeypatch.setattr(common, "INDEX_LIMIT", 1)
+    x = _x(12, 30)
+    view = x.t().contiguous().t()
+    assert common.wide_columns(view)
+    got = noise.corrupt(view, "salt_pepper", 0.4, -1.0, 2.0, 5, 2**33)
+    assert torch.equal(got, reference.corrupt(x, "salt_pepper", 0.4, -1.0, 2.0, 5, 2**33))
+    got = noise.corrupt_input_grad(view, "masking_rescale", 0.3, 6)
+    assert torch.equal(got, reference.corrupt_input_grad(x, "masking_rescale", 0.3, 6))

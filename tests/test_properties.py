@@ -33,7 +33,8 @@ NOISE = st.one_of(
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``t`` stored contiguously, transposed, or as a strided slice."""
+    """The same values as ``t`` stored contiguously, transposed (a matrix), or as a strided
+    slice (NaN between the elements)."""
     if layout == "transposed":
         return t.t().contiguous().t()
     if layout == "sliced":
@@ -47,6 +48,15 @@ def _matrix(draw, rows, cols, dtype, low=-1.0, high=1.0):
     g = torch.Generator().manual_seed(seed)
     t = torch.rand(rows, cols, generator=g, dtype=torch.float64) * (high - low) + low
     layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    return _layout(t.to(dtype).to(DEVICE), layout)
+
+
+@st.composite
+def _vector(draw, size, dtype):
+    """A random vector (a bias), contiguous or every other element of a longer one."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    t = torch.randn(size, generator=g, dtype=torch.float64)
+    layout = draw(st.sampled_from(["contiguous", "sliced"]))
     return _layout(t.to(dtype).to(DEVICE), layout)
 
 
@@ -79,7 +89,7 @@ def test_encode_triton_matches_reference(data):
     batch, features, hidden = (data.draw(st.integers(1, 24)) for _ in range(3))
     x = data.draw(_matrix(batch, features, dtype, 0.0, 1.0))
     weight = data.draw(_matrix(hidden, features, dtype))
-    bias = data.draw(st.one_of(st.none(), st.just(torch.randn(hidden, dtype=dtype).to(DEVICE))))
+    bias = data.draw(st.one_of(st.none(), _vector(hidden, dtype)))
     activation = data.draw(st.sampled_from(reference.ACTIVATIONS))
     noise = data.draw(NOISE)
     weights = [torch.randn(batch, hidden, dtype=torch.float64, device=DEVICE),
@@ -108,7 +118,7 @@ def test_decode_loss_triton_matches_reference(data):
     output, loss = data.draw(
         st.sampled_from([("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")])
     )
-    bias = torch.randn(features, dtype=dtype, device=DEVICE)
+    bias = data.draw(_vector(features, dtype))
     weights = [torch.randn(batch, dtype=torch.float64, device=DEVICE)]
 
     def run(h, weight, bias, target):
