@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,8 +56,23 @@ def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     return value
 
 
+def positive_int(name: str, value: object) -> int:
+    """An integer >= 1 (Python or numpy, not bool) as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def flag(name: str, value: object) -> bool:
+    """A bool or numpy bool as a Python bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def finite_number(name: str, value: object, *, low=None, high=None, open_low=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number (Python or numpy, not bool) as a finite Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):

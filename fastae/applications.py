@@ -17,6 +17,7 @@ same batching, shuffling and seeding apply.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import _checks, ops
 from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
 from .sklearn import (
     _TORCH_DTYPES,
     AutoencoderEstimatorMixin,
+    AutoencoderOutlierDetector,
     AutoencoderTransformer,
     _as_dtype,
     _decode,
@@ -70,7 +72,7 @@ UNLABELED = -1
 
 
 def _reconstruction_weight(weight) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)):
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(f"reconstruction_weight must be a real number, got {weight!r}")
     if not (np.isfinite(weight) and weight >= 0):
         raise ValueError(f"reconstruction_weight must be finite and >= 0, got {weight!r}")
@@ -194,25 +196,24 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         self.verbose = verbose
 
     def fit(self, X, y):
+        device = self._check_common_params()
+        n_components = _positive_int("n_components", self.n_components)
+        epochs = _positive_int("epochs", self.epochs)
+        weight = _reconstruction_weight(self.reconstruction_weight)
         X, y = self._validate_xy(X, y)
         labeled = ~_unlabeled_mask(y)
         if not labeled.any():
             raise ValueError("y has no labelled sample: at least one label other than -1 needed")
         check_classification_targets(y[labeled])
-        self.classes_, codes = np.unique(y[labeled], return_inverse=True)
-        if len(self.classes_) < 2:
+        classes, codes = np.unique(y[labeled], return_inverse=True)
+        if len(classes) < 2:
             raise ValueError(
                 f"SemiSupervisedAutoencoder needs at least 2 classes among the labelled "
-                f"samples, got 1 class ({self.classes_[0]!r})"
+                f"samples, got 1 class ({classes[0]!r})"
             )
         index = np.full(len(y), float(UNLABELED))
         index[labeled] = codes
-        self.n_labeled_ = int(labeled.sum())
-
-        self._check_common_params()
-        n_components = _positive_int("n_components", self.n_components)
-        epochs = _positive_int("epochs", self.epochs)
-        weight = _reconstruction_weight(self.reconstruction_weight)
+        self.classes_, self.n_labeled_, self.device_ = classes, int(labeled.sum()), device
         scaled = self._fit_scaling(X)
         data = torch.cat(
             [
@@ -387,8 +388,7 @@ class StackedAutoencoder(
         self.verbose = verbose
 
     def fit(self, X, y=None):
-        X = self._check_X(X, reset=True)
-        self._check_common_params()
+        device = self._check_common_params()
         if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__len__"):
             raise TypeError(f"sizes must be a sequence of positive ints, got {self.sizes!r}")
         sizes = [_positive_int("sizes[i]", size) for size in self.sizes]
@@ -396,6 +396,8 @@ class StackedAutoencoder(
             raise ValueError("sizes must name at least one layer")
         pretrain_epochs = _positive_int("pretrain_epochs", self.pretrain_epochs)
         finetune_epochs = _nonnegative_int("finetune_epochs", self.finetune_epochs)
+        X = self._check_X(X, reset=True)
+        self.device_ = device
         scaled = self._fit_scaling(X)
         data = self._tensor(scaled)
         seed = self._draw_seed()
@@ -513,17 +515,24 @@ class DECModule(nn.Module):
         return DECOutput(kl + self.reconstruction_weight * out.loss, kl, out)
 
 
+# the estimators DECClustering can train (fit(X) alone) and encode through module_.encode
+UNSUPERVISED = (AutoencoderTransformer, StackedAutoencoder, AutoencoderOutlierDetector)
+
+
 class DECClustering(ClusterMixin, BaseEstimator):
     """Clustering on autoencoder codes: k-means, optionally refined DEC-style.
 
-    ``fit`` trains a clone of ``autoencoder`` (default ``AutoencoderTransformer()``; any
-    fastae estimator with ``module_.encode``, e.g. :class:`StackedAutoencoder`), runs k-means
-    on its codes, and then, for ``refine_epochs`` > 0, fine-tunes encoder and centres on DEC's
-    loss KL(P || Q) (Xie et al. 2016), with soft assignments Q from a Student's t kernel
-    (``alpha``) and the sharpened target P recomputed every ``update_interval`` epochs.
+    ``fit`` trains a clone of ``autoencoder`` (default ``AutoencoderTransformer()``; an
+    unsupervised fastae estimator: :class:`fastae.AutoencoderTransformer`,
+    :class:`StackedAutoencoder` or :class:`fastae.AutoencoderOutlierDetector`, whose VAE codes
+    are its posterior means), runs k-means on the codes of its ``module_.encode`` (on the
+    estimator's own scaling), and then, for ``refine_epochs`` > 0, fine-tunes encoder and
+    centres on DEC's loss KL(P || Q) (Xie et al. 2016), with soft assignments Q from a
+    Student's t kernel (``alpha``) and the sharpened target P recomputed every
+    ``update_interval`` epochs.
     ``reconstruction_weight`` > 0 keeps the autoencoder loss in the objective (IDEC, Guo et
     al. 2017). Training stops early when fewer than ``tol`` of the labels change between
-    target updates.
+    target updates. ``verbose`` shows the refinement's progress.
 
     Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_``
     (in code space), ``autoencoder_`` (the fitted, refined clone), ``n_iter_`` (refinement
@@ -564,15 +573,22 @@ class DECClustering(ClusterMixin, BaseEstimator):
         _positive_float("alpha", self.alpha)
         lr = _positive_float("lr", self.lr)
         weight = _reconstruction_weight(self.reconstruction_weight)
-        random = check_random_state(self.random_state)
+        _checks.finite_number("tol", self.tol, low=0)
         base = self.autoencoder if self.autoencoder is not None else AutoencoderTransformer()
+        if not isinstance(base, UNSUPERVISED):
+            raise TypeError(
+                "autoencoder must be None, fastae.AutoencoderTransformer, StackedAutoencoder or "
+                f"AutoencoderOutlierDetector, got {type(base).__name__}"
+            )
+        random = check_random_state(self.random_state)
         autoencoder = clone(base)
         if autoencoder.get_params().get("random_state", 0) is None:
             autoencoder.set_params(random_state=random.randint(np.iinfo(np.int32).max))
         self.autoencoder_ = autoencoder.fit(X)
         X = check_array(X, dtype=[np.float64, np.float32])
         self.n_features_in_ = X.shape[1]
-        codes = self.autoencoder_.transform(X)
+        x = self.autoencoder_._prepared(X)
+        codes = _as_dtype(self.autoencoder_._map_chunks(_encode, x), x)
         kmeans = cluster_codes(
             codes, n_clusters, random_state=random.randint(np.iinfo(np.int32).max),
             n_init=self.n_init,
@@ -612,7 +628,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
                 step = min(interval, epochs - self.n_iter_)
                 ae._train(
                     module, torch.cat([x, p], dim=1), step, seed + self.n_iter_,
-                    optimizer=optimizer,
+                    optimizer=optimizer, progress=bool(self.verbose),
                 )  # fmt: skip
                 self.n_iter_ += step
             q = ae._map_chunks(_soft_assignments, x, module)

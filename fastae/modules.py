@@ -155,16 +155,14 @@ class Autoencoder(nn.Module):
         sync_statistics: bool = False,
     ):
         super().__init__()
-        for name, value in (("in_features", in_features), ("hidden_features", hidden_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_features = _checks.positive_int("in_features", in_features)
+        hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
         self.output = _checks.choice("output", output, reference.OUTPUTS)
         self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
         if loss == "bce" and output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
-        if not isinstance(tied, bool):
-            raise TypeError(f"tied must be a bool, got {type(tied).__name__}")
+        tied = _checks.flag("tied", tied)
         self.noise = check_noise(noise)
         if sparsity is not None and not isinstance(sparsity, (KLSparsity, L1Sparsity)):
             raise TypeError(
@@ -177,12 +175,8 @@ class Autoencoder(nn.Module):
             )
         self.sparsity = sparsity
         self.contractive = _checks.finite_number("contractive", contractive, low=0)
-        if not isinstance(sync_statistics, bool):
-            raise TypeError(f"sync_statistics must be a bool, got {type(sync_statistics).__name__}")
-        self.sync_statistics = sync_statistics
-        if not isinstance(check_targets, bool):
-            raise TypeError(f"check_targets must be a bool, got {type(check_targets).__name__}")
-        self.check_targets = check_targets
+        self.sync_statistics = _checks.flag("sync_statistics", sync_statistics)
+        self.check_targets = _checks.flag("check_targets", check_targets)
         self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
 
         self.weight = nn.Parameter(torch.empty(hidden_features, in_features))

@@ -8,9 +8,12 @@ reference produce the same corruption and backward regenerates masks instead of 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
+
+from . import _checks
 
 SEED_BOUND = 2**63 - 1  # seeds are int64 scalars in the op schemas
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels and the reference corrupt in fp32
@@ -18,7 +21,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels and the reference c
 
 def _finite(name: str, value: object) -> float:
     """``value`` as a float that is finite in float32 (where the corruption is computed)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         value = float(value)
@@ -38,11 +41,11 @@ def _finite(name: str, value: object) -> float:
 def check_seed(seed: object) -> int | None:
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed <= SEED_BOUND:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    return seed
+    return int(seed)
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -97,8 +100,7 @@ class MaskingNoise(_Noise):
         p = _finite("p", self.p)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"p must be in [0, 1), got {p}")
-        if not isinstance(self.rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {type(self.rescale).__name__}")
+        object.__setattr__(self, "rescale", _checks.flag("rescale", self.rescale))
         object.__setattr__(self, "p", p)
         object.__setattr__(self, "seed", check_seed(self.seed))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ def _nonnegative_int(name: str, value) -> int:
 
 
 def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -130,21 +131,26 @@ class AutoencoderEstimatorMixin:
 
     # -- parameters --------------------------------------------------------------------------
 
-    def _check_common_params(self) -> None:
+    def _check_common_params(self) -> torch.device:
+        """Check the parameters every estimator shares; returns the device to train on."""
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.loss not in ESTIMATOR_LOSSES:
             raise ValueError(f"loss must be one of {ESTIMATOR_LOSSES}, got {self.loss!r}")
-        self._activation()
+        activation = self._activation()
         check_noise(self.noise)
         if self.sparsity is not None and not isinstance(self.sparsity, (KLSparsity, L1Sparsity)):
             raise TypeError(
                 "sparsity must be None, fastae.KLSparsity or fastae.L1Sparsity, got "
                 f"{type(self.sparsity).__name__}"
             )
+        if isinstance(self.sparsity, KLSparsity) and activation != "sigmoid":
+            raise ValueError(f"sparsity KLSparsity needs activation 'sigmoid', got {activation!r}")
+        _checks.flag("tied", self.tied)
+        _checks.finite_number("contractive", self.contractive, low=0)
         _positive_int("batch_size", self.batch_size)
         _positive_float("lr", self.lr)
-        self.device_ = resolve_device(self.device)
+        return resolve_device(self.device)
 
     def _activation(self) -> str:
         """The hidden activation to build with (checked)."""
@@ -181,9 +187,15 @@ class AutoencoderEstimatorMixin:
         self.output_ = "sigmoid" if self.loss_ == "bce" else "identity"
         return scaled
 
-    def _scale(self, X: np.ndarray) -> np.ndarray:
+    def _scale(self, X: np.ndarray, clip: bool = True) -> np.ndarray:
+        """X scaled as the training data (float64); ``scale="minmax"`` clips to [0, 1] unless
+        ``clip=False``."""
         X = np.asarray(X, dtype=np.float64)
-        return X if self.scaler_ is None else self.scaler_.transform(X)
+        if self.scaler_ is None:
+            return X
+        if not clip and isinstance(self.scaler_, MinMaxScaler):
+            return X * self.scaler_.scale_ + self.scaler_.min_
+        return self.scaler_.transform(X)
 
     def _unscale(self, X: np.ndarray) -> np.ndarray:
         return X if self.scaler_ is None else self.scaler_.inverse_transform(X)
@@ -197,11 +209,16 @@ class AutoencoderEstimatorMixin:
     def _check_X(self, X, reset: bool) -> np.ndarray:
         return _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
 
-    def _prepared(self, X) -> torch.Tensor:
-        """Validated, scaled tensor of X for prediction, in X's precision (float64/float32)."""
+    def _validated(self, X) -> np.ndarray:
+        """X checked against the fitted estimator (float64 or float32), module on device_."""
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
         self._sync_device()
+        return X
+
+    def _prepared(self, X) -> torch.Tensor:
+        """Validated, scaled tensor of X for prediction, in X's precision (float64/float32)."""
+        X = self._validated(X)
         return self._tensor(self._scale(X), _TORCH_DTYPES[X.dtype])
 
     # -- modules -----------------------------------------------------------------------------
@@ -223,6 +240,7 @@ class AutoencoderEstimatorMixin:
     def _train(self, module, data: torch.Tensor, epochs: int, seed: int, **kwargs) -> History:
         """:func:`fastae.fit` with this estimator's batch size, learning rate and progress."""
         batch_size = min(int(self.batch_size), data.shape[0])
+        kwargs = {"progress": bool(self.verbose)} | kwargs  # a caller may override progress
         return fit(
             module,
             data,
@@ -230,7 +248,6 @@ class AutoencoderEstimatorMixin:
             batch_size=batch_size,
             lr=float(self.lr),
             seed=seed,
-            progress=bool(self.verbose),
             **kwargs,
         )
 
@@ -329,11 +346,13 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         self.verbose = verbose
 
     def _fit_autoencoder(self, X) -> np.ndarray:
-        """Validate, scale, build and train ``module_``; returns the validated X."""
-        X = self._check_X(X, reset=True)
-        self._check_common_params()
+        """Validate, scale, build and train ``module_``; returns the validated X. Parameters
+        are checked before X, so a bad one leaves the estimator as it was."""
+        device = self._check_common_params()
         n_components = _positive_int("n_components", self.n_components)
         epochs = _positive_int("epochs", self.epochs)
+        X = self._check_X(X, reset=True)
+        self.device_ = device
         scaled = self._fit_scaling(X)
         seed = self._draw_seed()
         with _seeded(seed):
@@ -431,8 +450,11 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
 
     The anomaly score is the per-sample reconstruction loss above its minimum: squared error,
     or for BCE the KL divergence sum_k KL(x_k || x^_k) = BCE - sum_k H(x_k) (a perfect
-    reconstruction scores 0). With ``model="vae"`` a :class:`fastae.VAE` (``n_components``
-    latent dimensions, ``hidden`` units on each side) is trained instead, and the score is
+    reconstruction scores 0). Inputs are not clipped to the training range, so the score grows
+    with values outside it: with squared error the scaled input is scored as it is; BCE scores
+    the input clipped to [0, 1] and adds sum_k e_k^2, e_k the excess of scaled x_k beyond
+    [0, 1]. With ``model="vae"`` a :class:`fastae.VAE` (``n_components`` latent dimensions,
+    ``hidden`` units on each side) is trained instead, and the score is
     its negative ELBO (``anomaly_score="elbo"``, the default: that reconstruction loss plus the
     posterior's KL to the prior) or its reconstruction loss alone (``"reconstruction"``),
     both decoded from the posterior mean, so the same input always gets the same score.
@@ -505,7 +527,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
 
     def _check_model_params(self) -> None:
         c = self.contamination
-        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating)):
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
             raise TypeError(f"contamination must be a float in (0, 0.5], got {c!r}")
         if not 0.0 < c <= 0.5:
             raise ValueError(f"contamination must be in (0, 0.5], got {c!r}")
@@ -519,8 +541,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
                 raise ValueError("anomaly_score='elbo' needs model='vae'")
             return
         _positive_int("hidden", self.hidden)
-        beta = float(self.beta) if isinstance(self.beta, np.floating) else self.beta
-        _checks.finite_number("beta", beta, low=0)
+        _checks.finite_number("beta", self.beta, low=0)
         given = {
             "noise": self.noise is not None,
             "sparsity": self.sparsity is not None,
@@ -543,7 +564,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             return super()._layer(in_features, hidden, loss)
         return VAE(
             in_features,
-            self.hidden,
+            _positive_int("hidden", self.hidden),
             hidden,
             activation=self._activation(),
             output="sigmoid" if loss == "bce" else "identity",
@@ -562,11 +583,19 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             x,
         )
 
+    def _anomaly_scores(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly score of validated X: the reconstruction error of X scaled without
+        clipping; for BCE, of X clipped to [0, 1] plus the squared excess beyond [0, 1]."""
+        scaled = self._scale(X, clip=False)
+        scores = self._reconstruction_error(self._tensor(scaled, _TORCH_DTYPES[X.dtype]))
+        if self.loss_ == "bce":  # _tensor clipped the targets to [0, 1]
+            scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0)).sum(1)
+        return scores
+
     def fit(self, X, y=None):
         self._check_model_params()
         X = self._fit_autoencoder(X)
-        x = self._tensor(self._scale(X), _TORCH_DTYPES[X.dtype])
-        self.decision_scores_ = self._reconstruction_error(x)
+        self.decision_scores_ = self._anomaly_scores(X)
         c = self.contamination
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
         self.offset_ = -self.threshold_
@@ -575,7 +604,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
 
     def score_samples(self, X):
         """Minus the anomaly score: higher means more normal."""
-        return -self._reconstruction_error(self._prepared(X))
+        return -self._anomaly_scores(self._validated(X))
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for outliers."""

@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from . import _checks
 from .ops import check_unit_interval
 
 
@@ -35,6 +38,11 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
     return data
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper, else the model."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _distributed() -> bool:
@@ -64,16 +72,41 @@ class TensorBatches:
             yield self.tensor[order[start : start + self.batch_size]]
 
 
-def _batches(name: str, data, like: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
+def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, seed: int):
     """Batches of a tensor (a DataLoader with a DistributedSampler under torch.distributed, so
-    each process gets its shard); any other iterable is used as it is."""
+    each process gets its shard); any other re-iterable of batches is used as it is. A tensor
+    must have at least one row and the model's dtype and width (its ``in_features``)."""
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"{name} must be re-iterable (a tensor, array, DataLoader or list of batches): "
+            f"a one-shot {type(data).__name__} would be used up after the first epoch"
+        )
+    if isinstance(data, list) and not all(isinstance(_first(b), torch.Tensor) for b in data):
+        raise TypeError(
+            f"{name} as a list must hold batch tensors; for rows of numbers pass a tensor or "
+            "array (torch.tensor(rows)) or a DataLoader"
+        )
     if isinstance(data, (DataLoader, Iterable)) and not isinstance(
         data, (torch.Tensor, np.ndarray)
     ):
         return data
+    like = next(model.parameters())
     tensor = _as_tensor(name, data, like)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row, got shape {tuple(tensor.shape)}")
+    if tensor.dtype != like.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of the model's parameters ({like.dtype}), "
+            f"got {tensor.dtype}"
+        )
+    in_features = getattr(_unwrap(model), "in_features", None)
+    if isinstance(in_features, int) and tensor.shape[1] != in_features:
+        raise ValueError(
+            f"{name} must have {in_features} columns (the model's in_features), "
+            f"got shape {tuple(tensor.shape)}"
+        )
     if _distributed():
         dataset = TensorDataset(tensor)
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
@@ -95,7 +128,7 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, leave=False)
+                self.bar = tqdm(total=total, desc=desc, leave=True)
             except ImportError:
                 pass
 
@@ -116,7 +149,7 @@ class _Progress:
 def _targets_checked_once(model: nn.Module, tensors: list):
     """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
     without the per-step check (a device sync each step)."""
-    module = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    module = _unwrap(model)
     if not (getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"):
         yield
         return
@@ -132,7 +165,7 @@ def _targets_checked_once(model: nn.Module, tensors: list):
         module.check_targets = True
 
 
-def _mean_loss(model: nn.Module, batches, device) -> float:
+def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data") -> float:
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -142,7 +175,9 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
             total += float(model(x).loss) * x.shape[0]
             count += x.shape[0]
     model.train(was_training)
-    return total / max(count, 1)
+    if not count:
+        raise ValueError(f"{name} yielded no rows")
+    return total / count
 
 
 def fit(
@@ -168,29 +203,33 @@ def fit(
     a tensor or a tuple whose first item is the input). Batches move to the model's device;
     numpy arrays take the model's dtype, tensors must already have it. With ``patience``,
     training stops after that many epochs without a ``min_delta`` improvement of the
-    validation loss (training loss if no validation data) and the best weights are restored.
-    ``seed`` seeds torch's generator, so noise seeds and shuffling repeat exactly.
+    validation loss (training loss if no validation data). ``restore_best``: with validation
+    data, the returned model has the weights of the epoch with the lowest validation loss
+    (``History.best_epoch``), whether or not training stopped early; without, the weights of
+    the best training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's
+    generator, so noise seeds and shuffling repeat exactly.
 
     Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
     tensor data is sharded across processes with a DistributedSampler, and the losses in the
     history are each process's own.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be None or a positive int, got {patience!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    epochs = _checks.positive_int("epochs", epochs)
+    batch_size = _checks.positive_int("batch_size", batch_size)
+    if patience is not None:
+        patience = _checks.positive_int("patience", patience)
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    like = next(model.parameters())
+    min_delta = _checks.finite_number("min_delta", min_delta, low=0)
+    like = next(model.parameters(), None)
+    if like is None:
+        raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
     if seed is not None:
         torch.manual_seed(seed)
     shuffle_seed = seed if seed is not None else draw_int()
-    train = _batches("data", data, like, batch_size, shuffle, shuffle_seed)
+    train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:
-        val = _batches("validation_data", validation_data, like, batch_size, False, 0)
+        val = _batches("validation_data", validation_data, model, batch_size, False, 0)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
 
     history = History()
@@ -216,7 +255,9 @@ def fit(
                 optimizer.step()
                 total += out.loss.detach().float() * x.shape[0]
                 count += x.shape[0]
-            history.loss.append(float(total) / max(count, 1))
+            if not count:
+                raise ValueError(f"data yielded no rows in epoch {epoch + 1}")
+            history.loss.append(float(total) / count)
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]
             if val is not None:
@@ -225,14 +266,14 @@ def fit(
             bar.update(epoch, stats)
             if monitored < best - min_delta:
                 best, waited, history.best_epoch = monitored, 0, epoch
-                if patience is not None and restore_best:
+                if restore_best and (val is not None or patience is not None):
                     best_state = copy.deepcopy(model.state_dict())
             elif patience is not None:
                 waited += 1
                 if waited >= patience:
                     history.stopped_early = True
                     break
-    if best_state is not None and history.stopped_early:
+    if best_state is not None and (val is not None or history.stopped_early):
         model.load_state_dict(best_state)
     model.eval()
     history.seconds = time.perf_counter() - start

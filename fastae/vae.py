@@ -53,12 +53,6 @@ class VAEOutput:
         return self.mu
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class VAE(nn.Module):
     """Variational autoencoder with one hidden layer on each side and a diagonal Gaussian
     posterior.
@@ -84,19 +78,20 @@ class VAE(nn.Module):
         beta: float = 1.0,
     ):
         super().__init__()
-        self.in_features = _positive_int("in_features", in_features)
-        self.hidden = _positive_int("hidden", hidden)
-        self.latent = _positive_int("latent", latent)
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.hidden = _checks.positive_int("hidden", hidden)
+        self.latent = _checks.positive_int("latent", latent)
         self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
         self.output = _checks.choice("output", output, reference.OUTPUTS)
         self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
         if loss == "bce" and output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
         self.beta = _checks.finite_number("beta", beta, low=0)
-        self.encoder = nn.Linear(in_features, hidden)
+        d, hidden, latent = self.in_features, self.hidden, self.latent
+        self.encoder = nn.Linear(d, hidden)
         self.posterior = nn.Linear(hidden, 2 * latent)  # rows [:k] give mu, rows [k:] logvar
         self.decoder_hidden = nn.Linear(latent, hidden)
-        self.decoder = nn.Linear(hidden, in_features)
+        self.decoder = nn.Linear(hidden, d)
 
     def extra_repr(self) -> str:
         return (
@@ -130,6 +125,7 @@ class VAE(nn.Module):
             raise ValueError(
                 f"z must have {self.latent} columns (latent), got shape {tuple(z.shape)}"
             )
+        _checks.same_kind("z", z, "the model's parameters", self.decoder_hidden.weight)
         h2 = self._decoder_code(z)
         return reference.reconstruct(h2, self.decoder.weight, self.decoder.bias, self.output)
 
@@ -142,7 +138,7 @@ class VAE(nn.Module):
         """n new samples (n, d): decoded means of z ~ N(0, I) drawn from ``generator`` (or
         torch's default generator) on the generator's device, so a CPU generator gives the
         same draws whatever device the model is on."""
-        n = _positive_int("n", n)
+        n = _checks.positive_int("n", n)
         like = self.decoder.weight
         device = like.device if generator is None else generator.device
         z = torch.randn(n, self.latent, generator=generator, device=device, dtype=like.dtype)
@@ -206,7 +202,7 @@ def save_image_grid(
             f"images must have {height * width} columns (image_shape {image_shape}), got "
             f"shape {tuple(images.shape)}"
         )
-    columns = _positive_int("columns", columns)
+    columns = _checks.positive_int("columns", columns)
     count = images.shape[0]
     rows = max(1, math.ceil(count / columns))
     low, high = min(0.0, images.min().item()), max(1.0, images.max().item())

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from sklearn.datasets import load_digits, make_blobs  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
@@ -23,7 +24,7 @@ from fastae.applications import (  # noqa: E402
     soft_assignments,
     target_distribution,
 )
-from fastae.sklearn import AutoencoderTransformer  # noqa: E402
+from fastae.sklearn import AutoencoderOutlierDetector, AutoencoderTransformer  # noqa: E402
 
 # y == -1 marks unlabelled samples (sklearn.semi_supervised's convention), so labels {-1, 1}
 # leave one class: scikit-learn's check uses its own semi-supervised classifiers' integer
@@ -223,3 +224,68 @@ def test_kmeans_and_dec_on_codes():
     assert dec.autoencoder.get_params()["random_state"] is None  # the template is untouched
     only_kmeans = DECClustering(4, refine_epochs=0, random_state=0).fit(x)
     np.testing.assert_array_equal(only_kmeans.labels_, only_kmeans.kmeans_labels_)
+
+
+def test_dec_arguments_and_estimators():
+    x = np.random.default_rng(0).random((60, 5))
+    small = AutoencoderTransformer(3, epochs=1)
+    for tol, error in (("x", TypeError), (-1.0, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(error, match=r"^tol\b"):
+            DECClustering(3, autoencoder=small, tol=tol).fit(x)
+    for unsupported in (SemiSupervisedAutoencoder(3, epochs=1), PCA(3)):
+        with pytest.raises(TypeError, match=r"^autoencoder\b"):
+            DECClustering(3, autoencoder=unsupported).fit(x)
+    # the detector's module_.encode: an autoencoder's codes, a VAE's posterior means
+    for model in ("autoencoder", "vae"):
+        detector = AutoencoderOutlierDetector(2, model=model, hidden=8, epochs=1)
+        dec = DECClustering(3, autoencoder=detector, refine_epochs=2, random_state=0).fit(x)
+        assert dec.labels_.shape == (60,) and dec.cluster_centers_.shape == (3, 2)
+        np.testing.assert_array_equal(dec.predict(x), dec.labels_)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_dec_verbose_shows_the_refinement(capsys, verbose):
+    x = np.random.default_rng(0).random((60, 5))
+    ae = AutoencoderTransformer(3, epochs=1)  # not verbose itself
+    DECClustering(3, autoencoder=ae, refine_epochs=2, tol=0.0, random_state=0, verbose=verbose).fit(
+        x
+    )
+    assert bool(capsys.readouterr().err) == verbose
+
+
+def _semi_supervised(epochs):
+    return SemiSupervisedAutoencoder(3, epochs=epochs, random_state=0)
+
+
+def _stacked(epochs):
+    return StackedAutoencoder((3,), pretrain_epochs=epochs, finetune_epochs=0, random_state=0)
+
+
+@pytest.mark.parametrize("make", [_semi_supervised, _stacked])
+def test_failed_fit_leaves_the_estimator_as_it_was(make):
+    from sklearn.exceptions import NotFittedError
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 5)), np.arange(40) % 2
+    supervised = make is _semi_supervised
+
+    def fit(model, data):
+        return model.fit(data, y) if supervised else model.fit(data)
+
+    def use(model, data):
+        return model.predict(data) if supervised else model.transform(data)
+
+    model = make(0)
+    with pytest.raises(ValueError, match=r"^(pretrain_)?epochs\b"):
+        fit(model, x)
+    with pytest.raises(NotFittedError):
+        use(model, x)
+    model = fit(make(1), x)
+    before = use(model, x)
+    model.set_params(lr=-1.0)
+    with pytest.raises(ValueError, match=r"^lr\b"):
+        fit(model, x[:, :3])
+    assert model.n_features_in_ == 5
+    np.testing.assert_array_equal(use(model, x), before)
+    with pytest.raises(ValueError, match="3 features"):
+        use(model, x[:, :3])

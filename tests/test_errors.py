@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import fastae
 from fastae import ops
@@ -307,6 +308,24 @@ def test_autoencoder_forward_bad_input():
         (dict(data=5), TypeError, "data"),
         (dict(validation_data=torch.rand(7)), ValueError, "validation_data"),
         (dict(validation_data=3.0), TypeError, "validation_data"),
+        # one-shot iterators would be used up after the first epoch
+        (dict(data=iter([torch.rand(6, 5)])), TypeError, "data"),
+        (dict(validation_data=(b for b in [torch.rand(6, 5)])), TypeError, "validation_data"),
+        # empty data (BCE checked its range with aminmax, MSE reported a loss of 0)
+        (dict(data=torch.rand(0, 5)), ValueError, "data"),
+        (dict(validation_data=torch.rand(0, 5)), ValueError, "validation_data"),
+        (dict(data=DataLoader(TensorDataset(torch.rand(0, 5)))), ValueError, "data"),
+        (dict(validation_data=[]), ValueError, "validation_data"),
+        # width and dtype are checked against the model, not inside it (which names x)
+        (dict(data=torch.rand(6, 4)), ValueError, "data"),
+        (dict(validation_data=torch.rand(6, 7)), ValueError, "validation_data"),
+        (dict(data=torch.rand(6, 5, dtype=torch.float64)), TypeError, "data"),
+        (dict(validation_data=torch.rand(6, 5).half()), TypeError, "validation_data"),
+        (dict(data=torch.rand(6, 5).tolist()), TypeError, "data"),  # rows, not batches
+        (dict(patience=True), ValueError, "patience"),
+        (dict(min_delta=-1.0), ValueError, "min_delta"),
+        (dict(min_delta=math.inf), ValueError, "min_delta"),
+        (dict(min_delta="0"), TypeError, "min_delta"),
     ],
 )
 def test_fit_bad_arguments(kwargs, error, arg):
@@ -315,6 +334,18 @@ def test_fit_bad_arguments(kwargs, error, arg):
     data = kwargs.pop("data")
     with pytest.raises(error, match=names(arg)):
         fastae.fit(model, data, **kwargs)
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+def test_fit_empty_data_names_data(loss):
+    model = fastae.Autoencoder(5, 3, output="sigmoid" if loss == "bce" else "identity", loss=loss)
+    with pytest.raises(ValueError, match=names("data")):
+        fastae.fit(model, torch.rand(0, 5), epochs=2, progress=False)
+
+
+def test_fit_needs_a_model_with_parameters():
+    with pytest.raises(TypeError, match=names("model")):
+        fastae.fit(torch.nn.Identity(), torch.rand(6, 5), epochs=1, progress=False)
 
 
 # ----------------------------------------------------------------------------- backend

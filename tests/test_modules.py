@@ -269,6 +269,56 @@ def test_fit_validation_and_early_stopping():
     assert restored != pytest.approx(history.val_loss[-1], rel=1e-6)
 
 
+@pytest.mark.parametrize("patience", [None, 10])
+def test_fit_restores_the_best_validation_epoch_without_early_stopping(patience):
+    """Gradient ascent makes every epoch worse than the first: the returned model is the
+    first epoch's (History.best_epoch) although training ran to the end."""
+    data = small_problem(32)
+    model = new_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, maximize=True)
+    history = fastae.fit(
+        model, data, validation_data=data, epochs=4, batch_size=32, optimizer=optimizer,
+        patience=patience, seed=0, progress=False,
+    )  # fmt: skip
+    assert not history.stopped_early and len(history.val_loss) == 4
+    assert history.best_epoch == 0 and history.val_loss[-1] > history.val_loss[0]
+    with torch.no_grad():
+        assert float(model(data).loss) == pytest.approx(history.val_loss[0], rel=1e-6)
+    kept = new_model()
+    optimizer = torch.optim.SGD(kept.parameters(), lr=0.05, maximize=True)
+    history = fastae.fit(
+        kept, data, validation_data=data, epochs=4, batch_size=32, optimizer=optimizer,
+        restore_best=False, seed=0, progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        assert float(kept(data).loss) == pytest.approx(history.val_loss[-1], rel=1e-6)
+
+
+def test_fit_numpy_scalar_arguments():
+    data = small_problem(32)
+    model = fastae.Autoencoder(
+        np.int64(10), np.int32(4), tied=np.bool_(False), contractive=np.float32(0.25),
+        sparsity=fastae.KLSparsity(np.float32(0.05), np.float64(0.1)),
+        noise=fastae.MaskingNoise(np.float32(0.25), rescale=np.bool_(True), seed=np.int64(3)),
+    )  # fmt: skip
+    assert (type(model.in_features), type(model.hidden_features)) == (int, int)
+    assert model.tied is False and type(model.contractive) is float
+    assert type(model.sparsity.rho) is float and type(model.noise.p) is float
+    assert model.noise.rescale is True and type(model.noise.seed) is int
+    history = fastae.fit(
+        model, data, epochs=np.int64(2), batch_size=np.int64(16), lr=np.float32(0.01),
+        validation_data=data, patience=np.int64(1), min_delta=np.float32(0.0), seed=0,
+        progress=False,
+    )  # fmt: skip
+    assert 1 <= len(history.loss) <= 2
+
+
+def test_fit_progress_leaves_its_record(capsys):
+    fastae.fit(new_model(), small_problem(32), epochs=2, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and "loss=" in err.splitlines()[-1]
+
+
 def test_fit_patience_without_validation_monitors_training_loss():
     data = small_problem()
     history = fastae.fit(

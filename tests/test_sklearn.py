@@ -287,6 +287,77 @@ def test_vae_detector_arguments(digits):
         AutoencoderOutlierDetector(activation="gelu").fit(small)
 
 
+@pytest.mark.parametrize(
+    "scale, model, loss",
+    [("minmax", "autoencoder", "auto"), (None, "autoencoder", "auto"), ("minmax", "vae", "auto"),
+     ("minmax", "autoencoder", "mse"), (None, "vae", "mse")],
+)  # fmt: skip
+def test_detector_scores_grow_outside_the_training_range(scale, model, loss):
+    """Test inputs are not clipped to the training range: a feature at 1e6 is an outlier."""
+    x = np.random.default_rng(0).random((120, 5))
+    detector = AutoencoderOutlierDetector(
+        2, model=model, hidden=8, scale=scale, loss=loss, epochs=3, random_state=0
+    ).fit(x)
+    edge, far = np.full((1, 5), 0.5), np.full((1, 5), 0.5)
+    edge[0, 4], far[0, 4] = 1.0, 1e6
+    score_edge, score_far = detector.score_samples(edge)[0], detector.score_samples(far)[0]
+    assert score_far < score_edge
+    assert detector.predict(far)[0] == -1
+    if scale is None and detector.loss_ == "bce":
+        # the same clipped input, plus the squared excess beyond [0, 1]
+        assert score_far == pytest.approx(score_edge - (1e6 - 1.0) ** 2)
+    # the training scores are those of score_samples
+    np.testing.assert_allclose(detector.decision_scores_, -detector.score_samples(x))
+
+
+def test_numpy_scalar_parameters():
+    x = np.random.default_rng(0).random((40, 5))
+    search = GridSearchCV(
+        AutoencoderOutlierDetector(2, model="vae", epochs=1, random_state=0),
+        {"hidden": np.arange(4, 9, 4)},
+        cv=2,
+        scoring=lambda estimator, X, y=None: estimator.score_samples(X).mean(),
+        error_score="raise",
+    ).fit(x)
+    assert search.best_estimator_.module_.hidden in (4, 8)
+    model = AutoencoderTransformer(
+        np.int64(2), tied=np.bool_(False), contractive=np.float32(0.1), epochs=np.int64(1),
+        batch_size=np.int32(16), lr=np.float32(0.01), random_state=0,
+    ).fit(x)  # fmt: skip
+    assert model.module_.tied is False and model.module_.contractive == pytest.approx(0.1)
+    with pytest.raises(TypeError, match=r"^tied\b"):
+        AutoencoderTransformer(tied=1).fit(x)
+
+
+@pytest.mark.parametrize("make", [AutoencoderTransformer, AutoencoderOutlierDetector])
+def test_failed_fit_leaves_the_estimator_as_it_was(make):
+    from sklearn.exceptions import NotFittedError
+
+    x = np.random.default_rng(0).random((40, 5))
+    for bad in (dict(epochs=0), dict(tied=1), dict(lr=-1.0)):
+        model = make(2, random_state=0, **bad)
+        with pytest.raises((ValueError, TypeError)):
+            model.fit(x)
+        with pytest.raises(NotFittedError):
+            model.score_samples(x)
+    model = make(2, epochs=1, random_state=0).fit(x)
+    before = model.score_samples(x)
+    model.set_params(epochs=0)
+    with pytest.raises(ValueError, match=r"^epochs\b"):
+        model.fit(x[:, :3])
+    assert model.n_features_in_ == 5
+    np.testing.assert_array_equal(model.score_samples(x), before)
+    with pytest.raises(ValueError, match="3 features"):
+        model.score_samples(x[:, :3])
+
+
+def test_verbose_training_keeps_a_record(capsys):
+    x = np.random.default_rng(0).random((40, 5))
+    AutoencoderTransformer(2, epochs=2, verbose=True, random_state=0).fit(x)
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and "loss=" in err.splitlines()[-1]
+
+
 # ----------------------------------------------------------------------------- optional extra
 
 

@@ -160,6 +160,23 @@ def test_kernel_strided_inputs():
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_kernel_wide_column_variant(monkeypatch):
+    """The int64 column-index variant (chosen for strided inputs whose column offsets reach
+    2^31) on small transposed views: with the threshold at 1 it is taken."""
+    vae = _kernels()
+    monkeypatch.setattr(common, "INDEX_LIMIT", 1)
+    mu, logvar = _posterior(9, 21)
+    views = [t.t().contiguous().t() for t in (mu, logvar, torch.randn_like(mu))]
+    assert all(common.wide_columns(t) for t in views)
+    got = vae.reparameterize_forward(*views[:2], 3)
+    want = vae.reparameterize_forward(mu, logvar, 3)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    grad_kl = torch.randn(9, device=DEVICE)
+    got = vae.reparameterize_backward(views[2], grad_kl, *views[:2], 3)
+    want = vae.reparameterize_backward(views[2].contiguous(), grad_kl, mu, logvar, 3)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("which", ["both", "z", "kl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_backward_matches_reference(which, dtype):
@@ -361,6 +378,13 @@ def test_sample_and_decode():
     assert model.decode(torch.zeros(3, 2)).shape == (3, 16)
 
 
+def test_numpy_integers_are_sizes():
+    model = fastae.VAE(np.int64(16), np.int32(8), np.int64(2), beta=np.float32(0.5))
+    assert (model.in_features, model.hidden, model.latent) == (16, 8, 2)
+    assert all(type(v) is int for v in (model.in_features, model.hidden, model.latent))
+    assert model.sample(np.int64(3)).shape == (3, 16)
+
+
 def test_module_on_triton_matches_reference():
     _kernels()
     model = fastae.VAE(9, 6, 3).double().to(DEVICE)
@@ -403,6 +427,8 @@ def test_bad_module_inputs():
         model.encode(torch.rand(3, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="z must have 2 columns"):
         model.decode(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match=r"^z must have the dtype of the model's parameters"):
+        model.decode(torch.zeros(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="n must be a positive int"):
         model.sample(0)
     with pytest.raises(ValueError, match="kind"):
