@@ -280,8 +280,26 @@ def tile_ids(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, 
     return first + (pid % per_group) % size, (pid % per_group) // size
 
 
-def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str):
-    return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
+class Grid:
+    """A launch grid (meta-parameters -> grid) that keeps the meta-parameters of its last
+    call: those of the config the launch ran. A launcher sizes its partial sums from them,
+    not from the autotuner's ``best_config``, one attribute for every caller, which a launch
+    at another shape in another thread can change in between."""
+
+    def __init__(self, grid_of_meta):
+        self.grid_of_meta = grid_of_meta
+        self.meta = None
+
+    def __call__(self, meta):
+        self.meta = meta
+        return self.grid_of_meta(meta)
+
+
+def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str) -> Grid:
+    """One program per (block_rows x block_cols) tile, flattened."""
+    return Grid(
+        lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
+    )
 
 
 # Offsets at or past this need int64 arithmetic (a module constant so tests can lower it and

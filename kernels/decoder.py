@@ -185,7 +185,8 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     grad_z = empty((batch, features), h.device, h.dtype)
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else grad_z
     parts = stat_buffer(h, triton.cdiv(features, 16), batch)
-    _decoder_forward_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_N")](
+    grid = grid_2d(batch, features, "BLOCK_M", "BLOCK_N")
+    _decoder_forward_kernel[grid](
         h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
         batch, features, hidden,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
@@ -195,7 +196,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
         WIDE_COLUMNS=wide_columns(h, weight), ACC=acc_dtype(h.dtype),
         PRECISION=dot_precision(h.dtype),
     )  # fmt: skip
-    n_parts = triton.cdiv(features, _decoder_forward_kernel.best_config.kwargs["BLOCK_N"])
+    n_parts = triton.cdiv(features, grid.meta["BLOCK_N"])
     per_sample = parts[:n_parts].sum(0)
     if with_reconstruction:
         return per_sample, grad_z, x_hat

@@ -31,6 +31,7 @@ from . import noise as noise_kernels
 from .common import (
     ACTIVATION_CODES,
     NOISE_CODES,
+    Grid,
     acc_dtype,
     activate,
     autotune,
@@ -313,18 +314,18 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
-        kernel = _encoder_statistics_kernel
-        kernel[
+        grid = Grid(
             lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
-        ](
+        )
+        _encoder_statistics_kernel[grid](
             h, weight, part_h, part_s2, stats[1], batch, features, hidden,
             weight.stride(0), weight.stride(1), ACTIVATION=code,
             WIDE_COLUMNS=wide_columns(weight), ACC=acc,
         )  # fmt: skip
     else:
         h = empty((batch, hidden), x.device, x.dtype)
-        kernel = _encoder_forward_kernel
-        kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")](
+        grid = grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")
+        _encoder_forward_kernel[grid](
             x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
             batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -332,7 +333,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
             ACTIVATION=code, NOISE=NOISE_CODES[noise_kind], HAS_BIAS=bias is not None,
             WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
-    n_parts = triton.cdiv(batch, kernel.best_config.kwargs["BLOCK_M"])
+    n_parts = triton.cdiv(batch, grid.meta["BLOCK_M"])
     _encoder_finish_kernel[(1,)](
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
         ACC=acc, BLOCK_T=16, BLOCK=FINISH_BLOCK,
@@ -358,14 +359,15 @@ def encode_backward(
     stats = stats.contiguous()
     dz = empty(h.shape, h.device, h.dtype)
     part_db = stat_buffer(x, triton.cdiv(batch, 16), hidden)
-    _encoder_grad_z_kernel[
+    grid = Grid(
         lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
-    ](
+    )
+    _encoder_grad_z_kernel[grid](
         h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
         batch, hidden, grad_h.stride(0), grad_h.stride(1),
         ACTIVATION=ACTIVATION_CODES[activation], WIDE_COLUMNS=wide_columns(grad_h), ACC=acc,
     )  # fmt: skip
-    n_parts = triton.cdiv(batch, _encoder_grad_z_kernel.best_config.kwargs["BLOCK_M"])
+    n_parts = triton.cdiv(batch, grid.meta["BLOCK_M"])
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         contractive = ((grad_jac * (2.0 / batch)) * stats[0]).unsqueeze(1) * weight

@@ -246,3 +246,24 @@ def test_wide_columns_threshold():
     assert not common.wide_columns(meta((3, 1), (1, 2**40)))  # one column: offset 0
     assert not common.wide_columns(meta((0, 5), (1, 2**40)))  # empty
     assert common.wide_columns(meta((3, 5), (5, 1)), meta((2, 2), (1, 2**31)))  # any tensor
+
+
+def test_partial_sums_follow_the_launched_config(monkeypatch):
+    """Another thread's launch may change the autotuner's best_config between this launch and
+    the launcher's read: the per-sample loss must sum the partials this launch wrote."""
+    from triton import Config
+
+    kernel = decoder._decoder_forward_kernel
+    run = kernel.run
+
+    def run_then_clobber(*args, **kwargs):
+        out = run(*args, **kwargs)
+        kernel.best_config = Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 8})
+        return out
+
+    monkeypatch.setattr(kernel, "run", run_then_clobber)
+    leaves, upstream = _inputs(6, 5, 40, torch.float64, tied=False, target_grad=False)
+    kw = dict(tied=False, output="sigmoid", loss="bce")
+    got = _run("triton", *leaves, upstream, **kw)
+    want = _run("reference", *leaves, upstream, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)

@@ -254,3 +254,32 @@ def test_backward_launcher_strided_upstream(wide, monkeypatch):
     want = reference.encode_backward(*args)
     for name, a, b in zip(["dW", "db", "dx"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_partial_sums_follow_the_launched_config(fusion, monkeypatch):
+    """Another thread's launch at another shape may change an autotuner's best_config between
+    a launch and the launcher's read: the partial-sum count must come from the launch."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    from triton import Config
+
+    def clobbering(kernel):
+        run = kernel.run
+
+        def run_then_clobber(*args, **kwargs):
+            out = run(*args, **kwargs)
+            kernel.best_config = Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP": 8})
+            return out
+
+        return run_then_clobber
+
+    for kernel in (
+        encoder._encoder_forward_kernel,
+        encoder._encoder_statistics_kernel,
+        encoder._encoder_grad_z_kernel,
+    ):
+        monkeypatch.setattr(kernel, "run", clobbering(kernel))
+    leaves, upstream = _inputs(40, 6, 5, torch.float64)  # 3 row tiles of 16 (the test config)
+    got = _run("triton", *leaves, upstream, activation="sigmoid")
+    want = _run("reference", *leaves, upstream, activation="sigmoid")
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
