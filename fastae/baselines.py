@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .modules import KL_EPS  # the clamp fastae.KLSparsity applies to the batch mean
+from .reference import KL_EPS  # the clamp fastae.KLSparsity applies to the batch mean
 
 # the hyper-parameters of the benchmark cases (fastae side: KLSparsity(RHO, SPARSITY_WEIGHT),
 # MaskingNoise(MASK_P), contractive=CONTRACTIVE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,37 +10,11 @@ from torch import Tensor, nn
 from . import _checks, ops, reference
 from .noise import Noise, check_noise
 
-# rho_hat is clamped to [KL_EPS, 1 - KL_EPS] inside the KL penalty so it stays finite when a
-# unit is always off or always on.
-KL_EPS = 1e-6
-
-
-class _BernoulliKL(torch.autograd.Function):
-    """sum_j KL(rho || q_j), q = clamp(rho_hat, eps, 1 - eps), with its analytic gradient
-    d/dq = (q - rho) / (q (1 - q)), zero where the clamp is active.
-    Saves only rho_hat (an H-vector)."""
-
-    @staticmethod
-    def forward(ctx, rho_hat: Tensor, rho: float) -> Tensor:
-        ctx.save_for_backward(rho_hat)
-        ctx.rho = rho
-        q = rho_hat.clamp(KL_EPS, 1 - KL_EPS)
-        kl = rho * (math.log(rho) - torch.log(q))
-        kl += (1 - rho) * (math.log1p(-rho) - torch.log1p(-q))
-        return kl.sum()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (rho_hat,) = ctx.saved_tensors
-        q = rho_hat.clamp(KL_EPS, 1 - KL_EPS)
-        inside = (rho_hat >= KL_EPS) & (rho_hat <= 1 - KL_EPS)
-        d_q = torch.where(inside, (q - ctx.rho) / (q * (1 - q)), 0.0)
-        return grad * d_q, None
-
 
 @dataclass(frozen=True)
 class KLSparsity:
-    """weight * sum_j KL(rho || rho_hat_j): Bernoulli KL against the target mean activation."""
+    """weight * sum_j KL(rho || rho_hat_j): Bernoulli KL against the target mean activation
+    (:func:`fastae.ops.bernoulli_kl`; rho_hat clamped to [1e-6, 1 - 1e-6])."""
 
     rho: float
     weight: float = 1.0
@@ -52,7 +25,7 @@ class KLSparsity:
         object.__setattr__(self, "weight", _checks.finite_number("weight", self.weight, low=0))
 
     def penalty(self, h: Tensor, rho_hat: Tensor) -> Tensor:
-        return self.weight * _BernoulliKL.apply(rho_hat, self.rho)
+        return self.weight * ops.bernoulli_kl(rho_hat, self.rho)
 
 
 @dataclass(frozen=True)

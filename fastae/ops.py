@@ -22,7 +22,7 @@ from torch import Tensor
 from . import _checks, backend, reference
 from .noise import Noise, check_noise, check_seed
 
-__all__ = ["encode", "corrupt", "decode_loss", "reparameterize"]
+__all__ = ["encode", "corrupt", "decode_loss", "reparameterize", "bernoulli_kl"]
 
 
 def _kernel_module(name: str):
@@ -891,3 +891,63 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple
     _refuse_forward_mode(mu=mu, logvar=logvar)
     name = _backend_for("reparameterize", "vae", mu.device)
     return _reparameterize(mu, logvar, seed, name)
+
+
+# ----------------------------------------------------------------------------- bernoulli_kl
+
+
+def _bernoulli_kl_body(rho_hat: Tensor, rho: float, backend_name: str) -> tuple[Tensor, Tensor]:
+    """(kl, d kl / d rho_hat)."""
+    return _impl(backend_name, "sparsity").bernoulli_kl(rho_hat, rho)
+
+
+_bernoulli_kl_op = torch.library.custom_op("fastae::bernoulli_kl", mutates_args=())(
+    _bernoulli_kl_body
+)
+
+
+@_bernoulli_kl_op.register_fake
+def _(rho_hat, rho, backend_name):
+    return _stat_empty(rho_hat), _stat_empty(rho_hat, *rho_hat.shape)
+
+
+def _bernoulli_kl_setup(ctx, inputs, output):
+    rho_hat, ctx.rho, _ = inputs
+    ctx.save_for_backward(rho_hat, output[1])  # two H-vectors
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _bernoulli_kl_bwd(ctx, grad_kl, _grad_grad):
+    if grad_kl is None:
+        return None, None, None
+    rho_hat, grad = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
+        grad = reference.bernoulli_kl(rho_hat, ctx.rho)[1]
+    return (grad_kl * grad).to(rho_hat.dtype), None, None
+
+
+_bernoulli_kl = _with_eager_route(
+    _bernoulli_kl_op, _bernoulli_kl_body, _bernoulli_kl_setup, _bernoulli_kl_bwd
+)
+
+
+def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
+    """The KL sparsity penalty sum_j KL(rho || rho_hat_j) of Bernoulli means.
+
+    Args:
+        rho_hat: (H,) mean activation of each unit (``encode``'s second output), in (0, 1);
+            clamped to [1e-6, 1 - 1e-6], so a unit that is always off or on stays finite
+            (its gradient is zero where the clamp acts).
+        rho: the target mean activation, in (0, 1).
+
+    Returns:
+        () sum_j rho log(rho / q_j) + (1 - rho) log((1 - rho) / (1 - q_j)), q the clamped
+        rho_hat, in rho_hat's dtype (float32 at least). Forward computes the gradient as
+        well (one kernel on the GPU), so backward is one product.
+    """
+    rho_hat = _checks.tensor("rho_hat", rho_hat, 1)
+    rho = _checks.finite_number("rho", rho, low=0.0, high=1.0, open_low=True)
+    _refuse_forward_mode(rho_hat=rho_hat)
+    name = _backend_for("bernoulli_kl", "sparsity", rho_hat.device)
+    return _bernoulli_kl(rho_hat, rho, name)[0]

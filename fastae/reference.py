@@ -6,6 +6,8 @@ relies on autograd. Statistics accumulate in float32 at least (float64 stays flo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -265,3 +267,22 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
         dmu = dmu + g * m
         dlogvar = dlogvar + 0.5 * g * torch.expm1(lv)
     return dmu.to(mu.dtype).contiguous(), dlogvar.to(mu.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------- sparsity
+
+# rho_hat is clamped to [KL_EPS, 1 - KL_EPS] inside the KL penalty, so it stays finite when a
+# unit is always off or always on.
+KL_EPS = 1e-6
+
+
+def bernoulli_kl(rho_hat: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, grad): kl () = sum_j KL(rho || q_j) = sum_j rho log(rho / q_j) + (1 - rho)
+    log((1 - rho) / (1 - q_j)) with q = clamp(rho_hat, KL_EPS, 1 - KL_EPS), and its gradient
+    grad (H,) = d kl / d rho_hat = (q - rho) / (q (1 - q)) where the clamp is inactive, 0 where
+    it clamps (or rho_hat is NaN). Both in rho_hat's dtype, float32 at least."""
+    r = rho_hat.to(stat_dtype(rho_hat.dtype))
+    q = r.clamp(KL_EPS, 1 - KL_EPS)
+    kl = rho * (math.log(rho) - torch.log(q)) + (1 - rho) * (math.log1p(-rho) - torch.log1p(-q))
+    grad = torch.where(q == r, (q - rho) / (q * (1 - q)), 0.0)
+    return kl.sum(), grad

@@ -1,0 +1,128 @@
+"""The KL sparsity penalty op (fastae.ops.bernoulli_kl): reference against a float64 oracle,
+the Triton kernel against the reference, gradients, opcheck and errors."""
+
+import math
+
+import pytest
+import torch
+
+import fastae
+from fastae import ops, reference
+
+pytest.importorskip("triton")
+from fastae.kernels import common, sparsity  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = reference.KL_EPS
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(common, "poison_outputs", True)
+
+
+def _rho_hat(n, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    return values.to(dtype).to(DEVICE)
+
+
+def _oracle(rho_hat, rho):
+    """Term by term in Python floats: (kl, gradient)."""
+    kl, grad = 0.0, []
+    for r in rho_hat.double().tolist():
+        q = min(max(r, EPS), 1 - EPS)
+        kl += rho * math.log(rho / q) + (1 - rho) * math.log((1 - rho) / (1 - q))
+        grad.append((q - rho) / (q * (1 - q)) if q == r else 0.0)
+    return kl, grad
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.5, 0.93])
+def test_reference_matches_the_oracle(rho):
+    rho_hat = _rho_hat(37)
+    rho_hat[[3, 5, 7, 9]] = torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-9], dtype=torch.float64)
+    kl, grad = reference.bernoulli_kl(rho_hat, rho)
+    want_kl, want_grad = _oracle(rho_hat, rho)
+    assert kl.item() == pytest.approx(want_kl, rel=1e-12)
+    torch.testing.assert_close(grad.cpu(), torch.tensor(want_grad, dtype=torch.float64))
+    assert grad[[3, 5, 7, 9]].eq(0).all()  # clamped units get no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 17, 130])  # 130: several blocks of the interpreter's 64
+def test_kernel_matches_reference(n, dtype):
+    rho_hat = _rho_hat(n, dtype, seed=n)
+    if n > 3:
+        rho_hat[:3] = torch.tensor([0.0, 1.0, 5e-7]).to(dtype)
+    got = sparsity.bernoulli_kl(rho_hat, 0.07)
+    want = reference.bernoulli_kl(rho_hat, 0.07)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == reference.stat_dtype(dtype)
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_kernel_nan_and_empty_follow_the_reference():
+    rho_hat = torch.tensor([0.3, float("nan")], device=DEVICE)
+    kl, grad = sparsity.bernoulli_kl(rho_hat, 0.1)
+    assert kl.isnan()
+    torch.testing.assert_close(grad, reference.bernoulli_kl(rho_hat, 0.1)[1])
+    kl, grad = sparsity.bernoulli_kl(torch.empty(0, device=DEVICE), 0.1)
+    assert kl.item() == 0.0 and grad.shape == (0,)
+
+
+def test_kernel_strided_input():
+    rho_hat = _rho_hat(40)
+    got = sparsity.bernoulli_kl(rho_hat[::2], 0.2)
+    want = reference.bernoulli_kl(rho_hat[::2].contiguous(), 0.2)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_gradcheck_and_second_order(backend_name):
+    rho_hat = _rho_hat(9).requires_grad_()
+    with fastae.use_backend(backend_name):
+        assert torch.autograd.gradcheck(lambda r: ops.bernoulli_kl(r, 0.2), (rho_hat,))
+        assert torch.autograd.gradgradcheck(lambda r: ops.bernoulli_kl(r, 0.2), (rho_hat,))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_opcheck(backend_name):
+    rho_hat = _rho_hat(11).requires_grad_()
+    torch.library.opcheck(torch.ops.fastae.bernoulli_kl.default, (rho_hat, 0.3, backend_name))
+
+
+def test_penalty_and_its_gradient_in_low_precision():
+    """A bfloat16 rho_hat: the value in float32, the gradient back in bfloat16."""
+    rho_hat = _rho_hat(24, torch.bfloat16).requires_grad_()
+    kl = ops.bernoulli_kl(rho_hat, 0.1)
+    assert kl.dtype == torch.float32
+    kl.backward()
+    assert rho_hat.grad.dtype == torch.bfloat16
+    want = reference.bernoulli_kl(rho_hat.detach(), 0.1)[1].to(torch.bfloat16)
+    torch.testing.assert_close(rho_hat.grad, want)
+
+
+def test_kl_sparsity_uses_the_op():
+    rho_hat = _rho_hat(6).requires_grad_()
+    penalty = fastae.KLSparsity(0.1, weight=3.0).penalty(None, rho_hat)
+    torch.testing.assert_close(penalty, 3.0 * ops.bernoulli_kl(rho_hat, 0.1))
+    assert "bernoulli_kl" in type(penalty.grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize(
+    "args, error, arg",
+    [
+        ((torch.rand(2, 3), 0.1), ValueError, "rho_hat"),
+        ((torch.tensor([1, 0]), 0.1), TypeError, "rho_hat"),
+        (([0.1, 0.2], 0.1), TypeError, "rho_hat"),
+        ((torch.rand(3), 0.0), ValueError, "rho"),
+        ((torch.rand(3), 1.0), ValueError, "rho"),
+        ((torch.rand(3), math.nan), ValueError, "rho"),
+        ((torch.rand(3), "0.1"), TypeError, "rho"),
+    ],
+)
+def test_bad_input(args, error, arg):
+    with pytest.raises(error, match=rf"^{arg}\b"):
+        ops.bernoulli_kl(*args)
