@@ -14,7 +14,7 @@ from .noise import Noise, check_noise
 @dataclass(frozen=True)
 class KLSparsity:
     """weight * sum_j KL(rho || rho_hat_j): Bernoulli KL against the target mean activation
-    (:func:`fastae.ops.bernoulli_kl`; rho_hat clamped to [1e-6, 1 - 1e-6])."""
+    (:func:`fastae.ops.bernoulli_kl`; rho_hat clamped to [2^-20, 1 - 2^-20])."""
 
     rho: float
     weight: float = 1.0

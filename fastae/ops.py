@@ -937,8 +937,8 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
 
     Args:
         rho_hat: (H,) mean activation of each unit (``encode``'s second output), in (0, 1);
-            clamped to [1e-6, 1 - 1e-6], so a unit that is always off or on stays finite
-            (its gradient is zero where the clamp acts).
+            clamped to [2^-20, 1 - 2^-20] (2^-20 about 1e-6), so a unit that is always off or
+            on stays finite (its gradient is zero where the clamp acts).
         rho: the target mean activation, in (0, 1).
 
     Returns:

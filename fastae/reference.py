@@ -272,8 +272,9 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
 # ----------------------------------------------------------------------------- sparsity
 
 # rho_hat is clamped to [KL_EPS, 1 - KL_EPS] inside the KL penalty, so it stays finite when a
-# unit is always off or always on.
-KL_EPS = 1e-6
+# unit is always off or always on. A power of two (about 1e-6): both bounds are exact in every
+# float type, so the kernel's float32 constants and the reference's clamp agree in float64.
+KL_EPS = 2.0**-20
 
 
 def bernoulli_kl(rho_hat: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
