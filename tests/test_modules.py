@@ -269,27 +269,28 @@ def test_fit_validation_and_early_stopping():
     assert restored != pytest.approx(history.val_loss[-1], rel=1e-6)
 
 
+def _fit_by_ascent(model, data, **kwargs):
+    """fastae.fit by gradient ascent: every epoch is worse than the first."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, maximize=True)
+    return fastae.fit(
+        model, data, validation_data=data, epochs=4, batch_size=32, optimizer=optimizer,
+        seed=0, progress=False, **kwargs,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("patience", [None, 10])
 def test_fit_restores_the_best_validation_epoch_without_early_stopping(patience):
-    """Gradient ascent makes every epoch worse than the first: the returned model is the
-    first epoch's (History.best_epoch) although training ran to the end."""
+    """The returned model is the first epoch's (History.best_epoch) although training ran
+    to the end; with restore_best=False it is the last epoch's."""
     data = small_problem(32)
     model = new_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, maximize=True)
-    history = fastae.fit(
-        model, data, validation_data=data, epochs=4, batch_size=32, optimizer=optimizer,
-        patience=patience, seed=0, progress=False,
-    )  # fmt: skip
+    history = _fit_by_ascent(model, data, patience=patience)
     assert not history.stopped_early and len(history.val_loss) == 4
     assert history.best_epoch == 0 and history.val_loss[-1] > history.val_loss[0]
     with torch.no_grad():
         assert float(model(data).loss) == pytest.approx(history.val_loss[0], rel=1e-6)
     kept = new_model()
-    optimizer = torch.optim.SGD(kept.parameters(), lr=0.05, maximize=True)
-    history = fastae.fit(
-        kept, data, validation_data=data, epochs=4, batch_size=32, optimizer=optimizer,
-        restore_best=False, seed=0, progress=False,
-    )  # fmt: skip
+    history = _fit_by_ascent(kept, data, restore_best=False)
     with torch.no_grad():
         assert float(kept(data).loss) == pytest.approx(history.val_loss[-1], rel=1e-6)
 
