@@ -114,6 +114,8 @@ def bar_chart(records: list[dict], path: Path) -> bool:
         others = [
             p for p in ("eager", "compile", fb.JACREV) if any(p in r["providers"] for r in rows)
         ]
+        if not others:  # nothing to compare fastae with in this panel
+            continue
         width = 0.8 / len(others)
         for i, other in enumerate(others):
             values = [fb.speedup(r, other) or math.nan for r in rows]

@@ -51,20 +51,35 @@ from .common import (
     wide_columns,
 )
 
-FINISH_BLOCK = 128
+# The finish kernel is one program (deterministic jac without atomics): it is latency-bound,
+# so each step loads a wide tile. 128 columns x 16 partial rows took 320 us at B=8192, H=4096
+# on an H200 (the GEMMs 640 us).
+FINISH_BLOCK, FINISH_ROWS, FINISH_WARPS = 256, 32, 8
 FUSIONS = ("auto", "gemm", "split")
 
 
-def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
-    """Which fusion boundary to use: ``FASTAE_ENCODER_FUSION`` if set, else the default rule.
+# float32 at or above this many multiply-adds (B * d * H) takes cuBLAS's GEMMs: our dW product
+# reads both float32 operands transposed, which tf32 tensor-core instructions cannot take
+# from shared memory. Measured on an H200 (encode with statistics, forward and backward):
+# at 8192 x 4096 -> 4096 (1.4e11) split took 2.76 against 6.14 ms in tf32 (our dW kernel
+# 4.4 ms, cuBLAS's 1.06), while in bf16 the fused GEMM stayed ahead, 1.65 against 1.88 ms;
+# at 4096 x 784 -> 1024 (3.3e9), host-bound, the fused GEMM (4 launches against 10) took
+# 1.54 against 1.74 ms in tf32 and 1.29 against 1.47 ms in bf16. The threshold lies between
+# the two measured shapes.
+SPLIT_FROM_MACS = 2**34
 
-    The default is the fused GEMM (fewest launches and bytes); ``split`` stays selectable so
-    the benchmark can compare both at every shape.
-    """
+
+def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
+    """Which fusion boundary to use: ``FASTAE_ENCODER_FUSION`` if set, else the measured rule:
+    the fused GEMM (fewest launches), except float32 from ``SPLIT_FROM_MACS`` multiply-adds
+    on, which takes cuBLAS GEMMs plus one fused statistics pass."""
     choice = os.environ.get("FASTAE_ENCODER_FUSION", "auto")
     if choice not in FUSIONS:
         raise ValueError(f"FASTAE_ENCODER_FUSION must be one of {FUSIONS}, got {choice!r}")
-    return "gemm" if choice == "auto" else choice
+    if choice != "auto":
+        return choice
+    large = batch * features * hidden >= SPLIT_FROM_MACS
+    return "split" if dtype == torch.float32 and large else "gemm"
 
 
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("x_ptr", "w_ptr"))
@@ -336,7 +351,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     n_parts = triton.cdiv(batch, grid.meta["BLOCK_M"])
     _encoder_finish_kernel[(1,)](
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
-        ACC=acc, BLOCK_T=16, BLOCK=FINISH_BLOCK,
+        ACC=acc, BLOCK_T=FINISH_ROWS, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS,
     )  # fmt: skip
     return h, rho_hat, jac, stats
 

@@ -168,8 +168,9 @@ def test_warm_cache_jobs_follow_the_run_order(warm_cache):
 
 
 def test_warm_cache_runs_every_job(warm_cache, monkeypatch, capsys):
-    monkeypatch.setenv("FASTAE_BACKEND", "triton")  # the interpreted kernels on the CPU
-    argv = ["--fastae-device", "cpu", "--fastae-sizes", "16x12x8", "--fastae-dtypes", "fp32"]
+    monkeypatch.setenv("FASTAE_BACKEND", "triton")  # on the GPU, or interpreted on the CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    argv = ["--fastae-device", device, "--fastae-sizes", "16x12x8", "--fastae-dtypes", "fp32"]
     argv += ["--fastae-providers", "fastae", "--workers", "1", "--benchmark-only"]
     assert warm_cache.main(argv) == 0
     out = capsys.readouterr().out
@@ -225,3 +226,15 @@ def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch)
     assert cells[8].startswith("a_long_kernel_name_a_long_kernel_name_a_long_...")
     assert "(x2)" in cells[8] and "; k " in cells[8]
     assert "| denoising" not in section  # no profile, no row
+
+
+def test_summary_of_a_run_without_eager_or_compile(bench_run, tmp_path, monkeypatch):
+    _, records = bench_run
+    fastae_only = [r for r in records if r["provider"].startswith("fastae")]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(fb.to_json(fastae_only)))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    summarize = importlib.import_module("summarize")
+    with redirect_stdout(io.StringIO()):
+        assert summarize.main([str(path), "--out", str(tmp_path)]) == 0
+    assert "| sparse |" in (tmp_path / "SUMMARY.md").read_text()

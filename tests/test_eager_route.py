@@ -18,11 +18,14 @@ class _Passthrough(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _inputs(seed):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the triton backend runs
+
+
+def _inputs(seed, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.rand(*shape, generator=generator, dtype=torch.float64)
+        return torch.rand(*shape, generator=generator, dtype=torch.float64).to(device)
 
     x = rand(5, 6).requires_grad_()
     weight = ((rand(4, 6) - 0.5) * 2).requires_grad_()
@@ -50,7 +53,7 @@ def _losses(x, weight, bias, mu, logvar):
 def test_eager_route_gives_the_dispatchers_values_and_gradients(backend_name):
     results = []
     for mode in (None, _Passthrough()):
-        inputs = _inputs(0)
+        inputs = _inputs(0, DEVICE if backend_name == "triton" else "cpu")
         with fastae.use_backend(backend_name):
             if mode is None:
                 loss = _losses(*inputs)

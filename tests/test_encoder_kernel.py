@@ -283,3 +283,14 @@ def test_partial_sums_follow_the_launched_config(fusion, monkeypatch):
     got = _run("triton", *leaves, upstream, activation="sigmoid")
     want = _run("reference", *leaves, upstream, activation="sigmoid")
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fusion_rule(monkeypatch):
+    monkeypatch.delenv("FASTAE_ENCODER_FUSION", raising=False)
+    assert encoder.fusion(4096, 784, 1024, torch.float32) == "gemm"
+    assert encoder.fusion(8192, 4096, 4096, torch.float32) == "split"
+    assert encoder.fusion(2**14, 2**10, 2**10, torch.float32) == "split"  # 2^34: from here
+    assert encoder.fusion(2**14, 2**10, 2**10 - 1, torch.float32) == "gemm"
+    assert encoder.fusion(8192, 4096, 4096, torch.bfloat16) == "gemm"
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
+    assert encoder.fusion(8192, 4096, 4096, torch.float32) == "gemm"

@@ -17,9 +17,14 @@ FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py
 BACKENDS = ["reference", "triton"]
 
 
+# the triton backend's tensors: CUDA where there is a GPU, else the CPU (interpreted kernels)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_name(request):
-    with fastae.use_backend(request.param):
+    device = TRITON_DEVICE if request.param == "triton" else "cpu"
+    with fastae.use_backend(request.param), torch.device(device):
         yield request.param
 
 

@@ -40,7 +40,8 @@ def _oracle(rho_hat, rho):
 @pytest.mark.parametrize("rho", [0.05, 0.5, 0.93])
 def test_reference_matches_the_oracle(rho):
     rho_hat = _rho_hat(37)
-    rho_hat[[3, 5, 7, 9]] = torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-9], dtype=torch.float64)
+    edges = torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-9], dtype=torch.float64, device=DEVICE)
+    rho_hat[[3, 5, 7, 9]] = edges
     kl, grad = reference.bernoulli_kl(rho_hat, rho)
     want_kl, want_grad = _oracle(rho_hat, rho)
     assert kl.item() == pytest.approx(want_kl, rel=1e-12)
@@ -53,7 +54,7 @@ def test_reference_matches_the_oracle(rho):
 def test_kernel_matches_reference(n, dtype):
     rho_hat = _rho_hat(n, dtype, seed=n)
     if n > 3:
-        rho_hat[:3] = torch.tensor([0.0, 1.0, 5e-7]).to(dtype)
+        rho_hat[:3] = torch.tensor([0.0, 1.0, 5e-7], device=DEVICE).to(dtype)
     got = sparsity.bernoulli_kl(rho_hat, 0.07)
     want = reference.bernoulli_kl(rho_hat, 0.07)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
