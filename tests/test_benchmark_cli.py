@@ -201,6 +201,17 @@ def test_kernel_table_averages_the_profiled_calls():
     assert table["kernels"] == [["gemm", 1.0, pytest.approx(10.0)], ["stats", 2.0, 7.0]]
 
 
+def _summarize(records, folder, monkeypatch) -> str:
+    """SUMMARY.md of ``bench/summarize.py`` run on ``records``."""
+    path = folder / "bench.json"
+    path.write_text(json.dumps(fb.to_json(records)))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    summarize = importlib.import_module("summarize")
+    with redirect_stdout(io.StringIO()):
+        assert summarize.main([str(path), "--out", str(folder)]) == 0
+    return (folder / "SUMMARY.md").read_text()
+
+
 def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch):
     _, records = bench_run
     profiled = []
@@ -211,13 +222,7 @@ def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch)
             kernels = [["a_long_kernel_name_" * 4, 2.0, busy_us * 0.75], ["k", 1.0, busy_us / 4]]
             record.update(kernel_launches=3, kernel_time_us=busy_us, kernels=kernels)
         profiled.append(record)
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(fb.to_json(profiled)))
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
-    summarize = importlib.import_module("summarize")
-    with redirect_stdout(io.StringIO()):
-        assert summarize.main([str(path), "--out", str(tmp_path)]) == 0
-    summary = (tmp_path / "SUMMARY.md").read_text()
+    summary = _summarize(profiled, tmp_path, monkeypatch)
     section = summary.split("### Where the GPU time goes", 1)[1]
     rows = [line for line in section.splitlines() if line.startswith("| sparse")]
     assert {row.split(" | ")[3] for row in rows} == {"eager", "fastae"}
@@ -231,10 +236,4 @@ def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch)
 def test_summary_of_a_run_without_eager_or_compile(bench_run, tmp_path, monkeypatch):
     _, records = bench_run
     fastae_only = [r for r in records if r["provider"].startswith("fastae")]
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(fb.to_json(fastae_only)))
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
-    summarize = importlib.import_module("summarize")
-    with redirect_stdout(io.StringIO()):
-        assert summarize.main([str(path), "--out", str(tmp_path)]) == 0
-    assert "| sparse |" in (tmp_path / "SUMMARY.md").read_text()
+    assert "| sparse |" in _summarize(fastae_only, tmp_path, monkeypatch)
