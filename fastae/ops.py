@@ -25,18 +25,25 @@ from .noise import Noise, check_noise, check_seed
 __all__ = ["encode", "corrupt", "decode_loss", "reparameterize", "bernoulli_kl"]
 
 
+# kernel name -> its module, or None when the kernel file does not exist (filled on first use)
+_kernel_modules: dict[str, object] = {}
+
+
 def _kernel_module(name: str):
     """``fastae.kernels.<name>`` when Triton and that kernel file exist, else None. Imported
     only once the triton backend is chosen; any other import error propagates."""
+    if name in _kernel_modules:
+        return _kernel_modules[name]
     if not backend.triton_available():
         return None
     module = f"fastae.kernels.{name}"
     try:
-        return importlib.import_module(module)
+        _kernel_modules[name] = importlib.import_module(module)
     except ModuleNotFoundError as error:
-        if error.name == module:
-            return None
-        raise
+        if error.name != module:
+            raise
+        _kernel_modules[name] = None
+    return _kernel_modules[name]
 
 
 def _backend_for(op: str, kernel: str, device: torch.device) -> str:
@@ -327,8 +334,8 @@ def _(x, weight, bias, activation, noise_kind, level, low, high, seed, backend_n
 
 def _encode_backward_body(
     grad_h: Tensor,
-    grad_rho: Tensor,
-    grad_jac: Tensor,
+    grad_rho: Tensor | None,
+    grad_jac: Tensor | None,
     x: Tensor,
     weight: Tensor,
     h: Tensor,
@@ -380,10 +387,7 @@ def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
         return (None,) * (3 + len(ctx.params))
     if grad_h is None:
         grad_h = torch.zeros_like(h)
-    if grad_rho is None:
-        grad_rho = stats.new_zeros(h.shape[1])
-    if grad_jac is None:
-        grad_jac = stats.new_zeros(())
+    # a None grad_rho or grad_jac stays None: the backward skips its terms (no zero-fill)
     grads = _backward_call(
         _encode_backward_op, _encode_backward_body,
         grad_h.contiguous(), grad_rho, grad_jac, x, weight, h, stats, *ctx.params, needs_x,
@@ -425,10 +429,17 @@ def _encode_backward_bwd(ctx, grads):
         return grad_w, grad_b, grad_x_tilde * input_slope
 
     grad_w, grad_b, grad_x = (list(grads) + [None])[:3]
-    first, pullback = torch.func.vjp(first_order, *ctx.saved_tensors)
+    grad_h, grad_rho, grad_jac, x, weight, h = ctx.saved_tensors
+    acc = reference.stat_dtype(h.dtype)
+    zero_rho, zero_jac = grad_rho is None, grad_jac is None  # unused outputs: zero gradients
+    grad_rho = h.new_zeros(h.shape[1], dtype=acc) if zero_rho else grad_rho
+    grad_jac = h.new_zeros((), dtype=acc) if zero_jac else grad_jac
+    first, pullback = torch.func.vjp(first_order, grad_h, grad_rho, grad_jac, x, weight, h)
     d_grad_h, d_grad_rho, d_grad_jac, d_x, d_w, d_h = pullback(
         _zero_if_none((grad_w, grad_b, grad_x), first)
     )
+    d_grad_rho = None if zero_rho else d_grad_rho
+    d_grad_jac = None if zero_jac else d_grad_jac
     return (d_grad_h, d_grad_rho, d_grad_jac, d_x, d_w, d_h) + (None,) * (len(ctx.params) + 3)
 
 
@@ -530,7 +541,7 @@ _decode_backward_op = torch.library.custom_op("fastae::decode_loss_backward", mu
 
 @_decode_backward_op.register_fake
 def _(grad_loss, h, weight, grad_z, bias, target, output, loss, backend_name, needs_h_grad):
-    out = [weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])]
+    out = [reference.empty_in_layout(weight), weight.new_empty(weight.shape[0])]
     return out + [h.new_empty(h.shape)] if needs_h_grad else out
 
 

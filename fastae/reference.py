@@ -23,6 +23,21 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def column_major(matrix: torch.Tensor) -> bool:
+    """Whether a 2-D tensor is laid out column by column, as W^T of a row-major W is (the
+    decoder weight of a tied autoencoder)."""
+    return matrix.stride(0) < matrix.stride(1)
+
+
+def empty_in_layout(matrix: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped as the 2-D ``matrix``, column-major where it is, else row-major.
+    A weight's gradient in the weight's own layout goes into ``.grad`` without a copy (autograd
+    copies a gradient whose strides differ from its parameter's)."""
+    if column_major(matrix):
+        return matrix.new_empty(matrix.shape[::-1]).t()
+    return matrix.new_empty(matrix.shape)
+
+
 # ----------------------------------------------------------------------------- activations
 
 
@@ -144,21 +159,24 @@ def encode_backward(
 ):  # fmt: skip
     """(dW, db, dx or None) from DESIGN.md:
     dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'';  dW = dz^T x~ + g_jac (2/B) c_j W_j;
-    db = sum_i dz;  dx = (dz W) * dx~/dx.
+    db = sum_i dz;  dx = (dz W) * dx~/dx. A None g_rho or g_jac is zero (its output unused).
     """
     batch = x.shape[0]
     acc = stat_dtype(h.dtype)
     h_acc = h.to(acc)
     s = slope(h_acc, activation)
     c, row_sq_norm = stats[0], stats[1]
-    g_jac = grad_jac.to(acc)
-    dz = s * (grad_h.to(acc) + grad_rho.to(acc) / batch)
-    dz = dz + (g_jac * (2.0 / batch)) * row_sq_norm * s * curvature(h_acc, s, activation)
+    dz = grad_h.to(acc) if grad_rho is None else grad_h.to(acc) + grad_rho.to(acc) / batch
+    dz = s * dz
+    if grad_jac is not None:
+        jac_coef = grad_jac.to(acc) * (2.0 / batch)
+        dz = dz + jac_coef * row_sq_norm * s * curvature(h_acc, s, activation)
     grad_bias = dz.sum(0)
     dz = dz.to(h.dtype)
     x_tilde = corrupt(x, noise_kind, level, low, high, seed)
     grad_weight = dz.t() @ x_tilde
-    grad_weight = grad_weight + ((g_jac * (2.0 / batch)) * c).unsqueeze(1).to(weight.dtype) * weight
+    if grad_jac is not None:
+        grad_weight = grad_weight + (jac_coef * c).unsqueeze(1).to(weight.dtype) * weight
     grad_input = None
     if needs_input_grad:
         grad_input = corrupt_input_grad(dz @ weight, noise_kind, level, seed)
@@ -205,7 +223,8 @@ def reconstruct(h, weight, bias, output):
 def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     """(dV, dc, dh or None): dz = g_l_i * d ell/d z^; dV = dz^T h, dc = sum_i dz, dh = dz V."""
     dz = grad_z * grad_loss.to(grad_z.dtype).unsqueeze(1)
-    grad_weight = dz.t() @ h
+    # dV in V's layout (see empty_in_layout): (h^T dz)^T when V is column-major
+    grad_weight = (h.t() @ dz).t() if column_major(weight) else dz.t() @ h
     grad_bias = dz.to(stat_dtype(dz.dtype)).sum(0).to(weight.dtype)
     grad_h = dz @ weight if needs_h_grad else None
     return grad_weight, grad_bias, grad_h

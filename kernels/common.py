@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastae import reference
 from fastae.backend import triton_interpreting
 
 ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2, "softplus": 3}
@@ -38,6 +39,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def cdiv(numerator: int, denominator: int) -> int:
+    """ceil(numerator / denominator) for host code: plain integer arithmetic (``triton.cdiv``
+    is a constexpr function in recent Triton, several times slower per call)."""
+    return -(-numerator // denominator)
+
+
 def interpreting() -> bool:
     return triton_interpreting()
 
@@ -52,6 +59,12 @@ def empty(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if poison_outputs:
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+def empty_in_layout(matrix: torch.Tensor) -> torch.Tensor:
+    """Output buffer shaped and laid out as ``matrix`` (``fastae.reference.empty_in_layout``)."""
+    out = reference.empty_in_layout(matrix)
+    return out.fill_(float("nan")) if poison_outputs else out
 
 
 @triton.jit
@@ -297,9 +310,7 @@ class Grid:
 
 def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str) -> Grid:
     """One program per (block_rows x block_cols) tile, flattened."""
-    return Grid(
-        lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
-    )
+    return Grid(lambda meta: (cdiv(rows, meta[block_rows]) * cdiv(cols, meta[block_cols]),))
 
 
 # Offsets at or past this need int64 arithmetic (a module constant so tests can lower it and

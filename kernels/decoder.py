@@ -19,9 +19,11 @@ from fastae import reference
 
 from .common import (
     acc_dtype,
+    cdiv,
     column_index,
     dot_precision,
     empty,
+    empty_in_layout,
     gemm_autotune,
     grid_2d,
     log1p,
@@ -105,7 +107,7 @@ def _decoder_forward_kernel(
 @triton.jit
 def _decoder_grad_weight_kernel(
     gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
-    B, D, H, stride_hm, stride_hk,
+    B, D, H, stride_hm, stride_hk, stride_dvn, stride_dvk,
     WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
@@ -135,7 +137,7 @@ def _decoder_grad_weight_kernel(
         )  # fmt: skip
         acc = tl.dot(gz_t.to(h.dtype), h, acc, input_precision=PRECISION, out_dtype=ACC)
     out_ok = col_ok[:, None] & k_ok[None, :]
-    out = cols.to(tl.int64)[:, None] * H + ks[None, :]
+    out = cols.to(tl.int64)[:, None] * stride_dvn + k_idx[None, :] * stride_dvk
     tl.store(dv_ptr + out, acc.to(dv_ptr.dtype.element_ty), mask=out_ok)
     if pid_k == 0:
         tl.store(dc_ptr + cols, dc.to(dc_ptr.dtype.element_ty), mask=col_ok)
@@ -184,7 +186,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
         bias = bias.contiguous()  # the kernel reads it at unit stride; copying a d-vector is free
     grad_z = empty((batch, features), h.device, h.dtype)
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else grad_z
-    parts = stat_buffer(h, triton.cdiv(features, 16), batch)
+    parts = stat_buffer(h, cdiv(features, 16), batch)
     grid = grid_2d(batch, features, "BLOCK_M", "BLOCK_N")
     _decoder_forward_kernel[grid](
         h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
@@ -196,7 +198,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
         WIDE_COLUMNS=wide_columns(h, weight), ACC=acc_dtype(h.dtype),
         PRECISION=dot_precision(h.dtype),
     )  # fmt: skip
-    n_parts = triton.cdiv(features, grid.meta["BLOCK_N"])
+    n_parts = cdiv(features, grid.meta["BLOCK_N"])
     per_sample = parts[:n_parts].sum(0)
     if with_reconstruction:
         return per_sample, grad_z, x_hat
@@ -213,11 +215,12 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     # then .contiguous() returns it as it is); copying a vector is free
     grad_loss = grad_loss.contiguous()
     grad_z = grad_z.contiguous()
-    grad_weight = empty((features, hidden), h.device, weight.dtype)
+    grad_weight = empty_in_layout(weight)  # column-major for a tied V = W^T: no copy into .grad
     grad_bias = empty((features,), h.device, weight.dtype)
     _decoder_grad_weight_kernel[grid_2d(features, hidden, "BLOCK_N", "BLOCK_K")](
         grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
-        h.stride(0), h.stride(1), WIDE_COLUMNS=wide_columns(h), ACC=acc, PRECISION=precision,
+        h.stride(0), h.stride(1), grad_weight.stride(0), grad_weight.stride(1),
+        WIDE_COLUMNS=wide_columns(h, grad_weight), ACC=acc, PRECISION=precision,
     )  # fmt: skip
     grad_h = None
     if needs_h_grad:

@@ -35,6 +35,7 @@ from .common import (
     acc_dtype,
     activate,
     autotune,
+    cdiv,
     column_index,
     corrupt_tile,
     curvature,
@@ -206,8 +207,8 @@ def _encoder_finish_kernel(
 def _encoder_grad_z_kernel(
     h_ptr, gh_ptr, grho_ptr, gjac_ptr, sq_norm_ptr, dz_ptr, part_db_ptr,
     B, H, stride_gm, stride_gn,
-    ACTIVATION: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_GRAD_RHO: tl.constexpr, HAS_GRAD_JAC: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,12 +219,16 @@ def _encoder_grad_z_kernel(
     h = tl.load(h_ptr + r64 * H + cols[None, :], mask=ok, other=0.0).to(ACC)
     g_cols = column_index(cols, WIDE_COLUMNS)[None, :]
     g_h = tl.load(gh_ptr + r64 * stride_gm + g_cols * stride_gn, mask=ok, other=0.0)
-    g_rho = tl.load(grho_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
-    w = tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0)
     s = slope(h, ACTIVATION)
-    dz = s * (g_h.to(ACC) + g_rho[None, :] / B)
-    dz += (jac_coef * w)[None, :] * s * curvature(h, s, ACTIVATION)
+    if HAS_GRAD_RHO:
+        g_rho = tl.load(grho_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        dz = s * (g_h.to(ACC) + g_rho[None, :] / B)
+    else:
+        dz = s * g_h.to(ACC)
+    if HAS_GRAD_JAC:
+        jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
+        w = tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0)
+        dz += (jac_coef * w)[None, :] * s * curvature(h, s, ACTIVATION)
     dz = tl.where(ok, dz, 0.0)
     tl.store(dz_ptr + r64 * H + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
     tl.store(part_db_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(dz, axis=0), mask=col_ok)
@@ -236,7 +241,8 @@ def _encoder_grad_weight_kernel(
     B, D, H, n_parts,
     stride_xm, stride_xk, stride_wn, stride_wk,
     seed, level, low, high,
-    NOISE: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    NOISE: tl.constexpr, HAS_GRAD_JAC: tl.constexpr, WIDE_COLUMNS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_k = tile_ids(tl.program_id(0), H, D, BLOCK_N, BLOCK_K, GROUP)
@@ -262,12 +268,13 @@ def _encoder_grad_weight_kernel(
             x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
             x = tl.where(x_ok, x, 0.0)
         acc = tl.dot(dz_t, x, acc, input_precision=PRECISION, out_dtype=ACC)
-    jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
-    c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     out_ok = col_ok[:, None] & k_ok[None, :]
-    w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
-    w = tl.load(w_ptr + w_idx, mask=out_ok, other=0.0).to(ACC)
-    acc += (jac_coef * c)[:, None] * w
+    if HAS_GRAD_JAC:  # the contractive W-term g_jac (2/B) c_j W_j
+        jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
+        c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
+        w = tl.load(w_ptr + w_idx, mask=out_ok, other=0.0).to(ACC)
+        acc += (jac_coef * c)[:, None] * w
     out_idx = cols.to(tl.int64)[:, None] * D + ks[None, :]
     tl.store(dw_ptr + out_idx, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
     if pid_k == 0:
@@ -321,17 +328,15 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads it at unit stride; copying an H-vector is free
     # partial buffers sized for the smallest BLOCK_M any config uses
-    part_h = stat_buffer(x, triton.cdiv(batch, 16), hidden)
-    part_s2 = stat_buffer(x, triton.cdiv(batch, 16), hidden)
+    part_h = stat_buffer(x, cdiv(batch, 16), hidden)
+    part_s2 = stat_buffer(x, cdiv(batch, 16), hidden)
     stats = stat_buffer(x, 2, hidden)  # row 0: c, row 1: w
     rho_hat, jac = stat_buffer(x, hidden), stat_buffer(x)
     code = ACTIVATION_CODES[activation]
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
-        grid = Grid(
-            lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
-        )
+        grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(hidden, meta["BLOCK_N"])))
         _encoder_statistics_kernel[grid](
             h, weight, part_h, part_s2, stats[1], batch, features, hidden,
             weight.stride(0), weight.stride(1), ACTIVATION=code,
@@ -348,7 +353,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
             ACTIVATION=code, NOISE=NOISE_CODES[noise_kind], HAS_BIAS=bias is not None,
             WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
-    n_parts = triton.cdiv(batch, grid.meta["BLOCK_M"])
+    n_parts = cdiv(batch, grid.meta["BLOCK_M"])
     _encoder_finish_kernel[(1,)](
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
         ACC=acc, BLOCK_T=FINISH_ROWS, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS,
@@ -367,26 +372,30 @@ def encode_backward(
     precision = dot_precision(x.dtype)
     noise = NOISE_CODES[noise_kind]
     # the kernels read these at unit stride (h and the H-vectors of stats as the forward wrote
-    # them: then .contiguous() returns them as they are); copying a vector is free
-    grad_rho = grad_rho.contiguous()
-    grad_jac = grad_jac.contiguous()
+    # them: then .contiguous() returns them as they are); copying a vector is free. A None
+    # gradient (the output was not used) is zero: the kernels skip its terms.
+    has_grad_rho, has_grad_jac = grad_rho is not None, grad_jac is not None
+    grad_rho = grad_rho.contiguous() if has_grad_rho else stats
+    grad_jac = grad_jac.contiguous() if has_grad_jac else stats
     h = h.contiguous()
     stats = stats.contiguous()
     dz = empty(h.shape, h.device, h.dtype)
-    part_db = stat_buffer(x, triton.cdiv(batch, 16), hidden)
-    grid = Grid(
-        lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
-    )
+    part_db = stat_buffer(x, cdiv(batch, 16), hidden)
+    grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(hidden, meta["BLOCK_N"])))
     _encoder_grad_z_kernel[grid](
         h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
         batch, hidden, grad_h.stride(0), grad_h.stride(1),
-        ACTIVATION=ACTIVATION_CODES[activation], WIDE_COLUMNS=wide_columns(grad_h), ACC=acc,
+        ACTIVATION=ACTIVATION_CODES[activation], HAS_GRAD_RHO=has_grad_rho,
+        HAS_GRAD_JAC=has_grad_jac, WIDE_COLUMNS=wide_columns(grad_h), ACC=acc,
     )  # fmt: skip
-    n_parts = triton.cdiv(batch, grid.meta["BLOCK_M"])
+    n_parts = cdiv(batch, grid.meta["BLOCK_M"])
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
-        contractive = ((grad_jac * (2.0 / batch)) * stats[0]).unsqueeze(1) * weight
-        grad_weight = torch.addmm(contractive.to(weight.dtype), dz.t(), x_tilde)
+        if has_grad_jac:
+            contractive = ((grad_jac * (2.0 / batch)) * stats[0]).unsqueeze(1) * weight
+            grad_weight = torch.addmm(contractive.to(weight.dtype), dz.t(), x_tilde)
+        else:
+            grad_weight = dz.t() @ x_tilde
         grad_bias = part_db[:n_parts].sum(0).to(weight.dtype)
         grad_input = None
         if needs_input_grad:
@@ -399,7 +408,8 @@ def encode_backward(
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         seed, level, low, high,
-        NOISE=noise, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=precision,
+        NOISE=noise, HAS_GRAD_JAC=has_grad_jac, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc,
+        PRECISION=precision,
     )  # fmt: skip
     grad_input = None
     if needs_input_grad:

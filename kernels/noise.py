@@ -14,6 +14,7 @@ from .common import (
     NOISE_CODES,
     acc_dtype,
     autotune,
+    cdiv,
     column_index,
     corrupt_tile,
     element_offsets,
@@ -59,8 +60,8 @@ def _launch(x, kind, level, low, high, seed, base, grad):
     batch, features = x.shape
     out = empty(x.shape, x.device, x.dtype)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(batch, meta["BLOCK_M"]),
-        triton.cdiv(features, meta["BLOCK_N"]),
+        cdiv(batch, meta["BLOCK_M"]),
+        cdiv(features, meta["BLOCK_N"]),
     )
     _corrupt_kernel[grid](
         x, out, batch, features, x.stride(0), x.stride(1), out.stride(0), out.stride(1),

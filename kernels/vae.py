@@ -19,6 +19,7 @@ import triton.language as tl
 from .common import (
     acc_dtype,
     autotune,
+    cdiv,
     column_index,
     element_offsets,
     empty,
@@ -144,7 +145,7 @@ def reparameterize_forward(mu, logvar, seed):
     batch, latent = mu.shape
     z = empty((batch, latent), mu.device, mu.dtype)
     kl = stat_buffer(mu, batch)
-    _reparameterize_forward_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
+    _reparameterize_forward_kernel[lambda meta: (cdiv(batch, meta["BLOCK_M"]),)](
         mu, logvar, z, kl, batch, latent,
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
         WIDE_COLUMNS=wide_columns(mu, logvar), ACC=acc_dtype(mu.dtype),
@@ -161,8 +162,8 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
     gz = grad_z if grad_z is not None else mu
     gkl = grad_kl if grad_kl is not None else mu[:, 0]
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(batch, meta["BLOCK_M"]),
-        triton.cdiv(latent, meta["BLOCK_N"]),
+        cdiv(batch, meta["BLOCK_M"]),
+        cdiv(latent, meta["BLOCK_N"]),
     )
     _reparameterize_backward_kernel[grid](
         gz, gkl, mu, logvar, dmu, dlogvar, batch, latent,

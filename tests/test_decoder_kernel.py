@@ -95,6 +95,32 @@ def test_opcheck_triton():
     torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_gradient_in_the_weights_layout(backend_name, tied):
+    """dV comes in V's layout, column-major for a tied V = W^T, so autograd puts the tied
+    gradient into W.grad without copying it into W's layout (a new_empty_strided + copy_ of
+    (H, d) per step); the backward op's fake implementation promises the same strides."""
+    from fastae.benchmark import OpCounter
+
+    (h, weight, bias, target), upstream = _inputs(7, 5, 6, torch.float64, tied=tied)
+    decoder_weight = weight.t() if tied else weight
+    with fastae.use_backend(backend_name):
+        per_sample = ops.decode_loss(h, decoder_weight, bias, target=target)
+        counter = OpCounter()
+        with counter:
+            (per_sample * upstream).sum().backward()
+    assert counter.counts["fastae.decode_loss_backward"] == 1
+    assert counter.counts["aten.new_empty_strided"] == 0
+    assert weight.grad.stride() == weight.stride()
+    fwd_args = (h, decoder_weight, bias, target, "sigmoid", "bce", backend_name, False)
+    _, grad_z, _ = torch.ops.fastae.decode_loss.default(*fwd_args)
+    bwd_args = (upstream, h, decoder_weight, grad_z, bias, None, "sigmoid", "bce", backend_name)
+    grad_weight = torch.ops.fastae.decode_loss_backward.default(*bwd_args, True)[0]
+    assert grad_weight.stride() == decoder_weight.stride()
+    torch.library.opcheck(torch.ops.fastae.decode_loss_backward.default, (*bwd_args, True))
+
+
 @pytest.mark.parametrize("wide", [True, False])
 def test_both_index_widths_match_reference(monkeypatch, wide):
     """The epilogue's int64 offsets (taken for tensors past 2^31 elements) and its int32

@@ -257,6 +257,28 @@ def test_backward_launcher_strided_upstream(wide, monkeypatch):
 
 
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
+@pytest.mark.parametrize("unused", ["rho", "jac", "both"])
+def test_backward_without_statistics_gradients(fusion, unused, monkeypatch):
+    """A None g_rho or g_jac (rho_hat or jac unused by the loss) gives what a zero one gives,
+    on both fusion boundaries, with the kernels' terms for it compiled out."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    (x, weight, bias), (grad_h, grad_rho, grad_jac) = _inputs(9, 7, 12, torch.float64)
+    x, weight, bias = x.detach(), weight.detach(), bias.detach()
+    params = ("softplus", "none", 0.0, 0.0, 0.0, 0)
+    h, _, _, stats = reference.encode_forward(x, weight, bias, *params)
+    zeros = {"rho": torch.zeros_like(grad_rho), "jac": torch.zeros_like(grad_jac)}
+    none_rho, none_jac = unused in ("rho", "both"), unused in ("jac", "both")
+    with_none = (None if none_rho else grad_rho, None if none_jac else grad_jac)
+    with_zeros = (zeros["rho"] if none_rho else grad_rho, zeros["jac"] if none_jac else grad_jac)
+    rest = (x, weight, h, stats, *params, True)
+    got = encoder.encode_backward(grad_h, *with_none, *rest)
+    want = reference.encode_backward(grad_h, *with_zeros, *rest)
+    assert reference.encode_backward(grad_h, *with_none, *rest)[0].shape == weight.shape
+    for name, a, b in zip(["dW", "db", "dx"], got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
 def test_partial_sums_follow_the_launched_config(fusion, monkeypatch):
     """Another thread's launch at another shape may change an autotuner's best_config between
     a launch and the launcher's read: the partial-sum count must come from the launch."""

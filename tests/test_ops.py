@@ -343,6 +343,27 @@ def test_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind):
     assert (x.grad is not None) == x_grad
 
 
+@pytest.mark.parametrize("used", [(0,), (0, 1), (0, 2), (0, 1, 2)])
+def test_encode_backward_gets_none_for_unused_statistics(used, monkeypatch):
+    """rho_hat or jac left out of the loss reach the backward implementation as None (not a
+    zero-filled tensor, one memset launch each on the GPU); used ones as tensors."""
+    from fastae import reference
+
+    seen = []
+    real = reference.encode_backward
+
+    def spy(grad_h, grad_rho, grad_jac, *rest):
+        seen.append((grad_rho is not None, grad_jac is not None))
+        return real(grad_h, grad_rho, grad_jac, *rest)
+
+    monkeypatch.setattr(reference, "encode_backward", spy)
+    x, weight, bias = layer(5, 4, 3)
+    with fastae.use_backend("reference"):
+        out = ops.encode(x, weight, bias)
+        sum(out[i].sum() for i in used).backward()
+    assert seen == [(1 in used, 2 in used)]
+
+
 # ----------------------------------------------------------------------------- noise statistics
 
 
@@ -436,6 +457,7 @@ def test_kernel_modules_load_only_for_the_triton_backend(monkeypatch):
         return real_import(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(ops, "_kernel_modules", {})  # forget the modules imported so far
     x, weight = torch.rand(3, 4), torch.rand(2, 4)
     failure.append(ImportError("broken kernel file"))
     with fastae.use_backend("reference"):

@@ -53,6 +53,17 @@ def test_gradgradcheck_encode_without_bias_and_input_grad(backend_name):
     _gradgradcheck(lambda weight: ops.encode(x, weight, noise=noise), (weight,))
 
 
+@pytest.mark.parametrize("used", [(0,), (0, 1), (0, 2)])
+def test_gradgradcheck_encode_with_unused_statistics(backend_name, used):
+    """Outputs the loss leaves out reach backward as None gradients (no zero-fill); second
+    derivatives stay exact."""
+    x, weight, bias = layer(4, 5, 3)
+    _gradgradcheck(
+        lambda x, weight, bias: tuple(ops.encode(x, weight, bias)[i] for i in used),
+        (x, weight, bias),
+    )
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "masking_rescale"])
 def test_gradgradcheck_corrupt(backend_name, kind):
     x = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
