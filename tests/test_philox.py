@@ -61,6 +61,19 @@ def test_randint4x_matches_python_oracle(seed, base, impl):
         assert tuple(int(w[i]) for w in words) == python_philox(seed, offset)
 
 
+def test_numpy_blocks_cover_every_offset(monkeypatch):
+    """The numpy rounds run block by block: a 2-D tensor spanning several blocks (the last one
+    partial) gives the torch implementation's words, in the offsets' shape; so do empty ones."""
+    monkeypatch.setattr(philox, "_NUMPY_BLOCK", 64)
+    for shape in [(5, 41), (0,), (3, 0)]:
+        offsets = 2**40 + 7 + torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+        got = philox._randint4x_numpy(2**62 + 5, offsets)
+        want = philox._randint4x_torch(2**62 + 5, offsets)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == offsets.shape
+            assert torch.equal(g, w)
+
+
 def test_mul_hi_lo_matches_integer_product():
     x = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
     x[:4] = torch.tensor([0, 1, MASK32, 2**31])
