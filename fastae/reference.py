@@ -38,6 +38,13 @@ def empty_in_layout(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.new_empty(matrix.shape)
 
 
+def affine(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """inputs W^T + b, the bias added by the matrix product itself (one pass fewer)."""
+    if bias is None:
+        return inputs @ weight.t()
+    return torch.addmm(bias, inputs, weight.t())
+
+
 # ----------------------------------------------------------------------------- activations
 
 
@@ -139,9 +146,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     is what backward needs besides h, W and x.
     """
     x_tilde = corrupt(x, noise_kind, level, low, high, seed)
-    z = x_tilde @ weight.t()
-    if bias is not None:
-        z = z + bias
+    z = affine(x_tilde, weight, bias)
     h = activate(z, activation)
     acc = stat_dtype(h.dtype)
     h_acc = h.to(acc)
@@ -192,9 +197,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
 
     BCE uses the logits form ell = softplus(z^) - x z^, whose gradient is x^ - x.
     """
-    z = h @ weight.t()
-    if bias is not None:
-        z = z + bias
+    z = affine(h, weight, bias)
     acc = stat_dtype(z.dtype)
     z_acc, t = z.to(acc), target.to(acc)
     if loss == "bce":
@@ -214,9 +217,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
 
 
 def reconstruct(h, weight, bias, output):
-    z = h @ weight.t()
-    if bias is not None:
-        z = z + bias
+    z = affine(h, weight, bias)
     return torch.sigmoid(z) if output == "sigmoid" else z
 
 
