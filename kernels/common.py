@@ -61,6 +61,13 @@ def empty(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def ticket(device: torch.device) -> torch.Tensor:
+    """An int32 counter for "which program finishes last"; a kernel launched before its reader
+    zeroes it (under ``poison_outputs`` it starts nonzero, so a missing zeroing shows up)."""
+    out = torch.empty(1, device=device, dtype=torch.int32)
+    return out.fill_(-12345) if poison_outputs else out
+
+
 def empty_in_layout(matrix: torch.Tensor) -> torch.Tensor:
     """Output buffer shaped and laid out as ``matrix`` (``fastae.reference.empty_in_layout``)."""
     out = reference.empty_in_layout(matrix)

@@ -5,8 +5,10 @@ Forward, two launches:
      never stored), epilogue h = a(z), stores h and the tile's column sums of h and s^2 into
      fp32 partial buffers [row tiles, H] (padded rows masked); row-tile 0 then sums ||W_j||^2
      over its column block of W.
-  2. ``_encoder_finish_kernel`` (one program): rho_hat = sum_t P_h / B, c = sum_t P_s2,
-     jac = (1/B) sum_j c_j ||W_j||^2 — deterministic, no atomics.
+  2. ``_encoder_finish_kernel``, one program per column block: rho_hat = sum_t P_h / B,
+     c = sum_t P_s2 and the block's share of jac = (1/B) sum_j c_j ||W_j||^2; the program
+     that finishes last adds the shares in block order (deterministic: an atomic ticket only
+     says which program is last; the reductions over the batch stay atomic-free partial sums).
 Backward, three launches (DESIGN.md):
   1. ``_encoder_grad_z_kernel``: dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'' and db partials.
   2. ``_encoder_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated),
@@ -48,14 +50,15 @@ from .common import (
     input_grad_mask,
     slope,
     stat_buffer,
+    ticket,
     tile_ids,
     wide_columns,
 )
 
-# The finish kernel is one program (deterministic jac without atomics): it is latency-bound,
-# so each step loads a wide tile. 128 columns x 16 partial rows took 320 us at B=8192, H=4096
-# on an H200 (the GEMMs 640 us).
-FINISH_BLOCK, FINISH_ROWS, FINISH_WARPS = 256, 32, 8
+# The finish kernel: columns per program, partial-sum rows per load, warps; shares of jac the
+# last program adds per load. As one program it took 150-380 us at B=8192, H=4096 on an H200
+# (the GEMMs 640 us): one SM reading 2 MB of partial sums.
+FINISH_BLOCK, FINISH_ROWS, FINISH_WARPS, FINISH_SHARES = 128, 32, 4, 1024
 FUSIONS = ("auto", "gemm", "split")
 
 
@@ -86,7 +89,7 @@ def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("x_ptr", "w_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _encoder_forward_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
+    x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr, ticket_ptr,
     B, D, H,
     stride_xm, stride_xk, stride_wn, stride_wk,
     seed, level, low, high,
@@ -94,6 +97,8 @@ def _encoder_forward_kernel(
     WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
+    if tl.program_id(0) == 0:
+        tl.store(ticket_ptr, 0)  # the finish kernel's ticket (it runs after this kernel)
     pid_m, pid_n = tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_N, GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,13 +152,15 @@ def _encoder_forward_kernel(
 @autotune(elementwise_configs(), key=["B", "H"], restore_value=["z_ptr"])
 @triton.jit
 def _encoder_statistics_kernel(
-    z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr,
+    z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr, ticket_ptr,
     B, D, H, stride_wn, stride_wk,
     ACTIVATION: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """``split`` boundary: h = a(z) in place over z, partial sums, and ||W_j||^2 (row tile 0)."""
     pid_m = tl.program_id(0)
+    if (pid_m == 0) & (tl.program_id(1) == 0):
+        tl.store(ticket_ptr, 0)  # the finish kernel's ticket (it runs after this kernel)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
@@ -181,25 +188,34 @@ def _encoder_statistics_kernel(
 
 @triton.jit
 def _encoder_finish_kernel(
-    part_h_ptr, part_s2_ptr, sq_norm_ptr, rho_ptr, c_ptr, jac_ptr, n_parts, B, H,
-    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr,
+    part_h_ptr, part_s2_ptr, sq_norm_ptr, rho_ptr, c_ptr, jac_ptr, share_ptr, ticket_ptr,
+    n_parts, B, H,
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    jac = tl.zeros((BLOCK,), dtype=ACC)
-    for n0 in range(0, H, BLOCK):
-        cols = n0 + tl.arange(0, BLOCK)
-        col_ok = cols < H
-        sum_h = tl.zeros((BLOCK,), dtype=ACC)
-        sum_s2 = tl.zeros((BLOCK,), dtype=ACC)
-        for t0 in range(0, n_parts, BLOCK_T):
-            ts = t0 + tl.arange(0, BLOCK_T)
-            idx = ts.to(tl.int64)[:, None] * H + cols[None, :]
-            ok = (ts < n_parts)[:, None] & col_ok[None, :]
-            sum_h += tl.sum(tl.load(part_h_ptr + idx, mask=ok, other=0.0), axis=0)
-            sum_s2 += tl.sum(tl.load(part_s2_ptr + idx, mask=ok, other=0.0), axis=0)
-        tl.store(rho_ptr + cols, sum_h / B, mask=col_ok)
-        tl.store(c_ptr + cols, sum_s2, mask=col_ok)
-        jac += sum_s2 * tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0)
-    tl.store(jac_ptr, tl.sum(jac, axis=0) / B)
+    pid = tl.program_id(0)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < H
+    sum_h = tl.zeros((BLOCK,), dtype=ACC)
+    sum_s2 = tl.zeros((BLOCK,), dtype=ACC)
+    for t0 in range(0, n_parts, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        idx = ts.to(tl.int64)[:, None] * H + cols[None, :]
+        ok = (ts < n_parts)[:, None] & col_ok[None, :]
+        sum_h += tl.sum(tl.load(part_h_ptr + idx, mask=ok, other=0.0), axis=0)
+        sum_s2 += tl.sum(tl.load(part_s2_ptr + idx, mask=ok, other=0.0), axis=0)
+    tl.store(rho_ptr + cols, sum_h / B, mask=col_ok)
+    tl.store(c_ptr + cols, sum_s2, mask=col_ok)
+    share = tl.sum(sum_s2 * tl.load(sq_norm_ptr + cols, mask=col_ok, other=0.0), axis=0)
+    # The ticket's atomic add (acquire-release) orders each program's share before it: the
+    # program that draws the last ticket sees every share (volatile loads: not from L1).
+    tl.store(share_ptr + pid, share)
+    n_programs = tl.num_programs(0)
+    if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == n_programs - 1:
+        total = tl.zeros((BLOCK_S,), dtype=ACC)
+        for s0 in range(0, n_programs, BLOCK_S):
+            shares = s0 + tl.arange(0, BLOCK_S)
+            total += tl.load(share_ptr + shares, mask=shares < n_programs, other=0.0, volatile=True)
+        tl.store(jac_ptr, tl.sum(total, axis=0) / B)
 
 
 @autotune(elementwise_configs(), key=["B", "H"])
@@ -332,13 +348,16 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     part_s2 = stat_buffer(x, cdiv(batch, 16), hidden)
     stats = stat_buffer(x, 2, hidden)  # row 0: c, row 1: w
     rho_hat, jac = stat_buffer(x, hidden), stat_buffer(x)
+    n_finish = cdiv(hidden, FINISH_BLOCK)
+    shares = stat_buffer(x, n_finish)
+    finish_ticket = ticket(x.device)  # zeroed by the first kernel
     code = ACTIVATION_CODES[activation]
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
         grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(hidden, meta["BLOCK_N"])))
         _encoder_statistics_kernel[grid](
-            h, weight, part_h, part_s2, stats[1], batch, features, hidden,
+            h, weight, part_h, part_s2, stats[1], finish_ticket, batch, features, hidden,
             weight.stride(0), weight.stride(1), ACTIVATION=code,
             WIDE_COLUMNS=wide_columns(weight), ACC=acc,
         )  # fmt: skip
@@ -347,16 +366,17 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
         grid = grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")
         _encoder_forward_kernel[grid](
             x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
-            batch, features, hidden,
+            finish_ticket, batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             seed, level, low, high,
             ACTIVATION=code, NOISE=NOISE_CODES[noise_kind], HAS_BIAS=bias is not None,
             WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
     n_parts = cdiv(batch, grid.meta["BLOCK_M"])
-    _encoder_finish_kernel[(1,)](
-        part_h, part_s2, stats[1], rho_hat, stats[0], jac, n_parts, batch, hidden,
-        ACC=acc, BLOCK_T=FINISH_ROWS, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS,
+    _encoder_finish_kernel[(n_finish,)](
+        part_h, part_s2, stats[1], rho_hat, stats[0], jac, shares, finish_ticket, n_parts, batch,
+        hidden, ACC=acc, BLOCK_T=FINISH_ROWS, BLOCK=FINISH_BLOCK, BLOCK_S=FINISH_SHARES,
+        num_warps=FINISH_WARPS,
     )  # fmt: skip
     return h, rho_hat, jac, stats
 

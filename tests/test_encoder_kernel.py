@@ -279,6 +279,23 @@ def test_backward_without_statistics_gradients(fusion, unused, monkeypatch):
 
 
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
+@pytest.mark.parametrize("hidden", [40, 65])
+def test_finish_across_programs(fusion, hidden, monkeypatch):
+    """The finish kernel over several column blocks (16 columns each) whose shares of jac the
+    last program adds two at a time: rho_hat, jac and the gradients match the reference, twice
+    in a row (each launch's ticket starts nonzero under poisoned outputs, so the first kernel
+    must zero it)."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setattr(encoder, "FINISH_BLOCK", 16)
+    monkeypatch.setattr(encoder, "FINISH_SHARES", 2)
+    leaves, upstream = _inputs(19, 6, hidden, torch.float64)
+    for _ in range(2):
+        got = _run("triton", *leaves, upstream, activation="softplus")
+        want = _run("reference", *leaves, upstream, activation="softplus")
+        _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
 def test_partial_sums_follow_the_launched_config(fusion, monkeypatch):
     """Another thread's launch at another shape may change an autotuner's best_config between
     a launch and the launcher's read: the partial-sum count must come from the launch."""
