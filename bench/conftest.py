@@ -36,7 +36,7 @@ def pytest_addoption(parser):
         "--fastae-providers",
         default=None,
         help=f"comma-separated among {', '.join(fb.ALL_PROVIDERS[:-1])} (default: eager, "
-        "compile, fastae; on CUDA also fastae_split, fastae_regenerate and floor)",
+        "compile, fastae; on CUDA also fastae_gemm, fastae_split, fastae_regenerate and floor)",
     )
     group.addoption(
         "--fastae-compile-cases",

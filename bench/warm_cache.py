@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--providers",
         "--fastae-providers",
-        default="compile,fastae,fastae_split,fastae_regenerate",
+        default="compile,fastae,fastae_gemm,fastae_split,fastae_regenerate",
         help="which to warm (eager and floor compile nothing)",
     )
     parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)))

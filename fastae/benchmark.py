@@ -54,25 +54,37 @@ CASE_ORDER = (
 )  # fmt: skip
 PROVIDERS = ("eager", "compile", "fastae")
 JACREV = "jacrev"  # extra provider, contractive step only
-# Extra providers (CUDA defaults): fastae with the other fusion boundary of the encoder
-# (cuBLAS GEMMs + one fused statistics pass), fastae with the corrupted input regenerated
-# inside the GEMMs (denoising cases; memory-free) instead of written once and stored for
-# backward, and the floor:
-# the bare matrix products of the case (torch.mm forward and backward), or a plain copy for
-# corrupt.
+# ``fastae`` runs with the library's own choices (the measured fusion rules, x~ stored).
+# Extra providers (CUDA defaults): fastae with both fusion boundaries forced, the fused GEMMs
+# (``fastae_gemm``) or cuBLAS GEMMs plus fused elementwise passes (``fastae_split``), for the
+# encoder and decode_loss alike; fastae with the corrupted input regenerated inside the GEMMs
+# (denoising cases; memory-free) instead of written once and stored for backward; and the
+# floor: the bare matrix products of the case (torch.mm forward and backward), or a plain
+# copy for corrupt.
+GEMM = "fastae_gemm"
 SPLIT = "fastae_split"
 REGENERATE = "fastae_regenerate"
 FLOOR = "floor"
-EXTRA_PROVIDERS = (SPLIT, REGENERATE, FLOOR, JACREV)
+EXTRA_PROVIDERS = (GEMM, SPLIT, REGENERATE, FLOOR, JACREV)
+
+
+def _fusions(encoder: str, decoder: str, corrupted_input: str) -> dict[str, str]:
+    return {
+        "FASTAE_ENCODER_FUSION": encoder,
+        "FASTAE_DECODER_FUSION": decoder,
+        "FASTAE_CORRUPTED_INPUT": corrupted_input,
+    }
+
+
 # fastae variants: provider -> (its column in the ratio table, environment while it runs)
 VARIANTS = {
-    "fastae": (None, {"FASTAE_ENCODER_FUSION": "gemm", "FASTAE_CORRUPTED_INPUT": "store"}),
-    SPLIT: ("split", {"FASTAE_ENCODER_FUSION": "split", "FASTAE_CORRUPTED_INPUT": "store"}),
-    REGENERATE: (
-        "regen",
-        {"FASTAE_ENCODER_FUSION": "gemm", "FASTAE_CORRUPTED_INPUT": "regenerate"},
-    ),
+    "fastae": (None, _fusions("auto", "auto", "auto")),
+    GEMM: ("gemm", _fusions("gemm", "gemm", "store")),
+    SPLIT: ("split", _fusions("split", "split", "store")),
+    REGENERATE: ("regen", _fusions("gemm", "auto", "regenerate")),
 }
+# the cases whose kernels have two fusion boundaries
+FUSED_CASES = ("encode", "encode_stats", "decode_loss") + STEPS
 NOISY_CASES = ("denoising", "all")
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 
@@ -147,9 +159,9 @@ def default_sizes(device: str) -> str:
 
 
 def default_providers(device: str) -> str:
-    """eager, compile, fastae; on CUDA also the split boundary, the regenerated corrupted input
-    and the matrix-product floor."""
-    extra = (SPLIT, REGENERATE, FLOOR) if device.startswith("cuda") else ()
+    """eager, compile, fastae; on CUDA also both fusion boundaries forced, the regenerated
+    corrupted input and the matrix-product floor."""
+    extra = (GEMM, SPLIT, REGENERATE, FLOOR) if device.startswith("cuda") else ()
     return ",".join(PROVIDERS + extra)
 
 
@@ -168,8 +180,8 @@ def unavailable(provider: str, device: str, case: str | None = None) -> str | No
         return "the jacrev provider only computes the contractive step"
     if provider == FLOOR and case == "reparameterize":
         return "no matrix-product floor for reparameterize"
-    if provider == SPLIT and case not in (None, "encode", "encode_stats") + STEPS:
-        return "the split fusion boundary is the encoder's"
+    if provider in (GEMM, SPLIT) and case not in (None,) + FUSED_CASES:
+        return "a fusion boundary is the encoder's or decode_loss's"
     if provider == REGENERATE and case not in (None,) + NOISY_CASES:
         return "the regenerated corrupted input needs a denoising case"
     if provider == "compile":
@@ -711,12 +723,12 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
     """Median ms per provider and fastae's speedup vs eager and vs compile, per case."""
     rows = group_rows(records)
     with_jacrev = any(JACREV in row["providers"] for row in rows)
-    variants = [p for p in (SPLIT, REGENERATE) if any(p in row["providers"] for row in rows)]
+    variants = [p for p in (GEMM, SPLIT, REGENERATE) if any(p in row["providers"] for row in rows)]
     with_floor = any(FLOOR in row["providers"] for row in rows)
     header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
     header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
-    # split: the encoder's other fusion boundary; regen: x~ regenerated in the GEMMs, not stored;
-    # floor: bare matrix products (or a copy)
+    # gemm / split: both fusion boundaries forced; regen: x~ regenerated in the GEMMs, not
+    # stored; floor: bare matrix products (or a copy)
     for variant in variants:
         name = VARIANTS[variant][0]
         header += [f"{name} ms", f"{name}/fastae"]

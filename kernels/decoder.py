@@ -8,20 +8,31 @@ and its gradient d ell / d z^ (x^ - x for sigmoid + BCE), stores that gradient â
 Backward is matrix products only, the per-sample upstream weights g_i applied as they load:
 ``_decoder_grad_weight_kernel`` dV = (g * G)^T h with dc = sum_i g_i G_i from the same loop,
 and ``_decoder_grad_code_kernel`` dh = g * (G V).
+
+The other fusion boundary, ``split``: cuBLAS computes z^ = h V^T + c (torch.addmm), one
+elementwise pass ``_decoder_loss_kernel`` turns z^ into G in place with the same epilogue, and
+backward is the reference's: dz = g * G (one pass), then cuBLAS for dV = dz^T h and dh = dz V
+and a sum for dc. ``FASTAE_DECODER_FUSION=gemm|split|auto`` forces one.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 from fastae import reference
 
 from .common import (
+    Grid,
     acc_dtype,
+    autotune,
     cdiv,
     column_index,
     dot_precision,
+    elementwise_configs,
     empty,
     empty_in_layout,
     gemm_autotune,
@@ -35,6 +46,50 @@ from .common import (
 
 OUTPUT_CODES = {"sigmoid": 0, "identity": 1}
 LOSS_CODES = {"bce": 0, "mse": 1}
+FUSIONS = ("auto", "gemm", "split")
+
+# From this many multiply-adds (B * d * H) on, in every dtype, decode_loss takes cuBLAS's
+# products. From the kernels' times on an H200 at B=8192, 4096 -> 4096 (a full step's
+# profile): our GEMMs took 564 (forward) + 994 (dV) + 382 (dh) us in bf16 and
+# 2,736 + 3,088 + 747 us in tf32, against cuBLAS's 323-343 us (bf16) and 706-1,059 us (tf32) for
+# products of the same size. dV reads both operands transposed, and so does a tied forward in
+# tf32 (V^T = W is N-major), which tensor-core instructions cannot take from shared memory.
+# The passes the split adds read and write (B, d) once each (tens of microseconds there). At
+# 4096 x 784 -> 1024 (3.3e9, host-bound) the fused kernels keep their fewer launches. The
+# end-to-end crossover is not measured yet.
+SPLIT_FROM_MACS = 2**34
+
+
+def fusion(batch: int, features: int, hidden: int) -> str:
+    """Which fusion boundary decode_loss uses: ``FASTAE_DECODER_FUSION`` if set, else the
+    fused GEMM below ``SPLIT_FROM_MACS`` multiply-adds and cuBLAS products from there on."""
+    choice = os.environ.get("FASTAE_DECODER_FUSION", "auto")
+    if choice not in FUSIONS:
+        raise ValueError(f"FASTAE_DECODER_FUSION must be one of {FUSIONS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "split" if batch * features * hidden >= SPLIT_FROM_MACS else "gemm"
+
+
+@triton.jit
+def reconstruction_loss(z, t, OUTPUT: tl.constexpr, LOSS: tl.constexpr):
+    """(ell, d ell / d z^, x^) per element from z^ and the target t (both in the accumulator
+    dtype): BCE in the logits form softplus(z) - t z with gradient sigmoid(z) - t, or squared
+    error (x^ - t)^2 with gradient 2 (x^ - t) x^' (x^' = x^ (1 - x^) for a sigmoid output)."""
+    if OUTPUT == 0:
+        x_hat = 1.0 / (1.0 + tl.exp(-z))
+    else:
+        x_hat = z
+    if LOSS == 0:
+        ell = tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z))) - t * z
+        grad = x_hat - t
+    else:
+        diff = x_hat - t
+        ell = diff * diff
+        grad = 2.0 * diff
+        if OUTPUT == 0:
+            grad = grad * x_hat * (1.0 - x_hat)
+    return ell, grad, x_hat
 
 
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("h_ptr", "v_ptr"))
@@ -82,23 +137,45 @@ def _decoder_forward_kernel(
     t = tl.load(
         t_ptr + out_rows[:, None] * stride_tm + out_cols[None, :] * stride_tn, mask=ok, other=0.0
     ).to(ACC)
-    if OUTPUT == 0:
-        x_hat = 1.0 / (1.0 + tl.exp(-acc))
-    else:
-        x_hat = acc
-    if LOSS == 0:  # BCE with logits: softplus(z) - t z, gradient sigmoid(z) - t
-        ell = tl.maximum(acc, 0.0) + log1p(tl.exp(-tl.abs(acc))) - t * acc
-        grad = x_hat - t
-    else:
-        diff = x_hat - t
-        ell = diff * diff
-        grad = 2.0 * diff
-        if OUTPUT == 0:
-            grad = grad * x_hat * (1.0 - x_hat)
+    ell, grad, x_hat = reconstruction_loss(acc, t, OUTPUT, LOSS)
     out = out_rows[:, None] * D + cols[None, :]
     tl.store(gz_ptr + out, grad.to(gz_ptr.dtype.element_ty), mask=ok)
     if WRITE_XHAT:
         tl.store(xhat_ptr + out, x_hat.to(xhat_ptr.dtype.element_ty), mask=ok)
+    ell = tl.where(ok, ell, 0.0)
+    tl.store(part_ptr + pid_n.to(tl.int64) * B + rows, tl.sum(ell, axis=1), mask=row_ok)
+
+
+# G overwrites z^: the autotuner restores z^ after timing each config
+@autotune(elementwise_configs(), key=["B", "D"], restore_value=["z_ptr"])
+@triton.jit
+def _decoder_loss_kernel(
+    z_ptr, t_ptr, xhat_ptr, part_ptr, B, D, stride_tm, stride_tn,
+    OUTPUT: tl.constexpr, LOSS: tl.constexpr, WRITE_XHAT: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``split`` boundary: the forward kernel's epilogue over z^ = h V^T + c from cuBLAS, G
+    written in place over z^."""
+    pid_n = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    ok = row_ok[:, None] & (cols < D)[None, :]
+    if WIDE_INDEX:
+        out_rows = rows.to(tl.int64)
+        out_cols = cols.to(tl.int64)
+    else:
+        out_rows = rows
+        out_cols = cols
+    out = out_rows[:, None] * D + out_cols[None, :]
+    z = tl.load(z_ptr + out, mask=ok, other=0.0).to(ACC)
+    t = tl.load(
+        t_ptr + out_rows[:, None] * stride_tm + out_cols[None, :] * stride_tn, mask=ok, other=0.0
+    ).to(ACC)
+    ell, grad, x_hat = reconstruction_loss(z, t, OUTPUT, LOSS)
+    if WRITE_XHAT:
+        tl.store(xhat_ptr + out, x_hat.to(xhat_ptr.dtype.element_ty), mask=ok)
+    tl.store(z_ptr + out, grad.to(z_ptr.dtype.element_ty), mask=ok)
     ell = tl.where(ok, ell, 0.0)
     tl.store(part_ptr + pid_n.to(tl.int64) * B + rows, tl.sum(ell, axis=1), mask=row_ok)
 
@@ -182,11 +259,23 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     ``with_reconstruction`` also x^ from the same tiles (no second GEMM)."""
     batch, hidden = h.shape
     features = weight.shape[0]
+    x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else None
+    parts = stat_buffer(h, cdiv(features, 16), batch)  # the smallest BLOCK_N of any config
+    if fusion(batch, features, hidden) == "split":
+        grad_z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # z^
+        grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(features, meta["BLOCK_N"])))
+        _decoder_loss_kernel[grid](
+            grad_z, target, x_hat if with_reconstruction else grad_z, parts, batch, features,
+            target.stride(0), target.stride(1),
+            OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], WRITE_XHAT=with_reconstruction,
+            WIDE_INDEX=wide_index(target, grad_z), ACC=acc_dtype(h.dtype),
+        )  # fmt: skip
+        per_sample = parts[: cdiv(features, grid.meta["BLOCK_N"])].sum(0)
+        return (per_sample, grad_z, x_hat) if with_reconstruction else (per_sample, grad_z)
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads it at unit stride; copying a d-vector is free
     grad_z = empty((batch, features), h.device, h.dtype)
-    x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else grad_z
-    parts = stat_buffer(h, cdiv(features, 16), batch)
+    x_hat = grad_z if x_hat is None else x_hat
     grid = grid_2d(batch, features, "BLOCK_M", "BLOCK_N")
     _decoder_forward_kernel[grid](
         h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
@@ -209,6 +298,9 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     """(dV, dc, dh or None) as ``fastae.reference.decode_backward``."""
     batch, hidden = h.shape
     features = weight.shape[0]
+    if fusion(batch, features, hidden) == "split":
+        # dz = g * G in one pass, then cuBLAS's products and a sum: the reference's own ops
+        return reference.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
     acc = acc_dtype(h.dtype)
     precision = dot_precision(h.dtype)
     # the kernels read the B-vector grad_loss and G at unit stride (G as the forward wrote it:

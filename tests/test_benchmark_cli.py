@@ -152,7 +152,7 @@ def warm_cache(monkeypatch):
 def test_warm_cache_jobs_follow_the_run_order(warm_cache):
     args = argparse.Namespace(
         device="cpu", sizes="32x24x16,64x24x16", dtypes="fp32,bf16",
-        providers="compile,fastae,fastae_split,fastae_regenerate",
+        providers="compile,fastae,fastae_gemm,fastae_split,fastae_regenerate",
     )  # fmt: skip
     jobs = warm_cache.jobs(args)
     fastae_jobs = [job for job in jobs if job[2] != ("compile",)]
@@ -160,8 +160,9 @@ def test_warm_cache_jobs_follow_the_run_order(warm_cache):
         (case, dtype) for dtype in ("fp32", "bf16") for case in fb.CASE_ORDER
     ]
     providers = {case: job_providers for case, _, job_providers, _, _ in fastae_jobs}
-    assert providers["all"] == ("fastae", "fastae_split", "fastae_regenerate")
-    assert providers["encode"] == ("fastae", "fastae_split")
+    assert providers["all"] == ("fastae", "fastae_gemm", "fastae_split", "fastae_regenerate")
+    assert providers["encode"] == ("fastae", "fastae_gemm", "fastae_split")
+    assert providers["decode_loss"] == ("fastae", "fastae_gemm", "fastae_split")
     assert providers["corrupt"] == ("fastae",)
     assert len(jobs) - len(fastae_jobs) == 2 * len(fb.CASES)
     assert all(job[3] == (fb.Size(32, 24, 16), fb.Size(64, 24, 16)) for job in jobs)

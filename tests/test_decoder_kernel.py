@@ -121,10 +121,49 @@ def test_weight_gradient_in_the_weights_layout(backend_name, tied):
     torch.library.opcheck(torch.ops.fastae.decode_loss_backward.default, (*bwd_args, True))
 
 
+@pytest.mark.parametrize("output,loss", PAIRS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_split_boundary_matches_reference(output, loss, tied, monkeypatch):
+    """The other fusion boundary (torch's products, one loss pass over z^ writing G in place,
+    the reference's backward) computes the same, x^ included."""
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", "split")
+    leaves, upstream = _inputs(9, 13, 11, torch.float64, tied=tied, target_grad=True)
+    kw = dict(tied=tied, output=output, loss=loss)
+    got = _run("triton", *leaves, upstream, **kw)
+    want = _run("reference", *leaves, upstream, **kw)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+def test_split_boundary_opcheck(monkeypatch):
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", "split")
+    (h, weight, bias, target), _ = _inputs(4, 5, 6, torch.float64, tied=False)
+    for with_reconstruction in (False, True):
+        args = (h, weight, bias, target, "sigmoid", "mse", "triton", with_reconstruction)
+        torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
+
+
+def test_fusion_choice_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", "fastest")
+    with pytest.raises(ValueError, match="FASTAE_DECODER_FUSION"):
+        decoder.fusion(8, 8, 8)
+
+
+def test_fusion_rule(monkeypatch):
+    monkeypatch.delenv("FASTAE_DECODER_FUSION", raising=False)
+    assert decoder.fusion(4096, 784, 1024) == "gemm"
+    assert decoder.fusion(8192, 4096, 4096) == "split"
+    assert decoder.fusion(2**14, 2**10, 2**10) == "split"  # 2^34: from here
+    assert decoder.fusion(2**14, 2**10, 2**10 - 1) == "gemm"
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
+    assert decoder.fusion(8192, 4096, 4096) == "gemm"
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
 @pytest.mark.parametrize("wide", [True, False])
-def test_both_index_widths_match_reference(monkeypatch, wide):
+def test_both_index_widths_match_reference(monkeypatch, wide, fusion):
     """The epilogue's int64 offsets (taken for tensors past 2^31 elements) and its int32
     ones give the reference's values; the target is a transposed view (strided loads)."""
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
     monkeypatch.setattr(decoder, "wide_index", lambda *tensors: wide)
     leaves, upstream = _inputs(9, 6, 11, torch.float64, tied=True, target_grad=True)
     leaves[3] = leaves[3].detach().t().contiguous().t().requires_grad_()
