@@ -295,6 +295,29 @@ def test_finish_across_programs(fusion, hidden, monkeypatch):
         _assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finish_ticket_under_concurrency_cuda(monkeypatch):
+    """256 finish programs running at once on the GPU, the last reading every share: jac
+    matches the float64 reference on every one of 20 calls, bit for bit the same each time."""
+    monkeypatch.setattr(encoder, "FINISH_BLOCK", 16)
+    monkeypatch.setattr(encoder, "FINISH_SHARES", 64)
+    leaves, _ = _inputs(64, 8, 4096, torch.float32)
+    x, weight, bias = (t.detach() for t in leaves)
+    want = reference.encode_forward(x.double(), weight.double(), bias.double(), "sigmoid", "none",
+                                    0.0, 0.0, 0.0, 0)[2]  # fmt: skip
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with fastae.use_backend("triton"):
+            jacs = [ops.encode(x, weight, bias)[2] for _ in range(20)]
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for jac in jacs:
+        torch.testing.assert_close(jac.double(), want, rtol=1e-5, atol=0)
+        assert torch.equal(jac, jacs[0])
+
+
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
 def test_partial_sums_follow_the_launched_config(fusion, monkeypatch):
     """Another thread's launch at another shape may change an autotuner's best_config between
