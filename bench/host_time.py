@@ -1,0 +1,89 @@
+"""Host time of benchmark cases with every Triton kernel launch stubbed out.
+
+What Python, autograd and fastae's launchers cost per call, measured without a GPU: the
+triton backend runs on CPU tensors (Triton's interpreter mode lets it), but no kernel runs,
+so outputs stay unwritten and only the time means anything. Triton's own launch path is not
+in it. Beside it, eager PyTorch on the same tiny tensors, whose time is its host time too.
+
+    python bench/host_time.py --cases encode_stats,all --size 8x8x8
+
+Prints, per case, the best and the median of the rounds' mean microseconds per call. The
+machine's noise shows in the gap between them; compare runs side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+
+from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noqa: E402
+
+import fastae  # noqa: E402
+from fastae import benchmark as fb  # noqa: E402
+
+STUB_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+class _StubKernel:
+    """Stands in for a ``kernel[grid](...)`` launch: calls the grid (launchers read the
+    launched block sizes from a ``common.Grid``) and nothing else."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if isinstance(grid, common.Grid):
+                grid(STUB_META)
+
+        return launch
+
+
+def stub_kernels() -> list[str]:
+    """Replace every ``_*_kernel`` of the kernel modules; returns their names."""
+    names = []
+    for module in (encoder, decoder, noise, sparsity, vae):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                setattr(module, name, _StubKernel())
+                names.append(name)
+    return names
+
+
+def time_case(bench: fb.Bench, rounds: int, calls: int) -> tuple[float, float]:
+    for _ in range(max(calls // 10, 3)):
+        bench.step()
+    means = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            bench.step()
+        means.append((time.perf_counter() - start) / calls * 1e6)
+    return min(means), statistics.median(means)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="encode_stats,all", help="comma-separated cases")
+    parser.add_argument("--size", default="8x8x8", help="BATCHxINPUTSxHIDDEN")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=300, help="calls per round")
+    args = parser.parse_args(argv)
+    cases = fb.parse_list(args.cases, fb.CASES, "cases")
+    size = fb.Size.parse(args.size)
+    stub_kernels()
+    for case in cases:
+        eager = time_case(fb.build(case, "eager", size), args.rounds, args.calls)
+        with fastae.use_backend("triton"):
+            stubbed = time_case(fb.build(case, "fastae", size), args.rounds, args.calls)
+        print(
+            f"{case} {size}: fastae (kernels stubbed) best {stubbed[0]:.0f} us, median "
+            f"{stubbed[1]:.0f} us; eager best {eager[0]:.0f} us, median {eager[1]:.0f} us"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
