@@ -226,7 +226,7 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     dz = grad_z * grad_loss.to(grad_z.dtype).unsqueeze(1)
     # dV in V's layout (see empty_in_layout): (h^T dz)^T when V is column-major
     grad_weight = (h.t() @ dz).t() if column_major(weight) else dz.t() @ h
-    grad_bias = dz.to(stat_dtype(dz.dtype)).sum(0).to(weight.dtype)
+    grad_bias = dz.sum(0, dtype=stat_dtype(dz.dtype)).to(weight.dtype)  # no float32 copy of dz
     grad_h = dz @ weight if needs_h_grad else None
     return grad_weight, grad_bias, grad_h
 
