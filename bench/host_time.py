@@ -41,13 +41,14 @@ class _StubKernel:
         return launch
 
 
-def stub_kernels() -> list[str]:
-    """Replace every ``_*_kernel`` of the kernel modules; returns their names."""
+def stub_kernels(assign=setattr) -> list[str]:
+    """Replace every ``_*_kernel`` of the kernel modules (with ``assign(module, name, stub)``;
+    a test passes pytest's ``monkeypatch.setattr``); returns their names."""
     names = []
     for module in (encoder, decoder, noise, sparsity, vae):
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
-                setattr(module, name, _StubKernel())
+                assign(module, name, _StubKernel())
                 names.append(name)
     return names
 

@@ -238,3 +238,25 @@ def test_summary_of_a_run_without_eager_or_compile(bench_run, tmp_path, monkeypa
     _, records = bench_run
     fastae_only = [r for r in records if r["provider"].startswith("fastae")]
     assert "| sparse |" in _summarize(fastae_only, tmp_path, monkeypatch)
+
+
+@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+def test_host_time_stubs_every_launch(monkeypatch):
+    """bench/host_time.py: with every kernel stubbed, a full training step on the triton
+    backend runs through the stubs (its outputs unwritten) and is timed."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    host_time = importlib.import_module("host_time")
+    names = host_time.stub_kernels(monkeypatch.setattr)
+    assert {"_encoder_forward_kernel", "_decoder_loss_kernel", "_corrupt_kernel"} <= set(names)
+    launched = []
+    stub_launch = host_time._StubKernel.__getitem__
+
+    def counted(self, grid):
+        launched.append(grid)
+        return stub_launch(self, grid)
+
+    monkeypatch.setattr(host_time._StubKernel, "__getitem__", counted)
+    with fastae.use_backend("triton"):
+        best, median = host_time.time_case(fb.build("all", "fastae", fb.Size(4, 6, 5)), 1, 2)
+    assert 0 < best <= median
+    assert launched  # the stubs stood in for the launches
