@@ -320,6 +320,22 @@ def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str) -> Grid:
     return Grid(lambda meta: (cdiv(rows, meta[block_rows]) * cdiv(cols, meta[block_cols]),))
 
 
+def grid_tiles(rows: int, cols: int) -> Grid:
+    """One program per (BLOCK_M x BLOCK_N) tile on a 2-D grid (the elementwise kernels)."""
+    return Grid(lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"])))
+
+
+FUSIONS = ("auto", "gemm", "split")
+
+
+def fusion_choice(variable: str) -> str:
+    """A fusion boundary forced by the environment variable ``variable``, or ``auto``."""
+    choice = os.environ.get(variable, "auto")
+    if choice not in FUSIONS:
+        raise ValueError(f"{variable} must be one of {FUSIONS}, got {choice!r}")
+    return choice
+
+
 # Offsets at or past this need int64 arithmetic (a module constant so tests can lower it and
 # run the wide variants on small tensors).
 INDEX_LIMIT = 2**31

@@ -17,8 +17,6 @@ and a sum for dc. ``FASTAE_DECODER_FUSION=gemm|split|auto`` forces one.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +24,6 @@ import triton.language as tl
 from fastae import reference
 
 from .common import (
-    Grid,
     acc_dtype,
     autotune,
     cdiv,
@@ -35,8 +32,10 @@ from .common import (
     elementwise_configs,
     empty,
     empty_in_layout,
+    fusion_choice,
     gemm_autotune,
     grid_2d,
+    grid_tiles,
     log1p,
     stat_buffer,
     tile_ids,
@@ -46,7 +45,6 @@ from .common import (
 
 OUTPUT_CODES = {"sigmoid": 0, "identity": 1}
 LOSS_CODES = {"bce": 0, "mse": 1}
-FUSIONS = ("auto", "gemm", "split")
 
 # From this many multiply-adds (B * d * H) on, in every dtype, decode_loss takes cuBLAS's
 # products. From the kernels' times on an H200 at B=8192, 4096 -> 4096 (a full step's
@@ -63,9 +61,7 @@ SPLIT_FROM_MACS = 2**34
 def fusion(batch: int, features: int, hidden: int) -> str:
     """Which fusion boundary decode_loss uses: ``FASTAE_DECODER_FUSION`` if set, else the
     fused GEMM below ``SPLIT_FROM_MACS`` multiply-adds and cuBLAS products from there on."""
-    choice = os.environ.get("FASTAE_DECODER_FUSION", "auto")
-    if choice not in FUSIONS:
-        raise ValueError(f"FASTAE_DECODER_FUSION must be one of {FUSIONS}, got {choice!r}")
+    choice = fusion_choice("FASTAE_DECODER_FUSION")
     if choice != "auto":
         return choice
     return "split" if batch * features * hidden >= SPLIT_FROM_MACS else "gemm"
@@ -263,7 +259,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     parts = stat_buffer(h, cdiv(features, 16), batch)  # the smallest BLOCK_N of any config
     if fusion(batch, features, hidden) == "split":
         grad_z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # z^
-        grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(features, meta["BLOCK_N"])))
+        grid = grid_tiles(batch, features)
         _decoder_loss_kernel[grid](
             grad_z, target, x_hat if with_reconstruction else grad_z, parts, batch, features,
             target.stride(0), target.stride(1),

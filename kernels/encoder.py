@@ -23,8 +23,6 @@ dW and dx around the same dz pass. ``FASTAE_ENCODER_FUSION=gemm|split|auto`` for
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +31,6 @@ from . import noise as noise_kernels
 from .common import (
     ACTIVATION_CODES,
     NOISE_CODES,
-    Grid,
     acc_dtype,
     activate,
     autotune,
@@ -45,8 +42,10 @@ from .common import (
     element_offsets,
     elementwise_configs,
     empty,
+    fusion_choice,
     gemm_autotune,
     grid_2d,
+    grid_tiles,
     input_grad_mask,
     slope,
     stat_buffer,
@@ -59,7 +58,6 @@ from .common import (
 # last program adds per load. As one program it took 150-380 us at B=8192, H=4096 on an H200
 # (the GEMMs 640 us): one SM reading 2 MB of partial sums.
 FINISH_BLOCK, FINISH_ROWS, FINISH_WARPS, FINISH_SHARES = 128, 32, 4, 1024
-FUSIONS = ("auto", "gemm", "split")
 
 
 # float32 at or above this many multiply-adds (B * d * H) takes cuBLAS's GEMMs: our dW product
@@ -77,9 +75,7 @@ def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
     """Which fusion boundary to use: ``FASTAE_ENCODER_FUSION`` if set, else the measured rule:
     the fused GEMM (fewest launches), except float32 from ``SPLIT_FROM_MACS`` multiply-adds
     on, which takes cuBLAS GEMMs plus one fused statistics pass."""
-    choice = os.environ.get("FASTAE_ENCODER_FUSION", "auto")
-    if choice not in FUSIONS:
-        raise ValueError(f"FASTAE_ENCODER_FUSION must be one of {FUSIONS}, got {choice!r}")
+    choice = fusion_choice("FASTAE_ENCODER_FUSION")
     if choice != "auto":
         return choice
     large = batch * features * hidden >= SPLIT_FROM_MACS
@@ -355,7 +351,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
-        grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(hidden, meta["BLOCK_N"])))
+        grid = grid_tiles(batch, hidden)
         _encoder_statistics_kernel[grid](
             h, weight, part_h, part_s2, stats[1], finish_ticket, batch, features, hidden,
             weight.stride(0), weight.stride(1), ACTIVATION=code,
@@ -401,7 +397,7 @@ def encode_backward(
     stats = stats.contiguous()
     dz = empty(h.shape, h.device, h.dtype)
     part_db = stat_buffer(x, cdiv(batch, 16), hidden)
-    grid = Grid(lambda meta: (cdiv(batch, meta["BLOCK_M"]), cdiv(hidden, meta["BLOCK_N"])))
+    grid = grid_tiles(batch, hidden)
     _encoder_grad_z_kernel[grid](
         h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
         batch, hidden, grad_h.stride(0), grad_h.stride(1),
