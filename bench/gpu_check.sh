@@ -6,7 +6,8 @@
 # tf32 and bf16; then reparameterize, corrupt on 256 MB, and the host time of encode with
 # statistics and of the full step at B=64) and print the ratio table last. Everything lands in
 # $OUT (default ./out):
-#   tests.log, warm.log, bench.log, bench.json, SUMMARY.md, speedup.png
+#   tests.log, warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png,
+#   launch/SUMMARY.md
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
 # stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
@@ -100,19 +101,36 @@ bench_rc=$?
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
 
 # reparameterize at B=4096, k=64..1024; corrupt on 256 MB against a plain copy; then the host
-# time of encode with statistics and of the full step at B=64 (kernels of a few microseconds)
+# time of encode with statistics and of the full step at B=64 (kernels of a few microseconds);
+# the host-bound ones also through Triton's own launch path (fastae_triton_launch)
 extra=()
-for spec in "reparameterize vae tf32 ops" "corrupt bandwidth tf32 ops" \
-    "encode_stats host bf16 ops" "all host bf16 steps"; do
+base=eager,compile,fastae,floor
+for spec in "reparameterize vae tf32 ops $base,fastae_triton_launch" \
+    "corrupt bandwidth tf32 ops $base" \
+    "encode_stats host bf16 ops $base,fastae_triton_launch" \
+    "all host bf16 steps $base,fastae_triton_launch"; do
     set -- $spec
     [ "$(left)" -lt 25 ] && break
     log "benchmarks: $1 at sizes '$2'"
     timeout $(($(left) + 60)) "$PYTHON" -m pytest "bench/test_$4.py" -q -p no:cacheprovider \
         --benchmark-only -k "$1" --fastae-device cuda --fastae-sizes "$2" --fastae-dtypes "$3" \
-        --fastae-providers eager,compile,fastae,floor --fastae-budget-s "$(left)" \
-        --benchmark-json "$OUT/bench_$1.json" >>"$OUT/bench.log" 2>&1
-    [ -s "$OUT/bench_$1.json" ] && extra+=("$OUT/bench_$1.json")
+        --fastae-providers "$5" --fastae-budget-s "$(left)" \
+        --benchmark-json "$OUT/bench_$1_$2.json" >>"$OUT/bench.log" 2>&1
+    [ -s "$OUT/bench_$1_$2.json" ] && extra+=("$OUT/bench_$1_$2.json")
 done
+
+# the same side by side at the targets' MNIST-like shape, summarized apart (launch/SUMMARY.md):
+# bench.json has these cases from another run
+if [ "$(left)" -ge 40 ]; then
+    log "benchmarks: Triton's launch path against the direct one at 4096x784x1024"
+    timeout $(($(left) + 60)) "$PYTHON" -m pytest bench/test_ops.py bench/test_steps.py -q \
+        -p no:cacheprovider --benchmark-only -k "encode_stats or all" --fastae-device cuda \
+        --fastae-sizes 4096x784x1024 --fastae-dtypes bf16 \
+        --fastae-providers eager,fastae,fastae_triton_launch --fastae-budget-s "$(left)" \
+        --benchmark-json "$OUT/bench_launch.json" >>"$OUT/bench.log" 2>&1
+    [ -s "$OUT/bench_launch.json" ] && "$PYTHON" bench/summarize.py "$OUT/bench_launch.json" \
+        --out "$OUT/launch" >>"$OUT/bench.log" 2>&1
+fi
 
 log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
 if [ ! -s "$OUT/bench.json" ]; then

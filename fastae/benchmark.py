@@ -60,19 +60,24 @@ JACREV = "jacrev"  # extra provider, contractive step only
 # encoder and decode_loss alike; fastae with the corrupted input regenerated inside the GEMMs
 # (denoising cases; memory-free) instead of written once and stored for backward; and the
 # floor: the bare matrix products of the case (torch.mm forward and backward), or a plain
-# copy for corrupt.
+# copy for corrupt. ``fastae_triton_launch``: fastae with every kernel launched through
+# Triton's own launch path (``FASTAE_DIRECT_LAUNCH=0``), for the host time it costs.
 GEMM = "fastae_gemm"
 SPLIT = "fastae_split"
 REGENERATE = "fastae_regenerate"
+TRITON_LAUNCH = "fastae_triton_launch"
 FLOOR = "floor"
-EXTRA_PROVIDERS = (GEMM, SPLIT, REGENERATE, FLOOR, JACREV)
+EXTRA_PROVIDERS = (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH, FLOOR, JACREV)
 
 
-def _fusions(encoder: str, decoder: str, corrupted_input: str) -> dict[str, str]:
+def _fusions(
+    encoder: str, decoder: str, corrupted_input: str, direct_launch: str = "1"
+) -> dict[str, str]:
     return {
         "FASTAE_ENCODER_FUSION": encoder,
         "FASTAE_DECODER_FUSION": decoder,
         "FASTAE_CORRUPTED_INPUT": corrupted_input,
+        "FASTAE_DIRECT_LAUNCH": direct_launch,
     }
 
 
@@ -82,6 +87,7 @@ VARIANTS = {
     GEMM: ("gemm", _fusions("gemm", "gemm", "store")),
     SPLIT: ("split", _fusions("split", "split", "store")),
     REGENERATE: ("regen", _fusions("gemm", "auto", "regenerate")),
+    TRITON_LAUNCH: ("tlaunch", _fusions("auto", "auto", "auto", direct_launch="0")),
 }
 # the cases whose kernels have two fusion boundaries
 FUSED_CASES = ("encode", "encode_stats", "decode_loss") + STEPS
@@ -184,6 +190,8 @@ def unavailable(provider: str, device: str, case: str | None = None) -> str | No
         return "a fusion boundary is the encoder's or decode_loss's"
     if provider == REGENERATE and case not in (None,) + NOISY_CASES:
         return "the regenerated corrupted input needs a denoising case"
+    if provider == TRITON_LAUNCH and not device.startswith("cuda"):
+        return "Triton's launch path is fastae's on CUDA only"
     if provider == "compile":
         if device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
             return "torch.compile on the CPU needs a C++ compiler"
@@ -723,12 +731,16 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
     """Median ms per provider and fastae's speedup vs eager and vs compile, per case."""
     rows = group_rows(records)
     with_jacrev = any(JACREV in row["providers"] for row in rows)
-    variants = [p for p in (GEMM, SPLIT, REGENERATE) if any(p in row["providers"] for row in rows)]
+    variants = [
+        p
+        for p in (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH)
+        if any(p in row["providers"] for row in rows)
+    ]
     with_floor = any(FLOOR in row["providers"] for row in rows)
     header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
     header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
     # gemm / split: both fusion boundaries forced; regen: x~ regenerated in the GEMMs, not
-    # stored; floor: bare matrix products (or a copy)
+    # stored; tlaunch: Triton's own launch path; floor: bare matrix products (or a copy)
     for variant in variants:
         name = VARIANTS[variant][0]
         header += [f"{name} ms", f"{name}/fastae"]

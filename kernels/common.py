@@ -8,6 +8,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 from fastae import reference
 from fastae.backend import triton_interpreting
@@ -372,3 +376,147 @@ def column_index(cols, WIDE_COLUMNS: tl.constexpr):
 def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return empty(shape, like.device, dtype)
+
+
+def direct_launching() -> bool:
+    """``FASTAE_DIRECT_LAUNCH=0`` sends every launch through Triton's own path
+    (``kernel[grid](...)``) instead of :func:`launch`'s direct one. Default 1."""
+    choice = os.environ.get("FASTAE_DIRECT_LAUNCH", "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"FASTAE_DIRECT_LAUNCH must be 0 or 1, got {choice!r}")
+    return choice == "1"
+
+
+# (kernel id, device, argument key, meta) -> the compiled kernel and what its launch needs
+_launches: dict = {}
+# kernel id -> (kernel, is-constexpr flag per parameter, positions of unspecialized
+# parameters, number of leading runtime parameters), or None where the direct path does not
+# apply (an interpreted kernel, per-launch hooks)
+_parameters: dict = {}
+
+
+def launch(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)``, from the second call on without Triton's launch path.
+
+    Triton's ``JITFunction.run`` (and ``Autotuner.run`` before it) binds and specializes
+    every argument, formats the compile options into a cache key and looks the kernel up on
+    each call: 45-75 us of host time per launch on a 2-core x86 CPU, measured against a
+    stand-in driver (``bench/launch_time.py``), against about 11 us here. Here
+    the first call with a given key goes through Triton (autotuning and compiling as usual),
+    and its compiled kernel, config and trailing constexpr arguments are kept; later calls
+    with the same key hand them to the compiled kernel's launcher directly, as Triton would.
+
+    The key holds everything Triton specializes on, at least as finely: each tensor's dtype
+    and data pointer modulo 16, each integer's value (its i32/i64/u64 range for
+    ``do_not_specialize`` ones), the type of each other argument, the ``meta`` keywords, the
+    kernel and the current device. The autotuner keys on a subset of these, so a key also
+    fixes the config. Positional arguments must be the kernel's leading non-constexpr
+    parameters and ``meta`` its constexprs (or launch options such as ``num_warps``); other
+    calls, and calls under the interpreter, take Triton's path every time. Callable grids get
+    the meta-parameters (the constexprs and the config), not the runtime arguments. Triton's
+    global debug and instrumentation settings are read at a key's first call.
+    """
+    parameters = _parameters.get(id(kernel), False)
+    if parameters is False:
+        parameters = _parameters[id(kernel)] = _direct_parameters(kernel)
+    if parameters is None or not direct_launching():
+        return kernel[grid](*args, **meta)
+    active = driver.active
+    device = active.get_current_device()
+    key = _argument_key(args, parameters)
+    if key is None:
+        return kernel[grid](*args, **meta)
+    key = (id(kernel), device, key, *meta.items())
+    entry = _launches.get(key)
+    if entry is None:
+        return _launch_and_keep(key, kernel, grid, args, meta, parameters[1])
+    compiled, run, tail, meta_parameters = entry
+    if callable(grid):
+        grid = grid(meta_parameters)
+    stream = active.get_current_stream(device)
+    enter_hook, exit_hook = (
+        _hook(knobs.runtime.launch_enter_hook),
+        _hook(knobs.runtime.launch_exit_hook),
+    )
+    launch_metadata = None
+    if enter_hook is not None or exit_hook is not None:
+        launch_metadata = compiled.launch_metadata(grid, stream, *args, *tail)
+    run(
+        grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+        compiled.function, compiled.packed_metadata, launch_metadata, enter_hook, exit_hook,
+        *args, *tail,
+    )  # fmt: skip
+    return compiled
+
+
+def _hook(hook):
+    """A launch hook, or None for none or an empty chain of them (Triton's default: the
+    launcher would call it with metadata made for nothing)."""
+    return None if hook is None or getattr(hook, "calls", None) == [] else hook
+
+
+def _direct_parameters(kernel):
+    function = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    if type(function) is not JITFunction or function.pre_run_hooks:
+        return None
+    if isinstance(kernel, Autotuner) and any(c.pre_hook for c in kernel.configs):
+        return None  # hooks that run on every launch
+    constexprs = tuple(p.is_constexpr for p in function.params)
+    loose = tuple(i for i, p in enumerate(function.params) if p.do_not_specialize)
+    leading = constexprs.index(True) if True in constexprs else len(constexprs)
+    return kernel, constexprs, loose, leading
+
+
+def _tensor_part(tensor):
+    return tensor.dtype, tensor.data_ptr() % 16
+
+
+# argument type -> its part of the key (types not listed take Triton's path)
+_KEY_PARTS = {
+    torch.Tensor: _tensor_part,
+    torch.nn.Parameter: _tensor_part,
+    int: lambda value: value,
+    str: lambda value: value,  # an unspecialized integer's range, from _argument_key
+    float: lambda value: float,  # always fp32
+    bool: lambda value: (bool, value),
+    type(None): lambda value: None,
+}
+
+
+def _argument_key(args, parameters):
+    """What Triton's specialization of ``args`` depends on, or None if the direct path does
+    not apply to them."""
+    _, _, loose, leading = parameters
+    if len(args) > leading:  # a constexpr passed by position
+        return None
+    values = list(args)
+    for i in loose:
+        if i < len(values) and type(values[i]) is int:
+            value = values[i]
+            values[i] = "i32" if -(2**31) <= value < 2**31 else "i64" if value < 2**63 else "u64"
+    try:
+        return tuple([_KEY_PARTS[type(value)](value) for value in values])
+    except KeyError:
+        return None
+
+
+def _launch_and_keep(key, kernel, grid, args, meta, constexprs):
+    """Triton's own launch; keeps what later calls with ``key`` need to repeat it."""
+    calls = []
+
+    def grid_of(bound):
+        calls.append(bound)
+        return grid(bound) if callable(grid) else grid
+
+    compiled = kernel[grid_of](*args, **meta)
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    bound = calls[-1]
+    if len(bound) == len(constexprs) and all(constexprs[len(args) :]):
+        tail = tuple(bound.values())[len(args) :]
+        # the grid's view of the launch: the meta-parameters only (keeps no tensor alive)
+        meta_parameters = {
+            name: value for (name, value), c in zip(bound.items(), constexprs, strict=True) if c
+        }
+        _launches[key] = (compiled, compiled.run, tail, meta_parameters)
+    return compiled

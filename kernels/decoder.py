@@ -36,6 +36,7 @@ from .common import (
     gemm_autotune,
     grid_2d,
     grid_tiles,
+    launch,
     log1p,
     stat_buffer,
     tile_ids,
@@ -260,7 +261,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     if fusion(batch, features, hidden) == "split":
         grad_z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # z^
         grid = grid_tiles(batch, features)
-        _decoder_loss_kernel[grid](
+        launch(_decoder_loss_kernel, grid,
             grad_z, target, x_hat if with_reconstruction else grad_z, parts, batch, features,
             target.stride(0), target.stride(1),
             OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], WRITE_XHAT=with_reconstruction,
@@ -273,7 +274,7 @@ def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=Fa
     grad_z = empty((batch, features), h.device, h.dtype)
     x_hat = grad_z if x_hat is None else x_hat
     grid = grid_2d(batch, features, "BLOCK_M", "BLOCK_N")
-    _decoder_forward_kernel[grid](
+    launch(_decoder_forward_kernel, grid,
         h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
         batch, features, hidden,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
@@ -305,7 +306,7 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     grad_z = grad_z.contiguous()
     grad_weight = empty_in_layout(weight)  # column-major for a tied V = W^T: no copy into .grad
     grad_bias = empty((features,), h.device, weight.dtype)
-    _decoder_grad_weight_kernel[grid_2d(features, hidden, "BLOCK_N", "BLOCK_K")](
+    launch(_decoder_grad_weight_kernel, grid_2d(features, hidden, "BLOCK_N", "BLOCK_K"),
         grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
         h.stride(0), h.stride(1), grad_weight.stride(0), grad_weight.stride(1),
         WIDE_COLUMNS=wide_columns(h, grad_weight), ACC=acc, PRECISION=precision,
@@ -313,7 +314,7 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     grad_h = None
     if needs_h_grad:
         grad_h = empty((batch, hidden), h.device, h.dtype)
-        _decoder_grad_code_kernel[grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K")](
+        launch(_decoder_grad_code_kernel, grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K"),
             grad_z, grad_loss, weight, grad_h, batch, features, hidden,
             weight.stride(0), weight.stride(1), WIDE_COLUMNS=wide_columns(weight), ACC=acc,
             PRECISION=precision,

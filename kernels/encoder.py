@@ -47,6 +47,7 @@ from .common import (
     grid_2d,
     grid_tiles,
     input_grad_mask,
+    launch,
     slope,
     stat_buffer,
     ticket,
@@ -352,7 +353,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
         grid = grid_tiles(batch, hidden)
-        _encoder_statistics_kernel[grid](
+        launch(_encoder_statistics_kernel, grid,
             h, weight, part_h, part_s2, stats[1], finish_ticket, batch, features, hidden,
             weight.stride(0), weight.stride(1), ACTIVATION=code,
             WIDE_COLUMNS=wide_columns(weight), ACC=acc,
@@ -360,7 +361,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     else:
         h = empty((batch, hidden), x.device, x.dtype)
         grid = grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")
-        _encoder_forward_kernel[grid](
+        launch(_encoder_forward_kernel, grid,
             x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
             finish_ticket, batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -369,7 +370,7 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
             WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
     n_parts = cdiv(batch, grid.meta["BLOCK_M"])
-    _encoder_finish_kernel[(n_finish,)](
+    launch(_encoder_finish_kernel, (n_finish,),
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, shares, finish_ticket, n_parts, batch,
         hidden, ACC=acc, BLOCK_T=FINISH_ROWS, BLOCK=FINISH_BLOCK, BLOCK_S=FINISH_SHARES,
         num_warps=FINISH_WARPS,
@@ -398,7 +399,7 @@ def encode_backward(
     dz = empty(h.shape, h.device, h.dtype)
     part_db = stat_buffer(x, cdiv(batch, 16), hidden)
     grid = grid_tiles(batch, hidden)
-    _encoder_grad_z_kernel[grid](
+    launch(_encoder_grad_z_kernel, grid,
         h, grad_h, grad_rho, grad_jac, stats[1], dz, part_db,
         batch, hidden, grad_h.stride(0), grad_h.stride(1),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_GRAD_RHO=has_grad_rho,
@@ -419,7 +420,7 @@ def encode_backward(
         return grad_weight, grad_bias, grad_input
     grad_weight = empty((hidden, features), x.device, weight.dtype)
     grad_bias = empty((hidden,), x.device, weight.dtype)
-    _encoder_grad_weight_kernel[grid_2d(hidden, features, "BLOCK_N", "BLOCK_K")](
+    launch(_encoder_grad_weight_kernel, grid_2d(hidden, features, "BLOCK_N", "BLOCK_K"),
         dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -430,7 +431,7 @@ def encode_backward(
     grad_input = None
     if needs_input_grad:
         grad_input = empty((batch, features), x.device, x.dtype)
-        _encoder_grad_input_kernel[grid_2d(batch, features, "BLOCK_M", "BLOCK_K")](
+        launch(_encoder_grad_input_kernel, grid_2d(batch, features, "BLOCK_M", "BLOCK_K"),
             dz, weight, grad_input, batch, features, hidden,
             weight.stride(0), weight.stride(1), seed, level,
             NOISE=noise, WIDE_COLUMNS=wide_columns(weight), ACC=acc, PRECISION=precision,

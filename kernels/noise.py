@@ -20,6 +20,7 @@ from .common import (
     element_offsets,
     empty,
     input_grad_mask,
+    launch,
     wide_columns,
 )
 
@@ -63,7 +64,7 @@ def _launch(x, kind, level, low, high, seed, base, grad):
         cdiv(batch, meta["BLOCK_M"]),
         cdiv(features, meta["BLOCK_N"]),
     )
-    _corrupt_kernel[grid](
+    launch(_corrupt_kernel, grid,
         x, out, batch, features, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         seed, base, level, low, high,
         NOISE=NOISE_CODES[kind], GRAD=grad, WIDE_COLUMNS=wide_columns(x, out),

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from fastae.reference import KL_EPS, stat_dtype
 
-from .common import acc_dtype, empty, interpreting, log1p
+from .common import acc_dtype, empty, interpreting, launch, log1p
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def bernoulli_kl(rho_hat, rho):
     grad = empty(rho_hat.shape, rho_hat.device, dtype)
     kl = empty((), rho_hat.device, dtype)
     rho_hi = float(np.float32(rho))
-    _bernoulli_kl_kernel[(1,)](
+    launch(_bernoulli_kl_kernel, (1,),
         rho_hat, grad, kl, rho_hat.shape[0], rho_hi, rho - rho_hi,
         EPS=KL_EPS, ACC=acc_dtype(rho_hat.dtype), BLOCK=64 if interpreting() else 1024,
     )  # fmt: skip

@@ -24,6 +24,7 @@ from .common import (
     element_offsets,
     empty,
     interpreting,
+    launch,
     stat_buffer,
     wide_columns,
 )
@@ -145,7 +146,7 @@ def reparameterize_forward(mu, logvar, seed):
     batch, latent = mu.shape
     z = empty((batch, latent), mu.device, mu.dtype)
     kl = stat_buffer(mu, batch)
-    _reparameterize_forward_kernel[lambda meta: (cdiv(batch, meta["BLOCK_M"]),)](
+    launch(_reparameterize_forward_kernel, lambda meta: (cdiv(batch, meta["BLOCK_M"]),),
         mu, logvar, z, kl, batch, latent,
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
         WIDE_COLUMNS=wide_columns(mu, logvar), ACC=acc_dtype(mu.dtype),
@@ -165,7 +166,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
         cdiv(batch, meta["BLOCK_M"]),
         cdiv(latent, meta["BLOCK_N"]),
     )
-    _reparameterize_backward_kernel[grid](
+    launch(_reparameterize_backward_kernel, grid,
         gz, gkl, mu, logvar, dmu, dlogvar, batch, latent,
         gz.stride(0), gz.stride(1), gkl.stride(0),
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,

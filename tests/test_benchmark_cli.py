@@ -260,3 +260,18 @@ def test_host_time_stubs_every_launch(monkeypatch):
         best, median = host_time.time_case(fb.build("all", "fastae", fb.Size(4, 6, 5)), 1, 2)
     assert 0 < best <= median
     assert launched  # the stubs stood in for the launches
+
+
+def test_triton_launch_provider(bench_run):
+    """fastae_triton_launch: fastae with FASTAE_DIRECT_LAUNCH=0, on CUDA only; its column in
+    the ratio table is tlaunch/fastae (fastae's time through Triton's launch path over its
+    time through the direct one)."""
+    assert fb.unavailable(fb.TRITON_LAUNCH, "cpu", "all")
+    assert fb.VARIANTS[fb.TRITON_LAUNCH][1]["FASTAE_DIRECT_LAUNCH"] == "0"
+    assert fb.VARIANTS["fastae"][1]["FASTAE_DIRECT_LAUNCH"] == "1"
+    _, records = bench_run
+    fast = next(r for r in records if r["provider"] == "fastae" and r["case"] == "sparse")
+    slow = dict(fast, provider=fb.TRITON_LAUNCH, median_s=3 * fast["median_s"])
+    header, *_, row = fb.ratio_table([fast, slow]).splitlines()
+    assert "tlaunch ms" in header and "tlaunch/fastae" in header
+    assert "3x" in row.split()

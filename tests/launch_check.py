@@ -1,0 +1,140 @@
+"""Run by tests/test_launch.py in a subprocess, with Triton compiling (not interpreting) for
+a stand-in driver (bench/fake_driver.py): every launcher of fastae, called through
+``kernels.common.launch``, hands Triton's launcher the same compiled kernel, grid and
+arguments as Triton's own launch path, call for call; and from a key's second call on it
+does not enter Triton's launch path. The calls mix what Triton specializes on (dtypes,
+aligned and unaligned data pointers, sizes divisible by 16 or not, 32- and 64-bit seeds), so
+a key coarser than Triton's would reuse a wrong kernel and show here. Exit status 0: all
+agreed; it prints what it compared."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+
+import fake_driver  # noqa: E402
+import torch  # noqa: E402
+from fastae.kernels import decoder, encoder, noise, sparsity, vae  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+def unaligned(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous (rows, cols) tensor whose data pointer is not 16-byte aligned."""
+    return torch.randn(rows * cols + 1, dtype=dtype)[1:].view(rows, cols)
+
+
+def encode_step(x, weight, seed, fusion="auto", noise_kind="masking"):
+    def run():
+        os.environ["FASTAE_ENCODER_FUSION"] = fusion
+        h, rho_hat, jac, stats = encoder.encode_forward(
+            x, weight, weight[:, 0], "sigmoid", noise_kind, 0.25, 0.0, 1.0, seed
+        )
+        grad_h = torch.randn_like(h)
+        encoder.encode_backward(
+            grad_h, torch.randn_like(rho_hat), torch.randn(()), x, weight, h, stats,
+            "sigmoid", noise_kind, 0.25, 0.0, 1.0, seed, True,
+        )  # fmt: skip
+
+    return run
+
+
+def decode_step(h, weight, fusion="auto"):
+    def run():
+        os.environ["FASTAE_DECODER_FUSION"] = fusion
+        target = torch.rand(h.shape[0], weight.shape[0], dtype=h.dtype)
+        _, grad_z = decoder.decode_forward(h, weight, None, target, "sigmoid", "bce")
+        decoder.decode_backward(torch.rand(h.shape[0]), h, weight, grad_z, True)
+
+    return run
+
+
+def other_ops(x, seed, base):
+    def run():
+        noise.corrupt(x, "salt_pepper", 0.3, 0.0, 1.0, seed, base)
+        noise.corrupt_input_grad(x, "masking_rescale", 0.3, seed, base)
+        sparsity.bernoulli_kl(torch.rand(x.shape[1]), 0.05)
+        z, kl = vae.reparameterize_forward(x, x, seed)
+        vae.reparameterize_backward(torch.randn_like(z), None, x, x, seed)
+
+    return run
+
+
+def main() -> int:
+    # bfloat16 for the products: their kernels compile several times faster than float32's
+    bf16 = torch.bfloat16
+    x, weight = torch.randn(32, 48, dtype=bf16), torch.randn(40, 48, dtype=bf16)
+    scenarios = [
+        encode_step(x, weight, seed=3),
+        encode_step(unaligned(32, 48, bf16), weight, seed=3),
+        encode_step(x, weight, seed=2**40),
+        encode_step(x, weight, seed=3, fusion="split"),
+        decode_step(torch.randn(33, 17, dtype=bf16), torch.randn(17, 70, dtype=bf16).t()),
+        decode_step(unaligned(33, 17, bf16), torch.randn(17, 70, dtype=bf16).t()),
+        decode_step(torch.randn(32, 40), torch.randn(48, 40), fusion="split"),
+        other_ops(x.float(), seed=3, base=0),
+        other_ops(unaligned(32, 48, torch.float32), seed=3, base=2**33),
+        other_ops(x.float(), seed=2**40, base=0),
+    ]
+    with fake_driver.installed() as launches:
+
+        def record(direct: bool) -> list[list]:
+            os.environ["FASTAE_DIRECT_LAUNCH"] = "1" if direct else "0"
+            out = []
+            for scenario in scenarios:
+                launches.calls.clear()
+                torch.manual_seed(0)
+                scenario()
+                out.append([describe(call) for call in launches.calls])
+            return out
+
+        tritons = record(direct=False)
+        first = record(direct=True)
+        entered = []
+        tritons_run = JITFunction.run
+
+        def counted(self, *args, **kwargs):
+            entered.append(self)
+            return tritons_run(self, *args, **kwargs)
+
+        JITFunction.run = counted
+        try:
+            second = record(direct=True)
+        finally:
+            JITFunction.run = tritons_run
+    compared = 0
+    for i, (want, got_first, got_second) in enumerate(zip(tritons, first, second, strict=True)):
+        for label, got in (("first", got_first), ("second", got_second)):
+            if got != want:
+                print(f"scenario {i}, {label} direct pass: launches differ from Triton's path")
+                for a, b in zip(want, got, strict=False):
+                    if a != b:
+                        print("  triton:", a, "\n  direct:", b)
+                return 1
+        compared += len(want)
+    if entered:
+        print(f"the second direct pass entered Triton's launch path {len(entered)} times")
+        return 1
+    names = sorted({call[0] for calls in tritons for call in calls})
+    print(f"launches compared: {compared}; kernels: {', '.join(names)}")
+    print("Triton launch path calls on the second direct pass: 0")
+    return 0
+
+
+def describe(call) -> tuple:
+    """What must agree between the two paths for one launch (tensors by dtype, shape,
+    strides and data-pointer alignment: the two passes allocate their outputs anew)."""
+    name, grid, stream, function, packed, args = call
+    return (name, grid, stream, function, packed, tuple(map(describe_argument, args)))
+
+
+def describe_argument(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), value.stride(), value.data_ptr() % 16)
+    return (type(value), value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

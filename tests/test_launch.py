@@ -1,0 +1,71 @@
+"""Direct kernel launches (``kernels.common.launch``): the same compiled kernel, grid and
+arguments as Triton's own launch path, without its per-call host time."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from fastae.kernels import common  # noqa: E402
+
+CHECK = Path(__file__).with_name("launch_check.py")
+
+
+def test_direct_launches_match_tritons():
+    """Every launcher of fastae, compiled for sm_90 against a stand-in driver: call for call,
+    the direct path hands the launcher what Triton's path does (kernel, grid, arguments),
+    over inputs that Triton specializes differently, and skips Triton's path once a key is
+    known (tests/launch_check.py; a subprocess, as the interpreter is off there)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTAE_AUTOTUNE"] = "0"  # one config a kernel: compiling dominates this test
+    result = subprocess.run(
+        [sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "launches compared:" in result.stdout
+    assert "_encoder_forward_kernel" in result.stdout and "_decoder_forward_kernel" in result.stdout
+
+
+KERNEL_PARAMETERS = (None, (False,) * 6 + (True,), (4,), 6)  # 6 runtime, 1 constexpr; 4 loose
+
+
+def key(*args):
+    return common._argument_key(args, KERNEL_PARAMETERS)
+
+
+def test_key_tells_apart_what_triton_specializes_on():
+    x = torch.randn(8, 8)
+    unaligned = torch.randn(65)[1:].view(8, 8)
+    base = key(x, 16, 1.5, True, 7, None)
+    assert base == key(x.clone(), 16, 0.5, True, 123, None)  # floats and seeds: one kernel
+    assert base != key(unaligned, 16, 1.5, True, 7, None)  # alignment
+    assert base != key(x.double(), 16, 1.5, True, 7, None)  # dtype
+    assert base != key(x, 17, 1.5, True, 7, None)  # a specialized integer's value
+    assert base != key(x, 16, 1.5, False, 7, None)
+    assert base != key(x, 16, 1.5, True, 2**31, None)  # i32 -> i64
+    assert key(x, 16, 1.5, True, 2**31, None) != key(x, 16, 1.5, True, 2**63, None)  # -> u64
+    assert key(x, 16, 1.5, True, -(2**31) - 1, None) == key(x, 16, 1.5, True, 2**40, None)
+    # 1, 1.0 and True are equal in Python; their key parts are not
+    assert len({key(x, 1, 1.0, 1, 7, None), key(x, 1, 1, 1, 7, None)}) == 2
+    assert key(x, 1, 1.0, True, 7, None) != key(x, 1, 1.0, 1, 7, None)
+
+
+def test_key_refuses_what_it_cannot_vouch_for():
+    x = torch.randn(4, 4)
+    assert key(x, 16, 1.5, True, 7, None, 3) is None  # a constexpr passed by position
+    assert key(x, torch.tensor(3).numpy(), 1.5, True, 7, None) is None  # a numpy scalar
+    assert key(x, (1, 2), 1.5, True, 7, None) is None
+
+
+def test_direct_launch_switch(monkeypatch):
+    monkeypatch.setenv("FASTAE_DIRECT_LAUNCH", "0")
+    assert not common.direct_launching()
+    monkeypatch.setenv("FASTAE_DIRECT_LAUNCH", "yes")
+    with pytest.raises(ValueError, match="FASTAE_DIRECT_LAUNCH"):
+        common.direct_launching()
+    monkeypatch.delenv("FASTAE_DIRECT_LAUNCH")
+    assert common.direct_launching()
