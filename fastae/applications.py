@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, ops
-from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
+from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity, batch_mean
 from .sklearn import (
     _TORCH_DTYPES,
     AutoencoderEstimatorMixin,
@@ -327,7 +327,7 @@ class StackModule(nn.Module):
             h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
             loss=bottom.loss_name, check_target=bottom.check_targets,
         )  # fmt: skip
-        reconstruction_loss = per_sample.mean()
+        reconstruction_loss = batch_mean(per_sample)
         loss = reconstruction_loss
         for term in penalties.values():
             loss = loss + term

@@ -77,6 +77,14 @@ class _SumOverProcesses(torch.autograd.Function):
         return total
 
 
+def batch_mean(per_sample: Tensor) -> Tensor:
+    """The mean of per-sample losses as their sum over B, not ``.mean()``: the same value,
+    but autograd then hands each per-sample loss the one weight 1/B expanded (stride 0, where
+    ``.mean()``'s backward writes out a B-vector), which decode_loss's Triton backward
+    recognizes and applies once to its sums instead of scaling every row of its operand."""
+    return per_sample.sum() / per_sample.shape[0]
+
+
 def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
     """Mean over the batches of all processes from each process's mean, differentiably.
 
@@ -222,7 +230,7 @@ class Autoencoder(nn.Module):
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
             loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
-        reconstruction_loss = per_sample.mean()
+        reconstruction_loss = batch_mean(per_sample)
         penalties = {}
         if isinstance(self.sparsity, KLSparsity):
             if self.sync_statistics:

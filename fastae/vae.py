@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import _checks, ops, reference
+from .modules import batch_mean
 
 SCORES = ("elbo", "reconstruction")
 
@@ -177,7 +178,7 @@ class VAE(nn.Module):
             z, kl = mu, reference.gaussian_kl(mu, logvar)
         reconstruction = self._reconstruction(z, x)
         per_sample = reconstruction + kl
-        loss = (reconstruction + self.beta * kl).mean()
+        loss = batch_mean(reconstruction + self.beta * kl)
         return VAEOutput(loss, -per_sample, reconstruction, kl, per_sample, mu, logvar, z)
 
 

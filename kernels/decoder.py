@@ -5,9 +5,13 @@ epilogue, the per-element loss (BCE in the logits form softplus(z^) - x z^, or s
 and its gradient d ell / d z^ (x^ - x for sigmoid + BCE), stores that gradient — the only
 (B, d) tensor kept for backward — and the tile's row sums of the loss into fp32 partials
 [column tiles, B]; a sum over the partials gives the per-sample loss.
-Backward is matrix products only, the per-sample upstream weights g_i applied as they load:
+Backward is matrix products only, with the per-sample upstream weights g_i:
 ``_decoder_grad_weight_kernel`` dV = (g * G)^T h with dc = sum_i g_i G_i from the same loop,
-and ``_decoder_grad_code_kernel`` dh = g * (G V).
+and ``_decoder_grad_code_kernel`` dh = g * (G V), g applied in the epilogue. For dV, g scales
+the reduction dimension, so each G tile is scaled in registers on its way to the tensor cores;
+but when every g_i is the same (the loss is a sum or mean of the per-sample losses: autograd
+then passes g as one value expanded, stride 0), dV = g_0 (G^T h) and dc = g_0 sum_i G_i take
+g_0 in the epilogue too, and G's tiles go from shared memory to the tensor cores untouched.
 
 The other fusion boundary, ``split``: cuBLAS computes z^ = h V^T + c (torch.addmm), one
 elementwise pass ``_decoder_loss_kernel`` turns z^ into G in place with the same epilogue, and
@@ -182,10 +186,12 @@ def _decoder_loss_kernel(
 def _decoder_grad_weight_kernel(
     gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
     B, D, H, stride_hm, stride_hk, stride_dvn, stride_dvk,
-    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    UNIFORM: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """dV[n, k] = sum_i g_i G[i, n] h[i, k]; programs of column block 0 also write dc."""
+    """dV[n, k] = sum_i g_i G[i, n] h[i, k]; programs of column block 0 also write dc.
+    ``UNIFORM``: every g_i equals g_0 (read once, applied to the sums)."""
     pid_n, pid_k = tile_ids(tl.program_id(0), D, H, BLOCK_N, BLOCK_K, GROUP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs d: rows of dV
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # hidden units: columns of dV
@@ -198,18 +204,27 @@ def _decoder_grad_weight_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
         r64 = rows.to(tl.int64)
-        g = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         gz_t = tl.load(
             gz_ptr + r64[None, :] * D + cols[:, None],
             mask=col_ok[:, None] & row_ok[None, :], other=0.0,
-        ).to(ACC) * g[None, :]  # fmt: skip
-        if pid_k == 0:
-            dc += tl.sum(gz_t, axis=1)
+        )  # fmt: skip
         h = tl.load(
             h_ptr + r64[:, None] * stride_hm + k_idx[None, :] * stride_hk,
             mask=row_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
-        acc = tl.dot(gz_t.to(h.dtype), h, acc, input_precision=PRECISION, out_dtype=ACC)
+        if not UNIFORM:
+            g = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+            scaled = gz_t.to(ACC) * g[None, :]
+            if pid_k == 0:
+                dc += tl.sum(scaled, axis=1)
+            gz_t = scaled.to(h.dtype)
+        elif pid_k == 0:
+            dc += tl.sum(gz_t.to(ACC), axis=1)
+        acc = tl.dot(gz_t, h, acc, input_precision=PRECISION, out_dtype=ACC)
+    if UNIFORM:
+        g0 = tl.load(gl_ptr).to(ACC)
+        acc = acc * g0
+        dc = dc * g0
     out_ok = col_ok[:, None] & k_ok[None, :]
     out = cols.to(tl.int64)[:, None] * stride_dvn + k_idx[None, :] * stride_dvk
     tl.store(dv_ptr + out, acc.to(dv_ptr.dtype.element_ty), mask=out_ok)
@@ -222,10 +237,11 @@ def _decoder_grad_weight_kernel(
 def _decoder_grad_code_kernel(
     gz_ptr, gl_ptr, v_ptr, dh_ptr,
     B, D, H, stride_vn, stride_vk,
-    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    UNIFORM: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """dh[i, k] = g_i sum_n G[i, n] V[n, k]."""
+    """dh[i, k] = g_i sum_n G[i, n] V[n, k] (``UNIFORM``: g_0 for every i)."""
     pid_m, pid_k = tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_K, GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -246,7 +262,10 @@ def _decoder_grad_code_kernel(
             mask=col_ok[:, None] & k_ok[None, :], other=0.0,
         )  # fmt: skip
         acc = tl.dot(gz, v, acc, input_precision=PRECISION, out_dtype=ACC)
-    acc = acc * tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    if UNIFORM:
+        acc = acc * tl.load(gl_ptr).to(ACC)
+    else:
+        acc = acc * tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     out_ok = row_ok[:, None] & k_ok[None, :]
     tl.store(dh_ptr + r64[:, None] * H + ks[None, :], acc.to(dh_ptr.dtype.element_ty), mask=out_ok)
 
@@ -300,24 +319,27 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
         return reference.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
     acc = acc_dtype(h.dtype)
     precision = dot_precision(h.dtype)
+    # one weight for every sample: the gradient of a sum or mean of the per-sample losses
+    uniform = batch == 1 or grad_loss.stride(0) == 0
     # the kernels read the B-vector grad_loss and G at unit stride (G as the forward wrote it:
     # then .contiguous() returns it as it is); copying a vector is free
-    grad_loss = grad_loss.contiguous()
+    grad_loss = grad_loss if uniform else grad_loss.contiguous()
     grad_z = grad_z.contiguous()
     grad_weight = empty_in_layout(weight)  # column-major for a tied V = W^T: no copy into .grad
     grad_bias = empty((features,), h.device, weight.dtype)
     launch(_decoder_grad_weight_kernel, grid_2d(features, hidden, "BLOCK_N", "BLOCK_K"),
         grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
         h.stride(0), h.stride(1), grad_weight.stride(0), grad_weight.stride(1),
-        WIDE_COLUMNS=wide_columns(h, grad_weight), ACC=acc, PRECISION=precision,
+        UNIFORM=uniform, WIDE_COLUMNS=wide_columns(h, grad_weight), ACC=acc,
+        PRECISION=precision,
     )  # fmt: skip
     grad_h = None
     if needs_h_grad:
         grad_h = empty((batch, hidden), h.device, h.dtype)
         launch(_decoder_grad_code_kernel, grid_2d(batch, hidden, "BLOCK_M", "BLOCK_K"),
             grad_z, grad_loss, weight, grad_h, batch, features, hidden,
-            weight.stride(0), weight.stride(1), WIDE_COLUMNS=wide_columns(weight), ACC=acc,
-            PRECISION=precision,
+            weight.stride(0), weight.stride(1), UNIFORM=uniform,
+            WIDE_COLUMNS=wide_columns(weight), ACC=acc, PRECISION=precision,
         )  # fmt: skip
     return grad_weight, grad_bias, grad_h
 

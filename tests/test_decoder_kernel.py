@@ -276,6 +276,53 @@ def test_strided_upstream_gradient_matches_reference():
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("batch", [1, 13])
+def test_uniform_upstream_gradient_matches_reference(tied, batch, monkeypatch):
+    """One weight for every sample (a sum or mean of the per-sample losses: stride 0), which
+    the backward kernels apply after their sums: the launcher takes that variant, and it
+    matches the reference, called directly and through autograd."""
+    (h, weight, bias, target), _ = _inputs(batch, 6, 11, torch.float64, tied=tied)
+    uniform = torch.tensor(0.37, dtype=torch.float64, device=DEVICE).expand(batch)
+    launched = []
+    real_launch = decoder.launch
+
+    def spy(kernel, grid, *args, **meta):
+        launched.append(meta.get("UNIFORM"))
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(decoder, "launch", spy)
+    decoder_weight = weight.t() if tied else weight
+    results = {}
+    for backend in ("triton", "reference"):
+        with fastae.use_backend(backend):
+            loss = ops.decode_loss(h, decoder_weight, bias, target=target)
+            results[backend] = torch.autograd.grad(loss, (h, weight, bias), grad_outputs=uniform)
+    _assert_close(results["triton"], results["reference"], rtol=1e-10, atol=1e-12)
+    assert launched[-2:] == [True, True]  # dV and dh kernels
+    h, decoder_weight = h.detach(), decoder_weight.detach()
+    _, grad_z = reference.decode_forward(h, decoder_weight, bias.detach(), target, "sigmoid", "bce")
+    got = decoder.decode_backward(uniform, h, decoder_weight, grad_z, True)
+    want = reference.decode_backward(uniform, h, decoder_weight, grad_z, True)
+    _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_mean_hands_decode_loss_one_weight():
+    """The models' reconstruction loss (``modules.batch_mean``) gives decode_loss's backward a
+    uniform upstream gradient (stride 0), so its Triton backward takes the uniform variant;
+    ``.mean()`` would write out a B-vector."""
+    from fastae.modules import batch_mean
+
+    per_sample = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    strides = []
+    for reduce in (batch_mean, torch.mean):
+        out = per_sample * 1
+        out.register_hook(lambda g: strides.append(g.stride()))
+        reduce(out).backward()
+    assert strides == [(0,), (1,)]
+    torch.testing.assert_close(batch_mean(per_sample), per_sample.mean())
+
+
 def test_wide_column_variants_match_reference(monkeypatch):
     """The kernels' int64 column-index variants (chosen for strided operands whose column
     offsets reach 2^31: a tied V = W^T with H * d >= 2^31, say) on small tensors: with the
