@@ -387,8 +387,11 @@ def direct_launching() -> bool:
     return choice == "1"
 
 
-# (kernel id, device, argument key, meta) -> the compiled kernel and what its launch needs
+# (kernel id, device, argument key, meta) -> the compiled kernel and what its launch needs;
+# emptied when it reaches LAUNCH_KEYS entries (exact sizes are part of a key: a long-lived
+# process that sees many batch sizes would otherwise keep one entry per size and kernel)
 _launches: dict = {}
+LAUNCH_KEYS = 4096
 # kernel id -> (kernel, is-constexpr flag per parameter, positions of unspecialized
 # parameters, number of leading runtime parameters), or None where the direct path does not
 # apply (an interpreted kernel, per-launch hooks)
@@ -518,5 +521,7 @@ def _launch_and_keep(key, kernel, grid, args, meta, constexprs):
         meta_parameters = {
             name: value for (name, value), c in zip(bound.items(), constexprs, strict=True) if c
         }
+        if len(_launches) >= LAUNCH_KEYS:
+            _launches.clear()
         _launches[key] = (compiled, compiled.run, tail, meta_parameters)
     return compiled

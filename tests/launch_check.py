@@ -1,11 +1,11 @@
 """Run by tests/test_launch.py in a subprocess, with Triton compiling (not interpreting) for
 a stand-in driver (bench/fake_driver.py): every launcher of fastae, called through
 ``kernels.common.launch``, hands Triton's launcher the same compiled kernel, grid and
-arguments as Triton's own launch path, call for call; and from a key's second call on it
-does not enter Triton's launch path. The calls mix what Triton specializes on (dtypes,
-aligned and unaligned data pointers, sizes divisible by 16 or not, 32- and 64-bit seeds), so
-a key coarser than Triton's would reuse a wrong kernel and show here. Exit status 0: all
-agreed; it prints what it compared."""
+arguments as Triton's own launch path, call for call; from a key's second call on it does
+not enter Triton's launch path; and with its table of keys bounded, it still launches right.
+The calls mix what Triton specializes on (dtypes, aligned and unaligned data pointers, sizes
+divisible by 16 or not, 32- and 64-bit seeds), so a key coarser than Triton's would reuse a
+wrong kernel and show here. Exit status 0: all agreed; it prints what it compared."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 import fake_driver  # noqa: E402
 import torch  # noqa: E402
-from fastae.kernels import decoder, encoder, noise, sparsity, vae  # noqa: E402
+from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 
@@ -104,9 +104,17 @@ def main() -> int:
             second = record(direct=True)
         finally:
             JITFunction.run = tritons_run
+        # a full table of keys is emptied, and launches stay right
+        common.LAUNCH_KEYS = 3
+        common._launches.clear()
+        bounded = record(direct=True)
+        if len(common._launches) > 3:
+            print(f"{len(common._launches)} keys kept, over the bound of 3")
+            return 1
     compared = 0
-    for i, (want, got_first, got_second) in enumerate(zip(tritons, first, second, strict=True)):
-        for label, got in (("first", got_first), ("second", got_second)):
+    passes = zip(tritons, first, second, bounded, strict=True)
+    for i, (want, got_first, got_second, got_bounded) in enumerate(passes):
+        for label, got in (("first", got_first), ("second", got_second), ("bounded", got_bounded)):
             if got != want:
                 print(f"scenario {i}, {label} direct pass: launches differ from Triton's path")
                 for a, b in zip(want, got, strict=False):
