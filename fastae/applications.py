@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, ops
-from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity, batch_mean
+from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
 from .sklearn import (
     _TORCH_DTYPES,
     AutoencoderEstimatorMixin,
@@ -315,8 +315,9 @@ class StackModule(nn.Module):
         for i, layer in enumerate(self.layers):
             noise = layer.noise if (self.training and i == 0) else None
             h, rho_hat, jac = ops.encode(
-                h, layer.weight, layer.bias, activation=layer.activation, noise=noise
-            )
+                h, layer.weight, layer.bias, activation=layer.activation, noise=noise,
+                statistics=layer.needs_statistics,
+            )  # fmt: skip
             for name, term in layer_penalties(layer, h, rho_hat, jac).items():
                 penalties[f"{name}{i}"] = term
         code = h
@@ -327,7 +328,7 @@ class StackModule(nn.Module):
             h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
             loss=bottom.loss_name, check_target=bottom.check_targets,
         )  # fmt: skip
-        reconstruction_loss = batch_mean(per_sample)
+        reconstruction_loss = per_sample.mean()
         loss = reconstruction_loss
         for term in penalties.values():
             loss = loss + term

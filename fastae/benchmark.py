@@ -374,18 +374,14 @@ def build(
     upstream: list[Tensor] = []
 
     def fixed_grads(outs: tuple[Tensor, ...]) -> list[Tensor]:
-        # the same random upstream gradients every call (made at the first); decode_loss gets
-        # the gradient of the batch mean: 1/B for every sample, one value expanded (stride 0),
-        # as autograd passes it from a training loss (fastae.modules.batch_mean)
+        # the same random upstream gradients every call (made at the first)
         if not upstream:
             gen = torch.Generator(device=dev).manual_seed(seed + 1)
             for out in outs:
                 upstream.append(
                     torch.randn(out.shape, generator=gen, device=dev, dtype=out.dtype)
                     if case != "decode_loss"
-                    else torch.full((), 1.0 / size.batch, device=dev, dtype=out.dtype).expand(
-                        out.shape
-                    )
+                    else torch.full_like(out, 1.0 / size.batch)
                 )
         return upstream
 
@@ -443,7 +439,7 @@ def build(
     if provider == "fastae":
 
         def forward():
-            out = ops.encode(x, W, b)
+            out = ops.encode(x, W, b, statistics=with_stats)
             return out if with_stats else out[:1]
 
     else:

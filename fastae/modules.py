@@ -57,7 +57,7 @@ class AutoencoderOutput:
     code: Tensor
     per_sample: Tensor
     penalties: dict[str, Tensor] = field(default_factory=dict)
-    jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2
+    jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2 (None: not computed)
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -75,14 +75,6 @@ class _SumOverProcesses(torch.autograd.Function):
         total = grad.contiguous().clone()
         torch.distributed.all_reduce(total)
         return total
-
-
-def batch_mean(per_sample: Tensor) -> Tensor:
-    """The mean of per-sample losses as their sum over B, not ``.mean()``: the same value,
-    but autograd then hands each per-sample loss the one weight 1/B expanded (stride 0, where
-    ``.mean()``'s backward writes out a B-vector), which decode_loss's Triton backward
-    recognizes and applies once to its sums instead of scaling every row of its operand."""
-    return per_sample.sum() / per_sample.shape[0]
 
 
 def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
@@ -199,7 +191,10 @@ class Autoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Codes h (B, H) of clean inputs."""
         x = _checks.model_input(x, self.weight, self.in_features)
-        return ops.encode(x, self.weight, self.bias, activation=self.activation)[0]
+        h, _, _ = ops.encode(
+            x, self.weight, self.bias, activation=self.activation, statistics=False
+        )
+        return h
 
     def decode(self, h: Tensor) -> Tensor:
         """Reconstruction x^ (B, d) from codes."""
@@ -220,17 +215,25 @@ class Autoencoder(nn.Module):
             loss=self.loss_name,
         )  # fmt: skip
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether a training step needs encode's statistics (rho_hat, jac): with a sparsity
+        or contractive penalty. Without, the encoder computes h alone, and the output's
+        ``jacobian_norm`` is None."""
+        return self.sparsity is not None or bool(self.contractive)
+
     def forward(self, x: Tensor) -> AutoencoderOutput:
         x = _checks.model_input(x, self.weight, self.in_features)
         noise = self.noise if self.training else None
         h, rho_hat, jac = ops.encode(
-            x, self.weight, self.bias, activation=self.activation, noise=noise
-        )
+            x, self.weight, self.bias, activation=self.activation, noise=noise,
+            statistics=self.needs_statistics,
+        )  # fmt: skip
         per_sample = ops.decode_loss(
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
             loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
-        reconstruction_loss = batch_mean(per_sample)
+        reconstruction_loss = per_sample.mean()
         penalties = {}
         if isinstance(self.sparsity, KLSparsity):
             if self.sync_statistics:

@@ -315,10 +315,13 @@ def _encode_body(
     high: float,
     seed: Tensor,
     backend_name: str,
+    statistics: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend_name, "encoder")
     seed = int(seed)
-    out = impl.encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed)
+    out = impl.encode_forward(
+        x, weight, bias, activation, noise_kind, level, low, high, seed, statistics
+    )
     return tuple(_fresh(t, x) for t in out)
 
 
@@ -326,9 +329,11 @@ _encode_op = torch.library.custom_op("fastae::encode", mutates_args=())(_encode_
 
 
 @_encode_op.register_fake
-def _(x, weight, bias, activation, noise_kind, level, low, high, seed, backend_name):
+def _(x, weight, bias, activation, noise_kind, level, low, high, seed, backend_name, statistics):
     hidden = weight.shape[0]
     h = x.new_empty((x.shape[0], hidden))
+    if not statistics:
+        return h, _stat_empty(x, 0), _stat_empty(x, 0), _stat_empty(x, 2, 0)
     return h, _stat_empty(x, hidden), _stat_empty(x), _stat_empty(x, 2, hidden)
 
 
@@ -371,7 +376,7 @@ def _(grad_h, grad_rho, grad_jac, x, weight, h, stats, *args):
 
 
 def _encode_setup(ctx, inputs, output):
-    x, weight, bias, *params = inputs
+    x, weight, bias, *params, ctx.statistics = inputs
     h, _, _, stats = output
     ctx.params = params  # activation, noise_kind, level, low, high, seed, backend_name
     # h, W and x are alive anyway; stats = [c; ||W_j||^2] are two H-vectors; never z or x~
@@ -383,8 +388,11 @@ def _encode_setup(ctx, inputs, output):
 def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
     x, weight, h, stats = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
+    no_grads = (None,) * (4 + len(ctx.params))  # the inputs: x, W, b, params, statistics
+    if not ctx.statistics:  # rho_hat and jac were empty placeholders
+        grad_rho = grad_jac = None
     if grad_h is None and grad_rho is None and grad_jac is None:
-        return (None,) * (3 + len(ctx.params))
+        return no_grads
     if grad_h is None:
         grad_h = torch.zeros_like(h)
     # a None grad_rho or grad_jac stays None: the backward skips its terms (no zero-fill)
@@ -394,7 +402,7 @@ def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
     )  # fmt: skip
     dx = grads[2] if needs_x else None
     db = grads[1] if ctx.needs_input_grad[2] else None
-    return (dx, grads[0], db) + (None,) * len(ctx.params)
+    return (dx, grads[0], db) + no_grads[3:]
 
 
 _encode = _with_eager_route(_encode_op, _encode_body, _encode_setup, _encode_bwd)
@@ -464,7 +472,8 @@ def encode(
     *,
     activation: str = "sigmoid",
     noise: Noise | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    statistics: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One encoder layer with its regularization statistics.
 
     Args:
@@ -474,11 +483,15 @@ def encode(
             ``encode(corrupt(x, spec), W, b)`` for the same seed; with
             ``FASTAE_CORRUPTED_INPUT=regenerate`` x~ is never stored (see
             :func:`corrupted_input_mode`).
+        statistics: False computes h only (rho_hat and jac come back None): no statistics in
+            the GEMM's epilogue and no finishing launch, for a model without a sparsity or
+            contractive penalty.
 
     Returns:
         h (B, H) = a(x~ W^T + b); rho_hat (H,) = mean_i h_i (float32 at least);
         jac () = (1/B) sum_i ||J_enc(x_i)||_F^2 = (1/B) sum_ij a'(z_ij)^2 ||W_j||^2.
     """
+    statistics = _checks.flag("statistics", statistics)
     x = _check_input(x)
     x, weight, bias = _autocast(x.device, x, weight, bias)
     weight, bias = _check_layer(x, weight, bias)
@@ -495,8 +508,10 @@ def encode(
         x = _corrupt(x, kind, level, low, high, seed, corrupt_backend)
         kind, level, low, high = "none", 0.0, 0.0, 0.0
     name = _backend_for("encode", "encoder", x.device)
-    h, rho_hat, jac, _ = _encode(x, weight, bias, activation, kind, level, low, high, seed, name)
-    return h, rho_hat, jac
+    h, rho_hat, jac, _ = _encode(
+        x, weight, bias, activation, kind, level, low, high, seed, name, statistics
+    )
+    return (h, rho_hat, jac) if statistics else (h, None, None)
 
 
 # ----------------------------------------------------------------------------- decode_loss

@@ -140,15 +140,20 @@ def corrupt_input_grad(
 # ----------------------------------------------------------------------------- encoder
 
 
-def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
+def encode_forward(
+    x, weight, bias, activation, noise_kind, level, low, high, seed, statistics=True
+):
     """(h, rho_hat, jac, stats): h = a(x~ W^T + b), rho_hat = mean_i h, and
     jac = (1/B) sum_j c_j w_j with c_j = sum_i s_ij^2, w_j = ||W_j||^2; stats = [c; w] (2, H)
-    is what backward needs besides h, W and x.
+    is what backward needs besides h, W and x. Without ``statistics``, rho_hat, jac and stats
+    are empty ((0,), (0,), (2, 0)): only h is computed (backward then takes no g_rho, g_jac).
     """
     x_tilde = corrupt(x, noise_kind, level, low, high, seed)
     z = affine(x_tilde, weight, bias)
     h = activate(z, activation)
     acc = stat_dtype(h.dtype)
+    if not statistics:
+        return h, *no_statistics(h)
     h_acc = h.to(acc)
     batch = x.shape[0]
     rho_hat = h_acc.sum(0) / batch
@@ -156,6 +161,12 @@ def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, se
     row_sq_norm = weight.to(acc).square().sum(1)
     jac = (c * row_sq_norm).sum() / batch
     return h, rho_hat, jac, torch.stack([c, row_sq_norm])
+
+
+def no_statistics(h):
+    """The empty rho_hat, jac and stats of an encode without statistics."""
+    acc = stat_dtype(h.dtype)
+    return h.new_empty(0, dtype=acc), h.new_empty(0, dtype=acc), h.new_empty((2, 0), dtype=acc)
 
 
 def encode_backward(

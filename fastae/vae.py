@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import _checks, ops, reference
-from .modules import batch_mean
 
 SCORES = ("elbo", "reconstruction")
 
@@ -107,7 +106,9 @@ class VAE(nn.Module):
     def posterior_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of q(z | x), each (B, k)."""
         x = self._check_x(x)
-        h = ops.encode(x, self.encoder.weight, self.encoder.bias, activation=self.activation)[0]
+        h = ops.encode(
+            x, self.encoder.weight, self.encoder.bias, activation=self.activation, statistics=False
+        )[0]
         stats = F.linear(h, self.posterior.weight, self.posterior.bias)
         return stats[:, : self.latent], stats[:, self.latent :]
 
@@ -117,7 +118,7 @@ class VAE(nn.Module):
 
     def _decoder_code(self, z: Tensor) -> Tensor:
         weight, bias = self.decoder_hidden.weight, self.decoder_hidden.bias
-        return ops.encode(z, weight, bias, activation=self.activation)[0]
+        return ops.encode(z, weight, bias, activation=self.activation, statistics=False)[0]
 
     def decode(self, z: Tensor) -> Tensor:
         """Decoded mean x^ (B, d) of latent codes z (B, k)."""
@@ -178,7 +179,7 @@ class VAE(nn.Module):
             z, kl = mu, reference.gaussian_kl(mu, logvar)
         reconstruction = self._reconstruction(z, x)
         per_sample = reconstruction + kl
-        loss = batch_mean(reconstruction + self.beta * kl)
+        loss = (reconstruction + self.beta * kl).mean()
         return VAEOutput(loss, -per_sample, reconstruction, kl, per_sample, mu, logvar, z)
 
 

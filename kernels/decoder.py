@@ -9,9 +9,10 @@ Backward is matrix products only, with the per-sample upstream weights g_i:
 ``_decoder_grad_weight_kernel`` dV = (g * G)^T h with dc = sum_i g_i G_i from the same loop,
 and ``_decoder_grad_code_kernel`` dh = g * (G V), g applied in the epilogue. For dV, g scales
 the reduction dimension, so each G tile is scaled in registers on its way to the tensor cores;
-but when every g_i is the same (the loss is a sum or mean of the per-sample losses: autograd
-then passes g as one value expanded, stride 0), dV = g_0 (G^T h) and dc = g_0 sum_i G_i take
-g_0 in the epilogue too, and G's tiles go from shared memory to the tensor cores untouched.
+but when every g_i is the same (the loss is a sum of the per-sample losses, or a multiple
+of one such as ``per_sample.sum() / B``: autograd then passes g as one value expanded, stride
+0; ``.mean()``'s backward writes it out), dV = g_0 (G^T h) and dc = g_0 sum_i G_i take g_0 in
+the epilogue too, and G's tiles go from shared memory to the tensor cores untouched.
 
 The other fusion boundary, ``split``: cuBLAS computes z^ = h V^T + c (torch.addmm), one
 elementwise pass ``_decoder_loss_kernel`` turns z^ into G in place with the same epilogue, and

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastae import reference
+
 from . import noise as noise_kernels
 from .common import (
     ACTIVATION_CODES,
@@ -91,10 +93,11 @@ def _encoder_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk,
     seed, level, low, high,
     ACTIVATION: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    STATISTICS: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    if tl.program_id(0) == 0:
+    if STATISTICS and tl.program_id(0) == 0:
         tl.store(ticket_ptr, 0)  # the finish kernel's ticket (it runs after this kernel)
     pid_m, pid_n = tile_ids(tl.program_id(0), B, H, BLOCK_M, BLOCK_N, GROUP)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,25 +127,26 @@ def _encoder_forward_kernel(
     h = activate(acc, ACTIVATION).to(h_ptr.dtype.element_ty)
     out_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], h, mask=out_ok)
-    # statistics of the stored (rounded) h, as backward will see it
-    h_acc = tl.where(out_ok, h.to(ACC), 0.0)
-    s = tl.where(out_ok, slope(h_acc, ACTIVATION), 0.0)
-    part = pid_m.to(tl.int64) * H + cols
-    tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
-    tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
-    if pid_m == 0:
-        # ||W_j||^2 in a second pass over this column block of W (mostly from L2), by row
-        # tile 0 only: summed inside the GEMM loop, it made every program copy each W tile
-        # from shared memory to registers (the branch does not sink that copy)
-        sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(
-                w_cols + column_index(ks, WIDE_COLUMNS)[:, None] * stride_wk,
-                mask=(ks < D)[:, None] & col_ok[None, :], other=0.0,
-            ).to(ACC)  # fmt: skip
-            sq_norm += tl.sum(w * w, axis=0)
-        tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
+    if STATISTICS:
+        # statistics of the stored (rounded) h, as backward will see it
+        h_acc = tl.where(out_ok, h.to(ACC), 0.0)
+        s = tl.where(out_ok, slope(h_acc, ACTIVATION), 0.0)
+        part = pid_m.to(tl.int64) * H + cols
+        tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
+        tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+        if pid_m == 0:
+            # ||W_j||^2 in a second pass over this column block of W (mostly from L2), by row
+            # tile 0 only: summed inside the GEMM loop, it made every program copy each W tile
+            # from shared memory to registers (the branch does not sink that copy)
+            sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(
+                    w_cols + column_index(ks, WIDE_COLUMNS)[:, None] * stride_wk,
+                    mask=(ks < D)[:, None] & col_ok[None, :], other=0.0,
+                ).to(ACC)  # fmt: skip
+                sq_norm += tl.sum(w * w, axis=0)
+            tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
 
 
 # h = a(z) overwrites z: the autotuner restores z after timing each config
@@ -151,12 +155,13 @@ def _encoder_forward_kernel(
 def _encoder_statistics_kernel(
     z_ptr, w_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr, ticket_ptr,
     B, D, H, stride_wn, stride_wk,
-    ACTIVATION: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, STATISTICS: tl.constexpr, WIDE_COLUMNS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``split`` boundary: h = a(z) in place over z, partial sums, and ||W_j||^2 (row tile 0)."""
+    """``split`` boundary: h = a(z) in place over z, partial sums, and ||W_j||^2 (row tile 0);
+    without ``STATISTICS`` only h."""
     pid_m = tl.program_id(0)
-    if (pid_m == 0) & (tl.program_id(1) == 0):
+    if STATISTICS and (pid_m == 0) & (tl.program_id(1) == 0):
         tl.store(ticket_ptr, 0)  # the finish kernel's ticket (it runs after this kernel)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,21 +171,22 @@ def _encoder_statistics_kernel(
     z = tl.load(z_ptr + idx, mask=ok, other=0.0).to(ACC)
     h = activate(z, ACTIVATION).to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + idx, h, mask=ok)
-    h_acc = tl.where(ok, h.to(ACC), 0.0)
-    s = tl.where(ok, slope(h_acc, ACTIVATION), 0.0)
-    part = pid_m.to(tl.int64) * H + cols
-    tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
-    tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
-    if pid_m == 0:
-        sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
-        for k0 in range(0, D, 64):
-            ks = k0 + tl.arange(0, 64)
-            k_idx = column_index(ks, WIDE_COLUMNS)
-            w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
-            w_ok = col_ok[:, None] & (ks < D)[None, :]
-            w = tl.load(w_ptr + w_idx, mask=w_ok, other=0.0).to(ACC)
-            sq_norm += tl.sum(w * w, axis=1)
-        tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
+    if STATISTICS:
+        h_acc = tl.where(ok, h.to(ACC), 0.0)
+        s = tl.where(ok, slope(h_acc, ACTIVATION), 0.0)
+        part = pid_m.to(tl.int64) * H + cols
+        tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
+        tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+        if pid_m == 0:
+            sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
+            for k0 in range(0, D, 64):
+                ks = k0 + tl.arange(0, 64)
+                k_idx = column_index(ks, WIDE_COLUMNS)
+                w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
+                w_ok = col_ok[:, None] & (ks < D)[None, :]
+                w = tl.load(w_ptr + w_idx, mask=w_ok, other=0.0).to(ACC)
+                sq_norm += tl.sum(w * w, axis=1)
+            tl.store(sq_norm_ptr + cols, sq_norm, mask=col_ok)
 
 
 @triton.jit
@@ -333,42 +339,52 @@ def _encoder_grad_input_kernel(
     tl.store(dx_ptr + r64[:, None] * D + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
 
-def encode_forward(x, weight, bias, activation, noise_kind, level, low, high, seed):
-    """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference."""
+def encode_forward(
+    x, weight, bias, activation, noise_kind, level, low, high, seed, statistics=True
+):  # fmt: skip
+    """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference.
+    Without ``statistics``: one launch, h only (and the reference's empty placeholders)."""
     batch, features = x.shape
     hidden = weight.shape[0]
     acc = acc_dtype(x.dtype)
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads it at unit stride; copying an H-vector is free
-    # partial buffers sized for the smallest BLOCK_M any config uses
-    part_h = stat_buffer(x, cdiv(batch, 16), hidden)
-    part_s2 = stat_buffer(x, cdiv(batch, 16), hidden)
-    stats = stat_buffer(x, 2, hidden)  # row 0: c, row 1: w
-    rho_hat, jac = stat_buffer(x, hidden), stat_buffer(x)
-    n_finish = cdiv(hidden, FINISH_BLOCK)
-    shares = stat_buffer(x, n_finish)
-    finish_ticket = ticket(x.device)  # zeroed by the first kernel
+    if statistics:
+        # partial buffers sized for the smallest BLOCK_M any config uses
+        part_h = stat_buffer(x, cdiv(batch, 16), hidden)
+        part_s2 = stat_buffer(x, cdiv(batch, 16), hidden)
+        stats = stat_buffer(x, 2, hidden)  # row 0: c, row 1: w
+        sq_norm = stats[1]
+        finish_ticket = ticket(x.device)  # zeroed by the first kernel
+    else:  # the kernels write none of these: any pointer will do
+        part_h = part_s2 = sq_norm = finish_ticket = x
     code = ACTIVATION_CODES[activation]
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
         grid = grid_tiles(batch, hidden)
         launch(_encoder_statistics_kernel, grid,
-            h, weight, part_h, part_s2, stats[1], finish_ticket, batch, features, hidden,
-            weight.stride(0), weight.stride(1), ACTIVATION=code,
+            h, weight, part_h, part_s2, sq_norm, finish_ticket, batch, features, hidden,
+            weight.stride(0), weight.stride(1), ACTIVATION=code, STATISTICS=statistics,
             WIDE_COLUMNS=wide_columns(weight), ACC=acc,
         )  # fmt: skip
     else:
         h = empty((batch, hidden), x.device, x.dtype)
         grid = grid_2d(batch, hidden, "BLOCK_M", "BLOCK_N")
         launch(_encoder_forward_kernel, grid,
-            x, weight, bias if bias is not None else weight, h, part_h, part_s2, stats[1],
+            x, weight, bias if bias is not None else weight, h, part_h, part_s2, sq_norm,
             finish_ticket, batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             seed, level, low, high,
             ACTIVATION=code, NOISE=NOISE_CODES[noise_kind], HAS_BIAS=bias is not None,
-            WIDE_COLUMNS=wide_columns(x, weight), ACC=acc, PRECISION=dot_precision(x.dtype),
+            STATISTICS=statistics, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc,
+            PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
+    if not statistics:
+        return h, *reference.no_statistics(h)
+    rho_hat, jac = stat_buffer(x, hidden), stat_buffer(x)
+    n_finish = cdiv(hidden, FINISH_BLOCK)
+    shares = stat_buffer(x, n_finish)
     n_parts = cdiv(batch, grid.meta["BLOCK_M"])
     launch(_encoder_finish_kernel, (n_finish,),
         part_h, part_s2, stats[1], rho_hat, stats[0], jac, shares, finish_ticket, n_parts, batch,

@@ -307,22 +307,6 @@ def test_uniform_upstream_gradient_matches_reference(tied, batch, monkeypatch):
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_batch_mean_hands_decode_loss_one_weight():
-    """The models' reconstruction loss (``modules.batch_mean``) gives decode_loss's backward a
-    uniform upstream gradient (stride 0), so its Triton backward takes the uniform variant;
-    ``.mean()`` would write out a B-vector."""
-    from fastae.modules import batch_mean
-
-    per_sample = torch.rand(5, dtype=torch.float64, requires_grad=True)
-    strides = []
-    for reduce in (batch_mean, torch.mean):
-        out = per_sample * 1
-        out.register_hook(lambda g: strides.append(g.stride()))
-        reduce(out).backward()
-    assert strides == [(0,), (1,)]
-    torch.testing.assert_close(batch_mean(per_sample), per_sample.mean())
-
-
 def test_wide_column_variants_match_reference(monkeypatch):
     """The kernels' int64 column-index variants (chosen for strided operands whose column
     offsets reach 2^31: a tied V = W^T with H * d >= 2^31, say) on small tensors: with the

@@ -142,10 +142,11 @@ def test_gradcheck_triton(activation):
         )
 
 
-def test_opcheck_triton():
+@pytest.mark.parametrize("statistics", [True, False])
+def test_opcheck_triton(statistics):
     (x, weight, bias), _ = _inputs(4, 6, 5, torch.float64)
     seed = torch.tensor(99)
-    args = (x, weight, bias, "tanh", "salt_pepper", 0.2, 0.0, 1.0, seed, "triton")
+    args = (x, weight, bias, "tanh", "salt_pepper", 0.2, 0.0, 1.0, seed, "triton", statistics)
     torch.library.opcheck(torch.ops.fastae.encode.default, args)
 
 
@@ -276,6 +277,44 @@ def test_backward_without_statistics_gradients(fusion, unused, monkeypatch):
     assert reference.encode_backward(grad_h, *with_none, *rest)[0].shape == weight.shape
     for name, a, b in zip(["dW", "db", "dx"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("noise", [None, fastae.MaskingNoise(0.4, seed=7)])
+def test_without_statistics(fusion, activation, noise, monkeypatch):
+    """``statistics=False``: h and the gradients of a loss on h as with statistics, from one
+    Triton launch forward (no finishing launch), and rho_hat and jac come back None."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    (x, weight, bias), (grad_h, _, _) = _inputs(11, 9, 13, torch.float64)
+    launched = []
+    real_launch = encoder.launch
+
+    def spy(kernel, grid, *args, **meta):
+        launched.append(meta.get("STATISTICS"))
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(encoder, "launch", spy)
+    results = {}
+    for backend in ("triton", "reference"):
+        for statistics in (True, False):
+            with fastae.use_backend(backend):
+                launched.clear()
+                h, rho_hat, jac = ops.encode(
+                    x, weight, bias, activation=activation, noise=noise, statistics=statistics
+                )
+                forward_launches = list(launched)
+                grads = torch.autograd.grad((h * grad_h).sum(), (x, weight, bias))
+            assert (rho_hat is None) == (jac is None) == (not statistics)
+            results[backend, statistics] = (h, *grads)
+            if backend == "triton":
+                # the GEMM (or the statistics pass), then the finish kernel with statistics
+                assert forward_launches == ([True, None] if statistics else [False])
+    want = results["reference", True]
+    for got in (results["triton", False], results["reference", False], results["triton", True]):
+        for name, a, b in zip(["h", "dx", "dW", "db"], got, want, strict=True):
+            assert torch.isfinite(a).all(), f"{name} has unwritten (NaN) elements"
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: n + m)
 
 
 @pytest.mark.parametrize("fusion", ["gemm", "split"])

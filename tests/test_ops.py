@@ -57,6 +57,34 @@ def test_gradcheck_encode(activation, kind):
     assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=kind != "none")
 
 
+@pytest.mark.parametrize(
+    "activation, backend_name",
+    [(a, "reference") for a in ACTIVATIONS] + [("softplus", "triton")],  # interpreted: slow
+)
+def test_gradcheck_encode_without_statistics(activation, backend_name):
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    x, weight, bias = layer(5, 4, 3)
+
+    def fn(x, weight, bias):
+        h, rho_hat, jac = ops.encode(
+            x, weight, bias, activation=activation, noise=NOISES["masking"], statistics=False
+        )
+        assert rho_hat is None and jac is None
+        return h
+
+    with fastae.use_backend(backend_name):
+        assert torch.autograd.gradcheck(fn, (x, weight, bias))
+        if backend_name == "reference":  # double backward is the reference math on both
+            assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+def test_encode_statistics_must_be_a_bool():
+    x, weight, bias = layer(3, 4, 2)
+    with pytest.raises(TypeError, match="statistics must be a bool"):
+        ops.encode(x, weight, bias, statistics="no")
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_encode_without_bias(activation):
     x, weight, _ = layer(3, 6, 4)
@@ -155,12 +183,16 @@ def test_opcheck_corrupt():
         ("softplus", "gaussian", True, True, torch.bfloat16),
     ],
 )
-def test_opcheck_encode(activation, kind, with_bias, x_grad, dtype):
+@pytest.mark.parametrize("statistics", [True, False])
+def test_opcheck_encode(activation, kind, with_bias, x_grad, dtype, statistics):
     x, weight, bias = layer(6, 5, 4, dtype=dtype, x_grad=x_grad)
     inputs = [x, weight] + ([bias] if with_bias else [])
 
     def forward(x, weight, bias=None):
-        return ops.encode(x, weight, bias, activation=activation, noise=NOISES[kind])
+        out = ops.encode(
+            x, weight, bias, activation=activation, noise=NOISES[kind], statistics=statistics
+        )
+        return [t for t in out if t is not None]
 
     ops_seen = _opcheck_public_call(forward, inputs)
     assert any("encode" in name for name in ops_seen)
