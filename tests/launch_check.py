@@ -26,27 +26,32 @@ def unaligned(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(rows * cols + 1, dtype=dtype)[1:].view(rows, cols)
 
 
-def encode_step(x, weight, seed, fusion="auto", noise_kind="masking"):
+def encode_step(x, weight, seed, fusion="auto", noise_kind="masking", statistics=True):
     def run():
         os.environ["FASTAE_ENCODER_FUSION"] = fusion
         h, rho_hat, jac, stats = encoder.encode_forward(
-            x, weight, weight[:, 0], "sigmoid", noise_kind, 0.25, 0.0, 1.0, seed
+            x, weight, weight[:, 0], "sigmoid", noise_kind, 0.25, 0.0, 1.0, seed, statistics
         )
         grad_h = torch.randn_like(h)
+        grad_rho, grad_jac = (
+            (torch.randn_like(rho_hat), torch.randn(())) if statistics else (None, None)
+        )
         encoder.encode_backward(
-            grad_h, torch.randn_like(rho_hat), torch.randn(()), x, weight, h, stats,
+            grad_h, grad_rho, grad_jac, x, weight, h, stats,
             "sigmoid", noise_kind, 0.25, 0.0, 1.0, seed, True,
         )  # fmt: skip
 
     return run
 
 
-def decode_step(h, weight, fusion="auto"):
+def decode_step(h, weight, fusion="auto", uniform=False):
     def run():
         os.environ["FASTAE_DECODER_FUSION"] = fusion
         target = torch.rand(h.shape[0], weight.shape[0], dtype=h.dtype)
         _, grad_z = decoder.decode_forward(h, weight, None, target, "sigmoid", "bce")
-        decoder.decode_backward(torch.rand(h.shape[0]), h, weight, grad_z, True)
+        batch = h.shape[0]
+        grad_loss = torch.rand(()).expand(batch) if uniform else torch.rand(batch)
+        decoder.decode_backward(grad_loss, h, weight, grad_z, True)
 
     return run
 
@@ -71,8 +76,11 @@ def main() -> int:
         encode_step(unaligned(32, 48, bf16), weight, seed=3),
         encode_step(x, weight, seed=2**40),
         encode_step(x, weight, seed=3, fusion="split"),
+        encode_step(x, weight, seed=3, statistics=False),
+        encode_step(x, weight, seed=3, fusion="split", statistics=False),
         decode_step(torch.randn(33, 17, dtype=bf16), torch.randn(17, 70, dtype=bf16).t()),
         decode_step(unaligned(33, 17, bf16), torch.randn(17, 70, dtype=bf16).t()),
+        decode_step(torch.randn(33, 17, dtype=bf16), torch.randn(70, 17, dtype=bf16), uniform=True),
         decode_step(torch.randn(32, 40), torch.randn(48, 40), fusion="split"),
         other_ops(x.float(), seed=3, base=0),
         other_ops(unaligned(32, 48, torch.float32), seed=3, base=2**33),
