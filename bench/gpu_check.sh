@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine with torch and Triton installed (no network needed), install
-# this checkout without dependencies, run the tests on CUDA, run the lean benchmark set to JSON
-# (the jacrev gap, then the cases with targets first: encode with statistics, the full step, the
-# denoising step, then the rest; B=4096 784->1024 and B=8192 4096->4096,
-# tf32 and bf16; then reparameterize, corrupt on 256 MB, and the host time of encode with
-# statistics and of the full step at B=64) and print the ratio table last. Everything lands in
-# $OUT (default ./out):
+# this checkout without dependencies, run the tests on CUDA, time Triton's launch path against
+# fastae's direct launch at B=4096 784->1024, run the lean benchmark set to JSON (the jacrev
+# gap, then the cases with targets first: encode with statistics, the full step, the
+# denoising step, then the rest; B=4096 784->1024 and B=8192 4096->4096, tf32 and bf16),
+# kernel-level A/B times (bench/kernel_times.py), then reparameterize, corrupt on 256 MB, and
+# the host time of encode with statistics and of the full step at B=64, and print the ratio
+# table last. Everything lands in $OUT (default ./out):
 #   tests.log, warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png,
-#   launch/SUMMARY.md
+#   launch/SUMMARY.md, kernel_times.log
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
 # stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
@@ -90,6 +91,22 @@ if [ -n "$warm_pid" ]; then
     log "$(tail -n 1 "$OUT/warm.log")"
 fi
 
+# Triton's launch path against fastae's direct one at the targets' MNIST-like shape (host-bound
+# there), first: summarized apart (launch/SUMMARY.md), as bench.json has these cases too
+if [ "$(left)" -ge 120 ]; then
+    log "benchmarks: Triton's launch path against the direct one at 4096x784x1024"
+    timeout 90 "$PYTHON" -m pytest bench/test_ops.py bench/test_steps.py -q \
+        -p no:cacheprovider --benchmark-only -k "encode_stats or all" --fastae-device cuda \
+        --fastae-sizes 4096x784x1024 --fastae-dtypes bf16 \
+        --fastae-providers eager,fastae,fastae_triton_launch --fastae-budget-s 60 \
+        --benchmark-json "$OUT/bench_launch.json" >>"$OUT/bench.log" 2>&1
+    if [ -s "$OUT/bench_launch.json" ]; then
+        "$PYTHON" bench/summarize.py "$OUT/bench_launch.json" --out "$OUT/launch" \
+            >>"$OUT/bench.log" 2>&1
+        grep -A 6 "^| case" "$OUT/launch/SUMMARY.md" | head -n 6
+    fi
+fi
+
 budget=$(($(left) - 20))
 [ "$budget" -lt 30 ] && budget=30
 log "benchmarks: jacrev gap, steps, ops (cases start within $budget s)"
@@ -99,6 +116,15 @@ timeout $((budget + 120)) "$PYTHON" -m pytest bench -q -p no:cacheprovider --ben
     --benchmark-columns=median,mean,stddev,rounds $BENCH_ARGS >>"$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
+
+# kernel-level A/B of choices inside one op: encode with and without statistics, decode_loss's
+# backward with a per-sample and a uniform upstream weight, beside torch.mm
+if [ "$(left)" -ge 45 ]; then
+    log "kernel times (bench/kernel_times.py, at most 60 s)"
+    timeout 60 "$PYTHON" bench/kernel_times.py --sizes 4096x784x1024,8192x4096x4096 \
+        --dtype bf16 >"$OUT/kernel_times.log" 2>&1
+    tail -n 12 "$OUT/kernel_times.log"
+fi
 
 # reparameterize at B=4096, k=64..1024; corrupt on 256 MB against a plain copy; then the host
 # time of encode with statistics and of the full step at B=64 (kernels of a few microseconds);
@@ -118,19 +144,6 @@ for spec in "reparameterize vae tf32 ops $base,fastae_triton_launch" \
         --benchmark-json "$OUT/bench_$1_$2.json" >>"$OUT/bench.log" 2>&1
     [ -s "$OUT/bench_$1_$2.json" ] && extra+=("$OUT/bench_$1_$2.json")
 done
-
-# the same side by side at the targets' MNIST-like shape, summarized apart (launch/SUMMARY.md):
-# bench.json has these cases from another run
-if [ "$(left)" -ge 40 ]; then
-    log "benchmarks: Triton's launch path against the direct one at 4096x784x1024"
-    timeout $(($(left) + 60)) "$PYTHON" -m pytest bench/test_ops.py bench/test_steps.py -q \
-        -p no:cacheprovider --benchmark-only -k "encode_stats or all" --fastae-device cuda \
-        --fastae-sizes 4096x784x1024 --fastae-dtypes bf16 \
-        --fastae-providers eager,fastae,fastae_triton_launch --fastae-budget-s "$(left)" \
-        --benchmark-json "$OUT/bench_launch.json" >>"$OUT/bench.log" 2>&1
-    [ -s "$OUT/bench_launch.json" ] && "$PYTHON" bench/summarize.py "$OUT/bench_launch.json" \
-        --out "$OUT/launch" >>"$OUT/bench.log" 2>&1
-fi
 
 log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
 if [ ! -s "$OUT/bench.json" ]; then

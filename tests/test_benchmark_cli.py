@@ -275,3 +275,21 @@ def test_triton_launch_provider(bench_run):
     header, *_, row = fb.ratio_table([fast, slow]).splitlines()
     assert "tlaunch ms" in header and "tlaunch/fastae" in header
     assert "3x" in row.split()
+
+
+@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+def test_kernel_times_variants_run(monkeypatch):
+    """bench/kernel_times.py (CUDA only): each variant it times runs (here interpreted on
+    the CPU at a tiny size), and its pairs differ only in what they name."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    kernel_times = importlib.import_module("kernel_times")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = kernel_times.variants(fb.Size(5, 7, 6), torch.float32, device)
+    results = {name: call() for name, call in calls.items()}
+    with_stats, h_only = results["encode forward, statistics"], results["encode forward, h only"]
+    torch.testing.assert_close(with_stats[0], h_only[0])
+    assert h_only[1].numel() == 0
+    per_sample = results["decode backward, per-sample weight"]
+    uniform = results["decode backward, uniform weight"]
+    for a, b in zip(per_sample, uniform, strict=True):
+        torch.testing.assert_close(a, b)

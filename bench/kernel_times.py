@@ -1,0 +1,77 @@
+"""Kernel-level A/B times on CUDA for choices made inside one op (triton.testing.do_bench,
+median of its repeats; each variant beside the other in one run):
+
+- encode forward with and without statistics (the GEMM's epilogue sums and the finishing
+  launch, against h alone);
+- decode_loss backward with a per-sample upstream weight (as ``.mean()``'s backward gives)
+  and with one weight expanded (as ``.sum() / B`` gives: applied after the sums);
+- torch.mm of the same size, the bare product.
+
+    python bench/kernel_times.py --sizes 4096x784x1024,8192x4096x4096 --dtype bf16
+
+Prints one line per (size, variant) in microseconds; FASTAE_ENCODER_FUSION and
+FASTAE_DECODER_FUSION are forced to gemm (the fused kernels these choices live in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from fastae.kernels import decoder, encoder
+from triton.testing import do_bench
+
+from fastae import benchmark as fb
+
+
+def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """name -> a call of the variant (what is timed)."""
+    batch, features, hidden = size
+    x = torch.rand(batch, features, device=device, dtype=dtype)
+    weight = torch.randn(hidden, features, device=device, dtype=dtype) * features**-0.5
+    bias = torch.zeros(hidden, device=device, dtype=dtype)
+    h = encoder.encode_forward(x, weight, bias, "sigmoid", "none", 0.0, 0.0, 1.0, 0)[0]
+    _, grad_z = decoder.decode_forward(h, weight.t(), None, x, "sigmoid", "bce")
+    per_sample = torch.full((batch,), 1.0 / batch, device=device)
+    uniform = torch.full((), 1.0 / batch, device=device).expand(batch)
+
+    def encode(statistics):
+        return lambda: encoder.encode_forward(
+            x, weight, bias, "sigmoid", "none", 0.0, 0.0, 1.0, 0, statistics
+        )
+
+    def decode_backward(grad_loss):
+        return lambda: decoder.decode_backward(grad_loss, h, weight.t(), grad_z, True)
+
+    return {
+        "encode forward, statistics": encode(True),
+        "encode forward, h only": encode(False),
+        "torch.mm x W^T": lambda: x @ weight.t(),
+        "decode backward, per-sample weight": decode_backward(per_sample),
+        "decode backward, uniform weight": decode_backward(uniform),
+        "torch.mm G^T h + G V (dV, dh)": lambda: (grad_z.t() @ h, grad_z @ weight.t()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="4096x784x1024,8192x4096x4096")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "tf32", "fp32"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_times: needs CUDA", file=sys.stderr)
+        return 1
+    os.environ["FASTAE_ENCODER_FUSION"] = os.environ["FASTAE_DECODER_FUSION"] = "gemm"
+    dtype, precision = fb.DTYPES[args.dtype]
+    with fb.matmul_precision(precision):
+        for size in fb.parse_sizes(args.sizes):
+            for name, fn in variants(size, dtype).items():
+                us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+                print(f"{size} {args.dtype} {name:36s} {us:9.1f} us", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
