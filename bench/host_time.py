@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
@@ -56,12 +55,7 @@ def stub_kernels(assign=setattr) -> list[str]:
 def time_case(bench: fb.Bench, rounds: int, calls: int) -> tuple[float, float]:
     for _ in range(max(calls // 10, 3)):
         bench.step()
-    means = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            bench.step()
-        means.append((time.perf_counter() - start) / calls * 1e6)
+    means = [fb.host_us_per_step(bench, calls) for _ in range(rounds)]
     return min(means), statistics.median(means)
 
 

@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels: before Triton is imported
 
@@ -36,13 +35,7 @@ def host_time(bench: fb.Bench, direct: str | None, rounds: int, calls: int) -> l
     """Mean microseconds per call of each round."""
     if direct is not None:
         os.environ["FASTAE_DIRECT_LAUNCH"] = direct
-    means = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            bench.step()
-        means.append((time.perf_counter() - start) / calls * 1e6)
-    return means
+    return [fb.host_us_per_step(bench, calls) for _ in range(rounds)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -647,6 +647,15 @@ def warm_up(bench: Bench, calls: int | None = None) -> float:
     return seconds
 
 
+def host_us_per_step(bench: Bench, calls: int) -> float:
+    """Mean microseconds of ``calls`` back-to-back ``bench.step()`` calls, unsynchronized:
+    the host time where no device work waits (CPU tensors, stubbed or stand-in launches)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        bench.step()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def time_calls(bench: Bench, rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):

@@ -85,6 +85,18 @@ def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
     return "split" if dtype == torch.float32 and large else "gemm"
 
 
+@triton.jit
+def store_column_partials(
+    h, ok, col_ok, part, part_h_ptr, part_s2_ptr, ACTIVATION: tl.constexpr, ACC: tl.constexpr
+):
+    """A tile's column sums of h and of s^2 (padded rows masked out) into the partial buffers
+    at ``part``: statistics of the stored (rounded) h, as backward will see it."""
+    h_acc = tl.where(ok, h.to(ACC), 0.0)
+    s = tl.where(ok, slope(h_acc, ACTIVATION), 0.0)
+    tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
+    tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+
+
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("x_ptr", "w_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _encoder_forward_kernel(
@@ -128,12 +140,8 @@ def _encoder_forward_kernel(
     out_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], h, mask=out_ok)
     if STATISTICS:
-        # statistics of the stored (rounded) h, as backward will see it
-        h_acc = tl.where(out_ok, h.to(ACC), 0.0)
-        s = tl.where(out_ok, slope(h_acc, ACTIVATION), 0.0)
         part = pid_m.to(tl.int64) * H + cols
-        tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
-        tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+        store_column_partials(h, out_ok, col_ok, part, part_h_ptr, part_s2_ptr, ACTIVATION, ACC)
         if pid_m == 0:
             # ||W_j||^2 in a second pass over this column block of W (mostly from L2), by row
             # tile 0 only: summed inside the GEMM loop, it made every program copy each W tile
@@ -172,11 +180,8 @@ def _encoder_statistics_kernel(
     h = activate(z, ACTIVATION).to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + idx, h, mask=ok)
     if STATISTICS:
-        h_acc = tl.where(ok, h.to(ACC), 0.0)
-        s = tl.where(ok, slope(h_acc, ACTIVATION), 0.0)
         part = pid_m.to(tl.int64) * H + cols
-        tl.store(part_h_ptr + part, tl.sum(h_acc, axis=0), mask=col_ok)
-        tl.store(part_s2_ptr + part, tl.sum(s * s, axis=0), mask=col_ok)
+        store_column_partials(h, ok, col_ok, part, part_h_ptr, part_s2_ptr, ACTIVATION, ACC)
         if pid_m == 0:
             sq_norm = tl.zeros((BLOCK_N,), dtype=ACC)
             for k0 in range(0, D, 64):

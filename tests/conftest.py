@@ -48,3 +48,22 @@ def _fused_noise(request, monkeypatch):
     encode corrupts x in one pass and keeps x~."""
     if getattr(request.module, "FUSED_NOISE", False):
         monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+
+
+@pytest.fixture
+def spy_launches(monkeypatch):
+    """``spy_launches(module, name)``: a list that receives the ``name`` keyword (None if
+    absent) of every kernel launch through ``module.launch`` from then on, in order."""
+
+    def install(module, name):
+        seen = []
+        real_launch = module.launch
+
+        def spy(kernel, grid, *args, **meta):
+            seen.append(meta.get(name))
+            return real_launch(kernel, grid, *args, **meta)
+
+        monkeypatch.setattr(module, "launch", spy)
+        return seen
+
+    return install

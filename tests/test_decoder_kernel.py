@@ -259,52 +259,40 @@ def test_strided_bias_matches_reference():
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_strided_upstream_gradient_matches_reference():
-    """A per-sample upstream gradient at stride 2: through autograd and to the launcher."""
-    (h, weight, bias, target), upstream = _inputs(9, 6, 11, torch.float64, tied=False)
-    strided = _every_other(upstream)
-    results = {}
-    for backend in ("triton", "reference"):
-        with fastae.use_backend(backend):
-            loss = ops.decode_loss(h, weight, bias, target=target)
-            results[backend] = torch.autograd.grad(loss, (h, weight, bias), grad_outputs=strided)
-    _assert_close(results["triton"], results["reference"], rtol=1e-10, atol=1e-12)
-    h, weight, bias, target = (t.detach() for t in (h, weight, bias, target))
-    _, grad_z = reference.decode_forward(h, weight, bias, target, "sigmoid", "bce")
-    got = decoder.decode_backward(strided, h, weight, grad_z, True)
-    want = reference.decode_backward(strided, h, weight, grad_z, True)
-    _assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("batch", [1, 13])
-def test_uniform_upstream_gradient_matches_reference(tied, batch, monkeypatch):
-    """One weight for every sample (a sum or mean of the per-sample losses: stride 0), which
-    the backward kernels apply after their sums: the launcher takes that variant, and it
-    matches the reference, called directly and through autograd."""
-    (h, weight, bias, target), _ = _inputs(batch, 6, 11, torch.float64, tied=tied)
-    uniform = torch.tensor(0.37, dtype=torch.float64, device=DEVICE).expand(batch)
-    launched = []
-    real_launch = decoder.launch
-
-    def spy(kernel, grid, *args, **meta):
-        launched.append(meta.get("UNIFORM"))
-        return real_launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(decoder, "launch", spy)
-    decoder_weight = weight.t() if tied else weight
+def _check_upstream_gradient(h, decoder_weight, weight, bias, target, upstream):
+    """Triton against the reference for the per-sample upstream gradient ``upstream``:
+    through autograd, and with the backward launcher called directly."""
     results = {}
     for backend in ("triton", "reference"):
         with fastae.use_backend(backend):
             loss = ops.decode_loss(h, decoder_weight, bias, target=target)
-            results[backend] = torch.autograd.grad(loss, (h, weight, bias), grad_outputs=uniform)
+            results[backend] = torch.autograd.grad(loss, (h, weight, bias), grad_outputs=upstream)
     _assert_close(results["triton"], results["reference"], rtol=1e-10, atol=1e-12)
-    assert launched[-2:] == [True, True]  # dV and dh kernels
     h, decoder_weight = h.detach(), decoder_weight.detach()
     _, grad_z = reference.decode_forward(h, decoder_weight, bias.detach(), target, "sigmoid", "bce")
-    got = decoder.decode_backward(uniform, h, decoder_weight, grad_z, True)
-    want = reference.decode_backward(uniform, h, decoder_weight, grad_z, True)
+    got = decoder.decode_backward(upstream, h, decoder_weight, grad_z, True)
+    want = reference.decode_backward(upstream, h, decoder_weight, grad_z, True)
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_strided_upstream_gradient_matches_reference():
+    """A per-sample upstream gradient at stride 2: through autograd and to the launcher."""
+    (h, weight, bias, target), upstream = _inputs(9, 6, 11, torch.float64, tied=False)
+    _check_upstream_gradient(h, weight, weight, bias, target, _every_other(upstream))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("batch", [1, 13])
+def test_uniform_upstream_gradient_matches_reference(tied, batch, spy_launches):
+    """One weight for every sample (the gradient of a sum of the per-sample losses: stride
+    0), which the backward kernels apply after their sums: the launcher takes that variant,
+    and it matches the reference, called directly and through autograd."""
+    (h, weight, bias, target), _ = _inputs(batch, 6, 11, torch.float64, tied=tied)
+    uniform = torch.tensor(0.37, dtype=torch.float64, device=DEVICE).expand(batch)
+    launched = spy_launches(decoder, "UNIFORM")
+    decoder_weight = weight.t() if tied else weight
+    _check_upstream_gradient(h, decoder_weight, weight, bias, target, uniform)
+    assert launched[-2:] == [True, True]  # dV and dh kernels
 
 
 def test_wide_column_variants_match_reference(monkeypatch):

@@ -282,19 +282,12 @@ def test_backward_without_statistics_gradients(fusion, unused, monkeypatch):
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("noise", [None, fastae.MaskingNoise(0.4, seed=7)])
-def test_without_statistics(fusion, activation, noise, monkeypatch):
+def test_without_statistics(fusion, activation, noise, monkeypatch, spy_launches):
     """``statistics=False``: h and the gradients of a loss on h as with statistics, from one
     Triton launch forward (no finishing launch), and rho_hat and jac come back None."""
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
     (x, weight, bias), (grad_h, _, _) = _inputs(11, 9, 13, torch.float64)
-    launched = []
-    real_launch = encoder.launch
-
-    def spy(kernel, grid, *args, **meta):
-        launched.append(meta.get("STATISTICS"))
-        return real_launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(encoder, "launch", spy)
+    launched = spy_launches(encoder, "STATISTICS")
     results = {}
     for backend in ("triton", "reference"):
         for statistics in (True, False):
