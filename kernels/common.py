@@ -403,11 +403,11 @@ def launch(kernel, grid, *args, **meta):
 
     Triton's ``JITFunction.run`` (and ``Autotuner.run`` before it) binds and specializes
     every argument, formats the compile options into a cache key and looks the kernel up on
-    each call: 45-75 us of host time per launch on a 2-core x86 CPU, measured against a
-    stand-in driver (``bench/launch_time.py``), against about 11 us here. Here
-    the first call with a given key goes through Triton (autotuning and compiling as usual),
-    and its compiled kernel, config and trailing constexpr arguments are kept; later calls
-    with the same key hand them to the compiled kernel's launcher directly, as Triton would.
+    each call: 45-75 us of host time per launch on a 2-core x86 CPU, against about 11 us for
+    this path (measured with a stand-in driver, ``bench/launch_time.py``). The first call
+    with a given key goes through Triton (autotuning and compiling as usual), and its
+    compiled kernel, config and trailing constexpr arguments are kept; later calls with the
+    same key hand them to the compiled kernel's launcher directly, as Triton would.
 
     The key holds everything Triton specializes on, at least as finely: each tensor's dtype
     and data pointer modulo 16, each integer's value (its i32/i64/u64 range for
@@ -514,6 +514,8 @@ def _launch_and_keep(key, kernel, grid, args, meta, constexprs):
     compiled = kernel[grid_of](*args, **meta)
     if hasattr(compiled, "result"):
         compiled = compiled.result()
+    if compiled is None or not calls:  # a user's compile hook stopped the launch
+        return compiled
     bound = calls[-1]
     if len(bound) == len(constexprs) and all(constexprs[len(args) :]):
         tail = tuple(bound.values())[len(args) :]

@@ -320,7 +320,7 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
         return reference.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
     acc = acc_dtype(h.dtype)
     precision = dot_precision(h.dtype)
-    # one weight for every sample: the gradient of a sum or mean of the per-sample losses
+    # one weight for every sample (stride 0): the gradient of a sum of the per-sample losses
     uniform = batch == 1 or grad_loss.stride(0) == 0
     # the kernels read the B-vector grad_loss and G at unit stride (G as the forward wrote it:
     # then .contiguous() returns it as it is); copying a vector is free
