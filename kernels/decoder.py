@@ -200,7 +200,11 @@ def _decoder_grad_weight_kernel(
     k_ok = ks < H
     k_idx = column_index(ks, WIDE_COLUMNS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    dc = tl.zeros((BLOCK_N,), dtype=ACC)
+    # dc's elementwise sums over the row blocks, in each thread's own registers, reduced
+    # across threads once after the loop: a reduction inside the loop (shuffles, barriers)
+    # made Triton 3.9 wait for each tensor-core product before issuing the next
+    sums_dc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
+    writes_dc = pid_k == 0
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
@@ -216,12 +220,13 @@ def _decoder_grad_weight_kernel(
         if not UNIFORM:
             g = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)
             scaled = gz_t.to(ACC) * g[None, :]
-            if pid_k == 0:
-                dc += tl.sum(scaled, axis=1)
+            if writes_dc:
+                sums_dc += scaled
             gz_t = scaled.to(h.dtype)
-        elif pid_k == 0:
-            dc += tl.sum(gz_t.to(ACC), axis=1)
+        elif writes_dc:
+            sums_dc += gz_t.to(ACC)
         acc = tl.dot(gz_t, h, acc, input_precision=PRECISION, out_dtype=ACC)
+    dc = tl.sum(sums_dc, axis=1)
     if UNIFORM:
         g0 = tl.load(gl_ptr).to(ACC)
         acc = acc * g0
@@ -229,7 +234,7 @@ def _decoder_grad_weight_kernel(
     out_ok = col_ok[:, None] & k_ok[None, :]
     out = cols.to(tl.int64)[:, None] * stride_dvn + k_idx[None, :] * stride_dvk
     tl.store(dv_ptr + out, acc.to(dv_ptr.dtype.element_ty), mask=out_ok)
-    if pid_k == 0:
+    if writes_dc:
         tl.store(dc_ptr + cols, dc.to(dc_ptr.dtype.element_ty), mask=col_ok)
 
 

@@ -282,12 +282,14 @@ def test_strided_upstream_gradient_matches_reference():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("batch", [1, 13])
-def test_uniform_upstream_gradient_matches_reference(tied, batch, spy_launches):
+@pytest.mark.parametrize("shape", [(1, 6, 11), (13, 6, 11), (37, 21, 40)])
+def test_uniform_upstream_gradient_matches_reference(tied, shape, spy_launches):
     """One weight for every sample (the gradient of a sum of the per-sample losses: stride
     0), which the backward kernels apply after their sums: the launcher takes that variant,
-    and it matches the reference, called directly and through autograd."""
-    (h, weight, bias, target), _ = _inputs(batch, 6, 11, torch.float64, tied=tied)
+    and it matches the reference, called directly and through autograd; with several row,
+    output and hidden blocks, dc adds every row block's share once."""
+    batch, features, hidden = shape
+    (h, weight, bias, target), _ = _inputs(batch, features, hidden, torch.float64, tied=tied)
     uniform = torch.tensor(0.37, dtype=torch.float64, device=DEVICE).expand(batch)
     launched = spy_launches(decoder, "UNIFORM")
     decoder_weight = weight.t() if tied else weight
