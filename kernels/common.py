@@ -340,6 +340,22 @@ def fusion_choice(variable: str) -> str:
     return choice
 
 
+# The fused GEMM kernels load and store whole 16-byte vectors, asynchronously and pipelined
+# (cp.async into shared memory, one tensor-core product in flight), only where Triton can
+# prove it: where d and H, which bound the contiguous dimension of every tile and set the
+# row strides, are multiples of 16, the divisibility it specializes integer arguments on.
+# Compiled for sm_90 in bfloat16 with H = 520 or d = 392 (multiples of 8), every product
+# kernel loads 2-byte elements one by one instead, synchronously, each product waiting for
+# the last, and some spill registers (tests/sass_check.py prints it for a shape).
+PRODUCT_ALIGNMENT = 16
+
+
+def product_aligned(features: int, hidden: int) -> bool:
+    """Whether d and H let the fused GEMM kernels load full vectors (see above); the
+    encoder's and decode_loss's fusion rules take cuBLAS's products where not."""
+    return features % PRODUCT_ALIGNMENT == 0 and hidden % PRODUCT_ALIGNMENT == 0
+
+
 # Offsets at or past this need int64 arithmetic (a module constant so tests can lower it and
 # run the wide variants on small tensors).
 INDEX_LIMIT = 2**31

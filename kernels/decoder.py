@@ -43,6 +43,7 @@ from .common import (
     grid_tiles,
     launch,
     log1p,
+    product_aligned,
     stat_buffer,
     tile_ids,
     wide_columns,
@@ -66,11 +67,13 @@ SPLIT_FROM_MACS = 2**34
 
 def fusion(batch: int, features: int, hidden: int) -> str:
     """Which fusion boundary decode_loss uses: ``FASTAE_DECODER_FUSION`` if set, else the
-    fused GEMM below ``SPLIT_FROM_MACS`` multiply-adds and cuBLAS products from there on."""
+    fused GEMM below ``SPLIT_FROM_MACS`` multiply-adds with d and H multiples of 16
+    (``product_aligned``), and cuBLAS products otherwise."""
     choice = fusion_choice("FASTAE_DECODER_FUSION")
     if choice != "auto":
         return choice
-    return "split" if batch * features * hidden >= SPLIT_FROM_MACS else "gemm"
+    large = batch * features * hidden >= SPLIT_FROM_MACS
+    return "split" if large or not product_aligned(features, hidden) else "gemm"
 
 
 @triton.jit

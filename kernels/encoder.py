@@ -50,6 +50,7 @@ from .common import (
     grid_tiles,
     input_grad_mask,
     launch,
+    product_aligned,
     slope,
     stat_buffer,
     ticket,
@@ -77,12 +78,15 @@ SPLIT_FROM_MACS = 2**34
 def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
     """Which fusion boundary to use: ``FASTAE_ENCODER_FUSION`` if set, else the measured rule:
     the fused GEMM (fewest launches), except float32 from ``SPLIT_FROM_MACS`` multiply-adds
-    on, which takes cuBLAS GEMMs plus one fused statistics pass."""
+    on and d or H not a multiple of 16 (``product_aligned``), which take cuBLAS GEMMs plus
+    one fused statistics pass."""
     choice = fusion_choice("FASTAE_ENCODER_FUSION")
     if choice != "auto":
         return choice
     large = batch * features * hidden >= SPLIT_FROM_MACS
-    return "split" if dtype == torch.float32 and large else "gemm"
+    if (dtype == torch.float32 and large) or not product_aligned(features, hidden):
+        return "split"
+    return "gemm"
 
 
 @triton.jit

@@ -42,12 +42,15 @@ def _fresh_backend():
 
 
 @pytest.fixture(autouse=True)
-def _fused_noise(request, monkeypatch):
-    """Modules with ``FUSED_NOISE = True`` check the memory-free path of a noisy encode (noise
-    drawn inside the encoder GEMMs and again in backward), so they select it: by default
-    encode corrupts x in one pass and keeps x~."""
-    if getattr(request.module, "FUSED_NOISE", False):
+def _fused_kernels(request, monkeypatch):
+    """Modules with ``FUSED_KERNELS = True`` check the fused GEMM kernels at odd shapes and the
+    memory-free path of a noisy encode (noise drawn inside the encoder GEMMs and again in
+    backward), so they select both: by default d or H not a multiple of 16 takes cuBLAS's
+    products, and encode corrupts x in one pass and keeps x~. A test may set its own."""
+    if getattr(request.module, "FUSED_KERNELS", False):
         monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+        monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
+        monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
 
 
 @pytest.fixture

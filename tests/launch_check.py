@@ -26,7 +26,7 @@ def unaligned(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(rows * cols + 1, dtype=dtype)[1:].view(rows, cols)
 
 
-def encode_step(x, weight, seed, fusion="auto", noise_kind="masking", statistics=True):
+def encode_step(x, weight, seed, fusion="gemm", noise_kind="masking", statistics=True):
     def run():
         os.environ["FASTAE_ENCODER_FUSION"] = fusion
         h, rho_hat, jac, stats = encoder.encode_forward(
@@ -44,7 +44,7 @@ def encode_step(x, weight, seed, fusion="auto", noise_kind="masking", statistics
     return run
 
 
-def decode_step(h, weight, fusion="auto", uniform=False):
+def decode_step(h, weight, fusion="gemm", uniform=False):
     def run():
         os.environ["FASTAE_DECODER_FUSION"] = fusion
         target = torch.rand(h.shape[0], weight.shape[0], dtype=h.dtype)

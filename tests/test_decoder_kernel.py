@@ -11,6 +11,7 @@ from fastae.kernels import common, decoder  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAIRS = [("sigmoid", "bce"), ("sigmoid", "mse"), ("identity", "mse")]
+FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +154,10 @@ def test_fusion_rule(monkeypatch):
     assert decoder.fusion(4096, 784, 1024) == "gemm"
     assert decoder.fusion(8192, 4096, 4096) == "split"
     assert decoder.fusion(2**14, 2**10, 2**10) == "split"  # 2^34: from here
-    assert decoder.fusion(2**14, 2**10, 2**10 - 1) == "gemm"
+    assert decoder.fusion(2**14, 2**10, 2**10 - 16) == "gemm"
+    assert decoder.fusion(4096, 784, 1000) == "split"  # H, d not multiples of 16: cuBLAS
+    assert decoder.fusion(4096, 100, 1024) == "split"
+    assert decoder.fusion(4095, 784, 1024) == "gemm"  # the batch size does not matter
     monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
     assert decoder.fusion(8192, 4096, 4096) == "gemm"
 

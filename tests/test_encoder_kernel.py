@@ -13,7 +13,7 @@ from fastae import ops, reference
 pytest.importorskip("triton")
 from fastae.kernels import common, encoder  # noqa: E402
 
-FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
@@ -384,7 +384,11 @@ def test_fusion_rule(monkeypatch):
     assert encoder.fusion(4096, 784, 1024, torch.float32) == "gemm"
     assert encoder.fusion(8192, 4096, 4096, torch.float32) == "split"
     assert encoder.fusion(2**14, 2**10, 2**10, torch.float32) == "split"  # 2^34: from here
-    assert encoder.fusion(2**14, 2**10, 2**10 - 1, torch.float32) == "gemm"
+    assert encoder.fusion(2**14, 2**10, 2**10 - 16, torch.float32) == "gemm"
     assert encoder.fusion(8192, 4096, 4096, torch.bfloat16) == "gemm"
+    for dtype in (torch.bfloat16, torch.float32):  # H, d not multiples of 16: cuBLAS
+        assert encoder.fusion(4096, 784, 1000, dtype) == "split"
+        assert encoder.fusion(4096, 100, 1024, dtype) == "split"
+        assert encoder.fusion(4095, 784, 1024, dtype) == "gemm"  # any batch size
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
     assert encoder.fusion(8192, 4096, 4096, torch.float32) == "gemm"

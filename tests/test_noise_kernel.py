@@ -11,7 +11,7 @@ from fastae import ops, reference
 pytest.importorskip("triton")
 from fastae.kernels import common, noise  # noqa: E402
 
-FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = [

@@ -13,7 +13,7 @@ import fastae
 from fastae import backend, ops
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise, draw_seed
 
-FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
 NOISES = {

@@ -13,7 +13,7 @@ from fastae.benchmark import matmul_precision
 
 pytest.importorskip("triton")
 
-FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float64, torch.float32]

@@ -12,7 +12,7 @@ from test_reference import ACT_FN, explicit_corrupt
 import fastae
 from fastae import ops
 
-FUSED_NOISE = True  # noisy encodes take the memory-free path (tests/conftest.py)
+FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
 
 BACKENDS = ["reference", "triton"]
 

@@ -1,0 +1,109 @@
+"""Run by tests/test_sass.py in a subprocess, with Triton compiling (not interpreting) for a
+stand-in driver (bench/fake_driver.py): every matrix-product kernel of fastae, compiled for
+sm_90 in bfloat16 at its first config (``FASTAE_AUTOTUNE=0``) for a shape whose d and H are
+multiples of 16 (elsewhere the fusion rules take cuBLAS's products: ``product_aligned``),
+disassembled with the ``cuobjdump`` that Triton ships. Each must multiply on Hopper's tensor
+cores (``HGMMA``), keep one product in flight while the next tiles load (a
+``WARPGROUP.DEPBAR.LE gsb0, 0x1`` wait in its loop, not only waits for zero), and keep its
+registers out of local memory (no stack frame). The one exception: dV with a per-sample
+weight, whose G tiles are scaled in registers on their way to the tensor cores, a product
+Triton does not keep in flight. Exit status 0: all held; it prints one line per kernel
+variant."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+
+import fake_driver  # noqa: E402
+import torch  # noqa: E402
+import triton.backends.nvidia  # noqa: E402
+from fastae.kernels import decoder, encoder  # noqa: E402
+
+CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+PRODUCT_KERNELS = {
+    encoder: (
+        "_encoder_forward_kernel",
+        "_encoder_grad_weight_kernel",
+        "_encoder_grad_input_kernel",
+    ),
+    decoder: (
+        "_decoder_forward_kernel",
+        "_decoder_grad_weight_kernel",
+        "_decoder_grad_code_kernel",
+    ),
+}
+# (kernel, constexpr name, value) whose products may wait for zero: G scaled in registers
+SERIAL = {("_decoder_grad_weight_kernel", "UNIFORM", False)}
+
+
+def launch_every_product(batch: int, features: int, hidden: int) -> None:
+    bf16 = torch.bfloat16
+    x, weight = torch.randn(batch, features, dtype=bf16), torch.randn(hidden, features, dtype=bf16)
+    for statistics in (True, False):
+        h, _, _, stats = encoder.encode_forward(
+            x, weight, weight[:, 0], "sigmoid", "none", 0.0, 0.0, 1.0, 0, statistics
+        )
+        grad_rho, grad_jac = (torch.randn(hidden), torch.randn(())) if statistics else (None, None)
+        encoder.encode_backward(
+            torch.randn_like(h), grad_rho, grad_jac, x, weight, h, stats,
+            "sigmoid", "none", 0.0, 0.0, 1.0, 0, True,
+        )  # fmt: skip
+    _, grad_z = decoder.decode_forward(h, weight.t(), None, x, "sigmoid", "bce")
+    for grad_loss in (torch.rand(()).expand(batch), torch.rand(batch)):
+        decoder.decode_backward(grad_loss, h, weight.t(), grad_z, True)
+
+
+def disassemble(cubin: bytes) -> tuple[str, str]:
+    """(SASS, resource usage) of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        outputs = []
+        for flag in ("-sass", "-res-usage"):
+            command = [str(CUOBJDUMP), flag, str(path)]
+            outputs.append(subprocess.run(command, capture_output=True, text=True, check=True))
+        return outputs[0].stdout, outputs[1].stdout
+
+
+def main(argv: list[str]) -> int:
+    """``sass_check.py [BxDxH]``: the kernels compiled for that shape (default 200x384x528:
+    d and H multiples of 16, where the fusion rules take these kernels)."""
+    batch, features, hidden = map(int, (argv[0] if argv else "200x384x528").split("x"))
+    for name in ("FASTAE_ENCODER_FUSION", "FASTAE_DECODER_FUSION"):
+        os.environ[name] = "gemm"
+    with fake_driver.installed():
+        launch_every_product(batch, features, hidden)
+    failures = 0
+    for module, names in PRODUCT_KERNELS.items():
+        for name in names:
+            jit = getattr(module, name).fn  # under the autotuner
+            compiled = [k for caches in jit.device_caches.values() for k in caches[0].values()]
+            if not compiled:
+                print(f"{name}: not compiled")
+                failures += 1
+            for kernel in compiled:
+                constants = {jit.arg_names[i[0]]: v for i, v in kernel.src.constants.items()}
+                sass, usage = disassemble(kernel.asm["cubin"])
+                products = len(re.findall(r"\bHGMMA\.", sass))
+                in_flight = "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+                stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                serial = any((name, key, value) in SERIAL for key, value in constants.items())
+                flags = {k: v for k, v in constants.items() if k.isupper() and "BLOCK" not in k}
+                ok = products > 0 and (in_flight or serial) and stack == 0
+                failures += not ok
+                print(
+                    f"{'ok ' if ok else 'BAD'} {name} {flags}: HGMMA {products}, a product in "
+                    f"flight {in_flight}, stack {stack} bytes"
+                )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,25 @@
+"""The matrix-product kernels' machine code for Hopper (sm_90), read without a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECK = Path(__file__).with_name("sass_check.py")
+
+
+def test_products_run_on_tensor_cores_asynchronously_without_spills():
+    """Each product kernel's first config in bfloat16 (tests/sass_check.py; a subprocess, as
+    the interpreter is off there): HGMMA instructions, one product kept in flight while the
+    next tiles load, no local-memory spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTAE_AUTOTUNE"] = "0"
+    result = subprocess.run(
+        [sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count("ok ") >= 8, result.stdout  # every kernel variant launched
