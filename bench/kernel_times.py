@@ -5,12 +5,15 @@ median of its repeats; each variant beside the other in one run):
   launch, against h alone);
 - decode_loss backward with a per-sample upstream weight (as ``.mean()``'s backward gives)
   and with one weight expanded (as ``.sum() / B`` gives: applied after the sums);
+- encode forward (h only) through the fused GEMM and through the split boundary (cuBLAS's
+  product and one activation pass): at a d or H not a multiple of 16 the rules take split;
 - torch.mm of the same size, the bare product.
 
-    python bench/kernel_times.py --sizes 4096x784x1024,8192x4096x4096 --dtype bf16
+    python bench/kernel_times.py --sizes 4096x784x1024,4096x784x1000,8192x4096x4096 --dtype bf16
 
 Prints one line per (size, variant) in microseconds; FASTAE_ENCODER_FUSION and
-FASTAE_DECODER_FUSION are forced to gemm (the fused kernels these choices live in).
+FASTAE_DECODER_FUSION are forced to gemm (the fused kernels these choices live in) except
+where a variant says split.
 """
 
 from __future__ import annotations
@@ -42,12 +45,23 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
             x, weight, bias, "sigmoid", "none", 0.0, 0.0, 1.0, 0, statistics
         )
 
+    def split(fn):
+        def call():
+            os.environ["FASTAE_ENCODER_FUSION"] = "split"
+            try:
+                return fn()
+            finally:
+                os.environ["FASTAE_ENCODER_FUSION"] = "gemm"
+
+        return call
+
     def decode_backward(grad_loss):
         return lambda: decoder.decode_backward(grad_loss, h, weight.t(), grad_z, True)
 
     return {
         "encode forward, statistics": encode(True),
         "encode forward, h only": encode(False),
+        "encode forward, h only, split": split(encode(False)),
         "torch.mm x W^T": lambda: x @ weight.t(),
         "decode backward, per-sample weight": decode_backward(per_sample),
         "decode backward, uniform weight": decode_backward(uniform),
@@ -57,7 +71,7 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="4096x784x1024,8192x4096x4096")
+    parser.add_argument("--sizes", default="4096x784x1024,4096x784x1000,8192x4096x4096")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "tf32", "fp32"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

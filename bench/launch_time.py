@@ -8,7 +8,7 @@ alternating: fastae with every kernel launched through Triton's ``kernel[grid](.
 CPU: its own host time plus tiny CPU kernels). The driver's launch itself (argument packing
 and cuLaunchKernel, a few microseconds on the GPU machine) is not in the fastae times.
 
-    python bench/launch_time.py --cases encode_stats,all --size 8x8x8
+    python bench/launch_time.py --cases encode_stats,all --size 8x16x16
 
 Prints, per case and provider, the best and the median of the rounds' mean microseconds per
 call, and the launches per call. Compare the providers within one run: the machine's noise
@@ -41,7 +41,9 @@ def host_time(bench: fb.Bench, direct: str | None, rounds: int, calls: int) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="encode_stats,all", help="comma-separated cases")
-    parser.add_argument("--size", default="8x8x8", help="BATCHxINPUTSxHIDDEN")
+    parser.add_argument(
+        "--size", default="8x16x16", help="BATCHxINPUTSxHIDDEN (d, H multiples of 16: fused GEMMs)"
+    )
     parser.add_argument("--dtype", default="bf16", choices=tuple(fb.DTYPES))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
