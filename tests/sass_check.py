@@ -41,6 +41,8 @@ PRODUCT_KERNELS = {
 }
 # (kernel, constexpr name, value) whose products may wait for zero: G scaled in registers
 SERIAL = {("_decoder_grad_weight_kernel", "UNIFORM", False)}
+VARIANT_FLAGS = ("STATISTICS", "HAS_GRAD_JAC", "UNIFORM")
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
 
 
 def launch_every_product(batch: int, features: int, hidden: int) -> None:
@@ -95,12 +97,15 @@ def main(argv: list[str]) -> int:
                 in_flight = "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
                 stack = int(re.search(r"STACK:(\d+)", usage).group(1))
                 serial = any((name, key, value) in SERIAL for key, value in constants.items())
-                flags = {k: v for k, v in constants.items() if k.isupper() and "BLOCK" not in k}
+                flags = {k: v for k, v in constants.items() if k in VARIANT_FLAGS}
+                blocks = "x".join(str(v) for k, v in constants.items() if k.startswith("BLOCK"))
                 ok = products > 0 and (in_flight or serial) and stack == 0
                 failures += not ok
                 print(
-                    f"{'ok ' if ok else 'BAD'} {name} {flags}: HGMMA {products}, a product in "
-                    f"flight {in_flight}, stack {stack} bytes"
+                    f"{'ok ' if ok else 'BAD'} {name} {flags} {blocks}: HGMMA {products}, a "
+                    f"product in flight {in_flight}, stack {stack} bytes; instructions "
+                    f"{len(INSTRUCTION.findall(sass))}, async 16-byte copies "
+                    f"{sass.count('LDGSTS.E.BYPASS.128')}, 2-byte loads {sass.count('LDG.E.U16')}"
                 )
     return 1 if failures else 0
 
