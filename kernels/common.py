@@ -193,8 +193,11 @@ def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
     return grad
 
 
-def gemm_configs(names: tuple[str, str, str]):
-    """Autotuning candidates; one small config under the interpreter (it is slow)."""
+def gemm_configs(names: tuple[str, str, str], accumulator_per_thread: int | None = None):
+    """Autotuning candidates; one small config under the interpreter (it is slow). With
+    ``accumulator_per_thread``, only tiles whose float32 accumulator takes at most that many
+    registers per thread (BLOCK_M * BLOCK_N / threads): for kernels whose epilogue needs the
+    registers the larger tiles would spill."""
     m, n, k = names
     if interpreting():
         return [triton.Config({m: 16, n: 16, k: 16, "GROUP": 4}, num_warps=1)]
@@ -210,6 +213,7 @@ def gemm_configs(names: tuple[str, str, str]):
     return [
         triton.Config({m: bm, n: bn, k: bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
         for bm, bn, bk, stages, warps in shapes
+        if accumulator_per_thread is None or bm * bn <= accumulator_per_thread * 32 * warps
     ]
 
 
@@ -264,11 +268,16 @@ def autotune(configs, key: list[str], fit=None, **kwargs):
     )
 
 
-def gemm_autotune(names: tuple[str, str, str], operands: tuple[str, str]):
+def gemm_autotune(
+    names: tuple[str, str, str],
+    operands: tuple[str, str],
+    accumulator_per_thread: int | None = None,
+):
     """:func:`autotune` over :func:`gemm_configs` (names: the M, N and K block sizes of the
-    kernel's product; operands: the pointer arguments it multiplies), keyed on the problem's
-    B, D and H (and, by Triton, the dtypes). Configs that cannot fit the GPU's shared memory
-    for the operands' dtype are reshaped or dropped before any is compiled."""
+    kernel's product; operands: the pointer arguments it multiplies; accumulator_per_thread:
+    see there), keyed on the problem's B, D and H (and, by Triton, the dtypes). Configs that
+    cannot fit the GPU's shared memory for the operands' dtype are reshaped or dropped before
+    any is compiled."""
 
     def fit(configs, named_args):
         tensors = [named_args[name] for name in operands]
@@ -280,7 +289,7 @@ def gemm_autotune(names: tuple[str, str, str], operands: tuple[str, str]):
         size = max(t.element_size() for t in tensors)
         return fit_shared_memory(configs, names, size, properties["max_shared_mem"])
 
-    return autotune(gemm_configs(names), key=["B", "D", "H"], fit=fit)
+    return autotune(gemm_configs(names, accumulator_per_thread), key=["B", "D", "H"], fit=fit)
 
 
 def elementwise_configs():

@@ -122,11 +122,21 @@ def _shape(config, names):
     return m, n, k, config.num_stages, config.num_warps
 
 
-def _gemm_candidates(names):
+def _gemm_candidates(names, accumulator_per_thread=None):
     # the GPU list, which the interpreter replaces by one small config
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(common, "interpreting", lambda: False)
-        return common.gemm_configs(names)
+        return common.gemm_configs(names, accumulator_per_thread)
+
+
+def test_an_accumulator_limit_drops_the_larger_tiles():
+    """The decoder forward's limit (64 float32 values a thread): the tiles that spilled its
+    loss epilogue (128 a thread) go, the others stay in order."""
+    names = GEMM_BLOCKS[0]
+    every = [_shape(c, names) for c in _gemm_candidates(names)]
+    kept = [_shape(c, names) for c in _gemm_candidates(names, accumulator_per_thread=64)]
+    assert kept == [s for s in every if s[0] * s[1] <= 64 * 32 * s[4]]
+    assert kept[0] == (128, 128, 64, 4, 8) and len(kept) == 4
 
 
 @pytest.mark.parametrize("names", GEMM_BLOCKS)
