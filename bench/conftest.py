@@ -131,7 +131,7 @@ def run_case(request, benchmark, device):
         if budget is not None and time.monotonic() - config.stash[_START] > budget:
             pytest.skip(f"the session's time budget ({budget:g} s) is spent")
         bench = fb.build(case, provider, size, dtype, device)
-        compiled.append(provider == "compile")
+        compiled.append(provider in ("compile", fb.COMPILE_GRAPH))
         seconds = fb.warm_up(bench)
         benchmark.group = f"{case} {size} {dtype}"
         benchmark.extra_info.update(bench.info())

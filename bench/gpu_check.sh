@@ -8,7 +8,7 @@
 # the host time of encode with statistics and of the full step at B=64, and print the ratio
 # table last. Everything lands in $OUT (default ./out):
 #   tests.log, warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png,
-#   launch/SUMMARY.md, kernel_times.log
+#   launch/SUMMARY.md, graphs/SUMMARY.md, kernel_times.log
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
 # stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
@@ -104,6 +104,22 @@ if [ "$(left)" -ge 120 ]; then
         "$PYTHON" bench/summarize.py "$OUT/bench_launch.json" --out "$OUT/launch" \
             >>"$OUT/bench.log" 2>&1
         grep -A 6 "^| case" "$OUT/launch/SUMMARY.md" | head -n 6
+    fi
+fi
+
+# CUDA graphs at the same shape: fastae's step replayed (GraphedStep) and torch.compile's
+# reduce-overhead mode beside eager and fastae, for the noiseless steps (graphs/SUMMARY.md)
+if [ "$(left)" -ge 150 ]; then
+    log "benchmarks: CUDA-graph steps at 4096x784x1024 and 64x784x1024"
+    timeout 110 "$PYTHON" -m pytest bench/test_steps.py -q -p no:cacheprovider \
+        --benchmark-only -k "plain or contractive" --fastae-device cuda \
+        --fastae-sizes 4096x784x1024,64x784x1024 --fastae-dtypes bf16 \
+        --fastae-providers eager,fastae,fastae_graph,compile_graph --fastae-budget-s 80 \
+        --benchmark-json "$OUT/bench_graphs.json" >>"$OUT/bench.log" 2>&1
+    if [ -s "$OUT/bench_graphs.json" ]; then
+        "$PYTHON" bench/summarize.py "$OUT/bench_graphs.json" --out "$OUT/graphs" \
+            >>"$OUT/bench.log" 2>&1
+        grep -A 6 "^| case" "$OUT/graphs/SUMMARY.md" | head -n 6
     fi
 fi
 

@@ -2,6 +2,7 @@
 
 from . import ops
 from .backend import get_backend, set_backend, use_backend
+from .graphs import GraphedStep
 from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
 from .noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 from .training import History, fit
@@ -11,6 +12,7 @@ __all__ = [
     "Autoencoder",
     "AutoencoderOutput",
     "GaussianNoise",
+    "GraphedStep",
     "History",
     "KLSparsity",
     "L1Sparsity",

@@ -9,7 +9,10 @@ the same for every provider and left out). Providers:
 - ``compile``: ``torch.compile`` of that same function (inductor; compile time excluded);
 - ``fastae``: :func:`fastae.ops.encode` / ``corrupt`` / ``decode_loss`` and
   :class:`fastae.Autoencoder`, on whatever backend ``auto`` picks (recorded per op);
-- ``jacrev``: the contractive step with the brute-force ``torch.func.jacrev`` penalty.
+- ``jacrev``: the contractive step with the brute-force ``torch.func.jacrev`` penalty;
+- ``fastae_graph`` and ``compile_graph`` (CUDA, noiseless steps): fastae's step replayed
+  from a CUDA graph (:class:`fastae.GraphedStep`), and ``torch.compile`` with
+  ``mode="reduce-overhead"`` (its own CUDA graphs) of the eager step.
 
 Beside time each case records device-independent figures of one step: the ops the dispatcher
 ran (a ``TorchDispatchMode`` count, where a fastae custom op counts once) and the bytes saved
@@ -40,6 +43,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import baselines, ops
+from .graphs import GraphedStep
 from .modules import Autoencoder, KLSparsity
 from .noise import MaskingNoise
 
@@ -67,7 +71,12 @@ SPLIT = "fastae_split"
 REGENERATE = "fastae_regenerate"
 TRITON_LAUNCH = "fastae_triton_launch"
 FLOOR = "floor"
-EXTRA_PROVIDERS = (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH, FLOOR, JACREV)
+# CUDA graphs (noiseless steps): fastae's training step captured once and replayed
+# (GraphedStep), and torch.compile's own (mode="reduce-overhead") of the eager step
+GRAPH = "fastae_graph"
+COMPILE_GRAPH = "compile_graph"
+GRAPH_PROVIDERS = (GRAPH, COMPILE_GRAPH)
+EXTRA_PROVIDERS = (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH, FLOOR, GRAPH, COMPILE_GRAPH, JACREV)
 
 
 def _fusions(
@@ -192,7 +201,12 @@ def unavailable(provider: str, device: str, case: str | None = None) -> str | No
         return "the regenerated corrupted input needs a denoising case"
     if provider == TRITON_LAUNCH and not device.startswith("cuda"):
         return "Triton's launch path is fastae's on CUDA only"
-    if provider == "compile":
+    if provider in GRAPH_PROVIDERS:
+        if not device.startswith("cuda"):
+            return "CUDA graphs need a CUDA device"
+        if case is not None and (case not in STEPS or case in NOISY_CASES):
+            return "a CUDA graph replays a training step without noise (seeds drawn per step)"
+    if provider in ("compile", COMPILE_GRAPH):
         if device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
             return "torch.compile on the CPU needs a C++ compiler"
         if device.startswith("cuda"):
@@ -227,9 +241,12 @@ def _inductor_with_probe(gm, example_inputs):
     return run
 
 
-def compile_function(fn: Callable) -> Callable:
-    """``torch.compile`` of an eager baseline as a user would (inductor, static shapes)."""
+def compile_function(fn: Callable, mode: str | None = None) -> Callable:
+    """``torch.compile`` of an eager baseline as a user would (inductor, static shapes);
+    with a ``mode`` (``"reduce-overhead"``: CUDA graphs) plain inductor, without the op probe."""
     torch._dynamo.reset()  # no cache entries of earlier sizes or dtypes, no recompile limit
+    if mode is not None:
+        return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
     return torch.compile(fn, backend=_inductor_with_probe, fullgraph=True, dynamic=False)
 
 
@@ -406,6 +423,21 @@ def build(
 
     if case in STEPS:
         inputs = [x, W, b, c]
+        if provider == GRAPH:
+            step = GraphedStep(model)
+            with matmul_precision(DTYPES[dtype][1]), _environment(env):
+                for _ in range(step.warmup + 1):  # warm up and capture: later calls replay
+                    step(x)
+            forward = lambda: (step(x),)  # noqa: E731
+            return Bench(forward=forward, params=[], inputs=inputs, **common)
+        if provider == COMPILE_GRAPH:
+            fn = compile_function(_EAGER_STEPS[case], mode="reduce-overhead")
+
+            def forward():
+                torch.compiler.cudagraph_mark_step_begin()
+                return (fn(x, W, b, c),)
+
+            return Bench(forward=forward, params=[W, b, c], inputs=inputs, **common)
         if provider == "fastae":
             forward = lambda: (model(x).loss,)  # noqa: E731
         else:
@@ -498,6 +530,8 @@ class OpCounter(TorchDispatchMode):
 def count_ops(bench: Bench) -> OpCounter:
     """Ops dispatched by one call of ``bench`` (forward and backward)."""
     counter = OpCounter()
+    if bench.provider == COMPILE_GRAPH:
+        return counter  # CUDA-graph trees under a dispatch mode would run another code path
     with bench.settings():
         for p in bench.params:
             p.grad = None
@@ -616,8 +650,9 @@ def figures(bench: Bench) -> dict[str, Any]:
         "ops_by_name": dict(sorted(counts.items())),
         "fastae_backends": dict(sorted(counter.backends.items())),
     }
-    if bench.provider == JACREV:
-        # torch.func transforms refuse to run under saved_tensors_hooks
+    if bench.provider in (JACREV, COMPILE_GRAPH):
+        # torch.func transforms refuse to run under saved_tensors_hooks; CUDA-graph trees
+        # would record another graph
         out.update(saved_tensors=None, saved_bytes=None, saved_bytes_beyond_inputs=None)
     else:
         out.update(saved_bytes(bench))
@@ -640,7 +675,8 @@ def warm_up(bench: Bench, calls: int | None = None) -> float:
     """Run ``calls`` times (default: once, twice when compiling, the first call compiling);
     the seconds of the last call."""
     seconds = math.inf
-    for _ in range(calls or (2 if bench.provider == "compile" else 1)):
+    compiling = {"compile": 2, COMPILE_GRAPH: 3}  # CUDA-graph trees record at the third
+    for _ in range(calls or compiling.get(bench.provider, 1)):
         start = time.perf_counter()
         bench.run()
         seconds = time.perf_counter() - start
@@ -725,9 +761,12 @@ def _ms(record: dict | None) -> str:
 
 def speedup(row: dict, other: str) -> float | None:
     """``other``'s median time over fastae's (above 1: fastae is faster)."""
-    providers = row["providers"]
-    fast, slow = providers.get("fastae"), providers.get(other)
-    if not fast or not slow or not fast.get("median_s") or slow.get("median_s") is None:
+    return _over(row["providers"].get(other), row["providers"].get("fastae"))
+
+
+def _over(slow: dict | None, fast: dict | None) -> float | None:
+    """``slow``'s median time over ``fast``'s, where both have one."""
+    if not slow or not fast or slow.get("median_s") is None or not fast.get("median_s"):
         return None
     return slow["median_s"] / fast["median_s"]
 
@@ -746,6 +785,7 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
         if any(p in row["providers"] for row in rows)
     ]
     with_floor = any(FLOOR in row["providers"] for row in rows)
+    with_graphs = any(GRAPH in row["providers"] for row in rows)
     header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
     header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
     # gemm / split: both fusion boundaries forced; regen: x~ regenerated in the GEMMs, not
@@ -754,6 +794,8 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
         name = VARIANTS[variant][0]
         header += [f"{name} ms", f"{name}/fastae"]
     header += ["floor ms", "fastae/floor"] if with_floor else []
+    # graph: fastae's step replayed from a CUDA graph; cgraph: torch.compile's CUDA graphs
+    header += ["graph ms", "eager/graph", "cgraph ms", "cgraph/graph"] if with_graphs else []
     lines = []
     for row in rows:
         first, prov = row["first"], row["providers"]
@@ -768,6 +810,10 @@ def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
         if with_floor:
             floor = speedup(row, FLOOR)
             cells += [_ms(prov.get(FLOOR)), _ratio(1 / floor if floor else None)]
+        if with_graphs:
+            graph = prov.get(GRAPH)
+            cells += [_ms(graph), _ratio(_over(prov.get("eager"), graph))]
+            cells += [_ms(prov.get(COMPILE_GRAPH)), _ratio(_over(prov.get(COMPILE_GRAPH), graph))]
         lines.append(cells)
     return _format(header, lines, markdown)
 
@@ -887,7 +933,7 @@ def measure(
     times = time_calls(bench, rounds or rounds_for(seconds, bench.device.type))
     record.update({f"{k}_s": v for k, v in stats_of(times).items() if k != "rounds"})
     record["rounds"] = len(times)
-    if provider == "compile":
+    if provider in ("compile", COMPILE_GRAPH):
         torch._dynamo.reset()
     return record
 

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import _checks
+from .graphs import GraphedStep
 from .ops import check_unit_interval
 
 
@@ -195,6 +196,7 @@ def fit(
     shuffle: bool = True,
     progress: bool = True,
     restore_best: bool = True,
+    cuda_graph: bool = False,
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
 
@@ -208,6 +210,12 @@ def fit(
     (``History.best_epoch``), whether or not training stopped early; without, the weights of
     the best training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's
     generator, so noise seeds and shuffling repeat exactly.
+
+    ``cuda_graph``: replay each training step from a CUDA graph (:class:`fastae.GraphedStep`:
+    one launch a step instead of a dozen, for batches whose GPU work is shorter than the
+    host's); needs a CUDA model without noise or other CPU-drawn randomness, and a
+    ``capturable`` optimizer (the default Adam is made so). An epoch's shorter last batch
+    runs eagerly.
 
     Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
     tensor data is sharded across processes with a DistributedSampler, and the losses in the
@@ -230,7 +238,11 @@ def fit(
     val = None
     if validation_data is not None:
         val = _batches("validation_data", validation_data, model, batch_size, False, 0)
-    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    cuda_graph = _checks.flag("cuda_graph", cuda_graph)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=cuda_graph)
+    # every step through the graphed step: it runs eagerly until it captures
+    step = GraphedStep(model, optimizer) if cuda_graph else None
 
     history = History()
     best, best_state, waited = math.inf, None, 0
@@ -249,11 +261,14 @@ def fit(
             total, count = torch.zeros((), device=like.device), 0  # one sync per epoch
             for batch in train:
                 x = _first(batch).to(like.device)
-                optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                out.loss.backward()
-                optimizer.step()
-                total += out.loss.detach().float() * x.shape[0]
+                if step is not None:
+                    loss = step(x)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = model(x).loss
+                    loss.backward()
+                    optimizer.step()
+                total += loss.detach().float() * x.shape[0]
                 count += x.shape[0]
             if not count:
                 raise ValueError(f"data yielded no rows in epoch {epoch + 1}")

@@ -277,6 +277,28 @@ def test_triton_launch_provider(bench_run):
     assert "3x" in row.split()
 
 
+def _ms(record):
+    return f"{record['median_s'] * 1e3:.3f}"
+
+
+def test_cuda_graph_providers(bench_run):
+    """fastae_graph and compile_graph: CUDA only, noiseless training steps only; the ratio
+    table shows eager over fastae_graph and compile_graph over fastae_graph."""
+    for provider in fb.GRAPH_PROVIDERS:
+        assert "CUDA" in fb.unavailable(provider, "cpu", "plain")
+        if torch.cuda.is_available():
+            assert fb.unavailable(provider, "cuda", "plain") is None
+            assert "noise" in fb.unavailable(provider, "cuda", "denoising")
+            assert "noise" in fb.unavailable(provider, "cuda", "encode")
+    _, records = bench_run
+    eager = next(r for r in records if r["provider"] == "eager" and r["case"] == "sparse")
+    graph = dict(eager, provider=fb.GRAPH, median_s=eager["median_s"] / 4)
+    compiled = dict(eager, provider=fb.COMPILE_GRAPH, median_s=eager["median_s"] / 2)
+    header, *_, row = fb.ratio_table([eager, graph, compiled]).splitlines()
+    assert header.split()[-6:] == ["graph", "ms", "eager/graph", "cgraph", "ms", "cgraph/graph"]
+    assert row.split()[-4:] == [_ms(graph), "4x", _ms(compiled), "2x"]
+
+
 @pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
 def test_kernel_times_variants_run(monkeypatch):
     """bench/kernel_times.py (CUDA only): each variant it times runs (here interpreted on

@@ -1,0 +1,171 @@
+"""Training steps replayed from a CUDA graph: one launch for the whole step.
+
+A step at an MNIST-sized batch runs a few tens of microseconds of GPU work behind about a
+millisecond of host time (Python, autograd, a dozen launches), so the GPU waits. Captured
+once as a CUDA graph, the step's kernels replay from one call, without that host time.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import _checks
+
+__all__ = ["GraphedStep"]
+
+
+class GraphedStep:
+    """``step(x)``: one training step of ``model`` on the batch ``x`` (zero the gradients,
+    ``model(x).loss``, backward, ``optimizer.step()`` when an optimizer is given), from the
+    ``warmup + 1``-th call on replayed from a CUDA graph; returns the loss.
+
+    The first ``warmup`` calls run eagerly on a side stream (they autotune and compile the
+    kernels and create the optimizer's state); the next captures the step at that batch
+    shape and replays it. Batches of another shape (an epoch's shorter last batch) run
+    eagerly, with the same parameters, gradients and optimizer.
+
+    What a graph cannot hold is refused or fixed at capture:
+
+    - the model and batches must be on a CUDA device, the model not wrapped in
+      DistributedDataParallel;
+    - an optimizer with a ``capturable`` option (Adam, AdamW, ...) must have it on;
+    - a step that draws random numbers on the CPU, as noise seeds do (``noise=``, the VAE's
+      sampling), would replay the same draw every time: capture raises instead;
+    - the BCE target range is not checked per step (that check is a device sync); check the
+      data once beforehand, as ``fastae.fit`` does;
+    - learning rates and other optimizer settings are read at capture: later changes to
+      ``param_groups`` do not reach the graph.
+
+    The returned loss is a tensor the next replay overwrites (``.item()`` it, or clone it to
+    keep it); after a graphed step the parameters' ``.grad`` hold that step's gradients.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, warmup: int = 3
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                "model must not be DistributedDataParallel: its gradient all-reduce cannot be "
+                "captured in a CUDA graph here; train it eagerly"
+            )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model must have parameters that require gradients")
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+                )
+            for group in optimizer.param_groups:
+                if group.get("capturable") is False:
+                    raise ValueError(
+                        f"optimizer must be created with capturable=True to be captured in a "
+                        f"CUDA graph ({type(optimizer).__name__}(..., capturable=True))"
+                    )
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
+            raise ValueError(f"warmup must be a positive int, got {warmup!r}")
+        device = self.params[0].device
+        if device.type != "cuda":
+            raise ValueError(f"model must be on a CUDA device for a CUDA graph, got {device}")
+        self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
+        self.device = device
+        self.calls = 0  # calls at the graphed shape so far
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.shape: tuple[int, ...] | None = None  # the graphed batch shape
+        self._static_input: Tensor | None = None
+        self._static_loss: Tensor | None = None
+        self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the step has been captured (later calls at its shape replay it)."""
+        return self.graph is not None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = _checks.tensor("x", x, 2)
+        if x.device != self.device:
+            raise ValueError(f"x must be on the model's device {self.device}, got {x.device}")
+        if self.shape is None:
+            self.shape = tuple(x.shape)
+        if tuple(x.shape) != self.shape or x.dtype != self._dtype():
+            return self._eager_step(x)
+        if self.graph is not None:
+            self._static_input.copy_(x)
+            self.graph.replay()
+            return self._static_loss
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self._warmup_step(x)
+        return self._capture(x)
+
+    def _dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def _zero_grads(self) -> None:
+        if self.graph is None:
+            for p in self.params:
+                p.grad = None
+        else:  # the graph writes its gradients into these tensors: keep them, zeroed
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    def _loss_backward_update(self, x: Tensor) -> Tensor:
+        loss = self.model(x).loss
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return loss.detach()
+
+    def _eager_step(self, x: Tensor) -> Tensor:
+        self._zero_grads()
+        return self._loss_backward_update(x)
+
+    def _warmup_step(self, x: Tensor) -> Tensor:
+        # warm-up on a side stream, as torch.cuda.graphs asks before a capture
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            loss = self._eager_step(x)
+        current.wait_stream(self._stream)
+        return loss
+
+    def _capture(self, x: Tensor) -> Tensor:
+        static_input = x.detach().clone()
+        for p in self.params:  # gradients allocated inside the graph's memory: written per replay
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        cpu_rng = torch.get_rng_state()
+        checks = _pause_target_checks(self.model)
+        try:
+            with torch.cuda.graph(graph):
+                static_loss = self._loss_backward_update(static_input)
+        finally:
+            for module in checks:
+                module.check_targets = True
+        if not torch.equal(torch.get_rng_state(), cpu_rng):
+            raise RuntimeError(
+                "the training step draws random numbers on the CPU (noise seeds, as with "
+                "noise= or a VAE), which a CUDA graph would replay unchanged every step; "
+                "train this model without a CUDA graph"
+            )
+        self.graph, self._static_input, self._static_loss = graph, static_input, static_loss
+        graph.replay()  # a capture runs nothing: this is the step of this batch
+        return static_loss
+
+
+def _pause_target_checks(model: nn.Module) -> list[nn.Module]:
+    """Turns off every submodule's per-step BCE target check (a device sync, which a capture
+    refuses); returns the modules to turn back on."""
+    paused = [m for m in model.modules() if getattr(m, "check_targets", False) is True]
+    for module in paused:
+        module.check_targets = False
+    return paused

@@ -1,0 +1,111 @@
+"""GraphedStep and fit(cuda_graph=True): argument errors everywhere; on CUDA, graphed training
+equals eager training step for step."""
+
+import pytest
+import torch
+
+import fastae
+from fastae import GraphedStep
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def _model(**kwargs):
+    return fastae.Autoencoder(12, 8, **kwargs)
+
+
+def test_a_cpu_model_is_refused_naming_the_device():
+    with pytest.raises(ValueError, match="model must be on a CUDA device.*cpu"):
+        GraphedStep(_model())
+    with pytest.raises(ValueError, match="model must be on a CUDA device"):
+        fastae.fit(_model(), torch.rand(8, 12), epochs=1, progress=False, cuda_graph=True)
+
+
+def test_bad_arguments_are_refused_by_name():
+    model = _model()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        GraphedStep(lambda x: x)
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedStep(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        GraphedStep(model, "adam")
+    for warmup in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup must be a positive int"):
+            GraphedStep(model, warmup=warmup)
+    frozen = _model().requires_grad_(False)
+    with pytest.raises(ValueError, match="parameters that require gradients"):
+        GraphedStep(frozen)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        fastae.fit(model, torch.rand(8, 12), epochs=1, progress=False, cuda_graph="yes")
+
+
+def _fit(model, data, cuda_graph, **kwargs):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+    return fastae.fit(
+        model, data, epochs=3, batch_size=16, seed=0, optimizer=optimizer, progress=False,
+        cuda_graph=cuda_graph, **kwargs,
+    )  # fmt: skip
+
+
+@cuda
+@pytest.mark.parametrize(
+    "regularizers",
+    [{}, {"sparsity": fastae.KLSparsity(0.1, 0.5), "contractive": 0.1}],
+    ids=["plain", "sparse_contractive"],
+)
+def test_graphed_fit_equals_eager_fit(regularizers):
+    # 100 rows in batches of 16: six graphed-shape batches and a shorter one (eager) per epoch
+    data = torch.rand(100, 12, device="cuda")
+    torch.manual_seed(1)
+    eager = _model(**regularizers).cuda()
+    graphed = _model(**regularizers).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    eager_history = _fit(eager, data, cuda_graph=False)
+    graphed_history = _fit(graphed, data, cuda_graph=True)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
+    assert graphed_history.loss == pytest.approx(eager_history.loss, rel=1e-5)
+
+
+@cuda
+def test_a_replayed_step_computes_that_batchs_loss_and_gradients():
+    model = _model(contractive=0.2).cuda()
+    step = GraphedStep(model, warmup=2)
+    batches = [torch.rand(16, 12, device="cuda") for _ in range(6)]
+    for i, x in enumerate(batches):
+        loss = step(x).clone()
+        assert step.graphed == (i >= 2)
+        graph_grads = [p.grad for p in model.parameters()]
+        grads = [grad.clone() for grad in graph_grads]
+        model.zero_grad(set_to_none=True)
+        expected = model(x).loss
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach())
+        for p, grad in zip(model.parameters(), grads, strict=True):
+            torch.testing.assert_close(grad, p.grad)
+        for p, grad in zip(model.parameters(), graph_grads, strict=True):
+            p.grad = grad  # the tensors the graph writes (and eager steps beside it zero)
+    # another batch shape runs eagerly, beside the graph
+    x = torch.rand(5, 12, device="cuda")
+    torch.testing.assert_close(step(x), model(x).loss.detach())
+
+
+@cuda
+def test_cpu_randomness_in_a_step_is_refused_at_capture():
+    model = _model(noise=fastae.MaskingNoise(0.3)).cuda()
+    step = GraphedStep(model, warmup=1)
+    x = torch.rand(16, 12, device="cuda")
+    step(x)
+    with pytest.raises(RuntimeError, match="draws random numbers on the CPU"):
+        step(x)
+
+
+@cuda
+def test_target_checks_are_paused_for_the_capture_only():
+    model = _model().cuda()
+    assert model.check_targets
+    step = GraphedStep(model, warmup=1)
+    x = torch.rand(16, 12, device="cuda")
+    step(x)
+    step(x)
+    assert step.graphed and model.check_targets
