@@ -70,11 +70,8 @@ class GraphedStep:
                     )
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
             raise ValueError(f"warmup must be a positive int, got {warmup!r}")
-        device = self.params[0].device
-        if device.type != "cuda":
-            raise ValueError(f"model must be on a CUDA device for a CUDA graph, got {device}")
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
-        self.device = device
+        self.device = _cuda_device(self.params)
         self.calls = 0  # calls at the graphed shape so far
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[int, ...] | None = None  # the graphed batch shape
@@ -160,6 +157,13 @@ class GraphedStep:
         self.graph, self._static_input, self._static_loss = graph, static_input, static_loss
         graph.replay()  # a capture runs nothing: this is the step of this batch
         return static_loss
+
+
+def _cuda_device(params: list[Tensor]) -> torch.device:
+    device = params[0].device
+    if device.type != "cuda":
+        raise ValueError(f"model must be on a CUDA device for a CUDA graph, got {device}")
+    return device
 
 
 def _pause_target_checks(model: nn.Module) -> list[nn.Module]:

@@ -1,6 +1,8 @@
 """GraphedStep and fit(cuda_graph=True): argument errors everywhere; on CUDA, graphed training
 equals eager training step for step."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -37,6 +39,84 @@ def test_bad_arguments_are_refused_by_name():
         GraphedStep(frozen)
     with pytest.raises(TypeError, match="cuda_graph"):
         fastae.fit(model, torch.rand(8, 12), epochs=1, progress=False, cuda_graph="yes")
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: the captured code runs once, as it is
+    captured (a real capture runs no kernel), and a replay only counts itself."""
+
+    replays = 0
+    captures: list = []  # (model's check_targets inside the capture)
+
+    def replay(self):
+        _FakeGraph.replays += 1
+
+
+class _FakeStream:
+    def __init__(self, *args):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """GraphedStep's orchestration on the CPU: fake graphs and streams, CPU parameters let
+    through."""
+    from fastae import graphs
+
+    _FakeGraph.replays, _FakeGraph.captures = 0, []
+    models = []
+
+    @contextlib.contextmanager
+    def capture(graph):
+        _FakeGraph.captures.append([m.check_targets for m in models])
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(graphs, "_cuda_device", lambda params: params[0].device)
+    return models
+
+
+def test_warmup_then_one_capture_then_replays(cpu_graphs):
+    model = _model()
+    cpu_graphs.append(model)
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=2)
+    batches = [torch.rand(16, 12) for _ in range(6)]
+    for i, x in enumerate(batches):
+        before = [p.detach().clone() for p in model.parameters()]
+        expected = model(x).loss.detach()
+        loss = step(x)
+        assert step.graphed == (i >= 2)
+        after = list(model.parameters())
+        changed = any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+        # warm-up steps and the captured one update the parameters; the fake replays do not
+        assert changed == (i <= 2)
+        if i <= 2:
+            torch.testing.assert_close(loss, expected)
+    assert _FakeGraph.replays == 4  # the captured batch's own step, then three replays
+    assert _FakeGraph.captures == [[False]]  # one capture, the target check paused in it
+    assert model.check_targets
+    assert torch.equal(step._static_input, batches[-1])
+    # another batch shape: an eager step with the same parameters, no replay
+    x = torch.rand(5, 12)
+    expected = model(x).loss.detach()
+    torch.testing.assert_close(step(x), expected)
+    assert _FakeGraph.replays == 4
+
+
+def test_cpu_randomness_is_refused_at_capture_on_any_device(cpu_graphs):
+    step = GraphedStep(_model(noise=fastae.MaskingNoise(0.3)), warmup=1)
+    x = torch.rand(16, 12)
+    step(x)
+    with pytest.raises(RuntimeError, match="draws random numbers on the CPU"):
+        step(x)
+    assert not step.graphed
 
 
 def _fit(model, data, cuda_graph, **kwargs):
