@@ -108,13 +108,14 @@ if [ "$(left)" -ge 120 ]; then
 fi
 
 # CUDA graphs at the same shape: fastae's step replayed (GraphedStep) and torch.compile's
-# reduce-overhead mode beside eager and fastae, for the noiseless steps (graphs/SUMMARY.md)
-if [ "$(left)" -ge 150 ]; then
-    log "benchmarks: CUDA-graph steps at 4096x784x1024 and 64x784x1024"
-    timeout 110 "$PYTHON" -m pytest bench/test_steps.py -q -p no:cacheprovider \
-        --benchmark-only -k "plain or contractive" --fastae-device cuda \
-        --fastae-sizes 4096x784x1024,64x784x1024 --fastae-dtypes bf16 \
-        --fastae-providers eager,fastae,fastae_graph,compile_graph --fastae-budget-s 80 \
+# reduce-overhead mode beside eager and fastae, for the plain and the full step
+# (graphs/SUMMARY.md)
+if [ "$(left)" -ge 200 ]; then
+    log "benchmarks: CUDA-graph steps at 4096x784x1024"
+    timeout 150 "$PYTHON" -m pytest bench/test_steps.py -q -p no:cacheprovider \
+        --benchmark-only -k "plain or all" --fastae-device cuda \
+        --fastae-sizes 4096x784x1024 --fastae-dtypes bf16 \
+        --fastae-providers eager,fastae,fastae_graph,compile_graph --fastae-budget-s 110 \
         --benchmark-json "$OUT/bench_graphs.json" >>"$OUT/bench.log" 2>&1
     if [ -s "$OUT/bench_graphs.json" ]; then
         "$PYTHON" bench/summarize.py "$OUT/bench_graphs.json" --out "$OUT/graphs" \

@@ -10,7 +10,7 @@ the same for every provider and left out). Providers:
 - ``fastae``: :func:`fastae.ops.encode` / ``corrupt`` / ``decode_loss`` and
   :class:`fastae.Autoencoder`, on whatever backend ``auto`` picks (recorded per op);
 - ``jacrev``: the contractive step with the brute-force ``torch.func.jacrev`` penalty;
-- ``fastae_graph`` and ``compile_graph`` (CUDA, noiseless steps): fastae's step replayed
+- ``fastae_graph`` and ``compile_graph`` (CUDA, training steps): fastae's step replayed
   from a CUDA graph (:class:`fastae.GraphedStep`), and ``torch.compile`` with
   ``mode="reduce-overhead"`` (its own CUDA graphs) of the eager step.
 
@@ -71,7 +71,7 @@ SPLIT = "fastae_split"
 REGENERATE = "fastae_regenerate"
 TRITON_LAUNCH = "fastae_triton_launch"
 FLOOR = "floor"
-# CUDA graphs (noiseless steps): fastae's training step captured once and replayed
+# CUDA graphs (training steps): fastae's training step captured once and replayed
 # (GraphedStep), and torch.compile's own (mode="reduce-overhead") of the eager step
 GRAPH = "fastae_graph"
 COMPILE_GRAPH = "compile_graph"
@@ -204,8 +204,8 @@ def unavailable(provider: str, device: str, case: str | None = None) -> str | No
     if provider in GRAPH_PROVIDERS:
         if not device.startswith("cuda"):
             return "CUDA graphs need a CUDA device"
-        if case is not None and (case not in STEPS or case in NOISY_CASES):
-            return "a CUDA graph replays a training step without noise (seeds drawn per step)"
+        if case is not None and case not in STEPS:
+            return "a CUDA graph replays a whole training step"
     if provider in ("compile", COMPILE_GRAPH):
         if device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
             return "torch.compile on the CPU needs a C++ compiler"

@@ -33,8 +33,10 @@ class GraphedStep:
     - the model and batches must be on a CUDA device, the model not wrapped in
       DistributedDataParallel;
     - an optimizer with a ``capturable`` option (Adam, AdamW, ...) must have it on;
-    - a step that draws random numbers on the CPU, as noise seeds do (``noise=``, the VAE's
-      sampling), would replay the same draw every time: capture raises instead;
+    - random numbers must come from the GPU's generator, which PyTorch makes graph-safe: a
+      replay draws afresh. fastae's noise and the VAE's sampling do so on CUDA (their Philox
+      seeds are drawn on the GPU, where the kernels read them). A step that draws on the
+      CPU would replay the same draw every time: capture raises instead;
     - the BCE target range is not checked per step (that check is a device sync); check the
       data once beforehand, as ``fastae.fit`` does;
     - learning rates and other optimizer settings are read at capture: later changes to
@@ -150,9 +152,9 @@ class GraphedStep:
                 module.check_targets = True
         if not torch.equal(torch.get_rng_state(), cpu_rng):
             raise RuntimeError(
-                "the training step draws random numbers on the CPU (noise seeds, as with "
-                "noise= or a VAE), which a CUDA graph would replay unchanged every step; "
-                "train this model without a CUDA graph"
+                "the training step draws random numbers on the CPU, which a CUDA graph would "
+                "replay unchanged every step; draw them on the GPU (torch's CUDA generator is "
+                "graph-safe) or train this model without a CUDA graph"
             )
         self.graph, self._static_input, self._static_loss = graph, static_input, static_loss
         graph.replay()  # a capture runs nothing: this is the step of this batch

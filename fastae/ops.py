@@ -187,12 +187,28 @@ def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | N
 _NO_NOISE_SEED = torch.tensor(0, dtype=torch.int64)
 
 
-def _seed_tensor(seed: int | None) -> Tensor:
-    """A Philox seed as an int64 CPU scalar: ``seed``, or for None a fresh draw from torch's
-    generator (a tensor, so torch.compile traces the draw instead of baking in a constant)."""
+_CPU = torch.device("cpu")
+
+
+def _seed_tensor(seed: int | None, backend_name: str, device: torch.device) -> Tensor:
+    """A Philox seed as an int64 scalar tensor: ``seed``, or for None a fresh draw from torch's
+    generator (a tensor, so torch.compile traces the draw instead of baking in a constant).
+    For the triton backend on CUDA it lives on the GPU, where the kernels read it: a CUDA graph
+    that captured its draw then draws afresh at each replay (torch's CUDA generator is
+    graph-safe), where a launch argument would repeat. Elsewhere it is a CPU scalar."""
+    if backend_name != "triton" or device.type != "cuda":
+        device = _CPU
     if seed is None:
-        return torch.randint(0, 2**62, (), dtype=torch.int64)
-    return torch.tensor(seed, dtype=torch.int64)
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    if device.type == "cpu":
+        return torch.tensor(seed, dtype=torch.int64)
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+def _seed_for(seed: Tensor, backend_name: str) -> Tensor | int:
+    """The seed as an implementation takes it: the tensor for the kernels (which read it in
+    device memory), the integer for the reference."""
+    return seed if backend_name == "triton" else int(seed)
 
 
 def _stat_empty(like: Tensor, *shape: int) -> Tensor:
@@ -225,7 +241,7 @@ def _corrupt_body(
     x: Tensor, kind: str, level: float, low: float, high: float, seed: Tensor, backend_name: str
 ) -> Tensor:
     impl = _impl(backend_name, "noise")
-    return _fresh(impl.corrupt(x, kind, level, low, high, int(seed)), x)
+    return _fresh(impl.corrupt(x, kind, level, low, high, _seed_for(seed, backend_name)), x)
 
 
 _corrupt_op = torch.library.custom_op("fastae::corrupt", mutates_args=())(_corrupt_body)
@@ -240,7 +256,7 @@ def _corrupt_backward_body(
     grad: Tensor, kind: str, level: float, seed: Tensor, backend_name: str
 ) -> Tensor:
     impl = _impl(backend_name, "noise")
-    return _fresh(impl.corrupt_input_grad(grad, kind, level, int(seed)), grad)
+    return _fresh(impl.corrupt_input_grad(grad, kind, level, _seed_for(seed, backend_name)), grad)
 
 
 _corrupt_backward_op = torch.library.custom_op("fastae::corrupt_backward", mutates_args=())(
@@ -303,7 +319,7 @@ def corrupt(x: Tensor, noise: Noise) -> Tensor:
     kind, level, low, high = noise.params()
     _refuse_forward_mode(x=x)
     name = _backend_for("corrupt", "noise", x.device)
-    return _corrupt(x, kind, level, low, high, _seed_tensor(noise.seed), name)
+    return _corrupt(x, kind, level, low, high, _seed_tensor(noise.seed, name, x.device), name)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -323,7 +339,7 @@ def _encode_body(
     statistics: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _impl(backend_name, "encoder")
-    seed = int(seed)
+    seed = _seed_for(seed, backend_name)
     out = impl.encode_forward(
         x, weight, bias, activation, noise_kind, level, low, high, seed, statistics
     )
@@ -360,7 +376,7 @@ def _encode_backward_body(
     needs_input_grad: bool,
 ) -> list[Tensor]:
     impl = _impl(backend_name, "encoder")
-    seed = int(seed)
+    seed = _seed_for(seed, backend_name)
     dw, db, dx = impl.encode_backward(
         grad_h, grad_rho, grad_jac, x, weight, h, stats, activation, noise_kind, level, low,
         high, seed, needs_input_grad,
@@ -507,12 +523,15 @@ def encode(
         kind, level, low, high = "none", 0.0, 0.0, 0.0
     else:
         kind, level, low, high = noise.params()
-    seed = _NO_NOISE_SEED if noise is None else _seed_tensor(noise.seed)
+    name = _backend_for("encode", "encoder", x.device)
+    seed = _NO_NOISE_SEED
     if kind != "none" and corrupted_input_mode() == "store":
         corrupt_backend = _backend_for("corrupt", "noise", x.device)
+        seed = _seed_tensor(noise.seed, corrupt_backend, x.device)
         x = _corrupt(x, kind, level, low, high, seed, corrupt_backend)
         kind, level, low, high = "none", 0.0, 0.0, 0.0
-    name = _backend_for("encode", "encoder", x.device)
+    elif kind != "none":
+        seed = _seed_tensor(noise.seed, name, x.device)
     h, rho_hat, jac, _ = _encode(
         x, weight, bias, activation, kind, level, low, high, seed, name, statistics
     )
@@ -808,7 +827,8 @@ def _reparameterize_body(
     mu: Tensor, logvar: Tensor, seed: Tensor, backend_name: str
 ) -> tuple[Tensor, Tensor]:
     """(z, per-sample KL)."""
-    return _impl(backend_name, "vae").reparameterize_forward(mu, logvar, int(seed))
+    impl = _impl(backend_name, "vae")
+    return impl.reparameterize_forward(mu, logvar, _seed_for(seed, backend_name))
 
 
 _reparameterize_op = torch.library.custom_op("fastae::reparameterize", mutates_args=())(
@@ -827,7 +847,8 @@ def _reparameterize_backward_body(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(dmu, dlogvar); eps is regenerated from the seed."""
     impl = _impl(backend_name, "vae")
-    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, int(seed))
+    seed = _seed_for(seed, backend_name)
+    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed)
 
 
 _reparameterize_backward_op = torch.library.custom_op(
@@ -919,9 +940,10 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple
         )
     if mu.shape[0] == 0 or mu.shape[1] == 0:
         raise ValueError(f"mu must have at least one row and one column, got {tuple(mu.shape)}")
-    seed = _seed_tensor(check_seed(seed))
+    seed = check_seed(seed)
     _refuse_forward_mode(mu=mu, logvar=logvar)
     name = _backend_for("reparameterize", "vae", mu.device)
+    seed = _seed_tensor(seed, name, mu.device)
     return _reparameterize(mu, logvar, seed, name)
 
 

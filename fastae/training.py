@@ -213,9 +213,9 @@ def fit(
 
     ``cuda_graph``: replay each training step from a CUDA graph (:class:`fastae.GraphedStep`:
     one launch a step instead of a dozen, for batches whose GPU work is shorter than the
-    host's); needs a CUDA model without noise or other CPU-drawn randomness, and a
-    ``capturable`` optimizer (the default Adam is made so). An epoch's shorter last batch
-    runs eagerly.
+    host's); needs a CUDA model that draws no random numbers on the CPU (fastae's noise and
+    VAE draw theirs on the GPU) and a ``capturable`` optimizer (the default Adam is made so).
+    An epoch's shorter last batch runs eagerly.
 
     Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
     tensor data is sharded across processes with a DistributedSampler, and the losses in the

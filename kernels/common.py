@@ -398,6 +398,16 @@ def column_index(cols, WIDE_COLUMNS: tl.constexpr):
     return cols
 
 
+def seed_pointer(seed, like: torch.Tensor) -> torch.Tensor:
+    """The int64 scalar tensor the kernels read their Philox seed from, on ``like``'s device:
+    ``seed`` itself when it is one there, else a tensor holding it. The seed stays in device
+    memory (not a launch argument), so a CUDA graph that draws it replays a fresh draw each
+    time."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == like.device else seed.to(like.device)
+    return torch.full((), seed, dtype=torch.int64, device=like.device)
+
+
 def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return empty(shape, like.device, dtype)

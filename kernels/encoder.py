@@ -51,6 +51,7 @@ from .common import (
     input_grad_mask,
     launch,
     product_aligned,
+    seed_pointer,
     slope,
     stat_buffer,
     ticket,
@@ -102,12 +103,12 @@ def store_column_partials(
 
 
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("x_ptr", "w_ptr"))
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _encoder_forward_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, part_h_ptr, part_s2_ptr, sq_norm_ptr, ticket_ptr,
     B, D, H,
     stride_xm, stride_xk, stride_wn, stride_wk,
-    seed, level, low, high,
+    seed_ptr, level, low, high,
     ACTIVATION: tl.constexpr, NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     STATISTICS: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -122,6 +123,7 @@ def _encoder_forward_kernel(
     col_ok = cols < H
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    seed = tl.load(seed_ptr) if NOISE != 0 else 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -263,12 +265,12 @@ def _encoder_grad_z_kernel(
 
 
 @gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("dz_ptr", "x_ptr"))
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _encoder_grad_weight_kernel(
     dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr,
     B, D, H, n_parts,
     stride_xm, stride_xk, stride_wn, stride_wk,
-    seed, level, low, high,
+    seed_ptr, level, low, high,
     NOISE: tl.constexpr, HAS_GRAD_JAC: tl.constexpr, WIDE_COLUMNS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -279,6 +281,7 @@ def _encoder_grad_weight_kernel(
     col_ok = cols < H
     k_ok = ks < D
     k_idx = column_index(ks, WIDE_COLUMNS)
+    seed = tl.load(seed_ptr) if NOISE != 0 else 0
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -315,10 +318,10 @@ def _encoder_grad_weight_kernel(
 
 
 @gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("dz_ptr", "w_ptr"))
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _encoder_grad_input_kernel(
     dz_ptr, w_ptr, dx_ptr,
-    B, D, H, stride_wn, stride_wk, seed, level,
+    B, D, H, stride_wn, stride_wk, seed_ptr, level,
     NOISE: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
@@ -343,7 +346,8 @@ def _encoder_grad_input_kernel(
         )  # fmt: skip
         acc = tl.dot(dz, w, acc, input_precision=PRECISION, out_dtype=ACC)
     if NOISE != 0:
-        acc = input_grad_mask(acc, element_offsets(rows, ks, D, 0), seed, level, NOISE)
+        offsets = element_offsets(rows, ks, D, 0)
+        acc = input_grad_mask(acc, offsets, tl.load(seed_ptr), level, NOISE)
     out_ok = row_ok[:, None] & k_ok[None, :]
     tl.store(dx_ptr + r64[:, None] * D + ks[None, :], acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
@@ -368,6 +372,7 @@ def encode_forward(
     else:  # the kernels write none of these: any pointer will do
         part_h = part_s2 = sq_norm = finish_ticket = x
     code = ACTIVATION_CODES[activation]
+    noise = NOISE_CODES[noise_kind]
     if fusion(batch, features, hidden, x.dtype) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
@@ -384,8 +389,8 @@ def encode_forward(
             x, weight, bias if bias is not None else weight, h, part_h, part_s2, sq_norm,
             finish_ticket, batch, features, hidden,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            seed, level, low, high,
-            ACTIVATION=code, NOISE=NOISE_CODES[noise_kind], HAS_BIAS=bias is not None,
+            seed_pointer(seed, x) if noise else x, level, low, high,
+            ACTIVATION=code, NOISE=noise, HAS_BIAS=bias is not None,
             STATISTICS=statistics, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc,
             PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
@@ -449,7 +454,7 @@ def encode_backward(
         dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        seed, level, low, high,
+        seed_pointer(seed, x) if noise else x, level, low, high,
         NOISE=noise, HAS_GRAD_JAC=has_grad_jac, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc,
         PRECISION=precision,
     )  # fmt: skip
@@ -458,7 +463,7 @@ def encode_backward(
         grad_input = empty((batch, features), x.device, x.dtype)
         launch(_encoder_grad_input_kernel, grid_2d(batch, features, "BLOCK_M", "BLOCK_K"),
             dz, weight, grad_input, batch, features, hidden,
-            weight.stride(0), weight.stride(1), seed, level,
+            weight.stride(0), weight.stride(1), seed_pointer(seed, x) if noise else x, level,
             NOISE=noise, WIDE_COLUMNS=wide_columns(weight), ACC=acc, PRECISION=precision,
         )  # fmt: skip
     return grad_weight, grad_bias, grad_input

@@ -21,6 +21,7 @@ from .common import (
     empty,
     input_grad_mask,
     launch,
+    seed_pointer,
     wide_columns,
 )
 
@@ -37,9 +38,9 @@ def _configs():
 
 
 @autotune(_configs(), key=["B", "D"])
-@triton.jit(do_not_specialize=["seed", "base"])
+@triton.jit(do_not_specialize=["base"])
 def _corrupt_kernel(
-    x_ptr, out_ptr, B, D, stride_xm, stride_xn, stride_om, stride_on, seed, base, level, low,
+    x_ptr, out_ptr, B, D, stride_xm, stride_xn, stride_om, stride_on, seed_ptr, base, level, low,
     high, NOISE: tl.constexpr, GRAD: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -50,6 +51,7 @@ def _corrupt_kernel(
     c = column_index(cols, WIDE_COLUMNS)[None, :]
     x = tl.load(x_ptr + r64 * stride_xm + c * stride_xn, mask=ok, other=0.0)
     offsets = element_offsets(rows, cols, D, base)
+    seed = tl.load(seed_ptr)
     if GRAD:
         y = input_grad_mask(x.to(ACC), offsets, seed, level, NOISE)
     else:
@@ -66,7 +68,7 @@ def _launch(x, kind, level, low, high, seed, base, grad):
     )
     launch(_corrupt_kernel, grid,
         x, out, batch, features, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        seed, base, level, low, high,
+        seed_pointer(seed, x), base, level, low, high,
         NOISE=NOISE_CODES[kind], GRAD=grad, WIDE_COLUMNS=wide_columns(x, out),
         ACC=acc_dtype(x.dtype),
     )  # fmt: skip

@@ -25,6 +25,7 @@ from .common import (
     empty,
     interpreting,
     launch,
+    seed_pointer,
     stat_buffer,
     wide_columns,
 )
@@ -78,16 +79,17 @@ def _expm1(x):
 
 
 @autotune(_forward_configs(), key=["B", "K"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _reparameterize_forward_kernel(
     mu_ptr, lv_ptr, z_ptr, kl_ptr, B, K,
-    stride_mm, stride_mk, stride_lm, stride_lk, seed,
+    stride_mm, stride_mk, stride_lm, stride_lk, seed_ptr,
     WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     r64 = rows.to(tl.int64)[:, None]
     kl = tl.zeros((BLOCK_M,), dtype=ACC)
+    seed = tl.load(seed_ptr)
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols < K)[None, :]
@@ -105,10 +107,10 @@ def _reparameterize_forward_kernel(
 
 
 @autotune(_backward_configs(), key=["B", "K"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _reparameterize_backward_kernel(
     gz_ptr, gkl_ptr, mu_ptr, lv_ptr, dmu_ptr, dlv_ptr, B, K,
-    stride_gm, stride_gk, stride_gkl, stride_mm, stride_mk, stride_lm, stride_lk, seed,
+    stride_gm, stride_gk, stride_gkl, stride_mm, stride_mk, stride_lm, stride_lk, seed_ptr,
     HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -125,7 +127,7 @@ def _reparameterize_backward_kernel(
     if HAS_GZ:
         gz = tl.load(gz_ptr + r64 * stride_gm + c * stride_gk, mask=ok, other=0.0)
         gz = gz.to(ACC)
-        eps = tl.randn(seed, element_offsets(rows, cols, K, 0))
+        eps = tl.randn(tl.load(seed_ptr), element_offsets(rows, cols, K, 0))
         dmu += gz
         dlv += 0.5 * gz * eps.to(ACC) * tl.exp(0.5 * lv)
     if HAS_GKL:
@@ -148,7 +150,7 @@ def reparameterize_forward(mu, logvar, seed):
     kl = stat_buffer(mu, batch)
     launch(_reparameterize_forward_kernel, lambda meta: (cdiv(batch, meta["BLOCK_M"]),),
         mu, logvar, z, kl, batch, latent,
-        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
+        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed_pointer(seed, mu),
         WIDE_COLUMNS=wide_columns(mu, logvar), ACC=acc_dtype(mu.dtype),
     )  # fmt: skip
     return z, kl
@@ -169,7 +171,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
     launch(_reparameterize_backward_kernel, grid,
         gz, gkl, mu, logvar, dmu, dlogvar, batch, latent,
         gz.stride(0), gz.stride(1), gkl.stride(0),
-        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed,
+        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed_pointer(seed, mu),
         HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None,
         WIDE_COLUMNS=wide_columns(gz, mu, logvar), ACC=acc_dtype(mu.dtype),
     )  # fmt: skip

@@ -2,6 +2,7 @@
 equals eager training step for step."""
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -170,14 +171,37 @@ def test_a_replayed_step_computes_that_batchs_loss_and_gradients():
     torch.testing.assert_close(step(x), model(x).loss.detach())
 
 
+class _CpuDraw(torch.nn.Module):
+    """A model whose step draws on the CPU (which a replay would repeat)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _model()
+
+    def forward(self, x):
+        scale = 1.0 + torch.rand(()).item()
+        return types.SimpleNamespace(loss=self.inner(x).loss * scale)
+
+
 @cuda
 def test_cpu_randomness_in_a_step_is_refused_at_capture():
-    model = _model(noise=fastae.MaskingNoise(0.3)).cuda()
-    step = GraphedStep(model, warmup=1)
+    step = GraphedStep(_CpuDraw().cuda(), warmup=1)
     x = torch.rand(16, 12, device="cuda")
     step(x)
     with pytest.raises(RuntimeError, match="draws random numbers on the CPU"):
         step(x)
+
+
+@cuda
+@pytest.mark.parametrize("noise", [fastae.MaskingNoise(0.5), fastae.GaussianNoise(0.3)])
+def test_replays_draw_fresh_noise(noise):
+    """The seeds of a denoising step are drawn on the GPU: each replay corrupts afresh."""
+    model = _model(noise=noise).cuda()
+    step = GraphedStep(model, warmup=1)
+    x = torch.rand(16, 12, device="cuda")
+    losses = [step(x).item() for _ in range(5)]  # the same batch, parameters unchanged
+    assert step.graphed
+    assert len(set(losses[1:])) == 4, losses  # capture's step and three replays all differ
 
 
 @cuda
