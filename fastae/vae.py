@@ -64,6 +64,8 @@ class VAE(nn.Module):
         output: "sigmoid" or "identity". loss: "bce" (sigmoid output, inputs in [0, 1]) or
             "mse".
         beta: weight of the KL term in the training objective (beta-VAE; 1 = the ELBO).
+        check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
+            ``fastae.fit`` checks its data once and skips the per-step check).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class VAE(nn.Module):
         output: str = "sigmoid",
         loss: str = "bce",
         beta: float = 1.0,
+        check_targets: bool = True,
     ):
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
@@ -87,6 +90,7 @@ class VAE(nn.Module):
         if loss == "bce" and output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
         self.beta = _checks.finite_number("beta", beta, low=0)
+        self.check_targets = _checks.flag("check_targets", check_targets)
         d, hidden, latent = self.in_features, self.hidden, self.latent
         self.encoder = nn.Linear(d, hidden)
         self.posterior = nn.Linear(hidden, 2 * latent)  # rows [:k] give mu, rows [k:] logvar
@@ -149,7 +153,7 @@ class VAE(nn.Module):
     def _reconstruction(self, z: Tensor, x: Tensor) -> Tensor:
         return ops.decode_loss(
             self._decoder_code(z), self.decoder.weight, self.decoder.bias, target=x,
-            output=self.output, loss=self.loss_name,
+            output=self.output, loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
 
     def reconstruction_error(self, x: Tensor) -> Tensor:

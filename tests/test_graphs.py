@@ -193,10 +193,15 @@ def test_cpu_randomness_in_a_step_is_refused_at_capture():
 
 
 @cuda
-@pytest.mark.parametrize("noise", [fastae.MaskingNoise(0.5), fastae.GaussianNoise(0.3)])
+@pytest.mark.parametrize(
+    "noise",
+    [fastae.MaskingNoise(0.5), fastae.GaussianNoise(0.3), None],
+    ids=["mask", "gauss", "vae"],
+)
 def test_replays_draw_fresh_noise(noise):
-    """The seeds of a denoising step are drawn on the GPU: each replay corrupts afresh."""
-    model = _model(noise=noise).cuda()
+    """The seeds of a denoising step and of a VAE's eps are drawn on the GPU: each replay
+    draws afresh."""
+    model = (_model(noise=noise) if noise is not None else fastae.VAE(12, 8, 3)).cuda()
     step = GraphedStep(model, warmup=1)
     x = torch.rand(16, 12, device="cuda")
     losses = [step(x).item() for _ in range(5)]  # the same batch, parameters unchanged

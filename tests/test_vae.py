@@ -378,6 +378,27 @@ def test_sample_and_decode():
     assert model.decode(torch.zeros(3, 2)).shape == (3, 16)
 
 
+def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
+    with pytest.raises(ValueError, match="target must lie in"):
+        fastae.VAE(6, 5, 2)(torch.rand(4, 6) * 3)
+    fastae.VAE(6, 5, 2, check_targets=False)(torch.rand(4, 6) * 3)  # unchecked
+    checked = []
+    check = ops.check_unit_interval
+
+    def counted(name, values):
+        checked.append(name)
+        check(name, values)
+
+    monkeypatch.setattr(fastae.ops, "check_unit_interval", counted)
+    monkeypatch.setattr(fastae.training, "check_unit_interval", counted)
+    model = fastae.VAE(6, 5, 2)
+    fastae.fit(model, torch.rand(40, 6), epochs=2, batch_size=8, progress=False)
+    assert checked == ["data"]  # the data once, no batch (a device sync each on GPUs)
+    assert model.check_targets
+    with pytest.raises(ValueError, match="data must lie in"):
+        fastae.fit(model, torch.rand(40, 6) * 3, epochs=1, progress=False)
+
+
 def test_numpy_integers_are_sizes():
     model = fastae.VAE(np.int64(16), np.int32(8), np.int64(2), beta=np.float32(0.5))
     assert (model.in_features, model.hidden, model.latent) == (16, 8, 2)
