@@ -108,14 +108,13 @@ if [ "$(left)" -ge 120 ]; then
 fi
 
 # CUDA graphs at the same shape: fastae's step replayed (GraphedStep) and torch.compile's
-# reduce-overhead mode beside eager and fastae, for the plain and the full step
-# (graphs/SUMMARY.md)
-if [ "$(left)" -ge 200 ]; then
+# reduce-overhead mode beside eager and fastae, for the full step (graphs/SUMMARY.md)
+if [ "$(left)" -ge 180 ]; then
     log "benchmarks: CUDA-graph steps at 4096x784x1024"
-    timeout 150 "$PYTHON" -m pytest bench/test_steps.py -q -p no:cacheprovider \
-        --benchmark-only -k "plain or all" --fastae-device cuda \
+    timeout 100 "$PYTHON" -m pytest bench/test_steps.py -q -p no:cacheprovider \
+        --benchmark-only -k "all" --fastae-device cuda \
         --fastae-sizes 4096x784x1024 --fastae-dtypes bf16 \
-        --fastae-providers eager,fastae,fastae_graph,compile_graph --fastae-budget-s 110 \
+        --fastae-providers eager,fastae,fastae_graph,compile_graph --fastae-budget-s 70 \
         --benchmark-json "$OUT/bench_graphs.json" >>"$OUT/bench.log" 2>&1
     if [ -s "$OUT/bench_graphs.json" ]; then
         "$PYTHON" bench/summarize.py "$OUT/bench_graphs.json" --out "$OUT/graphs" \
