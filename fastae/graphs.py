@@ -75,6 +75,7 @@ class GraphedStep:
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
         self.device = _cuda_device(self.params)
         self.calls = 0  # calls at the graphed shape so far
+        self.replays = 0  # steps run from the graph (the captured batch's own included)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[int, ...] | None = None  # the graphed batch shape
         self._static_input: Tensor | None = None
@@ -97,6 +98,7 @@ class GraphedStep:
         if self.graph is not None:
             self._static_input.copy_(x)
             self.graph.replay()
+            self.replays += 1
             return self._static_loss
         self.calls += 1
         if self.calls <= self.warmup:
@@ -158,6 +160,7 @@ class GraphedStep:
             )
         self.graph, self._static_input, self._static_loss = graph, static_input, static_loss
         graph.replay()  # a capture runs nothing: this is the step of this batch
+        self.replays += 1
         return static_loss
 
 

@@ -24,13 +24,15 @@ from .ops import check_unit_interval
 
 @dataclass
 class History:
-    """Per-epoch mean training loss, validation loss (if given) and what stopped the run."""
+    """Per-epoch mean training loss, validation loss (if given), what stopped the run and,
+    with ``cuda_graph``, how many steps replayed the captured graph."""
 
     loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
     seconds: float = 0.0
+    graphed_steps: int = 0
 
 
 def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
@@ -292,6 +294,7 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     history.seconds = time.perf_counter() - start
+    history.graphed_steps = step.replays if step is not None else 0
     return history
 
 

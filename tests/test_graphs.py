@@ -100,7 +100,7 @@ def test_warmup_then_one_capture_then_replays(cpu_graphs):
         assert changed == (i <= 2)
         if i <= 2:
             torch.testing.assert_close(loss, expected)
-    assert _FakeGraph.replays == 4  # the captured batch's own step, then three replays
+    assert _FakeGraph.replays == step.replays == 4  # the captured batch's step, 3 replays
     assert _FakeGraph.captures == [[False]]  # one capture, the target check paused in it
     assert model.check_targets
     assert torch.equal(step._static_input, batches[-1])
@@ -109,6 +109,19 @@ def test_warmup_then_one_capture_then_replays(cpu_graphs):
     expected = model(x).loss.detach()
     torch.testing.assert_close(step(x), expected)
     assert _FakeGraph.replays == 4
+
+
+def test_fit_counts_its_graphed_steps(cpu_graphs):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # 100 rows in batches of 16: six full batches and a short one per epoch; the first three
+    # full batches warm up, the fourth is captured
+    history = fastae.fit(
+        model, torch.rand(100, 12), epochs=2, batch_size=16, optimizer=optimizer,
+        progress=False, cuda_graph=True,
+    )  # fmt: skip
+    assert history.graphed_steps == _FakeGraph.replays == 2 * 6 - 3
+    assert len(history.loss) == 2
 
 
 def test_cpu_randomness_is_refused_at_capture_on_any_device(cpu_graphs):
@@ -146,6 +159,7 @@ def test_graphed_fit_equals_eager_fit(regularizers):
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
     assert graphed_history.loss == pytest.approx(eager_history.loss, rel=1e-5)
+    assert graphed_history.graphed_steps == 3 * 6 - 3 and eager_history.graphed_steps == 0
 
 
 @cuda
