@@ -7,6 +7,8 @@ median of its repeats; each variant beside the other in one run):
   and with one weight expanded (as ``.sum() / B`` gives: applied after the sums);
 - encode forward (h only) through the fused GEMM and through the split boundary (cuBLAS's
   product and one activation pass): at a d or H not a multiple of 16 the rules take split;
+- encode and decode backward as autotuned (the weight gradient may be split-K where it is few
+  tiles over many rows) and with split-K off;
 - torch.mm of the same size, the bare product.
 
     python bench/kernel_times.py --sizes 4096x784x1024,4096x784x1000,8192x4096x4096 --dtype bf16
@@ -23,7 +25,7 @@ import os
 import sys
 
 import torch
-from fastae.kernels import decoder, encoder
+from fastae.kernels import common, decoder, encoder
 from triton.testing import do_bench
 
 from fastae import benchmark as fb
@@ -35,7 +37,8 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
     x = torch.rand(batch, features, device=device, dtype=dtype)
     weight = torch.randn(hidden, features, device=device, dtype=dtype) * features**-0.5
     bias = torch.zeros(hidden, device=device, dtype=dtype)
-    h = encoder.encode_forward(x, weight, bias, "sigmoid", "none", 0.0, 0.0, 1.0, 0)[0]
+    h, _, _, stats = encoder.encode_forward(x, weight, bias, "sigmoid", "none", 0.0, 0.0, 1.0, 0)
+    grad_h = torch.randn_like(h)
     _, grad_z = decoder.decode_forward(h, weight.t(), None, x, "sigmoid", "bce")
     per_sample = torch.full((batch,), 1.0 / batch, device=device)
     uniform = torch.full((), 1.0 / batch, device=device).expand(batch)
@@ -55,8 +58,23 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
 
         return call
 
-    def decode_backward(grad_loss):
-        return lambda: decoder.decode_backward(grad_loss, h, weight.t(), grad_z, True)
+    def decode_backward(grad_loss, needs_h_grad=True):
+        return lambda: decoder.decode_backward(grad_loss, h, weight.t(), grad_z, needs_h_grad)
+
+    def encode_backward():
+        return encoder.encode_backward(
+            grad_h, None, None, x, weight, h, stats, "sigmoid", "none", 0.0, 0.0, 1.0, 0, False
+        )
+
+    def unsplit(fn):
+        def call():
+            saved, common.SPLIT_MIN_BATCH = common.SPLIT_MIN_BATCH, 2**62
+            try:
+                return fn()
+            finally:
+                common.SPLIT_MIN_BATCH = saved
+
+        return call
 
     return {
         "encode forward, statistics": encode(True),
@@ -66,6 +84,11 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
         "decode backward, per-sample weight": decode_backward(per_sample),
         "decode backward, uniform weight": decode_backward(uniform),
         "torch.mm G^T h + G V (dV, dh)": lambda: (grad_z.t() @ h, grad_z @ weight.t()),
+        "encode backward (dz, dW, db)": encode_backward,
+        "encode backward, split-K off": unsplit(encode_backward),
+        "decode backward (dV, dc), uniform": decode_backward(uniform, False),
+        "decode backward (dV, dc), split-K off": unsplit(decode_backward(uniform, False)),
+        "torch.mm dz^T x (dW)": lambda: grad_h.t() @ x,
     }
 
 

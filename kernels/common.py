@@ -193,14 +193,18 @@ def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
     return grad
 
 
-def gemm_configs(names: tuple[str, str, str], accumulator_per_thread: int | None = None):
+def gemm_configs(
+    names: tuple[str, str, str], accumulator_per_thread: int | None = None, split: bool = False
+):
     """Autotuning candidates; one small config under the interpreter (it is slow). With
     ``accumulator_per_thread``, only tiles whose float32 accumulator takes at most that many
     registers per thread (BLOCK_M * BLOCK_N / threads): for kernels whose epilogue needs the
-    registers the larger tiles would spill."""
+    registers the larger tiles would spill. ``split``: every config has a ``SPLIT`` (1), and
+    two tiles come with the split-K counts of :data:`SPLITS` too (see there)."""
     m, n, k = names
     if interpreting():
-        return [triton.Config({m: 16, n: 16, k: 16, "GROUP": 4}, num_warps=1)]
+        blocks = {m: 16, n: 16, k: 16, "GROUP": 4} | ({"SPLIT": 1} if split else {})
+        return [triton.Config(blocks, num_warps=1)]
     shapes = [
         (128, 128, 64, 4, 8),
         (128, 256, 64, 3, 8),
@@ -210,11 +214,82 @@ def gemm_configs(names: tuple[str, str, str], accumulator_per_thread: int | None
         (64, 64, 64, 4, 4),
         (128, 128, 32, 4, 4),
     ]
+    splits = [(shape, 1) for shape in shapes]
+    if split:
+        splits += [(shape, s) for shape in shapes[:1] + shapes[3:4] for s in SPLITS]
     return [
-        triton.Config({m: bm, n: bn, k: bk, "GROUP": 8}, num_stages=stages, num_warps=warps)
-        for bm, bn, bk, stages, warps in shapes
+        triton.Config(
+            {m: bm, n: bn, k: bk, "GROUP": 8} | ({"SPLIT": s} if split else {}),
+            num_stages=stages,
+            num_warps=warps,
+        )  # fmt: skip
+        for (bm, bn, bk, stages, warps), s in splits
         if accumulator_per_thread is None or bm * bn <= accumulator_per_thread * 32 * warps
     ]
+
+
+# Split-K over the batch for the weight-gradient products (dW = dz^T x~, dV = (g G)^T h). Their
+# output (H x d) can be too few tiles to fill the GPU while each tile loops over every row:
+# 1024 x 784 is 56 tiles of 128 x 128 against an H100's 132 SMs, each a loop over B = 4096. With
+# SPLIT programs per tile, each takes a contiguous share of the row blocks and stores its
+# partial tile (float32); the last to finish (an atomic ticket per tile) adds the partials in
+# split order (deterministic whichever finishes last) and runs the epilogue. The candidates
+# are offered only where splitting can pay (split_k_possible); the autotuner times them
+# against SPLIT = 1, which stays the first config (FASTAE_AUTOTUNE=0 runs it).
+SPLITS = (2, 4)
+SPLIT_MIN_BATCH = 1024  # rows to share out
+SPLIT_MAX_TILES = 128  # output tiles of 128 x 128
+
+
+def split_k_possible(batch: int, rows: int, cols: int) -> bool:
+    """Whether split-K candidates run for a (rows x cols) weight gradient over ``batch`` rows."""
+    return batch >= SPLIT_MIN_BATCH and cdiv(rows, 128) * cdiv(cols, 128) <= SPLIT_MAX_TILES
+
+
+def split_k_buffers(like: torch.Tensor, batch: int, rows: int, cols: int):
+    """(partial tiles, partial vectors, tickets) for a (rows x cols) weight gradient: room for
+    ``max(SPLITS)`` partials of every tile of any size up to 128 x 128 and of a rows-vector
+    (float32; float64 for float64), and zeroed tickets for tiles down to 16 x 16 (the kernels
+    put each back to zero when done). Where no split runs, ``like`` for all three (the kernels
+    do not touch them)."""
+    if not split_k_possible(batch, rows, cols):
+        return like, like, like
+    work = stat_buffer(like, max(SPLITS) * (rows + 127) * (cols + 127))
+    work_vector = stat_buffer(like, max(SPLITS) * (rows + 127))
+    tickets = torch.zeros(cdiv(rows, 16) * cdiv(cols, 16), dtype=torch.int32, device=like.device)
+    return work, work_vector, tickets
+
+
+@triton.jit
+def split_k_rows(pid, n_tiles, B, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    """(first row, end row) of program ``pid``'s share: split pid // n_tiles of SPLIT, whole
+    row blocks each (the last share may be short or empty)."""
+    per_split = tl.cdiv(tl.cdiv(B, BLOCK_M), SPLIT) * BLOCK_M
+    first = (pid // n_tiles) * per_split
+    return first, tl.minimum(first + per_split, B)
+
+
+@triton.jit
+def split_k_sum(acc, work_ptr, ticket_ptr, pid, n_tiles, SPLIT: tl.constexpr):
+    """Stores this program's partial tile; returns (the sum of the tile's SPLIT partials, in
+    split order, and True) to the program that finishes the tile last, (acc, False) to the
+    others. The last program puts the tile's ticket back to zero. Partials of other vectors
+    stored before the call are ordered by the same barrier and ticket."""
+    tile = pid % n_tiles
+    size: tl.constexpr = acc.shape[0] * acc.shape[1]
+    offsets = tl.arange(0, acc.shape[0])[:, None] * acc.shape[1] + tl.arange(0, acc.shape[1])
+    tl.store(work_ptr + pid.to(tl.int64) * size + offsets, acc)
+    # every thread's stores, then the ticket (acquire-release): the last program sees them all
+    tl.debug_barrier()
+    last = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+    total = acc
+    if last:
+        total = tl.zeros(acc.shape, acc.dtype)
+        for s in tl.static_range(SPLIT):
+            part = work_ptr + (s * n_tiles + tile).to(tl.int64) * size + offsets
+            total += tl.load(part, volatile=True)
+        tl.store(ticket_ptr + tile, 0)
+    return total, last
 
 
 def fit_shared_memory(configs, names: tuple[str, str, str], element_size: int, limit: int):
@@ -272,14 +347,18 @@ def gemm_autotune(
     names: tuple[str, str, str],
     operands: tuple[str, str],
     accumulator_per_thread: int | None = None,
+    split: bool = False,
 ):
     """:func:`autotune` over :func:`gemm_configs` (names: the M, N and K block sizes of the
-    kernel's product; operands: the pointer arguments it multiplies; accumulator_per_thread:
-    see there), keyed on the problem's B, D and H (and, by Triton, the dtypes). Configs that
-    cannot fit the GPU's shared memory for the operands' dtype are reshaped or dropped before
-    any is compiled."""
+    kernel's product; operands: the pointer arguments it multiplies; accumulator_per_thread
+    and split: see there), keyed on the problem's B, D and H (and, by Triton, the dtypes).
+    Configs that cannot fit the GPU's shared memory for the operands' dtype are reshaped or
+    dropped before any is compiled; split-K configs where :func:`split_k_possible` says no
+    (the launcher then has no buffers for them)."""
 
     def fit(configs, named_args):
+        if split and not split_k_possible(named_args["B"], named_args["H"], named_args["D"]):
+            configs = [config for config in configs if config.kwargs["SPLIT"] == 1]
         tensors = [named_args[name] for name in operands]
         if tensors[0].device.type != "cuda":
             return configs
@@ -289,7 +368,8 @@ def gemm_autotune(
         size = max(t.element_size() for t in tensors)
         return fit_shared_memory(configs, names, size, properties["max_shared_mem"])
 
-    return autotune(gemm_configs(names, accumulator_per_thread), key=["B", "D", "H"], fit=fit)
+    configs = gemm_configs(names, accumulator_per_thread, split)
+    return autotune(configs, key=["B", "D", "H"], fit=fit)
 
 
 def elementwise_configs():
@@ -331,6 +411,14 @@ class Grid:
 def grid_2d(rows: int, cols: int, block_rows: str, block_cols: str) -> Grid:
     """One program per (block_rows x block_cols) tile, flattened."""
     return Grid(lambda meta: (cdiv(rows, meta[block_rows]) * cdiv(cols, meta[block_cols]),))
+
+
+def grid_split_k(rows: int, cols: int) -> Grid:
+    """SPLIT programs per (BLOCK_N x BLOCK_K) tile of a weight gradient, flattened, split-major
+    (program = split * tiles + tile)."""
+    return Grid(
+        lambda meta: (cdiv(rows, meta["BLOCK_N"]) * cdiv(cols, meta["BLOCK_K"]) * meta["SPLIT"],)
+    )
 
 
 def grid_tiles(rows: int, cols: int) -> Grid:

@@ -12,7 +12,9 @@ the reduction dimension, so each G tile is scaled in registers on its way to the
 but when every g_i is the same (the loss is a sum of the per-sample losses, or a multiple
 of one such as ``per_sample.sum() / B``: autograd then passes g as one value expanded, stride
 0; ``.mean()``'s backward writes it out), dV = g_0 (G^T h) and dc = g_0 sum_i G_i take g_0 in
-the epilogue too, and G's tiles go from shared memory to the tensor cores untouched.
+the epilogue too, and G's tiles go from shared memory to the tensor cores untouched. Where
+dV is few tiles over many rows, autotuning may share each tile's rows among 2 or 4 programs
+(split-K, ``common.split_k_sum``; dc's partials ride along).
 
 The other fusion boundary, ``split``: cuBLAS computes z^ = h V^T + c (torch.addmm), one
 elementwise pass ``_decoder_loss_kernel`` turns z^ into G in place with the same epilogue, and
@@ -40,10 +42,14 @@ from .common import (
     fusion_choice,
     gemm_autotune,
     grid_2d,
+    grid_split_k,
     grid_tiles,
     launch,
     log1p,
     product_aligned,
+    split_k_buffers,
+    split_k_rows,
+    split_k_sum,
     stat_buffer,
     tile_ids,
     wide_columns,
@@ -189,18 +195,25 @@ def _decoder_loss_kernel(
     tl.store(part_ptr + pid_n.to(tl.int64) * B + rows, tl.sum(ell, axis=1), mask=row_ok)
 
 
-@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("gz_ptr", "h_ptr"))
+@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("gz_ptr", "h_ptr"), split=True)
 @triton.jit
 def _decoder_grad_weight_kernel(
-    gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr,
+    gz_ptr, gl_ptr, h_ptr, dv_ptr, dc_ptr, work_ptr, work_dc_ptr, ticket_ptr,
     B, D, H, stride_hm, stride_hk, stride_dvn, stride_dvk,
     UNIFORM: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """dV[n, k] = sum_i g_i G[i, n] h[i, k]; programs of column block 0 also write dc.
-    ``UNIFORM``: every g_i equals g_0 (read once, applied to the sums)."""
-    pid_n, pid_k = tile_ids(tl.program_id(0), D, H, BLOCK_N, BLOCK_K, GROUP)
+    ``UNIFORM``: every g_i equals g_0 (read once, applied to the sums). With SPLIT > 1 each
+    tile's programs share the rows out (``split_k_sum``; dc's partials ride along)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(D, BLOCK_N) * tl.cdiv(H, BLOCK_K)
+    first_row, end_row = 0, B
+    if SPLIT > 1:
+        first_row, end_row = split_k_rows(pid, n_tiles, B, BLOCK_M, SPLIT)
+        pid = pid % n_tiles
+    pid_n, pid_k = tile_ids(pid, D, H, BLOCK_N, BLOCK_K, GROUP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs d: rows of dV
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # hidden units: columns of dV
     col_ok = cols < D
@@ -212,7 +225,7 @@ def _decoder_grad_weight_kernel(
     # made Triton 3.9 wait for each tensor-core product before issuing the next
     sums_dc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
     writes_dc = pid_k == 0
-    for m0 in range(0, B, BLOCK_M):
+    for m0 in range(first_row, end_row, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
         r64 = rows.to(tl.int64)
@@ -234,15 +247,30 @@ def _decoder_grad_weight_kernel(
             sums_dc += gz_t.to(ACC)
         acc = tl.dot(gz_t, h, acc, input_precision=PRECISION, out_dtype=ACC)
     dc = tl.sum(sums_dc, axis=1)
-    if UNIFORM:
-        g0 = tl.load(gl_ptr).to(ACC)
-        acc = acc * g0
-        dc = dc * g0
-    out_ok = col_ok[:, None] & k_ok[None, :]
-    out = cols.to(tl.int64)[:, None] * stride_dvn + k_idx[None, :] * stride_dvk
-    tl.store(dv_ptr + out, acc.to(dv_ptr.dtype.element_ty), mask=out_ok)
-    if writes_dc:
-        tl.store(dc_ptr + cols, dc.to(dc_ptr.dtype.element_ty), mask=col_ok)
+    last = True
+    if SPLIT > 1:
+        # dc's partial per split and column block (only column block 0 computes one), ordered
+        # before the ticket like the partial tile
+        split = tl.program_id(0) // n_tiles
+        dc_part = work_dc_ptr + (split * tl.cdiv(D, BLOCK_N) + pid_n) * BLOCK_N
+        if writes_dc:
+            tl.store(dc_part + tl.arange(0, BLOCK_N), dc)
+        acc, last = split_k_sum(acc, work_ptr, ticket_ptr, tl.program_id(0), n_tiles, SPLIT)
+        if last & writes_dc:
+            dc = tl.zeros((BLOCK_N,), dtype=ACC)
+            for s in tl.static_range(SPLIT):
+                part = work_dc_ptr + (s * tl.cdiv(D, BLOCK_N) + pid_n) * BLOCK_N
+                dc += tl.load(part + tl.arange(0, BLOCK_N), volatile=True)
+    if last:
+        if UNIFORM:
+            g0 = tl.load(gl_ptr).to(ACC)
+            acc = acc * g0
+            dc = dc * g0
+        out_ok = col_ok[:, None] & k_ok[None, :]
+        out = cols.to(tl.int64)[:, None] * stride_dvn + k_idx[None, :] * stride_dvk
+        tl.store(dv_ptr + out, acc.to(dv_ptr.dtype.element_ty), mask=out_ok)
+        if writes_dc:
+            tl.store(dc_ptr + cols, dc.to(dc_ptr.dtype.element_ty), mask=col_ok)
 
 
 @gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("gz_ptr", "v_ptr"))
@@ -340,8 +368,10 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     grad_z = grad_z.contiguous()
     grad_weight = empty_in_layout(weight)  # column-major for a tied V = W^T: no copy into .grad
     grad_bias = empty((features,), h.device, weight.dtype)
-    launch(_decoder_grad_weight_kernel, grid_2d(features, hidden, "BLOCK_N", "BLOCK_K"),
-        grad_z, grad_loss, h, grad_weight, grad_bias, batch, features, hidden,
+    work, work_dc, tickets = split_k_buffers(h, batch, features, hidden)
+    launch(_decoder_grad_weight_kernel, grid_split_k(features, hidden),
+        grad_z, grad_loss, h, grad_weight, grad_bias, work, work_dc, tickets,
+        batch, features, hidden,
         h.stride(0), h.stride(1), grad_weight.stride(0), grad_weight.stride(1),
         UNIFORM=uniform, WIDE_COLUMNS=wide_columns(h, grad_weight), ACC=acc,
         PRECISION=precision,

@@ -12,7 +12,8 @@ Forward, two launches:
 Backward, three launches (DESIGN.md):
   1. ``_encoder_grad_z_kernel``: dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'' and db partials.
   2. ``_encoder_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated),
-     and db.
+     and db; where dW is few tiles over many rows, autotuning may share each tile's rows among
+     2 or 4 programs (split-K, ``common.split_k_sum``).
   3. ``_encoder_grad_input_kernel`` (only when x needs a gradient): dx = (dz W) * dx~/dx.
 Saved for backward: h, W, x and the H-vectors c and w = ||W_j||^2.
 
@@ -47,12 +48,16 @@ from .common import (
     fusion_choice,
     gemm_autotune,
     grid_2d,
+    grid_split_k,
     grid_tiles,
     input_grad_mask,
     launch,
     product_aligned,
     seed_pointer,
     slope,
+    split_k_buffers,
+    split_k_rows,
+    split_k_sum,
     stat_buffer,
     ticket,
     tile_ids,
@@ -264,18 +269,26 @@ def _encoder_grad_z_kernel(
     tl.store(part_db_ptr + pid_m.to(tl.int64) * H + cols, tl.sum(dz, axis=0), mask=col_ok)
 
 
-@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("dz_ptr", "x_ptr"))
+@gemm_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ("dz_ptr", "x_ptr"), split=True)
 @triton.jit
 def _encoder_grad_weight_kernel(
-    dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr,
+    dz_ptr, x_ptr, w_ptr, c_ptr, gjac_ptr, part_db_ptr, dw_ptr, db_ptr, work_ptr, ticket_ptr,
     B, D, H, n_parts,
     stride_xm, stride_xk, stride_wn, stride_wk,
     seed_ptr, level, low, high,
     NOISE: tl.constexpr, HAS_GRAD_JAC: tl.constexpr, WIDE_COLUMNS: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    pid_n, pid_k = tile_ids(tl.program_id(0), H, D, BLOCK_N, BLOCK_K, GROUP)
+    """dW = dz^T x~ + g_jac (2/B) c_j W_j, and db (programs of column block 0). With SPLIT > 1
+    each tile's programs share the rows out (``split_k_sum``)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(H, BLOCK_N) * tl.cdiv(D, BLOCK_K)
+    first_row, end_row = 0, B
+    if SPLIT > 1:
+        first_row, end_row = split_k_rows(pid, n_tiles, B, BLOCK_M, SPLIT)
+        pid = pid % n_tiles
+    pid_n, pid_k = tile_ids(pid, H, D, BLOCK_N, BLOCK_K, GROUP)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units: rows of dW
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # input features: columns of dW
     col_ok = cols < H
@@ -283,7 +296,7 @@ def _encoder_grad_weight_kernel(
     k_idx = column_index(ks, WIDE_COLUMNS)
     seed = tl.load(seed_ptr) if NOISE != 0 else 0
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    for m0 in range(0, B, BLOCK_M):
+    for m0 in range(first_row, end_row, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
         r64 = rows.to(tl.int64)
@@ -299,22 +312,26 @@ def _encoder_grad_weight_kernel(
             x = corrupt_tile(x.to(ACC), offsets, seed, level, low, high, NOISE).to(x.dtype)
             x = tl.where(x_ok, x, 0.0)
         acc = tl.dot(dz_t, x, acc, input_precision=PRECISION, out_dtype=ACC)
-    out_ok = col_ok[:, None] & k_ok[None, :]
-    if HAS_GRAD_JAC:  # the contractive W-term g_jac (2/B) c_j W_j
-        jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
-        c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-        w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
-        w = tl.load(w_ptr + w_idx, mask=out_ok, other=0.0).to(ACC)
-        acc += (jac_coef * c)[:, None] * w
-    out_idx = cols.to(tl.int64)[:, None] * D + ks[None, :]
-    tl.store(dw_ptr + out_idx, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
-    if pid_k == 0:
-        db = tl.zeros((BLOCK_N,), dtype=ACC)
-        part = part_db_ptr + cols  # advanced by H per row tile: pointer (64-bit) arithmetic
-        for _ in range(0, n_parts):
-            db += tl.load(part, mask=col_ok, other=0.0)
-            part += H
-        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
+    last = True
+    if SPLIT > 1:
+        acc, last = split_k_sum(acc, work_ptr, ticket_ptr, tl.program_id(0), n_tiles, SPLIT)
+    if last:
+        out_ok = col_ok[:, None] & k_ok[None, :]
+        if HAS_GRAD_JAC:  # the contractive W-term g_jac (2/B) c_j W_j
+            jac_coef = tl.load(gjac_ptr).to(ACC) * 2.0 / B
+            c = tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+            w_idx = cols.to(tl.int64)[:, None] * stride_wn + k_idx[None, :] * stride_wk
+            w = tl.load(w_ptr + w_idx, mask=out_ok, other=0.0).to(ACC)
+            acc += (jac_coef * c)[:, None] * w
+        out_idx = cols.to(tl.int64)[:, None] * D + ks[None, :]
+        tl.store(dw_ptr + out_idx, acc.to(dw_ptr.dtype.element_ty), mask=out_ok)
+        if pid_k == 0:
+            db = tl.zeros((BLOCK_N,), dtype=ACC)
+            part = part_db_ptr + cols  # advanced by H per row tile: pointer (64-bit) arithmetic
+            for _ in range(0, n_parts):
+                db += tl.load(part, mask=col_ok, other=0.0)
+                part += H
+            tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
 @gemm_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), ("dz_ptr", "w_ptr"))
@@ -450,8 +467,9 @@ def encode_backward(
         return grad_weight, grad_bias, grad_input
     grad_weight = empty((hidden, features), x.device, weight.dtype)
     grad_bias = empty((hidden,), x.device, weight.dtype)
-    launch(_encoder_grad_weight_kernel, grid_2d(hidden, features, "BLOCK_N", "BLOCK_K"),
-        dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias,
+    work, _, tickets = split_k_buffers(x, batch, hidden, features)
+    launch(_encoder_grad_weight_kernel, grid_split_k(hidden, features),
+        dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias, work, tickets,
         batch, features, hidden, n_parts,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         seed_pointer(seed, x) if noise else x, level, low, high,

@@ -70,3 +70,29 @@ def spy_launches(monkeypatch):
         return seen
 
     return install
+
+
+@pytest.fixture
+def split_k(monkeypatch):
+    """``split_k(module, kernel, split)``: ``kernel`` (a weight-gradient kernel of ``module``)
+    runs its first config with SPLIT = ``split``, split-K allowed at every shape; returns the
+    list of ticket buffers its launches get (each must be back at zero after a launch)."""
+    from fastae.kernels import common
+
+    def install(module, kernel, split):
+        config = kernel.configs[0]
+        blocks = dict(config.kwargs, SPLIT=split)
+        monkeypatch.setattr(kernel, "configs", [type(config)(blocks, num_warps=config.num_warps)])
+        monkeypatch.setattr(common, "SPLIT_MIN_BATCH", 1)
+        monkeypatch.setattr(common, "SPLIT_MAX_TILES", 10**9)
+        tickets = []
+
+        def buffers(*args):
+            out = common.split_k_buffers(*args)
+            tickets.append(out[2])
+            return out
+
+        monkeypatch.setattr(module, "split_k_buffers", buffers)
+        return tickets
+
+    return install

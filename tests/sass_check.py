@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 import fake_driver  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 import triton.backends.nvidia  # noqa: E402
-from fastae.kernels import decoder, encoder  # noqa: E402
+from fastae.kernels import common, decoder, encoder  # noqa: E402
 
 CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
 PRODUCT_KERNELS = {
@@ -41,7 +42,7 @@ PRODUCT_KERNELS = {
 }
 # (kernel, constexpr name, value) whose products may wait for zero: G scaled in registers
 SERIAL = {("_decoder_grad_weight_kernel", "UNIFORM", False)}
-VARIANT_FLAGS = ("STATISTICS", "HAS_GRAD_JAC", "UNIFORM")
+VARIANT_FLAGS = ("STATISTICS", "HAS_GRAD_JAC", "UNIFORM", "SPLIT")
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
 
 
@@ -60,6 +61,24 @@ def launch_every_product(batch: int, features: int, hidden: int) -> None:
     _, grad_z = decoder.decode_forward(h, weight.t(), None, x, "sigmoid", "bce")
     for grad_loss in (torch.rand(()).expand(batch), torch.rand(batch)):
         decoder.decode_backward(grad_loss, h, weight.t(), grad_z, True)
+    # the weight gradients' split-K variant (the first config with SPLIT = 2), at any shape
+    common.SPLIT_MIN_BATCH, common.SPLIT_MAX_TILES = 1, 10**9
+    for kernel in (encoder._encoder_grad_weight_kernel, decoder._decoder_grad_weight_kernel):
+        first = kernel.configs[0]
+        blocks = dict(first.kwargs, SPLIT=2)
+        kernel.configs = [
+            triton.Config(blocks, num_stages=first.num_stages, num_warps=first.num_warps)
+        ]
+    common._launches.clear()
+    h, _, _, stats = encoder.encode_forward(
+        x, weight, weight[:, 0], "sigmoid", "none", 0.0, 0.0, 1.0, 0, True
+    )
+    encoder.encode_backward(
+        torch.randn_like(h), torch.randn(hidden), torch.randn(()), x, weight, h, stats,
+        "sigmoid", "none", 0.0, 0.0, 1.0, 0, False,
+    )  # fmt: skip
+    for grad_loss in (torch.rand(()).expand(batch), torch.rand(batch)):
+        decoder.decode_backward(grad_loss, h, weight.t(), grad_z, False)
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:

@@ -314,3 +314,10 @@ def test_kernel_times_variants_run(monkeypatch):
     uniform = results["decode backward, uniform weight"]
     for a, b in zip(per_sample, uniform, strict=True):
         torch.testing.assert_close(a, b)
+    pairs = [("encode backward (dz, dW, db)", "encode backward, split-K off")]
+    pairs += [("decode backward (dV, dc), uniform", "decode backward (dV, dc), split-K off")]
+    for autotuned, unsplit in pairs:
+        for a, b in zip(results[autotuned], results[unsplit], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)

@@ -310,6 +310,39 @@ def test_without_statistics(fusion, activation, noise, monkeypatch, spy_launches
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: n + m)
 
 
+SPLIT_K_BATCH = 37 if DEVICE == "cpu" else 333  # 3 row blocks of 16, or 6 of 64 on a GPU
+
+
+@pytest.mark.parametrize(
+    "split, noise", [(2, None), (3, fastae.MaskingNoise(0.3, seed=5)), (4, None)]
+)
+def test_split_k_weight_gradient_matches_reference(split, noise, split_k):
+    """dW and db from SPLIT programs per tile, each over its share of the row blocks (under
+    the interpreter 3 blocks of 16 over 2, 3 or 4 programs: shares of 2 and 1 blocks, one
+    each, one empty; on a GPU 6 blocks of 64), the last to finish adding the partials and
+    writing the contractive term and db; twice in a row (the tickets must be back at zero)."""
+    tickets = split_k(encoder, encoder._encoder_grad_weight_kernel, split)
+    leaves, upstream = _inputs(SPLIT_K_BATCH, 21, 40, torch.float64)
+    for _ in range(2):
+        got = _run("triton", *leaves, upstream, activation="tanh", noise=noise)
+        want = _run("reference", *leaves, upstream, activation="tanh", noise=noise)
+        _assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert tickets and not tickets[-1].any()  # back at zero for the next launch
+
+
+def test_split_k_candidates_only_where_they_can_pay():
+    assert common.split_k_possible(4096, 1024, 784)  # 56 tiles of 128 x 128, 4096 rows
+    assert not common.split_k_possible(512, 1024, 784)  # too few rows to share out
+    assert not common.split_k_possible(8192, 4096, 4096)  # 1024 tiles fill the GPU
+    x = torch.zeros(2, 2)
+    assert common.split_k_buffers(x, 512, 1024, 784) == (x, x, x)
+    work, vector, tickets = common.split_k_buffers(x, 4096, 48, 40)
+    assert work.numel() >= max(common.SPLITS) * 48 * 40 and vector.numel() >= 48
+    assert tickets.dtype == torch.int32 and not tickets.any()
+    configs = common.gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), split=True)
+    assert configs[0].kwargs["SPLIT"] == 1  # FASTAE_AUTOTUNE=0 runs the unsplit kernel
+
+
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
 @pytest.mark.parametrize("hidden", [40, 65])
 def test_finish_across_programs(fusion, hidden, monkeypatch):
