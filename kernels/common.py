@@ -261,12 +261,24 @@ def split_k_buffers(like: torch.Tensor, batch: int, rows: int, cols: int):
 
 
 @triton.jit
-def split_k_rows(pid, n_tiles, B, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
-    """(first row, end row) of program ``pid``'s share: split pid // n_tiles of SPLIT, whole
-    row blocks each (the last share may be short or empty)."""
-    per_split = tl.cdiv(tl.cdiv(B, BLOCK_M), SPLIT) * BLOCK_M
-    first = (pid // n_tiles) * per_split
-    return first, tl.minimum(first + per_split, B)
+def split_k_tile(
+    n_rows, n_cols, B, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """This program's output tile of a weight gradient (row block, column block; grouped
+    order), the number of tiles, and the first and end batch rows it sums over: all of them,
+    or with SPLIT > 1 the share of split program_id // tiles, whole row blocks of BLOCK_M each
+    (the last share may be short or empty)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_rows, BLOCK_R) * tl.cdiv(n_cols, BLOCK_C)
+    first_row, end_row = 0, B
+    if SPLIT > 1:
+        per_split = tl.cdiv(tl.cdiv(B, BLOCK_M), SPLIT) * BLOCK_M
+        first_row = (pid // n_tiles) * per_split
+        end_row = tl.minimum(first_row + per_split, B)
+        pid = pid % n_tiles
+    pid_r, pid_c = tile_ids(pid, n_rows, n_cols, BLOCK_R, BLOCK_C, GROUP)
+    return pid_r, pid_c, n_tiles, first_row, end_row
 
 
 @triton.jit

@@ -48,8 +48,8 @@ from .common import (
     log1p,
     product_aligned,
     split_k_buffers,
-    split_k_rows,
     split_k_sum,
+    split_k_tile,
     stat_buffer,
     tile_ids,
     wide_columns,
@@ -207,13 +207,9 @@ def _decoder_grad_weight_kernel(
     """dV[n, k] = sum_i g_i G[i, n] h[i, k]; programs of column block 0 also write dc.
     ``UNIFORM``: every g_i equals g_0 (read once, applied to the sums). With SPLIT > 1 each
     tile's programs share the rows out (``split_k_sum``; dc's partials ride along)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(D, BLOCK_N) * tl.cdiv(H, BLOCK_K)
-    first_row, end_row = 0, B
-    if SPLIT > 1:
-        first_row, end_row = split_k_rows(pid, n_tiles, B, BLOCK_M, SPLIT)
-        pid = pid % n_tiles
-    pid_n, pid_k = tile_ids(pid, D, H, BLOCK_N, BLOCK_K, GROUP)
+    pid_n, pid_k, n_tiles, first_row, end_row = split_k_tile(
+        D, H, B, BLOCK_N, BLOCK_K, BLOCK_M, GROUP, SPLIT
+    )
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs d: rows of dV
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # hidden units: columns of dV
     col_ok = cols < D

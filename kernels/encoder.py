@@ -56,8 +56,8 @@ from .common import (
     seed_pointer,
     slope,
     split_k_buffers,
-    split_k_rows,
     split_k_sum,
+    split_k_tile,
     stat_buffer,
     ticket,
     tile_ids,
@@ -282,13 +282,9 @@ def _encoder_grad_weight_kernel(
 ):  # fmt: skip
     """dW = dz^T x~ + g_jac (2/B) c_j W_j, and db (programs of column block 0). With SPLIT > 1
     each tile's programs share the rows out (``split_k_sum``)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(H, BLOCK_N) * tl.cdiv(D, BLOCK_K)
-    first_row, end_row = 0, B
-    if SPLIT > 1:
-        first_row, end_row = split_k_rows(pid, n_tiles, B, BLOCK_M, SPLIT)
-        pid = pid % n_tiles
-    pid_n, pid_k = tile_ids(pid, H, D, BLOCK_N, BLOCK_K, GROUP)
+    pid_n, pid_k, n_tiles, first_row, end_row = split_k_tile(
+        H, D, B, BLOCK_N, BLOCK_K, BLOCK_M, GROUP, SPLIT
+    )
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units: rows of dW
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # input features: columns of dW
     col_ok = cols < H
