@@ -246,16 +246,16 @@ def split_k_possible(batch: int, rows: int, cols: int) -> bool:
     return batch >= SPLIT_MIN_BATCH and cdiv(rows, 128) * cdiv(cols, 128) <= SPLIT_MAX_TILES
 
 
-def split_k_buffers(like: torch.Tensor, batch: int, rows: int, cols: int):
+def split_k_buffers(like: torch.Tensor, batch: int, rows: int, cols: int, vector: bool = False):
     """(partial tiles, partial vectors, tickets) for a (rows x cols) weight gradient: room for
-    ``max(SPLITS)`` partials of every tile of any size up to 128 x 128 and of a rows-vector
-    (float32; float64 for float64), and zeroed tickets for tiles down to 16 x 16 (the kernels
-    put each back to zero when done). Where no split runs, ``like`` for all three (the kernels
-    do not touch them)."""
+    ``max(SPLITS)`` partials of every tile of any size up to 128 x 128 and, with ``vector``, of
+    a rows-vector (float32; float64 for float64), and zeroed tickets for tiles down to 16 x 16
+    (the kernels put each back to zero when done). Where no split runs (and for the vectors
+    without ``vector``), ``like`` (the kernels do not touch it)."""
     if not split_k_possible(batch, rows, cols):
         return like, like, like
     work = stat_buffer(like, max(SPLITS) * (rows + 127) * (cols + 127))
-    work_vector = stat_buffer(like, max(SPLITS) * (rows + 127))
+    work_vector = stat_buffer(like, max(SPLITS) * (rows + 127)) if vector else like
     tickets = torch.zeros(cdiv(rows, 16) * cdiv(cols, 16), dtype=torch.int32, device=like.device)
     return work, work_vector, tickets
 

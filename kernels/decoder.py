@@ -364,7 +364,7 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     grad_z = grad_z.contiguous()
     grad_weight = empty_in_layout(weight)  # column-major for a tied V = W^T: no copy into .grad
     grad_bias = empty((features,), h.device, weight.dtype)
-    work, work_dc, tickets = split_k_buffers(h, batch, features, hidden)
+    work, work_dc, tickets = split_k_buffers(h, batch, features, hidden, vector=True)
     launch(_decoder_grad_weight_kernel, grid_split_k(features, hidden),
         grad_z, grad_loss, h, grad_weight, grad_bias, work, work_dc, tickets,
         batch, features, hidden,

@@ -87,8 +87,8 @@ def split_k(monkeypatch):
         monkeypatch.setattr(common, "SPLIT_MAX_TILES", 10**9)
         tickets = []
 
-        def buffers(*args):
-            out = common.split_k_buffers(*args)
+        def buffers(*args, **kwargs):
+            out = common.split_k_buffers(*args, **kwargs)
             tickets.append(out[2])
             return out
 

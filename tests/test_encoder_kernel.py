@@ -336,8 +336,9 @@ def test_split_k_candidates_only_where_they_can_pay():
     assert not common.split_k_possible(8192, 4096, 4096)  # 1024 tiles fill the GPU
     x = torch.zeros(2, 2)
     assert common.split_k_buffers(x, 512, 1024, 784) == (x, x, x)
-    work, vector, tickets = common.split_k_buffers(x, 4096, 48, 40)
+    work, vector, tickets = common.split_k_buffers(x, 4096, 48, 40, vector=True)
     assert work.numel() >= max(common.SPLITS) * 48 * 40 and vector.numel() >= 48
+    assert common.split_k_buffers(x, 4096, 48, 40)[1] is x  # no vector partials asked for
     assert tickets.dtype == torch.int32 and not tickets.any()
     configs = common.gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), split=True)
     assert configs[0].kwargs["SPLIT"] == 1  # FASTAE_AUTOTUNE=0 runs the unsplit kernel
