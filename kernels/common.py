@@ -246,18 +246,57 @@ def split_k_possible(batch: int, rows: int, cols: int) -> bool:
     return batch >= SPLIT_MIN_BATCH and cdiv(rows, 128) * cdiv(cols, 128) <= SPLIT_MAX_TILES
 
 
-def split_k_buffers(like: torch.Tensor, batch: int, rows: int, cols: int, vector: bool = False):
-    """(partial tiles, partial vectors, tickets) for a (rows x cols) weight gradient: room for
-    ``max(SPLITS)`` partials of every tile of any size up to 128 x 128 and, with ``vector``, of
-    a rows-vector (float32; float64 for float64), and zeroed tickets for tiles down to 16 x 16
-    (the kernels put each back to zero when done). Where no split runs (and for the vectors
-    without ``vector``), ``like`` (the kernels do not touch it)."""
+def split_k_buffers(
+    like: torch.Tensor, batch: int, rows: int, cols: int, vector: bool = False,
+    placeholders: bool = False,
+):  # fmt: skip
+    """The split-K buffers of a (rows x cols) weight gradient: (partial tiles, tickets), with
+    ``vector`` (partial tiles, partial vectors, tickets). Room for ``max(SPLITS)`` partials of
+    every tile of any size up to 128 x 128 and of a rows-vector (float32; float64 for
+    float64), and zeroed tickets for tiles down to 16 x 16 (the kernels put each back to zero
+    when done). Where no split runs, ``like`` for each (the kernels do not touch it). With
+    ``placeholders``, one-element tensors of the same dtypes and device in their place, made
+    once: arguments that key a launch as the buffers do, for a kernel that runs unsplit (see
+    :func:`launch_split_k`)."""
     if not split_k_possible(batch, rows, cols):
-        return like, like, like
+        return (like, like, like) if vector else (like, like)
+    if placeholders:
+        work = _placeholder(like.device, stat_dtype(like))
+        tickets = _placeholder(like.device, torch.int32)
+        return (work, work, tickets) if vector else (work, tickets)
     work = stat_buffer(like, max(SPLITS) * (rows + 127) * (cols + 127))
-    work_vector = stat_buffer(like, max(SPLITS) * (rows + 127)) if vector else like
     tickets = torch.zeros(cdiv(rows, 16) * cdiv(cols, 16), dtype=torch.int32, device=like.device)
-    return work, work_vector, tickets
+    if vector:
+        return work, stat_buffer(like, max(SPLITS) * (rows + 127)), tickets
+    return work, tickets
+
+
+_placeholders: dict = {}
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _placeholders:
+        _placeholders[key] = torch.empty(1, dtype=dtype, device=device)
+    return _placeholders[key]
+
+
+def launch_split_k(kernel, grid, before, buffers, after, **meta):
+    """``launch(kernel, grid, *before, *buffers(), *after, **meta)`` for a weight-gradient
+    kernel whose parameters between ``before`` and ``after`` are its split-K buffers
+    (``buffers``: :func:`split_k_buffers` for the gradient, taking ``placeholders``).
+
+    The buffers cost two or three allocations and a memset per launch wherever split-K is
+    offered, whichever config the autotuner picks. Once the direct path keeps a compiled kernel for
+    these arguments (the buffers' placeholders key a launch as the buffers do) and it runs
+    SPLIT = 1, the placeholders are launched instead: that kernel never touches them. The
+    choice is read from the kept kernel's own meta-parameters, not inferred, so it holds
+    whatever the autotuner picked; anywhere else the buffers are made."""
+    args = (*before, *buffers(placeholders=True), *after)
+    kept = _kept_launch(kernel, args, meta)
+    if kept is not None and kept[1] is not None and kept[1][3]["SPLIT"] == 1:
+        return _run_kept(kept[1], grid, args, kept[0][1])
+    return launch(kernel, grid, *before, *buffers(), *after, **meta)
 
 
 @triton.jit
@@ -508,9 +547,13 @@ def seed_pointer(seed, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), seed, dtype=torch.int64, device=like.device)
 
 
+def stat_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype of statistics and partial sums: float64 for float64, else float32."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return empty(shape, like.device, dtype)
+    return empty(shape, like.device, stat_dtype(like))
 
 
 def direct_launching() -> bool:
@@ -554,24 +597,37 @@ def launch(kernel, grid, *args, **meta):
     the meta-parameters (the constexprs and the config), not the runtime arguments. Triton's
     global debug and instrumentation settings are read at a key's first call.
     """
+    kept = _kept_launch(kernel, args, meta)
+    if kept is None:
+        return kernel[grid](*args, **meta)
+    key, entry = kept
+    if entry is None:
+        return _launch_and_keep(key, kernel, grid, args, meta, _parameters[id(kernel)][1])
+    return _run_kept(entry, grid, args, key[1])
+
+
+def _kept_launch(kernel, args, meta):
+    """(key, what a launch with it keeps or None), or None where the direct path does not
+    apply (see :func:`launch`)."""
     parameters = _parameters.get(id(kernel), False)
     if parameters is False:
         parameters = _parameters[id(kernel)] = _direct_parameters(kernel)
     if parameters is None or not direct_launching():
-        return kernel[grid](*args, **meta)
-    active = driver.active
-    device = active.get_current_device()
+        return None
+    device = driver.active.get_current_device()
     key = _argument_key(args, parameters)
     if key is None:
-        return kernel[grid](*args, **meta)
+        return None
     key = (id(kernel), device, key, *meta.items())
-    entry = _launches.get(key)
-    if entry is None:
-        return _launch_and_keep(key, kernel, grid, args, meta, parameters[1])
+    return key, _launches.get(key)
+
+
+def _run_kept(entry, grid, args, device):
+    """The launch of a kept compiled kernel on ``device``, as Triton's launcher gets it."""
     compiled, run, tail, meta_parameters = entry
     if callable(grid):
         grid = grid(meta_parameters)
-    stream = active.get_current_stream(device)
+    stream = driver.active.get_current_stream(device)
     enter_hook, exit_hook = (
         _hook(knobs.runtime.launch_enter_hook),
         _hook(knobs.runtime.launch_exit_hook),

@@ -24,6 +24,8 @@ and a sum for dc. ``FASTAE_DECODER_FUSION=gemm|split|auto`` forces one.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,7 @@ from .common import (
     grid_split_k,
     grid_tiles,
     launch,
+    launch_split_k,
     log1p,
     product_aligned,
     split_k_buffers,
@@ -364,11 +367,11 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     grad_z = grad_z.contiguous()
     grad_weight = empty_in_layout(weight)  # column-major for a tied V = W^T: no copy into .grad
     grad_bias = empty((features,), h.device, weight.dtype)
-    work, work_dc, tickets = split_k_buffers(h, batch, features, hidden, vector=True)
-    launch(_decoder_grad_weight_kernel, grid_split_k(features, hidden),
-        grad_z, grad_loss, h, grad_weight, grad_bias, work, work_dc, tickets,
-        batch, features, hidden,
-        h.stride(0), h.stride(1), grad_weight.stride(0), grad_weight.stride(1),
+    launch_split_k(_decoder_grad_weight_kernel, grid_split_k(features, hidden),
+        (grad_z, grad_loss, h, grad_weight, grad_bias),
+        functools.partial(split_k_buffers, h, batch, features, hidden, vector=True),
+        (batch, features, hidden,
+         h.stride(0), h.stride(1), grad_weight.stride(0), grad_weight.stride(1)),
         UNIFORM=uniform, WIDE_COLUMNS=wide_columns(h, grad_weight), ACC=acc,
         PRECISION=precision,
     )  # fmt: skip

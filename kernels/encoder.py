@@ -24,6 +24,8 @@ dW and dx around the same dz pass. ``FASTAE_ENCODER_FUSION=gemm|split|auto`` for
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,7 @@ from .common import (
     grid_tiles,
     input_grad_mask,
     launch,
+    launch_split_k,
     product_aligned,
     seed_pointer,
     slope,
@@ -463,12 +466,12 @@ def encode_backward(
         return grad_weight, grad_bias, grad_input
     grad_weight = empty((hidden, features), x.device, weight.dtype)
     grad_bias = empty((hidden,), x.device, weight.dtype)
-    work, _, tickets = split_k_buffers(x, batch, hidden, features)
-    launch(_encoder_grad_weight_kernel, grid_split_k(hidden, features),
-        dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias, work, tickets,
-        batch, features, hidden, n_parts,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        seed_pointer(seed, x) if noise else x, level, low, high,
+    launch_split_k(_encoder_grad_weight_kernel, grid_split_k(hidden, features),
+        (dz, x, weight, stats[0], grad_jac, part_db, grad_weight, grad_bias),
+        functools.partial(split_k_buffers, x, batch, hidden, features),
+        (batch, features, hidden, n_parts,
+         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+         seed_pointer(seed, x) if noise else x, level, low, high),
         NOISE=noise, HAS_GRAD_JAC=has_grad_jac, WIDE_COLUMNS=wide_columns(x, weight), ACC=acc,
         PRECISION=precision,
     )  # fmt: skip

@@ -5,7 +5,10 @@ arguments as Triton's own launch path, call for call; from a key's second call o
 not enter Triton's launch path; and with its table of keys bounded, it still launches right.
 The calls mix what Triton specializes on (dtypes, aligned and unaligned data pointers, sizes
 divisible by 16 or not, 32- and 64-bit seeds), so a key coarser than Triton's would reuse a
-wrong kernel and show here. Exit status 0: all agreed; it prints what it compared."""
+wrong kernel and show here. Where split-K is offered, a weight gradient whose kept kernel
+runs SPLIT = 1 is launched with placeholders for its buffers (``launch_split_k``), one that
+runs SPLIT = 2 (the autotuner made to pick it) with its buffers every time. Exit status 0:
+all agreed; it prints what it compared."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 import fake_driver  # noqa: E402
 import torch  # noqa: E402
 from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 
@@ -85,10 +89,15 @@ def main() -> int:
         other_ops(x.float(), seed=3, base=0),
         other_ops(unaligned(32, 48, torch.float32), seed=3, base=2**33),
         other_ops(x.float(), seed=2**40, base=0),
+        # split-K offered (batch >= SPLIT_MIN_BATCH): buffers, or placeholders once kept
+        encode_step(torch.randn(SPLIT_BATCH, 48, dtype=bf16), weight, seed=3, noise_kind="none"),
+        decode_step(torch.randn(SPLIT_BATCH, 32, dtype=bf16), torch.randn(48, 32, dtype=bf16)),
     ]
     with fake_driver.installed() as launches:
 
-        def record(direct: bool) -> list[list]:
+        def record(direct: bool, split_k: list | None = None) -> list[list]:
+            """Each scenario's launches, described; with ``split_k``, appends to it each
+            scenario's weight-gradient launches as (SPLIT, ticket buffer's size)."""
             os.environ["FASTAE_DIRECT_LAUNCH"] = "1" if direct else "0"
             out = []
             for scenario in scenarios:
@@ -96,10 +105,13 @@ def main() -> int:
                 torch.manual_seed(0)
                 scenario()
                 out.append([describe(call) for call in launches.calls])
+                if split_k is not None:
+                    split_k.append([split_and_tickets(c) for c in launches.calls if is_dw(c)])
             return out
 
         tritons = record(direct=False)
-        first = record(direct=True)
+        first_split_k, second_split_k, kept_split_k = [], [], []
+        first = record(direct=True, split_k=first_split_k)
         entered = []
         tritons_run = JITFunction.run
 
@@ -109,16 +121,45 @@ def main() -> int:
 
         JITFunction.run = counted
         try:
-            second = record(direct=True)
+            second = record(direct=True, split_k=second_split_k)
         finally:
             JITFunction.run = tritons_run
         # a full table of keys is emptied, and launches stay right
-        common.LAUNCH_KEYS = 3
+        launch_keys, common.LAUNCH_KEYS = common.LAUNCH_KEYS, 3
         common._launches.clear()
         bounded = record(direct=True)
         if len(common._launches) > 3:
             print(f"{len(common._launches)} keys kept, over the bound of 3")
             return 1
+        common.LAUNCH_KEYS = launch_keys
+        # the autotuner picks SPLIT = 2: the kept kernel gets its buffers on every call
+        os.environ["FASTAE_AUTOTUNE"] = "1"
+        Autotuner._bench = prefer_split
+        batch = SPLIT_BATCH + 16
+        scenarios[:] = [
+            encode_step(torch.randn(batch, 48, dtype=bf16), weight, seed=3, noise_kind="none"),
+            decode_step(torch.randn(batch, 32, dtype=bf16), torch.randn(48, 32, dtype=bf16)),
+        ]
+        split_twos = [record(direct=False)]
+        split_twos += [record(direct=True, split_k=kept_split_k) for _ in range(2)]
+    if split_twos[1] != split_twos[0] or split_twos[2] != split_twos[0]:
+        print("SPLIT = 2 kept: launches differ from Triton's path")
+        return 1
+    # the split-K scenarios' weight gradients: SPLIT = 1 (FASTAE_AUTOTUNE=0 runs the first
+    # config), with buffers on the first direct pass and placeholders on the second;
+    # SPLIT = 2 with buffers on both
+    unsplit_first = sum(first_split_k[-2:], [])
+    unsplit_second = sum(second_split_k[-2:], [])
+    split = sum(kept_split_k, [])
+    if len(unsplit_first) != 2 or any(s != 1 or tickets == 1 for s, tickets in unsplit_first):
+        print(f"SPLIT = 1, first call: {unsplit_first} (SPLIT, tickets), want buffers")
+        return 1
+    if unsplit_second != [(1, 1), (1, 1)]:
+        print(f"SPLIT = 1 kept: {unsplit_second} (SPLIT, tickets), want placeholders")
+        return 1
+    if len(split) != 4 or any(s != 2 or tickets == 1 for s, tickets in split):
+        print(f"SPLIT = 2 kept: {split} (SPLIT, tickets), want buffers every time")
+        return 1
     compared = 0
     passes = zip(tritons, first, second, bounded, strict=True)
     for i, (want, got_first, got_second, got_bounded) in enumerate(passes):
@@ -136,20 +177,57 @@ def main() -> int:
     names = sorted({call[0] for calls in tritons for call in calls})
     print(f"launches compared: {compared}; kernels: {', '.join(names)}")
     print("Triton launch path calls on the second direct pass: 0")
+    print("split-K: kept unsplit kernels launched with placeholders, split ones with buffers")
     return 0
+
+
+SPLIT_BATCH = common.SPLIT_MIN_BATCH
+SPLIT_BUFFERS = ("work_ptr", "work_dc_ptr", "ticket_ptr")
+PARAMETERS = {
+    name: [p.name for p in (kernel.fn if isinstance(kernel, Autotuner) else kernel).params]
+    for module in (decoder, encoder, noise, sparsity, vae)
+    for name, kernel in vars(module).items()
+    if isinstance(kernel, Autotuner | JITFunction)
+}
+
+
+def prefer_split(self, *args, config, **meta):
+    """Autotuner timings (nothing runs) that make a SPLIT = 2 config the fastest."""
+    return [1.0] * 3 if config.kwargs.get("SPLIT") == 2 else [2.0] * 3
 
 
 def describe(call) -> tuple:
     """What must agree between the two paths for one launch (tensors by dtype, shape,
-    strides and data-pointer alignment: the two passes allocate their outputs anew)."""
+    strides and data-pointer alignment: the two passes allocate their outputs anew; the
+    split-K buffers by dtype and alignment only, which key the launch)."""
     name, grid, stream, function, packed, args = call
-    return (name, grid, stream, function, packed, tuple(map(describe_argument, args)))
+    names = PARAMETERS[name]
+    split_k = "SPLIT" in names
+    arguments = tuple(
+        describe_argument(value, split_k and names[i] in SPLIT_BUFFERS)
+        for i, value in enumerate(args)
+    )
+    return (name, grid, stream, function, packed, arguments)
 
 
-def describe_argument(value):
+def describe_argument(value, loose=False):
     if isinstance(value, torch.Tensor):
+        if loose:
+            return ("buffer", value.dtype, value.data_ptr() % 16)
         return ("tensor", value.dtype, tuple(value.shape), value.stride(), value.data_ptr() % 16)
     return (type(value), value)
+
+
+def is_dw(call) -> bool:
+    """Whether a launch is of a weight-gradient kernel (with split-K buffers)."""
+    return "SPLIT" in PARAMETERS[call[0]]
+
+
+def split_and_tickets(call) -> tuple[int, int]:
+    """A weight-gradient launch's SPLIT and the size of its ticket buffer (1: a placeholder)."""
+    name, *_, args = call
+    names = PARAMETERS[name]
+    return args[names.index("SPLIT")], args[names.index("ticket_ptr")].numel()
 
 
 if __name__ == "__main__":

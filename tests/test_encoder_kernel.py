@@ -335,11 +335,19 @@ def test_split_k_candidates_only_where_they_can_pay():
     assert not common.split_k_possible(512, 1024, 784)  # too few rows to share out
     assert not common.split_k_possible(8192, 4096, 4096)  # 1024 tiles fill the GPU
     x = torch.zeros(2, 2)
-    assert common.split_k_buffers(x, 512, 1024, 784) == (x, x, x)
+    assert common.split_k_buffers(x, 512, 1024, 784) == (x, x)
+    assert common.split_k_buffers(x, 512, 1024, 784, vector=True) == (x, x, x)
     work, vector, tickets = common.split_k_buffers(x, 4096, 48, 40, vector=True)
     assert work.numel() >= max(common.SPLITS) * 48 * 40 and vector.numel() >= 48
-    assert common.split_k_buffers(x, 4096, 48, 40)[1] is x  # no vector partials asked for
     assert tickets.dtype == torch.int32 and not tickets.any()
+    assert len(common.split_k_buffers(x, 4096, 48, 40)) == 2  # no vector partials asked for
+    # placeholders: what keys a launch as the buffers do, one element each, made once
+    stand_ins = common.split_k_buffers(x, 4096, 48, 40, vector=True, placeholders=True)
+    assert [t.dtype for t in stand_ins] == [work.dtype, vector.dtype, tickets.dtype]
+    assert all(t.numel() == 1 for t in stand_ins)
+    again = common.split_k_buffers(x, 4096, 48, 40, vector=True, placeholders=True)
+    assert all(a is b for a, b in zip(stand_ins, again, strict=True))
+    assert common.split_k_buffers(x.double(), 4096, 48, 40)[0].dtype == torch.float64
     configs = common.gemm_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), split=True)
     assert configs[0].kwargs["SPLIT"] == 1  # FASTAE_AUTOTUNE=0 runs the unsplit kernel
 

@@ -19,7 +19,8 @@ def test_direct_launches_match_tritons():
     """Every launcher of fastae, compiled for sm_90 against a stand-in driver: call for call,
     the direct path hands the launcher what Triton's path does (kernel, grid, arguments),
     over inputs that Triton specializes differently, and skips Triton's path once a key is
-    known (tests/launch_check.py; a subprocess, as the interpreter is off there)."""
+    known, and launches an unsplit weight gradient without its split-K buffers
+    (tests/launch_check.py; a subprocess, as the interpreter is off there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FASTAE_AUTOTUNE"] = "0"  # one config a kernel: compiling dominates this test
     result = subprocess.run(
@@ -28,6 +29,7 @@ def test_direct_launches_match_tritons():
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "launches compared:" in result.stdout
     assert "_encoder_forward_kernel" in result.stdout and "_decoder_forward_kernel" in result.stdout
+    assert "split-K: kept unsplit kernels launched with placeholders" in result.stdout
 
 
 KERNEL_PARAMETERS = (None, (False,) * 6 + (True,), (4,), 6)  # 6 runtime, 1 constexpr; 4 loose
