@@ -25,8 +25,10 @@ class GraphedStep:
 
     The first ``warmup`` calls run eagerly on a side stream (they autotune and compile the
     kernels and create the optimizer's state); the next captures the step at that batch
-    shape and replays it. Batches of another shape (an epoch's shorter last batch) run
-    eagerly, with the same parameters, gradients and optimizer.
+    shape and replays it. Warm-up and capture read the batch from the buffer each replay
+    copies into, so the capture runs exactly the kernels the warm-up prepared. Batches of
+    another shape (an epoch's shorter last batch) run eagerly, with the same parameters,
+    gradients and optimizer.
 
     What a graph cannot hold is refused or fixed at capture:
 
@@ -96,14 +98,20 @@ class GraphedStep:
         if tuple(x.shape) != self.shape or x.dtype != self._dtype():
             return self._eager_step(x)
         if self.graph is not None:
-            self._static_input.copy_(x)
+            self._static_input.copy_(x.detach())
             self.graph.replay()
             self.replays += 1
             return self._static_loss
         self.calls += 1
+        # warm-up and capture read the batch from the buffer replays copy into: the capture
+        # launches the kernels the warm-up compiled (their keys include data-pointer
+        # alignment, and a compile or autotune cannot run inside a capture)
+        if self._static_input is None:
+            self._static_input = torch.empty_like(x)
+        self._static_input.copy_(x.detach())
         if self.calls <= self.warmup:
-            return self._warmup_step(x)
-        return self._capture(x)
+            return self._warmup_step(self._static_input)
+        return self._capture(self._static_input)
 
     def _dtype(self) -> torch.dtype:
         return self.params[0].dtype
@@ -139,8 +147,7 @@ class GraphedStep:
         current.wait_stream(self._stream)
         return loss
 
-    def _capture(self, x: Tensor) -> Tensor:
-        static_input = x.detach().clone()
+    def _capture(self, static_input: Tensor) -> Tensor:
         for p in self.params:  # gradients allocated inside the graph's memory: written per replay
             p.grad = None
         graph = torch.cuda.CUDAGraph()
@@ -158,7 +165,7 @@ class GraphedStep:
                 "replay unchanged every step; draw them on the GPU (torch's CUDA generator is "
                 "graph-safe) or train this model without a CUDA graph"
             )
-        self.graph, self._static_input, self._static_loss = graph, static_input, static_loss
+        self.graph, self._static_loss = graph, static_loss
         graph.replay()  # a capture runs nothing: this is the step of this batch
         self.replays += 1
         return static_loss

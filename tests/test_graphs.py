@@ -111,6 +111,24 @@ def test_warmup_then_one_capture_then_replays(cpu_graphs):
     assert _FakeGraph.replays == 4
 
 
+def test_warmup_and_capture_read_one_buffer(cpu_graphs):
+    """The warm-up steps and the capture see the batch in the buffer that replays copy into,
+    whatever tensors the batches are (here a view 4 bytes off alignment): the capture then
+    launches the kernels the warm-up compiled, whose keys include pointer alignment."""
+    model = _model()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].data_ptr()))
+    step = GraphedStep(model, warmup=2)
+    rows = torch.rand(4 * 16 * 12 + 1)
+    batches = [rows[1 + i * 192 : 1 + (i + 1) * 192].view(16, 12) for i in range(4)]
+    for x in batches:
+        step(x)
+    assert step.graphed and step.replays == 2  # two warm-ups, the capture, one replay
+    assert seen == [step._static_input.data_ptr()] * 3
+    assert batches[0].data_ptr() % 16 != 0 and step._static_input.data_ptr() % 16 == 0
+    assert torch.equal(step._static_input, batches[-1])
+
+
 def test_fit_counts_its_graphed_steps(cpu_graphs):
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
