@@ -114,7 +114,24 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
         dataset = TensorDataset(tensor)
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    return TensorBatches(tensor, batch_size, shuffle, seed)
+    return TensorBatches(_resident(tensor, like.device), batch_size, shuffle, seed)
+
+
+# Data that takes at most this share of a CUDA device's free memory moves there once, and each
+# batch is gathered there; larger data stays, and each batch is gathered and copied over.
+RESIDENT_SHARE = 0.25
+
+
+def _resident(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on the CUDA ``device`` if it has room for it (see above), else ``tensor``.
+    Per-batch copies from pageable host memory cost about as much as a small step's GPU
+    work, and each waits for the GPU to reach it, so the host cannot run ahead."""
+    if tensor.device == device or device.type != "cuda":
+        return tensor
+    free, _ = torch.cuda.mem_get_info(device)
+    if tensor.numel() * tensor.element_size() > RESIDENT_SHARE * free:
+        return tensor
+    return tensor.to(device)
 
 
 def _first(batch) -> torch.Tensor:
@@ -204,8 +221,10 @@ def fit(
 
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here, shuffled with
     a generator seeded from ``seed``) or any iterable of batches (a DataLoader; a batch may be
-    a tensor or a tuple whose first item is the input). Batches move to the model's device;
-    numpy arrays take the model's dtype, tensors must already have it. With ``patience``,
+    a tensor or a tuple whose first item is the input). Batches move to the model's device:
+    tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
+    quarter of the free GPU memory (batches are then gathered there), else batch by batch.
+    Numpy arrays take the model's dtype, tensors must already have it. With ``patience``,
     training stops after that many epochs without a ``min_delta`` improvement of the
     validation loss (training loss if no validation data). ``restore_best``: with validation
     data, the returned model has the weights of the epoch with the lowest validation loss

@@ -255,6 +255,37 @@ def test_tensor_batches_cover_every_row_once_per_pass():
     assert torch.equal(torch.cat(list(in_order)), data)
 
 
+def test_host_data_moves_to_a_cuda_model_once_where_it_fits(monkeypatch):
+    """Decided on the CPU with the GPU's free memory faked: data within a quarter of it is
+    copied over once (``Tensor.to`` faked too), larger data and CPU models keep it as it is."""
+    from fastae import training
+
+    data = torch.zeros(100, 10)  # 4000 bytes
+    gpu = torch.device("cuda", 0)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device: moved.append(device) or "moved")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (16000, 10**9))
+    assert training._resident(data, gpu) == "moved" and moved == [gpu]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (15999, 10**9))
+    assert training._resident(data, gpu) is data  # over a quarter of the free memory
+    assert training._resident(data, torch.device("cpu")) is data
+    assert moved == [gpu]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_gathers_host_data_on_the_gpu():
+    data = small_problem()
+    histories = []
+    for source in (data, data.cuda()):
+        model = new_model(seed=3).cuda()
+        histories.append(fastae.fit(model, source, epochs=3, seed=0, progress=False).loss)
+    assert histories[0] == pytest.approx(histories[1], rel=1e-6)
+    from fastae import training
+
+    batches = training._batches("data", data, new_model().cuda(), 16, True, 0)
+    assert batches.tensor.device.type == "cuda"  # moved once; batches gathered there
+
+
 def test_fit_validation_and_early_stopping():
     data, val = small_problem(), small_problem(40)
     model = new_model()
