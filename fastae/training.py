@@ -186,18 +186,18 @@ def _targets_checked_once(model: nn.Module, tensors: list):
 
 
 def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data") -> float:
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync a pass
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _first(batch).to(device)
-            total += float(model(x).loss) * x.shape[0]
+            x = _first(batch).to(device, non_blocking=True)
+            total += model(x).loss.double() * x.shape[0]
             count += x.shape[0]
     model.train(was_training)
     if not count:
         raise ValueError(f"{name} yielded no rows")
-    return total / count
+    return float(total) / count
 
 
 def fit(
@@ -281,7 +281,8 @@ def fit(
                 train.sampler.set_epoch(epoch)
             total, count = torch.zeros((), device=like.device), 0  # one sync per epoch
             for batch in train:
-                x = _first(batch).to(like.device)
+                # asynchronous where the batch is in pinned memory (DataLoader(pin_memory=True))
+                x = _first(batch).to(like.device, non_blocking=True)
                 if step is not None:
                     loss = step(x)
                 else:
