@@ -185,13 +185,20 @@ def _targets_checked_once(model: nn.Module, tensors: list):
         module.check_targets = True
 
 
+def _on_device(batch, device: torch.device) -> torch.Tensor:
+    """The batch's input on ``device``; copied to a GPU asynchronously where it is in pinned
+    memory (``DataLoader(pin_memory=True)``). A copy to the host stays blocking: an
+    asynchronous one could be read before it lands."""
+    return _first(batch).to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data") -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync a pass
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _first(batch).to(device, non_blocking=True)
+            x = _on_device(batch, device)
             total += model(x).loss.double() * x.shape[0]
             count += x.shape[0]
     model.train(was_training)
@@ -281,8 +288,7 @@ def fit(
                 train.sampler.set_epoch(epoch)
             total, count = torch.zeros((), device=like.device), 0  # one sync per epoch
             for batch in train:
-                # asynchronous where the batch is in pinned memory (DataLoader(pin_memory=True))
-                x = _first(batch).to(like.device, non_blocking=True)
+                x = _on_device(batch, like.device)
                 if step is not None:
                     loss = step(x)
                 else:
