@@ -122,6 +122,11 @@ def _seeded(seed: int):
         yield
 
 
+def _graphs_possible(device: torch.device) -> bool:
+    """Whether training on ``device`` can replay CUDA graphs."""
+    return device.type == "cuda"
+
+
 class AutoencoderEstimatorMixin:
     """Shared machinery: parameter checks, scaling, device, seeding, training and pickling.
 
@@ -329,6 +334,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         device="auto",
         random_state=None,
         verbose: bool = False,
+        cuda_graph: bool = False,
     ):
         self.n_components = n_components
         self.activation = activation
@@ -344,6 +350,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.cuda_graph = cuda_graph
 
     def _fit_autoencoder(self, X) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters
@@ -351,13 +358,20 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         device = self._check_common_params()
         n_components = _positive_int("n_components", self.n_components)
         epochs = _positive_int("epochs", self.epochs)
+        cuda_graph = _checks.flag("cuda_graph", self.cuda_graph)
+        if cuda_graph and not _graphs_possible(device):
+            raise ValueError(
+                f"cuda_graph=True needs a CUDA device, got device={self.device!r} ({device})"
+            )
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
         seed = self._draw_seed()
         with _seeded(seed):
             self.module_ = self._layer(X.shape[1], n_components, self.loss_).to(self.device_)
-            history = self._train(self.module_, self._tensor(scaled), epochs, seed)
+            history = self._train(
+                self.module_, self._tensor(scaled), epochs, seed, cuda_graph=cuda_graph
+            )
         self.loss_curve_ = list(history.loss)
         self.n_iter_ = len(history.loss)
         self.train_seconds_ = history.seconds
@@ -396,6 +410,9 @@ class AutoencoderTransformer(
         random_state: int, RandomState or None; ``fit`` draws the torch seed from it
             (weights, shuffling and noise masks), leaving torch's global generator untouched.
         verbose: show a progress bar while training.
+        cuda_graph: replay each training step from a CUDA graph (:func:`fastae.fit` with
+            ``cuda_graph=True``): at small batches a GPU step's host time (Python, autograd,
+            launches) is most of it, and a replay has none. Needs a CUDA device.
 
     Attributes:
         module_ (fastae.Autoencoder), scaler_, loss_, output_, device_, n_iter_ (epochs run),
@@ -502,6 +519,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
         device="auto",
         random_state=None,
         verbose: bool = False,
+        cuda_graph: bool = False,
     ):
         super().__init__(
             n_components,
@@ -518,6 +536,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             device=device,
             random_state=random_state,
             verbose=verbose,
+            cuda_graph=cuda_graph,
         )
         self.contamination = contamination
         self.model = model

@@ -142,6 +142,27 @@ def test_fit_counts_its_graphed_steps(cpu_graphs):
     assert len(history.loss) == 2
 
 
+def test_sklearn_estimators_train_through_the_graphed_step(cpu_graphs, monkeypatch):
+    """``cuda_graph=True`` reaches fit: with 100 rows in batches of 16 over two epochs, 3
+    warm-ups, then the capture and every full batch replayed (fake graphs on the CPU; fit's
+    Adam, whose capturable mode needs CUDA, swapped for SGD; no noise, which the CPU would
+    draw)."""
+    from fastae import sklearn as fastae_sklearn
+
+    monkeypatch.setattr(fastae_sklearn, "_graphs_possible", lambda device: True)
+    monkeypatch.setattr(
+        torch.optim, "Adam", lambda params, lr, capturable: torch.optim.SGD(params, lr=lr)
+    )
+    x = torch.rand(100, 12).numpy()
+    for estimator in (
+        fastae.AutoencoderTransformer(4, epochs=2, batch_size=16, scale=None),
+        fastae.AutoencoderOutlierDetector(4, epochs=2, batch_size=16),
+    ):
+        _FakeGraph.replays = 0
+        estimator.set_params(device="cpu", cuda_graph=True, random_state=0).fit(x)
+        assert _FakeGraph.replays == 2 * 6 - 3
+
+
 def test_cpu_randomness_is_refused_at_capture_on_any_device(cpu_graphs):
     step = GraphedStep(_model(noise=fastae.MaskingNoise(0.3)), warmup=1)
     x = torch.rand(16, 12)
