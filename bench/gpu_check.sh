@@ -146,13 +146,14 @@ fi
 
 # reparameterize at B=4096, k=64..1024; corrupt on 256 MB against a plain copy; then the host
 # time of encode with statistics and of the full step at B=64 (kernels of a few microseconds);
-# the host-bound ones also through Triton's own launch path (fastae_triton_launch)
+# the host-bound ones also through Triton's own launch path (fastae_triton_launch), and the
+# full step replayed from a CUDA graph (fastae_graph: the sklearn estimators' batch size)
 extra=()
 base=eager,compile,fastae,floor
 for spec in "reparameterize vae tf32 ops $base,fastae_triton_launch" \
     "corrupt bandwidth tf32 ops $base" \
     "encode_stats host bf16 ops $base,fastae_triton_launch" \
-    "all host bf16 steps $base,fastae_triton_launch"; do
+    "all host bf16 steps $base,fastae_triton_launch,fastae_graph"; do
     set -- $spec
     [ "$(left)" -lt 25 ] && break
     log "benchmarks: $1 at sizes '$2'"
