@@ -261,7 +261,7 @@ def split_k_buffers(
     if not split_k_possible(batch, rows, cols):
         return (like, like, like) if vector else (like, like)
     if placeholders:
-        work = _placeholder(like.device, stat_dtype(like))
+        work = _placeholder(like.device, reference.stat_dtype(like.dtype))
         tickets = _placeholder(like.device, torch.int32)
         return (work, work, tickets) if vector else (work, tickets)
     work = stat_buffer(like, max(SPLITS) * (rows + 127) * (cols + 127))
@@ -547,13 +547,8 @@ def seed_pointer(seed, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), seed, dtype=torch.int64, device=like.device)
 
 
-def stat_dtype(like: torch.Tensor) -> torch.dtype:
-    """The dtype of statistics and partial sums: float64 for float64, else float32."""
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
-
-
 def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    return empty(shape, like.device, stat_dtype(like))
+    return empty(shape, like.device, reference.stat_dtype(like.dtype))
 
 
 def direct_launching() -> bool:
