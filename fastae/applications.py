@@ -178,6 +178,7 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         device="auto",
         random_state=None,
         verbose: bool = False,
+        cuda_graph: bool = False,
     ):
         self.n_components = n_components
         self.reconstruction_weight = reconstruction_weight
@@ -194,6 +195,7 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.cuda_graph = cuda_graph
 
     def fit(self, X, y):
         device = self._check_common_params()
@@ -371,6 +373,7 @@ class StackedAutoencoder(
         device="auto",
         random_state=None,
         verbose: bool = False,
+        cuda_graph: bool = False,
     ):
         self.sizes = sizes
         self.activation = activation
@@ -387,6 +390,7 @@ class StackedAutoencoder(
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.cuda_graph = cuda_graph
 
     def fit(self, X, y=None):
         device = self._check_common_params()
@@ -533,7 +537,9 @@ class DECClustering(ClusterMixin, BaseEstimator):
     ``update_interval`` epochs.
     ``reconstruction_weight`` > 0 keeps the autoencoder loss in the objective (IDEC, Guo et
     al. 2017). Training stops early when fewer than ``tol`` of the labels change between
-    target updates. ``verbose`` shows the refinement's progress.
+    target updates. ``verbose`` shows the refinement's progress. Refinement trains as the
+    autoencoder was trained: with its ``cuda_graph=True``, each step is replayed from a CUDA
+    graph (captured anew after each target update).
 
     Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_``
     (in code space), ``autoencoder_`` (the fitted, refined clone), ``n_iter_`` (refinement
@@ -615,7 +621,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
     def _refine(self, module, x: Tensor, epochs: int, interval: int, lr: float, random) -> None:
         ae = self.autoencoder_
         seed = int(random.randint(np.iinfo(np.int32).max))
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        # with the autoencoder's cuda_graph, its fit replays the refinement steps too
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, capturable=bool(ae.cuda_graph))
         previous = self.labels_
         with _seeded(seed):
             while self.n_iter_ < epochs:

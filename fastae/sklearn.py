@@ -155,7 +155,12 @@ class AutoencoderEstimatorMixin:
         _checks.finite_number("contractive", self.contractive, low=0)
         _positive_int("batch_size", self.batch_size)
         _positive_float("lr", self.lr)
-        return resolve_device(self.device)
+        device = resolve_device(self.device)
+        if _checks.flag("cuda_graph", self.cuda_graph) and not _graphs_possible(device):
+            raise ValueError(
+                f"cuda_graph=True needs a CUDA device, got device={self.device!r} ({device})"
+            )
+        return device
 
     def _activation(self) -> str:
         """The hidden activation to build with (checked)."""
@@ -243,9 +248,11 @@ class AutoencoderEstimatorMixin:
         )
 
     def _train(self, module, data: torch.Tensor, epochs: int, seed: int, **kwargs) -> History:
-        """:func:`fastae.fit` with this estimator's batch size, learning rate and progress."""
+        """:func:`fastae.fit` with this estimator's batch size, learning rate, progress and
+        ``cuda_graph``."""
         batch_size = min(int(self.batch_size), data.shape[0])
-        kwargs = {"progress": bool(self.verbose)} | kwargs  # a caller may override progress
+        # a caller may override progress
+        kwargs = {"progress": bool(self.verbose), "cuda_graph": bool(self.cuda_graph)} | kwargs
         return fit(
             module,
             data,
@@ -358,20 +365,13 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         device = self._check_common_params()
         n_components = _positive_int("n_components", self.n_components)
         epochs = _positive_int("epochs", self.epochs)
-        cuda_graph = _checks.flag("cuda_graph", self.cuda_graph)
-        if cuda_graph and not _graphs_possible(device):
-            raise ValueError(
-                f"cuda_graph=True needs a CUDA device, got device={self.device!r} ({device})"
-            )
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
         seed = self._draw_seed()
         with _seeded(seed):
             self.module_ = self._layer(X.shape[1], n_components, self.loss_).to(self.device_)
-            history = self._train(
-                self.module_, self._tensor(scaled), epochs, seed, cuda_graph=cuda_graph
-            )
+            history = self._train(self.module_, self._tensor(scaled), epochs, seed)
         self.loss_curve_ = list(history.loss)
         self.n_iter_ = len(history.loss)
         self.train_seconds_ = history.seconds

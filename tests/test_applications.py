@@ -289,3 +289,32 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
     np.testing.assert_array_equal(use(model, x), before)
     with pytest.raises(ValueError, match="3 features"):
         use(model, x[:, :3])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_training_matches_eager_training(digits):
+    """Semi-supervised, stacked and DEC training replayed from CUDA graphs takes the same steps
+    as eager training: loss curves to float32 rounding, the same predictions and clusters."""
+    x, y = digits
+    x, y_semi = x[:400], _split_labels(y[:400], 0.3)[0]
+    graph = {"cuda_graph": True}
+    semi = {"n_components": 16, "epochs": 3, "random_state": 0}
+    eager, graphed = (SemiSupervisedAutoencoder(**semi, **extra).fit(x, y_semi)
+                      for extra in ({}, graph))  # fmt: skip
+    np.testing.assert_allclose(eager.loss_curve_, graphed.loss_curve_, rtol=1e-4)
+    np.testing.assert_allclose(
+        eager.decision_function(x[:50]), graphed.decision_function(x[:50]), rtol=1e-3, atol=1e-4
+    )
+    stack = {"sizes": (32, 8), "pretrain_epochs": 2, "finetune_epochs": 2, "random_state": 0}
+    eager, graphed = (StackedAutoencoder(**stack, **extra).fit(x) for extra in ({}, graph))
+    np.testing.assert_allclose(eager.pretrain_loss_, graphed.pretrain_loss_, rtol=1e-4)
+    np.testing.assert_allclose(eager.loss_curve_, graphed.loss_curve_, rtol=1e-4)
+    np.testing.assert_allclose(eager.transform(x[:50]), graphed.transform(x[:50]), atol=1e-4)
+    eager, graphed = (
+        DECClustering(10, autoencoder=AutoencoderTransformer(8, epochs=3, **extra),
+                      refine_epochs=3, tol=0.0, random_state=0).fit(x)
+        for extra in ({}, graph)
+    )  # fmt: skip
+    np.testing.assert_allclose(eager.cluster_centers_, graphed.cluster_centers_, atol=1e-4)
+    assert (eager.labels_ == graphed.labels_).mean() > 0.99

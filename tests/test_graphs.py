@@ -4,8 +4,10 @@ equals eager training step for step."""
 import contextlib
 import types
 
+import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 
 import fastae
 from fastae import GraphedStep
@@ -146,21 +148,43 @@ def test_sklearn_estimators_train_through_the_graphed_step(cpu_graphs, monkeypat
     """``cuda_graph=True`` reaches fit: with 100 rows in batches of 16 over two epochs, 3
     warm-ups, then the capture and every full batch replayed (fake graphs on the CPU; fit's
     Adam, whose capturable mode needs CUDA, swapped for SGD; no noise, which the CPU would
-    draw)."""
+    draw). A stack graphs each layer's pretraining and the fine-tuning; DEC's refinement
+    (one fit per target update) graphs as its autoencoder does."""
     from fastae import sklearn as fastae_sklearn
+    from fastae.applications import DECClustering, SemiSupervisedAutoencoder, StackedAutoencoder
 
     monkeypatch.setattr(fastae_sklearn, "_graphs_possible", lambda device: True)
-    monkeypatch.setattr(
-        torch.optim, "Adam", lambda params, lr, capturable: torch.optim.SGD(params, lr=lr)
-    )
+    made_capturable = []
+
+    def adam(params, lr, capturable=False):
+        made_capturable.append(capturable)
+        return torch.optim.SGD(params, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam)
     x = torch.rand(100, 12).numpy()
-    for estimator in (
-        fastae.AutoencoderTransformer(4, epochs=2, batch_size=16, scale=None),
-        fastae.AutoencoderOutlierDetector(4, epochs=2, batch_size=16),
-    ):
-        _FakeGraph.replays = 0
-        estimator.set_params(device="cpu", cuda_graph=True, random_state=0).fit(x)
-        assert _FakeGraph.replays == 2 * 6 - 3
+    y = np.arange(100) % 3
+    per_fit = 2 * 6 - 3
+    graphed = {"device": "cpu", "cuda_graph": True, "random_state": 0}
+    autoencoder = fastae.AutoencoderTransformer(4, epochs=2, batch_size=16, **graphed)
+    cases = [
+        (autoencoder, per_fit),
+        (fastae.AutoencoderOutlierDetector(4, epochs=2, batch_size=16, **graphed), per_fit),
+        (SemiSupervisedAutoencoder(4, epochs=2, batch_size=16, **graphed), per_fit),
+        (StackedAutoencoder((6, 4), pretrain_epochs=2, finetune_epochs=2, batch_size=16,
+                            **graphed), 3 * per_fit),
+        # two refinement fits of one epoch: 6 full batches, 3 of them warm-ups
+        (DECClustering(3, autoencoder=autoencoder, refine_epochs=2, tol=0, random_state=0,
+                       n_init=1), per_fit + 2 * (6 - 3)),
+    ]  # fmt: skip
+    for estimator, replays in cases:
+        _FakeGraph.replays, made_capturable[:] = 0, []
+        estimator.fit(x, y)
+        assert _FakeGraph.replays == replays, type(estimator).__name__
+        assert made_capturable and all(made_capturable), type(estimator).__name__
+    monkeypatch.setattr(fastae_sklearn, "_graphs_possible", lambda device: False)
+    for estimator, _ in cases:
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+            clone(estimator).fit(x, y)
 
 
 def test_cpu_randomness_is_refused_at_capture_on_any_device(cpu_graphs):
