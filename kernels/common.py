@@ -291,12 +291,21 @@ def launch_split_k(kernel, grid, before, buffers, after, **meta):
     these arguments (the buffers' placeholders key a launch as the buffers do) and it runs
     SPLIT = 1, the placeholders are launched instead: that kernel never touches them. The
     choice is read from the kept kernel's own meta-parameters, not inferred, so it holds
-    whatever the autotuner picked; anywhere else the buffers are made."""
-    args = (*before, *buffers(placeholders=True), *after)
+    whatever the autotuner picked; anywhere else the buffers are made. A kept kernel that
+    splits gets them without a second key: their key parts are compared with the
+    placeholders' instead."""
+    placeholders = buffers(placeholders=True)
+    args = (*before, *placeholders, *after)
     kept = _kept_launch(kernel, args, meta)
-    if kept is not None and kept[1] is not None and kept[1][3]["SPLIT"] == 1:
-        return _run_kept(kept[1], grid, args, kept[0][1])
-    return launch(kernel, grid, *before, *buffers(), *after, **meta)
+    if kept is None or kept[1] is None:
+        return launch(kernel, grid, *before, *buffers(), *after, **meta)
+    (_, device, *_), entry = kept
+    if entry[3]["SPLIT"] > 1:
+        made = buffers()
+        if list(map(_tensor_part, made)) != list(map(_tensor_part, placeholders)):
+            return launch(kernel, grid, *before, *made, *after, **meta)
+        args = (*before, *made, *after)
+    return _run_kept(entry, grid, args, device)
 
 
 @triton.jit

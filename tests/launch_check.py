@@ -140,10 +140,18 @@ def main() -> int:
             encode_step(torch.randn(batch, 48, dtype=bf16), weight, seed=3, noise_kind="none"),
             decode_step(torch.randn(batch, 32, dtype=bf16), torch.randn(48, 32, dtype=bf16)),
         ]
-        split_twos = [record(direct=False)]
-        split_twos += [record(direct=True, split_k=kept_split_k) for _ in range(2)]
+        split_twos = [record(direct=False), record(direct=True, split_k=kept_split_k)]
+        entered_split = len(entered)
+        JITFunction.run = counted
+        try:
+            split_twos.append(record(direct=True, split_k=kept_split_k))
+        finally:
+            JITFunction.run = tritons_run
     if split_twos[1] != split_twos[0] or split_twos[2] != split_twos[0]:
         print("SPLIT = 2 kept: launches differ from Triton's path")
+        return 1
+    if len(entered) != entered_split:
+        print(f"SPLIT = 2 kept: {len(entered) - entered_split} launches took Triton's path")
         return 1
     # the split-K scenarios' weight gradients: SPLIT = 1 (FASTAE_AUTOTUNE=0 runs the first
     # config), with buffers on the first direct pass and placeholders on the second;
