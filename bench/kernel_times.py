@@ -16,6 +16,14 @@ median of its repeats; each variant beside the other in one run):
 Prints one line per (size, variant) in microseconds; FASTAE_ENCODER_FUSION and
 FASTAE_DECODER_FUSION are forced to gemm (the fused kernels these choices live in) except
 where a variant says split.
+
+``--finish`` times the encoder's finishing kernel alone instead, on random float32 partial
+sums of ``parts`` row tiles by H columns, with its column block (programs = H / block) as
+launched and narrower; each line gives the time and the bytes read over it. At 8192 x 4096 ->
+4096 it took 149-285 us of an H200 for 2-8 MB of partials: whether its time follows the bytes,
+the parts a program loops over or neither says where to look.
+
+    python bench/kernel_times.py --finish
 """
 
 from __future__ import annotations
@@ -92,14 +100,60 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
     }
 
 
+FINISH_PARTS, FINISH_HIDDEN, FINISH_BLOCKS = (32, 128, 512), (1024, 4096), (128, 32)
+
+
+def finish_call(part_h: torch.Tensor, part_s2: torch.Tensor, sq_norm: torch.Tensor, block: int):
+    """A launch of the finishing kernel with columns in blocks of ``block``, its ticket zeroed
+    first as the forward kernel zeroes it (a memset in the time), and the (rho_hat, c, jac) it
+    writes, for a batch of 128 rows per part."""
+    parts, hidden = part_h.shape
+    programs = common.cdiv(hidden, block)
+    rho, c, jac, shares = (
+        torch.empty(n, device=part_h.device) for n in (hidden, hidden, 1, programs)
+    )
+    ticket = torch.zeros(1, device=part_h.device, dtype=torch.int32)
+
+    def call():
+        ticket.zero_()
+        common.launch(encoder._encoder_finish_kernel, (programs,),
+            part_h, part_s2, sq_norm, rho, c, jac, shares, ticket, parts, parts * 128, hidden,
+            ACC=common.acc_dtype(torch.float32), BLOCK_T=encoder.FINISH_ROWS, BLOCK=block,
+            BLOCK_S=encoder.FINISH_SHARES, num_warps=encoder.FINISH_WARPS,
+        )  # fmt: skip
+
+    return call, (rho, c, jac)
+
+
+def finish_times(device: str = "cuda") -> None:
+    for hidden in FINISH_HIDDEN:
+        sq_norm = torch.rand(hidden, device=device)
+        for parts in FINISH_PARTS:
+            part_h, part_s2 = (torch.rand(parts, hidden, device=device) for _ in range(2))
+            for block in FINISH_BLOCKS:
+                call, _ = finish_call(part_h, part_s2, sq_norm, block)
+                us = do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
+                read = 2 * part_h.numel() * part_h.element_size()
+                print(
+                    f"finish parts={parts:4d} H={hidden:5d} block={block:3d} "
+                    f"({common.cdiv(hidden, block):3d} programs) {us:8.1f} us "
+                    f"{read / us / 1e3:7.1f} GB/s",
+                    flush=True,
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4096x784x1024,4096x784x1000,8192x4096x4096")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "tf32", "fp32"))
+    parser.add_argument("--finish", action="store_true", help="the finishing kernel alone")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_times: needs CUDA", file=sys.stderr)
         return 1
+    if args.finish:
+        finish_times()
+        return 0
     os.environ["FASTAE_ENCODER_FUSION"] = os.environ["FASTAE_DECODER_FUSION"] = "gemm"
     dtype, precision = fb.DTYPES[args.dtype]
     with fb.matmul_precision(precision):
