@@ -321,3 +321,23 @@ def test_kernel_times_variants_run(monkeypatch):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+@pytest.mark.parametrize("parts, hidden, block", [(3, 40, 32), (5, 100, 16)])
+def test_kernel_times_finish_call_computes_the_statistics(monkeypatch, parts, hidden, block):
+    """bench/kernel_times.py --finish times a launch that computes rho_hat, c and jac from the
+    partial sums, and again on a second call (its ticket zeroed before each)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    kernel_times = importlib.import_module("kernel_times")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    part_h, part_s2 = torch.rand(2, parts, hidden, device=device).unbind()
+    sq_norm = torch.rand(hidden, device=device)
+    call, (rho_hat, c, jac) = kernel_times.finish_call(part_h, part_s2, sq_norm, block)
+    batch = parts * 128
+    for _ in range(2):
+        jac.fill_(float("nan"))
+        call()
+        torch.testing.assert_close(rho_hat, part_h.sum(0) / batch)
+        torch.testing.assert_close(c, part_s2.sum(0))
+        torch.testing.assert_close(jac, (part_s2.sum(0) * sq_norm).sum(0, keepdim=True) / batch)
