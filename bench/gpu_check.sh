@@ -4,7 +4,7 @@
 # fastae's direct launch at B=4096 784->1024, run the lean benchmark set to JSON (the jacrev
 # gap, then the cases with targets first: encode with statistics, the full step, the
 # denoising step, then the rest; B=4096 784->1024 and B=8192 4096->4096, tf32 and bf16),
-# kernel-level A/B times (bench/kernel_times.py, and its finishing-kernel sweep), then
+# kernel-level A/B times (bench/kernel_times.py; its finishing-kernel sweep runs first), then
 # reparameterize, corrupt on 256 MB, and the host time of encode with statistics and of the
 # full step at B=64, and print the ratio table last. Everything lands in $OUT (default ./out):
 #   tests.log, warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png,
@@ -91,6 +91,13 @@ if [ -n "$warm_pid" ]; then
     log "$(tail -n 1 "$OUT/warm.log")"
 fi
 
+# the encoder's finishing kernel alone, over the partial sums' rows, columns and programs (a
+# few seconds, so before the benchmarks take the rest): at 8192x4096->4096 it took 149-285 us
+# of an H200 for 2-8 MB (no static explanation found)
+log "finishing kernel alone (bench/kernel_times.py --finish, at most 30 s)"
+timeout 30 "$PYTHON" bench/kernel_times.py --finish >"$OUT/finish_times.log" 2>&1
+tail -n 12 "$OUT/finish_times.log"
+
 # Triton's launch path against fastae's direct one at the targets' MNIST-like shape (host-bound
 # there), first: summarized apart (launch/SUMMARY.md), as bench.json has these cases too
 if [ "$(left)" -ge 120 ]; then
@@ -142,13 +149,6 @@ if [ "$(left)" -ge 45 ]; then
         --sizes 4096x784x1024,4096x784x1000,8192x4096x4096 \
         --dtype bf16 >"$OUT/kernel_times.log" 2>&1
     tail -n 36 "$OUT/kernel_times.log"
-fi
-# the encoder's finishing kernel alone, over the partial sums' rows, columns and programs: at
-# 8192x4096->4096 it took 149-285 us of an H200 for 2-8 MB (no static explanation found)
-if [ "$(left)" -ge 30 ]; then
-    log "finishing kernel alone (bench/kernel_times.py --finish, at most 40 s)"
-    timeout 40 "$PYTHON" bench/kernel_times.py --finish >"$OUT/finish_times.log" 2>&1
-    tail -n 12 "$OUT/finish_times.log"
 fi
 
 # reparameterize at B=4096, k=64..1024; corrupt on 256 MB against a plain copy; then the host

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import io
 import json
+import re
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -341,3 +342,24 @@ def test_kernel_times_finish_call_computes_the_statistics(monkeypatch, parts, hi
         torch.testing.assert_close(rho_hat, part_h.sum(0) / batch)
         torch.testing.assert_close(c, part_s2.sum(0))
         torch.testing.assert_close(jac, (part_s2.sum(0) * sq_norm).sum(0, keepdim=True) / batch)
+
+
+@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+def test_kernel_times_finish_sweep_prints_a_line_per_launch(monkeypatch, capsys):
+    """bench/kernel_times.py --finish: one line per (parts, H, block) with its time and the
+    bytes read over it (the timer replaced by one call of a fixed 2 us)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    kernel_times = importlib.import_module("kernel_times")
+    monkeypatch.setattr(kernel_times, "FINISH_PARTS", (3, 5))
+    monkeypatch.setattr(kernel_times, "FINISH_HIDDEN", (40,))
+    monkeypatch.setattr(kernel_times, "FINISH_BLOCKS", (32, 16))
+    monkeypatch.setattr(kernel_times, "do_bench", lambda fn, **kwargs: (fn(), 0.002)[1])
+    kernel_times.finish_times("cuda" if torch.cuda.is_available() else "cpu")
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.findall(r"(\w+)=\s*(\d+)", line) for line in lines] == [
+        [("parts", str(parts)), ("H", "40"), ("block", str(block))]
+        for parts in (3, 5)
+        for block in (32, 16)
+    ]
+    # 2 x parts x 40 float32 read in 2 us
+    assert [float(line.split()[-2]) for line in lines] == [0.5, 0.5, 0.8, 0.8]
