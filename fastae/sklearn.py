@@ -251,7 +251,7 @@ class AutoencoderEstimatorMixin:
         """:func:`fastae.fit` with this estimator's batch size, learning rate, progress and
         ``cuda_graph``."""
         batch_size = min(int(self.batch_size), data.shape[0])
-        # a caller may override progress
+        # a caller may override either
         kwargs = {"progress": bool(self.verbose), "cuda_graph": bool(self.cuda_graph)} | kwargs
         return fit(
             module,

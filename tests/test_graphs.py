@@ -7,7 +7,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from sklearn.base import clone
 
 import fastae
 from fastae import GraphedStep
@@ -150,6 +149,7 @@ def test_sklearn_estimators_train_through_the_graphed_step(cpu_graphs, monkeypat
     Adam, whose capturable mode needs CUDA, swapped for SGD; no noise, which the CPU would
     draw). A stack graphs each layer's pretraining and the fine-tuning; DEC's refinement
     (one fit per target update) graphs as its autoencoder does."""
+    clone = pytest.importorskip("sklearn.base").clone
     from fastae import sklearn as fastae_sklearn
     from fastae.applications import DECClustering, SemiSupervisedAutoencoder, StackedAutoencoder
 
