@@ -199,7 +199,7 @@ def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data")
     with torch.no_grad():
         for batch in batches:
             x = _on_device(batch, device)
-            total += model(x).loss.double() * x.shape[0]
+            total.add_(model(x).loss, alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
     if not count:
@@ -296,7 +296,7 @@ def fit(
                     loss = model(x).loss
                     loss.backward()
                     optimizer.step()
-                total += loss.detach().float() * x.shape[0]
+                total.add_(loss.detach(), alpha=x.shape[0])  # one kernel, float32 sum
                 count += x.shape[0]
             if not count:
                 raise ValueError(f"data yielded no rows in epoch {epoch + 1}")
