@@ -41,6 +41,7 @@ from .sklearn import (
     _seeded,
     _validate_data,
 )
+from .training import default_optimizer
 
 try:
     from scipy.special import logsumexp
@@ -622,7 +623,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
         ae = self.autoencoder_
         seed = int(random.randint(np.iinfo(np.int32).max))
         # with the autoencoder's cuda_graph, its fit replays the refinement steps too
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr, capturable=bool(ae.cuda_graph))
+        optimizer = default_optimizer(module, lr, capturable=bool(ae.cuda_graph))
         previous = self.labels_
         with _seeded(seed):
             while self.n_iter_ < epochs:

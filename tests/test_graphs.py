@@ -156,7 +156,7 @@ def test_sklearn_estimators_train_through_the_graphed_step(cpu_graphs, monkeypat
     monkeypatch.setattr(fastae_sklearn, "_graphs_possible", lambda device: True)
     made_capturable = []
 
-    def adam(params, lr, capturable=False):
+    def adam(params, lr, capturable=False, **kwargs):
         made_capturable.append(capturable)
         return torch.optim.SGD(params, lr=lr)
 
@@ -223,6 +223,38 @@ def test_graphed_fit_equals_eager_fit(regularizers):
         torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
     assert graphed_history.loss == pytest.approx(eager_history.loss, rel=1e-5)
     assert graphed_history.graphed_steps == 3 * 6 - 3 and eager_history.graphed_steps == 0
+
+
+def test_default_optimizer_is_fused_on_cuda_only():
+    """fit's Adam: fused (one kernel for the update) where the parameters are on CUDA;
+    PyTorch's default elsewhere; capturable on request."""
+    from fastae.training import default_optimizer
+
+    for capturable in (False, True):
+        optimizer = default_optimizer(_model(), 0.01, capturable=capturable)
+        assert isinstance(optimizer, torch.optim.Adam)
+        group = optimizer.param_groups[0]
+        assert not group["fused"] and group["capturable"] is capturable and group["lr"] == 0.01
+        if torch.cuda.is_available():
+            group = default_optimizer(_model().cuda(), 0.01, capturable).param_groups[0]
+            assert group["fused"] is True and group["capturable"] is capturable
+
+
+@cuda
+def test_graphed_fit_with_the_default_optimizer_equals_eager_fit():
+    """fit's own fused Adam, capturable for the graph, takes the same steps as without."""
+    data = torch.rand(100, 12, device="cuda")
+    torch.manual_seed(1)
+    eager = _model(contractive=0.1).cuda()
+    graphed = _model(contractive=0.1).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    kwargs = {"epochs": 3, "batch_size": 16, "seed": 0, "lr": 1e-2, "progress": False}
+    eager_history = fastae.fit(eager, data, **kwargs)
+    graphed_history = fastae.fit(graphed, data, cuda_graph=True, **kwargs)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
+    assert graphed_history.loss == pytest.approx(eager_history.loss, rel=1e-5)
+    assert graphed_history.graphed_steps == 3 * 6 - 3
 
 
 @cuda
