@@ -8,6 +8,7 @@ once as a CUDA graph, the step's kernels replay from one call, without that host
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from . import _checks
 
 __all__ = ["GraphedStep"]
+
+# what torch.optim says when a capturable optimizer steps outside a capture
+_UNCAPTURED_WARNING = "This instance was constructed with capturable=True"
 
 
 class GraphedStep:
@@ -129,7 +133,10 @@ class GraphedStep:
         loss = self.model(x).loss
         loss.backward()
         if self.optimizer is not None:
-            self.optimizer.step()
+            with warnings.catch_warnings():
+                # the warm-up and eager steps of an optimizer made capturable for the capture
+                warnings.filterwarnings("ignore", message=_UNCAPTURED_WARNING)
+                self.optimizer.step()
         return loss.detach()
 
     def _eager_step(self, x: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ equals eager training step for step."""
 
 import contextlib
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -128,6 +129,26 @@ def test_warmup_and_capture_read_one_buffer(cpu_graphs):
     assert seen == [step._static_input.data_ptr()] * 3
     assert batches[0].data_ptr() % 16 != 0 and step._static_input.data_ptr() % 16 == 0
     assert torch.equal(step._static_input, batches[-1])
+
+
+def test_uncaptured_steps_of_a_capturable_optimizer_do_not_warn(cpu_graphs):
+    """torch.optim warns when a capturable optimizer steps outside a capture, which the warm-up
+    and eager steps do by design: that warning is silenced there, and only that one."""
+
+    class Warns(torch.optim.SGD):
+        def step(self, closure=None):
+            warnings.warn("This instance was constructed with capturable=True ...", stacklevel=2)
+            warnings.warn("another warning", stacklevel=2)
+            return super().step(closure)
+
+    model = _model()
+    step = GraphedStep(model, Warns(model.parameters(), lr=0.1), warmup=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x in [torch.rand(16, 12) for _ in range(3)] + [torch.rand(5, 12)]:
+            step(x)
+    # two warm-ups, the capture and the eager step of another shape
+    assert [str(w.message) for w in caught] == ["another warning"] * 4
 
 
 def test_fit_counts_its_graphed_steps(cpu_graphs):
