@@ -1,4 +1,5 @@
 import os
+import re
 import zlib
 
 import torch
@@ -22,6 +23,23 @@ settings.register_profile("long", max_examples=400, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("FASTAE_HYPOTHESIS_PROFILE", "ci"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped without a CUDA device. Every test that needs one carries
+    the mark (a skip condition whose reason names CUDA or a GPU without it is an error), so
+    ``pytest -m cuda`` selects them all: bench/gpu_check.sh runs them first."""
+    needs_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        marked = item.get_closest_marker("cuda") is not None
+        for mark in item.iter_markers("skipif"):
+            if not marked and re.search("cuda|gpu", str(mark.kwargs.get("reason")), re.I):
+                raise pytest.UsageError(
+                    f"{item.nodeid}: a test that needs CUDA takes @pytest.mark.cuda (which "
+                    "skips it without a CUDA device), not a skipif of its own"
+                )
+        if marked and not torch.cuda.is_available():
+            item.add_marker(needs_cuda)
 
 
 @pytest.fixture(autouse=True)

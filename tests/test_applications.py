@@ -292,7 +292,6 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_training_matches_eager_training(digits):
     """Semi-supervised, stacked and DEC training replayed from CUDA graphs takes the same steps
     as eager training: loss curves to float32 rounding, the same predictions and clusters."""

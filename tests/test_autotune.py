@@ -195,7 +195,7 @@ def test_every_gemm_kernel_prunes_by_shared_memory():
     assert all(kernel.early_config_prune is not None for kernel, _ in GEMM_KERNELS)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs the GPU's shared-memory limit")
+@pytest.mark.cuda  # the GPU's shared-memory limit
 @pytest.mark.parametrize("kernel, names", GEMM_KERNELS)
 def test_float32_gemm_configs_fit_this_gpu(kernel, names, monkeypatch):
     monkeypatch.setenv("FASTAE_AUTOTUNE", "1")

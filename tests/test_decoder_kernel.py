@@ -230,7 +230,6 @@ def test_full_step_matches_reference(tied):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("output,loss", PAIRS)
 def test_half_precision_cuda(dtype, output, loss):

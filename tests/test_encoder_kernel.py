@@ -151,7 +151,6 @@ def test_opcheck_triton(statistics):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_half_precision_cuda(dtype, activation):
@@ -170,7 +169,6 @@ def test_half_precision_cuda(dtype, activation):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_tf32_cuda():
     leaves, upstream = _inputs(1024, 784, 1000, torch.float32)
     previous = torch.get_float32_matmul_precision()
@@ -370,7 +368,6 @@ def test_finish_across_programs(fusion, hidden, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_finish_ticket_under_concurrency_cuda(monkeypatch):
     """256 finish programs running at once on the GPU, the last reading every share: jac
     matches the float64 reference on every one of 20 calls, bit for bit the same each time."""

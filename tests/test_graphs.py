@@ -12,8 +12,6 @@ import torch
 import fastae
 from fastae import GraphedStep
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-
 
 def _model(**kwargs):
     return fastae.Autoencoder(12, 8, **kwargs)
@@ -225,7 +223,7 @@ def _fit(model, data, cuda_graph, **kwargs):
     )  # fmt: skip
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     "regularizers",
     [{}, {"sparsity": fastae.KLSparsity(0.1, 0.5), "contractive": 0.1}],
@@ -261,7 +259,7 @@ def test_default_optimizer_is_fused_on_cuda_only():
             assert group["fused"] is True and group["capturable"] is capturable
 
 
-@cuda
+@pytest.mark.cuda
 def test_graphed_fit_with_the_default_optimizer_equals_eager_fit():
     """fit's own fused Adam, capturable for the graph, takes the same steps as without."""
     data = torch.rand(100, 12, device="cuda")
@@ -278,7 +276,7 @@ def test_graphed_fit_with_the_default_optimizer_equals_eager_fit():
     assert graphed_history.graphed_steps == 3 * 6 - 3
 
 
-@cuda
+@pytest.mark.cuda
 def test_a_replayed_step_computes_that_batchs_loss_and_gradients():
     model = _model(contractive=0.2).cuda()
     step = GraphedStep(model, warmup=2)
@@ -313,7 +311,7 @@ class _CpuDraw(torch.nn.Module):
         return types.SimpleNamespace(loss=self.inner(x).loss * scale)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cpu_randomness_in_a_step_is_refused_at_capture():
     step = GraphedStep(_CpuDraw().cuda(), warmup=1)
     x = torch.rand(16, 12, device="cuda")
@@ -322,7 +320,7 @@ def test_cpu_randomness_in_a_step_is_refused_at_capture():
         step(x)
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     "noise",
     [fastae.MaskingNoise(0.5), fastae.GaussianNoise(0.3), None],
@@ -339,7 +337,7 @@ def test_replays_draw_fresh_noise(noise):
     assert len(set(losses[1:])) == 4, losses  # capture's step and three replays all differ
 
 
-@cuda
+@pytest.mark.cuda
 def test_target_checks_are_paused_for_the_capture_only():
     model = _model().cuda()
     assert model.check_targets

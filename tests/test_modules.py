@@ -272,7 +272,7 @@ def test_host_data_moves_to_a_cuda_model_once_where_it_fits(monkeypatch):
     assert moved == [gpu]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_fit_gathers_host_data_on_the_gpu():
     data = small_problem()
     histories = []

@@ -155,7 +155,6 @@ def test_cpu_bf16_autocast_with_reference():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_and_grad_scaler(dtype):
     torch.manual_seed(0)

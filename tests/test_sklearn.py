@@ -175,7 +175,6 @@ def test_pickle_and_clone(digits):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_is_used_when_present_and_pickles_to_cpu(digits):
     x, _ = digits
     model = AutoencoderOutlierDetector(6, epochs=2, random_state=0).fit(x[:300])
@@ -190,7 +189,6 @@ def test_gpu_is_used_when_present_and_pickles_to_cpu(digits):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model_kind", ["autoencoder", "vae"])
 def test_cuda_graph_training_scores_like_eager_training(digits, model_kind):
     """The same seed, batches and updates whether each step is replayed from a CUDA graph:
