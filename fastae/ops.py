@@ -543,21 +543,24 @@ def encode(
 
 def _decode_loss_body(
     h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, output: str, loss: str,
-    backend_name: str, with_reconstruction: bool,
+    backend_name: str, with_reconstruction: bool, with_gradient: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(per-sample loss, d ell / d z^, x^ or an empty tensor)."""
+    """(per-sample loss, d ell / d z^ or an empty tensor, x^ or an empty tensor)."""
     impl = _impl(backend_name, "decoder")
-    out = impl.decode_forward(h, weight, bias, target, output, loss, with_reconstruction)
-    return out if with_reconstruction else (*out, h.new_empty(0))
+    out = impl.decode_forward(
+        h, weight, bias, target, output, loss, with_reconstruction, with_gradient
+    )
+    grad_z = out[1] if with_gradient else h.new_empty(0)
+    return out[0], grad_z, out[2] if with_reconstruction else h.new_empty(0)
 
 
 _decode_loss_op = torch.library.custom_op("fastae::decode_loss", mutates_args=())(_decode_loss_body)
 
 
 @_decode_loss_op.register_fake
-def _(h, weight, bias, target, output, loss, backend_name, with_reconstruction):
+def _(h, weight, bias, target, output, loss, backend_name, with_reconstruction, with_gradient):
     per_sample = _stat_empty(h, h.shape[0])
-    grad_z = target.new_empty(target.shape, dtype=h.dtype)
+    grad_z = target.new_empty(target.shape if with_gradient else (0,), dtype=h.dtype)
     x_hat = target.new_empty(target.shape if with_reconstruction else (0,), dtype=h.dtype)
     return per_sample, grad_z, x_hat
 
@@ -626,7 +629,7 @@ _decode_target_grad_op.register_autograd(
 
 
 def _decode_setup(ctx, inputs, output):
-    h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name, _ = inputs
+    h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name, _, ctx.with_gradient = inputs
     ctx.target_grad = target.requires_grad
     _, grad_z, x_hat = output
     # besides h, V and c (alive anyway) one (B, d) tensor, d ell / d z^; the target is kept
@@ -638,7 +641,12 @@ def _decode_setup(ctx, inputs, output):
 
 def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
     if grad_loss is None:
-        return (None,) * 8
+        return (None,) * 9
+    if not ctx.with_gradient:
+        raise RuntimeError(
+            "fastae::decode_loss ran with with_gradient=False, so it kept no d loss / d x^ to "
+            "differentiate with; decode_loss sets it whenever an input requires a gradient"
+        )
     h, weight, grad_z, bias, target = ctx.saved_tensors
     needs_h = ctx.needs_input_grad[0]
     grads = _backward_call(
@@ -654,7 +662,7 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
             _decode_target_grad_op, _decode_target_grad_body,
             grad_loss, h, weight, bias, target, ctx.output, ctx.loss, ctx.backend_name,
         )  # fmt: skip
-    return dh, grads[0], db, dt, None, None, None, None
+    return dh, grads[0], db, dt, None, None, None, None, None
 
 
 _decode_loss = _with_eager_route(_decode_loss_op, _decode_loss_body, _decode_setup, _decode_bwd)
@@ -779,6 +787,9 @@ def decode_loss(
         check_target: for BCE, check that the target lies in [0, 1] (a device-to-host sync
             on GPUs; ``fastae.fit`` checks its data once and turns this off per step).
 
+    Where no input requires a gradient (scoring or validation under ``torch.no_grad``),
+    d ell / d z^ (B, d), which backward would need, is neither computed nor stored.
+
     Returns:
         (B,) per-sample loss (float32 at least) — also the anomaly score of each sample —
         or (loss, x^) with ``return_reconstruction``.
@@ -814,8 +825,13 @@ def decode_loss(
         raise TypeError(
             f"return_reconstruction must be a bool, got {type(return_reconstruction).__name__}"
         )
+    # d loss / d x^ (B, d) only where a gradient can be asked for: scoring and validation
+    # under torch.no_grad neither compute nor store it
+    with_gradient = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (h, weight, bias, target)
+    )
     per_sample, _, x_hat = _decode_loss(
-        h, weight, bias, target, output, loss, name, return_reconstruction
+        h, weight, bias, target, output, loss, name, return_reconstruction, with_gradient
     )
     return (per_sample, x_hat) if return_reconstruction else per_sample
 

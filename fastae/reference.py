@@ -202,29 +202,36 @@ def encode_backward(
 # ----------------------------------------------------------------------------- decoder + loss
 
 
-def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=False):
+def decode_forward(
+    h, weight, bias, target, output, loss, with_reconstruction=False, with_gradient=True
+):  # fmt: skip
     """Per-sample loss l_i = sum_k ell(x^_ik, x_ik) and the per-element d ell / d z^ (B, d)
-    (and x^ with ``with_reconstruction``).
+    (and x^ with ``with_reconstruction``). Without ``with_gradient`` (nothing will
+    differentiate the loss: scoring, validation) d ell / d z^ is not computed and is None.
 
     BCE uses the logits form ell = softplus(z^) - x z^, whose gradient is x^ - x.
     """
     z = affine(h, weight, bias)
     acc = stat_dtype(z.dtype)
     z_acc, t = z.to(acc), target.to(acc)
+    grad_z = None
     if loss == "bce":
         per_element = F.softplus(z_acc) - t * z_acc
-        grad_z = torch.sigmoid(z_acc) - t
+        if with_gradient:
+            grad_z = (torch.sigmoid(z_acc) - t).to(z.dtype)
     else:
         out = torch.sigmoid(z_acc) if output == "sigmoid" else z_acc
         diff = out - t
         per_element = diff.square()
-        grad_z = 2 * diff
-        if output == "sigmoid":
-            grad_z = grad_z * out * (1 - out)
+        if with_gradient:
+            grad_z = 2 * diff
+            if output == "sigmoid":
+                grad_z = grad_z * out * (1 - out)
+            grad_z = grad_z.to(z.dtype)
     if with_reconstruction:
         x_hat = torch.sigmoid(z_acc) if output == "sigmoid" else z_acc
-        return per_element.sum(1), grad_z.to(z.dtype), x_hat.to(z.dtype)
-    return per_element.sum(1), grad_z.to(z.dtype)
+        return per_element.sum(1), grad_z, x_hat.to(z.dtype)
+    return per_element.sum(1), grad_z
 
 
 def reconstruct(h, weight, bias, output):

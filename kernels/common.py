@@ -528,6 +528,11 @@ def wide_index(*tensors: torch.Tensor) -> bool:
     return any(t.numel() > 0 and last_offset(t) >= INDEX_LIMIT for t in tensors)
 
 
+def wide_shape(rows: int, cols: int) -> bool:
+    """Whether an element offset of a contiguous (rows, cols) tensor can pass 2^31 - 1."""
+    return rows * cols - 1 >= INDEX_LIMIT
+
+
 def wide_columns(*tensors: torch.Tensor) -> bool:
     """Whether the column offset (columns - 1) * column stride of some 2-D tensor can pass
     2^31 - 1. The kernels compute row offsets in int64 but column offsets ``cols * stride`` in

@@ -57,6 +57,7 @@ from .common import (
     tile_ids,
     wide_columns,
     wide_index,
+    wide_shape,
 )
 
 OUTPUT_CODES = {"sigmoid": 0, "identity": 1}
@@ -116,9 +117,9 @@ def _decoder_forward_kernel(
     h_ptr, v_ptr, c_ptr, t_ptr, gz_ptr, xhat_ptr, part_ptr,
     B, D, H,
     stride_hm, stride_hk, stride_vn, stride_vk, stride_tm, stride_tn,
-    OUTPUT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_XHAT: tl.constexpr,
-    WIDE_INDEX: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    OUTPUT: tl.constexpr, LOSS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    WRITE_XHAT: tl.constexpr, WIDE_INDEX: tl.constexpr, WIDE_COLUMNS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tile_ids(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP)
@@ -157,7 +158,8 @@ def _decoder_forward_kernel(
     ).to(ACC)
     ell, grad, x_hat = reconstruction_loss(acc, t, OUTPUT, LOSS)
     out = out_rows[:, None] * D + cols[None, :]
-    tl.store(gz_ptr + out, grad.to(gz_ptr.dtype.element_ty), mask=ok)
+    if WRITE_GRAD:
+        tl.store(gz_ptr + out, grad.to(gz_ptr.dtype.element_ty), mask=ok)
     if WRITE_XHAT:
         tl.store(xhat_ptr + out, x_hat.to(xhat_ptr.dtype.element_ty), mask=ok)
     ell = tl.where(ok, ell, 0.0)
@@ -169,11 +171,11 @@ def _decoder_forward_kernel(
 @triton.jit
 def _decoder_loss_kernel(
     z_ptr, t_ptr, xhat_ptr, part_ptr, B, D, stride_tm, stride_tn,
-    OUTPUT: tl.constexpr, LOSS: tl.constexpr, WRITE_XHAT: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OUTPUT: tl.constexpr, LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_XHAT: tl.constexpr,
+    WIDE_INDEX: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """``split`` boundary: the forward kernel's epilogue over z^ = h V^T + c from cuBLAS, G
-    written in place over z^."""
+    written in place over z^ (with ``WRITE_GRAD``)."""
     pid_n = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,7 +195,8 @@ def _decoder_loss_kernel(
     ell, grad, x_hat = reconstruction_loss(z, t, OUTPUT, LOSS)
     if WRITE_XHAT:
         tl.store(xhat_ptr + out, x_hat.to(xhat_ptr.dtype.element_ty), mask=ok)
-    tl.store(z_ptr + out, grad.to(z_ptr.dtype.element_ty), mask=ok)
+    if WRITE_GRAD:
+        tl.store(z_ptr + out, grad.to(z_ptr.dtype.element_ty), mask=ok)
     ell = tl.where(ok, ell, 0.0)
     tl.store(part_ptr + pid_n.to(tl.int64) * B + rows, tl.sum(ell, axis=1), mask=row_ok)
 
@@ -310,41 +313,45 @@ def _decoder_grad_code_kernel(
     tl.store(dh_ptr + r64[:, None] * H + ks[None, :], acc.to(dh_ptr.dtype.element_ty), mask=out_ok)
 
 
-def decode_forward(h, weight, bias, target, output, loss, with_reconstruction=False):
+def decode_forward(
+    h, weight, bias, target, output, loss, with_reconstruction=False, with_gradient=True
+):  # fmt: skip
     """(per-sample loss, d ell / d z^) as ``fastae.reference.decode_forward``; with
-    ``with_reconstruction`` also x^ from the same tiles (no second GEMM)."""
+    ``with_reconstruction`` also x^ from the same tiles (no second GEMM); without
+    ``with_gradient`` d ell / d z^ is neither stored nor returned (None)."""
     batch, hidden = h.shape
     features = weight.shape[0]
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else None
     parts = stat_buffer(h, cdiv(features, 16), batch)  # the smallest BLOCK_N of any config
     if fusion(batch, features, hidden) == "split":
-        grad_z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # z^
+        z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
         grid = grid_tiles(batch, features)
         launch(_decoder_loss_kernel, grid,
-            grad_z, target, x_hat if with_reconstruction else grad_z, parts, batch, features,
+            z, target, x_hat if with_reconstruction else z, parts, batch, features,
             target.stride(0), target.stride(1),
-            OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], WRITE_XHAT=with_reconstruction,
-            WIDE_INDEX=wide_index(target, grad_z), ACC=acc_dtype(h.dtype),
+            OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], WRITE_GRAD=with_gradient,
+            WRITE_XHAT=with_reconstruction, WIDE_INDEX=wide_index(target, z),
+            ACC=acc_dtype(h.dtype),
         )  # fmt: skip
-        per_sample = parts[: cdiv(features, grid.meta["BLOCK_N"])].sum(0)
-        return (per_sample, grad_z, x_hat) if with_reconstruction else (per_sample, grad_z)
-    if bias is not None:
-        bias = bias.contiguous()  # the kernel reads it at unit stride; copying a d-vector is free
-    grad_z = empty((batch, features), h.device, h.dtype)
-    x_hat = grad_z if x_hat is None else x_hat
-    grid = grid_2d(batch, features, "BLOCK_M", "BLOCK_N")
-    launch(_decoder_forward_kernel, grid,
-        h, weight, bias if bias is not None else weight, target, grad_z, x_hat, parts,
-        batch, features, hidden,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-        target.stride(0), target.stride(1),
-        OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], HAS_BIAS=bias is not None,
-        WRITE_XHAT=with_reconstruction, WIDE_INDEX=wide_index(target, grad_z),
-        WIDE_COLUMNS=wide_columns(h, weight), ACC=acc_dtype(h.dtype),
-        PRECISION=dot_precision(h.dtype),
-    )  # fmt: skip
-    n_parts = cdiv(features, grid.meta["BLOCK_N"])
-    per_sample = parts[:n_parts].sum(0)
+        grad_z = z if with_gradient else None  # G written over z^
+    else:
+        if bias is not None:
+            bias = bias.contiguous()  # the kernel reads it at unit stride; a d-vector copy is free
+        grad_z = empty((batch, features), h.device, h.dtype) if with_gradient else None
+        grid = grid_2d(batch, features, "BLOCK_M", "BLOCK_N")
+        launch(_decoder_forward_kernel, grid,
+            h, weight, bias if bias is not None else weight, target,
+            h if grad_z is None else grad_z, h if x_hat is None else x_hat, parts,
+            batch, features, hidden,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+            target.stride(0), target.stride(1),
+            OUTPUT=OUTPUT_CODES[output], LOSS=LOSS_CODES[loss], HAS_BIAS=bias is not None,
+            WRITE_GRAD=with_gradient, WRITE_XHAT=with_reconstruction,
+            WIDE_INDEX=wide_index(target) or wide_shape(batch, features),  # G and x^: (B, d)
+            WIDE_COLUMNS=wide_columns(h, weight), ACC=acc_dtype(h.dtype),
+            PRECISION=dot_precision(h.dtype),
+        )  # fmt: skip
+    per_sample = parts[: cdiv(features, grid.meta["BLOCK_N"])].sum(0)
     if with_reconstruction:
         return per_sample, grad_z, x_hat
     return per_sample, grad_z

@@ -92,7 +92,11 @@ def test_gradcheck_triton(output, loss):
 
 def test_opcheck_triton():
     (h, weight, bias, target), _ = _inputs(4, 5, 6, torch.float64, tied=False)
-    args = (h, weight, bias, target, "sigmoid", "bce", "triton", False)
+    args = (h, weight, bias, target, "sigmoid", "bce", "triton", False, True)
+    torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
+    # without the gradient (what decode_loss passes when no input requires one)
+    detached = tuple(t.detach() for t in (h, weight, bias, target))
+    args = (*detached, "sigmoid", "bce", "triton", False, False)
     torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
 
 
@@ -114,7 +118,7 @@ def test_weight_gradient_in_the_weights_layout(backend_name, tied):
     assert counter.counts["fastae.decode_loss_backward"] == 1
     assert counter.counts["aten.new_empty_strided"] == 0
     assert weight.grad.stride() == weight.stride()
-    fwd_args = (h, decoder_weight, bias, target, "sigmoid", "bce", backend_name, False)
+    fwd_args = (h, decoder_weight, bias, target, "sigmoid", "bce", backend_name, False, True)
     _, grad_z, _ = torch.ops.fastae.decode_loss.default(*fwd_args)
     bwd_args = (upstream, h, decoder_weight, grad_z, bias, None, "sigmoid", "bce", backend_name)
     grad_weight = torch.ops.fastae.decode_loss_backward.default(*bwd_args, True)[0]
@@ -139,7 +143,10 @@ def test_split_boundary_opcheck(monkeypatch):
     monkeypatch.setenv("FASTAE_DECODER_FUSION", "split")
     (h, weight, bias, target), _ = _inputs(4, 5, 6, torch.float64, tied=False)
     for with_reconstruction in (False, True):
-        args = (h, weight, bias, target, "sigmoid", "mse", "triton", with_reconstruction)
+        args = (h, weight, bias, target, "sigmoid", "mse", "triton", with_reconstruction, True)
+        torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
+        detached = tuple(t.detach() for t in (h, weight, bias, target))
+        args = (*detached, "sigmoid", "mse", "triton", with_reconstruction, False)
         torch.library.opcheck(torch.ops.fastae.decode_loss.default, args)
 
 
@@ -376,3 +383,25 @@ def test_partial_sums_follow_the_launched_config(monkeypatch):
     got = _run("triton", *leaves, upstream, **kw)
     want = _run("reference", *leaves, upstream, **kw)
     _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_no_gradient_is_written_where_none_can_be_asked(
+    fusion, output, loss, spy_launches, monkeypatch
+):
+    """Under torch.no_grad (scoring, validation) the forward kernel leaves d loss / d x^
+    unwritten and still gives the loss and x^ it gives with a gradient; with one it writes
+    it."""
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
+    leaves, _ = _inputs(9, 7, 13, torch.float64, tied=False)
+    launched = spy_launches(decoder, "WRITE_GRAD")
+    with fastae.use_backend("triton"):
+        kw = dict(target=leaves[3], output=output, loss=loss, return_reconstruction=True)
+        with_grad = ops.decode_loss(*leaves[:3], **kw)
+        with torch.no_grad():
+            scored = ops.decode_loss(*leaves[:3], **kw)
+    assert launched == [True, False]
+    for a, b in zip(scored, with_grad, strict=True):
+        assert torch.isfinite(a).all() and not a.requires_grad
+        assert torch.equal(a, b.detach())

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 import fastae
-from fastae import backend, ops
+from fastae import backend, ops, reference
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise, draw_seed
 
 FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (conftest)
@@ -114,6 +114,36 @@ def test_gradcheck_decode_loss(output, loss, with_bias):
 
     inputs = (h, weight, target) + ((bias,) if with_bias else ())
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("output, loss", DECODERS)
+def test_decode_loss_without_a_gradient(output, loss):
+    """Where no input requires a gradient (torch.no_grad, or detached inputs), the reference
+    skips d loss / d x^ and gives the loss and x^ it gives with one; the op run that way by
+    hand refuses a backward pass instead of returning wrong gradients."""
+    inputs = decoder_inputs(6, 5, 3)
+    h, weight, bias, target = inputs
+
+    def run(h, weight, bias, target):
+        return ops.decode_loss(
+            h, weight, bias, target=target, output=output, loss=loss, return_reconstruction=True
+        )
+
+    with_grad = run(*inputs)
+    with torch.no_grad():
+        scored = run(*inputs)
+    detached = run(*(t.detach() for t in inputs))
+    for got in (scored, detached):
+        for a, b in zip(got, with_grad, strict=True):
+            assert torch.equal(a, b.detach())
+    assert reference.decode_forward(
+        h, weight, bias, target, output, loss, with_gradient=False
+    )[1] is None  # fmt: skip
+    out = torch.ops.fastae.decode_loss.default(
+        h, weight, bias, target, output, loss, "reference", False, False
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="with_gradient=False"):
+        out[0].sum().backward()
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
