@@ -8,10 +8,13 @@ median of its repeats; each variant beside the other in one run):
 - encode forward (h only) through the fused GEMM and through the split boundary (cuBLAS's
   product and one activation pass): at a d or H not a multiple of 16 the rules take split;
 - encode and decode backward as autotuned (the weight gradient may be split-K where it is few
-  tiles over many rows) and with split-K off;
+  tiles over many rows), with split-K off, and through the split boundary (cuBLAS's weight
+  gradient: what the rules take in tf32, whose weight-gradient kernels fill shared memory
+  with 4-byte copies);
 - torch.mm of the same size, the bare product.
 
     python bench/kernel_times.py --sizes 4096x784x1024,4096x784x1000,8192x4096x4096 --dtype bf16
+    python bench/kernel_times.py --sizes 4096x784x1024 --dtype tf32
 
 Prints one line per (size, variant) in microseconds; FASTAE_ENCODER_FUSION and
 FASTAE_DECODER_FUSION are forced to gemm (the fused kernels these choices live in) except
@@ -58,11 +61,11 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
 
     def split(fn):
         def call():
-            os.environ["FASTAE_ENCODER_FUSION"] = "split"
+            os.environ["FASTAE_ENCODER_FUSION"] = os.environ["FASTAE_DECODER_FUSION"] = "split"
             try:
                 return fn()
             finally:
-                os.environ["FASTAE_ENCODER_FUSION"] = "gemm"
+                os.environ["FASTAE_ENCODER_FUSION"] = os.environ["FASTAE_DECODER_FUSION"] = "gemm"
 
         return call
 
@@ -94,8 +97,10 @@ def variants(size: fb.Size, dtype: torch.dtype, device: str = "cuda") -> dict:
         "torch.mm G^T h + G V (dV, dh)": lambda: (grad_z.t() @ h, grad_z @ weight.t()),
         "encode backward (dz, dW, db)": encode_backward,
         "encode backward, split-K off": unsplit(encode_backward),
+        "encode backward, split (cuBLAS dW)": split(encode_backward),
         "decode backward (dV, dc), uniform": decode_backward(uniform, False),
         "decode backward (dV, dc), split-K off": unsplit(decode_backward(uniform, False)),
+        "decode backward (dV, dc), split": split(decode_backward(uniform, False)),
         "torch.mm dz^T x (dW)": lambda: grad_h.t() @ x,
     }
 

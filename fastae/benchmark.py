@@ -685,11 +685,14 @@ def warm_up(bench: Bench, calls: int | None = None) -> float:
 
 def host_us_per_step(bench: Bench, calls: int) -> float:
     """Mean microseconds of ``calls`` back-to-back ``bench.step()`` calls, unsynchronized:
-    the host time where no device work waits (CPU tensors, stubbed or stand-in launches)."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        bench.step()
-    return (time.perf_counter() - start) / calls * 1e6
+    the host time where no device work waits (CPU tensors, stubbed or stand-in launches).
+    At the case's matmul precision (the fusion rules read it); the environment is the
+    caller's, so a script can switch launch paths and fusion boundaries between calls."""
+    with matmul_precision(DTYPES[bench.dtype][1]):
+        start = time.perf_counter()
+        for _ in range(calls):
+            bench.step()
+        return (time.perf_counter() - start) / calls * 1e6
 
 
 def time_calls(bench: Bench, rounds: int) -> list[float]:

@@ -419,12 +419,13 @@ def gemm_autotune(
     def fit(configs, named_args):
         if split and not split_k_possible(named_args["B"], named_args["H"], named_args["D"]):
             configs = [config for config in configs if config.kwargs["SPLIT"] == 1]
-        tensors = [named_args[name] for name in operands]
-        if tensors[0].device.type != "cuda":
+        if interpreting():
             return configs
-        properties = triton.runtime.driver.active.utils.get_device_properties(
-            tensors[0].device.index
-        )
+        tensors = [named_args[name] for name in operands]
+        driver = triton.runtime.driver.active  # on CPU tensors: a stand-in (bench/fake_driver.py)
+        device = tensors[0].device
+        index = device.index if device.type == "cuda" else driver.get_current_device()
+        properties = driver.utils.get_device_properties(index)
         size = max(t.element_size() for t in tensors)
         return fit_shared_memory(configs, names, size, properties["max_shared_mem"])
 
@@ -511,6 +512,26 @@ def product_aligned(features: int, hidden: int) -> bool:
     """Whether d and H let the fused GEMM kernels load full vectors (see above); the
     encoder's and decode_loss's fusion rules take cuBLAS's products where not."""
     return features % PRODUCT_ALIGNMENT == 0 and hidden % PRODUCT_ALIGNMENT == 0
+
+
+# Hopper's tensor-core products (wgmma) read tf32 operands from shared memory only K-major
+# (the reduction dimension contiguous); they transpose 16-bit operands only. For a float32
+# operand whose reduction dimension is strided in memory, Triton fills shared memory with one
+# 4-byte asynchronous copy per element instead of 16-byte ones (LDGSTS.E against
+# LDGSTS.E.BYPASS.128: tests/sass_check.py --dtype tf32), four times the copy instructions.
+# The weight gradients always read such operands (dW = dz^T x~ and dV = (g G)^T h reduce over
+# the batch, the rows of both), and so do dx = dz W, dh = G V with an untied V, and a tied
+# decoder's forward (V^T = W). On an H200 at 4096 x 784 -> 1024, tf32, our dW took 285 us
+# and dV 262 us of GPU time where cuBLAS's product of the same shape took 44 us; in bf16
+# our dW took 49 us. The fusion rules hand those products to cuBLAS in tf32.
+def tf32_products(dtype: torch.dtype) -> bool:
+    """Whether products of ``dtype`` run on tf32 tensor cores (see above)."""
+    return dot_precision(dtype) == "tf32"
+
+
+def k_major(tensor: torch.Tensor, dim: int) -> bool:
+    """Whether the reduction dimension ``dim`` of a product's operand is contiguous."""
+    return tensor.stride(dim) == 1 or tensor.shape[dim] == 1
 
 
 # Offsets at or past this need int64 arithmetic (a module constant so tests can lower it and

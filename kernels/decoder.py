@@ -19,7 +19,8 @@ dV is few tiles over many rows, autotuning may share each tile's rows among 2 or
 The other fusion boundary, ``split``: cuBLAS computes z^ = h V^T + c (torch.addmm), one
 elementwise pass ``_decoder_loss_kernel`` turns z^ into G in place with the same epilogue, and
 backward is the reference's: dz = g * G (one pass), then cuBLAS for dV = dz^T h and dh = dz V
-and a sum for dc. ``FASTAE_DECODER_FUSION=gemm|split|auto`` forces one.
+and a sum for dc. ``FASTAE_DECODER_FUSION=gemm|split|auto`` forces one. In tf32 the
+backward takes cuBLAS's products after a fused forward too (``backward_fusion``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .common import (
     grid_2d,
     grid_split_k,
     grid_tiles,
+    k_major,
     launch,
     launch_split_k,
     log1p,
@@ -54,6 +56,7 @@ from .common import (
     split_k_sum,
     split_k_tile,
     stat_buffer,
+    tf32_products,
     tile_ids,
     wide_columns,
     wide_index,
@@ -75,15 +78,30 @@ LOSS_CODES = {"bce": 0, "mse": 1}
 SPLIT_FROM_MACS = 2**34
 
 
-def fusion(batch: int, features: int, hidden: int) -> str:
-    """Which fusion boundary decode_loss uses: ``FASTAE_DECODER_FUSION`` if set, else the
-    fused GEMM below ``SPLIT_FROM_MACS`` multiply-adds with d and H multiples of 16
-    (``product_aligned``), and cuBLAS products otherwise."""
+def fusion(
+    batch: int, features: int, hidden: int, dtype: torch.dtype, k_major_operands: bool = True
+) -> str:
+    """The forward's fusion boundary: ``FASTAE_DECODER_FUSION`` if set, else the fused GEMM
+    below ``SPLIT_FROM_MACS`` multiply-adds with d and H multiples of 16
+    (``product_aligned``) and, in tf32, h and V contiguous along H (``k_major_operands``: not
+    a tied V = W^T; ``common.tf32_products``); cuBLAS's product otherwise."""
     choice = fusion_choice("FASTAE_DECODER_FUSION")
     if choice != "auto":
         return choice
     large = batch * features * hidden >= SPLIT_FROM_MACS
-    return "split" if large or not product_aligned(features, hidden) else "gemm"
+    if large or not product_aligned(features, hidden):
+        return "split"
+    return "split" if tf32_products(dtype) and not k_major_operands else "gemm"
+
+
+def backward_fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
+    """The backward's fusion boundary: ``FASTAE_DECODER_FUSION`` if set, else the forward's
+    rule, except that tf32 always takes cuBLAS's products (dV = (g G)^T h reduces over the
+    rows of both operands: ``common.tf32_products``)."""
+    choice = fusion_choice("FASTAE_DECODER_FUSION")
+    if choice != "auto":
+        return choice
+    return "split" if tf32_products(dtype) else fusion(batch, features, hidden, dtype)
 
 
 @triton.jit
@@ -323,7 +341,8 @@ def decode_forward(
     features = weight.shape[0]
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else None
     parts = stat_buffer(h, cdiv(features, 16), batch)  # the smallest BLOCK_N of any config
-    if fusion(batch, features, hidden) == "split":
+    k_major_operands = k_major(h, 1) and k_major(weight, 1)
+    if fusion(batch, features, hidden, h.dtype, k_major_operands) == "split":
         z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
         grid = grid_tiles(batch, features)
         launch(_decoder_loss_kernel, grid,
@@ -361,7 +380,7 @@ def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):
     """(dV, dc, dh or None) as ``fastae.reference.decode_backward``."""
     batch, hidden = h.shape
     features = weight.shape[0]
-    if fusion(batch, features, hidden) == "split":
+    if backward_fusion(batch, features, hidden, h.dtype) == "split":
         # dz = g * G in one pass, then cuBLAS's products and a sum: the reference's own ops
         return reference.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
     acc = acc_dtype(h.dtype)

@@ -19,7 +19,8 @@ Saved for backward: h, W, x and the H-vectors c and w = ||W_j||^2.
 
 The other fusion boundary, ``split``: cuBLAS computes z = x~ W^T + b (torch.addmm), one fused
 pass applies the activation in place and reduces the statistics, and backward uses cuBLAS for
-dW and dx around the same dz pass. ``FASTAE_ENCODER_FUSION=gemm|split|auto`` forces one.
+dW and dx around the same dz pass. ``FASTAE_ENCODER_FUSION=gemm|split|auto`` forces one. In
+tf32 the backward takes cuBLAS's products after a fused forward too (``backward_fusion``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .common import (
     grid_split_k,
     grid_tiles,
     input_grad_mask,
+    k_major,
     launch,
     launch_split_k,
     product_aligned,
@@ -62,6 +64,7 @@ from .common import (
     split_k_sum,
     split_k_tile,
     stat_buffer,
+    tf32_products,
     ticket,
     tile_ids,
     wide_columns,
@@ -84,18 +87,38 @@ FINISH_BLOCK, FINISH_ROWS, FINISH_WARPS, FINISH_SHARES = 128, 32, 4, 1024
 SPLIT_FROM_MACS = 2**34
 
 
-def fusion(batch: int, features: int, hidden: int, dtype: torch.dtype) -> str:
-    """Which fusion boundary to use: ``FASTAE_ENCODER_FUSION`` if set, else the measured rule:
-    the fused GEMM (fewest launches), except float32 from ``SPLIT_FROM_MACS`` multiply-adds
-    on and d or H not a multiple of 16 (``product_aligned``), which take cuBLAS GEMMs plus
-    one fused statistics pass."""
+def fusion(
+    batch: int, features: int, hidden: int, dtype: torch.dtype, k_major_operands: bool = True
+) -> str:
+    """The forward's fusion boundary: ``FASTAE_ENCODER_FUSION`` if set, else the measured
+    rule: the fused GEMM (fewest launches), except float32 from ``SPLIT_FROM_MACS``
+    multiply-adds on, d or H not a multiple of 16 (``product_aligned``), and tf32 with x or W
+    not contiguous along d (``k_major_operands``; ``common.tf32_products``), which take
+    cuBLAS's GEMM plus one fused statistics pass."""
     choice = fusion_choice("FASTAE_ENCODER_FUSION")
     if choice != "auto":
         return choice
     large = batch * features * hidden >= SPLIT_FROM_MACS
     if (dtype == torch.float32 and large) or not product_aligned(features, hidden):
         return "split"
+    if tf32_products(dtype) and not k_major_operands:
+        return "split"
     return "gemm"
+
+
+def backward_fusion(
+    batch: int, features: int, hidden: int, dtype: torch.dtype, noise_kind: str
+) -> str:
+    """The backward's fusion boundary: ``FASTAE_ENCODER_FUSION`` if set, else the forward's
+    rule, except that tf32 takes cuBLAS's dW and dx (their operands are never both K-major:
+    ``common.tf32_products``) unless x~ is regenerated inside the dW product (noise passed to
+    the kernels), which keeps that path free of a (B, d) tensor."""
+    choice = fusion_choice("FASTAE_ENCODER_FUSION")
+    if choice != "auto":
+        return choice
+    if tf32_products(dtype) and noise_kind == "none":
+        return "split"
+    return fusion(batch, features, hidden, dtype)
 
 
 @triton.jit
@@ -389,7 +412,8 @@ def encode_forward(
         part_h = part_s2 = sq_norm = finish_ticket = x
     code = ACTIVATION_CODES[activation]
     noise = NOISE_CODES[noise_kind]
-    if fusion(batch, features, hidden, x.dtype) == "split":
+    k_major_operands = k_major(x, 1) and k_major(weight, 1)
+    if fusion(batch, features, hidden, x.dtype, k_major_operands) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         h = x_tilde @ weight.t() if bias is None else torch.addmm(bias, x_tilde, weight.t())
         grid = grid_tiles(batch, hidden)
@@ -452,11 +476,12 @@ def encode_backward(
         HAS_GRAD_JAC=has_grad_jac, WIDE_COLUMNS=wide_columns(grad_h), ACC=acc,
     )  # fmt: skip
     n_parts = cdiv(batch, grid.meta["BLOCK_M"])
-    if fusion(batch, features, hidden, x.dtype) == "split":
+    if backward_fusion(batch, features, hidden, x.dtype, noise_kind) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         if has_grad_jac:
-            contractive = ((grad_jac * (2.0 / batch)) * stats[0]).unsqueeze(1) * weight
-            grad_weight = torch.addmm(contractive.to(weight.dtype), dz.t(), x_tilde)
+            # dW = dz^T x~ + (2/B) g_jac c_j W_j: the (2/B) is addmm's beta
+            contractive = (weight * (stats[0] * grad_jac).unsqueeze(1)).to(weight.dtype)
+            grad_weight = torch.addmm(contractive, dz.t(), x_tilde, beta=2.0 / batch)
         else:
             grad_weight = dz.t() @ x_tilde
         grad_bias = part_db[:n_parts].sum(0).to(weight.dtype)

@@ -91,6 +91,23 @@ def spy_launches(monkeypatch):
 
 
 @pytest.fixture
+def launched_kernels(monkeypatch):
+    """A list that receives the name of every Triton kernel fastae launches from then on."""
+    from fastae.kernels import common, decoder, encoder
+
+    names = []
+    real_launch = common.launch
+
+    def spy(kernel, grid, *args, **meta):
+        names.append(getattr(kernel, "fn", kernel).__name__)  # an autotuner holds its kernel
+        return real_launch(kernel, grid, *args, **meta)
+
+    for module in (common, encoder, decoder):
+        monkeypatch.setattr(module, "launch", spy)
+    return names
+
+
+@pytest.fixture
 def split_k(monkeypatch):
     """``split_k(module, kernel, split)``: ``kernel`` (a weight-gradient kernel of ``module``)
     runs its first config with SPLIT = ``split``, split-K allowed at every shape; returns the

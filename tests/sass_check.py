@@ -8,7 +8,14 @@ cores (``HGMMA``), keep one product in flight while the next tiles load (a
 registers out of local memory (no stack frame). The one exception: dV with a per-sample
 weight, whose G tiles are scaled in registers on their way to the tensor cores, a product
 Triton does not keep in flight. Exit status 0: all held; it prints one line per kernel
-variant."""
+variant.
+
+``--dtype tf32`` compiles them for float32 with tf32 products instead and checks what the
+fusion rules assume there (``common.tf32_products``): the encoder's forward, whose operands
+are contiguous along the reduction dimension, fills shared memory with 16-byte copies only,
+and the weight gradients (dW, dV), whose operands never are, with 4-byte copies (one
+element each), which the rules hand to cuBLAS. If a Triton version vectorizes those, the
+check fails and the rules should be measured again."""
 
 from __future__ import annotations
 
@@ -42,13 +49,24 @@ PRODUCT_KERNELS = {
 }
 # (kernel, constexpr name, value) whose products may wait for zero: G scaled in registers
 SERIAL = {("_decoder_grad_weight_kernel", "UNIFORM", False)}
+# in tf32, whether a kernel fills shared memory with 4-byte copies (an operand strided along
+# the reduction dimension), by its compiled constants (Triton specializes a stride of 1);
+# None: not checked
+TF32_NARROW_COPIES = {
+    "_encoder_forward_kernel": lambda constants: False,
+    "_encoder_grad_weight_kernel": lambda constants: True,
+    "_decoder_forward_kernel": lambda constants: constants.get("stride_vk") != 1,  # tied: V^T = W
+    "_decoder_grad_weight_kernel": lambda constants: True,
+}
 VARIANT_FLAGS = ("STATISTICS", "HAS_GRAD_JAC", "UNIFORM", "SPLIT")
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
 
 
-def launch_every_product(batch: int, features: int, hidden: int) -> None:
-    bf16 = torch.bfloat16
-    x, weight = torch.randn(batch, features, dtype=bf16), torch.randn(hidden, features, dtype=bf16)
+def launch_every_product(batch: int, features: int, hidden: int, dtype: torch.dtype) -> None:
+    x, weight = (
+        torch.randn(batch, features, dtype=dtype),
+        torch.randn(hidden, features, dtype=dtype),
+    )
     for statistics in (True, False):
         h, _, _, stats = encoder.encode_forward(
             x, weight, weight[:, 0], "sigmoid", "none", 0.0, 0.0, 1.0, 0, statistics
@@ -59,6 +77,8 @@ def launch_every_product(batch: int, features: int, hidden: int) -> None:
             "sigmoid", "none", 0.0, 0.0, 1.0, 0, True,
         )  # fmt: skip
     _, grad_z = decoder.decode_forward(h, weight.t(), None, x, "sigmoid", "bce")
+    untied = torch.randn(features, hidden, dtype=dtype)  # V^T contiguous along H
+    decoder.decode_forward(h, untied, None, x, "sigmoid", "bce")
     for grad_loss in (torch.rand(()).expand(batch), torch.rand(batch)):
         decoder.decode_backward(grad_loss, h, weight.t(), grad_z, True)
     # the weight gradients' split-K variant (the first config with SPLIT = 2), at any shape
@@ -66,9 +86,9 @@ def launch_every_product(batch: int, features: int, hidden: int) -> None:
     for kernel in (encoder._encoder_grad_weight_kernel, decoder._decoder_grad_weight_kernel):
         first = kernel.configs[0]
         blocks = dict(first.kwargs, SPLIT=2)
-        kernel.configs = [
-            triton.Config(blocks, num_stages=first.num_stages, num_warps=first.num_warps)
-        ]
+        config = triton.Config(blocks, num_stages=first.num_stages, num_warps=first.num_warps)
+        kernel.configs = [config, config]  # Triton prunes (fits shared memory) only a list
+        kernel.cache.clear()  # the SPLIT = 1 config chosen for this shape above
     common._launches.clear()
     h, _, _, stats = encoder.encode_forward(
         x, weight, weight[:, 0], "sigmoid", "none", 0.0, 0.0, 1.0, 0, True
@@ -94,13 +114,17 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    """``sass_check.py [BxDxH]``: the kernels compiled for that shape (default 200x384x528:
-    d and H multiples of 16, where the fusion rules take these kernels)."""
-    batch, features, hidden = map(int, (argv[0] if argv else "200x384x528").split("x"))
+    """``sass_check.py [BxDxH] [--dtype bf16|tf32]``: the kernels compiled for that shape
+    (default 200x384x528: d and H multiples of 16, where the fusion rules take these
+    kernels)."""
+    tf32 = "--dtype" in argv and argv[argv.index("--dtype") + 1] == "tf32"
+    shape = [a for a in argv if "x" in a and a[0].isdigit()]
+    batch, features, hidden = map(int, (shape[0] if shape else "200x384x528").split("x"))
     for name in ("FASTAE_ENCODER_FUSION", "FASTAE_DECODER_FUSION"):
         os.environ[name] = "gemm"
+    torch.set_float32_matmul_precision("high")  # tf32 products for float32
     with fake_driver.installed():
-        launch_every_product(batch, features, hidden)
+        launch_every_product(batch, features, hidden, torch.float32 if tf32 else torch.bfloat16)
     failures = 0
     for module, names in PRODUCT_KERNELS.items():
         for name in names:
@@ -118,13 +142,19 @@ def main(argv: list[str]) -> int:
                 serial = any((name, key, value) in SERIAL for key, value in constants.items())
                 flags = {k: v for k, v in constants.items() if k in VARIANT_FLAGS}
                 blocks = "x".join(str(v) for k, v in constants.items() if k.startswith("BLOCK"))
-                ok = products > 0 and (in_flight or serial) and stack == 0
+                narrow = len(re.findall(r"LDGSTS\.E\s", sass))  # 4-byte async copies
+                if tf32:  # what the fusion rules assume (see the module's docstring)
+                    expected = TF32_NARROW_COPIES.get(name, lambda constants: None)(constants)
+                    ok = products > 0 and expected in (None, narrow > 0)
+                else:
+                    ok = products > 0 and (in_flight or serial) and stack == 0
                 failures += not ok
                 print(
                     f"{'ok ' if ok else 'BAD'} {name} {flags} {blocks}: HGMMA {products}, a "
                     f"product in flight {in_flight}, stack {stack} bytes; instructions "
                     f"{len(INSTRUCTION.findall(sass))}, async 16-byte copies "
-                    f"{sass.count('LDGSTS.E.BYPASS.128')}, 2-byte loads {sass.count('LDG.E.U16')}"
+                    f"{sass.count('LDGSTS.E.BYPASS.128')}, 4-byte async copies {narrow}, "
+                    f"2-byte loads {sass.count('LDG.E.U16')}"
                 )
     return 1 if failures else 0
 

@@ -5,6 +5,7 @@ import torch
 
 import fastae
 from fastae import ops, reference
+from fastae.benchmark import matmul_precision
 
 pytest.importorskip("triton")
 from fastae.kernels import common, decoder  # noqa: E402
@@ -153,20 +154,56 @@ def test_split_boundary_opcheck(monkeypatch):
 def test_fusion_choice_is_validated(monkeypatch):
     monkeypatch.setenv("FASTAE_DECODER_FUSION", "fastest")
     with pytest.raises(ValueError, match="FASTAE_DECODER_FUSION"):
-        decoder.fusion(8, 8, 8)
+        decoder.fusion(8, 8, 8, torch.float32)
 
 
 def test_fusion_rule(monkeypatch):
     monkeypatch.delenv("FASTAE_DECODER_FUSION", raising=False)
-    assert decoder.fusion(4096, 784, 1024) == "gemm"
-    assert decoder.fusion(8192, 4096, 4096) == "split"
-    assert decoder.fusion(2**14, 2**10, 2**10) == "split"  # 2^34: from here
-    assert decoder.fusion(2**14, 2**10, 2**10 - 16) == "gemm"
-    assert decoder.fusion(4096, 784, 1000) == "split"  # H, d not multiples of 16: cuBLAS
-    assert decoder.fusion(4096, 100, 1024) == "split"
-    assert decoder.fusion(4095, 784, 1024) == "gemm"  # the batch size does not matter
-    monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
-    assert decoder.fusion(8192, 4096, 4096) == "gemm"
+    bf16 = torch.bfloat16
+    assert decoder.fusion(4096, 784, 1024, bf16) == "gemm"
+    assert decoder.fusion(8192, 4096, 4096, bf16) == "split"
+    assert decoder.fusion(2**14, 2**10, 2**10, bf16) == "split"  # 2^34: from here
+    assert decoder.fusion(2**14, 2**10, 2**10 - 16, bf16) == "gemm"
+    assert decoder.fusion(4096, 784, 1000, bf16) == "split"  # H, d not multiples of 16: cuBLAS
+    assert decoder.fusion(4096, 100, 1024, bf16) == "split"
+    assert decoder.fusion(4095, 784, 1024, bf16) == "gemm"  # the batch size does not matter
+    assert decoder.backward_fusion(4096, 784, 1024, bf16) == "gemm"
+    assert decoder.backward_fusion(4096, 784, 1000, bf16) == "split"
+    with matmul_precision("highest"):  # IEEE float32: CUDA cores, any layout
+        assert decoder.fusion(4096, 784, 1024, torch.float32, k_major_operands=False) == "gemm"
+        assert decoder.backward_fusion(4096, 784, 1024, torch.float32) == "gemm"
+    with matmul_precision("high"):  # tf32: a tied V^T = W is not contiguous along H; dV never is
+        assert decoder.fusion(4096, 784, 1024, torch.float32) == "gemm"
+        assert decoder.fusion(4096, 784, 1024, torch.float32, k_major_operands=False) == "split"
+        assert decoder.backward_fusion(4096, 784, 1024, torch.float32) == "split"
+        assert decoder.fusion(4096, 784, 1024, bf16, k_major_operands=False) == "gemm"
+        assert decoder.backward_fusion(4096, 784, 1024, bf16) == "gemm"
+        monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
+        assert decoder.fusion(8192, 4096, 4096, bf16) == "gemm"
+        assert decoder.fusion(4096, 784, 1024, torch.float32, k_major_operands=False) == "gemm"
+        assert decoder.backward_fusion(4096, 784, 1024, torch.float32) == "gemm"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_tf32_takes_cublas_products_where_an_operand_is_strided_along_k(
+    tied, precision, monkeypatch, launched_kernels
+):
+    """float32 at an aligned shape, by the rules (none forced): the fused forward unless tf32
+    meets a tied V (V^T = W strided along H: cuBLAS's product and the loss pass); in tf32
+    the backward is torch's products (no launch), in IEEE float32 the fused dV and dh
+    kernels; the values match the reference's."""
+    monkeypatch.delenv("FASTAE_DECODER_FUSION", raising=False)
+    leaves, upstream = _inputs(8, 32, 16, torch.float32, tied=tied)
+    kw = dict(tied=tied, output="sigmoid", loss="bce")
+    with matmul_precision(precision):
+        got = _run("triton", *leaves, upstream, **kw)
+        want = _run("reference", *leaves, upstream, **kw)
+    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    tf32 = precision == "high"
+    forward = "_decoder_loss_kernel" if tf32 and tied else "_decoder_forward_kernel"
+    backward = [] if tf32 else ["_decoder_grad_weight_kernel", "_decoder_grad_code_kernel"]
+    assert launched_kernels == [forward, *backward]
 
 
 @pytest.mark.parametrize("fusion", ["gemm", "split"])

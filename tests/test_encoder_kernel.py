@@ -9,6 +9,7 @@ import torch
 
 import fastae
 from fastae import ops, reference
+from fastae.benchmark import matmul_precision
 
 pytest.importorskip("triton")
 from fastae.kernels import common, encoder  # noqa: E402
@@ -198,6 +199,64 @@ def test_fusion_choice_is_validated(monkeypatch):
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", "fastest")
     with pytest.raises(ValueError, match="FASTAE_ENCODER_FUSION"):
         encoder.fusion(8, 8, 8, torch.float32)
+
+
+def test_fusion_rules_in_tf32(monkeypatch):
+    """Forward: as ``test_fusion_rule``, except tf32 with x or W not contiguous along d;
+    backward: the forward's rule, except that tf32 takes cuBLAS's products unless x~ is
+    regenerated inside the dW product."""
+    monkeypatch.delenv("FASTAE_ENCODER_FUSION", raising=False)
+    f32, bf16 = torch.float32, torch.bfloat16
+    with matmul_precision("highest"):  # IEEE float32: CUDA cores, any layout
+        assert encoder.fusion(4096, 784, 1024, f32, k_major_operands=False) == "gemm"
+        assert encoder.backward_fusion(4096, 784, 1024, f32, "none") == "gemm"
+        assert encoder.backward_fusion(8192, 4096, 4096, f32, "none") == "split"
+        assert encoder.backward_fusion(4096, 784, 1000, bf16, "none") == "split"
+    with matmul_precision("high"):  # tf32
+        assert encoder.fusion(4096, 784, 1024, f32) == "gemm"
+        assert encoder.fusion(4096, 784, 1024, f32, k_major_operands=False) == "split"
+        assert encoder.backward_fusion(4096, 784, 1024, f32, "none") == "split"
+        assert encoder.backward_fusion(4096, 784, 1024, f32, "masking") == "gemm"
+        assert encoder.backward_fusion(8192, 4096, 4096, f32, "masking") == "split"
+        for dtype in (bf16, torch.float16, torch.float64):
+            assert encoder.fusion(4096, 784, 1024, dtype, k_major_operands=False) == "gemm"
+            assert encoder.backward_fusion(4096, 784, 1024, dtype, "none") == "gemm"
+        for forced in ("gemm", "split"):
+            monkeypatch.setenv("FASTAE_ENCODER_FUSION", forced)
+            assert encoder.fusion(4096, 784, 1024, f32, k_major_operands=False) == forced
+            assert encoder.backward_fusion(4096, 784, 1024, f32, "none") == forced
+
+
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_tf32_backward_takes_cublas_products(precision, monkeypatch, launched_kernels):
+    """float32 at an aligned shape, contractive and sparsity statistics used, by the rules
+    (none forced): the fused forward either way; in tf32 the backward's products are
+    torch's (only the dz pass launches), in IEEE float32 the fused dW and dx kernels; the
+    values match the reference's."""
+    monkeypatch.delenv("FASTAE_ENCODER_FUSION", raising=False)
+    monkeypatch.delenv("FASTAE_CORRUPTED_INPUT", raising=False)
+    leaves, upstream = _inputs(8, 16, 32, torch.float32)
+    with matmul_precision(precision):
+        got = _run("triton", *leaves, upstream, activation="sigmoid")
+        want = _run("reference", *leaves, upstream, activation="sigmoid")
+    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    backward = ["_encoder_grad_z_kernel"]
+    if precision == "highest":
+        backward += ["_encoder_grad_weight_kernel", "_encoder_grad_input_kernel"]
+    assert launched_kernels == ["_encoder_forward_kernel", "_encoder_finish_kernel", *backward]
+
+
+def test_tf32_forward_of_a_transposed_input_takes_cublas(monkeypatch, launched_kernels):
+    """A float32 x that is a transposed view (d strided) in tf32: cuBLAS's product and the
+    statistics pass, no copy of x, the reference's values."""
+    monkeypatch.delenv("FASTAE_ENCODER_FUSION", raising=False)
+    (x, weight, bias), upstream = _inputs(16, 16, 32, torch.float32)
+    x_t = x.detach().t().contiguous().t().requires_grad_()  # the same values, d strided
+    with matmul_precision("high"):
+        got = _run("triton", x_t, weight, bias, upstream, activation="tanh")
+        want = _run("reference", x, weight, bias, upstream, activation="tanh")
+    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert launched_kernels[:2] == ["_encoder_statistics_kernel", "_encoder_finish_kernel"]
 
 
 def _every_other(t: torch.Tensor) -> torch.Tensor:

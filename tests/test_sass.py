@@ -23,3 +23,18 @@ def test_products_run_on_tensor_cores_asynchronously_without_spills():
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("ok ") >= 8, result.stdout  # every kernel variant launched
+
+
+def test_tf32_weight_gradients_load_one_element_per_copy():
+    """What the fusion rules assume in tf32 (tests/sass_check.py --dtype tf32): the encoder's
+    forward fills shared memory with 16-byte copies, the weight gradients and a tied
+    decoder's forward with 4-byte ones (operands strided along the reduction dimension),
+    the products that the rules hand to cuBLAS."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTAE_AUTOTUNE"] = "0"
+    result = subprocess.run(
+        [sys.executable, str(CHECK), "--dtype", "tf32"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count("ok ") >= 12, result.stdout  # every kernel variant launched
