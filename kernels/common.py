@@ -521,9 +521,12 @@ def product_aligned(features: int, hidden: int) -> bool:
 # LDGSTS.E.BYPASS.128: tests/sass_check.py --dtype tf32), four times the copy instructions.
 # The weight gradients always read such operands (dW = dz^T x~ and dV = (g G)^T h reduce over
 # the batch, the rows of both), and so do dx = dz W, dh = G V with an untied V, and a tied
-# decoder's forward (V^T = W). On an H200 at 4096 x 784 -> 1024, tf32, our dW took 285 us
-# and dV 262 us of GPU time where cuBLAS's product of the same shape took 44 us; in bf16
-# our dW took 49 us. The fusion rules hand those products to cuBLAS in tf32.
+# decoder's forward (V^T = W). On an H200 in tf32 (2026-11-28 profiles), at 4096 x 784 ->
+# 1024 our dW took 285 us and dV 262 us of GPU time where cuBLAS's product of the same shape
+# took 44 us (our bf16 dW: 49 us); at 8192 x 4096 -> 4096 the strided ones took 2.6-4.3x
+# cuBLAS's time (dW 4,377 us, dV 3,072, a tied forward 2,718, against 1,025-1,058), the
+# contiguous ones about as long (the encoder forward with its statistics 854 us, a tied dh
+# 751, against 703-788). The fusion rules hand the strided products to cuBLAS in tf32.
 def tf32_products(dtype: torch.dtype) -> bool:
     """Whether products of ``dtype`` run on tf32 tensor cores (see above)."""
     return dot_precision(dtype) == "tf32"

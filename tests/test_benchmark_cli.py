@@ -307,6 +307,8 @@ def test_kernel_times_variants_run(monkeypatch):
     """bench/kernel_times.py (CUDA only): each variant it times runs (here interpreted on
     the CPU at a tiny size), and its pairs differ only in what they name."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    for name in ("FASTAE_ENCODER_FUSION", "FASTAE_DECODER_FUSION"):
+        monkeypatch.setenv(name, "gemm")  # as its main sets them (its split variants reset them)
     kernel_times = importlib.import_module("kernel_times")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     calls = kernel_times.variants(fb.Size(5, 7, 6), torch.float32, device)
@@ -319,7 +321,9 @@ def test_kernel_times_variants_run(monkeypatch):
     for a, b in zip(per_sample, uniform, strict=True):
         torch.testing.assert_close(a, b)
     pairs = [("encode backward (dz, dW, db)", "encode backward, split-K off")]
+    pairs += [("encode backward (dz, dW, db)", "encode backward, split (cuBLAS dW)")]
     pairs += [("decode backward (dV, dc), uniform", "decode backward (dV, dc), split-K off")]
+    pairs += [("decode backward (dV, dc), uniform", "decode backward (dV, dc), split")]
     for autotuned, unsplit in pairs:
         for a, b in zip(results[autotuned], results[unsplit], strict=True):
             assert (a is None) == (b is None)
