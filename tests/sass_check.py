@@ -113,10 +113,39 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
         return outputs[0].stdout, outputs[1].stdout
 
 
+def corrupt_instructions() -> int:
+    """``--corrupt``: instructions per element of the standalone corrupt kernel (its first
+    config, float32), per noise kind: what one Philox draw per element costs, against a copy's
+    one load and one store. Prints one line per kind; no judgement."""
+    from fastae.kernels import noise
+
+    x = torch.rand(8192, 4096)
+    with fake_driver.installed():
+        for kind in ("masking", "salt_pepper", "gaussian"):
+            noise.corrupt(x, kind, 0.3, 0.0, 1.0, torch.tensor(5))
+    jit = noise._corrupt_kernel.fn
+    for kernel in [k for caches in jit.device_caches.values() for k in caches[0].values()]:
+        constants = {jit.arg_names[i[0]]: v for i, v in kernel.src.constants.items()}
+        sass, _ = disassemble(kernel.asm["cubin"])
+        total = len(INSTRUCTION.findall(sass))
+        per_thread = constants["BLOCK_M"] * constants["BLOCK_N"] // (32 * kernel.metadata.num_warps)
+        multiplies = len(re.findall(r"\bIMAD(?:\.HI|\.WIDE)?(?:\.U32)?\s", sass))
+        kind = {v: k for k, v in common.NOISE_CODES.items()}[constants["NOISE"]]
+        print(
+            f"_corrupt_kernel {kind} {constants['BLOCK_M']}x{constants['BLOCK_N']}: "
+            f"{total} instructions for {per_thread} elements a thread, "
+            f"{total / per_thread:.0f} an element "
+            f"({multiplies / per_thread:.0f} integer multiplies)"
+        )
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """``sass_check.py [BxDxH] [--dtype bf16|tf32]``: the kernels compiled for that shape
     (default 200x384x528: d and H multiples of 16, where the fusion rules take these
-    kernels)."""
+    kernels). ``sass_check.py --corrupt``: see :func:`corrupt_instructions`."""
+    if "--corrupt" in argv:
+        return corrupt_instructions()
     tf32 = "--dtype" in argv and argv[argv.index("--dtype") + 1] == "tf32"
     shape = [a for a in argv if "x" in a and a[0].isdigit()]
     batch, features, hidden = map(int, (shape[0] if shape else "200x384x528").split("x"))
