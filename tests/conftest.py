@@ -92,8 +92,10 @@ def spy_launches(monkeypatch):
 
 @pytest.fixture
 def launched_kernels(monkeypatch):
-    """A list that receives the name of every Triton kernel fastae launches from then on."""
-    from fastae.kernels import common, decoder, encoder
+    """A list that receives the name of every Triton kernel fastae launches from then on.
+    Every kernel module is imported first: one imported while the spy is in place would keep
+    it as its ``launch``."""
+    from fastae.kernels import common, decoder, encoder, noise, sparsity, vae
 
     names = []
     real_launch = common.launch
@@ -102,7 +104,7 @@ def launched_kernels(monkeypatch):
         names.append(getattr(kernel, "fn", kernel).__name__)  # an autotuner holds its kernel
         return real_launch(kernel, grid, *args, **meta)
 
-    for module in (common, encoder, decoder):
+    for module in (common, encoder, decoder, noise, sparsity, vae):
         monkeypatch.setattr(module, "launch", spy)
     return names
 
