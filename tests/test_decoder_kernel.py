@@ -260,20 +260,26 @@ def test_saves_one_batch_by_features_tensor():
 @pytest.mark.parametrize("tied", [True, False])
 def test_full_step_matches_reference(tied):
     """encode + decode_loss, every regularizer: the loss and every parameter gradient."""
+    got, want = _full_steps(tied, 30, 9, torch.float64)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
+def _full_steps(tied, features, hidden, dtype):
+    """(triton, reference): a step's loss and parameter gradients with every regularizer."""
     torch.manual_seed(0)
-    x = torch.rand(12, 30, dtype=torch.float64, device=DEVICE)
+    x = torch.rand(12, features, dtype=dtype, device=DEVICE)
     model = fastae.Autoencoder(
-        30, 9, tied=tied, noise=fastae.MaskingNoise(0.3, seed=5),
+        features, hidden, tied=tied, noise=fastae.MaskingNoise(0.3, seed=5),
         sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2,
-    ).to(device=DEVICE, dtype=torch.float64)  # fmt: skip
-    results = {}
+    ).to(device=DEVICE, dtype=dtype)  # fmt: skip
+    results = []
     for backend in ("triton", "reference"):
         model.zero_grad()
         with fastae.use_backend(backend):
             out = model(x)
             out.loss.backward()
-        results[backend] = [out.loss.detach()] + [p.grad.clone() for p in model.parameters()]
-    _assert_close(results["triton"], results["reference"], rtol=1e-10, atol=1e-11)
+        results.append([out.loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    return results
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -284,21 +290,9 @@ def test_full_step_by_the_tf32_rules_matches_reference(tied, monkeypatch, launch
     dV^T) match the reference's."""
     for name in ("FASTAE_ENCODER_FUSION", "FASTAE_DECODER_FUSION", "FASTAE_CORRUPTED_INPUT"):
         monkeypatch.delenv(name, raising=False)
-    torch.manual_seed(0)
-    x = torch.rand(12, 32, device=DEVICE)
-    model = fastae.Autoencoder(
-        32, 16, tied=tied, noise=fastae.MaskingNoise(0.3, seed=5),
-        sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2,
-    ).to(DEVICE)  # fmt: skip
-    results = {}
     with matmul_precision("high"):
-        for backend in ("triton", "reference"):
-            model.zero_grad()
-            with fastae.use_backend(backend):
-                out = model(x)
-                out.loss.backward()
-            results[backend] = [out.loss.detach()] + [p.grad.clone() for p in model.parameters()]
-    _assert_close(results["triton"], results["reference"], **TF32_TOLERANCE)
+        got, want = _full_steps(tied, 32, 16, torch.float32)
+    _assert_close(got, want, **TF32_TOLERANCE)
     decoder_forward = "_decoder_loss_kernel" if tied else "_decoder_forward_kernel"
     assert launched_kernels == [
         "_corrupt_kernel", "_encoder_forward_kernel", "_encoder_finish_kernel", decoder_forward,
