@@ -36,13 +36,16 @@ def _mul_hi_lo(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return hi, lo
 
 
-def randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Four uint32 words (as int64 tensors) per offset, as ``tl.randint4x(seed, offsets)``."""
+def randint4x(seed: int, offsets: torch.Tensor, count: int = 4) -> tuple[torch.Tensor, ...]:
+    """The four uint32 words (as int64 tensors) per offset of ``tl.randint4x(seed, offsets)``,
+    or the first ``count`` of them (``tl.rand`` reads one, ``tl.randn`` two)."""
     if offsets.dtype != torch.int64:
         raise TypeError(f"offsets must be int64, got {offsets.dtype}")
+    if count not in (1, 2, 3, 4):
+        raise ValueError(f"count must be 1, 2, 3 or 4, got {count!r}")
     if offsets.device.type == "cpu":
-        return _randint4x_numpy(seed, offsets)
-    return _randint4x_torch(seed, offsets)
+        return _randint4x_numpy(seed, offsets, count)
+    return _randint4x_torch(seed, offsets)[:count]
 
 
 # Elements per block of the numpy rounds: seven uint64 work arrays of this length stay in a
@@ -51,40 +54,60 @@ def randint4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
 _NUMPY_BLOCK = 65536
 
 
-def _randint4x_numpy(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    counter = offsets.detach().contiguous().numpy().view(np.uint64).reshape(-1)  # offsets >= 0
-    size = counter.size
-    words = np.empty((4, size), dtype=np.uint64)
-    mask, shift = np.uint64(_MASK32), np.uint64(32)
-    round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
+def _round_keys(seed: int) -> list[tuple[np.uint64, np.uint64]]:
     keys, k0, k1 = [], seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(N_ROUNDS):
         keys.append((np.uint64(k0), np.uint64(k1)))
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    work = np.empty((7, min(size, _NUMPY_BLOCK)), dtype=np.uint64)
-    for start in range(0, size, _NUMPY_BLOCK):
-        stop = min(start + _NUMPY_BLOCK, size)
+    return keys
+
+
+def _randint4x_numpy(seed: int, offsets: torch.Tensor, count: int = 4) -> tuple[torch.Tensor, ...]:
+    counter = offsets.detach().contiguous().numpy().view(np.uint64).reshape(-1)  # offsets >= 0
+    words = np.empty((count, counter.size), dtype=np.uint64)
+    _philox_rounds(counter, _round_keys(seed), words)
+    return tuple(torch.from_numpy(w.view(np.int64).reshape(offsets.shape)) for w in words)
+
+
+def _philox_rounds(counter: np.ndarray, keys: list, words: np.ndarray) -> None:
+    """Philox on the counters (lo, hi, 0, 0) of ``counter`` (uint64 offsets) into ``words``
+    (count, n): the first ``count`` output words; the last round computes only those."""
+    count = words.shape[0]
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
+    work = np.empty((7, min(counter.size, _NUMPY_BLOCK)), dtype=np.uint64)
+    for start in range(0, counter.size, _NUMPY_BLOCK):
+        stop = min(start + _NUMPY_BLOCK, counter.size)
         c0, c1, c2, c3, prod_a, prod_b, spare = (row[: stop - start] for row in work)
-        np.bitwise_and(counter[start:stop], mask, out=c0)
-        np.right_shift(counter[start:stop], shift, out=c1)
-        c2.fill(0)
-        c3.fill(0)
-        for k0, k1 in keys:
+        # round 1: c2 = c3 = 0, so (c0, c1, c2, c3) <- (hi ^ k0, 0, hi(A lo) ^ k1, lo(A lo))
+        k0, k1 = keys[0]
+        np.bitwise_and(counter[start:stop], mask, out=spare)
+        np.multiply(spare, round_a, out=prod_a)
+        np.right_shift(counter[start:stop], shift, out=c0)
+        c0 ^= k0
+        c1.fill(0)
+        np.right_shift(prod_a, shift, out=c2)
+        c2 ^= k1
+        np.bitwise_and(prod_a, mask, out=c3)
+        for round_index in range(1, N_ROUNDS):
+            k0, k1 = keys[round_index]
+            last = round_index == N_ROUNDS - 1
             # (c0, c1, c2, c3) <- (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0))
             np.multiply(c2, round_b, out=prod_b)
-            np.multiply(c0, round_a, out=prod_a)
             np.right_shift(prod_b, shift, out=spare)
             spare ^= c1
             spare ^= k0
-            np.bitwise_and(prod_b, mask, out=c1)
-            np.right_shift(prod_a, shift, out=c2)
-            c2 ^= c3
-            c2 ^= k1
-            np.bitwise_and(prod_a, mask, out=c3)
+            if not last or count > 1:
+                np.bitwise_and(prod_b, mask, out=c1)
+            if not last or count > 2:
+                np.multiply(c0, round_a, out=prod_a)
+                np.right_shift(prod_a, shift, out=c2)
+                c2 ^= c3
+                c2 ^= k1
+                np.bitwise_and(prod_a, mask, out=c3)
             c0, spare = spare, c0
-        words[:, start:stop] = (c0, c1, c2, c3)
-    return tuple(torch.from_numpy(w.view(np.int64).reshape(offsets.shape)) for w in words)
+        words[:, start:stop] = (c0, c1, c2, c3)[:count]
 
 
 def _randint4x_torch(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -135,10 +158,10 @@ def element_offsets(rows: int, cols: int, device: torch.device, base: int = 0) -
 
 def rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) float32, equal bit for bit to ``tl.rand(seed, offsets)``."""
-    return uint_to_uniform(randint4x(seed, offsets)[0])
+    return uint_to_uniform(randint4x(seed, offsets, count=1)[0])
 
 
 def randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 as ``tl.randn(seed, offsets)`` (see :func:`box_muller`)."""
-    w0, w1, _, _ = randint4x(seed, offsets)
+    w0, w1 = randint4x(seed, offsets, count=2)
     return box_muller(uint_to_uniform(w0), uint_to_uniform(w1))

@@ -89,9 +89,9 @@ def curvature(h: torch.Tensor, s: torch.Tensor, activation: str) -> torch.Tensor
 # ----------------------------------------------------------------------------- noise
 
 
-def _noise_words(x: torch.Tensor, seed: int, base: int):
+def _noise_words(x: torch.Tensor, seed: int, base: int, count: int):
     offsets = philox.element_offsets(x.shape[0], x.shape[1], x.device, base)
-    return philox.randint4x(seed, offsets)
+    return philox.randint4x(seed, offsets, count)
 
 
 def _f32(value: float) -> torch.Tensor:
@@ -107,17 +107,17 @@ def corrupt(
         return x
     compute = stat_dtype(x.dtype)
     level32 = _f32(level)
-    w0, w1, _, _ = _noise_words(x, seed, base)
+    words = _noise_words(x, seed, base, 1 if kind in ("masking", "masking_rescale") else 2)
     if kind == "gaussian":
-        eps = philox.box_muller(philox.uint_to_uniform(w0), philox.uint_to_uniform(w1))
+        eps = philox.box_muller(*(philox.uint_to_uniform(w) for w in words))
         return (x.to(compute) + (level32 * eps).to(compute)).to(x.dtype)
-    keep = philox.uint_to_uniform(w0) >= level32
+    keep = philox.uint_to_uniform(words[0]) >= level32
     if kind == "masking":
         return torch.where(keep, x, 0.0)
     if kind == "masking_rescale":
         return torch.where(keep, x.to(compute) / (1 - level32).to(compute), 0.0).to(x.dtype)
     if kind == "salt_pepper":
-        salt = philox.uint_to_uniform(w1) >= 0.5
+        salt = philox.uint_to_uniform(words[1]) >= 0.5
         fill = torch.where(salt, _f32(high), _f32(low)).to(x.dtype)
         return torch.where(keep, x, fill)
     raise ValueError(f"unknown noise kind {kind!r}")
@@ -130,7 +130,7 @@ def corrupt_input_grad(
     if kind in ("none", "gaussian"):
         return grad
     level32 = _f32(level)
-    keep = philox.uint_to_uniform(_noise_words(grad, seed, base)[0]) >= level32
+    keep = philox.uint_to_uniform(_noise_words(grad, seed, base, 1)[0]) >= level32
     if kind == "masking_rescale":
         compute = stat_dtype(grad.dtype)
         return torch.where(keep, grad.to(compute) / (1 - level32).to(compute), 0.0).to(grad.dtype)

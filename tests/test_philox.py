@@ -63,15 +63,31 @@ def test_randint4x_matches_python_oracle(seed, base, impl):
 
 def test_numpy_blocks_cover_every_offset(monkeypatch):
     """The numpy rounds run block by block: a 2-D tensor spanning several blocks (the last one
-    partial) gives the torch implementation's words, in the offsets' shape; so do empty ones."""
+    partial) gives the torch implementation's words, in the offsets' shape, for every count
+    of words (the last round computes only those); so do empty ones."""
     monkeypatch.setattr(philox, "_NUMPY_BLOCK", 64)
     for shape in [(5, 41), (0,), (3, 0)]:
         offsets = 2**40 + 7 + torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
-        got = philox._randint4x_numpy(2**62 + 5, offsets)
         want = philox._randint4x_torch(2**62 + 5, offsets)
-        for g, w in zip(got, want, strict=True):
-            assert g.shape == offsets.shape
-            assert torch.equal(g, w)
+        for count in (1, 2, 3, 4):
+            got = philox._randint4x_numpy(2**62 + 5, offsets, count)
+            assert len(got) == count
+            for g, w in zip(got, want[:count], strict=True):
+                assert g.shape == offsets.shape
+                assert torch.equal(g, w)
+
+
+def test_randint4x_count():
+    offsets = torch.arange(10, dtype=torch.int64)
+    words = philox.randint4x(3, offsets)
+    for count in (1, 2, 3, 4):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(philox.randint4x(3, offsets, count), words[:count], strict=True)
+        )
+    for count in (0, 5):
+        with pytest.raises(ValueError, match="count"):
+            philox.randint4x(3, offsets, count)
 
 
 def test_mul_hi_lo_matches_integer_product():
