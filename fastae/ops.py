@@ -7,7 +7,8 @@ Second derivatives (double backward: gradient penalties, Hessian-vector products
 too: each backward op has an autograd formula of its own, in plain torch ops on either
 backend (decode_loss's stops at the second order; the others go on). Plain eager calls run
 the same implementation and formulas through an ``autograd.Function`` instead, skipping the
-dispatcher's host time (:func:`_with_eager_route`). Forward-mode AD is refused.
+dispatcher's host time (:func:`_with_eager_route`). Under torch.func transforms and
+forward-mode AD the ops run their reference math as plain torch ops.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _plain_eager(args: tuple) -> bool:
     )
 
 
-def _with_eager_route(op, body, setup_context, backward):
+def _with_eager_route(op, body, setup_context, backward, plain_math):
     """Registers ``backward`` as ``op``'s autograd formula and returns a caller of ``op`` with a
     direct route for plain eager calls: ``body`` (the op's implementation) itself when no
     gradient is recorded, else a ``torch.autograd.Function`` made of the same ``body``,
@@ -122,8 +123,12 @@ def _with_eager_route(op, body, setup_context, backward):
     backward took 1.6 to 1.7 times as long through the dispatcher as by this route (381 against
     239 us), a whole training step with all three regularizers 1.6 to 1.75 times (1,092
     against 677 us), on a slow 2-core CPU.
-    Traced, transformed or intercepted calls (torch.compile, torch.func, dispatch modes,
-    opcheck, tensor subclasses) go through the registered op."""
+    Traced or intercepted calls (torch.compile, dispatch modes, opcheck, tensor subclasses) go
+    through the registered op. Under torch.func transforms and forward-mode AD the call runs
+    ``plain_math`` instead: the reference math of ``body``'s outputs in plain torch ops, which
+    functorch differentiates (in either mode, to any order) and vmaps. (The op's autograd
+    formula cannot serve there: torch wraps it in an ``autograd.Function`` that functorch
+    refuses, and its kernels cannot take functorch's wrapped tensors.)"""
     op.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *args):
@@ -140,6 +145,14 @@ def _with_eager_route(op, body, setup_context, backward):
     )
 
     def call(*args):
+        if _under_torch_func(args):
+            if backend.get_backend() == "triton":
+                raise RuntimeError(
+                    f"backend 'triton' was requested for {name}, but under torch.func "
+                    "transforms and forward-mode AD the ops run the reference math; use the "
+                    "'auto' or 'reference' backend there"
+                )
+            return plain_math(*args)
         if not _plain_eager(args):
             return op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
@@ -149,18 +162,19 @@ def _with_eager_route(op, body, setup_context, backward):
     return call
 
 
-def _refuse_forward_mode(**tensors: Tensor | None) -> None:
-    """NotImplementedError for an input that carries a forward-mode tangent (torch.func.jvp,
-    jacfwd, torch.autograd.forward_ad): the ops have reverse-mode formulas only, and a
-    custom op would drop the tangent silently."""
-    if torch.compiler.is_compiling() or forward_ad._current_level < 0:
-        return  # no dual level entered: no tensor carries a tangent (unpack_dual says so too)
-    for name, tensor in tensors.items():
-        if tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None:
-            raise NotImplementedError(
-                f"{name} carries a forward-mode tangent (torch.func.jvp, jacfwd or "
-                "torch.autograd.forward_ad); fastae ops have reverse-mode gradients only"
-            )
+def _under_torch_func(args: tuple) -> bool:
+    """Whether a call runs inside a torch.func transform (grad, vjp, jacrev, jacfwd, jvp, vmap,
+    hessian) or one of its tensors carries a forward-mode tangent (torch.autograd.forward_ad).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:
+        return False  # no dual level entered: no tensor carries a tangent
+    return any(
+        isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args
+    )
 
 
 def _backward_call(op, body, *args):
@@ -284,7 +298,13 @@ def _corrupt_bwd(ctx, grad):
     return dx, None, None, None, None, None, None
 
 
-_corrupt = _with_eager_route(_corrupt_op, _corrupt_body, _corrupt_setup, _corrupt_bwd)
+def _corrupt_math(x, kind, level, low, high, seed, backend_name):
+    return reference.corrupt(x, kind, level, low, high, int(seed))
+
+
+_corrupt = _with_eager_route(
+    _corrupt_op, _corrupt_body, _corrupt_setup, _corrupt_bwd, _corrupt_math
+)
 
 
 def _corrupt_backward_setup(ctx, inputs, output):
@@ -317,7 +337,6 @@ def corrupt(x: Tensor, noise: Noise) -> Tensor:
         raise TypeError("noise must be GaussianNoise, MaskingNoise or SaltPepperNoise, got None")
     noise = check_noise(noise)
     kind, level, low, high = noise.params()
-    _refuse_forward_mode(x=x)
     name = _backend_for("corrupt", "noise", x.device)
     return _corrupt(x, kind, level, low, high, _seed_tensor(noise.seed, name, x.device), name)
 
@@ -426,7 +445,15 @@ def _encode_bwd(ctx, grad_h, grad_rho, grad_jac, _grad_stats):
     return (dx, grads[0], db) + no_grads[3:]
 
 
-_encode = _with_eager_route(_encode_op, _encode_body, _encode_setup, _encode_bwd)
+def _encode_math(
+    x, weight, bias, activation, noise_kind, level, low, high, seed, backend_name, statistics
+):  # fmt: skip
+    return reference.encode_forward(
+        x, weight, bias, activation, noise_kind, level, low, high, int(seed), statistics
+    )
+
+
+_encode = _with_eager_route(_encode_op, _encode_body, _encode_setup, _encode_bwd, _encode_math)
 
 
 def _encode_backward_setup(ctx, inputs, output):
@@ -516,7 +543,6 @@ def encode(
     x = _check_input(x)
     x, weight, bias = _autocast(x.device, x, weight, bias)
     weight, bias = _check_layer(x, weight, bias)
-    _refuse_forward_mode(x=x, weight=weight, bias=bias)
     activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
     noise = check_noise(noise)
     if noise is None:
@@ -665,7 +691,20 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
     return dh, grads[0], db, dt, None, None, None, None, None
 
 
-_decode_loss = _with_eager_route(_decode_loss_op, _decode_loss_body, _decode_setup, _decode_bwd)
+def _decode_loss_math(
+    h, weight, bias, target, output, loss, backend_name, with_reconstruction, with_gradient
+):  # fmt: skip
+    """(per-sample loss, an empty tensor, x^ (which carries no gradient) or an empty one)."""
+    per_sample, _, x_hat = reference.decode_forward(
+        h, weight, bias, target, output, loss, with_reconstruction=True, with_gradient=False
+    )
+    empty = h.new_empty(0)
+    return per_sample, empty, x_hat.detach() if with_reconstruction else empty
+
+
+_decode_loss = _with_eager_route(
+    _decode_loss_op, _decode_loss_body, _decode_setup, _decode_bwd, _decode_loss_math
+)
 
 
 def _decode_backward_setup(ctx, inputs, output):
@@ -763,6 +802,20 @@ def check_unit_interval(name: str, values: Tensor) -> None:
         )
 
 
+def _check_target(target: Tensor) -> None:
+    if not torch._C._are_functorch_transforms_active():
+        check_unit_interval("target", target)
+        return
+    try:
+        check_unit_interval("target", target)
+    except RuntimeError as error:  # under vmap the values cannot be read
+        raise RuntimeError(
+            "decode_loss checks that a BCE target lies in [0, 1] by reading its values, which "
+            "torch.func.vmap does not allow: check the data before the transform and pass "
+            "check_target=False (a model: Autoencoder(..., check_targets=False))"
+        ) from error
+
+
 def decode_loss(
     h: Tensor,
     weight: Tensor,
@@ -818,8 +871,7 @@ def decode_loss(
         if output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
         if check_target and not torch.compiler.is_compiling() and not target.is_meta:
-            check_unit_interval("target", target)
-    _refuse_forward_mode(h=h, weight=weight, bias=bias, target=target)
+            _check_target(target)
     name = _backend_for("decode_loss", "decoder", h.device)
     if not isinstance(return_reconstruction, bool):
         raise TypeError(
@@ -896,9 +948,14 @@ def _reparameterize_bwd(ctx, grad_z, grad_kl):
     return (dmu if needs_mu else None), (dlogvar if needs_logvar else None), None, None
 
 
+def _reparameterize_math(mu, logvar, seed, backend_name):
+    return reference.reparameterize_forward(mu, logvar, int(seed))
+
+
 _reparameterize = _with_eager_route(
-    _reparameterize_op, _reparameterize_body, _reparameterize_setup, _reparameterize_bwd
-)
+    _reparameterize_op, _reparameterize_body, _reparameterize_setup, _reparameterize_bwd,
+    _reparameterize_math,
+)  # fmt: skip
 
 
 def _reparameterize_backward_setup(ctx, inputs, output):
@@ -957,7 +1014,6 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple
     if mu.shape[0] == 0 or mu.shape[1] == 0:
         raise ValueError(f"mu must have at least one row and one column, got {tuple(mu.shape)}")
     seed = check_seed(seed)
-    _refuse_forward_mode(mu=mu, logvar=logvar)
     name = _backend_for("reparameterize", "vae", mu.device)
     seed = _seed_tensor(seed, name, mu.device)
     return _reparameterize(mu, logvar, seed, name)
@@ -997,9 +1053,14 @@ def _bernoulli_kl_bwd(ctx, grad_kl, _grad_grad):
     return (grad_kl * grad).to(rho_hat.dtype), None, None
 
 
+def _bernoulli_kl_math(rho_hat, rho, backend_name):
+    return reference.bernoulli_kl(rho_hat, rho)
+
+
 _bernoulli_kl = _with_eager_route(
-    _bernoulli_kl_op, _bernoulli_kl_body, _bernoulli_kl_setup, _bernoulli_kl_bwd
-)
+    _bernoulli_kl_op, _bernoulli_kl_body, _bernoulli_kl_setup, _bernoulli_kl_bwd,
+    _bernoulli_kl_math,
+)  # fmt: skip
 
 
 def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
@@ -1018,6 +1079,5 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
     """
     rho_hat = _checks.tensor("rho_hat", rho_hat, 1)
     rho = _checks.finite_number("rho", rho, low=0.0, high=1.0, open_low=True)
-    _refuse_forward_mode(rho_hat=rho_hat)
     name = _backend_for("bernoulli_kl", "sparsity", rho_hat.device)
     return _bernoulli_kl(rho_hat, rho, name)[0]

@@ -41,8 +41,7 @@ def randint4x(seed: int, offsets: torch.Tensor, count: int = 4) -> tuple[torch.T
     or the first ``count`` of them (``tl.rand`` reads one, ``tl.randn`` two)."""
     if offsets.dtype != torch.int64:
         raise TypeError(f"offsets must be int64, got {offsets.dtype}")
-    if count not in (1, 2, 3, 4):
-        raise ValueError(f"count must be 1, 2, 3 or 4, got {count!r}")
+    _check_count(count)
     if offsets.device.type == "cpu":
         return _randint4x_numpy(seed, offsets, count)
     return _randint4x_torch(seed, offsets)[:count]
@@ -52,6 +51,11 @@ def randint4x(seed: int, offsets: torch.Tensor, count: int = 4) -> tuple[torch.T
 # core's L2 cache, and the rounds run in place (twice as fast as whole-array temporaries on a
 # 256 x 784 tensor; larger blocks spill, smaller ones pay numpy's per-call cost).
 _NUMPY_BLOCK = 65536
+
+
+def _check_count(count: int) -> None:
+    if count not in (1, 2, 3, 4):
+        raise ValueError(f"count must be 1, 2, 3 or 4, got {count!r}")
 
 
 def _round_keys(seed: int) -> list[tuple[np.uint64, np.uint64]]:
@@ -65,9 +69,15 @@ def _round_keys(seed: int) -> list[tuple[np.uint64, np.uint64]]:
 
 def _randint4x_numpy(seed: int, offsets: torch.Tensor, count: int = 4) -> tuple[torch.Tensor, ...]:
     counter = offsets.detach().contiguous().numpy().view(np.uint64).reshape(-1)  # offsets >= 0
+    words = _numpy_words(seed, counter, count)
+    return tuple(torch.from_numpy(w.view(np.int64).reshape(offsets.shape)) for w in words)
+
+
+def _numpy_words(seed: int, counter: np.ndarray, count: int) -> np.ndarray:
+    """(count, n) uint64: the first ``count`` words at the uint64 offsets ``counter``."""
     words = np.empty((count, counter.size), dtype=np.uint64)
     _philox_rounds(counter, _round_keys(seed), words)
-    return tuple(torch.from_numpy(w.view(np.int64).reshape(offsets.shape)) for w in words)
+    return words
 
 
 def _philox_rounds(counter: np.ndarray, keys: list, words: np.ndarray) -> None:
@@ -140,13 +150,22 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     on GPUs torch's (equal to the compiled kernel's up to libm rounding, about 1 ulp).
     """
     if u1.device.type == "cpu":
-        a, b = u1.numpy(), u2.numpy()
-        radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(a, np.float32(1.0e-7))))
-        return torch.from_numpy(radius * np.cos(np.float32(6.283185307179586) * b))
+        return torch.from_numpy(_numpy_box_muller(u1.numpy(), u2.numpy()))
     u1 = torch.clamp(u1, min=1.0e-7)
     theta = 6.283185307179586 * u2
     radius = torch.sqrt(-2.0 * torch.log(u1))
     return radius * torch.cos(theta)
+
+
+def _numpy_box_muller(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(a, np.float32(1.0e-7))))
+    return radius * np.cos(np.float32(6.283185307179586) * b)
+
+
+def _numpy_uniform(words: np.ndarray) -> np.ndarray:
+    """:func:`uint_to_uniform` of uint64-held words, in numpy (the same float32 operations)."""
+    signed = words.astype(np.uint32).view(np.int32)
+    return (signed ^ (signed >> 31)).astype(np.float32) * np.float32(_UNIFORM_SCALE)
 
 
 def element_offsets(rows: int, cols: int, device: torch.device, base: int = 0) -> torch.Tensor:
@@ -154,6 +173,36 @@ def element_offsets(rows: int, cols: int, device: torch.device, base: int = 0) -
     row = torch.arange(rows, device=device, dtype=torch.int64).unsqueeze(1)
     col = torch.arange(cols, device=device, dtype=torch.int64)
     return base + row * cols + col
+
+
+def element_uniforms(
+    seed: int, rows: int, cols: int, device: torch.device, base: int = 0, count: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """float32 uniforms (rows, cols) of the first ``count`` Philox words at the element offsets
+    base + row * cols + col: the first is ``tl.rand(seed, offsets)``. On the CPU every step
+    runs in numpy and only the results become tensors: under a torch.func transform every
+    tensor made is a wrapper, whose values numpy cannot read."""
+    if device.type != "cpu":
+        words = randint4x(seed, element_offsets(rows, cols, device, base), count)
+        return tuple(uint_to_uniform(w) for w in words)
+    return tuple(torch.from_numpy(u) for u in _numpy_uniforms(seed, rows, cols, base, count))
+
+
+def element_normals(
+    seed: int, rows: int, cols: int, device: torch.device, base: int = 0
+) -> torch.Tensor:
+    """float32 normals (rows, cols): ``tl.randn(seed, offsets)`` at the element offsets
+    base + row * cols + col (see :func:`box_muller`), from numpy on the CPU as
+    :func:`element_uniforms`."""
+    if device.type != "cpu":
+        return randn(seed, element_offsets(rows, cols, device, base))
+    return torch.from_numpy(_numpy_box_muller(*_numpy_uniforms(seed, rows, cols, base, 2)))
+
+
+def _numpy_uniforms(seed: int, rows: int, cols: int, base: int, count: int) -> list[np.ndarray]:
+    _check_count(count)
+    words = _numpy_words(seed, np.arange(base, base + rows * cols, dtype=np.uint64), count)
+    return [_numpy_uniform(w).reshape(rows, cols) for w in words]
 
 
 def rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:

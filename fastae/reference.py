@@ -89,11 +89,6 @@ def curvature(h: torch.Tensor, s: torch.Tensor, activation: str) -> torch.Tensor
 # ----------------------------------------------------------------------------- noise
 
 
-def _noise_words(x: torch.Tensor, seed: int, base: int, count: int):
-    offsets = philox.element_offsets(x.shape[0], x.shape[1], x.device, base)
-    return philox.randint4x(seed, offsets, count)
-
-
 def _f32(value: float) -> torch.Tensor:
     """Noise hyper-parameters act in float32, as they do inside the kernels."""
     return torch.tensor(value, dtype=torch.float32)
@@ -107,17 +102,19 @@ def corrupt(
         return x
     compute = stat_dtype(x.dtype)
     level32 = _f32(level)
-    words = _noise_words(x, seed, base, 1 if kind in ("masking", "masking_rescale") else 2)
+    rows, cols = x.shape
     if kind == "gaussian":
-        eps = philox.box_muller(*(philox.uint_to_uniform(w) for w in words))
+        eps = philox.element_normals(seed, rows, cols, x.device, base)
         return (x.to(compute) + (level32 * eps).to(compute)).to(x.dtype)
-    keep = philox.uint_to_uniform(words[0]) >= level32
+    count = 2 if kind == "salt_pepper" else 1
+    uniforms = philox.element_uniforms(seed, rows, cols, x.device, base, count)
+    keep = uniforms[0] >= level32
     if kind == "masking":
         return torch.where(keep, x, 0.0)
     if kind == "masking_rescale":
         return torch.where(keep, x.to(compute) / (1 - level32).to(compute), 0.0).to(x.dtype)
     if kind == "salt_pepper":
-        salt = philox.uint_to_uniform(words[1]) >= 0.5
+        salt = uniforms[1] >= 0.5
         fill = torch.where(salt, _f32(high), _f32(low)).to(x.dtype)
         return torch.where(keep, x, fill)
     raise ValueError(f"unknown noise kind {kind!r}")
@@ -130,7 +127,7 @@ def corrupt_input_grad(
     if kind in ("none", "gaussian"):
         return grad
     level32 = _f32(level)
-    keep = philox.uint_to_uniform(_noise_words(grad, seed, base, 1)[0]) >= level32
+    keep = philox.element_uniforms(seed, *grad.shape, grad.device, base)[0] >= level32
     if kind == "masking_rescale":
         compute = stat_dtype(grad.dtype)
         return torch.where(keep, grad.to(compute) / (1 - level32).to(compute), 0.0).to(grad.dtype)
@@ -262,7 +259,7 @@ def decode_target_grad(grad_loss, h, weight, bias, target, output, loss):
 
 def standard_normal(seed: int, rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """eps (rows, cols) float32 = ``tl.randn(seed, row * cols + col)``."""
-    return philox.randn(seed, philox.element_offsets(rows, cols, torch.device(device)))
+    return philox.element_normals(seed, rows, cols, torch.device(device))
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Plain eager calls skip the dispatcher: the same code through an autograd.Function, with
-the same values and gradients as the registered custom ops; forward mode is refused."""
+the same values and gradients as the registered custom ops. (torch.func transforms and
+forward-mode AD take the reference math: tests/test_torch_func.py.)"""
 
 import pytest
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch.overrides import TorchFunctionMode
 
 import fastae
@@ -89,17 +89,3 @@ def test_plain_eager_calls_take_the_eager_route():
         h_no_grad = ops.encode(x, weight, bias)[0]
     assert h_no_grad.grad_fn is None
     torch.testing.assert_close(h, h_no_grad, rtol=0, atol=0)
-
-
-def test_forward_mode_is_refused():
-    x, weight, bias, mu, logvar = (t.detach() for t in _inputs(2))
-    with forward_ad.dual_level():
-        dual = forward_ad.make_dual(weight, torch.ones_like(weight))
-        with pytest.raises(NotImplementedError, match="^weight carries a forward-mode tangent"):
-            ops.encode(x, dual, bias)
-    with pytest.raises(NotImplementedError, match="^mu carries a forward-mode tangent"):
-        torch.func.jvp(lambda m: ops.reparameterize(m, logvar, seed=0)[0], (mu,), (mu,))
-    with pytest.raises(NotImplementedError, match="^h carries a forward-mode tangent"):
-        torch.func.jacfwd(lambda h: ops.decode_loss(h, weight.t(), target=x))(x[:, :4])
-    with pytest.raises(NotImplementedError, match="^x carries a forward-mode tangent"):
-        torch.func.jvp(lambda x: ops.corrupt(x, MaskingNoise(0.5, seed=1)), (x,), (x,))

@@ -209,3 +209,19 @@ def test_matches_triton_bit_for_bit(seed, base):
     assert torch.equal(u.view(torch.int32), ours_u.view(torch.int32))
     # tl.randn may use approximate log/cos on a GPU: equal up to libm rounding
     torch.testing.assert_close(normal, philox.randn(seed, offsets), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", [0, 2**32 - 7, 2**62 + 11])
+def test_element_streams_equal_the_offset_streams(base):
+    """element_uniforms / element_normals (numpy end to end on the CPU) give rand / randn at
+    the element offsets bit for bit, and the second uniform is the second word's."""
+    cpu = torch.device("cpu")
+    offsets = philox.element_offsets(7, 13, cpu, base)
+    u1, u2 = philox.element_uniforms(99, 7, 13, cpu, base, count=2)
+    assert u1.shape == (7, 13) and u1.dtype == torch.float32
+    assert torch.equal(u1, philox.rand(99, offsets))
+    assert torch.equal(u2, philox.uint_to_uniform(philox.randint4x(99, offsets)[1]))
+    assert torch.equal(philox.element_uniforms(99, 7, 13, cpu, base)[0], u1)
+    assert torch.equal(philox.element_normals(99, 7, 13, cpu, base), philox.randn(99, offsets))
+    with pytest.raises(ValueError, match="count"):
+        philox.element_uniforms(99, 7, 13, cpu, base, count=5)
