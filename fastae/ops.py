@@ -695,11 +695,11 @@ def _decode_loss_math(
     h, weight, bias, target, output, loss, backend_name, with_reconstruction, with_gradient
 ):  # fmt: skip
     """(per-sample loss, an empty tensor, x^ (which carries no gradient) or an empty one)."""
-    per_sample, _, x_hat = reference.decode_forward(
-        h, weight, bias, target, output, loss, with_reconstruction=True, with_gradient=False
+    out = reference.decode_forward(
+        h, weight, bias, target, output, loss, with_reconstruction, with_gradient=False
     )
     empty = h.new_empty(0)
-    return per_sample, empty, x_hat.detach() if with_reconstruction else empty
+    return out[0], empty, out[2].detach() if with_reconstruction else empty
 
 
 _decode_loss = _with_eager_route(

@@ -171,3 +171,35 @@ def test_the_triton_backend_is_refused_under_torch_func(monkeypatch):
         grad(lambda w: ops.encode(x, w)[0].sum())(weight)
     # auto takes the reference math there, on any device
     grad(lambda w: ops.encode(x, w)[0].sum())(weight)
+
+
+def test_reconstruction_under_torch_func_carries_no_gradient():
+    h, weight, target = _rand(6, 4), _rand(5, 4, low=-1), _rand(6, 5)
+
+    def fn(h):
+        return ops.decode_loss(h, weight, target=target, return_reconstruction=True)
+
+    (per_sample, x_hat), pullback = vjp(fn, h)
+    want_loss, want_x_hat = fn(h)
+    torch.testing.assert_close(per_sample, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(x_hat, want_x_hat, rtol=0, atol=0)
+    (grad_h,) = pullback((torch.zeros_like(per_sample), torch.ones_like(x_hat)))
+    assert torch.count_nonzero(grad_h) == 0
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_take_the_reference_math():
+    """On CUDA the Philox streams run in torch ops, which functorch wraps: values equal the
+    reference backend's and derivatives its backward; the kernels' values agree to fp64
+    rounding."""
+    cuda = torch.device("cuda")
+    x, weight = _rand(6, 5).to(cuda), _rand(4, 5, low=-1).to(cuda)
+    mu, logvar = _rand(6, 3, low=-1).to(cuda), _rand(6, 3, low=-1).to(cuda)
+    with fastae.use_backend("reference"):
+        for noise in ("masking", "gaussian", "salt_pepper"):
+            _assert_vjp_matches_backward(
+                lambda x, w, noise=noise: ops.encode(x, w, noise=NOISES[noise]), (x, weight)
+            )
+        _assert_vjp_matches_backward(lambda m, v: ops.reparameterize(m, v, seed=4), (mu, logvar))
+    h_func = vjp(lambda w: ops.encode(x, w, noise=NOISES["masking"])[0], weight)[0]
+    torch.testing.assert_close(h_func, ops.encode(x, weight, noise=NOISES["masking"])[0])
