@@ -922,23 +922,35 @@ def to_json(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def measure(
     case: str,
-    provider: str,
+    providers: Sequence[str],
     size: Size,
     dtype: str,
     device: str,
     rounds: int | None = None,
-) -> dict[str, Any]:
-    """Build, warm up (compile), count and time one case: a flat record."""
-    bench = build(case, provider, size, dtype, device)
-    seconds = warm_up(bench)
-    record = bench.info()
-    record.update(figures(bench))
-    times = time_calls(bench, rounds or rounds_for(seconds, bench.device.type))
-    record.update({f"{k}_s": v for k, v in stats_of(times).items() if k != "rounds"})
-    record["rounds"] = len(times)
-    if provider in ("compile", COMPILE_GRAPH):
+) -> list[dict[str, Any]]:
+    """Build, warm up (compile), count and time one case for each provider: flat records.
+    The timed calls alternate between the providers, one call each per round, so a busy or
+    throttled machine slows them alike and their ratios hold."""
+    if not providers:
+        return []
+    benches = [build(case, provider, size, dtype, device) for provider in providers]
+    seconds = [warm_up(bench) for bench in benches]
+    records = []
+    for bench in benches:
+        record = bench.info()
+        record.update(figures(bench))
+        records.append(record)
+    count = rounds or min(rounds_for(s, benches[0].device.type) for s in seconds)
+    times: list[list[float]] = [[] for _ in benches]
+    for _ in range(count):
+        for bench, calls in zip(benches, times, strict=True):
+            calls.extend(time_calls(bench, 1))
+    for record, calls in zip(records, times, strict=True):
+        record.update({f"{k}_s": v for k, v in stats_of(calls).items() if k != "rounds"})
+        record["rounds"] = len(calls)
+    if any(provider in ("compile", COMPILE_GRAPH) for provider in providers):
         torch._dynamo.reset()
-    return record
+    return records
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -993,15 +1005,16 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:
         for dtype in dtypes:
             for case in cases:
+                runnable = []
                 for provider in providers:
                     why = unavailable(provider, device, case)
-                    if why:
-                        if provider != JACREV:
-                            print(f"skip {case} {provider}: {why}", file=sys.stderr)
-                        continue
-                    record = measure(case, provider, size, dtype, device, args.rounds)
+                    if why is None:
+                        runnable.append(provider)
+                    elif provider != JACREV:
+                        print(f"skip {case} {provider}: {why}", file=sys.stderr)
+                for record in measure(case, runnable, size, dtype, device, args.rounds):
                     print(
-                        f"  {case:<12} {provider:<8} {size} {dtype}: "
+                        f"  {case:<12} {record['provider']:<8} {size} {dtype}: "
                         f"{record['median_s'] * 1e3:.3f} ms",
                         file=sys.stderr,
                     )

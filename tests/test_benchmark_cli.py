@@ -52,6 +52,19 @@ def test_prints_ratio_table(bench_run):
         assert row.split()[7].endswith("x")  # e.g. "0.85x"
 
 
+def test_timed_calls_alternate_between_providers(monkeypatch):
+    """The providers of a case take turns, one timed call each per round."""
+    order = []
+    run = fb.Bench.run
+    monkeypatch.setattr(fb, "figures", lambda bench: {})
+    monkeypatch.setattr(fb.Bench, "run", lambda self: (order.append(self.provider), run(self)))
+    records = fb.measure("plain", ["eager", "fastae"], fb.Size.parse("8x16x16"), "fp32", "cpu", 3)
+    assert [r["provider"] for r in records] == ["eager", "fastae"]
+    assert [r["rounds"] for r in records] == [3, 3]
+    assert order == ["eager", "fastae"] + ["eager", "fastae"] * 3  # a warm-up each, then turns
+    assert fb.measure("plain", [], fb.Size.parse("8x16x16"), "fp32", "cpu") == []
+
+
 def _records(bench_run) -> dict[tuple[str, str], dict]:
     _, records = bench_run
     return {(r["case"], r["provider"]): r for r in records}
