@@ -104,7 +104,7 @@ def resolve(op: str, device: torch.device, supported: bool = True) -> str:
     ``supported`` says whether a Triton kernel exists for this op and configuration.
     """
     name = get_backend()
-    if name == "reference":
+    if name == "reference" or (name == "auto" and device.type != "cuda"):
         return "reference"
     ok, why = _triton_can_run(device)
     if not supported:
