@@ -298,8 +298,20 @@ def _corrupt_bwd(ctx, grad):
     return dx, None, None, None, None, None, None
 
 
+def _seed_value(seed: Tensor) -> int:
+    """The Philox seed of a call under torch.func as an int."""
+    try:
+        return int(seed)
+    except RuntimeError as error:  # a seed drawn under vmap(randomness="different")
+        raise RuntimeError(
+            "under torch.func.vmap(randomness='different') every sample would need its own "
+            "Philox seed, which the ops cannot take: use randomness='same' (one seed for all), "
+            "or give the noise spec or reparameterize an explicit seed"
+        ) from error
+
+
 def _corrupt_math(x, kind, level, low, high, seed, backend_name):
-    return reference.corrupt(x, kind, level, low, high, int(seed))
+    return reference.corrupt(x, kind, level, low, high, _seed_value(seed))
 
 
 _corrupt = _with_eager_route(
@@ -449,7 +461,7 @@ def _encode_math(
     x, weight, bias, activation, noise_kind, level, low, high, seed, backend_name, statistics
 ):  # fmt: skip
     return reference.encode_forward(
-        x, weight, bias, activation, noise_kind, level, low, high, int(seed), statistics
+        x, weight, bias, activation, noise_kind, level, low, high, _seed_value(seed), statistics
     )
 
 
@@ -812,7 +824,7 @@ def _check_target(target: Tensor) -> None:
         raise RuntimeError(
             "decode_loss checks that a BCE target lies in [0, 1] by reading its values, which "
             "torch.func.vmap does not allow: check the data before the transform and pass "
-            "check_target=False (a model: Autoencoder(..., check_targets=False))"
+            "check_target=False (a model: Autoencoder or VAE(..., check_targets=False))"
         ) from error
 
 
@@ -949,7 +961,7 @@ def _reparameterize_bwd(ctx, grad_z, grad_kl):
 
 
 def _reparameterize_math(mu, logvar, seed, backend_name):
-    return reference.reparameterize_forward(mu, logvar, int(seed))
+    return reference.reparameterize_forward(mu, logvar, _seed_value(seed))
 
 
 _reparameterize = _with_eager_route(

@@ -203,3 +203,26 @@ def test_cuda_tensors_take_the_reference_math():
         _assert_vjp_matches_backward(lambda m, v: ops.reparameterize(m, v, seed=4), (mu, logvar))
     h_func = vjp(lambda w: ops.encode(x, w, noise=NOISES["masking"])[0], weight)[0]
     torch.testing.assert_close(h_func, ops.encode(x, weight, noise=NOISES["masking"])[0])
+
+
+def test_per_sample_gradients_of_a_vae_draw_one_seed():
+    """A VAE draws its Philox seed from torch's generator: vmap with randomness='same' draws
+    one for all samples (each sample's gradient is then a loop's, drawn from the same
+    generator state); 'different' would need a seed per sample and says so."""
+    model = fastae.VAE(5, 4, 2, check_targets=False).double()
+    x = _rand(4, 5)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params, x_i):
+        return functional_call(model, params, (x_i[None],)).loss
+
+    torch.manual_seed(7)
+    per_sample = vmap(grad(loss), in_dims=(None, 0), randomness="same")(params, x)
+    for i in range(x.shape[0]):
+        torch.manual_seed(7)
+        model.zero_grad()
+        model(x[i : i + 1]).loss.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="randomness='same'"):
+        vmap(grad(loss), in_dims=(None, 0), randomness="different")(params, x)
