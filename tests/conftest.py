@@ -25,6 +25,28 @@ settings.load_profile(os.environ.get("FASTAE_HYPOTHESIS_PROFILE", "ci"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _leading_ints(version):
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:2])
+
+
+def pytest_configure(config):
+    """Triton's interpreter before 3.7 turns loop bounds into 1-element arrays, which numpy 2.4
+    and newer refuse to convert to int: every interpreted kernel would fail with "only
+    0-dimensional arrays can be converted to Python scalars". Say so once instead."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    if _leading_ints(triton.__version__) < (3, 7) and _leading_ints(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails under numpy "
+            f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'"
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` are skipped without a CUDA device. Every test that needs one carries
     the mark (a skip condition whose reason names CUDA or a GPU without it is an error), so
