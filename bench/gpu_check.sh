@@ -11,6 +11,8 @@
 # bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png, launch/SUMMARY.md,
 # graphs/SUMMARY.md, kernel_times.log, finish_times.log
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
+# Where the install fails (a setuptools older than 77 rejects the license field), fastae is
+# imported from a linked tree of this checkout instead.
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
 # stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
 # the suite's options (default: the lean CUDA set; bench/warm_cache.py reads the same);
