@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 # Property tests: a small profile for CI, FASTAE_HYPOTHESIS_PROFILE=long for a thorough run.
 _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -23,10 +24,6 @@ settings.register_profile("long", max_examples=400, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("FASTAE_HYPOTHESIS_PROFILE", "ci"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _leading_ints(version):
-    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:2])
 
 
 def pytest_configure(config):
@@ -40,7 +37,8 @@ def pytest_configure(config):
         import triton
     except ImportError:
         return
-    if _leading_ints(triton.__version__) < (3, 7) and _leading_ints(numpy.__version__) >= (2, 4):
+    old_interpreter = Version(triton.__version__) < Version("3.7")
+    if old_interpreter and Version(numpy.__version__) >= Version("2.4"):
         raise pytest.UsageError(
             f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails under numpy "
             f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7'"
