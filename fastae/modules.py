@@ -60,6 +60,11 @@ class AutoencoderOutput:
     jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2 (None: not computed)
 
 
+# A training step with gradients runs as one autograd node where it can (Autoencoder._one_node);
+# tests turn this off to compare with the ops composed through autograd.
+ONE_NODE_STEP = True
+
+
 class _SumOverProcesses(torch.autograd.Function):
     """y = sum over processes of x. Every process's y depends on every x with slope 1, so
     dL/dx is the sum over processes of dL/dy: backward all-reduces the gradient too."""
@@ -225,6 +230,8 @@ class Autoencoder(nn.Module):
     def forward(self, x: Tensor) -> AutoencoderOutput:
         x = _checks.model_input(x, self.weight, self.in_features)
         noise = self.noise if self.training else None
+        if self._one_node(x):
+            return self._one_node_forward(x, noise)
         h, rho_hat, jac = ops.encode(
             x, self.weight, self.bias, activation=self.activation, noise=noise,
             statistics=self.needs_statistics,
@@ -248,3 +255,39 @@ class Autoencoder(nn.Module):
         for term in penalties.values():
             loss = loss + term
         return AutoencoderOutput(loss, reconstruction_loss, h, per_sample, penalties, jac)
+
+    def _one_node(self, x: Tensor) -> bool:
+        """Whether a step can run as one autograd node (``ops._autoencoder_step``): plain
+        eager with gradients (see ``ops._plain_eager``), x requiring none, no autocast, no
+        statistics summed over processes, no L1 penalty on tanh codes (|h| is not rho_hat)."""
+        params = (self.weight, self.bias, self.decoder_weight, self.decoder_bias)
+        return (
+            ONE_NODE_STEP
+            and torch.is_grad_enabled()
+            and not x.requires_grad
+            and any(p is not None and p.requires_grad for p in params)
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (self.sync_statistics and isinstance(self.sparsity, KLSparsity))
+            and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
+            and ops._plain_eager((x, *params))
+            and not ops._under_torch_func((x, *params))
+        )
+
+    def _one_node_forward(self, x: Tensor, noise: Noise | None) -> AutoencoderOutput:
+        kl = l1 = None
+        if isinstance(self.sparsity, KLSparsity):
+            kl = (self.sparsity.rho, self.sparsity.weight)
+        elif isinstance(self.sparsity, L1Sparsity):
+            l1 = self.sparsity.weight
+        loss, reconstruction, per_sample, h, jac, sparsity, contractive = ops._autoencoder_step(
+            x, self.weight, self.bias, self.decoder_weight, self.decoder_bias,
+            activation=self.activation, noise=noise, statistics=self.needs_statistics,
+            output=self.output, loss=self.loss_name, check_target=self.check_targets, kl=kl,
+            l1_weight=l1, contractive=self.contractive,
+        )  # fmt: skip
+        penalties = {}
+        if sparsity is not None:
+            penalties["sparsity"] = sparsity
+        if contractive is not None:
+            penalties["contractive"] = contractive
+        return AutoencoderOutput(loss, reconstruction, h, per_sample, penalties, jac)

@@ -551,6 +551,13 @@ def encode(
         h (B, H) = a(x~ W^T + b); rho_hat (H,) = mean_i h_i (float32 at least);
         jac () = (1/B) sum_i ||J_enc(x_i)||_F^2 = (1/B) sum_ij a'(z_ij)^2 ||W_j||^2.
     """
+    h, rho_hat, jac, _ = _encode(*_encode_args(x, weight, bias, activation, noise, statistics))
+    return (h, rho_hat, jac) if statistics else (h, None, None)
+
+
+def _encode_args(x, weight, bias, activation, noise, statistics) -> tuple:
+    """encode's checks and, where x~ is stored, its corruption pass: the arguments of
+    ``_encode`` (x~ then stands in for x, and the noise is "none")."""
     statistics = _checks.flag("statistics", statistics)
     x = _check_input(x)
     x, weight, bias = _autocast(x.device, x, weight, bias)
@@ -570,10 +577,7 @@ def encode(
         kind, level, low, high = "none", 0.0, 0.0, 0.0
     elif kind != "none":
         seed = _seed_tensor(noise.seed, name, x.device)
-    h, rho_hat, jac, _ = _encode(
-        x, weight, bias, activation, kind, level, low, high, seed, name, statistics
-    )
-    return (h, rho_hat, jac) if statistics else (h, None, None)
+    return x, weight, bias, activation, kind, level, low, high, seed, name, statistics
 
 
 # ----------------------------------------------------------------------------- decode_loss
@@ -1093,3 +1097,132 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
     rho = _checks.finite_number("rho", rho, low=0.0, high=1.0, open_low=True)
     name = _backend_for("bernoulli_kl", "sparsity", rho_hat.device)
     return _bernoulli_kl(rho_hat, rho, name)[0]
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+class _AutoencoderStep(torch.autograd.Function):
+    """One autoencoder's forward (encode, decode_loss, penalties, total loss) as one autograd
+    node whose backward chains the ops' own backward bodies: the same numbers as the ops
+    composed through autograd, without a node, checks and dispatch per op and per loss term.
+
+    forward(x~, W, b, V or None (tied: W^T), c, target, encode_params, decode_params, terms)
+    returns (reconstruction_loss, per_sample, h, jac, sparsity, contractive, loss), an empty
+    tensor for each that is absent (``terms`` says which are present; without a penalty the
+    loss is the reconstruction loss itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms):
+        activation, kind, level, low, high, seed, enc_name, statistics = enc
+        output, loss_name, dec_name = dec
+        kl, l1_weight, contractive = terms
+        h, rho_hat, jac, stats = _encode_body(
+            x, weight, bias, activation, kind, level, low, high, seed, enc_name, statistics
+        )
+        matrix = weight.t() if decoder_weight is None else decoder_weight
+        per_sample, grad_z, _ = _decode_loss_body(
+            h, matrix, decoder_bias, target, output, loss_name, dec_name, False, True
+        )
+        reconstruction = per_sample.mean()
+        sparsity, kl_grad, contractive_term = (rho_hat.new_empty(0) for _ in range(3))
+        total = reconstruction
+        if kl is not None:  # the terms as the module writes them: weight * penalty
+            kl_value, kl_grad = _bernoulli_kl_body(rho_hat, kl[0], kl[2])
+            sparsity = kl[1] * kl_value
+        elif l1_weight is not None:
+            sparsity = l1_weight * rho_hat.sum()  # mean_i |h_ij| = rho_hat_j for h >= 0
+        if kl is not None or l1_weight is not None:
+            total = total + sparsity
+        if contractive:
+            contractive_term = contractive * jac
+            total = total + contractive_term
+        ctx.enc, ctx.dec, ctx.terms = enc, dec, terms
+        ctx.tied = decoder_weight is None
+        ctx.save_for_backward(x, weight, matrix, h, stats, grad_z, kl_grad)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
+        if total is reconstruction:
+            total = rho_hat.new_empty(0)
+        return reconstruction, per_sample, h, jac, sparsity, contractive_term, total
+
+    @staticmethod
+    def backward(ctx, g_rec, g_per_sample, g_h, g_jac, g_sparsity, g_contractive, g_loss):
+        x, weight, matrix, h, stats, grad_z, kl_grad = ctx.saved_tensors
+        activation, kind, level, low, high, seed, enc_name, statistics = ctx.enc
+        output, loss_name, dec_name = ctx.dec
+        kl, l1_weight, contractive = ctx.terms
+        # loss = reconstruction + sparsity + contractive, reconstruction = per_sample.mean():
+        # autograd's rules for add, mean, a scalar product and sum, term by term
+        g_rec = _add(g_loss, g_rec)
+        g_sparsity, g_contractive = _add(g_loss, g_sparsity), _add(g_loss, g_contractive)
+        if g_rec is not None:
+            g_per_sample = _add(g_rec.expand(h.shape[0]) / h.shape[0], g_per_sample)
+        grad_rho = None
+        if g_sparsity is not None and kl is not None:
+            grad_rho = ((g_sparsity * kl[1]) * kl_grad).to(kl_grad.dtype)
+        elif g_sparsity is not None and l1_weight is not None:
+            grad_rho = (g_sparsity * l1_weight).expand(h.shape[1])
+        if g_contractive is not None and contractive:
+            g_jac = _add(g_contractive * contractive, g_jac)
+        grad_matrix = grad_decoder_bias = None
+        if g_per_sample is not None:
+            grad_matrix, grad_decoder_bias, grad_h = _decode_backward_body(
+                g_per_sample, h, matrix, grad_z, None, None, output, loss_name, dec_name, True
+            )
+            g_h = _add(grad_h, g_h)
+        if not statistics:
+            grad_rho = g_jac = None
+        grad_weight = grad_bias = None
+        if g_h is not None or grad_rho is not None or g_jac is not None:
+            g_h = torch.zeros_like(h) if g_h is None else g_h.contiguous()
+            grad_weight, grad_bias = _encode_backward_body(
+                g_h, grad_rho, g_jac, x, weight, h, stats, activation, kind, level, low, high,
+                seed, enc_name, False,
+            )  # fmt: skip
+        if ctx.tied and grad_matrix is not None:
+            grad_weight = _add(grad_weight, grad_matrix.t())
+            grad_matrix = None
+        return (None, grad_weight, grad_bias, grad_matrix, grad_decoder_bias) + (None,) * 4
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b, where None is zero (an output the loss left out)."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _autoencoder_step(
+    x: Tensor, weight: Tensor, bias: Tensor | None, decoder_weight: Tensor | None,
+    decoder_bias: Tensor | None, *, activation: str, noise: Noise | None, statistics: bool,
+    output: str, loss: str, check_target: bool, kl: tuple[float, float] | None,
+    l1_weight: float | None, contractive: float,
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """A module's training step in one autograd node (see :class:`_AutoencoderStep`):
+    (loss, reconstruction_loss, per_sample, h, jac, sparsity, contractive), None where
+    absent. For plain eager calls with gradients, x requiring none, no autocast; the KL
+    term is ``kl[1] * bernoulli_kl(rho_hat, kl[0])``, the L1 term ``l1_weight *
+    rho_hat.sum()`` (nonnegative activations), the contractive one ``contractive * jac``."""
+    x_enc, weight, bias, activation, kind, level, low, high, seed, enc_name, statistics = (
+        _encode_args(x, weight, bias, activation, noise, statistics)
+    )
+    output = _checks.choice("output", output, reference.OUTPUTS)
+    loss = _checks.choice("loss", loss, reference.LOSSES)
+    if loss == "bce" and check_target:
+        _check_target(x)
+    dec_name = _backend_for("decode_loss", "decoder", x.device)
+    if kl is not None:
+        kl = (*kl, _backend_for("bernoulli_kl", "sparsity", x.device))
+    enc = (activation, kind, level, low, high, seed, enc_name, statistics)
+    outs = _AutoencoderStep.apply(
+        x_enc, weight, bias, decoder_weight, decoder_bias, x, enc, (output, loss, dec_name),
+        (kl, l1_weight, contractive),
+    )  # fmt: skip
+    reconstruction, per_sample, h, jac, sparsity, contractive_term, total = outs
+    has_penalty = kl is not None or l1_weight is not None or bool(contractive)
+    return (
+        total if has_penalty else reconstruction, reconstruction, per_sample, h,
+        jac if statistics else None,
+        sparsity if kl is not None or l1_weight is not None else None,
+        contractive_term if contractive else None,
+    )  # fmt: skip

@@ -1,0 +1,160 @@
+"""A training step as one autograd node (``ops._autoencoder_step``) against the ops composed
+through autograd: the same outputs and the same gradients, bit for bit on the CPU."""
+
+import itertools
+
+import pytest
+import torch
+
+import fastae
+from fastae import modules
+
+NOISES = [None, fastae.MaskingNoise(0.3, seed=5), fastae.GaussianNoise(0.2, seed=6)]
+SPARSITIES = [None, fastae.KLSparsity(0.1, 0.5), fastae.L1Sparsity(0.2)]
+CONFIGS = [
+    dict(activation=a, noise=n, sparsity=s, contractive=c, tied=t, output=o, loss=loss)
+    for (a, (o, loss)), n, s, c, t in itertools.product(
+        [
+            ("sigmoid", ("sigmoid", "bce")),
+            ("relu", ("identity", "mse")),
+            ("tanh", ("sigmoid", "mse")),
+            ("softplus", ("sigmoid", "bce")),
+        ],
+        NOISES,
+        SPARSITIES,
+        [0.0, 0.3],
+        [True, False],
+    )  # fmt: skip
+    # KL needs sigmoid codes; L1 on tanh codes is not taken by the one node
+    if not (a != "sigmoid" and isinstance(s, fastae.KLSparsity))
+    and not (a == "tanh" and isinstance(s, fastae.L1Sparsity))
+]
+
+
+def _model(config, dtype=torch.float64):
+    torch.manual_seed(0)
+    return fastae.Autoencoder(7, 5, **config).to(dtype)
+
+
+def _outputs_and_grads(model, x, uses, one_node, monkeypatch):
+    monkeypatch.setattr(modules, "ONE_NODE_STEP", one_node)
+    for p in model.parameters():
+        p.grad = None
+    out = model(x)
+    assert ("AutoencoderStep" in type(out.code.grad_fn).__name__) == one_node
+    total = sum(use(out) for use in uses)
+    total.backward()
+    values = [out.loss, out.reconstruction_loss, out.code, out.per_sample]
+    values += [out.jacobian_norm] if out.jacobian_norm is not None else []
+    values += list(out.penalties.values())
+    return [v.detach() for v in values], sorted(out.penalties), [p.grad for p in model.parameters()]
+
+
+def _assert_same(model, x, uses, monkeypatch):
+    got = _outputs_and_grads(model, x, uses, True, monkeypatch)
+    want = _outputs_and_grads(model, x, uses, False, monkeypatch)
+    assert got[1] == want[1]
+    for a, b in zip(got[0] + got[2], want[0] + want[2], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_loss_step_equals_the_ops_composed(config, monkeypatch):
+    model = _model(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize("config", CONFIGS[::5], ids=str)
+def test_every_output_used(config, monkeypatch):
+    """Gradients through the code, the per-sample losses, the Jacobian norm and each penalty
+    besides the loss reach the parameters as through the ops."""
+    model = _model(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    g_code = torch.randn(6, 5, dtype=torch.float64)
+    uses = [
+        lambda out: out.loss * 0.5,
+        lambda out: out.reconstruction_loss * 2.0,
+        lambda out: (out.code * g_code).sum(),
+        lambda out: out.per_sample[1] * 3.0,
+        lambda out: 0.0 if out.jacobian_norm is None else out.jacobian_norm * 1.5,
+        lambda out: sum(out.penalties.values(), torch.zeros((), dtype=torch.float64)) * 0.7,
+    ]
+    _assert_same(model, x, uses, monkeypatch)
+
+
+def test_only_the_code_used(monkeypatch):
+    """A loss on the code alone (a classifier head) skips the decoder's backward."""
+    model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.code.square().sum()], monkeypatch)
+
+
+def test_float32_step(monkeypatch):
+    model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2), torch.float32)
+    x = torch.rand(16, 7)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "case", ["no_grad", "input_requires_grad", "frozen", "autocast", "compiling"]
+)
+def test_falls_back_to_the_ops(case, monkeypatch):
+    model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5)), torch.float32)
+    x = torch.rand(6, 7)
+    if case == "no_grad":
+        with torch.no_grad():
+            assert model(x).loss.grad_fn is None
+        return
+    if case == "input_requires_grad":
+        x.requires_grad_()
+    if case == "frozen":
+        model.requires_grad_(False)
+        assert model(x).loss.grad_fn is None
+        return
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    elif case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not model._one_node(x)
+        return
+    else:
+        out = model(x)
+    assert "AutoencoderStep" not in type(out.code.grad_fn).__name__
+    out.loss.backward()
+    if case == "input_requires_grad":
+        assert x.grad is not None
+
+
+def test_regenerated_corrupted_input(monkeypatch):
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+    model = _model(dict(noise=fastae.MaskingNoise(0.3, seed=5), contractive=0.2))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_triton_backend(fusion, monkeypatch):
+    """The kernels (interpreted on the CPU) through the one node, as through the ops."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
+    config = dict(noise=fastae.MaskingNoise(0.3, seed=5), sparsity=fastae.KLSparsity(0.1, 0.5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cuda" else torch.float64  # the interpreter runs fp64
+    model = _model(dict(config, contractive=0.2), dtype).to(device)
+    x = torch.rand(6, 7, dtype=dtype, device=device)
+    with fastae.use_backend("triton"):
+        _assert_same(model, x, [lambda out: out.loss + out.code.sum()], monkeypatch)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias", "decoder_bias", "decoder_weight"])
+def test_some_parameters_frozen(frozen, monkeypatch):
+    model = _model(dict(tied=False, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2))
+    getattr(model, frozen).requires_grad_(False)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+    assert getattr(model, frozen).grad is None
