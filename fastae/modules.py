@@ -266,7 +266,9 @@ class Autoencoder(nn.Module):
             and torch.is_grad_enabled()
             and not x.requires_grad
             and any(p is not None and p.requires_grad for p in params)
-            and not torch.is_autocast_enabled(x.device.type)
+            and not (
+                ops._autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+            )
             and not (self.sync_statistics and isinstance(self.sparsity, KLSparsity))
             and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
             and ops._plain_eager((x, *params))

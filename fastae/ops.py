@@ -1102,55 +1102,72 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
 # ----------------------------------------------------------------------------- training step
 
 
+def _step_outputs(encode, decode_loss, bernoulli_kl, x, weight, bias, decoder_weight,
+                  decoder_bias, target, enc, dec, terms):  # fmt: skip
+    """A module's step from ``encode``, ``decode_loss`` and ``bernoulli_kl`` (the ops' bodies,
+    or their callers, which autograd records): the outputs (reconstruction_loss, per_sample,
+    h, jac, sparsity, contractive, loss), an empty tensor for each that is absent (without a
+    penalty the loss is the reconstruction loss itself), then what backward needs: stats,
+    d loss / d z^ and d KL / d rho_hat."""
+    output, loss_name, dec_name = dec
+    kl, l1_weight, contractive = terms
+    h, rho_hat, jac, stats = encode(x, weight, bias, *enc)
+    matrix = weight.t() if decoder_weight is None else decoder_weight
+    per_sample, grad_z, _ = decode_loss(
+        h, matrix, decoder_bias, target, output, loss_name, dec_name, False, True
+    )
+    reconstruction = per_sample.mean()
+    sparsity, kl_grad, contractive_term, total = (rho_hat.new_empty(0) for _ in range(4))
+    # the terms as the module writes them: weight * penalty, summed in this order
+    if kl is not None:
+        kl_value, kl_grad = bernoulli_kl(rho_hat, kl[0], kl[2])
+        sparsity = kl[1] * kl_value
+    elif l1_weight is not None:
+        sparsity = l1_weight * rho_hat.sum()  # mean_i |h_ij| = rho_hat_j for h >= 0
+    if kl is not None or l1_weight is not None or contractive:
+        total = reconstruction
+        if kl is not None or l1_weight is not None:
+            total = total + sparsity
+        if contractive:
+            contractive_term = contractive * jac
+            total = total + contractive_term
+    outputs = (reconstruction, per_sample, h, jac, sparsity, contractive_term, total)
+    return outputs, stats, grad_z, kl_grad
+
+
 class _AutoencoderStep(torch.autograd.Function):
     """One autoencoder's forward (encode, decode_loss, penalties, total loss) as one autograd
     node whose backward chains the ops' own backward bodies: the same numbers as the ops
     composed through autograd, without a node, checks and dispatch per op and per loss term.
 
     forward(x~, W, b, V or None (tied: W^T), c, target, encode_params, decode_params, terms)
-    returns (reconstruction_loss, per_sample, h, jac, sparsity, contractive, loss), an empty
-    tensor for each that is absent (``terms`` says which are present; without a penalty the
-    loss is the reconstruction loss itself)."""
+    returns :func:`_step_outputs`'s outputs."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms):
-        activation, kind, level, low, high, seed, enc_name, statistics = enc
-        output, loss_name, dec_name = dec
-        kl, l1_weight, contractive = terms
-        h, rho_hat, jac, stats = _encode_body(
-            x, weight, bias, activation, kind, level, low, high, seed, enc_name, statistics
-        )
-        matrix = weight.t() if decoder_weight is None else decoder_weight
-        per_sample, grad_z, _ = _decode_loss_body(
-            h, matrix, decoder_bias, target, output, loss_name, dec_name, False, True
-        )
-        reconstruction = per_sample.mean()
-        sparsity, kl_grad, contractive_term = (rho_hat.new_empty(0) for _ in range(3))
-        total = reconstruction
-        if kl is not None:  # the terms as the module writes them: weight * penalty
-            kl_value, kl_grad = _bernoulli_kl_body(rho_hat, kl[0], kl[2])
-            sparsity = kl[1] * kl_value
-        elif l1_weight is not None:
-            sparsity = l1_weight * rho_hat.sum()  # mean_i |h_ij| = rho_hat_j for h >= 0
-        if kl is not None or l1_weight is not None:
-            total = total + sparsity
-        if contractive:
-            contractive_term = contractive * jac
-            total = total + contractive_term
+        outputs, stats, grad_z, kl_grad = _step_outputs(
+            _encode_body, _decode_loss_body, _bernoulli_kl_body,
+            x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms,
+        )  # fmt: skip
         ctx.enc, ctx.dec, ctx.terms = enc, dec, terms
-        ctx.tied = decoder_weight is None
-        ctx.save_for_backward(x, weight, matrix, h, stats, grad_z, kl_grad)
+        ctx.save_for_backward(
+            x, weight, bias, decoder_weight, decoder_bias, target, outputs[2], stats, grad_z,
+            kl_grad,
+        )  # fmt: skip
         ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
-        if total is reconstruction:
-            total = rho_hat.new_empty(0)
-        return reconstruction, per_sample, h, jac, sparsity, contractive_term, total
+        return outputs
 
     @staticmethod
     def backward(ctx, g_rec, g_per_sample, g_h, g_jac, g_sparsity, g_contractive, g_loss):
-        x, weight, matrix, h, stats, grad_z, kl_grad = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _step_backward_recorded(
+                ctx, (g_rec, g_per_sample, g_h, g_jac, g_sparsity, g_contractive, g_loss)
+            )
+        x, weight, _, decoder_weight, _, _, h, stats, grad_z, kl_grad = ctx.saved_tensors
         activation, kind, level, low, high, seed, enc_name, statistics = ctx.enc
         output, loss_name, dec_name = ctx.dec
         kl, l1_weight, contractive = ctx.terms
+        matrix = weight.t() if decoder_weight is None else decoder_weight
         # loss = reconstruction + sparsity + contractive, reconstruction = per_sample.mean():
         # autograd's rules for add, mean, a scalar product and sum, term by term
         g_rec = _add(g_loss, g_rec)
@@ -1179,10 +1196,31 @@ class _AutoencoderStep(torch.autograd.Function):
                 g_h, grad_rho, g_jac, x, weight, h, stats, activation, kind, level, low, high,
                 seed, enc_name, False,
             )  # fmt: skip
-        if ctx.tied and grad_matrix is not None:
+        if decoder_weight is None and grad_matrix is not None:
             grad_weight = _add(grad_weight, grad_matrix.t())
             grad_matrix = None
         return (None, grad_weight, grad_bias, grad_matrix, grad_decoder_bias) + (None,) * 4
+
+
+def _step_backward_recorded(ctx, grads: tuple) -> tuple:
+    """Backward under ``create_graph``: the step recomputed through the ops, whose backward
+    formulas autograd records (second and higher derivatives), and differentiated."""
+    x, weight, bias, decoder_weight, decoder_bias, target = ctx.saved_tensors[:6]
+    params = (weight, bias, decoder_weight, decoder_bias)
+    outputs = _step_outputs(
+        _encode, _decode_loss, _bernoulli_kl,
+        x, *params, target, ctx.enc, ctx.dec, ctx.terms,
+    )[0]  # fmt: skip
+    used = [(out, g) for out, g in zip(outputs, grads, strict=True) if g is not None]
+    wanted = [i for i, p in enumerate(params) if p is not None and p.requires_grad]
+    found = torch.autograd.grad(
+        [out for out, _ in used], [params[i] for i in wanted], [g for _, g in used],
+        create_graph=True, allow_unused=True,
+    )  # fmt: skip
+    param_grads = [None] * 4
+    for i, grad in zip(wanted, found, strict=True):
+        param_grads[i] = grad
+    return (None, *param_grads) + (None,) * 4
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -158,3 +158,24 @@ def test_some_parameters_frozen(frozen, monkeypatch):
     x = torch.rand(6, 7, dtype=torch.float64)
     _assert_same(model, x, [lambda out: out.loss], monkeypatch)
     assert getattr(model, frozen).grad is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_second_order(tied, monkeypatch):
+    """d/dtheta [L + |dL/dtheta|^2]: under create_graph the one node's backward records the
+    ops' own (differentiable) backward, as the ops composed do."""
+    config = dict(tied=tied, noise=fastae.MaskingNoise(0.3, seed=5), contractive=0.2)
+    model = _model(dict(config, sparsity=fastae.KLSparsity(0.1, 0.5)))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def penalized(one_node):
+        monkeypatch.setattr(modules, "ONE_NODE_STEP", one_node)
+        out = model(x)
+        grads = torch.autograd.grad(out.loss + out.code.sum(), params, create_graph=True)
+        total = out.loss + sum(g.square().sum() for g in grads)
+        return torch.autograd.grad(total, params)
+
+    for got, want in zip(penalized(True), penalized(False), strict=True):
+        # the same terms, summed in another order where three or more reach one tensor
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
