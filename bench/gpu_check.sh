@@ -6,8 +6,8 @@
 # statistics, the full step, the denoising step, then the rest; B=4096 784->1024 and
 # B=8192 4096->4096, tf32 and bf16), kernel-level A/B times (bench/kernel_times.py; its
 # finishing-kernel sweep runs first), then reparameterize, corrupt on 256 MB, and the host
-# time of encode with statistics and of the full step at B=64, and print the ratio table
-# last. Everything lands in $OUT (default ./out): tests_cuda.log, tests.log, warm.log,
+# time of encode with statistics, the full step and the VAE's step at B=64, and print the ratio
+# table last. Everything lands in $OUT (default ./out): tests_cuda.log, tests.log, warm.log,
 # bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png, launch/SUMMARY.md,
 # graphs/SUMMARY.md, kernel_times.log, finish_times.log
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
@@ -183,15 +183,17 @@ if [ "$(left)" -ge 45 ]; then
 fi
 
 # reparameterize at B=4096, k=64..1024; corrupt on 256 MB against a plain copy; then the host
-# time of encode with statistics and of the full step at B=64 (kernels of a few microseconds);
-# the host-bound ones also through Triton's own launch path (fastae_triton_launch), and the
-# full step replayed from a CUDA graph (fastae_graph: the sklearn estimators' batch size)
+# time of encode with statistics, of the full step and of the VAE's step at B=64 (kernels of a
+# few microseconds); the host-bound ones also through Triton's own launch path
+# (fastae_triton_launch), and the steps replayed from a CUDA graph (fastae_graph: the sklearn
+# estimators' batch size)
 extra=()
 base=eager,compile,fastae,floor
 for spec in "reparameterize vae tf32 ops $base,fastae_triton_launch" \
     "corrupt bandwidth tf32 ops $base" \
     "encode_stats host bf16 ops $base,fastae_triton_launch" \
-    "all host bf16 steps $base,fastae_triton_launch,fastae_graph"; do
+    "all host bf16 steps $base,fastae_triton_launch,fastae_graph" \
+    "vae host bf16 steps $base,fastae_graph"; do
     set -- $spec
     [ "$(left)" -lt 25 ] && break
     log "benchmarks: $1 at sizes '$2'"

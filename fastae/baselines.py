@@ -6,7 +6,8 @@ mean_i sum_j (h_ij (1 - h_ij))^2 ||W_j||^2, KL sparsity on the batch mean of h a
 ``torch.rand_like`` mask for denoising. Each function below computes what the fastae call in its
 docstring computes (the denoising mask aside: fastae draws it from Philox), so the two read side
 by side. ``contractive_penalty_jacrev`` is the brute-force alternative: the full encoder
-Jacobian of every sample through ``torch.func``.
+Jacobian of every sample through ``torch.func``. ``vae_step`` is a VAE's: ReLU layers, a
+Gaussian posterior, BCE.
 
 Arguments: x (B, d) in [0, 1]; W (H, d) encoder weight (the decoder uses W^T); b (H,) encoder
 bias; c (d,) decoder bias. Every step returns the scalar training loss.
@@ -26,12 +27,14 @@ RHO = 0.05
 SPARSITY_WEIGHT = 0.1
 MASK_P = 0.3
 CONTRACTIVE = 0.1
+VAE_LATENT = 32  # the VAE step's latent size k (fastae side: VAE(d, H, VAE_LATENT))
 
 __all__ = [
     "CONTRACTIVE",
     "MASK_P",
     "RHO",
     "SPARSITY_WEIGHT",
+    "VAE_LATENT",
     "all_step",
     "contractive_jacrev_step",
     "contractive_penalty",
@@ -46,6 +49,7 @@ __all__ = [
     "plain_step",
     "reparameterize",
     "sparse_step",
+    "vae_step",
 ]
 
 
@@ -148,3 +152,15 @@ def reparameterize(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)
     return z, kl
+
+
+def vae_step(x: Tensor, W: Tensor, b: Tensor, Wq: Tensor, bq: Tensor, W2: Tensor, b2: Tensor,
+             V: Tensor, c: Tensor) -> Tensor:  # fmt: skip
+    """fastae: ``fastae.VAE(d, H, VAE_LATENT)(x).loss`` — ReLU layers, the posterior layer
+    Wq (2k, H) giving [mu, logvar], a decoder hidden layer W2 (H, k), a sigmoid output layer
+    V (d, H) and BCE: the batch mean of the negative ELBO."""
+    h = F.relu(F.linear(x, W, b))
+    mu, logvar = F.linear(h, Wq, bq).chunk(2, dim=1)
+    z, kl = reparameterize(mu, logvar)
+    h2 = F.relu(F.linear(z, W2, b2))
+    return (decode_loss(h2, V.t(), c, x) + kl).mean()

@@ -46,15 +46,16 @@ from . import baselines, ops
 from .graphs import GraphedStep
 from .modules import Autoencoder, KLSparsity
 from .noise import MaskingNoise
+from .vae import VAE
 
 OPS = ("encode", "encode_stats", "corrupt", "decode_loss", "reparameterize")
-STEPS = ("plain", "sparse", "denoising", "contractive", "all")
+STEPS = ("plain", "sparse", "denoising", "contractive", "all", "vae")
 CASES = OPS + STEPS
 # the order of a run: the cases that carry a target first (the fused encoder with its
-# statistics, the full step, the denoising step), then the rest
+# statistics, the full step, the denoising step), then the rest, the VAE's step last
 CASE_ORDER = (
     "encode_stats", "all", "denoising", "contractive", "sparse", "plain", "decode_loss",
-    "encode", "corrupt", "reparameterize",
+    "encode", "corrupt", "reparameterize", "vae",
 )  # fmt: skip
 PROVIDERS = ("eager", "compile", "fastae")
 JACREV = "jacrev"  # extra provider, contractive step only
@@ -377,9 +378,15 @@ def build(
     dev = torch.device(device)
     torch.manual_seed(seed)
     # fit() checks the data lies in [0, 1] once; the timed step does not sync to re-check it
-    model = Autoencoder(size.inputs, size.hidden, check_targets=False, **_STEP_MODELS.get(case, {}))
+    if case == "vae":
+        model = VAE(size.inputs, size.hidden, baselines.VAE_LATENT, check_targets=False)
+    else:
+        model = Autoencoder(
+            size.inputs, size.hidden, check_targets=False, **_STEP_MODELS.get(case, {})
+        )
     model = model.to(device=dev, dtype=DTYPES[dtype][0])
-    W, b, c = model.weight, model.bias, model.decoder_bias
+    params = list(model.parameters())  # the Autoencoder's: W, b, c (tied)
+    W, b, c = params[0], params[1], params[-1]
     x = torch.rand(size.batch, size.inputs, device=dev, dtype=W.dtype)
     env = VARIANTS.get(provider, VARIANTS["fastae"])[1]
     common = {
@@ -403,7 +410,7 @@ def build(
         return upstream
 
     if provider == FLOOR:
-        return _floor(case, x, W, c, fixed_grads, common)
+        return _floor(case, x, params, fixed_grads, common)
 
     if case == "reparameterize":
         k = size.hidden
@@ -422,7 +429,8 @@ def build(
         )
 
     if case in STEPS:
-        inputs = [x, W, b, c]
+        inputs = [x, *params]
+        eager_step = baselines.vae_step if case == "vae" else _EAGER_STEPS[case]
         if provider == GRAPH:
             step = GraphedStep(model)
             with matmul_precision(DTYPES[dtype][1]), _environment(env):
@@ -431,20 +439,20 @@ def build(
             forward = lambda: (step(x),)  # noqa: E731
             return Bench(forward=forward, params=[], inputs=inputs, **common)
         if provider == COMPILE_GRAPH:
-            fn = compile_function(_EAGER_STEPS[case], mode="reduce-overhead")
+            fn = compile_function(eager_step, mode="reduce-overhead")
 
             def forward():
                 torch.compiler.cudagraph_mark_step_begin()
-                return (fn(x, W, b, c),)
+                return (fn(x, *params),)
 
-            return Bench(forward=forward, params=[W, b, c], inputs=inputs, **common)
+            return Bench(forward=forward, params=params, inputs=inputs, **common)
         if provider == "fastae":
             forward = lambda: (model(x).loss,)  # noqa: E731
         else:
-            fn = baselines.contractive_jacrev_step if provider == JACREV else _EAGER_STEPS[case]
+            fn = baselines.contractive_jacrev_step if provider == JACREV else eager_step
             fn = compile_function(fn) if provider == "compile" else fn
-            forward = lambda: (fn(x, W, b, c),)  # noqa: E731
-        return Bench(forward=forward, params=[W, b, c], inputs=inputs, **common)
+            forward = lambda: (fn(x, *params),)  # noqa: E731
+        return Bench(forward=forward, params=params, inputs=inputs, **common)
 
     if case == "corrupt":
         if provider == "fastae":
@@ -485,10 +493,11 @@ def build(
     return Bench(forward=forward, params=[W, b], inputs=[x, W, b], grads=fixed_grads, **common)
 
 
-def _floor(case: str, x: Tensor, W: Tensor, c: Tensor, grads, common: dict) -> Bench:
+def _floor(case: str, x: Tensor, params: list[Tensor], grads, common: dict) -> Bench:
     """The bare matrix products of a case, forward and backward through torch.mm: encode
-    x W^T and dW = G^T x; decode h W and dh, dW; a tied step both (five products); corrupt
-    a copy of x (read once, written once)."""
+    x W^T and dW = G^T x; decode h W and dh, dW; a tied step both (five products); the VAE
+    step its four layers' (eleven: no dx); corrupt a copy of x (read once, written once)."""
+    W = params[0]
     if case == "corrupt":
         return Bench(forward=lambda: (x.clone(),), params=[], inputs=[x], **common)
     if case == "decode_loss":
@@ -496,6 +505,15 @@ def _floor(case: str, x: Tensor, W: Tensor, c: Tensor, grads, common: dict) -> B
         h.requires_grad_()
         forward = lambda: (h @ W,)  # noqa: E731
         return Bench(forward=forward, params=[h, W], inputs=[x, h, W], grads=grads, **common)
+    if case == "vae":
+        weights = params[::2]  # W, Wq, W2, V
+        latent = weights[2].shape[1]
+
+        def forward():
+            posterior = x @ weights[0].t() @ weights[1].t()
+            return (posterior[:, :latent] @ weights[2].t() @ weights[3].t(),)
+
+        return Bench(forward=forward, params=weights, inputs=[x, *weights], grads=grads, **common)
     tied_step = case in STEPS
 
     def forward():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import _checks, ops, reference
+from . import _checks, ops, reference, steps
 from .noise import Noise, check_noise
 
 
@@ -58,11 +58,6 @@ class AutoencoderOutput:
     per_sample: Tensor
     penalties: dict[str, Tensor] = field(default_factory=dict)
     jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2 (None: not computed)
-
-
-# A training step with gradients runs as one autograd node where it can (Autoencoder._one_node);
-# tests turn this off to compare with the ops composed through autograd.
-ONE_NODE_STEP = True
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -257,22 +252,14 @@ class Autoencoder(nn.Module):
         return AutoencoderOutput(loss, reconstruction_loss, h, per_sample, penalties, jac)
 
     def _one_node(self, x: Tensor) -> bool:
-        """Whether a step can run as one autograd node (``ops._autoencoder_step``): plain
-        eager with gradients (see ``ops._plain_eager``), x requiring none, no autocast, no
-        statistics summed over processes, no L1 penalty on tanh codes (|h| is not rho_hat)."""
+        """Whether a step can run as one autograd node (``steps.autoencoder_step``; see
+        ``steps.available``): not with statistics summed over processes, nor with an L1
+        penalty on tanh codes (|h| is not rho_hat)."""
         params = (self.weight, self.bias, self.decoder_weight, self.decoder_bias)
         return (
-            ONE_NODE_STEP
-            and torch.is_grad_enabled()
-            and not x.requires_grad
-            and any(p is not None and p.requires_grad for p in params)
-            and not (
-                ops._autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-            )
-            and not (self.sync_statistics and isinstance(self.sparsity, KLSparsity))
+            not (self.sync_statistics and isinstance(self.sparsity, KLSparsity))
             and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
-            and ops._plain_eager((x, *params))
-            and not ops._under_torch_func((x, *params))
+            and steps.available(x, params)
         )
 
     def _one_node_forward(self, x: Tensor, noise: Noise | None) -> AutoencoderOutput:
@@ -281,7 +268,7 @@ class Autoencoder(nn.Module):
             kl = (self.sparsity.rho, self.sparsity.weight)
         elif isinstance(self.sparsity, L1Sparsity):
             l1 = self.sparsity.weight
-        loss, reconstruction, per_sample, h, jac, sparsity, contractive = ops._autoencoder_step(
+        loss, reconstruction, per_sample, h, jac, sparsity, contractive = steps.autoencoder_step(
             x, self.weight, self.bias, self.decoder_weight, self.decoder_bias,
             activation=self.activation, noise=noise, statistics=self.needs_statistics,
             output=self.output, loss=self.loss_name, check_target=self.check_targets, kl=kl,

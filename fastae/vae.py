@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import _checks, ops, reference
+from . import _checks, ops, reference, steps
 
 SCORES = ("elbo", "reconstruction")
 
@@ -175,7 +175,27 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor, seed: int | None = None) -> VAEOutput:
         """Training mode: z = mu + exp(logvar / 2) eps with eps from Philox at ``seed`` (None:
-        a fresh seed from torch's generator). Eval mode: z = mu (no random draws)."""
+        a fresh seed from torch's generator); with gradients in plain eager mode the step runs
+        as one autograd node (:mod:`fastae.steps`). Eval mode: z = mu (no random draws)."""
+        x = self._check_x(x)
+        params = (
+            self.encoder.weight, self.encoder.bias, self.posterior.weight, self.posterior.bias,
+            self.decoder_hidden.weight, self.decoder_hidden.bias, self.decoder.weight,
+            self.decoder.bias,
+        )  # fmt: skip
+        if self.training and steps.available(x, params):
+            return VAEOutput(
+                *steps.vae_step(
+                    x,
+                    params,
+                    activation=self.activation,
+                    output=self.output,
+                    loss=self.loss_name,
+                    check_target=self.check_targets,
+                    beta=self.beta,
+                    seed=seed,
+                )  # fmt: skip
+            )
         mu, logvar = self.posterior_parameters(x)
         if self.training:
             z, kl = ops.reparameterize(mu, logvar, seed)

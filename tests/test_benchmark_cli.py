@@ -17,7 +17,7 @@ from fastae import __main__ as cli
 from fastae import baselines
 from fastae import benchmark as fb
 
-CASES = ("sparse", "denoising", "contractive")
+CASES = ("sparse", "denoising", "contractive", "vae")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,10 @@ def test_fastae_step_saves_less_for_backward(bench_run, case):
     if case == "sparse":
         # both keep h and one (B, d) decoder tensor; the rest are a few H-vectors either way
         assert saved_less >= -h_vectors
+    elif case == "vae":
+        # both keep each layer's input and output and one (B, d) decoder tensor; eager also
+        # eps and exp(logvar / 2), (B, k) each, where fastae regenerates eps from its seed
+        assert saved_less >= 2 * 4 * eager["batch"] * baselines.VAE_LATENT
     else:
         # eager also keeps the mask and x~ (denoising) or s and s^2 (contractive)
         assert saved_less >= 4 * eager["batch"] * min(eager["inputs"], eager["hidden"])
@@ -141,6 +145,20 @@ def test_eager_baselines_compute_the_fastae_loss(step, options):
     with fastae.use_backend("reference"):
         expected = model(x).loss
     torch.testing.assert_close(step(x, W, b, c), expected)
+
+
+def test_eager_vae_step_computes_the_fastae_loss(monkeypatch):
+    """baselines.vae_step is fastae.VAE's training loss: with fastae's eps in place of
+    torch.randn_like, the same number."""
+    torch.manual_seed(0)
+    model = fastae.VAE(13, 7, baselines.VAE_LATENT).double()
+    x = torch.rand(5, 13, dtype=torch.float64)
+    eps = fastae.reference.standard_normal(4, 5, baselines.VAE_LATENT, x.device).double()
+    monkeypatch.setattr(torch, "randn_like", lambda like: eps)
+    with fastae.use_backend("reference"):
+        expected = model(x, seed=4).loss
+    params = [p.detach() for p in model.parameters()]
+    torch.testing.assert_close(baselines.vae_step(x, *params), expected)
 
 
 def test_eager_ops_compute_the_fastae_ops():

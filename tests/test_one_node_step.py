@@ -1,4 +1,4 @@
-"""A training step as one autograd node (``ops._autoencoder_step``) against the ops composed
+"""A training step as one autograd node (``steps.autoencoder_step``) against the ops composed
 through autograd: the same outputs and the same gradients, bit for bit on the CPU."""
 
 import itertools
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastae
-from fastae import modules
+from fastae import steps
 
 NOISES = [None, fastae.MaskingNoise(0.3, seed=5), fastae.GaussianNoise(0.2, seed=6)]
 SPARSITIES = [None, fastae.KLSparsity(0.1, 0.5), fastae.L1Sparsity(0.2)]
@@ -37,7 +37,7 @@ def _model(config, dtype=torch.float64):
 
 
 def _outputs_and_grads(model, x, uses, one_node, monkeypatch):
-    monkeypatch.setattr(modules, "ONE_NODE_STEP", one_node)
+    monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
     for p in model.parameters():
         p.grad = None
     out = model(x)
@@ -170,7 +170,7 @@ def test_second_order(tied, monkeypatch):
     params = list(model.parameters())
 
     def penalized(one_node):
-        monkeypatch.setattr(modules, "ONE_NODE_STEP", one_node)
+        monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
         out = model(x)
         grads = torch.autograd.grad(out.loss + out.code.sum(), params, create_graph=True)
         total = out.loss + sum(g.square().sum() for g in grads)
@@ -178,4 +178,201 @@ def test_second_order(tied, monkeypatch):
 
     for got, want in zip(penalized(True), penalized(False), strict=True):
         # the same terms, summed in another order where three or more reach one tensor
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- VAE
+
+VAE_CONFIGS = [
+    dict(activation=a, output=o, loss=loss, beta=beta)
+    for (a, (o, loss)), beta in itertools.product(
+        [
+            ("relu", ("sigmoid", "bce")),
+            ("sigmoid", ("identity", "mse")),
+            ("tanh", ("sigmoid", "mse")),
+            ("softplus", ("sigmoid", "bce")),
+        ],
+        [1.0, 0.25],
+    )
+]
+VAE_PARAMS = [
+    "encoder.weight", "encoder.bias", "posterior.weight", "posterior.bias",
+    "decoder_hidden.weight", "decoder_hidden.bias", "decoder.weight", "decoder.bias",
+]  # fmt: skip
+
+
+def _vae(config=None, dtype=torch.float64):
+    torch.manual_seed(0)
+    return fastae.VAE(7, 5, 3, **(config or {})).to(dtype)
+
+
+def _vae_outputs_and_grads(model, x, uses, one_node, monkeypatch, seed=11):
+    monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the draw of a seed=None step
+    out = model(x, seed=seed)
+    assert ("VAEStep" in type(out.loss.grad_fn).__name__) == one_node
+    sum(use(out) for use in uses).backward()
+    values = [out.loss, out.elbo, out.reconstruction, out.kl, out.per_sample, out.mu]
+    values += [out.logvar, out.z]
+    return [v.detach() for v in values], [p.grad for p in model.parameters()]
+
+
+def _assert_same_vae(model, x, uses, monkeypatch, seed=11):
+    got = _vae_outputs_and_grads(model, x, uses, True, monkeypatch, seed)
+    want = _vae_outputs_and_grads(model, x, uses, False, monkeypatch, seed)
+    for a, b in zip(got[0] + got[1], want[0] + want[1], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", VAE_CONFIGS, ids=str)
+def test_vae_loss_step_equals_the_ops_composed(config, monkeypatch):
+    model = _vae(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
+
+
+def test_vae_fresh_seed_draws_as_the_ops(monkeypatch):
+    """seed=None: the one node draws its Philox seed from torch's generator as the ops do."""
+    model = _vae()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch, seed=None)
+
+
+@pytest.mark.parametrize("config", VAE_CONFIGS[::3], ids=str)
+def test_vae_every_output_used(config, monkeypatch):
+    """Gradients through every output besides the loss (ELBO, both loss terms, the
+    posterior parameters and the sample) reach the parameters as through the ops."""
+    model = _vae(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    # random weights on every element: where three gradients reach one tensor, the order of
+    # their sum shows in the last bits
+    g = torch.randn(5, 6, dtype=torch.float64)
+    g_code = torch.randn(3, 6, 3, dtype=torch.float64)
+    uses = [
+        lambda out: out.loss * 0.5,
+        lambda out: (out.elbo * g[0]).sum(),
+        lambda out: (out.reconstruction * g[1]).sum(),
+        lambda out: (out.kl * g[2]).sum(),
+        lambda out: (out.per_sample * g[3]).sum(),
+        lambda out: (out.mu * g_code[0]).sum(),
+        lambda out: (out.logvar * g_code[1]).sum(),
+        lambda out: (out.z * g_code[2]).sum(),
+    ]
+    _assert_same_vae(model, x, uses, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda out: out.mu.square().sum(),
+        lambda out: out.z.sum() + out.logvar[0, 1],
+        lambda out: out.kl.sum(),
+        lambda out: out.reconstruction.mean(),
+    ],
+    ids=["mu", "z_logvar", "kl", "reconstruction"],
+)
+def test_vae_some_outputs_used(use, monkeypatch):
+    """A loss on some outputs only skips the backward passes the others would need."""
+    model = _vae()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same_vae(model, x, [use], monkeypatch)
+
+
+def test_vae_float32_step(monkeypatch):
+    model = _vae(dtype=torch.float32)
+    x = torch.rand(16, 7)
+    _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize("frozen", VAE_PARAMS + ["encoder", "encoder+posterior"])
+def test_vae_some_parameters_frozen(frozen, monkeypatch):
+    model = _vae()
+    names = dict(model.named_parameters())
+    if frozen in ("encoder", "encoder+posterior"):
+        layers = frozen.split("+")
+        frozen_names = [n for n in names if n.split(".")[0] in layers]
+    else:
+        frozen_names = [frozen]
+    for name in frozen_names:
+        names[name].requires_grad_(False)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
+    assert all(names[name].grad is None for name in frozen_names)
+    assert all(p.grad is not None for n, p in names.items() if n not in frozen_names)
+
+
+@pytest.mark.parametrize(
+    "case", ["eval", "no_grad", "input_requires_grad", "frozen", "autocast", "compiling"]
+)
+def test_vae_falls_back_to_the_ops(case, monkeypatch):
+    model = _vae(dtype=torch.float32)
+    x = torch.rand(6, 7)
+    if case == "eval":
+        model.eval()
+    elif case == "no_grad":
+        with torch.no_grad():
+            assert model(x).loss.grad_fn is None
+        return
+    elif case == "input_requires_grad":
+        x.requires_grad_()
+    elif case == "frozen":
+        model.requires_grad_(False)
+        assert model(x).loss.grad_fn is None
+        return
+    elif case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not steps.available(x, tuple(model.parameters()))
+        return
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    else:
+        out = model(x)
+    assert "VAEStep" not in type(out.loss.grad_fn).__name__
+    out.loss.backward()
+    if case == "input_requires_grad":
+        assert x.grad is not None
+
+
+def test_vae_bad_input_named(monkeypatch):
+    model = _vae(dtype=torch.float32)
+    with pytest.raises(ValueError, match="target must lie in"):
+        model(torch.rand(4, 7) + 1)
+    with pytest.raises(ValueError, match="x must have at least one row"):
+        model(torch.rand(0, 7))
+    with pytest.raises(ValueError, match="seed must be in"):
+        model(torch.rand(4, 7), seed=-1)
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_vae_triton_backend(fusion, monkeypatch):
+    """The kernels (interpreted on the CPU) through the one node, as through the ops."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cuda" else torch.float64  # the interpreter runs fp64
+    model = _vae(dtype=dtype).to(device)
+    x = torch.rand(6, 7, dtype=dtype, device=device)
+    with fastae.use_backend("triton"):
+        _assert_same_vae(model, x, [lambda out: out.loss + out.z.sum()], monkeypatch)
+
+
+def test_vae_second_order(monkeypatch):
+    """d/dtheta [L + |dL/dtheta|^2] through the one node, as through the ops."""
+    model = _vae()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def penalized(one_node):
+        monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
+        out = model(x, seed=4)
+        grads = torch.autograd.grad(out.loss + out.mu.sum(), params, create_graph=True)
+        total = out.loss + sum(g.square().sum() for g in grads)
+        return torch.autograd.grad(total, params)
+
+    for got, want in zip(penalized(True), penalized(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

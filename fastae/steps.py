@@ -1,0 +1,343 @@
+"""A model's training step as one autograd node.
+
+The ops composed through autograd record a node (and run checks and dispatch) per op and
+per loss term: a dozen for a regularized autoencoder's step, as many for a VAE's. That host
+time is most of a step at small and mid-sized batches on a GPU. Here a step's forward runs
+the ops' bodies in a row and its backward chains the ops' own backward bodies, summing
+each gradient's contributions in the order autograd does: the same numbers, bit for bit,
+as the ops composed (``tests/test_one_node_step.py``). Under ``create_graph`` the backward
+recomputes the step through the ops, whose double-backward formulas autograd records.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from . import _checks, ops, reference
+from .noise import Noise, check_seed
+
+# A training step with gradients runs as one autograd node where it can; tests turn this
+# off to compare with the ops composed through autograd.
+ONE_NODE_STEP = True
+
+
+def available(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
+    """Whether a step on ``x`` with ``params`` can run as one node: plain eager with
+    gradients (see ``ops._plain_eager``), some parameter requiring a gradient, x requiring
+    none, no autocast, no torch.func transform."""
+    device = x.device.type
+    return (
+        ONE_NODE_STEP
+        and torch.is_grad_enabled()
+        and not x.requires_grad
+        and any(p is not None and p.requires_grad for p in params)
+        and not (ops._autocast_available(device) and torch.is_autocast_enabled(device))
+        and ops._plain_eager((x, *params))
+        and not ops._under_torch_func((x, *params))
+    )
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b, where None is zero (an output the loss left out)."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _recorded_grads(outputs: tuple, grads: tuple, params: tuple) -> list[Tensor | None]:
+    """The gradients of ``params`` from ``outputs`` recomputed through the ops, whose backward
+    formulas autograd records (second and higher derivatives), for the output gradients
+    ``grads`` (None: unused); None for a parameter that is None or needs no gradient."""
+    used = [(out, g) for out, g in zip(outputs, grads, strict=True) if g is not None]
+    wanted = [i for i, p in enumerate(params) if p is not None and p.requires_grad]
+    found = torch.autograd.grad(
+        [out for out, _ in used], [params[i] for i in wanted], [g for _, g in used],
+        create_graph=True, allow_unused=True,
+    )  # fmt: skip
+    param_grads = [None] * len(params)
+    for i, grad in zip(wanted, found, strict=True):
+        param_grads[i] = grad
+    return param_grads
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+
+def _autoencoder_outputs(encode, decode_loss, bernoulli_kl, x, weight, bias, decoder_weight,
+                         decoder_bias, target, enc, dec, terms):  # fmt: skip
+    """A module's step from ``encode``, ``decode_loss`` and ``bernoulli_kl`` (the ops' bodies,
+    or their callers, which autograd records): the outputs (reconstruction_loss, per_sample,
+    h, jac, sparsity, contractive, loss), an empty tensor for each that is absent (without a
+    penalty the loss is the reconstruction loss itself), then what backward needs: stats,
+    d loss / d z^ and d KL / d rho_hat."""
+    output, loss_name, dec_name = dec
+    kl, l1_weight, contractive = terms
+    h, rho_hat, jac, stats = encode(x, weight, bias, *enc)
+    matrix = weight.t() if decoder_weight is None else decoder_weight
+    per_sample, grad_z, _ = decode_loss(
+        h, matrix, decoder_bias, target, output, loss_name, dec_name, False, True
+    )
+    reconstruction = per_sample.mean()
+    sparsity, kl_grad, contractive_term, total = (rho_hat.new_empty(0) for _ in range(4))
+    # the terms as the module writes them: weight * penalty, summed in this order
+    if kl is not None:
+        kl_value, kl_grad = bernoulli_kl(rho_hat, kl[0], kl[2])
+        sparsity = kl[1] * kl_value
+    elif l1_weight is not None:
+        sparsity = l1_weight * rho_hat.sum()  # mean_i |h_ij| = rho_hat_j for h >= 0
+    if kl is not None or l1_weight is not None or contractive:
+        total = reconstruction
+        if kl is not None or l1_weight is not None:
+            total = total + sparsity
+        if contractive:
+            contractive_term = contractive * jac
+            total = total + contractive_term
+    outputs = (reconstruction, per_sample, h, jac, sparsity, contractive_term, total)
+    return outputs, stats, grad_z, kl_grad
+
+
+class _AutoencoderStep(torch.autograd.Function):
+    """One autoencoder's forward (encode, decode_loss, penalties, total loss) as one autograd
+    node whose backward chains the ops' own backward bodies: the same numbers as the ops
+    composed through autograd, without a node, checks and dispatch per op and per loss term.
+
+    forward(x~, W, b, V or None (tied: W^T), c, target, encode_params, decode_params, terms)
+    returns :func:`_autoencoder_outputs`'s outputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms):
+        outputs, stats, grad_z, kl_grad = _autoencoder_outputs(
+            ops._encode_body, ops._decode_loss_body, ops._bernoulli_kl_body,
+            x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms,
+        )  # fmt: skip
+        ctx.enc, ctx.dec, ctx.terms = enc, dec, terms
+        ctx.save_for_backward(
+            x, weight, bias, decoder_weight, decoder_bias, target, outputs[2], stats, grad_z,
+            kl_grad,
+        )  # fmt: skip
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_rec, g_per_sample, g_h, g_jac, g_sparsity, g_contractive, g_loss):
+        if torch.is_grad_enabled():
+            return _autoencoder_backward_recorded(
+                ctx, (g_rec, g_per_sample, g_h, g_jac, g_sparsity, g_contractive, g_loss)
+            )
+        x, weight, _, decoder_weight, _, _, h, stats, grad_z, kl_grad = ctx.saved_tensors
+        activation, kind, level, low, high, seed, enc_name, statistics = ctx.enc
+        output, loss_name, dec_name = ctx.dec
+        kl, l1_weight, contractive = ctx.terms
+        matrix = weight.t() if decoder_weight is None else decoder_weight
+        # loss = reconstruction + sparsity + contractive, reconstruction = per_sample.mean():
+        # autograd's rules for add, mean, a scalar product and sum, term by term
+        g_rec = _add(g_loss, g_rec)
+        g_sparsity, g_contractive = _add(g_loss, g_sparsity), _add(g_loss, g_contractive)
+        if g_rec is not None:
+            g_per_sample = _add(g_rec.expand(h.shape[0]) / h.shape[0], g_per_sample)
+        grad_rho = None
+        if g_sparsity is not None and kl is not None:
+            grad_rho = ((g_sparsity * kl[1]) * kl_grad).to(kl_grad.dtype)
+        elif g_sparsity is not None and l1_weight is not None:
+            grad_rho = (g_sparsity * l1_weight).expand(h.shape[1])
+        if g_contractive is not None and contractive:
+            g_jac = _add(g_contractive * contractive, g_jac)
+        grad_matrix = grad_decoder_bias = None
+        if g_per_sample is not None:
+            grad_matrix, grad_decoder_bias, grad_h = ops._decode_backward_body(
+                g_per_sample, h, matrix, grad_z, None, None, output, loss_name, dec_name, True
+            )
+            g_h = _add(grad_h, g_h)
+        if not statistics:
+            grad_rho = g_jac = None
+        grad_weight = grad_bias = None
+        if g_h is not None or grad_rho is not None or g_jac is not None:
+            g_h = torch.zeros_like(h) if g_h is None else g_h.contiguous()
+            grad_weight, grad_bias = ops._encode_backward_body(
+                g_h, grad_rho, g_jac, x, weight, h, stats, activation, kind, level, low, high,
+                seed, enc_name, False,
+            )  # fmt: skip
+        if decoder_weight is None and grad_matrix is not None:
+            grad_weight = _add(grad_weight, grad_matrix.t())
+            grad_matrix = None
+        return (None, grad_weight, grad_bias, grad_matrix, grad_decoder_bias) + (None,) * 4
+
+
+def _autoencoder_backward_recorded(ctx, grads: tuple) -> tuple:
+    """Backward under ``create_graph``: the step recomputed through the ops and
+    differentiated (see :func:`_recorded_grads`)."""
+    x, weight, bias, decoder_weight, decoder_bias, target = ctx.saved_tensors[:6]
+    params = (weight, bias, decoder_weight, decoder_bias)
+    outputs = _autoencoder_outputs(
+        ops._encode, ops._decode_loss, ops._bernoulli_kl,
+        x, *params, target, ctx.enc, ctx.dec, ctx.terms,
+    )[0]  # fmt: skip
+    return (None, *_recorded_grads(outputs, grads, params)) + (None,) * 4
+
+
+def autoencoder_step(
+    x: Tensor, weight: Tensor, bias: Tensor | None, decoder_weight: Tensor | None,
+    decoder_bias: Tensor | None, *, activation: str, noise: Noise | None, statistics: bool,
+    output: str, loss: str, check_target: bool, kl: tuple[float, float] | None,
+    l1_weight: float | None, contractive: float,
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """A module's training step in one autograd node (see :class:`_AutoencoderStep`):
+    (loss, reconstruction_loss, per_sample, h, jac, sparsity, contractive), None where
+    absent. For plain eager calls with gradients, x requiring none, no autocast; the KL
+    term is ``kl[1] * bernoulli_kl(rho_hat, kl[0])``, the L1 term ``l1_weight *
+    rho_hat.sum()`` (nonnegative activations), the contractive one ``contractive * jac``."""
+    x_enc, weight, bias, activation, kind, level, low, high, seed, enc_name, statistics = (
+        ops._encode_args(x, weight, bias, activation, noise, statistics)
+    )
+    output = _checks.choice("output", output, reference.OUTPUTS)
+    loss = _checks.choice("loss", loss, reference.LOSSES)
+    if loss == "bce" and check_target:
+        ops._check_target(x)
+    dec_name = ops._backend_for("decode_loss", "decoder", x.device)
+    if kl is not None:
+        kl = (*kl, ops._backend_for("bernoulli_kl", "sparsity", x.device))
+    enc = (activation, kind, level, low, high, seed, enc_name, statistics)
+    outs = _AutoencoderStep.apply(
+        x_enc, weight, bias, decoder_weight, decoder_bias, x, enc, (output, loss, dec_name),
+        (kl, l1_weight, contractive),
+    )  # fmt: skip
+    reconstruction, per_sample, h, jac, sparsity, contractive_term, total = outs
+    has_penalty = kl is not None or l1_weight is not None or bool(contractive)
+    return (
+        total if has_penalty else reconstruction, reconstruction, per_sample, h,
+        jac if statistics else None,
+        sparsity if kl is not None or l1_weight is not None else None,
+        contractive_term if contractive else None,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- VAE
+
+_NO_NOISE = ("none", 0.0, 0.0, 0.0, ops._NO_NOISE_SEED)
+
+
+def _vae_outputs(encode, reparameterize, decode_loss, x, params, enc, rep, dec, beta):
+    """A VAE's step from ``encode``, ``reparameterize`` and ``decode_loss`` (the ops' bodies,
+    or their callers, which autograd records), as ``fastae.VAE.forward`` composes the ops:
+    the outputs (loss, elbo, reconstruction, kl, per_sample, mu, logvar, z), then what
+    backward needs: h, its stats, the posterior [mu, logvar], h2, its stats, d loss / d x^."""
+    weight, bias, posterior_weight, posterior_bias, hidden_weight, hidden_bias = params[:6]
+    decoder_weight, decoder_bias = params[6:]
+    activation, enc_name = enc
+    layer = (activation, *_NO_NOISE, enc_name, False)  # clean input, no statistics
+    h, _, _, stats = encode(x, weight, bias, *layer)
+    posterior = F.linear(h, posterior_weight, posterior_bias)
+    latent = posterior.shape[1] // 2
+    mu, logvar = posterior[:, :latent], posterior[:, latent:]
+    z, kl = reparameterize(mu, logvar, *rep)
+    h2, _, _, stats2 = encode(z, hidden_weight, hidden_bias, *layer)
+    reconstruction, grad_z, _ = decode_loss(h2, decoder_weight, decoder_bias, x, *dec, False, True)
+    per_sample = reconstruction + kl
+    loss = (reconstruction + beta * kl).mean()
+    outputs = (loss, -per_sample, reconstruction, kl, per_sample, mu, logvar, z)
+    return outputs, (h, stats, posterior, h2, stats2, grad_z)
+
+
+class _VAEStep(torch.autograd.Function):
+    """A VAE's forward (encoder, posterior layer, reparameterize, decoder, loss) as one
+    autograd node whose backward chains the ops' own backward bodies and the posterior
+    layer's products as autograd forms them.
+
+    forward(x, W, b, Wq, bq, W2, b2, V, c, encode_params, reparameterize_params,
+    decode_params, beta) returns :func:`_vae_outputs`'s outputs."""
+
+    @staticmethod
+    def forward(ctx, x, *args):
+        params, (enc, rep, dec, beta) = args[:8], args[8:]
+        outputs, saved = _vae_outputs(
+            ops._encode_body, ops._reparameterize_body, ops._decode_loss_body,
+            x, params, enc, rep, dec, beta,
+        )  # fmt: skip
+        ctx.enc, ctx.rep, ctx.dec, ctx.beta = enc, rep, dec, beta
+        ctx.save_for_backward(x, *params, *saved, outputs[-1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_loss, g_elbo, g_rec, g_kl, g_per_sample, g_mu, g_logvar, g_z):
+        if torch.is_grad_enabled():
+            grads = (g_loss, g_elbo, g_rec, g_kl, g_per_sample, g_mu, g_logvar, g_z)
+            return _vae_backward_recorded(ctx, grads)
+        x, *params = ctx.saved_tensors[:9]
+        h, stats, posterior, h2, stats2, grad_z, z = ctx.saved_tensors[9:]
+        weight, _, posterior_weight, _, hidden_weight, _, decoder_weight, _ = params
+        needs = ctx.needs_input_grad[1:9]
+        needs_mu = any(needs[:4])  # mu, logvar and z depend on the encoder and posterior layer
+        needs_h2 = needs_mu or any(needs[4:6])
+        activation, enc_name = ctx.enc
+        batch, latent = x.shape[0], posterior.shape[1] // 2
+        # per_sample = rec + kl, elbo = -per_sample, loss = mean(rec + beta kl): autograd's
+        # rules for add, neg, mean and a scalar product, summed in the order autograd sums
+        g_per_sample = _add(g_per_sample, None if g_elbo is None else -g_elbo)
+        g_mean = None if g_loss is None else g_loss.expand(batch) / batch
+        g_rec = _add(_add(g_rec, g_mean), g_per_sample)
+        g_kl = _add(_add(g_kl, None if g_mean is None else g_mean * ctx.beta), g_per_sample)
+        grads = [None] * 8
+        if g_rec is not None:
+            grads[6], grads[7], *grad_h2 = ops._decode_backward_body(
+                g_rec, h2, decoder_weight, grad_z, None, None, *ctx.dec, needs_h2
+            )
+            if needs_h2:
+                grads[4], grads[5], *grad_z_in = ops._encode_backward_body(
+                    grad_h2[0].contiguous(), None, None, z, hidden_weight, h2, stats2,
+                    activation, *_NO_NOISE, enc_name, needs_mu,
+                )  # fmt: skip
+                g_z = _add(g_z, grad_z_in[0] if needs_mu else None)
+        mu, logvar = posterior[:, :latent], posterior[:, latent:]
+        if needs_mu and (g_z is not None or g_kl is not None):
+            grad_mu, grad_logvar = ops._reparameterize_backward_body(
+                g_z, g_kl, mu, logvar, *ctx.rep
+            )
+            g_mu, g_logvar = _add(g_mu, grad_mu), _add(g_logvar, grad_logvar)
+        if needs_mu and (g_mu is not None or g_logvar is not None):
+            # posterior = F.linear(h, Wq, bq) = addmm(bq, h, Wq^T): its backward products as
+            # autograd forms them (for the column-major Wq^T it computes dWq^T as (g^T h)^T)
+            g_mu = torch.zeros_like(mu) if g_mu is None else g_mu
+            g_logvar = torch.zeros_like(logvar) if g_logvar is None else g_logvar
+            g_posterior = torch.cat([g_mu, g_logvar], 1)
+            grads[2] = g_posterior.t().mm(h) if needs[2] else None
+            grads[3] = g_posterior.sum(0) if needs[3] else None
+            if any(needs[:2]):
+                grads[0], grads[1] = ops._encode_backward_body(
+                    g_posterior.mm(posterior_weight), None, None, x, weight, h, stats,
+                    activation, *_NO_NOISE, enc_name, False,
+                )  # fmt: skip
+        return (None, *grads) + (None,) * 4
+
+
+def _vae_backward_recorded(ctx, grads: tuple) -> tuple:
+    """Backward under ``create_graph``: the step recomputed through the ops and
+    differentiated (see :func:`_recorded_grads`)."""
+    x, *params = ctx.saved_tensors[:9]
+    outputs = _vae_outputs(
+        ops._encode, ops._reparameterize, ops._decode_loss,
+        x, params, ctx.enc, ctx.rep, ctx.dec, ctx.beta,
+    )[0]  # fmt: skip
+    return (None, *_recorded_grads(outputs, grads, params)) + (None,) * 4
+
+
+def vae_step(
+    x: Tensor, params: tuple[Tensor, ...], *, activation: str, output: str, loss: str,
+    check_target: bool, beta: float, seed: int | None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """A VAE's training step in one autograd node (see :class:`_VAEStep`): (loss, elbo,
+    reconstruction, kl, per_sample, mu, logvar, z) as ``fastae.VAE.forward`` returns them
+    in training mode. params: (W, b, Wq, bq, W2, b2, V, c) of the encoder, the posterior
+    layer, the decoder's hidden layer and its output layer."""
+    x = ops._check_input(x)
+    if loss == "bce" and check_target:
+        ops._check_target(x)
+    enc_name = ops._backend_for("encode", "encoder", x.device)
+    rep_name = ops._backend_for("reparameterize", "vae", x.device)
+    dec_name = ops._backend_for("decode_loss", "decoder", x.device)
+    seed = ops._seed_tensor(check_seed(seed), rep_name, x.device)
+    return _VAEStep.apply(
+        x, *params, (activation, enc_name), (seed, rep_name), (output, loss, dec_name), beta
+    )
