@@ -5,7 +5,7 @@ triton backend runs on CPU tensors (Triton's interpreter mode lets it), but no k
 so outputs stay unwritten and only the time means anything. Triton's own launch path is not
 in it. Beside it, eager PyTorch on the same tiny tensors, whose time is its host time too.
 
-    python bench/host_time.py --cases encode_stats,all --size 8x16x16
+    python bench/host_time.py --cases encode_stats,all,vae --size 8x16x16
 
 Prints, per case, the best and the median of the rounds' mean microseconds per call. The
 machine's noise shows in the gap between them; compare runs side by side.
@@ -61,7 +61,7 @@ def time_case(bench: fb.Bench, rounds: int, calls: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="encode_stats,all", help="comma-separated cases")
+    parser.add_argument("--cases", default="encode_stats,all,vae", help="comma-separated cases")
     parser.add_argument(
         "--size", default="8x16x16", help="BATCHxINPUTSxHIDDEN (d, H multiples of 16: fused GEMMs)"
     )
