@@ -376,3 +376,32 @@ def test_vae_second_order(monkeypatch):
 
     for got, want in zip(penalized(True), penalized(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "vae"])
+def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
+    """Three epochs of fastae.fit (Adam, shuffled batches, fresh noise and eps seeds each step)
+    end with the same weights and losses, bit for bit, whether each step is one node or the
+    ops composed."""
+    data = torch.rand(40, 7, dtype=torch.float64)
+
+    def train(one_node):
+        monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
+        if kind == "vae":
+            model = _vae()
+        else:
+            config = dict(noise=fastae.MaskingNoise(0.2), sparsity=fastae.KLSparsity(0.1, 0.5))
+            model = _model(dict(config, contractive=0.2))
+        history = fastae.fit(
+            model, data, epochs=3, batch_size=12, lr=1e-2, seed=3, progress=False,
+            validation_data=data[:8],
+        )  # fmt: skip
+        return model.state_dict(), history.loss + history.val_loss
+
+    (got, got_losses), (want, want_losses) = train(True), train(False)
+    assert got_losses == want_losses
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
