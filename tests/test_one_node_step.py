@@ -1,6 +1,7 @@
 """A training step as one autograd node (``steps.autoencoder_step``) against the ops composed
 through autograd: the same outputs and the same gradients, bit for bit on the CPU."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -50,14 +51,18 @@ def _outputs_and_grads(model, x, uses, one_node, monkeypatch):
     return [v.detach() for v in values], sorted(out.penalties), [p.grad for p in model.parameters()]
 
 
+def _assert_identical(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _assert_same(model, x, uses, monkeypatch):
     got = _outputs_and_grads(model, x, uses, True, monkeypatch)
     want = _outputs_and_grads(model, x, uses, False, monkeypatch)
     assert got[1] == want[1]
-    for a, b in zip(got[0] + got[2], want[0] + want[2], strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_identical(got[0] + got[2], want[0] + want[2])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
@@ -98,32 +103,38 @@ def test_float32_step(monkeypatch):
     _assert_same(model, x, [lambda out: out.loss], monkeypatch)
 
 
+FALLBACKS = ["no_grad", "input_requires_grad", "frozen", "autocast", "compiling"]
+
+
 @pytest.mark.parametrize(
-    "case", ["no_grad", "input_requires_grad", "frozen", "autocast", "compiling"]
-)
-def test_falls_back_to_the_ops(case, monkeypatch):
-    model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5)), torch.float32)
+    ("kind", "case"),
+    [("autoencoder", case) for case in FALLBACKS] + [("vae", case) for case in FALLBACKS]
+    + [("vae", "eval")],
+)  # fmt: skip
+def test_falls_back_to_the_ops(kind, case, monkeypatch):
+    if kind == "vae":
+        model, node = _vae(dtype=torch.float32), "VAEStep"
+    else:
+        model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5)), torch.float32)
+        node = "AutoencoderStep"
     x = torch.rand(6, 7)
-    if case == "no_grad":
-        with torch.no_grad():
+    if case in ("no_grad", "frozen"):
+        if case == "frozen":
+            model.requires_grad_(False)
+        with torch.no_grad() if case == "no_grad" else contextlib.nullcontext():
             assert model(x).loss.grad_fn is None
         return
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not steps.available(x, tuple(model.parameters()))
+        return
+    if case == "eval":
+        model.eval()  # the VAE's z = mu: no sampling, the ops composed
     if case == "input_requires_grad":
         x.requires_grad_()
-    if case == "frozen":
-        model.requires_grad_(False)
-        assert model(x).loss.grad_fn is None
-        return
-    if case == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-    elif case == "compiling":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert not model._one_node(x)
-        return
-    else:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         out = model(x)
-    assert "AutoencoderStep" not in type(out.code.grad_fn).__name__
+    assert node not in type(out.loss.grad_fn).__name__
     out.loss.backward()
     if case == "input_requires_grad":
         assert x.grad is not None
@@ -221,10 +232,7 @@ def _vae_outputs_and_grads(model, x, uses, one_node, monkeypatch, seed=11):
 def _assert_same_vae(model, x, uses, monkeypatch, seed=11):
     got = _vae_outputs_and_grads(model, x, uses, True, monkeypatch, seed)
     want = _vae_outputs_and_grads(model, x, uses, False, monkeypatch, seed)
-    for a, b in zip(got[0] + got[1], want[0] + want[1], strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_identical(got[0] + got[1], want[0] + want[1])
 
 
 @pytest.mark.parametrize("config", VAE_CONFIGS, ids=str)
@@ -304,39 +312,6 @@ def test_vae_some_parameters_frozen(frozen, monkeypatch):
     assert all(p.grad is not None for n, p in names.items() if n not in frozen_names)
 
 
-@pytest.mark.parametrize(
-    "case", ["eval", "no_grad", "input_requires_grad", "frozen", "autocast", "compiling"]
-)
-def test_vae_falls_back_to_the_ops(case, monkeypatch):
-    model = _vae(dtype=torch.float32)
-    x = torch.rand(6, 7)
-    if case == "eval":
-        model.eval()
-    elif case == "no_grad":
-        with torch.no_grad():
-            assert model(x).loss.grad_fn is None
-        return
-    elif case == "input_requires_grad":
-        x.requires_grad_()
-    elif case == "frozen":
-        model.requires_grad_(False)
-        assert model(x).loss.grad_fn is None
-        return
-    elif case == "compiling":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert not steps.available(x, tuple(model.parameters()))
-        return
-    if case == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-    else:
-        out = model(x)
-    assert "VAEStep" not in type(out.loss.grad_fn).__name__
-    out.loss.backward()
-    if case == "input_requires_grad":
-        assert x.grad is not None
-
-
 def test_vae_bad_input_named(monkeypatch):
     model = _vae(dtype=torch.float32)
     with pytest.raises(ValueError, match="target must lie in"):
@@ -403,5 +378,5 @@ def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
 
     (got, got_losses), (want, want_losses) = train(True), train(False)
     assert got_losses == want_losses
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert list(got) == list(want)
+    _assert_identical(list(got.values()), list(want.values()))
