@@ -97,9 +97,10 @@ def test_only_the_code_used(monkeypatch):
     _assert_same(model, x, [lambda out: out.code.square().sum()], monkeypatch)
 
 
-def test_float32_step(monkeypatch):
-    model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2), torch.float32)
-    x = torch.rand(16, 7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_step(dtype, monkeypatch):
+    model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2), dtype)
+    x = torch.rand(16, 7, dtype=dtype)
     _assert_same(model, x, [lambda out: out.loss], monkeypatch)
 
 
@@ -289,9 +290,11 @@ def test_vae_some_outputs_used(use, monkeypatch):
     _assert_same_vae(model, x, [use], monkeypatch)
 
 
-def test_vae_float32_step(monkeypatch):
-    model = _vae(dtype=torch.float32)
-    x = torch.rand(16, 7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vae_low_precision_step(dtype, monkeypatch):
+    """float32 and bfloat16 parameters (the KL and the losses in float32 either way)."""
+    model = _vae(dtype=dtype)
+    x = torch.rand(16, 7, dtype=dtype)
     _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
 
 
