@@ -385,7 +385,7 @@ def build(
             size.inputs, size.hidden, check_targets=False, **_STEP_MODELS.get(case, {})
         )
     model = model.to(device=dev, dtype=DTYPES[dtype][0])
-    params = list(model.parameters())  # the Autoencoder's: W, b, c (tied)
+    params = list(model.parameters())  # tied Autoencoder: W, b, c; VAE: four layers' W, b
     W, b, c = params[0], params[1], params[-1]
     x = torch.rand(size.batch, size.inputs, device=dev, dtype=W.dtype)
     env = VARIANTS.get(provider, VARIANTS["fastae"])[1]

@@ -184,18 +184,11 @@ class VAE(nn.Module):
             self.decoder.bias,
         )  # fmt: skip
         if self.training and steps.available(x, params):
-            return VAEOutput(
-                *steps.vae_step(
-                    x,
-                    params,
-                    activation=self.activation,
-                    output=self.output,
-                    loss=self.loss_name,
-                    check_target=self.check_targets,
-                    beta=self.beta,
-                    seed=seed,
-                )  # fmt: skip
-            )
+            outputs = steps.vae_step(
+                x, params, activation=self.activation, output=self.output, loss=self.loss_name,
+                check_target=self.check_targets, beta=self.beta, seed=seed,
+            )  # fmt: skip
+            return VAEOutput(*outputs)
         mu, logvar = self.posterior_parameters(x)
         if self.training:
             z, kl = ops.reparameterize(mu, logvar, seed)
