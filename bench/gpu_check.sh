@@ -7,12 +7,14 @@
 # B=8192 4096->4096, tf32 and bf16), kernel-level A/B times (bench/kernel_times.py; its
 # finishing-kernel sweep runs first), then reparameterize, corrupt on 256 MB, and the host
 # time of encode with statistics, the full step and the VAE's step at B=64, and print the ratio
-# table last. Everything lands in $OUT (default ./out): tests_cuda.log, tests.log, warm.log,
-# bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png, launch/SUMMARY.md,
-# graphs/SUMMARY.md, kernel_times.log, finish_times.log
+# table last. Everything lands in $OUT (default ./out): tests_launch.log, tests_cuda.log,
+# tests.log, warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png,
+# launch/SUMMARY.md, graphs/SUMMARY.md, kernel_times.log, finish_times.log
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Where the install fails (a setuptools older than 77 rejects the license field), fastae is
 # imported from a linked tree of this checkout instead.
+# Before the tests, fastae's direct kernel launch is checked against Triton's own launch path
+# on the GPU (tests_launch.log); where they differ, the rest runs with FASTAE_DIRECT_LAUNCH=0.
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345: the tests
 # stop at a time limit, the benchmarks skip the cases that would start too late); BENCH_ARGS,
 # the suite's options (default: the lean CUDA set; bench/warm_cache.py reads the same);
@@ -79,6 +81,21 @@ if [ "${SKIP_WARM:-0}" != 1 ]; then
     "$PYTHON" bench/warm_cache.py --workers $(((cores + 1) / 2)) --budget-s "$limit" \
         $BENCH_ARGS >"$OUT/warm.log" 2>&1 &
     warm_pid=$!
+fi
+
+# fastae launches its kernels past Triton's launch path (kernels/common.py: launch), checked
+# call for call against a stand-in driver only: first compare both paths' training steps bit
+# for bit on this GPU, and where they differ, run everything after on Triton's path
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    log "direct launch against Triton's launch path on this GPU (at most 180 s)"
+    FASTAE_AUTOTUNE=0 timeout 180 "$PYTHON" -m pytest -q -rfE -m cuda tests/test_launch.py \
+        -p no:cacheprovider >"$OUT/tests_launch.log" 2>&1
+    launch_rc=$?
+    tail -n 1 "$OUT/tests_launch.log"
+    if [ "$launch_rc" = 1 ]; then
+        export FASTAE_DIRECT_LAUNCH=0
+        log "direct launch FAILED its check (tests_launch.log): FASTAE_DIRECT_LAUNCH=0 from here"
+    fi
 fi
 
 tests_rc=skipped

@@ -80,8 +80,14 @@ GRAPH_PROVIDERS = (GRAPH, COMPILE_GRAPH)
 EXTRA_PROVIDERS = (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH, FLOOR, GRAPH, COMPILE_GRAPH, JACREV)
 
 
+# How the fastae providers launch their kernels: directly, unless the process says otherwise
+# (bench/gpu_check.sh sets FASTAE_DIRECT_LAUNCH=0 where the direct path fails its check on
+# the GPU: tests/test_launch.py). The JSON records it in each case's ``env``.
+_DIRECT_LAUNCH = os.environ.get("FASTAE_DIRECT_LAUNCH", "1")
+
+
 def _fusions(
-    encoder: str, decoder: str, corrupted_input: str, direct_launch: str = "1"
+    encoder: str, decoder: str, corrupted_input: str, direct_launch: str = _DIRECT_LAUNCH
 ) -> dict[str, str]:
     return {
         "FASTAE_ENCODER_FUSION": encoder,

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import re
 import zlib
@@ -24,6 +25,50 @@ settings.register_profile("long", max_examples=400, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("FASTAE_HYPOTHESIS_PROFILE", "ci"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _interpret_bfloat16_as_a_gpu_does() -> None:
+    """Triton's interpreter keeps bfloat16 values as their uint16 bit patterns, multiplies
+    those bit patterns in ``tl.dot`` (only 8-bit floats are converted first;
+    triton-lang/triton#11584, not supported upstream) and rounds float32 to bfloat16 toward
+    zero, so bfloat16 kernels compute garbage there, and biased sums. Do what the GPU does:
+    widen bfloat16 operands of a product to float32 (exact: the bits shifted into the high
+    half; tensor cores multiply bfloat16 exactly into float32 sums) and round float32 to the
+    nearest bfloat16, ties to even. Then the tests check the kernels' bfloat16 paths on the
+    CPU too."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    product, cast = builder.create_dot, builder.cast_impl
+
+    def widened(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle(
+            (handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32
+        )
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return product(self, widened(a), widened(b), d, *args, **kwargs)
+
+    def cast_impl(self, src, dst_type):
+        if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
+            return cast(self, src, dst_type)
+        values = np.ascontiguousarray(src.data, dtype=np.float32)
+        bits = values.view(np.uint32)
+        # round to nearest even: add 0x7FFF plus the lowest kept bit, then drop 16 bits
+        nearest = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+        quiet_nan = ((bits >> 16) | 0x40).astype(np.uint16)
+        return interpreter.TensorHandle(np.where(np.isnan(values), quiet_nan, nearest), tl.bfloat16)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    with contextlib.suppress(ImportError):  # no Triton: the kernel tests skip themselves
+        _interpret_bfloat16_as_a_gpu_does()
 
 
 def pytest_configure(config):

@@ -21,6 +21,8 @@ ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
 # float32 at matmul precision "high": exact under the interpreter; on a GPU tf32 products
 # round their inputs to 10 mantissa bits, and ours and cuBLAS's round and sum differently
 TF32_TOLERANCE = dict(rtol=1e-4, atol=1e-5) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-3)
+# half precision against float64: B x d -> H
+HALF_SHAPE = (512, 784, 1024) if DEVICE == "cuda" else (33, 70, 40)
 NOISES = [
     fastae.GaussianNoise(0.3),
     fastae.MaskingNoise(0.4),
@@ -154,12 +156,15 @@ def test_opcheck_triton(statistics):
     torch.library.opcheck(torch.ops.fastae.encode.default, args)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_half_precision_cuda(dtype, activation):
-    """Within 2x of torch's own error at this dtype, both measured against float64."""
-    leaves, upstream = _inputs(512, 784, 1024, dtype)
+def test_half_precision(dtype, activation):
+    """Within 2x of torch's own error at this dtype, both measured against float64 (on a GPU
+    at the benchmark's size, in the interpreter at an odd small one). jac is one number summed
+    from B x H slopes of h rounded to the dtype (ours rounds a(x W^T + b) once, torch twice):
+    its error is a sum of random roundings, and torch's is at times luckily small, so a
+    quarter of the dtype's epsilon also bounds it."""
+    leaves, upstream = _inputs(*HALF_SHAPE, dtype)
     exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     oracle = _run("reference", *exact, [u.double() for u in upstream], activation=activation)
     ours = _run("triton", *leaves, upstream, activation=activation)
@@ -169,7 +174,10 @@ def test_half_precision_cuda(dtype, activation):
     ):
         err_ours = (a.double() - ref).norm() / ref.norm()
         err_torch = (b.double() - ref).norm() / ref.norm()
-        assert err_ours <= 2 * err_torch + 1e-6, f"{name}: {err_ours:.2e} vs torch {err_torch:.2e}"
+        bound = 2 * err_torch + 1e-6
+        if name == "jac":
+            bound = max(bound, torch.finfo(dtype).eps / 4)
+        assert err_ours <= bound, f"{name}: {err_ours:.2e} vs torch {err_torch:.2e}"
 
 
 @pytest.mark.cuda

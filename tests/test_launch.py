@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastae
+
 pytest.importorskip("triton")
 from fastae.kernels import common  # noqa: E402
 
@@ -71,3 +73,49 @@ def test_direct_launch_switch(monkeypatch):
         common.direct_launching()
     monkeypatch.delenv("FASTAE_DIRECT_LAUNCH")
     assert common.direct_launching()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_launch_equals_tritons_on_cuda(monkeypatch, dtype):
+    """On a GPU, with the real driver: training steps of an autoencoder with all three
+    regularizers and of a VAE give the same bits through fastae's direct launch as through
+    Triton's own path, and a second direct pass never enters Triton's launch path.
+    bench/gpu_check.sh runs this first and benchmarks Triton's path where it fails."""
+    from triton.runtime.jit import JITFunction
+
+    def steps() -> list[torch.Tensor]:
+        torch.manual_seed(0)  # the noise's and the VAE's Philox seeds are drawn on the GPU
+        x = torch.rand(96, 64, device="cuda", dtype=dtype)
+        models = [
+            fastae.Autoencoder(
+                64, 48, noise=fastae.MaskingNoise(0.25),
+                sparsity=fastae.KLSparsity(0.05, 0.1), contractive=0.1,
+            ),
+            fastae.VAE(64, 48, 16),
+        ]  # fmt: skip
+        results = []
+        for model in models:
+            model = model.to("cuda", dtype)
+            loss = model(x).loss
+            loss.backward()
+            results += [loss.detach(), *(p.grad for p in model.parameters())]
+        return results
+
+    monkeypatch.setenv("FASTAE_DIRECT_LAUNCH", "0")
+    tritons = steps()
+    monkeypatch.setenv("FASTAE_DIRECT_LAUNCH", "1")
+    first = steps()  # a key's first call goes through Triton's path and keeps its kernel
+    entered = []
+    tritons_run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        entered.append(self)
+        return tritons_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counted)
+    second = steps()
+    assert not entered, f"the second direct pass entered Triton's launch path {len(entered)} times"
+    assert len(tritons) == 2 + 3 + 8  # two losses, the parameters' gradients
+    for i, (want, a, b) in enumerate(zip(tritons, first, second, strict=True)):
+        assert torch.equal(a, want) and torch.equal(b, want), f"result {i} differs"
