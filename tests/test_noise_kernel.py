@@ -33,19 +33,27 @@ def _x(rows, cols, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("kind,level,low,high", KINDS)
-@pytest.mark.parametrize("base", [0, 2**32 - 77, 3 * 2**40 + 5])
-def test_kernel_equals_reference(kind, level, low, high, base):
-    """Masks bit for bit (also past 2^32, where the counter's high word is used);
-    Gaussian noise to float32 rounding of libm's log/cos."""
-    x = _x(19, 37)
+@pytest.mark.parametrize(
+    "base, dtype",
+    [(0, torch.float32), (2**32 - 77, torch.float32), (3 * 2**40 + 5, torch.float32)]
+    + [(0, torch.bfloat16), (0, torch.float16)],
+)
+def test_kernel_equals_reference(kind, level, low, high, base, dtype):
+    """Masks bit for bit (also past 2^32, where the counter's high word is used, and in half
+    precision); Gaussian noise to float32 rounding of libm's log/cos (in half precision: one
+    rounding of x + sigma eps to the dtype, at most one unit in the last place apart)."""
+    x = _x(19, 37, dtype)
     seed = 2**45 + 123
     got = noise.corrupt(x, kind, level, low, high, seed, base)
     want = reference.corrupt(x, kind, level, low, high, seed, base)
+    assert got.dtype == dtype
     if kind == "gaussian":
-        torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * level)
+        atol = 4e-6 * level if dtype == torch.float32 else 0
+        rtol = 0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     else:
         assert torch.equal(got, want)
-    grad = _x(19, 37, seed=1)
+    grad = _x(19, 37, dtype, seed=1)
     got_grad = noise.corrupt_input_grad(grad, kind, level, seed, base)
     assert torch.equal(got_grad, reference.corrupt_input_grad(grad, kind, level, seed, base))
 
