@@ -118,6 +118,10 @@ class _AutoencoderStep(torch.autograd.Function):
             kl_grad,
         )  # fmt: skip
         ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
+        if not any(ctx.needs_input_grad[1:3]):
+            # the encoder is frozen: h, jac and the penalties depend on nothing trainable and,
+            # as from the ops composed, require no gradient
+            ctx.mark_non_differentiable(*outputs[2:6])
         return outputs
 
     @staticmethod
@@ -258,6 +262,10 @@ class _VAEStep(torch.autograd.Function):
         ctx.enc, ctx.rep, ctx.dec, ctx.beta = enc, rep, dec, beta
         ctx.save_for_backward(x, *params, *saved, outputs[-1])
         ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
+        if not any(ctx.needs_input_grad[1:5]):
+            # the encoder and posterior layer are frozen: kl, mu, logvar and z depend on
+            # nothing trainable and, as from the ops composed, require no gradient
+            ctx.mark_non_differentiable(outputs[3], *outputs[5:])
         return outputs
 
     @staticmethod

@@ -42,13 +42,16 @@ def _outputs_and_grads(model, x, uses, one_node, monkeypatch):
     for p in model.parameters():
         p.grad = None
     out = model(x)
-    assert ("AutoencoderStep" in type(out.code.grad_fn).__name__) == one_node
+    assert ("AutoencoderStep" in type(out.loss.grad_fn).__name__) == one_node
     total = sum(use(out) for use in uses)
     total.backward()
     values = [out.loss, out.reconstruction_loss, out.code, out.per_sample]
     values += [out.jacobian_norm] if out.jacobian_norm is not None else []
     values += list(out.penalties.values())
-    return [v.detach() for v in values], sorted(out.penalties), [p.grad for p in model.parameters()]
+    # which outputs require a gradient, as a tensor so it is compared with the values
+    needs = torch.tensor([v.requires_grad for v in values])
+    grads = [p.grad for p in model.parameters()]
+    return [needs] + [v.detach() for v in values], sorted(out.penalties), grads
 
 
 def _assert_identical(got, want):
@@ -163,13 +166,18 @@ def test_triton_backend(fusion, monkeypatch):
         _assert_same(model, x, [lambda out: out.loss + out.code.sum()], monkeypatch)
 
 
-@pytest.mark.parametrize("frozen", ["weight", "bias", "decoder_bias", "decoder_weight"])
+@pytest.mark.parametrize(
+    "frozen", ["weight", "bias", "decoder_bias", "decoder_weight", "weight+bias"]
+)
 def test_some_parameters_frozen(frozen, monkeypatch):
+    """Frozen parameters get no gradient, the others the ops' gradients; with the whole
+    encoder frozen the code, the Jacobian norm and the penalties require none."""
     model = _model(dict(tied=False, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2))
-    getattr(model, frozen).requires_grad_(False)
+    for name in frozen.split("+"):
+        getattr(model, name).requires_grad_(False)
     x = torch.rand(6, 7, dtype=torch.float64)
     _assert_same(model, x, [lambda out: out.loss], monkeypatch)
-    assert getattr(model, frozen).grad is None
+    assert all(getattr(model, name).grad is None for name in frozen.split("+"))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -227,7 +235,8 @@ def _vae_outputs_and_grads(model, x, uses, one_node, monkeypatch, seed=11):
     sum(use(out) for use in uses).backward()
     values = [out.loss, out.elbo, out.reconstruction, out.kl, out.per_sample, out.mu]
     values += [out.logvar, out.z]
-    return [v.detach() for v in values], [p.grad for p in model.parameters()]
+    needs = torch.tensor([v.requires_grad for v in values])  # compared with the values
+    return [needs] + [v.detach() for v in values], [p.grad for p in model.parameters()]
 
 
 def _assert_same_vae(model, x, uses, monkeypatch, seed=11):
