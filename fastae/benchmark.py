@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import baselines, ops
+from .backend import use_backend
 from .graphs import GraphedStep
 from .modules import Autoencoder, KLSparsity
 from .noise import MaskingNoise
@@ -369,9 +370,12 @@ def device_name(device: torch.device | str) -> str:
 
 
 def build(
-    case: str, provider: str, size: Size, dtype: str = "fp32", device: str = "cpu", seed: int = 0
-) -> Bench:
-    """The case ready to run: inputs made, compiled function (not yet compiled) in place."""
+    case: str, provider: str, size: Size, dtype: str = "fp32", device: str = "cpu", seed: int = 0,
+    draws_seed: int | None = None,
+) -> Bench:  # fmt: skip
+    """The case ready to run: inputs made, compiled function (not yet compiled) in place.
+    fastae's noise and the VAE's eps are drawn from a fresh Philox seed each call, or from
+    ``draws_seed`` every call (for :func:`agreement`: the same draws on either backend)."""
     if case not in CASES:
         raise ValueError(f"case must be one of {CASES}, got {case!r}")
     if provider not in ALL_PROVIDERS:
@@ -387,9 +391,10 @@ def build(
     if case == "vae":
         model = VAE(size.inputs, size.hidden, baselines.VAE_LATENT, check_targets=False)
     else:
-        model = Autoencoder(
-            size.inputs, size.hidden, check_targets=False, **_STEP_MODELS.get(case, {})
-        )
+        config = dict(_STEP_MODELS.get(case, {}))
+        if "noise" in config and draws_seed is not None:
+            config["noise"] = MaskingNoise(baselines.MASK_P, seed=draws_seed)
+        model = Autoencoder(size.inputs, size.hidden, check_targets=False, **config)
     model = model.to(device=dev, dtype=DTYPES[dtype][0])
     params = list(model.parameters())  # tied Autoencoder: W, b, c; VAE: four layers' W, b
     W, b, c = params[0], params[1], params[-1]
@@ -425,7 +430,7 @@ def build(
         mu = stats[:, :k].contiguous().requires_grad_()
         logvar = stats[:, k:].contiguous().requires_grad_()
         if provider == "fastae":
-            forward = lambda: ops.reparameterize(mu, logvar)  # noqa: E731
+            forward = lambda: ops.reparameterize(mu, logvar, draws_seed)  # noqa: E731
         else:
             fn = baselines.reparameterize
             fn = compile_function(fn) if provider == "compile" else fn
@@ -452,7 +457,9 @@ def build(
                 return (fn(x, *params),)
 
             return Bench(forward=forward, params=params, inputs=inputs, **common)
-        if provider == "fastae":
+        if provider == "fastae" and case == "vae":
+            forward = lambda: (model(x, seed=draws_seed).loss,)  # noqa: E731
+        elif provider == "fastae":
             forward = lambda: (model(x).loss,)  # noqa: E731
         else:
             fn = baselines.contractive_jacrev_step if provider == JACREV else eager_step
@@ -462,7 +469,7 @@ def build(
 
     if case == "corrupt":
         if provider == "fastae":
-            spec = MaskingNoise(baselines.MASK_P)
+            spec = MaskingNoise(baselines.MASK_P, seed=draws_seed)
             forward = lambda: (ops.corrupt(x, spec),)  # noqa: E731
         else:
             fn = compile_function(baselines.corrupt) if provider == "compile" else baselines.corrupt
@@ -664,6 +671,45 @@ def cuda_figures(bench: Bench) -> dict[str, Any]:
     return out
 
 
+# the Philox seed of the noise and eps in agreement()'s two calls
+AGREEMENT_SEED = 2024
+
+
+def _outputs_and_grads(bench: Bench, backend: str | None) -> list[Tensor]:
+    """One call's outputs and parameter gradients, on ``backend`` (None: as configured)."""
+    chosen = use_backend(backend) if backend else contextlib.nullcontext()
+    with bench.settings(), chosen:
+        for p in bench.params:
+            p.grad = None
+        outs = bench.forward()
+        if bench.params:
+            torch.autograd.backward(outs, bench.grads(outs))
+    return [o.detach() for o in outs] + [p.grad for p in bench.params if p.grad is not None]
+
+
+def agreement(bench: Bench) -> dict[str, Any]:
+    """For fastae's providers (its own code paths; a CUDA graph replays them): the numbers
+    timed, checked at the timed size and dtype. One call of the provider and one of the
+    reference backend (plain torch) on the same inputs, with the noise and eps drawn from one
+    Philox seed; ``rel_diff_vs_reference`` is the largest over the outputs and parameter
+    gradients of |ours - reference| / |reference| (Frobenius norms). Both round at the dtype:
+    a few 1e-3 in bfloat16, about 1e-3 in tf32, 1e-6 in float32; a wrong kernel shows as
+    order 1."""
+    if bench.provider not in VARIANTS:
+        return {}
+    same = dict(size=bench.size, dtype=bench.dtype, device=str(bench.device))
+    ours = build(bench.case, bench.provider, **same, draws_seed=AGREEMENT_SEED)
+    theirs = build(bench.case, "fastae", **same, draws_seed=AGREEMENT_SEED)
+    want = _outputs_and_grads(theirs, "reference")
+    ours = _outputs_and_grads(ours, None)
+    worst = 0.0
+    for a, b in zip(ours, want, strict=True):
+        scale = b.double().norm().item()
+        diff = (a.double() - b.double()).norm().item()
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return {"rel_diff_vs_reference": worst}
+
+
 def figures(bench: Bench) -> dict[str, Any]:
     """The device-independent figures of one call (plus the CUDA ones on CUDA)."""
     counter = count_ops(bench)
@@ -681,6 +727,7 @@ def figures(bench: Bench) -> dict[str, Any]:
     else:
         out.update(saved_bytes(bench))
     out.update(cuda_figures(bench))
+    out.update(agreement(bench))
     return out
 
 
@@ -850,14 +897,20 @@ def _mb(value: int | None) -> str:
 
 
 def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
-    """Aten ops and saved MB (beyond inputs) per provider; CUDA peak MB and kernels if any."""
+    """Aten ops and saved MB (beyond inputs) per provider; CUDA peak MB and kernels if any;
+    fastae's providers' relative difference from the reference backend (:func:`agreement`)."""
     rows = group_rows(records)
     providers = [p for p in ALL_PROVIDERS if any(p in r["providers"] for r in rows)]
+    checked = [
+        p for p in providers
+        if any("rel_diff_vs_reference" in r["providers"].get(p, {}) for r in rows)
+    ]  # fmt: skip
     on_cuda = any(r["first"].get("device") == "cuda" for r in rows)
     header = ["case", "size", "dtype"]
     header += [f"ops {p}" for p in providers] + [f"saved MB {p}" for p in providers]
     if on_cuda:
         header += [f"peak MB {p}" for p in providers] + [f"kernels {p}" for p in providers]
+    header += [f"vs ref {p}" for p in checked]
     lines = []
     for row in rows:
         first, prov = row["first"], row["providers"]
@@ -873,6 +926,9 @@ def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
             cells += [
                 str(prov[p].get("kernel_launches", "-")) if p in prov else "-" for p in providers
             ]
+        for p in checked:
+            diff = prov.get(p, {}).get("rel_diff_vs_reference")
+            cells.append("-" if diff is None else f"{diff:.1e}")
         lines.append(cells)
     return _format(header, lines, markdown)
 

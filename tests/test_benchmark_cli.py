@@ -117,6 +117,51 @@ def test_regenerated_corrupted_input_provider(bench_run):
     assert "regen/fastae" in header
 
 
+def test_fastae_numbers_are_checked_against_the_reference(bench_run):
+    """Each fastae provider's record holds its largest relative difference from the
+    reference backend (here the reference itself: 0), the figures table shows it, and the
+    other providers have none."""
+    stdout, records = bench_run
+    for record in records:
+        if record["provider"] in fb.VARIANTS:
+            assert record["rel_diff_vs_reference"] == 0
+        else:
+            assert "rel_diff_vs_reference" not in record
+    header = next(line for line in stdout.splitlines() if "saved MB" in line)
+    assert header.endswith("vs ref fastae  vs ref fastae_regenerate")
+
+
+# per case, the kernel function made to compute wrong numbers: (module, function)
+BROKEN = {
+    "encode_stats": ("encoder", "encode_forward"),
+    "decode_loss": ("decoder", "decode_forward"),
+    "corrupt": ("noise", "corrupt"),
+    "reparameterize": ("vae", "reparameterize_forward"),
+    "all": ("encoder", "encode_forward"),
+    "vae": ("decoder", "decode_forward"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_agreement_of_the_kernels_with_the_reference(case, monkeypatch):
+    """The triton backend (its interpreter here) against the reference, the noise and eps
+    drawn from one seed: float32 rounding apart. A kernel whose first output is off by a
+    factor of 2 shows as order 1."""
+    pytest.importorskip("triton")
+    module = importlib.import_module(f"fastae.kernels.{BROKEN[case][0]}")
+    size = fb.Size.parse("16x32x16")
+    with fastae.use_backend("triton"):
+        assert fb.agreement(fb.build(case, "fastae", size))["rel_diff_vs_reference"] < 1e-5
+        real = getattr(module, BROKEN[case][1])
+
+        def doubled(*args, **kwargs):
+            out = real(*args, **kwargs)
+            return (2 * out[0], *out[1:]) if isinstance(out, tuple) else 2 * out
+
+        monkeypatch.setattr(module, BROKEN[case][1], doubled)
+        assert fb.agreement(fb.build(case, "fastae", size))["rel_diff_vs_reference"] > 0.5
+
+
 def _params(d=13, hidden=7, batch=5, seed=0):
     torch.manual_seed(seed)
     model = fastae.Autoencoder(d, hidden).double()
