@@ -4,7 +4,8 @@ input (or accumulates into an output) would be applied more than once.
 
 Under the interpreter each kernel has one config and is never timed; here every autotuned
 kernel gets two configs and a stand-in benchmark that runs each config three times, as the
-GPU autotuner does, and whole training steps are compared with the reference backend.
+GPU autotuner does, and whole training steps are compared with the reference backend. And
+every config a GPU's autotuner chooses from runs here too, each kernel its own in turn.
 """
 
 import copy
@@ -16,7 +17,7 @@ import fastae
 from fastae import ops
 
 triton = pytest.importorskip("triton")
-from fastae.kernels import common, decoder, encoder, noise, vae  # noqa: E402
+from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -205,3 +206,74 @@ def test_float32_gemm_configs_fit_this_gpu(kernel, names, monkeypatch):
     assert len(kept) == len(_gemm_candidates(names))
     for m, n, k, stages, _ in (_shape(c, names) for c in kept):
         assert stages * (m + n) * k * 4 <= limit
+
+
+def _gpu_candidates() -> dict:
+    """Each autotuned kernel's candidate configs on a GPU (the interpreter has one small
+    config a kernel): every GEMM tile with its split-K counts, every elementwise shape."""
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (common, vae):
+            patch.setattr(module, "interpreting", lambda: False)
+        table = {
+            kernel: common.gemm_configs(names, split="SPLIT" in kernel.configs[0].kwargs)
+            for kernel, names in GEMM_KERNELS
+        }
+        elementwise = common.elementwise_configs()
+        for kernel in (
+            encoder._encoder_statistics_kernel, encoder._encoder_grad_z_kernel,
+            decoder._decoder_loss_kernel,
+        ):  # fmt: skip
+            table[kernel] = elementwise
+        table[noise._corrupt_kernel] = noise._configs()
+        table[vae._reparameterize_forward_kernel] = vae._forward_configs()
+        table[vae._reparameterize_backward_kernel] = vae._backward_configs()
+    return table
+
+
+def _float64_steps(backend: str) -> list[torch.Tensor]:
+    """Steps whose every kernel runs at a shape of several tiles with ragged edges for any
+    candidate (B = 150, d = 144, H = 136; tiles up to 256 a side): an untied and a tied
+    autoencoder with every regularizer and x~ regenerated inside the GEMMs, a VAE (B = 70,
+    latent 40), corrupt."""
+    torch.manual_seed(0)
+    x = torch.rand(150, 144, dtype=torch.float64, device=DEVICE)
+    results = []
+    with fastae.use_backend(backend):
+        for tied in (False, True):
+            model = fastae.Autoencoder(
+                144, 136, tied=tied, noise=fastae.MaskingNoise(0.3, seed=7), contractive=0.2,
+                sparsity=fastae.KLSparsity(0.1, 0.5),
+            ).double().to(DEVICE)  # fmt: skip
+            loss = model(x).loss
+            loss.backward()
+            results += [loss, *(p.grad for p in model.parameters())]
+        model = fastae.VAE(144, 136, 40).double().to(DEVICE)
+        loss = model(x[:70], seed=5).loss  # the autoencoders ran the GEMMs at B = 150
+        loss.backward()
+        results += [loss, *(p.grad for p in model.parameters())]
+        results.append(ops.corrupt(x, fastae.SaltPepperNoise(0.2, seed=3)))
+    return results
+
+
+GPU_CANDIDATES = _gpu_candidates() if DEVICE == "cpu" else {}
+
+
+@pytest.mark.parametrize("index", range(max(map(len, GPU_CANDIDATES.values()), default=0)))
+def test_every_gpu_candidate_matches_reference(index, monkeypatch):
+    """The configs a GPU's autotuner picks from (tile sizes, split-K counts, elementwise
+    shapes; the KL kernel's block of 1024) are the interpreter's too: each kernel runs its
+    candidate ``index`` (cycling through its list), split-K allowed at any batch, in float64
+    steps against the reference."""
+    assert set(GPU_CANDIDATES) == set(_autotuned_kernels())
+    monkeypatch.setattr(common, "SPLIT_MIN_BATCH", 1)
+    monkeypatch.setattr(sparsity, "interpreting", lambda: False)  # its GPU block: 1024
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+    for kernel, candidates in GPU_CANDIDATES.items():
+        monkeypatch.setattr(kernel, "configs", [candidates[index % len(candidates)]])
+        monkeypatch.setattr(kernel, "cache", {})
+    want = _float64_steps("reference")
+    got = _float64_steps("triton")
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, i=i: f"#{i}: {m}")
