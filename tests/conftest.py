@@ -27,31 +27,43 @@ settings.load_profile(os.environ.get("FASTAE_HYPOTHESIS_PROFILE", "ci"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _interpret_bfloat16_as_a_gpu_does() -> None:
-    """Triton's interpreter keeps bfloat16 values as their uint16 bit patterns, multiplies
-    those bit patterns in ``tl.dot`` (only 8-bit floats are converted first;
-    triton-lang/triton#11584, not supported upstream) and rounds float32 to bfloat16 toward
-    zero, so bfloat16 kernels compute garbage there, and biased sums. Do what the GPU does:
-    widen bfloat16 operands of a product to float32 (exact: the bits shifted into the high
-    half; tensor cores multiply bfloat16 exactly into float32 sums) and round float32 to the
-    nearest bfloat16, ties to even. Then the tests check the kernels' bfloat16 paths on the
-    CPU too."""
+def _interpret_products_as_a_gpu_does() -> None:
+    """Make Triton's interpreter multiply and round as an NVIDIA GPU does, so the tests check
+    the kernels' bfloat16 and tf32 paths on the CPU too.
+
+    bfloat16: the interpreter keeps values as their uint16 bit patterns, multiplies those bit
+    patterns in ``tl.dot`` (only 8-bit floats are converted first; triton-lang/triton#11584,
+    not supported upstream) and rounds float32 to bfloat16 toward zero: garbage products and
+    biased sums. Here bfloat16 operands are widened to float32 first (exact: the bits shifted
+    into the high half; tensor cores multiply bfloat16 exactly into float32 sums), and float32
+    rounds to the nearest bfloat16, ties to even.
+
+    tf32: the interpreter multiplies float32 exactly whatever the input precision. Here a
+    ``tf32`` product drops each float32 operand's low 13 mantissa bits first, as the tensor
+    cores read them from Triton's kernels (which do not round them: triton-lang/triton#4574),
+    so a product that should be IEEE float32 but is not shows as tf32 error."""
     import numpy as np
     import triton.language as tl
+    from triton._C.libtriton import ir
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
     product, cast = builder.create_dot, builder.cast_impl
 
-    def widened(handle):
-        if handle.dtype != tl.bfloat16:
-            return handle
-        return interpreter.TensorHandle(
-            (handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32
-        )
+    def operand(handle, input_precision):
+        if handle.dtype == tl.bfloat16:
+            widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(widened, tl.float32)
+        if handle.dtype == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
+            bits = np.ascontiguousarray(handle.data, dtype=np.float32).view(np.uint32)
+            return interpreter.TensorHandle(
+                (bits & np.uint32(0xFFFFE000)).view(np.float32), tl.float32
+            )
+        return handle
 
-    def create_dot(self, a, b, d, *args, **kwargs):
-        return product(self, widened(a), widened(b), d, *args, **kwargs)
+    def create_dot(self, a, b, d, input_precision, *args):
+        a, b = operand(a, input_precision), operand(b, input_precision)
+        return product(self, a, b, d, input_precision, *args)
 
     def cast_impl(self, src, dst_type):
         if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
@@ -68,7 +80,7 @@ def _interpret_bfloat16_as_a_gpu_does() -> None:
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     with contextlib.suppress(ImportError):  # no Triton: the kernel tests skip themselves
-        _interpret_bfloat16_as_a_gpu_does()
+        _interpret_products_as_a_gpu_does()
 
 
 def pytest_configure(config):

@@ -18,9 +18,10 @@ FUSED_KERNELS = True  # fused GEMMs at every shape, noisy encodes memory-free (c
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "softplus"]
-# float32 at matmul precision "high": exact under the interpreter; on a GPU tf32 products
-# round their inputs to 10 mantissa bits, and ours and cuBLAS's round and sum differently
-TF32_TOLERANCE = dict(rtol=1e-4, atol=1e-5) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-3)
+# float32 at matmul precision "high": our tf32 products read their inputs to 10 mantissa bits
+# (the interpreter as the GPU: tests/conftest.py), the reference's are exact on the CPU, and
+# on a GPU cuBLAS's round and sum differently
+TF32_TOLERANCE = dict(rtol=2e-2, atol=2e-3)
 # half precision against float64: B x d -> H
 HALF_SHAPE = (512, 784, 1024) if DEVICE == "cuda" else (33, 70, 40)
 NOISES = [
