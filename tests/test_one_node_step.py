@@ -151,15 +151,22 @@ def test_regenerated_corrupted_input(monkeypatch):
     _assert_same(model, x, [lambda out: out.loss], monkeypatch)
 
 
+def _triton_dtype(low_precision: bool, device: str) -> torch.dtype:
+    if low_precision:
+        return torch.bfloat16
+    return torch.float32 if device == "cuda" else torch.float64  # the interpreter runs fp64
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["wide", "bfloat16"])
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
-def test_triton_backend(fusion, monkeypatch):
+def test_triton_backend(fusion, low_precision, monkeypatch):
     """The kernels (interpreted on the CPU) through the one node, as through the ops."""
     pytest.importorskip("triton")
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
     monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
     config = dict(noise=fastae.MaskingNoise(0.3, seed=5), sparsity=fastae.KLSparsity(0.1, 0.5))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if device == "cuda" else torch.float64  # the interpreter runs fp64
+    dtype = _triton_dtype(low_precision, device)
     model = _model(dict(config, contractive=0.2), dtype).to(device)
     x = torch.rand(6, 7, dtype=dtype, device=device)
     with fastae.use_backend("triton"):
@@ -334,15 +341,16 @@ def test_vae_bad_input_named(monkeypatch):
         model(torch.rand(4, 7), seed=-1)
 
 
+@pytest.mark.parametrize("low_precision", [False, True], ids=["wide", "bfloat16"])
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
-def test_vae_triton_backend(fusion, monkeypatch):
+def test_vae_triton_backend(fusion, low_precision, monkeypatch):
     """The kernels (interpreted on the CPU) through the one node, as through the ops."""
     pytest.importorskip("triton")
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
     monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if device == "cuda" else torch.float64  # the interpreter runs fp64
-    model = _vae(dtype=dtype).to(device)
+    model = _vae(dtype=_triton_dtype(low_precision, device)).to(device)
+    dtype = model.encoder.weight.dtype
     x = torch.rand(6, 7, dtype=dtype, device=device)
     with fastae.use_backend("triton"):
         _assert_same_vae(model, x, [lambda out: out.loss + out.z.sum()], monkeypatch)
