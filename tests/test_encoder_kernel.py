@@ -6,6 +6,7 @@ so shapes stay small; on a CUDA machine the same tests run on the GPU, plus half
 
 import pytest
 import torch
+from precision import assert_within_twice_torchs_error
 
 import fastae
 from fastae import ops, reference
@@ -161,24 +162,15 @@ def test_opcheck_triton(statistics):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_half_precision(dtype, activation):
     """Within 2x of torch's own error at this dtype, both measured against float64 (on a GPU
-    at the benchmark's size, in the interpreter at an odd small one). jac is one number summed
-    from B x H slopes of h rounded to the dtype (ours rounds a(x W^T + b) once, torch twice):
-    its error is a sum of random roundings, and torch's is at times luckily small, so a
-    quarter of the dtype's epsilon also bounds it."""
+    at the benchmark's size, in the interpreter at an odd small one; jac, a sum: see
+    ``precision``)."""
     leaves, upstream = _inputs(*HALF_SHAPE, dtype)
     exact = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     oracle = _run("reference", *exact, [u.double() for u in upstream], activation=activation)
     ours = _run("triton", *leaves, upstream, activation=activation)
     torch_ = _run("reference", *leaves, upstream, activation=activation)
-    for name, a, b, ref in zip(
-        ["h", "rho", "jac", "dx", "dW", "db"], ours, torch_, oracle, strict=True
-    ):
-        err_ours = (a.double() - ref).norm() / ref.norm()
-        err_torch = (b.double() - ref).norm() / ref.norm()
-        bound = 2 * err_torch + 1e-6
-        if name == "jac":
-            bound = max(bound, torch.finfo(dtype).eps / 4)
-        assert err_ours <= bound, f"{name}: {err_ours:.2e} vs torch {err_torch:.2e}"
+    names = ["h", "rho", "jac", "dx", "dW", "db"]
+    assert_within_twice_torchs_error(ours, torch_, oracle, dtype, names, sums=["jac"])
 
 
 @pytest.mark.cuda
