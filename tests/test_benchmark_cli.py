@@ -131,6 +131,14 @@ def test_fastae_numbers_are_checked_against_the_reference(bench_run):
     assert header.endswith("vs ref fastae  vs ref fastae_regenerate")
 
 
+def test_a_difference_beyond_rounding_is_marked(bench_run):
+    _, records = bench_run
+    record = next(r for r in records if r["provider"] == "fastae")
+    assert not fb.figures_table([record]).endswith("!")
+    limit = fb.AGREEMENT_LIMITS[record["dtype"]]
+    assert fb.figures_table([dict(record, rel_diff_vs_reference=2 * limit)]).endswith(" !")
+
+
 # per case, the kernel function made to compute wrong numbers: (module, function)
 BROKEN = {
     "encode_stats": ("encoder", "encode_forward"),
