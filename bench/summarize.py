@@ -62,7 +62,10 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         "custom op counts once; under torch.compile only what the compiled code dispatches, "
         "fused kernels not counted), `saved MB` = bytes saved for backward beyond the inputs "
         "and parameters (saved_tensors_hooks, each storage once), on CUDA `peak MB` = peak "
-        "allocated memory and `kernels` = kernels launched (torch.profiler).",
+        "allocated memory and `kernels` = kernels launched (torch.profiler), and for fastae's "
+        "providers `vs ref` = the largest relative difference of one call's outputs and "
+        "gradients from the reference backend's on the same inputs and draws (`!`: beyond "
+        "rounding at the dtype).",
     ]
     for card, card_records in by_card(records).items():
         torch_versions = sorted({str(r.get("torch")) for r in card_records})
@@ -73,6 +76,7 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         lines += ["", "### Time and speedup", "", fb.ratio_table(card_records, markdown=True)]
         lines += ["", "### Device-independent figures", ""]
         lines.append(fb.figures_table(card_records, markdown=True))
+        lines += ["", fb.agreement_line(card_records) + "."]
         profiled = fb.kernel_time_table(card_records, markdown=True)
         if profiled.count("\n") > 1:
             lines += ["", "### Where the GPU time goes", ""]
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(fb.figures_table(card_records))
         print()
         print(fb.ratio_table(card_records))
+        print()
+        print(fb.agreement_line(card_records))
     return 0
 
 

@@ -938,6 +938,25 @@ def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
     return _format(header, lines, markdown)
 
 
+def agreement_line(records: Iterable[dict]) -> str:
+    """One line on the numbers timed (:func:`agreement`): how many calls were checked, the
+    largest relative difference from the reference and where, how many lie beyond rounding."""
+    checked = [r for r in records if r.get("rel_diff_vs_reference") is not None]
+    if not checked:
+        return "numbers checked against the reference backend: none"
+    worst = max(checked, key=lambda r: r["rel_diff_vs_reference"])
+    beyond = [
+        r for r in checked
+        if r["rel_diff_vs_reference"] > AGREEMENT_LIMITS.get(r.get("dtype", ""), 0.0)
+    ]  # fmt: skip
+    where = " ".join(str(worst.get(k, "")) for k in ("case", "size", "dtype", "provider"))
+    return (
+        f"numbers checked against the reference backend: {len(checked)} calls, largest "
+        f"relative difference {worst['rel_diff_vs_reference']:.1e} ({where}), "
+        f"{len(beyond)} beyond rounding at their dtype"
+    )
+
+
 def _kernel_name(name: str, width: int = 48) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 

@@ -136,7 +136,13 @@ def test_a_difference_beyond_rounding_is_marked(bench_run):
     record = next(r for r in records if r["provider"] == "fastae")
     assert not fb.figures_table([record]).endswith("!")
     limit = fb.AGREEMENT_LIMITS[record["dtype"]]
-    assert fb.figures_table([dict(record, rel_diff_vs_reference=2 * limit)]).endswith(" !")
+    wrong = dict(record, rel_diff_vs_reference=2 * limit)
+    assert fb.figures_table([wrong]).endswith(" !")
+    where = f"{record['case']} {record['size']} fp32 fastae"
+    assert fb.agreement_line([record, wrong]) == (
+        "numbers checked against the reference backend: 2 calls, largest relative difference "
+        f"{2 * limit:.1e} ({where}), 1 beyond rounding at their dtype"
+    )
 
 
 # per case, the kernel function made to compute wrong numbers: (module, function)
