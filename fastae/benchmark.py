@@ -709,7 +709,8 @@ def agreement(bench: Bench) -> dict[str, Any]:
     for a, b in zip(ours, want, strict=True):
         scale = b.double().norm().item()
         diff = (a.double() - b.double()).norm().item()
-        worst = max(worst, diff / scale if scale > 0 else diff)
+        relative = diff / scale if scale > 0 else diff
+        worst = max(worst, relative if math.isfinite(relative) else math.inf)  # NaN: inf
     return {"rel_diff_vs_reference": worst}
 
 

@@ -176,6 +176,22 @@ def test_agreement_of_the_kernels_with_the_reference(case, monkeypatch):
         assert fb.agreement(fb.build(case, "fastae", size))["rel_diff_vs_reference"] > 0.5
 
 
+def test_agreement_counts_nan_as_the_largest_difference(monkeypatch):
+    pytest.importorskip("triton")
+    from fastae.kernels import encoder
+
+    real = encoder.encode_forward
+
+    def unwritten(*args, **kwargs):
+        h, *rest = real(*args, **kwargs)
+        return (torch.full_like(h, float("nan")), *rest)
+
+    monkeypatch.setattr(encoder, "encode_forward", unwritten)
+    with fastae.use_backend("triton"):
+        bench = fb.build("encode", "fastae", fb.Size.parse("16x32x16"))
+        assert fb.agreement(bench)["rel_diff_vs_reference"] == float("inf")
+
+
 def _params(d=13, hidden=7, batch=5, seed=0):
     torch.manual_seed(seed)
     model = fastae.Autoencoder(d, hidden).double()
