@@ -43,6 +43,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Fused multiply-add in the kernels' floating-point arithmetic, asked for at every launch:
+# Triton's default up to 3.9, which warns that 3.10 turns it off. Asked for explicitly, the
+# compiled code (and what the tests and benchmarks measured) does not change with the
+# installed Triton; TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.
+FP_FUSION = True
+
+
 def cdiv(numerator: int, denominator: int) -> int:
     """ceil(numerator / denominator) for host code: plain integer arithmetic (``triton.cdiv``
     is a constexpr function in recent Triton, several times slower per call)."""
@@ -294,6 +301,7 @@ def launch_split_k(kernel, grid, before, buffers, after, **meta):
     whatever the autotuner picked; anywhere else the buffers are made. A kept kernel that
     splits gets them without a second key: their key parts are compared with the
     placeholders' instead."""
+    meta.setdefault("enable_fp_fusion", FP_FUSION)
     placeholders = buffers(placeholders=True)
     args = (*before, *placeholders, *after)
     kept = _kept_launch(kernel, args, meta)
@@ -628,8 +636,10 @@ def launch(kernel, grid, *args, **meta):
     parameters and ``meta`` its constexprs (or launch options such as ``num_warps``); other
     calls, and calls under the interpreter, take Triton's path every time. Callable grids get
     the meta-parameters (the constexprs and the config), not the runtime arguments. Triton's
-    global debug and instrumentation settings are read at a key's first call.
+    global debug and instrumentation settings are read at a key's first call. ``meta``
+    without ``enable_fp_fusion`` gets :data:`FP_FUSION`.
     """
+    meta.setdefault("enable_fp_fusion", FP_FUSION)
     kept = _kept_launch(kernel, args, meta)
     if kept is None:
         return kernel[grid](*args, **meta)

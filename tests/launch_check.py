@@ -7,13 +7,15 @@ The calls mix what Triton specializes on (dtypes, aligned and unaligned data poi
 divisible by 16 or not, 32- and 64-bit seeds), so a key coarser than Triton's would reuse a
 wrong kernel and show here. Where split-K is offered, a weight gradient whose kept kernel
 runs SPLIT = 1 is launched with placeholders for its buffers (``launch_split_k``), one that
-runs SPLIT = 2 (the autotuner made to pick it) with its buffers every time. Exit status 0:
-all agreed; it prints what it compared."""
+runs SPLIT = 2 (the autotuner made to pick it) with its buffers every time. Every kernel
+compiles with fused multiply-add asked for (``common.FP_FUSION``), so Triton's warning about
+its default (3.9) is an error here. Exit status 0: all agreed; it prints what it compared."""
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
@@ -72,6 +74,7 @@ def other_ops(x, seed, base):
 
 
 def main() -> int:
+    warnings.filterwarnings("error", message="TRITON_DEFAULT_FP_FUSION")
     # bfloat16 for the products: their kernels compile several times faster than float32's
     bf16 = torch.bfloat16
     x, weight = torch.randn(32, 48, dtype=bf16), torch.randn(40, 48, dtype=bf16)
@@ -112,6 +115,10 @@ def main() -> int:
         tritons = record(direct=False)
         first_split_k, second_split_k, kept_split_k = [], [], []
         first = record(direct=True, split_k=first_split_k)
+        fusions = {entry[0].metadata.enable_fp_fusion for entry in common._launches.values()}
+        if fusions != {common.FP_FUSION}:
+            print(f"kernels compiled with enable_fp_fusion {fusions}, want {common.FP_FUSION}")
+            return 1
         entered = []
         tritons_run = JITFunction.run
 
@@ -186,6 +193,7 @@ def main() -> int:
     print(f"launches compared: {compared}; kernels: {', '.join(names)}")
     print("Triton launch path calls on the second direct pass: 0")
     print("split-K: kept unsplit kernels launched with placeholders, split ones with buffers")
+    print(f"fused multiply-add: {common.FP_FUSION} in every kernel kept")
     return 0
 
 

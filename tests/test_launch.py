@@ -21,15 +21,18 @@ def test_direct_launches_match_tritons():
     """Every launcher of fastae, compiled for sm_90 against a stand-in driver: call for call,
     the direct path hands the launcher what Triton's path does (kernel, grid, arguments),
     over inputs that Triton specializes differently, and skips Triton's path once a key is
-    known, and launches an unsplit weight gradient without its split-K buffers
-    (tests/launch_check.py; a subprocess, as the interpreter is off there)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    known, and launches an unsplit weight gradient without its split-K buffers; every kernel
+    asks for fused multiply-add, whatever Triton's default (tests/launch_check.py; a
+    subprocess, as the interpreter is off there)."""
+    unset = ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION", "TRITON_FORCE_DISABLE_FP_FUSION")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["FASTAE_AUTOTUNE"] = "0"  # one config a kernel: compiling dominates this test
     result = subprocess.run(
         [sys.executable, str(CHECK)], env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "launches compared:" in result.stdout
+    assert "fused multiply-add: True in every kernel kept" in result.stdout
     assert "_encoder_forward_kernel" in result.stdout and "_decoder_forward_kernel" in result.stdout
     assert "split-K: kept unsplit kernels launched with placeholders" in result.stdout
 

@@ -179,6 +179,8 @@ if HAS_TRITON:
 
 
 def _run_triton(seed: int, offsets: torch.Tensor):
+    from fastae.kernels import common
+
     device = offsets.device
     n = offsets.numel()
     words = [torch.full((n,), -1, dtype=torch.int64, device=device) for _ in range(4)]
@@ -186,7 +188,10 @@ def _run_triton(seed: int, offsets: torch.Tensor):
     normal = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     block = 64
     grid = (triton.cdiv(n, block),)
-    _philox_probe_kernel[grid](offsets, seed, *words, u, normal, n, BLOCK=block)
+    fused = common.FP_FUSION  # compiled as fastae's kernels are: randn's arithmetic with FMA
+    _philox_probe_kernel[grid](
+        offsets, seed, *words, u, normal, n, BLOCK=block, enable_fp_fusion=fused
+    )
     return words, u, normal
 
 
