@@ -229,7 +229,7 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         with _seeded(seed):
             autoencoder = self._layer(X.shape[1], n_components, self.loss_)
             module = SemiSupervisedModule(autoencoder, len(self.classes_), weight)
-            self.module_ = module.to(self.device_)
+            self.module_ = module.to(device=self.device_, dtype=torch.float32)
             history = self._train(self.module_, data, epochs, seed)
         self.loss_curve_ = list(history.loss)
         self.n_iter_ = len(history.loss)
@@ -270,6 +270,14 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
 
 
 def _unlabeled_mask(y: np.ndarray) -> np.ndarray:
+    if y.dtype.kind in "US":
+        marker = str(UNLABELED) if y.dtype.kind == "U" else str(UNLABELED).encode()
+        if (y == marker).any():
+            raise ValueError(
+                f"y has a string dtype ({y.dtype}) and holds {marker!r}: numpy made the "
+                f"unlabelled marker {UNLABELED} a string label; pass y with dtype=object "
+                f"(string labels and the integer {UNLABELED} for unlabelled samples)"
+            )
     if y.dtype == object:
         return np.array([isinstance(v, (int, np.integer)) and v == UNLABELED for v in y])
     if y.dtype.kind in "iuf":
@@ -413,7 +421,7 @@ class StackedAutoencoder(
             codes = data
             for k, size in enumerate(sizes):
                 layer = self._layer(codes.shape[1], size, self.loss_ if k == 0 else upper_loss)
-                layer = layer.to(self.device_)
+                layer = layer.to(device=self.device_, dtype=torch.float32)
                 history = self._train(layer, codes, pretrain_epochs, seed + k + 1)
                 self.pretrain_loss_.append(history.loss[-1])
                 with torch.no_grad():
@@ -558,7 +566,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
         reconstruction_weight: float = 0.1,
         tol: float = 1e-3,
         lr: float = 1e-3,
-        n_init: int = 10,
+        n_init: int | str = 10,
         random_state=None,
         verbose: bool = False,
     ):
@@ -582,6 +590,17 @@ class DECClustering(ClusterMixin, BaseEstimator):
         lr = _positive_float("lr", self.lr)
         weight = _reconstruction_weight(self.reconstruction_weight)
         _checks.finite_number("tol", self.tol, low=0)
+        n_init = self.n_init
+        if n_init != "auto" and (
+            isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1
+        ):
+            raise ValueError(f"n_init must be 'auto' or a positive int, got {n_init!r}")
+        checked = check_array(X, dtype=[np.float64, np.float32])
+        if n_clusters > checked.shape[0]:
+            raise ValueError(
+                f"n_clusters must be at most the number of samples: got n_clusters={n_clusters} "
+                f"for n_samples={checked.shape[0]}"
+            )
         base = self.autoencoder if self.autoencoder is not None else AutoencoderTransformer()
         if not isinstance(base, UNSUPERVISED):
             raise TypeError(
@@ -592,8 +611,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
         autoencoder = clone(base)
         if autoencoder.get_params().get("random_state", 0) is None:
             autoencoder.set_params(random_state=random.randint(np.iinfo(np.int32).max))
-        self.autoencoder_ = autoencoder.fit(X)
-        X = check_array(X, dtype=[np.float64, np.float32])
+        self.autoencoder_ = autoencoder.fit(X)  # as given: it keeps any feature names
+        X = checked
         self.n_features_in_ = X.shape[1]
         x = self.autoencoder_._prepared(X)
         codes = _as_dtype(self.autoencoder_._map_chunks(_encode, x), x)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import numbers
 
 import numpy as np
@@ -214,6 +215,11 @@ class AutoencoderEstimatorMixin:
         """Tensor on ``device_`` (float32 for training); BCE targets are clipped to [0, 1]."""
         if self.loss_ == "bce":
             scaled = np.clip(scaled, 0.0, 1.0)
+        if dtype == torch.float32 and np.abs(scaled).max(initial=0.0) > np.finfo(np.float32).max:
+            raise ValueError(
+                "X has values beyond float32's range after scaling (largest magnitude "
+                f"{np.abs(scaled).max():.4g}); use scale='standard' or 'minmax'"
+            )
         return torch.tensor(scaled, dtype=dtype, device=self.device_)
 
     def _check_X(self, X, reset: bool) -> np.ndarray:
@@ -253,7 +259,7 @@ class AutoencoderEstimatorMixin:
         batch_size = min(int(self.batch_size), data.shape[0])
         # a caller may override either
         kwargs = {"progress": bool(self.verbose), "cuda_graph": bool(self.cuda_graph)} | kwargs
-        return fit(
+        history = fit(
             module,
             data,
             epochs=epochs,
@@ -262,6 +268,14 @@ class AutoencoderEstimatorMixin:
             seed=seed,
             **kwargs,
         )
+        diverged = [(i, loss) for i, loss in enumerate(history.loss) if not math.isfinite(loss)]
+        if diverged:
+            epoch, loss = diverged[0]
+            raise ValueError(
+                f"training diverged: the loss of epoch {epoch + 1} is {loss}; scale X "
+                "(scale='standard' or 'minmax') or lower lr"
+            )
+        return history
 
     @torch.no_grad()
     def _map_chunks(self, fn, x: torch.Tensor, module=None) -> np.ndarray:
@@ -370,7 +384,8 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         scaled = self._fit_scaling(X)
         seed = self._draw_seed()
         with _seeded(seed):
-            self.module_ = self._layer(X.shape[1], n_components, self.loss_).to(self.device_)
+            layer = self._layer(X.shape[1], n_components, self.loss_)
+            self.module_ = layer.to(device=self.device_, dtype=torch.float32)
             history = self._train(self.module_, self._tensor(scaled), epochs, seed)
         self.loss_curve_ = list(history.loss)
         self.n_iter_ = len(history.loss)

@@ -8,7 +8,8 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import _checks
 from .graphs import GraphedStep
+from .noise import Noise, check_seed
 from .ops import check_unit_interval
 
 
@@ -79,6 +81,11 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
     """Batches of a tensor (a DataLoader with a DistributedSampler under torch.distributed, so
     each process gets its shard); any other re-iterable of batches is used as it is. A tensor
     must have at least one row and the model's dtype and width (its ``in_features``)."""
+    if isinstance(data, (str, bytes, Mapping)):
+        raise TypeError(
+            f"{name} must be a tensor, numpy array, DataLoader or iterable of batches, got "
+            f"{type(data).__name__}"
+        )
     if isinstance(data, Iterator):
         raise TypeError(
             f"{name} must be re-iterable (a tensor, array, DataLoader or list of batches): "
@@ -185,11 +192,17 @@ def _targets_checked_once(model: nn.Module, tensors: list):
         module.check_targets = True
 
 
-def _on_device(batch, device: torch.device) -> torch.Tensor:
+def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
     """The batch's input on ``device``; copied to a GPU asynchronously where it is in pinned
     memory (``DataLoader(pin_memory=True)``). A copy to the host stays blocking: an
     asynchronous one could be read before it lands."""
-    return _first(batch).to(device, non_blocking=torch.device(device).type == "cuda")
+    x = _first(batch)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must yield tensors (or tuples whose first item is one), got a batch of "
+            f"{type(x).__name__}"
+        )
+    return x.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data") -> float:
@@ -198,7 +211,7 @@ def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data")
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _on_device(batch, device)
+            x = _on_device(batch, device, name)
             total.add_(model(x).loss, alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
@@ -237,7 +250,9 @@ def fit(
     data, the returned model has the weights of the epoch with the lowest validation loss
     (``History.best_epoch``), whether or not training stopped early; without, the weights of
     the best training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's
-    generator, so noise seeds and shuffling repeat exactly.
+    generator, so noise seeds and shuffling repeat exactly. The model is returned in eval
+    mode (its forward then corrupts nothing and a VAE takes z = mu): call ``model.train()``
+    before training it further in a loop of your own.
 
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (fused on CUDA).
 
@@ -258,9 +273,22 @@ def fit(
     if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     min_delta = _checks.finite_number("min_delta", min_delta, low=0)
+    seed = check_seed(seed)
+    shuffle = _checks.flag("shuffle", shuffle)
+    progress = _checks.flag("progress", progress)
+    restore_best = _checks.flag("restore_best", restore_best)
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
+    noise = getattr(_unwrap(model), "noise", None)
+    if isinstance(noise, Noise) and noise.seed is not None:
+        warnings.warn(
+            f"model.noise has seed={noise.seed}: every training step corrupts a batch's rows "
+            "with the same noise; leave the spec's seed None to draw fresh noise each step "
+            "(fit's seed makes the run repeatable)",
+            UserWarning,
+            stacklevel=2,
+        )
     if seed is not None:
         torch.manual_seed(seed)
     shuffle_seed = seed if seed is not None else draw_int()

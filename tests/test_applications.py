@@ -123,6 +123,13 @@ def test_semi_supervised_labels_and_errors(digits):
         SemiSupervisedAutoencoder(epochs=1).fit(x, one_class)
     with pytest.raises(ValueError, match="reconstruction_weight"):
         SemiSupervisedAutoencoder(reconstruction_weight=-1.0, epochs=1).fit(x, y)
+    # numpy turns -1 among strings into the label "-1": refused, not trained on
+    as_strings = np.array([str(v) if i % 3 else -1 for i, v in enumerate(y)])
+    assert as_strings.dtype.kind == "U"
+    with pytest.raises(ValueError, match=r"^y has a string dtype .* dtype=object"):
+        SemiSupervisedAutoencoder(epochs=1).fit(x, as_strings)
+    strings = SemiSupervisedAutoencoder(8, epochs=1, random_state=0).fit(x, y.astype(str))
+    assert strings.n_labeled_ == len(y) and set(strings.classes_) == set(y.astype(str))
 
 
 def test_semi_supervised_pickles(digits):
@@ -241,6 +248,19 @@ def test_dec_arguments_and_estimators():
         dec = DECClustering(3, autoencoder=detector, refine_epochs=2, random_state=0).fit(x)
         assert dec.labels_.shape == (60,) and dec.cluster_centers_.shape == (3, 2)
         np.testing.assert_array_equal(dec.predict(x), dec.labels_)
+
+
+def test_dec_checks_its_clusters_before_training(monkeypatch):
+    def trained(*args, **kwargs):
+        raise AssertionError("the autoencoder trained before the checks")
+
+    monkeypatch.setattr(AutoencoderTransformer, "fit", trained)
+    x = np.random.default_rng(0).random((20, 5))
+    with pytest.raises(ValueError, match=r"^n_clusters .* n_clusters=21 for n_samples=20"):
+        DECClustering(21).fit(x)
+    for n_init, error in ((0, ValueError), ("many", ValueError), (2.0, ValueError)):
+        with pytest.raises(error, match=r"^n_init\b"):
+            DECClustering(3, n_init=n_init).fit(x)
 
 
 @pytest.mark.parametrize("verbose", [False, True])

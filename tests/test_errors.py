@@ -326,6 +326,19 @@ def test_autoencoder_forward_bad_input():
         (dict(min_delta=-1.0), ValueError, "min_delta"),
         (dict(min_delta=math.inf), ValueError, "min_delta"),
         (dict(min_delta="0"), TypeError, "min_delta"),
+        (dict(seed=True), TypeError, "seed"),
+        (dict(seed="0"), TypeError, "seed"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(shuffle="no"), TypeError, "shuffle"),
+        (dict(progress=1), TypeError, "progress"),
+        (dict(restore_best="no"), TypeError, "restore_best"),
+        # strings and mappings are iterable, but not of batches
+        (dict(data="abc"), TypeError, "data"),
+        (dict(data={"x": torch.rand(6, 5)}), TypeError, "data"),
+        (dict(validation_data=b"abc"), TypeError, "validation_data"),
+        (dict(data=("ab", "cd")), TypeError, "data"),  # batches that are not tensors
+        (dict(validation_data=[(0.5,)]), TypeError, "validation_data"),
     ],
 )
 def test_fit_bad_arguments(kwargs, error, arg):

@@ -1,6 +1,7 @@
 """fastae.Autoencoder, its penalties, fastae.fit, and behaviour on the digits data set."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -340,12 +341,25 @@ def test_fit_numpy_scalar_arguments():
     assert model.tied is False and type(model.contractive) is float
     assert type(model.sparsity.rho) is float and type(model.noise.p) is float
     assert model.noise.rescale is True and type(model.noise.seed) is int
-    history = fastae.fit(
-        model, data, epochs=np.int64(2), batch_size=np.int64(16), lr=np.float32(0.01),
-        validation_data=data, patience=np.int64(1), min_delta=np.float32(0.0), seed=0,
-        progress=False,
-    )  # fmt: skip
+    with pytest.warns(UserWarning, match="model.noise has seed=3: every training step"):
+        history = fastae.fit(
+            model, data, epochs=np.int64(2), batch_size=np.int64(16), lr=np.float32(0.01),
+            validation_data=data, patience=np.int64(1), min_delta=np.float32(0.0),
+            seed=np.int64(0), progress=np.bool_(False),
+        )  # fmt: skip
     assert 1 <= len(history.loss) <= 2
+
+
+def test_fit_warns_of_a_seeded_noise_spec_only():
+    data = small_problem(32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = new_model(noise=fastae.MaskingNoise(0.3))
+        fastae.fit(model, data, epochs=1, seed=0, progress=False)
+    assert not [w for w in caught if "model.noise" in str(w.message)]
+    with pytest.warns(UserWarning, match="model.noise has seed=5"):
+        model = new_model(noise=fastae.MaskingNoise(0.3, seed=5))
+        fastae.fit(model, data, epochs=1, seed=0, progress=False)
 
 
 def test_fit_progress_leaves_its_record(capsys):

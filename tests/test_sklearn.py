@@ -330,6 +330,44 @@ def test_detector_scores_grow_outside_the_training_range(scale, model, loss):
     np.testing.assert_allclose(detector.decision_scores_, -detector.score_samples(x))
 
 
+def test_estimators_train_in_float32_under_a_float64_default_dtype(digits):
+    """Modules built while torch's default dtype is float64 train in float32, on the float32
+    data the estimators make, and repeat for a random_state."""
+    from fastae.applications import SemiSupervisedAutoencoder, StackedAutoencoder
+
+    x, y = digits[0][:120], digits[1][:120]
+    makers = [
+        lambda: AutoencoderTransformer(**TINY),
+        lambda: AutoencoderOutlierDetector(**TINY),
+        lambda: AutoencoderOutlierDetector(model="vae", hidden=16, **TINY),
+        lambda: StackedAutoencoder((8, 4), pretrain_epochs=1, finetune_epochs=1, random_state=0),
+        lambda: SemiSupervisedAutoencoder(4, epochs=1, random_state=0),
+    ]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for make in makers:
+            first, second = make().fit(x, y), make().fit(x, y)
+            assert {p.dtype for p in first.module_.parameters()} == {torch.float32}
+            assert all(np.isfinite(first.loss_curve_))
+            for method in ("transform", "score_samples", "predict_proba"):
+                if hasattr(first, method):
+                    got = getattr(first, method)(x[:5])
+                    np.testing.assert_array_equal(got, getattr(second, method)(x[:5]))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_data_beyond_float32_and_diverged_training_are_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"^X has values beyond float32's range"):
+        AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e39)
+    with pytest.raises(ValueError, match=r"^training diverged: the loss of epoch 1 is inf"):
+        AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e20)
+    # the same data scaled trains
+    AutoencoderOutlierDetector(2, epochs=1).fit(rng.random((40, 3)) * 1e39)
+
+
 def test_numpy_scalar_parameters():
     x = np.random.default_rng(0).random((40, 5))
     search = GridSearchCV(
