@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +49,13 @@ def affine(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # ----------------------------------------------------------------------------- activations
 
 
+def softplus(z: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(z)) to full precision. ``F.softplus`` returns z past its threshold, which
+    must lie where log(1 + exp(-z)) drops below z's rounding: 20 serves float32 and the half
+    types (exp(-20) / 20 < 2^-24), float64 needs 40 (exp(-40) / 40 < 2^-53)."""
+    return F.softplus(z, threshold=40.0 if z.dtype == torch.float64 else 20.0)
+
+
 def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "sigmoid":
         return torch.sigmoid(z)
@@ -56,7 +64,7 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return torch.relu(z)
     if activation == "softplus":
-        return F.softplus(z)
+        return softplus(z)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
@@ -109,10 +117,11 @@ def corrupt(
     count = 2 if kind == "salt_pepper" else 1
     uniforms = philox.element_uniforms(seed, rows, cols, x.device, base, count)
     keep = uniforms[0] >= level32
+    # masking multiplies by the mask (x m, as dropout: a NaN or inf dropped stays non-finite)
     if kind == "masking":
-        return torch.where(keep, x, 0.0)
+        return x * keep.to(x.dtype)
     if kind == "masking_rescale":
-        return torch.where(keep, x.to(compute) / (1 - level32).to(compute), 0.0).to(x.dtype)
+        return (x.to(compute) / (1 - level32).to(compute) * keep.to(compute)).to(x.dtype)
     if kind == "salt_pepper":
         salt = uniforms[1] >= 0.5
         fill = torch.where(salt, _f32(high), _f32(low)).to(x.dtype)
@@ -130,8 +139,10 @@ def corrupt_input_grad(
     keep = philox.element_uniforms(seed, *grad.shape, grad.device, base)[0] >= level32
     if kind == "masking_rescale":
         compute = stat_dtype(grad.dtype)
-        return torch.where(keep, grad.to(compute) / (1 - level32).to(compute), 0.0).to(grad.dtype)
-    return torch.where(keep, grad, 0.0)
+        return (grad.to(compute) / (1 - level32).to(compute) * keep.to(compute)).to(grad.dtype)
+    if kind == "salt_pepper":
+        return torch.where(keep, grad, 0.0)  # replaced entries do not depend on x
+    return grad * keep.to(grad.dtype)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -213,7 +224,7 @@ def decode_forward(
     z_acc, t = z.to(acc), target.to(acc)
     grad_z = None
     if loss == "bce":
-        per_element = F.softplus(z_acc) - t * z_acc
+        per_element = softplus(z_acc) - t * z_acc
         if with_gradient:
             grad_z = (torch.sigmoid(z_acc) - t).to(z.dtype)
     else:
@@ -320,5 +331,7 @@ def bernoulli_kl(rho_hat: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch
     r = rho_hat.to(stat_dtype(rho_hat.dtype))
     q = r.clamp(KL_EPS, 1 - KL_EPS)
     kl = rho * (math.log(rho) - torch.log(q)) + (1 - rho) * (math.log1p(-rho) - torch.log1p(-q))
-    grad = torch.where(q == r, (q - rho) / (q * (1 - q)), 0.0)
+    # q - rho as (q - rho_hi) - rho_lo, rho_hi = rho in float32: no rounding of rho near q
+    rho_hi = float(np.float32(rho))
+    grad = torch.where(q == r, ((q - rho_hi) - (rho - rho_hi)) / (q * (1 - q)), 0.0)
     return kl.sum(), grad

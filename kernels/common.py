@@ -94,9 +94,14 @@ def log1p(u):
 
 @triton.jit
 def one_minus_exp_neg(h):
-    """1 - exp(-h) = -expm1(-h) to full precision: (1 - v) h / -log(v), v = exp(-h) (Kahan)."""
+    """1 - exp(-h) = -expm1(-h) to full precision: (1 - v) h / -log(v), v = exp(-h) (Kahan).
+    Below 2^-60, v leaves 1 - v = 1 in float32 and float64 alike; there it is taken as 1, as
+    log of a float32 v that small (subnormal from h = 87.3 on) is inexact, or -inf where the
+    GPU flushes it to zero."""
     v = tl.exp(-h)
-    return tl.where(v == 1.0, h, tl.where(v == 0.0, 1.0, (1.0 - v) * h / -tl.log(v)))
+    return tl.where(
+        v == 1.0, h, tl.where(v < 8.673617379884035e-19, 1.0, (1.0 - v) * h / -tl.log(v))
+    )
 
 
 @triton.jit
@@ -104,9 +109,10 @@ def activate(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == SIGMOID:
         h = 1.0 / (1.0 + tl.exp(-z))
     elif ACTIVATION == TANH:
-        # tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|)
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
+        # tanh(z) = sign(z) u / (2 - u), u = 1 - exp(-2|z|) to full precision (no cancellation
+        # of 1 - exp(-2|z|) for small |z|)
+        u = one_minus_exp_neg(2.0 * tl.abs(z))
+        t = u / (2.0 - u)
         h = tl.where(z < 0, -t, t)
     elif ACTIVATION == RELU:
         h = tl.maximum(z, 0.0)
@@ -181,9 +187,9 @@ def corrupt_tile(x, offsets, seed, level, low, high, NOISE: tl.constexpr):
             salt = uniform(w1) >= 0.5
             x = tl.where(keep, x, tl.where(salt, high, low).to(x.dtype))
         elif NOISE == NOISE_MASKING_RESCALE:
-            x = tl.where(keep, x / (1.0 - level), 0.0)
+            x = x / (1.0 - level) * keep.to(x.dtype)  # x m: a dropped NaN stays NaN
         else:
-            x = tl.where(keep, x, 0.0)
+            x = x * keep.to(x.dtype)
     return x
 
 
@@ -194,9 +200,11 @@ def input_grad_mask(grad, offsets, seed, level, NOISE: tl.constexpr):
         w0, _, _, _ = tl.randint4x(seed, offsets)
         keep = uniform(w0) >= level
         if NOISE == NOISE_MASKING_RESCALE:
-            grad = tl.where(keep, grad / (1.0 - tl.cast(level, tl.float32)), 0.0)
+            grad = grad / (1.0 - tl.cast(level, tl.float32)) * keep.to(grad.dtype)
+        elif NOISE == NOISE_SALT_PEPPER:
+            grad = tl.where(keep, grad, 0.0)  # replaced entries do not depend on x
         else:
-            grad = tl.where(keep, grad, 0.0)
+            grad = grad * keep.to(grad.dtype)
     return grad
 
 

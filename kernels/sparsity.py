@@ -9,6 +9,8 @@ twenty small kernels forward and backward.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import triton
 import triton.language as tl
@@ -19,24 +21,34 @@ from .common import acc_dtype, empty, interpreting, launch, log1p
 
 
 @triton.jit
+def _joined(hi, lo, ACC: tl.constexpr):
+    """hi + lo in ACC: a float64 constant to about 2^-48 in float64, rounded in float32."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
 def _bernoulli_kl_kernel(
-    rho_hat_ptr, grad_ptr, kl_ptr, H, rho_hi, rho_lo,
-    EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    rho_hat_ptr, grad_ptr, kl_ptr, H, rho_hi, rho_lo, omr_hi, omr_lo, log_rho_hi, log_rho_lo,
+    log_omr_hi, log_omr_lo, EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # rho arrives as two float32 scalars (Triton passes Python floats as float32): their sum
-    # recovers it to about 2^-48 in float64, and rounds to rho_hi in float32
-    rho = tl.cast(rho_hi, ACC) + tl.cast(rho_lo, ACC)
-    log_rho = tl.log(rho)
-    log_one_minus_rho = log1p(-rho)
+    # rho, 1 - rho, log(rho) and log(1 - rho) come from the host in float64, each as two
+    # float32 scalars (Triton passes Python floats as float32): 1 - rho in float32 would lose
+    # the digits of a rho near 1
+    rho = _joined(rho_hi, rho_lo, ACC)
+    one_minus_rho = _joined(omr_hi, omr_lo, ACC)
+    log_rho = _joined(log_rho_hi, log_rho_lo, ACC)
+    log_one_minus_rho = _joined(log_omr_hi, log_omr_lo, ACC)
     total = tl.zeros((BLOCK,), dtype=ACC)
     for start in range(0, H, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         ok = cols < H
         r = tl.load(rho_hat_ptr + cols, mask=ok, other=0.5).to(ACC)
         q = tl.minimum(tl.maximum(r, EPS, tl.PropagateNan.ALL), 1.0 - EPS, tl.PropagateNan.ALL)
-        kl = rho * (log_rho - tl.log(q)) + (1.0 - rho) * (log_one_minus_rho - log1p(-q))
+        kl = rho * (log_rho - tl.log(q)) + one_minus_rho * (log_one_minus_rho - log1p(-q))
         total += tl.where(ok, kl, 0.0)
-        grad = tl.where(q == r, (q - rho) / (q * (1.0 - q)), 0.0)
+        # q - rho as (q - rho_hi) - rho_lo: exact where q is near rho, with no rounding of rho
+        q_minus_rho = (q - tl.cast(rho_hi, ACC)) - tl.cast(rho_lo, ACC)
+        grad = tl.where(q == r, q_minus_rho / (q * (1.0 - q)), 0.0)
         tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=ok)
     tl.store(kl_ptr, tl.sum(total, axis=0).to(kl_ptr.dtype.element_ty))
 
@@ -47,9 +59,15 @@ def bernoulli_kl(rho_hat, rho):
     dtype = stat_dtype(rho_hat.dtype)
     grad = empty(rho_hat.shape, rho_hat.device, dtype)
     kl = empty((), rho_hat.device, dtype)
-    rho_hi = float(np.float32(rho))
+    constants = (rho, 1.0 - rho, math.log(rho), math.log1p(-rho))
     launch(_bernoulli_kl_kernel, (1,),
-        rho_hat, grad, kl, rho_hat.shape[0], rho_hi, rho - rho_hi,
+        rho_hat, grad, kl, rho_hat.shape[0], *(part for c in constants for part in _split(c)),
         EPS=KL_EPS, ACC=acc_dtype(rho_hat.dtype), BLOCK=64 if interpreting() else 1024,
     )  # fmt: skip
     return kl, grad
+
+
+def _split(value: float) -> tuple[float, float]:
+    """(hi, lo): hi = value rounded to float32, lo = the rest (exact in float64)."""
+    hi = float(np.float32(value))
+    return hi, value - hi

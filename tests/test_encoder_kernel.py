@@ -4,6 +4,8 @@ On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_IN
 so shapes stay small; on a CUDA machine the same tests run on the GPU, plus half precision.
 """
 
+import math
+
 import pytest
 import torch
 from precision import assert_within_twice_torchs_error
@@ -77,6 +79,45 @@ def test_matches_reference_float64(activation, batch, features, hidden):
     got = _run("triton", *leaves, upstream, activation=activation)
     want = _run("reference", *leaves, upstream, activation=activation)
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# float32 pre-activations where an activation or its slope is easy to get wrong: softplus
+# past h = 87, where exp(-h) in the slope 1 - exp(-h) is subnormal; tanh near 0, where
+# 1 - exp(-2|z|) cancels
+EDGE_PRE_ACTIVATIONS = {
+    "softplus": [17.0, 41.0, 87.0, 90.0, 100.0, 103.5, 103.9, 110.0, -20.0],
+    "tanh": [1e-8, 1e-7, 1e-5, 1e-3, -1e-5, 0.0, 0.5],
+}
+
+
+def _edge_oracle(activation, z):
+    """float64 h and slope a'(z) of the float32 values z."""
+    if activation == "softplus":
+        h = [max(v, 0.0) + math.log1p(math.exp(-abs(v))) for v in z]
+        return h, [1 / (1 + math.exp(-v)) for v in z]
+    h = [math.tanh(v) for v in z]
+    return h, [1 - math.tanh(v) ** 2 for v in z]
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+@pytest.mark.parametrize("activation", sorted(EDGE_PRE_ACTIVATIONS))
+def test_float32_activations_at_their_edges(backend_name, fusion, activation, monkeypatch):
+    """h, the slope (dh/dz) and jac = mean_i a'(z_i)^2 of z = x * 1 in float32 within a few
+    ulps of float64: the slope of softplus is 1 past h = 87 (it was up to 1.006 there),
+    tanh keeps its relative precision near 0 (tanh(1e-8) was 0)."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    z = torch.tensor(EDGE_PRE_ACTIVATIONS[activation], device=DEVICE).unsqueeze(1)
+    x, weight = z.clone().requires_grad_(), torch.ones(1, 1, device=DEVICE)
+    with fastae.use_backend(backend_name):
+        h, _, jac = ops.encode(x, weight, activation=activation)
+        (slope,) = torch.autograd.grad(h.sum(), x)
+    want_h, want_slope = _edge_oracle(activation, z.squeeze(1).double().tolist())
+    want_h = torch.tensor(want_h, dtype=torch.float64)
+    want_slope = torch.tensor(want_slope, dtype=torch.float64)
+    torch.testing.assert_close(h.squeeze(1).double().cpu(), want_h, rtol=4e-7, atol=0)
+    torch.testing.assert_close(slope.squeeze(1).double().cpu(), want_slope, rtol=1e-6, atol=0)
+    assert jac.item() == pytest.approx(want_slope.square().mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 33])

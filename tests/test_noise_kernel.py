@@ -58,6 +58,32 @@ def test_kernel_equals_reference(kind, level, low, high, base, dtype):
     assert torch.equal(got_grad, reference.corrupt_input_grad(grad, kind, level, seed, base))
 
 
+@pytest.mark.parametrize("kind,level,low,high", KINDS[1:])
+@pytest.mark.parametrize("impl", [reference, noise], ids=["reference", "triton"])
+def test_non_finite_inputs(impl, kind, level, low, high):
+    """Masking multiplies by the mask (x m, as dropout): a NaN stays NaN and a dropped inf
+    becomes NaN; salt-and-pepper replaces entries, NaN or not. The backward mask likewise."""
+    x = _x(8, 40)
+    x[::2, ::3] = math.nan
+    x[1::2, ::5] = math.inf
+    seed = 77
+    out = impl.corrupt(x, kind, level, low, high, seed, 0)
+    kept = reference.corrupt(torch.ones_like(x), "masking", level, 0, 0, seed, 0) != 0
+    if kind == "salt_pepper":
+        torch.testing.assert_close(out[kept], x[kept], equal_nan=True, rtol=0, atol=0)
+        assert torch.isin(out[~kept], torch.tensor([low, high], device=DEVICE)).all()
+    else:
+        assert torch.isnan(out[x.isnan()]).all()
+        assert torch.isnan(out[x.isinf() & ~kept]).all() and out[x.isinf() & kept].isinf().all()
+        finite = x.isfinite()
+        assert out[finite & ~kept].eq(0).all()
+    grad = impl.corrupt_input_grad(x, kind, level, seed, 0)
+    if kind == "salt_pepper":
+        assert grad[~kept].eq(0).all()
+    else:
+        assert torch.isnan(grad[x.isnan()]).all()
+
+
 def test_large_base_offsets_do_not_repeat():
     """Offsets 2^32 apart share their low counter word but must give different streams."""
     x = torch.ones(4, 64, device=DEVICE)

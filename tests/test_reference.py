@@ -5,17 +5,22 @@ torch compositions for every gradient, explicit masks for the noise.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastae
 from fastae import philox, reference
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 
 ACTIVATIONS = reference.ACTIVATIONS
-ACT_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
+ACT_FN = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "softplus": lambda z: torch.logaddexp(z, torch.zeros_like(z)),  # no threshold
+}
 SHAPES = list(itertools.product([1, 7, 33], [1, 5, 784], [1, 17, 100]))  # (B, d, H)
 NOISES = {
     "gaussian": GaussianNoise(sigma=0.3, seed=11),
@@ -128,6 +133,18 @@ def grads_of(value, tensors):
 
 
 # ----------------------------------------------------------------------------- activations
+
+
+def test_softplus_float64_past_torchs_threshold():
+    """F.softplus returns z from 20 on, 2e-9 off in float64; the reference's softplus stays
+    within an ulp there, and gradcheck of a softplus encode passes just past 20."""
+    z = torch.tensor([19.0, 20.0, 20.0001, 21.0, 30.0, 39.0, 41.0, 60.0], dtype=torch.float64)
+    exact = torch.tensor([v + math.log1p(math.exp(-v)) for v in z.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(reference.softplus(z), exact, rtol=3e-16, atol=0)
+    x = torch.tensor([[20.0000004]], dtype=torch.float64, requires_grad=True)
+    weight = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+    encode = lambda x, w: fastae.ops.encode(x, w, activation="softplus")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(encode, (x, weight))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

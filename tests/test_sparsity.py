@@ -63,6 +63,20 @@ def test_kernel_matches_reference(n, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("rho", [0.999, 1 - 1e-6, 1 - 1e-7, 1e-7])
+@pytest.mark.parametrize("impl", [reference, sparsity])
+def test_float32_penalty_of_a_rho_near_its_bounds(impl, rho):
+    """In float32, 1 - rho and q - rho keep the digits of a rho next to 1 (or 0) that
+    rounding rho to float32 first would lose (29% of the gradient at rho = 1 - 1e-6)."""
+    values = [1 - 2**-20, 1 - 2**-19, 0.999999, 0.9999, 0.9, 2**-19, 1e-3]
+    rho_hat = torch.tensor(values, dtype=torch.float32, device=DEVICE)
+    kl, grad = impl.bernoulli_kl(rho_hat, rho)
+    want_kl, want_grad = _oracle(rho_hat, rho)
+    assert kl.item() == pytest.approx(want_kl, rel=1e-5)
+    want_grad = torch.tensor(want_grad, dtype=torch.float64)
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-5, atol=0)
+
+
 def test_kernel_nan_and_empty_follow_the_reference():
     rho_hat = torch.tensor([0.3, float("nan")], device=DEVICE)
     kl, grad = sparsity.bernoulli_kl(rho_hat, 0.1)
