@@ -28,16 +28,17 @@ def _joined(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def _bernoulli_kl_kernel(
-    rho_hat_ptr, grad_ptr, kl_ptr, H, rho_hi, rho_lo, omr_hi, omr_lo, log_rho_hi, log_rho_lo,
-    log_omr_hi, log_omr_lo, EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    rho_hat_ptr, grad_ptr, kl_ptr, H, rho_hi, rho_lo, one_minus_rho_hi, one_minus_rho_lo,
+    log_rho_hi, log_rho_lo, log_one_minus_rho_hi, log_one_minus_rho_lo,
+    EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # rho, 1 - rho, log(rho) and log(1 - rho) come from the host in float64, each as two
     # float32 scalars (Triton passes Python floats as float32): 1 - rho in float32 would lose
     # the digits of a rho near 1
     rho = _joined(rho_hi, rho_lo, ACC)
-    one_minus_rho = _joined(omr_hi, omr_lo, ACC)
+    one_minus_rho = _joined(one_minus_rho_hi, one_minus_rho_lo, ACC)
     log_rho = _joined(log_rho_hi, log_rho_lo, ACC)
-    log_one_minus_rho = _joined(log_omr_hi, log_omr_lo, ACC)
+    log_one_minus_rho = _joined(log_one_minus_rho_hi, log_one_minus_rho_lo, ACC)
     total = tl.zeros((BLOCK,), dtype=ACC)
     for start in range(0, H, BLOCK):
         cols = start + tl.arange(0, BLOCK)
