@@ -18,7 +18,7 @@ same batching, shuffling and seeding apply.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,7 +37,6 @@ from .sklearn import (
     _encode,
     _nonnegative_int,
     _positive_float,
-    _positive_int,
     _seeded,
     _validate_data,
 )
@@ -200,8 +199,8 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
 
     def fit(self, X, y):
         device = self._check_common_params()
-        n_components = _positive_int("n_components", self.n_components)
-        epochs = _positive_int("epochs", self.epochs)
+        n_components = _checks.positive_int("n_components", self.n_components)
+        epochs = _checks.positive_int("epochs", self.epochs)
         weight = _reconstruction_weight(self.reconstruction_weight)
         X, y = self._validate_xy(X, y)
         labeled = ~_unlabeled_mask(y)
@@ -405,10 +404,10 @@ class StackedAutoencoder(
         device = self._check_common_params()
         if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__len__"):
             raise TypeError(f"sizes must be a sequence of positive ints, got {self.sizes!r}")
-        sizes = [_positive_int("sizes[i]", size) for size in self.sizes]
+        sizes = [_checks.positive_int("sizes[i]", size) for size in self.sizes]
         if not sizes:
             raise ValueError("sizes must name at least one layer")
-        pretrain_epochs = _positive_int("pretrain_epochs", self.pretrain_epochs)
+        pretrain_epochs = _checks.positive_int("pretrain_epochs", self.pretrain_epochs)
         finetune_epochs = _nonnegative_int("finetune_epochs", self.finetune_epochs)
         X = self._check_X(X, reset=True)
         self.device_ = device
@@ -499,7 +498,6 @@ class DECOutput:
     loss: Tensor
     kl: Tensor
     autoencoder: AutoencoderOutput | None = None
-    extras: dict = field(default_factory=dict)
 
 
 class DECModule(nn.Module):
@@ -508,12 +506,14 @@ class DECModule(nn.Module):
     ``forward`` takes (B, d + K): the inputs, then the target distribution P of each row.
     """
 
-    def __init__(self, autoencoder: nn.Module, centers: Tensor, alpha: float, weight: float):
+    def __init__(
+        self, autoencoder: nn.Module, centers: Tensor, alpha: float, reconstruction_weight: float
+    ):
         super().__init__()
         self.autoencoder = autoencoder
         self.centers = nn.Parameter(centers.clone())
         self.alpha = float(alpha)
-        self.reconstruction_weight = float(weight)
+        self.reconstruction_weight = float(reconstruction_weight)
 
     def soft_assignments(self, x: Tensor) -> Tensor:
         return soft_assignments(self.autoencoder.encode(x), self.centers, self.alpha)
@@ -583,9 +583,9 @@ class DECClustering(ClusterMixin, BaseEstimator):
         self.verbose = verbose
 
     def fit(self, X, y=None):
-        n_clusters = _positive_int("n_clusters", self.n_clusters)
+        n_clusters = _checks.positive_int("n_clusters", self.n_clusters)
         refine_epochs = _nonnegative_int("refine_epochs", self.refine_epochs)
-        update_interval = _positive_int("update_interval", self.update_interval)
+        update_interval = _checks.positive_int("update_interval", self.update_interval)
         _positive_float("alpha", self.alpha)
         lr = _positive_float("lr", self.lr)
         weight = _reconstruction_weight(self.reconstruction_weight)

@@ -1,9 +1,10 @@
 """Benchmark cases shared by ``pytest bench`` and ``python -m fastae bench``.
 
-A case is an op (``encode``, ``encode_stats``, ``corrupt``, ``decode_loss``: forward plus
-backward into the trainable inputs) or a training step (``plain``, ``sparse``, ``denoising``,
-``contractive``, ``all``: zero the gradients, forward, loss, backward; the optimizer update is
-the same for every provider and left out). Providers:
+A case is an op (``encode``, ``encode_stats``, ``corrupt``, ``decode_loss``,
+``reparameterize``: forward plus backward into the trainable inputs) or a training step
+(``plain``, ``sparse``, ``denoising``, ``contractive``, ``all``, ``vae``: zero the gradients,
+forward, loss, backward; the optimizer update is the same for every provider and left out).
+Providers:
 
 - ``eager``: the plain PyTorch of :mod:`fastae.baselines`;
 - ``compile``: ``torch.compile`` of that same function (inductor; compile time excluded);
@@ -426,9 +427,9 @@ def build(
     if case == "reparameterize":
         k = size.hidden
         gen = torch.Generator(device=dev).manual_seed(seed + 2)
-        stats = 0.5 * torch.randn(size.batch, 2 * k, generator=gen, device=dev, dtype=W.dtype)
-        mu = stats[:, :k].contiguous().requires_grad_()
-        logvar = stats[:, k:].contiguous().requires_grad_()
+        posterior = 0.5 * torch.randn(size.batch, 2 * k, generator=gen, device=dev, dtype=W.dtype)
+        mu = posterior[:, :k].contiguous().requires_grad_()
+        logvar = posterior[:, k:].contiguous().requires_grad_()
         if provider == "fastae":
             forward = lambda: ops.reparameterize(mu, logvar, draws_seed)  # noqa: E731
         else:
@@ -747,10 +748,11 @@ def rounds_for(seconds_per_call: float, device: str, budget_s: float | None = No
 
 
 def warm_up(bench: Bench, calls: int | None = None) -> float:
-    """Run ``calls`` times (default: once, twice when compiling, the first call compiling);
-    the seconds of the last call."""
+    """Run ``calls`` times (default: once; twice for ``compile``, whose first call compiles;
+    three times for ``compile_graph``, whose CUDA-graph trees record at the third); the
+    seconds of the last call."""
     seconds = math.inf
-    compiling = {"compile": 2, COMPILE_GRAPH: 3}  # CUDA-graph trees record at the third
+    compiling = {"compile": 2, COMPILE_GRAPH: 3}
     for _ in range(calls or compiling.get(bench.provider, 1)):
         start = time.perf_counter()
         bench.run()

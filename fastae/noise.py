@@ -48,9 +48,9 @@ def check_seed(seed: object) -> int | None:
     return int(seed)
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
+def draw_seed() -> int:
     """A fresh seed from torch's generator, so ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, 2**62, (), generator=generator).item())
+    return int(torch.randint(0, 2**62, ()).item())
 
 
 class _Noise:
@@ -135,10 +135,10 @@ class SaltPepperNoise(_Noise):
 Noise = GaussianNoise | MaskingNoise | SaltPepperNoise
 
 
-def check_noise(noise: object, name: str = "noise") -> Noise | None:
+def check_noise(noise: object) -> Noise | None:
     if noise is None or isinstance(noise, (GaussianNoise, MaskingNoise, SaltPepperNoise)):
         return noise
     raise TypeError(
-        f"{name} must be None, GaussianNoise, MaskingNoise or SaltPepperNoise, "
+        f"noise must be None, GaussianNoise, MaskingNoise or SaltPepperNoise, "
         f"got {type(noise).__name__}"
     )

@@ -514,13 +514,16 @@ def _encode_backward_bwd(ctx, grads):
 _encode_backward_op.register_autograd(_encode_backward_bwd, setup_context=_encode_backward_setup)
 
 
-def _check_layer(x: Tensor, weight: object, bias: object) -> tuple[Tensor, Tensor | None]:
+def _check_layer(
+    inputs: Tensor, weight: object, bias: object, inputs_name: str = "x"
+) -> tuple[Tensor, Tensor | None]:
+    """weight (n, k) and bias (n,) or None of a layer applied to ``inputs`` (B, k)."""
     weight = _checks.tensor("weight", weight, 2)
-    _checks.same_kind("weight", weight, "x", x)
-    _checks.size("weight", weight, 1, x.shape[1], "x has that many features")
+    _checks.same_kind("weight", weight, inputs_name, inputs)
+    _checks.size("weight", weight, 1, inputs.shape[1], f"{inputs_name} has that many features")
     if bias is not None:
         bias = _checks.tensor("bias", bias, 1)
-        _checks.same_kind("bias", bias, "x", x)
+        _checks.same_kind("bias", bias, inputs_name, inputs)
         _checks.size("bias", bias, 0, weight.shape[0], "weight has that many rows")
     return weight, bias
 
@@ -686,7 +689,7 @@ def _decode_bwd(ctx, grad_loss, _grad_grad_z, _grad_x_hat):
         return (None,) * 9
     if not ctx.with_gradient:
         raise RuntimeError(
-            "fastae::decode_loss ran with with_gradient=False, so it kept no d loss / d x^ to "
+            "fastae::decode_loss ran with with_gradient=False, so it kept no d ell / d z^ to "
             "differentiate with; decode_loss sets it whenever an input requires a gradient"
         )
     h, weight, grad_z, bias, target = ctx.saved_tensors
@@ -758,7 +761,7 @@ def _decode_second_order(ctx, grads):
     """Double backward of decode_loss, from the saved G = d ell / d z^ (no target needed):
     with dz = g G, dV = dz^T h, dc = sum_i dz, dh = dz V and upstream (A, a, A_h),
     Q = h A^T + a + A_h V^T is the gradient at dz; then d/dg_i = sum_k Q_ik G_ik,
-    R = Q g G'(z^), dh = dz A + R V, dV = A_h^T dz + R^T h, dc = sum_i R, d target = Q g dG/dx,
+    R = Q g G'(z^), dh = dz A + R V, dV = dz^T A_h + R^T h, dc = sum_i R, d target = Q g dG/dx,
     where G' = x^(1 - x^) (BCE), 2 (squared error, identity), 2 x^'^2 + G (1 - 2 x^)
     (squared error, sigmoid: x^' = x^(1 - x^))."""
     grad_loss, h, weight, grad_z, bias, target = ctx.saved_tensors
@@ -867,13 +870,7 @@ def decode_loss(
     if h.shape[0] == 0:
         raise ValueError(f"h must have at least one row, got {tuple(h.shape)}")
     h, weight, bias, target = _autocast(h.device, h, weight, bias, target)
-    weight = _checks.tensor("weight", weight, 2)
-    _checks.same_kind("weight", weight, "h", h)
-    _checks.size("weight", weight, 1, h.shape[1], "h has that many features")
-    if bias is not None:
-        bias = _checks.tensor("bias", bias, 1)
-        _checks.same_kind("bias", bias, "h", h)
-        _checks.size("bias", bias, 0, weight.shape[0], "weight has that many rows")
+    weight, bias = _check_layer(h, weight, bias, "h")
     target = _checks.tensor("target", target, 2)
     _checks.same_kind("target", target, "h", h)
     if tuple(target.shape) != (h.shape[0], weight.shape[0]):
@@ -893,7 +890,7 @@ def decode_loss(
         raise TypeError(
             f"return_reconstruction must be a bool, got {type(return_reconstruction).__name__}"
         )
-    # d loss / d x^ (B, d) only where a gradient can be asked for: scoring and validation
+    # d ell / d z^ (B, d) only where a gradient can be asked for: scoring and validation
     # under torch.no_grad neither compute nor store it
     with_gradient = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, weight, bias, target)

@@ -75,12 +75,6 @@ def resolve_device(device) -> torch.device:
     return resolved
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _nonnegative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -154,7 +148,7 @@ class AutoencoderEstimatorMixin:
             raise ValueError(f"sparsity KLSparsity needs activation 'sigmoid', got {activation!r}")
         _checks.flag("tied", self.tied)
         _checks.finite_number("contractive", self.contractive, low=0)
-        _positive_int("batch_size", self.batch_size)
+        _checks.positive_int("batch_size", self.batch_size)
         _positive_float("lr", self.lr)
         device = resolve_device(self.device)
         if _checks.flag("cuda_graph", self.cuda_graph) and not _graphs_possible(device):
@@ -330,9 +324,7 @@ class AutoencoderEstimatorMixin:
     def __setstate__(self, state):
         super().__setstate__(state)
         if getattr(self, "module_", None) is not None and hasattr(self, "device_"):
-            if self.device_.type == "cuda" and not torch.cuda.is_available():
-                self.device_ = torch.device("cpu")
-            self.module_.to(self.device_)
+            self._sync_device()
 
 
 class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
@@ -377,8 +369,8 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters
         are checked before X, so a bad one leaves the estimator as it was."""
         device = self._check_common_params()
-        n_components = _positive_int("n_components", self.n_components)
-        epochs = _positive_int("epochs", self.epochs)
+        n_components = _checks.positive_int("n_components", self.n_components)
+        epochs = _checks.positive_int("epochs", self.epochs)
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
@@ -574,7 +566,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             if kind == "elbo":
                 raise ValueError("anomaly_score='elbo' needs model='vae'")
             return
-        _positive_int("hidden", self.hidden)
+        _checks.positive_int("hidden", self.hidden)
         _checks.finite_number("beta", self.beta, low=0)
         given = {
             "noise": self.noise is not None,
@@ -598,7 +590,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             return super()._layer(in_features, hidden, loss)
         return VAE(
             in_features,
-            _positive_int("hidden", self.hidden),
+            _checks.positive_int("hidden", self.hidden),
             hidden,
             activation=self._activation(),
             output="sigmoid" if loss == "bce" else "identity",

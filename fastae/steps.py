@@ -76,7 +76,7 @@ def _autoencoder_outputs(encode, decode_loss, bernoulli_kl, x, weight, bias, dec
     kl, l1_weight, contractive = terms
     h, rho_hat, jac, stats = encode(x, weight, bias, *enc)
     matrix = weight.t() if decoder_weight is None else decoder_weight
-    per_sample, grad_z, _ = decode_loss(
+    per_sample, grad_zhat, _ = decode_loss(
         h, matrix, decoder_bias, target, output, loss_name, dec_name, False, True
     )
     reconstruction = per_sample.mean()
@@ -95,7 +95,7 @@ def _autoencoder_outputs(encode, decode_loss, bernoulli_kl, x, weight, bias, dec
             contractive_term = contractive * jac
             total = total + contractive_term
     outputs = (reconstruction, per_sample, h, jac, sparsity, contractive_term, total)
-    return outputs, stats, grad_z, kl_grad
+    return outputs, stats, grad_zhat, kl_grad
 
 
 class _AutoencoderStep(torch.autograd.Function):
@@ -108,13 +108,13 @@ class _AutoencoderStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms):
-        outputs, stats, grad_z, kl_grad = _autoencoder_outputs(
+        outputs, stats, grad_zhat, kl_grad = _autoencoder_outputs(
             ops._encode_body, ops._decode_loss_body, ops._bernoulli_kl_body,
             x, weight, bias, decoder_weight, decoder_bias, target, enc, dec, terms,
         )  # fmt: skip
         ctx.enc, ctx.dec, ctx.terms = enc, dec, terms
         ctx.save_for_backward(
-            x, weight, bias, decoder_weight, decoder_bias, target, outputs[2], stats, grad_z,
+            x, weight, bias, decoder_weight, decoder_bias, target, outputs[2], stats, grad_zhat,
             kl_grad,
         )  # fmt: skip
         ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
@@ -130,7 +130,7 @@ class _AutoencoderStep(torch.autograd.Function):
             return _autoencoder_backward_recorded(
                 ctx, (g_rec, g_per_sample, g_h, g_jac, g_sparsity, g_contractive, g_loss)
             )
-        x, weight, _, decoder_weight, _, _, h, stats, grad_z, kl_grad = ctx.saved_tensors
+        x, weight, _, decoder_weight, _, _, h, stats, grad_zhat, kl_grad = ctx.saved_tensors
         activation, kind, level, low, high, seed, enc_name, statistics = ctx.enc
         output, loss_name, dec_name = ctx.dec
         kl, l1_weight, contractive = ctx.terms
@@ -151,7 +151,7 @@ class _AutoencoderStep(torch.autograd.Function):
         grad_matrix = grad_decoder_bias = None
         if g_per_sample is not None:
             grad_matrix, grad_decoder_bias, grad_h = ops._decode_backward_body(
-                g_per_sample, h, matrix, grad_z, None, None, output, loss_name, dec_name, True
+                g_per_sample, h, matrix, grad_zhat, None, None, output, loss_name, dec_name, True
             )
             g_h = _add(grad_h, g_h)
         if not statistics:
@@ -226,7 +226,7 @@ def _vae_outputs(encode, reparameterize, decode_loss, x, params, enc, rep, dec, 
     """A VAE's step from ``encode``, ``reparameterize`` and ``decode_loss`` (the ops' bodies,
     or their callers, which autograd records), as ``fastae.VAE.forward`` composes the ops:
     the outputs (loss, elbo, reconstruction, kl, per_sample, mu, logvar, z), then what
-    backward needs: h, its stats, the posterior [mu, logvar], h2, its stats, d loss / d x^."""
+    backward needs: h, its stats, the posterior [mu, logvar], h2, its stats, d ell / d z^."""
     weight, bias, posterior_weight, posterior_bias, hidden_weight, hidden_bias = params[:6]
     decoder_weight, decoder_bias = params[6:]
     activation, enc_name = enc
@@ -237,11 +237,13 @@ def _vae_outputs(encode, reparameterize, decode_loss, x, params, enc, rep, dec, 
     mu, logvar = posterior[:, :latent], posterior[:, latent:]
     z, kl = reparameterize(mu, logvar, *rep)
     h2, _, _, stats2 = encode(z, hidden_weight, hidden_bias, *layer)
-    reconstruction, grad_z, _ = decode_loss(h2, decoder_weight, decoder_bias, x, *dec, False, True)
+    reconstruction, grad_zhat, _ = decode_loss(
+        h2, decoder_weight, decoder_bias, x, *dec, False, True
+    )
     per_sample = reconstruction + kl
     loss = (reconstruction + beta * kl).mean()
     outputs = (loss, -per_sample, reconstruction, kl, per_sample, mu, logvar, z)
-    return outputs, (h, stats, posterior, h2, stats2, grad_z)
+    return outputs, (h, stats, posterior, h2, stats2, grad_zhat)
 
 
 class _VAEStep(torch.autograd.Function):
@@ -274,7 +276,7 @@ class _VAEStep(torch.autograd.Function):
             grads = (g_loss, g_elbo, g_rec, g_kl, g_per_sample, g_mu, g_logvar, g_z)
             return _vae_backward_recorded(ctx, grads)
         x, *params = ctx.saved_tensors[:9]
-        h, stats, posterior, h2, stats2, grad_z, z = ctx.saved_tensors[9:]
+        h, stats, posterior, h2, stats2, grad_zhat, z = ctx.saved_tensors[9:]
         weight, _, posterior_weight, _, hidden_weight, _, decoder_weight, _ = params
         needs = ctx.needs_input_grad[1:9]
         needs_mu = any(needs[:4])  # mu, logvar and z depend on the encoder and posterior layer
@@ -290,14 +292,14 @@ class _VAEStep(torch.autograd.Function):
         grads = [None] * 8
         if g_rec is not None:
             grads[6], grads[7], *grad_h2 = ops._decode_backward_body(
-                g_rec, h2, decoder_weight, grad_z, None, None, *ctx.dec, needs_h2
+                g_rec, h2, decoder_weight, grad_zhat, None, None, *ctx.dec, needs_h2
             )
             if needs_h2:
-                grads[4], grads[5], *grad_z_in = ops._encode_backward_body(
+                grads[4], grads[5], *grad_latent = ops._encode_backward_body(
                     grad_h2[0].contiguous(), None, None, z, hidden_weight, h2, stats2,
                     activation, *_NO_NOISE, enc_name, needs_mu,
                 )  # fmt: skip
-                g_z = _add(g_z, grad_z_in[0] if needs_mu else None)
+                g_z = _add(g_z, grad_latent[0] if needs_mu else None)
         mu, logvar = posterior[:, :latent], posterior[:, latent:]
         if needs_mu and (g_z is not None or g_kl is not None):
             grad_mu, grad_logvar = ops._reparameterize_backward_body(

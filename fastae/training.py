@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from . import _checks
 from .graphs import GraphedStep
-from .noise import Noise, check_seed
+from .noise import Noise, check_seed, draw_seed
 from .ops import check_unit_interval
 
 
@@ -205,18 +205,18 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
     return x.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
-def _mean_loss(model: nn.Module, batches, device, name: str = "validation_data") -> float:
+def _mean_loss(model: nn.Module, batches, device) -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync a pass
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _on_device(batch, device, name)
+            x = _on_device(batch, device, "validation_data")
             total.add_(model(x).loss, alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
     if not count:
-        raise ValueError(f"{name} yielded no rows")
+        raise ValueError("validation_data yielded no rows")
     return float(total) / count
 
 
@@ -291,7 +291,7 @@ def fit(
         )
     if seed is not None:
         torch.manual_seed(seed)
-    shuffle_seed = seed if seed is not None else draw_int()
+    shuffle_seed = seed if seed is not None else draw_seed()
     train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:
@@ -360,7 +360,3 @@ def default_optimizer(model: nn.Module, lr: float, capturable: bool = False):
     launches 7, or 17 when ``capturable`` for a CUDA graph), else PyTorch's default."""
     on_cuda = all(p.device.type == "cuda" for p in model.parameters())
     return torch.optim.Adam(model.parameters(), lr=lr, capturable=capturable, fused=on_cuda or None)
-
-
-def draw_int() -> int:
-    return int(torch.randint(0, 2**62, ()).item())

@@ -113,8 +113,8 @@ class VAE(nn.Module):
         h = ops.encode(
             x, self.encoder.weight, self.encoder.bias, activation=self.activation, statistics=False
         )[0]
-        stats = F.linear(h, self.posterior.weight, self.posterior.bias)
-        return stats[:, : self.latent], stats[:, self.latent :]
+        posterior = F.linear(h, self.posterior.weight, self.posterior.bias)
+        return posterior[:, : self.latent], posterior[:, self.latent :]
 
     def encode(self, x: Tensor) -> Tensor:
         """The posterior mean mu (B, k): deterministic."""

@@ -14,11 +14,11 @@ from .common import (
     NOISE_CODES,
     acc_dtype,
     autotune,
-    cdiv,
     column_index,
     corrupt_tile,
     element_offsets,
     empty,
+    grid_tiles,
     input_grad_mask,
     launch,
     seed_pointer,
@@ -62,11 +62,7 @@ def _corrupt_kernel(
 def _launch(x, kind, level, low, high, seed, base, grad):
     batch, features = x.shape
     out = empty(x.shape, x.device, x.dtype)
-    grid = lambda meta: (  # noqa: E731
-        cdiv(batch, meta["BLOCK_M"]),
-        cdiv(features, meta["BLOCK_N"]),
-    )
-    launch(_corrupt_kernel, grid,
+    launch(_corrupt_kernel, grid_tiles(batch, features),
         x, out, batch, features, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         seed_pointer(seed, x), base, level, low, high,
         NOISE=NOISE_CODES[kind], GRAD=grad, WIDE_COLUMNS=wide_columns(x, out),

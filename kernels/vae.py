@@ -23,6 +23,7 @@ from .common import (
     column_index,
     element_offsets,
     empty,
+    grid_tiles,
     interpreting,
     launch,
     seed_pointer,
@@ -164,11 +165,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
     dlogvar = empty((batch, latent), mu.device, mu.dtype)
     gz = grad_z if grad_z is not None else mu
     gkl = grad_kl if grad_kl is not None else mu[:, 0]
-    grid = lambda meta: (  # noqa: E731
-        cdiv(batch, meta["BLOCK_M"]),
-        cdiv(latent, meta["BLOCK_N"]),
-    )
-    launch(_reparameterize_backward_kernel, grid,
+    launch(_reparameterize_backward_kernel, grid_tiles(batch, latent),
         gz, gkl, mu, logvar, dmu, dlogvar, batch, latent,
         gz.stride(0), gz.stride(1), gkl.stride(0),
         mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), seed_pointer(seed, mu),
