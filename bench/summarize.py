@@ -58,14 +58,17 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         "faster). `tf32` is fp32 with `torch.set_float32_matmul_precision('high')`; compile "
         "time is excluded.",
         "",
-        "Figures of one call: `ops` = ops the dispatcher ran (TorchDispatchMode; a fastae "
-        "custom op counts once; under torch.compile only what the compiled code dispatches, "
-        "fused kernels not counted), `saved MB` = bytes saved for backward beyond the inputs "
-        "and parameters (saved_tensors_hooks, each storage once), on CUDA `peak MB` = peak "
-        "allocated memory and `kernels` = kernels launched (torch.profiler), and for fastae's "
-        "providers `vs ref` = the largest relative difference of one call's outputs and "
-        "gradients from the reference backend's on the same inputs and draws (`!`: beyond "
-        "rounding at the dtype).",
+        "Figures of one call: `ops` = ops the dispatcher ran (a TorchDispatchMode, under which "
+        "fastae's models compose their ops instead of running a step as one autograd node; a "
+        "fastae op counts once, not the kernels or reference math inside it; under "
+        "torch.compile only what the compiled code dispatches, fused kernels not counted; the "
+        "CUDA-graph replays none: `-`), `saved MB` = bytes saved for backward beyond the inputs"
+        " and parameters (saved_tensors_hooks, each storage once), on CUDA `peak MB` = peak "
+        "allocated memory during the call beyond what was allocated before it (the step's own, "
+        "whatever else the process holds) and `kernels` = kernels launched (torch.profiler), "
+        "and for fastae's providers `vs ref` = the largest relative difference of one call's "
+        "outputs and gradients from the reference backend's on the same inputs and draws (`!`: "
+        "beyond rounding at the dtype).",
     ]
     for card, card_records in by_card(records).items():
         torch_versions = sorted({str(r.get("torch")) for r in card_records})

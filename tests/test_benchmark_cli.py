@@ -62,7 +62,8 @@ def test_timed_calls_alternate_between_providers(monkeypatch):
     records = fb.measure("plain", ["eager", "fastae"], fb.Size.parse("8x16x16"), "fp32", "cpu", 3)
     assert [r["provider"] for r in records] == ["eager", "fastae"]
     assert [r["rounds"] for r in records] == [3, 3]
-    assert order == ["eager", "fastae"] + ["eager", "fastae"] * 3  # a warm-up each, then turns
+    warm_up = ["eager"] * 2 + ["fastae"] * 2  # two calls each (fastae's first autotunes)
+    assert order == warm_up + ["eager", "fastae"] * 3  # then turns
     assert fb.measure("plain", [], fb.Size.parse("8x16x16"), "fp32", "cpu") == []
 
 
@@ -129,6 +130,16 @@ def test_fastae_numbers_are_checked_against_the_reference(bench_run):
             assert "rel_diff_vs_reference" not in record
     header = next(line for line in stdout.splitlines() if "saved MB" in line)
     assert header.endswith("vs ref fastae  vs ref fastae_regenerate")
+
+
+def test_graph_replays_show_no_op_count(bench_run):
+    """A replayed CUDA graph's figures (aten_ops, saved bytes: None) show as '-', not 0."""
+    _, records = bench_run
+    eager = next(r for r in records if r["provider"] == "eager" and r["case"] == "sparse")
+    replay = dict(eager, provider=fb.GRAPH, aten_ops=None, saved_bytes_beyond_inputs=None)
+    *_, row = fb.figures_table([eager, replay]).splitlines()
+    cells = row.split()
+    assert cells[3:5] == [str(eager["aten_ops"]), "-"] and cells[-1] == "-"
 
 
 def test_a_difference_beyond_rounding_is_marked(bench_run):
@@ -308,6 +319,7 @@ def test_kernel_table_averages_the_profiled_calls():
     assert table["kernel_launches"] == 3
     assert table["kernel_time_us"] == pytest.approx(17.0)
     assert table["kernels"] == [["gemm", 1.0, pytest.approx(10.0)], ["stats", 2.0, 7.0]]
+    assert table["copies"] == 1 and table["copy_time_us"] == pytest.approx(50.0)
 
 
 def _summarize(records, folder, monkeypatch) -> str:
@@ -329,16 +341,17 @@ def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch)
         if record["case"] == "sparse":
             busy_us = record["median_s"] * 1e6 / 2  # busy half of the wall time
             kernels = [["a_long_kernel_name_" * 4, 2.0, busy_us * 0.75], ["k", 1.0, busy_us / 4]]
-            record.update(kernel_launches=3, kernel_time_us=busy_us, kernels=kernels)
+            record.update(kernel_launches=3, kernel_time_us=busy_us * 0.9, kernels=kernels)
+            record.update(copies=1, copy_time_us=busy_us * 0.1)  # busy: kernels and copies
         profiled.append(record)
     summary = _summarize(profiled, tmp_path, monkeypatch)
     section = summary.split("### Where the GPU time goes", 1)[1]
     rows = [line for line in section.splitlines() if line.startswith("| sparse")]
     assert {row.split(" | ")[3] for row in rows} == {"eager", "fastae"}
     cells = rows[0].split(" | ")
-    assert cells[6] == "50%" and cells[7] == "3"
-    assert cells[8].startswith("a_long_kernel_name_a_long_kernel_name_a_long_...")
-    assert "(x2)" in cells[8] and "; k " in cells[8]
+    assert cells[6] == "50%" and cells[7] == "3" and cells[8] == "1"
+    assert cells[9].startswith("a_long_kernel_name_a_long_kernel_name_a_long_...")
+    assert "(x2)" in cells[9] and "; k " in cells[9]
     assert "| denoising" not in section  # no profile, no row
 
 
