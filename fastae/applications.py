@@ -28,12 +28,11 @@ from torch import Tensor, nn
 from . import _checks, ops
 from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
 from .sklearn import (
-    _TORCH_DTYPES,
     AutoencoderEstimatorMixin,
     AutoencoderOutlierDetector,
     AutoencoderTransformer,
+    CodeTransformerMixin,
     _as_dtype,
-    _decode,
     _encode,
     _nonnegative_int,
     _positive_float,
@@ -49,7 +48,6 @@ try:
         ClassifierMixin,
         ClassNamePrefixFeaturesOutMixin,
         ClusterMixin,
-        TransformerMixin,
         clone,
     )
     from sklearn.cluster import KMeans
@@ -346,7 +344,7 @@ class StackModule(nn.Module):
 
 
 class StackedAutoencoder(
-    ClassNamePrefixFeaturesOutMixin, TransformerMixin, AutoencoderEstimatorMixin, BaseEstimator
+    ClassNamePrefixFeaturesOutMixin, CodeTransformerMixin, AutoencoderEstimatorMixin, BaseEstimator
 ):
     """Stacked autoencoder: greedy layer-wise pretraining, then fine-tuning of the stack.
 
@@ -362,6 +360,8 @@ class StackedAutoencoder(
     Attributes: ``module_`` (:class:`StackModule`), ``pretrain_loss_`` (final pretraining loss
     per layer), ``loss_curve_`` (fine-tuning), ``scaler_``, ``loss_``, ``n_iter_``.
     """
+
+    _code_size = "sizes[-1]"
 
     def __init__(
         self,
@@ -435,30 +435,6 @@ class StackedAutoencoder(
         self.n_iter_ = pretrain_epochs * len(sizes) + finetune_epochs
         self._n_features_out = sizes[-1]
         return self
-
-    def transform(self, X):
-        x = self._prepared(X)
-        return _as_dtype(self._map_chunks(_encode, x), x)
-
-    def inverse_transform(self, X):
-        check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32])
-        if codes.shape[1] != self.module_.hidden_features:
-            raise ValueError(
-                f"X has {codes.shape[1]} features, but inverse_transform expects "
-                f"{self.module_.hidden_features} (sizes[-1])"
-            )
-        self._sync_device()
-        h = torch.tensor(codes, dtype=_TORCH_DTYPES[codes.dtype], device=self.device_)
-        recon = self._map_chunks(_decode, h)
-        return _as_dtype(self._unscale(recon), h)
-
-    def score_samples(self, X):
-        """Minus the per-sample reconstruction error of the whole stack."""
-        return -self._reconstruction_error(self._prepared(X))
-
-    def score(self, X, y=None):
-        return float(np.mean(self.score_samples(X)))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

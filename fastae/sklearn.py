@@ -327,6 +327,39 @@ class AutoencoderEstimatorMixin:
             self._sync_device()
 
 
+class CodeTransformerMixin(TransformerMixin):
+    """``transform`` (the codes), ``inverse_transform`` (codes decoded, the scaling undone),
+    ``score_samples`` (minus the per-sample reconstruction error, in the scaled space and
+    ``loss_`` units) and ``score`` (its mean) of an estimator whose ``module_`` encodes to
+    ``hidden_features`` codes; ``_code_size`` names the parameter that sets their size."""
+
+    _code_size = "n_components"
+
+    def transform(self, X):
+        x = self._prepared(X)
+        return _as_dtype(self._map_chunks(_encode, x), x)
+
+    def inverse_transform(self, X):
+        check_is_fitted(self)
+        codes = check_array(X, dtype=[np.float64, np.float32])
+        if codes.shape[1] != self.module_.hidden_features:
+            raise ValueError(
+                f"X has {codes.shape[1]} features, but inverse_transform expects "
+                f"{self.module_.hidden_features} ({self._code_size})"
+            )
+        self._sync_device()
+        h = torch.tensor(codes, dtype=_TORCH_DTYPES[codes.dtype], device=self.device_)
+        recon = self._map_chunks(_decode, h)
+        return _as_dtype(self._unscale(recon), h)
+
+    def score_samples(self, X):
+        return -self._reconstruction_error(self._prepared(X))
+
+    def score(self, X, y=None):
+        """Mean of :meth:`score_samples` (higher is better)."""
+        return float(np.mean(self.score_samples(X)))
+
+
 class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
     """One :class:`fastae.Autoencoder` trained on scaled inputs."""
 
@@ -391,7 +424,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
 
 
 class AutoencoderTransformer(
-    ClassNamePrefixFeaturesOutMixin, TransformerMixin, _SingleLayerEstimator
+    ClassNamePrefixFeaturesOutMixin, CodeTransformerMixin, _SingleLayerEstimator
 ):
     """Regularized autoencoder as a scikit-learn transformer: ``transform`` gives the codes.
 
@@ -431,31 +464,6 @@ class AutoencoderTransformer(
         self._fit_autoencoder(X)
         self._n_features_out = self.module_.hidden_features
         return self
-
-    def transform(self, X):
-        x = self._prepared(X)
-        return _as_dtype(self._map_chunks(_encode, x), x)
-
-    def inverse_transform(self, X):
-        check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32])
-        if codes.shape[1] != self.module_.hidden_features:
-            raise ValueError(
-                f"X has {codes.shape[1]} features, but inverse_transform expects "
-                f"{self.module_.hidden_features} (n_components)"
-            )
-        self._sync_device()
-        h = torch.tensor(codes, dtype=_TORCH_DTYPES[codes.dtype], device=self.device_)
-        recon = self._map_chunks(_decode, h)
-        return _as_dtype(self._unscale(recon), h)
-
-    def score_samples(self, X):
-        """Minus the per-sample reconstruction error (in the scaled space, ``loss_`` units)."""
-        return -self._reconstruction_error(self._prepared(X))
-
-    def score(self, X, y=None):
-        """Mean of :meth:`score_samples` (higher is better)."""
-        return float(np.mean(self.score_samples(X)))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
