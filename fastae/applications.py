@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, ops
-from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
+from .modules import Autoencoder, AutoencoderOutput
 from .sklearn import (
     AutoencoderEstimatorMixin,
     AutoencoderOutlierDetector,
@@ -83,18 +83,6 @@ def _logits(module, x):
 
 def _soft_assignments(module, x):
     return module.soft_assignments(x)
-
-
-def layer_penalties(layer: Autoencoder, h: Tensor, rho_hat: Tensor, jac: Tensor) -> dict:
-    """The sparsity and contractive terms of ``layer`` from its encode statistics."""
-    penalties = {}
-    if isinstance(layer.sparsity, KLSparsity):
-        penalties["sparsity"] = layer.sparsity.penalty(h, rho_hat)
-    elif isinstance(layer.sparsity, L1Sparsity):
-        penalties["sparsity"] = layer.sparsity.penalty(h, rho_hat, layer.activation != "tanh")
-    if layer.contractive:
-        penalties["contractive"] = layer.contractive * jac
-    return penalties
 
 
 # ============================================================================ semi-supervised
@@ -326,7 +314,7 @@ class StackModule(nn.Module):
                 h, layer.weight, layer.bias, activation=layer.activation, noise=noise,
                 statistics=layer.needs_statistics,
             )  # fmt: skip
-            for name, term in layer_penalties(layer, h, rho_hat, jac).items():
+            for name, term in layer.penalties(h, rho_hat, jac).items():
                 penalties[f"{name}{i}"] = term
         code = h
         for layer in reversed(self.layers[1:]):

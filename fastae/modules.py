@@ -236,20 +236,26 @@ class Autoencoder(nn.Module):
             loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
         reconstruction_loss = per_sample.mean()
+        if isinstance(self.sparsity, KLSparsity) and self.sync_statistics:
+            rho_hat = global_column_mean(rho_hat, x.shape[0])
+        penalties = self.penalties(h, rho_hat, jac)
+        loss = reconstruction_loss
+        for term in penalties.values():
+            loss = loss + term
+        return AutoencoderOutput(loss, reconstruction_loss, h, per_sample, penalties, jac)
+
+    def penalties(self, h: Tensor, rho_hat: Tensor, jac: Tensor) -> dict[str, Tensor]:
+        """The regularizers' terms by name ("sparsity", "contractive") from encode's h,
+        rho_hat and jac."""
         penalties = {}
         if isinstance(self.sparsity, KLSparsity):
-            if self.sync_statistics:
-                rho_hat = global_column_mean(rho_hat, x.shape[0])
             penalties["sparsity"] = self.sparsity.penalty(h, rho_hat)
         elif isinstance(self.sparsity, L1Sparsity):
             nonnegative = self.activation != "tanh"
             penalties["sparsity"] = self.sparsity.penalty(h, rho_hat, nonnegative)
         if self.contractive:
             penalties["contractive"] = self.contractive * jac
-        loss = reconstruction_loss
-        for term in penalties.values():
-            loss = loss + term
-        return AutoencoderOutput(loss, reconstruction_loss, h, per_sample, penalties, jac)
+        return penalties
 
     def _one_node(self, x: Tensor) -> bool:
         """Whether a step can run as one autograd node (``steps.autoencoder_step``; see

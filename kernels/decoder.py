@@ -125,6 +125,17 @@ def reconstruction_loss(z, t, OUTPUT: tl.constexpr, LOSS: tl.constexpr):
     return ell, grad, x_hat
 
 
+@triton.jit
+def epilogue_index(rows, cols, WIDE_INDEX: tl.constexpr):
+    """Row and column indices for the loss epilogue's per-element offsets: int32 unless they
+    can pass 2^31 (``WIDE_INDEX``): 64-bit offset tensors for the target, G and x^ made it
+    spill twice as many registers."""
+    if WIDE_INDEX:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    return rows, cols
+
+
 # The loss epilogue holds the target, G and x^ beside the accumulator: compiled for sm_90 in
 # bf16, the 128x256 and 256x128 tiles (8 warps) and 128x128 (4 warps), 128 accumulator values
 # a thread, spilled 2.7-2.9 KB a thread (about 1,300 local stores and 1,500 loads a tile);
@@ -163,14 +174,7 @@ def _decoder_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(c_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
-    # the epilogue's per-element offsets in int32 unless they can pass 2^31: 64-bit offset
-    # tensors for the target, G and x^ made it spill twice as many registers
-    if WIDE_INDEX:
-        out_rows = r64
-        out_cols = cols.to(tl.int64)
-    else:
-        out_rows = rows
-        out_cols = cols
+    out_rows, out_cols = epilogue_index(rows, cols, WIDE_INDEX)
     t = tl.load(
         t_ptr + out_rows[:, None] * stride_tm + out_cols[None, :] * stride_tn, mask=ok, other=0.0
     ).to(ACC)
@@ -199,12 +203,7 @@ def _decoder_loss_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     ok = row_ok[:, None] & (cols < D)[None, :]
-    if WIDE_INDEX:
-        out_rows = rows.to(tl.int64)
-        out_cols = cols.to(tl.int64)
-    else:
-        out_rows = rows
-        out_cols = cols
+    out_rows, out_cols = epilogue_index(rows, cols, WIDE_INDEX)
     out = out_rows[:, None] * D + out_cols[None, :]
     z = tl.load(z_ptr + out, mask=ok, other=0.0).to(ACC)
     t = tl.load(
