@@ -199,15 +199,27 @@ def test_stack_rejects_bad_sizes(digits):
 
 
 def test_dec_math():
+    """q and p against DEC's formulas written out element by element (float64), at alpha = 1
+    and at alpha = 3, where the kernel's exponent -(alpha + 1) / 2 is not -1; the columns of
+    q sum differently, so p's division by the cluster frequencies f_j counts."""
     torch.manual_seed(0)
-    z, centers = torch.randn(20, 3), torch.randn(4, 3)
-    q = soft_assignments(z, centers)
-    torch.testing.assert_close(q.sum(1), torch.ones(20))
-    manual = (1 + torch.cdist(z, centers).square()) ** -1.0
-    torch.testing.assert_close(q, manual / manual.sum(1, keepdim=True))
+    z, centers = torch.randn(20, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    z[:12] = centers[0] + 0.1 * z[:12]  # most points near one centre: unequal frequencies
+    for alpha in (1.0, 3.0):
+        q = soft_assignments(z, centers, alpha)
+        points, means = z.tolist(), centers.tolist()
+        squared = [[sum((a - b) ** 2 for a, b in zip(zi, cj, strict=True)) for cj in means]
+                   for zi in points]  # fmt: skip
+        kernel = [[(1 + d2 / alpha) ** (-(alpha + 1) / 2) for d2 in row] for row in squared]
+        want_q = [[k / sum(row) for k in row] for row in kernel]
+        torch.testing.assert_close(q, torch.tensor(want_q, dtype=torch.float64))
+    frequencies = q.sum(0)
+    assert frequencies.max() > 2 * frequencies.min()
     p = target_distribution(q)
-    torch.testing.assert_close(p.sum(1), torch.ones(20))
-    assert (p.max(1).values >= q.max(1).values - 1e-6).all()  # sharper than q
+    f = frequencies.tolist()
+    weight = [[qij**2 / fj for qij, fj in zip(row, f, strict=True)] for row in q.tolist()]
+    want_p = [[w / sum(row) for w in row] for row in weight]
+    torch.testing.assert_close(p, torch.tensor(want_p, dtype=torch.float64))
 
 
 def test_kmeans_and_dec_on_codes():

@@ -284,7 +284,8 @@ def test_tf32_backward_takes_cublas_products(precision, monkeypatch, launched_ke
     with matmul_precision(precision):
         got = _run("triton", *leaves, upstream, activation="sigmoid")
         want = _run("reference", *leaves, upstream, activation="sigmoid")
-    _assert_close(got, want, **TF32_TOLERANCE)
+    ieee = dict(rtol=1e-5, atol=1e-5)  # as test_odd_shapes_float32
+    _assert_close(got, want, **(TF32_TOLERANCE if precision == "high" else ieee))
     backward = ["_encoder_grad_z_kernel"]
     if precision == "highest":
         backward += ["_encoder_grad_weight_kernel", "_encoder_grad_input_kernel"]

@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+import math
 import pickle
 import subprocess
 import sys
@@ -252,6 +253,34 @@ def test_held_out_digit_is_found(digits):
     forest = IsolationForest(random_state=0).fit(normal)
     assert auroc > 0.75
     assert auroc > roc_auc_score(truth, -forest.score_samples(test)) - 0.05
+
+
+def test_bce_scores_are_the_kl_divergence_from_the_reconstruction(digits):
+    """With BCE, -score_samples is sum_k KL(x_k || x^_k) = sum_k x log(x / x^) + (1 - x)
+    log((1 - x) / (1 - x^)) written out from the fitted module's reconstruction (the VAE's
+    "reconstruction" score decodes the posterior mean); the entropy taken off the BCE is 0 for
+    binary rows and log 2 an element at 1/2."""
+    x = digits[0][:200]
+    for detector in (
+        AutoencoderOutlierDetector(8, scale=None, epochs=2, random_state=0),
+        AutoencoderOutlierDetector(
+            4, model="vae", hidden=16, anomaly_score="reconstruction", scale=None, epochs=2,
+            random_state=0,
+        ),
+    ):  # fmt: skip
+        detector.fit(x)
+        assert detector.loss_ == "bce"
+        module = copy.deepcopy(detector.module_).double().eval()
+        inputs = torch.tensor(x[:20], dtype=torch.float64)
+        with torch.no_grad():
+            x_hat = module.reconstruct(inputs)
+        kl = torch.xlogy(inputs, inputs / x_hat) + torch.xlogy(
+            1 - inputs, (1 - inputs) / (1 - x_hat)
+        )
+        np.testing.assert_allclose(-detector.score_samples(x[:20]), kl.sum(1).numpy(), rtol=1e-6)
+    rows = torch.tensor([[0.0, 1.0, 1.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    entropy = fastae.sklearn.bernoulli_entropy(rows)
+    torch.testing.assert_close(entropy, torch.tensor([0.0, 3 * math.log(2)], dtype=torch.float64))
 
 
 def test_vae_detector_finds_the_held_out_digit(digits):
