@@ -6,9 +6,13 @@ so outputs stay unwritten and only the time means anything. Triton's own launch 
 in it. Beside it, eager PyTorch on the same tiny tensors, whose time is its host time too.
 
     python bench/host_time.py --cases encode_stats,all,vae --size 8x16x16
+    python bench/host_time.py --routes --cases all,vae   # dispatcher / eager route / one node
 
 Prints, per case, the best and the median of the rounds' mean microseconds per call. The
-machine's noise shows in the gap between them; compare runs side by side.
+machine's noise shows in the gap between them; compare runs side by side. With ``--routes``
+a training step's three paths take turns round by round: through the dispatcher (the
+registered ops, as under a dispatch mode), the eager route with the ops composed, and the
+one-node step (the default).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noq
 
 import fastae  # noqa: E402
 from fastae import benchmark as fb  # noqa: E402
+from fastae import ops, steps  # noqa: E402
 
 STUB_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT": 1}
 
@@ -59,6 +64,31 @@ def time_case(bench: fb.Bench, rounds: int, calls: int) -> tuple[float, float]:
     return min(means), statistics.median(means)
 
 
+def time_routes(case: str, size: fb.Size, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Mean microseconds per call of each round, for each of the step's paths (kernels
+    stubbed), the paths taking turns round by round."""
+    plain_eager = ops._plain_eager
+    routes = {
+        "dispatcher, ops composed": (lambda args: False, False),
+        "eager route, ops composed": (plain_eager, False),
+        "eager route, one node": (plain_eager, True),
+    }
+    with fastae.use_backend("triton"):
+        benches = {name: fb.build(case, "fastae", size) for name in routes}
+    means: dict[str, list[float]] = {name: [] for name in routes}
+    try:
+        for _ in range(rounds):
+            for name, (route, one_node) in routes.items():
+                ops._plain_eager, steps.ONE_NODE_STEP = route, one_node
+                with fastae.use_backend("triton"):
+                    for _ in range(max(calls // 10, 3)):
+                        benches[name].step()
+                    means[name].append(fb.host_us_per_step(benches[name], calls))
+    finally:
+        ops._plain_eager, steps.ONE_NODE_STEP = plain_eager, True
+    return means
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="encode_stats,all,vae", help="comma-separated cases")
@@ -67,10 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=300, help="calls per round")
+    parser.add_argument(
+        "--routes", action="store_true", help="a training step's three paths, taking turns"
+    )
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)
     stub_kernels()
+    if args.routes:
+        for case in cases:
+            if case not in fb.STEPS:
+                parser.error(f"--routes times training steps, got {case!r}")
+            for name, means in time_routes(case, size, args.rounds, args.calls).items():
+                print(
+                    f"{case} {size}: {name}: best {min(means):.0f} us, "
+                    f"median {statistics.median(means):.0f} us"
+                )
     for case in cases:
         eager = time_case(fb.build(case, "eager", size), args.rounds, args.calls)
         with fastae.use_backend("triton"):

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -37,10 +39,33 @@ def _check_name(name: object) -> str:
     return name
 
 
+# The oldest Triton the kernels are tested with (they use triton.knobs, new in 3.4, and
+# launch options of 3.6); with an older one ``auto`` takes the reference backend.
+MIN_TRITON = (3, 6)
+
+
 @functools.cache
+def triton_missing() -> str:
+    """Why fastae's kernels cannot load here ('' when they can): Triton absent, or older than
+    :data:`MIN_TRITON`. Read from the installed distribution, without importing Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'fastae[triton]')"
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+        if numbers < MIN_TRITON:
+            oldest = ".".join(map(str, MIN_TRITON))
+            return f"Triton {version} is installed; fastae's kernels need {oldest} or newer"
+        break
+    return ""
+
+
 def triton_available() -> bool:
-    """True when Triton imports (the kernels exist only then)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when a Triton that fastae's kernels run on is installed."""
+    return not triton_missing()
 
 
 def triton_interpreting() -> bool:
@@ -86,8 +111,9 @@ def use_backend(name: str):
 
 
 def _triton_can_run(device: torch.device) -> tuple[bool, str]:
-    if not triton_available():
-        return False, "Triton is not installed (pip install 'fastae[triton]')"
+    missing = triton_missing()
+    if missing:
+        return False, missing
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu" and triton_interpreting():

@@ -1,7 +1,8 @@
 """The math of every op in plain torch: the CPU backend and the oracle for the kernels.
 
-Forward and backward are written out analytically (DESIGN.md, "The math"); nothing here
-relies on autograd. Statistics accumulate in float32 at least (float64 stays float64).
+Forward and backward are written out analytically (each function's docstring gives its
+formulas); nothing here relies on autograd. Statistics accumulate in float32 at least
+(float64 stays float64).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def encode_backward(
     grad_h, grad_rho, grad_jac, x, weight, h, stats, activation, noise_kind, level, low, high,
     seed, needs_input_grad,
 ):  # fmt: skip
-    """(dW, db, dx or None) from DESIGN.md:
+    """(dW, db, dx or None):
     dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'';  dW = dz^T x~ + g_jac (2/B) c_j W_j;
     db = sum_i dz;  dx = (dz W) * dx~/dx. A None g_rho or g_jac is zero (its output unused).
     """

@@ -124,7 +124,8 @@ def activate(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def slope(h, ACTIVATION: tl.constexpr):
-    """s = a'(z) in terms of h (DESIGN.md)."""
+    """s = a'(z) in terms of h: sigmoid h (1 - h), tanh 1 - h^2, relu [h > 0], softplus
+    1 - exp(-h)."""
     if ACTIVATION == SIGMOID:
         s = h * (1.0 - h)
     elif ACTIVATION == TANH:
@@ -499,8 +500,19 @@ def grid_split_k(rows: int, cols: int) -> Grid:
 
 
 def grid_tiles(rows: int, cols: int) -> Grid:
-    """One program per (BLOCK_M x BLOCK_N) tile on a 2-D grid (the elementwise kernels)."""
-    return Grid(lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"])))
+    """One program per (BLOCK_M x BLOCK_N) tile (the elementwise kernels), on one grid axis:
+    CUDA caps the second and third at 65,535 blocks, which d / 64 passes from d = 4.2 M on.
+    Each program finds its tile with :func:`flat_tile`."""
+    return Grid(lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),))
+
+
+@triton.jit
+def flat_tile(n_cols, BLOCK_N: tl.constexpr):
+    """(row block, column block) of this program on :func:`grid_tiles`' grid, the column
+    blocks varying fastest."""
+    pid = tl.program_id(0)
+    n_col_blocks = tl.cdiv(n_cols, BLOCK_N)
+    return pid // n_col_blocks, pid % n_col_blocks
 
 
 FUSIONS = ("auto", "gemm", "split")

@@ -42,6 +42,7 @@ from .common import (
     elementwise_configs,
     empty,
     empty_in_layout,
+    flat_tile,
     fusion_choice,
     gemm_autotune,
     grid_2d,
@@ -198,8 +199,8 @@ def _decoder_loss_kernel(
 ):  # fmt: skip
     """``split`` boundary: the forward kernel's epilogue over z^ = h V^T + c from cuBLAS, G
     written in place over z^ (with ``WRITE_GRAD``)."""
-    pid_n = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_n = flat_tile(D, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     ok = row_ok[:, None] & (cols < D)[None, :]

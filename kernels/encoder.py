@@ -9,7 +9,7 @@ Forward, two launches:
      c = sum_t P_s2 and the block's share of jac = (1/B) sum_j c_j ||W_j||^2; the program
      that finishes last adds the shares in block order (deterministic: an atomic ticket only
      says which program is last; the reductions over the batch stay atomic-free partial sums).
-Backward, three launches (DESIGN.md):
+Backward, three launches (the formulas of ``fastae.reference.encode_backward``):
   1. ``_encoder_grad_z_kernel``: dz = s (g_h + g_rho/B) + g_jac (2/B) w_j s a'' and db partials.
   2. ``_encoder_grad_weight_kernel``: dW = dz^T x~ + g_jac (2/B) c_j W_j (x~ regenerated),
      and db; where dW is few tiles over many rows, autotuning may share each tile's rows among
@@ -48,6 +48,7 @@ from .common import (
     element_offsets,
     elementwise_configs,
     empty,
+    flat_tile,
     fusion_choice,
     gemm_autotune,
     grid_2d,
@@ -205,11 +206,11 @@ def _encoder_statistics_kernel(
 ):  # fmt: skip
     """``split`` boundary: h = a(z) in place over z, partial sums, and ||W_j||^2 (row tile 0);
     without ``STATISTICS`` only h."""
-    pid_m = tl.program_id(0)
-    if STATISTICS and (pid_m == 0) & (tl.program_id(1) == 0):
+    pid_m, pid_n = flat_tile(H, BLOCK_N)
+    if STATISTICS and (pid_m == 0) & (pid_n == 0):
         tl.store(ticket_ptr, 0)  # the finish kernel's ticket (it runs after this kernel)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     ok = (rows < B)[:, None] & col_ok[None, :]
     idx = rows.to(tl.int64)[:, None] * H + cols[None, :]
@@ -271,9 +272,9 @@ def _encoder_grad_z_kernel(
     ACTIVATION: tl.constexpr, HAS_GRAD_RHO: tl.constexpr, HAS_GRAD_JAC: tl.constexpr,
     WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
+    pid_m, pid_n = flat_tile(H, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     ok = (rows < B)[:, None] & col_ok[None, :]
     r64 = rows.to(tl.int64)[:, None]

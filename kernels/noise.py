@@ -18,6 +18,7 @@ from .common import (
     corrupt_tile,
     element_offsets,
     empty,
+    flat_tile,
     grid_tiles,
     input_grad_mask,
     launch,
@@ -44,8 +45,9 @@ def _corrupt_kernel(
     high, NOISE: tl.constexpr, GRAD: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = flat_tile(D, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rows < B)[:, None] & (cols < D)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     c = column_index(cols, WIDE_COLUMNS)[None, :]

@@ -23,6 +23,7 @@ from .common import (
     column_index,
     element_offsets,
     empty,
+    flat_tile,
     grid_tiles,
     interpreting,
     launch,
@@ -115,8 +116,9 @@ def _reparameterize_backward_kernel(
     HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr, WIDE_COLUMNS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = flat_tile(K, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     ok = row_ok[:, None] & (cols < K)[None, :]
     r64 = rows.to(tl.int64)[:, None]

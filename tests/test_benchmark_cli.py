@@ -387,6 +387,24 @@ def test_host_time_stubs_every_launch(monkeypatch, size, case):
     assert launched  # the stubs stood in for the launches
 
 
+@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch):
+    """bench/host_time.py --routes: the dispatcher, the eager route with the ops composed and
+    the one-node step, each timed every round; afterwards the default path is back."""
+    from fastae import ops, steps
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    host_time = importlib.import_module("host_time")
+    host_time.stub_kernels(monkeypatch.setattr)
+    plain_eager = ops._plain_eager
+    means = host_time.time_routes("all", fb.Size(8, 16, 16), 2, 3)
+    assert list(means) == [
+        "dispatcher, ops composed", "eager route, ops composed", "eager route, one node"
+    ]  # fmt: skip
+    assert all(len(m) == 2 and min(m) > 0 for m in means.values())
+    assert ops._plain_eager is plain_eager and steps.ONE_NODE_STEP
+
+
 def test_triton_launch_provider(bench_run):
     """fastae_triton_launch: fastae with FASTAE_DIRECT_LAUNCH=0, on CUDA only; its column in
     the ratio table is tlaunch/fastae (fastae's time through Triton's launch path over its

@@ -68,6 +68,17 @@ def test_key_refuses_what_it_cannot_vouch_for():
     assert key(x, (1, 2), 1.5, True, 7, None) is None
 
 
+def test_elementwise_grids_fit_cudas_axis_limits():
+    """The elementwise kernels' grid (common.grid_tiles) holds every tile on axis 0, which
+    takes up to 2^31 - 1 blocks: CUDA caps axes 1 and 2 at 65,535, which column blocks 64
+    wide pass from d = 4.2 M on (a 1450 x 1450 RGB image, say)."""
+    meta = {"BLOCK_M": 16, "BLOCK_N": 64}
+    for rows, cols in [(1, 1450 * 1450 * 3), (4096, 10**7), (10**7, 1), (33, 70)]:
+        grid = common.grid_tiles(rows, cols)(meta)
+        assert len(grid) == 1 and grid[0] == common.cdiv(rows, 16) * common.cdiv(cols, 64)
+        assert grid[0] < 2**31
+
+
 def test_direct_launch_switch(monkeypatch):
     monkeypatch.setenv("FASTAE_DIRECT_LAUNCH", "0")
     assert not common.direct_launching()

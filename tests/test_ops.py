@@ -542,6 +542,27 @@ def test_default_backend_is_auto_and_reference_on_cpu(monkeypatch):
         assert backend.resolve("encode", torch.device("cpu")) == "reference"
 
 
+@pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")
+@pytest.mark.parametrize("version", ["3.3.1", "3.5.1"])
+def test_a_triton_older_than_the_kernels_need(monkeypatch, version):
+    """With Triton older than backend.MIN_TRITON installed, auto takes the reference backend
+    on CUDA too, and triton asked for by name says which version is there."""
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    backend.triton_missing.cache_clear()
+    try:
+        assert not backend.triton_available()
+        monkeypatch.delenv("FASTAE_BACKEND", raising=False)
+        assert backend.resolve("encode", torch.device("cuda")) == "reference"
+        with fastae.use_backend("triton"), pytest.raises(RuntimeError, match=f"Triton {version}"):
+            backend.resolve("encode", torch.device("cuda"))
+    finally:
+        monkeypatch.undo()
+        backend.triton_missing.cache_clear()
+    assert backend.triton_available()
+
+
 def test_backend_env_var(monkeypatch):
     monkeypatch.setenv("FASTAE_BACKEND", "reference")
     assert fastae.get_backend() == "reference"
