@@ -36,9 +36,11 @@ class GraphedStep:
 
     What a graph cannot hold is refused or fixed at capture:
 
-    - the model and batches must be on a CUDA device, the model not wrapped in
-      DistributedDataParallel;
-    - an optimizer with a ``capturable`` option (Adam, AdamW, ...) must have it on;
+    - the model (all its parameters) and batches must be on one CUDA device, the model not
+      wrapped in DistributedDataParallel; warm-up, capture and replays run on that device
+      whatever the current one is;
+    - an optimizer with a ``capturable`` option (Adam, AdamW, ...) must have it on, and its
+      state must live on that device (a CPU step counter would advance once, at capture);
     - random numbers must come from the GPU's generator, which PyTorch makes graph-safe: a
       replay draws afresh. fastae's noise and the VAE's sampling do so on CUDA (their Philox
       seeds are drawn on the GPU, where the kernels read them). A step that draws on the
@@ -46,7 +48,12 @@ class GraphedStep:
     - the BCE target range is not checked per step (that check is a device sync); check the
       data once beforehand, as ``fastae.fit`` does;
     - learning rates and other optimizer settings are read at capture: later changes to
-      ``param_groups`` do not reach the graph.
+      ``param_groups`` do not reach the graph; a step in the other train/eval mode than the
+      capture's runs eagerly.
+
+    The capture is thread-local (``capture_error_mode="thread_local"``): another thread's
+    CUDA calls, such as a ``DataLoader(pin_memory=True)`` pinning the next batches, do not
+    break it.
 
     The returned loss is a tensor the next replay overwrites (``.item()`` it, or clone it to
     keep it); after a graphed step the parameters' ``.grad`` hold that step's gradients.
@@ -79,7 +86,7 @@ class GraphedStep:
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
             raise ValueError(f"warmup must be a positive int, got {warmup!r}")
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
-        self.device = _cuda_device(self.params)
+        self.device = _cuda_device([*model.parameters(), *model.buffers()])
         self.calls = 0  # calls at the graphed shape so far
         self.replays = 0  # steps run from the graph (the captured batch's own included)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -87,6 +94,7 @@ class GraphedStep:
         self._static_input: Tensor | None = None
         self._static_loss: Tensor | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._training: bool | None = None  # the model's mode at capture
 
     @property
     def graphed(self) -> bool:
@@ -97,9 +105,14 @@ class GraphedStep:
         x = _checks.tensor("x", x, 2)
         if x.device != self.device:
             raise ValueError(f"x must be on the model's device {self.device}, got {x.device}")
+        with torch.cuda.device(self.device):
+            return self._step(x)
+
+    def _step(self, x: Tensor) -> Tensor:
         if self.shape is None:
             self.shape = tuple(x.shape)
-        if tuple(x.shape) != self.shape or x.dtype != self._dtype():
+        other_mode = self.graph is not None and self.model.training != self._training
+        if tuple(x.shape) != self.shape or x.dtype != self._dtype() or other_mode:
             return self._eager_step(x)
         if self.graph is not None:
             self._static_input.copy_(x.detach())
@@ -155,13 +168,16 @@ class GraphedStep:
         return loss
 
     def _capture(self, static_input: Tensor) -> Tensor:
+        self._check_optimizer_state()
         for p in self.params:  # gradients allocated inside the graph's memory: written per replay
             p.grad = None
         graph = torch.cuda.CUDAGraph()
         cpu_rng = torch.get_rng_state()
         checks = _pause_target_checks(self.model)
         try:
-            with torch.cuda.graph(graph):
+            # on the warm-up's stream (the model's device); thread-local, so another thread's
+            # CUDA calls (a DataLoader pinning memory) do not invalidate the capture
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 static_loss = self._loss_backward_update(static_input)
         finally:
             for module in checks:
@@ -172,16 +188,36 @@ class GraphedStep:
                 "replay unchanged every step; draw them on the GPU (torch's CUDA generator is "
                 "graph-safe) or train this model without a CUDA graph"
             )
-        self.graph, self._static_loss = graph, static_loss
+        self.graph, self._static_loss, self._training = graph, static_loss, self.model.training
         graph.replay()  # a capture runs nothing: this is the step of this batch
         self.replays += 1
         return static_loss
 
+    def _check_optimizer_state(self) -> None:
+        """The optimizer's state tensors (made in the warm-up) on the graph's device: one
+        elsewhere (non-fused Adagrad's CPU step counter, say) would change once, at capture,
+        and every replay would reuse that value."""
+        if self.optimizer is None:
+            return
+        for state in self.optimizer.state.values():
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.device != self.device:
+                    raise ValueError(
+                        f"optimizer keeps its state {name!r} on {value.device}, which a CUDA "
+                        f"graph would update once, at capture: use an optimizer whose state is "
+                        f"on {self.device} (capturable=True where it has that option)"
+                    )
 
-def _cuda_device(params: list[Tensor]) -> torch.device:
-    device = params[0].device
+
+def _cuda_device(tensors: list[Tensor]) -> torch.device:
+    """The one CUDA device of the model's parameters and buffers."""
+    devices = {t.device for t in tensors}
+    device = tensors[0].device
     if device.type != "cuda":
         raise ValueError(f"model must be on a CUDA device for a CUDA graph, got {device}")
+    if len(devices) > 1:
+        names = ", ".join(sorted(map(str, devices)))
+        raise ValueError(f"model must be on one CUDA device for a CUDA graph, got {names}")
     return device
 
 

@@ -48,6 +48,8 @@ class _FakeGraph:
 
     replays = 0
     captures: list = []  # (model's check_targets inside the capture)
+    options: list = []  # torch.cuda.graph's keywords, per capture
+    devices: list = []  # the devices torch.cuda.device was entered with
 
     def replay(self):
         _FakeGraph.replays += 1
@@ -67,16 +69,24 @@ def cpu_graphs(monkeypatch):
     through."""
     from fastae import graphs
 
-    _FakeGraph.replays, _FakeGraph.captures = 0, []
+    _FakeGraph.replays, _FakeGraph.captures, _FakeGraph.options = 0, [], []
+    _FakeGraph.devices = []
     models = []
 
     @contextlib.contextmanager
-    def capture(graph):
+    def capture(graph, **options):
         _FakeGraph.captures.append([m.check_targets for m in models])
+        _FakeGraph.options.append(options)
+        yield
+
+    @contextlib.contextmanager
+    def on_device(device):
+        _FakeGraph.devices.append(device)
         yield
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "device", on_device)
     monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
@@ -109,6 +119,53 @@ def test_warmup_then_one_capture_then_replays(cpu_graphs):
     expected = model(x).loss.detach()
     torch.testing.assert_close(step(x), expected)
     assert _FakeGraph.replays == 4
+
+
+def test_capture_is_thread_local_on_the_models_device(cpu_graphs):
+    """Every call runs under torch.cuda.device(the model's device), and the capture runs on
+    the warm-up's stream in thread-local mode (a DataLoader's pin-memory thread cannot break
+    it)."""
+    model = _model()
+    step = GraphedStep(model, warmup=1)
+    for x in [torch.rand(16, 12) for _ in range(3)]:
+        step(x)
+    assert step.graphed and _FakeGraph.devices == [step.device] * 3
+    assert _FakeGraph.options == [{"stream": step._stream, "capture_error_mode": "thread_local"}]
+
+
+def test_a_step_in_the_other_mode_runs_eagerly(cpu_graphs):
+    """A graph captured in train mode (noise, sampling) is not replayed in eval mode."""
+    model = _model()
+    step = GraphedStep(model, warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x)
+    assert step.graphed and _FakeGraph.replays == 1
+    model.eval()
+    expected = model(x).loss.detach()
+    torch.testing.assert_close(step(x), expected)
+    assert _FakeGraph.replays == 1
+    model.train()
+    step(x)
+    assert _FakeGraph.replays == 2
+
+
+def test_optimizer_state_off_the_graphs_device_is_refused(cpu_graphs):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = GraphedStep(model, optimizer, warmup=1)
+    step(torch.rand(16, 12))
+    optimizer.state[model.weight]["counter"] = torch.zeros((), device="meta")
+    with pytest.raises(ValueError, match="optimizer keeps its state 'counter' on meta"):
+        step(torch.rand(16, 12))
+
+
+def test_a_model_on_two_devices_is_refused():
+    from fastae import graphs
+
+    on = [types.SimpleNamespace(device=torch.device(f"cuda:{i}")) for i in (0, 1)]
+    assert graphs._cuda_device(on[:1]) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="model must be on one CUDA device.*cuda:0, cuda:1"):
+        graphs._cuda_device(on)
 
 
 def test_warmup_and_capture_read_one_buffer(cpu_graphs):
