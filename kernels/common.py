@@ -311,6 +311,10 @@ def launch_split_k(kernel, grid, before, buffers, after, **meta):
     splits gets them without a second key: their key parts are compared with the
     placeholders' instead."""
     meta.setdefault("enable_fp_fusion", FP_FUSION)
+    index = _foreign_device(before)
+    if index is not None:
+        with torch.cuda.device(index):
+            return launch_split_k(kernel, grid, before, buffers, after, **meta)
     placeholders = buffers(placeholders=True)
     args = (*before, *placeholders, *after)
     kept = _kept_launch(kernel, args, meta)
@@ -657,9 +661,15 @@ def launch(kernel, grid, *args, **meta):
     calls, and calls under the interpreter, take Triton's path every time. Callable grids get
     the meta-parameters (the constexprs and the config), not the runtime arguments. Triton's
     global debug and instrumentation settings are read at a key's first call. ``meta``
-    without ``enable_fp_fusion`` gets :data:`FP_FUSION`.
+    without ``enable_fp_fusion`` gets :data:`FP_FUSION`. Triton launches on the current CUDA
+    device: a launch whose tensors are on another one runs under ``torch.cuda.device`` of
+    theirs (a model on cuda:1 while cuda:0 is current).
     """
     meta.setdefault("enable_fp_fusion", FP_FUSION)
+    index = _foreign_device(args)
+    if index is not None:
+        with torch.cuda.device(index):
+            return launch(kernel, grid, *args, **meta)
     kept = _kept_launch(kernel, args, meta)
     if kept is None:
         return kernel[grid](*args, **meta)
@@ -667,6 +677,16 @@ def launch(kernel, grid, *args, **meta):
     if entry is None:
         return _launch_and_keep(key, kernel, grid, args, meta, _parameters[id(kernel)][1])
     return _run_kept(entry, grid, args, key[1])
+
+
+def _foreign_device(args) -> int | None:
+    """The CUDA device of the launch's first tensor where it is not the current device (None
+    for the current one and for CPU tensors, which the interpreter runs)."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            index = value.get_device()
+            return None if index < 0 or index == torch.cuda.current_device() else index
+    return None
 
 
 def _kept_launch(kernel, args, meta):

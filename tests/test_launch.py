@@ -1,6 +1,7 @@
 """Direct kernel launches (``kernels.common.launch``): the same compiled kernel, grid and
 arguments as Triton's own launch path, without its per-call host time."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,6 +78,40 @@ def test_elementwise_grids_fit_cudas_axis_limits():
         grid = common.grid_tiles(rows, cols)(meta)
         assert len(grid) == 1 and grid[0] == common.cdiv(rows, 16) * common.cdiv(cols, 64)
         assert grid[0] < 2**31
+
+
+def test_a_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: a launch whose first tensor is on another
+    one runs under torch.cuda.device of that one (here with cuda:1's tensor and cuda:0
+    current, both faked), and one on the current device without the guard."""
+    entered, launched = [], []
+
+    @contextlib.contextmanager
+    def on_device(index):
+        entered.append(index)
+        current = current_device[0]
+        current_device[0] = index
+        try:
+            yield
+        finally:
+            current_device[0] = current
+
+    current_device = [0]
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current_device[0])
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(current_device[0])
+
+    x = torch.zeros(2)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)
+    common.launch(Kernel(), (1,), x, 3)
+    common.launch_split_k(Kernel(), (1,), (x,), lambda placeholders=False: (), (3,))
+    assert entered == [1, 1] and launched == [1, 1]
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    common.launch(Kernel(), (1,), x, 3)
+    assert entered == [1, 1] and launched == [1, 1, 0]
 
 
 def test_direct_launch_switch(monkeypatch):
