@@ -2,8 +2,6 @@
 
 import copy
 import io
-import os
-import socket
 
 import pytest
 import torch
@@ -203,15 +201,11 @@ def test_kl_sparsity_finite_when_rho_hat_saturates(rho_hat_value):
 # ------------------------------------------------------------------ data parallel (gloo, CPU)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, x, state, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store_path, x, state, result_path):
+    # rendezvous through a file (a free TCP port picked beforehand can be taken meanwhile)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world
+    )
     try:
         model = fastae.Autoencoder(
             x.shape[1], 6, sparsity=fastae.KLSparsity(0.1, 1.0), contractive=0.1,
@@ -248,7 +242,10 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     state = copy.deepcopy(model.state_dict())
     result = str(tmp_path / "rank0.pt")
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), x, state, result), nprocs=2, start_method="spawn"
+        _ddp_worker,
+        args=(2, str(tmp_path / "store"), x, state, result),
+        nprocs=2,
+        start_method="spawn",
     )
     ddp_loss, ddp_grads = torch.load(result, weights_only=True)
     fit_losses, rank_params = torch.load(result + ".fit", weights_only=True)
