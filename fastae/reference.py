@@ -57,6 +57,14 @@ def softplus(z: torch.Tensor) -> torch.Tensor:
     return F.softplus(z, threshold=40.0 if z.dtype == torch.float64 else 20.0)
 
 
+def bce_with_logits(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """softplus(z) - t z as max(z, 0) - t z + log(1 + e^-|z|), the first two as (1 - t) z or
+    -t z: a confident logit on its target keeps its loss e^-|z|, which ``softplus(z) - t z``
+    rounds away at t = 1, z = 20 and ``F.binary_cross_entropy_with_logits`` at t = 0, z = -20."""
+    linear = torch.where(z >= 0, (1 - target) * z, -target * z)
+    return linear + torch.log1p(torch.exp(-z.abs()))
+
+
 def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "sigmoid":
         return torch.sigmoid(z)
@@ -225,7 +233,7 @@ def decode_forward(
     z_acc, t = z.to(acc), target.to(acc)
     grad_z = None
     if loss == "bce":
-        per_element = softplus(z_acc) - t * z_acc
+        per_element = bce_with_logits(z_acc, t)
         if with_gradient:
             grad_z = (torch.sigmoid(z_acc) - t).to(z.dtype)
     else:
