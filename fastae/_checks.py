@@ -42,11 +42,37 @@ def size(name: str, value: torch.Tensor, dim: int, expected: int, why: str) -> N
         )
 
 
+_AUTOCAST_KINDS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def model_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """:func:`same_kind`, except that inside ``torch.autocast`` for their device float16,
+    bfloat16 and float32 pass together: the ops cast them to the autocast dtype (a layer
+    before the model under autocast hands it bfloat16 activations)."""
+    device_type = value.device.type
+    if (
+        value.dtype in _AUTOCAST_KINDS
+        and like.dtype in _AUTOCAST_KINDS
+        and value.device == like.device
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    ):
+        return
+    same_kind(name, value, like_name, like)
+
+
+def rows(name: str, value: torch.Tensor) -> None:
+    if value.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row, got shape {tuple(value.shape)}")
+
+
 def model_input(x: object, weight: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x (B, in_features) with the dtype and device of the model's weight."""
+    """x (B, in_features), B >= 1, with the dtype (up to autocast: :func:`model_kind`) and
+    device of the model's weight."""
     x = tensor("x", x, 2)
-    same_kind("x", x, "the model's parameters", weight)
+    model_kind("x", x, "the model's parameters", weight)
     size("x", x, 1, in_features, "the model's in_features")
+    rows("x", x)
     return x
 
 

@@ -98,6 +98,11 @@ class SemiSupervisedOutput:
     autoencoder: AutoencoderOutput
 
 
+torch.export.register_dataclass(
+    SemiSupervisedOutput, serialized_type_name="fastae.SemiSupervisedOutput"
+)  # a pytree node, as fastae.modules.AutoencoderOutput
+
+
 class SemiSupervisedModule(nn.Module):
     """An autoencoder with a linear softmax head on its code.
 
@@ -464,6 +469,9 @@ class DECOutput:
     autoencoder: AutoencoderOutput | None = None
 
 
+torch.export.register_dataclass(DECOutput, serialized_type_name="fastae.DECOutput")
+
+
 class DECModule(nn.Module):
     """Encoder plus cluster centres trained on KL(P || Q) (+ reconstruction_weight * AE loss).
 
@@ -576,9 +584,11 @@ class DECClustering(ClusterMixin, BaseEstimator):
         if autoencoder.get_params().get("random_state", 0) is None:
             autoencoder.set_params(random_state=random.randint(np.iinfo(np.int32).max))
         self.autoencoder_ = autoencoder.fit(X)  # as given: it keeps any feature names
+        x = self.autoencoder_._prepared(X)  # as given too: the names match
+        if hasattr(self.autoencoder_, "feature_names_in_"):
+            self.feature_names_in_ = self.autoencoder_.feature_names_in_
         X = checked
         self.n_features_in_ = X.shape[1]
-        x = self.autoencoder_._prepared(X)
         codes = _as_dtype(self.autoencoder_._map_chunks(_encode, x), x)
         kmeans = cluster_codes(
             codes, n_clusters, random_state=random.randint(np.iinfo(np.int32).max),

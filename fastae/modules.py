@@ -60,6 +60,10 @@ class AutoencoderOutput:
     jacobian_norm: Tensor | None = None  # batch mean of ||J_enc||_F^2 (None: not computed)
 
 
+# a pytree node, so that torch.export, torch.func.vmap and the like take a module returning it
+torch.export.register_dataclass(AutoencoderOutput, serialized_type_name="fastae.AutoencoderOutput")
+
+
 class _SumOverProcesses(torch.autograd.Function):
     """y = sum over processes of x. Every process's y depends on every x with slope 1, so
     dL/dx is the sum over processes of dL/dy: backward all-reduces the gradient too."""
@@ -200,8 +204,9 @@ class Autoencoder(nn.Module):
         """Reconstruction x^ (B, d) from codes."""
         h = _checks.tensor("h", h, 2)
         weight = self.decoder_matrix
-        _checks.same_kind("h", h, "the decoder weight", weight)
+        _checks.model_kind("h", h, "the decoder weight", weight)
         _checks.size("h", h, 1, weight.shape[1], "the model has that many hidden units")
+        _checks.rows("h", h)
         return reference.reconstruct(h, weight, self.decoder_bias, self.output)
 
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -38,6 +38,15 @@ def _finite(name: str, value: object) -> float:
     return value
 
 
+def _probability(name: str, value: object) -> float:
+    """``value`` in [0, 1) as a float that stays below 1 in float32 (where the corruption is
+    computed: 1 - 2^-26 would round to 1 there, and a rescaled mask divide by 0)."""
+    value = _finite(name, value)
+    if not (value >= 0.0 and torch.tensor(value, dtype=torch.float32).item() < 1.0):
+        raise ValueError(f"{name} must be in [0, 1) (below 1 in float32), got {value!r}")
+    return value
+
+
 def check_seed(seed: object) -> int | None:
     if seed is None:
         return None
@@ -97,9 +106,7 @@ class MaskingNoise(_Noise):
     kind = "masking"
 
     def __post_init__(self):
-        p = _finite("p", self.p)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"p must be in [0, 1), got {p}")
+        p = _probability("p", self.p)
         object.__setattr__(self, "rescale", _checks.flag("rescale", self.rescale))
         object.__setattr__(self, "p", p)
         object.__setattr__(self, "seed", check_seed(self.seed))
@@ -119,9 +126,7 @@ class SaltPepperNoise(_Noise):
     kind = "salt_pepper"
 
     def __post_init__(self):
-        p = _finite("p", self.p)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"p must be in [0, 1), got {p}")
+        p = _probability("p", self.p)
         low, high = _finite("low", self.low), _finite("high", self.high)
         object.__setattr__(self, "p", p)
         object.__setattr__(self, "low", low)

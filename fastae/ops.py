@@ -565,6 +565,8 @@ def _encode_args(x, weight, bias, activation, noise, statistics) -> tuple:
     x = _check_input(x)
     x, weight, bias = _autocast(x.device, x, weight, bias)
     weight, bias = _check_layer(x, weight, bias)
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (one hidden unit), got shape (0, d)")
     activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
     noise = check_noise(noise)
     if noise is None:
@@ -822,6 +824,8 @@ def check_unit_interval(name: str, values: Tensor) -> None:
 
 
 def _check_target(target: Tensor) -> None:
+    if target.is_meta:  # no values to check (shape-only tracing)
+        return
     if not torch._C._are_functorch_transforms_active():
         check_unit_interval("target", target)
         return
@@ -880,16 +884,14 @@ def decode_loss(
         )
     output = _checks.choice("output", output, reference.OUTPUTS)
     loss = _checks.choice("loss", loss, reference.LOSSES)
+    check_target = _checks.flag("check_target", check_target)
     if loss == "bce":
         if output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
-        if check_target and not torch.compiler.is_compiling() and not target.is_meta:
+        if check_target and not torch.compiler.is_compiling():
             _check_target(target)
     name = _backend_for("decode_loss", "decoder", h.device)
-    if not isinstance(return_reconstruction, bool):
-        raise TypeError(
-            f"return_reconstruction must be a bool, got {type(return_reconstruction).__name__}"
-        )
+    return_reconstruction = _checks.flag("return_reconstruction", return_reconstruction)
     # d ell / d z^ (B, d) only where a gradient can be asked for: scoring and validation
     # under torch.no_grad neither compute nor store it
     with_gradient = torch.is_grad_enabled() and any(

@@ -262,6 +262,7 @@ class AutoencoderEstimatorMixin:
             seed=seed,
             **kwargs,
         )
+        module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
         diverged = [(i, loss) for i, loss in enumerate(history.loss) if not math.isfinite(loss)]
         if diverged:
             epoch, loss = diverged[0]
@@ -308,8 +309,7 @@ class AutoencoderEstimatorMixin:
 
     def _sync_device(self) -> None:
         """Keep module and ``device_`` together (an unpickled estimator may lack CUDA)."""
-        if self.device_.type == "cuda" and not torch.cuda.is_available():
-            self.device_ = torch.device("cpu")
+        self.device_ = usable_device(self.device_)
         self.module_.to(self.device_)
 
     # -- pickling ----------------------------------------------------------------------------
@@ -325,6 +325,18 @@ class AutoencoderEstimatorMixin:
         super().__setstate__(state)
         if getattr(self, "module_", None) is not None and hasattr(self, "device_"):
             self._sync_device()
+
+
+def usable_device(device: torch.device) -> torch.device:
+    """``device``, or where this machine lacks it (an estimator fitted on ``cuda:1`` and
+    unpickled elsewhere) its current GPU, or the CPU without CUDA."""
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class CodeTransformerMixin(TransformerMixin):

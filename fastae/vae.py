@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import _checks, ops, reference, steps
+from .noise import check_seed
 
 SCORES = ("elbo", "reconstruction")
 
@@ -51,6 +52,9 @@ class VAEOutput:
     def code(self) -> Tensor:
         """The posterior mean mu (B, k), the deterministic code."""
         return self.mu
+
+
+torch.export.register_dataclass(VAEOutput, serialized_type_name="fastae.VAEOutput")  # as modules
 
 
 class VAE(nn.Module):
@@ -131,7 +135,8 @@ class VAE(nn.Module):
             raise ValueError(
                 f"z must have {self.latent} columns (latent), got shape {tuple(z.shape)}"
             )
-        _checks.same_kind("z", z, "the model's parameters", self.decoder_hidden.weight)
+        _checks.model_kind("z", z, "the model's parameters", self.decoder_hidden.weight)
+        _checks.rows("z", z)
         h2 = self._decoder_code(z)
         return reference.reconstruct(h2, self.decoder.weight, self.decoder.bias, self.output)
 
@@ -176,8 +181,10 @@ class VAE(nn.Module):
     def forward(self, x: Tensor, seed: int | None = None) -> VAEOutput:
         """Training mode: z = mu + exp(logvar / 2) eps with eps from Philox at ``seed`` (None:
         a fresh seed from torch's generator); with gradients in plain eager mode the step runs
-        as one autograd node (:mod:`fastae.steps`). Eval mode: z = mu (no random draws)."""
+        as one autograd node (:mod:`fastae.steps`). Eval mode: z = mu (no random draws; the
+        seed, unused, is still checked)."""
         x = self._check_x(x)
+        seed = check_seed(seed)
         params = (
             self.encoder.weight, self.encoder.bias, self.posterior.weight, self.posterior.bias,
             self.decoder_hidden.weight, self.decoder_hidden.bias, self.decoder.weight,

@@ -115,7 +115,7 @@ def activate(z, ACTIVATION: tl.constexpr):
         t = u / (2.0 - u)
         h = tl.where(z < 0, -t, t)
     elif ACTIVATION == RELU:
-        h = tl.maximum(z, 0.0)
+        h = tl.maximum(z, 0.0, tl.PropagateNan.ALL)  # as torch.relu: NaN stays NaN
     else:
         # softplus(z) = max(z, 0) + log(1 + exp(-|z|))
         h = tl.maximum(z, 0.0) + log1p(tl.exp(-tl.abs(z)))

@@ -1,6 +1,7 @@
 """fastae.applications: semi-supervised classifier, stacked autoencoder, clustering on codes."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -276,6 +277,20 @@ def test_dec_checks_its_clusters_before_training(monkeypatch):
     for n_init, error in ((0, ValueError), ("many", ValueError), (2.0, ValueError)):
         with pytest.raises(error, match=r"^n_init\b"):
             DECClustering(3, n_init=n_init).fit(x)
+
+
+def test_dec_keeps_the_feature_names_of_a_dataframe():
+    """Fitted on a DataFrame, DEC records its columns and fits without a feature-name warning
+    (pandas is not a dependency: the test runs where it is installed)."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(np.random.default_rng(0).random((40, 5)), columns=list("abcde"))
+    dec = DECClustering(2, autoencoder=AutoencoderTransformer(2, epochs=1), refine_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dec.fit(frame)
+    assert list(dec.feature_names_in_) == list("abcde")
+    with pytest.raises(ValueError, match="feature names"):
+        dec.predict(frame.rename(columns={"a": "z"}))
 
 
 @pytest.mark.parametrize("verbose", [False, True])

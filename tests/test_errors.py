@@ -122,6 +122,9 @@ NOISE_CASES = [
     (lambda: MaskingNoise(p=0.5, seed=1.0), TypeError, "seed"),
     (lambda: MaskingNoise(p=0.5, seed=True), TypeError, "seed"),
     (lambda: SaltPepperNoise(p=1.0), ValueError, "p"),
+    # below 1 in float64, 1 in float32 (where a rescaled mask would divide by 1 - p = 0)
+    (lambda: MaskingNoise(p=1 - 2**-26, rescale=True), ValueError, "p"),
+    (lambda: SaltPepperNoise(p=1 - 2**-26), ValueError, "p"),
     (lambda: SaltPepperNoise(p=-0.01), ValueError, "p"),
     (lambda: SaltPepperNoise(p=0.2, low=math.nan), ValueError, "low"),
     (lambda: SaltPepperNoise(p=0.2, high=math.inf), ValueError, "high"),
@@ -153,6 +156,7 @@ def test_noise_spec_bad_input(make, error, arg):
 def test_noise_specs_accept_their_ranges():
     assert MaskingNoise(p=0.0).p == 0.0
     assert MaskingNoise(p=0.999).p == 0.999
+    assert MaskingNoise(p=1 - 2**-24).p == 1 - 2**-24  # the largest float32 below 1
     assert GaussianNoise(sigma=0).sigma == 0.0
     assert MaskingNoise(p=0.5, seed=2**63 - 1).seed == 2**63 - 1
 
@@ -186,6 +190,15 @@ DECODE_CASES = {
     "bce above 1": (ValueError, "target", dict(target=torch.rand(4, 5) + 0.5)),
     "bce below 0": (ValueError, "target", dict(target=torch.rand(4, 5) - 0.5)),
     "bce nan": (ValueError, "target", dict(target=torch.full((4, 5), math.nan))),
+    # None would have turned the target check off, "no" left it on
+    "check_target None": (TypeError, "check_target", dict(check_target=None)),
+    "check_target str": (TypeError, "check_target", dict(check_target="no")),
+    "check_target mse": (TypeError, "check_target", dict(loss="mse", check_target=0)),
+    "return_reconstruction int": (
+        TypeError,
+        "return_reconstruction",
+        dict(return_reconstruction=1),
+    ),
 }
 
 

@@ -254,6 +254,16 @@ def test_meta_inputs_give_meta_outputs():
     assert per_sample.is_meta and per_sample.shape == (4,)
 
 
+@pytest.mark.parametrize("model_class", ["Autoencoder", "VAE"])
+def test_a_model_on_the_meta_device_takes_a_training_step(model_class):
+    """Shape-only tracing of a whole step (the one-node route, with the BCE target check)."""
+    model = fastae.Autoencoder(5, 3) if model_class == "Autoencoder" else fastae.VAE(5, 4, 2)
+    out = model.to("meta")(torch.rand(4, 5, device="meta"))
+    assert out.loss.is_meta and out.loss.shape == ()
+    out.loss.backward()
+    assert all(p.grad.is_meta and p.grad.shape == p.shape for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- fused noise
 
 

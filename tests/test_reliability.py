@@ -138,6 +138,29 @@ def test_module_deepcopy_and_pickle():
         assert torch.equal(model.reconstruction_error(x), other.reconstruction_error(x))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [_model, lambda: fastae.VAE(24, 12, 3).to(DEVICE)],
+    ids=["autoencoder", "vae"],
+)
+def test_export_and_vmap_take_the_output_dataclasses(make):
+    """The forward's output dataclass is a pytree node: torch.export saves and loads an eval
+    model, torch.func.vmap maps one over samples."""
+    model = make().eval()
+    x = _data(6)
+    want = model(x)
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(model, (x,)), buffer)
+    buffer.seek(0)
+    got = torch.export.load(buffer).module()(x)
+    assert type(got) is type(want)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.per_sample, want.per_sample)
+    model.check_targets = False  # vmap cannot read values for the BCE target check
+    mapped = torch.func.vmap(lambda row: model(row[None]))(x)
+    torch.testing.assert_close(mapped.per_sample[:, 0], want.per_sample)
+
+
 def test_cpu_bf16_autocast_with_reference():
     torch.manual_seed(0)
     model = fastae.Autoencoder(24, 10, sparsity=fastae.KLSparsity(0.1, 0.3), contractive=0.1)
@@ -150,6 +173,28 @@ def test_cpu_bf16_autocast_with_reference():
     reference = fastae.Autoencoder(24, 10, sparsity=fastae.KLSparsity(0.1, 0.3), contractive=0.1)
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(out.loss, reference(x).loss, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("model_class", ["Autoencoder", "VAE"])
+def test_autocast_activations_from_an_earlier_layer(model_class):
+    """Under autocast a layer before the model hands it bfloat16: the model takes it (as the
+    ops do) and so do decode and reconstruct; outside autocast the dtype must match."""
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(6, 4) if model_class == "Autoencoder" else fastae.VAE(6, 5, 2)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Sigmoid(), model)
+    x = torch.rand(8, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        code = model.encode(net[1](net[0](x)))
+        decoded = model.decode(code)
+    assert net[0](x).dtype == torch.float32 and code.dtype == torch.bfloat16
+    assert decoded.shape == (8, 6) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert net[0].weight.grad is not None and torch.isfinite(net[0].weight.grad).all()
+    with pytest.raises(TypeError, match="x must have the dtype"):
+        model(torch.rand(8, 6, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="must have the dtype"):
+        model.decode(code)
 
 
 @pytest.mark.cuda
@@ -170,16 +215,22 @@ def test_cuda_autocast_and_grad_scaler(dtype):
     assert not torch.equal(before, model.weight)
 
 
-def test_non_finite_inputs_propagate():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "softplus"])
+def test_non_finite_inputs_propagate(backend, activation):
+    """A NaN in a row makes that row's codes NaN under every activation (as torch's
+    activations: relu and softplus too) and rho_hat NaN; jac too, except under relu, whose
+    slope 1[z > 0] is 0 at NaN (as torch's relu backward); an inf stays in its row."""
     x = _data(6)
     x[2, 3] = float("nan")
     weight = torch.randn(5, 24, device=DEVICE)
-    h, rho_hat, jac = fastae.ops.encode(x, weight)
-    assert torch.isnan(h[2]).all() and torch.isfinite(h[[0, 1, 3, 4, 5]]).all()
-    assert torch.isnan(rho_hat).all() and torch.isnan(jac)
-    x[2, 3] = float("inf")
-    h, _, _ = fastae.ops.encode(x, weight, activation="tanh")
-    assert torch.isfinite(h[[0, 1, 3, 4, 5]]).all()
+    with fastae.use_backend(backend):
+        h, rho_hat, jac = fastae.ops.encode(x, weight, activation=activation)
+        assert torch.isnan(h[2]).all() and torch.isfinite(h[[0, 1, 3, 4, 5]]).all()
+        assert torch.isnan(rho_hat).all() and torch.isnan(jac) == (activation != "relu")
+        x[2, 3] = float("inf")
+        h, _, _ = fastae.ops.encode(x, weight, activation=activation)
+        assert torch.isfinite(h[[0, 1, 3, 4, 5]]).all()
 
 
 def test_empty_batch_is_a_clear_error():
@@ -187,6 +238,16 @@ def test_empty_batch_is_a_clear_error():
         fastae.ops.encode(torch.rand(0, 4), torch.rand(3, 4))
     with pytest.raises(ValueError, match="h must have at least one row"):
         fastae.ops.decode_loss(torch.rand(0, 3), torch.rand(4, 3), target=torch.rand(0, 4))
+    with pytest.raises(ValueError, match="h must have at least one row"):
+        fastae.Autoencoder(5, 3).decode(torch.rand(0, 3))
+    with pytest.raises(ValueError, match="z must have at least one row"):
+        fastae.VAE(5, 4, 2).decode(torch.rand(0, 2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_layer_without_hidden_units_is_a_clear_error(backend):
+    with fastae.use_backend(backend), pytest.raises(ValueError, match="weight must have at least"):
+        fastae.ops.encode(_data(4), torch.rand(0, 24, device=DEVICE))
 
 
 @pytest.mark.parametrize("rho_hat_value", [0.0, 1.0])

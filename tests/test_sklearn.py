@@ -168,11 +168,29 @@ def test_pickle_and_clone(digits):
     x, _ = digits
     model = AutoencoderTransformer(6, noise=fastae.GaussianNoise(0.1), epochs=2, random_state=0)
     model.fit(x[:200])
+    assert all(p.grad is None for p in model.module_.parameters())  # no memory held for them
     restored = pickle.loads(pickle.dumps(model))
     np.testing.assert_array_equal(model.transform(x[:30]), restored.transform(x[:30]))
     fresh = clone(model)
     assert not hasattr(fresh, "module_")
     assert fresh.get_params() == model.get_params()
+
+
+def test_an_unpickled_estimator_runs_where_its_device_is_missing(monkeypatch):
+    """Fitted on cuda:1, unpickled on a machine with one GPU: it runs on that GPU; without
+    CUDA on the CPU (the device choice, with the machine's GPUs stubbed)."""
+    cuda1, cpu = torch.device("cuda", 1), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert fastae.sklearn.usable_device(cuda1) == torch.device("cuda", 0)
+    assert fastae.sklearn.usable_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert fastae.sklearn.usable_device(torch.device("cuda")) == torch.device("cuda")
+    assert fastae.sklearn.usable_device(cpu) == cpu
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert fastae.sklearn.usable_device(cuda1) == cuda1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fastae.sklearn.usable_device(cuda1) == cpu
 
 
 @pytest.mark.cuda

@@ -327,6 +327,14 @@ def test_bad_arguments(mu, logvar, kwargs, error, match):
         ops.reparameterize(mu, logvar, **kwargs)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("seed, error", [(-5, ValueError), ("abc", TypeError)])
+def test_forward_checks_its_seed_in_either_mode(training, seed, error):
+    model = fastae.VAE(5, 4, 2).train(training)
+    with pytest.raises(error, match="seed"):
+        model(torch.rand(3, 5), seed=seed)
+
+
 def test_device_mismatch_is_an_error():
     with pytest.raises(ValueError, match="logvar must be on the device of mu"):
         ops.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"))
