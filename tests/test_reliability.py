@@ -2,6 +2,8 @@
 
 import copy
 import io
+import os
+import sys
 
 import pytest
 import torch
@@ -292,6 +294,12 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+    # the work done and saved, leave without the interpreter's teardown: under
+    # TRITON_INTERPRET=1 (tests/conftest.py) about one exit in ten otherwise aborted in C++
+    # ("terminate called without an active exception") after everything had passed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
