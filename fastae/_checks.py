@@ -45,6 +45,16 @@ def size(name: str, value: torch.Tensor, dim: int, expected: int, why: str) -> N
 _AUTOCAST_KINDS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+# a constant of a compiled graph (what torch.compiler.assume_constant_result sets, without
+# importing torch._dynamo here): Dynamo in torch 2.11 cannot trace
+# torch.amp.is_autocast_available itself
+autocast_available._dynamo_marked_constant = True
+
+
 def model_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
     """:func:`same_kind`, except that inside ``torch.autocast`` for their device float16,
     bfloat16 and float32 pass together: the ops cast them to the autocast dtype (a layer
@@ -54,7 +64,7 @@ def model_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tenso
         value.dtype in _AUTOCAST_KINDS
         and like.dtype in _AUTOCAST_KINDS
         and value.device == like.device
-        and torch.amp.is_autocast_available(device_type)
+        and autocast_available(device_type)
         and torch.is_autocast_enabled(device_type)
     ):
         return

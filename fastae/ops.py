@@ -80,16 +80,12 @@ def corrupted_input_mode() -> str:
     return "store" if choice == "auto" else choice
 
 
-def _autocast_available(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type)
-
-
 # What torch.compiler.assume_constant_result sets, without importing torch._dynamo here:
-# read at trace time, the choices are constants of a compiled graph. (Dynamo in torch 2.11
-# cannot trace torch.amp.is_autocast_available itself; the answer is a constant anyway.)
+# read at trace time, the choices are constants of a compiled graph (as
+# _checks.autocast_available)
 _backend_for._dynamo_marked_constant = True
 corrupted_input_mode._dynamo_marked_constant = True
-_autocast_available._dynamo_marked_constant = True
+_autocast_available = _checks.autocast_available
 
 
 def _impl(backend_name: str, kernel: str):
