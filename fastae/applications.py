@@ -587,6 +587,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
         x = self.autoencoder_._prepared(X)  # as given too: the names match
         if hasattr(self.autoencoder_, "feature_names_in_"):
             self.feature_names_in_ = self.autoencoder_.feature_names_in_
+        elif hasattr(self, "feature_names_in_"):  # refitted on data without names
+            del self.feature_names_in_
         X = checked
         self.n_features_in_ = X.shape[1]
         codes = _as_dtype(self.autoencoder_._map_chunks(_encode, x), x)

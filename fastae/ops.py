@@ -713,8 +713,9 @@ def _decode_loss_math(
 ):  # fmt: skip
     """(per-sample loss, an empty tensor, x^ (which carries no gradient) or an empty one)."""
     out = reference.decode_forward(
-        h, weight, bias, target, output, loss, with_reconstruction, with_gradient=False
-    )
+        h, weight, bias, target, output, loss, with_reconstruction, with_gradient=False,
+        differentiable=True,
+    )  # fmt: skip
     empty = h.new_empty(0)
     return out[0], empty, out[2].detach() if with_reconstruction else empty
 

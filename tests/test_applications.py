@@ -291,6 +291,7 @@ def test_dec_keeps_the_feature_names_of_a_dataframe():
     assert list(dec.feature_names_in_) == list("abcde")
     with pytest.raises(ValueError, match="feature names"):
         dec.predict(frame.rename(columns={"a": "z"}))
+    assert not hasattr(dec.fit(frame.to_numpy()), "feature_names_in_")  # refitted without
 
 
 @pytest.mark.parametrize("verbose", [False, True])

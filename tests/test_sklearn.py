@@ -176,10 +176,17 @@ def test_pickle_and_clone(digits):
     assert fresh.get_params() == model.get_params()
 
 
-def test_an_unpickled_estimator_runs_where_its_device_is_missing(monkeypatch):
+def test_an_unpickled_estimator_runs_where_its_device_is_missing(digits, monkeypatch):
     """Fitted on cuda:1, unpickled on a machine with one GPU: it runs on that GPU; without
     CUDA on the CPU (the device choice, with the machine's GPUs stubbed)."""
+    x, _ = digits
+    model = AutoencoderTransformer(4, epochs=1, random_state=0, device="cpu").fit(x[:60])
     cuda1, cpu = torch.device("cuda", 1), torch.device("cpu")
+    model.device_ = cuda1  # as fitted there (pickling moves the module to the CPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.device_ == cpu
+    np.testing.assert_array_equal(restored.transform(x[:5]), model.transform(x[:5]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

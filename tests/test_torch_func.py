@@ -71,6 +71,24 @@ def test_decode_loss_vjp_matches_its_backward(output, loss, tied):
     _assert_vjp_matches_backward(fn, (h, weight, bias, target))
 
 
+def test_bce_derivatives_at_a_zero_logit():
+    """Logits exactly 0 (dead relu codes and a zero decoder bias, as a model starts): torch.func
+    gives BCE's d/dz = sigmoid(0) - t = 1/2 - t and d2/dz2 = 1/4, as the ops' backward."""
+    h = torch.zeros(3, 4, dtype=torch.float64)
+    weight = _rand(5, 4, low=-1)
+    target = _rand(3, 5)
+
+    def loss_of(bias):
+        return ops.decode_loss(h, weight, bias, target=target).sum()
+
+    bias = torch.zeros(5, dtype=torch.float64)
+    torch.testing.assert_close(grad(loss_of)(bias), (0.5 - target).sum(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(hessian(loss_of)(bias), torch.eye(5).double() * 0.75)
+    _assert_vjp_matches_backward(
+        lambda bias: ops.decode_loss(h, weight, bias, target=target), (bias,)
+    )
+
+
 def test_corrupt_reparameterize_and_bernoulli_kl_vjps_match_their_backward():
     for noise in [n for n in NOISES.values() if n is not None]:
         _assert_vjp_matches_backward(lambda x, noise=noise: ops.corrupt(x, noise), (_rand(6, 5),))
