@@ -147,6 +147,20 @@ def test_softplus_float64_past_torchs_threshold():
     assert torch.autograd.gradcheck(encode, (x, weight))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce_forms_give_the_same_values(dtype):
+    """The differentiable BCE (torch.func's route) and the value-only one agree bit for bit,
+    so a loss is the same number whichever route computed it."""
+    special = [0.0, -0.0, 1e-30, -1e-30, 15.0, -15.0, 40.0, -40.0, math.inf, -math.inf]
+    z = torch.cat([torch.randn(4000) * 12, torch.tensor(special)]).to(dtype)
+    t = torch.cat([torch.rand(2000), torch.rand(2000).round(), torch.rand(len(special))])
+    t = t.to(dtype)
+    smooth = reference.bce_with_logits(z, t, differentiable=True)
+    fast = reference.bce_with_logits(z, t)
+    assert torch.equal(smooth.isnan(), fast.isnan())
+    assert torch.equal(smooth.nan_to_num(), fast.nan_to_num())
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_slope_and_curvature_match_autograd_derivatives(activation):
     z = torch.cat([torch.randn(500) * 4, torch.tensor([-30.0, -3.0, 0.5, 3.0, 25.0])])
