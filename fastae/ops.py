@@ -85,7 +85,6 @@ def corrupted_input_mode() -> str:
 # _checks.autocast_available)
 _backend_for._dynamo_marked_constant = True
 corrupted_input_mode._dynamo_marked_constant = True
-_autocast_available = _checks.autocast_available
 
 
 def _impl(backend_name: str, kernel: str):
@@ -185,7 +184,7 @@ def _backward_call(op, body, *args):
 def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Inside ``torch.autocast`` for this device, cast float16/bfloat16/float32 inputs to the
     autocast dtype (as autocast does for matmul ops); float64 and everything else stay."""
-    if not (_autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
+    if not (_checks.autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     low = (torch.float16, torch.bfloat16, torch.float32)
@@ -562,7 +561,9 @@ def _encode_args(x, weight, bias, activation, noise, statistics) -> tuple:
     x, weight, bias = _autocast(x.device, x, weight, bias)
     weight, bias = _check_layer(x, weight, bias)
     if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (one hidden unit), got shape (0, d)")
+        raise ValueError(
+            f"weight must have at least one row (one hidden unit), got shape {tuple(weight.shape)}"
+        )
     activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
     noise = check_noise(noise)
     if noise is None:

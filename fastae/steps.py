@@ -33,7 +33,7 @@ def available(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
         and torch.is_grad_enabled()
         and not x.requires_grad
         and any(p is not None and p.requires_grad for p in params)
-        and not (ops._autocast_available(device) and torch.is_autocast_enabled(device))
+        and not (_checks.autocast_available(device) and torch.is_autocast_enabled(device))
         and ops._plain_eager((x, *params))
         and not ops._under_torch_func((x, *params))
     )
