@@ -869,8 +869,7 @@ def decode_loss(
         or (loss, x^) with ``return_reconstruction``.
     """
     h = _checks.tensor("h", h, 2)
-    if h.shape[0] == 0:
-        raise ValueError(f"h must have at least one row, got {tuple(h.shape)}")
+    _checks.rows("h", h)
     h, weight, bias, target = _autocast(h.device, h, weight, bias, target)
     weight, bias = _check_layer(h, weight, bias, "h")
     target = _checks.tensor("target", target, 2)

@@ -104,8 +104,7 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
     tensor = _as_tensor(name, data, like)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got {tuple(tensor.shape)}")
-    if tensor.shape[0] == 0:
-        raise ValueError(f"{name} must have at least one row, got shape {tuple(tensor.shape)}")
+    _checks.rows(name, tensor)
     if tensor.dtype != like.dtype:
         raise TypeError(
             f"{name} must have the dtype of the model's parameters ({like.dtype}), "
