@@ -787,7 +787,7 @@ def _decode_second_order(ctx, grads):
         d_w = d_w + dz.t() @ grad_h.to(acc)
     if ctx.output == "sigmoid":
         x_hat = torch.sigmoid(z)
-        slope = x_hat * (1 - x_hat)
+        slope = reference.sigmoid_slope(z)
     if ctx.loss == "bce":
         big_g_prime, big_g_target = slope, -1.0
     elif ctx.output == "identity":

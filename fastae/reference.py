@@ -77,6 +77,13 @@ def bce_with_logits(
     return linear + torch.log1p(torch.exp(-z.abs()))
 
 
+def sigmoid_slope(z: torch.Tensor) -> torch.Tensor:
+    """sigmoid'(z) = sigmoid(z) sigmoid(-z) = m (1 - m), m = sigmoid(-|z|): no 1 - sigmoid(z)
+    to round the tail away (z = 20: 2.1e-9, not 0)."""
+    tail = torch.sigmoid(-z.abs())
+    return tail * (1 - tail)
+
+
 def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "sigmoid":
         return torch.sigmoid(z)

@@ -143,7 +143,9 @@ def epilogue_index(rows, cols, WIDE_INDEX: tl.constexpr):
 # The loss epilogue holds the target, G and x^ beside the accumulator: compiled for sm_90 in
 # bf16, the 128x256 and 256x128 tiles (8 warps) and 128x128 (4 warps), 128 accumulator values
 # a thread, spilled 2.7-2.9 KB a thread (about 1,300 local stores and 1,500 loads a tile);
-# 64 a thread (128x128 with 8 warps and the smaller tiles) spill nothing.
+# 64 a thread (128x128 with 8 warps and the smaller tiles) spill nothing, in 253-255 of 255
+# registers: one more live value an element (e.g. x^ - t for z^ >= 0 as (1 - t) - sigmoid(-z^),
+# which would keep a confident logit's gradient tail) spills 88-472 bytes.
 @gemm_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("h_ptr", "v_ptr"), accumulator_per_thread=64)
 @triton.jit
 def _decoder_forward_kernel(

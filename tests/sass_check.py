@@ -168,6 +168,7 @@ def main(argv: list[str]) -> int:
                 products = len(re.findall(r"\bHGMMA\.", sass))
                 in_flight = "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
                 stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                registers = int(re.search(r"REG:(\d+)", usage).group(1))
                 serial = any((name, key, value) in SERIAL for key, value in constants.items())
                 flags = {k: v for k, v in constants.items() if k in VARIANT_FLAGS}
                 blocks = "x".join(str(v) for k, v in constants.items() if k.startswith("BLOCK"))
@@ -183,7 +184,7 @@ def main(argv: list[str]) -> int:
                     f"product in flight {in_flight}, stack {stack} bytes; instructions "
                     f"{len(INSTRUCTION.findall(sass))}, async 16-byte copies "
                     f"{sass.count('LDGSTS.E.BYPASS.128')}, 4-byte async copies {narrow}, "
-                    f"2-byte loads {sass.count('LDG.E.U16')}"
+                    f"2-byte loads {sass.count('LDG.E.U16')}, registers {registers}"
                 )
     return 1 if failures else 0
 

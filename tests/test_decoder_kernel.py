@@ -265,6 +265,23 @@ def test_bce_keeps_the_loss_of_confident_logits_on_their_targets(backend):
     torch.testing.assert_close(got.double().cpu(), torch.tensor(exact).double(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bce_keeps_the_curvature_of_confident_logits(backend):
+    """The double backward's d^2 ell / d z^2 = sigmoid'(z) = sigmoid(z) sigmoid(-z) at logits
+    +-8 .. +-30 to float32's relative precision, where x^ (1 - x^) is 0 from |z| = 17 on."""
+    magnitudes = torch.tensor([[8.0, 15.5, 20.0, 30.0], [20.0, 20.0, 25.0, 30.0]])
+    logits = torch.cat([magnitudes, -magnitudes], 1).to(DEVICE)
+    h = torch.eye(2, device=DEVICE)  # z^ = h V^T = the logits exactly
+    weight = logits.t().contiguous().requires_grad_()
+    with fastae.use_backend(backend):
+        per_sample = ops.decode_loss(h, weight, target=(logits > 0).float())
+        (grad,) = torch.autograd.grad(per_sample.sum(), weight, create_graph=True)
+        (curvature,) = torch.autograd.grad(grad.sum(), weight)  # dV_ki / dV_ki
+    z = logits.double().cpu()
+    want = torch.sigmoid(z) * torch.sigmoid(-z)
+    torch.testing.assert_close(curvature.t().double().cpu(), want, rtol=1e-5, atol=0)
+
+
 def test_saves_one_batch_by_features_tensor():
     """Backward keeps h, V and c (alive anyway) plus one (B, d) tensor: d ell / d z^."""
     (h, weight, bias, target), _ = _inputs(8, 6, 10, torch.float64, tied=False)
