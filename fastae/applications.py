@@ -201,8 +201,8 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         classes, codes = np.unique(y[labeled], return_inverse=True)
         if len(classes) < 2:
             raise ValueError(
-                f"SemiSupervisedAutoencoder needs at least 2 classes among the labelled "
-                f"samples, got 1 class ({classes[0]!r})"
+                f"y needs at least 2 classes among the labelled samples, got 1 class "
+                f"({classes[0]!r})"
             )
         index = np.full(len(y), float(UNLABELED))
         index[labeled] = codes

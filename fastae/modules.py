@@ -147,7 +147,7 @@ class Autoencoder(nn.Module):
             )
         if isinstance(sparsity, KLSparsity) and activation != "sigmoid":
             raise ValueError(
-                f"KLSparsity needs activation 'sigmoid' (activations in (0, 1)), "
+                f"sparsity KLSparsity needs activation 'sigmoid' (activations in (0, 1)), "
                 f"got activation {activation!r}"
             )
         self.sparsity = sparsity
@@ -217,7 +217,7 @@ class Autoencoder(nn.Module):
         h = self.encode(x)
         return ops.decode_loss(
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
-            loss=self.loss_name,
+            loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
 
     @property

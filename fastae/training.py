@@ -246,12 +246,13 @@ def fit(
     Numpy arrays take the model's dtype, tensors must already have it. With ``patience``,
     training stops after that many epochs without a ``min_delta`` improvement of the
     validation loss (training loss if no validation data). ``restore_best``: with validation
-    data, the returned model has the weights of the epoch with the lowest validation loss
-    (``History.best_epoch``), whether or not training stopped early; without, the weights of
-    the best training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's
-    generator, so noise seeds and shuffling repeat exactly. The model is returned in eval
-    mode (its forward then corrupts nothing and a VAE takes z = mu): call ``model.train()``
-    before training it further in a loop of your own.
+    data, the model is left with the weights of the best epoch (``History.best_epoch``: the
+    last that lowered the best validation loss by more than ``min_delta``; with the default
+    0, the lowest), whether or not training stopped early; without, those of the best
+    training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's generator,
+    so noise seeds and shuffling repeat exactly. The model is left in eval mode (its forward
+    then corrupts nothing and a VAE takes z = mu): call ``model.train()`` before training it
+    further in a loop of your own.
 
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (fused on CUDA).
 

@@ -240,7 +240,7 @@ MODULE_CASES = [
     (dict(tied=1), TypeError, "tied"),
     (dict(noise="masking"), TypeError, "noise"),
     (dict(sparsity=0.05), TypeError, "sparsity"),
-    (dict(sparsity=fastae.KLSparsity(0.05), activation="relu"), ValueError, "KLSparsity"),
+    (dict(sparsity=fastae.KLSparsity(0.05), activation="relu"), ValueError, "sparsity"),
     (dict(contractive=-0.1), ValueError, "contractive"),
     (dict(contractive=math.nan), ValueError, "contractive"),
     (dict(contractive="1"), TypeError, "contractive"),

@@ -139,6 +139,24 @@ def test_encode_decode_reconstruct_and_error():
     torch.testing.assert_close(model(x).per_sample, error, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("vae", [False, True])
+def test_check_targets_covers_the_loss_and_the_reconstruction_error(vae):
+    def make(**kwargs):
+        return fastae.VAE(6, 5, 2, **kwargs) if vae else fastae.Autoencoder(6, 5, **kwargs)
+
+    x = torch.rand(4, 6) * 3
+    checked = make().eval()
+    for method in (checked, checked.reconstruction_error):
+        with pytest.raises(ValueError, match="target must lie in"):
+            method(x)
+    unchecked = make(check_targets=False).eval()
+    unchecked.load_state_dict(checked.state_dict())
+    error = unchecked.reconstruction_error(x)
+    assert error.shape == (4,) and error.isfinite().all()
+    out = unchecked(x)  # eval: a VAE's z = mu, as its reconstruction_error
+    torch.testing.assert_close(out.reconstruction if vae else out.per_sample, error)
+
+
 def test_untied_and_tied_parameters():
     tied = fastae.Autoencoder(7, 4)
     untied = fastae.Autoencoder(7, 4, tied=False, output="identity", loss="mse")
