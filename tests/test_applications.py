@@ -189,6 +189,21 @@ def test_stack_module_loss_terms():
     assert torch.isfinite(clean.per_sample).all()
 
 
+def test_stack_module_corrupts_the_input_only():
+    """In training mode the bottom layer's noise corrupts x; an upper layer's noise spec (its
+    pretraining's) does not touch the codes passed up."""
+    torch.manual_seed(0)
+    bottom = fastae.Autoencoder(10, 6, noise=fastae.MaskingNoise(0.5, seed=1))
+    top = fastae.Autoencoder(6, 3, noise=fastae.MaskingNoise(0.5, seed=2))
+    stack, x = StackModule([bottom, top]).train(), torch.rand(5, 10)
+    with torch.no_grad():
+        noisy = stack(x).loss
+        top.noise = None
+        torch.testing.assert_close(stack(x).loss, noisy, rtol=0, atol=0)
+        bottom.noise = None
+        assert stack(x).loss != noisy
+
+
 def test_stack_rejects_bad_sizes(digits):
     x = digits[0][:50]
     with pytest.raises(ValueError, match="at least one layer"):

@@ -229,11 +229,12 @@ def test_tf32_cuda():
         assert ((a.double() - b).norm() / b.norm()) < 3e-3
 
 
+@pytest.mark.parametrize("features", [23, 130])  # ||W_j||^2 in one block of 64 and in three
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_split_boundary_matches_reference(activation, monkeypatch):
+def test_split_boundary_matches_reference(activation, features, monkeypatch):
     """The other fusion boundary (torch GEMMs + one fused statistics pass) computes the same."""
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", "split")
-    leaves, upstream = _inputs(10, 23, 19, torch.float64)
+    leaves, upstream = _inputs(10, features, 19, torch.float64)
     noise = fastae.SaltPepperNoise(0.2, seed=4) if activation == "relu" else None
     got = _run("triton", *leaves, upstream, activation=activation, noise=noise)
     want = _run("reference", *leaves, upstream, activation=activation, noise=noise)

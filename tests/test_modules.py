@@ -388,10 +388,13 @@ def test_fit_progress_leaves_its_record(capsys):
 
 def test_fit_patience_without_validation_monitors_training_loss():
     data = small_problem()
-    history = fastae.fit(
-        new_model(), data, epochs=10, patience=1, min_delta=1e6, seed=0, progress=False
-    )
+    model = new_model()
+    history = fastae.fit(model, data, epochs=10, patience=1, min_delta=1e6, seed=0, progress=False)
     assert history.stopped_early and len(history.loss) == 2 and history.best_epoch == 0
+    first_epoch = new_model()  # restore_best: the model is left with the best epoch's weights
+    fastae.fit(first_epoch, data, epochs=1, seed=0, progress=False)
+    for name, value in first_epoch.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
     full = fastae.fit(new_model(), data, epochs=4, patience=50, seed=0, progress=False)
     assert not full.stopped_early and len(full.loss) == 4
 
