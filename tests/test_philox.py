@@ -161,6 +161,7 @@ def _triton_device() -> str | None:
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from fastae.kernels import common
 
     @triton.jit
     def _philox_probe_kernel(
@@ -177,10 +178,13 @@ if HAS_TRITON:
         tl.store(u_ptr + idx, tl.rand(seed, offsets), mask=valid)
         tl.store(n_ptr + idx, tl.randn(seed, offsets), mask=valid)
 
+    @triton.jit
+    def _uniform_probe_kernel(words_ptr, u_ptr, BLOCK: tl.constexpr):
+        idx = tl.arange(0, BLOCK)
+        tl.store(u_ptr + idx, common.uniform(tl.load(words_ptr + idx)))
+
 
 def _run_triton(seed: int, offsets: torch.Tensor):
-    from fastae.kernels import common
-
     device = offsets.device
     n = offsets.numel()
     words = [torch.full((n,), -1, dtype=torch.int64, device=device) for _ in range(4)]
@@ -214,6 +218,23 @@ def test_matches_triton_bit_for_bit(seed, base):
     assert torch.equal(u.view(torch.int32), ours_u.view(torch.int32))
     # tl.randn may use approximate log/cos on a GPU: equal up to libm rounding
     torch.testing.assert_close(normal, philox.randn(seed, offsets), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernel_uniform_equals_uint_to_uniform_at_the_edges():
+    """The kernels' ``common.uniform`` (for words Triton's ``tl.rand`` does not take) folds a
+    negative int32 with ~x, as uint_to_uniform: the words near 2^31 and 2^32, where the
+    fold's one-off would show (small values are exact in float32)."""
+    device = _triton_device()
+    if device is None:
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    edges = [0, 1, 2, 2**24 + 1, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2**24 - 1]
+    edges += [2**32 - 3, 2**32 - 2, 2**32 - 1] + list(range(100, 120))
+    words = torch.tensor(edges, dtype=torch.int64)
+    got = torch.full((32,), float("nan"), device=device)
+    _uniform_probe_kernel[(1,)](words.to(torch.int32).to(device), got, BLOCK=32)
+    assert torch.equal(got.cpu(), philox.uint_to_uniform(words))
 
 
 @pytest.mark.parametrize("base", [0, 2**32 - 7, 2**62 + 11])
