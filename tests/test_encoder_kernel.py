@@ -293,6 +293,22 @@ def test_tf32_backward_takes_cublas_products(precision, monkeypatch, launched_ke
     assert launched_kernels == ["_encoder_forward_kernel", "_encoder_finish_kernel", *backward]
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_input_gradient_only_where_x_requires_it(x_grad, monkeypatch, launched_kernels):
+    """The dx = dz W kernel runs only for an x that requires a gradient (a first layer's
+    input data does not)."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
+    x = torch.rand(6, 20, dtype=torch.float64, device=DEVICE, requires_grad=x_grad)
+    weight = torch.randn(9, 20, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with fastae.use_backend("triton"):
+        h, rho_hat, jac = ops.encode(x, weight)
+        launched_kernels.clear()
+        (h.sum() + rho_hat.sum() + jac).backward()
+    backward = ["_encoder_grad_z_kernel", "_encoder_grad_weight_kernel"]
+    assert launched_kernels == backward + ["_encoder_grad_input_kernel"] * x_grad
+    assert (x.grad is not None) == x_grad and weight.grad is not None
+
+
 def test_tf32_forward_of_a_transposed_input_takes_cublas(monkeypatch, launched_kernels):
     """A float32 x that is a transposed view (d strided) in tf32: cuBLAS's product and the
     statistics pass, no copy of x, the reference's values."""

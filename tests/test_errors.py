@@ -53,6 +53,7 @@ ENCODE_CASES = {
     "weight float16": (TypeError, "weight", dict(weight=torch.randn(3, 5).half())),
     "weight integer": (TypeError, "weight", dict(weight=torch.randint(0, 3, (3, 5)))),
     "weight meta": (ValueError, "weight", dict(weight=torch.randn(3, 5, device="meta"))),
+    "weight no rows": (ValueError, "weight", dict(weight=torch.randn(0, 5), bias=None)),
     "bias 2-D": (ValueError, "bias", dict(bias=torch.randn(1, 3))),
     "bias size": (ValueError, "bias", dict(bias=torch.randn(4))),
     "bias float64": (TypeError, "bias", dict(bias=torch.randn(3, dtype=torch.float64))),

@@ -109,6 +109,16 @@ def test_uniform_edges_and_range():
     assert u[2] == u[3] and u[0] == u[4]  # ~x folds negative int32 onto [0, 2^31)
 
 
+def test_box_muller_clamps_a_zero_uniform_as_triton():
+    """u1 = 0 (the word 0 or 2^32 - 1) gives the finite radius sqrt(-2 log 1e-7), as Triton's
+    ``pair_uniform_to_normal`` clamps, not inf."""
+    u1 = torch.tensor([0.0, 1e-7, 0.5], dtype=torch.float32)
+    u2 = torch.zeros(3, dtype=torch.float32)
+    normal = philox.box_muller(u1, u2)
+    assert torch.isfinite(normal).all() and normal[0] == normal[1]
+    assert normal[0].item() == pytest.approx(math.sqrt(-2 * math.log(1e-7)), rel=1e-6)
+
+
 def test_rand_is_uniform_and_pure():
     offsets = philox.element_offsets(300, 70, torch.device("cpu"), base=2**33)
     u = philox.rand(42, offsets)
