@@ -476,6 +476,23 @@ def test_wide_column_variants_match_reference(monkeypatch):
     _assert_close(got, want, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_an_expanded_target_still_widens_the_written_offsets(fusion, monkeypatch, spy_launches):
+    """G and x^ are (B, d) and contiguous whatever the target's strides: a target expanded
+    from one row (its last offset d - 1) with B * d past the threshold takes int64 offsets."""
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
+    (h, weight, bias, target), _ = _inputs(10, 7, 12, torch.float64, tied=False)
+    row = target[:1].detach().expand(10, 12)
+    monkeypatch.setattr(common, "INDEX_LIMIT", 12)  # above the target's 11, below B * d
+    wide = spy_launches(decoder, "WIDE_INDEX")
+    with fastae.use_backend("triton"):
+        got = ops.decode_loss(h, weight, bias, target=row, return_reconstruction=True)
+    assert wide and all(wide)
+    with fastae.use_backend("reference"):
+        want = ops.decode_loss(h, weight, bias, target=row, return_reconstruction=True)
+    _assert_close(got, want, rtol=1e-10, atol=1e-11)
+
+
 def test_wide_columns_threshold():
     def meta(shape, stride):
         return torch.empty(shape, device="meta").as_strided(shape, stride)
