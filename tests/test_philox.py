@@ -109,12 +109,13 @@ def test_uniform_edges_and_range():
     assert u[2] == u[3] and u[0] == u[4]  # ~x folds negative int32 onto [0, 2^31)
 
 
-def test_box_muller_clamps_a_zero_uniform_as_triton():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_box_muller_clamps_a_zero_uniform_as_triton(device):
     """u1 = 0 (the word 0 or 2^32 - 1) gives the finite radius sqrt(-2 log 1e-7), as Triton's
-    ``pair_uniform_to_normal`` clamps, not inf."""
-    u1 = torch.tensor([0.0, 1e-7, 0.5], dtype=torch.float32)
-    u2 = torch.zeros(3, dtype=torch.float32)
-    normal = philox.box_muller(u1, u2)
+    ``pair_uniform_to_normal`` clamps, not inf (numpy's path on the CPU, torch's elsewhere)."""
+    u1 = torch.tensor([0.0, 1e-7, 0.5], dtype=torch.float32, device=device)
+    u2 = torch.zeros(3, dtype=torch.float32, device=device)
+    normal = philox.box_muller(u1, u2).cpu()
     assert torch.isfinite(normal).all() and normal[0] == normal[1]
     assert normal[0].item() == pytest.approx(math.sqrt(-2 * math.log(1e-7)), rel=1e-6)
 
