@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import numbers
 
 import numpy as np
@@ -48,7 +47,7 @@ from . import _checks, reference
 from .backend import use_backend
 from .modules import Autoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
-from .training import History, fit
+from .training import History, LossNotFinite, fit
 from .vae import SCORES, VAE
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
@@ -253,23 +252,22 @@ class AutoencoderEstimatorMixin:
         batch_size = min(int(self.batch_size), data.shape[0])
         # a caller may override either
         kwargs = {"progress": bool(self.verbose), "cuda_graph": bool(self.cuda_graph)} | kwargs
-        history = fit(
-            module,
-            data,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=float(self.lr),
-            seed=seed,
-            **kwargs,
-        )
-        module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
-        diverged = [(i, loss) for i, loss in enumerate(history.loss) if not math.isfinite(loss)]
-        if diverged:
-            epoch, loss = diverged[0]
-            raise ValueError(
-                f"training diverged: the loss of epoch {epoch + 1} is {loss}; scale X "
-                "(scale='standard' or 'minmax') or lower lr"
+        try:
+            history = fit(
+                module,
+                data,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=float(self.lr),
+                seed=seed,
+                **kwargs,
             )
+        except LossNotFinite as error:
+            raise ValueError(
+                f"training diverged: the {error.which} loss of epoch {error.epoch} is "
+                f"{error.loss}; scale X (scale='standard' or 'minmax') or lower lr"
+            ) from error
+        module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
         return history
 
     @torch.no_grad()

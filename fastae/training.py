@@ -204,8 +204,23 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
     return x.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
+def _global_mean(total: torch.Tensor, count: int) -> float:
+    """``total / count``, the sums over this process's rows; under a process group over every
+    process's (one all-reduce), so that all processes record the same losses and stop, keep
+    and restore weights alike (a process that stopped alone would leave the others waiting in
+    their next gradient all-reduce). 0/0 is NaN."""
+    if _distributed():
+        rows = torch.full((), count, dtype=torch.float64, device=total.device)
+        sums = torch.stack((total.to(torch.float64), rows))
+        torch.distributed.all_reduce(sums)
+        loss_sum, count = sums.tolist()  # the pass's one sync
+    else:
+        loss_sum = float(total)
+    return loss_sum / count if count else math.nan
+
+
 def _mean_loss(model: nn.Module, batches, device) -> float:
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync a pass
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -216,7 +231,24 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
     model.train(was_training)
     if not count:
         raise ValueError("validation_data yielded no rows")
-    return float(total) / count
+    return _global_mean(total, count)
+
+
+class LossNotFinite(FloatingPointError):
+    """:func:`fit`'s error for an epoch whose training or validation loss is NaN or inf:
+    ``which`` loss ("training" or "validation"), the ``epoch`` (from 1) and the ``loss``."""
+
+    def __init__(self, which: str, epoch: int, loss: float):
+        self.which, self.epoch, self.loss = which, epoch, loss
+        super().__init__(
+            f"the {which} loss is {loss} in epoch {epoch}: training diverged (try a lower lr) "
+            "or the data holds NaN or inf; the model keeps the weights of its last step"
+        )
+
+
+def _check_finite(loss: float, which: str, epoch: int) -> None:
+    if not math.isfinite(loss):
+        raise LossNotFinite(which, epoch + 1, loss)
 
 
 def fit(
@@ -264,7 +296,13 @@ def fit(
 
     Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
     tensor data is sharded across processes with a DistributedSampler, and the losses in the
-    history are each process's own.
+    history are means over every process's rows (one all-reduce an epoch), so all processes
+    stop early, keep and restore the same epoch's weights.
+
+    Raises :class:`LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
+    validation loss is not finite (the model keeps the weights of its last step), and
+    ``ValueError`` for a model with float16 parameters and no ``optimizer``: Adam's moment
+    estimates would be float16 too.
     """
     epochs = _checks.positive_int("epochs", epochs)
     batch_size = _checks.positive_int("batch_size", batch_size)
@@ -298,6 +336,7 @@ def fit(
         val = _batches("validation_data", validation_data, model, batch_size, False, 0)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if optimizer is None:
+        _check_adam_dtype(model)
         optimizer = default_optimizer(model, lr, capturable=cuda_graph)
     # every step through the graphed step: it runs eagerly until it captures
     step = GraphedStep(model, optimizer) if cuda_graph else None
@@ -330,11 +369,13 @@ def fit(
                 count += x.shape[0]
             if not count:
                 raise ValueError(f"data yielded no rows in epoch {epoch + 1}")
-            history.loss.append(float(total) / count)
+            history.loss.append(_global_mean(total, count))
+            _check_finite(history.loss[-1], "training", epoch)
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]
             if val is not None:
                 history.val_loss.append(_mean_loss(model, val, like.device))
+                _check_finite(history.val_loss[-1], "validation", epoch)
                 stats["val_loss"] = monitored = history.val_loss[-1]
             bar.update(epoch, stats)
             if monitored < best - min_delta:
@@ -352,6 +393,19 @@ def fit(
     history.seconds = time.perf_counter() - start
     history.graphed_steps = step.replays if step is not None else 0
     return history
+
+
+def _check_adam_dtype(model: nn.Module) -> None:
+    """Adam keeps its moment estimates in the parameters' dtype. In float16, 1e-3 g^2 (the
+    update of v) rounds to 0 for |g| below about 5e-3 (2^-25 is half the smallest subnormal)
+    and eps = 1e-8 to 0, so m / (sqrt(v) + eps) divides by zero at the first step."""
+    if any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+        raise ValueError(
+            "model has float16 parameters, which fit's default Adam cannot train: its moment "
+            "estimates would be float16, where 1e-3 g^2 is 0 for gradients below about 5e-3 "
+            "and eps = 1e-8 is 0, so its steps divide by zero; train float32 parameters "
+            "(under torch.autocast for float16 compute) or bfloat16 ones, or pass an optimizer"
+        )
 
 
 def default_optimizer(model: nn.Module, lr: float, capturable: bool = False):

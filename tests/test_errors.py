@@ -375,6 +375,47 @@ def test_fit_needs_a_model_with_parameters():
         fastae.fit(torch.nn.Identity(), torch.rand(6, 5), epochs=1, progress=False)
 
 
+def test_fit_refuses_float16_parameters_for_its_default_adam():
+    """Adam's moments in float16 divide by zero at the first step (its eps is 0 there):
+    refused with the way out; an optimizer of the caller's own trains."""
+    model = fastae.Autoencoder(5, 3).half()
+    data = torch.rand(32, 5).half()
+    with pytest.raises(ValueError, match=names("model") + ".*float16.*pass an optimizer"):
+        fastae.fit(model, data, epochs=1, progress=False)
+    adam = torch.optim.Adam(model.parameters())
+    adam.zero_grad()
+    model(data).loss.backward()
+    adam.step()  # what fit's default optimizer would have done
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+    model = fastae.Autoencoder(5, 3).half()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = fastae.fit(model, data, epochs=2, optimizer=sgd, seed=0, progress=False)
+    assert all(math.isfinite(loss) for loss in history.loss)
+    model = fastae.Autoencoder(5, 3).to(torch.bfloat16)  # bfloat16 has float32's range
+    history = fastae.fit(model, data.to(torch.bfloat16), epochs=2, seed=0, progress=False)
+    assert all(math.isfinite(loss) for loss in history.loss)
+    model = fastae.Autoencoder(5, 3)  # float16 compute, float32 parameters and moments
+    with torch.autocast("cpu", dtype=torch.float16):
+        history = fastae.fit(model, data.float(), epochs=2, seed=0, progress=False)
+    assert all(math.isfinite(loss) for loss in history.loss)
+
+
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_fit_stops_at_a_non_finite_loss(where):
+    """A NaN in the data (MSE lets it through) makes the epoch's loss NaN: fit raises, naming
+    the loss and the epoch, instead of training on and reporting NaN."""
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    data, val = torch.rand(32, 5), torch.rand(8, 5)
+    (data if where == "training" else val)[3, 2] = math.nan
+    with pytest.raises(FloatingPointError, match=f"^the {where} loss is nan in epoch 1") as error:
+        fastae.fit(model, data, validation_data=val, epochs=3, seed=0, progress=False)
+    assert (error.value.which, error.value.epoch, math.isnan(error.value.loss)) == (where, 1, True)
+    data[3, 2], val[3, 2] = math.inf, 0.5
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    with pytest.raises(FloatingPointError, match="^the training loss is (nan|inf) in epoch 1"):
+        fastae.fit(model, data, validation_data=val, epochs=3, seed=0, progress=False)
+
+
 # ----------------------------------------------------------------------------- backend
 
 

@@ -292,6 +292,22 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
         torch.distributed.all_gather(gathered, flat)
         if rank == 0:
             torch.save((history.loss, gathered), result_path + ".fit")
+        # with validation data and patience: each epoch's losses are means over every
+        # process's rows, so the processes stop alike (one stopping alone would leave the
+        # other waiting in its next gradient all-reduce)
+        plain = fastae.Autoencoder(x.shape[1], 5)
+        val = x[:8]
+        history = fastae.fit(
+            torch.nn.parallel.DistributedDataParallel(plain), x, validation_data=val,
+            epochs=4, patience=1, batch_size=4, seed=0, progress=False, restore_best=False,
+        )  # fmt: skip
+        with torch.no_grad():
+            whole = float(plain(val).loss)  # the last epoch's weights on the whole set, here
+        record = (history.loss, history.val_loss, history.best_epoch, history.stopped_early)
+        records = [None] * world
+        torch.distributed.all_gather_object(records, (*record, whole))
+        if rank == 0:
+            torch.save(records, result_path + ".val")
         # no rank tears down gloo while its peer still talks to it (that can abort a process)
         torch.distributed.barrier()
     finally:
@@ -322,6 +338,10 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     fit_losses, rank_params = torch.load(result + ".fit", weights_only=True)
     assert torch.equal(rank_params[0], rank_params[1])
     assert fit_losses[-1] < fit_losses[0]
+    records = torch.load(result + ".val", weights_only=True)
+    assert records[0][:4] == records[1][:4]  # the same history on both processes
+    val_loss, whole = records[0][1], records[0][4]
+    assert val_loss[-1] == pytest.approx(whole, rel=1e-6)  # over both shards, not one
     out = model(x)  # no process group here: local statistics of the whole batch
     out.loss.backward()
     torch.testing.assert_close(ddp_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)

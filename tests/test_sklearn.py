@@ -419,7 +419,9 @@ def test_data_beyond_float32_and_diverged_training_are_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"^X has values beyond float32's range"):
         AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e39)
-    with pytest.raises(ValueError, match=r"^training diverged: the loss of epoch 1 is inf"):
+    with pytest.raises(
+        ValueError, match=r"^training diverged: the training loss of epoch 1 is (inf|nan); scale X"
+    ):
         AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e20)
     # the same data scaled trains
     AutoencoderOutlierDetector(2, epochs=1).fit(rng.random((40, 3)) * 1e39)
