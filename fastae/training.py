@@ -246,6 +246,17 @@ class LossNotFinite(FloatingPointError):
         )
 
 
+def _from_process_zero(value: int, device: torch.device) -> int:
+    """Process 0's ``value`` under a process group (a broadcast), else ``value``: the
+    DistributedSampler's shuffling seed must be the same on every process, or the shards
+    overlap."""
+    if not _distributed():
+        return value
+    shared = torch.full((), value, dtype=torch.int64, device=device)  # a draw: < 2^62
+    torch.distributed.broadcast(shared, src=0)
+    return int(shared)
+
+
 def _check_finite(loss: float, which: str, epoch: int) -> None:
     if not math.isfinite(loss):
         raise LossNotFinite(which, epoch + 1, loss)
@@ -295,9 +306,11 @@ def fit(
     An epoch's shorter last batch runs eagerly.
 
     Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
-    tensor data is sharded across processes with a DistributedSampler, and the losses in the
-    history are means over every process's rows (one all-reduce an epoch), so all processes
-    stop early, keep and restore the same epoch's weights.
+    tensor data is sharded across processes with a DistributedSampler (shuffled alike on all:
+    process 0's seed), the losses in the history are means over every process's rows (one
+    all-reduce an epoch), so all processes stop early, keep and restore the same epoch's
+    weights, and ``seed`` seeds process r's generator with ``seed + r``, so that their noise
+    differs. Without ``seed``, seed each process's generator differently yourself.
 
     Raises :class:`LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
     validation loss is not finite (the model keeps the weights of its last step), and
@@ -327,9 +340,12 @@ def fit(
             UserWarning,
             stacklevel=2,
         )
+    rank = torch.distributed.get_rank() if _distributed() else 0
     if seed is not None:
-        torch.manual_seed(seed)
-    shuffle_seed = seed if seed is not None else draw_seed()
+        # under a process group one stream per process: with one seed, the noise (and a VAE's
+        # eps) of row i of every process's batch would be the same
+        torch.manual_seed((seed + rank) % 2**64)
+    shuffle_seed = seed if seed is not None else _from_process_zero(draw_seed(), like.device)
     train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
 
 import fastae
 
@@ -308,6 +309,32 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
         torch.distributed.all_gather_object(records, (*record, whole))
         if rank == 0:
             torch.save(records, result_path + ".val")
+        # fit(seed=s) seeds process r with s + r: masks differ across processes, repeatably
+        # (a probe drawn after fit shows the generator's state); without a seed, every
+        # process shuffles with process 0's seed, whatever the generators hold
+        probes = []
+        for _ in range(2):
+            noisy = fastae.Autoencoder(x.shape[1], 5, noise=fastae.MaskingNoise(0.5))
+            ddp = torch.nn.parallel.DistributedDataParallel(noisy)
+            fastae.fit(ddp, x, epochs=1, batch_size=4, seed=0, progress=False)
+            probes.append(fastae.ops.corrupt(torch.ones(4, 12), fastae.MaskingNoise(0.5)))
+        shuffle_seeds = []
+
+        class RecordingSampler(DistributedSampler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                shuffle_seeds.append(self.seed)
+
+        torch.manual_seed(100 + rank)  # generators that differ across processes
+        fastae.training.DistributedSampler = RecordingSampler
+        try:
+            fastae.fit(ddp, x, epochs=1, batch_size=4, progress=False)
+        finally:
+            fastae.training.DistributedSampler = DistributedSampler
+        records = [None] * world
+        torch.distributed.all_gather_object(records, (probes, shuffle_seeds))
+        if rank == 0:
+            torch.save(records, result_path + ".seeds")
         # no rank tears down gloo while its peer still talks to it (that can abort a process)
         torch.distributed.barrier()
     finally:
@@ -342,6 +369,10 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert records[0][:4] == records[1][:4]  # the same history on both processes
     val_loss, whole = records[0][1], records[0][4]
     assert val_loss[-1] == pytest.approx(whole, rel=1e-6)  # over both shards, not one
+    (probes_0, shuffle_0), (probes_1, shuffle_1) = torch.load(result + ".seeds", weights_only=True)
+    assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
+    assert not torch.equal(probes_0[0], probes_1[0])
+    assert len(shuffle_0) == 1 and shuffle_0 == shuffle_1
     out = model(x)  # no process group here: local statistics of the whole batch
     out.loss.backward()
     torch.testing.assert_close(ddp_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
