@@ -202,7 +202,7 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         if len(classes) < 2:
             raise ValueError(
                 f"y needs at least 2 classes among the labelled samples, got 1 class "
-                f"({classes[0]!r})"
+                f"({classes.tolist()[0]!r})"
             )
         index = np.full(len(y), float(UNLABELED))
         index[labeled] = codes
