@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -511,3 +512,41 @@ def test_kernel_times_finish_sweep_prints_a_line_per_launch(monkeypatch, capsys)
     ]
     # 2 x parts x 40 float32 read in 2 us
     assert [float(line.split()[-2]) for line in lines] == [0.5, 0.5, 0.8, 0.8]
+
+
+@pytest.fixture
+def peers(monkeypatch):
+    """bench/peers.py as a module, as if PyOD were not installed."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    monkeypatch.setitem(sys.modules, "pyod", None)  # import pyod raises ImportError
+    return importlib.import_module("peers")
+
+
+def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path):
+    from sklearn.ensemble import IsolationForest
+    from sklearn.metrics import roc_auc_score
+
+    results = peers.run(seeds=[0], held_out=[1], epochs=2, pyod=False)
+    rows = {"fastae plain", "fastae denoising (30% masking)", "IsolationForest"}
+    assert {row for _, row in results} == rows
+    assert {task for task, _ in results} == {"digits", "cancer"}
+    task, normal, test, anomaly = next(peers.tasks(0, [1]))
+    assert task == "digits" and normal.shape[1] == test.shape[1] == 64
+    assert (anomaly.sum(), len(anomaly)) == (46, 450)  # the 1s in the stratified test split
+    forest = -IsolationForest(random_state=0).fit(normal).score_samples(test)
+    detector = fastae.AutoencoderOutlierDetector(
+        32, scale=None, epochs=2, batch_size=64, lr=1e-2, random_state=0
+    ).fit(normal)
+    for row, scores in [
+        ("IsolationForest", forest),
+        ("fastae plain", -detector.score_samples(test)),
+    ]:
+        auroc = results[("digits", row)]["auroc"]
+        assert auroc == [pytest.approx(roc_auc_score(anomaly, scores))]
+        assert auroc[0] > 0.5  # anomalies score higher
+    out = tmp_path / "peers.md"
+    with redirect_stdout(io.StringIO()) as printed:
+        peers.main(["--seeds", "0", "--digits", "1", "--epochs", "2", "--out", str(out)])
+    assert "PyOD not installed" in printed.getvalue()
+    assert out.read_text() == printed.getvalue()
+    assert "| fastae denoising (30% masking) | 0." in out.read_text()
