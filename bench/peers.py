@@ -1,15 +1,16 @@
-"""fastae's outlier detector beside PyOD's AutoEncoder and IsolationForest, on the CPU.
+"""fastae beside what its users train today, on the CPU: PyOD's AutoEncoder and
+IsolationForest as outlier detectors, and Keras's example autoencoders in training time.
 
-    pip install pyod        # a peer to measure, not a dependency of fastae
+    pip install pyod keras  # peers to measure, not dependencies of fastae
     python bench/peers.py --seeds 0,1,2 --out bench/results/peers-cpu.md
 
-The anomaly tasks of ``python -m fastae demo``: scikit-learn's 8x8 digits (pixels / 16, 75/25
-stratified split), one class held out as the anomaly (trained on the other nine classes'
-training rows, AUROC on the test split, mean over the ten classes), and breast_cancer
-(trained on the benign training rows, malignant = anomaly). Per detector, AUROC and the
-seconds to fit and score (digits: the mean over the ten), mean ± std over the seeds (each
-seed splits the data and seeds every detector); the detectors take turns on each task, so a
-busy machine slows them alike. Detectors:
+Anomaly detection (``--parts anomaly``), the tasks of ``python -m fastae demo``: scikit-learn's
+8x8 digits (pixels / 16, 75/25 stratified split), one class held out as the anomaly (trained
+on the other nine classes' training rows, AUROC on the test split, mean over the ten
+classes), and breast_cancer (trained on the benign training rows, malignant = anomaly). Per
+detector, AUROC and the seconds to fit and score (digits: the mean over the ten), mean ± std
+over the seeds (each seed splits the data and seeds every detector); the detectors take turns
+on each task, so a busy machine slows them alike. Detectors:
 
 - fastae: ``AutoencoderOutlierDetector`` as the demo trains it (one sigmoid layer of 32 units
   on digits, 8 on breast_cancer, standardized there; 50 epochs, batch 64, Adam 1e-2), plain
@@ -19,12 +20,25 @@ busy machine slows them alike. Detectors:
   with fastae's 50 epochs and batch 64.
 - scikit-learn's ``IsolationForest`` (defaults).
 
-Without PyOD installed the PyOD rows are left out (said in the output).
+Training (``--parts training``): the dense autoencoders of Keras's autoencoder tutorial
+(784 -> 32 ReLU -> 784 sigmoid, binary cross-entropy, Adam 1e-3, 50 epochs, batch 256; sparse
+with an L1 activity penalty of 1e-5) and a denoising one with a ``GaussianNoise(0.5)`` layer
+on the input (the tutorial's noise level; its denoising model is convolutional), in Keras 3 on
+its PyTorch backend, beside the same models in fastae (untied, L1 weight
+784e-5: fastae sums the loss over the 784 pixels where Keras averages, ``GaussianNoise(0.5)``),
+on the 8x8 digits upsampled to 28x28 (linear interpolation, 75/25 split). Per model: seconds
+to train and the test reconstruction loss (binary cross-entropy summed over pixels, both
+models' reconstructions scored by the same numpy code, probabilities clipped to [1e-7,
+1 - 1e-7] as Keras does).
+
+Without PyOD or Keras installed, their rows are left out (said in the output).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import platform
 import statistics
 import time
@@ -130,6 +144,107 @@ def run(seeds: list[int], held_out: list[int], epochs: int = EPOCHS, pyod: bool 
     return results
 
 
+KERAS_EPOCHS, KERAS_BATCH, KERAS_CODE, KERAS_L1, KERAS_NOISE = 50, 256, 32, 1e-5, 0.5
+
+
+def upsampled_digits(seed: int):
+    """The 8x8 digits as 28x28 images in [0, 1], float32 rows: (train, test)."""
+    from scipy.ndimage import zoom
+
+    images = load_digits().images / 16.0
+    rows = np.stack([zoom(image, 3.5, order=1) for image in images]).reshape(len(images), -1)
+    rows = np.clip(rows, 0.0, 1.0).astype(np.float32)
+    return train_test_split(rows, test_size=0.25, random_state=seed)
+
+
+def bce(probabilities: np.ndarray, target: np.ndarray) -> float:
+    """Binary cross-entropy summed over pixels, mean over rows (Keras's clip)."""
+    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    t = target.astype(np.float64)
+    return float(-(t * np.log(p) + (1 - t) * np.log1p(-p)).sum(1).mean())
+
+
+def _keras_model(kind: str):
+    import keras
+
+    inputs = keras.Input((784,))
+    layer = keras.layers.GaussianNoise(KERAS_NOISE)(inputs) if kind == "denoising" else inputs
+    regularizer = keras.regularizers.l1(KERAS_L1) if kind == "sparse" else None
+    code = keras.layers.Dense(KERAS_CODE, activation="relu", activity_regularizer=regularizer)
+    outputs = keras.layers.Dense(784, activation="sigmoid")(code(layer))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    return model
+
+
+def _fastae_model(kind: str):
+    import fastae
+
+    options = {
+        "sparse": {"sparsity": fastae.L1Sparsity(784 * KERAS_L1)},
+        "denoising": {"noise": fastae.GaussianNoise(KERAS_NOISE)},
+    }.get(kind, {})
+    return fastae.Autoencoder(784, KERAS_CODE, activation="relu", tied=False, **options)
+
+
+def training(seeds: list[int], epochs: int = KERAS_EPOCHS, keras: bool = True) -> dict:
+    """{(kind, library): {"seconds": [per seed], "test_bce": [per seed]}}."""
+    import fastae
+
+    results: dict = {}
+    for seed in seeds:
+        x_tr, x_te = upsampled_digits(seed)
+        for kind in ("plain", "sparse", "denoising"):
+            if keras:
+                import keras as keras_module
+
+                keras_module.utils.set_random_seed(seed)
+                model = _keras_model(kind)
+                start = time.perf_counter()
+                model.fit(x_tr, x_tr, epochs=epochs, batch_size=KERAS_BATCH, verbose=0)
+                seconds = time.perf_counter() - start
+                loss = bce(np.asarray(model.predict(x_te, verbose=0)), x_te)
+                cell = results.setdefault((kind, "Keras"), {"seconds": [], "test_bce": []})
+                cell["seconds"].append(seconds)
+                cell["test_bce"].append(loss)
+            torch.manual_seed(seed)
+            model = _fastae_model(kind)
+            start = time.perf_counter()
+            fastae.fit(
+                model, torch.from_numpy(x_tr), epochs=epochs, batch_size=KERAS_BATCH, lr=1e-3,
+                seed=seed, progress=False,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                loss = bce(model.reconstruct(torch.from_numpy(x_te)).numpy(), x_te)
+            cell = results.setdefault((kind, "fastae"), {"seconds": [], "test_bce": []})
+            cell["seconds"].append(seconds)
+            cell["test_bce"].append(loss)
+    return results
+
+
+def training_table(results: dict) -> str:
+    lines = [
+        "| model | Keras s | fastae s | Keras s / fastae s | Keras test BCE | fastae test BCE |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind in dict.fromkeys(kind for kind, _ in results):
+        ours, theirs = results[(kind, "fastae")], results.get((kind, "Keras"))
+        ratio = "-"
+        if theirs is not None:
+            ratios = [k / f for k, f in zip(theirs["seconds"], ours["seconds"], strict=True)]
+            ratio = _spread(ratios, 2) + "x"
+        cells = [
+            "-" if theirs is None else _spread(theirs["seconds"], 2),
+            _spread(ours["seconds"], 2),
+            ratio,
+            "-" if theirs is None else _spread(theirs["test_bce"], 1),
+            _spread(ours["test_bce"], 1),
+        ]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _spread(values: list[float], digits: int) -> str:
     mean = statistics.fmean(values)
     if len(values) == 1:
@@ -154,29 +269,49 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _installed(module: str, name: str):
+    """(the module or None, a line saying which version or that it is missing)."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return None, f"{name} not installed: its rows left out"
+    return found, f"{name} {found.__version__}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="held-out classes")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="fastae's epochs")
+    parser.add_argument("--keras-epochs", type=int, default=KERAS_EPOCHS, help="training part")
+    parser.add_argument("--parts", default="anomaly,training", help="anomaly, training or both")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     held_out = [int(d) for d in args.digits.split(",")]
-    try:
-        import pyod
-
-        pyod_line = f"PyOD {pyod.__version__}"
-    except ImportError:
-        pyod, pyod_line = None, "PyOD not installed: its rows left out"
+    parts = args.parts.split(",")
+    pyod, pyod_line = _installed("pyod", "PyOD")
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported
+    keras, keras_line = _installed("keras", "Keras")
+    if keras is not None and keras.backend.backend() != "torch":
+        keras, keras_line = None, f"Keras on {keras.backend.backend()}, not torch: left out"
+    elif keras is not None:
+        keras_line += " (PyTorch backend)"
     warnings.filterwarnings("ignore", category=UserWarning)
-    results = run(seeds, held_out, args.epochs, pyod is not None)
-    report = "\n".join([
+    lines = [
         f"CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"{pyod_line}; seeds {args.seeds}; held-out digits {args.digits}",
-        "",
-        table(results),
-    ])  # fmt: skip
+        f"{pyod_line}, {keras_line}; seeds {args.seeds}"
+    ]
+    if "anomaly" in parts:
+        results = run(seeds, held_out, args.epochs, pyod is not None)
+        lines += ["", f"Anomaly detection (held-out digits {args.digits}):", "", table(results)]
+    if "training" in parts:
+        results = training(seeds, args.keras_epochs, keras is not None)
+        lines += [
+            "", f"Training ({args.keras_epochs} epochs, 28x28 digits):", "",
+            training_table(results),
+        ]  # fmt: skip
+    report = "\n".join(lines)
     print(report)
     if args.out:
         with open(args.out, "w") as f:

@@ -516,9 +516,10 @@ def test_kernel_times_finish_sweep_prints_a_line_per_launch(monkeypatch, capsys)
 
 @pytest.fixture
 def peers(monkeypatch):
-    """bench/peers.py as a module, as if PyOD were not installed."""
+    """bench/peers.py as a module, as if PyOD and Keras were not installed."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
-    monkeypatch.setitem(sys.modules, "pyod", None)  # import pyod raises ImportError
+    for name in ("pyod", "keras"):
+        monkeypatch.setitem(sys.modules, name, None)  # their import raises ImportError
     return importlib.import_module("peers")
 
 
@@ -546,7 +547,30 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
         assert auroc[0] > 0.5  # anomalies score higher
     out = tmp_path / "peers.md"
     with redirect_stdout(io.StringIO()) as printed:
-        peers.main(["--seeds", "0", "--digits", "1", "--epochs", "2", "--out", str(out)])
+        peers.main(
+            ["--seeds", "0", "--digits", "1", "--epochs", "2", "--keras-epochs", "1", "--out",
+             str(out)]
+        )  # fmt: skip
     assert "PyOD not installed" in printed.getvalue()
+    assert "Keras not installed" in printed.getvalue()
     assert out.read_text() == printed.getvalue()
     assert "| fastae denoising (30% masking) | 0." in out.read_text()
+    assert "| denoising | - | " in out.read_text()
+
+
+def test_peers_training_scores_reconstructions_by_binary_cross_entropy(peers):
+    results = peers.training(seeds=[0], epochs=1, keras=False)
+    assert set(results) == {(kind, "fastae") for kind in ("plain", "sparse", "denoising")}
+    x_tr, x_te = peers.upsampled_digits(0)
+    assert x_tr.shape == (1347, 784) and x_te.shape == (450, 784)
+    assert x_te.min() >= 0 and x_te.max() <= 1 and x_te.std() > 0.1
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(784, 32, activation="relu", tied=False)
+    fastae.fit(
+        model, torch.from_numpy(x_tr), epochs=1, batch_size=256, lr=1e-3, seed=0, progress=False
+    )
+    with torch.no_grad():
+        probabilities = model.reconstruct(torch.from_numpy(x_te)).double().clamp(1e-7, 1 - 1e-7)
+        target = torch.from_numpy(x_te).double()
+        summed = torch.nn.functional.binary_cross_entropy(probabilities, target, reduction="sum")
+    assert results[("plain", "fastae")]["test_bce"] == [pytest.approx(float(summed) / 450)]
