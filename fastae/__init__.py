@@ -5,7 +5,7 @@ from .backend import get_backend, set_backend, use_backend
 from .graphs import GraphedStep
 from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
 from .noise import GaussianNoise, MaskingNoise, SaltPepperNoise
-from .training import History, fit
+from .training import History, LossNotFinite, fit
 from .vae import VAE, VAEOutput
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "History",
     "KLSparsity",
     "L1Sparsity",
+    "LossNotFinite",
     "MaskingNoise",
     "SaltPepperNoise",
     "VAE",

@@ -312,7 +312,7 @@ def fit(
     weights, and ``seed`` seeds process r's generator with ``seed + r``, so that their noise
     differs. Without ``seed``, seed each process's generator differently yourself.
 
-    Raises :class:`LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
+    Raises :class:`fastae.LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
     validation loss is not finite (the model keeps the weights of its last step), and
     ``ValueError`` for a model with float16 parameters and no ``optimizer``: Adam's moment
     estimates would be float16 too.
@@ -359,7 +359,7 @@ def fit(
 
     history = History()
     best, best_state, waited = math.inf, None, 0
-    is_main = not _distributed() or torch.distributed.get_rank() == 0
+    is_main = rank == 0
     bar = _Progress(epochs, progress and is_main, type(model).__name__)
     start = time.perf_counter()
     given = [d for d in (data, validation_data) if d is not None]
@@ -413,8 +413,8 @@ def fit(
 
 def _check_adam_dtype(model: nn.Module) -> None:
     """Adam keeps its moment estimates in the parameters' dtype. In float16, 1e-3 g^2 (the
-    update of v) rounds to 0 for |g| below about 5e-3 (2^-25 is half the smallest subnormal)
-    and eps = 1e-8 to 0, so m / (sqrt(v) + eps) divides by zero at the first step."""
+    update of v) rounds to 0 for |g| below about 5e-3 (2^-25 is half the smallest subnormal),
+    and so does eps = 1e-8: m / (sqrt(v) + eps) divides by zero at the first step."""
     if any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
         raise ValueError(
             "model has float16 parameters, which fit's default Adam cannot train: its moment "
