@@ -54,6 +54,13 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _data_parallel(model: nn.Module) -> bool:
+    """Whether fit trains ``model`` data-parallel, running collectives that every process must
+    join: a DistributedDataParallel model under an initialized process group. Any other model
+    trains on this process's data alone (fit called on one process of a group, say)."""
+    return isinstance(model, DistributedDataParallel) and _distributed()
+
+
 class TensorBatches:
     """Row batches of one tensor, gathered with one indexing op each (a DataLoader over a
     TensorDataset would collate them sample by sample). With ``shuffle``, every pass follows a
@@ -78,8 +85,8 @@ class TensorBatches:
 
 
 def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, seed: int):
-    """Batches of a tensor (a DataLoader with a DistributedSampler under torch.distributed, so
-    each process gets its shard); any other re-iterable of batches is used as it is. A tensor
+    """Batches of a tensor (a DataLoader with a DistributedSampler for a data-parallel model,
+    so each process gets its shard); any other re-iterable of batches is used as it is. A tensor
     must have at least one row and the model's dtype and width (its ``in_features``)."""
     if isinstance(data, (str, bytes, Mapping)):
         raise TypeError(
@@ -116,7 +123,7 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
             f"{name} must have {in_features} columns (the model's in_features), "
             f"got shape {tuple(tensor.shape)}"
         )
-    if _distributed():
+    if _data_parallel(model):
         dataset = TensorDataset(tensor)
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
@@ -204,12 +211,12 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
     return x.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
-def _global_mean(total: torch.Tensor, count: int) -> float:
-    """``total / count``, the sums over this process's rows; under a process group over every
-    process's (one all-reduce), so that all processes record the same losses and stop, keep
-    and restore weights alike (a process that stopped alone would leave the others waiting in
-    their next gradient all-reduce). 0/0 is NaN."""
-    if _distributed():
+def _global_mean(total: torch.Tensor, count: int, parallel: bool) -> float:
+    """``total / count``, the sums over this process's rows; ``parallel`` (data-parallel
+    training) over every process's (one all-reduce), so that all processes record the same
+    losses and stop, keep and restore weights alike (a process that stopped alone would leave
+    the others waiting in their next gradient all-reduce). 0/0 is NaN."""
+    if parallel:
         rows = torch.full((), count, dtype=torch.float64, device=total.device)
         sums = torch.stack((total.to(torch.float64), rows))
         torch.distributed.all_reduce(sums)
@@ -231,7 +238,7 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
     model.train(was_training)
     if not count:
         raise ValueError("validation_data yielded no rows")
-    return _global_mean(total, count)
+    return _global_mean(total, count, _data_parallel(model))
 
 
 class LossNotFinite(FloatingPointError):
@@ -246,11 +253,11 @@ class LossNotFinite(FloatingPointError):
         )
 
 
-def _from_process_zero(value: int, device: torch.device) -> int:
-    """Process 0's ``value`` under a process group (a broadcast), else ``value``: the
+def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
+    """Process 0's ``value`` in data-parallel training (a broadcast), else ``value``: the
     DistributedSampler's shuffling seed must be the same on every process, or the shards
     overlap."""
-    if not _distributed():
+    if not parallel:
         return value
     shared = torch.full((), value, dtype=torch.int64, device=device)  # a draw: < 2^62
     torch.distributed.broadcast(shared, src=0)
@@ -305,12 +312,14 @@ def fit(
     VAE draw theirs on the GPU) and a ``capturable`` optimizer (the default Adam is made so).
     An epoch's shorter last batch runs eagerly.
 
-    Under ``torchrun`` (an initialized process group) pass a DistributedDataParallel model:
-    tensor data is sharded across processes with a DistributedSampler (shuffled alike on all:
-    process 0's seed), the losses in the history are means over every process's rows (one
-    all-reduce an epoch), so all processes stop early, keep and restore the same epoch's
-    weights, and ``seed`` seeds process r's generator with ``seed + r``, so that their noise
-    differs. Without ``seed``, seed each process's generator differently yourself.
+    Under ``torchrun`` (an initialized process group) a DistributedDataParallel model trains
+    data-parallel, and every process must call fit: tensor data is sharded across processes
+    with a DistributedSampler (shuffled alike on all: process 0's seed), the losses in the
+    history are means over every process's rows (one all-reduce an epoch), so all processes
+    stop early, keep and restore the same epoch's weights, and ``seed`` seeds process r's
+    generator with ``seed + r``, so that their noise differs (without ``seed``, seed each
+    process's generator differently yourself). Any other model trains on the calling
+    process's data alone, with no collective.
 
     Raises :class:`fastae.LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
     validation loss is not finite (the model keeps the weights of its last step), and
@@ -340,12 +349,15 @@ def fit(
             UserWarning,
             stacklevel=2,
         )
-    rank = torch.distributed.get_rank() if _distributed() else 0
+    parallel = _data_parallel(model)
+    rank = torch.distributed.get_rank() if parallel else 0
     if seed is not None:
-        # under a process group one stream per process: with one seed, the noise (and a VAE's
-        # eps) of row i of every process's batch would be the same
+        # data-parallel, one stream per process: with one seed, the noise (and a VAE's eps)
+        # of row i of every process's batch would be the same
         torch.manual_seed((seed + rank) % 2**64)
-    shuffle_seed = seed if seed is not None else _from_process_zero(draw_seed(), like.device)
+    shuffle_seed = seed
+    if shuffle_seed is None:
+        shuffle_seed = _from_process_zero(draw_seed(), like.device, parallel)
     train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:
@@ -385,7 +397,7 @@ def fit(
                 count += x.shape[0]
             if not count:
                 raise ValueError(f"data yielded no rows in epoch {epoch + 1}")
-            history.loss.append(_global_mean(total, count))
+            history.loss.append(_global_mean(total, count, parallel))
             _check_finite(history.loss[-1], "training", epoch)
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]

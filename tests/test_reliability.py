@@ -1,6 +1,7 @@
 """torch.compile, autocast, determinism, save/load, non-finite input and data-parallel training."""
 
 import copy
+import datetime
 import io
 import os
 import sys
@@ -270,8 +271,9 @@ def test_kl_sparsity_finite_when_rho_hat_saturates(rho_hat_value):
 def _ddp_worker(rank, world, store_path, x, state, result_path):
     # rendezvous through a file (a free TCP port picked beforehand can be taken meanwhile)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world
-    )
+        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),  # a collective one process skips fails
+    )  # fmt: skip
     try:
         model = fastae.Autoencoder(
             x.shape[1], 6, sparsity=fastae.KLSparsity(0.1, 1.0), contractive=0.1,
@@ -335,6 +337,15 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
         torch.distributed.all_gather_object(records, (probes, shuffle_seeds))
         if rank == 0:
             torch.save(records, result_path + ".seeds")
+            # a model that is not DistributedDataParallel trains on this process's data
+            # alone, without collectives the other process would have to join
+            lone = fastae.Autoencoder(x.shape[1], 5)
+            steps = []
+            sgd = torch.optim.SGD(lone.parameters(), lr=0.1)
+            sgd.register_step_post_hook(lambda *_: steps.append(1))
+            history = fastae.fit(lone, x, validation_data=x[:8], epochs=2, batch_size=4,
+                                 optimizer=sgd, seed=0, progress=False)  # fmt: skip
+            torch.save((len(steps), history.val_loss), result_path + ".lone")
         # no rank tears down gloo while its peer still talks to it (that can abort a process)
         torch.distributed.barrier()
     finally:
@@ -373,6 +384,9 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
     assert len(shuffle_0) == 1 and shuffle_0 == shuffle_1
+    steps, val_loss = torch.load(result + ".lone", weights_only=True)
+    assert steps == 2 * 4  # two epochs of the whole 16 rows in batches of 4, not a shard
+    assert len(val_loss) == 2
     out = model(x)  # no process group here: local statistics of the whole batch
     out.loss.backward()
     torch.testing.assert_close(ddp_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
