@@ -243,13 +243,21 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
 
 class LossNotFinite(FloatingPointError):
     """:func:`fit`'s error for an epoch whose training or validation loss is NaN or inf:
-    ``which`` loss ("training" or "validation"), the ``epoch`` (from 1) and the ``loss``."""
+    ``which`` loss ("training" or "validation"), the ``epoch`` (from 1), the ``loss``, the
+    ``history`` so far (that loss included) and ``restored_epoch``: the epoch whose weights
+    ``restore_best`` put back (from 1), or None where the model keeps its last step's."""
 
-    def __init__(self, which: str, epoch: int, loss: float):
+    def __init__(self, which, epoch, loss, history=None, restored_epoch=None):
         self.which, self.epoch, self.loss = which, epoch, loss
+        self.history, self.restored_epoch = history, restored_epoch
+        kept = (
+            "the model keeps the weights of its last step"
+            if restored_epoch is None
+            else f"the model is back at the weights of epoch {restored_epoch}, the best before"
+        )
         super().__init__(
             f"the {which} loss is {loss} in epoch {epoch}: training diverged (try a lower lr) "
-            "or the data holds NaN or inf; the model keeps the weights of its last step"
+            f"or the data holds NaN or inf; {kept}"
         )
 
 
@@ -262,11 +270,6 @@ def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
     shared = torch.full((), value, dtype=torch.int64, device=device)  # a draw: < 2^62
     torch.distributed.broadcast(shared, src=0)
     return int(shared)
-
-
-def _check_finite(loss: float, which: str, epoch: int) -> None:
-    if not math.isfinite(loss):
-        raise LossNotFinite(which, epoch + 1, loss)
 
 
 def fit(
@@ -322,7 +325,8 @@ def fit(
     process's data alone, with no collective.
 
     Raises :class:`fastae.LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
-    validation loss is not finite (the model keeps the weights of its last step), and
+    validation loss is not finite (the model goes back to the best epoch's weights where
+    ``restore_best`` kept them, else keeps its last step's; in eval mode either way), and
     ``ValueError`` for a model with float16 parameters and no ``optimizer``: Adam's moment
     estimates would be float16 too.
     """
@@ -371,6 +375,18 @@ def fit(
 
     history = History()
     best, best_state, waited = math.inf, None, 0
+
+    def check_finite(loss: float, which: str, epoch: int) -> None:
+        if math.isfinite(loss):
+            return
+        restored = None
+        if best_state is not None:  # restore_best with validation data or patience
+            model.load_state_dict(best_state)
+            restored = history.best_epoch + 1
+        model.eval()
+        history.seconds = time.perf_counter() - start
+        raise LossNotFinite(which, epoch + 1, loss, history, restored)
+
     is_main = rank == 0
     bar = _Progress(epochs, progress and is_main, type(model).__name__)
     start = time.perf_counter()
@@ -398,12 +414,12 @@ def fit(
             if not count:
                 raise ValueError(f"data yielded no rows in epoch {epoch + 1}")
             history.loss.append(_global_mean(total, count, parallel))
-            _check_finite(history.loss[-1], "training", epoch)
+            check_finite(history.loss[-1], "training", epoch)
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]
             if val is not None:
                 history.val_loss.append(_mean_loss(model, val, like.device))
-                _check_finite(history.val_loss[-1], "validation", epoch)
+                check_finite(history.val_loss[-1], "validation", epoch)
                 stats["val_loss"] = monitored = history.val_loss[-1]
             bar.update(epoch, stats)
             if monitored < best - min_delta:

@@ -411,6 +411,9 @@ def test_fit_stops_at_a_non_finite_loss(where):
         fastae.fit(model, data, validation_data=val, epochs=3, seed=0, progress=False)
     assert isinstance(error.value, FloatingPointError)
     assert (error.value.which, error.value.epoch, math.isnan(error.value.loss)) == (where, 1, True)
+    history = error.value.history
+    assert math.isnan((history.loss if where == "training" else history.val_loss)[-1])
+    assert error.value.restored_epoch is None  # no validation data kept a best epoch
     data[3, 2], val[3, 2] = math.inf, 0.5
     model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
     with pytest.raises(FloatingPointError, match="^the training loss is (nan|inf) in epoch 1"):
@@ -427,3 +430,30 @@ def test_unknown_backend_name(name):
     with pytest.raises(ValueError, match=names("backend")), fastae.use_backend(name):
         pass
     assert fastae.get_backend() in ("auto", "triton", "reference")
+
+
+def test_fit_restores_the_best_epoch_when_a_later_one_diverges():
+    """restore_best keeps its promise when training diverges: the model is back at the best
+    epoch's weights (in eval mode) and the error carries the history."""
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    data, val = torch.rand(32, 5), torch.rand(8, 5)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+
+    def poison_in_epoch_2(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 6:  # epoch 2's second of four steps
+            with torch.no_grad():
+                model.weight.fill_(math.nan)
+
+    sgd.register_step_post_hook(poison_in_epoch_2)
+    with pytest.raises(fastae.LossNotFinite, match="back at the weights of epoch 1") as error:
+        fastae.fit(
+            model, data, validation_data=val, epochs=4, batch_size=8, optimizer=sgd, seed=0,
+            progress=False,
+        )  # fmt: skip
+    assert (error.value.which, error.value.epoch, error.value.restored_epoch) == ("training", 2, 1)
+    assert len(error.value.history.val_loss) == 1 and not model.training
+    with torch.no_grad():
+        assert float(model(val).loss) == pytest.approx(error.value.history.val_loss[0], rel=1e-6)
