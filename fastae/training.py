@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from . import _checks
 from .graphs import GraphedStep
@@ -63,30 +63,40 @@ def _data_parallel(model: nn.Module) -> bool:
 
 class TensorBatches:
     """Row batches of one tensor, gathered with one indexing op each (a DataLoader over a
-    TensorDataset would collate them sample by sample). With ``shuffle``, every pass follows a
-    fresh permutation drawn from a CPU generator seeded with ``seed``."""
+    TensorDataset would collate them sample by sample: a gather per row). With ``shuffle``,
+    every pass follows a fresh permutation drawn from a CPU generator seeded with ``seed``;
+    with a ``sampler`` (a DistributedSampler: this process's shard), the rows and order it
+    gives for the epoch its ``set_epoch`` set, batched as a DataLoader would."""
 
-    def __init__(self, tensor: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
+    def __init__(
+        self, tensor: torch.Tensor, batch_size: int, shuffle: bool, seed: int, sampler=None
+    ):
         self.tensor, self.batch_size, self.shuffle = tensor, batch_size, shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = sampler
 
     def __len__(self) -> int:
-        return math.ceil(self.tensor.shape[0] / self.batch_size)
+        rows = self.tensor.shape[0] if self.sampler is None else len(self.sampler)
+        return math.ceil(rows / self.batch_size)
 
     def __iter__(self):
         rows = self.tensor.shape[0]
-        if not self.shuffle:
+        if self.sampler is not None:
+            order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        elif self.shuffle:
+            order = torch.randperm(rows, generator=self.generator)
+        else:
             for start in range(0, rows, self.batch_size):
                 yield self.tensor[start : start + self.batch_size]
             return
-        order = torch.randperm(rows, generator=self.generator).to(self.tensor.device)
-        for start in range(0, rows, self.batch_size):
+        order = order.to(self.tensor.device)
+        for start in range(0, len(order), self.batch_size):
             yield self.tensor[order[start : start + self.batch_size]]
 
 
 def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, seed: int):
-    """Batches of a tensor (a DataLoader with a DistributedSampler for a data-parallel model,
-    so each process gets its shard); any other re-iterable of batches is used as it is. A tensor
+    """Batches of a tensor (through a DistributedSampler for a data-parallel model, so each
+    process gets its shard); any other re-iterable of batches is used as it is. A tensor
     must have at least one row and the model's dtype and width (its ``in_features``)."""
     if isinstance(data, (str, bytes, Mapping)):
         raise TypeError(
@@ -123,11 +133,10 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
             f"{name} must have {in_features} columns (the model's in_features), "
             f"got shape {tuple(tensor.shape)}"
         )
+    sampler = None
     if _data_parallel(model):
-        dataset = TensorDataset(tensor)
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    return TensorBatches(_resident(tensor, like.device), batch_size, shuffle, seed)
+        sampler = DistributedSampler(range(tensor.shape[0]), shuffle=shuffle, seed=seed)
+    return TensorBatches(_resident(tensor, like.device), batch_size, shuffle, seed, sampler)
 
 
 # Data that takes at most this share of a CUDA device's free memory moves there once, and each

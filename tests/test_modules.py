@@ -274,6 +274,32 @@ def test_tensor_batches_cover_every_row_once_per_pass():
     assert torch.equal(torch.cat(list(in_order)), data)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_tensor_batches_of_a_shard_follow_its_sampler(shuffle):
+    """Data-parallel batches: each process's rows in its DistributedSampler's order for the
+    epoch set, batched as a DataLoader over the same sampler would (one gather a batch, not
+    one a row); the shards together hold every row (25 rows on 2 processes: one repeated)."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from fastae.training import TensorBatches
+
+    data = torch.arange(50.0).reshape(25, 2)
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(range(25), num_replicas=2, rank=rank, shuffle=shuffle, seed=3)
+        batches = TensorBatches(data, 4, shuffle, 3, sampler)
+        loader = DataLoader(TensorDataset(data), batch_size=4, sampler=sampler)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            ours, theirs = list(batches), [batch for (batch,) in loader]
+            assert len(batches) == len(loader) == 4 and len(ours) == 4
+            for a, b in zip(ours, theirs, strict=True):
+                assert torch.equal(a, b)
+        shards.append(torch.cat(ours))
+    rows = torch.cat(shards)[:, 0].tolist()
+    assert len(rows) == 26 and set(rows) == set(data[:, 0].tolist())
+
+
 def test_host_data_moves_to_a_cuda_model_once_where_it_fits(monkeypatch):
     """Decided on the CPU with the GPU's free memory faked: data within a quarter of it is
     copied over once (``Tensor.to`` faked too), larger data and CPU models keep it as it is."""
