@@ -110,10 +110,12 @@ class Autoencoder(nn.Module):
         contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
             ``fastae.fit`` checks its data once and skips the per-step check).
-        sync_statistics: under torch.distributed, all-reduce the sparsity column sums so the
-            KL penalty sees the mean activation of the global batch (like SyncBatchNorm);
-            the other terms are per-sample means, which data-parallel averaging already makes
-            global for equal local batch sizes.
+        sync_statistics: under torch.distributed, in training mode, all-reduce the sparsity
+            column sums so the KL penalty sees the mean activation of the global batch (like
+            SyncBatchNorm, which also syncs in training mode only: in eval mode each process
+            takes its own batch's, so one process can evaluate alone); the other terms are
+            per-sample means, which data-parallel averaging already makes global for equal
+            local batch sizes.
     """
 
     def __init__(
@@ -241,7 +243,7 @@ class Autoencoder(nn.Module):
             loss=self.loss_name, check_target=self.check_targets,
         )  # fmt: skip
         reconstruction_loss = per_sample.mean()
-        if isinstance(self.sparsity, KLSparsity) and self.sync_statistics:
+        if isinstance(self.sparsity, KLSparsity) and self.sync_statistics and self.training:
             rho_hat = global_column_mean(rho_hat, x.shape[0])
         penalties = self.penalties(h, rho_hat, jac)
         loss = reconstruction_loss
@@ -268,7 +270,7 @@ class Autoencoder(nn.Module):
         penalty on tanh codes (|h| is not rho_hat)."""
         params = (self.weight, self.bias, self.decoder_weight, self.decoder_bias)
         return (
-            not (self.sync_statistics and isinstance(self.sparsity, KLSparsity))
+            not (self.sync_statistics and self.training and isinstance(self.sparsity, KLSparsity))
             and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
             and steps.available(x, params)
         )

@@ -345,7 +345,13 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
             sgd.register_step_post_hook(lambda *_: steps.append(1))
             history = fastae.fit(lone, x, validation_data=x[:8], epochs=2, batch_size=4,
                                  optimizer=sgd, seed=0, progress=False)  # fmt: skip
-            torch.save((len(steps), history.val_loss), result_path + ".lone")
+            # in eval mode sync_statistics takes this process's batch: one process evaluates
+            # the data-parallel model alone (as SyncBatchNorm lets it)
+            with torch.no_grad():
+                alone = float(model.eval()(x).loss)
+                model.sync_statistics = False
+                local = float(model(x).loss)
+            torch.save((len(steps), history.val_loss, alone, local), result_path + ".lone")
         # no rank tears down gloo while its peer still talks to it (that can abort a process)
         torch.distributed.barrier()
     finally:
@@ -384,7 +390,8 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
     assert len(shuffle_0) == 1 and shuffle_0 == shuffle_1
-    steps, val_loss = torch.load(result + ".lone", weights_only=True)
+    steps, val_loss, alone, local = torch.load(result + ".lone", weights_only=True)
+    assert alone == local
     assert steps == 2 * 4  # two epochs of the whole 16 rows in batches of 4, not a shard
     assert len(val_loss) == 2
     out = model(x)  # no process group here: local statistics of the whole batch
