@@ -118,3 +118,14 @@ def finite_number(name: str, value: object, *, low=None, high=None, open_low=Fal
     if high is not None and value >= high:
         raise ValueError(f"{name} must be < {high}, got {value}")
     return value
+
+
+def model_loss(output: object) -> torch.Tensor:
+    """``output.loss`` of a model's forward, as ``fastae.fit`` and ``GraphedStep`` train it."""
+    loss = getattr(output, "loss", None)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise TypeError(
+            "model's forward must return an object whose .loss is a scalar tensor, as fastae's "
+            f"models do; got {type(output).__name__}"
+        )
+    return loss

@@ -143,7 +143,7 @@ class GraphedStep:
                     p.grad.zero_()
 
     def _loss_backward_update(self, x: Tensor) -> Tensor:
-        loss = self.model(x).loss
+        loss = _checks.model_loss(self.model(x))
         loss.backward()
         if self.optimizer is not None:
             with warnings.catch_warnings():

@@ -242,7 +242,7 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
     with torch.no_grad():
         for batch in batches:
             x = _on_device(batch, device, "validation_data")
-            total.add_(model(x).loss, alpha=x.shape[0])
+            total.add_(_checks.model_loss(model(x)), alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
     if not count:
@@ -353,6 +353,11 @@ def fit(
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "model has no parameter that requires a gradient: nothing to train (call "
+            "requires_grad_() on those to train)"
+        )
     noise = getattr(_unwrap(model), "noise", None)
     if isinstance(noise, Noise) and noise.seed is not None:
         warnings.warn(
@@ -415,7 +420,7 @@ def fit(
                     loss = step(x)
                 else:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = model(x).loss
+                    loss = _checks.model_loss(model(x))
                     loss.backward()
                     optimizer.step()
                 total.add_(loss.detach(), alpha=x.shape[0])  # one kernel, float32 sum

@@ -373,6 +373,19 @@ def test_fit_empty_data_names_data(loss):
 def test_fit_needs_a_model_with_parameters():
     with pytest.raises(TypeError, match=names("model")):
         fastae.fit(torch.nn.Identity(), torch.rand(6, 5), epochs=1, progress=False)
+    frozen = fastae.Autoencoder(5, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match=names("model") + " has no parameter that requires"):
+        fastae.fit(frozen, torch.rand(6, 5), epochs=1, progress=False)
+    partly = fastae.Autoencoder(5, 3)
+    partly.weight.requires_grad_(False)  # the biases still train
+    assert len(fastae.fit(partly, torch.rand(6, 5), epochs=1, progress=False).loss) == 1
+
+
+def test_fit_needs_a_forward_that_returns_a_loss():
+    """fit trains ``model(x).loss``: a model returning a bare tensor is told so."""
+    layer = torch.nn.Linear(5, 5)
+    with pytest.raises(TypeError, match=names("model") + "'s forward must return"):
+        fastae.fit(layer, torch.rand(6, 5), epochs=1, progress=False)
 
 
 def test_fit_refuses_float16_parameters_for_its_default_adam():

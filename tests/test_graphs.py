@@ -121,6 +121,14 @@ def test_warmup_then_one_capture_then_replays(cpu_graphs):
     assert _FakeGraph.replays == 4
 
 
+def test_a_forward_without_a_loss_is_refused(cpu_graphs):
+    layer = torch.nn.Linear(12, 12)
+    cpu_graphs.append(layer)
+    step = GraphedStep(layer, torch.optim.SGD(layer.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"^model's forward must return .* got Tensor"):
+        step(torch.rand(16, 12))
+
+
 def test_capture_is_thread_local_on_the_models_device(cpu_graphs):
     """Every call runs under torch.cuda.device(the model's device), and the capture runs on
     the warm-up's stream in thread-local mode (a DataLoader's pin-memory thread cannot break
