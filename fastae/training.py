@@ -305,7 +305,9 @@ def fit(
     a tensor or a tuple whose first item is the input). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
-    Numpy arrays take the model's dtype, tensors must already have it. With ``patience``,
+    Numpy arrays take the model's dtype, tensors must already have it. The validation loss
+    is the model's loss in eval mode: without corruption, and for a VAE at z = mu (its KL term
+    included), not a sampled ELBO, so it may lie below the training loss. With ``patience``,
     training stops after that many epochs without a ``min_delta`` improvement of the
     validation loss (training loss if no validation data). ``restore_best``: with validation
     data, the model is left with the weights of the best epoch (``History.best_epoch``: the
