@@ -14,6 +14,7 @@ corrupted inputs, a 2-D code scatter, anomaly-score histograms and samples of a 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -539,7 +540,11 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else FULL_EPOCHS)
     from .sklearn import resolve_device
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        print(f"error: --{error}", file=sys.stderr)
+        return 2
     print(
         f"fastae demo: digits (1797 x 64), code size {args.hidden}, {epochs} epochs, "
         f"device {device}, seed{'s' if args.repeats > 1 else ''} "

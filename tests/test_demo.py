@@ -49,3 +49,8 @@ def test_table_with_repeats_shows_mean_and_spread():
     row = next(line for line in table.splitlines() if line.startswith("plain AE"))
     assert row.split()[2:4] == ["-", "-"]  # missing metrics print as "-"
     assert np.isnan(one.rows["plain AE"].get("mse", np.nan))
+
+
+def test_an_unusable_device_is_a_usage_error(capsys):
+    assert main(["demo", "--quick", "--device", "tpu:7"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device must be 'auto' or a torch device")
