@@ -65,8 +65,9 @@ class TensorBatches:
     """Row batches of one tensor, gathered with one indexing op each (a DataLoader over a
     TensorDataset would collate them sample by sample: a gather per row). With ``shuffle``,
     every pass follows a fresh permutation drawn from a CPU generator seeded with ``seed``;
-    with a ``sampler`` (a DistributedSampler: this process's shard), the rows and order it
-    gives for the epoch its ``set_epoch`` set, batched as a DataLoader would."""
+    with a ``sampler`` (this process's shard: a DistributedSampler, or any sized iterable of
+    row indices), the rows and order it gives (a DistributedSampler's for the epoch its
+    ``set_epoch`` set), batched as a DataLoader would."""
 
     def __init__(
         self, tensor: torch.Tensor, batch_size: int, shuffle: bool, seed: int, sampler=None
@@ -95,9 +96,10 @@ class TensorBatches:
 
 
 def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, seed: int):
-    """Batches of a tensor (through a DistributedSampler for a data-parallel model, so each
-    process gets its shard); any other re-iterable of batches is used as it is. A tensor
-    must have at least one row and the model's dtype and width (its ``in_features``)."""
+    """Batches of a tensor (for a data-parallel model, each process's shard: through a
+    DistributedSampler for training, every row once for validation); any other re-iterable
+    of batches is used as it is. A tensor must have at least one row and the model's dtype
+    and width (its ``in_features``)."""
     if isinstance(data, (str, bytes, Mapping)):
         raise TypeError(
             f"{name} must be a tensor, numpy array, DataLoader or iterable of batches, got "
@@ -134,7 +136,12 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
             f"got shape {tuple(tensor.shape)}"
         )
     sampler = None
-    if _data_parallel(model):
+    if _data_parallel(model) and name == "validation_data":
+        # every row once over the processes (no padding: evaluation runs no collective per
+        # batch, so the shards may differ in length), for an exact mean over the set
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        sampler = range(rank, tensor.shape[0], world)
+    elif _data_parallel(model):  # equal shards (padded), so that every process steps alike
         sampler = DistributedSampler(range(tensor.shape[0]), shuffle=shuffle, seed=seed)
     return TensorBatches(_resident(tensor, like.device), batch_size, shuffle, seed, sampler)
 
@@ -328,12 +335,13 @@ def fit(
 
     Under ``torchrun`` (an initialized process group) a DistributedDataParallel model trains
     data-parallel, and every process must call fit: tensor data is sharded across processes
-    with a DistributedSampler (shuffled alike on all: process 0's seed), the losses in the
-    history are means over every process's rows (one all-reduce an epoch), so all processes
-    stop early, keep and restore the same epoch's weights, and ``seed`` seeds process r's
-    generator with ``seed + r``, so that their noise differs (without ``seed``, seed each
-    process's generator differently yourself). Any other model trains on the calling
-    process's data alone, with no collective.
+    with a DistributedSampler (shuffled alike on all: process 0's seed; validation data in
+    unpadded shards, each row once), the losses in the history are means over every
+    process's rows (one all-reduce an epoch), so all processes stop early, keep and restore
+    the same epoch's weights, and ``seed`` seeds process r's generator with ``seed + r``, so
+    that their noise differs (without ``seed``, seed each process's generator differently
+    yourself). Any other model trains on the calling process's data alone, with no
+    collective.
 
     Raises :class:`fastae.LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
     validation loss is not finite (the model goes back to the best epoch's weights where
