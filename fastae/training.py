@@ -227,19 +227,22 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
     return x.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
-def _global_mean(total: torch.Tensor, count: int, parallel: bool) -> float:
+def _global_mean(name: str, total: torch.Tensor, count: int, parallel: bool) -> float:
     """``total / count``, the sums over this process's rows; ``parallel`` (data-parallel
     training) over every process's (one all-reduce), so that all processes record the same
     losses and stop, keep and restore weights alike (a process that stopped alone would leave
-    the others waiting in their next gradient all-reduce). 0/0 is NaN."""
+    the others waiting in their next gradient all-reduce; a shard may be empty, the whole not:
+    ``name``, the data, yielded no rows)."""
     if parallel:
         rows = torch.full((), count, dtype=torch.float64, device=total.device)
         sums = torch.stack((total.to(torch.float64), rows))
         torch.distributed.all_reduce(sums)
         loss_sum, count = sums.tolist()  # the pass's one sync
-    else:
+    elif count:
         loss_sum = float(total)
-    return loss_sum / count if count else math.nan
+    if not count:
+        raise ValueError(f"{name} yielded no rows")
+    return loss_sum / count
 
 
 def _mean_loss(model: nn.Module, batches, device) -> float:
@@ -252,9 +255,7 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
             total.add_(_checks.model_loss(model(x)), alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
-    if not count:
-        raise ValueError("validation_data yielded no rows")
-    return _global_mean(total, count, _data_parallel(model))
+    return _global_mean("validation_data", total, count, _data_parallel(model))
 
 
 class LossNotFinite(FloatingPointError):
@@ -435,9 +436,7 @@ def fit(
                     optimizer.step()
                 total.add_(loss.detach(), alpha=x.shape[0])  # one kernel, float32 sum
                 count += x.shape[0]
-            if not count:
-                raise ValueError(f"data yielded no rows in epoch {epoch + 1}")
-            history.loss.append(_global_mean(total, count, parallel))
+            history.loss.append(_global_mean("data", total, count, parallel))
             check_finite(history.loss[-1], "training", epoch)
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]

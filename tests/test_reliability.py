@@ -307,8 +307,16 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
         with torch.no_grad():
             whole = float(plain(val).loss)  # the last epoch's weights on the whole set, here
         record = (history.loss, history.val_loss, history.best_epoch, history.stopped_early)
+        # one validation row: process 1's shard is empty, the mean is still that row's loss
+        one = fastae.Autoencoder(x.shape[1], 5)
+        history = fastae.fit(
+            torch.nn.parallel.DistributedDataParallel(one), x, validation_data=x[:1], epochs=1,
+            batch_size=4, seed=0, progress=False,
+        )  # fmt: skip
+        with torch.no_grad():
+            only = (history.val_loss[-1], float(one(x[:1]).loss))
         records = [None] * world
-        torch.distributed.all_gather_object(records, (*record, whole))
+        torch.distributed.all_gather_object(records, (*record, whole, only))
         if rank == 0:
             torch.save(records, result_path + ".val")
         # fit(seed=s) seeds process r with s + r: masks differ across processes, repeatably
@@ -386,6 +394,8 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert records[0][:4] == records[1][:4]  # the same history on both processes
     val_loss, whole = records[0][1], records[0][4]
     assert val_loss[-1] == pytest.approx(whole, rel=1e-6)  # over both shards, not one
+    for record in records:
+        assert record[5][0] == pytest.approx(record[5][1], rel=1e-6)
     (probes_0, shuffle_0), (probes_1, shuffle_1) = torch.load(result + ".seeds", weights_only=True)
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
