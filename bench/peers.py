@@ -62,14 +62,14 @@ Detector = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _fastae(code: int, scale: str | None, seed: int, epochs: int, noise=None) -> Detector:
-    def run(normal, test):
+    def detect(normal, test):
         detector = AutoencoderOutlierDetector(
             code, scale=scale, epochs=epochs, batch_size=BATCH, lr=LR, noise=noise,
             random_state=seed,
         )  # fmt: skip
         return -detector.fit(normal).score_samples(test)
 
-    return run
+    return detect
 
 
 def _pyod(seed: int, epochs: int | None = None) -> Detector:
@@ -77,19 +77,19 @@ def _pyod(seed: int, epochs: int | None = None) -> Detector:
 
     options = {} if epochs is None else {"epoch_num": epochs, "batch_size": BATCH}
 
-    def run(normal, test):
+    def detect(normal, test):
         return (
             AutoEncoder(verbose=0, random_state=seed, **options).fit(normal).decision_function(test)
         )
 
-    return run
+    return detect
 
 
 def _forest(seed: int) -> Detector:
-    def run(normal, test):
+    def detect(normal, test):
         return -IsolationForest(random_state=seed).fit(normal).score_samples(test)
 
-    return run
+    return detect
 
 
 def detectors(task: str, seed: int, epochs: int = EPOCHS, pyod: bool = True) -> dict:
