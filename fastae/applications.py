@@ -146,9 +146,11 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
     ``y == -1`` are unlabelled: they contribute only the autoencoder term.
 
     Parameters are those of :class:`fastae.sklearn.AutoencoderTransformer` plus
-    ``reconstruction_weight`` (lambda). Attributes: ``classes_`` (the labels seen, -1
-    excluded), ``module_`` (a :class:`SemiSupervisedModule`), ``n_labeled_``, ``scaler_``,
-    ``loss_``, ``n_iter_``, ``loss_curve_``. ``encode`` gives the codes.
+    ``reconstruction_weight`` (lambda); with ``early_stopping`` the held-out rows (labelled
+    or not, drawn at random) are scored by that same loss. Attributes: ``classes_`` (the
+    labels seen, -1 excluded), ``module_`` (a :class:`SemiSupervisedModule`),
+    ``n_labeled_``, ``scaler_``, ``loss_``, ``n_iter_``, ``loss_curve_``,
+    ``validation_loss_curve_``, ``best_validation_loss_``. ``encode`` gives the codes.
     """
 
     def __init__(
@@ -170,6 +172,10 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         random_state=None,
         verbose: bool = False,
         cuda_graph: bool = False,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        tol: float = 1e-4,
     ):
         self.n_components = n_components
         self.reconstruction_weight = reconstruction_weight
@@ -187,11 +193,16 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         self.random_state = random_state
         self.verbose = verbose
         self.cuda_graph = cuda_graph
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
 
     def fit(self, X, y):
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)
+        early = self._early_stopping()
         weight = _reconstruction_weight(self.reconstruction_weight)
         X, y = self._validate_xy(X, y)
         labeled = ~_unlabeled_mask(y)
@@ -220,10 +231,8 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
             autoencoder = self._layer(X.shape[1], n_components, self.loss_)
             module = SemiSupervisedModule(autoencoder, len(self.classes_), weight)
             self.module_ = module.to(device=self.device_, dtype=torch.float32)
-            history = self._train(self.module_, data, epochs, seed)
-        self.loss_curve_ = list(history.loss)
-        self.n_iter_ = len(history.loss)
-        self.train_seconds_ = history.seconds
+            history = self._train(self.module_, data, epochs, seed, early)
+        self._record(history, early)
         return self
 
     def _validate_xy(self, X, y):

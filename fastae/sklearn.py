@@ -9,8 +9,9 @@
 Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise``,
 ``contractive``), scale their inputs (``scale="standard"``, ``"minmax"`` or ``None``), train
 with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
-seed from ``random_state`` in ``fit`` without touching torch's global generator, and pickle
-to CPU tensors (an unpickled estimator predicts on the CPU when CUDA is missing).
+seed from ``random_state`` in ``fit`` without touching torch's global generator, stop early
+on held-out rows (``early_stopping=True``, as scikit-learn's MLP), and pickle to CPU tensors
+(an unpickled estimator predicts on the CPU when CUDA is missing).
 """
 
 from __future__ import annotations
@@ -164,6 +165,17 @@ class AutoencoderEstimatorMixin:
             )
         return self.activation
 
+    def _early_stopping(self) -> dict:
+        """The early-stopping parameters, checked (all of them, whether or not
+        ``early_stopping`` is set): ``{}`` without early stopping."""
+        on = _checks.flag("early_stopping", self.early_stopping)
+        fraction = _checks.finite_number(
+            "validation_fraction", self.validation_fraction, low=0, high=1, open_low=True
+        )
+        patience = _checks.positive_int("n_iter_no_change", self.n_iter_no_change)
+        tol = _checks.finite_number("tol", self.tol, low=0)
+        return {"fraction": fraction, "patience": patience, "tol": tol} if on else {}
+
     def _draw_seed(self) -> int:
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
 
@@ -246,9 +258,19 @@ class AutoencoderEstimatorMixin:
             check_targets=False,  # BCE inputs are clipped to [0, 1] by _tensor
         )
 
-    def _train(self, module, data: torch.Tensor, epochs: int, seed: int, **kwargs) -> History:
+    def _train(
+        self, module, data: torch.Tensor, epochs: int, seed: int, early=None, **kwargs
+    ) -> History:
         """:func:`fastae.fit` with this estimator's batch size, learning rate, progress and
-        ``cuda_graph``."""
+        ``cuda_graph``; with ``early`` (:meth:`_early_stopping`'s parameters) on the rows
+        :func:`hold_out` leaves, stopping on the loss of those it holds out."""
+        if early:
+            data, validation = hold_out(data, early["fraction"], seed)
+            kwargs |= {
+                "validation_data": validation,
+                "patience": early["patience"],
+                "min_delta": early["tol"],
+            }
         batch_size = min(int(self.batch_size), data.shape[0])
         # a caller may override either
         kwargs = {"progress": bool(self.verbose), "cuda_graph": bool(self.cuda_graph)} | kwargs
@@ -269,6 +291,14 @@ class AutoencoderEstimatorMixin:
             ) from error
         module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
         return history
+
+    def _record(self, history: History, early: dict) -> None:
+        """The fitted attributes that describe training."""
+        self.loss_curve_ = list(history.loss)
+        self.n_iter_ = len(history.loss)
+        self.train_seconds_ = history.seconds
+        self.validation_loss_curve_ = list(history.val_loss) if early else None
+        self.best_validation_loss_ = history.val_loss[history.best_epoch] if early else None
 
     @torch.no_grad()
     def _map_chunks(self, fn, x: torch.Tensor, module=None) -> np.ndarray:
@@ -323,6 +353,20 @@ class AutoencoderEstimatorMixin:
         super().__setstate__(state)
         if getattr(self, "module_", None) is not None and hasattr(self, "device_"):
             self._sync_device()
+
+
+def hold_out(data: torch.Tensor, fraction: float, seed: int):
+    """(training rows, validation rows) of ``data``: round(fraction * n) rows, at least one,
+    drawn at random (a permutation seeded with ``seed``) are held out for validation."""
+    n = data.shape[0]
+    held = max(1, round(fraction * n))
+    if held >= n:
+        raise ValueError(
+            f"early_stopping holds out {held} of X's {n} sample{'s' * (n != 1)} "
+            f"(validation_fraction={fraction}), leaving none to train on"
+        )
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(data.device)
+    return data[order[held:]], data[order[:held]]
 
 
 def usable_device(device: torch.device) -> torch.device:
@@ -391,6 +435,10 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         random_state=None,
         verbose: bool = False,
         cuda_graph: bool = False,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        tol: float = 1e-4,
     ):
         self.n_components = n_components
         self.activation = activation
@@ -407,6 +455,10 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.cuda_graph = cuda_graph
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
 
     def _fit_autoencoder(self, X) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters
@@ -414,6 +466,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)
+        early = self._early_stopping()
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
@@ -421,10 +474,8 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         with _seeded(seed):
             layer = self._layer(X.shape[1], n_components, self.loss_)
             self.module_ = layer.to(device=self.device_, dtype=torch.float32)
-            history = self._train(self.module_, self._tensor(scaled), epochs, seed)
-        self.loss_curve_ = list(history.loss)
-        self.n_iter_ = len(history.loss)
-        self.train_seconds_ = history.seconds
+            history = self._train(self.module_, self._tensor(scaled), epochs, seed, early)
+        self._record(history, early)
         return X
 
     def __sklearn_tags__(self):
@@ -463,11 +514,20 @@ class AutoencoderTransformer(
         cuda_graph: replay each training step from a CUDA graph (:func:`fastae.fit` with
             ``cuda_graph=True``): at small batches a GPU step's host time (Python, autograd,
             launches) is most of it, and a replay has none. Needs a CUDA device.
+        early_stopping: hold out ``validation_fraction`` of X's rows (round(fraction * n), at
+            least one, drawn from ``random_state``), train on the others, stop once the
+            validation loss has not fallen by more than ``tol`` for ``n_iter_no_change``
+            epochs, and keep the weights of the best epoch (the last that lowered the
+            validation loss by more than ``tol``). The validation loss is the training
+            objective in eval mode: without the input corruption, regularizers included. The
+            scaler is fitted on all of X. ``validation_fraction``, ``n_iter_no_change`` and
+            ``tol`` serve early stopping alone; without it, training runs all ``epochs``.
 
     Attributes:
         module_ (fastae.Autoencoder), scaler_, loss_, output_, device_, n_iter_ (epochs run),
-        loss_curve_ (per-epoch training loss), train_seconds_, n_features_in_,
-        feature_names_in_ (when X has string column names).
+        loss_curve_ (per-epoch training loss), validation_loss_curve_ and
+        best_validation_loss_ (with early_stopping, else None), train_seconds_,
+        n_features_in_, feature_names_in_ (when X has string column names).
     """
 
     def fit(self, X, y=None):
@@ -545,6 +605,10 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
         random_state=None,
         verbose: bool = False,
         cuda_graph: bool = False,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        tol: float = 1e-4,
     ):
         super().__init__(
             n_components,
@@ -562,6 +626,10 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             random_state=random_state,
             verbose=verbose,
             cuda_graph=cuda_graph,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            n_iter_no_change=n_iter_no_change,
+            tol=tol,
         )
         self.contamination = contamination
         self.model = model

@@ -90,6 +90,23 @@ def test_semi_supervised_learns_from_few_labels(digits):
     assert model.encode(x_te[:7]).shape == (7, 32)
 
 
+def test_semi_supervised_early_stopping(digits):
+    x, y = digits
+    x_tr, y_tr, x_te, y_te = x[:1300], y[:1300], x[1300:], y[1300:]
+    y_semi, _ = _split_labels(y_tr, 0.1)
+    model = SemiSupervisedAutoencoder(
+        32, scale=None, epochs=400, early_stopping=True, n_iter_no_change=4, random_state=0
+    ).fit(x_tr, y_semi)
+    curve = model.validation_loss_curve_
+    assert model.n_iter_ < 400 and len(curve) == len(model.loss_curve_) == model.n_iter_
+    assert model.best_validation_loss_ == curve[model.n_iter_ - 5]
+    assert model.score(x_te, y_te) > 0.75
+    with pytest.raises(ValueError, match=r"^validation_fraction must be < 1"):
+        SemiSupervisedAutoencoder(validation_fraction=1).fit(x_tr, y_semi)
+    plain = SemiSupervisedAutoencoder(4, epochs=2, random_state=0).fit(x_tr[:50], y_tr[:50])
+    assert plain.validation_loss_curve_ is None and plain.best_validation_loss_ is None
+
+
 def test_unlabeled_rows_contribute_only_reconstruction():
     torch.manual_seed(0)
     ae = fastae.Autoencoder(6, 4, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2)

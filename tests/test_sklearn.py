@@ -23,7 +23,11 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import fastae  # noqa: E402
-from fastae.sklearn import AutoencoderOutlierDetector, AutoencoderTransformer  # noqa: E402
+from fastae.sklearn import (  # noqa: E402
+    AutoencoderOutlierDetector,
+    AutoencoderTransformer,
+    hold_out,
+)
 
 # tiny defaults keep scikit-learn's ~50 checks per estimator fast
 TINY = {"n_components": 4, "epochs": 3, "batch_size": 32, "random_state": 0}
@@ -34,6 +38,7 @@ TINY = {"n_components": 4, "epochs": 3, "batch_size": 32, "random_state": 0}
         AutoencoderTransformer(**TINY),
         AutoencoderOutlierDetector(**TINY),
         AutoencoderOutlierDetector(model="vae", hidden=8, **TINY),
+        AutoencoderTransformer(early_stopping=True, n_iter_no_change=1, **TINY),
     ]
 )
 def test_sklearn_estimator_checks(estimator, check):
@@ -466,6 +471,99 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
     np.testing.assert_array_equal(model.score_samples(x), before)
     with pytest.raises(ValueError, match="3 features"):
         model.score_samples(x[:, :3])
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_hold_out_splits_the_rows_at_random():
+    rows = torch.arange(50.0)[:, None]
+    train, val = hold_out(rows, 0.1, seed=3)
+    assert val.shape == (5, 1) and train.shape == (45, 1)
+    assert sorted(torch.cat([train, val]).flatten().tolist()) == list(range(50))
+    again = hold_out(rows, 0.1, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    assert not torch.equal(hold_out(rows, 0.1, seed=4)[1], val)
+    assert val.flatten().tolist() != list(range(5))  # drawn, not the first rows
+    assert hold_out(rows[:3], 0.01, seed=0)[1].shape[0] == 1  # at least one
+    with pytest.raises(ValueError, match=r"holds out 1 of X's 1 sample \(validation_fraction"):
+        hold_out(rows[:1], 0.1, seed=0)
+    with pytest.raises(ValueError, match="holds out 5 of X's 5 samples.*none to train on"):
+        hold_out(rows[:5], 0.95, seed=0)
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "vae"])
+def test_early_stopping_keeps_the_best_epoch_on_held_out_rows(digits, model):
+    x = digits[0][:500]
+    patience, tol = 3, 1e-3
+    detector = AutoencoderOutlierDetector(
+        8, model=model, hidden=32, epochs=500, early_stopping=True, n_iter_no_change=patience,
+        tol=tol, validation_fraction=0.2, random_state=0,
+    ).fit(x)  # fmt: skip
+    curve = detector.validation_loss_curve_
+    assert 1 + patience < detector.n_iter_ < 500
+    assert len(curve) == len(detector.loss_curve_) == detector.n_iter_
+    # stopped after `patience` epochs without an improvement of more than tol
+    best = detector.n_iter_ - 1 - patience
+    assert detector.best_validation_loss_ == curve[best]
+    assert min(curve[:best]) - tol > curve[best] and min(curve[best + 1 :]) >= curve[best] - tol
+    # the module holds the best epoch's weights: its loss on the held-out rows is that epoch's
+    seed = clone(detector)._draw_seed()
+    _, held = hold_out(torch.arange(500), 0.2, seed)
+    inputs = torch.tensor(detector._scale(x[held.numpy()]), dtype=torch.float32)
+    with torch.no_grad():
+        loss = detector.module_(inputs).loss.item()
+    assert loss == pytest.approx(curve[best], rel=1e-5)
+    # the threshold covers every row, held-out ones included
+    assert detector.decision_scores_.shape == (500,)
+
+
+def test_early_stopping_trains_on_the_rows_it_does_not_hold_out(digits, monkeypatch):
+    seen = {}
+
+    def spy(module, data, **kwargs):
+        seen["data"], seen["validation"] = data, kwargs["validation_data"]
+        return fastae.fit(module, data, **kwargs)
+
+    monkeypatch.setattr(fastae.sklearn, "fit", spy)
+    x = digits[0][:300]
+    model = AutoencoderTransformer(4, epochs=2, early_stopping=True, random_state=0).fit(x)
+    data, validation = seen["data"].numpy(), seen["validation"].numpy()
+    assert data.shape == (270, 64) and validation.shape == (30, 64)
+    rows = np.concatenate([data, validation]).astype(np.float64)
+    scaled = model._scale(x).astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(np.unique(rows, axis=0), np.unique(scaled, axis=0))
+    assert len(np.unique(rows, axis=0)) == len(np.unique(x, axis=0))  # no row in both
+
+
+def test_tol_and_n_iter_no_change_serve_early_stopping_alone(digits):
+    x = digits[0][:100]
+    model = AutoencoderTransformer(4, epochs=6, tol=1e9, n_iter_no_change=1, random_state=0)
+    model.fit(x)
+    assert model.n_iter_ == 6
+    assert model.validation_loss_curve_ is None and model.best_validation_loss_ is None
+    # no epoch improves on the first by more than tol: n_iter_no_change more, then stop
+    model.set_params(early_stopping=True, n_iter_no_change=2).fit(x)
+    assert model.n_iter_ == 3 and model.best_validation_loss_ == model.validation_loss_curve_[0]
+
+
+@pytest.mark.parametrize("make", [AutoencoderTransformer, AutoencoderOutlierDetector])
+def test_early_stopping_parameters_name_themselves(make):
+    x = np.random.default_rng(0).random((40, 5))
+    bad = [
+        (dict(validation_fraction=0.0), ValueError, r"^validation_fraction must be > 0"),
+        (dict(validation_fraction=1.0), ValueError, r"^validation_fraction must be < 1"),
+        (dict(validation_fraction="0.1"), TypeError, r"^validation_fraction must be a real"),
+        (dict(n_iter_no_change=0), ValueError, r"^n_iter_no_change must be a positive int"),
+        (dict(tol=-1e-3), ValueError, r"^tol must be >= 0"),
+        (dict(tol=float("nan")), ValueError, r"^tol must be finite"),
+        (dict(early_stopping="yes"), TypeError, r"^early_stopping must be a bool"),
+    ]
+    for params, error, message in bad:
+        for early in (True, False):  # checked whether or not they are used
+            params = {"early_stopping": early} | params
+            with pytest.raises(error, match=message):
+                make(2, epochs=1, **params).fit(x)
 
 
 def test_verbose_training_keeps_a_record(capsys):
