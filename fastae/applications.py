@@ -38,6 +38,7 @@ from .sklearn import (
     _positive_float,
     _seeded,
     _validate_data,
+    hold_out,
 )
 from .training import default_optimizer
 
@@ -358,9 +359,15 @@ class StackedAutoencoder(
 
     ``transform`` gives the top codes (``sizes[-1]`` columns), ``inverse_transform`` decodes
     them back to input space, ``score_samples`` is minus the stack's reconstruction error.
-    The other parameters are those of :class:`fastae.sklearn.AutoencoderTransformer`.
-    Attributes: ``module_`` (:class:`StackModule`), ``pretrain_loss_`` (final pretraining loss
-    per layer), ``loss_curve_`` (fine-tuning), ``scaler_``, ``loss_``, ``n_iter_``.
+    The other parameters are those of :class:`fastae.sklearn.AutoencoderTransformer`; with
+    ``early_stopping`` the same rows are held out of every layer's pretraining and of the
+    fine-tuning, and each stage stops on their loss and keeps its best epoch's weights.
+    Attributes: ``module_`` (:class:`StackModule`), ``pretrain_loss_`` (per layer, the
+    training loss of the epoch whose weights it keeps: the last, or with ``early_stopping``
+    the best), ``pretrain_validation_loss_`` (per layer, that epoch's held-out loss; None
+    without early stopping), ``loss_curve_``, ``validation_loss_curve_`` and
+    ``best_validation_loss_`` (fine-tuning; the last two None without early stopping or
+    fine-tuning), ``scaler_``, ``loss_``, ``n_iter_`` (epochs run, all stages together).
     """
 
     _code_size = "sizes[-1]"
@@ -384,6 +391,10 @@ class StackedAutoencoder(
         random_state=None,
         verbose: bool = False,
         cuda_graph: bool = False,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        tol: float = 1e-4,
     ):
         self.sizes = sizes
         self.activation = activation
@@ -401,6 +412,10 @@ class StackedAutoencoder(
         self.random_state = random_state
         self.verbose = verbose
         self.cuda_graph = cuda_graph
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
 
     def fit(self, X, y=None):
         device = self._check_common_params()
@@ -411,30 +426,42 @@ class StackedAutoencoder(
             raise ValueError("sizes must name at least one layer")
         pretrain_epochs = _checks.positive_int("pretrain_epochs", self.pretrain_epochs)
         finetune_epochs = _nonnegative_int("finetune_epochs", self.finetune_epochs)
+        early = self._early_stopping()
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
         data = self._tensor(scaled)
         seed = self._draw_seed()
+        # every stage holds out the same rows
+        rows = hold_out(len(X), early["fraction"], seed) if early else None
         upper_loss = "bce" if self.activation == "sigmoid" else "mse"
-        layers, self.pretrain_loss_ = [], []
+        layers, self.pretrain_loss_, self.n_iter_ = [], [], 0
+        self.pretrain_validation_loss_ = [] if early else None
+        self.validation_loss_curve_ = self.best_validation_loss_ = None
         with _seeded(seed):
             codes = data
             for k, size in enumerate(sizes):
                 layer = self._layer(codes.shape[1], size, self.loss_ if k == 0 else upper_loss)
                 layer = layer.to(device=self.device_, dtype=torch.float32)
-                history = self._train(layer, codes, pretrain_epochs, seed + k + 1)
-                self.pretrain_loss_.append(history.loss[-1])
+                history = self._train(layer, codes, pretrain_epochs, seed + k + 1, early, rows)
+                kept = history.best_epoch if early else -1  # the epoch whose weights stay
+                self.pretrain_loss_.append(history.loss[kept])
+                if early:
+                    self.pretrain_validation_loss_.append(history.val_loss[kept])
+                self.n_iter_ += len(history.loss)
                 with torch.no_grad():
                     codes = layer.encode(codes)
                 layers.append(layer)
             self.module_ = StackModule(layers)
             self.loss_curve_ = []
             if finetune_epochs:
-                history = self._train(self.module_, data, finetune_epochs, seed)
+                history = self._train(self.module_, data, finetune_epochs, seed, early, rows)
                 self.loss_curve_ = list(history.loss)
+                self.n_iter_ += len(history.loss)
+                if early:
+                    self.validation_loss_curve_ = list(history.val_loss)
+                    self.best_validation_loss_ = history.val_loss[history.best_epoch]
         self.module_.eval()
-        self.n_iter_ = pretrain_epochs * len(sizes) + finetune_epochs
         self._n_features_out = sizes[-1]
         return self
 

@@ -259,13 +259,15 @@ class AutoencoderEstimatorMixin:
         )
 
     def _train(
-        self, module, data: torch.Tensor, epochs: int, seed: int, early=None, **kwargs
+        self, module, data: torch.Tensor, epochs: int, seed: int, early=None, rows=None, **kwargs
     ) -> History:
         """:func:`fastae.fit` with this estimator's batch size, learning rate, progress and
-        ``cuda_graph``; with ``early`` (:meth:`_early_stopping`'s parameters) on the rows
-        :func:`hold_out` leaves, stopping on the loss of those it holds out."""
+        ``cuda_graph``; with ``early`` (:meth:`_early_stopping`'s parameters) on the training
+        rows of ``rows`` (default: :func:`hold_out`'s, drawn with ``seed``), stopping on the
+        loss of the held-out ones."""
         if early:
-            data, validation = hold_out(data, early["fraction"], seed)
+            train, held = rows or hold_out(data.shape[0], early["fraction"], seed)
+            data, validation = data[train.to(data.device)], data[held.to(data.device)]
             kwargs |= {
                 "validation_data": validation,
                 "patience": early["patience"],
@@ -355,18 +357,17 @@ class AutoencoderEstimatorMixin:
             self._sync_device()
 
 
-def hold_out(data: torch.Tensor, fraction: float, seed: int):
-    """(training rows, validation rows) of ``data``: round(fraction * n) rows, at least one,
-    drawn at random (a permutation seeded with ``seed``) are held out for validation."""
-    n = data.shape[0]
+def hold_out(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, validation rows) of n rows as int64 index tensors: round(fraction * n)
+    rows, at least one, drawn at random (a permutation seeded with ``seed``) are held out."""
     held = max(1, round(fraction * n))
     if held >= n:
         raise ValueError(
             f"early_stopping holds out {held} of X's {n} sample{'s' * (n != 1)} "
             f"(validation_fraction={fraction}), leaving none to train on"
         )
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(data.device)
-    return data[order[held:]], data[order[:held]]
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    return order[held:], order[:held]
 
 
 def usable_device(device: torch.device) -> torch.device:

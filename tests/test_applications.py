@@ -42,6 +42,9 @@ EXPECTED_FAILURES = {
         # check_classifiers_train wants > 83% training accuracy on 3 blobs: 20 quick epochs
         SemiSupervisedAutoencoder(n_components=8, epochs=20, random_state=0),
         StackedAutoencoder((6, 3), pretrain_epochs=2, finetune_epochs=2, random_state=0),
+        StackedAutoencoder(
+            (6, 3), pretrain_epochs=2, finetune_epochs=2, early_stopping=True, random_state=0
+        ),
         DECClustering(
             3, autoencoder=AutoencoderTransformer(2, epochs=2), refine_epochs=2, random_state=0
         ),
@@ -185,6 +188,39 @@ def test_stack_is_pretrained_layer_by_layer_then_fine_tuned(digits):
     # same seed, same pretraining: fine-tuning the whole stack lowers its reconstruction error
     assert tuned.score(x) > pretrained.score(x)
     assert list(tuned.get_feature_names_out()) == [f"stackedautoencoder{i}" for i in range(5)]
+
+
+def test_stack_stops_early_on_the_same_held_out_rows(digits, monkeypatch):
+    calls, bottom_codes = [], []
+
+    def spy(module, data, **kwargs):
+        if len(calls) == 1:  # layer 1's turn: the codes layer 0 gives its held-out rows
+            with torch.no_grad():
+                bottom_codes.append(calls[0][2].encode(calls[0][1]))
+                bottom_codes.append(calls[0][2](calls[0][1]).loss.item())
+        calls.append((data, kwargs.get("validation_data"), module))
+        return fastae.fit(module, data, **kwargs)
+
+    monkeypatch.setattr(fastae.sklearn, "fit", spy)
+    x = digits[0][:400]
+    stack = StackedAutoencoder(
+        (16, 8), scale=None, pretrain_epochs=300, finetune_epochs=300, early_stopping=True,
+        n_iter_no_change=3, random_state=0,
+    ).fit(x)  # fmt: skip
+    assert len(calls) == 3 and [c[1].shape[0] for c in calls] == [40, 40, 40]
+    (bottom, held, _), (_, held_codes, _), (tuned, tuned_held, _) = calls
+    assert torch.equal(tuned_held, held) and torch.equal(tuned, bottom)
+    assert torch.equal(held_codes, bottom_codes[0])
+    assert len(stack.pretrain_validation_loss_) == 2 and len(stack.pretrain_loss_) == 2
+    # layer 0 kept the weights of its best epoch, whose held-out loss is recorded
+    assert stack.pretrain_validation_loss_[0] == pytest.approx(bottom_codes[1], rel=1e-7)
+    curve = stack.validation_loss_curve_
+    assert len(curve) == len(stack.loss_curve_) < 300
+    assert stack.best_validation_loss_ == curve[len(curve) - 4]
+    assert stack.n_iter_ < 900
+    plain = StackedAutoencoder((4,), pretrain_epochs=2, finetune_epochs=1, random_state=0).fit(x)
+    assert plain.validation_loss_curve_ is None and plain.pretrain_validation_loss_ is None
+    assert plain.n_iter_ == 3
 
 
 def test_stack_module_loss_terms():
