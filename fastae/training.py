@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import _checks
@@ -26,11 +27,13 @@ from .ops import check_unit_interval
 
 @dataclass
 class History:
-    """Per-epoch mean training loss, validation loss (if given), what stopped the run and,
-    with ``cuda_graph``, how many steps replayed the captured graph."""
+    """Per-epoch mean training loss, validation loss (if given) and learning rate (the first
+    parameter group's, as the epoch trained with it), what stopped the run and, with
+    ``cuda_graph``, how many steps replayed the captured graph."""
 
     loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
     seconds: float = 0.0
@@ -305,6 +308,7 @@ def fit(
     progress: bool = True,
     restore_best: bool = True,
     cuda_graph: bool = False,
+    scheduler=None,
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
 
@@ -327,12 +331,20 @@ def fit(
     further in a loop of your own.
 
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (fused on CUDA).
+    ``scheduler``: a learning-rate scheduler stepped once an epoch, after its losses (a
+    ``ReduceLROnPlateau`` with the loss ``patience`` watches: validation if given, else
+    training): one built on ``optimizer``, or a callable that builds one from the optimizer
+    fit trains with (``lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)``; for
+    the default Adam, which only fit sees). ``History.lr`` records each epoch's rate.
 
     ``cuda_graph``: replay each training step from a CUDA graph (:class:`fastae.GraphedStep`:
     one launch a step instead of a dozen, for batches whose GPU work is shorter than the
     host's); needs a CUDA model that draws no random numbers on the CPU (fastae's noise and
     VAE draw theirs on the GPU) and a ``capturable`` optimizer (the default Adam is made so).
-    An epoch's shorter last batch runs eagerly.
+    An epoch's shorter last batch runs eagerly. A graph replays the learning rate it
+    captured unless that is a tensor the scheduler updates in place: with ``scheduler`` the
+    default Adam's is one, and a given optimizer's must be (``lr=torch.tensor(1e-3,
+    device="cuda")``).
 
     Under ``torchrun`` (an initialized process group) a DistributedDataParallel model trains
     data-parallel, and every process must call fit: tensor data is sharded across processes
@@ -394,9 +406,12 @@ def fit(
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if optimizer is None:
         _check_adam_dtype(model)
-        optimizer = default_optimizer(model, lr, capturable=cuda_graph)
+        # a graph replays an lr it reads from memory: a tensor the scheduler fills
+        lr_on_device = cuda_graph and scheduler is not None
+        optimizer = default_optimizer(model, lr, capturable=cuda_graph, lr_tensor=lr_on_device)
     # every step through the graphed step: it runs eagerly until it captures
     step = GraphedStep(model, optimizer) if cuda_graph else None
+    scheduler = _scheduler(scheduler, optimizer, cuda_graph)
 
     history = History()
     best, best_state, waited = math.inf, None, 0
@@ -425,6 +440,7 @@ def fit(
             if isinstance(getattr(train, "sampler", None), DistributedSampler):
                 train.sampler.set_epoch(epoch)
             total, count = torch.zeros((), device=like.device), 0  # one sync per epoch
+            history.lr.append(float(optimizer.param_groups[0]["lr"]))
             for batch in train:
                 x = _on_device(batch, like.device)
                 if step is not None:
@@ -445,6 +461,10 @@ def fit(
                 check_finite(history.val_loss[-1], "validation", epoch)
                 stats["val_loss"] = monitored = history.val_loss[-1]
             bar.update(epoch, stats)
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(monitored)
+            elif scheduler is not None:
+                scheduler.step()
             if monitored < best - min_delta:
                 best, waited, history.best_epoch = monitored, 0, epoch
                 if restore_best and (val is not None or patience is not None):
@@ -475,9 +495,49 @@ def _check_adam_dtype(model: nn.Module) -> None:
         )
 
 
-def default_optimizer(model: nn.Module, lr: float, capturable: bool = False):
+def default_optimizer(
+    model: nn.Module, lr: float, capturable: bool = False, lr_tensor: bool = False
+):
     """``fit``'s Adam: fused where every parameter is on a CUDA device (the update of all of
     them in one kernel, and one to count the step, where the default multi-tensor Adam
-    launches 7, or 17 when ``capturable`` for a CUDA graph), else PyTorch's default."""
+    launches 7, or 17 when ``capturable`` for a CUDA graph), else PyTorch's default.
+    ``lr_tensor``: the learning rate is a tensor on the parameters' device (a CUDA graph reads
+    it from memory at each replay, so a scheduler's updates take effect)."""
     on_cuda = all(p.device.type == "cuda" for p in model.parameters())
+    if lr_tensor:
+        lr = torch.tensor(lr, dtype=torch.float32, device=next(model.parameters()).device)
     return torch.optim.Adam(model.parameters(), lr=lr, capturable=capturable, fused=on_cuda or None)
+
+
+_SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, ReduceLROnPlateau)
+
+
+def _scheduler(scheduler, optimizer: torch.optim.Optimizer, cuda_graph: bool):
+    """``fit``'s scheduler, checked: ``scheduler`` or what it builds from ``optimizer``."""
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, _SCHEDULERS):
+        if not callable(scheduler):
+            raise TypeError(
+                "scheduler must be a torch.optim.lr_scheduler scheduler, a callable that builds "
+                f"one from the optimizer, or None; got {type(scheduler).__name__}"
+            )
+        built = scheduler(optimizer)
+        if not isinstance(built, _SCHEDULERS):
+            raise TypeError(
+                "scheduler(optimizer) must return a torch.optim.lr_scheduler scheduler, got "
+                f"{type(built).__name__}"
+            )
+        scheduler = built
+    if scheduler.optimizer is not optimizer:
+        raise ValueError(
+            "scheduler steps another optimizer than the one fit trains with: build it on the "
+            "optimizer passed to fit, or pass a callable (optimizer -> scheduler)"
+        )
+    if cuda_graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
+        raise ValueError(
+            "cuda_graph=True with a scheduler needs the optimizer's lr as a tensor on the "
+            "model's device (lr=torch.tensor(1e-3, device='cuda')): a CUDA graph replays a "
+            "float lr as it was captured, whatever the scheduler sets"
+        )
+    return scheduler

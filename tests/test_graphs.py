@@ -271,6 +271,51 @@ def test_sklearn_estimators_train_through_the_graphed_step(cpu_graphs, monkeypat
             clone(estimator).fit(x, y)
 
 
+def test_a_graphed_fit_schedules_a_learning_rate_it_reads_from_memory(cpu_graphs, monkeypatch):
+    """fit's default Adam gets its lr as a tensor on the model's device when a scheduler
+    runs under cuda_graph (a replay reads it; a float would replay as captured); a given
+    optimizer with a float lr is refused. (Fake graphs; the Adam swapped for SGD as above.)"""
+    made = []
+
+    def adam(params, lr, capturable=False, **kwargs):
+        made.append(lr)
+        return torch.optim.SGD(params, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    model = _model()
+    cpu_graphs.append(model)
+    schedule = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)  # noqa: E731
+    kwargs = {"epochs": 3, "batch_size": 16, "seed": 0, "progress": False, "cuda_graph": True}
+    history = fastae.fit(model, torch.rand(64, 12), lr=0.1, scheduler=schedule, **kwargs)
+    assert isinstance(made[-1], torch.Tensor) and made[-1].device == model.weight.device
+    assert made[-1].dtype == torch.float32  # what the fused CUDA Adam reads
+    assert history.lr == pytest.approx([0.1, 0.05, 0.025]) and float(made[-1]) == pytest.approx(
+        0.0125
+    )
+    fastae.fit(model, torch.rand(64, 12), lr=0.1, **kwargs)
+    assert made[-1] == 0.1  # a float without a scheduler
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^cuda_graph=True with a scheduler needs .* a tensor"):
+        fastae.fit(model, torch.rand(64, 12), optimizer=optimizer, scheduler=schedule, **kwargs)
+
+
+@pytest.mark.cuda
+def test_a_graphed_fit_follows_its_scheduler_as_eager_fit():
+    data = torch.rand(100, 12, device="cuda")
+    torch.manual_seed(1)
+    eager = _model(contractive=0.1).cuda()
+    graphed = _model(contractive=0.1).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    kwargs = {"epochs": 3, "batch_size": 16, "seed": 0, "lr": 1e-2, "progress": False}
+    kwargs["scheduler"] = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.1)
+    eager_history = fastae.fit(eager, data, **kwargs)
+    graphed_history = fastae.fit(graphed, data, cuda_graph=True, **kwargs)
+    assert graphed_history.lr == pytest.approx(eager_history.lr) == [1e-2, 1e-3, 1e-4]
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
+    assert graphed_history.graphed_steps == 3 * 6 - 3
+
+
 def test_cpu_randomness_is_refused_at_capture_on_any_device(cpu_graphs):
     step = GraphedStep(_model(noise=fastae.MaskingNoise(0.3)), warmup=1)
     x = torch.rand(16, 12)

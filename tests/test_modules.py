@@ -425,6 +425,65 @@ def test_fit_patience_without_validation_monitors_training_loss():
     assert not full.stopped_early and len(full.loss) == 4
 
 
+def _step_lr(gamma):
+    return lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma)
+
+
+def test_fit_steps_the_scheduler_once_an_epoch():
+    data = small_problem()
+    kwargs = {"batch_size": 16, "lr": 0.03, "seed": 0, "progress": False}
+    plain = fastae.fit(new_model(), data, epochs=3, **kwargs)
+    assert plain.lr == [0.03] * 3
+    first = new_model()
+    fastae.fit(first, data, epochs=1, **kwargs)
+    # lr 0 from the second epoch on: the weights stay those of the first
+    frozen = new_model()
+    history = fastae.fit(frozen, data, epochs=3, scheduler=_step_lr(0.0), **kwargs)
+    assert history.lr == [0.03, 0.0, 0.0]
+    for name, value in first.state_dict().items():
+        torch.testing.assert_close(frozen.state_dict()[name], value, rtol=0, atol=0)
+    # a scheduler built on the optimizer given
+    model = new_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+    history = fastae.fit(
+        model, data, epochs=3, optimizer=optimizer, scheduler=scheduler, seed=0, progress=False
+    )
+    assert history.lr == [0.1, 0.05, 0.025] and optimizer.param_groups[0]["lr"] == 0.0125
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_fit_steps_reduce_lr_on_plateau_with_the_watched_loss(validation):
+    seen = []
+
+    class Watching(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics):
+            seen.append(metrics)
+            super().step(metrics)
+
+    data = small_problem()
+    history = fastae.fit(
+        new_model(), data, validation_data=data[:32] if validation else None, epochs=3,
+        scheduler=lambda optimizer: Watching(optimizer, patience=0, threshold=10.0),
+        seed=0, progress=False,
+    )  # fmt: skip
+    assert seen == (history.val_loss if validation else history.loss)
+    # no epoch improves by 1000%: the rate falls tenfold after each
+    assert history.lr == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+def test_fit_refuses_a_scheduler_it_cannot_step():
+    data, model = small_problem(32), new_model()
+    fit = lambda **kwargs: fastae.fit(model, data, epochs=1, progress=False, **kwargs)  # noqa: E731
+    with pytest.raises(TypeError, match=r"^scheduler must be a torch.optim.lr_scheduler"):
+        fit(scheduler="cosine")
+    with pytest.raises(TypeError, match=r"^scheduler\(optimizer\) must return .* got float"):
+        fit(scheduler=lambda optimizer: 0.5)
+    other = torch.optim.SGD(new_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^scheduler steps another optimizer"):
+        fit(scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+
+
 def test_fit_validation_loss_is_clean_eval_loss():
     data, val = small_problem(), small_problem(32)
     model = new_model(noise=fastae.MaskingNoise(0.5))

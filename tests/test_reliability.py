@@ -297,16 +297,23 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
             torch.save((history.loss, gathered), result_path + ".fit")
         # with validation data and patience: each epoch's losses are means over every
         # process's rows, so the processes stop alike (one stopping alone would leave the
-        # other waiting in its next gradient all-reduce)
+        # other waiting in its next gradient all-reduce), and so do their schedulers' rates
         plain = fastae.Autoencoder(x.shape[1], 5)
         val = x[:7]  # shards of 4 and 3 rows: each row counted once
         history = fastae.fit(
             torch.nn.parallel.DistributedDataParallel(plain), x, validation_data=val,
             epochs=4, patience=1, batch_size=4, seed=0, progress=False, restore_best=False,
+            scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0),
         )  # fmt: skip
         with torch.no_grad():
             whole = float(plain(val).loss)  # the last epoch's weights on the whole set, here
-        record = (history.loss, history.val_loss, history.best_epoch, history.stopped_early)
+        record = (
+            history.loss,
+            history.val_loss,
+            history.best_epoch,
+            history.stopped_early,
+            history.lr,
+        )
         # one validation row: process 1's shard is empty, the mean is still that row's loss
         one = fastae.Autoencoder(x.shape[1], 5)
         history = fastae.fit(
@@ -391,11 +398,11 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(rank_params[0], rank_params[1])
     assert fit_losses[-1] < fit_losses[0]
     records = torch.load(result + ".val", weights_only=True)
-    assert records[0][:4] == records[1][:4]  # the same history on both processes
-    val_loss, whole = records[0][1], records[0][4]
+    assert records[0][:5] == records[1][:5]  # the same history on both processes
+    val_loss, whole = records[0][1], records[0][5]
     assert val_loss[-1] == pytest.approx(whole, rel=1e-6)  # over both shards, not one
     for record in records:
-        assert record[5][0] == pytest.approx(record[5][1], rel=1e-6)
+        assert record[6][0] == pytest.approx(record[6][1], rel=1e-6)
     (probes_0, shuffle_0), (probes_1, shuffle_1) = torch.load(result + ".seeds", weights_only=True)
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
