@@ -24,6 +24,17 @@ def _substitute(code: str, old: str, new: str) -> str:
     return code.replace(old, new)
 
 
+def test_quick_start_example():
+    pytest.importorskip("sklearn")
+    code = _substitute(_example("## Quick start"), "epochs=200", "epochs=5")
+    rng = np.random.default_rng(0)
+    namespace = {"x_train": rng.random((80, 12)), "x_test": rng.random((30, 12))}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["anomaly"].shape == namespace["outlier"].shape == (30,)
+    assert namespace["detector"].labels_.sum() == 8  # a tenth of the training rows
+    assert namespace["codes"].shape == (30, 16)
+
+
 def test_use_example():
     code = _substitute(_example("## Use"), "epochs=20", "epochs=2")
     device = "cuda" if torch.cuda.is_available() else "cpu"
