@@ -22,10 +22,12 @@ on each task, so a busy machine slows them alike. Detectors:
 
 Training (``--parts training``): the dense autoencoders of Keras's autoencoder tutorial
 (784 -> 32 ReLU -> 784 sigmoid, binary cross-entropy, Adam 1e-3, 50 epochs, batch 256; sparse
-with an L1 activity penalty of 1e-5) and a denoising one with a ``GaussianNoise(0.5)`` layer
+with an L1 activity penalty of 1e-5; deep: 784 -> 128 -> 64 -> 32 -> 64 -> 128 -> 784, ReLU
+but the output) and a denoising one with a ``GaussianNoise(0.5)`` layer
 on the input (the tutorial's noise level; its denoising model is convolutional), in Keras 3 on
 its PyTorch backend, beside the same models in fastae (untied, L1 weight
-784e-5: fastae sums the loss over the 784 pixels where Keras averages, ``GaussianNoise(0.5)``),
+784e-5: fastae sums the loss over the 784 pixels where Keras averages, ``GaussianNoise(0.5)``;
+``DeepAutoencoder(784, (128, 64, 32), activation="relu")``),
 on the 8x8 digits upsampled to 28x28 (linear interpolation, 75/25 split). Per model: seconds
 to train and the test reconstruction loss (binary cross-entropy summed over pixels, both
 models' reconstructions scored by the same numpy code, probabilities clipped to [1e-7,
@@ -145,6 +147,7 @@ def run(seeds: list[int], held_out: list[int], epochs: int = EPOCHS, pyod: bool 
 
 
 KERAS_EPOCHS, KERAS_BATCH, KERAS_CODE, KERAS_L1, KERAS_NOISE = 50, 256, 32, 1e-5, 0.5
+KERAS_DEEP = (128, 64, 32)  # the tutorial's deep autoencoder, mirrored in the decoder
 
 
 def upsampled_digits(seed: int):
@@ -170,8 +173,14 @@ def _keras_model(kind: str):
     inputs = keras.Input((784,))
     layer = keras.layers.GaussianNoise(KERAS_NOISE)(inputs) if kind == "denoising" else inputs
     regularizer = keras.regularizers.l1(KERAS_L1) if kind == "sparse" else None
-    code = keras.layers.Dense(KERAS_CODE, activation="relu", activity_regularizer=regularizer)
-    outputs = keras.layers.Dense(784, activation="sigmoid")(code(layer))
+    widths = KERAS_DEEP if kind == "deep" else (KERAS_CODE,)
+    for width in widths[:-1]:
+        layer = keras.layers.Dense(width, activation="relu")(layer)
+    code = keras.layers.Dense(widths[-1], activation="relu", activity_regularizer=regularizer)
+    layer = code(layer)
+    for width in widths[-2::-1]:
+        layer = keras.layers.Dense(width, activation="relu")(layer)
+    outputs = keras.layers.Dense(784, activation="sigmoid")(layer)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="adam", loss="binary_crossentropy")
     return model
@@ -180,6 +189,8 @@ def _keras_model(kind: str):
 def _fastae_model(kind: str):
     import fastae
 
+    if kind == "deep":
+        return fastae.DeepAutoencoder(784, KERAS_DEEP, activation="relu", tied=False)
     options = {
         "sparse": {"sparsity": fastae.L1Sparsity(784 * KERAS_L1)},
         "denoising": {"noise": fastae.GaussianNoise(KERAS_NOISE)},
@@ -194,7 +205,7 @@ def training(seeds: list[int], epochs: int = KERAS_EPOCHS, keras: bool = True) -
     results: dict = {}
     for seed in seeds:
         x_tr, x_te = upsampled_digits(seed)
-        for kind in ("plain", "sparse", "denoising"):
+        for kind in ("plain", "sparse", "denoising", "deep"):
             if keras:
                 import keras as keras_module
 

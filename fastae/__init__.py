@@ -3,7 +3,7 @@
 from . import ops
 from .backend import get_backend, set_backend, use_backend
 from .graphs import GraphedStep
-from .modules import Autoencoder, AutoencoderOutput, KLSparsity, L1Sparsity
+from .modules import Autoencoder, AutoencoderOutput, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 from .training import History, LossNotFinite, fit
 from .vae import VAE, VAEOutput
@@ -11,6 +11,7 @@ from .vae import VAE, VAEOutput
 __all__ = [
     "Autoencoder",
     "AutoencoderOutput",
+    "DeepAutoencoder",
     "GaussianNoise",
     "GraphedStep",
     "History",

@@ -1,4 +1,5 @@
-"""``fastae.Autoencoder``: one hidden layer with sparsity, denoising and contractive terms."""
+"""``fastae.Autoencoder`` (one hidden layer with sparsity, denoising and contractive terms) and
+``fastae.DeepAutoencoder`` (several, mirrored in the decoder)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,33 @@ def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
     return total / count
 
 
+def _set_options(module, activation, output, loss, noise, sparsity) -> None:
+    """Check and set an autoencoder's activation, output, loss_name, noise and sparsity."""
+    module.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
+    module.output = _checks.choice("output", output, reference.OUTPUTS)
+    module.loss_name = _checks.choice("loss", loss, reference.LOSSES)
+    if loss == "bce" and output != "sigmoid":
+        raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
+    module.noise = check_noise(noise)
+    if sparsity is not None and not isinstance(sparsity, (KLSparsity, L1Sparsity)):
+        raise TypeError(
+            f"sparsity must be None, KLSparsity or L1Sparsity, got {type(sparsity).__name__}"
+        )
+    if isinstance(sparsity, KLSparsity) and activation != "sigmoid":
+        raise ValueError(
+            f"sparsity KLSparsity needs activation 'sigmoid' (activations in (0, 1)), "
+            f"got activation {activation!r}"
+        )
+    module.sparsity = sparsity
+
+
+def _sparsity_penalty(sparsity, activation: str, h: Tensor, rho_hat: Tensor) -> Tensor:
+    """The sparsity term of codes h (rho_hat: their column means)."""
+    if isinstance(sparsity, KLSparsity):
+        return sparsity.penalty(h, rho_hat)
+    return sparsity.penalty(h, rho_hat, nonnegative=activation != "tanh")
+
+
 class Autoencoder(nn.Module):
     """Regularized one-layer autoencoder.
 
@@ -136,23 +164,8 @@ class Autoencoder(nn.Module):
         super().__init__()
         in_features = _checks.positive_int("in_features", in_features)
         hidden_features = _checks.positive_int("hidden_features", hidden_features)
-        self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
-        self.output = _checks.choice("output", output, reference.OUTPUTS)
-        self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
-        if loss == "bce" and output != "sigmoid":
-            raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
+        _set_options(self, activation, output, loss, noise, sparsity)
         tied = _checks.flag("tied", tied)
-        self.noise = check_noise(noise)
-        if sparsity is not None and not isinstance(sparsity, (KLSparsity, L1Sparsity)):
-            raise TypeError(
-                f"sparsity must be None, KLSparsity or L1Sparsity, got {type(sparsity).__name__}"
-            )
-        if isinstance(sparsity, KLSparsity) and activation != "sigmoid":
-            raise ValueError(
-                f"sparsity KLSparsity needs activation 'sigmoid' (activations in (0, 1)), "
-                f"got activation {activation!r}"
-            )
-        self.sparsity = sparsity
         self.contractive = _checks.finite_number("contractive", contractive, low=0)
         self.sync_statistics = _checks.flag("sync_statistics", sync_statistics)
         self.check_targets = _checks.flag("check_targets", check_targets)
@@ -255,11 +268,8 @@ class Autoencoder(nn.Module):
         """The regularizers' terms by name ("sparsity", "contractive") from encode's h,
         rho_hat and jac."""
         penalties = {}
-        if isinstance(self.sparsity, KLSparsity):
-            penalties["sparsity"] = self.sparsity.penalty(h, rho_hat)
-        elif isinstance(self.sparsity, L1Sparsity):
-            nonnegative = self.activation != "tanh"
-            penalties["sparsity"] = self.sparsity.penalty(h, rho_hat, nonnegative)
+        if self.sparsity is not None:
+            penalties["sparsity"] = _sparsity_penalty(self.sparsity, self.activation, h, rho_hat)
         if self.contractive:
             penalties["contractive"] = self.contractive * jac
         return penalties
@@ -293,3 +303,158 @@ class Autoencoder(nn.Module):
         if contractive is not None:
             penalties["contractive"] = contractive
         return AutoencoderOutput(loss, reconstruction, h, per_sample, penalties, jac)
+
+
+class DeepAutoencoder(nn.Module):
+    """Regularized autoencoder with several hidden layers, the decoder mirroring the encoder.
+
+    With sizes (s_1, ..., s_L) and s_0 = d: the encoder computes h_k = a(h_{k-1} W_k^T + b_k)
+    (s_k units) from h_0 = x~, the code is h_L; the decoder computes g_k = a(g_{k+1} V_k^T +
+    c_k) from g_L = h_L down to g_1, then x^ = a_out(g_1 V_0^T + c_0) and its per-sample
+    loss. Every hidden layer is :func:`fastae.ops.encode` (the activation in the product's
+    epilogue, x~ corrupted as the first layer loads x), the output layer
+    :func:`fastae.ops.decode_loss` (output activation and loss in one pass). Keras's deep
+    autoencoder is ``DeepAutoencoder(784, (128, 64, 32), activation="relu", tied=False)``.
+
+    Args:
+        in_features: d. sizes: the encoder's layer widths, the last the code size.
+        activation, output, loss, noise, check_targets: as :class:`Autoencoder`; every
+            hidden layer, the decoder's included, takes ``activation``.
+        tied: each decoder weight is its encoder weight transposed (V_k = W_{k+1}^T).
+        sparsity: KLSparsity (sigmoid) or L1Sparsity on the code h_L, or None.
+        sync_statistics: as :class:`Autoencoder` (the KL penalty's code means over processes).
+
+    No contractive penalty: the fused op's Jacobian is one layer's, not the whole encoder's
+    (use :class:`Autoencoder`, or :class:`fastae.StackedAutoencoder` for a per-layer one).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        sizes,
+        *,
+        activation: str = "relu",
+        output: str = "sigmoid",
+        loss: str = "bce",
+        tied: bool = False,
+        noise: Noise | None = None,
+        sparsity: KLSparsity | L1Sparsity | None = None,
+        check_targets: bool = True,
+        sync_statistics: bool = False,
+    ):
+        super().__init__()
+        in_features = _checks.positive_int("in_features", in_features)
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or not len(sizes):
+            raise TypeError(f"sizes must be a non-empty sequence of positive ints, got {sizes!r}")
+        sizes = tuple(_checks.positive_int(f"sizes[{i}]", size) for i, size in enumerate(sizes))
+        _set_options(self, activation, output, loss, noise, sparsity)
+        self.tied = _checks.flag("tied", tied)
+        self.check_targets = _checks.flag("check_targets", check_targets)
+        self.sync_statistics = _checks.flag("sync_statistics", sync_statistics)
+        self.in_features, self.sizes = in_features, sizes
+        widths = (in_features, *sizes)
+        # layer k maps widths[k] -> widths[k + 1]; its decoder maps back
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(widths[k + 1], widths[k])) for k in range(len(sizes))
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in sizes)
+        self.decoder_weights = (
+            None
+            if self.tied
+            else nn.ParameterList(
+                nn.Parameter(torch.empty(widths[k], widths[k + 1])) for k in range(len(sizes))
+            )
+        )
+        self.decoder_biases = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in widths[:-1])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        decoders = [] if self.decoder_weights is None else list(self.decoder_weights)
+        for weight in [*self.weights, *decoders]:
+            nn.init.xavier_uniform_(weight)
+        for bias in [*self.biases, *self.decoder_biases]:
+            nn.init.zeros_(bias)
+
+    @property
+    def hidden_features(self) -> int:
+        """The code size s_L."""
+        return self.sizes[-1]
+
+    def extra_repr(self) -> str:
+        widths = " -> ".join(map(str, (self.in_features, *self.sizes)))
+        parts = [widths, f"activation={self.activation!r}", f"output={self.output!r}"]
+        parts += [f"loss={self.loss_name!r}", f"tied={self.tied}"]
+        if self.noise is not None:
+            parts.append(f"noise={self.noise}")
+        if self.sparsity is not None:
+            parts.append(f"sparsity={self.sparsity}")
+        return ", ".join(parts)
+
+    def decoder_matrix(self, k: int) -> Tensor:
+        """Decoder weight of layer k in nn.Linear layout (widths[k], widths[k + 1])."""
+        return self.weights[k].t() if self.decoder_weights is None else self.decoder_weights[k]
+
+    def _encode(self, x: Tensor, noise: Noise | None, statistics: bool):
+        """(code, rho_hat of the code or None) of checked x, the first layer corrupting."""
+        h, rho_hat = x, None
+        last = len(self.sizes) - 1
+        for k, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h, rho_hat, _ = ops.encode(
+                h, weight, bias, activation=self.activation, noise=noise if k == 0 else None,
+                statistics=statistics and k == last,
+            )  # fmt: skip
+        return h, rho_hat
+
+    def _decode_hidden(self, h: Tensor) -> Tensor:
+        """g_1 from the code: the decoder's hidden layers."""
+        for k in range(len(self.sizes) - 1, 0, -1):
+            h = ops.encode(
+                h, self.decoder_matrix(k), self.decoder_biases[k], activation=self.activation,
+                statistics=False,
+            )[0]  # fmt: skip
+        return h
+
+    def _per_sample(self, h: Tensor, x: Tensor) -> Tensor:
+        return ops.decode_loss(
+            self._decode_hidden(h), self.decoder_matrix(0), self.decoder_biases[0], target=x,
+            output=self.output, loss=self.loss_name, check_target=self.check_targets,
+        )  # fmt: skip
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes h_L (B, s_L) of clean inputs."""
+        x = _checks.model_input(x, self.weights[0], self.in_features)
+        return self._encode(x, None, statistics=False)[0]
+
+    def decode(self, h: Tensor) -> Tensor:
+        """Reconstruction x^ (B, d) from codes."""
+        h = _checks.tensor("h", h, 2)
+        _checks.model_kind("h", h, "the decoder weight", self.decoder_matrix(len(self.sizes) - 1))
+        _checks.size("h", h, 1, self.sizes[-1], "the model's code has that many units")
+        _checks.rows("h", h)
+        return reference.reconstruct(
+            self._decode_hidden(h), self.decoder_matrix(0), self.decoder_biases[0], self.output
+        )
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def reconstruction_error(self, x: Tensor) -> Tensor:
+        """Per-sample reconstruction loss (B,) of clean inputs: the anomaly score."""
+        x = _checks.model_input(x, self.weights[0], self.in_features)
+        return self._per_sample(self._encode(x, None, statistics=False)[0], x)
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        x = _checks.model_input(x, self.weights[0], self.in_features)
+        noise = self.noise if self.training else None
+        h, rho_hat = self._encode(x, noise, statistics=self.sparsity is not None)
+        per_sample = self._per_sample(h, x)
+        reconstruction_loss = per_sample.mean()
+        penalties = {}
+        if self.sparsity is not None:
+            if isinstance(self.sparsity, KLSparsity) and self.sync_statistics and self.training:
+                rho_hat = global_column_mean(rho_hat, x.shape[0])
+            penalties["sparsity"] = _sparsity_penalty(self.sparsity, self.activation, h, rho_hat)
+        loss = reconstruction_loss
+        for term in penalties.values():
+            loss = loss + term
+        return AutoencoderOutput(loss, reconstruction_loss, h, per_sample, penalties)

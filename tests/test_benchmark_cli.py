@@ -560,7 +560,7 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
 
 def test_peers_training_scores_reconstructions_by_binary_cross_entropy(peers):
     results = peers.training(seeds=[0], epochs=1, keras=False)
-    assert set(results) == {(kind, "fastae") for kind in ("plain", "sparse", "denoising")}
+    assert set(results) == {(kind, "fastae") for kind in ("plain", "sparse", "denoising", "deep")}
     x_tr, x_te = peers.upsampled_digits(0)
     assert x_tr.shape == (1347, 784) and x_te.shape == (450, 784)
     assert x_te.min() >= 0 and x_te.max() <= 1 and x_te.std() > 0.1
