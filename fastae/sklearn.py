@@ -46,7 +46,7 @@ except ImportError:  # scikit-learn < 1.6
 
 from . import _checks, reference
 from .backend import use_backend
-from .modules import Autoencoder, KLSparsity, L1Sparsity
+from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
 from .training import History, LossNotFinite, fit
 from .vae import SCORES, VAE
@@ -415,8 +415,9 @@ class CodeTransformerMixin(TransformerMixin):
         return float(np.mean(self.score_samples(X)))
 
 
-class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
-    """One :class:`fastae.Autoencoder` trained on scaled inputs."""
+class _AutoencoderEstimator(AutoencoderEstimatorMixin, BaseEstimator):
+    """One :class:`fastae.Autoencoder` (or, with ``hidden_layer_sizes``, a
+    :class:`fastae.DeepAutoencoder`) trained on scaled inputs."""
 
     def __init__(
         self,
@@ -440,6 +441,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
+        hidden_layer_sizes=(),
     ):
         self.n_components = n_components
         self.activation = activation
@@ -460,6 +462,34 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
+        self.hidden_layer_sizes = hidden_layer_sizes
+
+    def _hidden_layer_sizes(self) -> tuple[int, ...]:
+        """The checked ``hidden_layer_sizes`` (those of the layers before the code)."""
+        sizes = self.hidden_layer_sizes
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+            raise TypeError(
+                f"hidden_layer_sizes must be a sequence of positive ints, got {sizes!r}"
+            )
+        sizes = tuple(
+            _checks.positive_int(f"hidden_layer_sizes[{i}]", size) for i, size in enumerate(sizes)
+        )
+        if sizes and self.contractive != 0:
+            raise ValueError(
+                "contractive needs hidden_layer_sizes=(): the exact penalty is one layer's "
+                f"Jacobian, and hidden_layer_sizes={sizes} makes the encoder deeper"
+            )
+        return sizes
+
+    def _layer(self, in_features: int, hidden: int, loss: str):
+        sizes = self._hidden_layer_sizes()
+        if not sizes:
+            return super()._layer(in_features, hidden, loss)
+        return DeepAutoencoder(
+            in_features, (*sizes, hidden), activation=self._activation(),
+            output="sigmoid" if loss == "bce" else "identity", loss=loss, tied=self.tied,
+            noise=self.noise, sparsity=self.sparsity, check_targets=False,
+        )  # fmt: skip
 
     def _fit_autoencoder(self, X) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters
@@ -468,6 +498,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)
         early = self._early_stopping()
+        self._hidden_layer_sizes()
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
@@ -486,7 +517,7 @@ class _SingleLayerEstimator(AutoencoderEstimatorMixin, BaseEstimator):
 
 
 class AutoencoderTransformer(
-    ClassNamePrefixFeaturesOutMixin, CodeTransformerMixin, _SingleLayerEstimator
+    ClassNamePrefixFeaturesOutMixin, CodeTransformerMixin, _AutoencoderEstimator
 ):
     """Regularized autoencoder as a scikit-learn transformer: ``transform`` gives the codes.
 
@@ -523,12 +554,17 @@ class AutoencoderTransformer(
             objective in eval mode: without the input corruption, regularizers included. The
             scaler is fitted on all of X. ``validation_fraction``, ``n_iter_no_change`` and
             ``tol`` serve early stopping alone; without it, training runs all ``epochs``.
+        hidden_layer_sizes: widths of the encoder's layers before the code (PyOD's and
+            scikit-learn's MLP's term): non-empty, the model is a
+            :class:`fastae.DeepAutoencoder` of sizes (*hidden_layer_sizes, n_components),
+            every hidden layer taking ``activation``, the decoder mirroring the encoder (no
+            ``contractive`` then); empty (the default), one :class:`fastae.Autoencoder` layer.
 
     Attributes:
-        module_ (fastae.Autoencoder), scaler_, loss_, output_, device_, n_iter_ (epochs run),
-        loss_curve_ (per-epoch training loss), validation_loss_curve_ and
-        best_validation_loss_ (with early_stopping, else None), train_seconds_,
-        n_features_in_, feature_names_in_ (when X has string column names).
+        module_ (fastae.Autoencoder or fastae.DeepAutoencoder), scaler_, loss_, output_,
+        device_, n_iter_ (epochs run), loss_curve_ (per-epoch training loss),
+        validation_loss_curve_ and best_validation_loss_ (with early_stopping, else None),
+        train_seconds_, n_features_in_, feature_names_in_ (when X has string column names).
     """
 
     def fit(self, X, y=None):
@@ -542,7 +578,7 @@ class AutoencoderTransformer(
         return tags
 
 
-class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
+class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     """Outlier detection by reconstruction error, with scikit-learn's conventions.
 
     Methods follow scikit-learn (as IsolationForest): ``score_samples`` is minus the anomaly
@@ -570,8 +606,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
     Parameters beyond those of :class:`AutoencoderTransformer`:
         contamination: expected share of outliers, in (0, 0.5].
         model: "autoencoder" (a :class:`fastae.Autoencoder` with ``n_components`` units and
-            the regularizers given) or "vae" (takes no ``noise``, ``sparsity`` or
-            ``contractive``; ``tied`` does not apply).
+            the regularizers given, or a :class:`fastae.DeepAutoencoder` with
+            ``hidden_layer_sizes``) or "vae" (takes no ``noise``, ``sparsity``,
+            ``contractive`` or ``hidden_layer_sizes``; ``tied`` does not apply).
         hidden: (model="vae") units of the VAE's encoder and decoder hidden layers.
         beta: (model="vae") weight of the KL term in the training objective.
         anomaly_score: None (the model's own: "elbo" for a VAE, the reconstruction loss for an
@@ -610,6 +647,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
+        hidden_layer_sizes=(),
     ):
         super().__init__(
             n_components,
@@ -631,6 +669,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             validation_fraction=validation_fraction,
             n_iter_no_change=n_iter_no_change,
             tol=tol,
+            hidden_layer_sizes=hidden_layer_sizes,
         )
         self.contamination = contamination
         self.model = model
@@ -659,6 +698,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _SingleLayerEstimator):
             "noise": self.noise is not None,
             "sparsity": self.sparsity is not None,
             "contractive": self.contractive != 0,
+            "hidden_layer_sizes": bool(self._hidden_layer_sizes()),
         }
         for name, is_set in given.items():
             if is_set:

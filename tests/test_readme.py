@@ -66,6 +66,7 @@ def test_applications_example():
     namespace = {"x_train": x, "x": x, "y_partial": y_partial}
     exec(compile(code, str(README), "exec"), namespace)
     assert namespace["detector"].predict(x).shape == (60,)
+    assert namespace["deep_detector"].module_.sizes == (64, 32, 16)
     assert np.isfinite(namespace["vae_detector"].score_samples(x)).all()
     assert set(namespace["clf"].predict(x)) <= {0, 1, 2}
     assert namespace["stack"].transform(x).shape == (60, 32)

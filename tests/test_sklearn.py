@@ -39,6 +39,7 @@ TINY = {"n_components": 4, "epochs": 3, "batch_size": 32, "random_state": 0}
         AutoencoderOutlierDetector(**TINY),
         AutoencoderOutlierDetector(model="vae", hidden=8, **TINY),
         AutoencoderTransformer(early_stopping=True, n_iter_no_change=1, **TINY),
+        AutoencoderOutlierDetector(hidden_layer_sizes=(6,), **TINY),
     ]
 )
 def test_sklearn_estimator_checks(estimator, check):
@@ -471,6 +472,46 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
     np.testing.assert_array_equal(model.score_samples(x), before)
     with pytest.raises(ValueError, match="3 features"):
         model.score_samples(x[:, :3])
+
+
+# ----------------------------------------------------------------------------- deep models
+
+
+def test_hidden_layer_sizes_make_a_deep_autoencoder(digits):
+    x, y = digits
+    transformer = AutoencoderTransformer(
+        8, hidden_layer_sizes=(32, 16), activation="relu", tied=False, epochs=5, random_state=0
+    ).fit(x[:300])
+    module = transformer.module_
+    assert isinstance(module, fastae.DeepAutoencoder) and module.sizes == (32, 16, 8)
+    assert module.activation == "relu" and not module.tied
+    codes = transformer.transform(x[:20])
+    assert codes.shape == (20, 8) and transformer.inverse_transform(codes).shape == (20, 64)
+    flat = AutoencoderTransformer(8, epochs=1, random_state=0).fit(x[:50])
+    assert type(flat.module_) is fastae.Autoencoder
+    # a deep detector finds the held-out digit as a one-layer one does
+    normal, test = x[:1300][y[:1300] != 0], x[1300:]
+    detector = AutoencoderOutlierDetector(
+        16, hidden_layer_sizes=(32,), scale=None, noise=fastae.MaskingNoise(0.3), epochs=40,
+        random_state=0,
+    ).fit(normal)  # fmt: skip
+    assert roc_auc_score(y[1300:] == 0, -detector.score_samples(test)) > 0.85
+
+
+def test_hidden_layer_sizes_are_checked():
+    x = np.random.default_rng(0).random((40, 5))
+    with pytest.raises(TypeError, match=r"^hidden_layer_sizes must be a sequence"):
+        AutoencoderTransformer(2, hidden_layer_sizes=8).fit(x)
+    with pytest.raises(ValueError, match=r"^hidden_layer_sizes\[1\] must be a positive int"):
+        AutoencoderTransformer(2, hidden_layer_sizes=(4, 0)).fit(x)
+    with pytest.raises(ValueError, match=r"^contractive needs hidden_layer_sizes=\(\)"):
+        AutoencoderOutlierDetector(2, hidden_layer_sizes=(4,), contractive=0.1).fit(x)
+    with pytest.raises(ValueError, match=r"^hidden_layer_sizes applies to model='autoencoder'"):
+        AutoencoderOutlierDetector(2, model="vae", hidden_layer_sizes=(4,)).fit(x)
+    with pytest.raises(ValueError, match=r"^sparsity KLSparsity needs activation 'sigmoid'"):
+        AutoencoderTransformer(
+            2, hidden_layer_sizes=(4,), activation="relu", sparsity=fastae.KLSparsity(0.1)
+        ).fit(x)
 
 
 # ----------------------------------------------------------------------------- early stopping
