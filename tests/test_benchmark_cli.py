@@ -528,7 +528,8 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
     from sklearn.metrics import roc_auc_score
 
     results = peers.run(seeds=[0], held_out=[1], epochs=2, pyod=False)
-    rows = {"fastae plain", "fastae denoising (30% masking)", "IsolationForest"}
+    deep = "fastae deep (PyOD's 64-32 ReLU, standardized)"
+    rows = {"fastae plain", "fastae denoising (30% masking)", deep, "IsolationForest"}
     assert {row for _, row in results} == rows
     assert {task for task, _ in results} == {"digits", "cancer"}
     task, normal, test, anomaly = next(peers.tasks(0, [1]))
@@ -538,9 +539,15 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
     detector = fastae.AutoencoderOutlierDetector(
         32, scale=None, epochs=2, batch_size=64, lr=1e-2, random_state=0
     ).fit(normal)
+    deep_detector = fastae.AutoencoderOutlierDetector(
+        32, hidden_layer_sizes=(64,), activation="relu", epochs=2, batch_size=64, lr=1e-2,
+        random_state=0,
+    ).fit(normal)  # fmt: skip
+    assert deep_detector.module_.sizes == (64, 32)
     for row, scores in [
         ("IsolationForest", forest),
         ("fastae plain", -detector.score_samples(test)),
+        (deep, -deep_detector.score_samples(test)),
     ]:
         auroc = results[("digits", row)]["auroc"]
         assert auroc == [pytest.approx(roc_auc_score(anomaly, scores))]
