@@ -268,7 +268,7 @@ def test_kl_sparsity_finite_when_rho_hat_saturates(rho_hat_value):
 # ------------------------------------------------------------------ data parallel (gloo, CPU)
 
 
-def _ddp_worker(rank, world, store_path, x, state, result_path):
+def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
     # rendezvous through a file (a free TCP port picked beforehand can be taken meanwhile)
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
@@ -288,6 +288,20 @@ def _ddp_worker(rank, world, store_path, x, state, result_path):
         torch.distributed.all_reduce(loss)
         if rank == 0:
             torch.save((loss / world, [p.grad for p in model.parameters()]), result_path)
+        # the deep model's KL term sees the global batch's code means too
+        deep = fastae.DeepAutoencoder(
+            x.shape[1], (8, 4), activation="sigmoid", sparsity=fastae.KLSparsity(0.1, 1.0),
+            sync_statistics=True,
+        )  # fmt: skip
+        deep.load_state_dict(deep_state)
+        deep_ddp = torch.nn.parallel.DistributedDataParallel(deep)  # alive through backward
+        out = deep_ddp(shard)
+        out.loss.backward()
+        deep_loss = out.loss.detach().clone()
+        torch.distributed.all_reduce(deep_loss)
+        if rank == 0:
+            grads = [p.grad for p in deep.parameters()]
+            torch.save((deep_loss / world, grads), result_path + ".deep")
         # fastae.fit under the process group: sharded data, parameters stay in sync
         history = fastae.fit(ddp, x, epochs=3, batch_size=4, seed=0, progress=False)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -386,10 +400,13 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
         12, 6, sparsity=fastae.KLSparsity(0.1, 1.0), contractive=0.1, sync_statistics=True
     )
     state = copy.deepcopy(model.state_dict())
+    deep = fastae.DeepAutoencoder(
+        12, (8, 4), activation="sigmoid", sparsity=fastae.KLSparsity(0.1, 1.0)
+    )
     result = str(tmp_path / "rank0.pt")
     mp.start_processes(
         _ddp_worker,
-        args=(2, str(tmp_path / "store"), x, state, result),
+        args=(2, str(tmp_path / "store"), x, state, deep.state_dict(), result),
         nprocs=2,
         start_method="spawn",
     )
@@ -415,4 +432,10 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     out.loss.backward()
     torch.testing.assert_close(ddp_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
     for a, p in zip(ddp_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+    deep_loss, deep_grads = torch.load(result + ".deep", weights_only=True)
+    out = deep(x)
+    out.loss.backward()
+    torch.testing.assert_close(deep_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, p in zip(deep_grads, deep.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
