@@ -32,6 +32,7 @@ from .sklearn import (
     AutoencoderOutlierDetector,
     AutoencoderTransformer,
     CodeTransformerMixin,
+    DeepLayerMixin,
     _as_dtype,
     _encode,
     _nonnegative_int,
@@ -112,7 +113,7 @@ class SemiSupervisedModule(nn.Module):
     when there are none); the autoencoder loss (reconstruction plus its penalties) over all.
     """
 
-    def __init__(self, autoencoder: Autoencoder, n_classes: int, reconstruction_weight: float):
+    def __init__(self, autoencoder: nn.Module, n_classes: int, reconstruction_weight: float):
         super().__init__()
         self.autoencoder = autoencoder
         self.head = nn.Linear(autoencoder.hidden_features, n_classes)
@@ -137,7 +138,9 @@ class SemiSupervisedModule(nn.Module):
         return SemiSupervisedOutput(loss, cross_entropy, logits, out)
 
 
-class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, BaseEstimator):
+class SemiSupervisedAutoencoder(
+    ClassifierMixin, DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator
+):
     """Classifier trained on labelled and unlabelled samples together.
 
     loss = cross-entropy(y, softmax(head(code))) + reconstruction_weight * autoencoder loss,
@@ -146,7 +149,8 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
     code the head sees during training is that of the corrupted input. Samples with
     ``y == -1`` are unlabelled: they contribute only the autoencoder term.
 
-    Parameters are those of :class:`fastae.sklearn.AutoencoderTransformer` plus
+    Parameters are those of :class:`fastae.sklearn.AutoencoderTransformer` (with
+    ``hidden_layer_sizes`` the autoencoder is a :class:`fastae.DeepAutoencoder`) plus
     ``reconstruction_weight`` (lambda); with ``early_stopping`` the held-out rows (labelled
     or not, drawn at random) are scored by that same loss. Attributes: ``classes_`` (the
     labels seen, -1 excluded), ``module_`` (a :class:`SemiSupervisedModule`),
@@ -177,6 +181,7 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
+        hidden_layer_sizes=(),
     ):
         self.n_components = n_components
         self.reconstruction_weight = reconstruction_weight
@@ -198,12 +203,14 @@ class SemiSupervisedAutoencoder(ClassifierMixin, AutoencoderEstimatorMixin, Base
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
+        self.hidden_layer_sizes = hidden_layer_sizes
 
     def fit(self, X, y):
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)
         early = self._early_stopping()
+        self._hidden_layer_sizes()
         weight = _reconstruction_weight(self.reconstruction_weight)
         X, y = self._validate_xy(X, y)
         labeled = ~_unlabeled_mask(y)

@@ -415,7 +415,39 @@ class CodeTransformerMixin(TransformerMixin):
         return float(np.mean(self.score_samples(X)))
 
 
-class _AutoencoderEstimator(AutoencoderEstimatorMixin, BaseEstimator):
+class DeepLayerMixin:
+    """``hidden_layer_sizes``: a non-empty one makes ``_layer`` a
+    :class:`fastae.DeepAutoencoder` (``n_components`` its code size)."""
+
+    def _hidden_layer_sizes(self) -> tuple[int, ...]:
+        """The checked ``hidden_layer_sizes`` (those of the layers before the code)."""
+        sizes = self.hidden_layer_sizes
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+            raise TypeError(
+                f"hidden_layer_sizes must be a sequence of positive ints, got {sizes!r}"
+            )
+        sizes = tuple(
+            _checks.positive_int(f"hidden_layer_sizes[{i}]", size) for i, size in enumerate(sizes)
+        )
+        if sizes and self.contractive != 0:
+            raise ValueError(
+                "contractive needs hidden_layer_sizes=(): the exact penalty is one layer's "
+                f"Jacobian, and hidden_layer_sizes={sizes} makes the encoder deeper"
+            )
+        return sizes
+
+    def _layer(self, in_features: int, hidden: int, loss: str):
+        sizes = self._hidden_layer_sizes()
+        if not sizes:
+            return super()._layer(in_features, hidden, loss)
+        return DeepAutoencoder(
+            in_features, (*sizes, hidden), activation=self._activation(),
+            output="sigmoid" if loss == "bce" else "identity", loss=loss, tied=self.tied,
+            noise=self.noise, sparsity=self.sparsity, check_targets=False,
+        )  # fmt: skip
+
+
+class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator):
     """One :class:`fastae.Autoencoder` (or, with ``hidden_layer_sizes``, a
     :class:`fastae.DeepAutoencoder`) trained on scaled inputs."""
 
@@ -463,33 +495,6 @@ class _AutoencoderEstimator(AutoencoderEstimatorMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.hidden_layer_sizes = hidden_layer_sizes
-
-    def _hidden_layer_sizes(self) -> tuple[int, ...]:
-        """The checked ``hidden_layer_sizes`` (those of the layers before the code)."""
-        sizes = self.hidden_layer_sizes
-        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
-            raise TypeError(
-                f"hidden_layer_sizes must be a sequence of positive ints, got {sizes!r}"
-            )
-        sizes = tuple(
-            _checks.positive_int(f"hidden_layer_sizes[{i}]", size) for i, size in enumerate(sizes)
-        )
-        if sizes and self.contractive != 0:
-            raise ValueError(
-                "contractive needs hidden_layer_sizes=(): the exact penalty is one layer's "
-                f"Jacobian, and hidden_layer_sizes={sizes} makes the encoder deeper"
-            )
-        return sizes
-
-    def _layer(self, in_features: int, hidden: int, loss: str):
-        sizes = self._hidden_layer_sizes()
-        if not sizes:
-            return super()._layer(in_features, hidden, loss)
-        return DeepAutoencoder(
-            in_features, (*sizes, hidden), activation=self._activation(),
-            output="sigmoid" if loss == "bce" else "identity", loss=loss, tied=self.tied,
-            noise=self.noise, sparsity=self.sparsity, check_targets=False,
-        )  # fmt: skip
 
     def _fit_autoencoder(self, X) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters

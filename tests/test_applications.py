@@ -110,6 +110,20 @@ def test_semi_supervised_early_stopping(digits):
     assert plain.validation_loss_curve_ is None and plain.best_validation_loss_ is None
 
 
+def test_semi_supervised_with_a_deep_autoencoder(digits):
+    x, y = digits
+    x_tr, y_tr, x_te, y_te = x[:1300], y[:1300], x[1300:], y[1300:]
+    y_semi, _ = _split_labels(y_tr, 0.1)
+    model = SemiSupervisedAutoencoder(
+        16, hidden_layer_sizes=(48,), activation="relu", scale=None, epochs=25, random_state=0
+    ).fit(x_tr, y_semi)
+    assert isinstance(model.module_.autoencoder, fastae.DeepAutoencoder)
+    assert model.module_.autoencoder.sizes == (48, 16) and model.encode(x_te[:3]).shape == (3, 16)
+    assert model.score(x_te, y_te) > 0.75
+    with pytest.raises(ValueError, match=r"^contractive needs hidden_layer_sizes=\(\)"):
+        SemiSupervisedAutoencoder(hidden_layer_sizes=(8,), contractive=0.1).fit(x_tr, y_semi)
+
+
 def test_unlabeled_rows_contribute_only_reconstruction():
     torch.manual_seed(0)
     ae = fastae.Autoencoder(6, 4, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2)
