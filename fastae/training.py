@@ -281,6 +281,17 @@ class LossNotFinite(FloatingPointError):
         )
 
 
+def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
+    """Whether a callback's ``answer`` stops training; data-parallel, whether any process's
+    does (one all-reduce), so that all stop at the same epoch."""
+    stop = bool(answer)
+    if not parallel:
+        return stop
+    flag = torch.full((), int(stop), dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
+
+
 def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
     """Process 0's ``value`` in data-parallel training (a broadcast), else ``value``: the
     DistributedSampler's shuffling seed must be the same on every process, or the shards
@@ -309,6 +320,7 @@ def fit(
     restore_best: bool = True,
     cuda_graph: bool = False,
     scheduler=None,
+    callback=None,
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
 
@@ -336,6 +348,10 @@ def fit(
     training): one built on ``optimizer``, or a callable that builds one from the optimizer
     fit trains with (``lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)``; for
     the default Adam, which only fit sees). ``History.lr`` records each epoch's rate.
+    ``callback``: called after each epoch as ``callback(epoch, history)`` (epoch from 1, the
+    history so far, the model in training mode): to log, checkpoint or plot; a true return
+    stops training there, as ``patience`` does (``History.stopped_early``; under data-parallel
+    training a stop asked by any process stops all).
 
     ``cuda_graph``: replay each training step from a CUDA graph (:class:`fastae.GraphedStep`:
     one launch a step instead of a dozen, for batches whose GPU work is shorter than the
@@ -373,6 +389,8 @@ def fit(
     shuffle = _checks.flag("shuffle", shuffle)
     progress = _checks.flag("progress", progress)
     restore_best = _checks.flag("restore_best", restore_best)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
@@ -465,15 +483,19 @@ def fit(
                 scheduler.step(monitored)
             elif scheduler is not None:
                 scheduler.step()
+            stop = False
             if monitored < best - min_delta:
                 best, waited, history.best_epoch = monitored, 0, epoch
                 if restore_best and (val is not None or patience is not None):
                     best_state = copy.deepcopy(model.state_dict())
             elif patience is not None:
                 waited += 1
-                if waited >= patience:
-                    history.stopped_early = True
-                    break
+                stop = waited >= patience
+            if callback is not None:
+                stop = _asked_to_stop(callback(epoch + 1, history), like.device, parallel) or stop
+            if stop:
+                history.stopped_early = True
+                break
     if best_state is not None and (val is not None or history.stopped_early):
         model.load_state_dict(best_state)
     model.eval()

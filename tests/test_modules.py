@@ -484,6 +484,34 @@ def test_fit_refuses_a_scheduler_it_cannot_step():
         fit(scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
 
 
+def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
+    data = small_problem()
+    seen = []
+
+    def callback(epoch, history):
+        seen.append((epoch, len(history.loss), len(history.val_loss), model.training))
+        return epoch == 2  # stop after the second epoch
+
+    model = new_model()
+    kwargs = {"batch_size": 16, "seed": 0, "progress": False}
+    history = fastae.fit(
+        model, data, validation_data=data[:16], epochs=5, callback=callback, **kwargs
+    )
+    assert seen == [(1, 1, 1, True), (2, 2, 2, True)]
+    assert history.stopped_early and len(history.loss) == 2
+    # without validation data or patience the model keeps its last step's weights
+    stopped = new_model()
+    fastae.fit(stopped, data, epochs=5, callback=lambda epoch, _: epoch == 2, **kwargs)
+    two = new_model()
+    fastae.fit(two, data, epochs=2, **kwargs)
+    for name, value in two.state_dict().items():
+        torch.testing.assert_close(stopped.state_dict()[name], value, rtol=0, atol=0)
+    everything = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: None, **kwargs)
+    assert len(everything.loss) == 3 and not everything.stopped_early
+    with pytest.raises(TypeError, match=r"^callback must be callable or None, got str"):
+        fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
+
+
 def test_fit_validation_loss_is_clean_eval_loss():
     data, val = small_problem(), small_problem(32)
     model = new_model(noise=fastae.MaskingNoise(0.5))

@@ -321,13 +321,16 @@ def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
         )  # fmt: skip
         with torch.no_grad():
             whole = float(plain(val).loss)  # the last epoch's weights on the whole set, here
+        # a callback that asks process 0 alone to stop after epoch 2 stops both there
+        asked = fastae.fit(
+            torch.nn.parallel.DistributedDataParallel(fastae.Autoencoder(x.shape[1], 5)), x,
+            epochs=4, batch_size=4, seed=0, progress=False,
+            callback=lambda epoch, _: rank == 0 and epoch == 2,
+        )  # fmt: skip
         record = (
-            history.loss,
-            history.val_loss,
-            history.best_epoch,
-            history.stopped_early,
-            history.lr,
-        )
+            history.loss, history.val_loss, history.best_epoch, history.stopped_early, history.lr,
+            len(asked.loss),
+        )  # fmt: skip
         # one validation row: process 1's shard is empty, the mean is still that row's loss
         one = fastae.Autoencoder(x.shape[1], 5)
         history = fastae.fit(
@@ -415,11 +418,12 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(rank_params[0], rank_params[1])
     assert fit_losses[-1] < fit_losses[0]
     records = torch.load(result + ".val", weights_only=True)
-    assert records[0][:5] == records[1][:5]  # the same history on both processes
-    val_loss, whole = records[0][1], records[0][5]
+    assert records[0][:6] == records[1][:6]  # the same history on both processes
+    assert records[0][5] == 2  # the callback's stop reached both
+    val_loss, whole = records[0][1], records[0][6]
     assert val_loss[-1] == pytest.approx(whole, rel=1e-6)  # over both shards, not one
     for record in records:
-        assert record[6][0] == pytest.approx(record[6][1], rel=1e-6)
+        assert record[7][0] == pytest.approx(record[7][1], rel=1e-6)
     (probes_0, shuffle_0), (probes_1, shuffle_1) = torch.load(result + ".seeds", weights_only=True)
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
