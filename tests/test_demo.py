@@ -29,6 +29,8 @@ def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys):
     for row in ("plain AE", "sparse AE", "denoising AE", "contractive AE", "stacked",
                 "DEC", "VAE 64-128-8", "PCA (", "raw pixels", "IsolationForest"):  # fmt: skip
         assert any(line.startswith(row) for line in text.splitlines()), row
+    deep_row = next(line for line in text.splitlines() if line.startswith("deep AE 64-64-32"))
+    assert "-" not in deep_row.split()[3:], deep_row  # every column measured
     vae_row = next(line for line in text.splitlines() if line.startswith("VAE"))
     assert vae_row.split()[-2] == "-"  # no semi-supervised number for the VAE
     assert all(cell != "-" for cell in vae_row.split()[2:-2]), vae_row
