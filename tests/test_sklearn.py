@@ -457,7 +457,13 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
     from sklearn.exceptions import NotFittedError
 
     x = np.random.default_rng(0).random((40, 5))
-    for bad in (dict(epochs=0), dict(tied=1), dict(lr=-1.0)):
+    for bad in (
+        dict(epochs=0),
+        dict(tied=1),
+        dict(lr=-1.0),
+        dict(tol=-1.0),
+        dict(hidden_layer_sizes=(0,)),
+    ):
         model = make(2, random_state=0, **bad)
         with pytest.raises((ValueError, TypeError)):
             model.fit(x)
@@ -465,9 +471,11 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
             model.score_samples(x)
     model = make(2, epochs=1, random_state=0).fit(x)
     before = model.score_samples(x)
-    model.set_params(epochs=0)
-    with pytest.raises(ValueError, match=r"^epochs\b"):
-        model.fit(x[:, :3])
+    refits = [(dict(epochs=0), "epochs"), (dict(epochs=1, validation_fraction=1.5), "validation")]
+    for bad, name in refits:
+        model.set_params(**bad)
+        with pytest.raises(ValueError, match=rf"^{name}"):
+            model.fit(x[:, :3])
     assert model.n_features_in_ == 5
     np.testing.assert_array_equal(model.score_samples(x), before)
     with pytest.raises(ValueError, match="3 features"):
