@@ -3,13 +3,12 @@
 ``python -m fastae demo`` trains the four variants (and a deep autoencoder, a stacked
 denoising autoencoder, DEC and a VAE) on scikit-learn's 8x8 digits (no download) and prints
 one table: reconstruction error, linear-probe accuracy of the codes against raw pixels and PCA
-of the same size, k-means
-NMI on codes (and after DEC refinement), anomaly AUROC (a held-out digit class; breast_cancer
-with malignant as the anomaly) against PCA reconstruction error and IsolationForest,
-semi-supervised accuracy with 10% of the labels against logistic regression on those labels,
-and train time. It writes PNGs to ``--out``: learned filters, reconstructions of clean and
-corrupted inputs, a 2-D code scatter, anomaly-score histograms and samples of a VAE.
-``--quick`` is the CI smoke run.
+of the same size, k-means NMI on codes (and after DEC refinement), anomaly AUROC (a held-out
+digit class; breast_cancer with malignant as the anomaly) against PCA reconstruction error and
+IsolationForest, semi-supervised accuracy with 10% of the labels against logistic regression
+on those labels, and train time. It writes PNGs to ``--out``: learned filters,
+reconstructions of clean and corrupted inputs, a 2-D code scatter, anomaly-score histograms
+and samples of a VAE. ``--quick`` is the CI smoke run.
 """
 
 from __future__ import annotations
