@@ -10,8 +10,9 @@ Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise
 ``contractive``), scale their inputs (``scale="standard"``, ``"minmax"`` or ``None``), train
 with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
 seed from ``random_state`` in ``fit`` without touching torch's global generator, stop early
-on held-out rows (``early_stopping=True``, as scikit-learn's MLP), and pickle to CPU tensors
-(an unpickled estimator predicts on the CPU when CUDA is missing).
+on held-out rows (``early_stopping=True``, as scikit-learn's MLP), train on from their
+fitted weights (``warm_start=True``; the transformer's ``partial_fit`` one epoch a call), and
+pickle to CPU tensors (an unpickled estimator predicts on the CPU when CUDA is missing).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from . import _checks, reference
 from .backend import use_backend
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
-from .training import History, LossNotFinite, fit
+from .training import History, LossNotFinite, default_optimizer, fit
 from .vae import SCORES, VAE
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
@@ -195,12 +196,33 @@ class AutoencoderEstimatorMixin:
             self.loss_ = "bce" if in_unit else "mse"
         else:
             self.loss_ = self.loss
-        if self.loss_ == "bce" and not in_unit:
+        self._check_bce_range(scaled)
+        self.output_ = "sigmoid" if self.loss_ == "bce" else "identity"
+        return scaled
+
+    def _check_bce_range(self, scaled: np.ndarray) -> None:
+        if self.loss_ == "bce" and not (scaled.min() >= 0.0 and scaled.max() <= 1.0):
             raise ValueError(
                 "loss='bce' needs inputs in [0, 1] after scaling; use scale='minmax' or "
                 f"loss='mse' (scaled inputs span [{scaled.min():.4g}, {scaled.max():.4g}])"
             )
-        self.output_ = "sigmoid" if self.loss_ == "bce" else "identity"
+
+    def _rescaled(self, X: np.ndarray, caller: str) -> np.ndarray:
+        """X scaled by the fitted ``scaler_`` for training on (``caller``: warm_start or
+        partial_fit), which keep the scaler and ``loss_`` of the first fit."""
+        fitted = {StandardScaler: "standard", MinMaxScaler: "minmax"}.get(type(self.scaler_))
+        if self.scale != fitted:
+            raise ValueError(
+                f"{caller} keeps the fitted scaler_ (scale={fitted!r}), so scale must stay "
+                f"{fitted!r}, got scale={self.scale!r}; refit from scratch to change it"
+            )
+        if self.loss not in ("auto", self.loss_):
+            raise ValueError(
+                f"{caller} keeps the fitted loss_ {self.loss_!r}, so loss must be 'auto' or "
+                f"{self.loss_!r}, got loss={self.loss!r}; refit from scratch to change it"
+            )
+        scaled = self._scale(X)
+        self._check_bce_range(scaled)
         return scaled
 
     def _scale(self, X: np.ndarray, clip: bool = True) -> np.ndarray:
@@ -294,11 +316,13 @@ class AutoencoderEstimatorMixin:
         module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
         return history
 
-    def _record(self, history: History, early: dict) -> None:
-        """The fitted attributes that describe training."""
-        self.loss_curve_ = list(history.loss)
-        self.n_iter_ = len(history.loss)
-        self.train_seconds_ = history.seconds
+    def _record(self, history: History, early: dict, more: bool = False) -> None:
+        """The fitted attributes that describe training; ``more``: the run continued the
+        fitted model, so ``loss_curve_``, ``n_iter_`` and ``train_seconds_`` add to theirs
+        (the validation attributes describe the last run's held-out rows alone)."""
+        self.loss_curve_ = (self.loss_curve_ if more else []) + list(history.loss)
+        self.n_iter_ = len(self.loss_curve_)
+        self.train_seconds_ = (self.train_seconds_ if more else 0.0) + history.seconds
         self.validation_loss_curve_ = list(history.val_loss) if early else None
         self.best_validation_loss_ = history.val_loss[history.best_epoch] if early else None
 
@@ -349,6 +373,10 @@ class AutoencoderEstimatorMixin:
         module = state.get("module_")
         if module is not None and any(p.device.type != "cpu" for p in module.parameters()):
             state["module_"] = copy.deepcopy(module).cpu()
+        adam = state.get("_optimizer_state")
+        if adam is not None:
+            moments = {i: {k: v.cpu() for k, v in s.items()} for i, s in adam["state"].items()}
+            state["_optimizer_state"] = {"state": moments, "param_groups": adam["param_groups"]}
         return state
 
     def __setstate__(self, state):
@@ -474,6 +502,7 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
         hidden_layer_sizes=(),
+        warm_start: bool = False,
     ):
         self.n_components = n_components
         self.activation = activation
@@ -495,25 +524,81 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.warm_start = warm_start
 
-    def _fit_autoencoder(self, X) -> np.ndarray:
+    def _fit_autoencoder(self, X, partial: bool = False) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters
-        are checked before X, so a bad one leaves the estimator as it was."""
+        are checked before X, so a bad one leaves the estimator as it was. Under
+        ``warm_start`` (or ``partial``: one epoch, Adam's state kept between calls) a fitted
+        estimator trains on from its weights, with its scaler and loss."""
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)
         early = self._early_stopping()
+        if partial:  # early stopping serves fit alone
+            early = {}
+        warm_start = _checks.flag("warm_start", self.warm_start)
         self._hidden_layer_sizes()
-        X = self._check_X(X, reset=True)
-        self.device_ = device
-        scaled = self._fit_scaling(X)
-        seed = self._draw_seed()
+        more = hasattr(self, "module_") and (partial or warm_start)
+        X = self._check_X(X, reset=not more)
+        if more:
+            scaled = self._rescaled(X, "partial_fit" if partial else "warm_start=True")
+        else:
+            scaled = self._fit_scaling(X)
+        seed = self._partial_seed() if partial else self._draw_seed()
         with _seeded(seed):
             layer = self._layer(X.shape[1], n_components, self.loss_)
-            self.module_ = layer.to(device=self.device_, dtype=torch.float32)
-            history = self._train(self.module_, self._tensor(scaled), epochs, seed, early)
-        self._record(history, early)
+            layer = layer.to(device=device, dtype=torch.float32)
+            if more:
+                self._continue_from(layer, "partial_fit" if partial else "warm_start=True")
+            self.module_, self.device_ = layer, device
+            if not partial:  # fit starts partial_fit's Adam and seeds afresh
+                self._optimizer_state = None
+                if not more:
+                    self._partial_seeds = None
+                history = self._train(layer, self._tensor(scaled), epochs, seed, early)
+            else:
+                optimizer = self._partial_optimizer(layer)
+                history = self._train(layer, self._tensor(scaled), 1, seed, optimizer=optimizer)
+                self._optimizer_state = optimizer.state_dict()
+        self._record(history, early, more)
         return X
+
+    def _continue_from(self, layer, caller: str) -> None:
+        """Copy the fitted ``module_``'s weights into ``layer``, which the parameters now
+        build: it must have the same parameters, of the same shapes."""
+        fitted = {name: tuple(p.shape) for name, p in self.module_.state_dict().items()}
+        now = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
+        if type(layer) is not type(self.module_) or fitted != now:
+            raise ValueError(
+                f"{caller} trains on from the fitted {type(self.module_).__name__}"
+                f"({self.module_.extra_repr()}), but the parameters now give "
+                f"{type(layer).__name__}({layer.extra_repr()}): keep n_components, "
+                "hidden_layer_sizes, tied (and model, hidden) or refit from scratch"
+            )
+        layer.load_state_dict(self.module_.state_dict())
+
+    def _partial_seed(self) -> int:
+        """partial_fit's seed: the next draw of a stream seeded once from ``random_state``,
+        so successive calls shuffle and corrupt differently, reproducibly."""
+        if getattr(self, "_partial_seeds", None) is None:
+            self._partial_seeds = np.random.RandomState(self._draw_seed())
+        return int(self._partial_seeds.randint(_SEED_BOUND))
+
+    def _partial_optimizer(self, layer) -> torch.optim.Optimizer:
+        """Adam on ``layer`` with the moments of the last partial_fit (if any) and the
+        settings of now: ``lr``, and fused / capturable for the device and ``cuda_graph``
+        (which decide where the loaded step counts go)."""
+        optimizer = default_optimizer(layer, float(self.lr), capturable=bool(self.cuda_graph))
+        saved = getattr(self, "_optimizer_state", None)
+        if saved is not None:
+            settings = optimizer.state_dict()["param_groups"]
+            groups = [
+                {**now, "params": then["params"]}
+                for now, then in zip(settings, saved["param_groups"], strict=True)
+            ]
+            optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+        return optimizer
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -564,6 +649,11 @@ class AutoencoderTransformer(
             :class:`fastae.DeepAutoencoder` of sizes (*hidden_layer_sizes, n_components),
             every hidden layer taking ``activation``, the decoder mirroring the encoder (no
             ``contractive`` then); empty (the default), one :class:`fastae.Autoencoder` layer.
+        warm_start: a later ``fit`` trains on from the fitted weights (``epochs`` more, with
+            a fresh Adam), keeping the fitted ``scaler_`` and ``loss_`` (so ``scale`` must
+            stay and ``loss`` be "auto" or ``loss_``) and the weights' shapes; ``loss_curve_``,
+            ``n_iter_`` and ``train_seconds_`` grow across such fits. Other parameters (lr,
+            noise, sparsity, ...) may change between them.
 
     Attributes:
         module_ (fastae.Autoencoder or fastae.DeepAutoencoder), scaler_, loss_, output_,
@@ -574,6 +664,19 @@ class AutoencoderTransformer(
 
     def fit(self, X, y=None):
         self._fit_autoencoder(X)
+        self._n_features_out = self.module_.hidden_features
+        return self
+
+    def partial_fit(self, X, y=None):
+        """One epoch of Adam on X (in minibatches of ``batch_size``), from the fitted weights
+        if any: out-of-core training, chunk by chunk, as ``IncrementalPCA.partial_fit``.
+        Adam's moments carry from one call to the next (``fit`` starts afresh, with or
+        without ``warm_start``). The first call (on an unfitted estimator) fits the scaler
+        and resolves ``loss_`` on its X, which later calls keep: give it representative
+        rows, or ``scale=None`` and data you scale yourself. ``n_iter_`` counts epochs. As
+        for scikit-learn's MLP, ``early_stopping`` serves ``fit`` alone: partial_fit holds
+        no rows out."""
+        self._fit_autoencoder(X, partial=True)
         self._n_features_out = self.module_.hidden_features
         return self
 
@@ -653,6 +756,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
         hidden_layer_sizes=(),
+        warm_start: bool = False,
     ):
         super().__init__(
             n_components,
@@ -675,6 +779,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             n_iter_no_change=n_iter_no_change,
             tol=tol,
             hidden_layer_sizes=hidden_layer_sizes,
+            warm_start=warm_start,
         )
         self.contamination = contamination
         self.model = model

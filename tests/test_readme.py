@@ -70,6 +70,7 @@ def test_applications_example():
     assert np.isfinite(namespace["vae_detector"].score_samples(x)).all()
     assert set(namespace["clf"].predict(x)) <= {0, 1, 2}
     assert namespace["stack"].transform(x).shape == (60, 32)
+    assert namespace["streamed"].n_iter_ == 4
     assert namespace["labels"].shape == (60,)
     assert namespace["kmeans"].n_clusters == 10
     pipe = namespace["pipe"].fit(x, rng.integers(0, 2, 60))

@@ -221,6 +221,23 @@ def test_gpu_is_used_when_present_and_pickles_to_cpu(digits):
 
 
 @pytest.mark.cuda
+def test_partial_fit_on_the_gpu_pickles_adam_to_cpu(digits):
+    x, _ = digits
+    model = AutoencoderTransformer(4, batch_size=32, random_state=0)
+    model.partial_fit(x[:100]).partial_fit(x[100:200])
+    moments = model.__getstate__()["_optimizer_state"]["state"]
+    assert all(not t.is_cuda for state in moments.values() for t in state.values())
+    assert model._optimizer_state["state"][0]["exp_avg"].is_cuda  # the estimator's own stay
+    restored = pickle.loads(pickle.dumps(model))
+    model.partial_fit(x[200:300])
+    restored.partial_fit(x[200:300])
+    assert restored.device_.type == "cuda"
+    np.testing.assert_allclose(model.transform(x[:50]), restored.transform(x[:50]), rtol=1e-5)
+    on_cpu = restored.set_params(device="cpu").partial_fit(x[300:400])  # Adam moves too
+    assert on_cpu.device_.type == "cpu" and on_cpu.n_iter_ == 4
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("model_kind", ["autoencoder", "vae"])
 def test_cuda_graph_training_scores_like_eager_training(digits, model_kind):
     """The same seed, batches and updates whether each step is replayed from a CUDA graph:
@@ -645,3 +662,124 @@ def test_missing_sklearn_gives_a_clear_error(monkeypatch):
         fastae.AutoencoderOutlierDetector  # noqa: B018
     with pytest.raises(AttributeError):
         fastae.NoSuchThing  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def _scaled_tensor(model, x):
+    return torch.tensor(model._scale(x), dtype=torch.float32)
+
+
+def _train_on(module, data, seed, **kwargs):
+    return fastae.fit(module, data, batch_size=32, lr=1e-2, seed=seed, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "vae"])
+def test_warm_start_trains_on_from_the_fitted_weights(digits, model):
+    x = digits[0]
+    detector = AutoencoderOutlierDetector(
+        4, model=model, hidden=16, epochs=3, batch_size=32, warm_start=True, random_state=0
+    ).fit(x[:300])
+    first_curve, scaler = list(detector.loss_curve_), copy.deepcopy(detector.scaler_)
+    expected = copy.deepcopy(detector.module_).train()
+    more = x[300:500] * 0.5  # other rows, which the fitted scaler scales
+    detector.set_params(epochs=2).fit(more)
+    # the fitted weights trained 2 more epochs on `more`, scaled as the first fit's X
+    history = _train_on(expected, _scaled_tensor(detector, more), clone(detector)._draw_seed(),
+                        epochs=2)  # fmt: skip
+    torch.testing.assert_close(detector.module_.state_dict(), expected.state_dict(), rtol=0, atol=0)
+    np.testing.assert_array_equal(detector.scaler_.mean_, scaler.mean_)
+    assert detector.n_iter_ == 5 and detector.loss_curve_ == first_curve + history.loss
+    assert detector.decision_scores_.shape == (200,)  # scores and threshold: the last X's
+    # without warm_start, fit starts afresh
+    fresh = detector.set_params(warm_start=False, epochs=3).fit(x[:300])
+    assert fresh.n_iter_ == 3 and fresh.loss_curve_ == first_curve
+
+
+def test_warm_start_refuses_a_model_it_cannot_continue(digits):
+    x = digits[0][:200]
+    model = AutoencoderOutlierDetector(4, epochs=1, warm_start=True, random_state=0).fit(x)
+    before = model.score_samples(x)
+    changes = [
+        (dict(n_components=5), r"^warm_start=True trains on from the fitted Autoencoder\(64 -> 4"),
+        (dict(tied=False), r"^warm_start=True trains on from the fitted Autoencoder"),
+        (dict(hidden_layer_sizes=(8,)), r"now give DeepAutoencoder\(64 -> 8 -> 4"),
+        (dict(model="vae", activation="sigmoid"), r"now give VAE\(64 -> 128 -> 4"),
+        (dict(scale="minmax"), r"^warm_start=True keeps the fitted scaler_ \(scale='standard'\)"),
+        (dict(loss="bce"), r"^warm_start=True keeps the fitted loss_ 'mse'"),
+    ]
+    for change, message in changes:
+        with pytest.raises(ValueError, match=message):
+            model.set_params(**change).fit(x)
+        model.set_params(**AutoencoderOutlierDetector(4, epochs=1, warm_start=True).get_params())
+    with pytest.raises(ValueError, match="has 63 features"):
+        model.fit(x[:, :63])
+    with pytest.raises(TypeError, match=r"^warm_start must be a bool"):
+        model.set_params(warm_start=1).fit(x)
+    np.testing.assert_array_equal(model.score_samples(x), before)
+    assert model.n_iter_ == 1
+    # BCE on unscaled data: rows outside [0, 1] cannot continue it
+    bce = AutoencoderTransformer(4, scale=None, epochs=1, warm_start=True).fit(x)
+    assert bce.loss_ == "bce"
+    with pytest.raises(ValueError, match=r"^loss='bce' needs inputs in \[0, 1\]"):
+        bce.fit(x * 2)
+
+
+# ----------------------------------------------------------------------------- partial_fit
+
+
+def test_partial_fit_is_one_epoch_from_the_fitted_weights_with_adam_carried_over(digits):
+    x = digits[0]
+    model = AutoencoderTransformer(4, epochs=1, batch_size=32, random_state=0).fit(x[:200])
+    expected = copy.deepcopy(model.module_).train()
+    adam = fastae.training.default_optimizer(expected, 1e-2)
+    seeds = np.random.RandomState(clone(model)._draw_seed())
+    chunks = (x[200:300], x[300:350], x[350:450])
+    for i, chunk in enumerate(chunks):
+        if i == 2:  # lr set between calls takes effect
+            model.set_params(lr=1e-3)
+            adam.param_groups[0]["lr"] = 1e-3
+        model.partial_fit(chunk)
+        _train_on(expected, _scaled_tensor(model, chunk), int(seeds.randint(2**31 - 1)),
+                  epochs=1, optimizer=adam)  # fmt: skip
+    torch.testing.assert_close(model.module_.state_dict(), expected.state_dict(), rtol=0, atol=0)
+    assert model.n_iter_ == 4 and len(model.loss_curve_) == 4
+    assert model._optimizer_state["state"][0]["step"].item() == 4 + 2 + 4  # ceil(rows / 32)
+    # a fit starts afresh: no Adam state, and a fresh seed stream for later partial_fits
+    model.set_params(lr=1e-2).fit(x[:200])
+    assert model._optimizer_state is None and model.n_iter_ == 1
+
+
+def test_partial_fit_from_scratch_and_through_pickle(digits, monkeypatch):
+    seeds = []
+
+    def spy(module, data, **kwargs):
+        seeds.append(kwargs["seed"])
+        return fastae.fit(module, data, **kwargs)
+
+    monkeypatch.setattr(fastae.sklearn, "fit", spy)
+    x = digits[0]
+    model = AutoencoderTransformer(4, batch_size=32, early_stopping=True, random_state=0)
+    model.partial_fit(x[:100])
+    scaler = copy.deepcopy(model.scaler_)
+    assert model.n_iter_ == 1 and model.validation_loss_curve_ is None  # no rows held out
+    model.partial_fit(x[100:200] * 3)  # the first call's scaler stays
+    np.testing.assert_array_equal(model.scaler_.scale_, scaler.scale_)
+    twin = pickle.loads(pickle.dumps(model))
+    for chunk in (x[200:300], x[300:400]):
+        model.partial_fit(chunk)
+        twin.partial_fit(chunk)
+    np.testing.assert_array_equal(model.transform(x[:50]), twin.transform(x[:50]))
+    assert model.n_iter_ == twin.n_iter_ == 4
+    # each call draws the next seed of one stream seeded from random_state (the twin's too)
+    stream = np.random.RandomState(clone(model)._draw_seed())
+    expected = [int(stream.randint(2**31 - 1)) for _ in range(4)]
+    assert seeds == expected[:2] + [expected[2], expected[2], expected[3], expected[3]]
+    assert model.get_feature_names_out().tolist() == [
+        f"autoencodertransformer{i}" for i in range(4)
+    ]
+    with pytest.raises(ValueError, match="has 63 features"):
+        model.partial_fit(x[:10, :63])
+    with pytest.raises(ValueError, match=r"^partial_fit keeps the fitted scaler_"):
+        model.set_params(scale=None).partial_fit(x[:10])
