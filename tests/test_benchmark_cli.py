@@ -11,6 +11,7 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -581,3 +582,30 @@ def test_peers_training_scores_reconstructions_by_binary_cross_entropy(peers):
         target = torch.from_numpy(x_te).double()
         summed = torch.nn.functional.binary_cross_entropy(probabilities, target, reduction="sum")
     assert results[("plain", "fastae")]["test_bce"] == [pytest.approx(float(summed) / 450)]
+
+
+def test_peers_streaming_scores_reconstructions_of_chunked_training(peers):
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import IncrementalPCA
+    from sklearn.model_selection import train_test_split
+
+    results = peers.streaming(seeds=[0], passes=2)
+    names = [
+        "IncrementalPCA, partial_fit (1 pass)",
+        "fastae transformer, partial_fit (2 passes)",
+        "fastae transformer, fit in memory (2 epochs)",
+    ]
+    assert list(results) == names
+    x_tr, x_te = train_test_split(load_digits().data / 16.0, test_size=0.25, random_state=0)
+    pca = IncrementalPCA(32)
+    streamed = fastae.AutoencoderTransformer(32, scale=None, random_state=0)
+    for model, passes in ((pca, 1), (streamed, 2)):
+        for _ in range(passes):
+            for start in range(0, len(x_tr), 256):
+                model.partial_fit(x_tr[start : start + 256])
+    assert streamed.n_iter_ == 2 * 6  # 1347 rows: 6 chunks a pass
+    for name, model in zip(names, (pca, streamed), strict=False):
+        error = np.square(model.inverse_transform(model.transform(x_te)) - x_te).sum(1).mean()
+        assert results[name]["test_error"] == [pytest.approx(error)]
+    assert 0 < results[names[0]]["test_error"][0] < results[names[2]]["test_error"][0]
+    assert "| fastae transformer, partial_fit (2 passes) | " in peers.streaming_table(results)
