@@ -99,6 +99,18 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def widths(name: str, value: object, empty: bool = False) -> tuple[int, ...]:
+    """A sequence of layer widths (positive ints) as a tuple; ``empty``: () is allowed."""
+    kind = "a sequence" if empty else "a non-empty sequence"
+    if (
+        isinstance(value, (str, bytes))
+        or not hasattr(value, "__len__")
+        or not (empty or len(value))
+    ):
+        raise TypeError(f"{name} must be {kind} of positive ints, got {value!r}")
+    return tuple(positive_int(f"{name}[{i}]", width) for i, width in enumerate(value))
+
+
 def flag(name: str, value: object) -> bool:
     """A bool or numpy bool as a Python bool."""
     if not isinstance(value, (bool, np.bool_)):

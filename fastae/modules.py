@@ -344,9 +344,7 @@ class DeepAutoencoder(nn.Module):
     ):
         super().__init__()
         in_features = _checks.positive_int("in_features", in_features)
-        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or not len(sizes):
-            raise TypeError(f"sizes must be a non-empty sequence of positive ints, got {sizes!r}")
-        sizes = tuple(_checks.positive_int(f"sizes[{i}]", size) for i, size in enumerate(sizes))
+        sizes = _checks.widths("sizes", sizes)
         _set_options(self, activation, output, loss, noise, sparsity)
         self.tied = _checks.flag("tied", tied)
         self.check_targets = _checks.flag("check_targets", check_targets)

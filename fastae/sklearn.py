@@ -50,7 +50,7 @@ from .backend import use_backend
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
 from .training import History, LossNotFinite, default_optimizer, fit
-from .vae import SCORES, VAE
+from .vae import SCORES, VAE, hidden_widths
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
 
@@ -449,14 +449,7 @@ class DeepLayerMixin:
 
     def _hidden_layer_sizes(self) -> tuple[int, ...]:
         """The checked ``hidden_layer_sizes`` (those of the layers before the code)."""
-        sizes = self.hidden_layer_sizes
-        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
-            raise TypeError(
-                f"hidden_layer_sizes must be a sequence of positive ints, got {sizes!r}"
-            )
-        sizes = tuple(
-            _checks.positive_int(f"hidden_layer_sizes[{i}]", size) for i, size in enumerate(sizes)
-        )
+        sizes = _checks.widths("hidden_layer_sizes", self.hidden_layer_sizes, empty=True)
         if sizes and self.contractive != 0:
             raise ValueError(
                 "contractive needs hidden_layer_sizes=(): the exact penalty is one layer's "
@@ -717,7 +710,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             the regularizers given, or a :class:`fastae.DeepAutoencoder` with
             ``hidden_layer_sizes``) or "vae" (takes no ``noise``, ``sparsity``,
             ``contractive`` or ``hidden_layer_sizes``; ``tied`` does not apply).
-        hidden: (model="vae") units of the VAE's encoder and decoder hidden layers.
+        hidden: (model="vae") units of the VAE's encoder and decoder hidden layers: an int
+            (one layer each side) or the encoder's widths, the decoder mirroring them (PyOD's
+            VAE: ``(128, 64, 32)``).
         beta: (model="vae") weight of the KL term in the training objective.
         anomaly_score: None (the model's own: "elbo" for a VAE, the reconstruction loss for an
             autoencoder), "elbo" (model="vae" only) or "reconstruction".
@@ -802,7 +797,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             if kind == "elbo":
                 raise ValueError("anomaly_score='elbo' needs model='vae'")
             return
-        _checks.positive_int("hidden", self.hidden)
+        hidden_widths(self.hidden)
         _checks.finite_number("beta", self.beta, low=0)
         given = {
             "noise": self.noise is not None,
@@ -827,7 +822,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             return super()._layer(in_features, hidden, loss)
         return VAE(
             in_features,
-            _checks.positive_int("hidden", self.hidden),
+            self.hidden,
             hidden,
             activation=self._activation(),
             output="sigmoid" if loss == "bce" else "identity",

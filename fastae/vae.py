@@ -6,6 +6,9 @@ x -> h = a(x W1^T + b1)                        (:func:`fastae.ops.encode`)
   -> h2 = a(z W2^T + b2)                        (:func:`fastae.ops.encode`)
   -> per-sample reconstruction loss of x        (:func:`fastae.ops.decode_loss`)
 
+With several hidden widths (H_1, ..., H_L) the encoder has L such layers before the posterior
+layer and the decoder L after z, mirrored (k -> H_L -> ... -> H_1 -> d).
+
 Training minimizes mean_i (reconstruction_i + beta * kl_i); with beta = 1 that is the
 negative evidence lower bound (ELBO). In eval mode z = mu, so the codes, reconstructions and
 anomaly scores of an input do not depend on random draws (nor on the input's batch or row).
@@ -14,6 +17,7 @@ anomaly scores of an input do not depend on random draws (nor on the input's bat
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -57,13 +61,26 @@ class VAEOutput:
 torch.export.register_dataclass(VAEOutput, serialized_type_name="fastae.VAEOutput")  # as modules
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def hidden_widths(hidden: object) -> tuple[int, ...]:
+    """A VAE's ``hidden``, checked, as its widths: an int H is one layer, (H,)."""
+    if _is_int(hidden):
+        return (_checks.positive_int("hidden", hidden),)
+    return _checks.widths("hidden", hidden)
+
+
 class VAE(nn.Module):
-    """Variational autoencoder with one hidden layer on each side and a diagonal Gaussian
-    posterior.
+    """Variational autoencoder with a diagonal Gaussian posterior and hidden layers on each
+    side: one by default, or several (a deep encoder, its decoder mirrored).
 
     Args:
-        in_features: d. hidden: H (units of the encoder and of the decoder hidden layer).
-        latent: k (latent dimensions).
+        in_features: d. hidden: H, the units of the encoder's hidden layer and of the
+            decoder's, or the widths (H_1, ..., H_L) of the encoder's hidden layers, the
+            decoder's mirroring them (PyOD's VAE: ``(128, 64, 32)``). latent: k (latent
+            dimensions).
         activation: hidden activation ("relu", "sigmoid", "tanh", "softplus").
         output: "sigmoid" or "identity". loss: "bce" (sigmoid output, inputs in [0, 1]) or
             "mse".
@@ -86,7 +103,8 @@ class VAE(nn.Module):
     ):
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
-        self.hidden = _checks.positive_int("hidden", hidden)
+        self.hidden_sizes = hidden_widths(hidden)
+        self.hidden = self.hidden_sizes[0] if _is_int(hidden) else self.hidden_sizes
         self.latent = _checks.positive_int("latent", latent)
         self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
         self.output = _checks.choice("output", output, reference.OUTPUTS)
@@ -95,15 +113,19 @@ class VAE(nn.Module):
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
         self.beta = _checks.finite_number("beta", beta, low=0)
         self.check_targets = _checks.flag("check_targets", check_targets)
-        d, hidden, latent = self.in_features, self.hidden, self.latent
-        self.encoder = nn.Linear(d, hidden)
-        self.posterior = nn.Linear(hidden, 2 * latent)  # rows [:k] give mu, rows [k:] logvar
-        self.decoder_hidden = nn.Linear(latent, hidden)
-        self.decoder = nn.Linear(hidden, d)
+        d, sizes, latent = self.in_features, self.hidden_sizes, self.latent
+        pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (H_i, H_i+1)
+        self.encoder = nn.Linear(d, sizes[0])
+        self.encoder_stack = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)  # H_1 -> H_L
+        self.posterior = nn.Linear(sizes[-1], 2 * latent)  # rows [:k] give mu, [k:] logvar
+        self.decoder_hidden = nn.Linear(latent, sizes[-1])
+        self.decoder_stack = nn.ModuleList(nn.Linear(b, a) for a, b in reversed(pairs))
+        self.decoder = nn.Linear(sizes[0], d)
 
     def extra_repr(self) -> str:
+        widths = " -> ".join(map(str, (self.in_features, *self.hidden_sizes, self.latent)))
         return (
-            f"{self.in_features} -> {self.hidden} -> {self.latent}, "
+            f"{widths}, "
             f"activation={self.activation!r}, output={self.output!r}, "
             f"loss={self.loss_name!r}, beta={self.beta}"
         )
@@ -113,20 +135,24 @@ class VAE(nn.Module):
 
     def posterior_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of q(z | x), each (B, k)."""
-        x = self._check_x(x)
-        h = ops.encode(
-            x, self.encoder.weight, self.encoder.bias, activation=self.activation, statistics=False
-        )[0]
+        h = self._hidden(self._check_x(x), [self.encoder, *self.encoder_stack])
         posterior = F.linear(h, self.posterior.weight, self.posterior.bias)
         return posterior[:, : self.latent], posterior[:, self.latent :]
+
+    def _hidden(self, h: Tensor, layers: list[nn.Linear]) -> Tensor:
+        """``h`` through hidden ``layers``, each a(h W^T + b)."""
+        for layer in layers:
+            h = ops.encode(
+                h, layer.weight, layer.bias, activation=self.activation, statistics=False
+            )[0]
+        return h
 
     def encode(self, x: Tensor) -> Tensor:
         """The posterior mean mu (B, k): deterministic."""
         return self.posterior_parameters(x)[0]
 
     def _decoder_code(self, z: Tensor) -> Tensor:
-        weight, bias = self.decoder_hidden.weight, self.decoder_hidden.bias
-        return ops.encode(z, weight, bias, activation=self.activation, statistics=False)[0]
+        return self._hidden(z, [self.decoder_hidden, *self.decoder_stack])
 
     def decode(self, z: Tensor) -> Tensor:
         """Decoded mean x^ (B, d) of latent codes z (B, k)."""
@@ -180,9 +206,9 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor, seed: int | None = None) -> VAEOutput:
         """Training mode: z = mu + exp(logvar / 2) eps with eps from Philox at ``seed`` (None:
-        a fresh seed from torch's generator); with gradients in plain eager mode the step runs
-        as one autograd node (:mod:`fastae.steps`). Eval mode: z = mu (no random draws; the
-        seed, unused, is still checked)."""
+        a fresh seed from torch's generator); with gradients in plain eager mode a model with
+        one hidden width runs its step as one autograd node (:mod:`fastae.steps`). Eval mode:
+        z = mu (no random draws; the seed, unused, is still checked)."""
         x = self._check_x(x)
         seed = check_seed(seed)
         params = (
@@ -190,7 +216,7 @@ class VAE(nn.Module):
             self.decoder_hidden.weight, self.decoder_hidden.bias, self.decoder.weight,
             self.decoder.bias,
         )  # fmt: skip
-        if self.training and steps.available(x, params):
+        if self.training and len(self.hidden_sizes) == 1 and steps.available(x, params):
             outputs = steps.vae_step(
                 x, params, activation=self.activation, output=self.output, loss=self.loss_name,
                 check_target=self.check_targets, beta=self.beta, seed=seed,

@@ -524,13 +524,15 @@ def peers(monkeypatch):
     return importlib.import_module("peers")
 
 
-def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path):
+def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path, monkeypatch):
     from sklearn.ensemble import IsolationForest
     from sklearn.metrics import roc_auc_score
 
+    monkeypatch.setattr(peers, "PYOD_VAE_EPOCHS", 2)
     results = peers.run(seeds=[0], held_out=[1], epochs=2, pyod=False)
     deep = "fastae deep (PyOD's 64-32 ReLU, standardized)"
-    rows = {"fastae plain", "fastae denoising (30% masking)", deep, "IsolationForest"}
+    vae = "fastae VAE (PyOD's 128-64-32, latent 2, 2 epochs)"
+    rows = {"fastae plain", "fastae denoising (30% masking)", deep, vae, "IsolationForest"}
     assert {row for _, row in results} == rows
     assert {task for task, _ in results} == {"digits", "cancer"}
     task, normal, test, anomaly = next(peers.tasks(0, [1]))
@@ -545,10 +547,15 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
         random_state=0,
     ).fit(normal)  # fmt: skip
     assert deep_detector.module_.sizes == (64, 32)
+    vae_detector = fastae.AutoencoderOutlierDetector(
+        2, model="vae", hidden=(128, 64, 32), activation="relu", epochs=2, batch_size=32,
+        lr=1e-3, random_state=0,
+    ).fit(normal)  # fmt: skip
     for row, scores in [
         ("IsolationForest", forest),
         ("fastae plain", -detector.score_samples(test)),
         (deep, -deep_detector.score_samples(test)),
+        (vae, -vae_detector.score_samples(test)),
     ]:
         auroc = results[("digits", row)]["auroc"]
         assert auroc == [pytest.approx(roc_auc_score(anomaly, scores))]

@@ -381,6 +381,16 @@ def test_vae_detector_arguments(digits):
             AutoencoderOutlierDetector(model="vae", **{name: value}).fit(small)
     with pytest.raises(ValueError, match="hidden must be a positive int"):
         AutoencoderOutlierDetector(model="vae", hidden=0).fit(small)
+    with pytest.raises(ValueError, match=r"^hidden\[1\] must be a positive int"):
+        AutoencoderOutlierDetector(model="vae", hidden=(8, 0)).fit(small)
+    with pytest.raises(TypeError, match=r"^hidden must be a non-empty sequence"):
+        AutoencoderOutlierDetector(model="vae", hidden="8").fit(small)
+    deep = AutoencoderOutlierDetector(2, model="vae", hidden=(16, 8), epochs=2, random_state=0)
+    deep.fit(small)
+    assert deep.module_.hidden_sizes == (16, 8) and deep.decision_scores_.shape == (100,)
+    assert deep.loss_ == "mse"  # standardized: the score is the negative ELBO itself
+    scores = deep.module_.eval().negative_elbo(torch.tensor(deep._scale(small[:5])).float())
+    np.testing.assert_allclose(-deep.score_samples(small[:5]), scores.detach(), rtol=1e-4)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         AutoencoderOutlierDetector(model="vae", beta=-1.0).fit(small)
     with pytest.raises(ValueError, match="activation must be one of \\('auto'"):

@@ -363,6 +363,65 @@ def test_forward_terms():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def _oracle_per_sample(model, x, z=None):
+    """(reconstruction, kl) per sample of a float64 VAE, spelt out in plain torch: ReLU
+    layers, BCE with logits summed over pixels, the closed-form Gaussian KL; z = mu unless
+    given."""
+    relu = torch.nn.functional.relu
+    h = x
+    for layer in [model.encoder, *model.encoder_stack]:
+        h = relu(h @ layer.weight.T + layer.bias)
+    posterior = h @ model.posterior.weight.T + model.posterior.bias
+    mu, logvar = posterior[:, : model.latent], posterior[:, model.latent :]
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1)
+    g = mu if z is None else z
+    for layer in [model.decoder_hidden, *model.decoder_stack]:
+        g = relu(g @ layer.weight.T + layer.bias)
+    logits = g @ model.decoder.weight.T + model.decoder.bias
+    reconstruction = (torch.nn.functional.softplus(logits) - x * logits).sum(1)
+    return reconstruction, kl
+
+
+def test_deep_vae_matches_a_float64_oracle():
+    model = fastae.VAE(10, (8, 7, 5), 3, beta=0.5).double()
+    assert model.hidden == model.hidden_sizes == (8, 7, 5)
+    assert [layer.weight.shape for layer in model.decoder_stack] == [(7, 5), (8, 7)]
+    assert "10 -> 8 -> 7 -> 5 -> 3" in repr(model)
+    x = torch.rand(6, 10, dtype=torch.float64)
+    out = model(x, seed=4)
+    z, kl = ops.reparameterize(out.mu, out.logvar, seed=4)
+    assert torch.equal(out.z, z)
+    reconstruction, kl = _oracle_per_sample(model, x, z.detach())
+    torch.testing.assert_close(out.reconstruction, reconstruction)
+    torch.testing.assert_close(out.kl, kl)
+    torch.testing.assert_close(out.loss, (reconstruction + 0.5 * kl).mean())
+    # gradients of every layer: the fused ops' backward against autograd's through the oracle
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    mu, logvar = model.posterior_parameters(x)
+    eps = (z - mu) / (logvar / 2).exp()  # the draw, recovered
+    reconstruction, kl = _oracle_per_sample(model, x, (mu + (logvar / 2).exp() * eps.detach()))
+    want = torch.autograd.grad((reconstruction + 0.5 * kl).mean(), list(model.parameters()))
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected)
+    model.eval()
+    reconstruction, kl = _oracle_per_sample(model, x)
+    torch.testing.assert_close(model.negative_elbo(x), reconstruction + kl)
+    torch.testing.assert_close(model.reconstruction_error(x), reconstruction)
+    assert model.sample(4).shape == (4, 10) and model.decode(torch.zeros(2, 3).double()).shape
+
+
+def test_one_hidden_width_keeps_the_one_layer_model():
+    names = [
+        "encoder.weight", "encoder.bias", "posterior.weight", "posterior.bias",
+        "decoder_hidden.weight", "decoder_hidden.bias", "decoder.weight", "decoder.bias",
+    ]  # fmt: skip
+    for hidden in (7, (7,), np.int64(7)):
+        model = fastae.VAE(10, hidden, 3)
+        assert list(model.state_dict()) == names and model.hidden_sizes == (7,)
+    assert fastae.VAE(10, 7, 3).hidden == 7 and fastae.VAE(10, (7,), 3).hidden == (7,)
+    assert len(fastae.VAE(10, (7, 6), 3).state_dict()) == len(names) + 4
+
+
 def test_training_draws_and_inference_is_deterministic():
     model = fastae.VAE(12, 8, 4, loss="mse", output="identity")
     x = torch.randn(9, 12)
@@ -434,9 +493,10 @@ def test_numpy_integers_are_sizes():
     assert model.sample(np.int64(3)).shape == (3, 16)
 
 
-def test_module_on_triton_matches_reference():
+@pytest.mark.parametrize("hidden", [6, (6, 5)])
+def test_module_on_triton_matches_reference(hidden):
     _kernels()
-    model = fastae.VAE(9, 6, 3).double().to(DEVICE)
+    model = fastae.VAE(9, hidden, 3).double().to(DEVICE)
     x = torch.rand(5, 9, dtype=torch.float64, device=DEVICE)
     results = []
     for name in ("reference", "triton"):
@@ -482,6 +542,11 @@ def test_module_half_precision(dtype):
         ((8, 4, 2), {"beta": float("nan")}, ValueError, "beta"),
         ((8, 4, 2), {"output": "identity"}, ValueError, "bce"),
         ((8, 4, 2), {"activation": "gelu"}, ValueError, "activation"),
+        ((8, 0, 2), {}, ValueError, r"^hidden must be a positive int"),
+        ((8, (4, 0), 2), {}, ValueError, r"^hidden\[1\] must be a positive int"),
+        ((8, (), 2), {}, TypeError, r"^hidden must be a non-empty sequence of positive ints"),
+        ((8, "4", 2), {}, TypeError, r"^hidden must be a non-empty sequence"),
+        ((8, True, 2), {}, TypeError, r"^hidden must be a non-empty sequence"),
     ],
 )
 def test_bad_module_arguments(args, kwargs, error, match):
