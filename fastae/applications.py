@@ -156,6 +156,8 @@ class SemiSupervisedAutoencoder(
     labels seen, -1 excluded), ``module_`` (a :class:`SemiSupervisedModule`),
     ``n_labeled_``, ``scaler_``, ``loss_``, ``n_iter_``, ``loss_curve_``,
     ``validation_loss_curve_``, ``best_validation_loss_``. ``encode`` gives the codes.
+    ``warm_start``: as the transformer's (a later ``fit`` trains on from the fitted weights,
+    scaler and loss), with the same classes among the labelled samples.
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class SemiSupervisedAutoencoder(
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
         hidden_layer_sizes=(),
+        warm_start: bool = False,
     ):
         self.n_components = n_components
         self.reconstruction_weight = reconstruction_weight
@@ -204,6 +207,7 @@ class SemiSupervisedAutoencoder(
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.hidden_layer_sizes = hidden_layer_sizes
+        self.warm_start = warm_start
 
     def fit(self, X, y):
         device = self._check_common_params()
@@ -212,7 +216,8 @@ class SemiSupervisedAutoencoder(
         early = self._early_stopping()
         self._hidden_layer_sizes()
         weight = _reconstruction_weight(self.reconstruction_weight)
-        X, y = self._validate_xy(X, y)
+        more = _checks.flag("warm_start", self.warm_start) and hasattr(self, "module_")
+        X, y = self._validate_xy(X, y, reset=not more)
         labeled = ~_unlabeled_mask(y)
         if not labeled.any():
             raise ValueError("y has no labelled sample: at least one label other than -1 needed")
@@ -223,29 +228,32 @@ class SemiSupervisedAutoencoder(
                 f"y needs at least 2 classes among the labelled samples, got 1 class "
                 f"({classes.tolist()[0]!r})"
             )
+        if more and not np.array_equal(classes, self.classes_):
+            raise ValueError(
+                f"warm_start=True needs y's labelled samples to hold the fitted classes_ "
+                f"{self.classes_.tolist()}, got {classes.tolist()}"
+            )
         index = np.full(len(y), float(UNLABELED))
         index[labeled] = codes
-        self.classes_, self.n_labeled_, self.device_ = classes, int(labeled.sum()), device
-        scaled = self._fit_scaling(X)
-        data = torch.cat(
-            [
-                self._tensor(scaled),
-                torch.tensor(index, dtype=torch.float32).to(self.device_)[:, None],
-            ],
-            dim=1,
-        )
+        scaled = self._rescaled(X, "warm_start=True") if more else self._fit_scaling(X)
+        labels = torch.tensor(index, dtype=torch.float32, device=device)[:, None]
+        data = torch.cat([self._tensor(scaled, device=device), labels], dim=1)
         seed = self._draw_seed()
         with _seeded(seed):
             autoencoder = self._layer(X.shape[1], n_components, self.loss_)
-            module = SemiSupervisedModule(autoencoder, len(self.classes_), weight)
-            self.module_ = module.to(device=self.device_, dtype=torch.float32)
-            history = self._train(self.module_, data, epochs, seed, early)
-        self._record(history, early)
+            module = SemiSupervisedModule(autoencoder, len(classes), weight)
+            module = module.to(device=device, dtype=torch.float32)
+            if more:
+                self._continue_from(module, "warm_start=True")
+            self.module_, self.device_ = module, device
+            self.classes_, self.n_labeled_ = classes, int(labeled.sum())
+            history = self._train(module, data, epochs, seed, early)
+        self._record(history, early, more)
         return self
 
-    def _validate_xy(self, X, y):
+    def _validate_xy(self, X, y, reset: bool = True):
         X, y = _validate_data(
-            self, X, y, reset=True, dtype=[np.float64, np.float32], y_numeric=False
+            self, X, y, reset=reset, dtype=[np.float64, np.float32], y_numeric=False
         )
         return X, y
 

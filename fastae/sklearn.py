@@ -238,8 +238,11 @@ class AutoencoderEstimatorMixin:
     def _unscale(self, X: np.ndarray) -> np.ndarray:
         return X if self.scaler_ is None else self.scaler_.inverse_transform(X)
 
-    def _tensor(self, scaled: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tensor on ``device_`` (float32 for training); BCE targets are clipped to [0, 1]."""
+    def _tensor(
+        self, scaled: np.ndarray, dtype: torch.dtype = torch.float32, device=None
+    ) -> torch.Tensor:
+        """Tensor on ``device`` (default ``device_``; float32 for training); BCE targets are
+        clipped to [0, 1]."""
         if self.loss_ == "bce":
             scaled = np.clip(scaled, 0.0, 1.0)
         if dtype == torch.float32 and np.abs(scaled).max(initial=0.0) > np.finfo(np.float32).max:
@@ -247,7 +250,7 @@ class AutoencoderEstimatorMixin:
                 "X has values beyond float32's range after scaling (largest magnitude "
                 f"{np.abs(scaled).max():.4g}); use scale='standard' or 'minmax'"
             )
-        return torch.tensor(scaled, dtype=dtype, device=self.device_)
+        return torch.tensor(scaled, dtype=dtype, device=self.device_ if device is None else device)
 
     def _check_X(self, X, reset: bool) -> np.ndarray:
         return _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
@@ -325,6 +328,20 @@ class AutoencoderEstimatorMixin:
         self.train_seconds_ = (self.train_seconds_ if more else 0.0) + history.seconds
         self.validation_loss_curve_ = list(history.val_loss) if early else None
         self.best_validation_loss_ = history.val_loss[history.best_epoch] if early else None
+
+    def _continue_from(self, layer, caller: str) -> None:
+        """Copy the fitted ``module_``'s weights into ``layer``, which the parameters now
+        build: it must have the same parameters, of the same shapes."""
+        fitted = {name: tuple(p.shape) for name, p in self.module_.state_dict().items()}
+        now = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
+        if type(layer) is not type(self.module_) or fitted != now:
+            raise ValueError(
+                f"{caller} trains on from the fitted {type(self.module_).__name__}"
+                f"({self.module_.extra_repr()}), but the parameters now give "
+                f"{type(layer).__name__}({layer.extra_repr()}): keep n_components, "
+                "hidden_layer_sizes, tied (and model, hidden) or refit from scratch"
+            )
+        layer.load_state_dict(self.module_.state_dict())
 
     @torch.no_grad()
     def _map_chunks(self, fn, x: torch.Tensor, module=None) -> np.ndarray:
@@ -538,6 +555,7 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
             scaled = self._rescaled(X, "partial_fit" if partial else "warm_start=True")
         else:
             scaled = self._fit_scaling(X)
+        data = self._tensor(scaled, device=device)
         seed = self._partial_seed() if partial else self._draw_seed()
         with _seeded(seed):
             layer = self._layer(X.shape[1], n_components, self.loss_)
@@ -549,27 +567,13 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
                 self._optimizer_state = None
                 if not more:
                     self._partial_seeds = None
-                history = self._train(layer, self._tensor(scaled), epochs, seed, early)
+                history = self._train(layer, data, epochs, seed, early)
             else:
                 optimizer = self._partial_optimizer(layer)
-                history = self._train(layer, self._tensor(scaled), 1, seed, optimizer=optimizer)
+                history = self._train(layer, data, 1, seed, optimizer=optimizer)
                 self._optimizer_state = optimizer.state_dict()
         self._record(history, early, more)
         return X
-
-    def _continue_from(self, layer, caller: str) -> None:
-        """Copy the fitted ``module_``'s weights into ``layer``, which the parameters now
-        build: it must have the same parameters, of the same shapes."""
-        fitted = {name: tuple(p.shape) for name, p in self.module_.state_dict().items()}
-        now = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
-        if type(layer) is not type(self.module_) or fitted != now:
-            raise ValueError(
-                f"{caller} trains on from the fitted {type(self.module_).__name__}"
-                f"({self.module_.extra_repr()}), but the parameters now give "
-                f"{type(layer).__name__}({layer.extra_repr()}): keep n_components, "
-                "hidden_layer_sizes, tied (and model, hidden) or refit from scratch"
-            )
-        layer.load_state_dict(self.module_.state_dict())
 
     def _partial_seed(self) -> int:
         """partial_fit's seed: the next draw of a stream seeded once from ``random_state``,

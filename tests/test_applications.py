@@ -1,5 +1,6 @@
 """fastae.applications: semi-supervised classifier, stacked autoencoder, clustering on codes."""
 
+import copy
 import pickle
 import warnings
 
@@ -9,6 +10,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits, make_blobs  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
@@ -122,6 +124,35 @@ def test_semi_supervised_with_a_deep_autoencoder(digits):
     assert model.score(x_te, y_te) > 0.75
     with pytest.raises(ValueError, match=r"^contractive needs hidden_layer_sizes=\(\)"):
         SemiSupervisedAutoencoder(hidden_layer_sizes=(8,), contractive=0.1).fit(x_tr, y_semi)
+
+
+def test_semi_supervised_warm_start(digits):
+    x, y = digits
+    y_semi, _ = _split_labels(y[:400], 0.3)
+    model = SemiSupervisedAutoencoder(8, epochs=2, warm_start=True, random_state=0)
+    model.fit(x[:400], y_semi)
+    first, expected = list(model.loss_curve_), copy.deepcopy(model.module_).train()
+    scaler = copy.deepcopy(model.scaler_)
+    more_y, _ = _split_labels(y[400:800], 0.3)
+    model.set_params(epochs=3).fit(x[400:800], more_y)
+    # the fitted weights trained 3 more epochs on the new rows (scaled as the first fit's)
+    labels = np.where(more_y >= 0, np.searchsorted(model.classes_, more_y), -1)
+    data = torch.tensor(
+        np.column_stack([scaler.transform(x[400:800]), labels]), dtype=torch.float32
+    )
+    history = fastae.fit(
+        expected, data, epochs=3, batch_size=64, lr=1e-2, seed=clone(model)._draw_seed(),
+        progress=False,
+    )  # fmt: skip
+    torch.testing.assert_close(model.module_.state_dict(), expected.state_dict(), rtol=0, atol=0)
+    assert model.loss_curve_ == first + history.loss and model.n_iter_ == 5
+    np.testing.assert_array_equal(model.scaler_.mean_, scaler.mean_)
+    fewer = np.where(np.isin(y[:400], [0, 1]), y[:400], -1)
+    with pytest.raises(ValueError, match=r"^warm_start=True needs y's labelled samples to hold"):
+        model.fit(x[:400], fewer)
+    with pytest.raises(ValueError, match=r"^warm_start=True trains on from the fitted"):
+        model.set_params(n_components=9).fit(x[:400], y_semi)
+    assert model.n_iter_ == 5 and len(model.classes_) == 10
 
 
 def test_unlabeled_rows_contribute_only_reconstruction():
