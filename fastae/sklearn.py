@@ -49,7 +49,7 @@ from . import _checks, reference
 from .backend import use_backend
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
-from .training import History, LossNotFinite, default_optimizer, fit
+from .training import History, LossNotFinite, default_optimizer, fit, seed_torch
 from .vae import SCORES, VAE, hidden_widths
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
@@ -114,7 +114,7 @@ def _seeded(seed: int):
     repeat, and the caller's global generator state is left as it was."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        seed_torch(seed)
         yield
 
 

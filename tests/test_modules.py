@@ -241,6 +241,19 @@ def test_fit_tensor_input():
     assert not model.training
 
 
+def test_fit_seeds_torch_as_manual_seed_does(monkeypatch):
+    """fit's seed: the draws of torch.manual_seed(seed), which it skips (its CUDA
+    bookkeeping) where there is no accelerator to seed."""
+    fastae.training.seed_torch(5)
+    draws = torch.rand(4), torch.randint(0, 9, (3,))
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.rand(4)) and torch.equal(draws[1], torch.randint(0, 9, (3,)))
+    calls = []
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: calls.append(seed))
+    fastae.training.seed_torch(5)
+    assert calls == ([5] if torch.accelerator.is_available() else [])
+
+
 def test_fit_dataloader_numpy_and_list_inputs():
     data = small_problem()
     loader = DataLoader(TensorDataset(data), batch_size=16, shuffle=False)
