@@ -434,9 +434,7 @@ class StackedAutoencoder(
 
     def fit(self, X, y=None):
         device = self._check_common_params()
-        if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__len__"):
-            raise TypeError(f"sizes must be a sequence of positive ints, got {self.sizes!r}")
-        sizes = [_checks.positive_int("sizes[i]", size) for size in self.sizes]
+        sizes = _checks.widths("sizes", self.sizes, empty=True)
         if not sizes:
             raise ValueError("sizes must name at least one layer")
         pretrain_epochs = _checks.positive_int("pretrain_epochs", self.pretrain_epochs)

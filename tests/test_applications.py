@@ -306,9 +306,9 @@ def test_stack_rejects_bad_sizes(digits):
     x = digits[0][:50]
     with pytest.raises(ValueError, match="at least one layer"):
         StackedAutoencoder(sizes=[]).fit(x)
-    with pytest.raises(ValueError, match="sizes"):
+    with pytest.raises(ValueError, match=r"^sizes\[1\] must be a positive int, got 0$"):
         StackedAutoencoder(sizes=[8, 0]).fit(x)
-    with pytest.raises(TypeError, match="sizes"):
+    with pytest.raises(TypeError, match=r"^sizes must be a sequence of positive ints, got 8$"):
         StackedAutoencoder(sizes=8).fit(x)
 
 
