@@ -672,7 +672,8 @@ class AutoencoderTransformer(
         and resolves ``loss_`` on its X, which later calls keep: give it representative
         rows, or ``scale=None`` and data you scale yourself. ``n_iter_`` counts epochs. As
         for scikit-learn's MLP, ``early_stopping`` serves ``fit`` alone: partial_fit holds
-        no rows out."""
+        no rows out. With ``cuda_graph`` each call captures its graph afresh: worth it for
+        chunks of many batches."""
         self._fit_autoencoder(X, partial=True)
         self._n_features_out = self.module_.hidden_features
         return self
