@@ -305,42 +305,49 @@ def training_table(results: dict) -> str:
 STREAM_CODE, STREAM_CHUNK, STREAM_PASSES = 32, 256, 50
 
 
-def streaming(seeds: list[int], passes: int = STREAM_PASSES) -> dict:
-    """{model: {"seconds": [per seed], "test_error": [per seed]}}."""
+def _streamed(seed: int, passes: int) -> dict:
+    """{model: (seconds, test error)} for one seed's split."""
     from sklearn.decomposition import IncrementalPCA
 
     from fastae import AutoencoderTransformer
 
-    def error(model, x: np.ndarray) -> float:
-        return float(np.square(model.inverse_transform(model.transform(x)) - x).sum(1).mean())
+    x_tr, x_te = train_test_split(load_digits().data / 16.0, test_size=0.25, random_state=seed)
+    chunks = [x_tr[i : i + STREAM_CHUNK] for i in range(0, len(x_tr), STREAM_CHUNK)]
+    options = {"scale": None, "random_state": seed}
 
+    def stream(model, rounds: int):
+        for _ in range(rounds):
+            for chunk in chunks:
+                model.partial_fit(chunk)
+        return model
+
+    runs = {
+        "IncrementalPCA, partial_fit (1 pass)": lambda: stream(IncrementalPCA(STREAM_CODE), 1),
+        f"fastae transformer, partial_fit ({passes} passes)": lambda: stream(
+            AutoencoderTransformer(STREAM_CODE, **options), passes
+        ),
+        f"fastae transformer, fit in memory ({passes} epochs)": lambda: AutoencoderTransformer(
+            STREAM_CODE, epochs=passes, **options
+        ).fit(x_tr),
+    }
+    measured = {}
+    for name, train in runs.items():
+        start = time.perf_counter()
+        model = train()
+        seconds = time.perf_counter() - start
+        error = np.square(model.inverse_transform(model.transform(x_te)) - x_te).sum(1).mean()
+        measured[name] = (seconds, float(error))
+    return measured
+
+
+def streaming(seeds: list[int], passes: int = STREAM_PASSES) -> dict:
+    """{model: {"seconds": [per seed], "test_error": [per seed]}}."""
     results: dict = {}
     for seed in seeds:
-        x_tr, x_te = train_test_split(load_digits().data / 16.0, test_size=0.25, random_state=seed)
-        chunks = [x_tr[i : i + STREAM_CHUNK] for i in range(0, len(x_tr), STREAM_CHUNK)]
-        options = {"scale": None, "random_state": seed}
-        models = {
-            "IncrementalPCA, partial_fit (1 pass)": (IncrementalPCA(STREAM_CODE), 1),
-            f"fastae transformer, partial_fit ({passes} passes)": (
-                AutoencoderTransformer(STREAM_CODE, **options),
-                passes,
-            ),
-            f"fastae transformer, fit in memory ({passes} epochs)": (
-                AutoencoderTransformer(STREAM_CODE, epochs=passes, **options),
-                0,
-            ),
-        }
-        for name, (model, rounds) in models.items():
-            start = time.perf_counter()
-            if rounds == 0:
-                model.fit(x_tr)
-            for _ in range(rounds):
-                for chunk in chunks:
-                    model.partial_fit(chunk)
-            seconds = time.perf_counter() - start
+        for name, (seconds, error) in _streamed(seed, passes).items():
             cell = results.setdefault(name, {"seconds": [], "test_error": []})
             cell["seconds"].append(seconds)
-            cell["test_error"].append(error(model, x_te))
+            cell["test_error"].append(error)
     return results
 
 
