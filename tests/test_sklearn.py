@@ -758,7 +758,8 @@ def test_partial_fit_is_one_epoch_from_the_fitted_weights_with_adam_carried_over
     assert model._optimizer_state["state"][0]["step"].item() == 4 + 2 + 4  # ceil(rows / 32)
     # a fit starts afresh: no Adam state, and a fresh seed stream for later partial_fits
     model.set_params(lr=1e-2).fit(x[:200])
-    assert model._optimizer_state is None and model.n_iter_ == 1
+    assert model._optimizer_state is None and model._partial_seeds is None
+    assert model.n_iter_ == 1
 
 
 def test_partial_fit_from_scratch_and_through_pickle(digits, monkeypatch):
