@@ -48,8 +48,9 @@ class GraphedStep:
     - the BCE target range is not checked per step (that check is a device sync); check the
       data once beforehand, as ``fastae.fit`` does;
     - learning rates and other optimizer settings are read at capture: later changes to
-      ``param_groups`` do not reach the graph; a step in the other train/eval mode than the
-      capture's runs eagerly.
+      ``param_groups`` do not reach the graph, nor do those to the model's Python settings
+      that its forward reads (a VAE's ``beta``, a sparsity or contractive weight); a step
+      in the other train/eval mode than the capture's runs eagerly.
 
     The capture is thread-local (``capture_error_mode="thread_local"``): another thread's
     CUDA calls, such as a ``DataLoader(pin_memory=True)`` pinning the next batches, do not
