@@ -486,6 +486,19 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
         fastae.fit(model, torch.rand(40, 6) * 3, epochs=1, progress=False)
 
 
+def test_a_callback_anneals_beta_between_epochs():
+    """fit's callback sets beta for the next epoch: the forward reads it at every step."""
+    model = fastae.VAE(8, 6, 2, beta=0.0)
+    x = torch.rand(64, 8)
+
+    def anneal(epoch, history):
+        model.beta = 1e4 * epoch
+
+    history = fastae.fit(model, x, epochs=2, batch_size=64, seed=0, callback=anneal, progress=False)
+    assert model.beta == 2e4
+    assert history.loss[1] > 10 * history.loss[0]  # epoch 2 weighs the KL term by 1e4
+
+
 def test_numpy_integers_are_sizes():
     model = fastae.VAE(np.int64(16), np.int32(8), np.int64(2), beta=np.float32(0.5))
     assert (model.in_features, model.hidden, model.latent) == (16, 8, 2)
