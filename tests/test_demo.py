@@ -34,6 +34,10 @@ def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys):
     vae_row = next(line for line in text.splitlines() if line.startswith("VAE"))
     assert vae_row.split()[-2] == "-"  # no semi-supervised number for the VAE
     assert all(cell != "-" for cell in vae_row.split()[2:-2]), vae_row
+    scored = next(line for line in text.splitlines() if line.startswith("VAE, reconstruction"))
+    cells = scored.split()[3:]  # train loss, recon MSE, probe, NMI, AUROCs, 10% labels, time
+    assert cells[:4] == ["-"] * 4 and cells[6:] == ["-"] * 2, scored
+    assert all(0 < float(cell) <= 1 for cell in cells[4:6]), scored
     for name in PNGS:
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) < 200_000, name
