@@ -11,7 +11,7 @@ Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise
 with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
 seed from ``random_state`` in ``fit`` without touching torch's global generator, stop early
 on held-out rows (``early_stopping=True``, as scikit-learn's MLP), train on from their
-fitted weights (``warm_start=True``; the transformer's ``partial_fit`` one epoch a call), and
+fitted weights (``warm_start=True``; ``partial_fit`` one epoch a call), and
 pickle to CPU tensors (an unpickled estimator predicts on the CPU when CUDA is missing).
 """
 
@@ -691,7 +691,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     score (higher = more normal); ``decision_function`` = ``score_samples - offset_``
     (negative = outlier); ``predict`` gives +1 (inlier) / -1 (outlier). ``contamination``
     (in (0, 0.5]) is the expected share of outliers in the training data and sets ``offset_``
-    so that share of training samples falls below it.
+    so that share of training samples falls below it (with ``partial_fit``, of the latest
+    chunk's samples).
 
     The anomaly score is the per-sample reconstruction loss above its minimum: squared error,
     or for BCE the KL divergence sum_k KL(x_k || x^_k) = BCE - sum_k H(x_k) (a perfect
@@ -857,13 +858,26 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
 
     def fit(self, X, y=None):
         self._check_model_params()
-        X = self._fit_autoencoder(X)
+        self._set_threshold(self._fit_autoencoder(X))
+        return self
+
+    def partial_fit(self, X, y=None):
+        """One epoch of Adam on X from the fitted weights, as
+        :meth:`AutoencoderTransformer.partial_fit` (Adam's moments carried between calls, the
+        first call's scaler and ``loss_`` kept), then ``decision_scores_``, ``threshold_``
+        (``offset_``) and ``labels_`` from X's rows, scored by the updated model: the
+        threshold follows the latest chunk, for streams whose normal drifts."""
+        self._check_model_params()
+        self._set_threshold(self._fit_autoencoder(X, partial=True))
+        return self
+
+    def _set_threshold(self, X: np.ndarray) -> None:
+        """PyOD's fitted attributes and ``offset_`` from the anomaly scores of validated X."""
         self.decision_scores_ = self._anomaly_scores(X)
         c = self.contamination
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
         self.offset_ = -self.threshold_
         self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
-        return self
 
     def score_samples(self, X):
         """Minus the anomaly score: higher means more normal."""

@@ -794,3 +794,39 @@ def test_partial_fit_from_scratch_and_through_pickle(digits, monkeypatch):
         model.partial_fit(x[:10, :63])
     with pytest.raises(ValueError, match=r"^partial_fit keeps the fitted scaler_"):
         model.set_params(scale=None).partial_fit(x[:10])
+
+
+@pytest.mark.parametrize("model_kind", ["autoencoder", "vae"])
+def test_detector_partial_fit_trains_as_the_transformer_and_thresholds_the_last_chunk(
+    digits, model_kind
+):
+    x = digits[0]
+    params = {"n_components": 4, "batch_size": 32, "random_state": 0, "contamination": 0.2}
+    detector = AutoencoderOutlierDetector(model=model_kind, hidden=16, **params)
+    chunks = (x[:150], x[150:300], x[300:420])
+    if model_kind == "autoencoder":  # the same training as the transformer's partial_fit
+        transformer = AutoencoderTransformer(
+            **{k: v for k, v in params.items() if k != "contamination"}
+        )
+        for chunk in chunks:
+            transformer.partial_fit(chunk)
+    twin = None
+    for i, chunk in enumerate(chunks):
+        detector.partial_fit(chunk)
+        if i == 0:
+            twin = pickle.loads(pickle.dumps(detector))
+        else:
+            twin.partial_fit(chunk)
+        scores = -detector.score_samples(chunk)
+        np.testing.assert_allclose(detector.decision_scores_, scores, rtol=1e-12)
+        assert detector.threshold_ == pytest.approx(np.percentile(scores, 80.0))
+        assert detector.offset_ == -detector.threshold_
+        np.testing.assert_array_equal(detector.labels_, scores > detector.threshold_)
+    assert detector.n_iter_ == 3 and len(detector.decision_scores_) == 120
+    torch.testing.assert_close(detector.module_.state_dict(), twin.module_.state_dict())
+    if model_kind == "autoencoder":
+        torch.testing.assert_close(
+            detector.module_.state_dict(), transformer.module_.state_dict(), rtol=0, atol=0
+        )
+    with pytest.raises(ValueError, match="contamination must be in"):
+        detector.set_params(contamination=0.7).partial_fit(x[:10])
