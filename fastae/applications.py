@@ -326,6 +326,10 @@ class StackModule(nn.Module):
     def in_features(self) -> int:
         return self.layers[0].in_features
 
+    def extra_repr(self) -> str:
+        widths = [self.in_features] + [layer.hidden_features for layer in self.layers]
+        return " -> ".join(map(str, widths))
+
     def encode(self, x: Tensor) -> Tensor:
         for layer in self.layers:
             x = layer.encode(x)
@@ -383,6 +387,10 @@ class StackedAutoencoder(
     without early stopping), ``loss_curve_``, ``validation_loss_curve_`` and
     ``best_validation_loss_`` (fine-tuning; the last two None without early stopping or
     fine-tuning), ``scaler_``, ``loss_``, ``n_iter_`` (epochs run, all stages together).
+    ``warm_start=True``: a later ``fit`` skips the pretraining and fine-tunes the fitted
+    stack ``finetune_epochs`` more (a fresh Adam; ``scaler_``, ``loss_`` and
+    ``pretrain_loss_`` kept, so ``scale`` must stay, ``loss`` be "auto" or ``loss_`` and
+    ``sizes`` and ``tied`` unchanged; ``loss_curve_`` and ``n_iter_`` grow).
     """
 
     _code_size = "sizes[-1]"
@@ -410,6 +418,7 @@ class StackedAutoencoder(
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
         tol: float = 1e-4,
+        warm_start: bool = False,
     ):
         self.sizes = sizes
         self.activation = activation
@@ -431,6 +440,7 @@ class StackedAutoencoder(
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
+        self.warm_start = warm_start
 
     def fit(self, X, y=None):
         device = self._check_common_params()
@@ -440,6 +450,13 @@ class StackedAutoencoder(
         pretrain_epochs = _checks.positive_int("pretrain_epochs", self.pretrain_epochs)
         finetune_epochs = _nonnegative_int("finetune_epochs", self.finetune_epochs)
         early = self._early_stopping()
+        if _checks.flag("warm_start", self.warm_start) and hasattr(self, "module_"):
+            if not finetune_epochs:
+                raise ValueError(
+                    "warm_start=True fine-tunes the fitted stack: finetune_epochs must be "
+                    "positive, got 0"
+                )
+            return self._fine_tune_more(X, sizes, finetune_epochs, early, device)
         X = self._check_X(X, reset=True)
         self.device_ = device
         scaled = self._fit_scaling(X)
@@ -447,14 +464,14 @@ class StackedAutoencoder(
         seed = self._draw_seed()
         # every stage holds out the same rows
         rows = hold_out(len(X), early["fraction"], seed) if early else None
-        upper_loss = "bce" if self.activation == "sigmoid" else "mse"
         layers, self.pretrain_loss_, self.n_iter_ = [], [], 0
         self.pretrain_validation_loss_ = [] if early else None
         self.validation_loss_curve_ = self.best_validation_loss_ = None
         with _seeded(seed):
             codes = data
             for k, size in enumerate(sizes):
-                layer = self._layer(codes.shape[1], size, self.loss_ if k == 0 else upper_loss)
+                loss = self.loss_ if k == 0 else self._upper_loss()
+                layer = self._layer(codes.shape[1], size, loss)
                 layer = layer.to(device=self.device_, dtype=torch.float32)
                 history = self._train(layer, codes, pretrain_epochs, seed + k + 1, early, rows)
                 kept = history.best_epoch if early else -1  # the epoch whose weights stay
@@ -476,6 +493,33 @@ class StackedAutoencoder(
                     self.best_validation_loss_ = history.val_loss[history.best_epoch]
         self.module_.eval()
         self._n_features_out = sizes[-1]
+        return self
+
+    def _upper_loss(self) -> str:
+        """The loss of the layers above the bottom one, which reconstruct codes."""
+        return "bce" if self.activation == "sigmoid" else "mse"
+
+    def _fine_tune_more(self, X, sizes: tuple, epochs: int, early: dict, device):
+        """warm_start: the fitted stack fine-tuned ``epochs`` more on X, scaled as before."""
+        X = self._check_X(X, reset=False)
+        data = self._tensor(self._rescaled(X, "warm_start=True"), device=device)
+        seed = self._draw_seed()
+        rows = hold_out(len(X), early["fraction"], seed) if early else None
+        with _seeded(seed):
+            widths = (X.shape[1], *sizes)
+            layers = [
+                self._layer(widths[k], size, self.loss_ if k == 0 else self._upper_loss())
+                for k, size in enumerate(sizes)
+            ]
+            stack = StackModule(layers).to(device=device, dtype=torch.float32)
+            self._continue_from(stack, "warm_start=True", keep="sizes and tied")
+            self.module_, self.device_ = stack, device
+            history = self._train(stack, data, epochs, seed, early, rows)
+        self.loss_curve_ = self.loss_curve_ + list(history.loss)
+        self.n_iter_ += len(history.loss)
+        self.validation_loss_curve_ = list(history.val_loss) if early else None
+        self.best_validation_loss_ = history.val_loss[history.best_epoch] if early else None
+        self.module_.eval()
         return self
 
     def __sklearn_tags__(self):

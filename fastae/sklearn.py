@@ -329,17 +329,21 @@ class AutoencoderEstimatorMixin:
         self.validation_loss_curve_ = list(history.val_loss) if early else None
         self.best_validation_loss_ = history.val_loss[history.best_epoch] if early else None
 
-    def _continue_from(self, layer, caller: str) -> None:
+    def _continue_from(
+        self, layer, caller: str, keep: str = "n_components, hidden_layer_sizes, tied (and "
+        "model, hidden)"
+    ) -> None:  # fmt: skip
         """Copy the fitted ``module_``'s weights into ``layer``, which the parameters now
-        build: it must have the same parameters, of the same shapes."""
+        build: it must have the same parameters, of the same shapes (``keep`` names the
+        parameters that set them)."""
         fitted = {name: tuple(p.shape) for name, p in self.module_.state_dict().items()}
         now = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
         if type(layer) is not type(self.module_) or fitted != now:
             raise ValueError(
                 f"{caller} trains on from the fitted {type(self.module_).__name__}"
                 f"({self.module_.extra_repr()}), but the parameters now give "
-                f"{type(layer).__name__}({layer.extra_repr()}): keep n_components, "
-                "hidden_layer_sizes, tied (and model, hidden) or refit from scratch"
+                f"{type(layer).__name__}({layer.extra_repr()}): keep {keep} or refit from "
+                "scratch"
             )
         layer.load_state_dict(self.module_.state_dict())
 

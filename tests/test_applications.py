@@ -268,6 +268,43 @@ def test_stack_stops_early_on_the_same_held_out_rows(digits, monkeypatch):
     assert plain.n_iter_ == 3
 
 
+def test_stack_warm_start_fine_tunes_the_fitted_stack(digits):
+    x = digits[0]
+    params = {"pretrain_epochs": 2, "batch_size": 32, "random_state": 0, "warm_start": True}
+    stack = StackedAutoencoder((16, 8), finetune_epochs=2, **params).fit(x[:300])
+    pretrain_loss, curve = list(stack.pretrain_loss_), list(stack.loss_curve_)
+    assert stack.n_iter_ == 2 + 2 + 2
+    expected = copy.deepcopy(stack.module_).train()
+    more = x[300:500] * 0.5  # other rows, which the fitted scaler scales
+    stack.set_params(finetune_epochs=3).fit(more)
+    # no pretraining: the fitted stack fine-tuned 3 more epochs on `more`, scaled as before
+    history = fastae.fit(
+        expected, torch.tensor(stack._scale(more), dtype=torch.float32), epochs=3,
+        batch_size=32, lr=1e-2, seed=clone(stack)._draw_seed(), progress=False,
+    )  # fmt: skip
+    torch.testing.assert_close(stack.module_.state_dict(), expected.state_dict(), rtol=0, atol=0)
+    assert stack.pretrain_loss_ == pretrain_loss and stack.n_iter_ == 6 + 3
+    assert stack.loss_curve_ == curve + history.loss and not stack.module_.training
+    stack.set_params(early_stopping=True, n_iter_no_change=1).fit(more)
+    assert len(stack.validation_loss_curve_) == stack.n_iter_ - 9 <= 3
+    before = stack.score_samples(x[:50])
+    changes = [
+        (dict(finetune_epochs=0), r"^warm_start=True fine-tunes the fitted stack: finetune_"),
+        (dict(sizes=(16, 4)), r"^warm_start=True trains on from the fitted StackModule\(64 -> "
+         r"16 -> 8\), but the parameters now give StackModule\(64 -> 16 -> 4\): keep sizes and"),
+        (dict(tied=False), r"keep sizes and tied or refit from scratch$"),
+        (dict(scale="minmax"), r"^warm_start=True keeps the fitted scaler_ \(scale='standard'\)"),
+    ]  # fmt: skip
+    for change, message in changes:
+        with pytest.raises(ValueError, match=message):
+            copy.deepcopy(stack).set_params(**change).fit(more)
+    with pytest.raises(ValueError, match="has 63 features"):
+        stack.fit(x[:50, :63])
+    np.testing.assert_array_equal(stack.score_samples(x[:50]), before)
+    fresh = stack.set_params(warm_start=False, early_stopping=False, finetune_epochs=2)
+    assert fresh.fit(x[:300]).loss_curve_ == curve  # without warm_start: afresh
+
+
 def test_stack_module_loss_terms():
     torch.manual_seed(0)
     bottom = fastae.Autoencoder(10, 6, noise=fastae.GaussianNoise(0.1), contractive=0.5)

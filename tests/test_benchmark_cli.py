@@ -532,7 +532,9 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
     results = peers.run(seeds=[0], held_out=[1], epochs=2, pyod=False)
     deep = "fastae deep (PyOD's 64-32 ReLU, standardized)"
     vae = "fastae VAE (PyOD's 128-64-32, latent 2, 2 epochs)"
-    rows = {"fastae plain", "fastae denoising (30% masking)", deep, vae, "IsolationForest"}
+    streamed = "fastae plain, streamed (partial_fit, chunks of 256, 2 passes)"
+    rows = {"fastae plain", "fastae denoising (30% masking)", streamed, deep, vae}
+    rows.add("IsolationForest")
     assert {row for _, row in results} == rows
     assert {task for task, _ in results} == {"digits", "cancer"}
     task, normal, test, anomaly = next(peers.tasks(0, [1]))
@@ -551,8 +553,16 @@ def test_peers_report_each_detectors_auroc_of_its_anomaly_scores(peers, tmp_path
         2, model="vae", hidden=(128, 64, 32), activation="relu", epochs=2, batch_size=32,
         lr=1e-3, random_state=0,
     ).fit(normal)  # fmt: skip
+    streamed_detector = fastae.AutoencoderOutlierDetector(
+        32, scale=None, batch_size=64, lr=1e-2, random_state=0
+    )
+    for _ in range(2):
+        for start in range(0, len(normal), 256):
+            streamed_detector.partial_fit(normal[start : start + 256])
+    assert streamed_detector.n_iter_ == 2 * -(-len(normal) // 256)
     for row, scores in [
         ("IsolationForest", forest),
+        (streamed, -streamed_detector.score_samples(test)),
         ("fastae plain", -detector.score_samples(test)),
         (deep, -deep_detector.score_samples(test)),
         (vae, -vae_detector.score_samples(test)),
