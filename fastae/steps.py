@@ -222,49 +222,68 @@ def autoencoder_step(
 _NO_NOISE = ("none", 0.0, 0.0, 0.0, ops._NO_NOISE_SEED)
 
 
+def _split_vae_params(params: tuple) -> tuple[list, tuple, list, tuple]:
+    """(encoder layers [(W, b)], posterior (Wq, bq), decoder layers [(W2, b2)], output (V, c))
+    of a VAE's flat parameters: L encoder layers, the posterior layer, L decoder hidden
+    layers (from z outward), the output layer."""
+    depth = (len(params) - 4) // 4
+    pairs = [params[i : i + 2] for i in range(0, len(params), 2)]
+    return pairs[:depth], pairs[depth], pairs[depth + 1 : 2 * depth + 1], pairs[-1]
+
+
 def _vae_outputs(encode, reparameterize, decode_loss, x, params, enc, rep, dec, beta):
     """A VAE's step from ``encode``, ``reparameterize`` and ``decode_loss`` (the ops' bodies,
     or their callers, which autograd records), as ``fastae.VAE.forward`` composes the ops:
     the outputs (loss, elbo, reconstruction, kl, per_sample, mu, logvar, z), then what
-    backward needs: h, its stats, the posterior [mu, logvar], h2, its stats, d ell / d z^."""
-    weight, bias, posterior_weight, posterior_bias, hidden_weight, hidden_bias = params[:6]
-    decoder_weight, decoder_bias = params[6:]
+    backward needs: each encoder layer's h and stats, the posterior [mu, logvar], each decoder
+    hidden layer's h and stats, d ell / d z^."""
+    encoder, (posterior_weight, posterior_bias), decoder, (decoder_weight, decoder_bias) = (
+        _split_vae_params(params)
+    )
     activation, enc_name = enc
     layer = (activation, *_NO_NOISE, enc_name, False)  # clean input, no statistics
-    h, _, _, stats = encode(x, weight, bias, *layer)
+    h, encoder_saved = x, []
+    for weight, bias in encoder:
+        h, _, _, stats = encode(h, weight, bias, *layer)
+        encoder_saved += [h, stats]
     posterior = F.linear(h, posterior_weight, posterior_bias)
     latent = posterior.shape[1] // 2
     mu, logvar = posterior[:, :latent], posterior[:, latent:]
     z, kl = reparameterize(mu, logvar, *rep)
-    h2, _, _, stats2 = encode(z, hidden_weight, hidden_bias, *layer)
+    h2, decoder_saved = z, []
+    for weight, bias in decoder:
+        h2, _, _, stats = encode(h2, weight, bias, *layer)
+        decoder_saved += [h2, stats]
     reconstruction, grad_zhat, _ = decode_loss(
         h2, decoder_weight, decoder_bias, x, *dec, False, True
     )
     per_sample = reconstruction + kl
     loss = (reconstruction + beta * kl).mean()
     outputs = (loss, -per_sample, reconstruction, kl, per_sample, mu, logvar, z)
-    return outputs, (h, stats, posterior, h2, stats2, grad_zhat)
+    return outputs, (*encoder_saved, posterior, *decoder_saved, grad_zhat)
 
 
 class _VAEStep(torch.autograd.Function):
-    """A VAE's forward (encoder, posterior layer, reparameterize, decoder, loss) as one
-    autograd node whose backward chains the ops' own backward bodies and the posterior
-    layer's products as autograd forms them.
+    """A VAE's forward (encoder layers, posterior layer, reparameterize, decoder layers, loss)
+    as one autograd node whose backward chains the ops' own backward bodies and the
+    posterior layer's products as autograd forms them.
 
-    forward(x, W, b, Wq, bq, W2, b2, V, c, encode_params, reparameterize_params,
-    decode_params, beta) returns :func:`_vae_outputs`'s outputs."""
+    forward(x, *params, encode_params, reparameterize_params, decode_params, beta) returns
+    :func:`_vae_outputs`'s outputs; params: (W_1, b_1, ..., W_L, b_L, Wq, bq, W2_1, b2_1,
+    ..., W2_L, b2_L, V, c) (see :func:`_split_vae_params`)."""
 
     @staticmethod
     def forward(ctx, x, *args):
-        params, (enc, rep, dec, beta) = args[:8], args[8:]
+        params, (enc, rep, dec, beta) = args[:-4], args[-4:]
         outputs, saved = _vae_outputs(
             ops._encode_body, ops._reparameterize_body, ops._decode_loss_body,
             x, params, enc, rep, dec, beta,
         )  # fmt: skip
         ctx.enc, ctx.rep, ctx.dec, ctx.beta = enc, rep, dec, beta
+        ctx.n_params = len(params)
         ctx.save_for_backward(x, *params, *saved, outputs[-1])
         ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
-        if not any(ctx.needs_input_grad[1:5]):
+        if not any(ctx.needs_input_grad[1 : len(params) // 2 + 1]):
             # the encoder and posterior layer are frozen: kl, mu, logvar and z depend on
             # nothing trainable and, as from the ops composed, require no gradient
             ctx.mark_non_differentiable(outputs[3], *outputs[5:])
@@ -275,12 +294,18 @@ class _VAEStep(torch.autograd.Function):
         if torch.is_grad_enabled():
             grads = (g_loss, g_elbo, g_rec, g_kl, g_per_sample, g_mu, g_logvar, g_z)
             return _vae_backward_recorded(ctx, grads)
-        x, *params = ctx.saved_tensors[:9]
-        h, stats, posterior, h2, stats2, grad_zhat, z = ctx.saved_tensors[9:]
-        weight, _, posterior_weight, _, hidden_weight, _, decoder_weight, _ = params
-        needs = ctx.needs_input_grad[1:9]
-        needs_mu = any(needs[:4])  # mu, logvar and z depend on the encoder and posterior layer
-        needs_h2 = needs_mu or any(needs[4:6])
+        x, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
+        encoder, (posterior_weight, _), decoder, (decoder_weight, _) = _split_vae_params(params)
+        depth = len(encoder)
+        encoder_saved, posterior = saved[: 2 * depth], saved[2 * depth]
+        decoder_saved, (grad_zhat, z) = saved[2 * depth + 1 : 4 * depth + 1], saved[-2:]
+        needs = ctx.needs_input_grad[1 : 1 + ctx.n_params]
+        # mu, logvar and z depend on the encoder and posterior layer; the input of decoder
+        # layer i (z, or layer i - 1's h) needs its gradient for them or for layers below i
+        needs_mu = any(needs[: 2 * depth + 2])
+        decoder_needs = needs[2 * depth + 2 : 4 * depth + 2]
+        needs_input = [needs_mu or any(decoder_needs[: 2 * i]) for i in range(depth + 1)]
         activation, enc_name = ctx.enc
         batch, latent = x.shape[0], posterior.shape[1] // 2
         # per_sample = rec + kl, elbo = -per_sample, loss = mean(rec + beta kl): autograd's
@@ -289,43 +314,65 @@ class _VAEStep(torch.autograd.Function):
         g_mean = None if g_loss is None else g_loss.expand(batch) / batch
         g_rec = _add(_add(g_rec, g_mean), g_per_sample)
         g_kl = _add(_add(g_kl, None if g_mean is None else g_mean * ctx.beta), g_per_sample)
-        grads = [None] * 8
+        decoder_grads, output_grads = [None] * (2 * depth), [None, None]
         if g_rec is not None:
-            grads[6], grads[7], *grad_h2 = ops._decode_backward_body(
-                g_rec, h2, decoder_weight, grad_zhat, None, None, *ctx.dec, needs_h2
+            top = decoder_saved[-2] if depth else z
+            output_grads[0], output_grads[1], *grad_h2 = ops._decode_backward_body(
+                g_rec, top, decoder_weight, grad_zhat, None, None, *ctx.dec, needs_input[depth]
             )
-            if needs_h2:
-                grads[4], grads[5], *grad_latent = ops._encode_backward_body(
-                    grad_h2[0].contiguous(), None, None, z, hidden_weight, h2, stats2,
-                    activation, *_NO_NOISE, enc_name, needs_mu,
+            for i in reversed(range(depth)):
+                if not needs_input[i + 1]:
+                    break
+                below = decoder_saved[2 * i - 2] if i else z
+                h2, stats = decoder_saved[2 * i : 2 * i + 2]
+                decoder_grads[2 * i], decoder_grads[2 * i + 1], *grad_h2 = (
+                    ops._encode_backward_body(
+                        grad_h2[0].contiguous(), None, None, below, decoder[i][0], h2, stats,
+                        activation, *_NO_NOISE, enc_name, needs_input[i],
+                    )
                 )  # fmt: skip
-                g_z = _add(g_z, grad_latent[0] if needs_mu else None)
+            if needs_input[0]:
+                g_z = _add(g_z, grad_h2[0])
         mu, logvar = posterior[:, :latent], posterior[:, latent:]
         if needs_mu and (g_z is not None or g_kl is not None):
             grad_mu, grad_logvar = ops._reparameterize_backward_body(
                 g_z, g_kl, mu, logvar, *ctx.rep
             )
             g_mu, g_logvar = _add(g_mu, grad_mu), _add(g_logvar, grad_logvar)
+        posterior_grads = [None, None]
+        encoder_grads = [None] * (2 * depth)
         if needs_mu and (g_mu is not None or g_logvar is not None):
             # posterior = F.linear(h, Wq, bq) = addmm(bq, h, Wq^T): its backward products as
             # autograd forms them (for the column-major Wq^T it computes dWq^T as (g^T h)^T)
             g_mu = torch.zeros_like(mu) if g_mu is None else g_mu
             g_logvar = torch.zeros_like(logvar) if g_logvar is None else g_logvar
             g_posterior = torch.cat([g_mu, g_logvar], 1)
-            grads[2] = g_posterior.t().mm(h) if needs[2] else None
-            grads[3] = g_posterior.sum(0) if needs[3] else None
-            if any(needs[:2]):
-                grads[0], grads[1] = ops._encode_backward_body(
-                    g_posterior.mm(posterior_weight), None, None, x, weight, h, stats,
-                    activation, *_NO_NOISE, enc_name, False,
-                )  # fmt: skip
+            h = encoder_saved[-2]
+            posterior_grads[0] = g_posterior.t().mm(h) if needs[2 * depth] else None
+            posterior_grads[1] = g_posterior.sum(0) if needs[2 * depth + 1] else None
+            # the input of encoder layer i needs its gradient for layers below i
+            needed = [any(needs[: 2 * i]) for i in range(depth + 1)]
+            if needed[depth]:
+                grad_h = [g_posterior.mm(posterior_weight)]
+                for i in reversed(range(depth)):
+                    if not needed[i + 1]:
+                        break
+                    below = encoder_saved[2 * i - 2] if i else x
+                    h, stats = encoder_saved[2 * i : 2 * i + 2]
+                    encoder_grads[2 * i], encoder_grads[2 * i + 1], *grad_h = (
+                        ops._encode_backward_body(
+                            grad_h[0], None, None, below, encoder[i][0], h, stats,
+                            activation, *_NO_NOISE, enc_name, needed[i],
+                        )
+                    )  # fmt: skip
+        grads = encoder_grads + posterior_grads + decoder_grads + output_grads
         return (None, *grads) + (None,) * 4
 
 
 def _vae_backward_recorded(ctx, grads: tuple) -> tuple:
     """Backward under ``create_graph``: the step recomputed through the ops and
     differentiated (see :func:`_recorded_grads`)."""
-    x, *params = ctx.saved_tensors[:9]
+    x, *params = ctx.saved_tensors[: 1 + ctx.n_params]
     outputs = _vae_outputs(
         ops._encode, ops._reparameterize, ops._decode_loss,
         x, params, ctx.enc, ctx.rep, ctx.dec, ctx.beta,
@@ -339,8 +386,9 @@ def vae_step(
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """A VAE's training step in one autograd node (see :class:`_VAEStep`): (loss, elbo,
     reconstruction, kl, per_sample, mu, logvar, z) as ``fastae.VAE.forward`` returns them
-    in training mode. params: (W, b, Wq, bq, W2, b2, V, c) of the encoder, the posterior
-    layer, the decoder's hidden layer and its output layer."""
+    in training mode. params: (W_1, b_1, ..., W_L, b_L, Wq, bq, W2_1, b2_1, ..., W2_L, b2_L,
+    V, c) of the encoder's L hidden layers, the posterior layer, the decoder's L hidden layers
+    (from z outward) and its output layer."""
     x = ops._check_input(x)
     if loss == "bce" and check_target:
         ops._check_target(x)

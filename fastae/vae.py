@@ -206,17 +206,17 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor, seed: int | None = None) -> VAEOutput:
         """Training mode: z = mu + exp(logvar / 2) eps with eps from Philox at ``seed`` (None:
-        a fresh seed from torch's generator); with gradients in plain eager mode a model with
-        one hidden width runs its step as one autograd node (:mod:`fastae.steps`). Eval mode:
+        a fresh seed from torch's generator); with gradients in plain eager mode the step
+        runs as one autograd node (:mod:`fastae.steps`). Eval mode:
         z = mu (no random draws; the seed, unused, is still checked)."""
         x = self._check_x(x)
         seed = check_seed(seed)
-        params = (
-            self.encoder.weight, self.encoder.bias, self.posterior.weight, self.posterior.bias,
-            self.decoder_hidden.weight, self.decoder_hidden.bias, self.decoder.weight,
-            self.decoder.bias,
-        )  # fmt: skip
-        if self.training and len(self.hidden_sizes) == 1 and steps.available(x, params):
+        layers = [
+            self.encoder, *self.encoder_stack, self.posterior, self.decoder_hidden,
+            *self.decoder_stack, self.decoder,
+        ]  # fmt: skip
+        params = tuple(p for layer in layers for p in (layer.weight, layer.bias))
+        if self.training and steps.available(x, params):
             outputs = steps.vae_step(
                 x, params, activation=self.activation, output=self.output, loss=self.loss_name,
                 check_target=self.check_targets, beta=self.beta, seed=seed,

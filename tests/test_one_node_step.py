@@ -228,9 +228,18 @@ VAE_PARAMS = [
 ]  # fmt: skip
 
 
-def _vae(config=None, dtype=torch.float64):
+DEEP = (6, 5, 4)  # hidden widths of a deep VAE: three layers each side
+DEEP_VAE_PARAMS = [
+    f"{layer}.{kind}"
+    for layer in ["encoder", "encoder_stack.0", "encoder_stack.1", "posterior",
+                  "decoder_hidden", "decoder_stack.0", "decoder_stack.1", "decoder"]
+    for kind in ("weight", "bias")
+]  # fmt: skip
+
+
+def _vae(config=None, dtype=torch.float64, hidden=5):
     torch.manual_seed(0)
-    return fastae.VAE(7, 5, 3, **(config or {})).to(dtype)
+    return fastae.VAE(7, hidden, 3, **(config or {})).to(dtype)
 
 
 def _vae_outputs_and_grads(model, x, uses, one_node, monkeypatch, seed=11):
@@ -252,9 +261,10 @@ def _assert_same_vae(model, x, uses, monkeypatch, seed=11):
     _assert_identical(got[0] + got[1], want[0] + want[1])
 
 
+@pytest.mark.parametrize("hidden", [5, DEEP], ids=["one_layer", "deep"])
 @pytest.mark.parametrize("config", VAE_CONFIGS, ids=str)
-def test_vae_loss_step_equals_the_ops_composed(config, monkeypatch):
-    model = _vae(config)
+def test_vae_loss_step_equals_the_ops_composed(config, hidden, monkeypatch):
+    model = _vae(config, hidden=hidden)
     x = torch.rand(6, 7, dtype=torch.float64)
     _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
 
@@ -266,11 +276,12 @@ def test_vae_fresh_seed_draws_as_the_ops(monkeypatch):
     _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch, seed=None)
 
 
+@pytest.mark.parametrize("hidden", [5, DEEP], ids=["one_layer", "deep"])
 @pytest.mark.parametrize("config", VAE_CONFIGS[::3], ids=str)
-def test_vae_every_output_used(config, monkeypatch):
+def test_vae_every_output_used(config, hidden, monkeypatch):
     """Gradients through every output besides the loss (ELBO, both loss terms, the
     posterior parameters and the sample) reach the parameters as through the ops."""
-    model = _vae(config)
+    model = _vae(config, hidden=hidden)
     x = torch.rand(6, 7, dtype=torch.float64)
     # random weights on every element: where three gradients reach one tensor, the order of
     # their sum shows in the last bits
@@ -299,30 +310,44 @@ def test_vae_every_output_used(config, monkeypatch):
     ],
     ids=["mu", "z_logvar", "kl", "reconstruction"],
 )
-def test_vae_some_outputs_used(use, monkeypatch):
+@pytest.mark.parametrize("hidden", [5, DEEP], ids=["one_layer", "deep"])
+def test_vae_some_outputs_used(use, hidden, monkeypatch):
     """A loss on some outputs only skips the backward passes the others would need."""
-    model = _vae()
+    model = _vae(hidden=hidden)
     x = torch.rand(6, 7, dtype=torch.float64)
     _assert_same_vae(model, x, [use], monkeypatch)
 
 
+@pytest.mark.parametrize("hidden", [5, DEEP], ids=["one_layer", "deep"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_vae_low_precision_step(dtype, monkeypatch):
+def test_vae_low_precision_step(dtype, hidden, monkeypatch):
     """float32 and bfloat16 parameters (the KL and the losses in float32 either way)."""
-    model = _vae(dtype=dtype)
+    model = _vae(dtype=dtype, hidden=hidden)
     x = torch.rand(16, 7, dtype=dtype)
     _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
 
 
-@pytest.mark.parametrize("frozen", VAE_PARAMS + ["encoder", "encoder+posterior"])
-def test_vae_some_parameters_frozen(frozen, monkeypatch):
-    model = _vae()
+# layers frozen together (a parameter's name starts with its layer's)
+GROUPS = ["encoder", "encoder+posterior"]
+DEEP_GROUPS = [
+    "encoder+encoder_stack", "encoder+encoder_stack+posterior", "encoder_stack",
+    "decoder_hidden+decoder_stack", "decoder_stack", "encoder_stack+decoder_stack",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("hidden", "frozen"),
+    [(5, name) for name in VAE_PARAMS + GROUPS]
+    + [(DEEP, name) for name in DEEP_VAE_PARAMS[::3] + DEEP_GROUPS],
+)  # fmt: skip
+def test_vae_some_parameters_frozen(hidden, frozen, monkeypatch):
+    model = _vae(hidden=hidden)
     names = dict(model.named_parameters())
-    if frozen in ("encoder", "encoder+posterior"):
+    if frozen in names:
+        frozen_names = [frozen]
+    else:
         layers = frozen.split("+")
         frozen_names = [n for n in names if n.split(".")[0] in layers]
-    else:
-        frozen_names = [frozen]
     for name in frozen_names:
         names[name].requires_grad_(False)
     x = torch.rand(6, 7, dtype=torch.float64)
@@ -341,24 +366,28 @@ def test_vae_bad_input_named(monkeypatch):
         model(torch.rand(4, 7), seed=-1)
 
 
-@pytest.mark.parametrize("low_precision", [False, True], ids=["wide", "bfloat16"])
-@pytest.mark.parametrize("fusion", ["gemm", "split"])
-def test_vae_triton_backend(fusion, low_precision, monkeypatch):
+@pytest.mark.parametrize(
+    ("hidden", "low_precision", "fusion"),
+    [(5, low, fusion) for low in (False, True) for fusion in ("gemm", "split")]
+    + [(DEEP, False, "gemm"), (DEEP, True, "split")],
+)  # fmt: skip
+def test_vae_triton_backend(hidden, low_precision, fusion, monkeypatch):
     """The kernels (interpreted on the CPU) through the one node, as through the ops."""
     pytest.importorskip("triton")
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
     monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _vae(dtype=_triton_dtype(low_precision, device)).to(device)
+    model = _vae(dtype=_triton_dtype(low_precision, device), hidden=hidden).to(device)
     dtype = model.encoder.weight.dtype
     x = torch.rand(6, 7, dtype=dtype, device=device)
     with fastae.use_backend("triton"):
         _assert_same_vae(model, x, [lambda out: out.loss + out.z.sum()], monkeypatch)
 
 
-def test_vae_second_order(monkeypatch):
+@pytest.mark.parametrize("hidden", [5, DEEP], ids=["one_layer", "deep"])
+def test_vae_second_order(hidden, monkeypatch):
     """d/dtheta [L + |dL/dtheta|^2] through the one node, as through the ops."""
-    model = _vae()
+    model = _vae(hidden=hidden)
     x = torch.rand(6, 7, dtype=torch.float64)
     params = list(model.parameters())
 
@@ -376,7 +405,7 @@ def test_vae_second_order(monkeypatch):
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("kind", ["autoencoder", "vae"])
+@pytest.mark.parametrize("kind", ["autoencoder", "vae", "deep_vae"])
 def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
     """Three epochs of fastae.fit (Adam, shuffled batches, fresh noise and eps seeds each step)
     end with the same weights and losses, bit for bit, whether each step is one node or the
@@ -385,8 +414,8 @@ def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
 
     def train(one_node):
         monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
-        if kind == "vae":
-            model = _vae()
+        if kind in ("vae", "deep_vae"):
+            model = _vae(hidden=DEEP if kind == "deep_vae" else 5)
         else:
             config = dict(noise=fastae.MaskingNoise(0.2), sparsity=fastae.KLSparsity(0.1, 0.5))
             model = _model(dict(config, contractive=0.2))
