@@ -441,9 +441,36 @@ class DeepAutoencoder(nn.Module):
         x = _checks.model_input(x, self.weights[0], self.in_features)
         return self._per_sample(self._encode(x, None, statistics=False)[0], x)
 
+    def _one_node(self, x: Tensor, params: tuple[Tensor, ...]) -> bool:
+        """Whether a step can run as one autograd node (``steps.deep_autoencoder_step``), as
+        :meth:`Autoencoder._one_node` decides."""
+        return (
+            not (self.sync_statistics and self.training and isinstance(self.sparsity, KLSparsity))
+            and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
+            and steps.available(x, params)
+        )
+
     def forward(self, x: Tensor) -> AutoencoderOutput:
         x = _checks.model_input(x, self.weights[0], self.in_features)
         noise = self.noise if self.training else None
+        encoder = list(zip(self.weights, self.biases, strict=True))
+        decoder = [
+            (None if self.tied else self.decoder_weights[k], self.decoder_biases[k])
+            for k in range(len(self.sizes) - 1, -1, -1)
+        ]
+        if self._one_node(x, tuple(p for pair in (*encoder, *decoder) for p in pair)):
+            kl = l1 = None
+            if isinstance(self.sparsity, KLSparsity):
+                kl = (self.sparsity.rho, self.sparsity.weight)
+            elif isinstance(self.sparsity, L1Sparsity):
+                l1 = self.sparsity.weight
+            loss, reconstruction, per_sample, code, sparsity = steps.deep_autoencoder_step(
+                x, encoder, decoder, activation=self.activation, noise=noise,
+                output=self.output, loss=self.loss_name, check_target=self.check_targets,
+                kl=kl, l1_weight=l1,
+            )  # fmt: skip
+            penalties = {} if sparsity is None else {"sparsity": sparsity}
+            return AutoencoderOutput(loss, reconstruction, code, per_sample, penalties)
         h, rho_hat = self._encode(x, noise, statistics=self.sparsity is not None)
         per_sample = self._per_sample(h, x)
         reconstruction_loss = per_sample.mean()

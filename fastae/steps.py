@@ -39,6 +39,10 @@ def available(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
     )
 
 
+# the noise parameters of a layer that corrupts nothing (kind, level, low, high, seed)
+_NO_NOISE = ("none", 0.0, 0.0, 0.0, ops._NO_NOISE_SEED)
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     """a + b, where None is zero (an output the loss left out)."""
     if a is None:
@@ -80,13 +84,9 @@ def _autoencoder_outputs(encode, decode_loss, bernoulli_kl, x, weight, bias, dec
         h, matrix, decoder_bias, target, output, loss_name, dec_name, False, True
     )
     reconstruction = per_sample.mean()
-    sparsity, kl_grad, contractive_term, total = (rho_hat.new_empty(0) for _ in range(4))
+    contractive_term, total = rho_hat.new_empty(0), rho_hat.new_empty(0)
     # the terms as the module writes them: weight * penalty, summed in this order
-    if kl is not None:
-        kl_value, kl_grad = bernoulli_kl(rho_hat, kl[0], kl[2])
-        sparsity = kl[1] * kl_value
-    elif l1_weight is not None:
-        sparsity = l1_weight * rho_hat.sum()  # mean_i |h_ij| = rho_hat_j for h >= 0
+    sparsity, kl_grad = _sparsity_term(bernoulli_kl, rho_hat, kl, l1_weight)
     if kl is not None or l1_weight is not None or contractive:
         total = reconstruction
         if kl is not None or l1_weight is not None:
@@ -96,6 +96,35 @@ def _autoencoder_outputs(encode, decode_loss, bernoulli_kl, x, weight, bias, dec
             total = total + contractive_term
     outputs = (reconstruction, per_sample, h, jac, sparsity, contractive_term, total)
     return outputs, stats, grad_zhat, kl_grad
+
+
+def _loss_terms_backward(g_loss, g_rec, g_per_sample, g_sparsity, kl, l1_weight, kl_grad, code):
+    """(d / d per_sample, d / d rho_hat or None) of loss = reconstruction + sparsity (+ the
+    contractive term), reconstruction = per_sample.mean(), sparsity = kl[1] * KL(rho_hat) or
+    l1_weight * rho_hat.sum(): autograd's rules for add, mean, a scalar product and sum, term
+    by term, from the gradients of those outputs (None: unused) and the codes (B, H)."""
+    g_rec = _add(g_loss, g_rec)
+    g_sparsity = _add(g_loss, g_sparsity)
+    if g_rec is not None:
+        g_per_sample = _add(g_rec.expand(code.shape[0]) / code.shape[0], g_per_sample)
+    grad_rho = None
+    if g_sparsity is not None and kl is not None:
+        grad_rho = ((g_sparsity * kl[1]) * kl_grad).to(kl_grad.dtype)
+    elif g_sparsity is not None and l1_weight is not None:
+        grad_rho = (g_sparsity * l1_weight).expand(code.shape[1])
+    return g_per_sample, grad_rho
+
+
+def _sparsity_term(bernoulli_kl, rho_hat: Tensor, kl, l1_weight) -> tuple[Tensor, Tensor]:
+    """(sparsity term, d KL / d rho_hat) as the module writes the term, weight * penalty; an
+    empty tensor for each that is absent."""
+    sparsity, kl_grad = rho_hat.new_empty(0), rho_hat.new_empty(0)
+    if kl is not None:
+        kl_value, kl_grad = bernoulli_kl(rho_hat, kl[0], kl[2])
+        sparsity = kl[1] * kl_value
+    elif l1_weight is not None:
+        sparsity = l1_weight * rho_hat.sum()  # mean_i |h_ij| = rho_hat_j for h >= 0
+    return sparsity, kl_grad
 
 
 class _AutoencoderStep(torch.autograd.Function):
@@ -135,17 +164,10 @@ class _AutoencoderStep(torch.autograd.Function):
         output, loss_name, dec_name = ctx.dec
         kl, l1_weight, contractive = ctx.terms
         matrix = weight.t() if decoder_weight is None else decoder_weight
-        # loss = reconstruction + sparsity + contractive, reconstruction = per_sample.mean():
-        # autograd's rules for add, mean, a scalar product and sum, term by term
-        g_rec = _add(g_loss, g_rec)
-        g_sparsity, g_contractive = _add(g_loss, g_sparsity), _add(g_loss, g_contractive)
-        if g_rec is not None:
-            g_per_sample = _add(g_rec.expand(h.shape[0]) / h.shape[0], g_per_sample)
-        grad_rho = None
-        if g_sparsity is not None and kl is not None:
-            grad_rho = ((g_sparsity * kl[1]) * kl_grad).to(kl_grad.dtype)
-        elif g_sparsity is not None and l1_weight is not None:
-            grad_rho = (g_sparsity * l1_weight).expand(h.shape[1])
+        g_per_sample, grad_rho = _loss_terms_backward(
+            g_loss, g_rec, g_per_sample, g_sparsity, kl, l1_weight, kl_grad, h
+        )
+        g_contractive = _add(g_loss, g_contractive)
         if g_contractive is not None and contractive:
             g_jac = _add(g_contractive * contractive, g_jac)
         grad_matrix = grad_decoder_bias = None
@@ -217,9 +239,192 @@ def autoencoder_step(
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- VAE
+# ----------------------------------------------------------------------------- deep
 
-_NO_NOISE = ("none", 0.0, 0.0, 0.0, ops._NO_NOISE_SEED)
+
+def _layer_pairs(params: tuple) -> list[tuple[Tensor, Tensor]]:
+    return [params[i : i + 2] for i in range(0, len(params), 2)]
+
+
+def _decoder_matrices(pairs: list) -> list[Tensor]:
+    """Each decoder layer's weight (from the code outward): V_k, or W_k^T where tied (None)."""
+    depth = len(pairs) // 2
+    return [
+        pairs[depth - 1 - j][0].t() if matrix is None else matrix
+        for j, (matrix, _) in enumerate(pairs[depth:])
+    ]
+
+
+def _deep_outputs(encode, decode_loss, bernoulli_kl, x, target, params, enc, dec, terms):
+    """A deep autoencoder's step from ``encode``, ``decode_loss`` and ``bernoulli_kl`` (the
+    ops' bodies, or their callers, which autograd records), as ``DeepAutoencoder.forward``
+    composes the ops: the outputs (reconstruction_loss, per_sample, code, sparsity, loss),
+    an empty tensor for each that is absent, then what backward needs: each hidden layer's
+    h and stats (encoder, then decoder), d loss / d z^ and d KL / d rho_hat.
+
+    params: (W_1, b_1, ..., W_L, b_L, V_L, c_L, ..., V_1, c_1): the encoder's layers, then
+    the decoder's from the code outward (V_1, c_1 the output layer; V_k None: tied, W_k^T).
+    The first layer takes the noise, the last encoder layer's statistics give the sparsity
+    term."""
+    activation, first, enc_name, statistics = enc
+    output, loss_name, dec_name = dec
+    kl, l1_weight = terms
+    pairs = _layer_pairs(params)
+    depth = len(pairs) // 2
+    h, saved = x, []
+    for k, (weight, bias) in enumerate(pairs[:depth]):
+        noise = first if k == 0 else _NO_NOISE
+        h, rho_hat, _, stats = encode(
+            h, weight, bias, activation, *noise, enc_name, statistics and k == depth - 1
+        )
+        saved += [h, stats]
+    code = h
+    matrices = _decoder_matrices(pairs)
+    for matrix, (_, bias) in zip(matrices[:-1], pairs[depth:-1], strict=True):
+        h, _, _, stats = encode(h, matrix, bias, activation, *_NO_NOISE, enc_name, False)
+        saved += [h, stats]
+    per_sample, grad_zhat, _ = decode_loss(
+        h, matrices[-1], pairs[-1][1], target, output, loss_name, dec_name, False, True
+    )
+    reconstruction = per_sample.mean()
+    sparsity, kl_grad = _sparsity_term(bernoulli_kl, rho_hat, kl, l1_weight)
+    total = reconstruction + sparsity if statistics else rho_hat.new_empty(0)
+    return (reconstruction, per_sample, code, sparsity, total), saved, grad_zhat, kl_grad
+
+
+class _DeepAutoencoderStep(torch.autograd.Function):
+    """A deep autoencoder's forward (encoder layers, decoder layers, decode_loss, sparsity,
+    total loss) as one autograd node whose backward chains the ops' own backward bodies.
+
+    forward(x~, target, *params, encode_params, decode_params, terms) returns
+    :func:`_deep_outputs`'s outputs; a tied layer's decoder weight is None, its gradient
+    added to the encoder weight's."""
+
+    @staticmethod
+    def forward(ctx, x, target, *args):
+        params, (enc, dec, terms) = args[:-3], args[-3:]
+        outputs, saved, grad_zhat, kl_grad = _deep_outputs(
+            ops._encode_body, ops._decode_loss_body, ops._bernoulli_kl_body,
+            x, target, params, enc, dec, terms,
+        )  # fmt: skip
+        ctx.enc, ctx.dec, ctx.terms, ctx.n_params = enc, dec, terms, len(params)
+        ctx.save_for_backward(x, target, *params, *saved, grad_zhat, kl_grad)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
+        if not any(ctx.needs_input_grad[2 : 2 + len(params) // 2]):
+            # the encoder is frozen: the code and the sparsity term depend on nothing
+            # trainable and, as from the ops composed, require no gradient
+            ctx.mark_non_differentiable(outputs[2], outputs[3])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_rec, g_per_sample, g_code, g_sparsity, g_loss):
+        if torch.is_grad_enabled():
+            grads = (g_rec, g_per_sample, g_code, g_sparsity, g_loss)
+            x, target, *rest = ctx.saved_tensors
+            params = rest[: ctx.n_params]
+            outputs = _deep_outputs(
+                ops._encode, ops._decode_loss, ops._bernoulli_kl,
+                x, target, params, ctx.enc, ctx.dec, ctx.terms,
+            )[0]  # fmt: skip
+            return (None, None, *_recorded_grads(outputs, grads, params)) + (None,) * 3
+        x, _, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.n_params], rest[ctx.n_params : -2]
+        grad_zhat, kl_grad = rest[-2:]
+        activation, first, enc_name, statistics = ctx.enc
+        kl, l1_weight = ctx.terms
+        pairs = _layer_pairs(params)
+        depth = len(pairs) // 2
+        code = saved[2 * depth - 2]
+        g_per_sample, grad_rho = _loss_terms_backward(
+            g_loss, g_rec, g_per_sample, g_sparsity, kl, l1_weight, kl_grad, code
+        )
+        needs = ctx.needs_input_grad[2 : 2 + ctx.n_params]
+        encoder_needs, decoder_needs = needs[: 2 * depth], needs[2 * depth :]
+        matrices = _decoder_matrices(pairs)
+        # the input of decoder layer j (the code, or layer j - 1's h) needs its gradient for
+        # the encoder (tied decoder weights among it) or for the decoder layers below j; that
+        # of encoder layer k for the encoder layers below k
+        decoder_input = [any(encoder_needs) or any(decoder_needs[: 2 * j]) for j in range(depth)]
+        encoder_input = [any(encoder_needs[: 2 * k]) for k in range(depth + 1)]
+        grads, grad_code = [None] * (2 * 2 * depth), None
+        if g_per_sample is not None:
+            hidden = saved[2 * depth :]  # the decoder's hidden layers' (h, stats)
+            top = hidden[-2] if depth > 1 else code
+            grads[-2], grads[-1], *grad_in = ops._decode_backward_body(
+                g_per_sample, top, matrices[-1], grad_zhat, None, None, *ctx.dec,
+                decoder_input[-1],
+            )  # fmt: skip
+            for j in reversed(range(depth - 1)):
+                if not decoder_input[j + 1]:
+                    break
+                below = hidden[2 * j - 2] if j else code
+                h, stats = hidden[2 * j : 2 * j + 2]
+                i = 2 * (depth + j)
+                grads[i], grads[i + 1], *grad_in = ops._encode_backward_body(
+                    grad_in[0].contiguous(), None, None, below, matrices[j], h, stats,
+                    activation, *_NO_NOISE, enc_name, decoder_input[j],
+                )  # fmt: skip
+            if decoder_input[0]:
+                grad_code = grad_in[0]
+        grad_h = _add(grad_code, g_code)
+        if not statistics:
+            grad_rho = None
+        if encoder_input[depth] and (grad_h is not None or grad_rho is not None):
+            for k in reversed(range(depth)):
+                if not encoder_input[k + 1]:
+                    break
+                below = saved[2 * k - 2] if k else x
+                h, stats = saved[2 * k : 2 * k + 2]
+                grad_h = torch.zeros_like(h) if grad_h is None else grad_h.contiguous()
+                grads[2 * k], grads[2 * k + 1], *grad_in = ops._encode_backward_body(
+                    grad_h, grad_rho if k == depth - 1 else None, None, below, pairs[k][0], h,
+                    stats, activation, *(first if k == 0 else _NO_NOISE), enc_name,
+                    encoder_input[k],
+                )  # fmt: skip
+                grad_h = grad_in[0] if encoder_input[k] else None
+        for j in range(depth):  # a tied W_k serves encoder layer k and, as W_k^T, the decoder
+            k, i = depth - 1 - j, 2 * (depth + j)
+            if pairs[depth + j][0] is None and grads[i] is not None:
+                grads[2 * k] = _add(grads[2 * k], grads[i].t())
+                grads[i] = None
+        return (None, None, *grads) + (None,) * 3
+
+
+def deep_autoencoder_step(
+    x: Tensor, encoder: list[tuple[Tensor, Tensor]], decoder: list[tuple[Tensor, Tensor]], *,
+    activation: str, noise: Noise | None, output: str, loss: str, check_target: bool,
+    kl: tuple[float, float] | None, l1_weight: float | None,
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """A deep autoencoder's training step in one autograd node (see
+    :class:`_DeepAutoencoderStep`): (loss, reconstruction_loss, per_sample, code, sparsity),
+    sparsity None without a sparsity term. ``encoder``: the (W, b) of each layer; ``decoder``:
+    the (V, c) of each decoder layer from the code outward, the output layer last (V None:
+    tied, W^T of the mirrored encoder layer). For the calls :func:`available` admits; the
+    penalties as in :func:`autoencoder_step`, on the code."""
+    statistics = kl is not None or l1_weight is not None
+    (weight, bias), depth = encoder[0], len(encoder)
+    x_enc, weight, bias, activation, kind, level, low, high, seed, enc_name, _ = ops._encode_args(
+        x, weight, bias, activation, noise, statistics and depth == 1
+    )
+    output = _checks.choice("output", output, reference.OUTPUTS)
+    loss = _checks.choice("loss", loss, reference.LOSSES)
+    if loss == "bce" and check_target:
+        ops._check_target(x)
+    dec_name = ops._backend_for("decode_loss", "decoder", x.device)
+    if kl is not None:
+        kl = (*kl, ops._backend_for("bernoulli_kl", "sparsity", x.device))
+    params = [weight, bias] + [p for pair in (*encoder[1:], *decoder) for p in pair]
+    enc = (activation, (kind, level, low, high, seed), enc_name, statistics)
+    reconstruction, per_sample, code, sparsity, total = _DeepAutoencoderStep.apply(
+        x_enc, x, *params, enc, (output, loss, dec_name), (kl, l1_weight)
+    )
+    return (
+        total if statistics else reconstruction, reconstruction, per_sample, code,
+        sparsity if statistics else None,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- VAE
 
 
 def _split_vae_params(params: tuple) -> tuple[list, tuple, list, tuple]:

@@ -42,7 +42,8 @@ def _outputs_and_grads(model, x, uses, one_node, monkeypatch):
     for p in model.parameters():
         p.grad = None
     out = model(x)
-    assert ("AutoencoderStep" in type(out.loss.grad_fn).__name__) == one_node
+    node = "DeepAutoencoderStep" if isinstance(model, fastae.DeepAutoencoder) else "AutoencoderStep"
+    assert (node in type(out.loss.grad_fn).__name__) == one_node
     total = sum(use(out) for use in uses)
     total.backward()
     values = [out.loss, out.reconstruction_loss, out.code, out.per_sample]
@@ -112,12 +113,19 @@ FALLBACKS = ["no_grad", "input_requires_grad", "frozen", "autocast", "compiling"
 
 @pytest.mark.parametrize(
     ("kind", "case"),
-    [("autoencoder", case) for case in FALLBACKS] + [("vae", case) for case in FALLBACKS]
-    + [("vae", "eval")],
+    [(kind, case) for kind in ("autoencoder", "deep", "vae") for case in FALLBACKS]
+    + [("vae", "eval"), ("deep", "synced_kl"), ("deep", "l1_on_tanh")],
 )  # fmt: skip
 def test_falls_back_to_the_ops(kind, case, monkeypatch):
     if kind == "vae":
         model, node = _vae(dtype=torch.float32), "VAEStep"
+    elif kind == "deep":
+        config = dict(sizes=(6, 4), sparsity=fastae.KLSparsity(0.1, 0.5))
+        if case == "synced_kl":  # the KL term of the global batch's code means
+            config["sync_statistics"] = True
+        elif case == "l1_on_tanh":  # |h| is not rho_hat
+            config.update(activation="tanh", sparsity=fastae.L1Sparsity(0.1))
+        model, node = _deep(config, torch.float32), "DeepAutoencoderStep"
     else:
         model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5)), torch.float32)
         node = "AutoencoderStep"
@@ -205,6 +213,134 @@ def test_second_order(tied, monkeypatch):
 
     for got, want in zip(penalized(True), penalized(False), strict=True):
         # the same terms, summed in another order where three or more reach one tensor
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- deep
+
+DEEP_SIZES = [(5,), (6, 4), (6, 5, 3)]
+DEEP_CONFIGS = [
+    dict(config, sizes=DEEP_SIZES[i % 3])
+    for i, config in enumerate(c for c in CONFIGS if not c["contractive"])
+]
+
+
+def _deep(config, dtype=torch.float64):
+    torch.manual_seed(0)
+    config = {"activation": "sigmoid", **config}
+    config.pop("contractive", None)
+    return fastae.DeepAutoencoder(7, config.pop("sizes"), **config).to(dtype)
+
+
+@pytest.mark.parametrize("config", DEEP_CONFIGS, ids=str)
+def test_deep_loss_step_equals_the_ops_composed(config, monkeypatch):
+    model = _deep(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize("config", DEEP_CONFIGS[::4], ids=str)
+def test_deep_every_output_used(config, monkeypatch):
+    """Gradients through the code, the per-sample losses and the penalty besides the loss
+    reach the parameters as through the ops."""
+    model = _deep(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    g_code = torch.randn(6, model.hidden_features, dtype=torch.float64)
+    uses = [
+        lambda out: out.loss * 0.5,
+        lambda out: out.reconstruction_loss * 2.0,
+        lambda out: (out.code * g_code).sum(),
+        lambda out: out.per_sample[1] * 3.0,
+        lambda out: sum(out.penalties.values(), torch.zeros((), dtype=torch.float64)) * 0.7,
+    ]
+    _assert_same(model, x, uses, monkeypatch)
+
+
+@pytest.mark.parametrize("use", ["code", "sparsity"])
+def test_deep_only_the_encoder_used(use, monkeypatch):
+    """A loss on the code or the penalty alone skips the decoder's backward."""
+    model = _deep(dict(sizes=(6, 5, 3), sparsity=fastae.KLSparsity(0.1, 0.5)))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    if use == "code":
+        _assert_same(model, x, [lambda out: out.code.square().sum()], monkeypatch)
+    else:
+        _assert_same(model, x, [lambda out: out.penalties["sparsity"]], monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "frozen",
+    ["weights.0", "biases.1", "weights.2", "decoder_weights.2", "decoder_biases.0",
+     "decoder_weights.0", "weights", "weights+biases", "decoder_weights+decoder_biases",
+     "weights.1+decoder_biases.1"],
+)  # fmt: skip
+@pytest.mark.parametrize("tied", [True, False])
+def test_deep_some_parameters_frozen(frozen, tied, monkeypatch):
+    """Frozen parameters (a name, or every parameter under a list's name) get no gradient,
+    the others the ops' gradients; with the whole encoder frozen the code and the penalty
+    require none."""
+    if tied and "decoder_weights" in frozen:
+        pytest.skip("a tied model has no decoder weights")
+    config = dict(sizes=(6, 5, 3), tied=tied, sparsity=fastae.KLSparsity(0.1, 0.5))
+    model = _deep(dict(config, noise=fastae.MaskingNoise(0.3, seed=5)))
+    names = dict(model.named_parameters())
+    frozen_names = [
+        n for n in names for part in frozen.split("+") if n == part or n.startswith(part + ".")
+    ]
+    for name in frozen_names:
+        names[name].requires_grad_(False)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+    assert all(names[name].grad is None for name in frozen_names)
+    assert all(p.grad is not None for n, p in names.items() if n not in frozen_names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deep_low_precision_step(dtype, monkeypatch):
+    model = _deep(dict(sizes=(6, 4), sparsity=fastae.KLSparsity(0.1, 0.5)), dtype)
+    x = torch.rand(16, 7, dtype=dtype)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+def test_deep_regenerated_corrupted_input(monkeypatch):
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+    model = _deep(dict(sizes=(6, 4), noise=fastae.GaussianNoise(0.2, seed=6), tied=True))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("low_precision", "fusion"), [(False, "gemm"), (False, "split"), (True, "gemm")]
+)
+def test_deep_triton_backend(low_precision, fusion, monkeypatch):
+    """The kernels (interpreted on the CPU) through the one node, as through the ops."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
+    config = dict(noise=fastae.MaskingNoise(0.3, seed=5), sparsity=fastae.KLSparsity(0.1, 0.5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _triton_dtype(low_precision, device)
+    model = _deep(dict(config, sizes=(6, 5, 3), activation="sigmoid"), dtype).to(device)
+    x = torch.rand(6, 7, dtype=dtype, device=device)
+    with fastae.use_backend("triton"):
+        _assert_same(model, x, [lambda out: out.loss + out.code.sum()], monkeypatch)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_deep_second_order(tied, monkeypatch):
+    """d/dtheta [L + |dL/dtheta|^2] through the one node, as through the ops."""
+    config = dict(sizes=(6, 5, 3), tied=tied, noise=fastae.MaskingNoise(0.3, seed=5))
+    model = _deep(dict(config, activation="sigmoid", sparsity=fastae.KLSparsity(0.1, 0.5)))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def penalized(one_node):
+        monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
+        out = model(x)
+        grads = torch.autograd.grad(out.loss + out.code.sum(), params, create_graph=True)
+        total = out.loss + sum(g.square().sum() for g in grads)
+        return torch.autograd.grad(total, params)
+
+    for got, want in zip(penalized(True), penalized(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
@@ -405,7 +541,7 @@ def test_vae_second_order(hidden, monkeypatch):
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("kind", ["autoencoder", "vae", "deep_vae"])
+@pytest.mark.parametrize("kind", ["autoencoder", "deep", "vae", "deep_vae"])
 def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
     """Three epochs of fastae.fit (Adam, shuffled batches, fresh noise and eps seeds each step)
     end with the same weights and losses, bit for bit, whether each step is one node or the
@@ -416,6 +552,9 @@ def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
         monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
         if kind in ("vae", "deep_vae"):
             model = _vae(hidden=DEEP if kind == "deep_vae" else 5)
+        elif kind == "deep":
+            config = dict(noise=fastae.MaskingNoise(0.2), sparsity=fastae.KLSparsity(0.1, 0.5))
+            model = _deep(dict(config, sizes=(6, 5, 3), activation="sigmoid", tied=True))
         else:
             config = dict(noise=fastae.MaskingNoise(0.2), sparsity=fastae.KLSparsity(0.1, 0.5))
             model = _model(dict(config, contractive=0.2))
