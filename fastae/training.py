@@ -342,7 +342,8 @@ def fit(
     then corrupts nothing and a VAE takes z = mu): call ``model.train()`` before training it
     further in a loop of your own.
 
-    ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (fused on CUDA).
+    ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (PyTorch's fused Adam
+    on CUDA and on the CPU).
     ``scheduler``: a learning-rate scheduler stepped once an epoch, after its losses (a
     ``ReduceLROnPlateau`` with the loss ``patience`` watches: validation if given, else
     training): one built on ``optimizer``, or a callable that builds one from the optimizer
@@ -532,13 +533,16 @@ def default_optimizer(
 ):
     """``fit``'s Adam: fused where every parameter is on a CUDA device (the update of all of
     them in one kernel, and one to count the step, where the default multi-tensor Adam
-    launches 7, or 17 when ``capturable`` for a CUDA graph), else PyTorch's default.
-    ``lr_tensor``: the learning rate is a tensor on the parameters' device (a CUDA graph reads
-    it from memory at each replay, so a scheduler's updates take effect)."""
-    on_cuda = all(p.device.type == "cuda" for p in model.parameters())
+    launches 7, or 17 when ``capturable`` for a CUDA graph) or every one on the CPU (one
+    vectorized loop a parameter: 2-4x faster than the default single-tensor Adam there),
+    else PyTorch's default. ``lr_tensor``: the learning rate is a tensor on the parameters'
+    device (a CUDA graph reads it from memory at each replay, so a scheduler's updates take
+    effect)."""
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices in ({"cuda"}, {"cpu"})
     if lr_tensor:
         lr = torch.tensor(lr, dtype=torch.float32, device=next(model.parameters()).device)
-    return torch.optim.Adam(model.parameters(), lr=lr, capturable=capturable, fused=on_cuda or None)
+    return torch.optim.Adam(model.parameters(), lr=lr, capturable=capturable, fused=fused or None)
 
 
 _SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, ReduceLROnPlateau)

@@ -336,19 +336,24 @@ def test_graphed_fit_equals_eager_fit(regularizers):
     assert graphed_history.graphed_steps == 3 * 6 - 3 and eager_history.graphed_steps == 0
 
 
-def test_default_optimizer_is_fused_on_cuda_only():
-    """fit's Adam: fused (one kernel for the update) where the parameters are on CUDA;
-    PyTorch's default elsewhere; capturable on request."""
+def test_default_optimizer_is_fused_on_cuda_and_on_the_cpu():
+    """fit's Adam: fused where the parameters are all on CUDA (one kernel for the update) or
+    all on the CPU; PyTorch's default for parameters on several kinds of device; capturable
+    on request."""
     from fastae.training import default_optimizer
 
     for capturable in (False, True):
         optimizer = default_optimizer(_model(), 0.01, capturable=capturable)
         assert isinstance(optimizer, torch.optim.Adam)
         group = optimizer.param_groups[0]
-        assert not group["fused"] and group["capturable"] is capturable and group["lr"] == 0.01
+        assert group["fused"] is True and group["capturable"] is capturable
+        assert group["lr"] == 0.01
         if torch.cuda.is_available():
             group = default_optimizer(_model().cuda(), 0.01, capturable).param_groups[0]
             assert group["fused"] is True and group["capturable"] is capturable
+    mixed = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2, device=d)) for d in
+                                    ("cpu", "meta")])  # fmt: skip
+    assert not default_optimizer(mixed, 0.01).param_groups[0]["fused"]
 
 
 @pytest.mark.cuda
