@@ -61,6 +61,8 @@ DETECTOR_MODELS = ("autoencoder", "vae")
 PREDICT_CHUNK = 8192
 _SEED_BOUND = np.iinfo(np.int32).max
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+# the parameters that set the shapes of an estimator's weights
+_SHAPE_PARAMETERS = "n_components, hidden_layer_sizes, tied (and model, hidden)"
 
 
 def resolve_device(device) -> torch.device:
@@ -329,10 +331,7 @@ class AutoencoderEstimatorMixin:
         self.validation_loss_curve_ = list(history.val_loss) if early else None
         self.best_validation_loss_ = history.val_loss[history.best_epoch] if early else None
 
-    def _continue_from(
-        self, layer, caller: str, keep: str = "n_components, hidden_layer_sizes, tied (and "
-        "model, hidden)"
-    ) -> None:  # fmt: skip
+    def _continue_from(self, layer, caller: str, keep: str = _SHAPE_PARAMETERS) -> None:
         """Copy the fitted ``module_``'s weights into ``layer``, which the parameters now
         build: it must have the same parameters, of the same shapes (``keep`` names the
         parameters that set them)."""
