@@ -7,12 +7,16 @@ in it. Beside it, eager PyTorch on the same tiny tensors, whose time is its host
 
     python bench/host_time.py --cases encode_stats,all,vae --size 8x16x16
     python bench/host_time.py --routes --cases all,vae   # dispatcher / eager route / one node
+    python bench/host_time.py --deep [--backend reference]   # deep models: one node / ops
 
 Prints, per case, the best and the median of the rounds' mean microseconds per call. The
 machine's noise shows in the gap between them; compare runs side by side. With ``--routes``
 a training step's three paths take turns round by round: through the dispatcher (the
 registered ops, as under a dispatch mode), the eager route with the ops composed, and the
-one-node step (the default).
+one-node step (the default). With ``--deep`` the deep models' steps (zero grads, forward,
+backward; the sizes of PyOD's and Keras's networks) take turns as one node and as the ops
+composed, with the kernels stubbed or, with ``--backend reference``, on the CPU's reference
+backend (their time then includes the math).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
+import torch  # noqa: E402
 from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noqa: E402
 
 import fastae  # noqa: E402
@@ -89,6 +95,53 @@ def time_routes(case: str, size: fb.Size, rounds: int, calls: int) -> dict[str, 
     return means
 
 
+# deep models by name: (the model, batch, input width)
+DEEP_MODELS = {
+    "VAE 64-128-64-32, latent 16, B=32": (
+        lambda: fastae.VAE(64, (128, 64, 32), 16, check_targets=False), 32, 64
+    ),
+    "DeepAutoencoder 64-64-32, ReLU, MSE, B=64": (
+        lambda: fastae.DeepAutoencoder(
+            64, (64, 32), activation="relu", output="identity", loss="mse", check_targets=False
+        ), 64, 64,
+    ),
+    "DeepAutoencoder 784-128-64-32, ReLU, BCE, B=256": (
+        lambda: fastae.DeepAutoencoder(784, (128, 64, 32), check_targets=False), 256, 784
+    ),
+}  # fmt: skip
+
+
+def time_deep(rounds: int, calls: int, backend: str = "triton") -> dict[str, dict]:
+    """{model: {"one node": [...], "ops composed": [...]}}: mean microseconds per step of each
+    round, the two paths taking turns round by round, on ``backend``."""
+    results = {}
+    try:
+        for name, (make, batch, width) in DEEP_MODELS.items():
+            torch.manual_seed(0)
+            model, x = make(), torch.rand(batch, width)
+
+            def step(model=model, x=x):
+                for p in model.parameters():
+                    p.grad = None
+                model(x).loss.backward()
+
+            means: dict[str, list[float]] = {"one node": [], "ops composed": []}
+            with fastae.use_backend(backend):
+                for _ in range(rounds):
+                    for route, one_node in (("one node", True), ("ops composed", False)):
+                        steps.ONE_NODE_STEP = one_node
+                        for _ in range(max(calls // 10, 3)):
+                            step()
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            step()
+                        means[route].append((time.perf_counter() - start) / calls * 1e6)
+            results[name] = means
+    finally:
+        steps.ONE_NODE_STEP = True
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="encode_stats,all,vae", help="comma-separated cases")
@@ -100,10 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--routes", action="store_true", help="a training step's three paths, taking turns"
     )
+    parser.add_argument(
+        "--deep", action="store_true", help="deep models' steps: one node and the ops composed"
+    )
+    parser.add_argument(
+        "--backend", default="triton", choices=("triton", "reference"),
+        help="with --deep: stubbed kernels (triton) or the reference backend's math",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)
     stub_kernels()
+    if args.deep:
+        for name, means in time_deep(args.rounds, args.calls, args.backend).items():
+            cells = [
+                f"{route} best {min(m):.0f} us (median {statistics.median(m):.0f})"
+                for route, m in means.items()
+            ]
+            ratio = min(means["ops composed"]) / min(means["one node"])
+            print(f"{name}, {args.backend}: " + ", ".join(cells) + f": {ratio:.2f}x")
+        return 0
     if args.routes:
         for case in cases:
             if case not in fb.STEPS:

@@ -407,6 +407,23 @@ def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch):
     assert ops._plain_eager is plain_eager and steps.ONE_NODE_STEP
 
 
+@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+def test_host_time_of_deep_models(monkeypatch):
+    """bench/host_time.py --deep: each deep model's step as one node and as the ops
+    composed, timed every round; afterwards the one node is the default again."""
+    from fastae import steps
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    host_time = importlib.import_module("host_time")
+    host_time.stub_kernels(monkeypatch.setattr)
+    results = host_time.time_deep(2, 1)
+    assert list(results) == list(host_time.DEEP_MODELS)
+    for means in results.values():
+        assert list(means) == ["one node", "ops composed"]
+        assert all(len(m) == 2 and min(m) > 0 for m in means.values())
+    assert steps.ONE_NODE_STEP
+
+
 def test_triton_launch_provider(bench_run):
     """fastae_triton_launch: fastae with FASTAE_DIRECT_LAUNCH=0, on CUDA only; its column in
     the ratio table is tlaunch/fastae (fastae's time through Triton's launch path over its
