@@ -424,6 +424,23 @@ def test_host_time_of_deep_models(monkeypatch):
     assert steps.ONE_NODE_STEP
 
 
+def test_optimizer_time_compares_fits_adam_with_the_single_tensor_one(monkeypatch):
+    """bench/optimizer_time.py: both optimizers timed on every parameter set and in a
+    detector's fit; afterwards fit builds its own default Adam again."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    optimizer_time = importlib.import_module("optimizer_time")
+    default = fastae.training.default_optimizer
+    shapes = optimizer_time.PARAMETER_SETS["64 -> 32 tied layer (W, b, c)"]
+    times = optimizer_time.update_times(shapes, 1, 2)
+    assert list(times) == ["fit's default", "single-tensor"] and min(times.values()) > 0
+    single = optimizer_time.single_tensor_adam(torch.nn.Linear(3, 2), 1e-3)
+    assert not single.param_groups[0]["fused"] and not single.param_groups[0]["foreach"]
+    seconds = optimizer_time.detector_fit_seconds(1, epochs=1)
+    assert list(seconds) == list(times) and min(seconds.values()) > 0
+    assert fastae.training.default_optimizer is default
+    assert fastae.sklearn.default_optimizer is default
+
+
 def test_triton_launch_provider(bench_run):
     """fastae_triton_launch: fastae with FASTAE_DIRECT_LAUNCH=0, on CUDA only; its column in
     the ratio table is tlaunch/fastae (fastae's time through Triton's launch path over its
