@@ -534,7 +534,8 @@ def default_optimizer(
     """``fit``'s Adam: fused where every parameter is on a CUDA device (the update of all of
     them in one kernel, and one to count the step, where the default multi-tensor Adam
     launches 7, or 17 when ``capturable`` for a CUDA graph) or every one on the CPU (one
-    vectorized loop a parameter: 2-4x faster than the default single-tensor Adam there),
+    vectorized loop a parameter: several times faster than the default single-tensor Adam
+    there, ``bench/optimizer_time.py``),
     else PyTorch's default. ``lr_tensor``: the learning rate is a tensor on the parameters'
     device (a CUDA graph reads it from memory at each replay, so a scheduler's updates take
     effect)."""
