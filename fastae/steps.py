@@ -127,6 +127,30 @@ def _sparsity_term(bernoulli_kl, rho_hat: Tensor, kl, l1_weight) -> tuple[Tensor
     return sparsity, kl_grad
 
 
+def _layers_backward(grad, below, weights, saved, needs_input, activation, enc_name,
+                     first=_NO_NOISE, grad_rho=None):  # fmt: skip
+    """Backward through a chain of encode layers (no statistics but the top's), top to bottom,
+    with the ops' own backward body: ``grad`` d/d the top layer's h (None: zero), ``below``
+    the bottom layer's input, ``weights`` the layers' W, ``saved`` their (h, stats) in a row,
+    ``needs_input[i]`` whether layer i's input needs its gradient (``needs_input[-1]``: the
+    top's output, the chain runs only where it does), ``first`` the bottom layer's noise,
+    ``grad_rho`` d/d the top layer's rho_hat. Returns ([dW, db of each layer, None where not
+    reached], d/d ``below`` or None)."""
+    grads = [None] * (2 * len(weights))
+    for i in reversed(range(len(weights))):
+        if not needs_input[i + 1]:
+            return grads, None
+        h, stats = saved[2 * i : 2 * i + 2]
+        grad = torch.zeros_like(h) if grad is None else grad.contiguous()
+        grads[2 * i], grads[2 * i + 1], *grad_input = ops._encode_backward_body(
+            grad, grad_rho if i == len(weights) - 1 else None, None,
+            saved[2 * i - 2] if i else below, weights[i], h, stats, activation,
+            *(first if i == 0 else _NO_NOISE), enc_name, needs_input[i],
+        )  # fmt: skip
+        grad = grad_input[0] if needs_input[i] else None
+    return grads, grad
+
+
 class _AutoencoderStep(torch.autograd.Function):
     """One autoencoder's forward (encode, decode_loss, penalties, total loss) as one autograd
     node whose backward chains the ops' own backward bodies: the same numbers as the ops
@@ -203,6 +227,19 @@ def _autoencoder_backward_recorded(ctx, grads: tuple) -> tuple:
     return (None, *_recorded_grads(outputs, grads, params)) + (None,) * 4
 
 
+def _loss_args(x: Tensor, output: str, loss: str, check_target: bool, kl) -> tuple:
+    """The checked (output, loss, decode_loss backend) and the KL term's (rho, weight,
+    backend) of a step on ``x`` (BCE targets checked if asked)."""
+    output = _checks.choice("output", output, reference.OUTPUTS)
+    loss = _checks.choice("loss", loss, reference.LOSSES)
+    if loss == "bce" and check_target:
+        ops._check_target(x)
+    dec_name = ops._backend_for("decode_loss", "decoder", x.device)
+    if kl is not None:
+        kl = (*kl, ops._backend_for("bernoulli_kl", "sparsity", x.device))
+    return (output, loss, dec_name), kl
+
+
 def autoencoder_step(
     x: Tensor, weight: Tensor, bias: Tensor | None, decoder_weight: Tensor | None,
     decoder_bias: Tensor | None, *, activation: str, noise: Noise | None, statistics: bool,
@@ -217,16 +254,10 @@ def autoencoder_step(
     x_enc, weight, bias, activation, kind, level, low, high, seed, enc_name, statistics = (
         ops._encode_args(x, weight, bias, activation, noise, statistics)
     )
-    output = _checks.choice("output", output, reference.OUTPUTS)
-    loss = _checks.choice("loss", loss, reference.LOSSES)
-    if loss == "bce" and check_target:
-        ops._check_target(x)
-    dec_name = ops._backend_for("decode_loss", "decoder", x.device)
-    if kl is not None:
-        kl = (*kl, ops._backend_for("bernoulli_kl", "sparsity", x.device))
+    dec, kl = _loss_args(x, output, loss, check_target, kl)
     enc = (activation, kind, level, low, high, seed, enc_name, statistics)
     outs = _AutoencoderStep.apply(
-        x_enc, weight, bias, decoder_weight, decoder_bias, x, enc, (output, loss, dec_name),
+        x_enc, weight, bias, decoder_weight, decoder_bias, x, enc, dec,
         (kl, l1_weight, contractive),
     )  # fmt: skip
     reconstruction, per_sample, h, jac, sparsity, contractive_term, total = outs
@@ -350,38 +381,22 @@ class _DeepAutoencoderStep(torch.autograd.Function):
         if g_per_sample is not None:
             hidden = saved[2 * depth :]  # the decoder's hidden layers' (h, stats)
             top = hidden[-2] if depth > 1 else code
-            grads[-2], grads[-1], *grad_in = ops._decode_backward_body(
+            grads[-2], grads[-1], *grad_top = ops._decode_backward_body(
                 g_per_sample, top, matrices[-1], grad_zhat, None, None, *ctx.dec,
                 decoder_input[-1],
             )  # fmt: skip
-            for j in reversed(range(depth - 1)):
-                if not decoder_input[j + 1]:
-                    break
-                below = hidden[2 * j - 2] if j else code
-                h, stats = hidden[2 * j : 2 * j + 2]
-                i = 2 * (depth + j)
-                grads[i], grads[i + 1], *grad_in = ops._encode_backward_body(
-                    grad_in[0].contiguous(), None, None, below, matrices[j], h, stats,
-                    activation, *_NO_NOISE, enc_name, decoder_input[j],
-                )  # fmt: skip
-            if decoder_input[0]:
-                grad_code = grad_in[0]
+            grads[2 * depth : -2], grad_code = _layers_backward(
+                grad_top[0] if grad_top else None, code, matrices[:-1], hidden, decoder_input,
+                activation, enc_name,
+            )  # fmt: skip
         grad_h = _add(grad_code, g_code)
         if not statistics:
             grad_rho = None
         if encoder_input[depth] and (grad_h is not None or grad_rho is not None):
-            for k in reversed(range(depth)):
-                if not encoder_input[k + 1]:
-                    break
-                below = saved[2 * k - 2] if k else x
-                h, stats = saved[2 * k : 2 * k + 2]
-                grad_h = torch.zeros_like(h) if grad_h is None else grad_h.contiguous()
-                grads[2 * k], grads[2 * k + 1], *grad_in = ops._encode_backward_body(
-                    grad_h, grad_rho if k == depth - 1 else None, None, below, pairs[k][0], h,
-                    stats, activation, *(first if k == 0 else _NO_NOISE), enc_name,
-                    encoder_input[k],
-                )  # fmt: skip
-                grad_h = grad_in[0] if encoder_input[k] else None
+            weights = [weight for weight, _ in pairs[:depth]]
+            grads[: 2 * depth], _ = _layers_backward(
+                grad_h, x, weights, saved, encoder_input, activation, enc_name, first, grad_rho
+            )
         for j in range(depth):  # a tied W_k serves encoder layer k and, as W_k^T, the decoder
             k, i = depth - 1 - j, 2 * (depth + j)
             if pairs[depth + j][0] is None and grads[i] is not None:
@@ -406,17 +421,11 @@ def deep_autoencoder_step(
     x_enc, weight, bias, activation, kind, level, low, high, seed, enc_name, _ = ops._encode_args(
         x, weight, bias, activation, noise, statistics and depth == 1
     )
-    output = _checks.choice("output", output, reference.OUTPUTS)
-    loss = _checks.choice("loss", loss, reference.LOSSES)
-    if loss == "bce" and check_target:
-        ops._check_target(x)
-    dec_name = ops._backend_for("decode_loss", "decoder", x.device)
-    if kl is not None:
-        kl = (*kl, ops._backend_for("bernoulli_kl", "sparsity", x.device))
+    dec, kl = _loss_args(x, output, loss, check_target, kl)
     params = [weight, bias] + [p for pair in (*encoder[1:], *decoder) for p in pair]
     enc = (activation, (kind, level, low, high, seed), enc_name, statistics)
     reconstruction, per_sample, code, sparsity, total = _DeepAutoencoderStep.apply(
-        x_enc, x, *params, enc, (output, loss, dec_name), (kl, l1_weight)
+        x_enc, x, *params, enc, dec, (kl, l1_weight)
     )
     return (
         total if statistics else reconstruction, reconstruction, per_sample, code,
@@ -521,23 +530,15 @@ class _VAEStep(torch.autograd.Function):
         g_kl = _add(_add(g_kl, None if g_mean is None else g_mean * ctx.beta), g_per_sample)
         decoder_grads, output_grads = [None] * (2 * depth), [None, None]
         if g_rec is not None:
-            top = decoder_saved[-2] if depth else z
             output_grads[0], output_grads[1], *grad_h2 = ops._decode_backward_body(
-                g_rec, top, decoder_weight, grad_zhat, None, None, *ctx.dec, needs_input[depth]
-            )
-            for i in reversed(range(depth)):
-                if not needs_input[i + 1]:
-                    break
-                below = decoder_saved[2 * i - 2] if i else z
-                h2, stats = decoder_saved[2 * i : 2 * i + 2]
-                decoder_grads[2 * i], decoder_grads[2 * i + 1], *grad_h2 = (
-                    ops._encode_backward_body(
-                        grad_h2[0].contiguous(), None, None, below, decoder[i][0], h2, stats,
-                        activation, *_NO_NOISE, enc_name, needs_input[i],
-                    )
-                )  # fmt: skip
-            if needs_input[0]:
-                g_z = _add(g_z, grad_h2[0])
+                g_rec, decoder_saved[-2], decoder_weight, grad_zhat, None, None, *ctx.dec,
+                needs_input[depth],
+            )  # fmt: skip
+            decoder_grads, grad_z = _layers_backward(
+                grad_h2[0] if grad_h2 else None, z, [weight for weight, _ in decoder],
+                decoder_saved, needs_input, activation, enc_name,
+            )  # fmt: skip
+            g_z = _add(g_z, grad_z)
         mu, logvar = posterior[:, :latent], posterior[:, latent:]
         if needs_mu and (g_z is not None or g_kl is not None):
             grad_mu, grad_logvar = ops._reparameterize_backward_body(
@@ -558,18 +559,10 @@ class _VAEStep(torch.autograd.Function):
             # the input of encoder layer i needs its gradient for layers below i
             needed = [any(needs[: 2 * i]) for i in range(depth + 1)]
             if needed[depth]:
-                grad_h = [g_posterior.mm(posterior_weight)]
-                for i in reversed(range(depth)):
-                    if not needed[i + 1]:
-                        break
-                    below = encoder_saved[2 * i - 2] if i else x
-                    h, stats = encoder_saved[2 * i : 2 * i + 2]
-                    encoder_grads[2 * i], encoder_grads[2 * i + 1], *grad_h = (
-                        ops._encode_backward_body(
-                            grad_h[0], None, None, below, encoder[i][0], h, stats,
-                            activation, *_NO_NOISE, enc_name, needed[i],
-                        )
-                    )  # fmt: skip
+                encoder_grads, _ = _layers_backward(
+                    g_posterior.mm(posterior_weight), x, [weight for weight, _ in encoder],
+                    encoder_saved, needed, activation, enc_name,
+                )  # fmt: skip
         grads = encoder_grads + posterior_grads + decoder_grads + output_grads
         return (None, *grads) + (None,) * 4
 

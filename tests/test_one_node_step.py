@@ -195,25 +195,30 @@ def test_some_parameters_frozen(frozen, monkeypatch):
     assert all(getattr(model, name).grad is None for name in frozen.split("+"))
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_second_order(tied, monkeypatch):
-    """d/dtheta [L + |dL/dtheta|^2]: under create_graph the one node's backward records the
-    ops' own (differentiable) backward, as the ops composed do."""
-    config = dict(tied=tied, noise=fastae.MaskingNoise(0.3, seed=5), contractive=0.2)
-    model = _model(dict(config, sparsity=fastae.KLSparsity(0.1, 0.5)))
-    x = torch.rand(6, 7, dtype=torch.float64)
+def _assert_same_second_order(model, x, use, monkeypatch, **call):
+    """d/dtheta [L + |dL/dtheta|^2], dL/dtheta of loss + use(output): under create_graph the
+    one node's backward records the ops' own (differentiable) backward, as the ops composed
+    do."""
     params = list(model.parameters())
 
     def penalized(one_node):
         monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
-        out = model(x)
-        grads = torch.autograd.grad(out.loss + out.code.sum(), params, create_graph=True)
+        out = model(x, **call)
+        grads = torch.autograd.grad(out.loss + use(out), params, create_graph=True)
         total = out.loss + sum(g.square().sum() for g in grads)
         return torch.autograd.grad(total, params)
 
     for got, want in zip(penalized(True), penalized(False), strict=True):
         # the same terms, summed in another order where three or more reach one tensor
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_second_order(tied, monkeypatch):
+    config = dict(tied=tied, noise=fastae.MaskingNoise(0.3, seed=5), contractive=0.2)
+    model = _model(dict(config, sparsity=fastae.KLSparsity(0.1, 0.5)))
+    x = torch.rand(6, 7, dtype=torch.float64)
+    _assert_same_second_order(model, x, lambda out: out.code.sum(), monkeypatch)
 
 
 # ----------------------------------------------------------------------------- deep
@@ -327,21 +332,10 @@ def test_deep_triton_backend(low_precision, fusion, monkeypatch):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_deep_second_order(tied, monkeypatch):
-    """d/dtheta [L + |dL/dtheta|^2] through the one node, as through the ops."""
     config = dict(sizes=(6, 5, 3), tied=tied, noise=fastae.MaskingNoise(0.3, seed=5))
     model = _deep(dict(config, activation="sigmoid", sparsity=fastae.KLSparsity(0.1, 0.5)))
     x = torch.rand(6, 7, dtype=torch.float64)
-    params = list(model.parameters())
-
-    def penalized(one_node):
-        monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
-        out = model(x)
-        grads = torch.autograd.grad(out.loss + out.code.sum(), params, create_graph=True)
-        total = out.loss + sum(g.square().sum() for g in grads)
-        return torch.autograd.grad(total, params)
-
-    for got, want in zip(penalized(True), penalized(False), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    _assert_same_second_order(model, x, lambda out: out.code.sum(), monkeypatch)
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -522,20 +516,9 @@ def test_vae_triton_backend(hidden, low_precision, fusion, monkeypatch):
 
 @pytest.mark.parametrize("hidden", [5, DEEP], ids=["one_layer", "deep"])
 def test_vae_second_order(hidden, monkeypatch):
-    """d/dtheta [L + |dL/dtheta|^2] through the one node, as through the ops."""
     model = _vae(hidden=hidden)
     x = torch.rand(6, 7, dtype=torch.float64)
-    params = list(model.parameters())
-
-    def penalized(one_node):
-        monkeypatch.setattr(steps, "ONE_NODE_STEP", one_node)
-        out = model(x, seed=4)
-        grads = torch.autograd.grad(out.loss + out.mu.sum(), params, create_graph=True)
-        total = out.loss + sum(g.square().sum() for g in grads)
-        return torch.autograd.grad(total, params)
-
-    for got, want in zip(penalized(True), penalized(False), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    _assert_same_second_order(model, x, lambda out: out.mu.sum(), monkeypatch, seed=4)
 
 
 # ----------------------------------------------------------------------------- training
