@@ -7,7 +7,8 @@ mean_i sum_j (h_ij (1 - h_ij))^2 ||W_j||^2, KL sparsity on the batch mean of h a
 docstring computes (the denoising mask aside: fastae draws it from Philox), so the two read side
 by side. ``contractive_penalty_jacrev`` is the brute-force alternative: the full encoder
 Jacobian of every sample through ``torch.func``. ``vae_step`` is a VAE's: ReLU layers, a
-Gaussian posterior, BCE.
+Gaussian posterior, BCE. ``deep_step`` is a deep autoencoder's (Keras's tutorial one): ReLU
+layers of ``deep_sizes(H)`` units, untied, a sigmoid output and BCE.
 
 Arguments: x (B, d) in [0, 1]; W (H, d) encoder weight (the decoder uses W^T); b (H,) encoder
 bias; c (d,) decoder bias. Every step returns the scalar training loss.
@@ -29,6 +30,15 @@ MASK_P = 0.3
 CONTRACTIVE = 0.1
 VAE_LATENT = 32  # the VAE step's latent size k (fastae side: VAE(d, H, VAE_LATENT))
 
+
+def deep_sizes(hidden: int) -> tuple[int, int, int]:
+    """The deep step's layer widths for a size's H: H, H / 2, H / 4 (Keras's tutorial deep
+    autoencoder is 128, 64, 32; fastae side: DeepAutoencoder(d, deep_sizes(H), tied=False))."""
+    if hidden < 4:
+        raise ValueError(f"the deep step halves H twice: H must be at least 4, got {hidden}")
+    return hidden, hidden // 2, hidden // 4
+
+
 __all__ = [
     "CONTRACTIVE",
     "MASK_P",
@@ -42,6 +52,8 @@ __all__ = [
     "contractive_step",
     "corrupt",
     "decode_loss",
+    "deep_sizes",
+    "deep_step",
     "denoising_step",
     "encode",
     "encode_with_statistics",
@@ -164,3 +176,18 @@ def vae_step(x: Tensor, W: Tensor, b: Tensor, Wq: Tensor, bq: Tensor, W2: Tensor
     z, kl = reparameterize(mu, logvar)
     h2 = F.relu(F.linear(z, W2, b2))
     return (decode_loss(h2, V.t(), c, x) + kl).mean()
+
+
+def deep_step(x: Tensor, *params: Tensor) -> Tensor:
+    """fastae: ``fastae.DeepAutoencoder(d, deep_sizes(H), tied=False)(x).loss``; params as
+    the model's: the encoder weights W_1..W_L, their biases, the decoder weights V_1..V_L
+    (nn.Linear layout, V_1 the output layer's), their biases."""
+    depth = len(params) // 4
+    weights, biases = params[:depth], params[depth : 2 * depth]
+    decoder_weights, decoder_biases = params[2 * depth : 3 * depth], params[3 * depth :]
+    h = x
+    for weight, bias in zip(weights, biases, strict=True):
+        h = F.relu(F.linear(h, weight, bias))
+    for k in range(depth - 1, 0, -1):
+        h = F.relu(F.linear(h, decoder_weights[k], decoder_biases[k]))
+    return decode_loss(h, decoder_weights[0].t(), decoder_biases[0], x).mean()

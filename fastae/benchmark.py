@@ -2,8 +2,9 @@
 
 A case is an op (``encode``, ``encode_stats``, ``corrupt``, ``decode_loss``,
 ``reparameterize``: forward plus backward into the trainable inputs) or a training step
-(``plain``, ``sparse``, ``denoising``, ``contractive``, ``all``, ``vae``: zero the gradients,
-forward, loss, backward; the optimizer update is the same for every provider and left out).
+(``plain``, ``sparse``, ``denoising``, ``contractive``, ``all``, ``vae``, ``deep``: zero the
+gradients, forward, loss, backward; the optimizer update is the same for every provider and
+left out).
 Providers:
 
 - ``eager``: the plain PyTorch of :mod:`fastae.baselines`;
@@ -46,18 +47,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import baselines, ops
 from .backend import use_backend
 from .graphs import GraphedStep
-from .modules import Autoencoder, KLSparsity
+from .modules import Autoencoder, DeepAutoencoder, KLSparsity
 from .noise import MaskingNoise
 from .vae import VAE
 
 OPS = ("encode", "encode_stats", "corrupt", "decode_loss", "reparameterize")
-STEPS = ("plain", "sparse", "denoising", "contractive", "all", "vae")
+STEPS = ("plain", "sparse", "denoising", "contractive", "all", "vae", "deep")
 CASES = OPS + STEPS
 # the order of a run: the cases that carry a target first (the fused encoder with its
-# statistics, the full step, the denoising step), then the rest, the VAE's step last
+# statistics, the full step, the denoising step), then the rest, the VAE's and the deep
+# autoencoder's steps last
 CASE_ORDER = (
     "encode_stats", "all", "denoising", "contractive", "sparse", "plain", "decode_loss",
-    "encode", "corrupt", "reparameterize", "vae",
+    "encode", "corrupt", "reparameterize", "vae", "deep",
 )  # fmt: skip
 PROVIDERS = ("eager", "compile", "fastae")
 JACREV = "jacrev"  # extra provider, contractive step only
@@ -303,6 +305,8 @@ _EAGER_STEPS = {
     "denoising": baselines.denoising_step,
     "contractive": baselines.contractive_step,
     "all": baselines.all_step,
+    "vae": baselines.vae_step,
+    "deep": baselines.deep_step,
 }
 
 
@@ -391,6 +395,9 @@ def build(
     # fit() checks the data lies in [0, 1] once; the timed step does not sync to re-check it
     if case == "vae":
         model = VAE(size.inputs, size.hidden, baselines.VAE_LATENT, check_targets=False)
+    elif case == "deep":
+        sizes = baselines.deep_sizes(size.hidden)
+        model = DeepAutoencoder(size.inputs, sizes, tied=False, check_targets=False)
     else:
         config = dict(_STEP_MODELS.get(case, {}))
         if "noise" in config and draws_seed is not None:
@@ -442,7 +449,7 @@ def build(
 
     if case in STEPS:
         inputs = [x, *params]
-        eager_step = baselines.vae_step if case == "vae" else _EAGER_STEPS[case]
+        eager_step = _EAGER_STEPS[case]
         if provider == GRAPH:
             step = GraphedStep(model)
             with matmul_precision(DTYPES[dtype][1]), _environment(env):
@@ -512,7 +519,8 @@ def build(
 def _floor(case: str, x: Tensor, params: list[Tensor], grads, common: dict) -> Bench:
     """The bare matrix products of a case, forward and backward through torch.mm: encode
     x W^T and dW = G^T x; decode h W and dh, dW; a tied step both (five products); the VAE
-    step its four layers' (eleven: no dx); corrupt a copy of x (read once, written once)."""
+    step its four layers' (eleven: no dx), the deep step its six (seventeen); corrupt a copy
+    of x (read once, written once)."""
     W = params[0]
     if case == "corrupt":
         return Bench(forward=lambda: (x.clone(),), params=[], inputs=[x], **common)
@@ -521,6 +529,17 @@ def _floor(case: str, x: Tensor, params: list[Tensor], grads, common: dict) -> B
         h.requires_grad_()
         forward = lambda: (h @ W,)  # noqa: E731
         return Bench(forward=forward, params=[h, W], inputs=[x, h, W], grads=grads, **common)
+    if case == "deep":  # the encoder's weights, then the decoder's from the code outward
+        depth = len(params) // 4
+        chain = params[:depth] + params[2 * depth : 3 * depth][::-1]
+
+        def forward():
+            z = x
+            for weight in chain:
+                z = z @ weight.t()
+            return (z,)
+
+        return Bench(forward=forward, params=chain, inputs=[x, *chain], grads=grads, **common)
     if case == "vae":
         weights = params[::2]  # W, Wq, W2, V
         latent = weights[2].shape[1]
