@@ -1,6 +1,6 @@
 """Training-step benchmarks: zero the gradients, forward, loss, backward (tied weights, sigmoid
 encoder, BCE on a sigmoid decoder) for the plain, sparse, denoising, contractive and combined
-autoencoders."""
+autoencoders; a VAE's and a deep autoencoder's (ReLU layers, BCE)."""
 
 import pytest
 
