@@ -124,6 +124,28 @@ def _sparsity_penalty(sparsity, activation: str, h: Tensor, rho_hat: Tensor) -> 
     return sparsity.penalty(h, rho_hat, nonnegative=activation != "tanh")
 
 
+def _one_node_possible(model: nn.Module, x: Tensor, params: tuple) -> bool:
+    """Whether a training step of ``model`` on x can run as one autograd node (see
+    ``steps.available``): not with statistics summed over processes, nor with an L1 penalty on
+    tanh codes (|h| is not rho_hat)."""
+    sparsity = model.sparsity
+    return (
+        not (model.sync_statistics and model.training and isinstance(sparsity, KLSparsity))
+        and not (isinstance(sparsity, L1Sparsity) and model.activation == "tanh")
+        and steps.available(x, params)
+    )
+
+
+def _step_sparsity(sparsity) -> tuple[tuple[float, float] | None, float | None]:
+    """(kl, l1_weight) as the one-node steps take a sparsity spec: (rho, weight) of a
+    KLSparsity, the weight of an L1Sparsity."""
+    if isinstance(sparsity, KLSparsity):
+        return (sparsity.rho, sparsity.weight), None
+    if isinstance(sparsity, L1Sparsity):
+        return None, sparsity.weight
+    return None, None
+
+
 class Autoencoder(nn.Module):
     """Regularized one-layer autoencoder.
 
@@ -275,22 +297,11 @@ class Autoencoder(nn.Module):
         return penalties
 
     def _one_node(self, x: Tensor) -> bool:
-        """Whether a step can run as one autograd node (``steps.autoencoder_step``; see
-        ``steps.available``): not with statistics summed over processes, nor with an L1
-        penalty on tanh codes (|h| is not rho_hat)."""
         params = (self.weight, self.bias, self.decoder_weight, self.decoder_bias)
-        return (
-            not (self.sync_statistics and self.training and isinstance(self.sparsity, KLSparsity))
-            and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
-            and steps.available(x, params)
-        )
+        return _one_node_possible(self, x, params)
 
     def _one_node_forward(self, x: Tensor, noise: Noise | None) -> AutoencoderOutput:
-        kl = l1 = None
-        if isinstance(self.sparsity, KLSparsity):
-            kl = (self.sparsity.rho, self.sparsity.weight)
-        elif isinstance(self.sparsity, L1Sparsity):
-            l1 = self.sparsity.weight
+        kl, l1 = _step_sparsity(self.sparsity)
         loss, reconstruction, per_sample, h, jac, sparsity, contractive = steps.autoencoder_step(
             x, self.weight, self.bias, self.decoder_weight, self.decoder_bias,
             activation=self.activation, noise=noise, statistics=self.needs_statistics,
@@ -441,15 +452,6 @@ class DeepAutoencoder(nn.Module):
         x = _checks.model_input(x, self.weights[0], self.in_features)
         return self._per_sample(self._encode(x, None, statistics=False)[0], x)
 
-    def _one_node(self, x: Tensor, params: tuple[Tensor, ...]) -> bool:
-        """Whether a step can run as one autograd node (``steps.deep_autoencoder_step``), as
-        :meth:`Autoencoder._one_node` decides."""
-        return (
-            not (self.sync_statistics and self.training and isinstance(self.sparsity, KLSparsity))
-            and not (isinstance(self.sparsity, L1Sparsity) and self.activation == "tanh")
-            and steps.available(x, params)
-        )
-
     def forward(self, x: Tensor) -> AutoencoderOutput:
         x = _checks.model_input(x, self.weights[0], self.in_features)
         noise = self.noise if self.training else None
@@ -458,12 +460,9 @@ class DeepAutoencoder(nn.Module):
             (None if self.tied else self.decoder_weights[k], self.decoder_biases[k])
             for k in range(len(self.sizes) - 1, -1, -1)
         ]
-        if self._one_node(x, tuple(p for pair in (*encoder, *decoder) for p in pair)):
-            kl = l1 = None
-            if isinstance(self.sparsity, KLSparsity):
-                kl = (self.sparsity.rho, self.sparsity.weight)
-            elif isinstance(self.sparsity, L1Sparsity):
-                l1 = self.sparsity.weight
+        params = tuple(p for pair in (*encoder, *decoder) for p in pair)
+        if _one_node_possible(self, x, params):
+            kl, l1 = _step_sparsity(self.sparsity)
             loss, reconstruction, per_sample, code, sparsity = steps.deep_autoencoder_step(
                 x, encoder, decoder, activation=self.activation, noise=noise,
                 output=self.output, loss=self.loss_name, check_target=self.check_targets,
