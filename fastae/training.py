@@ -446,13 +446,13 @@ def fit(
         history.seconds = time.perf_counter() - start
         raise LossNotFinite(which, epoch + 1, loss, history, restored)
 
-    is_main = rank == 0
-    bar = _Progress(epochs, progress and is_main, type(model).__name__)
     start = time.perf_counter()
     given = [d for d in (data, validation_data) if d is not None]
     given = [_as_tensor("data", d, like) if isinstance(d, np.ndarray) else d for d in given]
     with contextlib.ExitStack() as stack:
         stack.enter_context(_targets_checked_once(model, given))
+        # after the data's checks: data refused shows no progress bar
+        bar = _Progress(epochs, progress and rank == 0, type(model).__name__)
         stack.callback(bar.close)
         for epoch in range(epochs):
             model.train()

@@ -317,16 +317,20 @@ def _fit(model, data, cuda_graph, **kwargs):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "regularizers",
-    [{}, {"sparsity": fastae.KLSparsity(0.1, 0.5), "contractive": 0.1}],
-    ids=["plain", "sparse_contractive"],
+    "make",
+    [
+        _model,
+        lambda: _model(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.1),
+        lambda: fastae.DeepAutoencoder(12, (8, 4), sparsity=fastae.L1Sparsity(0.01)),
+    ],
+    ids=["plain", "sparse_contractive", "deep"],
 )
-def test_graphed_fit_equals_eager_fit(regularizers):
+def test_graphed_fit_equals_eager_fit(make):
     # 100 rows in batches of 16: six graphed-shape batches and a shorter one (eager) per epoch
     data = torch.rand(100, 12, device="cuda")
     torch.manual_seed(1)
-    eager = _model(**regularizers).cuda()
-    graphed = _model(**regularizers).cuda()
+    eager = make().cuda()
+    graphed = make().cuda()
     graphed.load_state_dict(eager.state_dict())
     eager_history = _fit(eager, data, cuda_graph=False)
     graphed_history = _fit(graphed, data, cuda_graph=True)

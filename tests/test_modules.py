@@ -425,6 +425,12 @@ def test_fit_progress_leaves_its_record(capsys):
     assert err.endswith("\n") and "loss=" in err.splitlines()[-1]
 
 
+def test_fit_refuses_bce_data_outside_the_unit_interval_before_any_progress(capsys):
+    with pytest.raises(ValueError, match=r"^data must lie in \[0, 1\] for loss 'bce'"):
+        fastae.fit(new_model(), small_problem(32) * 2, epochs=2, progress=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_fit_patience_without_validation_monitors_training_loss():
     data = small_problem()
     model = new_model()
