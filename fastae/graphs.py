@@ -1,8 +1,9 @@
 """Training steps replayed from a CUDA graph: one launch for the whole step.
 
-A step at an MNIST-sized batch runs a few tens of microseconds of GPU work behind about a
-millisecond of host time (Python, autograd, a dozen launches), so the GPU waits. Captured
-once as a CUDA graph, the step's kernels replay from one call, without that host time.
+A step at an MNIST-sized batch runs a few tens of microseconds of GPU work behind a few
+hundred microseconds of host time (Python, autograd, about ten launches), so the GPU waits.
+Captured once as a CUDA graph, the step's kernels replay from one call, without that host
+time.
 """
 
 from __future__ import annotations
