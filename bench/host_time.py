@@ -7,7 +7,7 @@ in it. Beside it, eager PyTorch on the same tiny tensors, whose time is its host
 
     python bench/host_time.py --cases encode_stats,all,vae --size 8x16x16
     python bench/host_time.py --routes --cases all,vae   # dispatcher / eager route / one node
-    python bench/host_time.py --deep [--backend reference]   # deep models: one node / ops
+    python bench/host_time.py --deep [--backend reference]   # deep models, a stack: one node / ops
 
 Prints, per case, the best and the median of the rounds' mean microseconds per call. The
 machine's noise shows in the gap between them; compare runs side by side. With ``--routes``
@@ -35,6 +35,7 @@ from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noq
 import fastae  # noqa: E402
 from fastae import benchmark as fb  # noqa: E402
 from fastae import ops, steps  # noqa: E402
+from fastae.applications import StackModule  # noqa: E402
 
 STUB_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT": 1}
 
@@ -107,6 +108,12 @@ DEEP_MODELS = {
     ),
     "DeepAutoencoder 784-128-64-32, ReLU, BCE, B=256": (
         lambda: fastae.DeepAutoencoder(784, (128, 64, 32), check_targets=False), 256, 784
+    ),
+    "StackModule 64-64-32 (StackedAutoencoder's defaults: sigmoid, tied, MSE), B=64": (
+        lambda: StackModule([
+            fastae.Autoencoder(64, 64, output="identity", loss="mse"),
+            fastae.Autoencoder(64, 32, check_targets=False),
+        ]), 64, 64,
     ),
 }  # fmt: skip
 

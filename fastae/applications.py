@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, ops
+from . import _checks, ops, steps
 from .modules import Autoencoder, AutoencoderOutput
 from .sklearn import (
     AutoencoderEstimatorMixin,
@@ -309,7 +309,10 @@ class StackModule(nn.Module):
     Encoding runs every layer's encoder in order; decoding runs their decoders in reverse,
     the bottom layer's output activation and loss giving the reconstruction error. In
     training mode the bottom layer's noise corrupts the input, and each layer's sparsity and
-    contractive terms (per-layer encoder Jacobian) join the loss.
+    contractive terms (per-layer encoder Jacobian) join the loss. A stack of sigmoid layers
+    without penalties is a :class:`fastae.DeepAutoencoder`'s network (the upper layers'
+    sigmoid reconstructions are its decoder's hidden layers): its training step runs as that
+    model's does, as one autograd node.
     """
 
     def __init__(self, layers: list[Autoencoder]):
@@ -340,7 +343,30 @@ class StackModule(nn.Module):
             h = layer.decode(h)
         return h
 
+    def _is_deep_autoencoder(self) -> bool:
+        """Whether the stack is a sigmoid DeepAutoencoder's network without penalties (the
+        one-node deep step has a sparsity term on the code only)."""
+        return all(
+            layer.activation == "sigmoid"
+            and (k == 0 or layer.output == "sigmoid")
+            and layer.sparsity is None
+            and not layer.contractive
+            for k, layer in enumerate(self.layers)
+        )
+
     def forward(self, x: Tensor) -> AutoencoderOutput:
+        bottom = self.layers[0]
+        x = _checks.model_input(x, bottom.weight, bottom.in_features)
+        encoder = [(layer.weight, layer.bias) for layer in self.layers]
+        decoder = [(layer.decoder_weight, layer.decoder_bias) for layer in reversed(self.layers)]
+        params = tuple(p for pair in (*encoder, *decoder) for p in pair)
+        if self._is_deep_autoencoder() and steps.available(x, params):
+            loss, reconstruction, per_sample, code, _ = steps.deep_autoencoder_step(
+                x, encoder, decoder, activation="sigmoid",
+                noise=bottom.noise if self.training else None, output=bottom.output,
+                loss=bottom.loss_name, check_target=bottom.check_targets, kl=None, l1_weight=None,
+            )  # fmt: skip
+            return AutoencoderOutput(loss, reconstruction, code, per_sample, {})
         h, penalties = x, {}
         for i, layer in enumerate(self.layers):
             noise = layer.noise if (self.training and i == 0) else None
@@ -352,8 +378,13 @@ class StackModule(nn.Module):
                 penalties[f"{name}{i}"] = term
         code = h
         for layer in reversed(self.layers[1:]):
-            h = layer.decode(h)
-        bottom = self.layers[0]
+            if layer.output == "sigmoid":  # the fused layer a DeepAutoencoder's decoder runs
+                h = ops.encode(
+                    h, layer.decoder_matrix, layer.decoder_bias, activation="sigmoid",
+                    statistics=False,
+                )[0]  # fmt: skip
+            else:
+                h = layer.decode(h)
         per_sample = ops.decode_loss(
             h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
             loss=bottom.loss_name, check_target=bottom.check_targets,

@@ -9,6 +9,7 @@ import torch
 
 import fastae
 from fastae import steps
+from fastae.applications import StackModule
 
 NOISES = [None, fastae.MaskingNoise(0.3, seed=5), fastae.GaussianNoise(0.2, seed=6)]
 SPARSITIES = [None, fastae.KLSparsity(0.1, 0.5), fastae.L1Sparsity(0.2)]
@@ -42,7 +43,8 @@ def _outputs_and_grads(model, x, uses, one_node, monkeypatch):
     for p in model.parameters():
         p.grad = None
     out = model(x)
-    node = "DeepAutoencoderStep" if isinstance(model, fastae.DeepAutoencoder) else "AutoencoderStep"
+    deep = isinstance(model, (fastae.DeepAutoencoder, StackModule))
+    node = "DeepAutoencoderStep" if deep else "AutoencoderStep"
     assert (node in type(out.loss.grad_fn).__name__) == one_node
     total = sum(use(out) for use in uses)
     total.backward()
@@ -336,6 +338,99 @@ def test_deep_second_order(tied, monkeypatch):
     model = _deep(dict(config, activation="sigmoid", sparsity=fastae.KLSparsity(0.1, 0.5)))
     x = torch.rand(6, 7, dtype=torch.float64)
     _assert_same_second_order(model, x, lambda out: out.code.sum(), monkeypatch)
+
+
+# ----------------------------------------------------------------------------- stack
+
+STACK_CONFIGS = [
+    dict(tied=tied, noise=noise, output=output, loss=loss)
+    for tied, noise, (output, loss) in itertools.product(
+        [True, False], NOISES, [("sigmoid", "bce"), ("identity", "mse")]
+    )
+]
+
+
+def _stack(config, widths=(7, 6, 5, 3), dtype=torch.float64):
+    """A StackModule of sigmoid layers as StackedAutoencoder builds them: the bottom with
+    ``config``'s output and loss, the upper ones reconstructing codes with BCE."""
+    torch.manual_seed(0)
+    layers = [
+        fastae.Autoencoder(
+            widths[k], widths[k + 1], **dict(config, output="sigmoid", loss="bce") if k else config
+        )
+        for k in range(len(widths) - 1)
+    ]
+    return StackModule(layers).to(dtype)
+
+
+@pytest.mark.parametrize("config", STACK_CONFIGS, ids=str)
+def test_stack_step_equals_the_ops_composed(config, monkeypatch):
+    model = _stack(config)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    g_code = torch.randn(6, 3, dtype=torch.float64)
+    uses = [lambda out: out.loss, lambda out: (out.code * g_code).sum() + out.per_sample[2]]
+    _assert_same(model, x, uses, monkeypatch)
+
+
+def test_stack_step_is_the_deep_autoencoders_step():
+    """A sigmoid stack without penalties trains as the DeepAutoencoder of its weights."""
+    config = dict(tied=False, noise=fastae.MaskingNoise(0.3, seed=5), output="sigmoid")
+    stack = _stack(dict(config, loss="bce"), widths=(7, 6, 3))
+    deep = fastae.DeepAutoencoder(7, (6, 3), activation="sigmoid", **config).double()
+    bottom, top = stack.layers
+    with torch.no_grad():
+        for mine, theirs in [
+            (deep.weights, (bottom.weight, top.weight)),
+            (deep.biases, (bottom.bias, top.bias)),
+            (deep.decoder_weights, (bottom.decoder_weight, top.decoder_weight)),
+            (deep.decoder_biases, (bottom.decoder_bias, top.decoder_bias)),
+        ]:
+            for p, q in zip(mine, theirs, strict=True):
+                p.copy_(q)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    outs = [model(x) for model in (stack, deep)]
+    for out in outs:
+        out.loss.backward()
+    for name in ("loss", "per_sample", "code"):
+        torch.testing.assert_close(getattr(outs[0], name), getattr(outs[1], name), rtol=0, atol=0)
+    pairs = [
+        (bottom.weight, deep.weights[0]), (top.weight, deep.weights[1]),
+        (bottom.decoder_weight, deep.decoder_weights[0]),
+        (top.decoder_bias, deep.decoder_biases[1]),
+    ]  # fmt: skip
+    for p, q in pairs:
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"contractive": 0.2}, {"sparsity": fastae.L1Sparsity(0.1)}, {"activation": "relu"}],
+    ids=str,
+)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_other_stacks_compose_the_ops(change, layer):
+    """Per-layer penalties, or units whose codes the upper layers reconstruct linearly, are
+    not a DeepAutoencoder's network: the ops composed."""
+    model = _stack(dict(tied=True, output="sigmoid", loss="bce"), widths=(7, 6, 3))
+    for name, value in change.items():
+        setattr(model.layers[layer], name, value)
+    if change.get("activation") and layer:
+        model.layers[layer].output, model.layers[layer].loss_name = "identity", "mse"
+    out = model(torch.rand(6, 7, dtype=torch.float64))
+    assert "DeepAutoencoderStep" not in type(out.loss.grad_fn).__name__
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["wide", "bfloat16"])
+def test_stack_triton_backend(low_precision, monkeypatch):
+    """The kernels (interpreted on the CPU) through the one node, as through the ops."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _triton_dtype(low_precision, device)
+    config = dict(tied=True, noise=fastae.MaskingNoise(0.3, seed=5), output="sigmoid", loss="bce")
+    model = _stack(config, dtype=dtype).to(device)
+    x = torch.rand(6, 7, dtype=dtype, device=device)
+    with fastae.use_backend("triton"):
+        _assert_same(model, x, [lambda out: out.loss + out.code.sum()], monkeypatch)
 
 
 # ----------------------------------------------------------------------------- VAE
