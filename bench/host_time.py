@@ -35,7 +35,7 @@ from fastae.kernels import common, decoder, encoder, noise, sparsity, vae  # noq
 import fastae  # noqa: E402
 from fastae import benchmark as fb  # noqa: E402
 from fastae import ops, steps  # noqa: E402
-from fastae.applications import StackModule  # noqa: E402
+from fastae.modules import StackModule  # noqa: E402
 
 STUB_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT": 1}
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, ops, steps
-from .modules import Autoencoder, AutoencoderOutput
+from . import _checks
+from .modules import AutoencoderOutput, StackModule
 from .sklearn import (
     AutoencoderEstimatorMixin,
     AutoencoderOutlierDetector,
@@ -301,99 +301,6 @@ def _unlabeled_mask(y: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================ stacked
-
-
-class StackModule(nn.Module):
-    """A deep autoencoder made of pretrained :class:`fastae.Autoencoder` layers.
-
-    Encoding runs every layer's encoder in order; decoding runs their decoders in reverse,
-    the bottom layer's output activation and loss giving the reconstruction error. In
-    training mode the bottom layer's noise corrupts the input, and each layer's sparsity and
-    contractive terms (per-layer encoder Jacobian) join the loss. A stack of sigmoid layers
-    without penalties is a :class:`fastae.DeepAutoencoder`'s network (the upper layers'
-    sigmoid reconstructions are its decoder's hidden layers): its training step runs as that
-    model's does, as one autograd node.
-    """
-
-    def __init__(self, layers: list[Autoencoder]):
-        super().__init__()
-        if not layers:
-            raise ValueError("StackModule needs at least one layer")
-        self.layers = nn.ModuleList(layers)
-
-    @property
-    def hidden_features(self) -> int:
-        return self.layers[-1].hidden_features
-
-    @property
-    def in_features(self) -> int:
-        return self.layers[0].in_features
-
-    def extra_repr(self) -> str:
-        widths = [self.in_features] + [layer.hidden_features for layer in self.layers]
-        return " -> ".join(map(str, widths))
-
-    def encode(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer.encode(x)
-        return x
-
-    def decode(self, h: Tensor) -> Tensor:
-        for layer in reversed(self.layers):
-            h = layer.decode(h)
-        return h
-
-    def _is_deep_autoencoder(self) -> bool:
-        """Whether the stack is a sigmoid DeepAutoencoder's network without penalties (the
-        one-node deep step has a sparsity term on the code only)."""
-        return all(
-            layer.activation == "sigmoid"
-            and (k == 0 or layer.output == "sigmoid")
-            and layer.sparsity is None
-            and not layer.contractive
-            for k, layer in enumerate(self.layers)
-        )
-
-    def forward(self, x: Tensor) -> AutoencoderOutput:
-        bottom = self.layers[0]
-        x = _checks.model_input(x, bottom.weight, bottom.in_features)
-        encoder = [(layer.weight, layer.bias) for layer in self.layers]
-        decoder = [(layer.decoder_weight, layer.decoder_bias) for layer in reversed(self.layers)]
-        params = tuple(p for pair in (*encoder, *decoder) for p in pair)
-        if self._is_deep_autoencoder() and steps.available(x, params):
-            loss, reconstruction, per_sample, code, _ = steps.deep_autoencoder_step(
-                x, encoder, decoder, activation="sigmoid",
-                noise=bottom.noise if self.training else None, output=bottom.output,
-                loss=bottom.loss_name, check_target=bottom.check_targets, kl=None, l1_weight=None,
-            )  # fmt: skip
-            return AutoencoderOutput(loss, reconstruction, code, per_sample, {})
-        h, penalties = x, {}
-        for i, layer in enumerate(self.layers):
-            noise = layer.noise if (self.training and i == 0) else None
-            h, rho_hat, jac = ops.encode(
-                h, layer.weight, layer.bias, activation=layer.activation, noise=noise,
-                statistics=layer.needs_statistics,
-            )  # fmt: skip
-            for name, term in layer.penalties(h, rho_hat, jac).items():
-                penalties[f"{name}{i}"] = term
-        code = h
-        for layer in reversed(self.layers[1:]):
-            if layer.output == "sigmoid":  # the fused layer a DeepAutoencoder's decoder runs
-                h = ops.encode(
-                    h, layer.decoder_matrix, layer.decoder_bias, activation="sigmoid",
-                    statistics=False,
-                )[0]  # fmt: skip
-            else:
-                h = layer.decode(h)
-        per_sample = ops.decode_loss(
-            h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
-            loss=bottom.loss_name, check_target=bottom.check_targets,
-        )  # fmt: skip
-        reconstruction_loss = per_sample.mean()
-        loss = reconstruction_loss
-        for term in penalties.values():
-            loss = loss + term
-        return AutoencoderOutput(loss, reconstruction_loss, code, per_sample, penalties)
 
 
 class StackedAutoencoder(

@@ -9,7 +9,7 @@ import torch
 
 import fastae
 from fastae import steps
-from fastae.applications import StackModule
+from fastae.modules import StackModule
 
 NOISES = [None, fastae.MaskingNoise(0.3, seed=5), fastae.GaussianNoise(0.2, seed=6)]
 SPARSITIES = [None, fastae.KLSparsity(0.1, 0.5), fastae.L1Sparsity(0.2)]
