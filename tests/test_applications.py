@@ -19,6 +19,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 import fastae  # noqa: E402
 from fastae.applications import (  # noqa: E402
     DECClustering,
+    DECModule,
     SemiSupervisedAutoencoder,
     SemiSupervisedModule,
     StackedAutoencoder,
@@ -374,6 +375,58 @@ def test_dec_math():
     weight = [[qij**2 / fj for qij, fj in zip(row, f, strict=True)] for row in q.tolist()]
     want_p = [[w / sum(row) for w in row] for row in weight]
     torch.testing.assert_close(p, torch.tensor(want_p, dtype=torch.float64))
+
+
+def _two_pass_dec_loss(module, batch):
+    """DEC's loss with the codes from their own encoder pass: KL(P || Q) of encode(x), plus the
+    weighted loss of the autoencoder's forward."""
+    d = batch.shape[1] - module.centers.shape[0]
+    x, p = batch[:, :d], batch[:, d:]
+    q = soft_assignments(module.autoencoder.encode(x), module.centers, module.alpha)
+    kl = (p * (torch.log(p.clamp_min(1e-12)) - torch.log(q.clamp_min(1e-12)))).sum(1).mean()
+    return kl + module.reconstruction_weight * module.autoencoder(x).loss
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fastae.Autoencoder(12, 4, contractive=0.1),
+        lambda: fastae.DeepAutoencoder(12, (6, 4), activation="sigmoid"),
+        lambda: StackModule([fastae.Autoencoder(12, 6), fastae.Autoencoder(6, 4)]),
+        lambda: fastae.VAE(12, 6, 4),
+        lambda: fastae.Autoencoder(12, 4, noise=fastae.MaskingNoise(0.5, seed=3)),
+        lambda: StackModule(
+            [
+                fastae.Autoencoder(12, 6, noise=fastae.MaskingNoise(0.5, seed=3)),
+                fastae.Autoencoder(6, 4),
+            ]
+        ),
+    ],
+    ids=["autoencoder", "deep", "stack", "vae", "denoising", "denoising_stack"],
+)
+def test_dec_loss_takes_the_code_from_the_autoencoders_step(make):
+    """With the reconstruction term, DEC's Q comes from the code the autoencoder's step
+    computes (one encoder pass fewer), that of x itself: the loss and gradients of a separate
+    encoder pass. Where noise corrupts x in training, Q still comes from clean codes."""
+    torch.manual_seed(0)
+    autoencoder = make().double()
+    module = DECModule(autoencoder, torch.rand(3, 4, dtype=torch.float64), 1.0, 0.3).train()
+    x = torch.rand(10, 12, dtype=torch.float64)
+    batch = torch.cat([x, torch.softmax(torch.randn(10, 3, dtype=torch.float64), 1)], dim=1)
+    calls, encode = [], autoencoder.encode
+    autoencoder.encode = lambda x: calls.append(x) or encode(x)  # counts the encoder passes
+    module(batch)
+    assert len(calls) == (getattr(autoencoder, "noise", None) is not None)
+    params = list(module.parameters())
+    losses, grads = [], []
+    for loss_of in (lambda: module(batch).loss, lambda: _two_pass_dec_loss(module, batch)):
+        torch.manual_seed(1)  # the VAE's eps: the same draw in both
+        loss = loss_of()
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, params))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-13, atol=0)
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
 def test_kmeans_and_dec_on_codes():
