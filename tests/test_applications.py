@@ -1,6 +1,7 @@
 """fastae.applications: semi-supervised classifier, stacked autoencoder, clustering on codes."""
 
 import copy
+import math
 import pickle
 import warnings
 
@@ -427,6 +428,28 @@ def test_dec_loss_takes_the_code_from_the_autoencoders_step(make):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-13, atol=0)
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_dec_kl_holds_for_assignments_far_below_one():
+    """KL(P || Q) from log Q itself: a centre 1e9 away has q_ij about 1e-19 (log q -43), which
+    a clamped log(q) would read as 1e-12; p_ij = 0 terms count 0. Against the formula written
+    out per element (float64)."""
+    torch.manual_seed(0)
+    autoencoder = fastae.Autoencoder(4, 2).double()
+    centers = torch.tensor([[0.5, 0.5], [1e9, 1e9], [0.2, 0.9]], dtype=torch.float64)
+    module = DECModule(autoencoder, centers, 1.0, 0.0).train()
+    x = torch.rand(5, 4, dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.5, 0.0]] * 5, dtype=torch.float64)
+    kl = module(torch.cat([x, p], dim=1)).loss
+    want = 0.0
+    for z in autoencoder.encode(x).tolist():
+        kernel = [-math.log1p(sum((a - b) ** 2 for a, b in zip(z, c, strict=True)))
+                  for c in centers.tolist()]  # fmt: skip
+        log_total = max(kernel) + math.log(sum(math.exp(k - max(kernel)) for k in kernel))
+        want += sum(pj * (math.log(pj) - (k - log_total)) for pj, k in zip(p[0].tolist(), kernel,
+                    strict=True) if pj)  # fmt: skip
+    assert kl.item() == pytest.approx(want / 5, rel=1e-12)
+    assert want / 5 > 20  # log q of the far centre, about -43, dominates
 
 
 def test_kmeans_and_dec_on_codes():
