@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 try:
+    from scipy.special import erf
     from sklearn.base import (
         BaseEstimator,
         ClassNamePrefixFeaturesOutMixin,
@@ -57,6 +58,7 @@ __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
 SCALES = ("standard", "minmax", None)
 ESTIMATOR_LOSSES = ("auto", "bce", "mse")
 DETECTOR_MODELS = ("autoencoder", "vae")
+PROBABILITY_METHODS = ("linear", "unify")  # predict_proba, as PyOD's
 # rows per forward pass at predict time (bounds memory on large inputs)
 PREDICT_CHUNK = 8192
 _SEED_BOUND = np.iinfo(np.int32).max
@@ -712,6 +714,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         decision_scores_: anomaly score of each training sample (= -score_samples).
         threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
         labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
+    ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, as PyOD's.
 
     Parameters beyond those of :class:`AutoencoderTransformer`:
         contamination: expected share of outliers, in (0, 0.5].
@@ -893,3 +896,23 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     def predict(self, X):
         """+1 for inliers, -1 for outliers."""
         return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def predict_proba(self, X, method: str = "linear"):
+        """PyOD's outlier probability: columns (inlier, outlier), each row summing to 1, the
+        outlier column the anomaly score s = -score_samples(X) mapped onto [0, 1] by
+        ``decision_scores_``. ``"linear"``: (s - min) / (max - min), clipped to [0, 1];
+        ``"unify"``: erf((s - mean) / (std * sqrt(2))) clipped to [0, 1], the Gaussian scaling
+        of Kriegel et al. (2011), with the population standard deviation. A zero spread of
+        ``decision_scores_`` (max - min or std) counts as 1, as scikit-learn's scalers take it."""
+        if method not in PROBABILITY_METHODS:
+            raise ValueError(f"method must be one of {PROBABILITY_METHODS}, got {method!r}")
+        scores = -self.score_samples(X)
+        train = self.decision_scores_
+        if method == "linear":
+            low, spread = train.min(), np.ptp(train)
+            outlier = (scores - low) / (spread if spread > 0 else 1.0)
+        else:
+            spread = train.std()
+            outlier = erf((scores - train.mean()) / ((spread if spread > 0 else 1.0) * np.sqrt(2)))
+        outlier = np.clip(outlier, 0.0, 1.0)
+        return np.stack([1.0 - outlier, outlier], axis=1)

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from sklearn import exceptions as sklearn_exceptions  # noqa: E402
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.ensemble import IsolationForest  # noqa: E402
@@ -274,6 +275,53 @@ def test_outlier_detector_conventions(digits):
     assert (detector.decision_function(train) == 0).sum() == 1
     np.testing.assert_array_equal(detector.labels_, (detector.predict(train) == -1).astype(int))
     assert detector.labels_.sum() == 25  # above the threshold: 5% of 500 others
+
+
+@pytest.mark.parametrize("method", ["linear", "unify"])
+def test_predict_proba_maps_anomaly_scores_as_pyod(digits, method):
+    """PyOD's recipe, computed here apart: MinMaxScaler fitted on the training scores, or erf
+    of the scores standardized by their mean and population deviation; both clipped."""
+    from scipy.special import erf
+    from sklearn.preprocessing import MinMaxScaler
+
+    x, _ = digits
+    train, test = x[:400], x[400:600]
+    detector = AutoencoderOutlierDetector(8, epochs=3, random_state=0).fit(train)
+    scores = -detector.score_samples(test).astype(np.float64)
+    train_scores = detector.decision_scores_.astype(np.float64)
+    if method == "linear":
+        scaler = MinMaxScaler().fit(train_scores.reshape(-1, 1))
+        expected = scaler.transform(scores.reshape(-1, 1)).ravel()
+    else:
+        expected = erf((scores - train_scores.mean()) / (train_scores.std() * np.sqrt(2)))
+    expected = expected.clip(0, 1)
+    proba = detector.predict_proba(test, method=method)
+    assert proba.shape == (200, 2)
+    np.testing.assert_allclose(proba[:, 1], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+    # more abnormal, more likely an outlier; the training extremes map to 0 and 1 (linear)
+    order = np.argsort(scores)
+    assert np.all(np.diff(proba[order, 1]) >= 0)
+    if method == "linear":
+        train_proba = detector.predict_proba(train)[:, 1]
+        assert train_proba.min() == 0.0 and train_proba.max() == pytest.approx(1.0)
+    assert 0.0 < proba[:, 1].mean() < 1.0
+
+
+def test_predict_proba_checks_its_method_and_a_zero_spread(digits):
+    x, _ = digits
+    detector = AutoencoderOutlierDetector(8, epochs=2, random_state=0)
+    with pytest.raises(sklearn_exceptions.NotFittedError):
+        detector.predict_proba(x[:5])
+    detector.fit(x[:200])
+    with pytest.raises(ValueError, match="method must be one of"):
+        detector.predict_proba(x[:5], method="logistic")
+    # every training score equal: the spread counts as 1 (no division by zero)
+    detector.decision_scores_ = np.full(200, 2.0, dtype=np.float32)
+    scores = -detector.score_samples(x[:5])
+    proba = detector.predict_proba(x[:5], method="linear")
+    np.testing.assert_allclose(proba[:, 1], np.clip(scores - 2.0, 0, 1), rtol=1e-6)
+    assert np.isfinite(detector.predict_proba(x[:5], method="unify")).all()
 
 
 def test_outlier_detector_finds_off_manifold_points():
