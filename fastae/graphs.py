@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grad_norm_
 
 from . import _checks
 
@@ -25,7 +26,8 @@ _UNCAPTURED_WARNING = "This instance was constructed with capturable=True"
 
 class GraphedStep:
     """``step(x)``: one training step of ``model`` on the batch ``x`` (zero the gradients,
-    ``model(x).loss``, backward, ``optimizer.step()`` when an optimizer is given), from the
+    ``model(x).loss``, backward, the gradients clipped to a total 2-norm of ``max_grad_norm``
+    where one is given, ``optimizer.step()`` when an optimizer is given), from the
     ``warmup + 1``-th call on replayed from a CUDA graph; returns the loss.
 
     The first ``warmup`` calls run eagerly on a side stream (they autotune and compile the
@@ -62,7 +64,12 @@ class GraphedStep:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, warmup: int = 3
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        warmup: int = 3,
+        max_grad_norm: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,7 +94,12 @@ class GraphedStep:
                     )
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
             raise ValueError(f"warmup must be a positive int, got {warmup!r}")
+        if max_grad_norm is not None:
+            max_grad_norm = _checks.finite_number(
+                "max_grad_norm", max_grad_norm, low=0, open_low=True
+            )
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
+        self.max_grad_norm = max_grad_norm
         self.device = _cuda_device([*model.parameters(), *model.buffers()])
         self.calls = 0  # calls at the graphed shape so far
         self.replays = 0  # steps run from the graph (the captured batch's own included)
@@ -147,6 +159,8 @@ class GraphedStep:
     def _loss_backward_update(self, x: Tensor) -> Tensor:
         loss = _checks.model_loss(self.model(x))
         loss.backward()
+        if self.max_grad_norm is not None:  # no host sync: it captures
+            clip_grad_norm_(self.params, self.max_grad_norm)
         if self.optimizer is not None:
             with warnings.catch_warnings():
                 # the warm-up and eager steps of an optimizer made capturable for the capture

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grad_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -276,8 +277,8 @@ class LossNotFinite(FloatingPointError):
             else f"the model is back at the weights of epoch {restored_epoch}, the best before"
         )
         super().__init__(
-            f"the {which} loss is {loss} in epoch {epoch}: training diverged (try a lower lr) "
-            f"or the data holds NaN or inf; {kept}"
+            f"the {which} loss is {loss} in epoch {epoch}: training diverged (try a lower lr "
+            f"or max_grad_norm) or the data holds NaN or inf; {kept}"
         )
 
 
@@ -321,6 +322,7 @@ def fit(
     cuda_graph: bool = False,
     scheduler=None,
     callback=None,
+    max_grad_norm: float | None = None,
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
 
@@ -349,6 +351,9 @@ def fit(
     training): one built on ``optimizer``, or a callable that builds one from the optimizer
     fit trains with (``lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)``; for
     the default Adam, which only fit sees). ``History.lr`` records each epoch's rate.
+    ``max_grad_norm``: clip the gradients of each step to this total 2-norm (over all
+    trainable parameters, as :func:`torch.nn.utils.clip_grad_norm_`) before the optimizer's
+    update, as Keras's ``global_clipnorm``; None (default) leaves them as they are.
     ``callback``: called after each epoch as ``callback(epoch, history)`` (epoch from 1, the
     history so far, the model in training mode): to log, checkpoint or plot; a true return
     stops training there, as ``patience`` does (``History.stopped_early``; under data-parallel
@@ -390,6 +395,8 @@ def fit(
     shuffle = _checks.flag("shuffle", shuffle)
     progress = _checks.flag("progress", progress)
     restore_best = _checks.flag("restore_best", restore_best)
+    if max_grad_norm is not None:
+        max_grad_norm = _checks.finite_number("max_grad_norm", max_grad_norm, low=0, open_low=True)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     like = next(model.parameters(), None)
@@ -429,7 +436,8 @@ def fit(
         lr_on_device = cuda_graph and scheduler is not None
         optimizer = default_optimizer(model, lr, capturable=cuda_graph, lr_tensor=lr_on_device)
     # every step through the graphed step: it runs eagerly until it captures
-    step = GraphedStep(model, optimizer) if cuda_graph else None
+    step = GraphedStep(model, optimizer, max_grad_norm=max_grad_norm) if cuda_graph else None
+    trained = [p for p in model.parameters() if p.requires_grad]
     scheduler = _scheduler(scheduler, optimizer, cuda_graph)
 
     history = History()
@@ -468,6 +476,8 @@ def fit(
                     optimizer.zero_grad(set_to_none=True)
                     loss = _checks.model_loss(model(x))
                     loss.backward()
+                    if max_grad_norm is not None:
+                        clip_grad_norm_(trained, max_grad_norm)
                     optimizer.step()
                 total.add_(loss.detach(), alpha=x.shape[0])  # one kernel, float32 sum
                 count += x.shape[0]

@@ -347,6 +347,10 @@ def test_autoencoder_forward_bad_input():
         (dict(shuffle="no"), TypeError, "shuffle"),
         (dict(progress=1), TypeError, "progress"),
         (dict(restore_best="no"), TypeError, "restore_best"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+        (dict(max_grad_norm=-1), ValueError, "max_grad_norm"),
+        (dict(max_grad_norm=math.nan), ValueError, "max_grad_norm"),
+        (dict(max_grad_norm="1"), TypeError, "max_grad_norm"),
         # strings and mappings are iterable, but not of batches
         (dict(data="abc"), TypeError, "data"),
         (dict(data={"x": torch.rand(6, 5)}), TypeError, "data"),

@@ -35,6 +35,9 @@ def test_bad_arguments_are_refused_by_name():
     for warmup in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="warmup must be a positive int"):
             GraphedStep(model, warmup=warmup)
+    for bound, error in [(0.0, ValueError), (-1.0, ValueError), ("1", TypeError)]:
+        with pytest.raises(error, match="max_grad_norm"):
+            GraphedStep(model, max_grad_norm=bound)
     frozen = _model().requires_grad_(False)
     with pytest.raises(ValueError, match="parameters that require gradients"):
         GraphedStep(frozen)
@@ -119,6 +122,25 @@ def test_warmup_then_one_capture_then_replays(cpu_graphs):
     expected = model(x).loss.detach()
     torch.testing.assert_close(step(x), expected)
     assert _FakeGraph.replays == 4
+
+
+def test_steps_clip_the_gradients_before_the_update(cpu_graphs):
+    """With max_grad_norm, the warm-up, captured and eager steps leave gradients of that total
+    norm (the bound is far below the unclipped norm) and update by them."""
+    model = _model(contractive=0.5)
+    cpu_graphs.append(model)
+    x = torch.rand(16, 12)
+    model(x).loss.backward()
+    unclipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    bound = float(unclipped) / 10
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=bound)
+    for batch in (x, x, x, x, torch.rand(5, 12)):  # 3 warm-up steps, the capture, an eager step
+        before = [p.detach().clone() for p in model.parameters()]
+        step(batch)
+        grads = [p.grad for p in model.parameters()]
+        assert float(torch.nn.utils.get_total_norm(grads)) == pytest.approx(bound, rel=1e-4)
+        for b, p in zip(before, model.parameters(), strict=True):
+            torch.testing.assert_close(b - p.detach(), 0.1 * p.grad)
 
 
 def test_a_forward_without_a_loss_is_refused(cpu_graphs):
@@ -338,6 +360,34 @@ def test_graphed_fit_equals_eager_fit(make):
         torch.testing.assert_close(graphed.state_dict()[name], value, msg=name)
     assert graphed_history.loss == pytest.approx(eager_history.loss, rel=1e-5)
     assert graphed_history.graphed_steps == 3 * 6 - 3 and eager_history.graphed_steps == 0
+
+
+@pytest.mark.cuda
+def test_graphed_fit_clips_the_gradients_as_eager_fit_does():
+    """SGD, whose step scales with the gradient (Adam's would hardly change): clipped eager
+    and graphed fits agree, and differ from the unclipped fit."""
+    data = torch.rand(100, 12, device="cuda")
+    torch.manual_seed(1)
+    start = _model(contractive=0.5).cuda().state_dict()
+    fitted = {}
+    for name, kwargs in [
+        ("eager", {"max_grad_norm": 1e-3}),
+        ("graphed", {"max_grad_norm": 1e-3, "cuda_graph": True}),
+        ("unclipped", {}),
+    ]:
+        model = _model(contractive=0.5).cuda()
+        model.load_state_dict(start)
+        history = fastae.fit(
+            model, data, epochs=3, batch_size=16, seed=0, progress=False,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.5), **kwargs,
+        )  # fmt: skip
+        fitted[name] = model.state_dict(), history
+    (eager, eager_history), (graphed, graphed_history) = fitted["eager"], fitted["graphed"]
+    for name, value in eager.items():
+        torch.testing.assert_close(graphed[name], value, msg=name)
+        assert not torch.allclose(fitted["unclipped"][0][name], value), name
+    assert graphed_history.loss == pytest.approx(eager_history.loss, rel=1e-5)
+    assert graphed_history.graphed_steps == 3 * 6 - 3
 
 
 def test_default_optimizer_is_fused_on_cuda_and_on_the_cpu():

@@ -1,5 +1,6 @@
 """fastae.Autoencoder, its penalties, fastae.fit, and behaviour on the digits data set."""
 
+import copy
 import math
 import warnings
 
@@ -442,6 +443,28 @@ def test_fit_patience_without_validation_monitors_training_loss():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
     full = fastae.fit(new_model(), data, epochs=4, patience=50, seed=0, progress=False)
     assert not full.stopped_early and len(full.loss) == 4
+
+
+def test_fit_clips_each_steps_gradients_to_max_grad_norm():
+    """One full-batch SGD step with lr 1 moves the parameters by the clipped gradient: g when
+    its norm is below the bound, g * bound / ||g|| above it (within clip_grad_norm_'s 1e-6)."""
+    data = small_problem(32)
+    model = new_model(contractive=0.5, sparsity=fastae.KLSparsity(0.05, 0.5))
+    model.zero_grad()
+    model(data).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads.values()])))
+    start = copy.deepcopy(model.state_dict())
+    for bound, factor in [(norm / 4, 0.25), (norm * 4, 1.0)]:
+        model.load_state_dict(start)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        fastae.fit(
+            model, data, epochs=1, batch_size=32, optimizer=sgd, max_grad_norm=bound,
+            shuffle=False, progress=False,
+        )  # fmt: skip
+        for name, p in model.named_parameters():
+            moved = start[name] - p.detach()
+            torch.testing.assert_close(moved, factor * grads[name], rtol=1e-4, atol=1e-7)
 
 
 def _step_lr(gamma):
