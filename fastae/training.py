@@ -313,6 +313,7 @@ def fit(
     lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
     validation_data=None,
+    validation_split: float | None = None,
     patience: int | None = None,
     min_delta: float = 0.0,
     seed: int | None = None,
@@ -342,7 +343,9 @@ def fit(
     training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's generator,
     so noise seeds and shuffling repeat exactly. The model is left in eval mode (its forward
     then corrupts nothing and a VAE takes z = mu): call ``model.train()`` before training it
-    further in a loop of your own.
+    further in a loop of your own. ``validation_split``: the share of the rows of tensor or
+    array ``data`` held out as validation data instead of ``validation_data``, as Keras's:
+    the last rows, taken before any shuffling (shuffle rows sorted by class or time first).
 
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (PyTorch's fused Adam
     on CUDA and on the CPU).
@@ -425,6 +428,8 @@ def fit(
     shuffle_seed = seed
     if shuffle_seed is None:
         shuffle_seed = _from_process_zero(draw_seed(), like.device, parallel)
+    if validation_split is not None:
+        data, validation_data = _split_off(data, validation_data, validation_split)
     train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:
@@ -513,6 +518,26 @@ def fit(
     history.seconds = time.perf_counter() - start
     history.graphed_steps = step.replays if step is not None else 0
     return history
+
+
+def _split_off(data, validation_data, share):
+    """``data``'s first rows and its last ``share`` of rows (at least one each)."""
+    share = _checks.finite_number("validation_split", share, low=0, high=1, open_low=True)
+    if validation_data is not None:
+        raise ValueError("validation_split must be None where validation_data is given")
+    if not isinstance(data, (torch.Tensor, np.ndarray)):
+        raise TypeError(
+            "validation_split holds out the last rows of tensor or array data; for "
+            f"{type(data).__name__} data pass validation_data instead"
+        )
+    rows = data.shape[0] if data.ndim else 0
+    split = int(rows * (1 - share))  # Keras's rounding: the training rows rounded down
+    if not 0 < split < rows:
+        raise ValueError(
+            f"validation_split={share} of {rows} rows leaves {split} to train on and "
+            f"{rows - split} to validate: both need at least one"
+        )
+    return data[:split], data[split:]
 
 
 def _check_adam_dtype(model: nn.Module) -> None:

@@ -347,6 +347,16 @@ def test_autoencoder_forward_bad_input():
         (dict(shuffle="no"), TypeError, "shuffle"),
         (dict(progress=1), TypeError, "progress"),
         (dict(restore_best="no"), TypeError, "restore_best"),
+        (dict(validation_split=0.0), ValueError, "validation_split"),
+        (dict(validation_split=1.0), ValueError, "validation_split"),
+        (dict(validation_split="0.1"), TypeError, "validation_split"),
+        (dict(validation_split=0.9), ValueError, "validation_split"),  # 6 rows: none to train
+        (
+            dict(validation_split=0.5, validation_data=torch.rand(2, 5)),
+            ValueError,
+            "validation_split",
+        ),  # fmt: skip
+        (dict(validation_split=0.5, data=[torch.rand(6, 5)]), TypeError, "validation_split"),
         (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
         (dict(max_grad_norm=-1), ValueError, "max_grad_norm"),
         (dict(max_grad_norm=math.nan), ValueError, "max_grad_norm"),

@@ -445,6 +445,26 @@ def test_fit_patience_without_validation_monitors_training_loss():
     assert not full.stopped_early and len(full.loss) == 4
 
 
+@pytest.mark.parametrize("as_array", [False, True])
+def test_fit_validation_split_holds_out_the_last_rows(as_array):
+    """As Keras: validation_split=0.25 of 30 rows trains on the first 22 (30 * 0.75 rounded
+    down) and validates on the last 8, the same run as passing them apart."""
+    data = small_problem(30)
+    kwargs = {"epochs": 3, "batch_size": 8, "seed": 0, "progress": False}
+    given = data.numpy() if as_array else data
+    split_model, apart_model = new_model(), new_model()
+    split = fastae.fit(split_model, given, validation_split=0.25, **kwargs)
+    apart = fastae.fit(apart_model, data[:22], validation_data=data[22:], **kwargs)
+    assert split.loss == apart.loss and split.val_loss == apart.val_loss
+    assert len(split.val_loss) == 3
+    for name, value in apart_model.state_dict().items():
+        torch.testing.assert_close(split_model.state_dict()[name], value, rtol=0, atol=0)
+    with torch.no_grad():  # the validation loss is that of the last 8 rows alone
+        best = new_model()
+        best.load_state_dict(split_model.state_dict())
+        assert float(best(data[22:]).loss) == pytest.approx(min(split.val_loss), rel=1e-6)
+
+
 def test_fit_clips_each_steps_gradients_to_max_grad_norm():
     """One full-batch SGD step with lr 1 moves the parameters by the clipped gradient: g when
     its norm is below the bound, g * bound / ||g|| above it (within clip_grad_norm_'s 1e-6)."""
