@@ -57,7 +57,7 @@ __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
 
 SCALES = ("standard", "minmax", None)
 ESTIMATOR_LOSSES = ("auto", "bce", "mse")
-DETECTOR_MODELS = ("autoencoder", "vae")
+MODELS = ("autoencoder", "vae")  # what the autoencoder estimators train
 PROBABILITY_METHODS = ("linear", "unify")  # predict_proba, as PyOD's
 # rows per forward pass at predict time (bounds memory on large inputs)
 PREDICT_CHUNK = 8192
@@ -98,6 +98,12 @@ def bernoulli_entropy(x: torch.Tensor) -> torch.Tensor:
     """sum_k H(x_k) per row, H(p) = -p log p - (1 - p) log(1 - p): the minimum of BCE."""
     x = x.clamp(0.0, 1.0)
     return -(torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x)).sum(1)
+
+
+def code_width(module) -> int:
+    """The width of ``module.encode``'s codes: a VAE's latent size (its posterior means), an
+    autoencoder's ``hidden_features``."""
+    return module.latent if isinstance(module, VAE) else module.hidden_features
 
 
 def _encode(module, x):
@@ -436,7 +442,7 @@ class CodeTransformerMixin(TransformerMixin):
     """``transform`` (the codes), ``inverse_transform`` (codes decoded, the scaling undone),
     ``score_samples`` (minus the per-sample reconstruction error, in the scaled space and
     ``loss_`` units) and ``score`` (its mean) of an estimator whose ``module_`` encodes to
-    ``hidden_features`` codes; ``_code_size`` names the parameter that sets their size."""
+    ``code_width(module_)`` codes; ``_code_size`` names the parameter that sets their size."""
 
     _code_size = "n_components"
 
@@ -447,10 +453,11 @@ class CodeTransformerMixin(TransformerMixin):
     def inverse_transform(self, X):
         check_is_fitted(self)
         codes = check_array(X, dtype=[np.float64, np.float32])
-        if codes.shape[1] != self.module_.hidden_features:
+        width = code_width(self.module_)
+        if codes.shape[1] != width:
             raise ValueError(
                 f"X has {codes.shape[1]} features, but inverse_transform expects "
-                f"{self.module_.hidden_features} ({self._code_size})"
+                f"{width} ({self._code_size})"
             )
         self._sync_device()
         h = torch.tensor(codes, dtype=_TORCH_DTYPES[codes.dtype], device=self.device_)
@@ -492,13 +499,17 @@ class DeepLayerMixin:
 
 class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator):
     """One :class:`fastae.Autoencoder` (or, with ``hidden_layer_sizes``, a
-    :class:`fastae.DeepAutoencoder`) trained on scaled inputs."""
+    :class:`fastae.DeepAutoencoder`; with ``model="vae"``, a :class:`fastae.VAE`) trained on
+    scaled inputs."""
 
     def __init__(
         self,
         n_components: int = 32,
         *,
-        activation: str = "sigmoid",
+        model: str = "autoencoder",
+        hidden: int = 128,
+        beta: float = 1.0,
+        activation: str = "auto",
         scale: str | None = "standard",
         loss: str = "auto",
         tied: bool = True,
@@ -520,6 +531,9 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
         warm_start: bool = False,
     ):
         self.n_components = n_components
+        self.model = model
+        self.hidden = hidden
+        self.beta = beta
         self.activation = activation
         self.scale = scale
         self.loss = loss
@@ -541,11 +555,68 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
         self.hidden_layer_sizes = hidden_layer_sizes
         self.warm_start = warm_start
 
+    def _check_model(self) -> None:
+        """``model`` and, for a VAE, ``hidden`` and ``beta``, and no autoencoder-only
+        regularizer beside a VAE."""
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "autoencoder":
+            return
+        hidden_widths(self.hidden)
+        _checks.finite_number("beta", self.beta, low=0)
+        given = {
+            "noise": self.noise is not None,
+            "sparsity": self.sparsity is not None,
+            "contractive": self.contractive != 0,
+            "hidden_layer_sizes": bool(self._hidden_layer_sizes()),
+        }
+        for name, is_set in given.items():
+            if is_set:
+                raise ValueError(f"{name} applies to model='autoencoder', not model='vae'")
+
+    def _activation(self) -> str:
+        if self.activation == "auto":
+            return "relu" if self.model == "vae" else "sigmoid"
+        if self.activation not in reference.ACTIVATIONS:
+            options = ("auto", *reference.ACTIVATIONS)
+            raise ValueError(f"activation must be one of {options}, got {self.activation!r}")
+        return self.activation
+
+    def _layer(self, in_features: int, hidden: int, loss: str):
+        if self.model == "autoencoder":
+            return super()._layer(in_features, hidden, loss)
+        return VAE(
+            in_features,
+            self.hidden,
+            hidden,
+            activation=self._activation(),
+            output="sigmoid" if loss == "bce" else "identity",
+            loss=loss,
+            beta=float(self.beta),
+        )
+
+    def _vae_score(self) -> str:
+        """The VAE's per-sample score: its negative ELBO."""
+        return "elbo"
+
+    def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
+        """As the autoencoder's; a VAE's anomaly score (``_vae_score``) above its minimum."""
+        if self.model == "autoencoder":
+            return super()._reconstruction_error(x)
+        kind = self._vae_score()
+        if self.loss_ != "bce":
+            return self._map_chunks(lambda module, chunk: module.anomaly_score(chunk, kind), x)
+        return self._map_chunks(
+            lambda module, chunk: module.anomaly_score(chunk, kind) - bernoulli_entropy(chunk),
+            x,
+        )
+
     def _fit_autoencoder(self, X, partial: bool = False) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters
         are checked before X, so a bad one leaves the estimator as it was. Under
         ``warm_start`` (or ``partial``: one epoch, Adam's state kept between calls) a fitted
         estimator trains on from its weights, with its scaler and loss."""
+        self._check_model()
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)
@@ -619,8 +690,23 @@ class AutoencoderTransformer(
     (higher = better reconstructed, like PCA's log-likelihood) and ``score`` its mean.
 
     Parameters:
-        n_components: hidden units H (the code size).
-        activation: hidden activation ("sigmoid", "tanh", "relu", "softplus").
+        n_components: hidden units H (the code size; with ``model="vae"``, the latent
+            dimensions, whose posterior means are the codes).
+        model: "autoencoder" (a :class:`fastae.Autoencoder` with the regularizers given, or a
+            :class:`fastae.DeepAutoencoder` with ``hidden_layer_sizes``) or "vae" (a
+            :class:`fastae.VAE`; takes no ``noise``, ``sparsity``, ``contractive`` or
+            ``hidden_layer_sizes``; ``tied`` does not apply): ``transform`` gives its
+            posterior means, ``inverse_transform`` decodes them, ``score_samples`` is minus
+            its negative ELBO (above its minimum for BCE, as the reconstruction error). Its
+            codes are steadier at a lower ``lr``: a logistic regression on 16 posterior means
+            of the digits scored 0.55-0.85 over four seeds at lr=1e-2, 0.85-0.86 at 3e-3
+            (20 epochs).
+        hidden: (model="vae") units of the VAE's encoder and decoder hidden layers: an int
+            (one layer each side) or the encoder's widths, the decoder mirroring them (PyOD's
+            VAE: ``(128, 64, 32)``).
+        beta: (model="vae") weight of the KL term in the training objective.
+        activation: "auto" ("sigmoid" for an autoencoder, "relu" for a VAE) or one of
+            "sigmoid", "tanh", "relu", "softplus".
         scale: "standard" (StandardScaler), "minmax" (MinMaxScaler, clipped to [0, 1]) or None.
         loss: "bce" (sigmoid output; inputs must lie in [0, 1] after scaling, later inputs
             are clipped there), "mse" (identity output) or "auto": "bce" when the scaled
@@ -658,15 +744,15 @@ class AutoencoderTransformer(
             noise, sparsity, ...) may change between them.
 
     Attributes:
-        module_ (fastae.Autoencoder or fastae.DeepAutoencoder), scaler_, loss_, output_,
-        device_, n_iter_ (epochs run), loss_curve_ (per-epoch training loss),
+        module_ (fastae.Autoencoder, fastae.DeepAutoencoder or fastae.VAE), scaler_, loss_,
+        output_, device_, n_iter_ (epochs run), loss_curve_ (per-epoch training loss),
         validation_loss_curve_ and best_validation_loss_ (with early_stopping, else None),
         train_seconds_, n_features_in_, feature_names_in_ (when X has string column names).
     """
 
     def fit(self, X, y=None):
         self._fit_autoencoder(X)
-        self._n_features_out = self.module_.hidden_features
+        self._n_features_out = code_width(self.module_)
         return self
 
     def partial_fit(self, X, y=None):
@@ -680,7 +766,7 @@ class AutoencoderTransformer(
         no rows out. With ``cuda_graph`` each call captures its graph afresh: worth it for
         chunks of many batches."""
         self._fit_autoencoder(X, partial=True)
-        self._n_features_out = self.module_.hidden_features
+        self._n_features_out = code_width(self.module_)
         return self
 
     def __sklearn_tags__(self):
@@ -716,20 +802,11 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
     ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, as PyOD's.
 
-    Parameters beyond those of :class:`AutoencoderTransformer`:
+    Parameters beyond those of :class:`AutoencoderTransformer` (whose ``model``, ``hidden``
+    and ``beta`` choose and shape a VAE here too):
         contamination: expected share of outliers, in (0, 0.5].
-        model: "autoencoder" (a :class:`fastae.Autoencoder` with ``n_components`` units and
-            the regularizers given, or a :class:`fastae.DeepAutoencoder` with
-            ``hidden_layer_sizes``) or "vae" (takes no ``noise``, ``sparsity``,
-            ``contractive`` or ``hidden_layer_sizes``; ``tied`` does not apply).
-        hidden: (model="vae") units of the VAE's encoder and decoder hidden layers: an int
-            (one layer each side) or the encoder's widths, the decoder mirroring them (PyOD's
-            VAE: ``(128, 64, 32)``).
-        beta: (model="vae") weight of the KL term in the training objective.
         anomaly_score: None (the model's own: "elbo" for a VAE, the reconstruction loss for an
             autoencoder), "elbo" (model="vae" only) or "reconstruction".
-        activation: "auto" ("sigmoid" for an autoencoder, "relu" for a VAE) or one of
-            "sigmoid", "tanh", "relu", "softplus".
 
     The other attributes are those of :class:`AutoencoderTransformer`; ``module_`` is a
     :class:`fastae.VAE` with ``model="vae"``.
@@ -767,6 +844,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     ):
         super().__init__(
             n_components,
+            model=model,
+            hidden=hidden,
+            beta=beta,
             activation=activation,
             scale=scale,
             loss=loss,
@@ -789,9 +869,6 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             warm_start=warm_start,
         )
         self.contamination = contamination
-        self.model = model
-        self.hidden = hidden
-        self.beta = beta
         self.anomaly_score = anomaly_score
 
     def _check_model_params(self) -> None:
@@ -800,58 +877,14 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             raise TypeError(f"contamination must be a float in (0, 0.5], got {c!r}")
         if not 0.0 < c <= 0.5:
             raise ValueError(f"contamination must be in (0, 0.5], got {c!r}")
-        if self.model not in DETECTOR_MODELS:
-            raise ValueError(f"model must be one of {DETECTOR_MODELS}, got {self.model!r}")
         kind = self.anomaly_score
         if kind is not None and kind not in SCORES:
             raise ValueError(f"anomaly_score must be None or one of {SCORES}, got {kind!r}")
-        if self.model == "autoencoder":
-            if kind == "elbo":
-                raise ValueError("anomaly_score='elbo' needs model='vae'")
-            return
-        hidden_widths(self.hidden)
-        _checks.finite_number("beta", self.beta, low=0)
-        given = {
-            "noise": self.noise is not None,
-            "sparsity": self.sparsity is not None,
-            "contractive": self.contractive != 0,
-            "hidden_layer_sizes": bool(self._hidden_layer_sizes()),
-        }
-        for name, is_set in given.items():
-            if is_set:
-                raise ValueError(f"{name} applies to model='autoencoder', not model='vae'")
+        if kind == "elbo" and self.model == "autoencoder":
+            raise ValueError("anomaly_score='elbo' needs model='vae'")
 
-    def _activation(self) -> str:
-        if self.activation == "auto":
-            return "relu" if self.model == "vae" else "sigmoid"
-        if self.activation not in reference.ACTIVATIONS:
-            options = ("auto", *reference.ACTIVATIONS)
-            raise ValueError(f"activation must be one of {options}, got {self.activation!r}")
-        return self.activation
-
-    def _layer(self, in_features: int, hidden: int, loss: str):
-        if self.model == "autoencoder":
-            return super()._layer(in_features, hidden, loss)
-        return VAE(
-            in_features,
-            self.hidden,
-            hidden,
-            activation=self._activation(),
-            output="sigmoid" if loss == "bce" else "identity",
-            loss=loss,
-            beta=float(self.beta),
-        )
-
-    def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
-        if self.model == "autoencoder":
-            return super()._reconstruction_error(x)
-        kind = self.anomaly_score or "elbo"
-        if self.loss_ != "bce":
-            return self._map_chunks(lambda module, chunk: module.anomaly_score(chunk, kind), x)
-        return self._map_chunks(
-            lambda module, chunk: module.anomaly_score(chunk, kind) - bernoulli_entropy(chunk),
-            x,
-        )
+    def _vae_score(self) -> str:
+        return self.anomaly_score or "elbo"
 
     def _anomaly_scores(self, X: np.ndarray) -> np.ndarray:
         """Anomaly score of validated X: the reconstruction error of X scaled without

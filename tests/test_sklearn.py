@@ -40,6 +40,7 @@ TINY = {"n_components": 4, "epochs": 3, "batch_size": 32, "random_state": 0}
         AutoencoderOutlierDetector(**TINY),
         AutoencoderOutlierDetector(model="vae", hidden=8, **TINY),
         AutoencoderTransformer(early_stopping=True, n_iter_no_change=1, **TINY),
+        AutoencoderTransformer(model="vae", hidden=8, **TINY),
         AutoencoderOutlierDetector(hidden_layer_sizes=(6,), **TINY),
     ]
 )
@@ -79,6 +80,40 @@ def test_transform_shapes_names_and_inverse(digits):
     scores = model.score_samples(x[:50])
     assert scores.shape == (50,) and np.all(scores < 0)
     assert model.score(x[:50]) == pytest.approx(scores.mean())
+
+
+def test_vae_transformer_codes_are_posterior_means(digits):
+    """model="vae": transform gives mu, inverse_transform decodes it, score_samples is minus
+    the negative ELBO above its minimum (BCE: the inputs' entropy taken off); in a pipeline
+    the codes serve a classifier as PCA's would."""
+    from fastae.sklearn import bernoulli_entropy
+
+    x, y = digits
+    model = AutoencoderTransformer(8, model="vae", scale=None, epochs=20, random_state=0)
+    model.fit(x[:600])
+    assert isinstance(model.module_, fastae.VAE) and model.module_.latent == 8
+    assert model.module_.activation == "relu" and model.loss_ == "bce"
+    assert model.get_feature_names_out().shape == (8,)
+    x_t = torch.tensor(x[:50], dtype=torch.float64)
+    vae = copy.deepcopy(model.module_).double().eval()
+    with fastae.use_backend("reference"), torch.no_grad():
+        mu = vae.encode(x_t)
+        np.testing.assert_allclose(model.transform(x[:50]), mu.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(model.inverse_transform(mu.numpy()), vae.decode(mu).numpy(),
+                                   rtol=1e-10)  # fmt: skip
+        expected = vae.negative_elbo(x_t) - bernoulli_entropy(x_t)
+        np.testing.assert_allclose(-model.score_samples(x[:50]), expected.numpy(), rtol=1e-10)
+    with pytest.raises(ValueError, match="n_components"):
+        model.inverse_transform(mu.numpy()[:, :3])
+    for name, value in (("noise", fastae.MaskingNoise(0.2)), ("hidden_layer_sizes", (16,))):
+        with pytest.raises(ValueError, match=f"{name} applies to model='autoencoder'"):
+            AutoencoderTransformer(model="vae", **{name: value}).fit(x[:50])
+    pipe = make_pipeline(
+        AutoencoderTransformer(16, model="vae", scale=None, epochs=20, lr=3e-3, random_state=0),
+        LogisticRegression(max_iter=1000),
+    )
+    pipe.fit(x[:1200], y[:1200])
+    assert pipe.score(x[1200:], y[1200:]) > 0.8
 
 
 def test_drop_in_for_pca_in_a_pipeline(digits):
