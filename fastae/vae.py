@@ -30,7 +30,7 @@ from .noise import check_seed
 
 SCORES = ("elbo", "reconstruction")
 # rows (draws x batch) that log_likelihood decodes in one pass
-LOG_LIKELIHOOD_ROWS = 2**16
+LOG_LIKELIHOOD_ROWS = 2**14
 
 
 @dataclass

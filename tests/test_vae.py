@@ -449,7 +449,7 @@ def test_log_likelihood_approaches_a_quadrature_oracle(loss):
     margin = 4 * single.std(0) / math.sqrt(2000)
     assert (single.mean(0) < exact + margin).all()
     assert (single.mean(0) <= ten.mean(0) + margin).all() and (ten.mean(0) < exact + margin).all()
-    # a seeded generator repeats the estimate; draws in several passes give the same numbers
+    # a seeded generator repeats the estimate (its 20,000 draws in several passes)
     again = model.log_likelihood(x, 20000, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(again, estimate, rtol=0, atol=0)
 
