@@ -26,6 +26,7 @@ import torch
 
 try:
     from scipy.special import erf
+    from scipy.stats import binom
     from sklearn.base import (
         BaseEstimator,
         ClassNamePrefixFeaturesOutMixin,
@@ -800,7 +801,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         decision_scores_: anomaly score of each training sample (= -score_samples).
         threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
         labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
-    ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, as PyOD's.
+    ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, and
+    ``predict_confidence(X)`` says how sure each prediction is, as PyOD's.
 
     Parameters beyond those of :class:`AutoencoderTransformer` (whose ``model``, ``hidden``
     and ``beta`` choose and shape a VAE here too):
@@ -930,15 +932,17 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         """+1 for inliers, -1 for outliers."""
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
-    def predict_proba(self, X, method: str = "linear"):
+    def predict_proba(self, X, method: str = "linear", return_confidence: bool = False):
         """PyOD's outlier probability: columns (inlier, outlier), each row summing to 1, the
         outlier column the anomaly score s = -score_samples(X) mapped onto [0, 1] by
         ``decision_scores_``. ``"linear"``: (s - min) / (max - min), clipped to [0, 1];
         ``"unify"``: erf((s - mean) / (std * sqrt(2))) clipped to [0, 1], the Gaussian scaling
         of Kriegel et al. (2011), with the population standard deviation. A zero spread of
-        ``decision_scores_`` (max - min or std) counts as 1, as scikit-learn's scalers take it."""
+        ``decision_scores_`` (max - min or std) counts as 1, as scikit-learn's scalers take it.
+        ``return_confidence``: also :meth:`predict_confidence`'s values, as PyOD's."""
         if method not in PROBABILITY_METHODS:
             raise ValueError(f"method must be one of {PROBABILITY_METHODS}, got {method!r}")
+        return_confidence = _checks.flag("return_confidence", return_confidence)
         scores = -self.score_samples(X)
         train = self.decision_scores_
         if method == "linear":
@@ -948,4 +952,22 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             spread = train.std()
             outlier = erf((scores - train.mean()) / ((spread if spread > 0 else 1.0) * np.sqrt(2)))
         outlier = np.clip(outlier, 0.0, 1.0)
-        return np.stack([1.0 - outlier, outlier], axis=1)
+        probabilities = np.stack([1.0 - outlier, outlier], axis=1)
+        if return_confidence:
+            return probabilities, self._confidence(scores)
+        return probabilities
+
+    def predict_confidence(self, X):
+        """PyOD's confidence in each prediction of :meth:`predict` (ExCeeD, Perini et al.,
+        2020): the chance that the same detector fitted on another draw of n training rows
+        predicts the same. With p = (1 + #{decision_scores_ <= s}) / (n + 2) for the anomaly
+        score s, an outlier's is P(Binomial(n, p) > n - floor(n * contamination)), an
+        inlier's its complement."""
+        return self._confidence(-self.score_samples(X))
+
+    def _confidence(self, scores: np.ndarray) -> np.ndarray:
+        train = np.sort(self.decision_scores_)
+        n = train.size
+        p = (1.0 + np.searchsorted(train, scores, side="right")) / (n + 2.0)
+        outlier = binom.sf(n - int(n * self.contamination), n, p)
+        return np.where(scores > self.threshold_, outlier, 1.0 - outlier)

@@ -343,6 +343,33 @@ def test_predict_proba_maps_anomaly_scores_as_pyod(digits, method):
     assert 0.0 < proba[:, 1].mean() < 1.0
 
 
+def test_predict_confidence_is_pyods_exceed(digits):
+    """ExCeeD as PyOD computes it, here apart: counts of training scores at or below each test
+    score, the binomial's CDF, flipped for predicted inliers."""
+    from scipy.stats import binom
+
+    x, _ = digits
+    train, test = x[:400], x[400:600]
+    detector = AutoencoderOutlierDetector(8, epochs=3, contamination=0.05, random_state=0)
+    detector.fit(train)
+    scores = -detector.score_samples(test)
+    n = 400
+    below = np.array([np.count_nonzero(detector.decision_scores_ <= s) for s in scores])
+    expected = 1 - binom.cdf(n - int(n * 0.05), n, (1 + below) / (2 + n))
+    inlier = detector.predict(test) == 1
+    expected[inlier] = 1 - expected[inlier]
+    confidence = detector.predict_confidence(test)
+    np.testing.assert_allclose(confidence, expected, rtol=1e-9, atol=1e-12)
+    assert ((confidence >= 0) & (confidence <= 1)).all() and 0 < inlier.mean() < 1
+    # far beyond every training score: an outlier for certain
+    assert detector.predict_confidence(test[:1] + 50.0)[0] > 0.999
+    proba, again = detector.predict_proba(test, method="unify", return_confidence=True)
+    np.testing.assert_array_equal(again, confidence)
+    np.testing.assert_array_equal(proba, detector.predict_proba(test, method="unify"))
+    with pytest.raises(TypeError, match="return_confidence"):
+        detector.predict_proba(test, return_confidence="yes")
+
+
 def test_predict_proba_checks_its_method_and_a_zero_spread(digits):
     x, _ = digits
     detector = AutoencoderOutlierDetector(8, epochs=2, random_state=0)
