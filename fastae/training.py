@@ -109,6 +109,11 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
             f"{name} must be a tensor, numpy array, DataLoader or iterable of batches, got "
             f"{type(data).__name__}"
         )
+    if isinstance(data, tuple):
+        raise TypeError(
+            f"{name} must not be a tuple: pass the inputs alone (Keras's (x, x) is x here: an "
+            "autoencoder's target is its input), and batches in a list or a DataLoader"
+        )
     if isinstance(data, Iterator):
         raise TypeError(
             f"{name} must be re-iterable (a tensor, array, DataLoader or list of batches): "
@@ -328,8 +333,10 @@ def fit(
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
 
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here, shuffled with
-    a generator seeded from ``seed``) or any iterable of batches (a DataLoader; a batch may be
-    a tensor or a tuple whose first item is the input). Batches move to the model's device:
+    a generator seeded from ``seed``) or any iterable of batches but a tuple (a DataLoader or
+    a list; a batch may be a tensor or a tuple whose first item is the input: a tuple of
+    tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is passed
+    here). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
     Numpy arrays take the model's dtype, tensors must already have it. The validation loss

@@ -365,7 +365,14 @@ def test_autoencoder_forward_bad_input():
         (dict(data="abc"), TypeError, "data"),
         (dict(data={"x": torch.rand(6, 5)}), TypeError, "data"),
         (dict(validation_data=b"abc"), TypeError, "validation_data"),
-        (dict(data=("ab", "cd")), TypeError, "data"),  # batches that are not tensors
+        (dict(data=["ab", "cd"]), TypeError, "data"),  # batches that are not tensors
+        # Keras's (x, x) pairs, which would train on two batches of every row
+        (dict(data=(torch.rand(6, 5), torch.rand(6, 5))), TypeError, "data"),
+        (
+            dict(validation_data=(torch.rand(6, 5), torch.rand(6, 5))),
+            TypeError,
+            "validation_data",
+        ),  # fmt: skip
         (dict(validation_data=[(0.5,)]), TypeError, "validation_data"),
     ],
 )
