@@ -309,6 +309,17 @@ def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
         torch.distributed.all_gather(gathered, flat)
         if rank == 0:
             torch.save((history.loss, gathered), result_path + ".fit")
+        # clipped gradients and rows split off for validation: the processes stay in step
+        clipped = fastae.Autoencoder(x.shape[1], 5)
+        split = fastae.fit(
+            torch.nn.parallel.DistributedDataParallel(clipped), x, epochs=2, batch_size=4,
+            seed=0, progress=False, max_grad_norm=1e-2, validation_split=0.25,
+        )  # fmt: skip
+        records = [None] * world
+        flat = torch.cat([p.detach().flatten() for p in clipped.parameters()])
+        torch.distributed.all_gather_object(records, (split.loss, split.val_loss, flat))
+        if rank == 0:
+            torch.save(records, result_path + ".clip")
         # with validation data and patience: each epoch's losses are means over every
         # process's rows, so the processes stop alike (one stopping alone would leave the
         # other waiting in its next gradient all-reduce), and so do their schedulers' rates
@@ -417,6 +428,11 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     fit_losses, rank_params = torch.load(result + ".fit", weights_only=True)
     assert torch.equal(rank_params[0], rank_params[1])
     assert fit_losses[-1] < fit_losses[0]
+    (loss_0, val_0, params_0), (loss_1, val_1, params_1) = torch.load(
+        result + ".clip", weights_only=True
+    )
+    assert loss_0 == loss_1 and val_0 == val_1 and len(val_0) == 2
+    assert torch.equal(params_0, params_1)
     records = torch.load(result + ".val", weights_only=True)
     assert records[0][:6] == records[1][:6]  # the same history on both processes
     assert records[0][5] == 2  # the callback's stop reached both
