@@ -33,12 +33,14 @@ from .sklearn import (
     AutoencoderTransformer,
     CodeTransformerMixin,
     DeepLayerMixin,
+    ModelChoiceMixin,
     _as_dtype,
     _encode,
     _nonnegative_int,
     _positive_float,
     _seeded,
     _validate_data,
+    code_width,
     hold_out,
 )
 from .training import default_optimizer
@@ -116,7 +118,7 @@ class SemiSupervisedModule(nn.Module):
     def __init__(self, autoencoder: nn.Module, n_classes: int, reconstruction_weight: float):
         super().__init__()
         self.autoencoder = autoencoder
-        self.head = nn.Linear(autoencoder.hidden_features, n_classes)
+        self.head = nn.Linear(code_width(autoencoder), n_classes)
         self.reconstruction_weight = float(reconstruction_weight)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -139,7 +141,7 @@ class SemiSupervisedModule(nn.Module):
 
 
 class SemiSupervisedAutoencoder(
-    ClassifierMixin, DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator
+    ClassifierMixin, ModelChoiceMixin, DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator
 ):
     """Classifier trained on labelled and unlabelled samples together.
 
@@ -150,7 +152,9 @@ class SemiSupervisedAutoencoder(
     ``y == -1`` are unlabelled: they contribute only the autoencoder term.
 
     Parameters are those of :class:`fastae.sklearn.AutoencoderTransformer` (with
-    ``hidden_layer_sizes`` the autoencoder is a :class:`fastae.DeepAutoencoder`) plus
+    ``hidden_layer_sizes`` the autoencoder is a :class:`fastae.DeepAutoencoder`; with
+    ``model="vae"`` a :class:`fastae.VAE`, whose negative ELBO is the autoencoder loss and
+    whose posterior mean the head reads, Kingma et al.'s M1 trained jointly) plus
     ``reconstruction_weight`` (lambda); with ``early_stopping`` the held-out rows (labelled
     or not, drawn at random) are scored by that same loss. Attributes: ``classes_`` (the
     labels seen, -1 excluded), ``module_`` (a :class:`SemiSupervisedModule`),
@@ -165,7 +169,10 @@ class SemiSupervisedAutoencoder(
         n_components: int = 32,
         *,
         reconstruction_weight: float = 0.1,
-        activation: str = "sigmoid",
+        model: str = "autoencoder",
+        hidden: int = 128,
+        beta: float = 1.0,
+        activation: str = "auto",
         scale: str | None = "standard",
         loss: str = "auto",
         tied: bool = True,
@@ -188,6 +195,9 @@ class SemiSupervisedAutoencoder(
     ):
         self.n_components = n_components
         self.reconstruction_weight = reconstruction_weight
+        self.model = model
+        self.hidden = hidden
+        self.beta = beta
         self.activation = activation
         self.scale = scale
         self.loss = loss
@@ -210,6 +220,7 @@ class SemiSupervisedAutoencoder(
         self.warm_start = warm_start
 
     def fit(self, X, y):
+        self._check_model()
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
         epochs = _checks.positive_int("epochs", self.epochs)

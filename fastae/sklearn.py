@@ -498,63 +498,10 @@ class DeepLayerMixin:
         )  # fmt: skip
 
 
-class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator):
-    """One :class:`fastae.Autoencoder` (or, with ``hidden_layer_sizes``, a
-    :class:`fastae.DeepAutoencoder`; with ``model="vae"``, a :class:`fastae.VAE`) trained on
-    scaled inputs."""
-
-    def __init__(
-        self,
-        n_components: int = 32,
-        *,
-        model: str = "autoencoder",
-        hidden: int = 128,
-        beta: float = 1.0,
-        activation: str = "auto",
-        scale: str | None = "standard",
-        loss: str = "auto",
-        tied: bool = True,
-        noise=None,
-        sparsity=None,
-        contractive: float = 0.0,
-        epochs: int = 50,
-        batch_size: int = 64,
-        lr: float = 1e-2,
-        device="auto",
-        random_state=None,
-        verbose: bool = False,
-        cuda_graph: bool = False,
-        early_stopping: bool = False,
-        validation_fraction: float = 0.1,
-        n_iter_no_change: int = 10,
-        tol: float = 1e-4,
-        hidden_layer_sizes=(),
-        warm_start: bool = False,
-    ):
-        self.n_components = n_components
-        self.model = model
-        self.hidden = hidden
-        self.beta = beta
-        self.activation = activation
-        self.scale = scale
-        self.loss = loss
-        self.tied = tied
-        self.noise = noise
-        self.sparsity = sparsity
-        self.contractive = contractive
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.device = device
-        self.random_state = random_state
-        self.verbose = verbose
-        self.cuda_graph = cuda_graph
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.tol = tol
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.warm_start = warm_start
+class ModelChoiceMixin:
+    """``model``: "autoencoder" (``_layer`` as the classes after this one build it) or "vae"
+    (a :class:`fastae.VAE` with ``hidden`` and ``beta``, its codes the posterior means);
+    ``activation="auto"`` picks each one's default."""
 
     def _check_model(self) -> None:
         """``model`` and, for a VAE, ``hidden`` and ``beta``, and no autoencoder-only
@@ -611,6 +558,67 @@ class _AutoencoderEstimator(DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstim
             lambda module, chunk: module.anomaly_score(chunk, kind) - bernoulli_entropy(chunk),
             x,
         )
+
+
+class _AutoencoderEstimator(
+    ModelChoiceMixin, DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator
+):
+    """One :class:`fastae.Autoencoder` (or, with ``hidden_layer_sizes``, a
+    :class:`fastae.DeepAutoencoder`; with ``model="vae"``, a :class:`fastae.VAE`) trained on
+    scaled inputs."""
+
+    def __init__(
+        self,
+        n_components: int = 32,
+        *,
+        model: str = "autoencoder",
+        hidden: int = 128,
+        beta: float = 1.0,
+        activation: str = "auto",
+        scale: str | None = "standard",
+        loss: str = "auto",
+        tied: bool = True,
+        noise=None,
+        sparsity=None,
+        contractive: float = 0.0,
+        epochs: int = 50,
+        batch_size: int = 64,
+        lr: float = 1e-2,
+        device="auto",
+        random_state=None,
+        verbose: bool = False,
+        cuda_graph: bool = False,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        tol: float = 1e-4,
+        hidden_layer_sizes=(),
+        warm_start: bool = False,
+    ):
+        self.n_components = n_components
+        self.model = model
+        self.hidden = hidden
+        self.beta = beta
+        self.activation = activation
+        self.scale = scale
+        self.loss = loss
+        self.tied = tied
+        self.noise = noise
+        self.sparsity = sparsity
+        self.contractive = contractive
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.cuda_graph = cuda_graph
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.warm_start = warm_start
 
     def _fit_autoencoder(self, X, partial: bool = False) -> np.ndarray:
         """Validate, scale, build and train ``module_``; returns the validated X. Parameters

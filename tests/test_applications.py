@@ -45,6 +45,7 @@ EXPECTED_FAILURES = {
     [
         # check_classifiers_train wants > 83% training accuracy on 3 blobs: 20 quick epochs
         SemiSupervisedAutoencoder(n_components=8, epochs=20, random_state=0),
+        SemiSupervisedAutoencoder(n_components=4, model="vae", hidden=8, epochs=20, random_state=0),
         StackedAutoencoder((6, 3), pretrain_epochs=2, finetune_epochs=2, random_state=0),
         StackedAutoencoder(
             (6, 3), pretrain_epochs=2, finetune_epochs=2, early_stopping=True, random_state=0
@@ -126,6 +127,31 @@ def test_semi_supervised_with_a_deep_autoencoder(digits):
     assert model.score(x_te, y_te) > 0.75
     with pytest.raises(ValueError, match=r"^contractive needs hidden_layer_sizes=\(\)"):
         SemiSupervisedAutoencoder(hidden_layer_sizes=(8,), contractive=0.1).fit(x_tr, y_semi)
+
+
+def test_semi_supervised_with_a_vae(digits):
+    """model="vae": the head reads the posterior mean, the autoencoder term is the negative
+    ELBO; the cross-entropy alone (reconstruction_weight=0) trains the encoder through mu."""
+    x, y = digits
+    x_tr, y_tr, x_te, y_te = x[:1300], y[:1300], x[1300:], y[1300:]
+    y_semi, _ = _split_labels(y_tr, 0.1)
+    model = SemiSupervisedAutoencoder(
+        16, model="vae", hidden=64, scale=None, epochs=25, random_state=0
+    ).fit(x_tr, y_semi)
+    vae = model.module_.autoencoder
+    assert isinstance(vae, fastae.VAE) and vae.latent == 16 and vae.activation == "relu"
+    assert model.module_.head.in_features == 16 and model.encode(x_te[:3]).shape == (3, 16)
+    with torch.no_grad():
+        mu = vae.encode(torch.tensor(x_te[:5], dtype=torch.float32))
+    np.testing.assert_allclose(model.encode(x_te[:5]), mu.numpy(), rtol=1e-5, atol=1e-6)
+    assert model.score(x_te, y_te) > 0.75
+    batch = torch.cat([torch.tensor(x_tr[:32]).float(), torch.tensor(y_tr[:32])[:, None]], 1)
+    module = SemiSupervisedModule(fastae.VAE(64, 16, 4), 10, reconstruction_weight=0.0)
+    module(batch).loss.backward()
+    assert module.autoencoder.posterior.weight.grad[:4].abs().sum() > 0  # the rows giving mu
+    assert module.autoencoder.encoder.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="noise applies to model='autoencoder'"):
+        SemiSupervisedAutoencoder(model="vae", noise=fastae.MaskingNoise(0.2)).fit(x_tr, y_semi)
 
 
 def test_semi_supervised_warm_start(digits):
