@@ -238,14 +238,16 @@ class Autoencoder(nn.Module):
         )
         return h
 
-    def decode(self, h: Tensor) -> Tensor:
-        """Reconstruction x^ (B, d) from codes."""
+    def decode(self, h: Tensor, *, logits: bool = False) -> Tensor:
+        """Reconstruction x^ (B, d) from codes; ``logits``: the output layer's pre-activation
+        z^ (a sigmoid output's logits; x^ itself for an identity output)."""
         h = _checks.tensor("h", h, 2)
         weight = self.decoder_matrix
         _checks.model_kind("h", h, "the decoder weight", weight)
         _checks.size("h", h, 1, weight.shape[1], "the model has that many hidden units")
         _checks.rows("h", h)
-        return reference.reconstruct(h, weight, self.decoder_bias, self.output)
+        logits = _checks.flag("logits", logits)
+        return reference.reconstruct(h, weight, self.decoder_bias, self.output, logits)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -435,15 +437,18 @@ class DeepAutoencoder(nn.Module):
         x = _checks.model_input(x, self.weights[0], self.in_features)
         return self._encode(x, None, statistics=False)[0]
 
-    def decode(self, h: Tensor) -> Tensor:
-        """Reconstruction x^ (B, d) from codes."""
+    def decode(self, h: Tensor, *, logits: bool = False) -> Tensor:
+        """Reconstruction x^ (B, d) from codes; ``logits``: the output layer's pre-activation
+        z^ (a sigmoid output's logits; x^ itself for an identity output)."""
         h = _checks.tensor("h", h, 2)
         _checks.model_kind("h", h, "the decoder weight", self.decoder_matrix(len(self.sizes) - 1))
         _checks.size("h", h, 1, self.sizes[-1], "the model's code has that many units")
         _checks.rows("h", h)
+        logits = _checks.flag("logits", logits)
         return reference.reconstruct(
-            self._decode_hidden(h), self.decoder_matrix(0), self.decoder_biases[0], self.output
-        )
+            self._decode_hidden(h), self.decoder_matrix(0), self.decoder_biases[0], self.output,
+            logits,
+        )  # fmt: skip
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -525,10 +530,12 @@ class StackModule(nn.Module):
             x = layer.encode(x)
         return x
 
-    def decode(self, h: Tensor) -> Tensor:
-        for layer in reversed(self.layers):
+    def decode(self, h: Tensor, *, logits: bool = False) -> Tensor:
+        """Reconstruction from the top layer's codes, each layer decoding the one above's;
+        ``logits``: the bottom layer's output pre-activation."""
+        for layer in reversed(self.layers[1:]):
             h = layer.decode(h)
-        return h
+        return self.layers[0].decode(h, logits=logits)
 
     def _is_deep_autoencoder(self) -> bool:
         """Whether the stack is a sigmoid DeepAutoencoder's network without penalties (the

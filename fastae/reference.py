@@ -273,9 +273,10 @@ def decode_forward(
     return per_element.sum(1), grad_z
 
 
-def reconstruct(h, weight, bias, output):
+def reconstruct(h, weight, bias, output, logits=False):
+    """x^ = a_out(h V^T + c); ``logits``: the pre-activation z^ = h V^T + c itself."""
     z = affine(h, weight, bias)
-    return torch.sigmoid(z) if output == "sigmoid" else z
+    return torch.sigmoid(z) if output == "sigmoid" and not logits else z
 
 
 def decode_backward(grad_loss, h, weight, grad_z, needs_h_grad):

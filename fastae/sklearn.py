@@ -115,6 +115,15 @@ def _decode(module, h):
     return module.decode(h)
 
 
+def _feature_errors(module, x: torch.Tensor, bce: bool) -> torch.Tensor:
+    """Per-element reconstruction loss of x (B, d) from the posterior mean or code: BCE above
+    its minimum, KL(x || x^) = BCE - H(x), from the logits; else the squared error."""
+    z = module.decode(module.encode(x), logits=True)
+    if not bce:
+        return (z - x).square()
+    return reference.bce_with_logits(z, x) + torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x)
+
+
 def _as_dtype(array: np.ndarray, like: torch.Tensor) -> np.ndarray:
     return array.astype(np.float32 if like.dtype == torch.float32 else np.float64, copy=False)
 
@@ -810,7 +819,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
         labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
     ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, and
-    ``predict_confidence(X)`` says how sure each prediction is, as PyOD's.
+    ``predict_confidence(X)`` says how sure each prediction is, as PyOD's;
+    ``feature_scores(X)`` splits each score over the input features.
 
     Parameters beyond those of :class:`AutoencoderTransformer` (whose ``model``, ``hidden``
     and ``beta`` choose and shape a VAE here too):
@@ -931,6 +941,22 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     def score_samples(self, X):
         """Minus the anomaly score: higher means more normal."""
         return -self._anomaly_scores(self._validated(X))
+
+    def feature_scores(self, X):
+        """Each feature's share of the anomaly score (n_samples, n_features_in_), higher = more
+        abnormal: which inputs a sample's score comes from. For squared error (x_k - x^_k)^2
+        of the scaled x; for BCE KL(x_k || x^_k) + e_k^2 (as the score: x clipped to [0, 1],
+        e_k its excess beyond), from the decoder's logits. A row sums to the sample's score
+        (``-score_samples``), but for a VAE scored by its negative ELBO, whose KL term belongs
+        to the code, not to a feature: the row then sums to the reconstruction part alone."""
+        X = self._validated(X)
+        scaled = self._scale(X, clip=False)
+        x = self._tensor(scaled, _TORCH_DTYPES[X.dtype])
+        bce = self.loss_ == "bce"
+        scores = self._map_chunks(lambda module, chunk: _feature_errors(module, chunk, bce), x)
+        if bce:
+            scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0))
+        return scores
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for outliers."""

@@ -156,8 +156,9 @@ class VAE(nn.Module):
     def _decoder_code(self, z: Tensor) -> Tensor:
         return self._hidden(z, [self.decoder_hidden, *self.decoder_stack])
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Decoded mean x^ (B, d) of latent codes z (B, k)."""
+    def decode(self, z: Tensor, *, logits: bool = False) -> Tensor:
+        """Decoded mean x^ (B, d) of latent codes z (B, k); ``logits``: the output layer's
+        pre-activation (a sigmoid output's logits; x^ itself for an identity output)."""
         z = _checks.tensor("z", z, 2)
         if z.shape[1] != self.latent:
             raise ValueError(
@@ -165,8 +166,11 @@ class VAE(nn.Module):
             )
         _checks.model_kind("z", z, "the model's parameters", self.decoder_hidden.weight)
         _checks.rows("z", z)
+        logits = _checks.flag("logits", logits)
         h2 = self._decoder_code(z)
-        return reference.reconstruct(h2, self.decoder.weight, self.decoder.bias, self.output)
+        return reference.reconstruct(
+            h2, self.decoder.weight, self.decoder.bias, self.output, logits
+        )
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """x^ (B, d) decoded from the posterior mean: deterministic."""

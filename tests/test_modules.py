@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastae
 from fastae import ops
+from fastae.modules import StackModule
 from fastae.training import _mean_loss
 
 ACT_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
@@ -138,6 +139,31 @@ def test_encode_decode_reconstruct_and_error():
     torch.testing.assert_close(error, F.binary_cross_entropy(x_hat, x, reduction="none").sum(1))
     model.eval()
     torch.testing.assert_close(model(x).per_sample, error, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda output: fastae.Autoencoder(7, 4, output=output, loss="mse"),
+        lambda output: fastae.DeepAutoencoder(7, (5, 4), output=output, loss="mse"),
+        lambda output: fastae.VAE(7, 5, 4, output=output, loss="mse"),
+        lambda output: StackModule(
+            [fastae.Autoencoder(7, 5, output=output, loss="mse"), fastae.Autoencoder(5, 4)]
+        ),
+    ],
+    ids=["autoencoder", "deep", "vae", "stack"],
+)
+def test_decode_gives_the_output_layers_logits(make):
+    """decode(h, logits=True): the pre-activation the output activation maps to x^."""
+    h = torch.rand(3, 4)
+    sigmoid, identity = make("sigmoid"), make("identity")
+    identity.load_state_dict(sigmoid.state_dict())
+    logits = sigmoid.decode(h, logits=True)
+    torch.testing.assert_close(torch.sigmoid(logits), sigmoid.decode(h), rtol=0, atol=0)
+    torch.testing.assert_close(identity.decode(h, logits=True), logits, rtol=0, atol=0)
+    torch.testing.assert_close(identity.decode(h), logits, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="logits"):
+        sigmoid.decode(h, logits="yes")
 
 
 @pytest.mark.parametrize("vae", [False, True])

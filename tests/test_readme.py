@@ -69,6 +69,9 @@ def test_applications_example():
     assert namespace["deep_detector"].module_.sizes == (64, 32, 16)
     assert np.isfinite(namespace["vae_detector"].score_samples(x)).all()
     assert namespace["vae_codes"].shape == (60, 16)
+    np.testing.assert_allclose(
+        namespace["culprits"].sum(1), -namespace["detector"].score_samples(x), rtol=1e-5
+    )
     assert set(namespace["clf"].predict(x)) <= {0, 1, 2}
     assert namespace["stack"].transform(x).shape == (60, 32)
     assert namespace["streamed"].n_iter_ == 4

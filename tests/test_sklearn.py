@@ -343,6 +343,42 @@ def test_predict_proba_maps_anomaly_scores_as_pyod(digits, method):
     assert 0.0 < proba[:, 1].mean() < 1.0
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"scale": None}, {"scale": "standard"}, {"scale": "minmax", "hidden_layer_sizes": (16,)},
+     {"scale": None, "model": "vae", "anomaly_score": "reconstruction"}],
+    ids=["bce", "mse", "deep", "vae"],
+)  # fmt: skip
+def test_feature_scores_split_the_anomaly_score(digits, kwargs):
+    """Rows sum to the anomaly score (float64 input: float64 arithmetic); each feature's share
+    is nonnegative; a feature pushed far out of its range carries its sample's score."""
+    x, _ = digits
+    detector = AutoencoderOutlierDetector(8, epochs=5, random_state=0, **kwargs).fit(x[:400])
+    test = x[400:460].copy()
+    shares = detector.feature_scores(test)
+    assert shares.shape == (60, 64) and shares.dtype == np.float64
+    assert shares.min() > -1e-12
+    np.testing.assert_allclose(shares.sum(1), -detector.score_samples(test), rtol=1e-9)
+    float32 = detector.feature_scores(test.astype(np.float32)).sum(1)
+    np.testing.assert_allclose(float32, -detector.score_samples(test), rtol=1e-4)
+    test[:, 20] = 30.0  # far beyond any digit pixel, scaled or not
+    assert (detector.feature_scores(test).argmax(1) == 20).all()
+
+
+def test_feature_scores_of_a_vae_leave_its_kl_to_the_code(digits):
+    x, _ = digits
+    detector = AutoencoderOutlierDetector(4, model="vae", scale=None, epochs=5, random_state=0)
+    detector.fit(x[:300])
+    test = x[300:320]
+    with torch.no_grad():
+        mu, logvar = detector.module_.double().posterior_parameters(torch.tensor(test))
+        detector.module_.float()
+    kl = fastae.reference.gaussian_kl(mu, logvar).numpy()
+    np.testing.assert_allclose(
+        detector.feature_scores(test).sum(1) + kl, -detector.score_samples(test), rtol=1e-9
+    )
+
+
 def test_predict_confidence_is_pyods_exceed(digits):
     """ExCeeD as PyOD computes it, here apart: counts of training scores at or below each test
     score, the binomial's CDF, flipped for predicted inliers."""
