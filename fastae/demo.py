@@ -272,6 +272,8 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
             detector = AutoencoderOutlierDetector(hidden, scale=None, **common)
             detector.set_params(**params)
             scores[row] = -detector.fit(normal).score_samples(x_te)
+            if digit == s.holdout_digits[0] and row == "denoising AE":
+                digit_detector = detector
             _tick(bar, 1)
         detector = AutoencoderOutlierDetector(VAE_LATENT, scale=None, **common, **vae_settings)
         scores[vae_row] = -detector.fit(normal).score_samples(x_te)
@@ -352,6 +354,7 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
             "stack_name": f"stacked AE {x_tr.shape[1]}-{hidden}-2 (tanh)",
             "digit_scores": digit_scores,
             "digit": s.holdout_digits[0],
+            "digit_detector": digit_detector,
             "cancer_scores": (cancer_scores, m_te),
             "vae": vae,
             "vae_name": vae_row,
@@ -517,6 +520,29 @@ def write_figures(figures: dict, out: Path, seed: int) -> list[Path]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, out / "anomaly_scores.png"))
+
+    # the most abnormal test digits and the pixels their scores come from
+    detector, x_te = figures["digit_detector"], figures["x_te"]
+    scores = -detector.score_samples(x_te)
+    top = np.argsort(scores)[::-1][:10]
+    shares = detector.feature_scores(x_te[top])
+    fig, axes = plt.subplots(2, 1, figsize=(7, 1.9))
+    panels = (
+        ("input", x_te[top], "gray_r"),
+        ("pixel scores", shares / shares.max(1, keepdims=True), "Reds"),
+    )
+    for ax, (title, images, cmap) in zip(axes, panels, strict=True):
+        grid = _grid(images.reshape(-1, 8, 8), 1, 10)
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"the 10 highest anomaly scores (denoising AE, digit {figures['digit']} held out) and "
+        "each pixel's share (feature_scores, per image scaled to its largest)",
+        fontsize=8,
+    )
+    written.append(_save(fig, out / "anomaly_pixels.png"))
 
     # new digits from the VAE: decoded means of z ~ N(0, I)
     from .vae import save_image_grid

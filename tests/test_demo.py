@@ -14,6 +14,7 @@ PNGS = (
     "reconstructions.png",
     "codes_2d.png",
     "anomaly_scores.png",
+    "anomaly_pixels.png",
     "vae_samples.png",
 )
 
