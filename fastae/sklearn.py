@@ -95,10 +95,15 @@ def _positive_float(name: str, value) -> float:
     return float(value)
 
 
-def bernoulli_entropy(x: torch.Tensor) -> torch.Tensor:
-    """sum_k H(x_k) per row, H(p) = -p log p - (1 - p) log(1 - p): the minimum of BCE."""
+def _entropies(x: torch.Tensor) -> torch.Tensor:
+    """H(x_k) per element, H(p) = -p log p - (1 - p) log(1 - p): the minimum of BCE."""
     x = x.clamp(0.0, 1.0)
-    return -(torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x)).sum(1)
+    return -(torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x))
+
+
+def bernoulli_entropy(x: torch.Tensor) -> torch.Tensor:
+    """sum_k H(x_k) per row (see :func:`_entropies`)."""
+    return _entropies(x).sum(1)
 
 
 def code_width(module) -> int:
@@ -121,7 +126,7 @@ def _feature_errors(module, x: torch.Tensor, bce: bool) -> torch.Tensor:
     z = module.decode(module.encode(x), logits=True)
     if not bce:
         return (z - x).square()
-    return reference.bce_with_logits(z, x) + torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x)
+    return reference.bce_with_logits(z, x) - _entropies(x)
 
 
 def _as_dtype(array: np.ndarray, like: torch.Tensor) -> np.ndarray:
