@@ -40,6 +40,7 @@ from .sklearn import (
     _positive_float,
     _seeded,
     _validate_data,
+    all_or_nothing,
     code_width,
     hold_out,
 )
@@ -219,6 +220,7 @@ class SemiSupervisedAutoencoder(
         self.hidden_layer_sizes = hidden_layer_sizes
         self.warm_start = warm_start
 
+    @all_or_nothing
     def fit(self, X, y):
         self._check_model()
         device = self._check_common_params()
@@ -391,6 +393,7 @@ class StackedAutoencoder(
         self.tol = tol
         self.warm_start = warm_start
 
+    @all_or_nothing
     def fit(self, X, y=None):
         device = self._check_common_params()
         sizes = _checks.widths("sizes", self.sizes, empty=True)
@@ -609,6 +612,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    @all_or_nothing
     def fit(self, X, y=None):
         n_clusters = _checks.positive_int("n_clusters", self.n_clusters)
         refine_epochs = _nonnegative_int("refine_epochs", self.refine_epochs)

@@ -11,14 +11,16 @@ Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise
 with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
 seed from ``random_state`` in ``fit`` without touching torch's global generator, stop early
 on held-out rows (``early_stopping=True``, as scikit-learn's MLP), train on from their
-fitted weights (``warm_start=True``; ``partial_fit`` one epoch a call), and
-pickle to CPU tensors (an unpickled estimator predicts on the CPU when CUDA is missing).
+fitted weights (``warm_start=True``; ``partial_fit`` one epoch a call), fit all or nothing
+(a fit that raises leaves the estimator as it was), and pickle to CPU tensors (an unpickled
+estimator predicts on the CPU when CUDA is missing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import numbers
 
 import numpy as np
@@ -141,6 +143,28 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=devices):
         seed_torch(seed)
         yield
+
+
+def all_or_nothing(fit_method):
+    """``fit_method`` made atomic: if it raises (a bad X or y, a diverging loss, Ctrl-C), the
+    estimator's attributes are put back as they were, so a fitted estimator keeps predicting
+    as before and an unfitted one stays unfitted. The fitted objects are replaced, never
+    changed in place, by fitting; the random streams that are drawn in place are copied."""
+
+    @functools.wraps(fit_method)
+    def atomic(self, *args, **kwargs):
+        before = {
+            name: copy.deepcopy(value) if isinstance(value, np.random.RandomState) else value
+            for name, value in vars(self).items()
+        }
+        try:
+            return fit_method(self, *args, **kwargs)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(before)
+            raise
+
+    return atomic
 
 
 def _graphs_possible(device: torch.device) -> bool:
@@ -563,7 +587,7 @@ class ModelChoiceMixin:
 
     def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
         """As the autoencoder's; a VAE's anomaly score (``_vae_score``) above its minimum."""
-        if self.model == "autoencoder":
+        if not isinstance(self.module_, VAE):
             return super()._reconstruction_error(x)
         kind = self._vae_score()
         if self.loss_ != "bce":
@@ -635,8 +659,7 @@ class _AutoencoderEstimator(
         self.warm_start = warm_start
 
     def _fit_autoencoder(self, X, partial: bool = False) -> np.ndarray:
-        """Validate, scale, build and train ``module_``; returns the validated X. Parameters
-        are checked before X, so a bad one leaves the estimator as it was. Under
+        """Validate, scale, build and train ``module_``; returns the validated X. Under
         ``warm_start`` (or ``partial``: one epoch, Adam's state kept between calls) a fitted
         estimator trains on from its weights, with its scaler and loss."""
         self._check_model()
@@ -773,11 +796,13 @@ class AutoencoderTransformer(
         train_seconds_, n_features_in_, feature_names_in_ (when X has string column names).
     """
 
+    @all_or_nothing
     def fit(self, X, y=None):
         self._fit_autoencoder(X)
         self._n_features_out = code_width(self.module_)
         return self
 
+    @all_or_nothing
     def partial_fit(self, X, y=None):
         """One epoch of Adam on X (in minibatches of ``batch_size``), from the fitted weights
         if any: out-of-core training, chunk by chunk, as ``IncrementalPCA.partial_fit``.
@@ -823,6 +848,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         decision_scores_: anomaly score of each training sample (= -score_samples).
         threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
         labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
+    and anomaly_score_: the score fitted ("elbo" or "reconstruction"), which predictions use
+    until the next fit, whatever ``anomaly_score`` is set to meanwhile.
     ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, and
     ``predict_confidence(X)`` says how sure each prediction is, as PyOD's;
     ``feature_scores(X)`` splits each score over the input features.
@@ -907,9 +934,11 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             raise ValueError(f"anomaly_score must be None or one of {SCORES}, got {kind!r}")
         if kind == "elbo" and self.model == "autoencoder":
             raise ValueError("anomaly_score='elbo' needs model='vae'")
+        self.anomaly_score_ = kind or ("elbo" if self.model == "vae" else "reconstruction")
 
     def _vae_score(self) -> str:
-        return self.anomaly_score or "elbo"
+        """The fitted score kind, whatever ``anomaly_score`` says now (until the next fit)."""
+        return self.anomaly_score_
 
     def _anomaly_scores(self, X: np.ndarray) -> np.ndarray:
         """Anomaly score of validated X: the reconstruction error of X scaled without
@@ -920,11 +949,13 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0)).sum(1)
         return scores
 
+    @all_or_nothing
     def fit(self, X, y=None):
         self._check_model_params()
         self._set_threshold(self._fit_autoencoder(X))
         return self
 
+    @all_or_nothing
     def partial_fit(self, X, y=None):
         """One epoch of Adam on X from the fitted weights, as
         :meth:`AutoencoderTransformer.partial_fit` (Adam's moments carried between calls, the

@@ -592,6 +592,14 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
     np.testing.assert_array_equal(use(model, x), before)
     with pytest.raises(ValueError, match="3 features"):
         use(model, x[:, :3])
+    # failures found after X is read: a single class, a hold-out that leaves no row
+    model.set_params(lr=1e-3, early_stopping=not supervised)
+    fitted = dict(vars(model))
+    with pytest.raises(ValueError, match="1 class|holds out 1 of X's 1 sample"):
+        model.fit(x[:1, :3], y[:1]) if supervised else model.fit(x[:1, :3])
+    assert vars(model).keys() == fitted.keys()
+    assert all(vars(model)[name] is value for name, value in fitted.items())
+    np.testing.assert_array_equal(use(model, x), before)
 
 
 @pytest.mark.cuda

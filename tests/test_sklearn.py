@@ -206,6 +206,88 @@ def test_bad_parameters_name_themselves(digits):
     assert not hasattr(graphed, "module_")  # refused before anything was fitted
 
 
+def _detector_vae(**params):
+    return AutoencoderOutlierDetector(3, model="vae", hidden=8, **params)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **params: AutoencoderTransformer(3, **params),
+        lambda **params: AutoencoderOutlierDetector(3, **params),
+        _detector_vae,
+    ],
+    ids=["transformer", "detector", "detector-vae"],
+)
+def test_a_fit_that_raises_leaves_the_estimator_as_it_was(make, digits, monkeypatch):
+    """Failures found only after X is read (the hold-out, BCE's range, a diverging or
+    interrupted training) leave every attribute as before the fit: an unfitted estimator
+    stays unfitted, a fitted one predicts as it did, and partial_fit's stream of seeds is
+    not advanced."""
+    x = digits[0][:80]
+    model = make(epochs=1, random_state=0, device="cpu", early_stopping=True)
+    with pytest.raises(ValueError, match="early_stopping holds out 1 of X's 1 sample"):
+        model.fit(x[:1])
+    assert not any(name.endswith("_") for name in vars(model))
+    with pytest.raises(sklearn_exceptions.NotFittedError):
+        model.score_samples(x)
+    model.set_params(early_stopping=False).fit(x)
+    fitted, scores = dict(vars(model)), model.score_samples(x)
+
+    def unchanged():
+        assert vars(model).keys() == fitted.keys()
+        assert all(vars(model)[name] is value for name, value in fitted.items())
+        np.testing.assert_array_equal(model.score_samples(x), scores)
+
+    for change, data in [({"early_stopping": True}, x[:1]), ({"scale": None}, x * 16)]:
+        model.set_params(**change, loss="bce")
+        with pytest.raises(ValueError, match="early_stopping holds out|inputs in \\[0, 1\\]"):
+            model.fit(data)
+        model.set_params(early_stopping=False, scale="standard", loss="auto")
+        unchanged()
+
+    def interrupted(module, *args, **kwargs):
+        with torch.no_grad():
+            next(module.parameters()).add_(1.0)  # training had begun
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fastae.sklearn, "fit", interrupted)
+        for method in (model.fit, model.partial_fit):
+            with pytest.raises(KeyboardInterrupt):
+                method(x)
+            unchanged()
+    # partial_fit's seeds: a failed call in between draws none of them
+    model.partial_fit(x)
+    twin = copy.deepcopy(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(fastae.sklearn, "fit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            model.partial_fit(x)
+    np.testing.assert_array_equal(
+        model.partial_fit(x).score_samples(x), twin.partial_fit(x).score_samples(x)
+    )
+
+
+def test_predictions_follow_the_fitted_model_not_later_parameters(digits):
+    """set_params without a refit changes nothing a fitted estimator predicts."""
+    x = digits[0][:80]
+    detector = AutoencoderOutlierDetector(3, epochs=1, random_state=0, device="cpu").fit(x)
+    assert detector.anomaly_score_ == "reconstruction"
+    scores = detector.score_samples(x)
+    np.testing.assert_array_equal(detector.set_params(model="vae").score_samples(x), scores)
+    vae = _detector_vae(epochs=1, random_state=0, device="cpu").fit(x)
+    assert vae.anomaly_score_ == "elbo"
+    scores, labels = vae.score_samples(x), vae.predict(x)
+    for kind in ("reconstruction", "bogus"):
+        vae.set_params(anomaly_score=kind)
+        np.testing.assert_array_equal(vae.score_samples(x), scores)
+        np.testing.assert_array_equal(vae.predict(x), labels)
+    vae.set_params(anomaly_score="reconstruction").fit(x)
+    assert vae.anomaly_score_ == "reconstruction"
+    assert not np.array_equal(vae.score_samples(x), scores)
+
+
 def test_pickle_and_clone(digits):
     x, _ = digits
     model = AutoencoderTransformer(6, noise=fastae.GaussianNoise(0.1), epochs=2, random_state=0)
@@ -505,8 +587,11 @@ def test_vae_detector_finds_the_held_out_digit(digits):
     with torch.no_grad():
         kl = fastae.reference.gaussian_kl(mu, logvar).numpy()
     assert np.all(kl >= 0)
-    detector.set_params(anomaly_score="reconstruction")
-    np.testing.assert_allclose(-scores, -detector.score_samples(test) + kl, rtol=1e-4)
+    # refit (the score kind is fitted): the same weights, scored by reconstruction alone
+    refit = clone(detector).set_params(anomaly_score="reconstruction").fit(normal)
+    for name, value in detector.module_.state_dict().items():
+        torch.testing.assert_close(refit.module_.state_dict()[name], value, rtol=0, atol=0)
+    np.testing.assert_allclose(-scores, -refit.score_samples(test) + kl, rtol=1e-4)
 
 
 def test_vae_detector_arguments(digits):
