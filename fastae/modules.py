@@ -506,6 +506,22 @@ class StackModule(nn.Module):
         super().__init__()
         if not layers:
             raise ValueError("StackModule needs at least one layer")
+        for k, layer in enumerate(layers):
+            if not isinstance(layer, Autoencoder):
+                raise TypeError(
+                    f"layers[{k}] must be a fastae.Autoencoder, got {type(layer).__name__}"
+                )
+            if k and layer.in_features != layers[k - 1].hidden_features:
+                raise ValueError(
+                    f"layers[{k}] takes {layer.in_features} features, but layers[{k - 1}] "
+                    f"gives {layers[k - 1].hidden_features} codes"
+                )
+            first, this = layers[0].weight, layer.weight
+            if (this.dtype, this.device) != (first.dtype, first.device):
+                raise ValueError(
+                    f"layers[{k}] is {this.dtype} on {this.device}, but layers[0] is "
+                    f"{first.dtype} on {first.device}: one dtype and device for the stack"
+                )
         self.layers = nn.ModuleList(layers)
 
     @property

@@ -206,21 +206,33 @@ class _Progress:
 @contextlib.contextmanager
 def _targets_checked_once(model: nn.Module, tensors: list):
     """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
-    without the per-step check (a device sync each step)."""
+    without the per-step check (a device sync each step); yields whether it paused it."""
     module = _unwrap(model)
     if not (getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"):
-        yield
+        yield False
         return
     if not all(isinstance(t, torch.Tensor) for t in tensors):
-        yield
+        yield False
         return
     for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
         check_unit_interval(name, tensor)
     module.check_targets = False
     try:
-        yield
+        yield True
     finally:
         module.check_targets = True
+
+
+@contextlib.contextmanager
+def _targets_resumed(model: nn.Module):
+    """The target check :func:`_targets_checked_once` paused, back on for a while: the
+    callback sees (and may save or copy) the model as the caller set it."""
+    module = _unwrap(model)
+    module.check_targets = True
+    try:
+        yield
+    finally:
+        module.check_targets = False
 
 
 def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
@@ -285,6 +297,9 @@ class LossNotFinite(FloatingPointError):
             f"the {which} loss is {loss} in epoch {epoch}: training diverged (try a lower lr "
             f"or max_grad_norm) or the data holds NaN or inf; {kept}"
         )
+
+    def __reduce__(self):  # pickles (from a worker process) with all its fields
+        return type(self), (self.which, self.epoch, self.loss, self.history, self.restored_epoch)
 
 
 def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
@@ -409,6 +424,12 @@ def fit(
         max_grad_norm = _checks.finite_number("max_grad_norm", max_grad_norm, low=0, open_low=True)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
@@ -450,6 +471,11 @@ def fit(
     # every step through the graphed step: it runs eagerly until it captures
     step = GraphedStep(model, optimizer, max_grad_norm=max_grad_norm) if cuda_graph else None
     trained = [p for p in model.parameters() if p.requires_grad]
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in stepped for p in trained):
+        raise ValueError(
+            "optimizer steps none of model's trainable parameters: build it on model.parameters()"
+        )
     scheduler = _scheduler(scheduler, optimizer, cuda_graph)
 
     history = History()
@@ -470,7 +496,7 @@ def fit(
     given = [d for d in (data, validation_data) if d is not None]
     given = [_as_tensor("data", d, like) if isinstance(d, np.ndarray) else d for d in given]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_targets_checked_once(model, given))
+        paused = stack.enter_context(_targets_checked_once(model, given))
         # after the data's checks: data refused shows no progress bar
         bar = _Progress(epochs, progress and rank == 0, type(model).__name__)
         stack.callback(bar.close)
@@ -478,7 +504,8 @@ def fit(
             model.train()
             if isinstance(getattr(train, "sampler", None), DistributedSampler):
                 train.sampler.set_epoch(epoch)
-            total, count = torch.zeros((), device=like.device), 0  # one sync per epoch
+            # one sync per epoch; a float64 sum keeps a float64 model's loss exact
+            total, count = torch.zeros((), dtype=torch.float64, device=like.device), 0
             history.lr.append(float(optimizer.param_groups[0]["lr"]))
             for batch in train:
                 x = _on_device(batch, like.device)
@@ -491,7 +518,7 @@ def fit(
                     if max_grad_norm is not None:
                         clip_grad_norm_(trained, max_grad_norm)
                     optimizer.step()
-                total.add_(loss.detach(), alpha=x.shape[0])  # one kernel, float32 sum
+                total.add_(loss.detach(), alpha=x.shape[0])  # one kernel
                 count += x.shape[0]
             history.loss.append(_global_mean("data", total, count, parallel))
             check_finite(history.loss[-1], "training", epoch)
@@ -515,7 +542,9 @@ def fit(
                 waited += 1
                 stop = waited >= patience
             if callback is not None:
-                stop = _asked_to_stop(callback(epoch + 1, history), like.device, parallel) or stop
+                with _targets_resumed(model) if paused else contextlib.nullcontext():
+                    answer = callback(epoch + 1, history)
+                stop = _asked_to_stop(answer, like.device, parallel) or stop
             if stop:
                 history.stopped_early = True
                 break

@@ -1,6 +1,7 @@
 """Bad input raises ValueError or TypeError whose message names the argument."""
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastae
 from fastae import ops
+from fastae.modules import StackModule
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 
 
@@ -400,6 +402,43 @@ def test_fit_needs_a_model_with_parameters():
     partly = fastae.Autoencoder(5, 3)
     partly.weight.requires_grad_(False)  # the biases still train
     assert len(fastae.fit(partly, torch.rand(6, 5), epochs=1, progress=False).loss) == 1
+
+
+def test_fit_checks_its_model_and_optimizer():
+    """A model that is no module, an optimizer that is none (a name, a class) or that steps
+    another model's parameters (training would change nothing) are refused, by name."""
+    model, data = fastae.Autoencoder(5, 3), torch.rand(6, 5)
+    with pytest.raises(TypeError, match=names("model") + " must be a torch.nn.Module"):
+        fastae.fit(lambda x: x, data, epochs=1, progress=False)
+    for optimizer in ("adam", torch.optim.Adam):
+        with pytest.raises(TypeError, match=names("optimizer") + " must be a torch.optim"):
+            fastae.fit(model, data, epochs=1, optimizer=optimizer, progress=False)
+    elsewhere = torch.optim.Adam(fastae.Autoencoder(5, 3).parameters())
+    with pytest.raises(ValueError, match=names("optimizer") + " steps none of model's"):
+        fastae.fit(model, data, epochs=1, optimizer=elsewhere, progress=False)
+    biases = torch.optim.Adam([model.bias])  # some of them: the caller's choice
+    before = model.weight.detach().clone()
+    fastae.fit(model, data, epochs=1, optimizer=biases, progress=False)
+    assert torch.equal(model.weight, before)
+
+
+def test_loss_not_finite_pickles_with_its_fields():
+    """A fit that diverges in a worker process reaches the parent as itself."""
+    history = fastae.History(loss=[1.0, math.nan])
+    error = pickle.loads(pickle.dumps(fastae.LossNotFinite("training", 2, math.nan, history, 1)))
+    assert (error.which, error.epoch, error.restored_epoch) == ("training", 2, 1)
+    assert error.history.loss[0] == 1.0 and math.isnan(error.loss)
+    assert "back at the weights of epoch 1" in str(error)
+
+
+def test_stack_module_checks_its_layers():
+    Autoencoder = fastae.Autoencoder
+    with pytest.raises(ValueError, match=r"^layers\[1\] takes 5 features, but"):
+        StackModule([Autoencoder(6, 4), Autoencoder(5, 3)])
+    with pytest.raises(TypeError, match=r"^layers\[1\] must be a fastae.Autoencoder"):
+        StackModule([Autoencoder(6, 4), torch.nn.Linear(4, 3)])
+    with pytest.raises(ValueError, match=r"^layers\[1\] is torch.float64"):
+        StackModule([Autoencoder(6, 4), Autoencoder(4, 3).double()])
 
 
 def test_fit_needs_a_forward_that_returns_a_loss():

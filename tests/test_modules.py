@@ -600,6 +600,33 @@ def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
         fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
 
 
+def test_fit_callback_sees_the_model_as_given():
+    """fit checks a BCE model's tensor data once and pauses the per-step target check; a
+    callback (which may save or copy the model) sees the check as the caller set it."""
+    model, seen = new_model(), []
+    fastae.fit(
+        model, small_problem(), epochs=2, progress=False,
+        callback=lambda *_: seen.append(copy.deepcopy(model).check_targets),
+    )  # fmt: skip
+    assert seen == [True, True] and model.check_targets
+    unchecked, seen = new_model(check_targets=False), []
+    callback = lambda *_: seen.append(unchecked.check_targets)  # noqa: E731
+    fastae.fit(unchecked, small_problem(), epochs=1, progress=False, callback=callback)
+    assert seen == [False] and not unchecked.check_targets
+
+
+def test_fit_records_a_float64_models_loss_in_float64():
+    model = new_model().double()
+    data = small_problem().double()
+    still = torch.optim.SGD(model.parameters(), lr=0.0)
+    history = fastae.fit(
+        model, data, epochs=1, batch_size=32, optimizer=still, shuffle=False, progress=False
+    )
+    with torch.no_grad():
+        exact = float(model(data).per_sample.mean())
+    assert history.loss == [pytest.approx(exact, rel=1e-13)]
+
+
 def test_fit_validation_loss_is_clean_eval_loss():
     data, val = small_problem(), small_problem(32)
     model = new_model(noise=fastae.MaskingNoise(0.5))
