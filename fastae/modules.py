@@ -160,7 +160,8 @@ class Autoencoder(nn.Module):
         sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
         contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
-            ``fastae.fit`` checks its data once and skips the per-step check).
+            ``fastae.fit`` checks its data once and skips the per-step check; a
+            ``torch.compile`` graph skips it too).
         sync_statistics: under torch.distributed, in training mode, all-reduce the sparsity
             column sums so the KL penalty sees the mean activation of the global batch (like
             SyncBatchNorm, which also syncs in training mode only: in eval mode each process

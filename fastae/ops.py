@@ -859,7 +859,9 @@ def decode_loss(
         return_reconstruction: also return x^ (B, d), computed in the same pass (no second
             GEMM); it carries no gradient.
         check_target: for BCE, check that the target lies in [0, 1] (a device-to-host sync
-            on GPUs; ``fastae.fit`` checks its data once and turns this off per step).
+            on GPUs; ``fastae.fit`` checks its data once and turns this off per step). Not
+            inside a ``torch.compile`` graph, which cannot raise on values: check the data
+            before compiled steps.
 
     Where no input requires a gradient (scoring or validation under ``torch.no_grad``),
     d ell / d z^ (B, d), which backward would need, is neither computed nor stored.
@@ -872,6 +874,10 @@ def decode_loss(
     _checks.rows("h", h)
     h, weight, bias, target = _autocast(h.device, h, weight, bias, target)
     weight, bias = _check_layer(h, weight, bias, "h")
+    if h.shape[1] == 0:
+        raise ValueError(
+            f"h must have at least one column (one code unit), got shape {tuple(h.shape)}"
+        )
     target = _checks.tensor("target", target, 2)
     _checks.same_kind("target", target, "h", h)
     if tuple(target.shape) != (h.shape[0], weight.shape[0]):

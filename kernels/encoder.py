@@ -480,9 +480,11 @@ def encode_backward(
     if backward_fusion(batch, features, hidden, x.dtype, noise_kind) == "split":
         x_tilde = noise_kernels.corrupt(x, noise_kind, level, low, high, seed)
         if has_grad_jac:
-            # dW = dz^T x~ + (2/B) g_jac c_j W_j: the (2/B) is addmm's beta
-            contractive = (weight * (stats[0] * grad_jac).unsqueeze(1)).to(weight.dtype)
-            grad_weight = torch.addmm(contractive, dz.t(), x_tilde, beta=2.0 / batch)
+            # dW = dz^T x~ + (2/B) g_jac c_j W_j, scaled in fp32 before the cast (c_j <= B
+            # would overflow float16 unscaled)
+            coef = stats[0] * (grad_jac * (2.0 / batch))
+            contractive = (weight * coef.unsqueeze(1)).to(weight.dtype)
+            grad_weight = torch.addmm(contractive, dz.t(), x_tilde)
         else:
             grad_weight = dz.t() @ x_tilde
         grad_bias = part_db[:n_parts].sum(0).to(weight.dtype)

@@ -241,6 +241,26 @@ def test_split_boundary_matches_reference(activation, features, monkeypatch):
     _assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_float16_contractive_gradient_under_a_loss_scale(fusion, monkeypatch):
+    """dW's contractive term (2/B) g_jac c_j W_j, with c_j up to B (ReLU units all on) and a
+    GradScaler-sized g_jac: finite on both boundaries, as the reference's."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 5, generator=gen).half().to(DEVICE)
+    weight = torch.rand(3, 5, generator=gen).half().to(DEVICE).requires_grad_()
+    bias = torch.ones(3, dtype=torch.float16, device=DEVICE)
+    grads = {}
+    for name in ("reference", "triton"):
+        with fastae.use_backend(name):
+            _, _, jac = ops.encode(x, weight, bias, activation="relu")
+            (grads[name],) = torch.autograd.grad(5000.0 * jac, weight)
+    exact = 5000.0 * 2.0 * weight.detach().double()  # (2/B) c_j with c_j = B
+    assert torch.isfinite(grads["triton"]).all()
+    torch.testing.assert_close(grads["triton"].double(), exact, rtol=2e-3, atol=0)
+    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=2e-3, atol=0)
+
+
 def test_fusion_choice_is_validated(monkeypatch):
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", "fastest")
     with pytest.raises(ValueError, match="FASTAE_ENCODER_FUSION"):

@@ -254,6 +254,14 @@ def test_empty_batch_is_a_clear_error():
 def test_a_layer_without_hidden_units_is_a_clear_error(backend):
     with fastae.use_backend(backend), pytest.raises(ValueError, match="weight must have at least"):
         fastae.ops.encode(_data(4), torch.rand(0, 24, device=DEVICE))
+    # a code without units: refused as well (the fused backward would leave dc unwritten)
+    code, target = torch.rand(4, 0, device=DEVICE), torch.rand(4, 16, device=DEVICE)
+    weight = torch.rand(16, 0, device=DEVICE)
+    with (
+        fastae.use_backend(backend),
+        pytest.raises(ValueError, match="^h must have at least one col"),
+    ):
+        fastae.ops.decode_loss(code, weight, torch.rand(16, device=DEVICE), target=target)
 
 
 @pytest.mark.parametrize("rho_hat_value", [0.0, 1.0])
