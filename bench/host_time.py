@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size", default="8x16x16", help="BATCHxINPUTSxHIDDEN (d, H multiples of 16: fused GEMMs)"
     )
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=300, help="calls per round")
+    parser.add_argument("--rounds", type=fb.positive_int, default=7)
+    parser.add_argument("--calls", type=fb.positive_int, default=300, help="calls per round")
     parser.add_argument(
         "--routes", action="store_true", help="a training step's three paths, taking turns"
     )

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         "--size", default="8x16x16", help="BATCHxINPUTSxHIDDEN (d, H multiples of 16: fused GEMMs)"
     )
     parser.add_argument("--dtype", default="bf16", choices=tuple(fb.DTYPES))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=200, help="calls per round")
+    parser.add_argument("--rounds", type=fb.positive_int, default=7)
+    parser.add_argument("--calls", type=fb.positive_int, default=200, help="calls per round")
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)

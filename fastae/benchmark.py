@@ -170,14 +170,41 @@ def parse_sizes(text: str) -> list[Size]:
 
 def parse_list(text: str, options: Sequence[str], what: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"{what} must name at least one of {tuple(options)}, got {text!r}")
     for name in names:
         if name not in options:
             raise ValueError(f"{what} must be among {tuple(options)}, got {name!r}")
     return names
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(text: str | None) -> str:
+    """``--device``: "cpu" (any CPU index) or a CUDA device as torch spells it; None, the
+    default device."""
+    if text is None:
+        return default_device()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"device must be cpu or cuda[:N], got {text!r}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {text!r}")
+    return "cpu" if device.type == "cpu" else str(device)
 
 
 def default_sizes(device: str) -> str:
@@ -1088,7 +1115,9 @@ def measure(
         record = bench.info()
         record.update(figures(bench))
         records.append(record)
-    count = rounds or min(rounds_for(s, benches[0].device.type) for s in seconds)
+    if rounds is None:
+        rounds = min(rounds_for(s, benches[0].device.type) for s in seconds)
+    count = rounds
     times: list[list[float]] = [[] for _ in benches]
     for _ in range(count):
         for bench, calls in zip(benches, times, strict=True):
@@ -1136,12 +1165,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or default_device()
     try:
+        device = parse_device(args.device)
+        on_cpu = device == "cpu"
         cases = parse_list(args.cases, CASES, "cases")
         providers = parse_list(args.providers, ALL_PROVIDERS, "providers")
-        dtypes = parse_list(args.dtype or ("fp32" if device == "cpu" else "tf32"), DTYPES, "dtype")
-        sizes = parse_sizes(args.size or ("256x784x1024" if device == "cpu" else "4096x784x1024"))
+        dtype_text = args.dtype if args.dtype is not None else ("fp32" if on_cpu else "tf32")
+        dtypes = parse_list(dtype_text, DTYPES, "dtype")
+        size_text = (
+            args.size if args.size is not None else ("256x784x1024" if on_cpu else "4096x784x1024")
+        )
+        sizes = parse_sizes(size_text)
+        if args.rounds is not None and args.rounds < 1:
+            raise ValueError(f"rounds must be a positive int, got {args.rounds}")
+        if "deep" in cases:
+            for size in sizes:
+                baselines.deep_sizes(size.hidden)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,11 +6,14 @@ import torch
 
 
 def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8x8 digits (1797 x 64) scaled to [0, 1], and their labels. Needs scikit-learn."""
+    """The 8x8 digits (1797 x 64) scaled to [0, 1] in ``dtype`` (a floating-point torch
+    dtype), and their labels. Needs scikit-learn."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as error:
         raise ImportError("load_digits needs scikit-learn: pip install 'fastae[apps]'") from error
     bunch = _load()
-    x = torch.as_tensor(bunch.data, dtype=dtype) / 16.0
+    x = torch.as_tensor(bunch.data / 16.0, dtype=dtype)
     return x, torch.as_tensor(bunch.target)

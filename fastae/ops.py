@@ -334,6 +334,20 @@ def _check_input(x: object) -> Tensor:
     return x
 
 
+def _noise_params(noise: Noise, x: Tensor) -> tuple[str, float, float, float]:
+    """``noise.params()``, with salt-and-pepper's fill values checked to fit x's dtype."""
+    kind, level, low, high = noise.params()
+    if kind == "salt_pepper" and x.dtype.is_floating_point:
+        largest = torch.finfo(x.dtype).max
+        for name, value in (("low", low), ("high", high)):
+            if abs(value) > largest:
+                raise ValueError(
+                    f"noise's {name}={value!r} is beyond {x.dtype}'s range (largest "
+                    f"magnitude {largest:.6g}): x would be filled with inf"
+                )
+    return kind, level, low, high
+
+
 def corrupt(x: Tensor, noise: Noise) -> Tensor:
     """Corrupted copy of ``x`` (B, d). ``noise.seed=None`` draws a seed from torch's generator.
 
@@ -343,7 +357,7 @@ def corrupt(x: Tensor, noise: Noise) -> Tensor:
     if noise is None:
         raise TypeError("noise must be GaussianNoise, MaskingNoise or SaltPepperNoise, got None")
     noise = check_noise(noise)
-    kind, level, low, high = noise.params()
+    kind, level, low, high = _noise_params(noise, x)
     name = _backend_for("corrupt", "noise", x.device)
     return _corrupt(x, kind, level, low, high, _seed_tensor(noise.seed, name, x.device), name)
 
@@ -569,7 +583,7 @@ def _encode_args(x, weight, bias, activation, noise, statistics) -> tuple:
     if noise is None:
         kind, level, low, high = "none", 0.0, 0.0, 0.0
     else:
-        kind, level, low, high = noise.params()
+        kind, level, low, high = _noise_params(noise, x)
     name = _backend_for("encode", "encoder", x.device)
     seed = _NO_NOISE_SEED
     if kind != "none" and corrupted_input_mode() == "store":

@@ -55,6 +55,48 @@ def test_prints_ratio_table(bench_run):
         assert row.split()[7].endswith("x")  # e.g. "0.85x"
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--rounds", "0"], "rounds must be a positive int, got 0"),
+        (["--rounds", "-1"], "rounds must be a positive int, got -1"),
+        (["--cases", ""], "cases must name at least one of"),
+        (["--providers", ","], "providers must name at least one of"),
+        (["--dtype", ""], "dtype must name at least one of"),
+        (["--size", ""], "size"),
+        (["--device", "CPU"], "device must be cpu or cuda"),
+        (["--device", "mps"], "device must be cpu or cuda"),
+        (["--cases", "deep", "--size", "8x8x2"], "H must be at least 4, got 2"),
+    ],
+)
+def test_bad_options_are_errors_before_any_timing(options, message, monkeypatch):
+    monkeypatch.setattr(fb, "measure", lambda *args: pytest.fail("measured"))
+    argv = ["bench", "--device", "cpu", "--cases", "plain", "--size", "8x8x8", *options]
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        assert cli.main(argv) == 2
+    assert stderr.getvalue().startswith("error: ") and message in stderr.getvalue()
+
+
+def test_a_cpu_index_is_the_cpu(monkeypatch):
+    """``--device cpu:0`` takes the CPU's defaults (fp32, 256x784x1024), not CUDA's."""
+    seen = []
+    monkeypatch.setattr(fb, "measure", lambda *args: seen.append(args[2:5]) or [])
+    monkeypatch.setattr(fb, "ratio_table", lambda records: "")
+    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        assert cli.main(["bench", "--device", "cpu:0", "--cases", "plain"]) == 0
+    assert seen == [(fb.Size(256, 784, 1024), "fp32", "cpu")]
+    assert fb.parse_device("cuda:1") == "cuda:1" and fb.parse_device("cpu:3") == "cpu"
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "1.5", "x"])
+def test_the_scripts_counts_are_positive_ints(text):
+    """bench/host_time.py and bench/launch_time.py take --rounds and --calls by this type."""
+    assert fb.positive_int("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match=f"must be a positive int, got '{text}'"):
+        fb.positive_int(text)
+
+
 def test_timed_calls_alternate_between_providers(monkeypatch):
     """The providers of a case take turns, one timed call each per round."""
     order = []

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastae
 from fastae import ops
+from fastae.data import load_digits
 from fastae.modules import StackModule
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
 
@@ -439,6 +440,27 @@ def test_stack_module_checks_its_layers():
         StackModule([Autoencoder(6, 4), torch.nn.Linear(4, 3)])
     with pytest.raises(ValueError, match=r"^layers\[1\] is torch.float64"):
         StackModule([Autoencoder(6, 4), Autoencoder(4, 3).double()])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend):
+    """float16 would turn low=-1e6 into -inf: refused, naming the value, for corrupt and for
+    encode; values within range fill as given."""
+    x = torch.rand(4, 6, dtype=torch.float16)
+    weight = torch.rand(3, 6, dtype=torch.float16)
+    with fastae.use_backend(backend):
+        with pytest.raises(ValueError, match="^noise's low=-1000000.0 is beyond torch.float16"):
+            ops.corrupt(x, SaltPepperNoise(0.9, low=-1e6, high=1.0, seed=1))
+        with pytest.raises(ValueError, match="^noise's high=100000.0 is beyond torch.float16"):
+            ops.encode(x, weight, noise=SaltPepperNoise(0.9, low=0.0, high=1e5, seed=1))
+        filled = ops.corrupt(x, SaltPepperNoise(0.9, low=-6e4, high=6e4, seed=1))
+    assert set(filled[filled.abs() > 1].tolist()) <= {-6e4, 6e4} and filled.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"])
+def test_load_digits_needs_a_floating_point_dtype(dtype):
+    with pytest.raises(TypeError, match="^dtype must be a floating-point torch.dtype"):
+        load_digits(dtype)
 
 
 def test_fit_needs_a_forward_that_returns_a_loss():
