@@ -53,14 +53,20 @@ class GraphedStep:
     - learning rates and other optimizer settings are read at capture: later changes to
       ``param_groups`` do not reach the graph, nor do those to the model's Python settings
       that its forward reads (a VAE's ``beta``, a sparsity or contractive weight); a step
-      in the other train/eval mode than the capture's runs eagerly.
+      in the other train/eval mode than the capture's runs eagerly (before the capture, a
+      change of mode starts the warm-ups again: they and the capture share one mode);
+    - parameters or optimizer state replaced after the capture (``model.to(...)``,
+      ``.double()``, ``optimizer.load_state_dict``) drop the graph: the next calls warm up
+      and capture afresh (``model.load_state_dict`` copies into the same memory and keeps
+      it).
 
     The capture is thread-local (``capture_error_mode="thread_local"``): another thread's
     CUDA calls, such as a ``DataLoader(pin_memory=True)`` pinning the next batches, do not
     break it.
 
     The returned loss is a tensor the next replay overwrites (``.item()`` it, or clone it to
-    keep it); after a graphed step the parameters' ``.grad`` hold that step's gradients.
+    keep it); after a graphed step the parameters' ``.grad`` hold that step's gradients
+    (also after an ``optimizer.zero_grad()`` in between).
     """
 
     def __init__(
@@ -101,14 +107,17 @@ class GraphedStep:
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
         self.max_grad_norm = max_grad_norm
         self.device = _cuda_device([*model.parameters(), *model.buffers()])
-        self.calls = 0  # calls at the graphed shape so far
+        self.calls = 0  # warm-ups and capture done at the graphed shape (replays: below)
         self.replays = 0  # steps run from the graph (the captured batch's own included)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[int, ...] | None = None  # the graphed batch shape
         self._static_input: Tensor | None = None
         self._static_loss: Tensor | None = None
         self._stream: torch.cuda.Stream | None = None
-        self._training: bool | None = None  # the model's mode at capture
+        self._training: bool | None = None  # the model's mode in the warm-ups and capture
+        self._static_grads: list[Tensor | None] = []  # the gradients a replay writes
+        self._captured_pointers: list[int] = []  # the parameters' memory at capture
+        self._captured_state: dict | None = None  # the optimizer's state at capture
 
     @property
     def graphed(self) -> bool:
@@ -123,26 +132,47 @@ class GraphedStep:
             return self._step(x)
 
     def _step(self, x: Tensor) -> Tensor:
+        if self.graph is not None and not self._graph_is_current():
+            self._drop_graph()
         if self.shape is None:
             self.shape = tuple(x.shape)
-        other_mode = self.graph is not None and self.model.training != self._training
-        if tuple(x.shape) != self.shape or x.dtype != self._dtype() or other_mode:
+        mode = self.model.training
+        if self.graph is None and mode != self._training:
+            self.calls, self._training = 0, mode  # the warm-ups and the capture share a mode
+        if tuple(x.shape) != self.shape or x.dtype != self._dtype() or mode != self._training:
             return self._eager_step(x)
         if self.graph is not None:
             self._static_input.copy_(x.detach())
             self.graph.replay()
             self.replays += 1
+            for p, grad in zip(self.params, self._static_grads, strict=True):
+                p.grad = grad  # what the replay wrote, even after a zero_grad(set_to_none)
             return self._static_loss
-        self.calls += 1
         # warm-up and capture read the batch from the buffer replays copy into: the capture
         # launches the kernels the warm-up compiled (their keys include data-pointer
         # alignment, and a compile or autotune cannot run inside a capture)
         if self._static_input is None:
             self._static_input = torch.empty_like(x)
         self._static_input.copy_(x.detach())
-        if self.calls <= self.warmup:
-            return self._warmup_step(self._static_input)
+        if self.calls < self.warmup:
+            loss = self._warmup_step(self._static_input)
+            self.calls += 1  # once done: a failed warm-up made no optimizer state to capture
+            return loss
         return self._capture(self._static_input)
+
+    def _graph_is_current(self) -> bool:
+        """Whether the graph still works on the parameters' and the optimizer's memory:
+        ``model.to()``, ``.double()`` or ``optimizer.load_state_dict`` replace it, and a
+        replay would write where it no longer is."""
+        if self.optimizer is not None and self.optimizer.state is not self._captured_state:
+            return False
+        pointers = zip(self.params, self._captured_pointers, strict=True)
+        return all(p.data_ptr() == pointer for p, pointer in pointers)
+
+    def _drop_graph(self) -> None:
+        """Forget the graph: the next calls warm up and capture afresh."""
+        self.graph = self._static_input = self._static_loss = self._training = None
+        self.shape, self.calls, self._static_grads = None, 0, []
 
     def _dtype(self) -> torch.dtype:
         return self.params[0].dtype
@@ -178,10 +208,11 @@ class GraphedStep:
             self._stream = torch.cuda.Stream(self.device)
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            loss = self._eager_step(x)
-        current.wait_stream(self._stream)
-        return loss
+        try:
+            with torch.cuda.stream(self._stream):
+                return self._eager_step(x)
+        finally:  # a failed step's queued work done before the next batch is copied in
+            current.wait_stream(self._stream)
 
     def _capture(self, static_input: Tensor) -> Tensor:
         self._check_optimizer_state()
@@ -204,9 +235,13 @@ class GraphedStep:
                 "replay unchanged every step; draw them on the GPU (torch's CUDA generator is "
                 "graph-safe) or train this model without a CUDA graph"
             )
-        self.graph, self._static_loss, self._training = graph, static_loss, self.model.training
+        self.graph, self._static_loss = graph, static_loss
+        self._static_grads = [p.grad for p in self.params]
+        self._captured_pointers = [p.data_ptr() for p in self.params]
+        self._captured_state = None if self.optimizer is None else self.optimizer.state
         graph.replay()  # a capture runs nothing: this is the step of this batch
         self.replays += 1
+        self.calls += 1
         return static_loss
 
     def _check_optimizer_state(self) -> None:

@@ -476,7 +476,7 @@ def fit(
         raise ValueError(
             "optimizer steps none of model's trainable parameters: build it on model.parameters()"
         )
-    scheduler = _scheduler(scheduler, optimizer, cuda_graph)
+    scheduler = _scheduler(scheduler, optimizer, cuda_graph, like.device)
 
     history = History()
     best, best_state, waited = math.inf, None, 0
@@ -620,7 +620,7 @@ def default_optimizer(
 _SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, ReduceLROnPlateau)
 
 
-def _scheduler(scheduler, optimizer: torch.optim.Optimizer, cuda_graph: bool):
+def _scheduler(scheduler, optimizer: torch.optim.Optimizer, cuda_graph: bool, device: torch.device):
     """``fit``'s scheduler, checked: ``scheduler`` or what it builds from ``optimizer``."""
     if scheduler is None:
         return None
@@ -642,7 +642,10 @@ def _scheduler(scheduler, optimizer: torch.optim.Optimizer, cuda_graph: bool):
             "scheduler steps another optimizer than the one fit trains with: build it on the "
             "optimizer passed to fit, or pass a callable (optimizer -> scheduler)"
         )
-    if cuda_graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
+    if cuda_graph and not all(
+        isinstance(g["lr"], torch.Tensor) and g["lr"].device == device
+        for g in optimizer.param_groups
+    ):
         raise ValueError(
             "cuda_graph=True with a scheduler needs the optimizer's lr as a tensor on the "
             "model's device (lr=torch.tensor(1e-3, device='cuda')): a CUDA graph replays a "

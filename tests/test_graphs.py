@@ -179,6 +179,95 @@ def test_a_step_in_the_other_mode_runs_eagerly(cpu_graphs):
     assert _FakeGraph.replays == 2
 
 
+def test_warm_ups_count_once_done_and_in_one_mode(cpu_graphs):
+    """A warm-up that raises is not counted (the optimizer state the capture needs is made by
+    a finished one), and a change of mode before the capture starts the warm-ups again: the
+    graph is captured in the mode it was warmed up in."""
+
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.failures = _model(), 2
+
+        def forward(self, x):
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("transient")
+            return self.inner(x)
+
+    model = Flaky()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = GraphedStep(model, optimizer, warmup=2)
+    x = torch.rand(16, 12)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="transient"):
+            step(x)
+    assert step.calls == 0 and not optimizer.state
+    step(x), step(x)
+    assert not step.graphed and len(optimizer.state) == len(list(model.parameters()))
+    model.eval()
+    step(x)  # in eval mode: warm-ups again, no capture yet
+    assert not step.graphed and step.calls == 1 and step._training is False
+    model.train()
+    step(x), step(x)
+    assert not step.graphed  # two train-mode warm-ups
+    step(x)
+    assert step.graphed and step._training is True and _FakeGraph.replays == 1
+
+
+def test_replays_point_grad_at_their_gradients(cpu_graphs):
+    """After zero_grad (grads set to None), a replay's gradients are still in ``.grad``."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = GraphedStep(model, optimizer, warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x)
+    written = [p.grad for p in model.parameters()]
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    step(x)
+    assert _FakeGraph.replays == 2
+    assert all(p.grad is g for p, g in zip(model.parameters(), written, strict=True))
+
+
+@pytest.mark.parametrize("replace", ["model.double", "optimizer.load_state_dict"])
+def test_replaced_memory_drops_the_graph(cpu_graphs, replace):
+    """A replay writes the memory the capture saw: after model.double() or an optimizer's
+    load_state_dict it is gone, so the step warms up and captures afresh."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = GraphedStep(model, optimizer, warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x), step(x)
+    assert step.graphed and _FakeGraph.replays == 2 and len(_FakeGraph.captures) == 1
+    if replace == "model.double":
+        model.double()
+        x = x.double()
+    else:
+        optimizer.load_state_dict(optimizer.state_dict())
+    before = [p.detach().clone() for p in model.parameters()]
+    step(x)  # a warm-up: an eager step that updates the parameters
+    assert not step.graphed and _FakeGraph.replays == 2
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    step(x)
+    assert step.graphed and len(_FakeGraph.captures) == 2 and _FakeGraph.replays == 3
+    model.load_state_dict(model.state_dict())  # copies into the same memory: the graph stays
+    step(x)
+    assert len(_FakeGraph.captures) == 2 and _FakeGraph.replays == 4
+
+
+def test_a_scheduled_lr_must_be_on_the_models_device():
+    """A fused CUDA optimizer reads a CPU lr tensor on the host, once, at capture: refused."""
+    from fastae.training import _scheduler
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    with pytest.raises(ValueError, match="lr as a tensor on the model's device"):
+        _scheduler(scheduler, optimizer, True, torch.device("cuda"))
+    assert _scheduler(scheduler, optimizer, True, torch.device("cpu")) is scheduler
+
+
 def test_optimizer_state_off_the_graphs_device_is_refused(cpu_graphs):
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
