@@ -92,12 +92,7 @@ class GraphedStep:
                 raise TypeError(
                     f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
                 )
-            for group in optimizer.param_groups:
-                if group.get("capturable") is False:
-                    raise ValueError(
-                        f"optimizer must be created with capturable=True to be captured in a "
-                        f"CUDA graph ({type(optimizer).__name__}(..., capturable=True))"
-                    )
+            _check_capturable(optimizer)
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
             raise ValueError(f"warmup must be a positive int, got {warmup!r}")
         if max_grad_norm is not None:
@@ -250,14 +245,30 @@ class GraphedStep:
         and every replay would reuse that value."""
         if self.optimizer is None:
             return
+        _check_capturable(self.optimizer)  # groups added since construction included
         for state in self.optimizer.state.values():
             for name, value in state.items():
+                if isinstance(value, numbers.Number):
+                    raise ValueError(
+                        f"optimizer keeps its state {name!r} as a Python number, which a CUDA "
+                        "graph would update once, at capture: keep it in a tensor on "
+                        f"{self.device}"
+                    )
                 if isinstance(value, Tensor) and value.device != self.device:
                     raise ValueError(
                         f"optimizer keeps its state {name!r} on {value.device}, which a CUDA "
                         f"graph would update once, at capture: use an optimizer whose state is "
                         f"on {self.device} (capturable=True where it has that option)"
                     )
+
+
+def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if group.get("capturable") is False:
+            raise ValueError(
+                f"optimizer must be created with capturable=True to be captured in a "
+                f"CUDA graph ({type(optimizer).__name__}(..., capturable=True))"
+            )
 
 
 def _cuda_device(tensors: list[Tensor]) -> torch.device:

@@ -276,6 +276,14 @@ def test_optimizer_state_off_the_graphs_device_is_refused(cpu_graphs):
     optimizer.state[model.weight]["counter"] = torch.zeros((), device="meta")
     with pytest.raises(ValueError, match="optimizer keeps its state 'counter' on meta"):
         step(torch.rand(16, 12))
+    optimizer.state[model.weight]["counter"] = 0
+    with pytest.raises(ValueError, match="optimizer keeps its state 'counter' as a Python num"):
+        step(torch.rand(16, 12))
+    del optimizer.state[model.weight]["counter"]
+    extra = torch.nn.Parameter(torch.zeros(3))
+    optimizer.add_param_group({"params": [extra], "capturable": False})
+    with pytest.raises(ValueError, match="optimizer must be created with capturable=True"):
+        step(torch.rand(16, 12))
 
 
 def test_a_model_on_two_devices_is_refused():
