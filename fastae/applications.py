@@ -182,7 +182,7 @@ class SemiSupervisedAutoencoder(
         contractive: float = 0.0,
         epochs: int = 50,
         batch_size: int = 64,
-        lr: float = 1e-2,
+        lr: float | str = "auto",
         device="auto",
         random_state=None,
         verbose: bool = False,

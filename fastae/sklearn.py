@@ -61,6 +61,8 @@ __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
 SCALES = ("standard", "minmax", None)
 ESTIMATOR_LOSSES = ("auto", "bce", "mse")
 MODELS = ("autoencoder", "vae")  # what the autoencoder estimators train
+# lr="auto": Adam's learning rate for each model
+AUTOENCODER_LR, VAE_LR = 1e-2, 3e-3
 PROBABILITY_METHODS = ("linear", "unify")  # predict_proba, as PyOD's
 # rows per forward pass at predict time (bounds memory on large inputs)
 PREDICT_CHUNK = 8192
@@ -199,7 +201,7 @@ class AutoencoderEstimatorMixin:
         _checks.flag("tied", self.tied)
         _checks.finite_number("contractive", self.contractive, low=0)
         _checks.positive_int("batch_size", self.batch_size)
-        _positive_float("lr", self.lr)
+        self._learning_rate()
         device = resolve_device(self.device)
         if _checks.flag("cuda_graph", self.cuda_graph) and not _graphs_possible(device):
             raise ValueError(
@@ -225,6 +227,9 @@ class AutoencoderEstimatorMixin:
         patience = _checks.positive_int("n_iter_no_change", self.n_iter_no_change)
         tol = _checks.finite_number("tol", self.tol, low=0)
         return {"fraction": fraction, "patience": patience, "tol": tol} if on else {}
+
+    def _learning_rate(self) -> float:
+        return _positive_float("lr", self.lr)
 
     def _draw_seed(self) -> int:
         return int(check_random_state(self.random_state).randint(_SEED_BOUND))
@@ -356,14 +361,15 @@ class AutoencoderEstimatorMixin:
                 data,
                 epochs=epochs,
                 batch_size=batch_size,
-                lr=float(self.lr),
+                lr=self._learning_rate(),
                 seed=seed,
                 **kwargs,
             )
         except LossNotFinite as error:
+            advice = "lower lr" if self.scale else "scale X (scale='standard' or 'minmax')"
             raise ValueError(
                 f"training diverged: the {error.which} loss of epoch {error.epoch} is "
-                f"{error.loss}; scale X (scale='standard' or 'minmax') or lower lr"
+                f"{error.loss}; {advice}"
             ) from error
         module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
         return history
@@ -560,6 +566,13 @@ class ModelChoiceMixin:
             if is_set:
                 raise ValueError(f"{name} applies to model='autoencoder', not model='vae'")
 
+    def _learning_rate(self) -> float:
+        """``lr="auto"``: Adam's rate for the model (a VAE's training diverges at the
+        autoencoder's rate on standardized inputs)."""
+        if isinstance(self.lr, str) and self.lr == "auto":
+            return VAE_LR if self.model == "vae" else AUTOENCODER_LR
+        return super()._learning_rate()
+
     def _activation(self) -> str:
         if self.activation == "auto":
             return "relu" if self.model == "vae" else "sigmoid"
@@ -621,7 +634,7 @@ class _AutoencoderEstimator(
         contractive: float = 0.0,
         epochs: int = 50,
         batch_size: int = 64,
-        lr: float = 1e-2,
+        lr: float | str = "auto",
         device="auto",
         random_state=None,
         verbose: bool = False,
@@ -708,7 +721,9 @@ class _AutoencoderEstimator(
         """Adam on ``layer`` with the moments of the last partial_fit (if any) and the
         settings of now: ``lr``, and fused / capturable for the device and ``cuda_graph``
         (which decide where the loaded step counts go)."""
-        optimizer = default_optimizer(layer, float(self.lr), capturable=bool(self.cuda_graph))
+        optimizer = default_optimizer(
+            layer, self._learning_rate(), capturable=bool(self.cuda_graph)
+        )
         saved = getattr(self, "_optimizer_state", None)
         if saved is not None:
             settings = optimizer.state_dict()["param_groups"]
@@ -743,10 +758,7 @@ class AutoencoderTransformer(
             :class:`fastae.VAE`; takes no ``noise``, ``sparsity``, ``contractive`` or
             ``hidden_layer_sizes``; ``tied`` does not apply): ``transform`` gives its
             posterior means, ``inverse_transform`` decodes them, ``score_samples`` is minus
-            its negative ELBO (above its minimum for BCE, as the reconstruction error). Its
-            codes are steadier at a lower ``lr``: a logistic regression on 16 posterior means
-            of the digits scored 0.55-0.85 over four seeds at lr=1e-2, 0.85-0.86 at 3e-3
-            (20 epochs).
+            its negative ELBO (above its minimum for BCE, as the reconstruction error).
         hidden: (model="vae") units of the VAE's encoder and decoder hidden layers: an int
             (one layer each side) or the encoder's widths, the decoder mirroring them (PyOD's
             VAE: ``(128, 64, 32)``).
@@ -762,7 +774,9 @@ class AutoencoderTransformer(
         sparsity: fastae.KLSparsity (sigmoid activation) or fastae.L1Sparsity, or None.
         contractive: weight of the contractive penalty (mean squared Frobenius norm of the
             encoder Jacobian).
-        epochs, batch_size, lr: Adam training through :func:`fastae.fit`.
+        epochs, batch_size, lr: Adam training through :func:`fastae.fit`; ``lr="auto"`` is
+            1e-2 for an autoencoder, 3e-3 for a VAE (whose training diverges at 1e-2 on
+            standardized inputs: ``bench/vae_learning_rate.py``).
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         random_state: int, RandomState or None; ``fit`` draws the torch seed from it
             (weights, shuffling and noise masks), leaving torch's global generator untouched.
@@ -882,7 +896,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         contractive: float = 0.0,
         epochs: int = 50,
         batch_size: int = 64,
-        lr: float = 1e-2,
+        lr: float | str = "auto",
         device="auto",
         random_state=None,
         verbose: bool = False,

@@ -569,7 +569,9 @@ def test_vae_detector_finds_the_held_out_digit(digits):
     normal = x[(y != 0)][:900]
     test = np.vstack([x[y != 0][900:1100], x[y == 0][:60]])
     truth = np.r_[np.zeros(200), np.ones(60)]
-    detector = AutoencoderOutlierDetector(4, model="vae", scale=None, epochs=15, random_state=0)
+    detector = AutoencoderOutlierDetector(
+        4, model="vae", scale=None, epochs=15, lr=1e-2, random_state=0
+    )
     detector.fit(normal)
     assert isinstance(detector.module_, fastae.VAE)
     assert detector.module_.activation == "relu" and detector.module_.hidden == 128
@@ -689,6 +691,23 @@ def test_data_beyond_float32_and_diverged_training_are_errors():
         AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e20)
     # the same data scaled trains
     AutoencoderOutlierDetector(2, epochs=1).fit(rng.random((40, 3)) * 1e39)
+    # scaled data that diverges: the advice is the learning rate
+    with pytest.raises(ValueError, match=r"^training diverged: .* is (inf|nan); lower lr$"):
+        AutoencoderOutlierDetector(2, model="vae", lr=1e9, epochs=3, random_state=0).fit(
+            rng.random((40, 3))
+        )
+
+
+@pytest.mark.parametrize("model, rate", [("autoencoder", 1e-2), ("vae", 3e-3)])
+def test_the_auto_learning_rate_follows_the_model(model, rate):
+    x = np.random.default_rng(0).random((40, 5))
+    for make in (AutoencoderTransformer, AutoencoderOutlierDetector):
+        fitted = make(2, model=model, random_state=0).partial_fit(x)
+        assert fitted.lr == "auto" and fitted._optimizer_state["param_groups"][0]["lr"] == rate
+        fitted = make(2, model=model, lr=0.05, random_state=0).partial_fit(x)
+        assert fitted._optimizer_state["param_groups"][0]["lr"] == 0.05
+    with pytest.raises(TypeError, match="^lr must be a real number, got str"):
+        AutoencoderTransformer(2, lr="fast").fit(x)
 
 
 def test_numpy_scalar_parameters():
@@ -912,8 +931,8 @@ def _scaled_tensor(model, x):
     return torch.tensor(model._scale(x), dtype=torch.float32)
 
 
-def _train_on(module, data, seed, **kwargs):
-    return fastae.fit(module, data, batch_size=32, lr=1e-2, seed=seed, progress=False, **kwargs)
+def _train_on(module, data, seed, lr=1e-2, **kwargs):
+    return fastae.fit(module, data, batch_size=32, lr=lr, seed=seed, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("model", ["autoencoder", "vae"])
@@ -928,7 +947,7 @@ def test_warm_start_trains_on_from_the_fitted_weights(digits, model):
     detector.set_params(epochs=2).fit(more)
     # the fitted weights trained 2 more epochs on `more`, scaled as the first fit's X
     history = _train_on(expected, _scaled_tensor(detector, more), clone(detector)._draw_seed(),
-                        epochs=2)  # fmt: skip
+                        lr=1e-2 if model == "autoencoder" else 3e-3, epochs=2)  # fmt: skip
     torch.testing.assert_close(detector.module_.state_dict(), expected.state_dict(), rtol=0, atol=0)
     np.testing.assert_array_equal(detector.scaler_.mean_, scaler.mean_)
     assert detector.n_iter_ == 5 and detector.loss_curve_ == first_curve + history.loss
