@@ -80,6 +80,8 @@ def resolve_device(device) -> torch.device:
         resolved = torch.device(device)
     except (TypeError, RuntimeError) as error:
         raise ValueError(f"device must be 'auto' or a torch device, got {device!r}") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device, got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available")
     return resolved

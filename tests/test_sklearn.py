@@ -196,6 +196,10 @@ def test_bad_parameters_name_themselves(digits):
         AutoencoderTransformer(epochs=0).fit(x)
     with pytest.raises(ValueError, match="device"):
         AutoencoderTransformer(device="tpu").fit(x)
+    with pytest.raises(
+        ValueError, match="^device must be 'auto', 'cpu' or a CUDA device, got 'mps'"
+    ):
+        AutoencoderTransformer(device="mps").fit(x)
     with pytest.raises(ValueError, match="contamination"):
         AutoencoderOutlierDetector(contamination=0.7).fit(x)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
