@@ -37,10 +37,25 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: tf32 for float32 unless torch asks for "highest"."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """``tl.dot`` input precision: for float32 that of torch's own CUDA matmuls, else IEEE."""
+    return cuda_matmul_precision() if dtype == torch.float32 else "ieee"
+
+
+def cuda_matmul_precision() -> str:
+    """ "tf32" or "ieee", as torch's float32 CUDA matmuls take it: the per-backend setting
+    (``torch.backends.cuda.matmul.fp32_precision``), else the generic one
+    (``torch.backends.fp32_precision``), else the legacy
+    ``torch.get_float32_matmul_precision()`` ("highest": IEEE), which raises where the newer
+    settings are mixed with it."""
+    chosen = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if chosen == "none":
+        chosen = getattr(torch.backends, "fp32_precision", "none")
+    if chosen in ("tf32", "ieee"):
+        return chosen
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:
+        return "ieee"
 
 
 # Fused multiply-add in the kernels' floating-point arithmetic, asked for at every launch:

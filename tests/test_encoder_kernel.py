@@ -191,6 +191,30 @@ def test_gradcheck_triton(activation):
         )
 
 
+@pytest.mark.parametrize("mode", ["store", "regenerate"])
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+@pytest.mark.parametrize(
+    "activation, noise",
+    [
+        ("tanh", fastae.GaussianNoise(0.4, seed=7)),
+        ("relu", fastae.MaskingNoise(0.3, seed=7)),
+        ("softplus", fastae.MaskingNoise(0.3, rescale=True, seed=7)),
+        ("sigmoid", fastae.SaltPepperNoise(0.2, low=-1.0, high=2.0, seed=7)),
+    ],
+)
+def test_gradcheck_triton_with_noise(activation, noise, fusion, mode, monkeypatch):
+    """Every noise kind, through both fusion boundaries, x~ stored or regenerated."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", mode)
+    (x, weight, bias), _ = _inputs(3, 4, 5, torch.float64)
+    with fastae.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.encode(*a, activation=activation, noise=noise),
+            (x, weight, bias),
+            fast_mode=True,
+        )
+
+
 @pytest.mark.parametrize("statistics", [True, False])
 def test_opcheck_triton(statistics):
     (x, weight, bias), _ = _inputs(4, 6, 5, torch.float64)
@@ -311,6 +335,63 @@ def test_tf32_backward_takes_cublas_products(precision, monkeypatch, launched_ke
     if precision == "highest":
         backward += ["_encoder_grad_weight_kernel", "_encoder_grad_input_kernel"]
     assert launched_kernels == ["_encoder_forward_kernel", "_encoder_finish_kernel", *backward]
+
+
+def _relative_errors(got, exact) -> list[float]:
+    return [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, exact, strict=True)]
+
+
+@pytest.fixture
+def precision_settings():
+    """torch's float32 precision settings, restored afterwards (the newer per-backend ones
+    back to "none", which hands over to the legacy setting)."""
+    legacy = torch.get_float32_matmul_precision()
+    yield torch.backends.cuda.matmul
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "none"
+    torch.set_float32_matmul_precision(legacy)
+
+
+def test_the_kernels_follow_torchs_newer_precision_settings(precision_settings, monkeypatch):
+    """tl.dot's float32 precision is that of torch's CUDA matmuls, set through the legacy
+    call or the newer per-backend and generic settings (with which the legacy getter raises);
+    other dtypes multiply exactly."""
+    matmul, f32 = precision_settings, torch.float32
+    torch.set_float32_matmul_precision("high")
+    assert common.dot_precision(f32) == "tf32" and common.dot_precision(torch.float64) == "ieee"
+    matmul.fp32_precision = "ieee"  # the backend's own setting wins over the legacy one
+    assert common.dot_precision(f32) == "ieee"
+    matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"  # the generic one, inherited
+    assert common.dot_precision(f32) == "tf32"
+    torch.backends.fp32_precision = "none"
+    matmul.fp32_precision = "tf32"
+    assert common.dot_precision(f32) == "tf32"
+    (x, weight, bias), _ = _inputs(6, 16, 16, f32)
+    with fastae.use_backend("triton"):
+        h, _, _ = ops.encode(x, weight, bias)
+    assert torch.isfinite(h).all()
+    matmul.fp32_precision = "none"
+
+    def mixed():
+        raise RuntimeError("PyTorch is checking the matmul precision without a specific ...")
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", mixed)
+    assert common.dot_precision(f32) == "ieee"
+
+
+def test_tf32_error_against_float64():
+    """tf32 (10-bit operands) near 3e-4 relative, as the contract says: every output and
+    gradient within 2e-3 of float64 in norm (2.1e-4 to 6.7e-4 with the interpreter's
+    truncated operands, a one-sided error where a GPU rounds; bfloat16's 8-bit ones would
+    give about four times as much), by the fusion rules."""
+    leaves, upstream = _inputs(32, 64, 48, torch.float32)
+    with matmul_precision("high"):
+        got = _run("triton", *leaves, upstream, activation="sigmoid")
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    oracle = _run("reference", *exact, [u.double() for u in upstream], activation="sigmoid")
+    errors = _relative_errors(got, oracle)
+    assert max(errors) < 2e-3, errors
 
 
 @pytest.mark.parametrize("x_grad", [True, False])

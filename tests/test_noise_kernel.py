@@ -36,7 +36,7 @@ def _x(rows, cols, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize(
     "base, dtype",
     [(0, torch.float32), (2**32 - 77, torch.float32), (3 * 2**40 + 5, torch.float32)]
-    + [(0, torch.bfloat16), (0, torch.float16)],
+    + [(0, torch.bfloat16), (0, torch.float16), (0, torch.float64)],
 )
 def test_kernel_equals_reference(kind, level, low, high, base, dtype):
     """Masks bit for bit (also past 2^32, where the counter's high word is used, and in half
@@ -49,8 +49,9 @@ def test_kernel_equals_reference(kind, level, low, high, base, dtype):
     want = reference.corrupt(x, kind, level, low, high, seed, base)
     assert got.dtype == dtype
     if kind == "gaussian" and DEVICE == "cuda":
-        atol = 4e-6 * level if dtype == torch.float32 else 0
-        rtol = 0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        wide = dtype in (torch.float32, torch.float64)  # eps (float32) added at this width
+        atol = 4e-6 * level if wide else 0
+        rtol = 0 if wide else torch.finfo(dtype).eps
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     else:
         assert torch.equal(got, want)
@@ -125,7 +126,13 @@ def test_gaussian_moments():
 
 
 @pytest.mark.parametrize(
-    "spec", [fastae.MaskingNoise(0.3, rescale=True), fastae.SaltPepperNoise(0.2)]
+    "spec",
+    [
+        fastae.GaussianNoise(0.4),
+        fastae.MaskingNoise(0.3),
+        fastae.MaskingNoise(0.3, rescale=True),
+        fastae.SaltPepperNoise(0.2),
+    ],
 )
 def test_gradcheck_and_opcheck_triton(spec):
     x = _x(3, 5, torch.float64).requires_grad_()

@@ -242,6 +242,34 @@ def test_opcheck_decode_loss(output, loss, target_grad):
     assert any("decode" in name for name in ops_seen)
 
 
+@pytest.mark.parametrize("stored", [True, False])
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_opcheck_the_triton_backward_ops(monkeypatch, fusion, stored):
+    """The backward ops the triton backend dispatches, opchecked with the arguments its public
+    calls pass (x~ stored or regenerated in encode's backward)."""
+    if not backend.triton_interpreting():
+        pytest.skip("the triton backend on CPU runs under TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "store" if stored else "regenerate")
+
+    def encode(x, weight, bias):
+        out = ops.encode(x, weight, bias, activation="tanh", noise=NOISES["salt_pepper"])
+        return list(out)
+
+    seen = set()
+    with fastae.use_backend("triton"):
+        seen |= _opcheck_public_call(encode, list(layer(6, 5, 4)))
+        h, weight, bias, target = decoder_inputs(5, 6, 3)
+        target.requires_grad_()
+        decode = lambda h, weight, bias: [ops.decode_loss(h, weight, bias, target=target)]  # noqa: E731
+        seen |= _opcheck_public_call(decode, [h, weight, bias])
+    backward = {"encode_backward", "decode_loss_backward", "decode_loss_target_grad"}
+    if stored:
+        backward.add("corrupt_backward")
+    assert {f"fastae::{name}" for name in backward} <= seen
+
+
 def test_meta_inputs_give_meta_outputs():
     """Shape inference on the meta device goes through the ops' fake implementations."""
     x = torch.empty(4, 5, device="meta")
@@ -395,6 +423,22 @@ def _saved_during(fn):
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind):
+    _check_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind)
+
+
+@pytest.mark.parametrize("kind", ["none", "gaussian", "masking_rescale", "salt_pepper"])
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_triton_encode_saves_only_h_w_x_and_h_vectors(fusion, kind, monkeypatch):
+    """The kernels' memory-free path (x~ regenerated from the seed in backward)."""
+    if not backend.triton_interpreting():
+        pytest.skip("the triton backend on CPU runs under TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+    with fastae.use_backend("triton"):
+        _check_encode_saves_only_h_w_x_and_h_vectors(torch.float32, True, kind)
+
+
+def _check_encode_saves_only_h_w_x_and_h_vectors(dtype, x_grad, kind):
     batch, d, hidden = 37, 61, 23
     x, weight, bias = layer(batch, d, hidden, dtype=dtype, x_grad=x_grad)
     (h, rho_hat, jac), saved = _saved_during(

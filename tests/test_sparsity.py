@@ -49,7 +49,7 @@ def test_reference_matches_the_oracle(rho):
     assert grad[[3, 5, 7, 9]].eq(0).all()  # clamped units get no gradient
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 17, 130])  # 130: several blocks of the interpreter's 64
 def test_kernel_matches_reference(n, dtype):
     rho_hat = _rho_hat(n, dtype, seed=n)
