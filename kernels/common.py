@@ -42,7 +42,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def cuda_matmul_precision() -> str:
-    """ "tf32" or "ieee", as torch's float32 CUDA matmuls take it: the per-backend setting
+    """The precision of torch's float32 CUDA matmuls, "tf32" or "ieee": the per-backend setting
     (``torch.backends.cuda.matmul.fp32_precision``), else the generic one
     (``torch.backends.fp32_precision``), else the legacy
     ``torch.get_float32_matmul_precision()`` ("highest": IEEE), which raises where the newer
