@@ -585,6 +585,8 @@ class StackModule(nn.Module):
                 h, layer.weight, layer.bias, activation=layer.activation, noise=noise,
                 statistics=layer.needs_statistics,
             )  # fmt: skip
+            if isinstance(layer.sparsity, KLSparsity) and layer.sync_statistics and self.training:
+                rho_hat = global_column_mean(rho_hat, x.shape[0])
             for name, term in layer.penalties(h, rho_hat, jac).items():
                 penalties[f"{name}{i}"] = term
         code = h

@@ -29,7 +29,8 @@ from . import _checks, ops, reference, steps
 from .noise import check_seed
 
 SCORES = ("elbo", "reconstruction")
-# rows (draws x batch) that log_likelihood decodes in one pass
+# rows (draws x batch) that log_likelihood decodes in one pass: as many draws as fit, at
+# least one (a batch of more rows is decoded whole, as the encoder took it)
 LOG_LIKELIHOOD_ROWS = 2**14
 
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 import fastae
+from fastae.modules import StackModule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -276,6 +277,16 @@ def test_kl_sparsity_finite_when_rho_hat_saturates(rho_hat_value):
 # ------------------------------------------------------------------ data parallel (gloo, CPU)
 
 
+def _sparse_stack(features: int) -> StackModule:
+    """Two KL-sparse layers that sync their statistics, the same weights on every call."""
+    torch.manual_seed(7)
+    layers = [
+        fastae.Autoencoder(features, 6, sparsity=fastae.KLSparsity(0.1, 1.0), sync_statistics=True),
+        fastae.Autoencoder(6, 4, sparsity=fastae.KLSparsity(0.2, 1.0), sync_statistics=True),
+    ]
+    return StackModule(layers)
+
+
 def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
     # rendezvous through a file (a free TCP port picked beforehand can be taken meanwhile)
     torch.distributed.init_process_group(
@@ -310,6 +321,15 @@ def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
         if rank == 0:
             grads = [p.grad for p in deep.parameters()]
             torch.save((deep_loss / world, grads), result_path + ".deep")
+        # and a stack's layers, each its own
+        stack_ddp = torch.nn.parallel.DistributedDataParallel(_sparse_stack(x.shape[1]))
+        out = stack_ddp(shard)
+        out.loss.backward()
+        stack_loss = out.loss.detach().clone()
+        torch.distributed.all_reduce(stack_loss)
+        if rank == 0:
+            grads = [p.grad for p in stack_ddp.module.parameters()]
+            torch.save((stack_loss / world, grads), result_path + ".stack")
         # fastae.fit under the process group: sharded data, parameters stay in sync
         history = fastae.fit(ddp, x, epochs=3, batch_size=4, seed=0, progress=False)
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -466,4 +486,11 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     out.loss.backward()
     torch.testing.assert_close(deep_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
     for a, p in zip(deep_grads, deep.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+    stack_loss, stack_grads = torch.load(result + ".stack", weights_only=True)
+    stack = _sparse_stack(12)
+    out = stack(x)
+    out.loss.backward()
+    torch.testing.assert_close(stack_loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, p in zip(stack_grads, stack.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
