@@ -14,6 +14,8 @@ and samples of a VAE. ``--quick`` is the CI smoke run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ VARIANTS = ("plain", "sparse", "denoising", "contractive")
 LABELED_FRACTION = 0.1
 CANCER_CODE = 8  # code size on breast_cancer (30 features)
 FULL_EPOCHS, QUICK_EPOCHS = 50, 5
+DIGITS_PIXELS = 64  # the largest code PCA (and a useful autoencoder) can have on digits
+SEED_MAX = 2**32 - 1  # scikit-learn's random_state range
 # the VAE row: hidden units, latent dimensions and Adam's learning rate (batches of 64)
 VAE_HIDDEN, VAE_LATENT, VAE_LR = 128, 8, 3e-3
 
@@ -99,11 +103,29 @@ COLUMNS = (
 )
 
 
-def _sklearn():
+def _argument_error(args: argparse.Namespace) -> str | None:
+    """What makes the command line unusable, found before anything trains (the output folder
+    is made here: one that cannot be would otherwise fail the run at its end)."""
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"the demo needs {' and '.join(missing)}: pip install 'fastae[apps]'"
+    for name in ("repeats", "hidden", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name} must be a positive int, got {value}"
+    if args.hidden > DIGITS_PIXELS:
+        return f"--hidden must be at most {DIGITS_PIXELS} (the digits' pixels), got {args.hidden}"
+    last = args.seed + args.repeats - 1
+    if args.seed < 0 or last > SEED_MAX:
+        return f"--seed must make seeds in [0, {SEED_MAX}], got {args.seed}..{last}"
+    out = Path(args.out)
     try:
-        import sklearn  # noqa: F401
-    except ImportError as error:
-        raise ImportError("the demo needs scikit-learn: pip install 'fastae[apps]'") from error
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--out {args.out!r} is not a folder that can be made: {error.strerror}"
+    if not os.access(out, os.W_OK):
+        return f"--out {args.out!r} is not writable"
+    return None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -564,6 +586,11 @@ def _save(fig, path: Path) -> Path:
 # ---------------------------------------------------------------------------- entry point
 
 
+def _joined(notes) -> str:
+    """The seeds' notes, each once, in order."""
+    return "; ".join(dict.fromkeys(notes))
+
+
 def _warm_up(device: torch.device) -> None:
     """One tiny training step, so one-time set-up is not billed to the first model's time."""
     from .modules import Autoencoder
@@ -578,10 +605,13 @@ def _warm_up(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _sklearn()
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
-    epochs = args.epochs or (QUICK_EPOCHS if args.quick else FULL_EPOCHS)
+    problem = _argument_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    epochs = args.epochs
+    if epochs is None:
+        epochs = QUICK_EPOCHS if args.quick else FULL_EPOCHS
     from .sklearn import resolve_device
 
     try:
@@ -609,10 +639,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         print()
     print(format_table(results))
-    notes = results[0].notes
+    holdout = _joined(result.notes["holdout"] for result in results)
     print(
         f"\nprobe acc: logistic regression on standardized codes (test split, 25%). "
-        f"AUROC digit: {notes['holdout']}, trained on the other classes. AUROC cancer: "
+        f"AUROC digit: {holdout}, trained on the other classes. AUROC cancer: "
         f"trained on benign, code size {CANCER_CODE}. 10% labels: SemiSupervisedAutoencoder "
         f"(raw pixels row: logistic regression on the labelled 10% only). recon MSE: squared "
         f"error summed over the 64 pixels in [0, 1]. VAE: codes are posterior means, train "

@@ -9,9 +9,10 @@
 Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise``,
 ``contractive``), scale their inputs (``scale="standard"``, ``"minmax"`` or ``None``), train
 with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
-seed from ``random_state`` in ``fit`` without touching torch's global generator, stop early
-on held-out rows (``early_stopping=True``, as scikit-learn's MLP), train on from their
-fitted weights (``warm_start=True``; ``partial_fit`` one epoch a call), fit all or nothing
+seed from ``random_state`` in ``fit`` without touching torch's global generator (fits from
+several threads take turns with it), stop early on held-out rows (``early_stopping=True``,
+as scikit-learn's MLP), train on from their fitted weights (``warm_start=True``;
+``partial_fit`` one epoch a call), fit all or nothing
 (a fit that raises leaves the estimator as it was), and pickle to CPU tensors (an unpickled
 estimator predicts on the CPU when CUDA is missing).
 """
@@ -22,6 +23,7 @@ import contextlib
 import copy
 import functools
 import numbers
+import threading
 
 import numpy as np
 import torch
@@ -139,12 +141,18 @@ def _as_dtype(array: np.ndarray, like: torch.Tensor) -> np.ndarray:
     return array.astype(np.float32 if like.dtype == torch.float32 else np.float64, copy=False)
 
 
+# held while a fit has torch's process-wide generators forked and seeded: fits from several
+# threads run one at a time (another's draws would interleave with theirs)
+_GENERATORS = threading.RLock()
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     """torch's generators (CPU and every CUDA device) forked and seeded with ``seed``: runs
-    repeat, and the caller's global generator state is left as it was."""
+    repeat, and the caller's global generator state is left as it was; other threads' seeded
+    fits wait (``_GENERATORS``)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with _GENERATORS, torch.random.fork_rng(devices=devices):
         seed_torch(seed)
         yield
 

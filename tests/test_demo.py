@@ -61,3 +61,46 @@ def test_table_with_repeats_shows_mean_and_spread():
 def test_an_unusable_device_is_a_usage_error(capsys):
     assert main(["demo", "--quick", "--device", "tpu:7"]) == 2
     assert capsys.readouterr().err.startswith("error: --device must be 'auto' or a torch device")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--epochs", "0"], "--epochs must be a positive int, got 0"),
+        (["--epochs", "-1"], "--epochs must be a positive int, got -1"),
+        (["--hidden", "0"], "--hidden must be a positive int, got 0"),
+        (["--hidden", "65"], "--hidden must be at most 64 (the digits' pixels), got 65"),
+        (["--repeats", "0"], "--repeats must be a positive int, got 0"),
+        (["--seed", "-1"], "--seed must make seeds in [0, 4294967295], got -1..-1"),
+        (["--seed", str(2**32 - 1), "--repeats", "2"], "got 4294967295..4294967296"),
+        (["--out", "FILE"], "--out '"),
+        (["--out", "FILE/inside"], "is not a folder that can be made"),
+    ],
+)
+def test_bad_options_are_usage_errors_before_any_training(
+    options, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(demo, "_warm_up", lambda device: pytest.fail("trained"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    options = [str(a_file) + o[4:] if o.startswith("FILE") else o for o in options]
+    assert (
+        main(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "out"), *options]) == 2
+    )
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error
+
+
+def test_the_demo_names_a_missing_extra_before_any_training(tmp_path, capsys, monkeypatch):
+    """Without matplotlib (which the figures need) the demo says so instead of training."""
+    find_spec = demo.importlib.util.find_spec
+    monkeypatch.setattr(
+        demo.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args),
+    )
+    monkeypatch.setattr(demo, "_warm_up", lambda device: pytest.fail("trained"))
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "error: the demo needs matplotlib: pip install 'fastae[apps]'\n"
+    )

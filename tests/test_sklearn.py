@@ -6,6 +6,7 @@ import math
 import pickle
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -208,6 +209,34 @@ def test_bad_parameters_name_themselves(digits):
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device.*'cpu'"):
         graphed.fit(x)
     assert not hasattr(graphed, "module_")  # refused before anything was fitted
+
+
+def test_fits_from_threads_repeat_a_sequential_fit(digits):
+    """Seeded fits from several threads take turns with torch's generators: each equals the
+    fit run alone, and the calling thread's generator is left as it was."""
+    x = digits[0][:300]
+
+    def codes():
+        model = AutoencoderTransformer(
+            8, noise=fastae.MaskingNoise(0.3), epochs=2, random_state=0, device="cpu"
+        )
+        return model.fit(x).transform(x[:20])
+
+    alone = codes()
+    before = _rng_state()
+    results = [None] * 4
+
+    def fit_into(i):
+        results[i] = codes()
+
+    threads = [threading.Thread(target=fit_into, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        np.testing.assert_array_equal(result, alone)
+    assert torch.equal(_rng_state(), before)
 
 
 def _detector_vae(**params):
