@@ -111,6 +111,17 @@ def widths(name: str, value: object, empty: bool = False) -> tuple[int, ...]:
     return tuple(positive_int(f"{name}[{i}]", width) for i, width in enumerate(value))
 
 
+def cpu_or_cuda(name: str, value: object, expected: str) -> torch.device:
+    """``value`` as a torch.device of the CPU or CUDA; ``expected`` says what may be given."""
+    try:
+        device = torch.device(value)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return device
+
+
 def flag(name: str, value: object) -> bool:
     """A bool or numpy bool as a Python bool."""
     if not isinstance(value, (bool, np.bool_)):

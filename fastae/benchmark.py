@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import baselines, ops
+from . import _checks, baselines, ops
 from .backend import use_backend
 from .graphs import GraphedStep
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity
@@ -198,12 +198,7 @@ def parse_device(text: str | None) -> str:
     default device."""
     if text is None:
         return default_device()
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"device must be cpu or cuda[:N], got {text!r}") from error
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda[:N], got {text!r}")
+    device = _checks.cpu_or_cuda("device", text, "cpu or cuda[:N]")
     return "cpu" if device.type == "cpu" else str(device)
 
 

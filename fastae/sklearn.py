@@ -78,12 +78,7 @@ def resolve_device(device) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (TypeError, RuntimeError) as error:
-        raise ValueError(f"device must be 'auto' or a torch device, got {device!r}") from error
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device, got {device!r}")
+    resolved = _checks.cpu_or_cuda("device", device, "'auto', 'cpu' or a CUDA device")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available")
     return resolved

@@ -60,7 +60,7 @@ def test_table_with_repeats_shows_mean_and_spread():
 
 def test_an_unusable_device_is_a_usage_error(capsys):
     assert main(["demo", "--quick", "--device", "tpu:7"]) == 2
-    assert capsys.readouterr().err.startswith("error: --device must be 'auto' or a torch device")
+    assert capsys.readouterr().err.startswith("error: --device must be 'auto', 'cpu' or a CUDA dev")
 
 
 @pytest.mark.parametrize(
