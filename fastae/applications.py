@@ -464,7 +464,7 @@ class StackedAutoencoder(
                 for k, size in enumerate(sizes)
             ]
             stack = StackModule(layers).to(device=device, dtype=torch.float32)
-            self._continue_from(stack, "warm_start=True", keep="sizes and tied")
+            self._continue_from(stack, "warm_start=True", keep="sizes, tied and activation")
             self.module_, self.device_ = stack, device
             history = self._train(stack, data, epochs, seed, early, rows)
         self.loss_curve_ = self.loss_curve_ + list(history.loss)
@@ -495,7 +495,9 @@ def cluster_codes(codes, n_clusters: int = 10, *, random_state=None, n_init: int
 
 def _assignment_logits(z: Tensor, centers: Tensor, alpha: float) -> Tensor:
     """log of the Student's t kernel, -((alpha + 1) / 2) log(1 + ||z_i - mu_j||^2 / alpha)."""
-    distance = torch.cdist(z, centers).square()
+    # the direct differences: cdist's matrix-product form (taken above 25 rows) cancels
+    # where codes lie far from the origin compared with their distances
+    distance = torch.cdist(z, centers, compute_mode="donot_use_mm_for_euclid_dist").square()
     return -(alpha + 1.0) / 2.0 * torch.log1p(distance / alpha)
 
 

@@ -71,7 +71,7 @@ PREDICT_CHUNK = 8192
 _SEED_BOUND = np.iinfo(np.int32).max
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 # the parameters that set the shapes of an estimator's weights
-_SHAPE_PARAMETERS = "n_components, hidden_layer_sizes, tied (and model, hidden)"
+_SHAPE_PARAMETERS = "n_components, hidden_layer_sizes, tied, activation (and model, hidden)"
 
 
 def resolve_device(device) -> torch.device:
@@ -113,6 +113,14 @@ def code_width(module) -> int:
     """The width of ``module.encode``'s codes: a VAE's latent size (its posterior means), an
     autoencoder's ``hidden_features``."""
     return module.latent if isinstance(module, VAE) else module.hidden_features
+
+
+def _activations(module) -> list[str]:
+    """The activation of every layer in ``module``, in order: what a fitted model's weights
+    were trained through."""
+    return [
+        m.activation for m in module.modules() if isinstance(getattr(m, "activation", None), str)
+    ]
 
 
 def _encode(module, x):
@@ -391,11 +399,12 @@ class AutoencoderEstimatorMixin:
 
     def _continue_from(self, layer, caller: str, keep: str = _SHAPE_PARAMETERS) -> None:
         """Copy the fitted ``module_``'s weights into ``layer``, which the parameters now
-        build: it must have the same parameters, of the same shapes (``keep`` names the
-        parameters that set them)."""
+        build: it must have the same parameters, of the same shapes, and the same
+        activations (``keep`` names the parameters that set them)."""
         fitted = {name: tuple(p.shape) for name, p in self.module_.state_dict().items()}
         now = {name: tuple(p.shape) for name, p in layer.state_dict().items()}
-        if type(layer) is not type(self.module_) or fitted != now:
+        same = type(layer) is type(self.module_) and fitted == now
+        if not same or _activations(layer) != _activations(self.module_):
             raise ValueError(
                 f"{caller} trains on from the fitted {type(self.module_).__name__}"
                 f"({self.module_.extra_repr()}), but the parameters now give "
@@ -804,7 +813,8 @@ class AutoencoderTransformer(
             ``contractive`` then); empty (the default), one :class:`fastae.Autoencoder` layer.
         warm_start: a later ``fit`` trains on from the fitted weights (``epochs`` more, with
             a fresh Adam), keeping the fitted ``scaler_`` and ``loss_`` (so ``scale`` must
-            stay and ``loss`` be "auto" or ``loss_``) and the weights' shapes; ``loss_curve_``,
+            stay and ``loss`` be "auto" or ``loss_``), the weights' shapes and the
+            activations they were trained through; ``loss_curve_``,
             ``n_iter_`` and ``train_seconds_`` grow across such fits. Other parameters (lr,
             noise, sparsity, ...) may change between them.
 

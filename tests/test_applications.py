@@ -319,8 +319,9 @@ def test_stack_warm_start_fine_tunes_the_fitted_stack(digits):
     changes = [
         (dict(finetune_epochs=0), r"^warm_start=True fine-tunes the fitted stack: finetune_"),
         (dict(sizes=(16, 4)), r"^warm_start=True trains on from the fitted StackModule\(64 -> "
-         r"16 -> 8\), but the parameters now give StackModule\(64 -> 16 -> 4\): keep sizes and"),
-        (dict(tied=False), r"keep sizes and tied or refit from scratch$"),
+         r"16 -> 8\), but the parameters now give StackModule\(64 -> 16 -> 4\): keep sizes,"),
+        (dict(tied=False), r"keep sizes, tied and activation or refit from scratch$"),
+        (dict(activation="relu"), r"keep sizes, tied and activation or refit from scratch$"),
         (dict(scale="minmax"), r"^warm_start=True keeps the fitted scaler_ \(scale='standard'\)"),
     ]  # fmt: skip
     for change, message in changes:
@@ -402,6 +403,18 @@ def test_dec_math():
     weight = [[qij**2 / fj for qij, fj in zip(row, f, strict=True)] for row in q.tolist()]
     want_p = [[w / sum(row) for w in row] for row in weight]
     torch.testing.assert_close(p, torch.tensor(want_p, dtype=torch.float64))
+
+
+def test_dec_assignments_of_far_codes_in_float32():
+    """Codes far from the origin compared with their distances, in batches above 25 rows
+    (where cdist's matrix-product form cancels): q to float32 rounding of float64's."""
+    torch.manual_seed(0)
+    z = torch.randn(64, 8, dtype=torch.float64) * 0.05 + 30
+    centers = z[:3] + 0.01
+    exact = soft_assignments(z, centers)
+    got = soft_assignments(z.float(), centers.float()).double()
+    torch.testing.assert_close(got, exact, rtol=0, atol=2e-6)
+    assert torch.equal(got.argmax(1), exact.argmax(1))
 
 
 def _two_pass_dec_loss(module, batch):

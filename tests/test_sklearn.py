@@ -997,6 +997,7 @@ def test_warm_start_refuses_a_model_it_cannot_continue(digits):
     changes = [
         (dict(n_components=5), r"^warm_start=True trains on from the fitted Autoencoder\(64 -> 4"),
         (dict(tied=False), r"^warm_start=True trains on from the fitted Autoencoder"),
+        (dict(activation="tanh"), r"now give Autoencoder\(64 -> 4, activation='tanh'.*keep "),
         (dict(hidden_layer_sizes=(8,)), r"now give DeepAutoencoder\(64 -> 8 -> 4"),
         (dict(model="vae", activation="sigmoid"), r"now give VAE\(64 -> 128 -> 4"),
         (dict(scale="minmax"), r"^warm_start=True keeps the fitted scaler_ \(scale='standard'\)"),
