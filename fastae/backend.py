@@ -69,8 +69,13 @@ def triton_available() -> bool:
 
 
 def triton_interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read as
+    Triton reads it (``true``, ``on``, ``yes`` count; ``false`` does not)."""
+    if triton_missing():
+        return False
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
 
 
 def get_backend() -> str:

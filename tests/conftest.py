@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
+from fastae.backend import triton_interpreting  # noqa: E402
+
 # Property tests: a small profile for CI, FASTAE_HYPOTHESIS_PROFILE=long for a thorough run.
 _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=12, deadline=None, suppress_health_check=_slow_ok)
@@ -78,7 +80,7 @@ def _interpret_products_as_a_gpu_does() -> None:
     builder.create_dot, builder.cast_impl = create_dot, cast_impl
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if triton_interpreting():
     with contextlib.suppress(ImportError):  # no Triton: the kernel tests skip themselves
         _interpret_products_as_a_gpu_does()
 
@@ -87,7 +89,7 @@ def pytest_configure(config):
     """Triton's interpreter before 3.7 turns loop bounds into 1-element arrays, which numpy 2.4
     and newer refuse to convert to int: every interpreted kernel would fail with "only
     0-dimensional arrays can be converted to Python scalars". Say so once instead."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not triton_interpreting():
         return
     try:
         import numpy

@@ -741,6 +741,17 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch, how, op):
         call()
 
 
+@pytest.mark.parametrize("value", ["0", "", "false", "off", "no", "2", " 1", "1", "true", "on"])
+def test_triton_interpret_read_as_triton_reads_it(monkeypatch, value):
+    """``TRITON_INTERPRET=false`` turns the interpreter off for Triton: fastae must not take it
+    for on (it would send CPU tensors to a GPU launch, and compile for the GPU with the
+    interpreter's one small tile)."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backend.triton_interpreting() == bool(triton.knobs.runtime.interpret)
+    assert backend.triton_interpreting() == (value in ("1", "true", "on"))
+
+
 def test_resolve_triton(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
