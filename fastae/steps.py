@@ -18,15 +18,15 @@ from torch.nn import functional as F
 from . import _checks, ops, reference
 from .noise import Noise, check_seed
 
-# A training step with gradients runs as one autograd node where it can; tests turn this
-# off to compare with the ops composed through autograd.
+# A training step with gradients runs as one autograd node where it can; False composes the
+# ops through autograd (to hook a step's intermediate outputs; tests compare the two).
 ONE_NODE_STEP = True
 
 
 def available(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
     """Whether a step on ``x`` with ``params`` can run as one node: plain eager with
     gradients (see ``ops._plain_eager``), some parameter requiring a gradient, x requiring
-    none, no autocast, no torch.func transform."""
+    none and made outside inference mode, no autocast, no torch.func transform."""
     device = x.device.type
     return (
         ONE_NODE_STEP
@@ -36,6 +36,7 @@ def available(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
         and not (_checks.autocast_available(device) and torch.is_autocast_enabled(device))
         and ops._plain_eager((x, *params))
         and not ops._under_torch_func((x, *params))
+        and not x.is_inference()  # the node saves x, which an inference tensor cannot be
     )
 
 
@@ -48,6 +49,12 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
     return a if b is None else a + b
+
+
+def _for_inputs(ctx, grads: tuple) -> tuple:
+    """``grads`` with None for each input that needs no gradient (autograd refuses a gradient
+    for an input that is None, such as a layer without a bias)."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
 
 
 def _recorded_grads(outputs: tuple, grads: tuple, params: tuple) -> list[Tensor | None]:
@@ -212,7 +219,8 @@ class _AutoencoderStep(torch.autograd.Function):
         if decoder_weight is None and grad_matrix is not None:
             grad_weight = _add(grad_weight, grad_matrix.t())
             grad_matrix = None
-        return (None, grad_weight, grad_bias, grad_matrix, grad_decoder_bias) + (None,) * 4
+        grads = (None, grad_weight, grad_bias, grad_matrix, grad_decoder_bias) + (None,) * 4
+        return _for_inputs(ctx, grads)
 
 
 def _autoencoder_backward_recorded(ctx, grads: tuple) -> tuple:
@@ -402,7 +410,7 @@ class _DeepAutoencoderStep(torch.autograd.Function):
             if pairs[depth + j][0] is None and grads[i] is not None:
                 grads[2 * k] = _add(grads[2 * k], grads[i].t())
                 grads[i] = None
-        return (None, None, *grads) + (None,) * 3
+        return _for_inputs(ctx, (None, None, *grads) + (None,) * 3)
 
 
 def deep_autoencoder_step(
@@ -564,7 +572,7 @@ class _VAEStep(torch.autograd.Function):
                     encoder_saved, needed, activation, enc_name,
                 )  # fmt: skip
         grads = encoder_grads + posterior_grads + decoder_grads + output_grads
-        return (None, *grads) + (None,) * 4
+        return _for_inputs(ctx, (None, *grads) + (None,) * 4)
 
 
 def _vae_backward_recorded(ctx, grads: tuple) -> tuple:

@@ -116,7 +116,8 @@ FALLBACKS = ["no_grad", "input_requires_grad", "frozen", "autocast", "compiling"
 @pytest.mark.parametrize(
     ("kind", "case"),
     [(kind, case) for kind in ("autoencoder", "deep", "vae") for case in FALLBACKS]
-    + [("vae", "eval"), ("deep", "synced_kl"), ("deep", "l1_on_tanh")],
+    + [("autoencoder", "inference"), ("deep", "inference"), ("vae", "eval")]
+    + [("deep", "synced_kl"), ("deep", "l1_on_tanh")],
 )  # fmt: skip
 def test_falls_back_to_the_ops(kind, case, monkeypatch):
     if kind == "vae":
@@ -146,6 +147,10 @@ def test_falls_back_to_the_ops(kind, case, monkeypatch):
         model.eval()  # the VAE's z = mu: no sampling, the ops composed
     if case == "input_requires_grad":
         x.requires_grad_()
+    if case == "inference":  # a batch made in inference mode, which the node cannot save
+        with torch.inference_mode():
+            x = x.clone()
+        model.noise = fastae.MaskingNoise(0.3)  # the ops then save x~, not x
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         out = model(x)
     assert node not in type(out.loss.grad_fn).__name__
@@ -646,3 +651,22 @@ def test_training_runs_equal_the_ops_composed(kind, monkeypatch):
     assert got_losses == want_losses
     assert list(got) == list(want)
     _assert_identical(list(got.values()), list(want.values()))
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "deep", "vae"])
+def test_a_layer_without_bias(kind, monkeypatch):
+    """A bias set to None (the ops take bias=None) gets no gradient from the one node, which
+    autograd would refuse; the others get the ops' gradients."""
+    x = torch.rand(6, 7, dtype=torch.float64)
+    if kind == "vae":
+        model = _vae()
+        model.decoder = torch.nn.Linear(5, 7, bias=False, dtype=torch.float64)
+        _assert_same_vae(model, x, [lambda out: out.loss], monkeypatch)
+        return
+    if kind == "deep":
+        model = _deep(dict(sizes=(6, 4)))
+        model.biases[0] = None
+    else:
+        model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2))
+        model.bias = None
+    _assert_same(model, x, [lambda out: out.loss], monkeypatch)
