@@ -14,6 +14,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested:
+        kind = "nested" if value.is_nested else str(value.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} one")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), "
@@ -102,11 +105,11 @@ def positive_int(name: str, value: object) -> int:
 def widths(name: str, value: object, empty: bool = False) -> tuple[int, ...]:
     """A sequence of layer widths (positive ints) as a tuple; ``empty``: () is allowed."""
     kind = "a sequence" if empty else "a non-empty sequence"
-    if (
-        isinstance(value, (str, bytes))
-        or not hasattr(value, "__len__")
-        or not (empty or len(value))
-    ):
+    try:
+        length = None if isinstance(value, (str, bytes)) else len(value)
+    except TypeError:  # no __len__, or a 0-d tensor or array's
+        length = None
+    if length is None or not (empty or length):
         raise TypeError(f"{name} must be {kind} of positive ints, got {value!r}")
     return tuple(positive_int(f"{name}[{i}]", width) for i, width in enumerate(value))
 
@@ -122,6 +125,13 @@ def cpu_or_cuda(name: str, value: object, expected: str) -> torch.device:
     return device
 
 
+def generator(name: str, value: object) -> torch.Generator | None:
+    """A torch.Generator or None."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
 def flag(name: str, value: object) -> bool:
     """A bool or numpy bool as a Python bool."""
     if not isinstance(value, (bool, np.bool_)):
@@ -133,7 +143,11 @@ def finite_number(name: str, value: object, *, low=None, high=None, open_low=Fal
     """A real number (Python or numpy, not bool) as a finite Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError as error:  # an int beyond float64
+        bits = int(value).bit_length()
+        raise ValueError(f"{name} must be finite, got an int of {bits} bits") from error
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if open_low else value < low):

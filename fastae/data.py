@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from fastae._checks import FLOAT_DTYPES
+
 
 def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8x8 digits (1797 x 64) scaled to [0, 1] in ``dtype`` (a floating-point torch
-    dtype), and their labels. Needs scikit-learn."""
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    """The 8x8 digits (1797 x 64) scaled to [0, 1] in ``dtype`` (float16, bfloat16, float32 or
+    float64), and their labels. Needs scikit-learn."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be torch.float16, bfloat16, float32 or float64, got {dtype!r}")
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as error:

@@ -52,6 +52,11 @@ class AutoencoderOutput:
     loss: total = reconstruction_loss + sum(penalties.values()); reconstruction_loss: batch mean
     of the per-sample loss; penalties: each regularizer's term by name ("sparsity",
     "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,).
+
+    A training step computes them in one autograd node (see ``fastae.steps``): code,
+    per_sample, the penalties and jacobian_norm are that node's outputs beside loss, not inputs
+    to it. A term of your own built on them adds its gradient; loss's does not pass through
+    them, so a hook or ``retain_grad`` on code sees only yours.
     """
 
     loss: Tensor
@@ -190,7 +195,7 @@ class Autoencoder(nn.Module):
         hidden_features = _checks.positive_int("hidden_features", hidden_features)
         _set_options(self, activation, output, loss, noise, sparsity)
         tied = _checks.flag("tied", tied)
-        self.contractive = _checks.finite_number("contractive", contractive, low=0)
+        self.contractive = contractive
         self.sync_statistics = _checks.flag("sync_statistics", sync_statistics)
         self.check_targets = _checks.flag("check_targets", check_targets)
         self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
@@ -225,6 +230,15 @@ class Autoencoder(nn.Module):
         if self.contractive:
             parts.append(f"contractive={self.contractive}")
         return ", ".join(parts)
+
+    @property
+    def contractive(self) -> float:
+        """Weight of the contractive term; checked when set (a schedule may set it)."""
+        return self._contractive
+
+    @contractive.setter
+    def contractive(self, value: float) -> None:
+        self._contractive = _checks.finite_number("contractive", value, low=0)
 
     @property
     def decoder_matrix(self) -> Tensor:

@@ -337,10 +337,14 @@ def _check_input(x: object) -> Tensor:
 def _noise_params(noise: Noise, x: Tensor) -> tuple[str, float, float, float]:
     """``noise.params()``, with salt-and-pepper's fill values checked to fit x's dtype."""
     kind, level, low, high = noise.params()
-    if kind == "salt_pepper" and x.dtype.is_floating_point:
-        largest = torch.finfo(x.dtype).max
+    if kind == "salt_pepper" and x.dtype in (torch.float16, torch.bfloat16):
+        info = torch.finfo(x.dtype)  # (the fill values are finite in float32, checked)
+        largest = info.max
+        # rounding to nearest reaches inf from half an ulp above the largest value on
+        # (largest = (2 - eps) 2^e, its ulp eps 2^e)
+        overflow = largest + info.eps * largest / (2 - info.eps) / 2
         for name, value in (("low", low), ("high", high)):
-            if abs(value) > largest:
+            if abs(value) >= overflow:
                 raise ValueError(
                     f"noise's {name}={value!r} is beyond {x.dtype}'s range (largest "
                     f"magnitude {largest:.6g}): x would be filled with inf"
@@ -489,16 +493,15 @@ def _encode_backward_bwd(ctx, grads):
     recomputed from h and W (a'(z) is a function of h). h's share reaches x, W and b through
     encode's own backward; plain torch ops throughout, so higher orders work too."""
     activation, noise_kind, level, low, high, seed = ctx.params
-    # corruption is affine in x: x~ = (dx~/dx) x + x~(0), both regenerated from the seed
+    # x~ regenerated from the seed as the forward made it, and dx~/dx (0 where replaced)
     x = ctx.saved_tensors[3]
     input_slope = reference.corrupt_input_grad(torch.ones_like(x), noise_kind, level, int(seed))
-    offset = reference.corrupt(torch.zeros_like(x), noise_kind, level, low, high, int(seed))
 
     def first_order(grad_h, grad_rho, grad_jac, x, weight, h):
         acc = reference.stat_dtype(h.dtype)
         c = reference.slope(h.to(acc), activation).square().sum(0)
         stats = torch.stack([c, weight.to(acc).square().sum(1)])
-        x_tilde = input_slope * x + offset
+        x_tilde = reference.corrupt(x, noise_kind, level, low, high, int(seed))
         grad_w, grad_b, grad_x_tilde = reference.encode_backward(
             grad_h, grad_rho, grad_jac, x_tilde, weight, h, stats, activation, "none", 0.0,
             0.0, 1.0, 0, True,

@@ -39,11 +39,17 @@ class VAEOutput:
     """What ``VAE.forward`` returns.
 
     loss: mean_i (reconstruction_i + beta * kl_i), the training objective.
-    elbo: per-sample ELBO (B,) = -(reconstruction + kl) (beta = 1, the bound itself).
+    elbo: per-sample ELBO (B,) = -(reconstruction + kl) (beta = 1, the bound itself; for
+    loss="mse" up to the constant -(d/2) log(pi) of the density exp(-squared error) / pi^(d/2)
+    that ``log_likelihood`` takes).
     reconstruction: per-sample reconstruction loss (B,) (BCE or squared error, summed).
     kl: per-sample KL(q(z|x) || N(0, I)) (B,).
     per_sample: per-sample negative ELBO (B,) = -elbo, the anomaly score.
     mu, logvar: posterior parameters (B, k); z: the latent code used (mu in eval mode).
+
+    A training step computes them in one autograd node (see ``fastae.steps``): mu, logvar, z
+    and the per-sample terms are its outputs beside loss, not inputs to it (a hook on z sees
+    only the gradient of a term of your own).
     """
 
     loss: Tensor
@@ -114,7 +120,7 @@ class VAE(nn.Module):
         self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
         if loss == "bce" and output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
-        self.beta = _checks.finite_number("beta", beta, low=0)
+        self.beta = beta
         self.check_targets = _checks.flag("check_targets", check_targets)
         d, sizes, latent = self.in_features, self.hidden_sizes, self.latent
         pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (H_i, H_i+1)
@@ -124,6 +130,15 @@ class VAE(nn.Module):
         self.decoder_hidden = nn.Linear(latent, sizes[-1])
         self.decoder_stack = nn.ModuleList(nn.Linear(b, a) for a, b in reversed(pairs))
         self.decoder = nn.Linear(sizes[0], d)
+
+    @property
+    def beta(self) -> float:
+        """Weight of the KL term; checked when set (KL annealing sets it between epochs)."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = _checks.finite_number("beta", value, low=0)
 
     def extra_repr(self) -> str:
         widths = " -> ".join(map(str, (self.in_features, *self.hidden_sizes, self.latent)))
@@ -183,6 +198,7 @@ class VAE(nn.Module):
         torch's default generator) on the generator's device, so a CPU generator gives the
         same draws whatever device the model is on."""
         n = _checks.positive_int("n", n)
+        generator = _checks.generator("generator", generator)
         like = self.decoder.weight
         device = like.device if generator is None else generator.device
         z = torch.randn(n, self.latent, generator=generator, device=device, dtype=like.dtype)
@@ -214,10 +230,15 @@ class VAE(nn.Module):
         is the ELBO's. p(x | z) is the density the loss stands for: exp(-BCE) for "bce" (the
         Bernoulli likelihood, normalized for binary x), exp(-SE) / pi^(d/2) for "mse" (a
         Gaussian of variance 1/2 per element). eps is drawn from ``generator`` (or torch's
-        default generator) on its device, so a seeded generator repeats the estimate."""
+        default generator) on its device, so a seeded generator repeats the estimate. The
+        estimate is float32 for a float16 or bfloat16 model (the weights are summed in it)."""
         x = self._check_x(x)
         samples = _checks.positive_int("samples", samples)
-        mu, logvar = self.posterior_parameters(x)
+        generator = _checks.generator("generator", generator)
+        # the weights' arithmetic in float32 at least; a half-precision model decodes z rounded
+        # to its dtype, and q is evaluated at that z
+        acc = reference.stat_dtype(x.dtype)
+        mu, logvar = (t.to(acc) for t in self.posterior_parameters(x))
         rows, k = mu.shape
         sigma = torch.exp(0.5 * logvar)
         device = mu.device if generator is None else generator.device
@@ -225,10 +246,14 @@ class VAE(nn.Module):
         log_weights = []
         for start in range(0, samples, per_pass):
             draws = min(per_pass, samples - start)
-            eps = torch.randn(draws, rows, k, generator=generator, device=device, dtype=mu.dtype)
+            eps = torch.randn(draws, rows, k, generator=generator, device=device, dtype=acc)
             eps = eps.to(mu.device)
             z = mu + sigma * eps  # (draws, B, k)
-            log_p_x = -self._reconstruction(z.flatten(0, 1), x.repeat(draws, 1))
+            decoded = z.to(x.dtype)
+            if x.dtype != acc:
+                z = decoded.to(acc)
+                eps = torch.where(sigma > 0, (z - mu) / sigma, eps)
+            log_p_x = -self._reconstruction(decoded.flatten(0, 1), x.repeat(draws, 1)).to(acc)
             # log p(z) - log q(z | x): the 2 pi terms cancel, (z - mu) / sigma = eps
             log_ratio = 0.5 * (logvar + eps.square() - z.square()).sum(2)
             log_weights.append(log_p_x.view(draws, rows) + log_ratio)
@@ -287,8 +312,12 @@ def save_image_grid(
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("save_image_grid needs matplotlib: pip install 'fastae[apps]'") from error
-    height, width = image_shape
+    if not (isinstance(image_shape, (tuple, list)) and len(image_shape) == 2):
+        raise TypeError(f"image_shape must be (height, width), got {image_shape!r}")
+    height = _checks.positive_int("image_shape[0]", image_shape[0])
+    width = _checks.positive_int("image_shape[1]", image_shape[1])
     images = _checks.tensor("images", images, 2).detach().float().cpu()
+    _checks.rows("images", images)
     if images.shape[1] != height * width:
         raise ValueError(
             f"images must have {height * width} columns (image_shape {image_shape}), got "

@@ -3,6 +3,7 @@ its regularizers, training and errors."""
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ def test_fit_trains_a_keras_sized_deep_autoencoder():
 
 
 def test_bad_arguments_name_themselves():
-    for sizes in ((), "12", 8, None):
+    for sizes in ((), "12", 8, None, torch.tensor(3), np.array(3)):
         with pytest.raises(TypeError, match=r"^sizes must be a non-empty sequence"):
             fastae.DeepAutoencoder(10, sizes)
     with pytest.raises(ValueError, match=r"^sizes\[1\] must be a positive int"):

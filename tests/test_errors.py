@@ -48,6 +48,8 @@ ENCODE_CASES = {
     "x bool": (TypeError, "x", dict(x=torch.rand(4, 5) > 0.5)),
     "x list": (TypeError, "x", dict(x=[[1.0] * 5] * 4)),
     "x numpy": (TypeError, "x", dict(x=np.random.rand(4, 5))),
+    "x sparse": (TypeError, "x", dict(x=torch.rand(4, 5).to_sparse())),
+    "x sparse csr": (TypeError, "x", dict(x=torch.rand(4, 5).to_sparse_csr())),
     "weight 1-D": (ValueError, "weight", dict(weight=torch.randn(5))),
     "weight 3-D": (ValueError, "weight", dict(weight=torch.randn(1, 3, 5))),
     "weight features": (ValueError, "weight", dict(weight=torch.randn(3, 6))),
@@ -188,6 +190,7 @@ DECODE_CASES = {
     "target integer": (TypeError, "target", dict(target=torch.randint(0, 2, (4, 5)))),
     "target meta": (ValueError, "target", dict(target=torch.rand(4, 5, device="meta"))),
     "target None": (TypeError, "target", dict(target=None)),
+    "target sparse": (TypeError, "target", dict(target=torch.rand(4, 5).to_sparse())),
     "output unknown": (ValueError, "output", dict(output="softmax", loss="mse")),
     "loss unknown": (ValueError, "loss", dict(loss="l1")),
     "loss not str": (ValueError, "loss", dict(loss=None)),
@@ -248,6 +251,7 @@ MODULE_CASES = [
     (dict(contractive=-0.1), ValueError, "contractive"),
     (dict(contractive=math.nan), ValueError, "contractive"),
     (dict(contractive="1"), TypeError, "contractive"),
+    (dict(contractive=10**400), ValueError, "contractive"),
 ]
 
 
@@ -257,6 +261,17 @@ def test_autoencoder_bad_arguments(kwargs, error, arg):
     d, hidden = kwargs.pop("in_features"), kwargs.pop("hidden_features")
     with pytest.raises(error, match=names(arg)):
         fastae.Autoencoder(d, hidden, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "value, error", [(-0.1, ValueError), (math.inf, ValueError), ("1", TypeError)]
+)
+def test_contractive_set_later_is_checked(value, error):
+    model = fastae.Autoencoder(5, 3, contractive=0.1)
+    model.contractive = 0.5  # a schedule may change the weight between epochs
+    with pytest.raises(error, match=names("contractive")):
+        model.contractive = value
+    assert model.contractive == 0.5
 
 
 @pytest.mark.parametrize(
@@ -445,7 +460,7 @@ def test_stack_module_checks_its_layers():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend):
     """float16 would turn low=-1e6 into -inf: refused, naming the value, for corrupt and for
-    encode; values within range fill as given."""
+    encode; values that round to a finite float16 fill as rounded."""
     x = torch.rand(4, 6, dtype=torch.float16)
     weight = torch.rand(3, 6, dtype=torch.float16)
     with fastae.use_backend(backend):
@@ -453,13 +468,18 @@ def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend):
             ops.corrupt(x, SaltPepperNoise(0.9, low=-1e6, high=1.0, seed=1))
         with pytest.raises(ValueError, match="^noise's high=100000.0 is beyond torch.float16"):
             ops.encode(x, weight, noise=SaltPepperNoise(0.9, low=0.0, high=1e5, seed=1))
+        with pytest.raises(ValueError, match="^noise's high=65520.0 is beyond torch.float16"):
+            ops.corrupt(x, SaltPepperNoise(0.9, low=0.0, high=65520.0, seed=1))
         filled = ops.corrupt(x, SaltPepperNoise(0.9, low=-6e4, high=6e4, seed=1))
+        # beyond float16's largest value (65504) but rounding to it, not to inf
+        rounded = ops.corrupt(x, SaltPepperNoise(0.9, low=0.0, high=65519.0, seed=1))
     assert set(filled[filled.abs() > 1].tolist()) <= {-6e4, 6e4} and filled.isfinite().all()
+    assert rounded.max() == 65504.0
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32", torch.float8_e4m3fn])
 def test_load_digits_needs_a_floating_point_dtype(dtype):
-    with pytest.raises(TypeError, match="^dtype must be a floating-point torch.dtype"):
+    with pytest.raises(TypeError, match="^dtype must be torch.float16, bfloat16, float32"):
         load_digits(dtype)
 
 

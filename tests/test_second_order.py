@@ -53,6 +53,23 @@ def test_gradgradcheck_encode_without_bias_and_input_grad(backend_name):
     _gradgradcheck(lambda weight: ops.encode(x, weight, noise=noise), (weight,))
 
 
+def test_second_derivative_of_replaced_non_finite_entries(backend_name, monkeypatch):
+    """Salt-and-pepper replaces an entry, inf or not, so its first and second derivatives
+    are finite; with x~ regenerated (not stored) they equal the stored x~'s."""
+    noise = fastae.SaltPepperNoise(0.5, seed=3)
+    x = torch.rand(4, 6, dtype=torch.float64)
+    kept = ops.corrupt(torch.full_like(x, 7.0), noise) == 7.0
+    x[~kept] = torch.inf
+    weight, grads = layer(4, 6, 3)[1], {}
+    for mode in ("store", "regenerate"):
+        monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", mode)
+        h = ops.encode(x, weight, noise=noise)[0]
+        (grad,) = torch.autograd.grad(h.square().sum(), weight, create_graph=True)
+        grads[mode] = torch.autograd.grad(grad.square().sum(), weight)[0]
+    assert (~kept).any() and grads["store"].isfinite().all()
+    torch.testing.assert_close(grads["regenerate"], grads["store"])
+
+
 @pytest.mark.parametrize("used", [(0,), (0, 1), (0, 2)])
 def test_gradgradcheck_encode_with_unused_statistics(backend_name, used):
     """Outputs the loss leaves out reach backward as None gradients (no zero-fill); second

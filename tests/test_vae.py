@@ -455,6 +455,36 @@ def test_log_likelihood_approaches_a_quadrature_oracle(loss):
     torch.testing.assert_close(again, estimate, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_log_likelihood_weights_in_float32(dtype):
+    """A half-precision model decodes its draws of z rounded to its dtype; each importance
+    weight is then log p(x | z) + log N(z; 0, I) - log q(z | x) at that z, summed in float32:
+    against the same weights in float64 (torch.distributions' densities) for the same draws.
+    (In the model's dtype a bfloat16 log-ratio of -100 is rounded to 0.5 nats.)"""
+    torch.manual_seed(0)
+    d, latent, rows, samples = 20, 32, 4, 50
+    model = fastae.VAE(d, 16, latent)
+    with torch.no_grad():  # a narrow posterior (sigma 0.05) away from 0: z rounds coarsely
+        model.posterior.weight.mul_(0.1)
+        model.posterior.bias[:latent], model.posterior.bias[latent:] = 1.5, -6.0
+    model.to(dtype)
+    x = (torch.rand(rows, d) > 0.5).to(dtype)
+    got = model.log_likelihood(x, samples, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mu, logvar = (t.float() for t in model.posterior_parameters(x))
+        eps = torch.randn(samples, rows, latent, generator=torch.Generator().manual_seed(0))
+        z = (mu + torch.exp(0.5 * logvar) * eps).to(dtype)
+        log_p_x = -model._reconstruction(z.flatten(0, 1), x.repeat(samples, 1)).double()
+        z, mu, sigma = z.double(), mu.double(), torch.exp(0.5 * logvar.double())
+        normal = torch.distributions.Normal
+        log_prior = normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).sum(2)
+        log_q = normal(mu, sigma).log_prob(z).sum(2)
+        weights = log_p_x.view(samples, rows) + log_prior - log_q
+        expected = torch.logsumexp(weights, 0) - math.log(samples)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+
+
 def test_log_likelihood_arguments():
     model = fastae.VAE(6, 8, 2)
     x = torch.rand(3, 6)
@@ -626,6 +656,19 @@ def test_bad_module_arguments(args, kwargs, error, match):
         fastae.VAE(*args, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "value, error", [(-1.0, ValueError), (float("nan"), ValueError), ("2", TypeError)]
+)
+def test_beta_set_later_is_checked(value, error):
+    """KL annealing sets beta between epochs: a bad value is refused when set, not trained
+    on (a negative beta would reward a large KL; NaN would make the loss NaN)."""
+    model = fastae.VAE(8, 4, 2)
+    model.beta = 0.25
+    with pytest.raises(error, match="^beta must be"):
+        model.beta = value
+    assert model.beta == 0.25
+
+
 def test_bad_module_inputs():
     model = fastae.VAE(8, 4, 2)
     with pytest.raises(
@@ -640,6 +683,10 @@ def test_bad_module_inputs():
         model.decode(torch.zeros(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="n must be a positive int"):
         model.sample(0)
+    with pytest.raises(TypeError, match="^generator must be a torch.Generator or None"):
+        model.sample(3, generator=5)
+    with pytest.raises(TypeError, match="^generator must be a torch.Generator or None"):
+        model.log_likelihood(torch.rand(3, 8), generator=5)
     with pytest.raises(ValueError, match="kind"):
         model.anomaly_score(torch.rand(3, 8), kind="likelihood")
 
@@ -654,6 +701,12 @@ def test_save_image_grid(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="images must have 12 columns"):
         save_image_grid(torch.zeros(2, 5), path, (3, 4))
+    with pytest.raises(ValueError, match="^images must have at least one row"):
+        save_image_grid(torch.zeros(0, 12), path, (3, 4))
+    with pytest.raises(ValueError, match=r"^image_shape\[0\] must be a positive int"):
+        save_image_grid(torch.zeros(2, 4), path, (-2, -2))
+    with pytest.raises(TypeError, match="^image_shape must be"):
+        save_image_grid(torch.zeros(2, 4), path, 4)
 
 
 # ----------------------------------------------------------------------------- digits
