@@ -270,9 +270,10 @@ class Autoencoder(nn.Module):
     def reconstruction_error(self, x: Tensor) -> Tensor:
         """Per-sample reconstruction loss (B,) of clean inputs: the anomaly score."""
         h = self.encode(x)
+        steps.check_bce_input(self, x)
         return ops.decode_loss(
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
-            loss=self.loss_name, check_target=self.check_targets,
+            loss=self.loss_name, check_target=False,
         )  # fmt: skip
 
     @property
@@ -291,9 +292,10 @@ class Autoencoder(nn.Module):
             x, self.weight, self.bias, activation=self.activation, noise=noise,
             statistics=self.needs_statistics,
         )  # fmt: skip
+        steps.check_bce_input(self, x)
         per_sample = ops.decode_loss(
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
-            loss=self.loss_name, check_target=self.check_targets,
+            loss=self.loss_name, check_target=False,
         )  # fmt: skip
         reconstruction_loss = per_sample.mean()
         if isinstance(self.sparsity, KLSparsity) and self.sync_statistics and self.training:
@@ -442,9 +444,10 @@ class DeepAutoencoder(nn.Module):
         return h
 
     def _per_sample(self, h: Tensor, x: Tensor) -> Tensor:
+        steps.check_bce_input(self, x)
         return ops.decode_loss(
             self._decode_hidden(h), self.decoder_matrix(0), self.decoder_biases[0], target=x,
-            output=self.output, loss=self.loss_name, check_target=self.check_targets,
+            output=self.output, loss=self.loss_name, check_target=False,
         )  # fmt: skip
 
     def encode(self, x: Tensor) -> Tensor:
@@ -612,9 +615,10 @@ class StackModule(nn.Module):
                 )[0]  # fmt: skip
             else:
                 h = layer.decode(h)
+        steps.check_bce_input(bottom, x)
         per_sample = ops.decode_loss(
             h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
-            loss=bottom.loss_name, check_target=bottom.check_targets,
+            loss=bottom.loss_name, check_target=False,
         )  # fmt: skip
         reconstruction_loss = per_sample.mean()
         loss = reconstruction_loss

@@ -838,14 +838,16 @@ def check_unit_interval(name: str, values: Tensor) -> None:
         )
 
 
-def _check_target(target: Tensor) -> None:
-    if target.is_meta:  # no values to check (shape-only tracing)
+def _check_target(target: Tensor, name: str = "target") -> None:
+    """A BCE target in [0, 1], named ``name`` (a model's is its input x); not checked while
+    torch.compile traces (a graph cannot raise on values) nor without values (meta)."""
+    if target.is_meta or torch.compiler.is_compiling():
         return
     if not torch._C._are_functorch_transforms_active():
-        check_unit_interval("target", target)
+        check_unit_interval(name, target)
         return
     try:
-        check_unit_interval("target", target)
+        check_unit_interval(name, target)
     except RuntimeError as error:  # under vmap the values cannot be read
         raise RuntimeError(
             "decode_loss checks that a BCE target lies in [0, 1] by reading its values, which "
@@ -908,7 +910,7 @@ def decode_loss(
     if loss == "bce":
         if output != "sigmoid":
             raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
-        if check_target and not torch.compiler.is_compiling():
+        if check_target:
             _check_target(target)
     name = _backend_for("decode_loss", "decoder", h.device)
     return_reconstruction = _checks.flag("return_reconstruction", return_reconstruction)

@@ -204,10 +204,12 @@ class VAE(nn.Module):
         z = torch.randn(n, self.latent, generator=generator, device=device, dtype=like.dtype)
         return self.decode(z.to(like.device))
 
-    def _reconstruction(self, z: Tensor, x: Tensor) -> Tensor:
+    def _reconstruction(self, z: Tensor, x: Tensor, check: bool = True) -> Tensor:
+        if check:
+            steps.check_bce_input(self, x)
         return ops.decode_loss(
             self._decoder_code(z), self.decoder.weight, self.decoder.bias, target=x,
-            output=self.output, loss=self.loss_name, check_target=self.check_targets,
+            output=self.output, loss=self.loss_name, check_target=False,
         )  # fmt: skip
 
     def reconstruction_error(self, x: Tensor) -> Tensor:
@@ -233,6 +235,7 @@ class VAE(nn.Module):
         default generator) on its device, so a seeded generator repeats the estimate. The
         estimate is float32 for a float16 or bfloat16 model (the weights are summed in it)."""
         x = self._check_x(x)
+        steps.check_bce_input(self, x)
         samples = _checks.positive_int("samples", samples)
         generator = _checks.generator("generator", generator)
         # the weights' arithmetic in float32 at least; a half-precision model decodes z rounded
@@ -253,7 +256,8 @@ class VAE(nn.Module):
             if x.dtype != acc:
                 z = decoded.to(acc)
                 eps = torch.where(sigma > 0, (z - mu) / sigma, eps)
-            log_p_x = -self._reconstruction(decoded.flatten(0, 1), x.repeat(draws, 1)).to(acc)
+            log_p_x = self._reconstruction(decoded.flatten(0, 1), x.repeat(draws, 1), False)
+            log_p_x = -log_p_x.to(acc)
             # log p(z) - log q(z | x): the 2 pi terms cancel, (z - mu) / sigma = eps
             log_ratio = 0.5 * (logvar + eps.square() - z.square()).sum(2)
             log_weights.append(log_p_x.view(draws, rows) + log_ratio)

@@ -174,7 +174,7 @@ def test_check_targets_covers_the_loss_and_the_reconstruction_error(vae):
     x = torch.rand(4, 6) * 3
     checked = make().eval()
     for method in (checked, checked.reconstruction_error):
-        with pytest.raises(ValueError, match="target must lie in"):
+        with pytest.raises(ValueError, match="^x must lie in"):
             method(x)
     unchecked = make(check_targets=False).eval()
     unchecked.load_state_dict(checked.state_dict())
