@@ -207,7 +207,7 @@ def test_fusion_rule(monkeypatch):
 
 def test_tf32_error_against_float64():
     """tf32 near 3e-4 relative (the contract): the untied fused path's loss, x^ and every
-    gradient within 2e-3 of float64 in norm, by the fusion rules (the interpreter truncates
+    gradient within 1.5e-3 of float64 in norm, by the fusion rules (the interpreter truncates
     the operands, a one-sided error that reaches 9.7e-4 in dh here, where a GPU rounds
     them; bfloat16's operands would give about four times as much)."""
     leaves, upstream = _inputs(32, 48, 64, torch.float32, tied=False, target_grad=True)
@@ -217,7 +217,7 @@ def test_tf32_error_against_float64():
     exact = [t.detach().double().requires_grad_() for t in leaves]
     oracle = _run("reference", *exact, upstream.double(), **kw)
     errors = [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, oracle, strict=True)]
-    assert max(errors) < 2e-3, errors
+    assert max(errors) < 1.5e-3, errors
 
 
 @pytest.mark.parametrize("tied", [True, False])
