@@ -307,6 +307,13 @@ def _unlabeled_mask(y: np.ndarray) -> np.ndarray:
                 f"(string labels and the integer {UNLABELED} for unlabelled samples)"
             )
     if y.dtype == object:
+        if any(isinstance(v, (str, bytes)) and v in ("-1", b"-1") for v in y):
+            raise ValueError(
+                f"y holds the string '{UNLABELED}': the unlabelled marker is the integer "
+                f"{UNLABELED}; pass string labels with the integer {UNLABELED} for unlabelled "
+                f"samples (a pandas Series of strings: y.astype(object).mask(y == "
+                f"'{UNLABELED}', {UNLABELED}))"
+            )
         return np.array([isinstance(v, (int, np.integer)) and v == UNLABELED for v in y])
     if y.dtype.kind in "iuf":
         return y == UNLABELED
@@ -583,8 +590,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
     graph (captured anew after each target update).
 
     Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_``
-    (in code space), ``autoencoder_`` (the fitted, refined clone), ``n_iter_`` (refinement
-    epochs run).
+    (in code space), ``autoencoder_`` (the fitted, refined clone; a detector's threshold and
+    scores are the refined model's), ``n_iter_`` (refinement epochs run).
     """
 
     def __init__(
@@ -666,6 +673,9 @@ class DECClustering(ClusterMixin, BaseEstimator):
             x = self.autoencoder_._tensor(self.autoencoder_._scale(X))
             self._refine(module, x, refine_epochs, update_interval, lr, random)
             self.cluster_centers_ = module.centers.detach().double().cpu().numpy()
+            if isinstance(self.autoencoder_, AutoencoderOutlierDetector):
+                # its encoder changed: its scores and threshold from the refined model
+                self.autoencoder_._set_threshold(X)
         return self
 
     def _module(self, reconstruction_weight: float = 0.0) -> DECModule:

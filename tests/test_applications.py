@@ -225,6 +225,9 @@ def test_semi_supervised_labels_and_errors(digits):
     assert as_strings.dtype.kind == "U"
     with pytest.raises(ValueError, match=r"^y has a string dtype .* dtype=object"):
         SemiSupervisedAutoencoder(epochs=1).fit(x, as_strings)
+    # so is the string "-1" among object labels (a pandas Series of strings holds them so)
+    with pytest.raises(ValueError, match=r"^y holds the string '-1'"):
+        SemiSupervisedAutoencoder(epochs=1).fit(x, as_strings.astype(object))
     strings = SemiSupervisedAutoencoder(8, epochs=1, random_state=0).fit(x, y.astype(str))
     assert strings.n_labeled_ == len(y) and set(strings.classes_) == set(y.astype(str))
 
@@ -529,6 +532,10 @@ def test_dec_arguments_and_estimators():
         dec = DECClustering(3, autoencoder=detector, refine_epochs=2, random_state=0).fit(x)
         assert dec.labels_.shape == (60,) and dec.cluster_centers_.shape == (3, 2)
         np.testing.assert_array_equal(dec.predict(x), dec.labels_)
+        # refinement changed the detector's encoder: its scores and threshold follow it
+        refined = dec.autoencoder_
+        np.testing.assert_allclose(refined.decision_scores_, -refined.score_samples(x))
+        np.testing.assert_array_equal(refined.predict(x) == -1, refined.labels_ == 1)
 
 
 def test_dec_checks_its_clusters_before_training(monkeypatch):
