@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fractions
 import math
 import numbers
 import sys
@@ -305,6 +306,14 @@ class LossNotFinite(FloatingPointError):
 def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
     """Whether a callback's ``answer`` stops training; data-parallel, whether any process's
     does (one all-reduce), so that all stop at the same epoch."""
+    if answer is not None and not isinstance(answer, (bool, np.bool_)):
+        warnings.warn(
+            f"callback returned {answer!r} ({type(answer).__name__}), not True, False or None: "
+            "training goes on (return True to stop it)",
+            UserWarning,
+            stacklevel=3,
+        )
+        answer = False
     stop = bool(answer)
     if not parallel:
         return stop
@@ -364,10 +373,11 @@ def fit(
     0, the lowest), whether or not training stopped early; without, those of the best
     training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's generator,
     so noise seeds and shuffling repeat exactly. The model is left in eval mode (its forward
-    then corrupts nothing and a VAE takes z = mu): call ``model.train()`` before training it
-    further in a loop of your own. ``validation_split``: the share of the rows of tensor or
-    array ``data`` held out as validation data instead of ``validation_data``, as Keras's:
-    the last rows, taken before any shuffling (shuffle rows sorted by class or time first).
+    then corrupts nothing and a VAE takes z = mu), however fit ends: call ``model.train()``
+    before training it further in a loop of your own. ``validation_split``: the share of the
+    rows of tensor or array ``data`` held out as validation data instead of
+    ``validation_data``, as Keras's: the last rows, taken before any shuffling (shuffle rows
+    sorted by class or time first).
 
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (PyTorch's fused Adam
     on CUDA and on the CPU).
@@ -380,9 +390,10 @@ def fit(
     trainable parameters, as :func:`torch.nn.utils.clip_grad_norm_`) before the optimizer's
     update, as Keras's ``global_clipnorm``; None (default) leaves them as they are.
     ``callback``: called after each epoch as ``callback(epoch, history)`` (epoch from 1, the
-    history so far, the model in training mode): to log, checkpoint or plot; a true return
-    stops training there, as ``patience`` does (``History.stopped_early``; under data-parallel
-    training a stop asked by any process stops all).
+    history so far, the model in training mode): to log, checkpoint or plot; returning True
+    stops training there (``History.stopped_early``; the weights stay the last epoch's where
+    no validation data is given; under data-parallel training a stop asked by any process
+    stops all); a return other than True, False or None is warned about and does not stop it.
 
     ``cuda_graph``: replay each training step from a CUDA graph (:class:`fastae.GraphedStep`:
     one launch a step instead of a dozen, for batches whose GPU work is shorter than the
@@ -395,13 +406,14 @@ def fit(
 
     Under ``torchrun`` (an initialized process group) a DistributedDataParallel model trains
     data-parallel, and every process must call fit: tensor data is sharded across processes
-    with a DistributedSampler (shuffled alike on all: process 0's seed; validation data in
-    unpadded shards, each row once), the losses in the history are means over every
-    process's rows (one all-reduce an epoch), so all processes stop early, keep and restore
-    the same epoch's weights, and ``seed`` seeds process r's generator with ``seed + r``, so
-    that their noise differs (without ``seed``, seed each process's generator differently
-    yourself). Any other model trains on the calling process's data alone, with no
-    collective.
+    with a DistributedSampler (shuffled alike on all: process 0's seed; it pads the training
+    rows to a multiple of the processes with repeated rows, which are trained on and counted;
+    validation data in unpadded shards, each row once), the losses in the history are means
+    over every process's rows (one all-reduce an epoch), so all processes stop early, keep
+    and restore the same epoch's weights, and ``seed`` seeds process r's generator with
+    ``seed + r``, so that their noise differs (without ``seed``, seed each process's generator
+    differently yourself). Any other model trains on the calling process's data alone, with
+    no collective.
 
     Raises :class:`fastae.LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
     validation loss is not finite (the model goes back to the best epoch's weights where
@@ -479,7 +491,7 @@ def fit(
     scheduler = _scheduler(scheduler, optimizer, cuda_graph, like.device)
 
     history = History()
-    best, best_state, waited = math.inf, None, 0
+    best, best_state, waited, patience_stopped = math.inf, None, 0, False
 
     def check_finite(loss: float, which: str, epoch: int) -> None:
         if math.isfinite(loss):
@@ -496,6 +508,7 @@ def fit(
     given = [d for d in (data, validation_data) if d is not None]
     given = [_as_tensor("data", d, like) if isinstance(d, np.ndarray) else d for d in given]
     with contextlib.ExitStack() as stack:
+        stack.callback(model.eval)  # however fit ends: an interrupt, a callback's error
         paused = stack.enter_context(_targets_checked_once(model, given))
         # after the data's checks: data refused shows no progress bar
         bar = _Progress(epochs, progress and rank == 0, type(model).__name__)
@@ -540,7 +553,7 @@ def fit(
                     best_state = copy.deepcopy(model.state_dict())
             elif patience is not None:
                 waited += 1
-                stop = waited >= patience
+                stop = patience_stopped = waited >= patience
             if callback is not None:
                 with _targets_resumed(model) if paused else contextlib.nullcontext():
                     answer = callback(epoch + 1, history)
@@ -548,7 +561,7 @@ def fit(
             if stop:
                 history.stopped_early = True
                 break
-    if best_state is not None and (val is not None or history.stopped_early):
+    if best_state is not None and (val is not None or patience_stopped):
         model.load_state_dict(best_state)
     model.eval()
     history.seconds = time.perf_counter() - start
@@ -567,7 +580,9 @@ def _split_off(data, validation_data, share):
             f"{type(data).__name__} data pass validation_data instead"
         )
     rows = data.shape[0] if data.ndim else 0
-    split = int(rows * (1 - share))  # Keras's rounding: the training rows rounded down
+    # the training rows rounded down, as Keras's, in exact arithmetic on the share as written
+    # (0.9 of 10 rows holds out 9, where float64 makes 10 * (1 - 0.9) 0.99999...)
+    split = math.floor(rows * (1 - fractions.Fraction(repr(share))))
     if not 0 < split < rows:
         raise ValueError(
             f"validation_split={share} of {rows} rows leaves {split} to train on and "

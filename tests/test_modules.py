@@ -491,6 +491,14 @@ def test_fit_validation_split_holds_out_the_last_rows(as_array):
         assert float(best(data[22:]).loss) == pytest.approx(min(split.val_loss), rel=1e-6)
 
 
+@pytest.mark.parametrize("rows, share, held_out", [(10, 0.9, 9), (100, 0.9, 90), (90, 0.3, 27)])
+def test_fit_validation_split_counts_the_share_as_written(rows, share, held_out):
+    """0.9 of 10 rows is 9 (float64's 10 * (1 - 0.9) is 0.9999999999999998, which would
+    leave no training row)."""
+    train, held = fastae.training._split_off(small_problem(rows), None, share)
+    assert (len(train), len(held)) == (rows - held_out, held_out)
+
+
 def test_fit_clips_each_steps_gradients_to_max_grad_norm():
     """One full-batch SGD step with lr 1 moves the parameters by the clipped gradient: g when
     its norm is below the bound, g * bound / ||g|| above it (within clip_grad_norm_'s 1e-6)."""
@@ -587,17 +595,43 @@ def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
     )
     assert seen == [(1, 1, 1, True), (2, 2, 2, True)]
     assert history.stopped_early and len(history.loss) == 2
-    # without validation data or patience the model keeps its last step's weights
-    stopped = new_model()
-    fastae.fit(stopped, data, epochs=5, callback=lambda epoch, _: epoch == 2, **kwargs)
+
+    # without validation data the model keeps its last step's weights, with patience too
+    # (a restore is patience's): gradient ascent makes the first epoch the best
+    def ascent(model):
+        return torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+
     two = new_model()
-    fastae.fit(two, data, epochs=2, **kwargs)
-    for name, value in two.state_dict().items():
-        torch.testing.assert_close(stopped.state_dict()[name], value, rtol=0, atol=0)
+    fastae.fit(two, data, epochs=2, optimizer=ascent(two), **kwargs)
+    for patience in (None, 3):
+        stopped = new_model()
+        history = fastae.fit(
+            stopped, data, epochs=5, optimizer=ascent(stopped), patience=patience,
+            callback=lambda epoch, _: epoch == 2, **kwargs,
+        )  # fmt: skip
+        assert history.best_epoch == 0 and history.stopped_early
+        for name, value in two.state_dict().items():
+            torch.testing.assert_close(stopped.state_dict()[name], value, rtol=0, atol=0)
     everything = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: None, **kwargs)
     assert len(everything.loss) == 3 and not everything.stopped_early
+    # a logging callback's return value (a count of characters) is no request to stop
+    with pytest.warns(UserWarning, match=r"^callback returned 7 \(int\), not True, False"):
+        logged = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: 7, **kwargs)
+    assert len(logged.loss) == 3 and not logged.stopped_early
     with pytest.raises(TypeError, match=r"^callback must be callable or None, got str"):
         fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
+
+
+def test_fit_leaves_eval_mode_however_it_ends():
+    """An error (or an interrupt) in a callback still leaves the model in eval mode."""
+    model = new_model(noise=fastae.MaskingNoise(0.3))
+
+    def failing(epoch, history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fastae.fit(model, small_problem(), epochs=3, callback=failing, progress=False)
+    assert not model.training
 
 
 def test_fit_callback_sees_the_model_as_given():
