@@ -35,6 +35,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -879,11 +880,20 @@ def _key(record: dict) -> tuple:
 
 
 def group_rows(records: Iterable[dict]) -> list[dict[str, Any]]:
-    """One row per (card, case, size, dtype) with each provider's record."""
+    """One row per (card, case, size, dtype) with each provider's record. A provider twice
+    (two runs' records of one case on one card) keeps the later record, with a warning: the
+    row's ratios then compare different runs."""
     rows: dict[tuple, dict[str, Any]] = {}
     for record in records:
         ident = tuple(record.get(k) for k in ("device_name", "case", "size", "dtype"))
         row = rows.setdefault(ident, {"first": record, "providers": {}})
+        if record["provider"] in row["providers"]:
+            warnings.warn(
+                f"two records of provider {record['provider']!r} for {ident}: the later is "
+                "kept, so that row compares different runs",
+                UserWarning,
+                stacklevel=2,
+            )
         row["providers"][record["provider"]] = record
     return sorted(rows.values(), key=lambda row: _key(row["first"]))
 
@@ -962,7 +972,7 @@ def _count(value: int | None) -> str:
 
 
 def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
-    """Aten ops and saved MB (beyond inputs) per provider; CUDA peak MB and kernels if any;
+    """Ops dispatched and saved MiB (beyond inputs) per provider; CUDA peak MiB and kernels if any;
     fastae's providers' relative difference from the reference backend (:func:`agreement`),
     marked "!" above :data:`AGREEMENT_LIMITS`."""
     rows = group_rows(records)
@@ -973,9 +983,9 @@ def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
     ]  # fmt: skip
     on_cuda = any(r["first"].get("device") == "cuda" for r in rows)
     header = ["case", "size", "dtype"]
-    header += [f"ops {p}" for p in providers] + [f"saved MB {p}" for p in providers]
+    header += [f"ops {p}" for p in providers] + [f"saved MiB {p}" for p in providers]
     if on_cuda:
-        header += [f"peak MB {p}" for p in providers] + [f"kernels {p}" for p in providers]
+        header += [f"peak MiB {p}" for p in providers] + [f"kernels {p}" for p in providers]
     header += [f"vs ref {p}" for p in checked]
     lines = []
     for row in rows:
@@ -1153,7 +1163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--figures",
         action="store_true",
-        help="also print the figures per case (ops dispatched, MB saved for backward; on CUDA "
+        help="also print the figures per case (ops dispatched, MiB saved for backward; on CUDA "
         "peak memory, launches and where the GPU time goes)",
     )
     parser.add_argument("--json", default=None, help="write the results to this JSON file")

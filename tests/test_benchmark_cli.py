@@ -177,7 +177,7 @@ def test_fastae_numbers_are_checked_against_the_reference(bench_run):
             assert record["rel_diff_vs_reference"] == 0
         else:
             assert "rel_diff_vs_reference" not in record
-    header = next(line for line in stdout.splitlines() if "saved MB" in line)
+    header = next(line for line in stdout.splitlines() if "saved MiB" in line)
     assert header.endswith("vs ref fastae  vs ref fastae_regenerate")
 
 
@@ -721,3 +721,15 @@ def test_peers_streaming_scores_reconstructions_of_chunked_training(peers):
         assert results[name]["test_error"] == [pytest.approx(error)]
     assert 0 < results[names[0]]["test_error"][0] < results[names[2]]["test_error"][0]
     assert "| fastae transformer, partial_fit (2 passes) | " in peers.streaming_table(results)
+
+
+def test_a_case_of_two_runs_is_warned_about():
+    """Two runs' records of one case on one card would make a row of mixed runs: the later
+    record is kept and the summary says so."""
+    ident = dict(device_name="card", case="plain", size="8x4x2", dtype="fp32")
+    first = dict(ident, provider="fastae", median_s=2.0)
+    later = dict(ident, provider="fastae", median_s=1.0)
+    eager = dict(ident, provider="eager", median_s=3.0)
+    with pytest.warns(UserWarning, match=r"^two records of provider 'fastae' for \('card'"):
+        (row,) = fb.group_rows([first, eager, later])
+    assert row["providers"]["fastae"] is later and fb.speedup(row, "eager") == 3.0
