@@ -41,7 +41,7 @@ class L1Sparsity:
 
     def penalty(self, h: Tensor, rho_hat: Tensor, nonnegative: bool = True) -> Tensor:
         # for nonnegative activations mean_i |h_ij| is rho_hat_j: no pass over h needed
-        column_mean = rho_hat if nonnegative else h.abs().mean(0)
+        column_mean = rho_hat if nonnegative else h.abs().mean(0, dtype=rho_hat.dtype)
         return self.weight * column_mean.sum()
 
 

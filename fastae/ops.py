@@ -87,6 +87,14 @@ _backend_for._dynamo_marked_constant = True
 corrupted_input_mode._dynamo_marked_constant = True
 
 
+def _triton_requested() -> bool:
+    """Whether the triton backend is asked for by name (a constant to torch.compile)."""
+    return backend.get_backend() == "triton"
+
+
+_triton_requested._dynamo_marked_constant = True
+
+
 def _impl(backend_name: str, kernel: str):
     return _kernel_module(kernel) if backend_name == "triton" else reference
 
@@ -141,7 +149,7 @@ def _with_eager_route(op, body, setup_context, backward, plain_math):
 
     def call(*args):
         if _under_torch_func(args):
-            if backend.get_backend() == "triton":
+            if _triton_requested():
                 raise RuntimeError(
                     f"backend 'triton' was requested for {name}, but under torch.func "
                     "transforms and forward-mode AD the ops run the reference math; use the "
@@ -161,10 +169,10 @@ def _under_torch_func(args: tuple) -> bool:
     """Whether a call runs inside a torch.func transform (grad, vjp, jacrev, jacfwd, jvp, vmap,
     hessian) or one of its tensors carries a forward-mode tangent (torch.autograd.forward_ad).
     """
+    if torch._C._are_functorch_transforms_active():  # also where compile traces a transform
+        return True
     if torch.compiler.is_compiling():
         return False
-    if torch._C._are_functorch_transforms_active():
-        return True
     if forward_ad._current_level < 0:
         return False  # no dual level entered: no tensor carries a tangent
     return any(
@@ -1115,6 +1123,9 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
         well (one kernel on the GPU), so backward is one product.
     """
     rho_hat = _checks.tensor("rho_hat", rho_hat, 1)
-    rho = _checks.finite_number("rho", rho, low=0.0, high=1.0, open_low=True)
+    # not while torch.compile traces, where rho may be a symbolic float with no value to
+    # check (KLSparsity checked its rho when made)
+    if not torch.compiler.is_compiling():
+        rho = _checks.finite_number("rho", rho, low=0.0, high=1.0, open_low=True)
     name = _backend_for("bernoulli_kl", "sparsity", rho_hat.device)
     return _bernoulli_kl(rho_hat, rho, name)[0]

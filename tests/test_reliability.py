@@ -55,6 +55,36 @@ def test_compile_fullgraph_matches_eager():
     assert torch.isfinite(first) and first != second
 
 
+def test_compile_fullgraph_with_dynamic_shapes():
+    """dynamic=True makes the KL target rho a symbolic float (it is checked when KLSparsity is
+    made, not in the graph): batches of three sizes, one graph, the eager loss."""
+    torch.manual_seed(0)
+    model = _model(noise=None, contractive=0.0)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for rows in (5, 9, 17):
+        x = _data(rows)
+        torch.testing.assert_close(compiled(x).loss, model(x).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_of_a_torch_func_transform():
+    """torch.compile traces a torch.func transform over a model (the ops then run their
+    reference math): per-sample gradients and the encoder's Jacobian as eager's."""
+    torch.manual_seed(0)
+    model = _model(noise=None, check_targets=False).eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x = _data(4)
+
+    def loss(params, row):
+        return torch.func.functional_call(model, params, (row[None],)).loss
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    compiled = torch.compile(per_sample, fullgraph=True)(params, x)
+    for name, grad in per_sample(params, x).items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-6)
+    jacobian = torch.func.jacrev(model.encode)
+    torch.testing.assert_close(torch.compile(jacobian, fullgraph=True)(x), jacobian(x))
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_same_seed_gives_bitwise_identical_steps(backend):
     if backend == "triton":
@@ -178,6 +208,20 @@ def test_cpu_bf16_autocast_with_reference():
     reference = fastae.Autoencoder(24, 10, sparsity=fastae.KLSparsity(0.1, 0.3), contractive=0.1)
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(out.loss, reference(x).loss, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_l1_term_under_autocast_is_float32(activation):
+    """The L1 term is a batch mean, accumulated in float32 under bfloat16 autocast for every
+    activation (tanh's |h| included, which is not rho_hat)."""
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(64, 32, activation=activation, sparsity=fastae.L1Sparsity(1.0))
+    x = torch.rand(256, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.code.dtype == torch.bfloat16 and out.penalties["sparsity"].dtype == torch.float32
+    expected = out.code.float().abs().mean(0).sum()
+    torch.testing.assert_close(out.penalties["sparsity"], expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("model_class", ["Autoencoder", "VAE"])
