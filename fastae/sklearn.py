@@ -253,14 +253,20 @@ class AutoencoderEstimatorMixin:
         """Fit the scaler, resolve ``loss_`` and return the scaled training data."""
         if self.scale == "standard":
             self.scaler_ = StandardScaler().fit(X)
+            if not np.isfinite(self.scaler_.var_).all():
+                raise ValueError(
+                    "X's column variances overflow float64 (values up to "
+                    f"{np.abs(X).max():.4g}): divide X by a constant before fitting"
+                )
         elif self.scale == "minmax":
             self.scaler_ = MinMaxScaler(clip=True).fit(X)
         else:
             self.scaler_ = None
         scaled = self._scale(X)
+        # standardized data lies in [0, 1] only by accident (one row, constant columns)
         in_unit = bool(scaled.min() >= 0.0 and scaled.max() <= 1.0)
         if self.loss == "auto":
-            self.loss_ = "bce" if in_unit else "mse"
+            self.loss_ = "bce" if in_unit and self.scale != "standard" else "mse"
         else:
             self.loss_ = self.loss
         self._check_bce_range(scaled)
@@ -313,9 +319,14 @@ class AutoencoderEstimatorMixin:
         if self.loss_ == "bce":
             scaled = np.clip(scaled, 0.0, 1.0)
         if dtype == torch.float32 and np.abs(scaled).max(initial=0.0) > np.finfo(np.float32).max:
+            advice = (
+                "use scale='standard' or 'minmax'"
+                if self.scaler_ is None
+                else "X lies far beyond the range of the data the scaler was fitted to"
+            )
             raise ValueError(
                 "X has values beyond float32's range after scaling (largest magnitude "
-                f"{np.abs(scaled).max():.4g}); use scale='standard' or 'minmax'"
+                f"{np.abs(scaled).max():.4g}); {advice}"
             )
         return torch.tensor(scaled, dtype=dtype, device=self.device_ if device is None else device)
 
@@ -439,6 +450,16 @@ class AutoencoderEstimatorMixin:
             module.train(was_training)
         return torch.cat(parts).double().cpu().numpy()
 
+    def _anomaly_scores(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly score of validated X: the reconstruction error of X scaled without
+        clipping (a row beyond the training range scores as far as it lies); for BCE, of X
+        clipped to [0, 1] plus the squared excess beyond [0, 1]."""
+        scaled = self._scale(X, clip=False)
+        scores = self._reconstruction_error(self._tensor(scaled, _TORCH_DTYPES[X.dtype]))
+        if self.loss_ == "bce":  # _tensor clipped the targets to [0, 1]
+            scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0)).sum(1)
+        return scores
+
     def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
         """Per-sample loss above its minimum: squared error, or for BCE the KL divergence
         sum_k KL(x_k || x^_k) = BCE - sum_k H(x_k), so a perfect reconstruction scores 0."""
@@ -524,7 +545,9 @@ class CodeTransformerMixin(TransformerMixin):
         return _as_dtype(self._unscale(recon), h)
 
     def score_samples(self, X):
-        return -self._reconstruction_error(self._prepared(X))
+        """Minus the reconstruction error of each row, scaled as the outlier detector scores
+        it (a row beyond the minmax training range is not clipped to it)."""
+        return -self._anomaly_scores(self._validated(X))
 
     def score(self, X, y=None):
         """Mean of :meth:`score_samples` (higher is better)."""
@@ -782,7 +805,8 @@ class AutoencoderTransformer(
         scale: "standard" (StandardScaler), "minmax" (MinMaxScaler, clipped to [0, 1]) or None.
         loss: "bce" (sigmoid output; inputs must lie in [0, 1] after scaling, later inputs
             are clipped there), "mse" (identity output) or "auto": "bce" when the scaled
-            training data lies in [0, 1], else "mse". The choice is ``loss_``.
+            training data lies in [0, 1] (minmax scaling, or unscaled data in [0, 1]), else
+            "mse" (always after standard scaling). The choice is ``loss_``.
         tied: decoder weight is the encoder weight transposed.
         noise: a fastae GaussianNoise / MaskingNoise / SaltPepperNoise (denoising), or None.
         sparsity: fastae.KLSparsity (sigmoid activation) or fastae.L1Sparsity, or None.
@@ -968,15 +992,6 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     def _vae_score(self) -> str:
         """The fitted score kind, whatever ``anomaly_score`` says now (until the next fit)."""
         return self.anomaly_score_
-
-    def _anomaly_scores(self, X: np.ndarray) -> np.ndarray:
-        """Anomaly score of validated X: the reconstruction error of X scaled without
-        clipping; for BCE, of X clipped to [0, 1] plus the squared excess beyond [0, 1]."""
-        scaled = self._scale(X, clip=False)
-        scores = self._reconstruction_error(self._tensor(scaled, _TORCH_DTYPES[X.dtype]))
-        if self.loss_ == "bce":  # _tensor clipped the targets to [0, 1]
-            scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0)).sum(1)
-        return scores
 
     @all_or_nothing
     def fit(self, X, y=None):

@@ -1114,3 +1114,35 @@ def test_detector_partial_fit_trains_as_the_transformer_and_thresholds_the_last_
         )
     with pytest.raises(ValueError, match="contamination must be in"):
         detector.set_params(contamination=0.7).partial_fit(x[:10])
+
+
+def test_auto_loss_is_squared_error_after_standard_scaling():
+    """Standardized data lies in [0, 1] only by accident (one row, constant columns): "auto"
+    takes squared error there, so a stream fed one row at a time keeps training."""
+    x = np.random.default_rng(0).random((50, 4))
+    streamed = AutoencoderTransformer(3, random_state=0).partial_fit(x[:1])
+    assert streamed.loss_ == "mse"
+    streamed.partial_fit(x[1:2])
+    constant = AutoencoderTransformer(3, epochs=1, random_state=0).fit(np.full((20, 4), 7.0))
+    assert constant.loss_ == "mse"
+    assert AutoencoderTransformer(3, epochs=1, scale="minmax").fit(x).loss_ == "bce"
+
+
+def test_standard_scaling_that_overflows_is_named():
+    """Values near 1e154 square beyond float64: the variance overflow is the error, before
+    any training, not a divergence or a call for the scaling already in use."""
+    x = np.random.default_rng(0).random((50, 4)) * 1e154
+    with pytest.raises(ValueError, match=r"^X's column variances overflow float64"):
+        AutoencoderTransformer(3, epochs=1).fit(x)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_transformer_scores_rows_beyond_the_minmax_range(loss):
+    """score_samples scores a row beyond the training range by how far it lies (as the
+    outlier detector does), not as the clipped row at the range's edge."""
+    x = np.random.default_rng(0).random((60, 4))
+    model = AutoencoderTransformer(3, epochs=5, scale="minmax", loss=loss, random_state=0)
+    model.fit(x)
+    edge, far = x[:3].copy(), x[:3].copy()
+    edge[:, 0], far[:, 0] = x[:, 0].max(), 50 * x[:, 0].max()
+    assert (model.score_samples(far) < model.score_samples(edge) - 100).all()
