@@ -164,19 +164,24 @@ def all_or_nothing(fit_method):
     """``fit_method`` made atomic: if it raises (a bad X or y, a diverging loss, Ctrl-C), the
     estimator's attributes are put back as they were, so a fitted estimator keeps predicting
     as before and an unfitted one stays unfitted. The fitted objects are replaced, never
-    changed in place, by fitting; the random streams that are drawn in place are copied."""
+    changed in place, by fitting; the random streams that are drawn in place (a RandomState
+    given as ``random_state``, partial_fit's seeds) are wound back."""
 
     @functools.wraps(fit_method)
     def atomic(self, *args, **kwargs):
-        before = {
-            name: copy.deepcopy(value) if isinstance(value, np.random.RandomState) else value
-            for name, value in vars(self).items()
-        }
+        before = dict(vars(self))
+        streams = [
+            (value, value.get_state())
+            for value in before.values()
+            if isinstance(value, np.random.RandomState)
+        ]
         try:
             return fit_method(self, *args, **kwargs)
         except BaseException:
             vars(self).clear()
             vars(self).update(before)
+            for stream, state in streams:
+                stream.set_state(state)
             raise
 
     return atomic
@@ -768,7 +773,10 @@ class _AutoencoderEstimator(
                 {**now, "params": then["params"]}
                 for now, then in zip(settings, saved["param_groups"], strict=True)
             ]
-            optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+            # a copy: load_state_dict keeps tensors already on the device and dtype, and
+            # Adam updates them in place (a call that then fails would change the saved ones)
+            state = copy.deepcopy(saved["state"])
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
         return optimizer
 
     def __sklearn_tags__(self):

@@ -302,6 +302,38 @@ def test_a_fit_that_raises_leaves_the_estimator_as_it_was(make, digits, monkeypa
     )
 
 
+def test_a_partial_fit_that_diverges_leaves_adams_moments_as_they_were(digits):
+    """The moments partial_fit keeps for the next call are not trained in place by a call
+    that then fails: after a diverging call the estimator goes on as one that never made it."""
+    x = digits[0][:300]  # 100 rows a call: two steps, the second's loss inf at lr=1e30
+    for make in (AutoencoderTransformer, AutoencoderOutlierDetector):
+        model = make(3, lr=1e-2, random_state=0, device="cpu").partial_fit(x[:100])
+        twin = copy.deepcopy(model)
+        with pytest.raises(ValueError, match="^training diverged"):
+            model.set_params(lr=1e30).partial_fit(x[100:200])
+        for index, moments in twin._optimizer_state["state"].items():
+            for name, value in moments.items():
+                assert torch.equal(model._optimizer_state["state"][index][name], value), name
+        model.set_params(lr=1e-2).partial_fit(x[200:])
+        np.testing.assert_array_equal(
+            model.score_samples(x), twin.partial_fit(x[200:]).score_samples(x)
+        )
+
+
+def test_a_fit_that_raises_keeps_the_callers_random_state_object(digits):
+    """A RandomState given as random_state stays the estimator's own after a failed fit,
+    its stream put back to where it was (the fit drew from it)."""
+    x = digits[0][:100]
+    stream = np.random.RandomState(0)
+    model = AutoencoderTransformer(3, epochs=1, lr=1e30, random_state=stream)
+    with pytest.raises(ValueError, match="^training diverged"):
+        model.fit(x)
+    assert model.random_state is stream
+    np.testing.assert_array_equal(
+        stream.randint(2**31, size=4), np.random.RandomState(0).randint(2**31, size=4)
+    )
+
+
 def test_predictions_follow_the_fitted_model_not_later_parameters(digits):
     """set_params without a refit changes nothing a fitted estimator predicts."""
     x = digits[0][:80]
