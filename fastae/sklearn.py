@@ -153,7 +153,7 @@ _GENERATORS = threading.RLock()
 def _seeded(seed: int):
     """torch's generators (CPU and every CUDA device) forked and seeded with ``seed``: runs
     repeat, and the caller's global generator state is left as it was; other threads' seeded
-    fits wait (``_GENERATORS``)."""
+    fits wait (``_GENERATORS``), their other torch draws do not (they share the generators)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with _GENERATORS, torch.random.fork_rng(devices=devices):
         seed_torch(seed)

@@ -371,8 +371,9 @@ def fit(
     data, the model is left with the weights of the best epoch (``History.best_epoch``: the
     last that lowered the best validation loss by more than ``min_delta``; with the default
     0, the lowest), whether or not training stopped early; without, those of the best
-    training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's generator,
-    so noise seeds and shuffling repeat exactly. The model is left in eval mode (its forward
+    training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's generator
+    (``torch.manual_seed``, left seeded after fit), so noise seeds and shuffling repeat
+    exactly. The model is left in eval mode (its forward
     then corrupts nothing and a VAE takes z = mu), however fit ends: call ``model.train()``
     before training it further in a loop of your own. ``validation_split``: the share of the
     rows of tensor or array ``data`` held out as validation data instead of
