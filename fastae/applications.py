@@ -18,6 +18,7 @@ same batching, shuffling and seeding apply.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,7 +172,7 @@ class SemiSupervisedAutoencoder(
         *,
         reconstruction_weight: float = 0.1,
         model: str = "autoencoder",
-        hidden: int = 128,
+        hidden: int | Sequence[int] = 128,
         beta: float = 1.0,
         activation: str = "auto",
         scale: str | None = "standard",
@@ -336,7 +337,9 @@ class StackedAutoencoder(
 
     ``transform`` gives the top codes (``sizes[-1]`` columns), ``inverse_transform`` decodes
     them back to input space, ``score_samples`` is minus the stack's reconstruction error.
-    The other parameters are those of :class:`fastae.sklearn.AutoencoderTransformer`; with
+    The other parameters are those of :class:`fastae.sklearn.AutoencoderTransformer`, but
+    ``activation`` (default "sigmoid") names one activation for every layer and ``lr``
+    (default 1e-2) is a number: neither takes "auto". With
     ``early_stopping`` the same rows are held out of every layer's pretraining and of the
     fine-tuning, and each stage stops on their loss and keeps its best epoch's weights.
     Attributes: ``module_`` (:class:`StackModule`), ``pretrain_loss_`` (per layer, the
@@ -491,10 +494,13 @@ class StackedAutoencoder(
 # ============================================================================ clustering
 
 
-def cluster_codes(codes, n_clusters: int = 10, *, random_state=None, n_init: int = 10) -> KMeans:
+def cluster_codes(
+    codes, n_clusters: int = 10, *, random_state=None, n_init: int | str = 10
+) -> KMeans:
     """k-means (scikit-learn) on codes, e.g. ``cluster_codes(ae.transform(X), 10)``.
 
-    Returns the fitted ``KMeans``: ``labels_``, ``cluster_centers_``, ``predict``.
+    ``random_state`` and ``n_init`` (restarts, or "auto") are ``KMeans``'s. Returns the
+    fitted ``KMeans``: ``labels_``, ``cluster_centers_``, ``predict``.
     """
     codes = check_array(codes, dtype=[np.float64, np.float32])
     return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=random_state).fit(codes)
@@ -585,7 +591,10 @@ class DECClustering(ClusterMixin, BaseEstimator):
     ``update_interval`` epochs.
     ``reconstruction_weight`` > 0 keeps the autoencoder loss in the objective (IDEC, Guo et
     al. 2017). Training stops early when fewer than ``tol`` of the labels change between
-    target updates. ``verbose`` shows the refinement's progress. Refinement trains as the
+    target updates. ``lr``: Adam's learning rate in the refinement; ``n_init``: k-means
+    restarts (or "auto"); ``random_state`` seeds k-means, the refinement and the autoencoder
+    clone when its own ``random_state`` is None. ``verbose`` shows the refinement's
+    progress. Refinement trains as the
     autoencoder was trained: with its ``cuda_graph=True``, each step is replayed from a CUDA
     graph (captured anew after each target update).
 

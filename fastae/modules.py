@@ -51,7 +51,9 @@ class AutoencoderOutput:
 
     loss: total = reconstruction_loss + sum(penalties.values()); reconstruction_loss: batch mean
     of the per-sample loss; penalties: each regularizer's term by name ("sparsity",
-    "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,).
+    "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,);
+    jacobian_norm: batch mean of ||J_enc(x_i)||_F^2 (None when no penalty needed the encoder's
+    statistics).
 
     A training step computes them in one autograd node (see ``fastae.steps``): code,
     per_sample, the penalties and jacobian_norm are that node's outputs beside loss, not inputs

@@ -63,6 +63,10 @@ def draw_seed() -> int:
 
 
 class _Noise:
+    """A corruption spec. ``seed``: None draws a fresh seed from torch's generator at each
+    call (``torch.manual_seed`` makes runs repeatable); an int gives the same corruption at
+    every call (``fastae.fit`` warns: each batch row would see one fixed mask)."""
+
     kind: str
     seed: int | None
 
@@ -79,7 +83,8 @@ class _Noise:
 
 @dataclass(frozen=True)
 class GaussianNoise(_Noise):
-    """x~ = x + sigma * eps, eps ~ N(0, 1) (Box-Muller on Philox, as ``tl.randn``)."""
+    """x~ = x + sigma * eps, eps ~ N(0, 1) (Box-Muller on Philox, as ``tl.randn``).
+    ``seed``: see the base class (None: a fresh draw each call)."""
 
     sigma: float
     seed: int | None = None
@@ -98,7 +103,8 @@ class GaussianNoise(_Noise):
 
 @dataclass(frozen=True)
 class MaskingNoise(_Noise):
-    """x~ = x * m, m ~ Bernoulli(1 - p); with ``rescale`` x~ = x * m / (1 - p) (dropout)."""
+    """x~ = x * m, m ~ Bernoulli(1 - p); with ``rescale`` x~ = x * m / (1 - p) (dropout).
+    ``seed``: see the base class (None: a fresh draw each call)."""
 
     p: float
     rescale: bool = False
@@ -117,7 +123,8 @@ class MaskingNoise(_Noise):
 
 @dataclass(frozen=True)
 class SaltPepperNoise(_Noise):
-    """With probability p an entry becomes ``low`` or ``high`` (1/2 each), else stays."""
+    """With probability p an entry becomes ``low`` or ``high`` (1/2 each), else stays.
+    ``seed``: see the base class (None: a fresh draw each call)."""
 
     p: float
     low: float = 0.0

@@ -24,6 +24,7 @@ import copy
 import functools
 import numbers
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -665,7 +666,7 @@ class _AutoencoderEstimator(
         n_components: int = 32,
         *,
         model: str = "autoencoder",
-        hidden: int = 128,
+        hidden: int | Sequence[int] = 128,
         beta: float = 1.0,
         activation: str = "auto",
         scale: str | None = "standard",
@@ -931,7 +932,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         *,
         contamination: float = 0.1,
         model: str = "autoencoder",
-        hidden: int = 128,
+        hidden: int | Sequence[int] = 128,
         beta: float = 1.0,
         anomaly_score: str | None = None,
         activation: str = "auto",

@@ -356,8 +356,9 @@ def fit(
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
 
-    ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here, shuffled with
-    a generator seeded from ``seed``) or any iterable of batches but a tuple (a DataLoader or
+    ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here; the training
+    rows reshuffled every epoch, by a generator seeded from ``seed``, unless ``shuffle`` is
+    False) or any iterable of batches but a tuple (a DataLoader or
     a list; a batch may be a tensor or a tuple whose first item is the input: a tuple of
     tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is passed
     here). Batches move to the model's device:
@@ -380,6 +381,8 @@ def fit(
     ``validation_data``, as Keras's: the last rows, taken before any shuffling (shuffle rows
     sorted by class or time first).
 
+    ``progress``: a progress bar of the epochs and their losses (tqdm where installed, else a
+    line an epoch on stderr; under data-parallel training on process 0 alone).
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (PyTorch's fused Adam
     on CUDA and on the CPU).
     ``scheduler``: a learning-rate scheduler stepped once an epoch, after its losses (a

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,7 @@ class VAE(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden: int,
+        hidden: int | Sequence[int],
         latent: int,
         *,
         activation: str = "relu",
@@ -218,7 +219,8 @@ class VAE(nn.Module):
 
     def negative_elbo(self, x: Tensor) -> Tensor:
         """Per-sample negative ELBO (B,) = reconstruction + kl with z = mu: deterministic
-        (the same input gives the same value wherever it sits in a batch)."""
+        (no draw: the same batch gives the same values; a row's value in another batch
+        differs only by the rounding of the matrix products at the dtype)."""
         mu, logvar = self.posterior_parameters(x)
         return self._reconstruction(mu, x) + reference.gaussian_kl(mu, logvar)
 
