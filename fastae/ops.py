@@ -1047,7 +1047,9 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: int | None = None) -> tuple
         z (B, k) = mu + exp(logvar / 2) * eps, eps = ``tl.randn(seed, row * k + col)`` (the
         stream of the noise ops), contiguous in mu's dtype; and kl (B,) =
         -1/2 sum_j (1 + logvar - mu^2 - exp(logvar)), float32 at least.
-        The backward pass regenerates eps from the seed instead of storing it.
+        The backward pass regenerates eps from the seed instead of storing it. logvar is
+        not clamped: where exp(logvar) or mu^2 leaves kl's dtype (float32: logvar above
+        about 88.7, |mu| above about 1.8e19), kl is inf (and so is d kl / d logvar).
     """
     mu = _checks.tensor("mu", mu, 2)
     logvar = _checks.tensor("logvar", logvar, 2)
