@@ -11,12 +11,16 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+def dense(name: str, value: torch.Tensor) -> None:
     if value.layout != torch.strided or value.is_nested:
         kind = "nested" if value.is_nested else str(value.layout)
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} one")
+
+
+def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    dense(name, value)
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), "

@@ -43,11 +43,20 @@ class History:
 
 
 def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
+    """Array data in the model's dtype (one conversion), tensor data as given; either
+    detached: fit reads the data, it trains the model."""
     if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold real numbers, got an array of dtype {data.dtype}")
+        if any(stride < 0 for stride in data.strides):  # torch takes no negative strides
+            data = np.ascontiguousarray(data)
         return torch.as_tensor(data, dtype=like.dtype)
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
-    return data
+    _checks.dense(name, data)
+    if data.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no values to train on")
+    return data.detach()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -246,7 +255,7 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
             f"{name} must yield tensors (or tuples whose first item is one), got a batch of "
             f"{type(x).__name__}"
         )
-    return x.to(device, non_blocking=torch.device(device).type == "cuda")
+    return x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def _global_mean(name: str, total: torch.Tensor, count: int, parallel: bool) -> float:
@@ -267,7 +276,17 @@ def _global_mean(name: str, total: torch.Tensor, count: int, parallel: bool) -> 
     return loss_sum / count
 
 
-def _mean_loss(model: nn.Module, batches, device) -> float:
+def _used_up(name: str, count: int, epoch: int, parallel: bool) -> None:
+    """An iterable that yielded rows in the first epoch and none in a later one: a one-shot
+    iterable (an iterator is refused up front; an IterableDataset over a stream is not)."""
+    if epoch and not count and not parallel:
+        raise ValueError(
+            f"{name} yielded no rows in epoch {epoch + 1}, though it did in epoch 1: it must be "
+            "re-iterable (a DataLoader, a list of batches), not one the first epoch used up"
+        )
+
+
+def _mean_loss(model: nn.Module, batches, device, epoch: int = 0) -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     was_training = model.training
     model.eval()
@@ -277,7 +296,9 @@ def _mean_loss(model: nn.Module, batches, device) -> float:
             total.add_(_checks.model_loss(model(x)), alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
-    return _global_mean("validation_data", total, count, _data_parallel(model))
+    parallel = _data_parallel(model)
+    _used_up("validation_data", count, epoch, parallel)
+    return _global_mean("validation_data", total, count, parallel)
 
 
 class LossNotFinite(FloatingPointError):
@@ -364,7 +385,8 @@ def fit(
     here). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
-    Numpy arrays take the model's dtype, tensors must already have it. The validation loss
+    Numpy arrays take the model's dtype (converted once), tensors must already have it; both
+    are read detached (a tensor that requires grad gets none). The validation loss
     is the model's loss in eval mode: without corruption, and for a VAE at z = mu (its KL term
     included), not a sampled ELBO, so it may lie below the training loss. With ``patience``,
     training stops after that many epochs without a ``min_delta`` improvement of the
@@ -509,8 +531,8 @@ def fit(
         raise LossNotFinite(which, epoch + 1, loss, history, restored)
 
     start = time.perf_counter()
-    given = [d for d in (data, validation_data) if d is not None]
-    given = [_as_tensor("data", d, like) if isinstance(d, np.ndarray) else d for d in given]
+    # the tensors batched (converted once), for the BCE range check
+    given = [b.tensor if isinstance(b, TensorBatches) else b for b in (train, val) if b is not None]
     with contextlib.ExitStack() as stack:
         stack.callback(model.eval)  # however fit ends: an interrupt, a callback's error
         paused = stack.enter_context(_targets_checked_once(model, given))
@@ -537,12 +559,13 @@ def fit(
                     optimizer.step()
                 total.add_(loss.detach(), alpha=x.shape[0])  # one kernel
                 count += x.shape[0]
+            _used_up("data", count, epoch, parallel)
             history.loss.append(_global_mean("data", total, count, parallel))
             check_finite(history.loss[-1], "training", epoch)
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]
             if val is not None:
-                history.val_loss.append(_mean_loss(model, val, like.device))
+                history.val_loss.append(_mean_loss(model, val, like.device, epoch))
                 check_finite(history.val_loss[-1], "validation", epoch)
                 stats["val_loss"] = monitored = history.val_loss[-1]
             bar.update(epoch, stats)

@@ -391,6 +391,14 @@ def test_autoencoder_forward_bad_input():
             "validation_data",
         ),  # fmt: skip
         (dict(validation_data=[(0.5,)]), TypeError, "validation_data"),
+        # arrays and tensors that hold no usable numbers
+        (dict(data=np.array([["a"] * 5] * 6)), TypeError, "data"),
+        (dict(data=np.ones((6, 5), dtype=object)), TypeError, "data"),
+        (dict(data=np.ones((6, 5), dtype=complex)), TypeError, "data"),
+        (dict(validation_data=np.ones((6, 5), dtype=np.complex64)), TypeError, "validation_data"),
+        (dict(data=torch.rand(6, 5).to_sparse()), TypeError, "data"),
+        (dict(data=torch.rand(6, 5, device="meta")), ValueError, "data"),
+        (dict(validation_data=torch.rand(6, 5, device="meta")), ValueError, "validation_data"),
     ],
 )
 def test_fit_bad_arguments(kwargs, error, arg):
@@ -406,6 +414,32 @@ def test_fit_empty_data_names_data(loss):
     model = fastae.Autoencoder(5, 3, output="sigmoid" if loss == "bce" else "identity", loss=loss)
     with pytest.raises(ValueError, match=names("data")):
         fastae.fit(model, torch.rand(0, 5), epochs=2, progress=False)
+
+
+def test_fit_nested_tensor_data_names_data():
+    nested = torch.nested.nested_tensor([torch.rand(2, 5), torch.rand(3, 5)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=names("data") + " must be a dense"):
+        fastae.fit(fastae.Autoencoder(5, 3), nested, epochs=1, progress=False)
+
+
+def test_fit_says_a_one_shot_iterable_was_used_up():
+    """An iterable that is not an iterator but yields its batches once (an IterableDataset
+    over a stream, say) trains an epoch, then fit says why the next has no rows."""
+
+    class Once:
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def __iter__(self):
+            return self.batches
+
+    model = fastae.Autoencoder(5, 3)
+    for name in ("data", "validation_data"):
+        kwargs = {"data": torch.rand(6, 5), name: Once(list(torch.rand(6, 5).split(3)))}
+        with pytest.raises(
+            ValueError, match=names(name) + " yielded no rows in epoch 2, .*re-iterable"
+        ):
+            fastae.fit(model, epochs=2, progress=False, **kwargs)
 
 
 def test_fit_needs_a_model_with_parameters():

@@ -296,6 +296,48 @@ def test_fit_dataloader_numpy_and_list_inputs():
         assert other == pytest.approx(histories[0], rel=1e-6)
 
 
+@pytest.mark.parametrize("container", ["tensor", "list"])
+def test_fit_trains_the_model_not_data_that_requires_grad(container):
+    """Data that requires grad (a leaf of the user's graph, an nn.Parameter) is read, not
+    differentiated: no gradient lands in it, and the model trains as on plain data."""
+    data = small_problem()
+    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False)
+    plain = fastae.fit(new_model(seed=3), data, **kwargs).loss
+    leaf = data.clone().requires_grad_()
+    source = leaf if container == "tensor" else list(leaf.split(16))
+    if container == "list":
+        plain = fastae.fit(new_model(seed=3), list(data.split(16)), **kwargs).loss
+    assert fastae.fit(new_model(seed=3), source, **kwargs).loss == plain
+    assert leaf.grad is None
+
+
+def test_fit_converts_array_data_once(monkeypatch):
+    """numpy data in another dtype than the model's is converted once (the copy trained on
+    is the one the BCE range check reads), not once for batching and again for the check."""
+    import fastae.training
+
+    data = small_problem().numpy().astype(np.float64)
+    conversions = []
+    as_tensor = torch.as_tensor
+
+    def counted(*args, **kwargs):
+        conversions.append(args[0].shape)
+        return as_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(fastae.training.torch, "as_tensor", counted)
+    model = fastae.Autoencoder(data.shape[1], 4, output="sigmoid", loss="bce")
+    fastae.fit(model, data[:48], validation_data=data[48:], epochs=1, progress=False)
+    assert conversions == [(48, data.shape[1]), (data.shape[0] - 48, data.shape[1])]
+
+
+def test_fit_takes_arrays_with_negative_strides():
+    data = small_problem()
+    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False, shuffle=False)
+    flipped = data.numpy()[::-1]
+    expected = fastae.fit(new_model(seed=3), data.flip(0), **kwargs).loss
+    assert fastae.fit(new_model(seed=3), flipped, **kwargs).loss == expected
+
+
 def test_tensor_batches_cover_every_row_once_per_pass():
     from fastae.training import TensorBatches
 
