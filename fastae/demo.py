@@ -514,7 +514,7 @@ def write_figures(figures: dict, out: Path, seed: int) -> list[Path]:
     fig.colorbar(sc, ax=axes, ticks=range(10), label="digit")
     written.append(_save(fig, out / "codes_2d.png"))
 
-    # anomaly-score histograms: best AE vs IsolationForest on both tasks
+    # anomaly-score histograms: the denoising AE vs IsolationForest on both tasks
     digit_scores, digit = figures["digit_scores"], figures["digit"]
     cancer_scores, malignant = figures["cancer_scores"]
     fig, axes = plt.subplots(2, 2, figsize=(8.5, 5.5))

@@ -490,7 +490,7 @@ _encode = _with_eager_route(_encode_op, _encode_body, _encode_setup, _encode_bwd
 
 
 def _encode_backward_setup(ctx, inputs, output):
-    grad_h, grad_rho, grad_jac, x, weight, h, _, *params, ctx.needs_x = inputs
+    grad_h, grad_rho, grad_jac, x, weight, h, _, *params, _ = inputs
     ctx.params = params[:-1]  # activation, noise_kind, level, low, high, seed
     ctx.save_for_backward(grad_h, grad_rho, grad_jac, x, weight, h)
 

@@ -455,7 +455,7 @@ def _split_vae_params(params: tuple) -> tuple[list, tuple, list, tuple]:
     of a VAE's flat parameters: L encoder layers, the posterior layer, L decoder hidden
     layers (from z outward), the output layer."""
     depth = (len(params) - 4) // 4
-    pairs = [params[i : i + 2] for i in range(0, len(params), 2)]
+    pairs = _layer_pairs(params)
     return pairs[:depth], pairs[depth], pairs[depth + 1 : 2 * depth + 1], pairs[-1]
 
 
