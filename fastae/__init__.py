@@ -39,6 +39,7 @@ _LAZY = {
     "StackedAutoencoder": "applications",
     "DECClustering": "applications",
     "cluster_codes": "applications",
+    "neg_reconstruction_error": "sklearn",
 }
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import _checks
 from .modules import AutoencoderOutput, StackModule
 from .sklearn import (
+    _TORCH_DTYPES,
     AutoencoderEstimatorMixin,
     AutoencoderOutlierDetector,
     AutoencoderTransformer,
@@ -315,7 +316,9 @@ def _unlabeled_mask(y: np.ndarray) -> np.ndarray:
                 f"samples (a pandas Series of strings: y.astype(object).mask(y == "
                 f"'{UNLABELED}', {UNLABELED}))"
             )
-        return np.array([isinstance(v, (int, np.integer)) and v == UNLABELED for v in y])
+        return np.array(
+            [isinstance(v, numbers.Real) and not isinstance(v, bool) and v == UNLABELED for v in y]
+        )
     if y.dtype.kind in "iuf":
         return y == UNLABELED
     return np.zeros(len(y), dtype=bool)
@@ -644,7 +647,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
             isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1
         ):
             raise ValueError(f"n_init must be 'auto' or a positive int, got {n_init!r}")
-        checked = check_array(X, dtype=[np.float64, np.float32])
+        # DEC's own validation: its messages, n_features_in_ and feature_names_in_
+        checked = _validate_data(self, X, dtype=[np.float64, np.float32])
         if n_clusters > checked.shape[0]:
             raise ValueError(
                 f"n_clusters must be at most the number of samples: got n_clusters={n_clusters} "
@@ -661,13 +665,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
         if autoencoder.get_params().get("random_state", 0) is None:
             autoencoder.set_params(random_state=random.randint(np.iinfo(np.int32).max))
         self.autoencoder_ = autoencoder.fit(X)  # as given: it keeps any feature names
-        x = self.autoencoder_._prepared(X)  # as given too: the names match
-        if hasattr(self.autoencoder_, "feature_names_in_"):
-            self.feature_names_in_ = self.autoencoder_.feature_names_in_
-        elif hasattr(self, "feature_names_in_"):  # refitted on data without names
-            del self.feature_names_in_
         X = checked
-        self.n_features_in_ = X.shape[1]
+        x = self._prepared(X)
         codes = _as_dtype(self.autoencoder_._map_chunks(_encode, x), x)
         kmeans = cluster_codes(
             codes, n_clusters, random_state=random.randint(np.iinfo(np.int32).max),
@@ -718,11 +717,17 @@ class DECClustering(ClusterMixin, BaseEstimator):
             q = ae._map_chunks(_soft_assignments, x, module)
         self.labels_ = q.argmax(1)
 
+    def _prepared(self, checked: np.ndarray) -> Tensor:
+        """X validated by DEC, scaled as the autoencoder scales it, in X's precision."""
+        ae = self.autoencoder_
+        ae._sync_device()
+        return ae._tensor(ae._scale(checked), _TORCH_DTYPES[checked.dtype])
+
     def predict(self, X):
         """Cluster of each sample: the largest soft assignment (nearest centre in code space)."""
         check_is_fitted(self)
-        ae = self.autoencoder_
-        return ae._map_chunks(_soft_assignments, ae._prepared(X), self._module()).argmax(1)
+        x = self._prepared(_validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
+        return self.autoencoder_._map_chunks(_soft_assignments, x, self._module()).argmax(1)
 
     def fit_predict(self, X, y=None):
         return self.fit(X).labels_

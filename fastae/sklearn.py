@@ -59,7 +59,7 @@ from .noise import check_noise
 from .training import History, LossNotFinite, default_optimizer, fit, seed_torch
 from .vae import SCORES, VAE, hidden_widths
 
-__all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer"]
+__all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer", "neg_reconstruction_error"]
 
 SCALES = ("standard", "minmax", None)
 ESTIMATOR_LOSSES = ("auto", "bce", "mse")
@@ -524,10 +524,24 @@ def usable_device(device: torch.device) -> torch.device:
     return device
 
 
+def neg_reconstruction_error(estimator, X, y=None) -> float:
+    """A scorer (``scoring=`` of GridSearchCV, cross_val_score) that compares fits whatever
+    their scaling, loss or model: minus the mean over rows of the squared error of
+    ``inverse_transform(transform(X))`` summed over features, in X's own units. Takes any
+    fitted transformer with an inverse: fastae's, PCA, a Pipeline of such steps. (The
+    transformers' own ``score`` is in their scaled space and ``loss_`` units: it compares
+    fits that share ``scale``, ``loss`` and ``model``.)"""
+    reconstruction = estimator.inverse_transform(estimator.transform(X))
+    truth = check_array(X, dtype=np.float64, input_name="X")
+    error = np.square(truth - np.asarray(reconstruction, dtype=np.float64)).sum(axis=1)
+    return -float(error.mean())
+
+
 class CodeTransformerMixin(TransformerMixin):
     """``transform`` (the codes), ``inverse_transform`` (codes decoded, the scaling undone),
     ``score_samples`` (minus the per-sample reconstruction error, in the scaled space and
-    ``loss_`` units) and ``score`` (its mean) of an estimator whose ``module_`` encodes to
+    ``loss_`` units; across scalings and losses :func:`neg_reconstruction_error` compares
+    fits) and ``score`` (its mean) of an estimator whose ``module_`` encodes to
     ``code_width(module_)`` codes; ``_code_size`` names the parameter that sets their size."""
 
     _code_size = "n_components"
@@ -538,7 +552,7 @@ class CodeTransformerMixin(TransformerMixin):
 
     def inverse_transform(self, X):
         check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32])
+        codes = check_array(X, dtype=[np.float64, np.float32], input_name="X")
         width = code_width(self.module_)
         if codes.shape[1] != width:
             raise ValueError(
@@ -988,7 +1002,10 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     def _check_model_params(self) -> None:
         c = self.contamination
         if isinstance(c, bool) or not isinstance(c, numbers.Real):
-            raise TypeError(f"contamination must be a float in (0, 0.5], got {c!r}")
+            raise TypeError(
+                f"contamination must be a float in (0, 0.5], got {c!r} (no 'auto': "
+                "IsolationForest's offsets its own score scale, reconstruction errors have none)"
+            )
         if not 0.0 < c <= 0.5:
             raise ValueError(f"contamination must be in (0, 0.5], got {c!r}")
         kind = self.anomaly_score

@@ -228,6 +228,11 @@ def test_semi_supervised_labels_and_errors(digits):
     # so is the string "-1" among object labels (a pandas Series of strings holds them so)
     with pytest.raises(ValueError, match=r"^y holds the string '-1'"):
         SemiSupervisedAutoencoder(epochs=1).fit(x, as_strings.astype(object))
+    # a float -1 among object labels (pandas' mixed columns) marks unlabelled rows too
+    floats = names.copy()
+    floats[::2] = -1.0
+    from_floats = SemiSupervisedAutoencoder(8, epochs=2, random_state=0).fit(x, floats)
+    np.testing.assert_array_equal(from_floats.predict_proba(x), model.predict_proba(x))
     strings = SemiSupervisedAutoencoder(8, epochs=1, random_state=0).fit(x, y.astype(str))
     assert strings.n_labeled_ == len(y) and set(strings.classes_) == set(y.astype(str))
 
@@ -564,6 +569,24 @@ def test_dec_keeps_the_feature_names_of_a_dataframe():
     with pytest.raises(ValueError, match="feature names"):
         dec.predict(frame.rename(columns={"a": "z"}))
     assert not hasattr(dec.fit(frame.to_numpy()), "feature_names_in_")  # refitted without
+
+
+def test_dec_names_itself_in_its_input_errors_and_warnings():
+    """DEC validates X as any estimator does: its messages name DECClustering and X, not the
+    autoencoder inside it."""
+    x = np.random.default_rng(0).random((40, 5))
+    dec = DECClustering(2, autoencoder=AutoencoderTransformer(2, epochs=1), refine_epochs=1)
+    with pytest.raises(ValueError, match="^Input X contains NaN.\nDECClustering does not"):
+        dec.fit(np.where(x > 0.9, np.nan, x))
+    dec.fit(x)
+    with pytest.raises(ValueError, match="^X has 4 features, but DECClustering is expecting 5"):
+        dec.predict(x[:, :4])
+    pd = pytest.importorskip("pandas")
+    dec.fit(pd.DataFrame(x, columns=list("abcde")))
+    with pytest.warns(UserWarning, match="^X does not have valid feature names, but DEC") as got:
+        labels = dec.predict(x)
+    assert len(got) == 1
+    np.testing.assert_array_equal(labels, dec.labels_)
 
 
 @pytest.mark.parametrize("verbose", [False, True])

@@ -69,6 +69,7 @@ def test_applications_example():
     assert namespace["deep_detector"].module_.sizes == (64, 32, 16)
     assert np.isfinite(namespace["vae_detector"].score_samples(x)).all()
     assert namespace["vae_codes"].shape == (60, 16)
+    assert namespace["search"].best_params_["scale"] in ("standard", "minmax")
     np.testing.assert_allclose(
         namespace["culprits"].sum(1), -namespace["detector"].score_samples(x), rtol=1e-5
     )

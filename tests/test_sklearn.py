@@ -78,6 +78,8 @@ def test_transform_shapes_names_and_inverse(digits):
     assert ((recon - x[:50]) ** 2).sum(1).mean() < 0.5 * baseline
     with pytest.raises(ValueError, match="n_components"):
         model.inverse_transform(codes[:, :3])
+    with pytest.raises(ValueError, match="^Input X contains NaN"):
+        model.inverse_transform(np.full_like(codes[:2], np.nan))
     scores = model.score_samples(x[:50])
     assert scores.shape == (50,) and np.all(scores < 0)
     assert model.score(x[:50]) == pytest.approx(scores.mean())
@@ -203,6 +205,9 @@ def test_bad_parameters_name_themselves(digits):
         AutoencoderTransformer(device="mps").fit(x)
     with pytest.raises(ValueError, match="contamination"):
         AutoencoderOutlierDetector(contamination=0.7).fit(x)
+    # IsolationForest's "auto" offsets its own score scale; reconstruction errors have none
+    with pytest.raises(TypeError, match=r"^contamination must be a float .*no 'auto'"):
+        AutoencoderOutlierDetector(contamination="auto").fit(x)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         AutoencoderTransformer(cuda_graph="yes").fit(x)
     graphed = AutoencoderOutlierDetector(device="cpu", cuda_graph=True)
@@ -332,6 +337,31 @@ def test_a_fit_that_raises_keeps_the_callers_random_state_object(digits):
     np.testing.assert_array_equal(
         stream.randint(2**31, size=4), np.random.RandomState(0).randint(2**31, size=4)
     )
+
+
+def test_neg_reconstruction_error_scores_in_the_inputs_units(digits):
+    """The scorer is minus the mean summed squared error of the round trip in X's units,
+    whatever the scaling and loss (the transformers' score is not: it is in their scaled
+    space and loss units), for fastae's transformers and PCA alike."""
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import GridSearchCV
+
+    x = digits[0][:300] * 16  # pixel units
+    for scale in ("standard", "minmax", None):
+        model = AutoencoderTransformer(8, scale=scale, epochs=3, random_state=0).fit(x)
+        round_trip = model.inverse_transform(model.transform(x))
+        expected = -np.square(x - round_trip).sum(1).mean()
+        assert fastae.neg_reconstruction_error(model, x) == pytest.approx(expected, rel=1e-12)
+    full = PCA(64).fit(x)  # every component: an exact round trip
+    assert fastae.neg_reconstruction_error(full, x) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="^Input X contains NaN"):
+        fastae.neg_reconstruction_error(full, np.where(x > 15, np.nan, x))
+    search = GridSearchCV(
+        AutoencoderTransformer(8, epochs=3, random_state=0), {"scale": ["standard", "minmax"]},
+        scoring=fastae.neg_reconstruction_error, cv=2,
+    ).fit(x)  # fmt: skip
+    assert search.best_score_ == max(search.cv_results_["mean_test_score"])
+    assert all(score < 0 for score in search.cv_results_["mean_test_score"])
 
 
 def test_predictions_follow_the_fitted_model_not_later_parameters(digits):
