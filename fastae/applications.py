@@ -121,7 +121,10 @@ class SemiSupervisedModule(nn.Module):
     def __init__(self, autoencoder: nn.Module, n_classes: int, reconstruction_weight: float):
         super().__init__()
         self.autoencoder = autoencoder
-        self.head = nn.Linear(code_width(autoencoder), n_classes)
+        like = next(autoencoder.parameters())
+        self.head = nn.Linear(
+            code_width(autoencoder), n_classes, device=like.device, dtype=like.dtype
+        )
         self.reconstruction_weight = float(reconstruction_weight)
 
     def encode(self, x: Tensor) -> Tensor:

@@ -175,6 +175,8 @@ class Autoencoder(nn.Module):
             takes its own batch's, so one process can evaluate alone); the other terms are
             per-sample means, which data-parallel averaging already makes global for equal
             local batch sizes.
+        device, dtype: where and in which dtype the parameters are made and initialised, as
+            ``torch.nn.Linear``'s (None: torch's defaults).
     """
 
     def __init__(
@@ -191,6 +193,8 @@ class Autoencoder(nn.Module):
         contractive: float = 0.0,
         check_targets: bool = True,
         sync_statistics: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         in_features = _checks.positive_int("in_features", in_features)
@@ -202,12 +206,13 @@ class Autoencoder(nn.Module):
         self.check_targets = _checks.flag("check_targets", check_targets)
         self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
 
-        self.weight = nn.Parameter(torch.empty(hidden_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(hidden_features))
+        made = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(hidden_features, in_features, **made))
+        self.bias = nn.Parameter(torch.zeros(hidden_features, **made))
         self.decoder_weight = (
-            None if tied else nn.Parameter(torch.empty(in_features, hidden_features))
+            None if tied else nn.Parameter(torch.empty(in_features, hidden_features, **made))
         )
-        self.decoder_bias = nn.Parameter(torch.zeros(in_features))
+        self.decoder_bias = nn.Parameter(torch.zeros(in_features, **made))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -356,6 +361,7 @@ class DeepAutoencoder(nn.Module):
         tied: each decoder weight is its encoder weight transposed (V_k = W_{k+1}^T).
         sparsity: KLSparsity (sigmoid) or L1Sparsity on the code h_L, or None.
         sync_statistics: as :class:`Autoencoder` (the KL penalty's code means over processes).
+        device, dtype: as :class:`Autoencoder`'s.
 
     No contractive penalty: the fused op's Jacobian is one layer's, not the whole encoder's
     (use :class:`Autoencoder`, or :class:`fastae.StackedAutoencoder` for a per-layer one).
@@ -374,6 +380,8 @@ class DeepAutoencoder(nn.Module):
         sparsity: KLSparsity | L1Sparsity | None = None,
         check_targets: bool = True,
         sync_statistics: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         in_features = _checks.positive_int("in_features", in_features)
@@ -385,18 +393,22 @@ class DeepAutoencoder(nn.Module):
         self.in_features, self.sizes = in_features, sizes
         widths = (in_features, *sizes)
         # layer k maps widths[k] -> widths[k + 1]; its decoder maps back
+        made = {"device": device, "dtype": dtype}
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(widths[k + 1], widths[k])) for k in range(len(sizes))
+            nn.Parameter(torch.empty(widths[k + 1], widths[k], **made)) for k in range(len(sizes))
         )
-        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in sizes)
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(w, **made)) for w in sizes)
         self.decoder_weights = (
             None
             if self.tied
             else nn.ParameterList(
-                nn.Parameter(torch.empty(widths[k], widths[k + 1])) for k in range(len(sizes))
+                nn.Parameter(torch.empty(widths[k], widths[k + 1], **made))
+                for k in range(len(sizes))
             )
         )
-        self.decoder_biases = nn.ParameterList(nn.Parameter(torch.zeros(w)) for w in widths[:-1])
+        self.decoder_biases = nn.ParameterList(
+            nn.Parameter(torch.zeros(w, **made)) for w in widths[:-1]
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -42,7 +42,7 @@ def _probability(name: str, value: object) -> float:
     """``value`` in [0, 1) as a float that stays below 1 in float32 (where the corruption is
     computed: 1 - 2^-26 would round to 1 there, and a rescaled mask divide by 0)."""
     value = _finite(name, value)
-    if not (value >= 0.0 and torch.tensor(value, dtype=torch.float32).item() < 1.0):
+    if not (value >= 0.0 and torch.tensor(value, dtype=torch.float32, device="cpu").item() < 1.0):
         raise ValueError(f"{name} must be in [0, 1) (below 1 in float32), got {value!r}")
     return value
 
@@ -58,8 +58,9 @@ def check_seed(seed: object) -> int | None:
 
 
 def draw_seed() -> int:
-    """A fresh seed from torch's generator, so ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, 2**62, ()).item())
+    """A fresh seed from torch's (CPU) generator, so ``torch.manual_seed`` makes runs
+    repeatable."""
+    return int(torch.randint(0, 2**62, (), device="cpu").item())
 
 
 class _Noise:

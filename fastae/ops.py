@@ -201,7 +201,7 @@ def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | N
 
 # encode's seed argument without noise (never read as a seed, never written): one tensor
 # for every call instead of a new one (about 10 us of host time each)
-_NO_NOISE_SEED = torch.tensor(0, dtype=torch.int64)
+_NO_NOISE_SEED = torch.tensor(0, dtype=torch.int64, device="cpu")  # whatever the default device
 
 
 _CPU = torch.device("cpu")
@@ -218,7 +218,7 @@ def _seed_tensor(seed: int | None, backend_name: str, device: torch.device) -> T
     if seed is None:
         return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
     if device.type == "cpu":
-        return torch.tensor(seed, dtype=torch.int64)
+        return torch.tensor(seed, dtype=torch.int64, device=device)
     return torch.full((), seed, dtype=torch.int64, device=device)
 
 

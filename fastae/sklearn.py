@@ -62,6 +62,9 @@ from .vae import SCORES, VAE, hidden_widths
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer", "neg_reconstruction_error"]
 
 SCALES = ("standard", "minmax", None)
+# the modules are made and initialised on the CPU in float32 (then moved to the device):
+# a fit is the same whatever torch's default dtype and device
+_MADE = {"device": "cpu", "dtype": torch.float32}
 ESTIMATOR_LOSSES = ("auto", "bce", "mse")
 MODELS = ("autoencoder", "vae")  # what the autoencoder estimators train
 # lr="auto": Adam's learning rate for each model
@@ -365,6 +368,7 @@ class AutoencoderEstimatorMixin:
             sparsity=self.sparsity,
             contractive=self.contractive,
             check_targets=False,  # BCE inputs are clipped to [0, 1] by _tensor
+            **_MADE,
         )
 
     def _train(
@@ -595,7 +599,7 @@ class DeepLayerMixin:
         return DeepAutoencoder(
             in_features, (*sizes, hidden), activation=self._activation(),
             output="sigmoid" if loss == "bce" else "identity", loss=loss, tied=self.tied,
-            noise=self.noise, sparsity=self.sparsity, check_targets=False,
+            noise=self.noise, sparsity=self.sparsity, check_targets=False, **_MADE,
         )  # fmt: skip
 
 
@@ -649,6 +653,7 @@ class ModelChoiceMixin:
             output="sigmoid" if loss == "bce" else "identity",
             loss=loss,
             beta=float(self.beta),
+            **_MADE,
         )
 
     def _vae_score(self) -> str:

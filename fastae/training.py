@@ -97,9 +97,9 @@ class TensorBatches:
     def __iter__(self):
         rows = self.tensor.shape[0]
         if self.sampler is not None:
-            order = torch.tensor(list(self.sampler), dtype=torch.int64)
+            order = torch.tensor(list(self.sampler), dtype=torch.int64, device="cpu")
         elif self.shuffle:
-            order = torch.randperm(rows, generator=self.generator)
+            order = torch.randperm(rows, generator=self.generator, device="cpu")
         else:
             for start in range(0, rows, self.batch_size):
                 yield self.tensor[start : start + self.batch_size]

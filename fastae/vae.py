@@ -97,6 +97,8 @@ class VAE(nn.Module):
         beta: weight of the KL term in the training objective (beta-VAE; 1 = the ELBO).
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
             ``fastae.fit`` checks its data once and skips the per-step check).
+        device, dtype: where and in which dtype the parameters are made and initialised, as
+            ``torch.nn.Linear``'s (None: torch's defaults).
     """
 
     def __init__(
@@ -110,6 +112,8 @@ class VAE(nn.Module):
         loss: str = "bce",
         beta: float = 1.0,
         check_targets: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
@@ -125,12 +129,13 @@ class VAE(nn.Module):
         self.check_targets = _checks.flag("check_targets", check_targets)
         d, sizes, latent = self.in_features, self.hidden_sizes, self.latent
         pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (H_i, H_i+1)
-        self.encoder = nn.Linear(d, sizes[0])
-        self.encoder_stack = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)  # H_1 -> H_L
-        self.posterior = nn.Linear(sizes[-1], 2 * latent)  # rows [:k] give mu, [k:] logvar
-        self.decoder_hidden = nn.Linear(latent, sizes[-1])
-        self.decoder_stack = nn.ModuleList(nn.Linear(b, a) for a, b in reversed(pairs))
-        self.decoder = nn.Linear(sizes[0], d)
+        made = {"device": device, "dtype": dtype}
+        self.encoder = nn.Linear(d, sizes[0], **made)
+        self.encoder_stack = nn.ModuleList(nn.Linear(a, b, **made) for a, b in pairs)  # H_1..H_L
+        self.posterior = nn.Linear(sizes[-1], 2 * latent, **made)  # [:k] mu, [k:] logvar
+        self.decoder_hidden = nn.Linear(latent, sizes[-1], **made)
+        self.decoder_stack = nn.ModuleList(nn.Linear(b, a, **made) for a, b in reversed(pairs))
+        self.decoder = nn.Linear(sizes[0], d, **made)
 
     @property
     def beta(self) -> float:

@@ -4,6 +4,7 @@ block-size choice. Codes for constexpr switches are defined here once."""
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -636,6 +637,11 @@ def stat_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
     return empty(shape, like.device, reference.stat_dtype(like.dtype))
 
 
+# Triton's interpreter runs a grid on one process-wide builder (its program ids among it):
+# launches from several threads take turns
+_INTERPRETER = threading.Lock()
+
+
 def direct_launching() -> bool:
     """``FASTAE_DIRECT_LAUNCH=0`` sends every launch through Triton's own path
     (``kernel[grid](...)``) instead of :func:`launch`'s direct one. Default 1."""
@@ -687,6 +693,9 @@ def launch(kernel, grid, *args, **meta):
             return launch(kernel, grid, *args, **meta)
     kept = _kept_launch(kernel, args, meta)
     if kept is None:
+        if interpreting():
+            with _INTERPRETER:
+                return kernel[grid](*args, **meta)
         return kernel[grid](*args, **meta)
     key, entry = kept
     if entry is None:

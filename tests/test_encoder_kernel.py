@@ -120,6 +120,33 @@ def test_float32_activations_at_their_edges(backend_name, fusion, activation, mo
     assert jac.item() == pytest.approx(want_slope.square().mean().item(), rel=1e-6)
 
 
+def test_threads_launching_at_once_get_their_own_results():
+    """Four threads running forward and backward at once (the estimators' concurrent fits)
+    get what each gets alone: under the interpreter, whose grids share one process-wide
+    builder, launches take turns."""
+    import threading
+
+    problems = [_inputs(17, 12, 9, torch.float32, seed=seed) for seed in range(4)]
+    alone = [_run("reference", *leaves, upstream) for leaves, upstream in problems]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[i] = [_run("triton", *problems[i][0], problems[i][1]) for _ in range(3)]
+        except Exception as error:  # noqa: BLE001 (reported below, with its thread)
+            errors.append((i, error))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i, runs in results.items():
+        for got in runs:
+            _assert_close(got, alone[i], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 33])
 @pytest.mark.parametrize("features", [5, 70])
 @pytest.mark.parametrize("hidden", [1, 17, 40])

@@ -255,6 +255,63 @@ def new_model(seed=0, **kwargs):
     return fastae.Autoencoder(10, 4, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **made: fastae.Autoencoder(6, 4, tied=False, **made),
+        lambda **made: fastae.DeepAutoencoder(6, (5, 3), **made),
+        lambda **made: fastae.VAE(6, (5, 4), 2, **made),
+    ],
+    ids=["autoencoder", "deep", "vae"],
+)
+def test_modules_take_device_and_dtype_as_torch_layers_do(make):
+    """device= and dtype= make and initialise the parameters there (as nn.Linear's): float32
+    parameters made under a float64 default are those made under the float32 default."""
+    torch.manual_seed(0)
+    usual = make().state_dict()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        made = make(dtype=torch.float32).state_dict()
+        assert {v.dtype for v in make().state_dict().values()} == {torch.float64}
+    finally:
+        torch.set_default_dtype(default)
+    assert made.keys() == usual.keys()
+    for name, value in usual.items():
+        assert torch.equal(made[name], value), name
+    with torch.device("meta"):
+        on_cpu = make(device="cpu", dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in on_cpu.parameters()} == {("cpu", torch.float64)}
+    assert {p.device.type for p in make(device="meta").parameters()} == {"meta"}
+
+
+def test_fastae_keeps_its_own_tensors_on_the_cpu_under_another_default_device():
+    """Imported, noise specs made, and a CPU model fitted while torch's default device is the
+    meta device (deferred-initialisation code leaves it so): fastae's own scalars (seeds,
+    shuffling orders, checks) live on the CPU, not on the default device."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import torch
+        torch.set_default_device("meta")
+        import fastae
+        noise = fastae.MaskingNoise(0.2)
+        model = fastae.Autoencoder(6, 3, noise=noise, device="cpu")
+        data = torch.rand(20, 6, device="cpu")
+        history = fastae.fit(model, data, epochs=2, batch_size=8, progress=False)
+        torch.set_default_device(None)
+        h = fastae.ops.encode(torch.rand(4, 6), model.weight.detach())[0]
+        print(len(history.loss), h.device, torch.isfinite(h).all().item())
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "cpu", "True"]
+
+
 def test_fit_tensor_input():
     data = small_problem()
     model = new_model()
