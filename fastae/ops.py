@@ -222,6 +222,16 @@ def _seed_tensor(seed: int | None, backend_name: str, device: torch.device) -> T
     return torch.full((), seed, dtype=torch.int64, device=device)
 
 
+def _backend_for_grads(backend_name: str, *grads: Tensor | None) -> str:
+    """The backend of a backward call: the reference for gradients batched by autograd's own
+    vmap (``is_grads_batched``, ``autograd.functional.jacobian(vectorize=True)``), which have
+    no storage the kernels could read; its math runs on them as torch ops."""
+    batched = torch._C._functorch.is_legacy_batchedtensor
+    if backend_name == "triton" and any(g is not None and batched(g) for g in grads):
+        return "reference"
+    return backend_name
+
+
 def _seed_for(seed: Tensor, backend_name: str) -> Tensor | int:
     """The seed as an implementation takes it: the tensor for the kernels (which read it in
     device memory), the integer for the reference."""
@@ -272,6 +282,7 @@ def _(x, kind, level, low, high, seed, backend_name):
 def _corrupt_backward_body(
     grad: Tensor, kind: str, level: float, seed: Tensor, backend_name: str
 ) -> Tensor:
+    backend_name = _backend_for_grads(backend_name, grad)
     impl = _impl(backend_name, "noise")
     return _fresh(impl.corrupt_input_grad(grad, kind, level, _seed_for(seed, backend_name)), grad)
 
@@ -427,6 +438,7 @@ def _encode_backward_body(
     backend_name: str,
     needs_input_grad: bool,
 ) -> list[Tensor]:
+    backend_name = _backend_for_grads(backend_name, grad_h, grad_rho, grad_jac)
     impl = _impl(backend_name, "encoder")
     seed = _seed_for(seed, backend_name)
     dw, db, dx = impl.encode_backward(
@@ -640,7 +652,7 @@ def _decode_backward_body(
 ) -> list[Tensor]:  # fmt: skip
     """(dV, dc[, dh]); bias, target (None unless it needs a gradient), output and loss are
     there for double backward only."""
-    impl = _impl(backend_name, "decoder")
+    impl = _impl(_backend_for_grads(backend_name, grad_loss), "decoder")
     dw, db, dh = impl.decode_backward(grad_loss, h, weight, grad_z, needs_h_grad)
     return [dw, db] if dh is None else [dw, db, dh]
 
@@ -660,7 +672,7 @@ def _decode_target_grad_body(
     grad_loss: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     output: str, loss: str, backend_name: str,
 ) -> Tensor:  # fmt: skip
-    impl = _impl(backend_name, "decoder")
+    impl = _impl(_backend_for_grads(backend_name, grad_loss), "decoder")
     return impl.decode_target_grad(grad_loss, h, weight, bias, target, output, loss)
 
 
@@ -959,6 +971,7 @@ def _reparameterize_backward_body(
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(dmu, dlogvar); eps is regenerated from the seed."""
+    backend_name = _backend_for_grads(backend_name, grad_z, grad_kl)
     impl = _impl(backend_name, "vae")
     seed = _seed_for(seed, backend_name)
     return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed)
