@@ -29,13 +29,13 @@ from torch import Tensor, nn
 from . import _checks
 from .modules import AutoencoderOutput, StackModule
 from .sklearn import (
-    _TORCH_DTYPES,
     AutoencoderEstimatorMixin,
     AutoencoderOutlierDetector,
     AutoencoderTransformer,
     CodeTransformerMixin,
     DeepLayerMixin,
     ModelChoiceMixin,
+    ScaledRows,
     _as_dtype,
     _encode,
     _nonnegative_int,
@@ -720,11 +720,10 @@ class DECClustering(ClusterMixin, BaseEstimator):
             q = ae._map_chunks(_soft_assignments, x, module)
         self.labels_ = q.argmax(1)
 
-    def _prepared(self, checked: np.ndarray) -> Tensor:
+    def _prepared(self, checked: np.ndarray) -> ScaledRows:
         """X validated by DEC, scaled as the autoencoder scales it, in X's precision."""
-        ae = self.autoencoder_
-        ae._sync_device()
-        return ae._tensor(ae._scale(checked), _TORCH_DTYPES[checked.dtype])
+        self.autoencoder_._sync_device()
+        return ScaledRows(self.autoencoder_, checked)
 
     def predict(self, X):
         """Cluster of each sample: the largest soft assignment (nearest centre in code space)."""

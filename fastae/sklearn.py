@@ -196,6 +196,26 @@ def _graphs_possible(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+class ScaledRows:
+    """Validated rows of X scaled (``clip``: see ``_scale``) and made tensors in X's
+    precision chunk by chunk, as :meth:`~AutoencoderEstimatorMixin._map_chunks` slices
+    them: predicting on a large X holds one chunk's copies at a time, on the host and on the
+    device, not the whole X's."""
+
+    def __init__(self, estimator, X: np.ndarray, clip: bool = True):
+        self.estimator, self.rows, self.clip = estimator, X, clip
+        self.shape, self.dtype = X.shape, _TORCH_DTYPES[X.dtype]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        scaled = self.estimator._scale(self.rows[rows], clip=self.clip)
+        return self.estimator._tensor(scaled, self.dtype)
+
+
+def _chunked(fn, X: np.ndarray) -> np.ndarray:
+    """``fn`` over row chunks of X, concatenated."""
+    return np.concatenate([fn(X[i : i + PREDICT_CHUNK]) for i in range(0, len(X), PREDICT_CHUNK)])
+
+
 class AutoencoderEstimatorMixin:
     """Shared machinery: parameter checks, scaling, device, seeding, training and pickling.
 
@@ -349,10 +369,10 @@ class AutoencoderEstimatorMixin:
         self._sync_device()
         return X
 
-    def _prepared(self, X) -> torch.Tensor:
-        """Validated, scaled tensor of X for prediction, in X's precision (float64/float32)."""
-        X = self._validated(X)
-        return self._tensor(self._scale(X), _TORCH_DTYPES[X.dtype])
+    def _prepared(self, X) -> ScaledRows:
+        """Validated X for prediction, scaled and made tensors chunk by chunk in X's precision
+        (float64/float32)."""
+        return ScaledRows(self, self._validated(X))
 
     # -- modules -----------------------------------------------------------------------------
 
@@ -435,7 +455,7 @@ class AutoencoderEstimatorMixin:
         layer.load_state_dict(self.module_.state_dict())
 
     @torch.no_grad()
-    def _map_chunks(self, fn, x: torch.Tensor, module=None) -> np.ndarray:
+    def _map_chunks(self, fn, x: torch.Tensor | ScaledRows, module=None) -> np.ndarray:
         """``fn(module, chunk)`` over row chunks of ``x`` in eval mode, as float64 numpy.
 
         ``module`` (default ``module_``) runs in x's dtype: float64 inputs get a float64 copy
@@ -464,13 +484,17 @@ class AutoencoderEstimatorMixin:
         """Anomaly score of validated X: the reconstruction error of X scaled without
         clipping (a row beyond the training range scores as far as it lies); for BCE, of X
         clipped to [0, 1] plus the squared excess beyond [0, 1]."""
-        scaled = self._scale(X, clip=False)
-        scores = self._reconstruction_error(self._tensor(scaled, _TORCH_DTYPES[X.dtype]))
+        scores = self._reconstruction_error(ScaledRows(self, X, clip=False))
         if self.loss_ == "bce":  # _tensor clipped the targets to [0, 1]
-            scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0)).sum(1)
+            scores = scores + _chunked(lambda rows: self._excess(rows).sum(1), X)
         return scores
 
-    def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
+    def _excess(self, X: np.ndarray) -> np.ndarray:
+        """The square of each scaled value's distance beyond [0, 1] (the BCE score's term)."""
+        scaled = self._scale(X, clip=False)
+        return np.square(scaled - np.clip(scaled, 0.0, 1.0))
+
+    def _reconstruction_error(self, x: torch.Tensor | ScaledRows) -> np.ndarray:
         """Per-sample loss above its minimum: squared error, or for BCE the KL divergence
         sum_k KL(x_k || x^_k) = BCE - sum_k H(x_k), so a perfect reconstruction scores 0."""
         if self.loss_ != "bce":
@@ -660,7 +684,7 @@ class ModelChoiceMixin:
         """The VAE's per-sample score: its negative ELBO."""
         return "elbo"
 
-    def _reconstruction_error(self, x: torch.Tensor) -> np.ndarray:
+    def _reconstruction_error(self, x: torch.Tensor | ScaledRows) -> np.ndarray:
         """As the autoencoder's; a VAE's anomaly score (``_vae_score``) above its minimum."""
         if not isinstance(self.module_, VAE):
             return super()._reconstruction_error(x)
@@ -1061,12 +1085,13 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         (``-score_samples``), but for a VAE scored by its negative ELBO, whose KL term belongs
         to the code, not to a feature: the row then sums to the reconstruction part alone."""
         X = self._validated(X)
-        scaled = self._scale(X, clip=False)
-        x = self._tensor(scaled, _TORCH_DTYPES[X.dtype])
         bce = self.loss_ == "bce"
-        scores = self._map_chunks(lambda module, chunk: _feature_errors(module, chunk, bce), x)
+        scores = self._map_chunks(
+            lambda module, chunk: _feature_errors(module, chunk, bce),
+            ScaledRows(self, X, clip=False),
+        )
         if bce:
-            scores = scores + np.square(scaled - np.clip(scaled, 0.0, 1.0))
+            scores = scores + _chunked(self._excess, X)
         return scores
 
     def decision_function(self, X):

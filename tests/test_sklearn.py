@@ -364,6 +364,32 @@ def test_neg_reconstruction_error_scores_in_the_inputs_units(digits):
     assert all(score < 0 for score in search.cv_results_["mean_test_score"])
 
 
+@pytest.mark.parametrize("model", ["autoencoder", "vae"])
+@pytest.mark.parametrize("scale", ["standard", "minmax"])
+def test_predictions_scale_and_copy_x_chunk_by_chunk(model, scale, digits, monkeypatch):
+    """Predicting scales X and makes its tensors one chunk of rows at a time (a large X is
+    never copied whole, on the host or to the device), with the values of one pass."""
+    x = digits[0][:100]
+    detector = AutoencoderOutlierDetector(
+        3, model=model, scale=scale, epochs=1, random_state=0, device="cpu"
+    ).fit(x)
+    methods = ("score_samples", "feature_scores", "transform")
+    whole = {m: getattr(detector, m)(x) for m in methods if hasattr(detector, m)}
+    monkeypatch.setattr(fastae.sklearn, "PREDICT_CHUNK", 16)
+    rows = []
+    tensor = detector._tensor
+
+    def counted(scaled, *args, **kwargs):
+        rows.append(len(scaled))
+        return tensor(scaled, *args, **kwargs)
+
+    monkeypatch.setattr(detector, "_tensor", counted)
+    for method, expected in whole.items():
+        rows.clear()
+        np.testing.assert_allclose(getattr(detector, method)(x), expected, rtol=1e-6, atol=1e-9)
+        assert rows == [16] * 6 + [4], method
+
+
 def test_predictions_follow_the_fitted_model_not_later_parameters(digits):
     """set_params without a refit changes nothing a fitted estimator predicts."""
     x = digits[0][:80]
