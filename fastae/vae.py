@@ -40,9 +40,11 @@ class VAEOutput:
     """What ``VAE.forward`` returns.
 
     loss: mean_i (reconstruction_i + beta * kl_i), the training objective.
-    elbo: per-sample ELBO (B,) = -(reconstruction + kl) (beta = 1, the bound itself; for
-    loss="mse" up to the constant -(d/2) log(pi) of the density exp(-squared error) / pi^(d/2)
-    that ``log_likelihood`` takes).
+    elbo: per-sample ELBO (B,) = -(reconstruction + kl) (beta = 1; for loss="mse" up to the
+    constant -(d/2) log(pi) of the density exp(-squared error) / pi^(d/2) that
+    ``log_likelihood`` takes): in training mode a one-draw estimate of the bound on log p(x);
+    in eval mode, at z = mu, a deterministic score that is not a bound (it may exceed
+    log p(x)).
     reconstruction: per-sample reconstruction loss (B,) (BCE or squared error, summed).
     kl: per-sample KL(q(z|x) || N(0, I)) (B,).
     per_sample: per-sample negative ELBO (B,) = -elbo, the anomaly score.
@@ -225,7 +227,9 @@ class VAE(nn.Module):
     def negative_elbo(self, x: Tensor) -> Tensor:
         """Per-sample negative ELBO (B,) = reconstruction + kl with z = mu: deterministic
         (no draw: the same batch gives the same values; a row's value in another batch
-        differs only by the rounding of the matrix products at the dtype)."""
+        differs only by the rounding of the matrix products at the dtype). At z = mu it is a
+        score, not a bound: minus it may exceed log p(x) (:meth:`log_likelihood` estimates
+        that)."""
         mu, logvar = self.posterior_parameters(x)
         return self._reconstruction(mu, x) + reference.gaussian_kl(mu, logvar)
 
