@@ -9,9 +9,11 @@
 # finishing kernel alone, kernel-level A/B times (bench/kernel_times.py), Triton's launch path
 # against the direct one and CUDA-graph steps at 4096 784->1024, and the host time of encode
 # with statistics, the full step and the VAE's step at B=64; the ratio table last.
-# Everything lands in $OUT (default ./out): tests_launch.log, tests_cuda.log, tests.log,
+# Everything is written to a scratch folder: tests_launch.log, tests_cuda.log, tests.log,
 # warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png, launch/SUMMARY.md,
-# graphs/SUMMARY.md, kernel_times.log, finish_times.log
+# graphs/SUMMARY.md, kernel_times.log, finish_times.log. However the run ends, $OUT (default
+# ./out) gets all of it as gpu_check.tar.gz plus SUMMARY.md, bench.json, bench.log and
+# tests_cuda.log beside it: five files (a device machine returns at most eight).
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Where the install fails (a setuptools older than 77 rejects the license field), fastae is
 # imported from a linked tree of this checkout instead.
@@ -19,20 +21,37 @@
 # on the GPU (tests_launch.log); where they differ, the rest runs with FASTAE_DIRECT_LAUNCH=0.
 # Time: the launch check and the tests end at 38% of the budget, the benchmarks of the targets
 # at 85%; the diagnostics take what is left. Every timed-out step gets SIGINT first, so pytest
-# stops cleanly and pytest-benchmark still writes the JSON of the cases it finished.
+# stops cleanly and pytest-benchmark still writes the JSON of the cases it finished; no step's
+# limit reaches past the budget (the summary and the bundle take a few seconds after it).
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 345); BENCH_ARGS,
 # the suite's options (default: the lean CUDA set; bench/warm_cache.py reads the same);
 # SKIP_INSTALL=1, SKIP_WARM=1 and SKIP_TESTS=1 leave those steps out.
 set -uo pipefail
 
-OUT="${OUT:-./out}"
-mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+RESULTS="${OUT:-./out}"
+mkdir -p "$RESULTS" && RESULTS="$(cd "$RESULTS" && pwd)"
+OUT="$(mktemp -d)/gpu_check" && mkdir "$OUT"
+bundle() {
+    tar -czf "$RESULTS/gpu_check.tar.gz" -C "$(dirname "$OUT")" gpu_check
+    for name in SUMMARY.md bench.json bench.log tests_cuda.log; do
+        [ -s "$OUT/$name" ] && cp "$OUT/$name" "$RESULTS/"
+    done
+    echo "results: $RESULTS (gpu_check.tar.gz holds every file)"
+}
+trap bundle EXIT
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-345}"
 BENCH_ARGS="${BENCH_ARGS:---fastae-device cuda --fastae-sizes lean --fastae-dtypes tf32,bf16}"
 start=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - start))); }
+# a step's time limit: WANT seconds, but none past the budget (less a SIGINT's grace)
+cap() {
+    local want=$1 most=$(($(left) - 15))
+    [ "$want" -gt "$most" ] && want=$most
+    [ "$want" -lt 5 ] && want=5
+    echo "$want"
+}
 until_() { echo $(($1 - $(date +%s))); }  # seconds from now to a deadline
 tests_deadline=$((start + BUDGET_S * 38 / 100))
 bench_deadline=$((start + BUDGET_S * 85 / 100))
@@ -150,7 +169,7 @@ jsons=()
 bench_case() {
     local name=$1 sizes=$2 dtypes=$3 file=$4 providers=$5 budget=$6
     shift 6
-    timeout -s INT -k 30 $((budget + 60)) "$PYTHON" -m pytest "bench/test_$file.py" -q \
+    timeout -s INT -k 10 "$(cap $((budget + 60)))" "$PYTHON" -m pytest "bench/test_$file.py" -q \
         -p no:cacheprovider --benchmark-only "$@" --fastae-device cuda --fastae-sizes "$sizes" \
         --fastae-dtypes "$dtypes" --fastae-providers "$providers" --fastae-budget-s "$budget" \
         --benchmark-json "$OUT/bench_$name.json" >>"$OUT/bench.log" 2>&1
@@ -167,7 +186,7 @@ budget=$(($(until_ "$bench_deadline") - 20))
 [ "$budget" -lt 30 ] && budget=30
 log "benchmarks: jacrev gap, steps, ops (cases start within $budget s)"
 # shellcheck disable=SC2086
-timeout -s INT -k 30 $((budget + 90)) "$PYTHON" -m pytest bench -q -p no:cacheprovider \
+timeout -s INT -k 10 "$(cap $((budget + 90)))" "$PYTHON" -m pytest bench -q -p no:cacheprovider \
     --benchmark-only --benchmark-json "$OUT/bench.json" --fastae-budget-s "$budget" \
     --benchmark-columns=median,mean,stddev,rounds $BENCH_ARGS >>"$OUT/bench.log" 2>&1
 bench_rc=$?
@@ -178,7 +197,8 @@ grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
 # static explanation found)
 if [ "$(left)" -ge 35 ]; then
     log "finishing kernel alone (bench/kernel_times.py --finish, at most 30 s)"
-    timeout -s INT 30 "$PYTHON" bench/kernel_times.py --finish >"$OUT/finish_times.log" 2>&1
+    timeout -s INT -k 5 "$(cap 30)" "$PYTHON" bench/kernel_times.py --finish \
+        >"$OUT/finish_times.log" 2>&1
     tail -n 12 "$OUT/finish_times.log"
 fi
 
@@ -189,10 +209,10 @@ fi
 # the benchmark's warm-up compiled its kernels)
 if [ "$(left)" -ge 45 ]; then
     log "kernel times (bench/kernel_times.py, at most 90 s + 30 s)"
-    timeout -s INT 90 "$PYTHON" bench/kernel_times.py \
+    timeout -s INT -k 5 "$(cap 90)" "$PYTHON" bench/kernel_times.py \
         --sizes 4096x784x1024,4096x784x1000,8192x4096x4096 \
         --dtype bf16 >"$OUT/kernel_times.log" 2>&1
-    [ "$(left)" -ge 30 ] && timeout -s INT 30 "$PYTHON" bench/kernel_times.py \
+    [ "$(left)" -ge 45 ] && timeout -s INT -k 5 "$(cap 30)" "$PYTHON" bench/kernel_times.py \
         --sizes 4096x784x1024 --dtype tf32 >>"$OUT/kernel_times.log" 2>&1
     tail -n 56 "$OUT/kernel_times.log"
 fi
@@ -235,9 +255,9 @@ for spec in "encode_stats ops $base,fastae_triton_launch" \
     "all steps $base,fastae_triton_launch,fastae_graph" \
     "vae steps $base,fastae_graph"; do
     set -- $spec
-    [ "$(left)" -lt 25 ] && break
+    [ "$(left)" -lt 50 ] && break
     log "benchmarks: $1 at the host size (B=64)"
-    bench_case "$1_host" host bf16 "$2" "$3" $(($(left) - 15)) -k "$1"
+    bench_case "$1_host" host bf16 "$2" "$3" $(($(left) - 35)) -k "$1"
 done
 
 log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
