@@ -137,7 +137,8 @@ def run_case(request, benchmark, device):
         benchmark.extra_info.update(bench.info())
         benchmark.extra_info.update(fb.figures(bench))
         rounds = fb.rounds_for(seconds, bench.device.type)
-        benchmark.pedantic(bench.run, rounds=rounds, iterations=1, warmup_rounds=1)
+        with bench.settings():  # once, outside the timed calls
+            benchmark.pedantic(bench.timed, rounds=rounds, iterations=1, warmup_rounds=1)
 
     yield run
     if any(compiled):

@@ -67,8 +67,9 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         "allocated memory during the call beyond what was allocated before it (the step's own, "
         "whatever else the process holds) and `kernels` = kernels launched (torch.profiler), "
         "and for fastae's providers `vs ref` = the largest relative difference of one call's "
-        "outputs and gradients from the reference backend's on the same inputs and draws (`!`: "
-        "beyond rounding at the dtype).",
+        "outputs and gradients from the reference backend's in float64 on the same values and "
+        "draws (`!`: beyond rounding at the dtype: more than twice the reference's own "
+        "difference there and more than a floor; records made before compared at the dtype).",
     ]
     for card, card_records in by_card(records).items():
         torch_versions = sorted({str(r.get("torch")) for r in card_records})
