@@ -448,7 +448,8 @@ def gemm_autotune(
 ):
     """:func:`autotune` over :func:`gemm_configs` (names: the M, N and K block sizes of the
     kernel's product; operands: the pointer arguments it multiplies; accumulator_per_thread
-    and split: see there), keyed on the problem's B, D and H (and, by Triton, the dtypes).
+    and split: see there), keyed on the problem's B, D and H and the product's precision
+    (tf32 and IEEE float32 tune apart; by Triton also on the dtypes).
     Configs that cannot fit the GPU's shared memory for the operands' dtype are reshaped or
     dropped before any is compiled; split-K configs where :func:`split_k_possible` says no
     (the launcher then has no buffers for them)."""
@@ -467,7 +468,7 @@ def gemm_autotune(
         return fit_shared_memory(configs, names, size, properties["max_shared_mem"])
 
     configs = gemm_configs(names, accumulator_per_thread, split)
-    return autotune(configs, key=["B", "D", "H"], fit=fit)
+    return autotune(configs, key=["B", "D", "H", "PRECISION"], fit=fit)
 
 
 def elementwise_configs():

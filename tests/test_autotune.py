@@ -196,6 +196,13 @@ def test_every_gemm_kernel_prunes_by_shared_memory():
     assert all(kernel.early_config_prune is not None for kernel, _ in GEMM_KERNELS)
 
 
+def test_every_gemm_kernel_tunes_each_precision_apart():
+    """tf32 and IEEE float32 products of one shape are timed apart: a config tuned for one
+    is not replayed for the other."""
+    for kernel, _ in GEMM_KERNELS:
+        assert list(kernel.keys) == ["B", "D", "H", "PRECISION"], kernel.fn.__name__
+
+
 @pytest.mark.cuda  # the GPU's shared-memory limit
 @pytest.mark.parametrize("kernel, names", GEMM_KERNELS)
 def test_float32_gemm_configs_fit_this_gpu(kernel, names, monkeypatch):
