@@ -877,10 +877,31 @@ def host_us_per_step(bench: Bench, calls: int) -> float:
         return (time.perf_counter() - start) / calls * 1e6
 
 
-def time_calls(bench: Bench, rounds: int) -> list[float]:
+def cache_flush(device: torch.device | str) -> Callable[[], None] | None:
+    """On CUDA, a call that evicts the GPU's L2 cache (writes a buffer twice its size) and
+    waits for it: run before each timed round, outside the timing, so that no provider's
+    inputs and weights are timed from the cache a previous round left them in (at 4096 x 784
+    -> 1024 in bf16 a step's working set fits an H100's 50 MB); None elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    size = 2 * max(torch.cuda.get_device_properties(device).L2_cache_size, 2**24)
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+
+    def flush() -> None:
+        buffer.zero_()
+        torch.cuda.synchronize(device)
+
+    return flush
+
+
+def time_calls(bench: Bench, rounds: int, flush: Callable[[], None] | None = None) -> list[float]:
+    """``rounds`` timed calls (each after ``flush``, untimed, where given)."""
     times = []
     with bench.settings():
         for _ in range(rounds):
+            if flush is not None:
+                flush()
             start = time.perf_counter()
             bench.timed()
             times.append(time.perf_counter() - start)
@@ -1158,7 +1179,8 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Build, warm up (compile), count and time one case for each provider: flat records.
     The timed calls alternate between the providers, one call each per round, so a busy or
-    throttled machine slows them alike and their ratios hold."""
+    throttled machine slows them alike and their ratios hold; on CUDA each starts with the L2
+    cache evicted (:func:`cache_flush`, untimed)."""
     if not providers:
         return []
     benches = [build(case, provider, size, dtype, device) for provider in providers]
@@ -1170,11 +1192,11 @@ def measure(
         records.append(record)
     if rounds is None:
         rounds = min(rounds_for(s, benches[0].device.type) for s in seconds)
-    count = rounds
+    flush = cache_flush(benches[0].device)
     times: list[list[float]] = [[] for _ in benches]
-    for _ in range(count):
+    for _ in range(rounds):
         for bench, calls in zip(benches, times, strict=True):
-            calls.extend(time_calls(bench, 1))
+            calls.extend(time_calls(bench, 1, flush))
     for record, calls in zip(records, times, strict=True):
         record.update({f"{k}_s": v for k, v in stats_of(calls).items() if k != "rounds"})
         record["rounds"] = len(calls)

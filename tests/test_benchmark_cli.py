@@ -776,3 +776,22 @@ def test_a_case_of_two_runs_is_warned_about():
     with pytest.warns(UserWarning, match=r"^two records of provider 'fastae' for \('card'"):
         (row,) = fb.group_rows([first, eager, later])
     assert row["providers"]["fastae"] is later and fb.speedup(row, "eager") == 3.0
+
+
+def test_the_cache_is_flushed_between_rounds_on_cuda_only(monkeypatch):
+    """Each timed round on CUDA starts with the L2 cache evicted, untimed; the CPU has none
+    to flush."""
+    assert fb.cache_flush("cpu") is None
+    flushes = []
+    monkeypatch.setattr(fb, "cache_flush", lambda device: lambda: flushes.append(device))
+    monkeypatch.setattr(fb, "figures", lambda bench: {})
+    fb.measure("plain", ["eager", "fastae"], fb.Size.parse("8x16x16"), "fp32", "cpu", 3)
+    assert len(flushes) == 6  # before each timed call of each provider
+
+
+@pytest.mark.cuda
+def test_the_cache_flush_keeps_one_buffer_for_every_round():
+    flush = fb.cache_flush("cuda")
+    before = torch.cuda.memory_allocated()
+    flush()
+    assert torch.cuda.memory_allocated() == before  # the buffer is kept, not made per call
