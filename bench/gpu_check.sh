@@ -13,7 +13,9 @@
 # warm.log, bench.log, bench.json, bench_*.json, SUMMARY.md, speedup.png, launch/SUMMARY.md,
 # graphs/SUMMARY.md, kernel_times.log, finish_times.log. However the run ends, $OUT (default
 # ./out) gets all of it as gpu_check.tar.gz plus SUMMARY.md, bench.json, bench.log and
-# tests_cuda.log beside it: five files (a device machine returns at most eight).
+# tests_cuda.log beside it: five files (a device machine returns at most eight), written at
+# the end (an EXIT trap) and after the tests and the targets' benchmarks, so a run killed
+# outright still returns what its last checkpoint had.
 # Run from anywhere:  OUT=/some/folder bash bench/gpu_check.sh
 # Where the install fails (a setuptools older than 77 rejects the license field), fastae is
 # imported from a linked tree of this checkout instead.
@@ -162,6 +164,7 @@ if [ -n "$warm_pid" ]; then
     wait "$warm_pid"
     log "$(tail -n 1 "$OUT/warm.log")"
 fi
+bundle >/dev/null  # a checkpoint
 
 # bench_case NAME SIZES DTYPES FILE PROVIDERS BUDGET [-k EXPRESSION]: one pytest-benchmark run
 # into $OUT/bench_NAME.json, its cases starting within BUDGET s; SIGINT 60 s after that
@@ -191,6 +194,7 @@ timeout -s INT -k 10 "$(cap $((budget + 90)))" "$PYTHON" -m pytest bench -q -p n
     --benchmark-columns=median,mean,stddev,rounds $BENCH_ARGS >>"$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
+bundle >/dev/null  # a checkpoint
 
 # Diagnostics, as time allows. The encoder's finishing kernel alone, over the partial sums'
 # rows, columns and programs: at 8192x4096->4096 it took 149-285 us of an H200 for 2-8 MB (no

@@ -50,7 +50,7 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"{name} must hold real numbers, got an array of dtype {data.dtype}")
         if any(stride < 0 for stride in data.strides):  # torch takes no negative strides
             data = np.ascontiguousarray(data)
-        return torch.as_tensor(data, dtype=like.dtype)
+        return torch.as_tensor(data, dtype=like.dtype, device="cpu")  # moved by _resident
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
     _checks.dense(name, data)

@@ -201,6 +201,7 @@ def test_every_gemm_kernel_tunes_each_precision_apart():
     is not replayed for the other."""
     for kernel, _ in GEMM_KERNELS:
         assert list(kernel.keys) == ["B", "D", "H", "PRECISION"], kernel.fn.__name__
+        assert set(kernel.keys) <= set(kernel.arg_names), kernel.fn.__name__  # none dropped
 
 
 @pytest.mark.cuda  # the GPU's shared-memory limit

@@ -301,15 +301,16 @@ def test_fastae_keeps_its_own_tensors_on_the_cpu_under_another_default_device():
         model = fastae.Autoencoder(6, 3, noise=noise, device="cpu")
         data = torch.rand(20, 6, device="cpu")
         history = fastae.fit(model, data, epochs=2, batch_size=8, progress=False)
+        array = fastae.fit(model, data.numpy(), epochs=1, batch_size=8, progress=False)
         torch.set_default_device(None)
         h = fastae.ops.encode(torch.rand(4, 6), model.weight.detach())[0]
-        print(len(history.loss), h.device, torch.isfinite(h).all().item())
+        print(len(history.loss) + len(array.loss), h.device, torch.isfinite(h).all().item())
     """
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["2", "cpu", "True"]
+    assert result.stdout.split() == ["3", "cpu", "True"]
 
 
 def test_fit_tensor_input():
