@@ -226,10 +226,10 @@ def _backend_for_grads(backend_name: str, *grads: Tensor | None) -> str:
     """The backend of a backward call: the reference for gradients batched by autograd's own
     vmap (``is_grads_batched``, ``autograd.functional.jacobian(vectorize=True)``), which have
     no storage the kernels could read; its math runs on them as torch ops."""
-    batched = torch._C._functorch.is_legacy_batchedtensor
-    if backend_name == "triton" and any(g is not None and batched(g) for g in grads):
-        return "reference"
-    return backend_name
+    batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)  # torch-private
+    if backend_name != "triton" or batched is None:
+        return backend_name
+    return "reference" if any(g is not None and batched(g) for g in grads) else backend_name
 
 
 def _seed_for(seed: Tensor, backend_name: str) -> Tensor | int:
