@@ -1033,7 +1033,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         if isinstance(c, bool) or not isinstance(c, numbers.Real):
             raise TypeError(
                 f"contamination must be a float in (0, 0.5], got {c!r} (no 'auto': "
-                "IsolationForest's offsets its own score scale, reconstruction errors have none)"
+                "IsolationForest's sets an offset on its own score scale, which reconstruction "
+                "errors lack)"
             )
         if not 0.0 < c <= 0.5:
             raise ValueError(f"contamination must be in (0, 0.5], got {c!r}")
