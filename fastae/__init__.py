@@ -52,4 +52,12 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The lazy names where scikit-learn is installed (without it, reading one raises the
+    ImportError that names the extra: help(fastae) and inspect list only what loads)."""
+    import importlib.util
+
+    try:
+        installed = importlib.util.find_spec("sklearn") is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or None in sys.modules
+        installed = False
+    return sorted(set(globals()) | (set(_LAZY) if installed else set()))

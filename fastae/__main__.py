@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastae demo`` (the main job) and ``python -m fastae bench``."""
+"""Command line: `fastae demo` (the main job) and `fastae bench`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastae", description=__doc__)
+    # the installed script's name, else how the module was run
+    prog = "fastae" if sys.argv and sys.argv[0].endswith("fastae") else "python -m fastae"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     from . import benchmark, demo
 
