@@ -31,6 +31,16 @@ def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     return value
 
 
+def parameter_dtype(name: str, value: object) -> torch.dtype | None:
+    """A module's ``dtype=``: None (torch's default) or a floating-point torch.dtype."""
+    if value is not None and value not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be None or a floating-point torch.dtype (torch.float16, "
+            f"torch.bfloat16, torch.float32, torch.float64), got {value!r}"
+        )
+    return value
+
+
 def same_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
     if value.dtype != like.dtype:
         raise TypeError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
@@ -363,7 +364,8 @@ def _noise_params(noise: Noise, x: Tensor) -> tuple[str, float, float, float]:
         # (largest = (2 - eps) 2^e, its ulp eps 2^e)
         overflow = largest + info.eps * largest / (2 - info.eps) / 2
         for name, value in (("low", low), ("high", high)):
-            if abs(value) >= overflow:
+            # the kernels and the reference fill in float32 first: compare that rounding
+            if abs(float(np.float32(value))) >= overflow:
                 raise ValueError(
                     f"noise's {name}={value!r} is beyond {x.dtype}'s range (largest "
                     f"magnitude {largest:.6g}): x would be filled with inf"
@@ -851,7 +853,9 @@ def check_unit_interval(name: str, values: Tensor) -> None:
     if values.numel() == 0:
         return
     lo, hi = torch.aminmax(values.detach())
-    bounds = torch.stack([lo, hi]).tolist()
+    # in float64 (exact for every input dtype): autocast refuses to stack float16 scalars
+    # under bfloat16 autocast (and the reverse)
+    bounds = torch.stack([lo.double(), hi.double()]).tolist()
     if not (bounds[0] >= 0 and bounds[1] <= 1):  # also false for NaN
         raise ValueError(
             f"{name} must lie in [0, 1] for loss 'bce', got values in [{bounds[0]}, {bounds[1]}]"

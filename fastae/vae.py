@@ -131,13 +131,20 @@ class VAE(nn.Module):
         self.check_targets = _checks.flag("check_targets", check_targets)
         d, sizes, latent = self.in_features, self.hidden_sizes, self.latent
         pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (H_i, H_i+1)
-        made = {"device": device, "dtype": dtype}
+        made = {"device": device, "dtype": _checks.parameter_dtype("dtype", dtype)}
         self.encoder = nn.Linear(d, sizes[0], **made)
         self.encoder_stack = nn.ModuleList(nn.Linear(a, b, **made) for a, b in pairs)  # H_1..H_L
         self.posterior = nn.Linear(sizes[-1], 2 * latent, **made)  # [:k] mu, [k:] logvar
         self.decoder_hidden = nn.Linear(latent, sizes[-1], **made)
         self.decoder_stack = nn.ModuleList(nn.Linear(b, a, **made) for a, b in reversed(pairs))
         self.decoder = nn.Linear(sizes[0], d, **made)
+
+    def reset_parameters(self) -> None:
+        """Initialise every layer afresh, as construction does (``torch.nn.Linear``'s
+        initialisation, in the same order): e.g. after ``to_empty`` from the meta device."""
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
 
     @property
     def beta(self) -> float:

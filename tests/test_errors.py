@@ -262,6 +262,23 @@ def test_autoencoder_bad_arguments(kwargs, error, arg):
         fastae.Autoencoder(d, hidden, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, "float32", torch.float8_e4m3fn])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda dtype: fastae.Autoencoder(5, 3, dtype=dtype),
+        lambda dtype: fastae.DeepAutoencoder(5, (4, 3), dtype=dtype),
+        lambda dtype: fastae.VAE(5, 4, 2, dtype=dtype),
+    ],
+    ids=["autoencoder", "deep", "vae"],
+)
+def test_modules_need_a_floating_point_dtype(make, dtype):
+    """dtype= names itself where it is not one fastae computes in (a complex one was made
+    and refused only at the first forward)."""
+    with pytest.raises(TypeError, match=r"^dtype must be None or a floating-point torch.dtype"):
+        make(dtype)
+
+
 @pytest.mark.parametrize(
     "value, error", [(-0.1, ValueError), (math.inf, ValueError), ("1", TypeError)]
 )
@@ -508,6 +525,15 @@ def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend):
         rounded = ops.corrupt(x, SaltPepperNoise(0.9, low=0.0, high=65519.0, seed=1))
     assert set(filled[filled.abs() > 1].tolist()) <= {-6e4, 6e4} and filled.isfinite().all()
     assert rounded.max() == 65504.0
+    # the fill values are rounded to float32 first: just below the threshold, that rounding
+    # reaches it (and then inf), in float16 and bfloat16
+    bf16_max = torch.finfo(torch.bfloat16).max
+    for dtype, high in [
+        (torch.float16, 65519.999999),
+        (torch.bfloat16, math.nextafter(bf16_max + 2.0**119, 0)),
+    ]:
+        with fastae.use_backend(backend), pytest.raises(ValueError, match="x would be filled"):
+            ops.corrupt(x.to(dtype), SaltPepperNoise(0.9, low=0.0, high=high, seed=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32", torch.float8_e4m3fn])

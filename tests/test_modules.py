@@ -284,6 +284,12 @@ def test_modules_take_device_and_dtype_as_torch_layers_do(make):
         on_cpu = make(device="cpu", dtype=torch.float64)
     assert {(p.device.type, p.dtype) for p in on_cpu.parameters()} == {("cpu", torch.float64)}
     assert {p.device.type for p in make(device="meta").parameters()} == {"meta"}
+    # deferred initialisation: made on the meta device, then given memory and initialised
+    deferred = make(device="meta").to_empty(device="cpu")
+    torch.manual_seed(0)
+    deferred.reset_parameters()
+    for name, value in deferred.state_dict().items():
+        assert torch.equal(value, usual[name]), name
 
 
 def test_fastae_keeps_its_own_tensors_on_the_cpu_under_another_default_device():

@@ -246,6 +246,35 @@ def test_autocast_activations_from_an_earlier_layer(model_class):
         model.decode(code)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("model_class", ["Autoencoder", "DeepAutoencoder", "VAE"])
+def test_autocast_takes_the_other_half_dtype(model_class, input_dtype):
+    """A float16 input under bfloat16 autocast (and the reverse) is checked for BCE and
+    trained on, as torch.nn.Linear takes it; a value outside [0, 1] is still refused."""
+    torch.manual_seed(0)
+    model = {
+        "Autoencoder": lambda: fastae.Autoencoder(6, 4),
+        "DeepAutoencoder": lambda: fastae.DeepAutoencoder(6, (5, 3)),
+        "VAE": lambda: fastae.VAE(6, 5, 2),
+    }[model_class]()
+    autocast_dtype = torch.bfloat16 if input_dtype == torch.float16 else torch.float16
+    x = torch.rand(8, 6).to(input_dtype)
+    outside = x.clone()
+    outside[-1, -1] = 2.0
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = model(x)
+        error = model.reconstruction_error(x)
+        with pytest.raises(
+            ValueError,
+            match=r"x must lie in \[0, 1\] for loss .bce., got values in \[0\.\d+, 2\.0\]",
+        ):
+            model(outside)
+    assert torch.isfinite(out.loss)
+    assert error.shape == (8,) and torch.isfinite(error).all()
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_and_grad_scaler(dtype):
