@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def dense(name: str, value: torch.Tensor) -> None:
@@ -110,9 +111,12 @@ def choice(name: str, value: object, options: tuple[str, ...]) -> str:
 
 
 def positive_int(name: str, value: object) -> int:
-    """An integer >= 1 (Python or numpy, not bool) as a Python int."""
+    """An integer >= 1 (Python or numpy, not bool) as a Python int; below 2**63, as torch's
+    sizes and counts are."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value >= 2**63:
+        raise ValueError(f"{name} must be below 2**63, got {value!r}")
     return int(value)
 
 
@@ -153,8 +157,11 @@ def flag(name: str, value: object) -> bool:
     return bool(value)
 
 
-def finite_number(name: str, value: object, *, low=None, high=None, open_low=False) -> float:
-    """A real number (Python or numpy, not bool) as a finite Python float."""
+def finite_number(
+    name: str, value: object, *, low=None, high=None, open_low=False, float32=False
+) -> float:
+    """A real number (Python or numpy, not bool) as a finite Python float; with ``float32``,
+    also finite in float32 (a weight or rate of the training math, which runs there)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
@@ -164,6 +171,10 @@ def finite_number(name: str, value: object, *, low=None, high=None, open_low=Fal
         raise ValueError(f"{name} must be finite, got an int of {bits} bits") from error
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if float32 and abs(value) > FLOAT32_MAX:
+        raise ValueError(
+            f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.6g}), got {value}"
+        )
     if low is not None and (value <= low if open_low else value < low):
         raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
     if high is not None and value >= high:

@@ -77,11 +77,7 @@ UNLABELED = -1
 
 
 def _reconstruction_weight(weight) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        raise TypeError(f"reconstruction_weight must be a real number, got {weight!r}")
-    if not (np.isfinite(weight) and weight >= 0):
-        raise ValueError(f"reconstruction_weight must be finite and >= 0, got {weight!r}")
-    return float(weight)
+    return _checks.finite_number("reconstruction_weight", weight, low=0, float32=True)
 
 
 def _logits(module, x):

@@ -24,7 +24,9 @@ class KLSparsity:
     def __post_init__(self):
         rho = _checks.finite_number("rho", self.rho, low=0.0, high=1.0, open_low=True)
         object.__setattr__(self, "rho", rho)
-        object.__setattr__(self, "weight", _checks.finite_number("weight", self.weight, low=0))
+        object.__setattr__(
+            self, "weight", _checks.finite_number("weight", self.weight, low=0, float32=True)
+        )
 
     def penalty(self, h: Tensor, rho_hat: Tensor) -> Tensor:
         return self.weight * ops.bernoulli_kl(rho_hat, self.rho)
@@ -37,7 +39,9 @@ class L1Sparsity:
     weight: float
 
     def __post_init__(self):
-        object.__setattr__(self, "weight", _checks.finite_number("weight", self.weight, low=0))
+        object.__setattr__(
+            self, "weight", _checks.finite_number("weight", self.weight, low=0, float32=True)
+        )
 
     def penalty(self, h: Tensor, rho_hat: Tensor, nonnegative: bool = True) -> Tensor:
         # for nonnegative activations mean_i |h_ij| is rho_hat_j: no pass over h needed
@@ -245,7 +249,7 @@ class Autoencoder(nn.Module):
 
     @contractive.setter
     def contractive(self, value: float) -> None:
-        self._contractive = _checks.finite_number("contractive", value, low=0)
+        self._contractive = _checks.finite_number("contractive", value, low=0, float32=True)
 
     @property
     def decoder_matrix(self) -> Tensor:

@@ -7,7 +7,6 @@ reference produce the same corruption and backward regenerates masks instead of 
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -16,26 +15,11 @@ import torch
 from . import _checks
 
 SEED_BOUND = 2**63 - 1  # seeds are int64 scalars in the op schemas
-_FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels and the reference corrupt in fp32
 
 
 def _finite(name: str, value: object) -> float:
     """``value`` as a float that is finite in float32 (where the corruption is computed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int too large for a float
-        raise ValueError(
-            f"{name} must be finite in float32, got an int of {value.bit_length()} bits"
-        ) from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if abs(value) > _FLOAT32_MAX:
-        raise ValueError(
-            f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.6g}), got {value}"
-        )
-    return value
+    return _checks.finite_number(name, value, float32=True)
 
 
 def _probability(name: str, value: object) -> float:

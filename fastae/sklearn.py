@@ -95,11 +95,7 @@ def _nonnegative_int(name: str, value) -> int:
 
 
 def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return _checks.finite_number(name, value, low=0, open_low=True, float32=True)
 
 
 def _entropies(x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +237,7 @@ class AutoencoderEstimatorMixin:
         if isinstance(self.sparsity, KLSparsity) and activation != "sigmoid":
             raise ValueError(f"sparsity KLSparsity needs activation 'sigmoid', got {activation!r}")
         _checks.flag("tied", self.tied)
-        _checks.finite_number("contractive", self.contractive, low=0)
+        _checks.finite_number("contractive", self.contractive, low=0, float32=True)
         _checks.positive_int("batch_size", self.batch_size)
         self._learning_rate()
         device = resolve_device(self.device)
@@ -420,13 +416,13 @@ class AutoencoderEstimatorMixin:
                 **kwargs,
             )
         except LossNotFinite as error:
-            advice = "lower lr" if self.scale else "scale X (scale='standard' or 'minmax')"
-            raise ValueError(
-                f"training diverged: the {error.which} loss of epoch {error.epoch} is "
-                f"{error.loss}; {advice}"
-            ) from error
+            raise ValueError(f"training diverged: {error.what()}; {self._advice()}") from error
         module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
         return history
+
+    def _advice(self) -> str:
+        """What to change where training diverged."""
+        return "lower lr" if self.scale else "scale X (scale='standard' or 'minmax')"
 
     def _record(self, history: History, early: dict, more: bool = False) -> None:
         """The fitted attributes that describe training; ``more``: the run continued the
@@ -640,7 +636,7 @@ class ModelChoiceMixin:
         if self.model == "autoencoder":
             return
         hidden_widths(self.hidden)
-        _checks.finite_number("beta", self.beta, low=0)
+        _checks.finite_number("beta", self.beta, low=0, float32=True)
         given = {
             "noise": self.noise is not None,
             "sparsity": self.sparsity is not None,
@@ -1069,6 +1065,12 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     def _set_threshold(self, X: np.ndarray) -> None:
         """PyOD's fitted attributes and ``offset_`` from the anomaly scores of validated X."""
         self.decision_scores_ = self._anomaly_scores(X)
+        bad = int((~np.isfinite(self.decision_scores_)).sum())
+        if bad:  # weights finite but large (a VAE's variance overflows): no threshold to set
+            raise ValueError(
+                f"training diverged: {bad} of the {len(X)} training rows score NaN or inf "
+                f"after training; {self._advice()}"
+            )
         c = self.contamination
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
         self.offset_ = -self.threshold_

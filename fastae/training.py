@@ -6,7 +6,6 @@ import contextlib
 import copy
 import fractions
 import math
-import numbers
 import sys
 import time
 import warnings
@@ -305,7 +304,9 @@ class LossNotFinite(FloatingPointError):
     """:func:`fit`'s error for an epoch whose training or validation loss is NaN or inf:
     ``which`` loss ("training" or "validation"), the ``epoch`` (from 1), the ``loss``, the
     ``history`` so far (that loss included) and ``restored_epoch``: the epoch whose weights
-    ``restore_best`` put back (from 1), or None where the model keeps its last step's."""
+    ``restore_best`` put back (from 1), or None where the model keeps its last step's. Also
+    for a last step that left a weight NaN or inf (each epoch's loss is taken before its
+    steps, so no loss shows it): ``which`` "parameters", ``loss`` NaN, ``epoch`` the last."""
 
     def __init__(self, which, epoch, loss, history=None, restored_epoch=None):
         self.which, self.epoch, self.loss = which, epoch, loss
@@ -315,10 +316,16 @@ class LossNotFinite(FloatingPointError):
             if restored_epoch is None
             else f"the model is back at the weights of epoch {restored_epoch}, the best before"
         )
+        data = "" if which == "parameters" else " or the data holds NaN or inf"
         super().__init__(
-            f"the {which} loss is {loss} in epoch {epoch}: training diverged (try a lower lr "
-            f"or max_grad_norm) or the data holds NaN or inf; {kept}"
+            f"{self.what()}: training diverged (try a lower lr or max_grad_norm){data}; {kept}"
         )
+
+    def what(self) -> str:
+        """What was not finite, and when."""
+        if self.which == "parameters":
+            return f"the parameters hold NaN or inf after the last step of epoch {self.epoch}"
+        return f"the {self.which} loss is {self.loss} in epoch {self.epoch}"
 
     def __reduce__(self):  # pickles (from a worker process) with all its fields
         return type(self), (self.which, self.epoch, self.loss, self.history, self.restored_epoch)
@@ -451,8 +458,7 @@ def fit(
     batch_size = _checks.positive_int("batch_size", batch_size)
     if patience is not None:
         patience = _checks.positive_int("patience", patience)
-    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    lr = _checks.finite_number("lr", lr, low=0, open_low=True, float32=True)
     min_delta = _checks.finite_number("min_delta", min_delta, low=0)
     seed = check_seed(seed)
     shuffle = _checks.flag("shuffle", shuffle)
@@ -588,10 +594,16 @@ def fit(
             if stop:
                 history.stopped_early = True
                 break
+    restored = None
     if best_state is not None and (val is not None or patience_stopped):
         model.load_state_dict(best_state)
+        restored = history.best_epoch + 1
     model.eval()
     history.seconds = time.perf_counter() - start
+    # the last step's update shows in no loss: a model that diverged there is not returned
+    # as trained (one sync)
+    if trained and not bool(torch.stack([p.detach().isfinite().all() for p in trained]).all()):
+        raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
     history.graphed_steps = step.replays if step is not None else 0
     return history
 

@@ -153,7 +153,7 @@ class VAE(nn.Module):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        self._beta = _checks.finite_number("beta", value, low=0)
+        self._beta = _checks.finite_number("beta", value, low=0, float32=True)
 
     def extra_repr(self) -> str:
         widths = " -> ".join(map(str, (self.in_features, *self.hidden_sizes, self.latent)))

@@ -251,6 +251,7 @@ MODULE_CASES = [
     (dict(contractive=math.nan), ValueError, "contractive"),
     (dict(contractive="1"), TypeError, "contractive"),
     (dict(contractive=10**400), ValueError, "contractive"),
+    (dict(contractive=1e39), ValueError, "contractive"),  # inf in float32
 ]
 
 
@@ -304,6 +305,8 @@ def test_contractive_set_later_is_checked(value, error):
         (lambda: fastae.L1Sparsity(weight=-0.5), ValueError, "weight"),
         (lambda: fastae.L1Sparsity(weight=math.nan), ValueError, "weight"),
         (lambda: fastae.L1Sparsity(weight=None), TypeError, "weight"),
+        (lambda: fastae.L1Sparsity(weight=1e39), ValueError, "weight"),
+        (lambda: fastae.KLSparsity(rho=0.1, weight=1e39), ValueError, "weight"),
     ],
 )
 def test_sparsity_bad_arguments(make, error, arg):
@@ -352,6 +355,8 @@ def test_autoencoder_forward_bad_input():
         (dict(lr=0.0), ValueError, "lr"),
         (dict(lr=-1e-3), ValueError, "lr"),
         (dict(lr=math.nan), ValueError, "lr"),
+        (dict(lr=1e39), ValueError, "lr"),  # inf in float32, where Adam steps
+        (dict(lr=2**2000), ValueError, "lr"),  # beyond float64 too
         (dict(data=torch.rand(6, 5, 1)), ValueError, "data"),
         (dict(data=5), TypeError, "data"),
         (dict(validation_data=torch.rand(7)), ValueError, "validation_data"),
@@ -592,6 +597,50 @@ def test_fit_stops_at_a_non_finite_loss(where):
     model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
     with pytest.raises(FloatingPointError, match="^the training loss is (nan|inf) in epoch 1"):
         fastae.fit(model, data, validation_data=val, epochs=3, seed=0, progress=False)
+
+
+def test_fit_refuses_to_return_weights_its_last_step_made_non_finite():
+    """Each epoch's loss is taken before its steps, so the last step's update shows in none:
+    a model that diverged there is not returned as trained (unless restore_best puts back a
+    finite best epoch)."""
+    data, val = torch.rand(32, 5), torch.rand(8, 5)
+
+    def poisoned(model, at_step):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        steps = []
+
+        def hook(optimizer, args, kwargs):
+            steps.append(1)
+            if len(steps) == at_step:
+                with torch.no_grad():
+                    model.bias.fill_(math.inf)
+
+        sgd.register_step_post_hook(hook)
+        return sgd
+
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    kwargs = dict(epochs=2, batch_size=8, seed=0, progress=False)
+    with pytest.raises(
+        fastae.LossNotFinite,
+        match=r"^the parameters hold NaN or inf after the last step of epoch 2: training "
+        r"diverged \(try a lower lr or max_grad_norm\); the model keeps the weights of its",
+    ) as error:
+        fastae.fit(model, data, optimizer=poisoned(model, 8), **kwargs)
+    assert (error.value.which, error.value.epoch, error.value.restored_epoch) == (
+        "parameters",
+        2,
+        None,
+    )
+    assert math.isnan(error.value.loss) and len(error.value.history.loss) == 2
+    assert all(math.isfinite(v) for v in error.value.history.loss) and not model.training
+    # with validation data epoch 2's loss comes after the poisoned step (finite: the
+    # infinite bias saturates the sigmoid) and is the worse: restore_best puts back epoch 1's
+    # finite weights, and fit returns
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    history = fastae.fit(model, data, validation_data=val, optimizer=poisoned(model, 8), **kwargs)
+    assert history.best_epoch == 0 and history.val_loss[1] > history.val_loss[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- backend

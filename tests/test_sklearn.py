@@ -805,21 +805,76 @@ def test_estimators_train_in_float32_under_a_float64_default_dtype(digits):
         torch.set_default_dtype(default)
 
 
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda v: AutoencoderTransformer(2, lr=v), "lr"),
+        (lambda v: AutoencoderTransformer(2, contractive=v), "contractive"),
+        (lambda v: AutoencoderOutlierDetector(2, model="vae", beta=v), "beta"),
+        (
+            lambda v: fastae.SemiSupervisedAutoencoder(2, reconstruction_weight=v),
+            "reconstruction_weight",
+        ),
+        (lambda v: fastae.SemiSupervisedAutoencoder(2, lr=v), "lr"),
+        (lambda v: fastae.DECClustering(2, alpha=v), "alpha"),
+        (lambda v: fastae.DECClustering(2, lr=v), "lr"),
+        (lambda v: fastae.DECClustering(2, reconstruction_weight=v), "reconstruction_weight"),
+    ],
+)
+@pytest.mark.parametrize("value", [1e39, 2**2000])
+def test_weights_and_rates_must_be_finite_in_float32(make, name, value):
+    """The training math runs in float32: a weight or rate beyond its range (or an int
+    beyond float64's) is refused naming the parameter, not trained into an inf loss whose
+    advice is the learning rate."""
+    x = np.random.RandomState(0).rand(30, 4)
+    y = np.arange(30) % 2
+    with pytest.raises(ValueError, match=rf"^{name} must be finite"):
+        make(value).fit(x, y)
+
+
+def test_ints_beyond_int64_are_numbers_or_refused_by_name():
+    """An int beyond int64 is a rate like any other (numpy's isfinite raised a TypeError on
+    it), and a size beyond torch's is refused naming it."""
+    x = np.random.RandomState(0).rand(30, 4)
+    with pytest.raises(ValueError, match="^training diverged: the training loss is"):
+        AutoencoderTransformer(2, lr=2**64, epochs=3, random_state=0).fit(x)
+    with pytest.raises(ValueError, match=r"^n_components must be below 2\*\*63"):
+        AutoencoderTransformer(2**64, epochs=1).fit(x)
+    with pytest.raises(ValueError, match=r"^epochs must be below 2\*\*63"):
+        AutoencoderTransformer(2, epochs=2**63).fit(x)
+
+
 def test_data_beyond_float32_and_diverged_training_are_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"^X has values beyond float32's range"):
         AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e39)
     with pytest.raises(
-        ValueError, match=r"^training diverged: the training loss of epoch 1 is (inf|nan); scale X"
+        ValueError, match=r"^training diverged: the training loss is (inf|nan) in epoch 1; scale X"
     ):
         AutoencoderOutlierDetector(2, scale=None, epochs=1).fit(rng.random((40, 3)) * 1e20)
     # the same data scaled trains
     AutoencoderOutlierDetector(2, epochs=1).fit(rng.random((40, 3)) * 1e39)
     # scaled data that diverges: the advice is the learning rate
-    with pytest.raises(ValueError, match=r"^training diverged: .* is (inf|nan); lower lr$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^training diverged: the training loss is (inf|nan) in epoch \d; lower lr$",
+    ):
         AutoencoderOutlierDetector(2, model="vae", lr=1e9, epochs=3, random_state=0).fit(
             rng.random((40, 3))
         )
+    # one step (epochs=1, the batch all rows; or a partial_fit of one batch) that diverges
+    # shows in no loss: a detector's training rows that score NaN or inf (a VAE whose step
+    # left finite but large weights: its variance overflows) leave no threshold to set
+    x = np.random.RandomState(0).randn(30, 5)
+    with pytest.raises(
+        ValueError, match=r"^training diverged: \d+ of the 30 training rows score NaN or inf"
+    ):
+        AutoencoderOutlierDetector(2, model="vae", lr=10, epochs=1, random_state=0).fit(x)
+    detector = AutoencoderOutlierDetector(2, model="vae", random_state=0).partial_fit(x)
+    threshold = detector.threshold_
+    with pytest.raises(ValueError, match=r"^training diverged: \d+ of the 30 training rows"):
+        detector.set_params(lr=10).partial_fit(x)
+    assert detector.threshold_ == threshold and np.isfinite(threshold)
 
 
 @pytest.mark.parametrize("model, rate", [("autoencoder", 1e-2), ("vae", 3e-3)])

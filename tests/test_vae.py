@@ -642,6 +642,7 @@ def test_module_half_precision(dtype):
         ((8, 4, 0), {}, ValueError, "latent"),
         ((8, 4, 2), {"beta": -1.0}, ValueError, "beta"),
         ((8, 4, 2), {"beta": float("nan")}, ValueError, "beta"),
+        ((8, 4, 2), {"beta": 1e39}, ValueError, "beta"),
         ((8, 4, 2), {"output": "identity"}, ValueError, "bce"),
         ((8, 4, 2), {"activation": "gelu"}, ValueError, "activation"),
         ((8, 0, 2), {}, ValueError, r"^hidden must be a positive int"),
