@@ -741,14 +741,21 @@ def test_peers_training_scores_reconstructions_by_binary_cross_entropy(peers):
 
 def test_peers_streaming_scores_reconstructions_of_chunked_training(peers):
     from sklearn.datasets import load_digits
-    from sklearn.decomposition import IncrementalPCA
+    from sklearn.decomposition import PCA, IncrementalPCA
     from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     results = peers.streaming(seeds=[0], passes=2)
     names = [
         "IncrementalPCA, partial_fit (1 pass)",
         "fastae transformer, partial_fit (2 passes)",
         "fastae transformer, fit in memory (2 epochs)",
+        "fastae transformer, untied, fit in memory (2 epochs)",
+        "fastae transformer, squared error, tanh, fit in memory (2 epochs)",
+        "PCA on standardized pixels",
+        "fastae transformer, its defaults (standardized), fit in memory (2 epochs)",
+        "fastae transformer, its defaults but untied, fit in memory (2 epochs)",
     ]
     assert list(results) == names
     x_tr, x_te = train_test_split(load_digits().data / 16.0, test_size=0.25, random_state=0)
@@ -759,7 +766,20 @@ def test_peers_streaming_scores_reconstructions_of_chunked_training(peers):
             for start in range(0, len(x_tr), 256):
                 model.partial_fit(x_tr[start : start + 256])
     assert streamed.n_iter_ == 2 * 6  # 1347 rows: 6 chunks a pass
-    for name, model in zip(names, (pca, streamed), strict=False):
+    untied = fastae.AutoencoderTransformer(32, scale=None, random_state=0, epochs=2, tied=False)
+    squared = fastae.AutoencoderTransformer(
+        32, scale=None, random_state=0, epochs=2, loss="mse", activation="tanh"
+    )
+    standardized = make_pipeline(StandardScaler(), PCA(32, random_state=0))
+    defaults = fastae.AutoencoderTransformer(32, random_state=0, epochs=2)
+    defaults_untied = fastae.AutoencoderTransformer(32, random_state=0, epochs=2, tied=False)
+    for model in (untied, squared, standardized, defaults, defaults_untied):
+        model.fit(x_tr)
+    assert not untied.module_.tied and squared.loss_ == "mse" and defaults.loss_ == "mse"
+    models = (pca, streamed, None, untied, squared, standardized, defaults, defaults_untied)
+    for name, model in zip(names, models, strict=True):
+        if model is None:  # fit in memory, tied: the streamed model's settings
+            continue
         error = np.square(model.inverse_transform(model.transform(x_te)) - x_te).sum(1).mean()
         assert results[name]["test_error"] == [pytest.approx(error)]
     assert 0 < results[names[0]]["test_error"][0] < results[names[2]]["test_error"][0]
