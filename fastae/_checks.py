@@ -157,6 +157,15 @@ def flag(name: str, value: object) -> bool:
     return bool(value)
 
 
+def verbosity(name: str, value: object) -> bool:
+    """A verbosity as scikit-learn's estimators take it (a bool or an int >= 0) as a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if not isinstance(value, numbers.Integral) or value < 0:
+        raise TypeError(f"{name} must be a bool or an int >= 0, got {value!r}")
+    return value > 0
+
+
 def finite_number(
     name: str, value: object, *, low=None, high=None, open_low=False, float32=False
 ) -> float:

@@ -641,6 +641,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
         lr = _positive_float("lr", self.lr)
         weight = _reconstruction_weight(self.reconstruction_weight)
         _checks.finite_number("tol", self.tol, low=0)
+        _checks.verbosity("verbose", self.verbose)
         n_init = self.n_init
         if n_init != "auto" and (
             isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1
@@ -710,7 +711,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
                 step = min(interval, epochs - self.n_iter_)
                 ae._train(
                     module, torch.cat([x, p], dim=1), step, seed + self.n_iter_,
-                    optimizer=optimizer, progress=bool(self.verbose),
+                    optimizer=optimizer, progress=_checks.verbosity("verbose", self.verbose),
                 )  # fmt: skip
                 self.n_iter_ += step
             q = ae._map_chunks(_soft_assignments, x, module)

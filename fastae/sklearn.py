@@ -239,6 +239,7 @@ class AutoencoderEstimatorMixin:
         _checks.flag("tied", self.tied)
         _checks.finite_number("contractive", self.contractive, low=0, float32=True)
         _checks.positive_int("batch_size", self.batch_size)
+        _checks.verbosity("verbose", self.verbose)
         self._learning_rate()
         device = resolve_device(self.device)
         if _checks.flag("cuda_graph", self.cuda_graph) and not _graphs_possible(device):
@@ -404,7 +405,8 @@ class AutoencoderEstimatorMixin:
             }
         batch_size = min(int(self.batch_size), data.shape[0])
         # a caller may override either
-        kwargs = {"progress": bool(self.verbose), "cuda_graph": bool(self.cuda_graph)} | kwargs
+        progress = _checks.verbosity("verbose", self.verbose)
+        kwargs = {"progress": progress, "cuda_graph": bool(self.cuda_graph)} | kwargs
         try:
             history = fit(
                 module,
@@ -868,7 +870,8 @@ class AutoencoderTransformer(
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         random_state: int, RandomState or None; ``fit`` draws the torch seed from it
             (weights, shuffling and noise masks), leaving torch's global generator untouched.
-        verbose: show a progress bar while training.
+        verbose: show a progress bar while training (a bool, or an int as scikit-learn's: above 0
+            shows it).
         cuda_graph: replay each training step from a CUDA graph (:func:`fastae.fit` with
             ``cuda_graph=True``): at small batches a GPU step's host time (Python, autograd,
             launches) is most of it, and a replay has none. Needs a CUDA device.

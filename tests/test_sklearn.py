@@ -210,6 +210,14 @@ def test_bad_parameters_name_themselves(digits):
         AutoencoderOutlierDetector(contamination="auto").fit(x)
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         AutoencoderTransformer(cuda_graph="yes").fit(x)
+    # verbose as scikit-learn's estimators take it: a bool or an int >= 0 ("no" showed a bar)
+    for estimator in (
+        AutoencoderTransformer(verbose="no"),
+        fastae.StackedAutoencoder([4], verbose=-1),
+        fastae.DECClustering(2, verbose=0.5, autoencoder=AutoencoderTransformer(2, epochs=1)),
+    ):
+        with pytest.raises(TypeError, match=r"^verbose must be a bool or an int >= 0, got"):
+            estimator.fit(x)
     graphed = AutoencoderOutlierDetector(device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device.*'cpu'"):
         graphed.fit(x)
