@@ -715,7 +715,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
                 )  # fmt: skip
                 self.n_iter_ += step
             q = ae._map_chunks(_soft_assignments, x, module)
-        self.labels_ = q.argmax(1)
+        self.labels_ = q.argmax(1).astype(np.int32)  # as k-means' (and KMeans.predict's)
 
     def _prepared(self, checked: np.ndarray) -> ScaledRows:
         """X validated by DEC, scaled as the autoencoder scales it, in X's precision."""
@@ -726,7 +726,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
         """Cluster of each sample: the largest soft assignment (nearest centre in code space)."""
         check_is_fitted(self)
         x = self._prepared(_validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
-        return self.autoencoder_._map_chunks(_soft_assignments, x, self._module()).argmax(1)
+        q = self.autoencoder_._map_chunks(_soft_assignments, x, self._module())
+        return q.argmax(1).astype(np.int32)
 
     def fit_predict(self, X, y=None):
         return self.fit(X).labels_

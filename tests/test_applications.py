@@ -520,6 +520,9 @@ def test_kmeans_and_dec_on_codes():
     assert dec.autoencoder.get_params()["random_state"] is None  # the template is untouched
     only_kmeans = DECClustering(4, refine_epochs=0, random_state=0).fit(x)
     np.testing.assert_array_equal(only_kmeans.labels_, only_kmeans.kmeans_labels_)
+    # labels in k-means' dtype (and KMeans.predict's), refined or not
+    for model in (dec, only_kmeans):
+        assert model.labels_.dtype == model.predict(x[:5]).dtype == kmeans.labels_.dtype
 
 
 def test_dec_arguments_and_estimators():
