@@ -591,18 +591,20 @@ class DECClustering(ClusterMixin, BaseEstimator):
     centres on DEC's loss KL(P || Q) (Xie et al. 2016), with soft assignments Q from a
     Student's t kernel (``alpha``) and the sharpened target P recomputed every
     ``update_interval`` epochs.
-    ``reconstruction_weight`` > 0 keeps the autoencoder loss in the objective (IDEC, Guo et
-    al. 2017). Training stops early when fewer than ``tol`` of the labels change between
-    target updates. ``lr``: Adam's learning rate in the refinement; ``n_init``: k-means
-    restarts (or "auto"); ``random_state`` seeds k-means, the refinement and the autoencoder
-    clone when its own ``random_state`` is None. ``verbose`` shows the refinement's
-    progress. Refinement trains as the
-    autoencoder was trained: with its ``cuda_graph=True``, each step is replayed from a CUDA
-    graph (captured anew after each target update).
+    ``reconstruction_weight`` > 0 keeps the autoencoder loss in the objective (IDEC, Guo et al.
+    2017) as KL + w * (the autoencoder's loss: summed over features, mean over rows); IDEC's
+    code minimizes MSE + gamma KL with the squared error averaged over features too, so w is not
+    its gamma (w = 1 / (gamma d) matches it for squared error over d features). Training stops
+    early when fewer than ``tol`` of the labels change between target updates. ``lr``: Adam's
+    learning rate in the refinement; ``n_init``: k-means restarts (or "auto"); ``random_state``
+    seeds k-means, the refinement and the autoencoder clone when its own ``random_state`` is
+    None. ``verbose`` shows the refinement's progress. Refinement trains as the autoencoder was
+    trained: with its ``cuda_graph=True``, each step is replayed from a CUDA graph (captured
+    anew after each target update).
 
-    Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_``
-    (in code space), ``autoencoder_`` (the fitted, refined clone; a detector's threshold and
-    scores are the refined model's), ``n_iter_`` (refinement epochs run).
+    Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_`` (in
+    code space), ``autoencoder_`` (the fitted, refined clone; a detector's threshold and scores
+    are the refined model's), ``n_iter_`` (refinement epochs run).
     """
 
     def __init__(
