@@ -138,7 +138,10 @@ class Size(NamedTuple):
             raise ValueError(
                 f"size must look like BATCHxINPUTSxHIDDEN (256x784x1024), got {text!r}"
             )
-        return cls(*map(int, parts))
+        batch, inputs, hidden = map(int, parts)
+        if max(batch * inputs, batch * hidden, inputs * hidden) >= 2**63:
+            raise ValueError(f"size {text!r} makes a tensor of 2**63 elements or more")
+        return cls(batch, inputs, hidden)
 
 
 MNIST = [Size(256, 784, 1024), Size(1024, 784, 1024), Size(4096, 784, 1024)]
@@ -1239,6 +1242,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
 
 
+def _check_writable_file(option: str, path: str) -> None:
+    """ValueError unless ``path`` names a file that can be written (checked before the run:
+    one that cannot would lose the results at its end)."""
+    where = os.path.dirname(path) or "."
+    if not path or os.path.isdir(path):
+        raise ValueError(f"{option} must name a file, got {path!r}")
+    if not os.path.isdir(where):
+        raise ValueError(f"{option} {path!r}: its folder {where!r} does not exist")
+    if not os.access(where, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path!r} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         device = parse_device(args.device)
@@ -1253,6 +1268,8 @@ def run(args: argparse.Namespace) -> int:
         sizes = parse_sizes(size_text)
         if args.rounds is not None and args.rounds < 1:
             raise ValueError(f"rounds must be a positive int, got {args.rounds}")
+        if args.json is not None:
+            _check_writable_file("--json", args.json)
         if "deep" in cases:
             for size in sizes:
                 baselines.deep_sizes(size.hidden)

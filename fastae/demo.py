@@ -111,13 +111,21 @@ def _argument_error(args: argparse.Namespace) -> str | None:
         return f"the demo needs {' and '.join(missing)}: pip install 'fastae[apps]'"
     for name in ("repeats", "hidden", "epochs"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name} must be a positive int, got {value}"
+        if value is not None and not 1 <= value < 2**63:
+            return f"--{name} must be a positive int below 2**63, got {value}"
     if args.hidden > DIGITS_PIXELS:
         return f"--hidden must be at most {DIGITS_PIXELS} (the digits' pixels), got {args.hidden}"
     last = args.seed + args.repeats - 1
     if args.seed < 0 or last > SEED_MAX:
         return f"--seed must make seeds in [0, {SEED_MAX}], got {args.seed}..{last}"
+    from .sklearn import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        return f"--{error}"
+    if not args.out:
+        return "--out must name a folder, got ''"
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -614,11 +622,7 @@ def run(args: argparse.Namespace) -> int:
         epochs = QUICK_EPOCHS if args.quick else FULL_EPOCHS
     from .sklearn import resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        print(f"error: --{error}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)  # checked above
     print(
         f"fastae demo: digits (1797 x 64), code size {args.hidden}, {epochs} epochs, "
         f"device {device}, seed{'s' if args.repeats > 1 else ''} "

@@ -67,10 +67,16 @@ def test_prints_ratio_table(bench_run):
         (["--device", "CPU"], "device must be cpu or cuda"),
         (["--device", "mps"], "device must be cpu or cuda"),
         (["--cases", "deep", "--size", "8x8x2"], "H must be at least 4, got 2"),
+        (["--size", "99999999999999999999x8x8"], "makes a tensor of 2**63 elements or more"),
+        (["--json", "NEW/sub/run.json"], "its folder 'NEW/sub' does not exist"),
+        (["--json", "NEW"], "--json must name a file, got 'NEW'"),
+        (["--json", ""], "--json must name a file, got ''"),
     ],
 )
-def test_bad_options_are_errors_before_any_timing(options, message, monkeypatch):
+def test_bad_options_are_errors_before_any_timing(options, message, monkeypatch, tmp_path):
     monkeypatch.setattr(fb, "measure", lambda *args: pytest.fail("measured"))
+    monkeypatch.chdir(tmp_path)  # NEW: a folder there
+    (tmp_path / "NEW").mkdir()
     argv = ["bench", "--device", "cpu", "--cases", "plain", "--size", "8x8x8", *options]
     stderr = io.StringIO()
     with redirect_stderr(stderr):

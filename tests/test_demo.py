@@ -58,23 +58,28 @@ def test_table_with_repeats_shows_mean_and_spread():
     assert np.isnan(one.rows["plain AE"].get("mse", np.nan))
 
 
-def test_an_unusable_device_is_a_usage_error(capsys):
-    assert main(["demo", "--quick", "--device", "tpu:7"]) == 2
+def test_an_unusable_device_is_a_usage_error(capsys, tmp_path):
+    """Refused before the output folder is made: a refused command line leaves nothing."""
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--device", "tpu:7", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: --device must be 'auto', 'cpu' or a CUDA dev")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--epochs", "0"], "--epochs must be a positive int, got 0"),
-        (["--epochs", "-1"], "--epochs must be a positive int, got -1"),
-        (["--hidden", "0"], "--hidden must be a positive int, got 0"),
+        (["--epochs", "0"], "--epochs must be a positive int below 2**63, got 0"),
+        (["--epochs", "-1"], "--epochs must be a positive int below 2**63, got -1"),
+        (["--hidden", "0"], "--hidden must be a positive int below 2**63, got 0"),
         (["--hidden", "65"], "--hidden must be at most 64 (the digits' pixels), got 65"),
-        (["--repeats", "0"], "--repeats must be a positive int, got 0"),
+        (["--repeats", "0"], "--repeats must be a positive int below 2**63, got 0"),
         (["--seed", "-1"], "--seed must make seeds in [0, 4294967295], got -1..-1"),
         (["--seed", str(2**32 - 1), "--repeats", "2"], "got 4294967295..4294967296"),
         (["--out", "FILE"], "--out '"),
         (["--out", "FILE/inside"], "is not a folder that can be made"),
+        (["--out", ""], "--out must name a folder, got ''"),
+        (["--epochs", str(2**63)], f"--epochs must be a positive int below 2**63, got {2**63}"),
     ],
 )
 def test_bad_options_are_usage_errors_before_any_training(
