@@ -427,6 +427,15 @@ def autotuning() -> bool:
     return choice == "1"
 
 
+def benchmark(kernel_call, quantiles):
+    """The autotuner's timing of a candidate: the driver's benchmarker (Triton's default), and
+    under ``FASTAE_AUTOTUNE=0`` none, the kernel not run (one candidate is left, which Triton
+    3.6 would still time: some 0.1 s a kernel and shape)."""
+    if not autotuning():
+        return [0.0] * len(quantiles)
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 def autotune(configs, key: list[str], fit=None, **kwargs):
     """``triton.autotune`` whose candidates are ``fit(configs, named_args)`` (all if None),
     only the first of them under ``FASTAE_AUTOTUNE=0``."""
@@ -436,8 +445,9 @@ def autotune(configs, key: list[str], fit=None, **kwargs):
         return kept if autotuning() else kept[:1]
 
     return triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs
-    )
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+        do_bench=benchmark, **kwargs,
+    )  # fmt: skip
 
 
 def gemm_autotune(

@@ -121,6 +121,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(needs_cuda)
 
 
+@pytest.fixture
+def kernel_device():
+    """Where the triton backend's tensors live: the GPU where there is one (and Triton
+    compiles for it), else the CPU (Triton's interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _seed_inputs(request):
     """Fresh random inputs per test, reproducible from the test's id."""
@@ -190,15 +197,30 @@ def launched_kernels(monkeypatch):
 
 @pytest.fixture
 def split_k(monkeypatch):
-    """``split_k(module, kernel, split)``: ``kernel`` (a weight-gradient kernel of ``module``)
-    runs its first config with SPLIT = ``split``, split-K allowed at every shape; returns the
+    """``split_k(module, kernel, split, dtype=torch.float64)``: ``kernel`` (a weight-gradient
+    kernel of ``module``) runs its first config with SPLIT = ``split`` (on a GPU, fitted to
+    its shared memory for ``dtype`` operands), split-K allowed at every shape; returns the
     list of ticket buffers its launches get (each must be back at zero after a launch)."""
     from fastae.kernels import common
 
-    def install(module, kernel, split):
+    def install(module, kernel, split, dtype=torch.float64):
         config = kernel.configs[0]
         blocks = dict(config.kwargs, SPLIT=split)
-        monkeypatch.setattr(kernel, "configs", [type(config)(blocks, num_warps=config.num_warps)])
+        config = type(config)(blocks, num_stages=config.num_stages, num_warps=config.num_warps)
+        if not triton_interpreting():
+            # Triton prunes (here: fits the GPU's shared memory for the dtype) only a list of
+            # configs; the weight gradients' products are BLOCK_N x BLOCK_K over BLOCK_M
+            import triton
+
+            properties = triton.runtime.driver.active.utils.get_device_properties(
+                torch.cuda.current_device()
+            )
+            element_size = torch.empty((), dtype=dtype).element_size()
+            names = ("BLOCK_N", "BLOCK_K", "BLOCK_M")
+            (config,) = common.fit_shared_memory(
+                [config], names, element_size, properties["max_shared_mem"]
+            )
+        monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(common, "SPLIT_MIN_BATCH", 1)
         monkeypatch.setattr(common, "SPLIT_MAX_TILES", 10**9)
         tickets = []

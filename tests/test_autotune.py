@@ -108,6 +108,26 @@ def test_autotune_off_times_one_config_per_shape(tuned_on_every_call, monkeypatc
     assert all(timed[id(kernel)] <= len(kernel.cache) for kernel in used)
 
 
+def test_a_lone_candidate_is_not_timed(monkeypatch):
+    """FASTAE_AUTOTUNE=0 leaves one candidate, which Triton 3.6's autotuner would still time
+    (a warm-up and repetitions, some 0.1 s a kernel and shape; the GPU tests run so): every
+    kernel's benchmark neither times nor runs it then. With autotuning on, the driver's
+    benchmarker times each candidate, as Triton's default does."""
+    assert all(kernel._do_bench is common.benchmark for kernel in _autotuned_kernels())
+    calls = []
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "0")
+    assert common.benchmark(lambda: calls.append(1), (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    assert not calls
+
+    class Driver:
+        def get_benchmarker(self):
+            return lambda kernel_call, quantiles: [kernel_call(), 1.0][1:] * len(quantiles)
+
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "1")
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
+    assert common.benchmark(lambda: calls.append(1), (0.5, 0.2)) == [1.0, 1.0] and calls == [1]
+
+
 def test_autotune_setting_is_checked(monkeypatch):
     monkeypatch.setenv("FASTAE_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="FASTAE_AUTOTUNE"):
@@ -210,8 +230,12 @@ def test_float32_gemm_configs_fit_this_gpu(kernel, names, monkeypatch):
     monkeypatch.setenv("FASTAE_AUTOTUNE", "1")
     limit = triton.runtime.driver.active.utils.get_device_properties(0)["max_shared_mem"]
     x = torch.empty(4, 4, device=DEVICE)
-    kept = kernel.early_config_prune(_gemm_candidates(names), dict.fromkeys(kernel.arg_names, x))
-    assert len(kept) == len(_gemm_candidates(names))
+    # float32 operands; B, D and H as launches give them (ints), at a shape where split-K
+    # candidates run (the weight gradients keep them all then)
+    named_args = dict.fromkeys(kernel.arg_names, x) | {"B": 4096, "D": 128, "H": 128}
+    candidates = common.gemm_configs(names, split="SPLIT" in kernel.configs[0].kwargs)
+    kept = kernel.early_config_prune(candidates, named_args)
+    assert len(kept) == len(candidates)
     for m, n, k, stages, _ in (_shape(c, names) for c in kept):
         assert stages * (m + n) * k * 4 <= limit
 

@@ -242,7 +242,7 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_agreement_of_the_kernels_with_the_reference(case, monkeypatch):
+def test_agreement_of_the_kernels_with_the_reference(case, monkeypatch, kernel_device):
     """The triton backend (its interpreter here) against the reference, the noise and eps
     drawn from one seed: float32 rounding apart. A kernel whose first output is off by a
     factor of 2 shows as order 1."""
@@ -250,7 +250,7 @@ def test_agreement_of_the_kernels_with_the_reference(case, monkeypatch):
     module = importlib.import_module(f"fastae.kernels.{BROKEN[case][0]}")
     size = fb.Size.parse("16x32x16")
     with fastae.use_backend("triton"):
-        checked = fb.agreement(fb.build(case, "fastae", size))
+        checked = fb.agreement(fb.build(case, "fastae", size, device=kernel_device))
         assert checked["rel_diff_vs_reference"] < 1e-5 and not checked["beyond_rounding"]
         real = getattr(module, BROKEN[case][1])
 
@@ -259,12 +259,12 @@ def test_agreement_of_the_kernels_with_the_reference(case, monkeypatch):
             return (2 * out[0], *out[1:]) if isinstance(out, tuple) else 2 * out
 
         monkeypatch.setattr(module, BROKEN[case][1], doubled)
-        checked = fb.agreement(fb.build(case, "fastae", size))
+        checked = fb.agreement(fb.build(case, "fastae", size, device=kernel_device))
         assert checked["rel_diff_vs_reference"] > 0.5 and checked["beyond_rounding"]
 
 
 @pytest.mark.parametrize("dtype, error", [("fp32", 0.01), ("bf16", 0.15)])
-def test_agreement_flags_an_error_in_one_gradient(dtype, error, monkeypatch):
+def test_agreement_flags_an_error_in_one_gradient(dtype, error, monkeypatch, kernel_device):
     """A step whose encoder's weight gradient is off by 1% in float32 or 15% in bfloat16
     (tied: a third or so of the whole gradient's error) lies beyond rounding (a contractive
     term dropped moves the figures by about 2% at 4096x784->1024: seen in tf32 and float32,
@@ -280,12 +280,16 @@ def test_agreement_flags_an_error_in_one_gradient(dtype, error, monkeypatch):
 
     size = fb.Size.parse("64x100x64")
     with fastae.use_backend("triton"):
-        assert not fb.agreement(fb.build("contractive", "fastae", size, dtype))["beyond_rounding"]
+        assert not fb.agreement(fb.build("contractive", "fastae", size, dtype, kernel_device))[
+            "beyond_rounding"
+        ]
         monkeypatch.setattr(encoder, "encode_backward", off)
-        assert fb.agreement(fb.build("contractive", "fastae", size, dtype))["beyond_rounding"]
+        assert fb.agreement(fb.build("contractive", "fastae", size, dtype, kernel_device))[
+            "beyond_rounding"
+        ]
 
 
-def test_agreement_counts_nan_as_the_largest_difference(monkeypatch):
+def test_agreement_counts_nan_as_the_largest_difference(monkeypatch, kernel_device):
     pytest.importorskip("triton")
     from fastae.kernels import encoder
 
@@ -297,7 +301,7 @@ def test_agreement_counts_nan_as_the_largest_difference(monkeypatch):
 
     monkeypatch.setattr(encoder, "encode_forward", unwritten)
     with fastae.use_backend("triton"):
-        bench = fb.build("encode", "fastae", fb.Size.parse("16x32x16"))
+        bench = fb.build("encode", "fastae", fb.Size.parse("16x32x16"), device=kernel_device)
         assert fb.agreement(bench)["rel_diff_vs_reference"] == float("inf")
 
 
@@ -473,7 +477,14 @@ def test_summary_of_a_run_without_eager_or_compile(bench_run, tmp_path, monkeypa
     assert "| sparse |" in _summarize(fastae_only, tmp_path, monkeypatch)
 
 
-@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+# bench/host_time.py runs the triton backend on CPU tensors, its kernels stubbed: a tool of
+# Triton's interpreter (importing it sets TRITON_INTERPRET, for the rest of the process)
+HOST_TIME = pytest.mark.skipif(
+    not fastae.backend.triton_interpreting(), reason="host_time needs Triton's interpreter"
+)
+
+
+@HOST_TIME
 @pytest.mark.parametrize("size", [fb.Size(4, 6, 5), fb.Size(8, 16, 16)], ids=str)
 @pytest.mark.parametrize("case", ["all", "vae"])
 def test_host_time_stubs_every_launch(monkeypatch, size, case):
@@ -499,7 +510,7 @@ def test_host_time_stubs_every_launch(monkeypatch, size, case):
     assert launched  # the stubs stood in for the launches
 
 
-@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+@HOST_TIME
 def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch):
     """bench/host_time.py --routes: the dispatcher, the eager route with the ops composed and
     the one-node step, each timed every round; afterwards the default path is back."""
@@ -517,7 +528,7 @@ def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch):
     assert ops._plain_eager is plain_eager and steps.ONE_NODE_STEP
 
 
-@pytest.mark.skipif(not fastae.backend.triton_available(), reason="needs Triton")
+@HOST_TIME
 def test_host_time_of_deep_models(monkeypatch):
     """bench/host_time.py --deep: each deep model's step as one node and as the ops
     composed, timed every round; afterwards the one node is the default again."""

@@ -513,11 +513,12 @@ def test_stack_module_checks_its_layers():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend):
+def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend, kernel_device):
     """float16 would turn low=-1e6 into -inf: refused, naming the value, for corrupt and for
     encode; values that round to a finite float16 fill as rounded."""
-    x = torch.rand(4, 6, dtype=torch.float16)
-    weight = torch.rand(3, 6, dtype=torch.float16)
+    device = kernel_device if backend == "triton" else "cpu"
+    x = torch.rand(4, 6, dtype=torch.float16, device=device)
+    weight = torch.rand(3, 6, dtype=torch.float16, device=device)
     with fastae.use_backend(backend):
         with pytest.raises(ValueError, match="^noise's low=-1000000.0 is beyond torch.float16"):
             ops.corrupt(x, SaltPepperNoise(0.9, low=-1e6, high=1.0, seed=1))

@@ -261,37 +261,39 @@ def _batched_matches_a_loop(outputs, inputs, cotangents):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_gradients_batched_by_autograd_take_any_backend(backend):
+def test_gradients_batched_by_autograd_take_any_backend(backend, kernel_device):
     """torch.autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) run the
     backward under autograd's own vmap, whose batched gradients the kernels cannot read:
     the triton backend's backward takes the reference math for them."""
     if backend == "triton":
         pytest.importorskip("triton")
-    x, weight, bias = _rand(3, 5), _rand(4, 5, low=-1), _rand(4, low=-1)
-    weight.requires_grad_(), bias.requires_grad_()
-    mu, logvar = _rand(3, 2, low=-1).requires_grad_(), _rand(3, 2, low=-1).requires_grad_()
-    with fastae.use_backend(backend):
-        h, rho_hat, jac = ops.encode(x, weight, bias, noise=MaskingNoise(0.3, seed=1))
-        _batched_matches_a_loop((h, rho_hat, jac), (weight, bias), (
-            torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
-            torch.randn(2, dtype=torch.float64),
-        ))  # fmt: skip
-        per_sample = ops.decode_loss(h, weight.t(), None, target=x)
-        _batched_matches_a_loop((per_sample,), (weight, bias), (torch.eye(3, dtype=x.dtype),))
-        z, kl = ops.reparameterize(mu, logvar, seed=5)
-        _batched_matches_a_loop((z, kl), (mu, logvar), (
-            torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64),
-        ))  # fmt: skip
-        for model in (
-            fastae.Autoencoder(5, 4, contractive=0.1, sparsity=fastae.KLSparsity(0.1, 0.1)),
-            fastae.DeepAutoencoder(5, (4, 3)),
-            fastae.VAE(5, 4, 2),
-        ):
-            model = model.double()
-            params = tuple(model.parameters())
-            out = model(x)
-            _batched_matches_a_loop((out.per_sample,), params, (torch.eye(3, dtype=x.dtype),))
-        jacobian = torch.autograd.functional.jacobian(
-            lambda w: ops.encode(x, w, bias.detach())[2], weight.detach(), vectorize=True
-        )
+    # factories make the tensors and models where the backend runs
+    with torch.device(kernel_device if backend == "triton" else "cpu"):
+        x, weight, bias = _rand(3, 5), _rand(4, 5, low=-1), _rand(4, low=-1)
+        weight.requires_grad_(), bias.requires_grad_()
+        mu, logvar = _rand(3, 2, low=-1).requires_grad_(), _rand(3, 2, low=-1).requires_grad_()
+        with fastae.use_backend(backend):
+            h, rho_hat, jac = ops.encode(x, weight, bias, noise=MaskingNoise(0.3, seed=1))
+            _batched_matches_a_loop((h, rho_hat, jac), (weight, bias), (
+                torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
+                torch.randn(2, dtype=torch.float64),
+            ))  # fmt: skip
+            per_sample = ops.decode_loss(h, weight.t(), None, target=x)
+            _batched_matches_a_loop((per_sample,), (weight, bias), (torch.eye(3, dtype=x.dtype),))
+            z, kl = ops.reparameterize(mu, logvar, seed=5)
+            _batched_matches_a_loop((z, kl), (mu, logvar), (
+                torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64),
+            ))  # fmt: skip
+            for model in (
+                fastae.Autoencoder(5, 4, contractive=0.1, sparsity=fastae.KLSparsity(0.1, 0.1)),
+                fastae.DeepAutoencoder(5, (4, 3)),
+                fastae.VAE(5, 4, 2),
+            ):
+                model = model.double()
+                params = tuple(model.parameters())
+                out = model(x)
+                _batched_matches_a_loop((out.per_sample,), params, (torch.eye(3, dtype=x.dtype),))
+            jacobian = torch.autograd.functional.jacobian(
+                lambda w: ops.encode(x, w, bias.detach())[2], weight.detach(), vectorize=True
+            )
     assert jacobian.shape == weight.shape
