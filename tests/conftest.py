@@ -199,8 +199,12 @@ def launched_kernels(monkeypatch):
 def split_k(monkeypatch):
     """``split_k(module, kernel, split, dtype=torch.float64)``: ``kernel`` (a weight-gradient
     kernel of ``module``) runs its first config with SPLIT = ``split`` (on a GPU, fitted to
-    its shared memory for ``dtype`` operands), split-K allowed at every shape; returns the
-    list of ticket buffers its launches get (each must be back at zero after a launch)."""
+    its shared memory for ``dtype`` operands), split-K allowed at every shape; returns what
+    its launches got: ``tickets``, their ticket buffers (each must be back at zero after a
+    launch), and ``splits``, the SPLIT each ran (compiled kernels the direct launch kept are
+    dropped first: one kept for another SPLIT would serve launches of the same arguments)."""
+    import types
+
     from fastae.kernels import common
 
     def install(module, kernel, split, dtype=torch.float64):
@@ -223,14 +227,25 @@ def split_k(monkeypatch):
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(common, "SPLIT_MIN_BATCH", 1)
         monkeypatch.setattr(common, "SPLIT_MAX_TILES", 10**9)
-        tickets = []
+        monkeypatch.setattr(common, "_launches", {})
+        launched = types.SimpleNamespace(tickets=[], splits=[])
 
         def buffers(*args, **kwargs):
             out = common.split_k_buffers(*args, **kwargs)
-            tickets.append(out[-1])
+            launched.tickets.append(out[-1])
             return out
 
+        def grid(*args):
+            made = common.grid_split_k(*args)
+
+            def recorded(meta):
+                launched.splits.append(meta["SPLIT"])
+                return made(meta)
+
+            return common.Grid(recorded)
+
         monkeypatch.setattr(module, "split_k_buffers", buffers)
-        return tickets
+        monkeypatch.setattr(module, "grid_split_k", grid)
+        return launched
 
     return install

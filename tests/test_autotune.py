@@ -39,18 +39,26 @@ def _bench_each_config_several_times(kernel_call, quantiles):
     return [1.0] * len(quantiles)
 
 
+def _time_with(monkeypatch, kernel, bench):
+    """``kernel``'s autotuner times its candidates with ``bench`` (Triton reads ``do_bench``,
+    a property it caches in the instance: set there, it is put back afterwards)."""
+    monkeypatch.setitem(vars(kernel), "do_bench", bench)
+
+
 @pytest.fixture
 def tuned_on_every_call(monkeypatch):
-    if DEVICE == "cuda":
-        pytest.skip("on a GPU the real autotuner already times several configs")
-    monkeypatch.setenv("FASTAE_AUTOTUNE", "1")  # the GPU check runs the tests with 0
+    """Two candidates a kernel, each run several times when timed, on the GPU too (the GPU
+    check runs the tests with FASTAE_AUTOTUNE=0, where nothing is timed); compiled kernels
+    the direct launch kept are dropped, so that every launch goes through the autotuner."""
+    monkeypatch.setenv("FASTAE_AUTOTUNE", "1")
+    monkeypatch.setattr(common, "_launches", {})
     kernels = _autotuned_kernels()
     assert len(kernels) >= 10
     for kernel in kernels:
         second = copy.copy(kernel.configs[0])
         monkeypatch.setattr(kernel, "configs", [kernel.configs[0], second])
         monkeypatch.setattr(kernel, "cache", {})
-        monkeypatch.setattr(kernel, "_do_bench", _bench_each_config_several_times)
+        _time_with(monkeypatch, kernel, _bench_each_config_several_times)
     return kernels
 
 
@@ -97,7 +105,7 @@ def test_autotune_off_times_one_config_per_shape(tuned_on_every_call, monkeypatc
         return bench
 
     for kernel in tuned_on_every_call:
-        monkeypatch.setattr(kernel, "_do_bench", bench_and_count(kernel))
+        _time_with(monkeypatch, kernel, bench_and_count(kernel))
     want = _step("reference", "gemm", monkeypatch)
     got = _step("triton", "gemm", monkeypatch)
     for a, b in zip(got, want, strict=True):
@@ -230,10 +238,10 @@ def test_float32_gemm_configs_fit_this_gpu(kernel, names, monkeypatch):
     monkeypatch.setenv("FASTAE_AUTOTUNE", "1")
     limit = triton.runtime.driver.active.utils.get_device_properties(0)["max_shared_mem"]
     x = torch.empty(4, 4, device=DEVICE)
-    # float32 operands; B, D and H as launches give them (ints), at a shape where split-K
-    # candidates run (the weight gradients keep them all then)
+    # the kernel's own candidates, float32 operands; B, D and H as launches give them (ints),
+    # at a shape where split-K candidates run (the weight gradients keep them all then)
     named_args = dict.fromkeys(kernel.arg_names, x) | {"B": 4096, "D": 128, "H": 128}
-    candidates = common.gemm_configs(names, split="SPLIT" in kernel.configs[0].kwargs)
+    candidates = list(kernel.configs)
     kept = kernel.early_config_prune(candidates, named_args)
     assert len(kept) == len(candidates)
     for m, n, k, stages, _ in (_shape(c, names) for c in kept):

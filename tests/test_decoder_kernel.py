@@ -469,12 +469,12 @@ def test_uniform_upstream_gradient_matches_reference(tied, shape, spy_launches):
     "split, tied, uniform", [(2, True, True), (3, False, False), (4, True, False), (4, False, True)]
 )
 def test_split_k_weight_gradient_matches_reference(split, tied, uniform, split_k):
-    """dV and dc from SPLIT programs per tile, each over its share of the row blocks (under
-    the interpreter 3 blocks of 16 over 2, 3 or 4 programs: shares of 2 and 1 blocks, one
-    each, one empty; on a GPU 6 blocks of 64), the last to finish adding the partial tiles
-    and dc's partials, then scaling by a uniform weight; twice in a row (the tickets must be
-    back at zero)."""
-    tickets = split_k(decoder, decoder._decoder_grad_weight_kernel, split)
+    """dV and dc from SPLIT programs per tile, each over its share of the row blocks (under the
+    interpreter 3 blocks of 16 over 2, 3 or 4 programs: shares of 2 and 1 blocks, one each, one
+    empty; on a GPU 21 blocks of 16: the float64 tile fitted to its shared memory), the last to
+    finish adding the partial tiles and dc's partials, then scaling by a uniform weight; twice
+    in a row (the tickets must be back at zero)."""
+    launched = split_k(decoder, decoder._decoder_grad_weight_kernel, split)
     batch = 37 if DEVICE == "cpu" else 333
     (h, weight, bias, target), upstream = _inputs(batch, 21, 40, torch.float64, tied=tied)
     if uniform:
@@ -482,7 +482,8 @@ def test_split_k_weight_gradient_matches_reference(split, tied, uniform, split_k
     decoder_weight = weight.t() if tied else weight
     for _ in range(2):
         _check_upstream_gradient(h, decoder_weight, weight, bias, target, upstream)
-        assert tickets and not tickets[-1].any()
+        assert launched.tickets and not launched.tickets[-1].any()
+    assert set(launched.splits) == {split}
 
 
 def test_wide_column_variants_match_reference(monkeypatch):

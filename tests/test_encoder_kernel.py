@@ -558,24 +558,26 @@ def test_without_statistics(fusion, activation, noise, monkeypatch, spy_launches
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: n + m)
 
 
-SPLIT_K_BATCH = 37 if DEVICE == "cpu" else 333  # 3 row blocks of 16, or 6 of 64 on a GPU
+SPLIT_K_BATCH = 37 if DEVICE == "cpu" else 333  # 3 row blocks of 16 (21 on a GPU)
 
 
 @pytest.mark.parametrize(
     "split, noise", [(2, None), (3, fastae.MaskingNoise(0.3, seed=5)), (4, None)]
 )
 def test_split_k_weight_gradient_matches_reference(split, noise, split_k):
-    """dW and db from SPLIT programs per tile, each over its share of the row blocks (under
-    the interpreter 3 blocks of 16 over 2, 3 or 4 programs: shares of 2 and 1 blocks, one
-    each, one empty; on a GPU 6 blocks of 64), the last to finish adding the partials and
-    writing the contractive term and db; twice in a row (the tickets must be back at zero)."""
-    tickets = split_k(encoder, encoder._encoder_grad_weight_kernel, split)
+    """dW and db from SPLIT programs per tile, each over its share of the row blocks (under the
+    interpreter 3 blocks of 16 over 2, 3 or 4 programs: shares of 2 and 1 blocks, one each, one
+    empty; on a GPU 21 blocks of 16: the float64 tile fitted to its shared memory), the last to
+    finish adding the partials and writing the contractive term and db; twice in a row (the
+    tickets must be back at zero)."""
+    launched = split_k(encoder, encoder._encoder_grad_weight_kernel, split)
     leaves, upstream = _inputs(SPLIT_K_BATCH, 21, 40, torch.float64)
     for _ in range(2):
         got = _run("triton", *leaves, upstream, activation="tanh", noise=noise)
         want = _run("reference", *leaves, upstream, activation="tanh", noise=noise)
         _assert_close(got, want, rtol=1e-10, atol=1e-12)
-        assert tickets and not tickets[-1].any()  # back at zero for the next launch
+        assert launched.tickets and not launched.tickets[-1].any()  # back at zero
+    assert set(launched.splits) == {split}
 
 
 def test_split_k_candidates_only_where_they_can_pay():
