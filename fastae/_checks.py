@@ -161,8 +161,10 @@ def verbosity(name: str, value: object) -> bool:
     """A verbosity as scikit-learn's estimators take it (a bool or an int >= 0) as a bool."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    if not isinstance(value, numbers.Integral) or value < 0:
+    if not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a bool or an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a bool or an int >= 0, got {value!r}")
     return value > 0
 
 

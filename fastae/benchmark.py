@@ -1250,7 +1250,8 @@ def _check_writable_file(option: str, path: str) -> None:
         raise ValueError(f"{option} must name a file, got {path!r}")
     if not os.path.isdir(where):
         raise ValueError(f"{option} {path!r}: its folder {where!r} does not exist")
-    if not os.access(where, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    # open(path, "w") needs a file that exists to be writable, else its folder
+    if not os.access(path if os.path.exists(path) else where, os.W_OK):
         raise ValueError(f"{option} {path!r} is not writable")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import clip_grad_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, DistributedSampler
@@ -602,11 +603,13 @@ def fit(
         restored = history.best_epoch + 1
     model.eval()
     history.seconds = time.perf_counter() - start
-    # the last step's update shows in no loss: a model that diverged there is not returned
-    # as trained (one sync)
-    if trained and not bool(torch.stack([p.detach().isfinite().all() for p in trained]).all()):
-        raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
     history.graphed_steps = step.replays if step is not None else 0
+    # the last step's update shows in no loss: a model that diverged there is not returned
+    # as trained (the parameters the optimizer steps, on whichever devices they live)
+    updated = [p for p in trained if id(p) in stepped and not is_lazy(p)]
+    finite = [p.detach().isfinite().all() for p in updated]  # launched, then read: one wait
+    if not all(bool(flag) for flag in finite):
+        raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
     return history
 
 

@@ -55,6 +55,19 @@ def test_prints_ratio_table(bench_run):
         assert row.split()[7].endswith("x")  # e.g. "0.85x"
 
 
+def test_json_needs_the_file_writable_where_it_exists_else_its_folder(monkeypatch, tmp_path):
+    """As open(path, "w"): an existing file must be writable (its folder need not be: an
+    existing file in a read-only folder, /dev/null), a new one needs its folder writable."""
+    existing = tmp_path / "run.json"
+    existing.write_text("")
+    asked = []
+    monkeypatch.setattr(fb.os, "access", lambda path, mode: asked.append(str(path)) or False)
+    for path, checked in ((existing, existing), (tmp_path / "new.json", tmp_path)):
+        with pytest.raises(ValueError, match=r"^--json .* is not writable"):
+            fb._check_writable_file("--json", str(path))
+        assert asked[-1] == str(checked)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

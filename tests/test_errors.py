@@ -642,6 +642,16 @@ def test_fit_refuses_to_return_weights_its_last_step_made_non_finite():
     history = fastae.fit(model, data, validation_data=val, optimizer=poisoned(model, 8), **kwargs)
     assert history.best_epoch == 0 and history.val_loss[1] > history.val_loss[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # what the optimizer does not step is not checked: an infinite mask left out of it, an
+    # unused lazy layer's uninitialised parameter
+    holder = torch.nn.Module()
+    holder.model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    holder.mask = torch.nn.Parameter(torch.tensor([0.0, -math.inf]))
+    holder.lazy = torch.nn.LazyLinear(3)
+    holder.forward = holder.model.forward
+    sgd = torch.optim.SGD(holder.model.parameters(), lr=0.1)
+    history = fastae.fit(holder, data, optimizer=sgd, **kwargs)
+    assert len(history.loss) == 2 and history.graphed_steps == 0
 
 
 # ----------------------------------------------------------------------------- backend

@@ -211,12 +211,15 @@ def test_bad_parameters_name_themselves(digits):
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         AutoencoderTransformer(cuda_graph="yes").fit(x)
     # verbose as scikit-learn's estimators take it: a bool or an int >= 0 ("no" showed a bar)
-    for estimator in (
-        AutoencoderTransformer(verbose="no"),
-        fastae.StackedAutoencoder([4], verbose=-1),
-        fastae.DECClustering(2, verbose=0.5, autoencoder=AutoencoderTransformer(2, epochs=1)),
+    for estimator, error in (
+        (AutoencoderTransformer(verbose="no"), TypeError),
+        (fastae.StackedAutoencoder([4], verbose=-1), ValueError),
+        (
+            fastae.DECClustering(2, verbose=0.5, autoencoder=AutoencoderTransformer(2, epochs=1)),
+            TypeError,
+        ),
     ):
-        with pytest.raises(TypeError, match=r"^verbose must be a bool or an int >= 0, got"):
+        with pytest.raises(error, match=r"^verbose must be a bool or an int >= 0, got"):
             estimator.fit(x)
     graphed = AutoencoderOutlierDetector(device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device.*'cpu'"):
