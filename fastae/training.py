@@ -452,9 +452,9 @@ def fit(
     Raises :class:`fastae.LossNotFinite` (a ``FloatingPointError``) when an epoch's training or
     validation loss is not finite (the model goes back to the best epoch's weights where
     ``restore_best`` kept them, else keeps its last step's; in eval mode either way) or when
-    training ends with a trained parameter NaN or inf (the last step's update, which no
-    epoch's loss shows: ``which="parameters"``; after ``restore_best``'s weights are put
-    back, so only where those are not finite either), and ``ValueError`` for a model with
+    training ends with a parameter the optimizer steps NaN or inf (the last step's update,
+    which no epoch's loss shows: ``which="parameters"``; after ``restore_best``'s weights are
+    put back, so only where those are not finite either), and ``ValueError`` for a model with
     float16 parameters and no ``optimizer``: Adam's moment estimates would be float16 too.
     """
     epochs = _checks.positive_int("epochs", epochs)
