@@ -32,12 +32,13 @@ def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     return value
 
 
-def parameter_dtype(name: str, value: object) -> torch.dtype | None:
-    """A module's ``dtype=``: None (torch's default) or a floating-point torch.dtype."""
-    if value is not None and value not in FLOAT_DTYPES:
+def float_dtype(name: str, value: object, none: bool = False) -> torch.dtype | None:
+    """A floating-point torch.dtype fastae computes in; with ``none``, None (torch's default)
+    too (a module's ``dtype=``)."""
+    if (value is None and not none) or (value is not None and value not in FLOAT_DTYPES):
         raise TypeError(
-            f"{name} must be None or a floating-point torch.dtype (torch.float16, "
-            f"torch.bfloat16, torch.float32, torch.float64), got {value!r}"
+            f"{name} must be {'None or ' if none else ''}a floating-point torch.dtype "
+            f"(torch.float16, torch.bfloat16, torch.float32, torch.float64), got {value!r}"
         )
     return value
 

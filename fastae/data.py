@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fastae._checks import FLOAT_DTYPES
+from fastae import _checks
 
 
 def load_digits(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The 8x8 digits (1797 x 64) scaled to [0, 1] in ``dtype`` (float16, bfloat16, float32 or
     float64), and their labels. Needs scikit-learn."""
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be torch.float16, bfloat16, float32 or float64, got {dtype!r}")
+    _checks.float_dtype("dtype", dtype)
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as error:

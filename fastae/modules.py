@@ -210,7 +210,7 @@ class Autoencoder(nn.Module):
         self.check_targets = _checks.flag("check_targets", check_targets)
         self.in_features, self.hidden_features, self.tied = in_features, hidden_features, tied
 
-        made = {"device": device, "dtype": _checks.parameter_dtype("dtype", dtype)}
+        made = {"device": device, "dtype": _checks.float_dtype("dtype", dtype, none=True)}
         self.weight = nn.Parameter(torch.empty(hidden_features, in_features, **made))
         self.bias = nn.Parameter(torch.zeros(hidden_features, **made))
         self.decoder_weight = (
@@ -397,7 +397,7 @@ class DeepAutoencoder(nn.Module):
         self.in_features, self.sizes = in_features, sizes
         widths = (in_features, *sizes)
         # layer k maps widths[k] -> widths[k + 1]; its decoder maps back
-        made = {"device": device, "dtype": _checks.parameter_dtype("dtype", dtype)}
+        made = {"device": device, "dtype": _checks.float_dtype("dtype", dtype, none=True)}
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(widths[k + 1], widths[k], **made)) for k in range(len(sizes))
         )

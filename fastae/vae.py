@@ -131,7 +131,7 @@ class VAE(nn.Module):
         self.check_targets = _checks.flag("check_targets", check_targets)
         d, sizes, latent = self.in_features, self.hidden_sizes, self.latent
         pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (H_i, H_i+1)
-        made = {"device": device, "dtype": _checks.parameter_dtype("dtype", dtype)}
+        made = {"device": device, "dtype": _checks.float_dtype("dtype", dtype, none=True)}
         self.encoder = nn.Linear(d, sizes[0], **made)
         self.encoder_stack = nn.ModuleList(nn.Linear(a, b, **made) for a, b in pairs)  # H_1..H_L
         self.posterior = nn.Linear(sizes[-1], 2 * latent, **made)  # [:k] mu, [k:] logvar
