@@ -45,6 +45,7 @@ from .sklearn import (
     all_or_nothing,
     code_width,
     hold_out,
+    random_state_generator,
 )
 from .training import default_optimizer
 
@@ -58,7 +59,7 @@ try:
         clone,
     )
     from sklearn.cluster import KMeans
-    from sklearn.utils import check_array, check_random_state
+    from sklearn.utils import check_array
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted
 except ImportError as error:  # pragma: no cover - fastae.sklearn raises first
@@ -223,6 +224,7 @@ class SemiSupervisedAutoencoder(
 
     @all_or_nothing
     def fit(self, X, y):
+        """Train on all of X's rows, the classifier on those whose y is not -1."""
         self._check_model()
         device = self._check_common_params()
         n_components = _checks.positive_int("n_components", self.n_components)
@@ -277,13 +279,16 @@ class SemiSupervisedAutoencoder(
         return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict_proba(self, X):
+        """Class probabilities (n_samples, n_classes), columns in ``classes_`` order."""
         return self._map_chunks(lambda m, chunk: m.logits(chunk).softmax(1), self._prepared(X))
 
     def predict_log_proba(self, X):
+        """The log of :meth:`predict_proba`, computed from the logits."""
         logits = self._map_chunks(_logits, self._prepared(X))
         return logits - logsumexp(logits, axis=1, keepdims=True)
 
     def predict(self, X):
+        """The most probable class of each row."""
         logits = self._map_chunks(_logits, self._prepared(X))
         return self.classes_[np.argmax(logits, axis=1)]
 
@@ -407,6 +412,8 @@ class StackedAutoencoder(
 
     @all_or_nothing
     def fit(self, X, y=None):
+        """Pretrain the layers greedily, each on the codes of the one below, then fine-tune
+        the whole stack (``finetune_epochs``); y is ignored."""
         device = self._check_common_params()
         sizes = _checks.widths("sizes", self.sizes, empty=True)
         if not sizes:
@@ -636,6 +643,8 @@ class DECClustering(ClusterMixin, BaseEstimator):
 
     @all_or_nothing
     def fit(self, X, y=None):
+        """Train a clone of ``autoencoder``, run k-means on its codes, then refine by DEC
+        (``refine_epochs``); sets ``labels_``; y is ignored."""
         n_clusters = _checks.positive_int("n_clusters", self.n_clusters)
         refine_epochs = _nonnegative_int("refine_epochs", self.refine_epochs)
         update_interval = _checks.positive_int("update_interval", self.update_interval)
@@ -662,7 +671,7 @@ class DECClustering(ClusterMixin, BaseEstimator):
                 "autoencoder must be None, fastae.AutoencoderTransformer, StackedAutoencoder or "
                 f"AutoencoderOutlierDetector, got {type(base).__name__}"
             )
-        random = check_random_state(self.random_state)
+        random = random_state_generator(self.random_state)
         autoencoder = clone(base)
         if autoencoder.get_params().get("random_state", 0) is None:
             autoencoder.set_params(random_state=random.randint(np.iinfo(np.int32).max))

@@ -9,12 +9,12 @@
 Both take the regularizers of :class:`fastae.Autoencoder` (``sparsity``, ``noise``,
 ``contractive``), scale their inputs (``scale="standard"``, ``"minmax"`` or ``None``), train
 with :func:`fastae.fit` on the GPU when there is one (``device="auto"``), draw their torch
-seed from ``random_state`` in ``fit`` without touching torch's global generator (fits from
-several threads take turns with it), stop early on held-out rows (``early_stopping=True``,
-as scikit-learn's MLP), train on from their fitted weights (``warm_start=True``;
-``partial_fit`` one epoch a call), fit all or nothing
-(a fit that raises leaves the estimator as it was), and pickle to CPU tensors (an unpickled
-estimator predicts on the CPU when CUDA is missing).
+seed from ``random_state`` in ``fit`` and restore torch's global generator's state after it
+(fits from several threads take turns with it), stop early on held-out rows
+(``early_stopping=True``, as scikit-learn's MLP), train on from their fitted weights
+(``warm_start=True``; ``partial_fit`` one epoch a call), fit all or nothing (a fit that
+raises leaves the estimator as it was), and pickle to CPU tensors (an unpickled estimator
+predicts on the CPU when CUDA is missing).
 """
 
 from __future__ import annotations
@@ -60,6 +60,27 @@ from .training import History, LossNotFinite, default_optimizer, fit, seed_torch
 from .vae import SCORES, VAE, hidden_widths
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer", "neg_reconstruction_error"]
+
+
+def random_state_generator(random_state: object) -> np.random.RandomState:
+    """scikit-learn's ``check_random_state`` for ``random_state`` (None: numpy's global
+    generator, an int seeds a new one, a RandomState is used as is), with errors naming it."""
+    if random_state is None or isinstance(random_state, np.random.RandomState):
+        return check_random_state(random_state)
+    if isinstance(random_state, (bool, np.bool_)) or not isinstance(random_state, numbers.Integral):
+        advice = (
+            " (np.random.RandomState(seed) is one)"
+            if isinstance(random_state, np.random.Generator)
+            else ""
+        )
+        raise TypeError(
+            "random_state must be None, an int or a numpy RandomState, got "
+            f"{type(random_state).__name__}{advice}"
+        )
+    if not 0 <= random_state < 2**32:
+        raise ValueError(f"random_state must be in [0, 2**32 - 1], got {random_state}")
+    return np.random.RandomState(int(random_state))
+
 
 SCALES = ("standard", "minmax", None)
 # the modules are made and initialised on the CPU in float32 (then moved to the device):
@@ -271,7 +292,7 @@ class AutoencoderEstimatorMixin:
         return _positive_float("lr", self.lr)
 
     def _draw_seed(self) -> int:
-        return int(check_random_state(self.random_state).randint(_SEED_BOUND))
+        return int(random_state_generator(self.random_state).randint(_SEED_BOUND))
 
     # -- data --------------------------------------------------------------------------------
 
@@ -286,6 +307,7 @@ class AutoencoderEstimatorMixin:
                 )
         elif self.scale == "minmax":
             self.scaler_ = MinMaxScaler(clip=True).fit(X)
+            self._check_minmax_ranges(X)
         else:
             self.scaler_ = None
         scaled = self._scale(X)
@@ -298,6 +320,28 @@ class AutoencoderEstimatorMixin:
         self._check_bce_range(scaled)
         self.output_ = "sigmoid" if self.loss_ == "bce" else "identity"
         return scaled
+
+    def _check_minmax_ranges(self, X: np.ndarray) -> None:
+        """MinMaxScaler maps a column whose range overflows float64 to zeros, and one whose
+        range is below 10 * float64's epsilon (an absolute bound) to its offset alone: both
+        would drop the column's values. A range that small next to the column's magnitude is
+        rounding noise about a constant and stays dropped."""
+        data_range = self.scaler_.data_range_
+        if not np.isfinite(data_range).all():
+            raise ValueError(
+                "X's column ranges overflow float64 (values up to "
+                f"{np.abs(X).max():.4g}): divide X by a constant before fitting"
+            )
+        magnitude = np.maximum(np.abs(self.scaler_.data_min_), np.abs(self.scaler_.data_max_))
+        eps = np.finfo(np.float64).eps
+        lost = (data_range > 0) & (data_range < 10 * eps) & (data_range > 10 * eps * magnitude)
+        if lost.any():
+            column = int(np.flatnonzero(lost)[0])
+            raise ValueError(
+                f"X's column {column} spans only {data_range[column]:.4g}, which "
+                "scale='minmax' treats as constant (a range below 10 * float64's epsilon): "
+                "multiply X by a constant before fitting, or use scale='standard'"
+            )
 
     def _check_bce_range(self, scaled: np.ndarray) -> None:
         if self.loss_ == "bce" and not (scaled.min() >= 0.0 and scaled.max() <= 1.0):
@@ -344,15 +388,18 @@ class AutoencoderEstimatorMixin:
         clipped to [0, 1]."""
         if self.loss_ == "bce":
             scaled = np.clip(scaled, 0.0, 1.0)
-        if dtype == torch.float32 and np.abs(scaled).max(initial=0.0) > np.finfo(np.float32).max:
+        # finite X (check_array) overflows here only by scaling: to inf in float64, beyond
+        # float32's range where it trains or predicts in float32
+        largest = np.abs(scaled).max(initial=0.0)
+        if not largest <= torch.finfo(dtype).max:
             advice = (
                 "use scale='standard' or 'minmax'"
                 if self.scaler_ is None
                 else "X lies far beyond the range of the data the scaler was fitted to"
             )
             raise ValueError(
-                "X has values beyond float32's range after scaling (largest magnitude "
-                f"{np.abs(scaled).max():.4g}); {advice}"
+                f"X has values beyond {str(dtype).removeprefix('torch.')}'s range after scaling "
+                f"(largest magnitude {largest:.4g}); {advice}"
             )
         return torch.tensor(scaled, dtype=dtype, device=self.device_ if device is None else device)
 
@@ -573,10 +620,12 @@ class CodeTransformerMixin(TransformerMixin):
     _code_size = "n_components"
 
     def transform(self, X):
+        """The codes of X's rows (n_samples, code width), in X's precision."""
         x = self._prepared(X)
         return _as_dtype(self._map_chunks(_encode, x), x)
 
     def inverse_transform(self, X):
+        """Codes decoded to rows in X's original units (the scaling undone)."""
         check_is_fitted(self)
         codes = check_array(X, dtype=[np.float64, np.float32], input_name="X")
         width = code_width(self.module_)
@@ -868,8 +917,10 @@ class AutoencoderTransformer(
             1e-2 for an autoencoder, 3e-3 for a VAE (whose training diverges at 1e-2 on
             standardized inputs: ``bench/vae_learning_rate.py``).
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-        random_state: int, RandomState or None; ``fit`` draws the torch seed from it
-            (weights, shuffling and noise masks), leaving torch's global generator untouched.
+        random_state: int, RandomState or None (numpy's global generator, as scikit-learn's:
+            ``np.random.seed``, not ``torch.manual_seed``, repeats such fits); ``fit`` draws the
+            torch seed from it (weights, shuffling and noise masks); torch's global
+            generator's state is restored after.
         verbose: show a progress bar while training (a bool, or an int as scikit-learn's: above 0
             shows it).
         cuda_graph: replay each training step from a CUDA graph (:func:`fastae.fit` with
@@ -893,7 +944,9 @@ class AutoencoderTransformer(
             stay and ``loss`` be "auto" or ``loss_``), the weights' shapes and the
             activations they were trained through; ``loss_curve_``,
             ``n_iter_`` and ``train_seconds_`` grow across such fits. Other parameters (lr,
-            noise, sparsity, ...) may change between them.
+            noise, sparsity, ...) may change between them. Each fit draws its seed from
+            ``random_state`` afresh, as scikit-learn's MLP: with an int, every such fit
+            shuffles (and corrupts) as the first did; ``partial_fit`` draws anew each call.
 
     Attributes:
         module_ (fastae.Autoencoder, fastae.DeepAutoencoder or fastae.VAE), scaler_, loss_,
@@ -904,6 +957,7 @@ class AutoencoderTransformer(
 
     @all_or_nothing
     def fit(self, X, y=None):
+        """Scale X, train the autoencoder on it (``epochs`` of Adam); y is ignored."""
         self._fit_autoencoder(X)
         self._n_features_out = code_width(self.module_)
         return self
@@ -1052,6 +1106,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
 
     @all_or_nothing
     def fit(self, X, y=None):
+        """Scale X, train on it, and set ``threshold_``/``offset_`` from its rows' scores
+        (``contamination``); y is ignored."""
         self._check_model_params()
         self._set_threshold(self._fit_autoencoder(X))
         return self

@@ -165,6 +165,34 @@ def test_random_state_is_resolved_in_fit_and_leaves_torch_alone(digits):
     d = AutoencoderTransformer(6, epochs=2, random_state=rs).fit(x[:200]).transform(x[:20])
     e = AutoencoderTransformer(6, epochs=2, random_state=rs).fit(x[:200]).transform(x[:20])
     assert not np.allclose(d, e)  # a RandomState instance advances between fits
+    f = AutoencoderTransformer(6, epochs=2, random_state=np.int64(3)).fit(x[:200])
+    np.testing.assert_array_equal(f.transform(x[:20]), a)
+
+
+@pytest.mark.parametrize(
+    "random_state, error, message",
+    [(np.random.default_rng(0), TypeError,
+      r"^random_state must be None, an int or a numpy RandomState, got Generator "
+      r"\(np\.random\.RandomState\(seed\) is one\)$"),
+     ("0", TypeError, r"^random_state must be None, an int or a numpy RandomState, got str$"),
+     (1.5, TypeError, r"^random_state must be None, an int or a numpy RandomState, got float$"),
+     (True, TypeError, r"^random_state must be None, an int or a numpy RandomState, got bool$"),
+     (-1, ValueError, r"^random_state must be in \[0, 2\*\*32 - 1\], got -1$"),
+     (2**32, ValueError, r"^random_state must be in \[0, 2\*\*32 - 1\], got 4294967296$")],
+)  # fmt: skip
+def test_a_bad_random_state_is_named(random_state, error, message):
+    x = np.random.default_rng(0).random((30, 4))
+    labels = np.arange(30) % 2
+    for estimator, y in [
+        (AutoencoderTransformer(2, epochs=1), None),
+        (AutoencoderOutlierDetector(2, epochs=1), None),
+        (fastae.SemiSupervisedAutoencoder(2, epochs=1), labels),
+        (fastae.StackedAutoencoder((3, 2), pretrain_epochs=1, finetune_epochs=1), None),
+        (fastae.DECClustering(2, refine_epochs=1), None),
+    ]:
+        with pytest.raises(error, match=message):
+            estimator.set_params(random_state=random_state).fit(x, y)
+        assert not hasattr(estimator, "n_features_in_")
 
 
 @pytest.mark.parametrize(
@@ -886,6 +914,63 @@ def test_data_beyond_float32_and_diverged_training_are_errors():
     with pytest.raises(ValueError, match=r"^training diverged: \d+ of the 30 training rows"):
         detector.set_params(lr=10).partial_fit(x)
     assert detector.threshold_ == threshold and np.isfinite(threshold)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_finite_float64_rows_that_overflow_when_scaled_are_errors():
+    # float64 X passes check_array but may overflow to inf when scaled by a scaler fitted on
+    # data far smaller: an error, as float32's range, not NaN scores and argmax labels
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 6))
+    far = x[:3].copy()
+    far[0] = 1e308
+    message = r"^X has values beyond float64's range after scaling \(largest magnitude inf\)"
+    detector = AutoencoderOutlierDetector(3, epochs=1, random_state=0).fit(x)
+    for method in ("score_samples", "decision_function", "predict", "feature_scores"):
+        with pytest.raises(ValueError, match=message):
+            getattr(detector, method)(far)
+    transformer = AutoencoderTransformer(3, epochs=1, random_state=0).fit(x)
+    for method in ("transform", "score_samples"):
+        with pytest.raises(ValueError, match=message):
+            getattr(transformer, method)(far)
+    labels = np.arange(60) % 3
+    labels[::2] = -1
+    classifier = fastae.SemiSupervisedAutoencoder(3, epochs=1, random_state=0).fit(x, labels)
+    for method in ("predict", "predict_proba"):
+        with pytest.raises(ValueError, match=message):
+            getattr(classifier, method)(far)
+    with pytest.raises(ValueError, match=message):
+        fastae.DECClustering(3, refine_epochs=1, random_state=0).fit(x).predict(far)
+    assert np.isfinite(detector.score_samples(far[1:])).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_minmax_ranges_that_would_drop_a_column_are_errors():
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 6))
+    # a range beyond float64: MinMaxScaler's scale would be 0, the column all zeros
+    huge = x.copy()
+    huge[:, 0] = np.where(x[:, 0] > 0.5, 1e308, -1e308)
+    with pytest.raises(
+        ValueError, match=r"^X's column ranges overflow float64 \(values up to 1e\+308"
+    ):
+        AutoencoderTransformer(3, scale="minmax", epochs=1).fit(huge)
+    # a range below MinMaxScaler's absolute cut-off: the column would be taken as constant
+    with pytest.raises(
+        ValueError, match=r"^X's column 0 spans only 9\.8\d*e-17, which scale='minmax' treats"
+    ):
+        AutoencoderOutlierDetector(3, scale="minmax", epochs=1).fit(x * 1e-16)
+    assert AutoencoderTransformer(3, epochs=1).fit(x * 1e-16).transform(x * 1e-16).std(0).min() > 0
+    # rounding noise about a constant, and a constant, stay constant columns
+    noisy = x.copy()
+    noisy[:, 1] = 0.3
+    noisy[::2, 1] = 0.1 + 0.2
+    noisy[:, 2] = 0.0
+    assert 0 < np.ptp(noisy[:, 1]) < 1e-16
+    fitted = AutoencoderTransformer(3, scale="minmax", epochs=1).fit(noisy)
+    assert (fitted.scaler_.scale_[1:3] == 1.0).all()
 
 
 @pytest.mark.parametrize("model, rate", [("autoencoder", 1e-2), ("vae", 3e-3)])
