@@ -12,6 +12,12 @@ Providers:
 - ``fastae``: :func:`fastae.ops.encode` / ``corrupt`` / ``decode_loss`` and
   :class:`fastae.Autoencoder`, on whatever backend ``auto`` picks (recorded per op);
 - ``jacrev``: the contractive step with the brute-force ``torch.func.jacrev`` penalty;
+- ``fastae_gemm`` and ``fastae_split``: fastae with both kernels' fusion boundary forced
+  (``FASTAE_ENCODER_FUSION`` and ``FASTAE_DECODER_FUSION``); ``fastae_regenerate``
+  (denoising cases): the corrupted input regenerated inside the GEMMs, never stored;
+  ``fastae_triton_launch``: every kernel launched through Triton's own launch path;
+- ``floor``: the case's bare matrix products (``torch.mm`` forward and backward), or a plain
+  copy for ``corrupt``;
 - ``fastae_graph`` and ``compile_graph`` (CUDA, training steps): fastae's step replayed
   from a CUDA graph (:class:`fastae.GraphedStep`), and ``torch.compile`` with
   ``mode="reduce-overhead"`` (its own CUDA graphs) of the eager step.
@@ -1209,6 +1215,7 @@ def measure(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m fastae bench``."""
     parser.add_argument(
         "--cases",
         default=",".join(STEPS),
@@ -1219,7 +1226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(PROVIDERS),
         help=f"comma-separated among {', '.join(ALL_PROVIDERS)} (default: %(default)s)",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)"
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -1256,6 +1265,7 @@ def _check_writable_file(option: str, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``python -m fastae bench``: run the cases, print the table; the exit status."""
     try:
         device = parse_device(args.device)
         on_cpu = device == "cpu"

@@ -7,8 +7,9 @@ of the same size, k-means NMI on codes (and after DEC refinement), anomaly AUROC
 digit class; breast_cancer with malignant as the anomaly) against PCA reconstruction error and
 IsolationForest, semi-supervised accuracy with 10% of the labels against logistic regression
 on those labels, and train time. It writes PNGs to ``--out``: learned filters,
-reconstructions of clean and corrupted inputs, a 2-D code scatter, anomaly-score histograms
-and samples of a VAE. ``--quick`` is the CI smoke run.
+reconstructions of clean and corrupted inputs, a 2-D code scatter, anomaly-score histograms,
+the pixels behind the most abnormal digits' scores and samples of a VAE. ``--quick`` is the
+CI smoke run.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ VAE_HIDDEN, VAE_LATENT, VAE_LR = 128, 8, 3e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m fastae demo``."""
     parser.add_argument("--quick", action="store_true", help="few epochs, one held-out digit")
     parser.add_argument("--seed", type=int, default=0, help="seed of splits and training")
     parser.add_argument(
@@ -613,6 +615,8 @@ def _warm_up(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``python -m fastae demo``: train, print the table, write the figures; the exit
+    status."""
     problem = _argument_error(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

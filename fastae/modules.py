@@ -29,6 +29,7 @@ class KLSparsity:
         )
 
     def penalty(self, h: Tensor, rho_hat: Tensor) -> Tensor:
+        """The penalty (a scalar) from the batch's mean activations rho_hat (H,); h unused."""
         return self.weight * ops.bernoulli_kl(rho_hat, self.rho)
 
 
@@ -44,6 +45,8 @@ class L1Sparsity:
         )
 
     def penalty(self, h: Tensor, rho_hat: Tensor, nonnegative: bool = True) -> Tensor:
+        """The penalty (a scalar) from the codes h (B, H) and their column means rho_hat (H,),
+        which are the mean |h_ij| when ``nonnegative`` (sigmoid, relu, softplus units)."""
         # for nonnegative activations mean_i |h_ij| is rho_hat_j: no pass over h needed
         column_mean = rho_hat if nonnegative else h.abs().mean(0, dtype=rho_hat.dtype)
         return self.weight * column_mean.sum()
@@ -56,8 +59,9 @@ class AutoencoderOutput:
     loss: total = reconstruction_loss + sum(penalties.values()); reconstruction_loss: batch mean
     of the per-sample loss; penalties: each regularizer's term by name ("sparsity",
     "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,);
-    jacobian_norm: batch mean of ||J_enc(x_i)||_F^2 (None when no penalty needed the encoder's
-    statistics).
+    jacobian_norm: batch mean of ||J_enc(x_i)||_F^2 (``Autoencoder`` only; None when no penalty
+    needed the encoder's statistics, and always None from ``DeepAutoencoder`` and
+    ``StackModule``, which name their penalties per layer: "sparsity1", "contractive0", ...).
 
     A training step computes them in one autograd node (see ``fastae.steps``): code,
     per_sample, the penalties and jacobian_norm are that node's outputs beside loss, not inputs
@@ -220,6 +224,7 @@ class Autoencoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise afresh as construction does: Xavier-uniform weights, zero biases."""
         nn.init.xavier_uniform_(self.weight)
         nn.init.zeros_(self.bias)
         nn.init.zeros_(self.decoder_bias)
@@ -276,6 +281,7 @@ class Autoencoder(nn.Module):
         return reference.reconstruct(h, weight, self.decoder_bias, self.output, logits)
 
     def reconstruct(self, x: Tensor) -> Tensor:
+        """Reconstruction x^ (B, d) of clean inputs: ``decode(encode(x))``."""
         return self.decode(self.encode(x))
 
     def reconstruction_error(self, x: Tensor) -> Tensor:
@@ -354,7 +360,8 @@ class DeepAutoencoder(nn.Module):
     (s_k units) from h_0 = x~, the code is h_L; the decoder computes g_k = a(g_{k+1} V_k^T +
     c_k) from g_L = h_L down to g_1, then x^ = a_out(g_1 V_0^T + c_0) and its per-sample
     loss. Every hidden layer is :func:`fastae.ops.encode` (the activation in the product's
-    epilogue, x~ corrupted as the first layer loads x), the output layer
+    epilogue; the first layer's noise as ``encode``'s: one corrupt pass by default, in the
+    layer's input loads with ``FASTAE_CORRUPTED_INPUT=regenerate``), the output layer
     :func:`fastae.ops.decode_loss` (output activation and loss in one pass). Keras's deep
     autoencoder is ``DeepAutoencoder(784, (128, 64, 32), activation="relu", tied=False)``.
 
@@ -416,6 +423,7 @@ class DeepAutoencoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise afresh as construction does: Xavier-uniform weights, zero biases."""
         decoders = [] if self.decoder_weights is None else list(self.decoder_weights)
         for weight in [*self.weights, *decoders]:
             nn.init.xavier_uniform_(weight)
@@ -487,6 +495,7 @@ class DeepAutoencoder(nn.Module):
         )  # fmt: skip
 
     def reconstruct(self, x: Tensor) -> Tensor:
+        """Reconstruction x^ (B, d) of clean inputs: ``decode(encode(x))``."""
         return self.decode(self.encode(x))
 
     def reconstruction_error(self, x: Tensor) -> Tensor:
@@ -562,10 +571,12 @@ class StackModule(nn.Module):
 
     @property
     def hidden_features(self) -> int:
+        """The top layer's code size."""
         return self.layers[-1].hidden_features
 
     @property
     def in_features(self) -> int:
+        """The bottom layer's input size d."""
         return self.layers[0].in_features
 
     @property
@@ -578,6 +589,7 @@ class StackModule(nn.Module):
         return " -> ".join(map(str, widths))
 
     def encode(self, x: Tensor) -> Tensor:
+        """The top layer's codes of clean inputs, each layer encoding the one below's."""
         for layer in self.layers:
             x = layer.encode(x)
         return x

@@ -32,6 +32,7 @@ def _probability(name: str, value: object) -> float:
 
 
 def check_seed(seed: object) -> int | None:
+    """``seed`` as an int in [0, 2**63 - 1], or None (draw one); else TypeError/ValueError."""
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -133,6 +134,7 @@ Noise = GaussianNoise | MaskingNoise | SaltPepperNoise
 
 
 def check_noise(noise: object) -> Noise | None:
+    """``noise`` itself when it is None or one of the three specs; else TypeError."""
     if noise is None or isinstance(noise, (GaussianNoise, MaskingNoise, SaltPepperNoise)):
         return noise
     raise TypeError(

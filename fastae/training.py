@@ -31,7 +31,9 @@ from .ops import check_unit_interval
 class History:
     """Per-epoch mean training loss, validation loss (if given) and learning rate (the first
     parameter group's, as the epoch trained with it), what stopped the run and, with
-    ``cuda_graph``, how many steps replayed the captured graph."""
+    ``cuda_graph``, how many steps replayed the captured graph. ``best_epoch`` indexes
+    ``loss`` and ``val_loss`` (0-based: epoch ``best_epoch + 1`` as callbacks count; -1 before
+    the first epoch)."""
 
     loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)

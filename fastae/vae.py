@@ -11,7 +11,8 @@ layer and the decoder L after z, mirrored (k -> H_L -> ... -> H_1 -> d).
 
 Training minimizes mean_i (reconstruction_i + beta * kl_i); with beta = 1 that is the
 negative evidence lower bound (ELBO). In eval mode z = mu, so the codes, reconstructions and
-anomaly scores of an input do not depend on random draws (nor on the input's batch or row).
+anomaly scores of an input do not depend on random draws (its batch or row changes them only
+by the rounding of the matrix products at the dtype).
 """
 
 from __future__ import annotations
