@@ -7,6 +7,7 @@ in it. Beside it, eager PyTorch on the same tiny tensors, whose time is its host
 
     python bench/host_time.py --cases encode_stats,all,vae --size 8x16x16
     python bench/host_time.py --routes --cases all,vae   # dispatcher / eager route / one node
+    python bench/host_time.py --routes --backend reference --cases all,vae --size 8x30x16
     python bench/host_time.py --deep [--backend reference]   # deep models, a stack: one node / ops
 
 Prints, per case, the best and the median of the rounds' mean microseconds per call. The
@@ -15,8 +16,8 @@ a training step's three paths take turns round by round: through the dispatcher 
 registered ops, as under a dispatch mode), the eager route with the ops composed, and the
 one-node step (the default). With ``--deep`` the deep models' steps (zero grads, forward,
 backward; the sizes of PyOD's and Keras's networks) take turns as one node and as the ops
-composed, with the kernels stubbed or, with ``--backend reference``, on the CPU's reference
-backend (their time then includes the math).
+composed. Both run with the kernels stubbed or, with ``--backend reference``, on the CPU's
+reference backend (their time then includes the math).
 """
 
 from __future__ import annotations
@@ -71,23 +72,25 @@ def time_case(bench: fb.Bench, rounds: int, calls: int) -> tuple[float, float]:
     return min(means), statistics.median(means)
 
 
-def time_routes(case: str, size: fb.Size, rounds: int, calls: int) -> dict[str, list[float]]:
+def time_routes(
+    case: str, size: fb.Size, rounds: int, calls: int, backend: str = "triton"
+) -> dict[str, list[float]]:
     """Mean microseconds per call of each round, for each of the step's paths (kernels
-    stubbed), the paths taking turns round by round."""
+    stubbed, or the reference backend's math), the paths taking turns round by round."""
     plain_eager = ops._plain_eager
     routes = {
         "dispatcher, ops composed": (lambda args: False, False),
         "eager route, ops composed": (plain_eager, False),
         "eager route, one node": (plain_eager, True),
     }
-    with fastae.use_backend("triton"):
+    with fastae.use_backend(backend):
         benches = {name: fb.build(case, "fastae", size) for name in routes}
     means: dict[str, list[float]] = {name: [] for name in routes}
     try:
         for _ in range(rounds):
             for name, (route, one_node) in routes.items():
                 ops._plain_eager, steps.ONE_NODE_STEP = route, one_node
-                with fastae.use_backend("triton"):
+                with fastae.use_backend(backend):
                     for _ in range(max(calls // 10, 3)):
                         benches[name].step()
                     means[name].append(fb.host_us_per_step(benches[name], calls))
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--backend", default="triton", choices=("triton", "reference"),
-        help="with --deep: stubbed kernels (triton) or the reference backend's math",
+        help="with --deep or --routes: stubbed kernels (triton) or the reference backend's math",
     )  # fmt: skip
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
@@ -184,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             if case not in fb.STEPS:
                 parser.error(f"--routes times training steps, got {case!r}")
-            for name, means in time_routes(case, size, args.rounds, args.calls).items():
+            routes = time_routes(case, size, args.rounds, args.calls, args.backend)
+            for name, means in routes.items():
                 print(
-                    f"{case} {size}: {name}: best {min(means):.0f} us, "
+                    f"{case} {size}, {args.backend}: {name}: best {min(means):.0f} us, "
                     f"median {statistics.median(means):.0f} us"
                 )
     for case in cases:

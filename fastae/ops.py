@@ -123,10 +123,10 @@ def _with_eager_route(op, body, setup_context, backward, plain_math):
     gradient is recorded, else a ``torch.autograd.Function`` made of the same ``body``,
     ``setup_context`` and ``backward``. Both routes run the same code. The dispatcher's
     Python hops of a ``custom_op`` with an autograd formula cost host time that a GPU step of
-    a few tens of microseconds cannot hide: with the kernels stubbed out, encode's forward and
-    backward took 1.6 to 1.7 times as long through the dispatcher as by this route (381 against
-    239 us), a whole training step with all three regularizers 1.6 to 1.75 times (1,092
-    against 677 us), on a slow 2-core CPU.
+    a few tens of microseconds cannot hide: with the kernels stubbed out, a training step with
+    all three regularizers at 8 x 16 -> 16 took 1.6 times as long through the dispatcher as by
+    this route with the ops composed (449 against 283 us on a 2-core CPU, ``python
+    bench/host_time.py --routes``).
     Traced or intercepted calls (torch.compile, dispatch modes, opcheck, tensor subclasses) go
     through the registered op. Under torch.func transforms and forward-mode AD the call runs
     ``plain_math`` instead: the reference math of ``body``'s outputs in plain torch ops, which

@@ -524,16 +524,27 @@ def test_host_time_stubs_every_launch(monkeypatch, size, case):
 
 
 @HOST_TIME
-def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch, backend):
     """bench/host_time.py --routes: the dispatcher, the eager route with the ops composed and
-    the one-node step, each timed every round; afterwards the default path is back."""
+    the one-node step, each timed every round, with the kernels stubbed or on the reference
+    backend (which launches none); afterwards the default path is back."""
     from fastae import ops, steps
 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     host_time = importlib.import_module("host_time")
     host_time.stub_kernels(monkeypatch.setattr)
+    launched = []
+    stub_launch = host_time._StubKernel.__getitem__
+
+    def counted(self, grid):
+        launched.append(grid)
+        return stub_launch(self, grid)
+
+    monkeypatch.setattr(host_time._StubKernel, "__getitem__", counted)
     plain_eager = ops._plain_eager
-    means = host_time.time_routes("all", fb.Size(8, 16, 16), 2, 3)
+    means = host_time.time_routes("all", fb.Size(8, 16, 16), 2, 3, backend)
+    assert bool(launched) == (backend == "triton")
     assert list(means) == [
         "dispatcher, ops composed", "eager route, ops composed", "eager route, one node"
     ]  # fmt: skip
