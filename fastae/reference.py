@@ -110,7 +110,8 @@ def slope(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def curvature(h: torch.Tensor, s: torch.Tensor, activation: str) -> torch.Tensor:
-    """a''(z) from h and s: sigmoid s(1-2h), tanh -2hs, relu 0, softplus s(1-s)."""
+    """a''(z) from h and s: sigmoid s(1-2h), tanh -2hs, relu 0, softplus s(1-s) = s exp(-h)
+    (1 - s is exp(-h): no cancellation where s rounds to 1)."""
     if activation == "sigmoid":
         return s * (1 - 2 * h)
     if activation == "tanh":
@@ -118,7 +119,7 @@ def curvature(h: torch.Tensor, s: torch.Tensor, activation: str) -> torch.Tensor
     if activation == "relu":
         return torch.zeros_like(h)
     if activation == "softplus":
-        return s * (1 - s)
+        return s * torch.exp(-h)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 

@@ -166,7 +166,8 @@ def slope(h, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def curvature(h, s, ACTIVATION: tl.constexpr):
-    """a''(z): sigmoid s(1-2h), tanh -2hs, relu 0, softplus s(1-s)."""
+    """a''(z): sigmoid s(1-2h), tanh -2hs, relu 0, softplus s(1-s) = s exp(-h) (1 - s is
+    exp(-h): no cancellation where s rounds to 1)."""
     if ACTIVATION == SIGMOID:
         a2 = s * (1.0 - 2.0 * h)
     elif ACTIVATION == TANH:
@@ -174,7 +175,7 @@ def curvature(h, s, ACTIVATION: tl.constexpr):
     elif ACTIVATION == RELU:
         a2 = s * 0.0
     else:
-        a2 = s * (1.0 - s)
+        a2 = s * tl.exp(-h)
     return a2
 
 
