@@ -21,24 +21,28 @@ from .common import acc_dtype, empty, interpreting, launch, log1p
 
 
 @triton.jit
-def _joined(hi, lo, ACC: tl.constexpr):
-    """hi + lo in ACC: a float64 constant to about 2^-48 in float64, rounded in float32."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+def _joined(hi, mid, lo, ACC: tl.constexpr):
+    """(hi + mid) + lo in ACC: a float64 constant exactly in float64, rounded in float32."""
+    return (tl.cast(hi, ACC) + tl.cast(mid, ACC)) + tl.cast(lo, ACC)
 
 
 @triton.jit
 def _bernoulli_kl_kernel(
-    rho_hat_ptr, grad_ptr, kl_ptr, H, rho_hi, rho_lo, one_minus_rho_hi, one_minus_rho_lo,
-    log_rho_hi, log_rho_lo, log_one_minus_rho_hi, log_one_minus_rho_lo,
+    rho_hat_ptr, grad_ptr, kl_ptr, H, rho_hi, rho_mid, rho_lo,
+    one_minus_rho_hi, one_minus_rho_mid, one_minus_rho_lo,
+    log_rho_hi, log_rho_mid, log_rho_lo,
+    log_one_minus_rho_hi, log_one_minus_rho_mid, log_one_minus_rho_lo,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # rho, 1 - rho, log(rho) and log(1 - rho) come from the host in float64, each as two
+    # rho, 1 - rho, log(rho) and log(1 - rho) come from the host in float64, each as three
     # float32 scalars (Triton passes Python floats as float32): 1 - rho in float32 would lose
-    # the digits of a rho near 1
-    rho = _joined(rho_hi, rho_lo, ACC)
-    one_minus_rho = _joined(one_minus_rho_hi, one_minus_rho_lo, ACC)
-    log_rho = _joined(log_rho_hi, log_rho_lo, ACC)
-    log_one_minus_rho = _joined(log_one_minus_rho_hi, log_one_minus_rho_lo, ACC)
+    # the digits of a rho near 1, and two parts leave float64 2^-48 short
+    rho = _joined(rho_hi, rho_mid, rho_lo, ACC)
+    one_minus_rho = _joined(one_minus_rho_hi, one_minus_rho_mid, one_minus_rho_lo, ACC)
+    log_rho = _joined(log_rho_hi, log_rho_mid, log_rho_lo, ACC)
+    log_one_minus_rho = _joined(
+        log_one_minus_rho_hi, log_one_minus_rho_mid, log_one_minus_rho_lo, ACC
+    )
     total = tl.zeros((BLOCK,), dtype=ACC)
     for start in range(0, H, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -47,8 +51,9 @@ def _bernoulli_kl_kernel(
         q = tl.minimum(tl.maximum(r, EPS, tl.PropagateNan.ALL), 1.0 - EPS, tl.PropagateNan.ALL)
         kl = rho * (log_rho - tl.log(q)) + one_minus_rho * (log_one_minus_rho - log1p(-q))
         total += tl.where(ok, kl, 0.0)
-        # q - rho as (q - rho_hi) - rho_lo: exact where q is near rho, with no rounding of rho
-        q_minus_rho = (q - tl.cast(rho_hi, ACC)) - tl.cast(rho_lo, ACC)
+        # q - rho as ((q - rho_hi) - rho_mid) - rho_lo: exact where q is near rho, with no
+        # rounding of rho
+        q_minus_rho = ((q - tl.cast(rho_hi, ACC)) - tl.cast(rho_mid, ACC)) - tl.cast(rho_lo, ACC)
         grad = tl.where(q == r, q_minus_rho / (q * (1.0 - q)), 0.0)
         tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=ok)
     tl.store(kl_ptr, tl.sum(total, axis=0).to(kl_ptr.dtype.element_ty))
@@ -68,7 +73,10 @@ def bernoulli_kl(rho_hat, rho):
     return kl, grad
 
 
-def _split(value: float) -> tuple[float, float]:
-    """(hi, lo): hi = value rounded to float32, lo = the rest (exact in float64)."""
+def _split(value: float) -> tuple[float, float, float]:
+    """(hi, mid, lo), each a float32, hi + mid + lo = value: 24 + 24 bits of the float64
+    significand's 53 in hi and mid, the rest in lo (exactly, unless lo is too small for
+    float32's normal range: rho below about 1e-24)."""
     hi = float(np.float32(value))
-    return hi, value - hi
+    mid = float(np.float32(value - hi))
+    return hi, mid, value - hi - mid

@@ -77,6 +77,20 @@ def test_float32_penalty_of_a_rho_near_its_bounds(impl, rho):
     torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("rho", [0.05, 0.5, 0.95, 0.999])
+def test_float64_gradient_next_to_rho(rho):
+    """In float64 the kernel's gradient (q - rho) / (q (1 - q)) near q = rho matches the
+    reference's to float64 rounding, and is 0 at q = rho: rho reaches the kernel in three
+    float32 parts (in two it was 2^-48 off: -4.7e-15 at rho_hat = rho = 0.95)."""
+    offsets = torch.tensor([0.0, 1e-15, -1e-15, 1e-12, -1e-9, 1e-6], dtype=torch.float64)
+    rho_hat = (rho + offsets).to(DEVICE)
+    kl, grad = sparsity.bernoulli_kl(rho_hat, rho)
+    want_kl, want_grad = reference.bernoulli_kl(rho_hat, rho)
+    assert grad[0].item() == 0.0
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=0)
+    assert kl.item() == pytest.approx(want_kl.item(), rel=1e-6, abs=1e-30)
+
+
 def test_kernel_nan_and_empty_follow_the_reference():
     rho_hat = torch.tensor([0.3, float("nan")], device=DEVICE)
     kl, grad = sparsity.bernoulli_kl(rho_hat, 0.1)
