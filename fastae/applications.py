@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import _checks
 from .modules import AutoencoderOutput, StackModule
 from .sklearn import (
+    VAE_HIDDEN,
     AutoencoderEstimatorMixin,
     AutoencoderOutlierDetector,
     AutoencoderTransformer,
@@ -173,7 +174,7 @@ class SemiSupervisedAutoencoder(
         *,
         reconstruction_weight: float = 0.1,
         model: str = "autoencoder",
-        hidden: int | Sequence[int] = 128,
+        hidden: int | Sequence[int] = VAE_HIDDEN,
         beta: float = 1.0,
         activation: str = "auto",
         scale: str | None = "standard",

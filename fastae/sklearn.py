@@ -90,6 +90,7 @@ ESTIMATOR_LOSSES = ("auto", "bce", "mse")
 MODELS = ("autoencoder", "vae")  # what the autoencoder estimators train
 # lr="auto": Adam's learning rate for each model
 AUTOENCODER_LR, VAE_LR = 1e-2, 3e-3
+VAE_HIDDEN = 128  # model="vae": the default width of its encoder's and decoder's hidden layer
 PROBABILITY_METHODS = ("linear", "unify")  # predict_proba, as PyOD's
 # rows per forward pass at predict time (bounds memory on large inputs)
 PREDICT_CHUNK = 8192
@@ -681,10 +682,23 @@ class ModelChoiceMixin:
 
     def _check_model(self) -> None:
         """``model`` and, for a VAE, ``hidden`` and ``beta``, and no autoencoder-only
-        regularizer beside a VAE."""
+        regularizer beside a VAE, nor a VAE-only setting beside an autoencoder."""
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.model == "autoencoder":
+            defaults = {"hidden": VAE_HIDDEN, "beta": 1.0}
+            for name, default in defaults.items():
+                value = getattr(self, name)
+                is_default = (
+                    isinstance(value, numbers.Real)
+                    and not isinstance(value, (bool, np.bool_))
+                    and value == default
+                )
+                if not is_default:
+                    raise ValueError(
+                        f"{name} applies to model='vae', not model='autoencoder' (got "
+                        f"{name}={value!r}; its default is {default!r})"
+                    )
             return
         hidden_widths(self.hidden)
         _checks.finite_number("beta", self.beta, low=0, float32=True)
@@ -756,7 +770,7 @@ class _AutoencoderEstimator(
         n_components: int = 32,
         *,
         model: str = "autoencoder",
-        hidden: int | Sequence[int] = 128,
+        hidden: int | Sequence[int] = VAE_HIDDEN,
         beta: float = 1.0,
         activation: str = "auto",
         scale: str | None = "standard",
@@ -898,7 +912,9 @@ class AutoencoderTransformer(
         hidden: (model="vae") units of the VAE's encoder and decoder hidden layers: an int
             (one layer each side) or the encoder's widths, the decoder mirroring them (PyOD's
             VAE: ``(128, 64, 32)``).
-        beta: (model="vae") weight of the KL term in the training objective.
+        beta: (model="vae") weight of the KL term in the training objective. ``hidden`` and
+            ``beta`` other than their defaults beside model="autoencoder" are an error, as
+            ``noise``, ``sparsity``, ``contractive`` and ``hidden_layer_sizes`` beside a VAE.
         activation: "auto" ("sigmoid" for an autoencoder, "relu" for a VAE) or one of
             "sigmoid", "tanh", "relu", "softplus".
         scale: "standard" (StandardScaler), "minmax" (MinMaxScaler, clipped to [0, 1]) or None.
@@ -1030,7 +1046,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         *,
         contamination: float = 0.1,
         model: str = "autoencoder",
-        hidden: int | Sequence[int] = 128,
+        hidden: int | Sequence[int] = VAE_HIDDEN,
         beta: float = 1.0,
         anomaly_score: str | None = None,
         activation: str = "auto",

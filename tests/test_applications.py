@@ -536,7 +536,8 @@ def test_dec_arguments_and_estimators():
             DECClustering(3, autoencoder=unsupported).fit(x)
     # the detector's module_.encode: an autoencoder's codes, a VAE's posterior means
     for model in ("autoencoder", "vae"):
-        detector = AutoencoderOutlierDetector(2, model=model, hidden=8, epochs=1)
+        vae = {"hidden": 8} if model == "vae" else {}
+        detector = AutoencoderOutlierDetector(2, model=model, epochs=1, **vae)
         dec = DECClustering(3, autoencoder=detector, refine_epochs=2, random_state=0).fit(x)
         assert dec.labels_.shape == (60,) and dec.cluster_centers_.shape == (3, 2)
         np.testing.assert_array_equal(dec.predict(x), dec.labels_)

@@ -111,6 +111,14 @@ def test_vae_transformer_codes_are_posterior_means(digits):
     for name, value in (("noise", fastae.MaskingNoise(0.2)), ("hidden_layer_sizes", (16,))):
         with pytest.raises(ValueError, match=f"{name} applies to model='autoencoder'"):
             AutoencoderTransformer(model="vae", **{name: value}).fit(x[:50])
+    # and the other way round: a VAE's settings beside an autoencoder are not dropped
+    for make in (AutoencoderTransformer, AutoencoderOutlierDetector):
+        for name, value in (("hidden", 64), ("hidden", (128,)), ("beta", 0.5)):
+            with pytest.raises(
+                ValueError, match=rf"^{name} applies to model='vae', not model='autoencoder'"
+            ):
+                make(epochs=1, **{name: value}).fit(x[:50])
+        make(epochs=1, hidden=np.int64(128), beta=1).fit(x[:50])  # the defaults' values
     pipe = make_pipeline(
         AutoencoderTransformer(16, model="vae", scale=None, epochs=20, lr=3e-3, random_state=0),
         LogisticRegression(max_iter=1000),
@@ -798,8 +806,9 @@ def test_vae_detector_arguments(digits):
 def test_detector_scores_grow_outside_the_training_range(scale, model, loss):
     """Test inputs are not clipped to the training range: a feature at 1e6 is an outlier."""
     x = np.random.default_rng(0).random((120, 5))
+    vae = {"hidden": 8} if model == "vae" else {}
     detector = AutoencoderOutlierDetector(
-        2, model=model, hidden=8, scale=scale, loss=loss, epochs=3, random_state=0
+        2, model=model, scale=scale, loss=loss, epochs=3, random_state=0, **vae
     ).fit(x)
     edge, far = np.full((1, 5), 0.5), np.full((1, 5), 0.5)
     edge[0, 4], far[0, 4] = 1.0, 1e6
@@ -1096,9 +1105,10 @@ def test_hold_out_splits_the_rows_at_random():
 def test_early_stopping_keeps_the_best_epoch_on_held_out_rows(digits, model):
     x = digits[0][:500]
     patience, tol = 3, 1e-3
+    vae = {"hidden": 32} if model == "vae" else {}
     detector = AutoencoderOutlierDetector(
-        8, model=model, hidden=32, epochs=500, early_stopping=True, n_iter_no_change=patience,
-        tol=tol, validation_fraction=0.2, random_state=0,
+        8, model=model, epochs=500, early_stopping=True, n_iter_no_change=patience,
+        tol=tol, validation_fraction=0.2, random_state=0, **vae,
     ).fit(x)  # fmt: skip
     curve = detector.validation_loss_curve_
     assert 1 + patience < detector.n_iter_ < 500
@@ -1213,8 +1223,9 @@ def _train_on(module, data, seed, lr=1e-2, **kwargs):
 @pytest.mark.parametrize("model", ["autoencoder", "vae"])
 def test_warm_start_trains_on_from_the_fitted_weights(digits, model):
     x = digits[0]
+    vae = {"hidden": 16} if model == "vae" else {}
     detector = AutoencoderOutlierDetector(
-        4, model=model, hidden=16, epochs=3, batch_size=32, warm_start=True, random_state=0
+        4, model=model, epochs=3, batch_size=32, warm_start=True, random_state=0, **vae
     ).fit(x[:300])
     first_curve, scaler = list(detector.loss_curve_), copy.deepcopy(detector.scaler_)
     expected = copy.deepcopy(detector.module_).train()
@@ -1328,7 +1339,8 @@ def test_detector_partial_fit_trains_as_the_transformer_and_thresholds_the_last_
 ):
     x = digits[0]
     params = {"n_components": 4, "batch_size": 32, "random_state": 0, "contamination": 0.2}
-    detector = AutoencoderOutlierDetector(model=model_kind, hidden=16, **params)
+    vae = {"hidden": 16} if model_kind == "vae" else {}
+    detector = AutoencoderOutlierDetector(model=model_kind, **params, **vae)
     chunks = (x[:150], x[150:300], x[300:420])
     if model_kind == "autoencoder":  # the same training as the transformer's partial_fit
         transformer = AutoencoderTransformer(
