@@ -87,21 +87,23 @@ class GraphedStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model must have parameters that require gradients")
-        if optimizer is not None:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-                )
-            _check_capturable(optimizer)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:
             raise ValueError(f"warmup must be a positive int, got {warmup!r}")
         if max_grad_norm is not None:
             max_grad_norm = _checks.finite_number(
                 "max_grad_norm", max_grad_norm, low=0, open_low=True
             )
+        # the device before the optimizer's capturable flag, which matters only on CUDA
+        device = _cuda_device([*model.parameters(), *model.buffers()])
+        if optimizer is not None:
+            _check_capturable(optimizer)
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
         self.max_grad_norm = max_grad_norm
-        self.device = _cuda_device([*model.parameters(), *model.buffers()])
+        self.device = device
         self.calls = 0  # warm-ups and capture done at the graphed shape (replays: below)
         self.replays = 0  # steps run from the graph (the captured batch's own included)
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -848,8 +848,16 @@ def _decode_second_order(ctx, grads):
 _decode_backward_op.register_autograd(_decode_backward_bwd, setup_context=_decode_backward_setup)
 
 
-def check_unit_interval(name: str, values: Tensor) -> None:
-    """ValueError unless every value lies in [0, 1] (NaN fails); one sync on GPUs."""
+# what a model's BCE data error adds: the way out is the data's range or the model's loss
+MODEL_BCE_ADVICE = (
+    "scale the data into [0, 1] (as MinMaxScaler does), or build the model with "
+    "output='identity', loss='mse'"
+)
+
+
+def check_unit_interval(name: str, values: Tensor, advice: str = "") -> None:
+    """ValueError unless every value lies in [0, 1] (NaN fails); one sync on GPUs.
+    ``advice`` ends the message."""
     if values.numel() == 0:
         return
     lo, hi = torch.aminmax(values.detach())
@@ -859,19 +867,20 @@ def check_unit_interval(name: str, values: Tensor) -> None:
     if not (bounds[0] >= 0 and bounds[1] <= 1):  # also false for NaN
         raise ValueError(
             f"{name} must lie in [0, 1] for loss 'bce', got values in [{bounds[0]}, {bounds[1]}]"
+            + (f"; {advice}" if advice else "")
         )
 
 
-def _check_target(target: Tensor, name: str = "target") -> None:
+def _check_target(target: Tensor, name: str = "target", advice: str = "") -> None:
     """A BCE target in [0, 1], named ``name`` (a model's is its input x); not checked while
     torch.compile traces (a graph cannot raise on values) nor without values (meta)."""
     if target.is_meta or torch.compiler.is_compiling():
         return
     if not torch._C._are_functorch_transforms_active():
-        check_unit_interval(name, target)
+        check_unit_interval(name, target, advice)
         return
     try:
-        check_unit_interval(name, target)
+        check_unit_interval(name, target, advice)
     except RuntimeError as error:  # under vmap the values cannot be read
         raise RuntimeError(
             "decode_loss checks that a BCE target lies in [0, 1] by reading its values, which "

@@ -43,7 +43,7 @@ def available(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
 def check_bce_input(model: torch.nn.Module, x: Tensor) -> None:
     """A BCE model's inputs are its targets: x must lie in [0, 1] where the model checks."""
     if model.loss_name == "bce" and model.check_targets:
-        ops._check_target(x, "x")
+        ops._check_target(x, "x", ops.MODEL_BCE_ADVICE)
 
 
 # the noise parameters of a layer that corrupts nothing (kind, level, low, high, seed)
@@ -247,7 +247,7 @@ def _loss_args(x: Tensor, output: str, loss: str, check_target: bool, kl) -> tup
     output = _checks.choice("output", output, reference.OUTPUTS)
     loss = _checks.choice("loss", loss, reference.LOSSES)
     if loss == "bce" and check_target:
-        ops._check_target(x, "x")
+        ops._check_target(x, "x", ops.MODEL_BCE_ADVICE)
     dec_name = ops._backend_for("decode_loss", "decoder", x.device)
     if kl is not None:
         kl = (*kl, ops._backend_for("bernoulli_kl", "sparsity", x.device))
@@ -603,7 +603,7 @@ def vae_step(
     (from z outward) and its output layer."""
     x = ops._check_input(x)
     if loss == "bce" and check_target:
-        ops._check_target(x, "x")
+        ops._check_target(x, "x", ops.MODEL_BCE_ADVICE)
     enc_name = ops._backend_for("encode", "encoder", x.device)
     rep_name = ops._backend_for("reparameterize", "vae", x.device)
     dec_name = ops._backend_for("decode_loss", "decoder", x.device)

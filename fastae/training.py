@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import _checks
 from .graphs import GraphedStep
 from .noise import Noise, check_seed, draw_seed
-from .ops import check_unit_interval
+from .ops import MODEL_BCE_ADVICE, check_unit_interval
 
 
 @dataclass
@@ -227,7 +227,7 @@ def _targets_checked_once(model: nn.Module, tensors: list):
         yield False
         return
     for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
-        check_unit_interval(name, tensor)
+        check_unit_interval(name, tensor, MODEL_BCE_ADVICE)
     module.check_targets = False
     try:
         yield True

@@ -20,6 +20,10 @@ def _model(**kwargs):
 def test_a_cpu_model_is_refused_naming_the_device():
     with pytest.raises(ValueError, match="model must be on a CUDA device.*cpu"):
         GraphedStep(_model())
+    # before the optimizer's capturable flag, which a CPU model would not need
+    model = _model()
+    with pytest.raises(ValueError, match="model must be on a CUDA device.*cpu"):
+        GraphedStep(model, torch.optim.Adam(model.parameters()))
     with pytest.raises(ValueError, match="model must be on a CUDA device"):
         fastae.fit(_model(), torch.rand(8, 12), epochs=1, progress=False, cuda_graph=True)
 
@@ -28,8 +32,9 @@ def test_bad_arguments_are_refused_by_name():
     model = _model()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         GraphedStep(lambda x: x)
-    with pytest.raises(ValueError, match="capturable=True"):
-        GraphedStep(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match=r"^optimizer must be created with capturable=True"):
+        fastae.graphs._check_capturable(torch.optim.Adam(model.parameters()))
+    fastae.graphs._check_capturable(torch.optim.Adam(model.parameters(), capturable=True))
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         GraphedStep(model, "adam")
     for warmup in (0, -1, 1.5, True):

@@ -559,9 +559,20 @@ def test_fit_progress_leaves_its_record(capsys):
 
 
 def test_fit_refuses_bce_data_outside_the_unit_interval_before_any_progress(capsys):
-    with pytest.raises(ValueError, match=r"^data must lie in \[0, 1\] for loss 'bce'"):
+    advice = r"; scale the data into \[0, 1\] \(as MinMaxScaler does\), or build the model "
+    advice += r"with output='identity', loss='mse'$"
+    with pytest.raises(ValueError, match=r"^data must lie in \[0, 1\] for loss 'bce', .*" + advice):
         fastae.fit(new_model(), small_problem(32) * 2, epochs=2, progress=True)
     assert capsys.readouterr().err == ""
+    # a model's own check (outside fit) gives the same advice; the op's does not
+    with pytest.raises(ValueError, match=r"^x must lie in \[0, 1\] for loss 'bce', .*" + advice):
+        new_model()(small_problem(32) * 2)
+    with pytest.raises(ValueError, match=r"^target must lie in \[0, 1\] for loss 'bce', [^;]*$"):
+        model = new_model()
+        fastae.ops.decode_loss(
+            torch.rand(4, model.hidden_features), model.weight.t(), model.decoder_bias,
+            target=torch.full((4, model.in_features), 2.0),
+        )  # fmt: skip
 
 
 def test_fit_patience_without_validation_monitors_training_loss():
