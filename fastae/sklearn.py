@@ -655,8 +655,12 @@ class DeepLayerMixin:
     :class:`fastae.DeepAutoencoder` (``n_components`` its code size)."""
 
     def _hidden_layer_sizes(self) -> tuple[int, ...]:
-        """The checked ``hidden_layer_sizes`` (those of the layers before the code)."""
-        sizes = _checks.widths("hidden_layer_sizes", self.hidden_layer_sizes, empty=True)
+        """The checked ``hidden_layer_sizes`` (those of the layers before the code); an int is
+        one layer, as scikit-learn's MLP takes it."""
+        sizes = self.hidden_layer_sizes
+        if isinstance(sizes, numbers.Integral) and not isinstance(sizes, (bool, np.bool_)):
+            sizes = (sizes,)
+        sizes = _checks.widths("hidden_layer_sizes", sizes, empty=True)
         if sizes and self.contractive != 0:
             raise ValueError(
                 "contractive needs hidden_layer_sizes=(): the exact penalty is one layer's "
@@ -951,7 +955,7 @@ class AutoencoderTransformer(
             scaler is fitted on all of X. ``validation_fraction``, ``n_iter_no_change`` and
             ``tol`` serve early stopping alone; without it, training runs all ``epochs``.
         hidden_layer_sizes: widths of the encoder's layers before the code (PyOD's and
-            scikit-learn's MLP's term): non-empty, the model is a
+            scikit-learn's MLP's term; an int is one layer): non-empty, the model is a
             :class:`fastae.DeepAutoencoder` of sizes (*hidden_layer_sizes, n_components),
             every hidden layer taking ``activation``, the decoder mirroring the encoder (no
             ``contractive`` then); empty (the default), one :class:`fastae.Autoencoder` layer.

@@ -1069,8 +1069,14 @@ def test_hidden_layer_sizes_make_a_deep_autoencoder(digits):
 
 def test_hidden_layer_sizes_are_checked():
     x = np.random.default_rng(0).random((40, 5))
-    with pytest.raises(TypeError, match=r"^hidden_layer_sizes must be a sequence"):
-        AutoencoderTransformer(2, hidden_layer_sizes=8).fit(x)
+    # an int is one layer, as scikit-learn's MLP takes it
+    one = AutoencoderTransformer(2, hidden_layer_sizes=np.int64(8), epochs=1).fit(x)
+    assert one.module_.sizes == (8, 2)
+    for value in (8.0, "8", True):
+        with pytest.raises(TypeError, match=r"^hidden_layer_sizes must be a sequence"):
+            AutoencoderTransformer(2, hidden_layer_sizes=value).fit(x)
+    with pytest.raises(ValueError, match=r"^hidden_layer_sizes\[0\] must be a positive int"):
+        AutoencoderTransformer(2, hidden_layer_sizes=0).fit(x)
     with pytest.raises(ValueError, match=r"^hidden_layer_sizes\[1\] must be a positive int"):
         AutoencoderTransformer(2, hidden_layer_sizes=(4, 0)).fit(x)
     with pytest.raises(ValueError, match=r"^contractive needs hidden_layer_sizes=\(\)"):
