@@ -24,6 +24,7 @@ import copy
 import functools
 import numbers
 import threading
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -1138,9 +1139,21 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         :meth:`AutoencoderTransformer.partial_fit` (Adam's moments carried between calls, the
         first call's scaler and ``loss_`` kept), then ``decision_scores_``, ``threshold_``
         (``offset_``) and ``labels_`` from X's rows, scored by the updated model: the
-        threshold follows the latest chunk, for streams whose normal drifts."""
+        threshold follows the latest chunk, for streams whose normal drifts. A chunk of fewer
+        than 1 / ``contamination`` rows cannot hold one outlier at that rate: its threshold is
+        a tiny sample's (a UserWarning says so)."""
         self._check_model_params()
-        self._set_threshold(self._fit_autoencoder(X, partial=True))
+        X = self._fit_autoencoder(X, partial=True)
+        if len(X) * self.contamination < 1:
+            warnings.warn(
+                f"partial_fit set threshold_ from X's {len(X)} row{'s' * (len(X) != 1)}, fewer "
+                f"than 1 / contamination = {1 / self.contamination:.4g}: a quantile of so "
+                "few scores may flag far more or fewer than that share of later rows; pass "
+                "larger chunks",
+                UserWarning,
+                stacklevel=3,  # the caller's line, past all_or_nothing's
+            )
+        self._set_threshold(X)
         return self
 
     def _set_threshold(self, X: np.ndarray) -> None:

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -923,6 +924,21 @@ def test_data_beyond_float32_and_diverged_training_are_errors():
     with pytest.raises(ValueError, match=r"^training diverged: \d+ of the 30 training rows"):
         detector.set_params(lr=10).partial_fit(x)
     assert detector.threshold_ == threshold and np.isfinite(threshold)
+
+
+def test_detector_partial_fit_warns_of_a_chunk_too_small_for_its_threshold():
+    x = np.random.default_rng(0).random((60, 4))
+    detector = AutoencoderOutlierDetector(2, contamination=0.1, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector.partial_fit(x[:10])  # 10 rows: one outlier at 10%
+    with pytest.warns(
+        UserWarning, match=r"^partial_fit set threshold_ from X's 9 rows, fewer "
+    ) as caught:
+        detector.partial_fit(x[10:19])
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"from X's 1 row, fewer than 1 / contamination = 10:"):
+        detector.partial_fit(x[19:20])
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
