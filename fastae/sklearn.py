@@ -64,10 +64,13 @@ __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer", "neg_reconstr
 
 
 def random_state_generator(random_state: object) -> np.random.RandomState:
-    """scikit-learn's ``check_random_state`` for ``random_state`` (None: numpy's global
-    generator, an int seeds a new one, a RandomState is used as is), with errors naming it."""
-    if random_state is None or isinstance(random_state, np.random.RandomState):
-        return check_random_state(random_state)
+    """scikit-learn's ``check_random_state`` for ``random_state`` (None or the ``np.random``
+    module: numpy's global generator, an int seeds a new one, a RandomState is used as is),
+    with errors naming it."""
+    if random_state is None or random_state is np.random:
+        return check_random_state(random_state)  # numpy's global RandomState
+    if isinstance(random_state, np.random.RandomState):
+        return random_state
     if isinstance(random_state, (bool, np.bool_)) or not isinstance(random_state, numbers.Integral):
         advice = (
             " (np.random.RandomState(seed) is one)"
@@ -324,24 +327,26 @@ class AutoencoderEstimatorMixin:
         return scaled
 
     def _check_minmax_ranges(self, X: np.ndarray) -> None:
-        """MinMaxScaler maps a column whose range overflows float64 to zeros, and one whose
-        range is below 10 * float64's epsilon (an absolute bound) to its offset alone: both
-        would drop the column's values. A range that small next to the column's magnitude is
+        """MinMaxScaler (in X's dtype) maps a column whose range overflows to zeros, and one
+        whose range is below 10 epsilons (an absolute bound) to its offset alone: both would
+        drop the column's values. A range that small next to X's largest magnitude is
         rounding noise about a constant and stays dropped."""
         data_range = self.scaler_.data_range_
+        dtype = data_range.dtype
         if not np.isfinite(data_range).all():
+            advice = " (or pass X as float64)" if dtype != np.float64 else ""
             raise ValueError(
-                "X's column ranges overflow float64 (values up to "
-                f"{np.abs(X).max():.4g}): divide X by a constant before fitting"
+                f"X's column ranges overflow {dtype} (values up to {np.abs(X).max():.4g}): "
+                f"divide X by a constant before fitting{advice}"
             )
-        magnitude = np.maximum(np.abs(self.scaler_.data_min_), np.abs(self.scaler_.data_max_))
-        eps = np.finfo(np.float64).eps
+        eps = np.finfo(dtype).eps
+        magnitude = np.abs(X).max()
         lost = (data_range > 0) & (data_range < 10 * eps) & (data_range > 10 * eps * magnitude)
         if lost.any():
             column = int(np.flatnonzero(lost)[0])
             raise ValueError(
                 f"X's column {column} spans only {data_range[column]:.4g}, which "
-                "scale='minmax' treats as constant (a range below 10 * float64's epsilon): "
+                f"scale='minmax' treats as constant (a range below 10 * {dtype}'s epsilon): "
                 "multiply X by a constant before fitting, or use scale='standard'"
             )
 
@@ -919,7 +924,8 @@ class AutoencoderTransformer(
             VAE: ``(128, 64, 32)``).
         beta: (model="vae") weight of the KL term in the training objective. ``hidden`` and
             ``beta`` other than their defaults beside model="autoencoder" are an error, as
-            ``noise``, ``sparsity``, ``contractive`` and ``hidden_layer_sizes`` beside a VAE.
+            ``noise``, ``sparsity``, ``contractive`` and ``hidden_layer_sizes`` beside a VAE:
+            search over ``model`` with a list of grids, one per model.
         activation: "auto" ("sigmoid" for an autoencoder, "relu" for a VAE) or one of
             "sigmoid", "tanh", "relu", "softplus".
         scale: "standard" (StandardScaler), "minmax" (MinMaxScaler, clipped to [0, 1]) or None.

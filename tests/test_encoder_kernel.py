@@ -141,9 +141,9 @@ def test_float32_softplus_curvature_in_the_contractive_gradient(backend_name, fu
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("fusion", ["gemm", "split"])
 def test_float32_tanh_slope_where_tanh_saturates(backend_name, fusion, monkeypatch):
-    """The slope 1 - h^2 comes from the stored float32 h: at |z| in (6, 7), 1 - h is 10 to
-    80 of h's ulps, so h's own rounding bounds the slope's relative error near 1.75% (the
-    reference's). tanh as 1 - 2v / (1 + v) (v = exp(-2|z|)) keeps h that close; the Kahan
+    """The slope 1 - h^2 comes from the stored float32 h: at |z| in (6, 7), 1 - h is 206 to
+    28 of h's ulps (2^-24 below 1), so h's own rounding bounds the slope's relative error near
+    1.75% (the reference's). tanh as 1 - 2v / (1 + v) (v = exp(-2|z|)) keeps h that close; the Kahan
     form 1 - exp(-2|z|) there, a few ulps off, gave slopes up to 11% off."""
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
     z = torch.linspace(6.0, 7.0, 2001, device=DEVICE)

@@ -176,6 +176,7 @@ def test_random_state_is_resolved_in_fit_and_leaves_torch_alone(digits):
     assert not np.allclose(d, e)  # a RandomState instance advances between fits
     f = AutoencoderTransformer(6, epochs=2, random_state=np.int64(3)).fit(x[:200])
     np.testing.assert_array_equal(f.transform(x[:20]), a)
+    AutoencoderTransformer(6, epochs=1, random_state=np.random).fit(x[:200])  # sklearn's too
 
 
 @pytest.mark.parametrize(
@@ -988,14 +989,24 @@ def test_minmax_ranges_that_would_drop_a_column_are_errors():
     ):
         AutoencoderOutlierDetector(3, scale="minmax", epochs=1).fit(x * 1e-16)
     assert AutoencoderTransformer(3, epochs=1).fit(x * 1e-16).transform(x * 1e-16).std(0).min() > 0
-    # rounding noise about a constant, and a constant, stay constant columns
+    # rounding noise about a constant (also about 0), and a constant, stay constant columns
     noisy = x.copy()
     noisy[:, 1] = 0.3
     noisy[::2, 1] = 0.1 + 0.2
     noisy[:, 2] = 0.0
-    assert 0 < np.ptp(noisy[:, 1]) < 1e-16
+    noisy[:, 3] = (x[:, 0] + 0.1) - x[:, 0] - 0.1
+    assert 0 < np.ptp(noisy[:, 1]) < 1e-16 and 0 < np.ptp(noisy[:, 3]) < 1e-15
     fitted = AutoencoderTransformer(3, scale="minmax", epochs=1).fit(noisy)
-    assert (fitted.scaler_.scale_[1:3] == 1.0).all()
+    assert (fitted.scaler_.scale_[1:4] == 1.0).all()
+    # float32 X is scaled in float32: its own epsilon and range
+    with pytest.raises(
+        ValueError, match=r"^X's column 0 spans only 9\.\d*e-09, .*float32's epsilon"
+    ):
+        AutoencoderTransformer(3, scale="minmax", epochs=1).fit((x * 1e-8).astype(np.float32))
+    wide = np.where(x > 0.5, 3e38, -3e38).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^X's column ranges overflow float32 .*as float64\)$"):
+        AutoencoderTransformer(3, scale="minmax", epochs=1).fit(wide)
+    AutoencoderTransformer(3, scale="minmax", epochs=1).fit(wide.astype(np.float64))
 
 
 @pytest.mark.parametrize("model, rate", [("autoencoder", 1e-2), ("vae", 3e-3)])
