@@ -558,9 +558,9 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
     checked = []
     check = ops.check_unit_interval
 
-    def counted(name, values):
+    def counted(name, values, advice=""):
         checked.append(name)
-        check(name, values)
+        check(name, values, advice)
 
     monkeypatch.setattr(fastae.ops, "check_unit_interval", counted)
     monkeypatch.setattr(fastae.training, "check_unit_interval", counted)
