@@ -497,18 +497,12 @@ HOST_TIME = pytest.mark.skipif(
 )
 
 
-@HOST_TIME
-@pytest.mark.parametrize("size", [fb.Size(4, 6, 5), fb.Size(8, 16, 16)], ids=str)
-@pytest.mark.parametrize("case", ["all", "vae"])
-def test_host_time_stubs_every_launch(monkeypatch, size, case):
-    """bench/host_time.py: with every kernel stubbed, a full training step (the autoencoder's
-    with all three regularizers, the VAE's) on the triton backend runs through the stubs (its
-    outputs unwritten) and is timed; d and H multiples of 16 take the fused GEMMs (their
-    split-K weight gradients among them), others the split boundary."""
+def _stubbed_host_time(monkeypatch):
+    """bench/host_time.py imported with every kernel stubbed: (the module, its stubbed kernels'
+    names, the list each stubbed launch's grid is appended to)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     host_time = importlib.import_module("host_time")
     names = host_time.stub_kernels(monkeypatch.setattr)
-    assert {"_encoder_forward_kernel", "_decoder_loss_kernel", "_corrupt_kernel"} <= set(names)
     launched = []
     stub_launch = host_time._StubKernel.__getitem__
 
@@ -517,6 +511,19 @@ def test_host_time_stubs_every_launch(monkeypatch, size, case):
         return stub_launch(self, grid)
 
     monkeypatch.setattr(host_time._StubKernel, "__getitem__", counted)
+    return host_time, names, launched
+
+
+@HOST_TIME
+@pytest.mark.parametrize("size", [fb.Size(4, 6, 5), fb.Size(8, 16, 16)], ids=str)
+@pytest.mark.parametrize("case", ["all", "vae"])
+def test_host_time_stubs_every_launch(monkeypatch, size, case):
+    """bench/host_time.py: with every kernel stubbed, a full training step (the autoencoder's
+    with all three regularizers, the VAE's) on the triton backend runs through the stubs (its
+    outputs unwritten) and is timed; d and H multiples of 16 take the fused GEMMs (their
+    split-K weight gradients among them), others the split boundary."""
+    host_time, names, launched = _stubbed_host_time(monkeypatch)
+    assert {"_encoder_forward_kernel", "_decoder_loss_kernel", "_corrupt_kernel"} <= set(names)
     with fastae.use_backend("triton"):
         best, median = host_time.time_case(fb.build(case, "fastae", size), 1, 2)
     assert 0 < best <= median
@@ -531,17 +538,7 @@ def test_host_time_routes_take_turns_and_restore_the_default(monkeypatch, backen
     backend (which launches none); afterwards the default path is back."""
     from fastae import ops, steps
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
-    host_time = importlib.import_module("host_time")
-    host_time.stub_kernels(monkeypatch.setattr)
-    launched = []
-    stub_launch = host_time._StubKernel.__getitem__
-
-    def counted(self, grid):
-        launched.append(grid)
-        return stub_launch(self, grid)
-
-    monkeypatch.setattr(host_time._StubKernel, "__getitem__", counted)
+    host_time, _, launched = _stubbed_host_time(monkeypatch)
     plain_eager = ops._plain_eager
     means = host_time.time_routes("all", fb.Size(8, 16, 16), 2, 3, backend)
     assert bool(launched) == (backend == "triton")
