@@ -57,6 +57,7 @@ try:
         ClassifierMixin,
         ClassNamePrefixFeaturesOutMixin,
         ClusterMixin,
+        TransformerMixin,
         clone,
     )
     from sklearn.cluster import KMeans
@@ -587,7 +588,7 @@ class DECModule(nn.Module):
 UNSUPERVISED = (AutoencoderTransformer, StackedAutoencoder, AutoencoderOutlierDetector)
 
 
-class DECClustering(ClusterMixin, BaseEstimator):
+class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
     """Clustering on autoencoder codes: k-means, optionally refined DEC-style.
 
     ``fit`` trains a clone of ``autoencoder`` (default ``AutoencoderTransformer()``; an
@@ -613,7 +614,10 @@ class DECClustering(ClusterMixin, BaseEstimator):
 
     Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_`` (in
     code space), ``autoencoder_`` (the fitted, refined clone; a detector's threshold and scores
-    are the refined model's), ``n_iter_`` (refinement epochs run).
+    are the refined model's), ``n_iter_`` (refinement epochs run). ``predict`` gives new rows'
+    clusters, ``predict_proba`` the soft assignments Q, ``transform`` the distances from the
+    codes to the centres (as ``KMeans.transform``); the codes themselves, a transformer's or a
+    stack's ``autoencoder_.transform``.
     """
 
     def __init__(
@@ -735,12 +739,32 @@ class DECClustering(ClusterMixin, BaseEstimator):
         self.autoencoder_._sync_device()
         return ScaledRows(self.autoencoder_, checked)
 
+    def _fitted_rows(self, X) -> ScaledRows:
+        check_is_fitted(self)
+        return self._prepared(_validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
+
     def predict(self, X):
         """Cluster of each sample: the largest soft assignment (nearest centre in code space)."""
-        check_is_fitted(self)
-        x = self._prepared(_validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
-        q = self.autoencoder_._map_chunks(_soft_assignments, x, self._module())
-        return q.argmax(1).astype(np.int32)
+        return self.predict_proba(X).argmax(1).astype(np.int32)
+
+    def predict_proba(self, X):
+        """DEC's soft assignments q (n_samples, n_clusters), each row summing to 1: Student's t
+        kernel of the code's distance to each centre, in X's precision."""
+        x = self._fitted_rows(X)
+        return _as_dtype(self.autoencoder_._map_chunks(_soft_assignments, x, self._module()), x)
+
+    def transform(self, X):
+        """Distance of each sample's code to each cluster centre (n_samples, n_clusters), as
+        ``KMeans.transform``; ``predict`` is the nearest. In X's precision."""
+        x = self._fitted_rows(X)
+        codes = torch.from_numpy(self.autoencoder_._map_chunks(_encode, x))
+        centers = torch.from_numpy(self.cluster_centers_)
+        distances = torch.cdist(codes, centers, compute_mode="donot_use_mm_for_euclid_dist")
+        return _as_dtype(distances.numpy(), x)
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.cluster_centers_.shape[0]
 
     def fit_predict(self, X, y=None):
         return self.fit(X).labels_

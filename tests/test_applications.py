@@ -14,6 +14,7 @@ pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits, make_blobs  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
@@ -525,6 +526,40 @@ def test_kmeans_and_dec_on_codes():
         assert model.labels_.dtype == model.predict(x[:5]).dtype == kmeans.labels_.dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dec_soft_assignments_and_distances(dtype):
+    """predict_proba is DEC's Student's t q and transform the codes' distances to the centres
+    (KMeans.transform), both checked in float64 numpy from the transformer's codes; predict is
+    the argmax of one and the argmin of the other."""
+    x, _ = make_blobs(90, n_features=6, centers=3, random_state=2)
+    x = x.astype(dtype)
+    dec = DECClustering(
+        3, autoencoder=AutoencoderTransformer(4, epochs=3), refine_epochs=2, alpha=2.0,
+        random_state=0,
+    ).fit(x)  # fmt: skip
+    codes = dec.autoencoder_.transform(x).astype(np.float64)
+    distances = np.sqrt(np.square(codes[:, None, :] - dec.cluster_centers_[None]).sum(-1))
+    kernel = (1.0 + np.square(distances) / 2.0) ** -1.5
+    q, transformed = dec.predict_proba(x), dec.transform(x)
+    assert q.dtype == transformed.dtype == dtype
+    assert q.shape == transformed.shape == (90, 3)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(transformed, distances, rtol=tol, atol=tol)
+    np.testing.assert_allclose(q, kernel / kernel.sum(1, keepdims=True), rtol=tol, atol=tol)
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=tol)
+    labels = dec.predict(x)
+    np.testing.assert_array_equal(q.argmax(1), labels)
+    np.testing.assert_array_equal(transformed.argmin(1), labels)
+    if dtype == np.float32:  # fit's labels came from the float32 module too
+        np.testing.assert_array_equal(labels, dec.labels_)
+    names = dec.get_feature_names_out()
+    assert names.tolist() == ["decclustering0", "decclustering1", "decclustering2"]
+    with pytest.raises(ValueError, match="X has 5 features, but DECClustering is expecting 6"):
+        dec.transform(x[:, :5])
+    with pytest.raises(NotFittedError):
+        DECClustering(3).predict_proba(x)
+
+
 def test_dec_arguments_and_estimators():
     x = np.random.default_rng(0).random((60, 5))
     small = AutoencoderTransformer(3, epochs=1)
@@ -613,8 +648,6 @@ def _stacked(epochs):
 
 @pytest.mark.parametrize("make", [_semi_supervised, _stacked])
 def test_failed_fit_leaves_the_estimator_as_it_was(make):
-    from sklearn.exceptions import NotFittedError
-
     rng = np.random.default_rng(0)
     x, y = rng.random((40, 5)), np.arange(40) % 2
     supervised = make is _semi_supervised
