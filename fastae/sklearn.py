@@ -45,20 +45,34 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError("fastae.sklearn needs scikit-learn: pip install 'fastae[apps]'") from error
 
-try:
-    from sklearn.utils.validation import validate_data as _validate_data
-except ImportError:  # scikit-learn < 1.6
-
-    def _validate_data(estimator, *args, **kwargs):
-        return estimator._validate_data(*args, **kwargs)
-
-
 from . import _checks, reference
 from .backend import use_backend
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
 from .training import History, LossNotFinite, default_optimizer, fit, seed_torch
 from .vae import SCORES, VAE, hidden_widths
+
+
+def _quiet_overflow():
+    """numpy's overflow warnings off, where a check right after raises a ValueError naming X."""
+    return np.errstate(over="ignore", invalid="ignore")
+
+
+try:
+    from sklearn.utils.validation import validate_data as _sklearn_validate_data
+except ImportError:  # scikit-learn < 1.6
+
+    def _sklearn_validate_data(estimator, *args, **kwargs):
+        return estimator._validate_data(*args, **kwargs)
+
+
+def _validate_data(estimator, *args, **kwargs):
+    """scikit-learn's ``validate_data``; its finiteness check sums X first and, where the sum
+    overflows (finite values near float's largest), checks each value, so numpy's overflow
+    warning says nothing."""
+    with _quiet_overflow():
+        return _sklearn_validate_data(estimator, *args, **kwargs)
+
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer", "neg_reconstruction_error"]
 
@@ -304,14 +318,16 @@ class AutoencoderEstimatorMixin:
     def _fit_scaling(self, X: np.ndarray) -> np.ndarray:
         """Fit the scaler, resolve ``loss_`` and return the scaled training data."""
         if self.scale == "standard":
-            self.scaler_ = StandardScaler().fit(X)
+            with _quiet_overflow():  # checked here, with a message that names X
+                self.scaler_ = StandardScaler().fit(X)
             if not np.isfinite(self.scaler_.var_).all():
                 raise ValueError(
                     "X's column variances overflow float64 (values up to "
                     f"{np.abs(X).max():.4g}): divide X by a constant before fitting"
                 )
         elif self.scale == "minmax":
-            self.scaler_ = MinMaxScaler(clip=True).fit(X)
+            with _quiet_overflow():
+                self.scaler_ = MinMaxScaler(clip=True).fit(X)
             self._check_minmax_ranges(X)
         else:
             self.scaler_ = None
@@ -381,9 +397,10 @@ class AutoencoderEstimatorMixin:
         X = np.asarray(X, dtype=np.float64)
         if self.scaler_ is None:
             return X
-        if not clip and isinstance(self.scaler_, MinMaxScaler):
-            return X * self.scaler_.scale_ + self.scaler_.min_
-        return self.scaler_.transform(X)
+        with _quiet_overflow():  # _tensor names values scaled beyond range
+            if not clip and isinstance(self.scaler_, MinMaxScaler):
+                return X * self.scaler_.scale_ + self.scaler_.min_
+            return self.scaler_.transform(X)
 
     def _unscale(self, X: np.ndarray) -> np.ndarray:
         return X if self.scaler_ is None else self.scaler_.inverse_transform(X)

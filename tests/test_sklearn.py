@@ -942,8 +942,7 @@ def test_detector_partial_fit_warns_of_a_chunk_too_small_for_its_threshold():
         detector.partial_fit(x[19:20])
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the ValueError alone
 def test_finite_float64_rows_that_overflow_when_scaled_are_errors():
     # float64 X passes check_array but may overflow to inf when scaled by a scaler fitted on
     # data far smaller: an error, as float32's range, not NaN scores and argmax labels
@@ -971,8 +970,7 @@ def test_finite_float64_rows_that_overflow_when_scaled_are_errors():
     assert np.isfinite(detector.score_samples(far[1:])).all()
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the ValueError alone
 def test_minmax_ranges_that_would_drop_a_column_are_errors():
     rng = np.random.default_rng(0)
     x = rng.random((60, 6))
@@ -1415,6 +1413,7 @@ def test_auto_loss_is_squared_error_after_standard_scaling():
     assert AutoencoderTransformer(3, epochs=1, scale="minmax").fit(x).loss_ == "bce"
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_standard_scaling_that_overflows_is_named():
     """Values near 1e154 square beyond float64: the variance overflow is the error, before
     any training, not a divergence or a call for the scaling already in use."""
