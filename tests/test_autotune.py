@@ -296,19 +296,34 @@ def _float64_steps(backend: str) -> list[torch.Tensor]:
 
 
 GPU_CANDIDATES = _gpu_candidates() if DEVICE == "cpu" else {}
+# the kernels the split boundaries (cuBLAS GEMMs) run: the elementwise ones
+SPLIT_KERNELS = (
+    encoder._encoder_statistics_kernel, encoder._encoder_grad_z_kernel,
+    decoder._decoder_loss_kernel, noise._corrupt_kernel, vae._reparameterize_forward_kernel,
+    vae._reparameterize_backward_kernel,
+)  # fmt: skip
 
 
-@pytest.mark.parametrize("index", range(max(map(len, GPU_CANDIDATES.values()), default=0)))
-def test_every_gpu_candidate_matches_reference(index, monkeypatch):
+def _candidate_cases() -> list[tuple[str, int]]:
+    def count(kernels):
+        return max((len(GPU_CANDIDATES[k]) for k in kernels if k in GPU_CANDIDATES), default=0)
+
+    gemm, split = count(GPU_CANDIDATES), count(SPLIT_KERNELS)
+    return [("gemm", i) for i in range(gemm)] + [("split", i) for i in range(split)]
+
+
+@pytest.mark.parametrize("fusion, index", _candidate_cases())
+def test_every_gpu_candidate_matches_reference(fusion, index, monkeypatch):
     """The configs a GPU's autotuner picks from (tile sizes, split-K counts, elementwise
     shapes; the KL kernel's block of 1024) are the interpreter's too: each kernel runs its
     candidate ``index`` (cycling through its list), split-K allowed at any batch, in float64
-    steps against the reference."""
+    steps against the reference; through the fused GEMMs, then through the split boundaries
+    (their elementwise kernels sum partials over however many row blocks a tile makes)."""
     assert set(GPU_CANDIDATES) == set(_autotuned_kernels())
     monkeypatch.setattr(common, "SPLIT_MIN_BATCH", 1)
     monkeypatch.setattr(sparsity, "interpreting", lambda: False)  # its GPU block: 1024
-    monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
-    monkeypatch.setenv("FASTAE_DECODER_FUSION", "gemm")
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    monkeypatch.setenv("FASTAE_DECODER_FUSION", fusion)
     monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
     for kernel, candidates in GPU_CANDIDATES.items():
         monkeypatch.setattr(kernel, "configs", [candidates[index % len(candidates)]])

@@ -287,6 +287,24 @@ def test_opcheck_triton(statistics):
     torch.library.opcheck(torch.ops.fastae.encode.default, args)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_half_precision_bias_gradient_sums_before_rounding(backend_name):
+    """db = sum_i dz_i is summed from the float32 dz_i = g_h_i s_i + g_rho / B and rounded
+    once: ReLU units all on, g_h rows 1, -1 and 0, g_rho = 0.003, so db = 0.003 (rounded row by
+    row to bfloat16, 1 + 0.001 is 1 and db would be 0.001)."""
+    x = torch.rand(3, 5).to(torch.bfloat16).to(DEVICE)
+    weight = (torch.randn(2, 5) * 0.01).to(torch.bfloat16).to(DEVICE)
+    bias = torch.ones(2, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    with fastae.use_backend(backend_name):
+        h, rho_hat, _ = ops.encode(x, weight, bias, activation="relu")
+        assert (h > 0).all()
+        g_h = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]], dtype=torch.bfloat16)
+        g_rho = torch.full((2,), 0.003, device=DEVICE)
+        torch.autograd.backward((h, rho_hat), (g_h.to(DEVICE), g_rho))
+    want = torch.full((2,), 0.003, dtype=torch.bfloat16)
+    torch.testing.assert_close(bias.grad.cpu(), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_half_precision(dtype, activation):

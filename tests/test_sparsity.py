@@ -93,6 +93,28 @@ def test_float64_gradient_next_to_rho(rho):
     assert kl.item() == pytest.approx(want_kl.item(), rel=0, abs=2e-16)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_clamp_is_the_documented_two_to_the_minus_20(backend_name):
+    """rho_hat is clamped to [2^-20, 1 - 2^-20], as documented, written out here (the oracle
+    above reads reference.KL_EPS): 2^-19 keeps the formula's gradient, 2^-21 is clamped
+    (gradient 0, the value at 2^-20), at both ends."""
+    rho = 0.05
+    inside, outside = [2**-19, 1 - 2**-19], [2**-21, 1 - 2**-21]
+    rho_hat = torch.tensor(inside + outside, dtype=torch.float64, device=DEVICE)
+    rho_hat.requires_grad_()
+    with fastae.use_backend(backend_name):
+        kl = ops.bernoulli_kl(rho_hat, rho)
+    kl.backward()
+
+    def term(q):
+        return rho * math.log(rho / q) + (1 - rho) * math.log((1 - rho) / (1 - q))
+
+    want_kl = sum(map(term, inside)) + term(2.0**-20) + term(1 - 2.0**-20)
+    assert kl.item() == pytest.approx(want_kl, rel=1e-12)
+    want_grad = [(q - rho) / (q * (1 - q)) for q in inside] + [0.0, 0.0]
+    torch.testing.assert_close(rho_hat.grad.cpu(), torch.tensor(want_grad, dtype=torch.float64))
+
+
 def test_kernel_nan_and_empty_follow_the_reference():
     rho_hat = torch.tensor([0.3, float("nan")], device=DEVICE)
     kl, grad = sparsity.bernoulli_kl(rho_hat, 0.1)
