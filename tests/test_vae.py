@@ -229,6 +229,21 @@ def test_gradcheck(backend_name, outputs):
         assert torch.autograd.gradcheck(fn, (mu, logvar))
 
 
+@pytest.mark.parametrize("wrt", ["mu", "logvar"])
+@pytest.mark.parametrize("backend_name", ["reference"] + ["triton"] * HAS_TRITON)
+def test_gradcheck_with_one_input_trained(backend_name, wrt):
+    """Only mu (a fixed logvar) or only logvar requires a gradient: each gets its own, the
+    backward reading each input's flag (mu and logvar of a model always share theirs)."""
+    mu, logvar = _posterior(2, 3, torch.float64)
+    {"mu": mu, "logvar": logvar}[wrt].requires_grad_()
+
+    def fn(mu, logvar):
+        return ops.reparameterize(mu, logvar, seed=41)
+
+    with fastae.use_backend(backend_name):
+        assert torch.autograd.gradcheck(fn, (mu, logvar))
+
+
 @pytest.mark.parametrize(
     "backend_name, dtype",
     [("reference", torch.float64)] + [("triton", torch.float32)] * HAS_TRITON,
