@@ -708,3 +708,84 @@ def test_cuda_graph_training_matches_eager_training(digits):
     )  # fmt: skip
     np.testing.assert_allclose(eager.cluster_centers_, graphed.cluster_centers_, atol=1e-4)
     assert (eager.labels_ == graphed.labels_).mean() > 0.99
+
+
+def test_only_minus_one_marks_an_unlabelled_sample(digits):
+    """-1 alone is sklearn.semi_supervised's unlabelled marker: other negative labels (-2
+    here) are classes like any other, counted among the labelled rows."""
+    x, y = digits
+    x, y = x[:120], y[:120]
+    labels = np.where(y < 5, -2, 7)
+    labels[::3] = -1
+    model = SemiSupervisedAutoencoder(4, epochs=1, random_state=0).fit(x, labels)
+    np.testing.assert_array_equal(model.classes_, [-2, 7])
+    assert model.n_labeled_ == (labels != -1).sum()
+
+
+def test_reconstruction_weight_zero_is_allowed():
+    """reconstruction_weight lies in [0, inf): 0 trains the classifier alone (the
+    semi-supervised head) or DEC's KL alone (Xie et al.'s DEC, no IDEC term)."""
+    x = np.random.default_rng(0).random((60, 5))
+    y = (x[:, 0] > 0.5).astype(int)
+    model = SemiSupervisedAutoencoder(3, reconstruction_weight=0.0, epochs=1, random_state=0)
+    assert model.fit(x, y).module_.reconstruction_weight == 0.0
+    small = AutoencoderTransformer(3, epochs=1)
+    dec = DECClustering(3, autoencoder=small, reconstruction_weight=0.0, refine_epochs=1)
+    assert dec.set_params(random_state=0).fit(x).labels_.shape == (60,)
+
+
+def _spy_on_fit(monkeypatch):
+    """Record (module, data, kwargs) of every fastae.fit the estimators run."""
+    import fastae.sklearn
+
+    calls = []
+
+    def spy(module, data, **kwargs):
+        calls.append((module, data, kwargs))
+        return fastae.fit(module, data, **kwargs)
+
+    monkeypatch.setattr(fastae.sklearn, "fit", spy)
+    return calls
+
+
+def test_stack_layers_pretrain_on_the_clean_codes_of_the_layer_below(digits, monkeypatch):
+    """With noise, each layer corrupts its own input while it trains, but the next layer
+    pretrains on the codes of the clean inputs (the layer below in eval mode, no masking)."""
+    calls = _spy_on_fit(monkeypatch)
+    x = digits[0][:120]
+    stack = StackedAutoencoder(
+        (8, 4), scale=None, noise=fastae.MaskingNoise(0.5), pretrain_epochs=1,
+        finetune_epochs=0, random_state=0, device="cpu",
+    ).fit(x)  # fmt: skip
+    assert len(calls) == 2
+    bottom = stack.module_.layers[0]
+    with torch.no_grad():
+        clean = bottom.encode(torch.tensor(x, dtype=torch.float32))
+    torch.testing.assert_close(calls[1][1], clean)
+
+
+def test_stack_stages_draw_their_own_seeds(digits, monkeypatch):
+    """Each pretrained layer and the fine-tuning train from seeds of their own (derived from
+    random_state): no two stages replay the same shuffling and noise stream."""
+    calls = _spy_on_fit(monkeypatch)
+    StackedAutoencoder(
+        (8, 6, 4), scale=None, pretrain_epochs=1, finetune_epochs=1, random_state=0
+    ).fit(digits[0][:60])
+    seeds = [kwargs["seed"] for _, _, kwargs in calls]
+    assert len(seeds) == 4 and len(set(seeds)) == 4
+
+
+def test_dec_refinement_runs_its_epochs_and_stops_on_tol():
+    """refine_epochs bounds the refinement exactly (a last target interval is cut short:
+    3 epochs at update_interval=2 are 2 + 1); tol=0 never stops early (no fewer than 0 labels
+    can change), while tol=1 stops at the first target update after the first interval
+    (fewer than all the labels change)."""
+    x = np.random.default_rng(0).random((60, 5))
+    small = AutoencoderTransformer(3, epochs=1)
+    params = {"autoencoder": small, "random_state": 0}
+    exact = DECClustering(3, refine_epochs=3, update_interval=2, tol=0.0, **params).fit(x)
+    assert exact.n_iter_ == 3
+    never = DECClustering(3, refine_epochs=4, update_interval=1, tol=0.0, **params).fit(x)
+    assert never.n_iter_ == 4
+    early = DECClustering(3, refine_epochs=4, update_interval=1, tol=1.0, **params).fit(x)
+    assert early.n_iter_ == 1

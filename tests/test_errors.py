@@ -693,3 +693,13 @@ def test_fit_restores_the_best_epoch_when_a_later_one_diverges():
     assert len(error.value.history.val_loss) == 1 and not model.training
     with torch.no_grad():
         assert float(model(val).loss) == pytest.approx(error.value.history.val_loss[0], rel=1e-6)
+
+
+def test_float32s_largest_value_is_finite_in_float32():
+    """A weight must be finite in float32: float32's largest finite value itself is, the
+    next float64 above it is not."""
+
+    largest = float(np.finfo(np.float32).max)
+    assert fastae.L1Sparsity(largest).weight == largest
+    with pytest.raises(ValueError, match=r"^weight must be finite in float32"):
+        fastae.L1Sparsity(np.nextafter(largest, np.inf))

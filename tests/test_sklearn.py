@@ -1432,3 +1432,115 @@ def test_transformer_scores_rows_beyond_the_minmax_range(loss):
     edge, far = x[:3].copy(), x[:3].copy()
     edge[:, 0], far[:, 0] = x[:, 0].max(), 50 * x[:, 0].max()
     assert (model.score_samples(far) < model.score_samples(edge) - 100).all()
+
+
+def test_minmax_scores_of_rows_inside_the_range_are_those_of_the_scaled_rows(digits):
+    """Scoring scales without clipping (X * scale_ + min_): for rows inside the training
+    range that is MinMaxScaler's transform, so the score is the squared error of the round
+    trip in the scaled space. Data whose columns do not start at 0 (min_ != 0)."""
+    x = digits[0][:200] * 3.0 + 2.0  # every column's minimum is 2: min_ = -2 / range
+    detector = AutoencoderOutlierDetector(
+        6, scale="minmax", loss="mse", epochs=2, random_state=0, device="cpu"
+    ).fit(x)
+    assert (detector.scaler_.min_ != 0).all()
+    scaled = detector.scaler_.transform(x[:20])
+    with torch.no_grad():
+        module = copy.deepcopy(detector.module_).double()
+        recon = module.reconstruct(torch.tensor(scaled)).numpy()
+    expected = np.square(scaled - recon).sum(1)
+    np.testing.assert_allclose(-detector.score_samples(x[:20]), expected, rtol=1e-9)
+
+
+def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):
+    """ExCeeD on the training rows themselves: each row's own score counts among those at or
+    below it (searchsorted side="right"), and the row whose score is the threshold (decision
+    0, 501 rows at contamination 0.05: the 95th percentile is one of them) is an inlier, so
+    its confidence is the inlier's (1 - the outlier's)."""
+    x, _ = digits
+    from scipy.stats import binom
+
+    train = x[:501]
+    detector = AutoencoderOutlierDetector(8, scale=None, contamination=0.05, epochs=2)
+    detector.set_params(random_state=0).fit(train)
+    scores = detector.decision_scores_
+    n = len(train)
+    below = (scores[None, :] <= scores[:, None]).sum(1)
+    outlier = binom.sf(n - int(n * 0.05), n, (1 + below) / (n + 2.0))
+    predicted = detector.predict(train)
+    expected = np.where(predicted == -1, outlier, 1 - outlier)
+    on_threshold = detector.decision_function(train) == 0
+    assert on_threshold.sum() == 1 and predicted[on_threshold][0] == 1
+    np.testing.assert_allclose(detector.predict_confidence(train), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["standard", "minmax"])
+def test_inverse_transform_undoes_the_scaling(digits, scale):
+    """inverse_transform decodes the codes and maps them back through the fitted scaler_: in
+    X's units (pixels 0..16 here), not the scaled space the module works in."""
+    x = digits[0][:200] * 16.0
+    model = AutoencoderTransformer(8, scale=scale, epochs=2, random_state=0, device="cpu").fit(x)
+    codes = model.transform(x[:20])
+    with torch.no_grad():
+        module = copy.deepcopy(model.module_).double()
+        decoded = module.decode(torch.tensor(codes)).numpy()
+    np.testing.assert_allclose(
+        model.inverse_transform(codes), model.scaler_.inverse_transform(decoded), rtol=1e-9
+    )
+
+
+def test_a_minmax_column_spanning_exactly_ten_epsilons_is_kept():
+    """MinMaxScaler treats a range below 10 epsilons as constant (a strict bound): a column
+    whose range is exactly 10 * float64's epsilon is scaled as any other, not refused."""
+    span = 10 * np.finfo(np.float64).eps
+    x = np.outer(np.linspace(0.0, 1.0, 20), np.full(3, span))
+    assert (np.ptp(x, axis=0) == span).all()
+    model = AutoencoderTransformer(2, scale="minmax", epochs=1, random_state=0).fit(x)
+    np.testing.assert_allclose(model.scaler_.transform(x)[:, 0], np.linspace(0.0, 1.0, 20))
+
+
+def test_contamination_one_half_is_allowed_and_just_above_is_not(digits):
+    """contamination lies in (0, 0.5]: 0.5 itself fits (a threshold at the median), values
+    just past either end are refused."""
+    x = digits[0][:100]
+    detector = AutoencoderOutlierDetector(2, contamination=0.5, epochs=1, random_state=0).fit(x)
+    assert detector.threshold_ == pytest.approx(np.median(detector.decision_scores_))
+    for bad in (0.0, np.nextafter(0.5, 1.0)):
+        with pytest.raises(ValueError, match=r"^contamination must be in \(0, 0\.5\]"):
+            AutoencoderOutlierDetector(2, contamination=bad, epochs=1).fit(x)
+
+
+@pytest.mark.parametrize("how", ["warm_start", "partial_fit"])
+def test_continuing_a_fit_checks_x_against_the_fitted_features(digits, how):
+    """warm_start's fit and partial_fit validate X against the fitted n_features_in_ (reset
+    only by a fit from scratch): scikit-learn's error naming the estimator, also where no
+    scaler stands between X and the weights (scale=None)."""
+    x = digits[0][:100]
+    model = AutoencoderTransformer(4, scale=None, epochs=1, warm_start=True, random_state=0)
+    model.fit(x)
+    message = r"^X has 63 features, but AutoencoderTransformer is expecting 64 features"
+    with pytest.raises(ValueError, match=message):
+        model.fit(x[:, :63]) if how == "warm_start" else model.partial_fit(x[:, :63])
+    assert model.n_features_in_ == 64
+
+
+def test_predictions_run_in_eval_mode_and_restore_the_modules_mode(digits):
+    """Predicting puts module_ in eval mode for the pass (no input corruption) and back in
+    the mode it found: a module_ a caller set training scores as an evaluated one."""
+
+    x = digits[0][:100]
+    detector = AutoencoderOutlierDetector(
+        4, scale=None, noise=fastae.MaskingNoise(0.5), epochs=1, random_state=0
+    ).fit(x)
+    evaluated = detector.score_samples(x)
+    detector.module_.train()
+    np.testing.assert_array_equal(detector.score_samples(x), evaluated)
+    assert detector.module_.training
+
+
+def test_verbose_zero_trains_silently(capsys):
+    """verbose as scikit-learn takes it: the int 0 shows nothing, 1 the progress bar."""
+    x = np.random.default_rng(0).random((40, 5))
+    AutoencoderTransformer(2, epochs=2, verbose=0, random_state=0).fit(x)
+    assert capsys.readouterr().err == ""
+    AutoencoderTransformer(2, epochs=2, verbose=1, random_state=0).fit(x)
+    assert "loss=" in capsys.readouterr().err
