@@ -698,7 +698,6 @@ def test_fit_restores_the_best_epoch_when_a_later_one_diverges():
 def test_float32s_largest_value_is_finite_in_float32():
     """A weight must be finite in float32: float32's largest finite value itself is, the
     next float64 above it is not."""
-
     largest = float(np.finfo(np.float32).max)
     assert fastae.L1Sparsity(largest).weight == largest
     with pytest.raises(ValueError, match=r"^weight must be finite in float32"):

@@ -1456,9 +1456,9 @@ def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):
     below it (searchsorted side="right"), and the row whose score is the threshold (decision
     0, 501 rows at contamination 0.05: the 95th percentile is one of them) is an inlier, so
     its confidence is the inlier's (1 - the outlier's)."""
-    x, _ = digits
     from scipy.stats import binom
 
+    x, _ = digits
     train = x[:501]
     detector = AutoencoderOutlierDetector(8, scale=None, contamination=0.05, epochs=2)
     detector.set_params(random_state=0).fit(train)
@@ -1526,7 +1526,6 @@ def test_continuing_a_fit_checks_x_against_the_fitted_features(digits, how):
 def test_predictions_run_in_eval_mode_and_restore_the_modules_mode(digits):
     """Predicting puts module_ in eval mode for the pass (no input corruption) and back in
     the mode it found: a module_ a caller set training scores as an evaluated one."""
-
     x = digits[0][:100]
     detector = AutoencoderOutlierDetector(
         4, scale=None, noise=fastae.MaskingNoise(0.5), epochs=1, random_state=0
