@@ -46,6 +46,7 @@ from .sklearn import (
     all_or_nothing,
     code_width,
     hold_out,
+    host_array,
     random_state_generator,
 )
 from .training import default_optimizer
@@ -243,8 +244,8 @@ class SemiSupervisedAutoencoder(
         classes, codes = np.unique(y[labeled], return_inverse=True)
         if len(classes) < 2:
             raise ValueError(
-                f"y needs at least 2 classes among the labelled samples, got 1 class "
-                f"({classes.tolist()[0]!r})"
+                "y needs at least 2 classes among the labelled samples (those not labelled "
+                f"-1, which marks a sample as unlabelled), got 1 class ({classes.tolist()[0]!r})"
             )
         if more and not np.array_equal(classes, self.classes_):
             raise ValueError(
@@ -513,7 +514,7 @@ def cluster_codes(
     ``random_state`` and ``n_init`` (restarts, or "auto") are ``KMeans``'s. Returns the
     fitted ``KMeans``: ``labels_``, ``cluster_centers_``, ``predict``.
     """
-    codes = check_array(codes, dtype=[np.float64, np.float32])
+    codes = check_array(host_array("codes", codes), dtype=[np.float64, np.float32])
     return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=random_state).fit(codes)
 
 

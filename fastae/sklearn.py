@@ -66,12 +66,28 @@ except ImportError:  # scikit-learn < 1.6
         return estimator._validate_data(*args, **kwargs)
 
 
-def _validate_data(estimator, *args, **kwargs):
-    """scikit-learn's ``validate_data``; its finiteness check sums X first and, where the sum
-    overflows (finite values near float's largest), checks each value, so numpy's overflow
-    warning says nothing."""
+def host_array(name: str, value):
+    """A torch tensor as the numpy array scikit-learn's checks read (detached, on the host, in
+    its own dtype; bfloat16, which numpy lacks, widened to float32, which holds each value
+    exactly); anything else as given."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    _checks.dense(name, value)
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.numpy(force=True)
+
+
+def _validate_data(estimator, X, *args, **kwargs):
+    """scikit-learn's ``validate_data`` of X (and y), torch tensors read as arrays; its
+    finiteness check sums X first and, where the sum overflows (finite values near float's
+    largest), checks each value, so numpy's overflow warning says nothing."""
+    if args:
+        args = (host_array("y", args[0]), *args[1:])
+    if "y" in kwargs:
+        kwargs["y"] = host_array("y", kwargs["y"])
     with _quiet_overflow():
-        return _sklearn_validate_data(estimator, *args, **kwargs)
+        return _sklearn_validate_data(estimator, host_array("X", X), *args, **kwargs)
 
 
 __all__ = ["AutoencoderOutlierDetector", "AutoencoderTransformer", "neg_reconstruction_error"]
@@ -205,7 +221,8 @@ def all_or_nothing(fit_method):
     estimator's attributes are put back as they were, so a fitted estimator keeps predicting
     as before and an unfitted one stays unfitted. The fitted objects are replaced, never
     changed in place, by fitting; the random streams that are drawn in place (a RandomState
-    given as ``random_state``, partial_fit's seeds) are wound back."""
+    given as ``random_state``, partial_fit's seeds) are wound back. It trains whatever the
+    caller's grad mode: inside ``torch.no_grad()`` or ``torch.inference_mode()`` too."""
 
     @functools.wraps(fit_method)
     def atomic(self, *args, **kwargs):
@@ -216,7 +233,8 @@ def all_or_nothing(fit_method):
             if isinstance(value, np.random.RandomState)
         ]
         try:
-            return fit_method(self, *args, **kwargs)
+            with torch.inference_mode(False), torch.enable_grad():
+                return fit_method(self, *args, **kwargs)
         except BaseException:
             vars(self).clear()
             vars(self).update(before)
@@ -629,7 +647,7 @@ def neg_reconstruction_error(estimator, X, y=None) -> float:
     transformers' own ``score`` is in their scaled space and ``loss_`` units: it compares
     fits that share ``scale``, ``loss`` and ``model``.)"""
     reconstruction = estimator.inverse_transform(estimator.transform(X))
-    truth = check_array(X, dtype=np.float64, input_name="X")
+    truth = check_array(host_array("X", X), dtype=np.float64, input_name="X")
     error = np.square(truth - np.asarray(reconstruction, dtype=np.float64)).sum(axis=1)
     return -float(error.mean())
 
@@ -651,7 +669,7 @@ class CodeTransformerMixin(TransformerMixin):
     def inverse_transform(self, X):
         """Codes decoded to rows in X's original units (the scaling undone)."""
         check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32], input_name="X")
+        codes = check_array(host_array("X", X), dtype=[np.float64, np.float32], input_name="X")
         width = code_width(self.module_)
         if codes.shape[1] != width:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fractions
+import functools
 import math
 import sys
 import time
@@ -45,8 +46,8 @@ class History:
 
 
 def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
-    """Array data in the model's dtype (one conversion), tensor data as given; either
-    detached: fit reads the data, it trains the model."""
+    """Array data in the model's dtype (one conversion), tensor data as given (copied where
+    made under inference mode); either detached: fit reads the data, it trains the model."""
     if isinstance(data, np.ndarray):
         if data.dtype.kind not in "biuf":
             raise TypeError(f"{name} must hold real numbers, got an array of dtype {data.dtype}")
@@ -58,7 +59,22 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
     _checks.dense(name, data)
     if data.is_meta:
         raise ValueError(f"{name} is on the meta device: it holds no values to train on")
+    if data.is_inference():  # made under torch.inference_mode: autograd may not save its rows
+        return data.clone()
     return data.detach()
+
+
+def _with_autograd(function):
+    """Run ``function`` with autograd recording whatever the caller's grad mode: a fit called
+    inside ``torch.no_grad()`` or ``torch.inference_mode()`` (on embeddings computed there)
+    trains as anywhere else."""
+
+    @functools.wraps(function)
+    def with_grad(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return function(*args, **kwargs)
+
+    return with_grad
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -364,6 +380,7 @@ def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
     return int(shared)
 
 
+@_with_autograd
 def fit(
     model: nn.Module,
     data,
@@ -396,7 +413,10 @@ def fit(
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
     Numpy arrays take the model's dtype (converted once), tensors must already have it; both
-    are read detached (a tensor that requires grad gets none). The validation loss
+    are read detached (a tensor that requires grad gets none; one made under
+    ``torch.inference_mode()`` is copied once, as autograd cannot save it for backward).
+    Training records autograd whatever the caller's grad mode (inside ``torch.no_grad()``
+    too). The validation loss
     is the model's loss in eval mode: without corruption, and for a VAE at z = mu (its KL term
     included), not a sampled ELBO, so it may lie below the training loss. With ``patience``,
     training stops after that many epochs without a ``min_delta`` improvement of the
@@ -482,6 +502,11 @@ def fit(
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
+    if any(not is_lazy(p) and p.is_inference() for p in model.parameters()):
+        raise ValueError(
+            "model's parameters were made under torch.inference_mode(), which allows no "
+            "update of them outside it: build the model outside inference mode to train it"
+        )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "model has no parameter that requires a gradient: nothing to train (call "

@@ -682,6 +682,64 @@ def test_failed_fit_leaves_the_estimator_as_it_was(make):
     np.testing.assert_array_equal(use(model, x), before)
 
 
+def test_tensor_labels_and_codes_are_read_as_arrays():
+    """As the estimators' X (test_sklearn): a tensor, one that requires grad too, is read as
+    the array of its values, in its precision."""
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 5)).astype(np.float32)
+    y = np.where(np.arange(40) % 3 == 0, np.arange(40) % 2, -1)
+    tensor = torch.tensor(x).requires_grad_()
+    from_arrays = _semi_supervised(1).fit(x, y)
+    from_tensors = _semi_supervised(1).fit(tensor, torch.tensor(y))
+    np.testing.assert_array_equal(from_tensors.classes_, from_arrays.classes_)
+    np.testing.assert_array_equal(
+        from_tensors.decision_function(tensor), from_arrays.decision_function(x)
+    )
+    clusters = cluster_codes(tensor, 3, random_state=0)
+    np.testing.assert_array_equal(
+        clusters.cluster_centers_, cluster_codes(x, 3, random_state=0).cluster_centers_
+    )
+    assert clusters.cluster_centers_.dtype == np.float32
+
+
+GRAD_MODE_ESTIMATORS = {
+    "transformer": lambda: AutoencoderTransformer(3, epochs=2, random_state=0),
+    "detector": lambda: AutoencoderOutlierDetector(3, model="vae", epochs=2, random_state=0),
+    "semi_supervised": lambda: _semi_supervised(2),
+    "stacked": lambda: StackedAutoencoder((4, 2), pretrain_epochs=1, finetune_epochs=1),
+    "dec": lambda: DECClustering(
+        2, autoencoder=AutoencoderTransformer(3, epochs=1), refine_epochs=2, tol=0.0
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", GRAD_MODE_ESTIMATORS)
+def test_estimators_fit_whatever_the_callers_grad_mode(name, mode):
+    """A fit inside ``torch.no_grad()`` or ``torch.inference_mode()`` (say, on embeddings
+    computed there) trains as one outside it does, to the same predictions."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 5)), np.arange(40) % 2
+
+    def trained():
+        model = GRAD_MODE_ESTIMATORS[name]()
+        if "random_state" in model.get_params():
+            model.set_params(random_state=0)
+        model.fit(x, y)
+        if hasattr(model, "partial_fit"):
+            model.partial_fit(x)
+        return model
+
+    def predictions(model):
+        for method in ("score_samples", "decision_function", "transform"):
+            if hasattr(model, method):
+                return getattr(model, method)(x)
+
+    expected = predictions(trained())
+    with getattr(torch, mode)():
+        np.testing.assert_array_equal(predictions(trained()), expected)
+
+
 @pytest.mark.cuda
 def test_cuda_graph_training_matches_eager_training(digits):
     """Semi-supervised, stacked and DEC training replayed from CUDA graphs takes the same steps

@@ -375,6 +375,30 @@ def test_fit_trains_the_model_not_data_that_requires_grad(container):
     assert leaf.grad is None
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fit_trains_whatever_the_callers_grad_mode(mode, shuffle):
+    """fit inside torch.no_grad() or torch.inference_mode(), on data made there, trains as
+    outside it (inference tensors, which autograd cannot save for backward, are copied)."""
+    data = small_problem()
+    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False, shuffle=shuffle)
+    expected = fastae.fit(new_model(seed=3), data, validation_data=data[:8], **kwargs)
+    model = new_model(seed=3)
+    with getattr(torch, mode)():
+        made_here = data.clone()
+        history = fastae.fit(model, made_here, validation_data=made_here[:8], **kwargs)
+    assert (history.loss, history.val_loss) == (expected.loss, expected.val_loss)
+    assert model.weight.requires_grad and not model.weight.is_inference()
+
+
+def test_fit_refuses_a_model_made_under_inference_mode():
+    """Its parameters are inference tensors, which no update may change outside that mode."""
+    with torch.inference_mode():
+        model = new_model(seed=3)
+    with pytest.raises(ValueError, match=r"^model's parameters were made under torch\.inference"):
+        fastae.fit(model, small_problem(), epochs=1, progress=False)
+
+
 def test_fit_converts_array_data_once(monkeypatch):
     """numpy data in another dtype than the model's is converted once (the copy trained on
     is the one the BCE range check reads), not once for batching and again for the check."""
