@@ -60,8 +60,9 @@ class AutoencoderOutput:
     of the per-sample loss; penalties: each regularizer's term by name ("sparsity",
     "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,);
     jacobian_norm: batch mean of ||J_enc(x_i)||_F^2 (``Autoencoder`` only; None when no penalty
-    needed the encoder's statistics, and always None from ``DeepAutoencoder`` and
-    ``StackModule``, which name their penalties per layer: "sparsity1", "contractive0", ...).
+    needed the encoder's statistics, and always None from ``DeepAutoencoder``, whose one
+    penalty, on the code, is "sparsity", and ``StackModule``, which names its penalties per
+    layer: "sparsity0", "contractive0", "sparsity1", ...).
 
     A training step computes them in one autograd node (see ``fastae.steps``): code,
     per_sample, the penalties and jacobian_norm are that node's outputs beside loss, not inputs

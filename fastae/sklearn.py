@@ -1061,9 +1061,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     with values outside it: with squared error the scaled input is scored as it is; BCE scores
     the input clipped to [0, 1] and adds sum_k e_k^2, e_k the excess of scaled x_k beyond
     [0, 1]. With ``model="vae"`` a :class:`fastae.VAE` (``n_components`` latent dimensions,
-    ``hidden`` units on each side) is trained instead, and the score is
-    its negative ELBO (``anomaly_score="elbo"``, the default: that reconstruction loss plus the
-    posterior's KL to the prior) or its reconstruction loss alone (``"reconstruction"``),
+    ``hidden`` units on each side) is trained instead, and the score is its negative ELBO
+    (``anomaly_score="elbo"``, which the default None means for it: that reconstruction loss
+    plus the posterior's KL to the prior) or its reconstruction loss alone (``"reconstruction"``),
     both decoded from the posterior mean, so the same input always gets the same score.
 
     Fitted attributes with PyOD's meaning (higher = more abnormal):

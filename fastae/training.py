@@ -32,7 +32,8 @@ from .ops import MODEL_BCE_ADVICE, check_unit_interval
 class History:
     """Per-epoch mean training loss, validation loss (if given) and learning rate (the first
     parameter group's, as the epoch trained with it), what stopped the run and, with
-    ``cuda_graph``, how many steps replayed the captured graph. ``best_epoch`` indexes
+    ``cuda_graph``, how many steps replayed the captured graph; ``seconds``: the wall time of
+    training (validation and callbacks included). ``best_epoch`` indexes
     ``loss`` and ``val_loss`` (0-based: epoch ``best_epoch + 1`` as callbacks count; -1 before
     the first epoch)."""
 
@@ -402,7 +403,9 @@ def fit(
     callback=None,
     max_grad_norm: float | None = None,
 ) -> History:
-    """Train ``model`` (whose forward returns an object with ``.loss``) on ``data``.
+    """Train ``model`` (whose forward returns an object with ``.loss``) on ``data`` for at most
+    ``epochs`` passes, stepping ``optimizer`` (by default Adam at ``lr``) once a minibatch
+    (of tensor or array data, ``batch_size`` rows; an epoch's last batch holds the rest).
 
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here; the training
     rows reshuffled every epoch, by a generator seeded from ``seed``, unless ``shuffle`` is
