@@ -690,11 +690,12 @@ def launch(kernel, grid, *args, **meta):
 
     Triton's ``JITFunction.run`` (and ``Autotuner.run`` before it) binds and specializes
     every argument, formats the compile options into a cache key and looks the kernel up on
-    each call: 45-75 us of host time per launch on a 2-core x86 CPU, against about 11 us for
-    this path (measured with a stand-in driver, ``bench/launch_time.py``). The first call
-    with a given key goes through Triton (autotuning and compiling as usual), and its
-    compiled kernel, config and trailing constexpr arguments are kept; later calls with the
-    same key hand them to the compiled kernel's launcher directly, as Triton would.
+    each call: about 20 us of host time a launch more than this path on a 2-core x86 CPU (a
+    step of nine launches: 435 against 253 us, measured with a stand-in driver,
+    ``bench/launch_time.py``). The first call with a given key goes through Triton
+    (autotuning and compiling as usual), and its compiled kernel, config and trailing
+    constexpr arguments are kept; later calls with the same key hand them to the compiled
+    kernel's launcher directly, as Triton would.
 
     The key holds everything Triton specializes on, at least as finely: each tensor's dtype
     and data pointer modulo 16, each integer's value (its i32/i64/u64 range for
