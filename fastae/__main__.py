@@ -13,9 +13,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     from . import benchmark, demo
 
-    demo.add_arguments(commands.add_parser("demo", help="train autoencoders on digits"))
+    demo.add_arguments(
+        commands.add_parser(
+            "demo",
+            help="train autoencoders on digits",
+            description="Train plain, sparse, denoising and contractive autoencoders (and a "
+            "deep and a stacked one, DEC and a VAE) on scikit-learn's digits, print one table "
+            "comparing them with PCA, IsolationForest and logistic regression, and write PNGs "
+            "to --out.",
+        )
+    )
     benchmark.add_arguments(
-        commands.add_parser("bench", help="time fastae against eager and compiled PyTorch")
+        commands.add_parser(
+            "bench",
+            help="time fastae against eager and compiled PyTorch",
+            description="Time fastae's ops and training steps beside eager PyTorch and "
+            "torch.compile of it (providers taking turns, one call each per round) and print "
+            "the ratio table.",
+        )
     )
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -138,15 +138,15 @@ class Size(NamedTuple):
         return f"{self.batch}x{self.inputs}x{self.hidden}"
 
     @classmethod
-    def parse(cls, text: str) -> Size:
+    def parse(cls, text: str, what: str = "size") -> Size:
         parts = text.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(
-                f"size must look like BATCHxINPUTSxHIDDEN (256x784x1024), got {text!r}"
+                f"{what} must look like BATCHxINPUTSxHIDDEN (256x784x1024), got {text!r}"
             )
         batch, inputs, hidden = map(int, parts)
         if max(batch * inputs, batch * hidden, inputs * hidden) >= 2**63:
-            raise ValueError(f"size {text!r} makes a tensor of 2**63 elements or more")
+            raise ValueError(f"{what} {text!r} makes a tensor of 2**63 elements or more")
         return cls(batch, inputs, hidden)
 
 
@@ -169,12 +169,12 @@ SIZE_SETS = {
 JACREV_SIZE = Size(64, 784, 256)  # the brute-force gap is measured once, small
 
 
-def parse_sizes(text: str) -> list[Size]:
+def parse_sizes(text: str, what: str = "size") -> list[Size]:
     """A preset name (see SIZE_SETS) or comma-separated BxDxH sizes."""
     sizes: list[Size] = []
     for part in text.split(","):
         part = part.strip()
-        sizes += SIZE_SETS[part] if part in SIZE_SETS else [Size.parse(part)]
+        sizes += SIZE_SETS[part] if part in SIZE_SETS else [Size.parse(part, what)]
     return sizes
 
 
@@ -203,12 +203,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_device(text: str | None) -> str:
+def parse_device(text: str | None, what: str = "device") -> str:
     """``--device``: "cpu" (any CPU index) or a CUDA device as torch spells it; None, the
     default device."""
     if text is None:
         return default_device()
-    device = _checks.cpu_or_cuda("device", text, "cpu or cuda[:N]")
+    device = _checks.cpu_or_cuda(what, text, "cpu or cuda[:N]")
     return "cpu" if device.type == "cpu" else str(device)
 
 
@@ -1264,45 +1264,62 @@ def _check_writable_file(option: str, path: str) -> None:
         raise ValueError(f"{option} {path!r} is not writable")
 
 
+def _runnable(cases: list[str], providers: list[str], device: str):
+    """The providers that can run each case on ``device``, and (case, provider, why) for
+    those that cannot."""
+    runnable, skipped = {}, []
+    for case in cases:
+        runnable[case] = []
+        for provider in providers:
+            why = unavailable(provider, device, case)
+            if why is None:
+                runnable[case].append(provider)
+            else:
+                skipped.append((case, provider, why))
+    return runnable, skipped
+
+
 def run(args: argparse.Namespace) -> int:
     """``python -m fastae bench``: run the cases, print the table; the exit status."""
     try:
-        device = parse_device(args.device)
+        device = parse_device(args.device, "--device")
         on_cpu = device == "cpu"
-        cases = parse_list(args.cases, CASES, "cases")
-        providers = parse_list(args.providers, ALL_PROVIDERS, "providers")
+        cases = parse_list(args.cases, CASES, "--cases")
+        providers = parse_list(args.providers, ALL_PROVIDERS, "--providers")
         dtype_text = args.dtype if args.dtype is not None else ("fp32" if on_cpu else "tf32")
-        dtypes = parse_list(dtype_text, DTYPES, "dtype")
+        dtypes = parse_list(dtype_text, DTYPES, "--dtype")
         size_text = (
             args.size if args.size is not None else ("256x784x1024" if on_cpu else "4096x784x1024")
         )
-        sizes = parse_sizes(size_text)
+        sizes = parse_sizes(size_text, "--size")
         if args.rounds is not None and args.rounds < 1:
-            raise ValueError(f"rounds must be a positive int, got {args.rounds}")
+            raise ValueError(f"--rounds must be a positive int, got {args.rounds}")
         if args.json is not None:
             _check_writable_file("--json", args.json)
         if "deep" in cases:
             for size in sizes:
-                baselines.deep_sizes(size.hidden)
+                try:
+                    baselines.deep_sizes(size.hidden)
+                except ValueError as error:
+                    raise ValueError(f"--size {size} for --cases deep: {error}") from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}, but CUDA is not available")
+        runnable, skipped = _runnable(cases, providers, device)
+        if not any(runnable.values()):
+            reasons = "; ".join(f"{case} {provider}: {why}" for case, provider, why in skipped)
+            raise ValueError(f"--providers and --cases leave nothing to run on {device}: {reasons}")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda, but CUDA is not available", file=sys.stderr)
-        return 2
     print(f"fastae bench on {device_name(device)}, torch {torch.__version__}", file=sys.stderr)
+    for case, provider, why in skipped:
+        if provider != JACREV:  # asked for every case by default, it computes one
+            print(f"skip {case} {provider}: {why}", file=sys.stderr)
     records = []
     for size in sizes:
         for dtype in dtypes:
             for case in cases:
-                runnable = []
-                for provider in providers:
-                    why = unavailable(provider, device, case)
-                    if why is None:
-                        runnable.append(provider)
-                    elif provider != JACREV:
-                        print(f"skip {case} {provider}: {why}", file=sys.stderr)
-                for record in measure(case, runnable, size, dtype, device, args.rounds):
+                for record in measure(case, runnable[case], size, dtype, device, args.rounds):
                     print(
                         f"  {case:<12} {record['provider']:<8} {size} {dtype}: "
                         f"{record['median_s'] * 1e3:.3f} ms",

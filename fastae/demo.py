@@ -41,15 +41,32 @@ VAE_HIDDEN, VAE_LATENT, VAE_LR = 128, 8, 3e-3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m fastae demo``."""
-    parser.add_argument("--quick", action="store_true", help="few epochs, one held-out digit")
-    parser.add_argument("--seed", type=int, default=0, help="seed of splits and training")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_EPOCHS} epochs instead of {FULL_EPOCHS}, one held-out digit (a smoke run)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of splits and training (default: %(default)s)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="run seeds seed..seed+N-1, report mean and std"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
-    parser.add_argument("--out", default="fastae-demo", help="folder for the PNGs")
-    parser.add_argument("--hidden", type=int, default=32, help="code size on digits")
-    parser.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if present, the default), cpu, cuda[:N]"
+    )
+    parser.add_argument(
+        "--out", default="fastae-demo", help="folder for the PNGs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=32, help="code size on digits (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs per model (default: {FULL_EPOCHS}, {QUICK_EPOCHS} with --quick)",
+    )
 
 
 def regularizers(name: str) -> dict:

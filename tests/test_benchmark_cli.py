@@ -71,16 +71,22 @@ def test_json_needs_the_file_writable_where_it_exists_else_its_folder(monkeypatc
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--rounds", "0"], "rounds must be a positive int, got 0"),
-        (["--rounds", "-1"], "rounds must be a positive int, got -1"),
-        (["--cases", ""], "cases must name at least one of"),
-        (["--providers", ","], "providers must name at least one of"),
-        (["--dtype", ""], "dtype must name at least one of"),
-        (["--size", ""], "size"),
-        (["--device", "CPU"], "device must be cpu or cuda"),
-        (["--device", "mps"], "device must be cpu or cuda"),
-        (["--cases", "deep", "--size", "8x8x2"], "H must be at least 4, got 2"),
-        (["--size", "99999999999999999999x8x8"], "makes a tensor of 2**63 elements or more"),
+        (["--rounds", "0"], "--rounds must be a positive int, got 0"),
+        (["--rounds", "-1"], "--rounds must be a positive int, got -1"),
+        (["--cases", ""], "--cases must name at least one of"),
+        (["--cases", "plain,nope"], "--cases must be among ('encode', "),
+        (["--providers", ","], "--providers must name at least one of"),
+        (["--dtype", ""], "--dtype must name at least one of"),
+        (["--size", ""], "--size must look like BATCHxINPUTSxHIDDEN"),
+        (["--device", "CPU"], "--device must be cpu or cuda"),
+        (["--device", "mps"], "--device must be cpu or cuda"),
+        (["--cases", "deep", "--size", "8x8x2"], "--size 8x8x2 for --cases deep: the deep step"),
+        (["--size", "99999999999999999999x8x8"], "--size '99999999999999999999x8x8' makes a"),
+        (
+            ["--providers", "jacrev,fastae_graph"],
+            "--providers and --cases leave nothing to run on cpu: plain jacrev: the jacrev "
+            "provider only computes the contractive step; plain fastae_graph: CUDA graphs need",
+        ),
         (["--json", "NEW/sub/run.json"], "its folder 'NEW/sub' does not exist"),
         (["--json", "NEW"], "--json must name a file, got 'NEW'"),
         (["--json", ""], "--json must name a file, got ''"),
@@ -95,6 +101,15 @@ def test_bad_options_are_errors_before_any_timing(options, message, monkeypatch,
     with redirect_stderr(stderr):
         assert cli.main(argv) == 2
     assert stderr.getvalue().startswith("error: ") and message in stderr.getvalue()
+
+
+def test_a_cuda_device_without_cuda_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setattr(fb, "measure", lambda *args: pytest.fail("measured"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        assert cli.main(["bench", "--device", "cuda:1", "--cases", "plain"]) == 2
+    assert stderr.getvalue() == "error: --device cuda:1, but CUDA is not available\n"
 
 
 def test_a_cpu_index_is_the_cpu(monkeypatch):

@@ -109,3 +109,17 @@ def test_the_demo_names_a_missing_extra_before_any_training(tmp_path, capsys, mo
     assert capsys.readouterr().err == (
         "error: the demo needs matplotlib: pip install 'fastae[apps]'\n"
     )
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_each_command_describes_itself_and_its_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
+    if command == "demo":
+        assert "Train plain, sparse, denoising and contractive autoencoders" in text
+        assert "(default: fastae-demo)" in text and "(default: 50, 5 with --quick)" in text
+    else:
+        assert "Time fastae's ops and training steps beside eager PyTorch" in text
+        assert "(default: the training steps)" in text
