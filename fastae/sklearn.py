@@ -73,6 +73,8 @@ def host_array(name: str, value):
     if not isinstance(value, torch.Tensor):
         return value
     _checks.dense(name, value)
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no values")
     if value.dtype == torch.bfloat16:
         value = value.float()
     return value.numpy(force=True)

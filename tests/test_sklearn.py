@@ -444,6 +444,8 @@ def test_torch_tensors_are_read_as_the_arrays_of_their_values():
         )
     with pytest.raises(TypeError, match=r"^X must be a dense \(strided\) tensor, got a torch"):
         AutoencoderTransformer(2, epochs=1).fit(torch.tensor(x).to_sparse())
+    with pytest.raises(ValueError, match=r"^X is on the meta device: it holds no values$"):
+        AutoencoderTransformer(2, epochs=1).fit(torch.empty(40, 5, device="meta"))
 
 
 @pytest.mark.parametrize("model", ["autoencoder", "vae"])
