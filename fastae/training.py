@@ -267,14 +267,16 @@ def _targets_resumed(model: nn.Module):
 def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
     """The batch's input on ``device``; copied to a GPU asynchronously where it is in pinned
     memory (``DataLoader(pin_memory=True)``). A copy to the host stays blocking: an
-    asynchronous one could be read before it lands."""
+    asynchronous one could be read before it lands. A batch made under inference mode is
+    copied (autograd cannot save it for backward)."""
     x = _first(batch)
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name} must yield tensors (or tuples whose first item is one), got a batch of "
             f"{type(x).__name__}"
         )
-    return x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
+    x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
+    return x.clone() if x.is_inference() else x
 
 
 def _global_mean(name: str, total: torch.Tensor, count: int, parallel: bool) -> float:

@@ -389,6 +389,12 @@ def test_fit_trains_whatever_the_callers_grad_mode(mode, shuffle):
         history = fastae.fit(model, made_here, validation_data=made_here[:8], **kwargs)
     assert (history.loss, history.val_loss) == (expected.loss, expected.val_loss)
     assert model.weight.requires_grad and not model.weight.is_inference()
+    if not shuffle:  # the same batches as a list made there
+        model = new_model(seed=3)
+        with getattr(torch, mode)():
+            batches = list(data.clone().split(16))
+            history = fastae.fit(model, batches, validation_data=[batches[0][:8]], **kwargs)
+        assert (history.loss, history.val_loss) == (expected.loss, expected.val_loss)
 
 
 def test_fit_refuses_a_model_made_under_inference_mode():
