@@ -412,7 +412,8 @@ def fit(
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here; the training
     rows reshuffled every epoch, by a generator seeded from ``seed``, unless ``shuffle`` is
     False) or any iterable of batches but a tuple (a DataLoader or
-    a list; a batch may be a tensor or a tuple whose first item is the input: a tuple of
+    a list; a batch may be a tensor or a tuple whose first item is the input, its other items
+    (labels, targets) not read, as the model reconstructs its input: a tuple of
     tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is passed
     here). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
