@@ -276,6 +276,11 @@ class SemiSupervisedAutoencoder(
         )
         return X, y
 
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean accuracy of ``predict(X)`` against y (scikit-learn's), y read as ``fit``
+        reads it (a torch tensor too)."""
+        return super().score(X, host_array("y", y), sample_weight)
+
     def decision_function(self, X):
         """Logits (n_samples, n_classes), or the positive-class logit difference for 2."""
         logits = self._map_chunks(_logits, self._prepared(X))

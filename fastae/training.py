@@ -47,8 +47,8 @@ class History:
 
 
 def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
-    """Array data in the model's dtype (one conversion), tensor data as given (copied where
-    made under inference mode); either detached: fit reads the data, it trains the model."""
+    """Array data in the model's dtype (one conversion), tensor data as given; either
+    detached: fit reads the data, it trains the model."""
     if isinstance(data, np.ndarray):
         if data.dtype.kind not in "biuf":
             raise TypeError(f"{name} must hold real numbers, got an array of dtype {data.dtype}")
@@ -60,8 +60,6 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
     _checks.dense(name, data)
     if data.is_meta:
         raise ValueError(f"{name} is on the meta device: it holds no values to train on")
-    if data.is_inference():  # made under torch.inference_mode: autograd may not save its rows
-        return data.clone()
     return data.detach()
 
 
@@ -361,7 +359,7 @@ def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
             f"callback returned {answer!r} ({type(answer).__name__}), not True, False or None: "
             "training goes on (return True to stop it)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # fit's caller: past _with_autograd's frame
         )
         answer = False
     stop = bool(answer)
@@ -412,15 +410,15 @@ def fit(
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here; the training
     rows reshuffled every epoch, by a generator seeded from ``seed``, unless ``shuffle`` is
     False) or any iterable of batches but a tuple (a DataLoader or
-    a list; a batch may be a tensor or a tuple whose first item is the input, its other items
-    (labels, targets) not read, as the model reconstructs its input: a tuple of
+    a list; a batch may be a tensor or a tuple whose first item is the input, the model
+    reconstructing it: its other items, labels or targets, are not read. A tuple of
     tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is passed
     here). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
     Numpy arrays take the model's dtype (converted once), tensors must already have it; both
-    are read detached (a tensor that requires grad gets none; one made under
-    ``torch.inference_mode()`` is copied once, as autograd cannot save it for backward).
+    are read detached (a tensor that requires grad gets none; the training batches of data
+    made under ``torch.inference_mode()`` are copied, as autograd cannot save them).
     Training records autograd whatever the caller's grad mode (inside ``torch.no_grad()``
     too). The validation loss
     is the model's loss in eval mode: without corruption, and for a VAE at z = mu (its KL term
@@ -508,10 +506,12 @@ def fit(
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
-    if any(not is_lazy(p) and p.is_inference() for p in model.parameters()):
+    # .data: a lazy parameter's too, which its first batch would fill in place
+    if any(t.data.is_inference() for t in (*model.parameters(), *model.buffers())):
         raise ValueError(
-            "model's parameters were made under torch.inference_mode(), which allows no "
-            "update of them outside it: build the model outside inference mode to train it"
+            "model's parameters or buffers were made under torch.inference_mode(), which "
+            "allows no update of them outside it: build the model outside inference mode to "
+            "train it"
         )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
@@ -525,7 +525,7 @@ def fit(
             "with the same noise; leave the spec's seed None to draw fresh noise each step "
             "(fit's seed makes the run repeatable)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # fit's caller: past _with_autograd's frame
         )
     parallel = _data_parallel(model)
     rank = torch.distributed.get_rank() if parallel else 0

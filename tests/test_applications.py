@@ -692,6 +692,8 @@ def test_tensor_labels_and_codes_are_read_as_arrays():
     from_arrays = _semi_supervised(1).fit(x, y)
     from_tensors = _semi_supervised(1).fit(tensor, torch.tensor(y))
     np.testing.assert_array_equal(from_tensors.classes_, from_arrays.classes_)
+    labels = torch.tensor(np.arange(40) % 2, dtype=torch.float32).requires_grad_()
+    assert from_tensors.score(tensor, labels) == from_arrays.score(x, np.arange(40) % 2)
     np.testing.assert_array_equal(
         from_tensors.decision_function(tensor), from_arrays.decision_function(x)
     )

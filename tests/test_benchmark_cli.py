@@ -83,9 +83,9 @@ def test_json_needs_the_file_writable_where_it_exists_else_its_folder(monkeypatc
         (["--cases", "deep", "--size", "8x8x2"], "--size 8x8x2 for --cases deep: the deep step"),
         (["--size", "99999999999999999999x8x8"], "--size '99999999999999999999x8x8' makes a"),
         (
-            ["--providers", "jacrev,fastae_graph"],
-            "--providers and --cases leave nothing to run on cpu: plain jacrev: the jacrev "
-            "provider only computes the contractive step; plain fastae_graph: CUDA graphs need",
+            ["--providers", "jacrev,fastae_graph", "--cases", "plain,vae"],
+            "nothing to run on cpu: jacrev (plain, vae): the jacrev provider only computes the "
+            "contractive step; fastae_graph (plain, vae): CUDA graphs need a CUDA device\n",
         ),
         (["--json", "NEW/sub/run.json"], "its folder 'NEW/sub' does not exist"),
         (["--json", "NEW"], "--json must name a file, got 'NEW'"),

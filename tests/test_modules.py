@@ -3,6 +3,7 @@
 import copy
 import math
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -398,11 +399,33 @@ def test_fit_trains_whatever_the_callers_grad_mode(mode, shuffle):
 
 
 def test_fit_refuses_a_model_made_under_inference_mode():
-    """Its parameters are inference tensors, which no update may change outside that mode."""
-    with torch.inference_mode():
-        model = new_model(seed=3)
-    with pytest.raises(ValueError, match=r"^model's parameters were made under torch\.inference"):
-        fastae.fit(model, small_problem(), epochs=1, progress=False)
+    """Its parameters (lazy ones too) or buffers are inference tensors, which no update may
+    change outside that mode."""
+
+    class Lazy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.LazyLinear(4)
+
+        def forward(self, x):
+            return SimpleNamespace(loss=self.layer(x).square().mean())
+
+    class Normalized(Lazy):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(small_problem().shape[1], affine=False)
+
+        def forward(self, x):
+            return super().forward(self.norm(x))
+
+    for make in (lambda: new_model(seed=3), Lazy, Normalized):
+        fastae.fit(make(), small_problem(), epochs=1, progress=False)  # made outside: trains
+        with torch.inference_mode():
+            model = make()
+        if make is Normalized:
+            model.layer = torch.nn.LazyLinear(4)  # made outside: only the buffers are inference
+        with pytest.raises(ValueError, match=r"^model's parameters or buffers were made under"):
+            fastae.fit(model, small_problem(), epochs=1, progress=False)
 
 
 def test_fit_converts_array_data_once(monkeypatch):
@@ -577,9 +600,10 @@ def test_fit_warns_of_a_seeded_noise_spec_only():
         model = new_model(noise=fastae.MaskingNoise(0.3))
         fastae.fit(model, data, epochs=1, seed=0, progress=False)
     assert not [w for w in caught if "model.noise" in str(w.message)]
-    with pytest.warns(UserWarning, match="model.noise has seed=5"):
+    with pytest.warns(UserWarning, match="model.noise has seed=5") as warned:
         model = new_model(noise=fastae.MaskingNoise(0.3, seed=5))
         fastae.fit(model, data, epochs=1, seed=0, progress=False)
+    assert warned[0].filename == __file__  # the caller's line
 
 
 def test_fit_progress_leaves_its_record(capsys):
@@ -762,8 +786,9 @@ def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
     everything = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: None, **kwargs)
     assert len(everything.loss) == 3 and not everything.stopped_early
     # a logging callback's return value (a count of characters) is no request to stop
-    with pytest.warns(UserWarning, match=r"^callback returned 7 \(int\), not True, False"):
+    with pytest.warns(UserWarning, match=r"^callback returned 7 \(int\), not True, False") as got:
         logged = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: 7, **kwargs)
+    assert {w.filename for w in got} == {__file__}  # the caller's line
     assert len(logged.loss) == 3 and not logged.stopped_early
     with pytest.raises(TypeError, match=r"^callback must be callable or None, got str"):
         fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
