@@ -49,7 +49,14 @@ from . import _checks, reference
 from .backend import use_backend
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
-from .training import History, LossNotFinite, default_optimizer, fit, seed_torch
+from .training import (
+    History,
+    LossNotFinite,
+    default_optimizer,
+    fit,
+    recording_autograd,
+    seed_torch,
+)
 from .vae import SCORES, VAE, hidden_widths
 
 
@@ -235,7 +242,7 @@ def all_or_nothing(fit_method):
             if isinstance(value, np.random.RandomState)
         ]
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with recording_autograd():
                 return fit_method(self, *args, **kwargs)
         except BaseException:
             vars(self).clear()

@@ -63,14 +63,22 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
     return data.detach()
 
 
+def recording_autograd() -> contextlib.ExitStack:
+    """Autograd recording whatever the caller's grad mode: training called inside
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (on embeddings computed there) trains as
+    anywhere else."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 def _with_autograd(function):
-    """Run ``function`` with autograd recording whatever the caller's grad mode: a fit called
-    inside ``torch.no_grad()`` or ``torch.inference_mode()`` (on embeddings computed there)
-    trains as anywhere else."""
+    """``function`` run under :func:`recording_autograd`."""
 
     @functools.wraps(function)
     def with_grad(*args, **kwargs):
-        with torch.inference_mode(False), torch.enable_grad():
+        with recording_autograd():
             return function(*args, **kwargs)
 
     return with_grad
