@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import numpy as np
 import torch
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def warn_caller(message: str) -> None:
+    """A UserWarning at the first line outside fastae on the stack: the line of the user's
+    call, however deep in the package the warning is found."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def dense(name: str, value: torch.Tensor) -> None:

@@ -1285,6 +1285,11 @@ def _runnable(cases: list[str], providers: list[str], device: str):
     return runnable, skipped
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """CUDA's allocator raises torch.OutOfMemoryError, the CPU's a RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def run(args: argparse.Namespace) -> int:
     """``python -m fastae bench``: run the cases, print the table; the exit status."""
     try:
@@ -1331,7 +1336,18 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:
         for dtype in dtypes:
             for case in cases:
-                for record in measure(case, runnable[case], size, dtype, device, args.rounds):
+                try:
+                    measured = measure(case, runnable[case], size, dtype, device, args.rounds)
+                except RuntimeError as error:  # torch.OutOfMemoryError is one
+                    if not _out_of_memory(error):
+                        raise
+                    print(
+                        f"error: --size {size} does not fit in the memory of {device} "
+                        f"({case}, {dtype}): {str(error).splitlines()[0]}",
+                        file=sys.stderr,
+                    )
+                    return 2
+                for record in measured:
                     print(
                         f"  {case:<12} {record['provider']:<8} {size} {dtype}: "
                         f"{record['median_s'] * 1e3:.3f} ms",

@@ -34,6 +34,14 @@ LABELED_FRACTION = 0.1
 CANCER_CODE = 8  # code size on breast_cancer (30 features)
 FULL_EPOCHS, QUICK_EPOCHS = 50, 5
 DIGITS_PIXELS = 64  # the largest code PCA (and a useful autoencoder) can have on digits
+FIGURES = (  # what write_figures writes under --out
+    "filters.png",
+    "reconstructions.png",
+    "codes_2d.png",
+    "anomaly_scores.png",
+    "anomaly_pixels.png",
+    "vae_samples.png",
+)
 SEED_MAX = 2**32 - 1  # scikit-learn's random_state range
 # the VAE row: hidden units, latent dimensions and Adam's learning rate (batches of 64)
 VAE_HIDDEN, VAE_LATENT, VAE_LR = 128, 8, 3e-3
@@ -152,6 +160,10 @@ def _argument_error(args: argparse.Namespace) -> str | None:
         return f"--out {args.out!r} is not a folder that can be made: {error.strerror}"
     if not os.access(out, os.W_OK):
         return f"--out {args.out!r} is not writable"
+    for name in FIGURES:
+        path = out / name
+        if path.exists() and not (path.is_file() and os.access(path, os.W_OK)):
+            return f"--out {args.out!r} holds {name}, which is not a file that can be replaced"
     return None
 
 

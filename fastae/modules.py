@@ -114,24 +114,84 @@ def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
     return total / count
 
 
-def _set_options(module, activation, output, loss, noise, sparsity) -> None:
-    """Check and set an autoencoder's activation, output, loss_name, noise and sparsity."""
-    module.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
-    module.output = _checks.choice("output", output, reference.OUTPUTS)
-    module.loss_name = _checks.choice("loss", loss, reference.LOSSES)
-    if loss == "bce" and output != "sigmoid":
+class OutputOptions:
+    """A model's ``activation``, ``output`` and ``loss_name``, checked whenever set, alone and
+    together (a model set up again after construction trains as one constructed so would)."""
+
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str) -> None:
+        value = _checks.choice("activation", value, reference.ACTIVATIONS)
+        _check_kl_activation(getattr(self, "_sparsity", None), value)
+        self._activation = value
+
+    @property
+    def output(self) -> str:
+        return self._output
+
+    @output.setter
+    def output(self, value: str) -> None:
+        value = _checks.choice("output", value, reference.OUTPUTS)
+        _check_bce_output(getattr(self, "_loss_name", None), value)
+        self._output = value
+
+    @property
+    def loss_name(self) -> str:
+        return self._loss_name
+
+    @loss_name.setter
+    def loss_name(self, value: str) -> None:
+        value = _checks.choice("loss", value, reference.LOSSES)
+        _check_bce_output(value, getattr(self, "_output", None))
+        self._loss_name = value
+
+
+class RegularizerOptions(OutputOptions):
+    """OutputOptions, and an autoencoder's ``noise`` and ``sparsity``, checked whenever set
+    (a schedule may set them)."""
+
+    @property
+    def noise(self) -> Noise | None:
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: Noise | None) -> None:
+        self._noise = check_noise(value)
+
+    @property
+    def sparsity(self) -> KLSparsity | L1Sparsity | None:
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value: KLSparsity | L1Sparsity | None) -> None:
+        if value is not None and not isinstance(value, (KLSparsity, L1Sparsity)):
+            raise TypeError(
+                f"sparsity must be None, KLSparsity or L1Sparsity, got {type(value).__name__}"
+            )
+        _check_kl_activation(value, getattr(self, "_activation", None))
+        self._sparsity = value
+
+
+def _check_bce_output(loss: str | None, output: str | None) -> None:
+    if loss == "bce" and output not in (None, "sigmoid"):
         raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
-    module.noise = check_noise(noise)
-    if sparsity is not None and not isinstance(sparsity, (KLSparsity, L1Sparsity)):
-        raise TypeError(
-            f"sparsity must be None, KLSparsity or L1Sparsity, got {type(sparsity).__name__}"
-        )
-    if isinstance(sparsity, KLSparsity) and activation != "sigmoid":
+
+
+def _check_kl_activation(sparsity, activation: str | None) -> None:
+    if isinstance(sparsity, KLSparsity) and activation not in (None, "sigmoid"):
         raise ValueError(
             f"sparsity KLSparsity needs activation 'sigmoid' (activations in (0, 1)), "
             f"got activation {activation!r}"
         )
-    module.sparsity = sparsity
+
+
+def _set_options(module, activation, output, loss, noise, sparsity) -> None:
+    """Check and set an autoencoder's activation, output, loss_name, noise and sparsity."""
+    module.activation, module.output, module.loss_name = activation, output, loss
+    module.noise, module.sparsity = noise, sparsity
 
 
 def _sparsity_penalty(sparsity, activation: str, h: Tensor, rho_hat: Tensor) -> Tensor:
@@ -163,7 +223,7 @@ def _step_sparsity(sparsity) -> tuple[tuple[float, float] | None, float | None]:
     return None, None
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(RegularizerOptions, nn.Module):
     """Regularized one-layer autoencoder.
 
     Args:
@@ -354,7 +414,7 @@ class Autoencoder(nn.Module):
         return AutoencoderOutput(loss, reconstruction, h, per_sample, penalties, jac)
 
 
-class DeepAutoencoder(nn.Module):
+class DeepAutoencoder(RegularizerOptions, nn.Module):
     """Regularized autoencoder with several hidden layers, the decoder mirroring the encoder.
 
     With sizes (s_1, ..., s_L) and s_0 = d: the encoder computes h_k = a(h_{k-1} W_k^T + b_k)

@@ -771,39 +771,46 @@ def _decode_backward_setup(ctx, inputs, output):
 
 
 class _NoThirdDerivative(torch.autograd.Function):
-    """Copies of ``values`` whose gradient raises, linked to ``sources`` (what they depend
-    on): decode_loss's second derivatives are exact, a third is refused rather than dropped."""
+    """A zero linked to ``sources`` whose gradient raises: decode_loss's double backward is
+    plain torch ops on the saved d ell / d z^, exact in the upstream gradients (it is linear
+    in them) but not in h, V, c or the target, so a third derivative in those is refused
+    rather than dropped."""
 
     @staticmethod
-    def forward(ctx, values, *sources):
-        return tuple(v.clone() for v in values)
+    def forward(ctx, *sources):
+        return sources[0].new_zeros(())
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("decode_loss: third derivatives are not supported (second are)")
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "decode_loss: third derivatives in h, weight, bias or target are not supported "
+            "(second are, and derivatives of the second in the upstream gradient)"
+        )
 
 
 def _decode_backward_bwd(ctx, grads):
-    with torch.no_grad():
-        out = list(_decode_second_order(ctx, grads))
-    sources = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
-    if not torch.is_grad_enabled() or not sources:
-        return tuple(out)
-    returned = [i for i, t in enumerate(out) if t is not None]
-    refused = _NoThirdDerivative.apply([out[i] for i in returned], *sources)
-    for i, t in zip(returned, refused, strict=True):
-        out[i] = t
+    grad_loss, *kept = ctx.saved_tensors
+    linear = [t for t in (*grads, grad_loss) if t is not None and t.requires_grad]
+    refused = [t for t in kept if t is not None and t.requires_grad]
+    # differentiable where a derivative is exact: in the upstream gradients (as the
+    # double-backward trick of torch.autograd.functional.hvp takes), not in the saved values
+    kept = [None if t is None else t.detach() for t in kept]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(linear)):
+        out = list(_decode_second_order(ctx, grads, (grad_loss, *kept)))
+    if torch.is_grad_enabled() and refused:
+        guard = _NoThirdDerivative.apply(*refused)
+        out = [None if t is None else t + guard for t in out]
     return tuple(out)
 
 
-def _decode_second_order(ctx, grads):
+def _decode_second_order(ctx, grads, saved):
     """Double backward of decode_loss, from the saved G = d ell / d z^ (no target needed):
     with dz = g G, dV = dz^T h, dc = sum_i dz, dh = dz V and upstream (A, a, A_h),
     Q = h A^T + a + A_h V^T is the gradient at dz; then d/dg_i = sum_k Q_ik G_ik,
     R = Q g G'(z^), dh = dz A + R V, dV = dz^T A_h + R^T h, dc = sum_i R, d target = Q g dG/dx,
     where G' = x^(1 - x^) (BCE), 2 (squared error, identity), 2 x^'^2 + G (1 - 2 x^)
     (squared error, sigmoid: x^' = x^(1 - x^))."""
-    grad_loss, h, weight, grad_z, bias, target = ctx.saved_tensors
+    grad_loss, h, weight, grad_z, bias, target = saved
     grad_w, grad_b, grad_h = (list(grads) + [None])[:3]
     acc = reference.stat_dtype(h.dtype)
     h_acc, w_acc = h.to(acc), weight.to(acc)

@@ -24,7 +24,6 @@ import copy
 import functools
 import numbers
 import threading
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -353,8 +352,9 @@ class AutoencoderEstimatorMixin:
                     f"{np.abs(X).max():.4g}): divide X by a constant before fitting"
                 )
         elif self.scale == "minmax":
-            with _quiet_overflow():
-                self.scaler_ = MinMaxScaler(clip=True).fit(X)
+            with _quiet_overflow():  # in float64, as X is scaled (a float32 column's range
+                # below 10 float32 epsilons would be taken for a constant)
+                self.scaler_ = MinMaxScaler(clip=True).fit(np.asarray(X, dtype=np.float64))
             self._check_minmax_ranges(X)
         else:
             self.scaler_ = None
@@ -370,26 +370,24 @@ class AutoencoderEstimatorMixin:
         return scaled
 
     def _check_minmax_ranges(self, X: np.ndarray) -> None:
-        """MinMaxScaler (in X's dtype) maps a column whose range overflows to zeros, and one
-        whose range is below 10 epsilons (an absolute bound) to its offset alone: both would
-        drop the column's values. A range that small next to X's largest magnitude is
+        """MinMaxScaler (fitted in float64) maps a column whose range overflows to zeros, and
+        one whose range is below 10 epsilons (an absolute bound) to its offset alone: both
+        would drop the column's values. A range that small next to X's largest magnitude is
         rounding noise about a constant and stays dropped."""
         data_range = self.scaler_.data_range_
-        dtype = data_range.dtype
         if not np.isfinite(data_range).all():
-            advice = " (or pass X as float64)" if dtype != np.float64 else ""
             raise ValueError(
-                f"X's column ranges overflow {dtype} (values up to {np.abs(X).max():.4g}): "
-                f"divide X by a constant before fitting{advice}"
+                "X's column ranges overflow float64 (values up to "
+                f"{np.abs(X).max():.4g}): divide X by a constant before fitting"
             )
-        eps = np.finfo(dtype).eps
+        eps = np.finfo(np.float64).eps
         magnitude = np.abs(X).max()
         lost = (data_range > 0) & (data_range < 10 * eps) & (data_range > 10 * eps * magnitude)
         if lost.any():
             column = int(np.flatnonzero(lost)[0])
             raise ValueError(
                 f"X's column {column} spans only {data_range[column]:.4g}, which "
-                f"scale='minmax' treats as constant (a range below 10 * {dtype}'s epsilon): "
+                "scale='minmax' treats as constant (a range below 10 * float64's epsilon): "
                 "multiply X by a constant before fitting, or use scale='standard'"
             )
 
@@ -588,7 +586,8 @@ class AutoencoderEstimatorMixin:
     def _excess(self, X: np.ndarray) -> np.ndarray:
         """The square of each scaled value's distance beyond [0, 1] (the BCE score's term)."""
         scaled = self._scale(X, clip=False)
-        return np.square(scaled - np.clip(scaled, 0.0, 1.0))
+        with np.errstate(over="ignore"):  # a distance beyond 1e154 scores inf, as it does
+            return np.square(scaled - np.clip(scaled, 0.0, 1.0))  # under scale="standard"
 
     def _reconstruction_error(self, x: torch.Tensor | ScaledRows) -> np.ndarray:
         """Per-sample loss above its minimum: squared error, or for BCE the KL divergence
@@ -1195,13 +1194,11 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         self._check_model_params()
         X = self._fit_autoencoder(X, partial=True)
         if len(X) * self.contamination < 1:
-            warnings.warn(
+            _checks.warn_caller(
                 f"partial_fit set threshold_ from X's {len(X)} row{'s' * (len(X) != 1)}, fewer "
                 f"than 1 / contamination = {1 / self.contamination:.4g}: a quantile of so "
                 "few scores may flag far more or fewer than that share of later rows; pass "
-                "larger chunks",
-                UserWarning,
-                stacklevel=3,  # the caller's line, past all_or_nothing's
+                "larger chunks"
             )
         self._set_threshold(X)
         return self

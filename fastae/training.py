@@ -9,7 +9,6 @@ import functools
 import math
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -363,11 +362,9 @@ def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
     """Whether a callback's ``answer`` stops training; data-parallel, whether any process's
     does (one all-reduce), so that all stop at the same epoch."""
     if answer is not None and not isinstance(answer, (bool, np.bool_)):
-        warnings.warn(
+        _checks.warn_caller(
             f"callback returned {answer!r} ({type(answer).__name__}), not True, False or None: "
-            "training goes on (return True to stop it)",
-            UserWarning,
-            stacklevel=4,  # fit's caller: past _with_autograd's frame
+            "training goes on (return True to stop it)"
         )
         answer = False
     stop = bool(answer)
@@ -528,12 +525,10 @@ def fit(
         )
     noise = getattr(_unwrap(model), "noise", None)
     if isinstance(noise, Noise) and noise.seed is not None:
-        warnings.warn(
-            f"model.noise has seed={noise.seed}: every training step corrupts a batch's rows "
-            "with the same noise; leave the spec's seed None to draw fresh noise each step "
-            "(fit's seed makes the run repeatable)",
-            UserWarning,
-            stacklevel=3,  # fit's caller: past _with_autograd's frame
+        _checks.warn_caller(
+            f"the noise spec {noise!r} has a seed: every training step corrupts a batch's "
+            "rows with the same noise; leave its seed None to draw fresh noise each step "
+            "(fit's seed, or an estimator's random_state, makes the run repeatable)"
         )
     parallel = _data_parallel(model)
     rank = torch.distributed.get_rank() if parallel else 0

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import _checks, ops, reference, steps
+from .modules import OutputOptions
 from .noise import check_seed
 
 SCORES = ("elbo", "reconstruction")
@@ -85,7 +86,7 @@ def hidden_widths(hidden: object) -> tuple[int, ...]:
     return _checks.widths("hidden", hidden)
 
 
-class VAE(nn.Module):
+class VAE(OutputOptions, nn.Module):
     """Variational autoencoder with a diagonal Gaussian posterior and hidden layers on each
     side: one by default, or several (a deep encoder, its decoder mirrored).
 
@@ -123,11 +124,7 @@ class VAE(nn.Module):
         self.hidden_sizes = hidden_widths(hidden)
         self.hidden = self.hidden_sizes[0] if _is_int(hidden) else self.hidden_sizes
         self.latent = _checks.positive_int("latent", latent)
-        self.activation = _checks.choice("activation", activation, reference.ACTIVATIONS)
-        self.output = _checks.choice("output", output, reference.OUTPUTS)
-        self.loss_name = _checks.choice("loss", loss, reference.LOSSES)
-        if loss == "bce" and output != "sigmoid":
-            raise ValueError(f"loss 'bce' needs output 'sigmoid', got output {output!r}")
+        self.activation, self.output, self.loss_name = activation, output, loss  # checked
         self.beta = beta
         self.check_targets = _checks.flag("check_targets", check_targets)
         d, sizes, latent = self.in_features, self.hidden_sizes, self.latent

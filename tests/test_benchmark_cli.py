@@ -112,6 +112,36 @@ def test_a_cuda_device_without_cuda_is_an_error_naming_it(monkeypatch):
     assert stderr.getvalue() == "error: --device cuda:1, but CUDA is not available\n"
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+)
+def test_a_size_too_large_for_the_memory_is_an_error_naming_it(error, monkeypatch):
+    def measure(*args):
+        raise error
+
+    monkeypatch.setattr(fb, "measure", measure)
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        assert cli.main(["bench", "--device", "cpu", "--cases", "plain", "--size", "8x4x2"]) == 2
+    first_line = str(error).splitlines()[0]
+    assert stderr.getvalue().endswith(
+        f"error: --size 8x4x2 does not fit in the memory of cpu (plain, fp32): {first_line}\n"
+    )
+
+
+def test_other_runtime_errors_are_not_taken_for_a_full_memory(monkeypatch):
+    def measure(*args):
+        raise RuntimeError("expected a 2-D tensor")
+
+    monkeypatch.setattr(fb, "measure", measure)
+    with redirect_stderr(io.StringIO()), pytest.raises(RuntimeError, match="2-D"):
+        cli.main(["bench", "--device", "cpu", "--cases", "plain", "--size", "8x4x2"])
+
+
 def test_a_cpu_index_is_the_cpu(monkeypatch):
     """``--device cpu:0`` takes the CPU's defaults (fp32, 256x784x1024), not CUDA's."""
     seen = []

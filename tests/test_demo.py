@@ -39,6 +39,7 @@ def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys):
     cells = scored.split()[3:]  # train loss, recon MSE, probe, NMI, AUROCs, 10% labels, time
     assert cells[:4] == ["-"] * 4 and cells[6:] == ["-"] * 2, scored
     assert all(0 < float(cell) <= 1 for cell in cells[4:6]), scored
+    assert sorted(path.name for path in out.iterdir()) == sorted(PNGS) == sorted(demo.FIGURES)
     for name in PNGS:
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) < 200_000, name
@@ -94,6 +95,17 @@ def test_bad_options_are_usage_errors_before_any_training(
     )
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error
+
+
+def test_a_figure_name_taken_by_a_folder_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """Found before training, not when the figures are written at the run's end."""
+    monkeypatch.setattr(demo, "_warm_up", lambda device: pytest.fail("trained"))
+    (tmp_path / "codes_2d.png").mkdir()
+    assert main(["demo", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {str(tmp_path)!r} holds codes_2d.png, which is not a file that can be "
+        "replaced\n"
+    )
 
 
 def test_the_demo_names_a_missing_extra_before_any_training(tmp_path, capsys, monkeypatch):

@@ -291,6 +291,59 @@ def test_contractive_set_later_is_checked(value, error):
     assert model.contractive == 0.5
 
 
+SET_UP = {
+    "autoencoder": lambda **options: fastae.Autoencoder(5, 3, **options),
+    "deep": lambda **options: fastae.DeepAutoencoder(5, (4, 3), **options),
+    "vae": lambda **options: fastae.VAE(5, 4, 2, **options),
+}
+
+
+@pytest.mark.parametrize(
+    "model, attribute, value, error, message",
+    [
+        ("autoencoder", "activation", "gelu", ValueError, "^activation must be one of"),
+        ("deep", "output", "softmax", ValueError, "^output must be one of"),
+        ("vae", "loss_name", "l1", ValueError, "^loss must be one of"),
+        ("autoencoder", "noise", 0.3, TypeError, "^noise must be None, GaussianNoise"),
+        ("deep", "sparsity", 0.1, TypeError, "^sparsity must be None, KLSparsity"),
+        ("autoencoder", "output", "identity", ValueError, "^loss 'bce' needs output 'sigmoid'"),
+        ("vae", "output", "identity", ValueError, "^loss 'bce' needs output 'sigmoid'"),
+    ],
+)
+def test_options_set_later_are_checked_at_the_assignment(model, attribute, value, error, message):
+    """A model set up again after construction (or by a schedule) is refused what its
+    constructor refuses, where the value is set, not trained on as something else."""
+    made = SET_UP[model]()
+    before = getattr(made, attribute)
+    with pytest.raises(error, match=message):
+        setattr(made, attribute, value)
+    assert getattr(made, attribute) == before
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "deep"])
+def test_kl_sparsity_and_activation_are_checked_together_whichever_is_set_later(model):
+    with_kl = SET_UP[model](activation="sigmoid", sparsity=fastae.KLSparsity(0.1))
+    with pytest.raises(ValueError, match=r"^sparsity KLSparsity needs activation 'sigmoid'"):
+        with_kl.activation = "tanh"
+    with_tanh = SET_UP[model](activation="tanh", output="identity", loss="mse")
+    with pytest.raises(ValueError, match=r"^sparsity KLSparsity needs activation 'sigmoid'"):
+        with_tanh.sparsity = fastae.KLSparsity(0.1)
+
+
+def test_a_model_set_up_again_trains_as_one_constructed_so():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    options = {"loss": "mse", "output": "identity", "noise": MaskingNoise(0.2, seed=1)}
+    constructed = fastae.Autoencoder(5, 3, sparsity=fastae.L1Sparsity(0.1), **options)
+    changed = fastae.Autoencoder(5, 3)
+    changed.load_state_dict(constructed.state_dict())
+    changed.loss_name, changed.output = "mse", "identity"  # the loss first: bce needs sigmoid
+    changed.noise, changed.sparsity = options["noise"], fastae.L1Sparsity(0.1)
+    want, got = constructed(x), changed(x)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    assert got.penalties.keys() == want.penalties.keys() == {"sparsity"}
+
+
 @pytest.mark.parametrize(
     "make, error, arg",
     [

@@ -420,7 +420,7 @@ def test_other_stacks_compose_the_ops(change, layer):
     for name, value in change.items():
         setattr(model.layers[layer], name, value)
     if change.get("activation") and layer:
-        model.layers[layer].output, model.layers[layer].loss_name = "identity", "mse"
+        model.layers[layer].loss_name, model.layers[layer].output = "mse", "identity"
     out = model(torch.rand(6, 7, dtype=torch.float64))
     assert "DeepAutoencoderStep" not in type(out.loss.grad_fn).__name__
 
