@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a CUDA machine set TORCH='torch' (or reuse an existing venv).
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,triton
+# make test: pytest processes at once, each running a share of the tests (tests/parallel.py)
+JOBS ?= 2
 
 .PHONY: demo test bench lint format clean
 
@@ -19,7 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m fastae demo $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) tests/parallel.py $(JOBS) $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest bench --benchmark-only $(ARGS)

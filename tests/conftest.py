@@ -119,6 +119,18 @@ def pytest_collection_modifyitems(config, items):
                 )
         if marked and not torch.cuda.is_available():
             item.add_marker(needs_cuda)
+    _select_shard(config, items)
+
+
+def _select_shard(config, items) -> None:
+    """Under ``FASTAE_TEST_SHARD=k/n`` (tests/parallel.py) only every n-th test from the k-th
+    runs: n processes given k = 0..n-1 run the suite between them, each test once."""
+    shard = os.environ.get("FASTAE_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    config.hook.pytest_deselected(items=[t for i, t in enumerate(items) if i % count != index])
+    items[:] = items[index::count]
 
 
 @pytest.fixture

@@ -1,0 +1,49 @@
+"""``make test``: the suite in JOBS pytest processes at once (each runs every JOBS-th test,
+see conftest.py), for the interpreted kernels keep one core busy each. The first process
+prints as it goes, the others' output follows when they end; the exit status is pytest's,
+the worst of the processes'.
+
+    python tests/parallel.py JOBS [pytest arguments]
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+
+NO_TESTS = 5  # pytest's exit status when a process was given no test
+
+
+def main(argv: list[str]) -> int:
+    jobs, arguments = int(argv[0]), argv[1:]
+    command = [sys.executable, "-m", "pytest", "-q", *arguments]
+    if jobs <= 1:
+        return subprocess.call(command)
+    environment = dict(os.environ)
+    # torch's threads shared out between the processes
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    print(f"---- pytest process 1 of {jobs} ----", flush=True)
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(1, jobs)]
+        processes = [
+            subprocess.Popen(
+                command,
+                env=environment | {"FASTAE_TEST_SHARD": f"{index}/{jobs}"},
+                stdout=None if index == 0 else logs[index - 1],
+                stderr=None if index == 0 else subprocess.STDOUT,
+            )
+            for index in range(jobs)
+        ]
+        statuses = [process.wait() for process in processes]
+        for index, log in enumerate(logs, start=1):
+            log.seek(0)
+            print(f"\n---- pytest process {index + 1} of {jobs} ----")
+            print(log.read(), end="", flush=True)
+    print(f"\ntests/parallel.py: {jobs} processes, exit statuses {statuses}")
+    ran = [status for status in statuses if status != NO_TESTS] or [NO_TESTS]
+    return max(ran)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
