@@ -1,0 +1,37 @@
+"""``make test``'s processes share the suite out: each test runs once, in one of them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from parallel import combined_status
+
+HERE = Path(__file__).parent
+
+
+def _collected(shard: str | None) -> list[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "FASTAE_TEST_SHARD"}
+    if shard:
+        environment["FASTAE_TEST_SHARD"] = shard
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         str(HERE / "test_sparsity.py")],
+        capture_output=True, text=True, env=environment, check=True, cwd=HERE.parent,
+    )  # fmt: skip
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_the_processes_run_every_test_once():
+    everything = _collected(None)
+    first, second = _collected("0/2"), _collected("1/2")
+    assert len(everything) > 10 and first and second
+    assert sorted(first + second) == sorted(everything)
+
+
+def test_the_exit_status_is_the_worst_of_the_processes_that_had_tests():
+    assert combined_status([0, 0]) == 0
+    assert combined_status([0, 1]) == combined_status([1, 0]) == 1
+    assert combined_status([0, 5]) == 0  # one test selected, two processes
+    assert combined_status([5, 5]) == 5
+    assert combined_status([1, 4]) == 4
