@@ -146,6 +146,30 @@ class SemiSupervisedModule(nn.Module):
         return SemiSupervisedOutput(loss, cross_entropy, logits, out)
 
 
+def labelled_hold_out(
+    classes: np.ndarray, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hold_out` stratified by ``classes`` (each row's class index, ``UNLABELED`` for
+    an unlabelled row): round(fraction * m) of each group's m rows are held out, but a class
+    keeps at least one row to train on (a hold-out of a class's only labels would leave the
+    head never trained on it); at least one row is held out."""
+    rng = np.random.default_rng(seed)
+    groups = [rng.permutation(np.flatnonzero(classes == c)) for c in np.unique(classes)]
+    spare = [len(g) - (c != UNLABELED) for c, g in zip(np.unique(classes), groups, strict=True)]
+    counts = [min(round(fraction * len(g)), most) for g, most in zip(groups, spare, strict=True)]
+    if not sum(counts):
+        largest = int(np.argmax(spare))
+        if not spare[largest]:
+            raise ValueError(
+                f"early_stopping has none of X's {len(classes)} samples to hold out: each class "
+                "has a single labelled sample and none is unlabelled (fit without it)"
+            )
+        counts[largest] = 1
+    held = np.concatenate([g[:k] for g, k in zip(groups, counts, strict=True)])
+    train = np.concatenate([g[k:] for g, k in zip(groups, counts, strict=True)])
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(held))
+
+
 class SemiSupervisedAutoencoder(
     ClassifierMixin, ModelChoiceMixin, DeepLayerMixin, AutoencoderEstimatorMixin, BaseEstimator
 ):
@@ -161,11 +185,13 @@ class SemiSupervisedAutoencoder(
     ``hidden_layer_sizes`` the autoencoder is a :class:`fastae.DeepAutoencoder`; with
     ``model="vae"`` a :class:`fastae.VAE`, whose negative ELBO is the autoencoder loss and
     whose posterior mean the head reads, Kingma et al.'s M1 trained jointly) plus
-    ``reconstruction_weight`` (lambda); with ``early_stopping`` the held-out rows (labelled
-    or not, drawn at random) are scored by that same loss. Attributes: ``classes_`` (the
-    labels seen, -1 excluded), ``module_`` (a :class:`SemiSupervisedModule`),
-    ``n_labeled_``, ``scaler_``, ``loss_``, ``n_iter_``, ``loss_curve_``,
-    ``validation_loss_curve_``, ``best_validation_loss_``. ``encode`` gives the codes.
+    ``reconstruction_weight`` (lambda); with ``early_stopping`` the held-out rows are scored
+    by that same loss: ``validation_fraction`` of the unlabelled rows and of each class's
+    labelled ones, drawn at random, a class keeping at least one label to train on.
+    Attributes: ``classes_`` (the labels seen, -1 excluded), ``module_`` (a
+    :class:`SemiSupervisedModule`), ``n_labeled_``, ``scaler_``, ``loss_``, ``n_iter_``,
+    ``loss_curve_``, ``validation_loss_curve_``, ``best_validation_loss_``. ``encode`` gives
+    the codes.
     ``warm_start``: as the transformer's (a later ``fit`` trains on from the fitted weights,
     scaler and loss), with the same classes among the labelled samples.
     """
@@ -266,7 +292,8 @@ class SemiSupervisedAutoencoder(
                 self._continue_from(module, "warm_start=True")
             self.module_, self.device_ = module, device
             self.classes_, self.n_labeled_ = classes, int(labeled.sum())
-            history = self._train(module, data, epochs, seed, early)
+            rows = labelled_hold_out(index, early["fraction"], seed) if early else None
+            history = self._train(module, data, epochs, seed, early, rows)
         self._record(history, early, more)
         return self
 

@@ -424,23 +424,24 @@ def fit(
     Numpy arrays take the model's dtype (converted once), tensors must already have it; both
     are read detached (a tensor that requires grad gets none; the training batches of data
     made under ``torch.inference_mode()`` are copied, as autograd cannot save them).
-    Training records autograd whatever the caller's grad mode (inside ``torch.no_grad()``
-    too). The validation loss
-    is the model's loss in eval mode: without corruption, and for a VAE at z = mu (its KL term
-    included), not a sampled ELBO, so it may lie below the training loss. With ``patience``,
-    training stops after that many epochs without a ``min_delta`` improvement of the
-    validation loss (training loss if no validation data). ``restore_best``: with validation
-    data, the model is left with the weights of the best epoch (``History.best_epoch``: the
-    last that lowered the best validation loss by more than ``min_delta``; with the default
-    0, the lowest), whether or not training stopped early; without, those of the best
-    training-loss epoch when ``patience`` stopped the run. ``seed`` seeds torch's generator
-    (``torch.manual_seed``, left seeded after fit), so noise seeds and shuffling repeat
-    exactly. The model is left in eval mode (its forward
-    then corrupts nothing and a VAE takes z = mu), however fit ends: call ``model.train()``
-    before training it further in a loop of your own. ``validation_split``: the share of the
-    rows of tensor or array ``data`` held out as validation data instead of
-    ``validation_data``, as Keras's: the last rows, taken before any shuffling (shuffle rows
-    sorted by class or time first).
+    Training records autograd whatever the caller's grad mode (inside ``torch.no_grad()`` too).
+    The validation loss is the model's loss in eval mode: without corruption, and for a VAE at
+    z = mu (its beta-weighted KL term included), not a sampled ELBO, so it may lie below the
+    training loss. Epochs are compared by the loss as the model computed it then: where a
+    callback changes the loss's weights (a VAE's beta annealed), they are not comparable, so
+    pass ``restore_best=False`` and no ``patience`` (or anneal in one fit, select in the next).
+    With ``patience``, training stops after that many epochs without a ``min_delta`` improvement
+    of the validation loss (training loss if no validation data). ``restore_best``: with
+    validation data, the model is left with the weights of the best epoch
+    (``History.best_epoch``: the last that lowered the best validation loss by more than
+    ``min_delta``; with the default 0, the lowest), whether or not training stopped early;
+    without, those of the best training-loss epoch when ``patience`` stopped the run. ``seed``
+    seeds torch's generator (``torch.manual_seed``, left seeded after fit), so noise seeds and
+    shuffling repeat exactly. The model is left in eval mode (its forward then corrupts nothing
+    and a VAE takes z = mu), however fit ends: call ``model.train()`` before training it further
+    in a loop of your own. ``validation_split``: the share of the rows of tensor or array
+    ``data`` held out as validation data instead of ``validation_data``, as Keras's: the last
+    rows, taken before any shuffling (shuffle rows sorted by class or time first).
 
     ``progress``: a progress bar of the epochs and their losses (tqdm where installed, else a
     line an epoch on stderr; under data-parallel training on process 0 alone).

@@ -249,7 +249,9 @@ class VAE(OutputOptions, nn.Module):
         Bernoulli likelihood, normalized for binary x), exp(-SE) / pi^(d/2) for "mse" (a
         Gaussian of variance 1/2 per element). eps is drawn from ``generator`` (or torch's
         default generator) on its device, so a seeded generator repeats the estimate. The
-        estimate is float32 for a float16 or bfloat16 model (the weights are summed in it)."""
+        estimate is float32 for a float16 or bfloat16 model (the weights are summed in it).
+        An evaluation, computed without autograd (its result carries no gradient): to train on
+        an importance-weighted bound, build it from ``posterior_parameters`` and ``decode``."""
         x = self._check_x(x)
         steps.check_bce_input(self, x)
         samples = _checks.positive_int("samples", samples)

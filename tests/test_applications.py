@@ -19,6 +19,7 @@ from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import fastae  # noqa: E402
+from fastae import applications  # noqa: E402
 from fastae.applications import (  # noqa: E402
     DECClustering,
     DECModule,
@@ -27,6 +28,7 @@ from fastae.applications import (  # noqa: E402
     StackedAutoencoder,
     StackModule,
     cluster_codes,
+    labelled_hold_out,
     soft_assignments,
     target_distribution,
 )
@@ -114,6 +116,41 @@ def test_semi_supervised_early_stopping(digits):
         SemiSupervisedAutoencoder(validation_fraction=1).fit(x_tr, y_semi)
     plain = SemiSupervisedAutoencoder(4, epochs=2, random_state=0).fit(x_tr[:50], y_tr[:50])
     assert plain.validation_loss_curve_ is None and plain.best_validation_loss_ is None
+
+
+def test_semi_supervised_hold_out_is_stratified_and_keeps_a_label_of_each_class():
+    classes = np.array([-1.0] * 40 + [0.0] * 20 + [1.0] * 1 + [2.0] * 2)
+    for seed in range(20):
+        train, held = (rows.numpy() for rows in labelled_hold_out(classes, 0.5, seed))
+        assert sorted(np.concatenate([train, held])) == list(range(len(classes)))
+        assert [int((classes[held] == c).sum()) for c in (-1, 0, 1, 2)] == [20, 10, 0, 1]
+        assert set(classes[train]) == {-1.0, 0.0, 1.0, 2.0}
+    draws = {tuple(labelled_hold_out(classes, 0.5, seed)[1].tolist()) for seed in range(5)}
+    assert len(draws) == 5  # drawn at random, from the seed
+    # one label per class, 10%: round(0.1) = 0 per class, but one unlabelled row is held out
+    train, held = labelled_hold_out(np.array([-1.0, -1.0, 0.0, 1.0]), 0.1, 0)
+    assert len(held) == 1 and held.item() in (0, 1) and len(train) == 3
+    with pytest.raises(ValueError, match=r"^early_stopping has none of X's 2 samples to hold"):
+        labelled_hold_out(np.array([0.0, 1.0]), 0.1, 0)
+
+
+def test_semi_supervised_early_stopping_trains_on_a_label_of_every_class(monkeypatch):
+    """Each class's only label stays in training (a random hold-out of all rows took whole
+    classes out: the head never saw them)."""
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:200], y[:200]
+    y_semi = np.full(200, -1)
+    for c in range(10):
+        y_semi[np.flatnonzero(y == c)[0]] = c
+    drawn = []
+    spy = lambda *args: drawn.append(labelled_hold_out(*args)) or drawn[-1]  # noqa: E731
+    monkeypatch.setattr(applications, "labelled_hold_out", spy)
+    model = SemiSupervisedAutoencoder(
+        8, epochs=2, early_stopping=True, validation_fraction=0.3, random_state=1
+    ).fit(x, y_semi)
+    ((train, held),) = drawn
+    assert set(y_semi[train.numpy()]) == set(range(-1, 10)) and len(held) == 57
+    assert model.validation_loss_curve_ is not None
 
 
 def test_semi_supervised_with_a_deep_autoencoder(digits):
