@@ -1,13 +1,14 @@
-"""``make test``: the suite in JOBS pytest processes at once (each runs every JOBS-th test,
-see conftest.py), for the interpreted kernels keep one core busy each. The first process
-prints as it goes, the others' output follows when they end; the exit status is pytest's,
-the worst of the processes'.
+"""``make test``: the suite in JOBS pytest processes at once (each runs the tests whose id
+hashes to its share, see conftest.py), for the interpreted kernels keep one core busy each.
+The first process prints as it goes, the others' output follows when they end; the exit
+status is pytest's, the worst of the processes'.
 
     python tests/parallel.py JOBS [pytest arguments]
 """
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,13 @@ def main(argv: list[str]) -> int:
     environment = dict(os.environ)
     # torch's threads shared out between the processes
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    print(f"---- pytest process 1 of {jobs} ----", flush=True)
+    # one hash seed for all (drawn afresh each run, as for one process): tests parametrized
+    # in a set's order are then the same tests in every process
+    environment.setdefault("PYTHONHASHSEED", str(random.randrange(2**32)))
+    print(
+        f"---- pytest process 1 of {jobs} (PYTHONHASHSEED={environment['PYTHONHASHSEED']}) ----",
+        flush=True,
+    )
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(1, jobs)]
         processes = [
