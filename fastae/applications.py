@@ -150,23 +150,31 @@ def labelled_hold_out(
     classes: np.ndarray, fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hold_out` stratified by ``classes`` (each row's class index, ``UNLABELED`` for
-    an unlabelled row): round(fraction * m) of each group's m rows are held out, but a class
-    keeps at least one row to train on (a hold-out of a class's only labels would leave the
-    head never trained on it); at least one row is held out."""
+    an unlabelled row): of n rows, max(1, round(fraction * n)) are held out, shared among the
+    groups in proportion to their sizes (largest remainders first), but a class keeps at
+    least one row to train on (a hold-out of a class's only labels would leave the head never
+    trained on it). The rows of each group are drawn at random (``seed``)."""
     rng = np.random.default_rng(seed)
-    groups = [rng.permutation(np.flatnonzero(classes == c)) for c in np.unique(classes)]
-    spare = [len(g) - (c != UNLABELED) for c, g in zip(np.unique(classes), groups, strict=True)]
-    counts = [min(round(fraction * len(g)), most) for g, most in zip(groups, spare, strict=True)]
-    if not sum(counts):
-        largest = int(np.argmax(spare))
-        if not spare[largest]:
-            raise ValueError(
-                f"early_stopping has none of X's {len(classes)} samples to hold out: each class "
-                "has a single labelled sample and none is unlabelled (fit without it)"
-            )
-        counts[largest] = 1
-    held = np.concatenate([g[:k] for g, k in zip(groups, counts, strict=True)])
-    train = np.concatenate([g[k:] for g, k in zip(groups, counts, strict=True)])
+    names = np.unique(classes)
+    groups = [rng.permutation(np.flatnonzero(classes == name)) for name in names]
+    sizes = np.array([len(group) for group in groups])
+    spare = sizes - (names != UNLABELED)  # the rows a group can give
+    total = min(max(1, round(fraction * len(classes))), int(spare.sum()))
+    if not total:
+        raise ValueError(
+            f"early_stopping has none of X's {len(classes)} samples to hold out: each class "
+            "has a single labelled sample and none is unlabelled (fit without it)"
+        )
+    shares = total * sizes / len(classes)
+    counts = np.minimum(np.floor(shares).astype(int), spare)
+    for group in np.argsort(counts - shares, kind="stable"):  # largest remainder first
+        if counts.sum() == total:
+            break
+        counts[group] += counts[group] < spare[group]
+    while counts.sum() < total:  # what capped groups could not take
+        counts[np.argmax(spare - counts)] += 1
+    held = np.concatenate([group[:k] for group, k in zip(groups, counts, strict=True)])
+    train = np.concatenate([group[k:] for group, k in zip(groups, counts, strict=True)])
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(held))
 
 

@@ -117,6 +117,11 @@ def use_backend(name: str):
 
 def _triton_can_run(device: torch.device) -> tuple[bool, str]:
     missing = triton_missing()
+    if missing and device.type != "cuda":
+        return False, (
+            f"{missing}, and its kernels run on CUDA tensors (on the CPU only in Triton's "
+            f"interpreter, TRITON_INTERPRET=1, for tests); got a tensor on {device}"
+        )
     if missing:
         return False, missing
     if device.type == "cuda":

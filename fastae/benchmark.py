@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -1332,36 +1333,37 @@ def run(args: argparse.Namespace) -> int:
     for case, provider, why in skipped:
         if provider != JACREV:  # asked for every case by default, it computes one
             print(f"skip {case} {provider}: {why}", file=sys.stderr)
-    records = []
-    for size in sizes:
-        for dtype in dtypes:
-            for case in cases:
-                try:
-                    measured = measure(case, runnable[case], size, dtype, device, args.rounds)
-                except RuntimeError as error:  # torch.OutOfMemoryError is one
-                    if not _out_of_memory(error):
-                        raise
-                    print(
-                        f"error: --size {size} does not fit in the memory of {device} "
-                        f"({case}, {dtype}): {str(error).splitlines()[0]}",
-                        file=sys.stderr,
-                    )
-                    return 2
-                for record in measured:
-                    print(
-                        f"  {case:<12} {record['provider']:<8} {size} {dtype}: "
-                        f"{record['median_s'] * 1e3:.3f} ms",
-                        file=sys.stderr,
-                    )
-                    records.append(record)
-    print(ratio_table(records))
-    if args.figures:
-        print()
-        print(figures_table(records))
-        if any(record.get("kernels") for record in records):
+    records, failure = [], None
+    for size, dtype, case in itertools.product(sizes, dtypes, cases):
+        try:
+            measured = measure(case, runnable[case], size, dtype, device, args.rounds)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(error):
+                raise
+            failure = (
+                f"--size {size} does not fit in the memory of {device} ({case}, {dtype}): "
+                f"{str(error).splitlines()[0]}"
+            )
+            break  # what was measured is still reported
+        for record in measured:
+            print(
+                f"  {case:<12} {record['provider']:<8} {size} {dtype}: "
+                f"{record['median_s'] * 1e3:.3f} ms",
+                file=sys.stderr,
+            )
+            records.append(record)
+    if records:
+        print(ratio_table(records))
+        if args.figures:
             print()
-            print(kernel_time_table(records))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(records), f, indent=1)
+            print(figures_table(records))
+            if any(record.get("kernels") for record in records):
+                print()
+                print(kernel_time_table(records))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(to_json(records), f, indent=1)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
     return 0

@@ -118,6 +118,15 @@ class OutputOptions:
     """A model's ``activation``, ``output`` and ``loss_name``, checked whenever set, alone and
     together (a model set up again after construction trains as one constructed so would)."""
 
+    _OPTIONS = ("activation", "output", "loss_name", "noise", "sparsity")
+
+    def __setstate__(self, state: dict) -> None:
+        # a model pickled while the options were plain attributes holds them by those names
+        for name in self._OPTIONS:
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
+        super().__setstate__(state)
+
     @property
     def activation(self) -> str:
         return self._activation

@@ -14,6 +14,7 @@ forward-mode AD the ops run their reference math as plain torch ops.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import numpy as np
@@ -790,17 +791,18 @@ class _NoThirdDerivative(torch.autograd.Function):
 
 def _decode_backward_bwd(ctx, grads):
     grad_loss, *kept = ctx.saved_tensors
-    linear = [t for t in (*grads, grad_loss) if t is not None and t.requires_grad]
+    linear = any(t is not None and t.requires_grad for t in (*grads, grad_loss))
     refused = [t for t in kept if t is not None and t.requires_grad]
-    # differentiable where a derivative is exact: in the upstream gradients (as the
-    # double-backward trick of torch.autograd.functional.hvp takes), not in the saved values
+    # recorded where a derivative may be taken: exact in the upstream gradients (the
+    # double-backward trick of torch.autograd.functional.hvp), refused through every saved
+    # value (d ell / d z^ included, which depends on them but is saved as a constant)
+    record = torch.is_grad_enabled() and (linear or bool(refused))
     kept = [None if t is None else t.detach() for t in kept]
-    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(linear)):
-        out = list(_decode_second_order(ctx, grads, (grad_loss, *kept)))
-    if torch.is_grad_enabled() and refused:
+    if record and refused:
         guard = _NoThirdDerivative.apply(*refused)
-        out = [None if t is None else t + guard for t in out]
-    return tuple(out)
+        kept = [None if t is None else t + guard for t in kept]
+    with torch.set_grad_enabled(record):
+        return tuple(_decode_second_order(ctx, grads, (grad_loss, *kept)))
 
 
 def _decode_second_order(ctx, grads, saved):
@@ -871,7 +873,9 @@ def check_unit_interval(name: str, values: Tensor, advice: str = "") -> None:
     # in float64 (exact for every input dtype): autocast refuses to stack float16 scalars
     # under bfloat16 autocast (and the reverse)
     bounds = torch.stack([lo.double(), hi.double()]).tolist()
-    if not (bounds[0] >= 0 and bounds[1] <= 1):  # also false for NaN
+    if math.isnan(bounds[0]) or math.isnan(bounds[1]):
+        raise ValueError(f"{name} holds NaN, where loss 'bce' needs values in [0, 1]")
+    if not (bounds[0] >= 0 and bounds[1] <= 1):
         raise ValueError(
             f"{name} must lie in [0, 1] for loss 'bce', got values in [{bounds[0]}, {bounds[1]}]"
             + (f"; {advice}" if advice else "")

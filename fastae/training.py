@@ -237,6 +237,22 @@ class _Progress:
             self.bar.close()
 
 
+def _check_finite_data(tensors: list) -> None:
+    """Tensor data (and validation data) free of NaN and inf, which would make the loss NaN
+    an epoch later: its extremes in one pass, one sync. Batches a DataLoader yields are not
+    read ahead (a NaN there ends training with LossNotFinite)."""
+    for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(tensor.detach())
+        bounds = torch.stack([lo.double(), hi.double()]).tolist()  # (as check_unit_interval)
+        if not all(math.isfinite(bound) for bound in bounds):
+            raise ValueError(
+                f"{name} holds NaN or inf (as {tensor.dtype}, the model's dtype): training on "
+                "it makes the loss NaN; drop or impute those values first"
+            )
+
+
 @contextlib.contextmanager
 def _targets_checked_once(model: nn.Module, tensors: list):
     """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
@@ -279,6 +295,11 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
         raise TypeError(
             f"{name} must yield tensors (or tuples whose first item is one), got a batch of "
             f"{type(x).__name__}"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must yield batches of rows (2-D), got a batch of shape {tuple(x.shape)}: "
+            "a dataset of single rows is batched by DataLoader(dataset, batch_size=...)"
         )
     x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
     return x.clone() if x.is_inference() else x
@@ -581,6 +602,7 @@ def fit(
     given = [b.tensor if isinstance(b, TensorBatches) else b for b in (train, val) if b is not None]
     with contextlib.ExitStack() as stack:
         stack.callback(model.eval)  # however fit ends: an interrupt, a callback's error
+        _check_finite_data(given)
         paused = stack.enter_context(_targets_checked_once(model, given))
         # after the data's checks: data refused shows no progress bar
         bar = _Progress(epochs, progress and rank == 0, type(model).__name__)

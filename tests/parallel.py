@@ -33,15 +33,20 @@ def main(argv: list[str]) -> int:
     )
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(1, jobs)]
-        processes = [
-            subprocess.Popen(
-                command,
-                env=environment | {"FASTAE_TEST_SHARD": f"{index}/{jobs}"},
-                stdout=None if index == 0 else logs[index - 1],
-                stderr=None if index == 0 else subprocess.STDOUT,
+        processes = []
+        stack.callback(_stop, processes)  # an interrupted run leaves no pytest behind
+        for index in range(jobs):
+            buffered = index > 0
+            processes.append(
+                subprocess.Popen(
+                    # each its own cache: --lf and --sw find their process's failures
+                    [*command, "-o", f"cache_dir=.pytest_cache/process-{index + 1}-of-{jobs}"],
+                    env=environment | {"FASTAE_TEST_SHARD": f"{index}/{jobs}"},
+                    stdin=subprocess.DEVNULL if buffered else None,  # --pdb: the first only
+                    stdout=logs[index - 1] if buffered else None,
+                    stderr=subprocess.STDOUT if buffered else None,
+                )
             )
-            for index in range(jobs)
-        ]
         statuses = [process.wait() for process in processes]
         for index, log in enumerate(logs, start=1):
             log.seek(0)
@@ -51,9 +56,18 @@ def main(argv: list[str]) -> int:
     return combined_status(statuses)
 
 
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+
+
 def combined_status(statuses: list[int]) -> int:
-    """The worst status; a process given no test (a selection smaller than JOBS) counts only
-    when no process was given one."""
+    """The worst status, a process killed by signal N counting as 128 + N (as a shell
+    reports it); a process given no test (a selection smaller than JOBS) counts only when no
+    process was given one."""
+    statuses = [128 - status if status < 0 else status for status in statuses]
     ran = [status for status in statuses if status != NO_TESTS] or [NO_TESTS]
     return max(ran)
 

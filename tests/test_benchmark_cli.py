@@ -119,17 +119,28 @@ def test_a_cuda_device_without_cuda_is_an_error_naming_it(monkeypatch):
         RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
     ],
 )
-def test_a_size_too_large_for_the_memory_is_an_error_naming_it(error, monkeypatch):
-    def measure(*args):
-        raise error
+def test_a_size_too_large_for_the_memory_is_an_error_naming_it(error, monkeypatch, tmp_path):
+    """Reported after what was measured before it: its table and JSON."""
+    calls = []
+
+    def measure(case, providers, size, *args):
+        calls.append(size)
+        if len(calls) == 2:
+            raise error
+        return [{"provider": "fastae", "median_s": 1e-3}]
 
     monkeypatch.setattr(fb, "measure", measure)
-    stderr = io.StringIO()
-    with redirect_stderr(stderr):
-        assert cli.main(["bench", "--device", "cpu", "--cases", "plain", "--size", "8x4x2"]) == 2
+    monkeypatch.setattr(fb, "ratio_table", lambda records: f"table of {len(records)}")
+    monkeypatch.setattr(fb, "to_json", lambda records: {"records": len(records)})
+    stdout, stderr, saved = io.StringIO(), io.StringIO(), tmp_path / "bench.json"
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        options = ["--cases", "plain", "--size", "8x4x2,9x4x2,10x4x2", "--json", str(saved)]
+        assert cli.main(["bench", "--device", "cpu", *options]) == 2
+    assert len(calls) == 2 and stdout.getvalue() == "table of 1\n"
+    assert json.loads(saved.read_text()) == {"records": 1}
     first_line = str(error).splitlines()[0]
     assert stderr.getvalue().endswith(
-        f"error: --size 8x4x2 does not fit in the memory of cpu (plain, fp32): {first_line}\n"
+        f"error: --size 9x4x2 does not fit in the memory of cpu (plain, fp32): {first_line}\n"
     )
 
 

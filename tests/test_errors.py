@@ -1,5 +1,6 @@
 """Bad input raises ValueError or TypeError whose message names the argument."""
 
+import copy
 import math
 import pickle
 
@@ -637,13 +638,15 @@ def test_fit_refuses_float16_parameters_for_its_default_adam():
 
 @pytest.mark.parametrize("where", ["training", "validation"])
 def test_fit_stops_at_a_non_finite_loss(where):
-    """A NaN in the data (MSE lets it through) makes the epoch's loss NaN: fit raises, naming
-    the loss and the epoch, instead of training on and reporting NaN."""
+    """A NaN in batches a DataLoader yields (not read ahead, and MSE lets it through) makes
+    the epoch's loss NaN: fit raises, naming the loss and the epoch, instead of training on
+    and reporting NaN."""
     model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
     data, val = torch.rand(32, 5), torch.rand(8, 5)
     (data if where == "training" else val)[3, 2] = math.nan
+    loaders = [DataLoader(TensorDataset(t), batch_size=8) for t in (data, val)]
     with pytest.raises(fastae.LossNotFinite, match=f"^the {where} loss is nan in epoch 1") as error:
-        fastae.fit(model, data, validation_data=val, epochs=3, seed=0, progress=False)
+        fastae.fit(model, loaders[0], validation_data=loaders[1], epochs=3, seed=0, progress=False)
     assert isinstance(error.value, FloatingPointError)
     assert (error.value.which, error.value.epoch, math.isnan(error.value.loss)) == (where, 1, True)
     history = error.value.history
@@ -652,7 +655,42 @@ def test_fit_stops_at_a_non_finite_loss(where):
     data[3, 2], val[3, 2] = math.inf, 0.5
     model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
     with pytest.raises(FloatingPointError, match="^the training loss is (nan|inf) in epoch 1"):
-        fastae.fit(model, data, validation_data=val, epochs=3, seed=0, progress=False)
+        fastae.fit(model, loaders[0], validation_data=val, epochs=3, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+@pytest.mark.parametrize("where", ["data", "validation_data"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_fit_refuses_tensor_data_with_nan_or_inf_before_training(loss, where, value, capsys):
+    """Data given whole is checked once, before any step: the weights stay as they were."""
+    output = "sigmoid" if loss == "bce" else "identity"
+    model = fastae.Autoencoder(5, 3, output=output, loss=loss)
+    before = copy.deepcopy(model.state_dict())
+    data = {"data": torch.rand(32, 5), "validation_data": torch.rand(8, 5)}
+    data[where][3, 2] = value
+    with pytest.raises(ValueError, match=rf"^{where} holds NaN or inf \(as torch.float32, the "):
+        fastae.fit(model, data["data"], validation_data=data["validation_data"], progress=True)
+    assert capsys.readouterr().err == ""  # no progress: no epoch began
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_fit_names_finite_arrays_that_overflow_the_models_dtype():
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    data = np.random.default_rng(0).random((16, 5))
+    data[0, 0] = 1e300  # finite in float64, inf once converted to the model's float32
+    with pytest.raises(ValueError, match=r"^data holds NaN or inf \(as torch.float32, the model"):
+        fastae.fit(model, data, progress=False)
+
+
+def test_a_bce_check_names_nan_as_nan():
+    """Not 'values in [nan, nan]' with advice to rescale, as though the range were off."""
+    x = torch.rand(4, 5)
+    x[1, 1] = math.nan
+    with pytest.raises(
+        ValueError, match=r"^x holds NaN, where loss 'bce' needs values in \[0, 1\]$"
+    ):
+        fastae.Autoencoder(5, 3)(x)
 
 
 def test_fit_refuses_to_return_weights_its_last_step_made_non_finite():
@@ -755,3 +793,22 @@ def test_float32s_largest_value_is_finite_in_float32():
     assert fastae.L1Sparsity(largest).weight == largest
     with pytest.raises(ValueError, match=r"^weight must be finite in float32"):
         fastae.L1Sparsity(np.nextafter(largest, np.inf))
+
+
+@pytest.mark.parametrize("where", ["data", "validation_data"])
+def test_fit_names_batches_that_are_not_tensors_of_rows(where):
+    """Batches a DataLoader or list yields are named by fit's argument, with what to do."""
+    rows = torch.rand(16, 5)
+
+    def fit(batches):
+        data = {"data": batches, "validation_data": rows}
+        if where == "validation_data":
+            data = {"data": rows, "validation_data": batches}
+        fastae.fit(fastae.Autoencoder(5, 3), data["data"], epochs=1,
+                   validation_data=data["validation_data"], progress=False)  # fmt: skip
+
+    message = rf"^{where} must yield batches of rows \(2-D\), got a batch of shape \(5,\): "
+    with pytest.raises(ValueError, match=message + r".*DataLoader\(dataset, batch_size=\.\.\.\)$"):
+        fit(list(rows))  # single rows
+    with pytest.raises(TypeError, match=rf"^{where} must yield tensors .*, got a batch of dict$"):
+        fit(DataLoader([{"x": row} for row in rows], batch_size=4))

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 import warnings
 from types import SimpleNamespace
 
@@ -944,3 +945,31 @@ def test_denoising_model_reconstructs_corrupted_inputs_better(digits):
             return float((model.reconstruct(corrupted) - test).square().sum(1).mean())
 
     assert error(denoising) < 0.9 * error(plain)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fastae.Autoencoder(5, 3, noise=fastae.MaskingNoise(0.2), contractive=0.1),
+        lambda: fastae.DeepAutoencoder(5, (4, 3), sparsity=fastae.L1Sparsity(0.1)),
+        lambda: fastae.VAE(5, 4, 2),
+    ],
+    ids=["autoencoder", "deep", "vae"],
+)
+def test_models_pickled_with_their_options_as_plain_attributes_load(make):
+    """Pickles of models whose activation, output, loss_name, noise and sparsity were plain
+    attributes (before they were checked properties) load with those options."""
+    model = make().eval()
+    state = dict(vars(model))
+    for name in ("activation", "output", "loss_name", "noise", "sparsity"):
+        if f"_{name}" in state:
+            state[name] = state.pop(f"_{name}")
+    older = type(model).__new__(type(model))
+    vars(older).update(state)
+    loaded = pickle.loads(pickle.dumps(older))
+    assert (loaded.activation, loaded.output, loaded.loss_name) == (
+        model.activation, model.output, model.loss_name
+    )  # fmt: skip
+    assert not {"activation", "output", "loss_name", "noise", "sparsity"} & set(vars(loaded))
+    x = torch.rand(4, 5)
+    torch.testing.assert_close(loaded(x).loss, model(x).loss, rtol=0, atol=0)

@@ -618,6 +618,20 @@ def test_a_triton_older_than_the_kernels_need(monkeypatch, version):
     assert backend.triton_available()
 
 
+def test_triton_asked_for_without_it_says_where_its_kernels_run(monkeypatch):
+    """On a machine without Triton (and without CUDA) installing it alone would not run the
+    kernels on CPU tensors: the error says both."""
+    missing = "Triton is not installed (pip install 'fastae[triton]')"
+    monkeypatch.setattr(backend, "triton_missing", lambda: missing)
+    advice = r"not installed \(pip install 'fastae\[triton\]'\)"
+    with fastae.use_backend("triton"):
+        cpu = advice + r", and its kernels run on CUDA tensors .*got a tensor on cpu$"
+        with pytest.raises(RuntimeError, match=cpu):
+            backend.resolve("encode", torch.device("cpu"))
+        with pytest.raises(RuntimeError, match=advice + "$"):
+            backend.resolve("encode", torch.device("cuda"))
+
+
 def test_backend_env_var(monkeypatch):
     monkeypatch.setenv("FASTAE_BACKEND", "reference")
     assert fastae.get_backend() == "reference"

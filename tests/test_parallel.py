@@ -35,3 +35,5 @@ def test_the_exit_status_is_the_worst_of_the_processes_that_had_tests():
     assert combined_status([0, 5]) == 0  # one test selected, two processes
     assert combined_status([5, 5]) == 5
     assert combined_status([1, 4]) == 4
+    assert combined_status([0, -9]) == 137  # killed (SIGKILL: out of memory) is a failure
+    assert combined_status([-11, 5]) == 139

@@ -183,3 +183,14 @@ def test_decode_loss_third_derivative_is_refused(backend_name):
         RuntimeError, match="third derivatives in h, weight, bias or target are not"
     ):
         torch.autograd.grad(grad_grad_h.sum(), h)
+    # a Hessian-vector product kept differentiable: its derivative in h is a third one too
+    # (through the upstream-gradient part as well), refused rather than partly dropped
+    vector = torch.randn_like(h)
+
+    def fn(h):
+        return ops.decode_loss(h, weight, bias, target=target.detach()).sum()
+
+    _, product = torch.autograd.functional.hvp(fn, h, vector, create_graph=True)
+    assert product.requires_grad
+    with pytest.raises(RuntimeError, match="third derivatives in h, weight, bias or target"):
+        torch.autograd.grad((product * vector).sum(), h)
