@@ -32,7 +32,8 @@ class History:
     """Per-epoch mean training loss, validation loss (if given) and learning rate (the first
     parameter group's, as the epoch trained with it), what stopped the run and, with
     ``cuda_graph``, how many steps replayed the captured graph; ``seconds``: the wall time of
-    training (validation and callbacks included). ``best_epoch`` indexes
+    training (validation and callbacks included; inside a callback, so far). ``best_epoch``
+    indexes
     ``loss`` and ``val_loss`` (0-based: epoch ``best_epoch + 1`` as callbacks count; -1 before
     the first epoch)."""
 
@@ -455,8 +456,11 @@ def fit(
     of the validation loss (training loss if no validation data). ``restore_best``: with
     validation data, the model is left with the weights of the best epoch
     (``History.best_epoch``: the last that lowered the best validation loss by more than
-    ``min_delta``; with the default 0, the lowest), whether or not training stopped early;
-    without, those of the best training-loss epoch when ``patience`` stopped the run. ``seed``
+    ``min_delta``; with the default 0, the lowest), whether or not training stopped early,
+    and when it is interrupted (Ctrl-C, a callback's error); without, those of the best
+    training-loss epoch when ``patience`` stopped the run. An ``optimizer`` passed in keeps
+    its state from every step, a diverged one's too (Adam's moments may then hold NaN): build
+    a fresh one to train on after :class:`LossNotFinite`. ``seed``
     seeds torch's generator (``torch.manual_seed``, left seeded after fit), so noise seeds and
     shuffling repeat exactly. The model is left in eval mode (its forward then corrupts nothing
     and a VAE takes z = mu), however fit ends: call ``model.train()`` before training it further
@@ -607,6 +611,16 @@ def fit(
         # after the data's checks: data refused shows no progress bar
         bar = _Progress(epochs, progress and rank == 0, type(model).__name__)
         stack.callback(bar.close)
+
+        def restore_best_if_interrupted(kind, error, traceback) -> bool:
+            # Ctrl-C or a callback's error: the best epoch's weights, as at a normal end
+            # (LossNotFinite put them back itself)
+            interrupted = kind is not None and not issubclass(kind, LossNotFinite)
+            if interrupted and best_state is not None and val is not None:
+                model.load_state_dict(best_state)
+            return False  # the exception goes on
+
+        stack.push(restore_best_if_interrupted)
         for epoch in range(epochs):
             model.train()
             if isinstance(getattr(train, "sampler", None), DistributedSampler):
@@ -650,6 +664,7 @@ def fit(
                 waited += 1
                 stop = patience_stopped = waited >= patience
             if callback is not None:
+                history.seconds = time.perf_counter() - start
                 with _targets_resumed(model) if paused else contextlib.nullcontext():
                     answer = callback(epoch + 1, history)
                 stop = _asked_to_stop(answer, like.device, parallel) or stop

@@ -973,3 +973,37 @@ def test_models_pickled_with_their_options_as_plain_attributes_load(make):
     assert not {"activation", "output", "loss_name", "noise", "sparsity"} & set(vars(loaded))
     x = torch.rand(4, 5)
     torch.testing.assert_close(loaded(x).loss, model(x).loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_fit_leaves_the_best_epochs_weights(interruption):
+    """Ctrl-C (or a callback's error) after the best epoch: restore_best puts its weights
+    back, as at a normal end; History.seconds counts the time so far inside callbacks."""
+    data, val = small_problem(64), small_problem(16)
+    best_weights, seconds = {}, []
+
+    def callback(epoch, history):
+        seconds.append(history.seconds)
+        if history.best_epoch == epoch - 1:
+            best_weights.update(copy.deepcopy(model.state_dict()))
+        if epoch == 6:
+            raise interruption("stop")
+
+    model = new_model()
+    with pytest.raises(interruption):
+        fastae.fit(model, data, validation_data=val, epochs=10, lr=0.3, seed=0,
+                   callback=callback, progress=False)  # fmt: skip
+    assert best_weights and not model.training
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, best_weights[name], rtol=0, atol=0)
+    assert seconds[0] > 0 and seconds == sorted(seconds)
+    last = new_model()  # the same run without restore_best: its last epoch's weights differ
+    with pytest.raises(interruption):
+        fastae.fit(last, data, validation_data=val, epochs=10, lr=0.3, seed=0, progress=False,
+                   callback=lambda epoch, _: _raise(interruption) if epoch == 6 else None,
+                   restore_best=False)  # fmt: skip
+    assert not torch.equal(last.weight, model.weight)
+
+
+def _raise(error_type):
+    raise error_type("stop")
