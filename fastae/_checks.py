@@ -17,10 +17,16 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def warn_caller(message: str) -> None:
-    """A UserWarning at the first line outside fastae on the stack: the line of the user's
-    call, however deep in the package the warning is found."""
+    """A UserWarning at the first line outside fastae (and scikit-learn, whose mixins call
+    the estimators' fit: fit_transform) on the stack: the line of the user's call, however
+    deep in the packages the warning is found."""
+    packages = [_PACKAGE]
+    if "sklearn" in sys.modules and sys.modules["sklearn"].__file__:
+        packages.append(os.path.dirname(os.path.abspath(sys.modules["sklearn"].__file__)) + os.sep)
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        tuple(packages)
+    ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
 

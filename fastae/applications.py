@@ -167,7 +167,8 @@ def labelled_hold_out(
         )
     shares = total * sizes / len(classes)
     counts = np.minimum(np.floor(shares).astype(int), spare)
-    for group in np.argsort(counts - shares, kind="stable"):  # largest remainder first
+    ties = rng.random(len(names))  # equal remainders: no group always first
+    for group in np.lexsort((ties, counts - shares)):  # largest remainder first
         if counts.sum() == total:
             break
         counts[group] += counts[group] < spare[group]

@@ -116,9 +116,11 @@ def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
 
 class OutputOptions:
     """A model's ``activation``, ``output`` and ``loss_name``, checked whenever set, alone and
-    together (a model set up again after construction trains as one constructed so would)."""
+    together (a model set up again after construction trains as one constructed so would):
+    each against the others as they are then, so from output "sigmoid" with loss "bce" to
+    "identity" with "mse" set ``loss_name`` first, and back ``output`` first."""
 
-    _OPTIONS = ("activation", "output", "loss_name", "noise", "sparsity")
+    _OPTIONS = ("activation", "output", "loss_name")
 
     def __setstate__(self, state: dict) -> None:
         # a model pickled while the options were plain attributes holds them by those names
@@ -161,6 +163,8 @@ class OutputOptions:
 class RegularizerOptions(OutputOptions):
     """OutputOptions, and an autoencoder's ``noise`` and ``sparsity``, checked whenever set
     (a schedule may set them)."""
+
+    _OPTIONS = (*OutputOptions._OPTIONS, "noise", "sparsity")
 
     @property
     def noise(self) -> Noise | None:

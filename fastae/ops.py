@@ -793,16 +793,19 @@ def _decode_backward_bwd(ctx, grads):
     grad_loss, *kept = ctx.saved_tensors
     linear = any(t is not None and t.requires_grad for t in (*grads, grad_loss))
     refused = [t for t in kept if t is not None and t.requires_grad]
-    # recorded where a derivative may be taken: exact in the upstream gradients (the
-    # double-backward trick of torch.autograd.functional.hvp), refused through every saved
-    # value (d ell / d z^ included, which depends on them but is saved as a constant)
-    record = torch.is_grad_enabled() and (linear or bool(refused))
     kept = [None if t is None else t.detach() for t in kept]
-    if record and refused:
-        guard = _NoThirdDerivative.apply(*refused)
+    guard = _NoThirdDerivative.apply(*refused) if torch.is_grad_enabled() and refused else None
+    if not (torch.is_grad_enabled() and linear):
+        # nothing to differentiate exactly: computed unrecorded, the outputs guarded
+        with torch.no_grad():
+            out = _decode_second_order(ctx, grads, (grad_loss, *kept))
+        return tuple(t if t is None or guard is None else t + guard for t in out)
+    # recorded: exact in the upstream gradients (the double-backward trick of
+    # torch.autograd.functional.hvp), refused through every saved value (d ell / d z^
+    # included, which depends on them but is saved as a constant)
+    if guard is not None:
         kept = [None if t is None else t + guard for t in kept]
-    with torch.set_grad_enabled(record):
-        return tuple(_decode_second_order(ctx, grads, (grad_loss, *kept)))
+    return tuple(_decode_second_order(ctx, grads, (grad_loss, *kept)))
 
 
 def _decode_second_order(ctx, grads, saved):

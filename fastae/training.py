@@ -238,10 +238,13 @@ class _Progress:
             self.bar.close()
 
 
-def _check_finite_data(tensors: list) -> None:
-    """Tensor data (and validation data) free of NaN and inf, which would make the loss NaN
-    an epoch later: its extremes in one pass, one sync. Batches a DataLoader yields are not
-    read ahead (a NaN there ends training with LossNotFinite)."""
+def _check_finite_data(model: nn.Module, tensors: list) -> None:
+    """Tensor data (and validation data) for one of fastae's models free of NaN and inf,
+    which would make its loss NaN an epoch later: their extremes in one pass, one sync. A
+    model of another package's (or the caller's) may read NaN as a missing value; batches a
+    DataLoader yields are not read ahead (a NaN there ends training with LossNotFinite)."""
+    if type(_unwrap(model)).__module__.split(".")[0] != __name__.split(".")[0]:
+        return
     for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
             continue
@@ -606,7 +609,7 @@ def fit(
     given = [b.tensor if isinstance(b, TensorBatches) else b for b in (train, val) if b is not None]
     with contextlib.ExitStack() as stack:
         stack.callback(model.eval)  # however fit ends: an interrupt, a callback's error
-        _check_finite_data(given)
+        _check_finite_data(model, given)
         paused = stack.enter_context(_targets_checked_once(model, given))
         # after the data's checks: data refused shows no progress bar
         bar = _Progress(epochs, progress and rank == 0, type(model).__name__)

@@ -9,6 +9,7 @@ status is pytest's, the worst of the processes'.
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,16 +32,20 @@ def main(argv: list[str]) -> int:
         f"---- pytest process 1 of {jobs} (PYTHONHASHSEED={environment['PYTHONHASHSEED']}) ----",
         flush=True,
     )
+    for name in ("SIGTERM", "SIGHUP"):  # as Ctrl-C: the processes are stopped on the way out
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _exit_on_signal)
     with contextlib.ExitStack() as stack:
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(1, jobs)]
         processes = []
         stack.callback(_stop, processes)  # an interrupted run leaves no pytest behind
         for index in range(jobs):
             buffered = index > 0
+            # each its own cache: --lf and --sw find their process's failures
+            cache = ["-o", f"cache_dir=.pytest_cache/process-{index + 1}-of-{jobs}"]
             processes.append(
                 subprocess.Popen(
-                    # each its own cache: --lf and --sw find their process's failures
-                    [*command, "-o", f"cache_dir=.pytest_cache/process-{index + 1}-of-{jobs}"],
+                    [*command, *([] if "no:cacheprovider" in arguments else cache)],
                     env=environment | {"FASTAE_TEST_SHARD": f"{index}/{jobs}"},
                     stdin=subprocess.DEVNULL if buffered else None,  # --pdb: the first only
                     stdout=logs[index - 1] if buffered else None,
@@ -54,6 +59,10 @@ def main(argv: list[str]) -> int:
             print(log.read(), end="", flush=True)
     print(f"\ntests/parallel.py: {jobs} processes, exit statuses {statuses}")
     return combined_status(statuses)
+
+
+def _exit_on_signal(number, frame) -> None:
+    sys.exit(128 + number)
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:

@@ -128,6 +128,13 @@ def test_semi_supervised_hold_out_is_stratified_and_keeps_a_label_of_each_class(
         assert set(classes[train]) == {-1.0, 0.0, 1.0, 2.0}
     draws = {tuple(labelled_hold_out(classes, 0.5, seed)[1].tolist()) for seed in range(5)}
     assert len(draws) == 5  # drawn at random, from the seed
+    # equal remainders: which classes give a row is drawn too, not always the first ones
+    five_each = np.repeat(np.arange(10.0), 5)
+    chosen = {
+        tuple(np.unique(five_each[labelled_hold_out(five_each, 0.1, seed)[1].numpy()]))
+        for seed in range(5)
+    }
+    assert len(chosen) > 1
     # one label per class, 10%: round(0.1) = 0 per class, but one unlabelled row is held out
     train, held = labelled_hold_out(np.array([-1.0, -1.0, 0.0, 1.0]), 0.1, 0)
     assert len(held) == 1 and held.item() in (0, 1) and len(train) == 3

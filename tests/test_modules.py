@@ -1007,3 +1007,37 @@ def test_an_interrupted_fit_leaves_the_best_epochs_weights(interruption):
 
 def _raise(error_type):
     raise error_type("stop")
+
+
+def test_a_vae_subclass_keeps_an_attribute_named_as_an_autoencoders_option():
+    """Only a model's own options are renamed when it is unpickled or copied."""
+
+    class DenoisingVAE(fastae.VAE):
+        def __init__(self):
+            super().__init__(5, 4, 2)
+            self.noise = fastae.MaskingNoise(0.2)
+
+    model = DenoisingVAE()
+    assert copy.deepcopy(model).noise == model.noise == fastae.MaskingNoise(0.2)
+
+
+def test_fit_leaves_nan_to_models_not_fastaes():
+    """A model of the caller's may read NaN as a missing value: fit trains it."""
+
+    class MaskedAutoencoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+
+        def forward(self, x):
+            seen = x.isfinite()
+            reconstruction = self.inner.reconstruct(torch.where(seen, x, 0.0))
+            error = torch.where(seen, reconstruction - x, 0.0).square().sum(1)
+            return SimpleNamespace(loss=error.mean())
+
+    data = torch.rand(32, 5)
+    data[3, 2] = math.nan
+    history = fastae.fit(MaskedAutoencoder(), data, epochs=2, seed=0, progress=False)
+    assert all(math.isfinite(loss) for loss in history.loss)
+    with pytest.raises(ValueError, match=r"^data holds NaN or inf"):
+        fastae.fit(fastae.Autoencoder(5, 3, output="identity", loss="mse"), data, progress=False)

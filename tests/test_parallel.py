@@ -10,23 +10,22 @@ from parallel import combined_status
 HERE = Path(__file__).parent
 
 
-def _collected(shard: str | None) -> list[str]:
+def _collected(jobs: int) -> tuple[int, list[str]]:
+    """make test's exit status and the test ids its processes list (--collect-only)."""
     environment = {k: v for k, v in os.environ.items() if k != "FASTAE_TEST_SHARD"}
-    if shard:
-        environment["FASTAE_TEST_SHARD"] = shard
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         str(HERE / "test_sparsity.py")],
-        capture_output=True, text=True, env=environment, check=True, cwd=HERE.parent,
+        [sys.executable, str(HERE / "parallel.py"), str(jobs), "--collect-only",
+         "-p", "no:cacheprovider", str(HERE / "test_sparsity.py")],
+        capture_output=True, text=True, env=environment, cwd=HERE.parent, timeout=300,
     )  # fmt: skip
-    return [line for line in result.stdout.splitlines() if "::" in line]
+    return result.returncode, [line for line in result.stdout.splitlines() if "::" in line]
 
 
 def test_the_processes_run_every_test_once():
-    everything = _collected(None)
-    first, second = _collected("0/2"), _collected("1/2")
-    assert len(everything) > 10 and first and second
-    assert sorted(first + second) == sorted(everything)
+    status, everything = _collected(1)
+    assert status == 0 and len(everything) > 10
+    status, shared = _collected(2)
+    assert status == 0 and sorted(shared) == sorted(everything)
 
 
 def test_the_exit_status_is_the_worst_of_the_processes_that_had_tests():

@@ -1025,6 +1025,14 @@ def test_a_seeded_noise_spec_is_warned_of_at_the_callers_line(make, options):
     assert {warning.filename for warning in caught} == {__file__}
 
 
+def test_a_warning_through_scikit_learns_mixins_names_the_callers_line():
+    x = np.random.default_rng(0).random((30, 4))
+    transformer = AutoencoderTransformer(2, noise=fastae.MaskingNoise(0.3, seed=0), epochs=1)
+    with pytest.warns(UserWarning, match=r"seed=0\) has a seed: ") as caught:
+        transformer.fit_transform(x)  # TransformerMixin.fit_transform calls fit
+    assert {warning.filename for warning in caught} == {__file__}
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the ValueError alone
 def test_minmax_ranges_that_would_drop_a_column_are_errors():
     rng = np.random.default_rng(0)
