@@ -33,9 +33,8 @@ class History:
     parameter group's, as the epoch trained with it), what stopped the run and, with
     ``cuda_graph``, how many steps replayed the captured graph; ``seconds``: the wall time of
     training (validation and callbacks included; inside a callback, so far). ``best_epoch``
-    indexes
-    ``loss`` and ``val_loss`` (0-based: epoch ``best_epoch + 1`` as callbacks count; -1 before
-    the first epoch)."""
+    indexes ``loss`` and ``val_loss`` (0-based: epoch ``best_epoch + 1`` as callbacks count;
+    -1 before the first epoch)."""
 
     loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -459,17 +458,17 @@ def fit(
     of the validation loss (training loss if no validation data). ``restore_best``: with
     validation data, the model is left with the weights of the best epoch
     (``History.best_epoch``: the last that lowered the best validation loss by more than
-    ``min_delta``; with the default 0, the lowest), whether or not training stopped early,
-    and when it is interrupted (Ctrl-C, a callback's error); without, those of the best
-    training-loss epoch when ``patience`` stopped the run. An ``optimizer`` passed in keeps
-    its state from every step, a diverged one's too (Adam's moments may then hold NaN): build
-    a fresh one to train on after :class:`LossNotFinite`. ``seed``
-    seeds torch's generator (``torch.manual_seed``, left seeded after fit), so noise seeds and
-    shuffling repeat exactly. The model is left in eval mode (its forward then corrupts nothing
-    and a VAE takes z = mu), however fit ends: call ``model.train()`` before training it further
-    in a loop of your own. ``validation_split``: the share of the rows of tensor or array
-    ``data`` held out as validation data instead of ``validation_data``, as Keras's: the last
-    rows, taken before any shuffling (shuffle rows sorted by class or time first).
+    ``min_delta``; with the default 0, the lowest), whether or not training stopped early, and
+    when it is interrupted (Ctrl-C, a callback's error); without, those of the best
+    training-loss epoch when ``patience`` stopped the run. An ``optimizer`` passed in keeps its
+    state from every step, a diverged one's too (Adam's moments may then hold NaN): build a
+    fresh one to train on after :class:`LossNotFinite`. ``seed`` seeds torch's generator
+    (``torch.manual_seed``, left seeded after fit), so noise seeds and shuffling repeat exactly.
+    The model is left in eval mode (its forward then corrupts nothing and a VAE takes z = mu),
+    however fit ends: call ``model.train()`` before training it further in a loop of your own.
+    ``validation_split``: the share of the rows of tensor or array ``data`` held out as
+    validation data instead of ``validation_data``, as Keras's: the last rows, taken before any
+    shuffling (shuffle rows sorted by class or time first).
 
     ``progress``: a progress bar of the epochs and their losses (tqdm where installed, else a
     line an epoch on stderr; under data-parallel training on process 0 alone).
