@@ -37,6 +37,20 @@ def dense(name: str, value: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} one")
 
 
+def unmasked(name: str, value: np.ndarray) -> np.ndarray:
+    """A numpy masked array as its plain data where nothing is masked; one that masks values
+    is refused (fastae reads no mask: it would train on, or score, what lies under it)."""
+    if not isinstance(value, np.ma.MaskedArray):
+        return value
+    masked = int(np.ma.count_masked(value))
+    if masked:
+        raise ValueError(
+            f"{name} is a masked array with {masked} masked values, and fastae reads no mask: "
+            f"fill them ({name}.filled(value)) or leave out the rows that hold them"
+        )
+    return value.data
+
+
 def tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -93,20 +107,25 @@ def autocast_available(device_type: str) -> bool:
 autocast_available._dynamo_marked_constant = True
 
 
-def model_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
-    """:func:`same_kind`, except that inside ``torch.autocast`` for their device float16,
-    bfloat16 and float32 pass together: the ops cast them to the autocast dtype (a layer
-    before the model under autocast hands it bfloat16 activations)."""
+def autocast_together(value: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether inside ``torch.autocast`` for their device the dtypes of ``value`` and ``like``
+    pass together: float16, bfloat16 and float32, which the ops cast to the autocast dtype (a
+    layer before the model under autocast hands it bfloat16 activations)."""
     device_type = value.device.type
-    if (
+    return (
         value.dtype in _AUTOCAST_KINDS
         and like.dtype in _AUTOCAST_KINDS
         and value.device == like.device
         and autocast_available(device_type)
         and torch.is_autocast_enabled(device_type)
-    ):
-        return
-    same_kind(name, value, like_name, like)
+    )
+
+
+def model_kind(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """:func:`same_kind`, but for dtypes that pass together under autocast
+    (:func:`autocast_together`)."""
+    if not autocast_together(value, like):
+        same_kind(name, value, like_name, like)
 
 
 def rows(name: str, value: torch.Tensor) -> None:

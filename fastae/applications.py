@@ -62,7 +62,8 @@ try:
         clone,
     )
     from sklearn.cluster import KMeans
-    from sklearn.utils import check_array
+    from sklearn.metrics import accuracy_score
+    from sklearn.utils import check_array, check_consistent_length
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted
 except ImportError as error:  # pragma: no cover - fastae.sklearn raises first
@@ -307,15 +308,29 @@ class SemiSupervisedAutoencoder(
         return self
 
     def _validate_xy(self, X, y, reset: bool = True):
+        if y is not None:
+            _check_no_missing_labels(host_array("y", y))
         X, y = _validate_data(
             self, X, y, reset=reset, dtype=[np.float64, np.float32], y_numeric=False
         )
         return X, y
 
     def score(self, X, y, sample_weight=None) -> float:
-        """Mean accuracy of ``predict(X)`` against y (scikit-learn's), y read as ``fit``
-        reads it (a torch tensor too)."""
-        return super().score(X, host_array("y", y), sample_weight)
+        """Mean accuracy of ``predict(X)`` against y's labels (scikit-learn's), y read as
+        ``fit`` reads it (a torch tensor too): the samples labelled -1 are left out, so that
+        a cross-validation on semi-supervised y scores its labelled samples."""
+        y = np.asarray(host_array("y", y))
+        _check_no_missing_labels(y)
+        labeled = ~_unlabeled_mask(y) if y.ndim == 1 else None
+        if labeled is None or labeled.all():
+            return super().score(X, y, sample_weight)
+        if not labeled.any():
+            raise ValueError("y has no labelled sample to score: all are -1 (unlabelled)")
+        predicted = self.predict(X)
+        check_consistent_length(predicted, y, sample_weight)
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight)[labeled]
+        return float(accuracy_score(y[labeled], predicted[labeled], sample_weight=sample_weight))
 
     def decision_function(self, X):
         """Logits (n_samples, n_classes), or the positive-class logit difference for 2."""
@@ -345,6 +360,24 @@ class SemiSupervisedAutoencoder(
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
         return tags
+
+
+def _check_no_missing_labels(y) -> None:
+    """None or NaN among y's labels refused, the unlabelled marker named (where scikit-learn's
+    checks would say an object y's NaN is in "Input", or call None's label type unknown)."""
+    labels = np.asarray(y)
+    if labels.dtype.kind == "f":
+        missing = int(np.isnan(labels).sum())
+    elif labels.dtype == object:  # NaN is the one value unequal to itself
+        missing = sum(v is None or (isinstance(v, numbers.Real) and v != v) for v in labels.flat)
+    else:
+        missing = 0
+    if missing:
+        raise ValueError(
+            f"y holds None or NaN for {missing} samples: the unlabelled marker is the integer "
+            f"{UNLABELED}, as scikit-learn's semi-supervised estimators take it (a pandas "
+            f"Series with missing labels: y.astype(object).fillna({UNLABELED}))"
+        )
 
 
 def _unlabeled_mask(y: np.ndarray) -> np.ndarray:

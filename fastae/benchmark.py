@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _checks, baselines, ops
+from . import _checks, backend, baselines, ops
 from .backend import use_backend
 from .graphs import GraphedStep
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity
@@ -1286,6 +1286,15 @@ def _runnable(cases: list[str], providers: list[str], device: str):
     return runnable, skipped
 
 
+def _check_backend(device: torch.device) -> None:
+    """The backend requested (``FASTAE_BACKEND``, ``set_backend``) can run fastae's ops on
+    ``device``: a ValueError up front, not a traceback from the first case."""
+    if backend.get_backend() == "triton":  # get_backend names a FASTAE_BACKEND it refuses
+        can_run, why = backend._triton_can_run(device)
+        if not can_run:
+            raise ValueError(f"the backend requested is 'triton', but {why}")
+
+
 def _out_of_memory(error: RuntimeError) -> bool:
     """CUDA's allocator raises torch.OutOfMemoryError, the CPU's a RuntimeError."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
@@ -1317,6 +1326,8 @@ def run(args: argparse.Namespace) -> int:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}, but CUDA is not available")
         runnable, skipped = _runnable(cases, providers, device)
+        if any(p.startswith("fastae") for chosen in runnable.values() for p in chosen):
+            _check_backend(torch.device(device))
         if not any(runnable.values()):
             cases_of: dict[tuple[str, str], list[str]] = {}
             for case, provider, why in skipped:

@@ -944,6 +944,11 @@ def decode_loss(
         raise ValueError(
             f"h must have at least one column (one code unit), got shape {tuple(h.shape)}"
         )
+    if weight.shape[0] == 0:  # as encode's x: a loss over no features is no loss
+        raise ValueError(
+            f"weight must have at least one row (one output feature), got shape "
+            f"{tuple(weight.shape)}"
+        )
     target = _checks.tensor("target", target, 2)
     _checks.same_kind("target", target, "h", h)
     if tuple(target.shape) != (h.shape[0], weight.shape[0]):

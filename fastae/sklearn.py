@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 try:
+    import sklearn
     from scipy.special import erf
     from scipy.stats import binom
     from sklearn.base import (
@@ -75,9 +76,9 @@ except ImportError:  # scikit-learn < 1.6
 def host_array(name: str, value):
     """A torch tensor as the numpy array scikit-learn's checks read (detached, on the host, in
     its own dtype; bfloat16, which numpy lacks, widened to float32, which holds each value
-    exactly); anything else as given."""
+    exactly); a masked array as its data, where it masks nothing; anything else as given."""
     if not isinstance(value, torch.Tensor):
-        return value
+        return _checks.unmasked(name, value)
     _checks.dense(name, value)
     if value.is_meta:
         raise ValueError(f"{name} is on the meta device: it holds no values")
@@ -345,7 +346,9 @@ class AutoencoderEstimatorMixin:
         """Fit the scaler, resolve ``loss_`` and return the scaled training data."""
         if self.scale == "standard":
             with _quiet_overflow():  # checked here, with a message that names X
-                self.scaler_ = StandardScaler().fit(X)
+                # numpy out, whatever sklearn.set_config(transform_output=...) asks of the
+                # estimators' outputs (which follow it)
+                self.scaler_ = StandardScaler().set_output(transform="default").fit(X)
             if not np.isfinite(self.scaler_.var_).all():
                 raise ValueError(
                     "X's column variances overflow float64 (values up to "
@@ -354,7 +357,8 @@ class AutoencoderEstimatorMixin:
         elif self.scale == "minmax":
             with _quiet_overflow():  # in float64, as X is scaled (a float32 column's range
                 # below 10 float32 epsilons would be taken for a constant)
-                self.scaler_ = MinMaxScaler(clip=True).fit(np.asarray(X, dtype=np.float64))
+                self.scaler_ = MinMaxScaler(clip=True).set_output(transform="default")
+                self.scaler_.fit(np.asarray(X, dtype=np.float64))
             self._check_minmax_ranges(X)
         else:
             self.scaler_ = None
@@ -653,8 +657,10 @@ def neg_reconstruction_error(estimator, X, y=None) -> float:
     ``inverse_transform(transform(X))`` summed over features, in X's own units. Takes any
     fitted transformer with an inverse: fastae's, PCA, a Pipeline of such steps. (The
     transformers' own ``score`` is in their scaled space and ``loss_`` units: it compares
-    fits that share ``scale``, ``loss`` and ``model``.)"""
-    reconstruction = estimator.inverse_transform(estimator.transform(X))
+    fits that share ``scale``, ``loss`` and ``model``.) The codes pass between the two as
+    arrays, whatever ``sklearn.set_config(transform_output=...)`` asks of transformers."""
+    with sklearn.config_context(transform_output="default"):
+        reconstruction = estimator.inverse_transform(estimator.transform(X))
     truth = check_array(host_array("X", X), dtype=np.float64, input_name="X")
     error = np.square(truth - np.asarray(reconstruction, dtype=np.float64)).sum(axis=1)
     return -float(error.mean())

@@ -9,6 +9,7 @@ import functools
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -49,11 +50,24 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
     """Array data in the model's dtype (one conversion), tensor data as given; either
     detached: fit reads the data, it trains the model."""
     if isinstance(data, np.ndarray):
+        data = _checks.unmasked(name, data)
         if data.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must hold real numbers, got an array of dtype {data.dtype}")
+            raise TypeError(
+                f"{name} must hold real numbers, got an array of dtype {data.dtype}"
+                + (
+                    " (a DataFrame's with a nullable or non-numeric column: convert it first, "
+                    "df.to_numpy(dtype='float32'))"
+                    if data.dtype == object
+                    else ""
+                )
+            )
         if any(stride < 0 for stride in data.strides):  # torch takes no negative strides
             data = np.ascontiguousarray(data)
-        return torch.as_tensor(data, dtype=like.dtype, device="cpu")  # moved by _resident
+        with warnings.catch_warnings():
+            # a read-only array (np.load(..., mmap_mode="r")) is shared as it is: fit never
+            # writes to the data, nor do fastae's models to their input
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.as_tensor(data, dtype=like.dtype, device="cpu")  # moved by _resident
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
     _checks.dense(name, data)
@@ -237,12 +251,27 @@ class _Progress:
             self.bar.close()
 
 
+def _own_model(model: nn.Module) -> bool:
+    return type(_unwrap(model)).__module__.split(".")[0] == __name__.split(".")[0]
+
+
+def _batch_form(model: nn.Module) -> tuple[torch.Tensor, int] | None:
+    """A parameter of one of fastae's models (whose dtype its batches take, but for those that
+    pass together under autocast) and its width, ``in_features``: checked as a DataLoader
+    yields the batches, where the model's own check would name its ``x``. None for another
+    model, which may take other batches."""
+    in_features = getattr(_unwrap(model), "in_features", None)
+    if not _own_model(model) or not isinstance(in_features, int):
+        return None
+    return next(model.parameters()), in_features
+
+
 def _check_finite_data(model: nn.Module, tensors: list) -> None:
     """Tensor data (and validation data) for one of fastae's models free of NaN and inf,
     which would make its loss NaN an epoch later: their extremes in one pass, one sync. A
     model of another package's (or the caller's) may read NaN as a missing value; batches a
     DataLoader yields are not read ahead (a NaN there ends training with LossNotFinite)."""
-    if type(_unwrap(model)).__module__.split(".")[0] != __name__.split(".")[0]:
+    if not _own_model(model):
         return
     for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
@@ -288,11 +317,12 @@ def _targets_resumed(model: nn.Module):
         module.check_targets = False
 
 
-def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
+def _on_device(batch, device: torch.device, name: str = "data", form=None) -> torch.Tensor:
     """The batch's input on ``device``; copied to a GPU asynchronously where it is in pinned
     memory (``DataLoader(pin_memory=True)``). A copy to the host stays blocking: an
     asynchronous one could be read before it lands. A batch made under inference mode is
-    copied (autograd cannot save it for backward)."""
+    copied (autograd cannot save it for backward). With ``form`` (:func:`_batch_form`), its
+    dtype and width are checked, the error naming ``name``."""
     x = _first(batch)
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -305,6 +335,18 @@ def _on_device(batch, device: torch.device, name: str = "data") -> torch.Tensor:
             "a dataset of single rows is batched by DataLoader(dataset, batch_size=...)"
         )
     x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
+    if form is not None:
+        like, in_features = form
+        if x.dtype != like.dtype and not _checks.autocast_together(x, like):
+            raise TypeError(
+                f"{name} must yield batches of the dtype of the model's parameters "
+                f"({like.dtype}), got a batch of {x.dtype}"
+            )
+        if x.shape[1:] != (in_features,):
+            raise ValueError(
+                f"{name} must yield batches of {in_features} columns (the model's "
+                f"in_features), got a batch of shape {tuple(x.shape)}"
+            )
     return x.clone() if x.is_inference() else x
 
 
@@ -322,7 +364,10 @@ def _global_mean(name: str, total: torch.Tensor, count: int, parallel: bool) -> 
     elif count:
         loss_sum = float(total)
     if not count:
-        raise ValueError(f"{name} yielded no rows")
+        raise ValueError(
+            f"{name} yielded no rows: an empty list or dataset, or a DataLoader with "
+            "drop_last=True and fewer rows than its batch_size (whose one batch it drops)"
+        )
     return loss_sum / count
 
 
@@ -338,11 +383,12 @@ def _used_up(name: str, count: int, epoch: int, parallel: bool) -> None:
 
 def _mean_loss(model: nn.Module, batches, device, epoch: int = 0) -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    form = _batch_form(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _on_device(batch, device, "validation_data")
+            x = _on_device(batch, device, "validation_data", form)
             total.add_(_checks.model_loss(model(x)), alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
@@ -436,7 +482,8 @@ def fit(
     ``epochs`` passes, stepping ``optimizer`` (by default Adam at ``lr``) once a minibatch
     (of tensor or array data, ``batch_size`` rows; an epoch's last batch holds the rest).
 
-    ``data`` and ``validation_data`` are (N, d) tensors or arrays (batched here; the training
+    ``data`` and ``validation_data`` are (N, d) tensors or arrays (or array-likes, as a pandas
+    DataFrame, read as the array ``np.asarray`` makes; batched here; the training
     rows reshuffled every epoch, by a generator seeded from ``seed``, unless ``shuffle`` is
     False) or any iterable of batches but a tuple (a DataLoader or
     a list; a batch may be a tensor or a tuple whose first item is the input, the model
@@ -445,7 +492,8 @@ def fit(
     here). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
-    Numpy arrays take the model's dtype (converted once), tensors must already have it; both
+    Numpy arrays take the model's dtype (converted once; a masked array must mask nothing, a
+    read-only one is shared, never written), tensors must already have it; both
     are read detached (a tensor that requires grad gets none; the training batches of data
     made under ``torch.inference_mode()`` are copied, as autograd cannot save them).
     Training records autograd whatever the caller's grad mode (inside ``torch.no_grad()`` too).
@@ -567,6 +615,7 @@ def fit(
     shuffle_seed = seed
     if shuffle_seed is None:
         shuffle_seed = _from_process_zero(draw_seed(), like.device, parallel)
+    data, validation_data = _plain_array(data), _plain_array(validation_data)
     if validation_split is not None:
         data, validation_data = _split_off(data, validation_data, validation_split)
     train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
@@ -590,6 +639,7 @@ def fit(
     scheduler = _scheduler(scheduler, optimizer, cuda_graph, like.device)
 
     history = History()
+    form = _batch_form(model)
     best, best_state, waited, patience_stopped = math.inf, None, 0, False
 
     def check_finite(loss: float, which: str, epoch: int) -> None:
@@ -631,7 +681,7 @@ def fit(
             total, count = torch.zeros((), dtype=torch.float64, device=like.device), 0
             history.lr.append(float(optimizer.param_groups[0]["lr"]))
             for batch in train:
-                x = _on_device(batch, like.device)
+                x = _on_device(batch, like.device, "data", form)
                 if step is not None:
                     loss = step(x)
                 else:
@@ -687,6 +737,15 @@ def fit(
     if not all(bool(flag) for flag in finite):
         raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
     return history
+
+
+def _plain_array(data):
+    """An array-like that is not a tensor, array or DataLoader (a pandas or polars DataFrame,
+    whose iteration yields its column names) as the numpy array it holds; anything else as
+    given."""
+    if hasattr(data, "__array__") and not isinstance(data, (torch.Tensor, np.ndarray, DataLoader)):
+        return np.asarray(data)
+    return data
 
 
 def _split_off(data, validation_data, share):

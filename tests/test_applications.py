@@ -833,6 +833,44 @@ def test_only_minus_one_marks_an_unlabelled_sample(digits):
     assert model.n_labeled_ == (labels != -1).sum()
 
 
+@pytest.mark.parametrize("missing", [None, np.nan, np.float32("nan")])
+def test_missing_labels_are_refused_with_the_unlabelled_marker_named(missing):
+    x = np.random.default_rng(0).random((40, 5))
+    labels = np.array(["cat", "dog"] * 20, dtype=object)
+    labels[:6] = missing
+    message = r"^y holds None or NaN for 6 samples: the unlabelled marker is the integer -1, "
+    with pytest.raises(ValueError, match=message):
+        SemiSupervisedAutoencoder(2, epochs=1).fit(x, labels)
+    with pytest.raises(ValueError, match=message):
+        SemiSupervisedAutoencoder(2, epochs=1).fit(x, np.where(np.arange(40) < 6, np.nan, 1.0))
+    labels[:6] = -1
+    assert SemiSupervisedAutoencoder(2, epochs=1).fit(x, labels).n_labeled_ == 34
+
+
+def test_score_leaves_out_the_unlabelled_samples():
+    """score on semi-supervised y (as cross-validation passes it) is the accuracy on its
+    labelled samples: -1 is no class to predict."""
+    from sklearn.model_selection import cross_val_score
+
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 5))
+    classes = np.where(x[:, 0] > 0.5, "high", "low").astype(object)
+    labels = classes.copy()
+    labels[::3] = -1
+    model = SemiSupervisedAutoencoder(3, epochs=2, random_state=0).fit(x, labels)
+    kept = np.arange(60) % 3 != 0
+    assert model.score(x, labels) == model.score(x[kept], classes[kept])
+    weights = rng.random(60)
+    assert model.score(x, labels, weights) == model.score(x[kept], classes[kept], weights[kept])
+    assert model.score(x, classes) == np.mean(model.predict(x) == classes)
+    with pytest.raises(ValueError, match="^y has no labelled sample to score"):
+        model.score(x, np.full(60, -1))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        model.score(x, labels[:-1])
+    scores = cross_val_score(SemiSupervisedAutoencoder(3, epochs=1, random_state=0), x, labels)
+    assert np.isfinite(scores).all()
+
+
 def test_reconstruction_weight_zero_is_allowed():
     """reconstruction_weight lies in [0, inf): 0 trains the classifier alone (the
     semi-supervised head) or DEC's KL alone (Xie et al.'s DEC, no IDEC term)."""

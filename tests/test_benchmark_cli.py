@@ -103,6 +103,24 @@ def test_bad_options_are_errors_before_any_timing(options, message, monkeypatch,
     assert stderr.getvalue().startswith("error: ") and message in stderr.getvalue()
 
 
+def test_a_backend_that_cannot_run_fastaes_providers_is_an_error(monkeypatch):
+    monkeypatch.setattr(fb.backend, "triton_interpreting", lambda: False)
+    argv = ["bench", "--device", "cpu", "--cases", "plain", "--size", "8x8x8", "--rounds", "1"]
+    for requested, message in [
+        ("triton", "error: the backend requested is 'triton', but "),
+        ("cuda", "error: FASTAE_BACKEND must be one of ('auto', 'triton', 'reference'), got "),
+    ]:
+        monkeypatch.setenv("FASTAE_BACKEND", requested)
+        monkeypatch.setattr(fb, "measure", lambda *args: pytest.fail("measured"))
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            assert cli.main(argv) == 2
+        assert stderr.getvalue().startswith(message)
+        monkeypatch.setattr(fb, "measure", lambda *args: [])  # eager alone needs no backend
+        with redirect_stderr(io.StringIO()):
+            assert cli.main([*argv, "--providers", "eager"]) == 0
+
+
 def test_a_cuda_device_without_cuda_is_an_error_naming_it(monkeypatch):
     monkeypatch.setattr(fb, "measure", lambda *args: pytest.fail("measured"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -518,6 +518,15 @@ def test_fit_says_a_one_shot_iterable_was_used_up():
             fastae.fit(model, epochs=2, progress=False, **kwargs)
 
 
+def test_fit_says_why_batches_may_hold_no_rows():
+    model = fastae.Autoencoder(5, 3)
+    dropped = DataLoader(TensorDataset(torch.rand(10, 5)), batch_size=16, drop_last=True)
+    for name in ("data", "validation_data"):
+        kwargs = {"data": torch.rand(6, 5), name: dropped}
+        with pytest.raises(ValueError, match=names(name) + " yielded no rows: .*drop_last=True"):
+            fastae.fit(model, epochs=1, progress=False, **kwargs)
+
+
 def test_fit_needs_a_model_with_parameters():
     with pytest.raises(TypeError, match=names("model")):
         fastae.fit(torch.nn.Identity(), torch.rand(6, 5), epochs=1, progress=False)
@@ -812,3 +821,33 @@ def test_fit_names_batches_that_are_not_tensors_of_rows(where):
         fit(list(rows))  # single rows
     with pytest.raises(TypeError, match=rf"^{where} must yield tensors .*, got a batch of dict$"):
         fit(DataLoader([{"x": row} for row in rows], batch_size=4))
+    message = rf"^{where} must yield batches of the dtype of the model's parameters "
+    with pytest.raises(
+        TypeError, match=message + r"\(torch.float32\), got a batch of torch.float64$"
+    ):
+        fit(DataLoader(TensorDataset(rows.double()), batch_size=4))
+    message = rf"^{where} must yield batches of 5 columns \(the model's in_features\), got a "
+    with pytest.raises(ValueError, match=message + r"batch of shape \(8, 4\)$"):
+        fit([rows[:8, :4]])
+    with pytest.raises(ValueError, match=message + r"batch of shape \(8, 5, 1\)$"):
+        fit([rows[:8, :, None]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 batches pass under autocast
+        fit([rows.bfloat16()])
+
+
+def test_fit_checks_batches_only_for_fastaes_models():
+    """Another model may take batches of other dtypes or shapes (its own checks apply)."""
+
+    class Embedded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_features = 3  # of its embeddings, not of the token ids it takes
+            self.embedding = torch.nn.Embedding(10, 3)
+            self.autoencoder = fastae.Autoencoder(3, 2, output="identity", loss="mse")
+
+        def forward(self, tokens):
+            return self.autoencoder(self.embedding(tokens).mean(1))
+
+    tokens = torch.randint(0, 10, (16, 7))
+    history = fastae.fit(Embedded(), [tokens], validation_data=[tokens], epochs=1, progress=False)
+    assert len(history.loss) == len(history.val_loss) == 1

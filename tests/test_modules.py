@@ -456,6 +456,57 @@ def test_fit_takes_arrays_with_negative_strides():
     assert fastae.fit(new_model(seed=3), flipped, **kwargs).loss == expected
 
 
+class Frame:
+    """A data frame's protocol, as pandas's: iteration yields the column names, the rows are
+    read through __array__."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __iter__(self):
+        return iter(f"column {j}" for j in range(self.values.shape[1]))
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+
+def test_fit_reads_array_likes_as_the_arrays_they_hold():
+    data = small_problem()
+    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False)
+    expected = fastae.fit(new_model(seed=3), data, validation_split=0.25, **kwargs)
+    history = fastae.fit(new_model(seed=3), Frame(data.numpy()), validation_split=0.25, **kwargs)
+    assert (history.loss, history.val_loss) == (expected.loss, expected.val_loss)
+    history = fastae.fit(
+        new_model(seed=3),
+        Frame(data.numpy()[:72]),
+        validation_data=Frame(data.numpy()[72:]),
+        **kwargs,
+    )
+    assert (history.loss, history.val_loss) == (expected.loss, expected.val_loss)
+    mixed = Frame(data.numpy().astype(object))  # as a frame of nullable columns reads
+    with pytest.raises(TypeError, match=r"^data must hold real numbers, got an array of dtype "):
+        fastae.fit(new_model(seed=3), mixed, **kwargs)
+    with pytest.raises(TypeError, match=r"dtype object \(.*df.to_numpy\(dtype='float32'\)\)$"):
+        fastae.fit(new_model(seed=3), mixed, **kwargs)
+
+
+def test_fit_refuses_masked_values_and_shares_read_only_arrays(tmp_path):
+    data = small_problem().numpy()
+    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False)
+    masked = np.ma.masked_array(data, mask=np.zeros(data.shape, bool))
+    expected = fastae.fit(new_model(seed=3), data, **kwargs).loss
+    assert fastae.fit(new_model(seed=3), masked, **kwargs).loss == expected
+    masked[2, 1] = np.ma.masked
+    with pytest.raises(ValueError, match=r"^validation_data is a masked array with 1 masked "):
+        fastae.fit(new_model(seed=3), data, validation_data=masked, **kwargs)
+    np.save(tmp_path / "data.npy", data)
+    mapped = np.load(tmp_path / "data.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning of a non-writable array
+        assert fastae.fit(new_model(seed=3), mapped, **kwargs).loss == expected
+    assert np.array_equal(mapped, data)
+
+
 def test_tensor_batches_cover_every_row_once_per_pass():
     from fastae.training import TensorBatches
 

@@ -336,6 +336,13 @@ def test_a_layer_without_hidden_units_is_a_clear_error(backend):
         pytest.raises(ValueError, match="^h must have at least one col"),
     ):
         fastae.ops.decode_loss(code, weight, torch.rand(16, device=DEVICE), target=target)
+    # and a decoder without output features: a loss over none (0 for every sample)
+    code, target = torch.rand(4, 8, device=DEVICE), torch.rand(4, 0, device=DEVICE)
+    with (
+        fastae.use_backend(backend),
+        pytest.raises(ValueError, match=r"^weight must have at least one row \(one output f"),
+    ):
+        fastae.ops.decode_loss(code, torch.rand(0, 8, device=DEVICE), target=target)
 
 
 @pytest.mark.parametrize("rho_hat_value", [0.0, 1.0])

@@ -448,6 +448,46 @@ def test_torch_tensors_are_read_as_the_arrays_of_their_values():
         AutoencoderTransformer(2, epochs=1).fit(torch.empty(40, 5, device="meta"))
 
 
+@pytest.mark.parametrize("scale", ["standard", "minmax"])
+def test_a_global_output_container_leaves_the_inner_scaling_numpy(scale):
+    """sklearn.set_config(transform_output="pandas") asks transformers for DataFrames: the
+    estimators' own outputs follow it, their inner scaler's (which they read as arrays) does
+    not. (Where pandas is missing, asking a transformer for one raises ImportError.)"""
+    import sklearn
+
+    x = np.random.default_rng(0).random((60, 5))
+    transformer = AutoencoderTransformer(2, epochs=1, scale=scale, random_state=0).fit(x)
+    detector = AutoencoderOutlierDetector(2, epochs=1, scale=scale, random_state=0).fit(x)
+    codes, scores = transformer.transform(x), detector.score_samples(x)
+    with sklearn.config_context(transform_output="pandas"):
+        refitted = AutoencoderTransformer(2, epochs=1, scale=scale, random_state=0).fit(x)
+        np.testing.assert_array_equal(
+            refitted.inverse_transform(codes), transformer.inverse_transform(codes)
+        )
+        detector = AutoencoderOutlierDetector(2, epochs=1, scale=scale, random_state=0).fit(x)
+        np.testing.assert_array_equal(detector.score_samples(x), scores)
+        detector.partial_fit(x)
+        assert fastae.neg_reconstruction_error(transformer, x) < 0
+
+
+def test_masked_arrays_are_refused_where_they_mask_values():
+    """scikit-learn reads a masked array's data, mask dropped; fastae refuses one that masks
+    values (in X or y), and reads one that masks none as its data."""
+    x = np.random.default_rng(0).random((40, 5))
+    masked = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+    fitted = AutoencoderTransformer(2, epochs=1, random_state=0).fit(masked)
+    expected = AutoencoderTransformer(2, epochs=1, random_state=0).fit(x).transform(x)
+    np.testing.assert_array_equal(fitted.transform(masked), expected)
+    masked[3, 4] = np.ma.masked
+    with pytest.raises(ValueError, match=r"^X is a masked array with 1 masked values, and "):
+        fitted.transform(masked)
+    with pytest.raises(ValueError, match=r"^X is a masked array with 1 masked values, and "):
+        AutoencoderOutlierDetector(2, epochs=1).fit(masked)
+    labels = np.ma.masked_array(np.arange(40) % 2, mask=np.arange(40) == 0)
+    with pytest.raises(ValueError, match=r"^y is a masked array with 1 masked values, and "):
+        fastae.SemiSupervisedAutoencoder(2, epochs=1).fit(x, labels)
+
+
 @pytest.mark.parametrize("model", ["autoencoder", "vae"])
 @pytest.mark.parametrize("scale", ["standard", "minmax"])
 def test_predictions_scale_and_copy_x_chunk_by_chunk(model, scale, digits, monkeypatch):
