@@ -7,6 +7,7 @@ import numbers
 import os
 import sys
 import warnings
+from collections.abc import Mapping, Set
 
 import numpy as np
 import torch
@@ -162,6 +163,8 @@ def positive_int(name: str, value: object) -> int:
 def widths(name: str, value: object, empty: bool = False) -> tuple[int, ...]:
     """A sequence of layer widths (positive ints) as a tuple; ``empty``: () is allowed."""
     kind = "a sequence" if empty else "a non-empty sequence"
+    if isinstance(value, (Set, Mapping)):  # no order to take the layers in
+        raise TypeError(f"{name} must be {kind} (a tuple or list) of positive ints, got {value!r}")
     try:
         length = None if isinstance(value, (str, bytes)) else len(value)
     except TypeError:  # no __len__, or a 0-d tensor or array's

@@ -588,8 +588,18 @@ def cluster_codes(
     ``random_state`` and ``n_init`` (restarts, or "auto") are ``KMeans``'s. Returns the
     fitted ``KMeans``: ``labels_``, ``cluster_centers_``, ``predict``.
     """
+    n_clusters = _checks.positive_int("n_clusters", n_clusters)
+    _check_n_init(n_init)
+    random_state_generator(random_state)  # its checks (KMeans takes a bool for an int)
     codes = check_array(host_array("codes", codes), dtype=[np.float64, np.float32])
     return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=random_state).fit(codes)
+
+
+def _check_n_init(n_init) -> None:
+    if n_init != "auto" and (
+        isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1
+    ):
+        raise ValueError(f"n_init must be 'auto' or a positive int, got {n_init!r}")
 
 
 def _assignment_logits(z: Tensor, centers: Tensor, alpha: float) -> Tensor:
@@ -734,11 +744,7 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
         weight = _reconstruction_weight(self.reconstruction_weight)
         _checks.finite_number("tol", self.tol, low=0)
         _checks.verbosity("verbose", self.verbose)
-        n_init = self.n_init
-        if n_init != "auto" and (
-            isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1
-        ):
-            raise ValueError(f"n_init must be 'auto' or a positive int, got {n_init!r}")
+        _check_n_init(self.n_init)
         # DEC's own validation: its messages, n_features_in_ and feature_names_in_
         checked = _validate_data(self, X, dtype=[np.float64, np.float32])
         if n_clusters > checked.shape[0]:

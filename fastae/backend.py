@@ -1,9 +1,9 @@
 """Backend selection: ``triton`` kernels or the plain-torch ``reference``.
 
-``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``reference`` (CPU tensors
-included, even under ``TRITON_INTERPRET=1``: the interpreted kernels run on the CPU only when
-``triton`` is asked for by name). Asking for ``triton`` where it cannot run raises; it never
-falls back silently.
+``auto`` picks ``triton`` for CUDA tensors when Triton 3.6 or newer is installed
+(:data:`MIN_TRITON`), else ``reference`` (CPU tensors included, even under
+``TRITON_INTERPRET=1``: the interpreted kernels run on the CPU only when ``triton`` is asked
+for by name). Asking for ``triton`` where it cannot run raises; it never falls back silently.
 
 The requested backend is, first to last: the innermost ``use_backend`` of the calling thread
 (a per-thread, per-asyncio-task override), the process-wide default of ``set_backend``, the

@@ -114,7 +114,27 @@ def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
     return total / count
 
 
-class OutputOptions:
+class FixedAtBuild:
+    """A model's layout (``_FIXED``: its widths, tied or not), set once when it is built: its
+    parameters' shapes follow it, so reassigning one is an error, not a model whose
+    description no longer matches its weights. Its flags (``_FLAGS``) are checked whenever
+    set."""
+
+    _FIXED: tuple[str, ...] = ()
+    _FLAGS = ("check_targets", "sync_statistics")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._FIXED and name in self.__dict__:
+            raise AttributeError(
+                f"{name} is fixed when the model is built (the parameters' shapes follow it): "
+                f"build a new {type(self).__name__}"
+            )
+        if name in self._FLAGS:
+            value = _checks.flag(name, value)
+        super().__setattr__(name, value)
+
+
+class OutputOptions(FixedAtBuild):
     """A model's ``activation``, ``output`` and ``loss_name``, checked whenever set, alone and
     together (a model set up again after construction trains as one constructed so would):
     each against the others as they are then, so from output "sigmoid" with loss "bce" to
@@ -249,7 +269,7 @@ class Autoencoder(RegularizerOptions, nn.Module):
         sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
         contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
-            ``fastae.fit`` checks its data once and skips the per-step check; a
+            ``fastae.fit`` checks tensor or array data once and skips the per-step check; a
             ``torch.compile`` graph skips it too).
         sync_statistics: under torch.distributed, in training mode, all-reduce the sparsity
             column sums so the KL penalty sees the mean activation of the global batch (like
@@ -260,6 +280,9 @@ class Autoencoder(RegularizerOptions, nn.Module):
         device, dtype: where and in which dtype the parameters are made and initialised, as
             ``torch.nn.Linear``'s (None: torch's defaults).
     """
+
+    _FIXED = ("in_features", "hidden_features", "tied")
+    _OPTIONS = (*RegularizerOptions._OPTIONS, "contractive")
 
     def __init__(
         self,
@@ -451,6 +474,8 @@ class DeepAutoencoder(RegularizerOptions, nn.Module):
     No contractive penalty: the fused op's Jacobian is one layer's, not the whole encoder's
     (use :class:`Autoencoder`, or :class:`fastae.StackedAutoencoder` for a per-layer one).
     """
+
+    _FIXED = ("in_features", "sizes", "tied")
 
     def __init__(
         self,

@@ -925,9 +925,9 @@ def decode_loss(
         return_reconstruction: also return x^ (B, d), computed in the same pass (no second
             GEMM); it carries no gradient.
         check_target: for BCE, check that the target lies in [0, 1] (a device-to-host sync
-            on GPUs; ``fastae.fit`` checks its data once and turns this off per step). Not
-            inside a ``torch.compile`` graph, which cannot raise on values: check the data
-            before compiled steps.
+            on GPUs; ``fastae.fit`` checks tensor or array data once and turns this off per
+            step). Not inside a ``torch.compile`` graph, which cannot raise on values: check
+            the data before compiled steps.
 
     Where no input requires a gradient (scoring or validation under ``torch.no_grad``),
     d ell / d z^ (B, d), which backward would need, is neither computed nor stored.
@@ -943,11 +943,6 @@ def decode_loss(
     if h.shape[1] == 0:
         raise ValueError(
             f"h must have at least one column (one code unit), got shape {tuple(h.shape)}"
-        )
-    if weight.shape[0] == 0:  # as encode's x: a loss over no features is no loss
-        raise ValueError(
-            f"weight must have at least one row (one output feature), got shape "
-            f"{tuple(weight.shape)}"
         )
     target = _checks.tensor("target", target, 2)
     _checks.same_kind("target", target, "h", h)
@@ -1170,6 +1165,8 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
         well (one kernel on the GPU), so backward is one product.
     """
     rho_hat = _checks.tensor("rho_hat", rho_hat, 1)
+    if rho_hat.shape[0] == 0:
+        raise ValueError("rho_hat must hold at least one unit's mean activation, got shape (0,)")
     # not while torch.compile traces, where rho may be a symbolic float with no value to
     # check (KLSparsity checked its rho when made)
     if not torch.compiler.is_compiling():

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fractions
 import functools
+import math
 import numbers
 import threading
 from collections.abc import Sequence
@@ -491,10 +493,11 @@ class AutoencoderEstimatorMixin:
     def _train(
         self, module, data: torch.Tensor, epochs: int, seed: int, early=None, rows=None, **kwargs
     ) -> History:
-        """:func:`fastae.fit` with this estimator's batch size, learning rate, progress and
-        ``cuda_graph``; with ``early`` (:meth:`_early_stopping`'s parameters) on the training
-        rows of ``rows`` (default: :func:`hold_out`'s, drawn with ``seed``), stopping on the
-        loss of the held-out ones."""
+        """:func:`fastae.fit` with this estimator's batch size, learning rate (that of the
+        default Adam, where ``kwargs`` pass no optimizer), progress and ``cuda_graph``; with
+        ``early`` (:meth:`_early_stopping`'s parameters) on the training rows of ``rows``
+        (default: :func:`hold_out`'s, drawn with ``seed``), stopping on the loss of the
+        held-out ones."""
         if early:
             train, held = rows or hold_out(data.shape[0], early["fraction"], seed)
             data, validation = data[train.to(data.device)], data[held.to(data.device)]
@@ -507,16 +510,10 @@ class AutoencoderEstimatorMixin:
         # a caller may override either
         progress = _checks.verbosity("verbose", self.verbose)
         kwargs = {"progress": progress, "cuda_graph": bool(self.cuda_graph)} | kwargs
+        if "optimizer" not in kwargs:
+            kwargs["lr"] = self._learning_rate()
         try:
-            history = fit(
-                module,
-                data,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=self._learning_rate(),
-                seed=seed,
-                **kwargs,
-            )
+            history = fit(module, data, epochs=epochs, batch_size=batch_size, seed=seed, **kwargs)
         except LossNotFinite as error:
             raise ValueError(f"training diverged: {error.what()}; {self._advice()}") from error
         module.zero_grad(set_to_none=True)  # a fitted estimator keeps no gradient buffers
@@ -659,6 +656,11 @@ def neg_reconstruction_error(estimator, X, y=None) -> float:
     transformers' own ``score`` is in their scaled space and ``loss_`` units: it compares
     fits that share ``scale``, ``loss`` and ``model``.) The codes pass between the two as
     arrays, whatever ``sklearn.set_config(transform_output=...)`` asks of transformers."""
+    if not (hasattr(estimator, "transform") and hasattr(estimator, "inverse_transform")):
+        raise TypeError(
+            "neg_reconstruction_error scores a transformer with transform and "
+            f"inverse_transform, got {type(estimator).__name__}"
+        )
     with sklearn.config_context(transform_output="default"):
         reconstruction = estimator.inverse_transform(estimator.transform(X))
     truth = check_array(host_array("X", X), dtype=np.float64, input_name="X")
@@ -797,6 +799,7 @@ class ModelChoiceMixin:
             output="sigmoid" if loss == "bce" else "identity",
             loss=loss,
             beta=float(self.beta),
+            check_targets=False,  # BCE inputs are clipped to [0, 1] by _tensor
             **_MADE,
         )
 
@@ -1078,7 +1081,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
     ``hidden`` units on each side) is trained instead, and the score is its negative ELBO
     (``anomaly_score="elbo"``, which the default None means for it: that reconstruction loss
     plus the posterior's KL to the prior) or its reconstruction loss alone (``"reconstruction"``),
-    both decoded from the posterior mean, so the same input always gets the same score.
+    both decoded from the posterior mean: no random draw, so an input's score does not vary
+    from call to call (beyond the rounding of the products, which may differ with the batch
+    it is scored in).
 
     Fitted attributes with PyOD's meaning (higher = more abnormal):
         decision_scores_: anomaly score of each training sample (= -score_samples).
@@ -1222,6 +1227,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
         self.offset_ = -self.threshold_
         self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
+        # floor(n * contamination) in exact arithmetic on the share as written (float64 makes
+        # 100 * 0.29 28.999...), kept with the threshold it goes with
+        self._expected_outliers = math.floor(len(X) * fractions.Fraction(repr(float(c))))
 
     def score_samples(self, X):
         """Minus the anomaly score: higher means more normal."""
@@ -1282,12 +1290,13 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         2020): the chance that the same detector fitted on another draw of n training rows
         predicts the same. With p = (1 + #{decision_scores_ <= s}) / (n + 2) for the anomaly
         score s, an outlier's is P(Binomial(n, p) > n - floor(n * contamination)), an
-        inlier's its complement."""
+        inlier's its complement (contamination as fitted, floor exact: 29 of 100 rows at
+        0.29, where PyOD's float product rounds down to 28)."""
         return self._confidence(-self.score_samples(X))
 
     def _confidence(self, scores: np.ndarray) -> np.ndarray:
         train = np.sort(self.decision_scores_)
         n = train.size
         p = (1.0 + np.searchsorted(train, scores, side="right")) / (n + 2.0)
-        outlier = binom.sf(n - int(n * self.contamination), n, p)
+        outlier = binom.sf(n - self._expected_outliers, n, p)
         return np.where(scores > self.threshold_, outlier, 1.0 - outlier)

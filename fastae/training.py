@@ -6,6 +6,7 @@ import contextlib
 import copy
 import fractions
 import functools
+import inspect
 import math
 import sys
 import time
@@ -63,6 +64,8 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
             )
         if any(stride < 0 for stride in data.strides):  # torch takes no negative strides
             data = np.ascontiguousarray(data)
+        if not data.dtype.isnative or data.dtype.itemsize > 8:  # nor these (longdouble)
+            data = data.astype(np.float64)  # the widest dtype a model computes in
         with warnings.catch_warnings():
             # a read-only array (np.load(..., mmap_mode="r")) is shared as it is: fit never
             # writes to the data, nor do fastae's models to their input
@@ -285,35 +288,46 @@ def _check_finite_data(model: nn.Module, tensors: list) -> None:
             )
 
 
+@dataclass
+class _TargetCheck:
+    """Whether fit paused a BCE model's per-step target check, and the ``check_targets`` the
+    caller set (a callback may change it): the model's again when fit ends."""
+
+    paused: bool = False
+    setting: bool = True
+
+
 @contextlib.contextmanager
 def _targets_checked_once(model: nn.Module, tensors: list):
     """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
-    without the per-step check (a device sync each step); yields whether it paused it."""
+    without the per-step check (a device sync each step)."""
     module = _unwrap(model)
     if not (getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"):
-        yield False
+        yield _TargetCheck()
         return
     if not all(isinstance(t, torch.Tensor) for t in tensors):
-        yield False
+        yield _TargetCheck()
         return
     for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
         check_unit_interval(name, tensor, MODEL_BCE_ADVICE)
+    check = _TargetCheck(paused=True)
     module.check_targets = False
     try:
-        yield True
+        yield check
     finally:
-        module.check_targets = True
+        module.check_targets = check.setting
 
 
 @contextlib.contextmanager
-def _targets_resumed(model: nn.Module):
-    """The target check :func:`_targets_checked_once` paused, back on for a while: the
-    callback sees (and may save or copy) the model as the caller set it."""
+def _targets_resumed(model: nn.Module, check: _TargetCheck):
+    """The target check :func:`_targets_checked_once` paused, as the caller set it for a
+    while: the callback sees (and may save, copy or change) the model as the caller would."""
     module = _unwrap(model)
-    module.check_targets = True
+    module.check_targets = check.setting
     try:
         yield
     finally:
+        check.setting = module.check_targets
         module.check_targets = False
 
 
@@ -445,6 +459,38 @@ def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
     return bool(flag)
 
 
+def _fingerprint(row: torch.Tensor) -> torch.Tensor:
+    """sum_k (k + 1) byte_k of a row's bytes, in int64: exact (below 2^63 for rows under
+    10^8 bytes), so equal rows give equal digests on any device."""
+    data = row.detach().contiguous().view(torch.uint8).to(torch.int64)
+    weights = torch.arange(1, data.numel() + 1, dtype=torch.int64, device=data.device)
+    return (data * weights).sum()
+
+
+def _check_whole_on_every_process(name: str, tensor: torch.Tensor, device) -> None:
+    """Tensor data under data-parallel training is the same whole data on every process (fit
+    shards it): rows, columns and a digest of the first and last rows compared in one
+    all-reduce. Data split per process beforehand would be split again, and differing row
+    counts desynchronize the processes' collectives."""
+    rows = tensor.shape[0]
+    summary = torch.stack(
+        [
+            torch.tensor(rows, dtype=torch.int64),
+            torch.tensor(tensor.shape[1], dtype=torch.int64),
+            _fingerprint(tensor[0]).cpu(),
+            _fingerprint(tensor[rows - 1]).cpu(),
+        ]
+    ).to(device)
+    extremes = torch.cat([summary, -summary])  # the maxima and minus the minima, one collective
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(extremes[:4], -extremes[4:]):
+        raise ValueError(
+            f"{name} differs between the processes ({rows} rows of {tensor.shape[1]} here): "
+            "under data-parallel training pass the whole data on every process, which fit "
+            "shards (or each process's own batches, in a DataLoader)"
+        )
+
+
 def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
     """Process 0's ``value`` in data-parallel training (a broadcast), else ``value``: the
     DistributedSampler's shuffling seed must be the same on every process, or the shards
@@ -456,6 +502,9 @@ def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
     return int(shared)
 
 
+DEFAULT_LR = 1e-3  # fit's default Adam's, Keras's and PyTorch's
+
+
 @_with_autograd
 def fit(
     model: nn.Module,
@@ -463,7 +512,7 @@ def fit(
     *,
     epochs: int = 20,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     validation_data=None,
     validation_split: float | None = None,
@@ -520,8 +569,9 @@ def fit(
 
     ``progress``: a progress bar of the epochs and their losses (tqdm where installed, else a
     line an epoch on stderr; under data-parallel training on process 0 alone).
-    ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (PyTorch's fused Adam
-    on CUDA and on the CPU).
+    ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (1e-3 where None;
+    PyTorch's fused Adam on CUDA and on the CPU); an optimizer passed in holds its own rate,
+    and ``lr`` must then be None.
     ``scheduler``: a learning-rate scheduler stepped once an epoch, after its losses (a
     ``ReduceLROnPlateau`` with the loss ``patience`` watches: validation if given, else
     training): one built on ``optimizer``, or a callable that builds one from the optimizer
@@ -545,9 +595,11 @@ def fit(
     default Adam's is one, and a given optimizer's must be (``lr=torch.tensor(1e-3,
     device="cuda")``).
 
-    Under ``torchrun`` (an initialized process group) a DistributedDataParallel model trains
-    data-parallel, and every process must call fit: tensor data is sharded across processes
-    with a DistributedSampler (shuffled alike on all: process 0's seed; it pads the training
+    Under ``torchrun`` (an initialized process group) a DistributedDataParallel model (over
+    the default group) trains data-parallel, and every process must call fit with the same
+    whole tensor data (checked; or its own batches in a DataLoader): tensor data is sharded
+    across processes with a DistributedSampler (shuffled alike on all: process 0's seed, given
+    or drawn; it pads the training
     rows to a multiple of the processes with repeated rows, which are trained on and counted;
     validation data in unpadded shards, each row once), the losses in the history are means
     over every process's rows (one all-reduce an epoch), so all processes stop early, keep
@@ -568,6 +620,12 @@ def fit(
     batch_size = _checks.positive_int("batch_size", batch_size)
     if patience is not None:
         patience = _checks.positive_int("patience", patience)
+    if lr is not None and optimizer is not None:
+        raise ValueError(
+            "lr sets the rate of fit's default Adam: with optimizer given, leave lr None and "
+            "set the rate on the optimizer"
+        )
+    lr = DEFAULT_LR if lr is None else lr
     lr = _checks.finite_number("lr", lr, low=0, open_low=True, float32=True)
     min_delta = _checks.finite_number("min_delta", min_delta, low=0)
     seed = check_seed(seed)
@@ -576,8 +634,8 @@ def fit(
     restore_best = _checks.flag("restore_best", restore_best)
     if max_grad_norm is not None:
         max_grad_norm = _checks.finite_number("max_grad_norm", max_grad_norm, low=0, open_low=True)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if callback is not None:
+        _check_callback(callback)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -587,6 +645,12 @@ def fit(
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "model has parameters on the meta device, which hold no values to train: "
+            "materialize them first (model.to_empty(device=...) and initialize them, or "
+            "load_state_dict(..., assign=True))"
+        )
     # .data: a lazy parameter's too, which its first batch would fill in place
     if any(t.data.is_inference() for t in (*model.parameters(), *model.buffers())):
         raise ValueError(
@@ -607,21 +671,37 @@ def fit(
             "(fit's seed, or an estimator's random_state, makes the run repeatable)"
         )
     parallel = _data_parallel(model)
+    if parallel and model.process_group is not torch.distributed.group.WORLD:
+        raise ValueError(
+            "model is DistributedDataParallel over a process group other than the default one, "
+            "over which fit shards the data and averages the losses: wrap it over the default "
+            "group (or train it in a loop of your own)"
+        )
     rank = torch.distributed.get_rank() if parallel else 0
     if seed is not None:
         # data-parallel, one stream per process: with one seed, the noise (and a VAE's eps)
         # of row i of every process's batch would be the same
         seed_torch((seed + rank) % 2**64)
-    shuffle_seed = seed
-    if shuffle_seed is None:
-        shuffle_seed = _from_process_zero(draw_seed(), like.device, parallel)
     data, validation_data = _plain_array(data), _plain_array(validation_data)
+    # the shuffling seed, drawn only where tensor data is shuffled (an unused draw would
+    # shift the noise drawn after it, and a run resumed from a checkpoint with it), and
+    # process 0's on every process: a DistributedSampler's shards are disjoint only where all
+    # processes shuffle alike
+    shuffle_seed = 0 if seed is None else seed
+    if shuffle and isinstance(data, (torch.Tensor, np.ndarray)):
+        shuffle_seed = _from_process_zero(
+            draw_seed() if seed is None else seed, like.device, parallel
+        )
     if validation_split is not None:
         data, validation_data = _split_off(data, validation_data, validation_split)
     train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
     val = None
     if validation_data is not None:
         val = _batches("validation_data", validation_data, model, batch_size, False, 0)
+    if parallel:
+        for name, batches in (("data", train), ("validation_data", val)):
+            if isinstance(batches, TensorBatches):
+                _check_whole_on_every_process(name, batches.tensor, like.device)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if optimizer is None:
         _check_adam_dtype(model)
@@ -629,7 +709,12 @@ def fit(
         lr_on_device = cuda_graph and scheduler is not None
         optimizer = default_optimizer(model, lr, capturable=cuda_graph, lr_tensor=lr_on_device)
     # every step through the graphed step: it runs eagerly until it captures
-    step = GraphedStep(model, optimizer, max_grad_norm=max_grad_norm) if cuda_graph else None
+    step = None
+    if cuda_graph:
+        try:
+            step = GraphedStep(model, optimizer, max_grad_norm=max_grad_norm)
+        except ValueError as error:  # said of cuda_graph, the argument that asked for it
+            raise ValueError(f"cuda_graph=True: {error}") from None
     trained = [p for p in model.parameters() if p.requires_grad]
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(id(p) in stepped for p in trained):
@@ -659,9 +744,9 @@ def fit(
     with contextlib.ExitStack() as stack:
         stack.callback(model.eval)  # however fit ends: an interrupt, a callback's error
         _check_finite_data(model, given)
-        paused = stack.enter_context(_targets_checked_once(model, given))
+        target_check = stack.enter_context(_targets_checked_once(model, given))
         # after the data's checks: data refused shows no progress bar
-        bar = _Progress(epochs, progress and rank == 0, type(model).__name__)
+        bar = _Progress(epochs, progress and rank == 0, type(_unwrap(model)).__name__)
         stack.callback(bar.close)
 
         def restore_best_if_interrupted(kind, error, traceback) -> bool:
@@ -717,7 +802,12 @@ def fit(
                 stop = patience_stopped = waited >= patience
             if callback is not None:
                 history.seconds = time.perf_counter() - start
-                with _targets_resumed(model) if paused else contextlib.nullcontext():
+                resumed = (
+                    _targets_resumed(model, target_check)
+                    if target_check.paused
+                    else contextlib.nullcontext()
+                )
+                with resumed:
                     answer = callback(epoch + 1, history)
                 stop = _asked_to_stop(answer, like.device, parallel) or stop
             if stop:
@@ -737,6 +827,23 @@ def fit(
     if not all(bool(flag) for flag in finite):
         raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
     return history
+
+
+def _check_callback(callback) -> None:
+    """A callable that takes (epoch, history), checked before the first epoch's training."""
+    if not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):  # one without a signature to read (some builtins)
+        return
+    try:
+        signature.bind(1, History())
+    except TypeError:
+        raise TypeError(
+            f"callback must take two arguments, (epoch, history), got one with signature "
+            f"{signature}"
+        ) from None
 
 
 def _plain_array(data):

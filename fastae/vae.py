@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,10 +101,13 @@ class VAE(OutputOptions, nn.Module):
             "mse".
         beta: weight of the KL term in the training objective (beta-VAE; 1 = the ELBO).
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
-            ``fastae.fit`` checks its data once and skips the per-step check).
+            ``fastae.fit`` checks tensor or array data once and skips the per-step check).
         device, dtype: where and in which dtype the parameters are made and initialised, as
             ``torch.nn.Linear``'s (None: torch's defaults).
     """
+
+    _FIXED = ("in_features", "hidden", "hidden_sizes", "latent")
+    _OPTIONS = (*OutputOptions._OPTIONS, "beta")
 
     def __init__(
         self,
@@ -322,7 +326,7 @@ class VAE(OutputOptions, nn.Module):
 
 def save_image_grid(
     images: Tensor,
-    path: str | os.PathLike,
+    path: str | os.PathLike | typing.BinaryIO,
     image_shape: tuple[int, int],
     *,
     columns: int = 8,
@@ -334,12 +338,23 @@ def save_image_grid(
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("save_image_grid needs matplotlib: pip install 'fastae[apps]'") from error
+    if not (isinstance(path, (str, os.PathLike)) or hasattr(path, "write")):
+        raise TypeError(
+            f"path must be a str, os.PathLike or binary file, got {type(path).__name__}"
+        )
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None, got {type(title).__name__}")
     if not (isinstance(image_shape, (tuple, list)) and len(image_shape) == 2):
         raise TypeError(f"image_shape must be (height, width), got {image_shape!r}")
     height = _checks.positive_int("image_shape[0]", image_shape[0])
     width = _checks.positive_int("image_shape[1]", image_shape[1])
-    images = _checks.tensor("images", images, 2).detach().float().cpu()
+    images = _checks.tensor("images", images, 2)
+    if images.is_meta:
+        raise ValueError("images is on the meta device: it holds no values to draw")
+    images = images.detach().float().cpu()
     _checks.rows("images", images)
+    if not torch.isfinite(images).all():
+        raise ValueError("images holds NaN or inf, which a gray scale cannot show")
     if images.shape[1] != height * width:
         raise ValueError(
             f"images must have {height * width} columns (image_shape {image_shape}), got "

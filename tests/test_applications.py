@@ -646,6 +646,22 @@ def test_dec_checks_its_clusters_before_training(monkeypatch):
             DECClustering(3, n_init=n_init).fit(x)
 
 
+def test_cluster_codes_checks_its_arguments_by_name():
+    """KMeans itself would take True for 1 (n_clusters, n_init, random_state)."""
+    codes = np.random.default_rng(0).random((20, 3))
+    for kwargs, error, name in [
+        ({"n_clusters": True}, ValueError, "n_clusters"),
+        ({"n_clusters": 0}, ValueError, "n_clusters"),
+        ({"n_init": True}, ValueError, "n_init"),
+        ({"n_init": 0}, ValueError, "n_init"),
+        ({"random_state": True}, TypeError, "random_state"),
+    ]:
+        with pytest.raises(error, match=rf"^{name} must be "):
+            cluster_codes(codes, **({"n_clusters": 3} | kwargs))
+    fitted = cluster_codes(codes, 3, random_state=0, n_init="auto")
+    assert fitted.get_params()["random_state"] == 0 and fitted.labels_.shape == (20,)
+
+
 def test_dec_keeps_the_feature_names_of_a_dataframe():
     """Fitted on a DataFrame, DEC records its columns and fits without a feature-name warning
     (pandas is not a dependency: the test runs where it is installed)."""
@@ -869,6 +885,22 @@ def test_score_leaves_out_the_unlabelled_samples():
         model.score(x, labels[:-1])
     scores = cross_val_score(SemiSupervisedAutoencoder(3, epochs=1, random_state=0), x, labels)
     assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "vae"])
+def test_estimators_models_check_no_targets_per_step(model):
+    """The estimators clip BCE inputs to [0, 1] themselves: no model inside them checks its
+    targets each step (a device sync on a GPU), a VAE inside a semi-supervised model too."""
+    x = np.random.default_rng(0).random((40, 5))
+    y = (x[:, 0] > 0.5).astype(int)
+    for estimator in (
+        AutoencoderTransformer(2, model=model, scale="minmax", epochs=1).fit(x),
+        SemiSupervisedAutoencoder(2, model=model, scale="minmax", epochs=1).fit(x, y),
+    ):
+        flags = [
+            m.check_targets for m in estimator.module_.modules() if hasattr(m, "check_targets")
+        ]
+        assert flags == [False]
 
 
 def test_reconstruction_weight_zero_is_allowed():

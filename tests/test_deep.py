@@ -160,9 +160,10 @@ def test_fit_trains_a_keras_sized_deep_autoencoder():
 
 
 def test_bad_arguments_name_themselves():
-    for sizes in ((), "12", 8, None, torch.tensor(3), np.array(3)):
+    for sizes in ((), "12", 8, None, torch.tensor(3), np.array(3), {8, 4}, {8: 1, 4: 1}):
         with pytest.raises(TypeError, match=r"^sizes must be a non-empty sequence"):
             fastae.DeepAutoencoder(10, sizes)
+    assert fastae.DeepAutoencoder(10, range(8, 3, -4)).sizes == (8, 4)
     with pytest.raises(ValueError, match=r"^sizes\[1\] must be a positive int"):
         fastae.DeepAutoencoder(10, (4, 0))
     with pytest.raises(ValueError, match=r"^sparsity KLSparsity needs activation 'sigmoid'"):

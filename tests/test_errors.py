@@ -554,6 +554,13 @@ def test_fit_checks_its_model_and_optimizer():
     before = model.weight.detach().clone()
     fastae.fit(model, data, epochs=1, optimizer=biases, progress=False)
     assert torch.equal(model.weight, before)
+    with pytest.raises(ValueError, match=names("model") + " has parameters on the meta device"):
+        fastae.fit(fastae.Autoencoder(5, 3, device="meta"), data, epochs=1, progress=False)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=names("lr") + " sets the rate of fit's default Adam"):
+        fastae.fit(model, data, epochs=1, optimizer=sgd, lr=0.5, progress=False)
+    assert fastae.fit(model, data, epochs=1, optimizer=sgd, progress=False).lr == [0.1]
+    assert fastae.fit(model, data, epochs=1, progress=False).lr == [1e-3]
 
 
 def test_loss_not_finite_pickles_with_its_fields():

@@ -1,6 +1,7 @@
 """fastae.Autoencoder, its penalties, fastae.fit, and behaviour on the digits data set."""
 
 import copy
+import functools
 import math
 import pickle
 import warnings
@@ -456,6 +457,15 @@ def test_fit_takes_arrays_with_negative_strides():
     assert fastae.fit(new_model(seed=3), flipped, **kwargs).loss == expected
 
 
+def test_fit_takes_arrays_of_any_byte_order_and_width():
+    data = small_problem()
+    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False)
+    expected = fastae.fit(new_model(seed=3), data, **kwargs).loss
+    for dtype in (">f4", ">f8", np.longdouble):
+        array = data.numpy().astype(dtype)
+        assert fastae.fit(new_model(seed=3), array, **kwargs).loss == expected
+
+
 class Frame:
     """A data frame's protocol, as pandas's: iteration yields the column names, the rows are
     read through __array__."""
@@ -847,6 +857,43 @@ def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
     assert len(logged.loss) == 3 and not logged.stopped_early
     with pytest.raises(TypeError, match=r"^callback must be callable or None, got str"):
         fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
+    model = new_model()
+    before = model.weight.detach().clone()
+    for wrong in (lambda: None, lambda history: None, lambda epoch, history, model: None):
+        with pytest.raises(TypeError, match=r"^callback must take two arguments, \(epoch, hist"):
+            fastae.fit(model, data, epochs=1, callback=wrong, **kwargs)
+    assert torch.equal(model.weight, before)  # refused before any training
+
+    class Unreadable:  # a callable whose signature inspect cannot read: called as it is
+        __signature__ = "unknown"
+
+        def __call__(self, epoch, history):
+            seen.append(epoch)
+
+    seen.clear()
+    for right in (lambda epoch, history, extra=0: None, functools.partial(print, end=""),
+                  Unreadable()):  # fmt: skip
+        assert len(fastae.fit(new_model(), data, epochs=1, callback=right, **kwargs).loss) == 1
+    assert seen == [1]
+
+
+def test_fit_draws_no_shuffling_seed_it_does_not_use():
+    """Without shuffling (or with batches of the caller's), fit draws nothing from torch's
+    generator for it: the noise after it, or in a run resumed with the generator's state,
+    is what it would be without that draw."""
+    data = small_problem()
+    for kwargs in ({"data": data, "shuffle": False}, {"data": list(data.split(16))}):
+        model = new_model()
+        torch.manual_seed(3)
+        fastae.fit(model, epochs=1, progress=False, **kwargs)
+        after = torch.rand(4)
+        torch.manual_seed(3)
+        assert torch.equal(after, torch.rand(4))
+    torch.manual_seed(3)
+    fastae.fit(new_model(), data, epochs=1, progress=False)  # shuffled: one draw
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert not torch.equal(after, torch.rand(4))
 
 
 def test_fit_leaves_eval_mode_however_it_ends():
@@ -874,6 +921,15 @@ def test_fit_callback_sees_the_model_as_given():
     callback = lambda *_: seen.append(unchecked.check_targets)  # noqa: E731
     fastae.fit(unchecked, small_problem(), epochs=1, progress=False, callback=callback)
     assert seen == [False] and not unchecked.check_targets
+    # a callback that turns the check off (or on again) leaves the model so after fit
+    model, seen = new_model(), []
+
+    def turn_off_then_on(epoch, history):
+        seen.append(model.check_targets)
+        model.check_targets = epoch == 2
+
+    fastae.fit(model, small_problem(), epochs=3, progress=False, callback=turn_off_then_on)
+    assert seen == [True, False, True] and not model.check_targets
 
 
 def test_fit_records_a_float64_models_loss_in_float64():
@@ -1008,11 +1064,13 @@ def test_denoising_model_reconstructs_corrupted_inputs_better(digits):
     ids=["autoencoder", "deep", "vae"],
 )
 def test_models_pickled_with_their_options_as_plain_attributes_load(make):
-    """Pickles of models whose activation, output, loss_name, noise and sparsity were plain
-    attributes (before they were checked properties) load with those options."""
+    """Pickles of models whose activation, output, loss_name, noise, sparsity, contractive
+    and beta were plain attributes (before they were checked properties) load with those
+    options."""
     model = make().eval()
     state = dict(vars(model))
-    for name in ("activation", "output", "loss_name", "noise", "sparsity"):
+    options = ("activation", "output", "loss_name", "noise", "sparsity", "contractive", "beta")
+    for name in options:
         if f"_{name}" in state:
             state[name] = state.pop(f"_{name}")
     older = type(model).__new__(type(model))
@@ -1021,9 +1079,40 @@ def test_models_pickled_with_their_options_as_plain_attributes_load(make):
     assert (loaded.activation, loaded.output, loaded.loss_name) == (
         model.activation, model.output, model.loss_name
     )  # fmt: skip
-    assert not {"activation", "output", "loss_name", "noise", "sparsity"} & set(vars(loaded))
+    assert not set(options) & set(vars(loaded))
+    for name in ("contractive", "beta"):
+        assert getattr(loaded, name, None) == getattr(model, name, None)
     x = torch.rand(4, 5)
     torch.testing.assert_close(loaded(x).loss, model(x).loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "fixed"),
+    [
+        (lambda: fastae.Autoencoder(5, 3), {"in_features": 6, "hidden_features": 2, "tied": False}),
+        (lambda: fastae.DeepAutoencoder(5, (4, 3)), {"sizes": (4, 2), "tied": True}),
+        (lambda: fastae.VAE(5, 4, 2), {"latent": 3, "hidden": 8, "hidden_sizes": (8,)}),
+    ],
+    ids=["autoencoder", "deep", "vae"],
+)
+def test_a_models_layout_is_fixed_and_its_flags_checked(make, fixed):
+    """Widths and tying shape the parameters: reassigning one (which would describe another
+    model than the weights hold, or train one and score another) is an error; a copy or
+    pickle keeps them."""
+    model = make()
+    for name, value in fixed.items():
+        message = (
+            rf"^{name} is fixed when the model is built \(.*\): build a new {type(model).__name__}$"
+        )
+        with pytest.raises(AttributeError, match=message):
+            setattr(model, name, value)
+    with pytest.raises(TypeError, match=r"^check_targets must be a bool, got str$"):
+        model.check_targets = "no"
+    model.check_targets = False
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert repr(copied) == repr(model) and copied.check_targets is False
+        x = torch.rand(4, 5)
+        torch.testing.assert_close(copied.eval()(x).loss, model.eval()(x).loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])

@@ -336,13 +336,6 @@ def test_a_layer_without_hidden_units_is_a_clear_error(backend):
         pytest.raises(ValueError, match="^h must have at least one col"),
     ):
         fastae.ops.decode_loss(code, weight, torch.rand(16, device=DEVICE), target=target)
-    # and a decoder without output features: a loss over none (0 for every sample)
-    code, target = torch.rand(4, 8, device=DEVICE), torch.rand(4, 0, device=DEVICE)
-    with (
-        fastae.use_backend(backend),
-        pytest.raises(ValueError, match=r"^weight must have at least one row \(one output f"),
-    ):
-        fastae.ops.decode_loss(code, torch.rand(0, 8, device=DEVICE), target=target)
 
 
 @pytest.mark.parametrize("rho_hat_value", [0.0, 1.0])
@@ -482,10 +475,25 @@ def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
         fastae.training.DistributedSampler = RecordingSampler
         try:
             fastae.fit(ddp, x, epochs=1, batch_size=4, progress=False)
+            # and with a seed of each process's own: process 0's still shuffles all
+            fastae.fit(ddp, x, epochs=1, batch_size=4, progress=False, seed=5 + rank)
         finally:
             fastae.training.DistributedSampler = DistributedSampler
+        # data that differs between the processes (split beforehand, or fewer rows on one),
+        # or a model over another group than the default: refused on every process alike
+        refusals = []
+        for data, wrapped in [
+            (x[rank::world], ddp),
+            (x[: len(x) - rank], ddp),
+            (x, torch.nn.parallel.DistributedDataParallel(
+                fastae.Autoencoder(x.shape[1], 5), process_group=torch.distributed.new_group())),
+        ]:  # fmt: skip
+            try:
+                fastae.fit(wrapped, data, epochs=1, batch_size=4, progress=False)
+            except ValueError as error:
+                refusals.append(str(error))
         records = [None] * world
-        torch.distributed.all_gather_object(records, (probes, shuffle_seeds))
+        torch.distributed.all_gather_object(records, (probes, shuffle_seeds, refusals))
         if rank == 0:
             torch.save(records, result_path + ".seeds")
             # a model that is not DistributedDataParallel trains on this process's data
@@ -548,10 +556,16 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert val_loss[-1] == pytest.approx(whole, rel=1e-6)  # over both shards, not one
     for record in records:
         assert record[7][0] == pytest.approx(record[7][1], rel=1e-6)
-    (probes_0, shuffle_0), (probes_1, shuffle_1) = torch.load(result + ".seeds", weights_only=True)
+    (probes_0, shuffle_0, refused_0), (probes_1, shuffle_1, refused_1) = torch.load(
+        result + ".seeds", weights_only=True
+    )
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
-    assert len(shuffle_0) == 1 and shuffle_0 == shuffle_1
+    assert len(shuffle_0) == 2 and shuffle_0 == shuffle_1 and shuffle_0[1] == 5
+    for refused in (refused_0, refused_1):
+        assert len(refused) == 3
+        assert all(r.startswith("data differs between the processes (") for r in refused[:2])
+        assert refused[2].startswith("model is DistributedDataParallel over a process group")
     steps, val_loss, alone, local = torch.load(result + ".lone", weights_only=True)
     assert alone == local
     assert steps == 2 * 4  # two epochs of the whole 16 rows in batches of 4, not a shard

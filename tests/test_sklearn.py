@@ -405,6 +405,11 @@ def test_neg_reconstruction_error_scores_in_the_inputs_units(digits):
     assert fastae.neg_reconstruction_error(full, x) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="^Input X contains NaN"):
         fastae.neg_reconstruction_error(full, np.where(x > 15, np.nan, x))
+    detector = AutoencoderOutlierDetector(2, epochs=1).fit(x)
+    message = r"^neg_reconstruction_error scores a transformer with transform and inverse_tr"
+    for estimator in (detector, make_pipeline(AutoencoderTransformer(2), detector)):
+        with pytest.raises(TypeError, match=message):
+            fastae.neg_reconstruction_error(estimator, x)
     search = GridSearchCV(
         AutoencoderTransformer(8, epochs=3, random_state=0), {"scale": ["standard", "minmax"]},
         scoring=fastae.neg_reconstruction_error, cv=2,
@@ -1423,7 +1428,7 @@ def test_partial_fit_is_one_epoch_from_the_fitted_weights_with_adam_carried_over
             adam.param_groups[0]["lr"] = 1e-3
         model.partial_fit(chunk)
         _train_on(expected, _scaled_tensor(model, chunk), int(seeds.randint(2**31 - 1)),
-                  epochs=1, optimizer=adam)  # fmt: skip
+                  lr=None, epochs=1, optimizer=adam)  # fmt: skip
     torch.testing.assert_close(model.module_.state_dict(), expected.state_dict(), rtol=0, atol=0)
     assert model.n_iter_ == 4 and len(model.loss_curve_) == 4
     assert model._optimizer_state["state"][0]["step"].item() == 4 + 2 + 4  # ceil(rows / 32)
@@ -1552,6 +1557,24 @@ def test_minmax_scores_of_rows_inside_the_range_are_those_of_the_scaled_rows(dig
         recon = module.reconstruct(torch.tensor(scaled)).numpy()
     expected = np.square(scaled - recon).sum(1)
     np.testing.assert_allclose(-detector.score_samples(x[:20]), expected, rtol=1e-9)
+
+
+def test_predict_confidence_counts_the_outliers_exactly_at_the_fitted_contamination(digits):
+    """floor(n * contamination) for contamination as written (100 rows at 0.29: 29, where the
+    float product 28.999... truncates to 28), and as fitted: set_params without a refit
+    changes neither predict nor the confidence in it."""
+    from scipy.stats import binom
+
+    x = digits[0][:100]
+    detector = AutoencoderOutlierDetector(4, contamination=0.29, epochs=1, random_state=0)
+    scores = -detector.fit(x).score_samples(x)
+    below = np.searchsorted(np.sort(detector.decision_scores_), scores, side="right")
+    outlier = binom.sf(100 - 29, 100, (1 + below) / 102.0)
+    expected = np.where(detector.predict(x) == -1, outlier, 1 - outlier)
+    confidence = detector.predict_confidence(x)
+    np.testing.assert_allclose(confidence, expected, rtol=1e-9, atol=1e-12)
+    detector.set_params(contamination=0.4)
+    np.testing.assert_array_equal(detector.predict_confidence(x), confidence)
 
 
 def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):

@@ -170,6 +170,7 @@ def test_kl_sparsity_uses_the_op():
         ((torch.rand(2, 3), 0.1), ValueError, "rho_hat"),
         ((torch.tensor([1, 0]), 0.1), TypeError, "rho_hat"),
         (([0.1, 0.2], 0.1), TypeError, "rho_hat"),
+        ((torch.rand(0), 0.1), ValueError, "rho_hat"),  # as every op refuses empty inputs
         ((torch.rand(3), 0.0), ValueError, "rho"),
         ((torch.rand(3), 1.0), ValueError, "rho"),
         ((torch.rand(3), math.nan), ValueError, "rho"),

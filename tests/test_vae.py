@@ -2,6 +2,7 @@
 and ``fastae.VAE`` (shapes, determinism, training on digits, quality of its samples)."""
 
 import importlib.util
+import io
 import math
 import zlib
 
@@ -665,6 +666,7 @@ def test_module_half_precision(dtype):
         ((8, (), 2), {}, TypeError, r"^hidden must be a non-empty sequence of positive ints"),
         ((8, "4", 2), {}, TypeError, r"^hidden must be a non-empty sequence"),
         ((8, True, 2), {}, TypeError, r"^hidden must be a non-empty sequence"),
+        ((8, {8, 4}, 2), {}, TypeError, r"^hidden must be a non-empty sequence \(a tuple or li"),
     ],
 )
 def test_bad_module_arguments(args, kwargs, error, match):
@@ -723,6 +725,18 @@ def test_save_image_grid(tmp_path):
         save_image_grid(torch.zeros(2, 4), path, (-2, -2))
     with pytest.raises(TypeError, match="^image_shape must be"):
         save_image_grid(torch.zeros(2, 4), path, 4)
+    with pytest.raises(TypeError, match="^path must be a str, os.PathLike or binary file, got No"):
+        save_image_grid(torch.zeros(2, 4), None, (2, 2))
+    with pytest.raises(TypeError, match="^title must be a str or None, got int$"):
+        save_image_grid(torch.zeros(2, 4), path, (2, 2), title=0)
+    with pytest.raises(ValueError, match="^images is on the meta device"):
+        save_image_grid(torch.zeros(2, 4, device="meta"), path, (2, 2))
+    with pytest.raises(ValueError, match="^images holds NaN or inf"):
+        save_image_grid(torch.tensor([[0.0, 1.0, float("nan"), 0.5]]), path, (2, 2))
+    save_image_grid(torch.zeros(2, 4), str(path), (2, 2))  # a path as a str
+    in_memory = io.BytesIO()
+    save_image_grid(torch.zeros(2, 4), in_memory, (2, 2))
+    assert in_memory.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- digits
