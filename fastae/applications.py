@@ -368,8 +368,8 @@ def _check_no_missing_labels(y) -> None:
     labels = np.asarray(y)
     if labels.dtype.kind == "f":
         missing = int(np.isnan(labels).sum())
-    elif labels.dtype == object:  # NaN is the one value unequal to itself
-        missing = sum(v is None or (isinstance(v, numbers.Real) and v != v) for v in labels.flat)
+    elif labels.dtype == object:
+        missing = sum(_missing_label(v) for v in labels.flat)
     else:
         missing = 0
     if missing:
@@ -378,6 +378,17 @@ def _check_no_missing_labels(y) -> None:
             f"{UNLABELED}, as scikit-learn's semi-supervised estimators take it (a pandas "
             f"Series with missing labels: y.astype(object).fillna({UNLABELED}))"
         )
+
+
+def _missing_label(value) -> bool:
+    """None, NaN (the one value unequal to itself) or pandas' NA (whose comparisons are NA,
+    no bool)."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)
+    except TypeError:
+        return True
 
 
 def _unlabeled_mask(y: np.ndarray) -> np.ndarray:

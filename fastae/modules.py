@@ -116,15 +116,15 @@ def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
 
 class FixedAtBuild:
     """A model's layout (``_FIXED``: its widths, tied or not), set once when it is built: its
-    parameters' shapes follow it, so reassigning one is an error, not a model whose
-    description no longer matches its weights. Its flags (``_FLAGS``) are checked whenever
-    set."""
+    parameters' shapes follow it, so changing one is an error, not a model whose description
+    no longer matches its weights. Its flags (``_FLAGS``) are checked whenever set."""
 
     _FIXED: tuple[str, ...] = ()
     _FLAGS = ("check_targets", "sync_statistics")
 
     def __setattr__(self, name: str, value) -> None:
-        if name in self._FIXED and name in self.__dict__:
+        held = self.__dict__.get(name, value)
+        if name in self._FIXED and not (type(held) is type(value) and held == value):
             raise AttributeError(
                 f"{name} is fixed when the model is built (the parameters' shapes follow it): "
                 f"build a new {type(self).__name__}"

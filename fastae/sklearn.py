@@ -648,6 +648,12 @@ def usable_device(device: torch.device) -> torch.device:
     return device
 
 
+def _expected_outliers(rows: int, contamination: float) -> int:
+    """floor(rows * contamination) in exact arithmetic on the share as written (float64 makes
+    100 * 0.29 28.999...)."""
+    return math.floor(rows * fractions.Fraction(repr(float(contamination))))
+
+
 def neg_reconstruction_error(estimator, X, y=None) -> float:
     """A scorer (``scoring=`` of GridSearchCV, cross_val_score) that compares fits whatever
     their scaling, loss or model: minus the mean over rows of the squared error of
@@ -1227,9 +1233,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
         self.offset_ = -self.threshold_
         self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
-        # floor(n * contamination) in exact arithmetic on the share as written (float64 makes
-        # 100 * 0.29 28.999...), kept with the threshold it goes with
-        self._expected_outliers = math.floor(len(X) * fractions.Fraction(repr(float(c))))
+        self._expected_outliers = _expected_outliers(len(X), c)  # with its threshold
 
     def score_samples(self, X):
         """Minus the anomaly score: higher means more normal."""
@@ -1298,5 +1302,9 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         train = np.sort(self.decision_scores_)
         n = train.size
         p = (1.0 + np.searchsorted(train, scores, side="right")) / (n + 2.0)
-        outlier = binom.sf(n - self._expected_outliers, n, p)
+        # a detector pickled before it kept the count: its contamination now
+        expected = getattr(self, "_expected_outliers", None)
+        if expected is None:
+            expected = _expected_outliers(n, self.contamination)
+        outlier = binom.sf(n - expected, n, p)
         return np.where(scores > self.threshold_, outlier, 1.0 - outlier)

@@ -47,17 +47,25 @@ class History:
     graphed_steps: int = 0
 
 
-def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
+# a checkpoint that holds a History (saved by a callback) loads with torch.load's default,
+# weights_only=True: a History holds lists of floats and numbers alone
+torch.serialization.add_safe_globals([History])
+
+
+def _as_tensor(name: str, data, like: torch.Tensor, own_model: bool) -> torch.Tensor:
     """Array data in the model's dtype (one conversion), tensor data as given; either
-    detached: fit reads the data, it trains the model."""
+    detached: fit reads the data, it trains the model. A read-only array in the model's
+    dtype (``np.load(..., mmap_mode="r")``, a pandas frame's values) is shared with one of
+    fastae's models (``own_model``), which never write to their input; another model, which
+    might, gets a copy."""
     if isinstance(data, np.ndarray):
         data = _checks.unmasked(name, data)
         if data.dtype.kind not in "biuf":
             raise TypeError(
                 f"{name} must hold real numbers, got an array of dtype {data.dtype}"
                 + (
-                    " (a DataFrame's with a nullable or non-numeric column: convert it first, "
-                    "df.to_numpy(dtype='float32'))"
+                    ": convert it first (a DataFrame with nullable or mixed columns reads as "
+                    "one: df.to_numpy(dtype='float32'))"
                     if data.dtype == object
                     else ""
                 )
@@ -66,9 +74,9 @@ def _as_tensor(name: str, data, like: torch.Tensor) -> torch.Tensor:
             data = np.ascontiguousarray(data)
         if not data.dtype.isnative or data.dtype.itemsize > 8:  # nor these (longdouble)
             data = data.astype(np.float64)  # the widest dtype a model computes in
+        if not (data.flags.writeable or own_model):
+            data = np.array(data)
         with warnings.catch_warnings():
-            # a read-only array (np.load(..., mmap_mode="r")) is shared as it is: fit never
-            # writes to the data, nor do fastae's models to their input
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             return torch.as_tensor(data, dtype=like.dtype, device="cpu")  # moved by _resident
     if not isinstance(data, torch.Tensor):
@@ -180,7 +188,7 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
     ):
         return data
     like = next(model.parameters())
-    tensor = _as_tensor(name, data, like)
+    tensor = _as_tensor(name, data, like, _own_model(model))
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got {tuple(tensor.shape)}")
     _checks.rows(name, tensor)
@@ -497,7 +505,7 @@ def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
     overlap."""
     if not parallel:
         return value
-    shared = torch.full((), value, dtype=torch.int64, device=device)  # a draw: < 2^62
+    shared = torch.full((), value, dtype=torch.int64, device=device)  # a seed: < 2^63
     torch.distributed.broadcast(shared, src=0)
     return int(shared)
 
@@ -542,7 +550,8 @@ def fit(
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
     Numpy arrays take the model's dtype (converted once; a masked array must mask nothing, a
-    read-only one is shared, never written), tensors must already have it; both
+    read-only one is shared with fastae's models, which never write to their input, and
+    copied for others), tensors must already have it; both
     are read detached (a tensor that requires grad gets none; the training batches of data
     made under ``torch.inference_mode()`` are copied, as autograd cannot save them).
     Training records autograd whatever the caller's grad mode (inside ``torch.no_grad()`` too).
@@ -833,9 +842,9 @@ def _check_callback(callback) -> None:
     """A callable that takes (epoch, history), checked before the first epoch's training."""
     if not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    try:
-        signature = inspect.signature(callback)
-    except (TypeError, ValueError):  # one without a signature to read (some builtins)
+    try:  # the signature of what fit calls (a functools.wraps wrapper's own)
+        signature = inspect.signature(callback, follow_wrapped=False)
+    except (TypeError, ValueError, NameError):  # none to read (some builtins, annotations)
         return
     try:
         signature.bind(1, History())

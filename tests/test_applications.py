@@ -849,7 +849,17 @@ def test_only_minus_one_marks_an_unlabelled_sample(digits):
     assert model.n_labeled_ == (labels != -1).sum()
 
 
-@pytest.mark.parametrize("missing", [None, np.nan, np.float32("nan")])
+class _NA:
+    """pandas' NA: comparisons give NA, which has no truth value."""
+
+    def __ne__(self, other):
+        return self
+
+    def __bool__(self):
+        raise TypeError("boolean value of NA is ambiguous")
+
+
+@pytest.mark.parametrize("missing", [None, np.nan, np.float32("nan"), _NA()])
 def test_missing_labels_are_refused_with_the_unlabelled_marker_named(missing):
     x = np.random.default_rng(0).random((40, 5))
     labels = np.array(["cat", "dog"] * 20, dtype=object)

@@ -1575,6 +1575,10 @@ def test_predict_confidence_counts_the_outliers_exactly_at_the_fitted_contaminat
     np.testing.assert_allclose(confidence, expected, rtol=1e-9, atol=1e-12)
     detector.set_params(contamination=0.4)
     np.testing.assert_array_equal(detector.predict_confidence(x), confidence)
+    older = copy.copy(detector)  # as pickled before the count was kept: its contamination's
+    del older._expected_outliers
+    older.set_params(contamination=0.29)
+    np.testing.assert_array_equal(older.predict_confidence(x), confidence)
 
 
 def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):
