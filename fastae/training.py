@@ -519,7 +519,7 @@ def fit(
     data,
     *,
     epochs: int = 20,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     validation_data=None,
@@ -527,7 +527,7 @@ def fit(
     patience: int | None = None,
     min_delta: float = 0.0,
     seed: int | None = None,
-    shuffle: bool = True,
+    shuffle: bool | None = None,
     progress: bool = True,
     restore_best: bool = True,
     cuda_graph: bool = False,
@@ -537,7 +537,8 @@ def fit(
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data`` for at most
     ``epochs`` passes, stepping ``optimizer`` (by default Adam at ``lr``) once a minibatch
-    (of tensor or array data, ``batch_size`` rows; an epoch's last batch holds the rest).
+    (of tensor or array data, ``batch_size`` rows, 128 where None; an epoch's last batch holds
+    the rest).
 
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (or array-likes, as a pandas
     DataFrame, read as the array ``np.asarray`` makes; batched here; the training
@@ -546,7 +547,8 @@ def fit(
     a list; a batch may be a tensor or a tuple whose first item is the input, the model
     reconstructing it: its other items, labels or targets, are not read. A tuple of
     tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is passed
-    here). Batches move to the model's device:
+    here; batches of the caller's come as they are: ``batch_size`` and ``shuffle`` given
+    for them alone are an error, not dropped). Batches move to the model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
     Numpy arrays take the model's dtype (converted once; a masked array must mask nothing, a
@@ -626,7 +628,8 @@ def fit(
     float16 parameters and no ``optimizer``: Adam's moment estimates would be float16 too.
     """
     epochs = _checks.positive_int("epochs", epochs)
-    batch_size = _checks.positive_int("batch_size", batch_size)
+    if batch_size is not None:
+        batch_size = _checks.positive_int("batch_size", batch_size)
     if patience is not None:
         patience = _checks.positive_int("patience", patience)
     if lr is not None and optimizer is not None:
@@ -638,7 +641,8 @@ def fit(
     lr = _checks.finite_number("lr", lr, low=0, open_low=True, float32=True)
     min_delta = _checks.finite_number("min_delta", min_delta, low=0)
     seed = check_seed(seed)
-    shuffle = _checks.flag("shuffle", shuffle)
+    if shuffle is not None:
+        shuffle = _checks.flag("shuffle", shuffle)
     progress = _checks.flag("progress", progress)
     restore_best = _checks.flag("restore_best", restore_best)
     if max_grad_norm is not None:
@@ -692,6 +696,7 @@ def fit(
         # of row i of every process's batch would be the same
         seed_torch((seed + rank) % 2**64)
     data, validation_data = _plain_array(data), _plain_array(validation_data)
+    batch_size, shuffle = _batching(data, validation_data, batch_size, shuffle)
     # the shuffling seed, drawn only where tensor data is shuffled (an unused draw would
     # shift the noise drawn after it, and a run resumed from a checkpoint with it), and
     # process 0's on every process: a DistributedSampler's shards are disjoint only where all
@@ -836,6 +841,32 @@ def fit(
     if not all(bool(flag) for flag in finite):
         raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
     return history
+
+
+DEFAULT_BATCH_SIZE = 128
+
+
+def _batching(data, validation_data, batch_size, shuffle) -> tuple[int, bool]:
+    """``batch_size`` (128 where None) and ``shuffle`` (True where None), which apply to the
+    tensor or array data fit batches: given for batches of the caller's alone (a DataLoader
+    batches and shuffles as it was built), either would be dropped, so it is an error."""
+    arrays = (torch.Tensor, np.ndarray)
+    if shuffle is not None and not isinstance(data, arrays):
+        raise ValueError(
+            f"shuffle applies to tensor or array data, which fit batches; {type(data).__name__} "
+            "data is taken as it comes (a DataLoader shuffles as built: shuffle=True there)"
+        )
+    if batch_size is not None and not (
+        isinstance(data, arrays) or isinstance(validation_data, arrays)
+    ):
+        raise ValueError(
+            f"batch_size applies to tensor or array data, which fit batches; "
+            f"{type(data).__name__} data is taken as it comes (a DataLoader batches as built)"
+        )
+    return (
+        DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+        True if shuffle is None else shuffle,
+    )
 
 
 def _check_callback(callback) -> None:

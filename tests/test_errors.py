@@ -527,6 +527,23 @@ def test_fit_says_why_batches_may_hold_no_rows():
             fastae.fit(model, epochs=1, progress=False, **kwargs)
 
 
+def test_fit_refuses_batching_options_its_batches_would_drop():
+    """batch_size and shuffle apply to the tensor data fit batches: given for a DataLoader's
+    (or a list's) batches alone they are errors; batch_size batches tensor validation data
+    beside them."""
+    model, rows = fastae.Autoencoder(5, 3), torch.rand(16, 5)
+    loader = DataLoader(TensorDataset(rows), batch_size=4)
+    for kwargs, name in [({"batch_size": 8}, "batch_size"), ({"shuffle": False}, "shuffle")]:
+        with pytest.raises(ValueError, match=names(name) + " applies to tensor or array data"):
+            fastae.fit(model, loader, epochs=1, progress=False, **kwargs)
+    with pytest.raises(ValueError, match=names("shuffle") + " applies to tensor or array data"):
+        fastae.fit(model, list(rows.split(4)), epochs=1, progress=False, shuffle=True)
+    history = fastae.fit(
+        model, loader, validation_data=rows, batch_size=8, epochs=1, progress=False
+    )
+    assert len(history.val_loss) == 1
+
+
 def test_fit_needs_a_model_with_parameters():
     with pytest.raises(TypeError, match=names("model")):
         fastae.fit(torch.nn.Identity(), torch.rand(6, 5), epochs=1, progress=False)

@@ -352,11 +352,13 @@ def test_fit_dataloader_numpy_and_list_inputs():
     data = small_problem()
     loader = DataLoader(TensorDataset(data), batch_size=16, shuffle=False)
     numpy_data = data.numpy().astype(np.float64)  # takes the model's dtype
-    kwargs = dict(epochs=3, lr=0.03, shuffle=False, batch_size=16, seed=1, progress=False)
+    kwargs = dict(epochs=3, lr=0.03, seed=1, progress=False)
+    batching = dict(shuffle=False, batch_size=16)  # of the tensor data fit batches itself
     histories = []
-    for source in (loader, numpy_data, list(data.split(16)), data):
+    for source, more in ((loader, {}), (numpy_data, batching), (list(data.split(16)), {}),
+                         (data, batching)):  # fmt: skip
         model = new_model(seed=3)
-        histories.append(fastae.fit(model, source, **kwargs).loss)
+        histories.append(fastae.fit(model, source, **kwargs, **more).loss)
     assert histories[0][-1] < histories[0][0]
     # the same batches in the same order: identical training whatever the container
     for other in histories[1:]:
@@ -368,13 +370,14 @@ def test_fit_trains_the_model_not_data_that_requires_grad(container):
     """Data that requires grad (a leaf of the user's graph, an nn.Parameter) is read, not
     differentiated: no gradient lands in it, and the model trains as on plain data."""
     data = small_problem()
-    kwargs = dict(epochs=2, lr=0.03, batch_size=16, seed=1, progress=False)
-    plain = fastae.fit(new_model(seed=3), data, **kwargs).loss
+    kwargs = dict(epochs=2, lr=0.03, seed=1, progress=False)
+    plain = fastae.fit(new_model(seed=3), data, batch_size=16, **kwargs).loss
     leaf = data.clone().requires_grad_()
-    source = leaf if container == "tensor" else list(leaf.split(16))
-    if container == "list":
+    if container == "tensor":
+        assert fastae.fit(new_model(seed=3), leaf, batch_size=16, **kwargs).loss == plain
+    else:
         plain = fastae.fit(new_model(seed=3), list(data.split(16)), **kwargs).loss
-    assert fastae.fit(new_model(seed=3), source, **kwargs).loss == plain
+        assert fastae.fit(new_model(seed=3), list(leaf.split(16)), **kwargs).loss == plain
     assert leaf.grad is None
 
 
@@ -396,6 +399,7 @@ def test_fit_trains_whatever_the_callers_grad_mode(mode, shuffle):
         model = new_model(seed=3)
         with getattr(torch, mode)():
             batches = list(data.clone().split(16))
+            kwargs = dict(epochs=2, lr=0.03, seed=1, progress=False)  # the batches as given
             history = fastae.fit(model, batches, validation_data=[batches[0][:8]], **kwargs)
         assert (history.loss, history.val_loss) == (expected.loss, expected.val_loss)
 
