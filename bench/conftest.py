@@ -80,6 +80,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 _START = pytest.StashKey[float]()
+_LAUNCH_US = pytest.StashKey["float | None"]()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The run's threads, load and launch cost before the first profile and at the end."""
+    if _LAUNCH_US in config.stash:  # a case ran (not a comparison's load)
+        machine_info.update(fb.run_conditions(_device(config), config.stash[_LAUNCH_US]))
 
 
 def _device(config) -> str:
@@ -130,12 +137,13 @@ def run_case(request, benchmark, device):
                 pytest.skip(f"--fastae-compile-cases is {scope!r} (compiling takes seconds a case)")
         if budget is not None and time.monotonic() - config.stash[_START] > budget:
             pytest.skip(f"the session's time budget ({budget:g} s) is spent")
+        if _LAUNCH_US not in config.stash:  # before any profile (fb.launch_probe)
+            config.stash[_LAUNCH_US] = fb.launch_probe(device)
         bench = fb.build(case, provider, size, dtype, device)
         compiled.append(provider in ("compile", fb.COMPILE_GRAPH))
         seconds = fb.warm_up(bench)
         benchmark.group = f"{case} {size} {dtype}"
         benchmark.extra_info.update(bench.info())
-        benchmark.extra_info.update(fb.figures(bench))
         rounds = fb.rounds_for(seconds, bench.device.type)
         # the settings once, outside the timed calls; on CUDA each round starts with the L2
         # cache evicted (untimed), so no provider is timed from what the last round cached
@@ -144,6 +152,8 @@ def run_case(request, benchmark, device):
                 bench.timed, setup=fb.cache_flush(bench.device), rounds=rounds, iterations=1,
                 warmup_rounds=1,
             )  # fmt: skip
+        # the figures after the timed calls: the profiler's tracing may slow the calls after it
+        benchmark.extra_info.update(fb.figures(bench))
 
     yield run
     if any(compiled):

@@ -71,11 +71,21 @@ try:
 except ImportError:
     print("triton: not installed")
 if torch.cuda.is_available():
-    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
+          "CUDA runtime", torch.version.cuda)
 else:
     print("device: no CUDA")
 EOF
 tail -n 3 "$OUT/bench.log"
+# The benchmarks profile each case after timing it; the profiler's CUDA tracing (CUPTI) stays
+# attached after a profile and slows the launches of the cases after it unless TEARDOWN_CUPTI=1
+# detaches it, which crashed beside CUDA graphs before CUDA 12.6: set where the runtime is 12.6
+# or later, and not for the runs that replay graphs (bench_case); the JSONs' machine_info holds
+# the launch cost before the first profile and at the end (fastae.benchmark.launch_probe)
+teardown=$("$PYTHON" -c "import torch; v = torch.version.cuda
+print(int(bool(v) and tuple(map(int, v.split('.')[:2])) >= (12, 6)))" 2>/dev/null || echo 0)
+[ "$teardown" = 1 ] && export TEARDOWN_CUPTI="${TEARDOWN_CUPTI:-1}"
+log "TEARDOWN_CUPTI=${TEARDOWN_CUPTI:-unset}"
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
     log "install (no dependencies)"
@@ -170,9 +180,10 @@ bundle >/dev/null  # a checkpoint
 # into $OUT/bench_NAME.json, its cases starting within BUDGET s; SIGINT 60 s after that
 jsons=()
 bench_case() {
-    local name=$1 sizes=$2 dtypes=$3 file=$4 providers=$5 budget=$6
+    local name=$1 sizes=$2 dtypes=$3 file=$4 providers=$5 budget=$6 cupti=()
     shift 6
-    timeout -s INT -k 10 "$(cap $((budget + 60)))" "$PYTHON" -m pytest "bench/test_$file.py" -q \
+    [[ "$providers" == *graph* ]] && cupti=(TEARDOWN_CUPTI=0)
+    env "${cupti[@]}" timeout -s INT -k 10 "$(cap $((budget + 60)))" "$PYTHON" -m pytest "bench/test_$file.py" -q \
         -p no:cacheprovider --benchmark-only "$@" --fastae-device cuda --fastae-sizes "$sizes" \
         --fastae-dtypes "$dtypes" --fastae-providers "$providers" --fastae-budget-s "$budget" \
         --benchmark-json "$OUT/bench_$name.json" >>"$OUT/bench.log" 2>&1
@@ -188,10 +199,12 @@ bench_case corrupt_bandwidth bandwidth tf32 ops eager,fastae,floor 15 -k corrupt
 budget=$(($(until_ "$bench_deadline") - 20))
 [ "$budget" -lt 30 ] && budget=30
 log "benchmarks: jacrev gap, steps, ops (cases start within $budget s)"
+# (reparameterize at 4096x784x1024 in tf32 left out: the first run above timed it)
 # shellcheck disable=SC2086
 timeout -s INT -k 10 "$(cap $((budget + 90)))" "$PYTHON" -m pytest bench -q -p no:cacheprovider \
     --benchmark-only --benchmark-json "$OUT/bench.json" --fastae-budget-s "$budget" \
-    --benchmark-columns=median,mean,stddev,rounds $BENCH_ARGS >>"$OUT/bench.log" 2>&1
+    --benchmark-columns=median,mean,stddev,rounds $BENCH_ARGS \
+    -k "not (reparameterize and 4096x784x1024 and tf32)" >>"$OUT/bench.log" 2>&1
 bench_rc=$?
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
 bundle >/dev/null  # a checkpoint

@@ -28,6 +28,31 @@ def load(paths: list[str]) -> list[dict]:
     return records
 
 
+def run_conditions(paths: list[str]) -> list[str]:
+    """A line per JSON: the commit it was measured at (pytest-benchmark's commit_info) and,
+    where its machine_info holds them, the run's conditions (fb.run_conditions)."""
+    lines = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        info = data.get("machine_info") or {}
+        commit = (data.get("commit_info") or {}).get("id")
+        parts = [f"commit {commit[:7]}"] if commit else []
+        if "torch_threads" in info:
+            parts.append(f"{info['torch_threads']} torch threads")
+        if info.get("load_average"):
+            parts.append("load average " + " / ".join(map(str, info["load_average"])))
+        before, after = info.get("launch_us_before_profiling"), info.get("launch_us_at_end")
+        if before is not None and after is not None:
+            parts.append(
+                f"a kernel launch {before:.1f} us before the first profile, {after:.1f} us at the"
+                " end"
+            )
+        if parts:
+            lines.append(f"{Path(path).name}: {', '.join(parts)}")
+    return lines
+
+
 def by_card(records: list[dict]) -> dict[str, list[dict]]:
     cards: dict[str, list[dict]] = defaultdict(list)
     for record in records:
@@ -47,9 +72,26 @@ def _backends(records: list[dict]) -> str:
     return ", ".join(seen) or "-"
 
 
+def _settings(records: list[dict]) -> str:
+    """The fastae provider's environment (fusion, launch path), as its records hold it."""
+    seen = sorted(
+        {
+            f"{name}={value}"
+            for record in records
+            if record.get("provider") == "fastae"
+            for name, value in (record.get("env") or {}).items()
+        }
+    )
+    return ", ".join(seen) or "-"
+
+
 def summary_markdown(records: list[dict], sources: list[str]) -> str:
     lines = ["# fastae benchmark summary", ""]
     lines.append(f"From {', '.join(Path(s).name for s in sources)}.")
+    conditions = run_conditions(sources)
+    if conditions:
+        lines += ["", "Runs (load averages over 1, 5 and 15 minutes, at the end):", ""]
+        lines += [f"- {line}" for line in conditions]
     lines += [
         "",
         "Median time of one call: an op's forward plus backward into its trainable inputs "
@@ -75,7 +117,8 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         torch_versions = sorted({str(r.get("torch")) for r in card_records})
         lines += ["", f"## {card}", ""]
         lines.append(
-            f"torch {', '.join(torch_versions)}; fastae backends: {_backends(card_records)}"
+            f"torch {', '.join(torch_versions)}; fastae backends: {_backends(card_records)}; "
+            f"fastae's settings: {_settings(card_records)}"
         )
         lines += ["", "### Time and speedup", "", fb.ratio_table(card_records, markdown=True)]
         lines += ["", "### Device-independent figures", ""]
@@ -164,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print(fb.ratio_table(card_records))
         print()
         print(fb.agreement_line(card_records))
+    for card, card_records in by_card(records).items():  # last, short: a log's tail keeps it
+        print(f"\n{card}: fastae against eager and compile\n")
+        print(fb.ratio_table(card_records, compact=True))
     return 0
 
 

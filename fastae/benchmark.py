@@ -918,6 +918,31 @@ def time_calls(bench: Bench, rounds: int, flush: Callable[[], None] | None = Non
     return times
 
 
+LAUNCH_PROBE_CALLS = 200  # trivial kernels a launch probe times, in a row
+
+
+def launch_probe(device: torch.device | str) -> float | None:
+    """Microseconds per launch of a trivial kernel (an in-place add on one element, the
+    median of five runs of :data:`LAUNCH_PROBE_CALLS` calls, each run synchronized): the
+    host's cost per launch, taken before the first profile and again after the last. The
+    profiler's CUDA tracing (CUPTI) may stay attached after a profile ends and slow every
+    launch after it (unless ``TEARDOWN_CUPTI=1`` detaches it): a gap between the two shows
+    it. None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    one = torch.zeros(1, device=device)
+    runs = []
+    for _ in range(6):  # the first run warms up, untimed
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(LAUNCH_PROBE_CALLS):
+            one.add_(1.0)
+        torch.cuda.synchronize(device)
+        runs.append((time.perf_counter() - start) / LAUNCH_PROBE_CALLS * 1e6)
+    return statistics.median(runs[1:])
+
+
 def stats_of(times: list[float]) -> dict[str, float]:
     return {
         "min": min(times),
@@ -1001,17 +1026,19 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}x"
 
 
-def ratio_table(records: Iterable[dict], markdown: bool = False) -> str:
-    """Median ms per provider and fastae's speedup vs eager and vs compile, per case."""
+def ratio_table(records: Iterable[dict], markdown: bool = False, compact: bool = False) -> str:
+    """Median ms per provider and fastae's speedup vs eager and vs compile, per case; then,
+    unless ``compact``, the other providers timed (jacrev, fastae's variants, the floor and
+    the CUDA graphs)."""
     rows = group_rows(records)
-    with_jacrev = any(JACREV in row["providers"] for row in rows)
-    variants = [
-        p
-        for p in (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH)
-        if any(p in row["providers"] for row in rows)
-    ]
-    with_floor = any(FLOOR in row["providers"] for row in rows)
-    with_graphs = any(GRAPH in row["providers"] for row in rows)
+
+    def timed(provider: str) -> bool:
+        return not compact and any(provider in row["providers"] for row in rows)
+
+    with_jacrev = timed(JACREV)
+    variants = [p for p in (GEMM, SPLIT, REGENERATE, TRITON_LAUNCH) if timed(p)]
+    with_floor = timed(FLOOR)
+    with_graphs = timed(GRAPH)
     header = ["case", "size", "dtype", "precision", "eager ms", "compile ms", "fastae ms"]
     header += ["vs eager", "vs compile"] + (["jacrev ms", "vs jacrev"] if with_jacrev else [])
     # gemm / split: both fusion boundaries forced; regen: x~ regenerated in the GEMMs, not
@@ -1096,16 +1123,27 @@ def figures_table(records: Iterable[dict], markdown: bool = False) -> str:
 def agreement_line(records: Iterable[dict]) -> str:
     """One line on the numbers timed (:func:`agreement`): how many calls were checked, the
     largest relative difference from the reference and where, how many lie beyond rounding."""
-    checked = [r for r in records if r.get("rel_diff_vs_reference") is not None]
-    if not checked:
+    records = [r for r in records if r.get("rel_diff_vs_reference") is not None]
+    # records made before the float64 check (no reference_rel_diff) compared fastae with the
+    # reference backend at their own dtype
+    checked = [r for r in records if r.get("reference_rel_diff") is not None]
+    older = [r for r in records if r.get("reference_rel_diff") is None]
+    if not records:
         return "numbers checked against the float64 reference: none"
-    worst = max(checked, key=lambda r: r["rel_diff_vs_reference"])
-    beyond = [r for r in checked if beyond_rounding(r)]
+    parts = [_agreement_part("the float64 reference", checked)] if checked else []
+    if older:
+        parts.append(_agreement_part("the reference backend at their dtype", older))
+    return "; ".join(parts)
+
+
+def _agreement_part(against: str, records: list[dict]) -> str:
+    worst = max(records, key=lambda r: r["rel_diff_vs_reference"])
+    beyond = [r for r in records if beyond_rounding(r)]
     where = " ".join(str(worst.get(k, "")) for k in ("case", "size", "dtype", "provider"))
     return (
-        f"numbers checked against the float64 reference: {len(checked)} calls, largest "
-        f"relative difference {worst['rel_diff_vs_reference']:.1e} ({where}), "
-        f"{len(beyond)} beyond rounding at their dtype"
+        f"numbers checked against {against}: {len(records)} calls, largest relative "
+        f"difference {worst['rel_diff_vs_reference']:.1e} ({where}), {len(beyond)} beyond "
+        "rounding at their dtype"
     )
 
 
@@ -1156,8 +1194,22 @@ def _format(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*cells) for cells in lines])
 
 
-def to_json(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Records in the pytest-benchmark JSON layout (``benchmarks`` with stats and extra_info)."""
+def run_conditions(device: torch.device | str, launch_us_before: float | None) -> dict[str, Any]:
+    """What a run's timings depend on beyond the cases, for the JSON's machine_info: torch's
+    threads and the host's load averages (1, 5, 15 minutes; on a shared CPU the timings swing
+    with them), and on CUDA :func:`launch_probe` before the first profile and now."""
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    if hasattr(os, "getloadavg"):
+        out["load_average"] = [round(load, 2) for load in os.getloadavg()]
+    if launch_us_before is not None:
+        out["launch_us_before_profiling"] = launch_us_before
+        out["launch_us_at_end"] = launch_probe(device)
+    return out
+
+
+def to_json(records: list[dict[str, Any]], conditions: dict[str, Any] | None = None) -> dict:
+    """Records in the pytest-benchmark JSON layout (``benchmarks`` with stats and extra_info);
+    ``conditions`` (:func:`run_conditions`) join its machine_info."""
     benchmarks = []
     for record in records:
         info = {k: v for k, v in record.items() if not k.endswith("_s") and k != "rounds"}
@@ -1169,7 +1221,11 @@ def to_json(records: list[dict[str, Any]]) -> dict[str, Any]:
             {"name": name, "group": group, "extra_info": info, "stats": stats, "params": None}
         )
     return {
-        "machine_info": {"python_version": platform.python_version(), "torch": torch.__version__},
+        "machine_info": {
+            "python_version": platform.python_version(),
+            "torch": torch.__version__,
+            **(conditions or {}),
+        },
         "benchmarks": benchmarks,
         "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "version": "fastae.benchmark",
@@ -1195,11 +1251,6 @@ def measure(
         return []
     benches = [build(case, provider, size, dtype, device) for provider in providers]
     seconds = [warm_up(bench) for bench in benches]
-    records = []
-    for bench in benches:
-        record = bench.info()
-        record.update(figures(bench))
-        records.append(record)
     if rounds is None:
         rounds = min(rounds_for(s, benches[0].device.type) for s in seconds)
     flush = cache_flush(benches[0].device)
@@ -1207,9 +1258,14 @@ def measure(
     for _ in range(rounds):
         for bench, calls in zip(benches, times, strict=True):
             calls.extend(time_calls(bench, 1, flush))
-    for record, calls in zip(records, times, strict=True):
+    records = []
+    for bench, calls in zip(benches, times, strict=True):
+        # the figures after the timed calls: the profiler's tracing may slow the calls after it
+        record = bench.info()
+        record.update(figures(bench))
         record.update({f"{k}_s": v for k, v in stats_of(calls).items() if k != "rounds"})
         record["rounds"] = len(calls)
+        records.append(record)
     if any(provider in ("compile", COMPILE_GRAPH) for provider in providers):
         torch._dynamo.reset()
     return records
@@ -1345,6 +1401,7 @@ def run(args: argparse.Namespace) -> int:
         if provider != JACREV:  # asked for every case by default, it computes one
             print(f"skip {case} {provider}: {why}", file=sys.stderr)
     records, failure = [], None
+    launch_us_before = launch_probe(device)
     for size, dtype, case in itertools.product(sizes, dtypes, cases):
         try:
             measured = measure(case, runnable[case], size, dtype, device, args.rounds)
@@ -1373,7 +1430,7 @@ def run(args: argparse.Namespace) -> int:
                 print(kernel_time_table(records))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(to_json(records), f, indent=1)
+                json.dump(to_json(records, run_conditions(device, launch_us_before)), f, indent=1)
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         return 2

@@ -943,9 +943,9 @@ def seed_torch(seed: int) -> None:
 def default_optimizer(
     model: nn.Module, lr: float, capturable: bool = False, lr_tensor: bool = False
 ):
-    """``fit``'s Adam: fused where every parameter is on a CUDA device (the update of all of
-    them in one kernel, and one to count the step, where the default multi-tensor Adam
-    launches 7, or 17 when ``capturable`` for a CUDA graph) or every one on the CPU (one
+    """``fit``'s Adam: fused where every parameter is on a CUDA device (by PyTorch's design
+    the update of all of them in one kernel, where the default multi-tensor Adam launches
+    several) or every one on the CPU (one
     vectorized loop a parameter: several times faster than the default single-tensor Adam
     there, ``bench/optimizer_time.py``),
     else PyTorch's default. ``lr_tensor``: the learning rate is a tensor on the parameters'

@@ -149,7 +149,7 @@ def test_a_size_too_large_for_the_memory_is_an_error_naming_it(error, monkeypatc
 
     monkeypatch.setattr(fb, "measure", measure)
     monkeypatch.setattr(fb, "ratio_table", lambda records: f"table of {len(records)}")
-    monkeypatch.setattr(fb, "to_json", lambda records: {"records": len(records)})
+    monkeypatch.setattr(fb, "to_json", lambda records, conditions: {"records": len(records)})
     stdout, stderr, saved = io.StringIO(), io.StringIO(), tmp_path / "bench.json"
     with redirect_stdout(stdout), redirect_stderr(stderr):
         options = ["--cases", "plain", "--size", "8x4x2,9x4x2,10x4x2", "--json", str(saved)]
@@ -315,6 +315,15 @@ def test_a_difference_beyond_rounding_is_marked(bench_run):
     limit = fb.AGREEMENT_LIMITS[record["dtype"]]
     assert not fb.beyond_rounding(dict(old, rel_diff_vs_reference=limit / 2))
     assert fb.beyond_rounding(dict(old, rel_diff_vs_reference=2 * limit))
+    # and the line names what such records were compared with, apart from the float64 checks
+    stale = dict(old, rel_diff_vs_reference=0.0)
+    assert fb.agreement_line([record, stale]) == (
+        "numbers checked against the float64 reference: 1 calls, largest relative difference "
+        f"{record['rel_diff_vs_reference']:.1e} ({where}), 0 beyond rounding at their dtype; "
+        "numbers checked against the reference backend at their dtype: 1 calls, largest "
+        f"relative difference {0.0:.1e} ({where}), 0 beyond rounding at their dtype"
+    )
+    assert fb.agreement_line([]) == "numbers checked against the float64 reference: none"
 
 
 # per case, the kernel function made to compute wrong numbers: (module, function)
@@ -525,10 +534,10 @@ def test_kernel_table_averages_the_profiled_calls():
     assert table["copies"] == 1 and table["copy_time_us"] == pytest.approx(50.0)
 
 
-def _summarize(records, folder, monkeypatch) -> str:
-    """SUMMARY.md of ``bench/summarize.py`` run on ``records``."""
+def _summarize(records, folder, monkeypatch, conditions=None) -> str:
+    """SUMMARY.md of ``bench/summarize.py`` run on ``records`` (``conditions``: the run's)."""
     path = folder / "bench.json"
-    path.write_text(json.dumps(fb.to_json(records)))
+    path.write_text(json.dumps(fb.to_json(records, conditions)))
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     summarize = importlib.import_module("summarize")
     with redirect_stdout(io.StringIO()):
@@ -556,6 +565,18 @@ def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch)
     assert cells[9].startswith("a_long_kernel_name_a_long_kernel_name_a_long_...")
     assert "(x2)" in cells[9] and "; k " in cells[9]
     assert "| denoising" not in section  # no profile, no row
+
+
+def test_summary_lists_the_run_conditions(bench_run, tmp_path, monkeypatch):
+    _, records = bench_run
+    assert "torch threads" not in _summarize(records, tmp_path, monkeypatch)
+    conditions = {"torch_threads": 2, "load_average": [1.5, 0.75, 0.5]}
+    conditions.update(launch_us_before_profiling=4.5, launch_us_at_end=6.5)
+    summary = _summarize(records, tmp_path, monkeypatch, conditions)
+    assert (
+        "- bench.json: 2 torch threads, load average 1.5 / 0.75 / 0.5, a kernel launch 4.5 us "
+        "before the first profile, 6.5 us at the end\n"
+    ) in summary
 
 
 def test_summary_of_a_run_without_eager_or_compile(bench_run, tmp_path, monkeypatch):
@@ -929,3 +950,40 @@ def test_the_cache_flush_keeps_one_buffer_for_every_round():
         flush()
     # the buffer made once is written each time, no allocation per call
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+
+
+def test_the_compact_ratio_table_keeps_eager_compile_and_fastae(bench_run):
+    """summarize.py prints it last (a log's tail keeps it): the providers beside fastae's own
+    variants and the CUDA graphs left out."""
+    _, records = bench_run
+    eager = next(r for r in records if r["provider"] == "eager" and r["case"] == "sparse")
+    fast = next(r for r in records if r["provider"] == "fastae" and r["case"] == "sparse")
+    graph = dict(eager, provider=fb.GRAPH, median_s=eager["median_s"] / 4)
+    regenerated = dict(fast, provider=fb.REGENERATE, median_s=2 * fast["median_s"])
+    group = [eager, fast, graph, regenerated]
+    full = fb.ratio_table(group)
+    header, row = fb.ratio_table(group, compact=True).splitlines()
+    assert "graph ms" in full and "regen ms" in full
+    columns = "case size dtype precision eager ms compile ms fastae ms vs eager vs compile"
+    assert header.split() == columns.split()
+    assert row.split()[-5:-2] == [_ms(eager), "-", _ms(fast)]
+
+
+def test_the_run_conditions_join_the_json():
+    """Threads and load averages (CPU timings swing with them); the launch probe (before the
+    first profile and at the end) on CUDA only."""
+    assert fb.launch_probe("cpu") is None
+    conditions = fb.run_conditions("cpu", None)
+    assert conditions["torch_threads"] == torch.get_num_threads()
+    assert len(conditions["load_average"]) == 3 and min(conditions["load_average"]) >= 0
+    assert "launch_us_at_end" not in conditions
+    info = fb.to_json([], conditions)["machine_info"]
+    assert info["torch"] == torch.__version__ and info["torch_threads"] == torch.get_num_threads()
+
+
+@pytest.mark.cuda
+def test_the_launch_probe_times_a_launch_on_cuda():
+    before = fb.launch_probe("cuda")
+    conditions = fb.run_conditions("cuda", before)
+    assert 0 < before < 1e3 and 0 < conditions["launch_us_at_end"] < 1e3
+    assert conditions["launch_us_before_profiling"] == before
