@@ -140,6 +140,23 @@ def _sparsity_term(bernoulli_kl, rho_hat: Tensor, kl, l1_weight) -> tuple[Tensor
     return sparsity, kl_grad
 
 
+# The ops' backward bodies, called from the steps' backward: directly in plain eager, else
+# (a backward traced by compiled autograd) through the op, which dynamo does not trace into
+# (the bodies' numpy Philox would stop it).
+def _encode_backward(*args):
+    return ops._backward_call(ops._encode_backward_op, ops._encode_backward_body, *args)
+
+
+def _decode_backward(*args):
+    return ops._backward_call(ops._decode_backward_op, ops._decode_backward_body, *args)
+
+
+def _reparameterize_backward(*args):
+    return ops._backward_call(
+        ops._reparameterize_backward_op, ops._reparameterize_backward_body, *args
+    )
+
+
 def _layers_backward(grad, below, weights, saved, needs_input, activation, enc_name,
                      first=_NO_NOISE, grad_rho=None):  # fmt: skip
     """Backward through a chain of encode layers (no statistics but the top's), top to bottom,
@@ -155,7 +172,7 @@ def _layers_backward(grad, below, weights, saved, needs_input, activation, enc_n
             return grads, None
         h, stats = saved[2 * i : 2 * i + 2]
         grad = torch.zeros_like(h) if grad is None else grad.contiguous()
-        grads[2 * i], grads[2 * i + 1], *grad_input = ops._encode_backward_body(
+        grads[2 * i], grads[2 * i + 1], *grad_input = _encode_backward(
             grad, grad_rho if i == len(weights) - 1 else None, None,
             saved[2 * i - 2] if i else below, weights[i], h, stats, activation,
             *(first if i == 0 else _NO_NOISE), enc_name, needs_input[i],
@@ -209,7 +226,7 @@ class _AutoencoderStep(torch.autograd.Function):
             g_jac = _add(g_contractive * contractive, g_jac)
         grad_matrix = grad_decoder_bias = None
         if g_per_sample is not None:
-            grad_matrix, grad_decoder_bias, grad_h = ops._decode_backward_body(
+            grad_matrix, grad_decoder_bias, grad_h = _decode_backward(
                 g_per_sample, h, matrix, grad_zhat, None, None, output, loss_name, dec_name, True
             )
             g_h = _add(grad_h, g_h)
@@ -218,7 +235,7 @@ class _AutoencoderStep(torch.autograd.Function):
         grad_weight = grad_bias = None
         if g_h is not None or grad_rho is not None or g_jac is not None:
             g_h = torch.zeros_like(h) if g_h is None else g_h.contiguous()
-            grad_weight, grad_bias = ops._encode_backward_body(
+            grad_weight, grad_bias = _encode_backward(
                 g_h, grad_rho, g_jac, x, weight, h, stats, activation, kind, level, low, high,
                 seed, enc_name, False,
             )  # fmt: skip
@@ -395,7 +412,7 @@ class _DeepAutoencoderStep(torch.autograd.Function):
         if g_per_sample is not None:
             hidden = saved[2 * depth :]  # the decoder's hidden layers' (h, stats)
             top = hidden[-2] if depth > 1 else code
-            grads[-2], grads[-1], *grad_top = ops._decode_backward_body(
+            grads[-2], grads[-1], *grad_top = _decode_backward(
                 g_per_sample, top, matrices[-1], grad_zhat, None, None, *ctx.dec,
                 decoder_input[-1],
             )  # fmt: skip
@@ -544,7 +561,7 @@ class _VAEStep(torch.autograd.Function):
         g_kl = _add(_add(g_kl, None if g_mean is None else g_mean * ctx.beta), g_per_sample)
         decoder_grads, output_grads = [None] * (2 * depth), [None, None]
         if g_rec is not None:
-            output_grads[0], output_grads[1], *grad_h2 = ops._decode_backward_body(
+            output_grads[0], output_grads[1], *grad_h2 = _decode_backward(
                 g_rec, decoder_saved[-2], decoder_weight, grad_zhat, None, None, *ctx.dec,
                 needs_input[depth],
             )  # fmt: skip
@@ -555,9 +572,7 @@ class _VAEStep(torch.autograd.Function):
             g_z = _add(g_z, grad_z)
         mu, logvar = posterior[:, :latent], posterior[:, latent:]
         if needs_mu and (g_z is not None or g_kl is not None):
-            grad_mu, grad_logvar = ops._reparameterize_backward_body(
-                g_z, g_kl, mu, logvar, *ctx.rep
-            )
+            grad_mu, grad_logvar = _reparameterize_backward(g_z, g_kl, mu, logvar, *ctx.rep)
             g_mu, g_logvar = _add(g_mu, grad_mu), _add(g_logvar, grad_logvar)
         posterior_grads = [None, None]
         encoder_grads = [None] * (2 * depth)

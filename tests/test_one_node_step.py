@@ -670,3 +670,42 @@ def test_a_layer_without_bias(kind, monkeypatch):
         model = _model(dict(sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.2))
         model.bias = None
     _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "deep", "vae"])
+def test_backward_traced_by_compiled_autograd(kind, monkeypatch):
+    """An eager step (one node) whose backward compiled autograd traces: the backward calls
+    the ops, not their bodies (dynamo cannot trace the bodies' numpy Philox, which redraws the
+    noise and eps here), with the gradients of the backward run eagerly."""
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", "regenerate")
+    torch.manual_seed(0)
+    noise = fastae.MaskingNoise(0.3, seed=5)
+    if kind == "autoencoder":
+        model = fastae.Autoencoder(7, 5, noise=noise, contractive=0.2)
+    elif kind == "deep":
+        model = fastae.DeepAutoencoder(7, [5, 3], noise=noise)
+    else:
+        model = fastae.VAE(7, 5, 3)
+    eager_model = torch.compiler.disable(model)
+    x = torch.rand(6, 7)
+
+    def step(x):
+        loss = eager_model(x).loss
+        assert "Step" in type(loss.grad_fn).__name__  # the one node
+        loss.backward()
+        return loss.detach()
+
+    def grads(traced: bool):
+        for p in model.parameters():
+            p.grad = None
+        torch.manual_seed(1)  # the same seeds drawn for the noise and eps
+        if traced:
+            with torch._dynamo.config.patch(compiled_autograd=True):
+                loss = torch.compile(step, backend="aot_eager")(x)
+            torch._dynamo.reset()
+        else:
+            loss = step(x)
+        return [loss] + [p.grad for p in model.parameters()]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
