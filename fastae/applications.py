@@ -709,11 +709,12 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
     put it): compare ``kmeans_labels_`` with ``labels_``, or fit with ``refine_epochs=0``.
 
     Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_`` (in
-    code space), ``autoencoder_`` (the fitted, refined clone; a detector's threshold and scores
-    are the refined model's), ``n_iter_`` (refinement epochs run). ``predict`` gives new rows'
-    clusters, ``predict_proba`` the soft assignments Q, ``transform`` the distances from the
-    codes to the centres (as ``KMeans.transform``); the codes themselves, a transformer's or a
-    stack's ``autoencoder_.transform``.
+    code space), ``alpha_`` (the kernel's alpha fitted with, which ``predict`` uses whatever
+    ``alpha`` is set to after), ``autoencoder_`` (the fitted, refined clone; a detector's
+    threshold and scores are the refined model's), ``n_iter_`` (refinement epochs run).
+    ``predict`` gives new rows' clusters, ``predict_proba`` the soft assignments Q,
+    ``transform`` the distances from the codes to the centres (as ``KMeans.transform``); the
+    codes themselves, a transformer's or a stack's ``autoencoder_.transform``.
     """
 
     def __init__(
@@ -750,7 +751,7 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
         n_clusters = _checks.positive_int("n_clusters", self.n_clusters)
         refine_epochs = _nonnegative_int("refine_epochs", self.refine_epochs)
         update_interval = _checks.positive_int("update_interval", self.update_interval)
-        _positive_float("alpha", self.alpha)
+        alpha = _positive_float("alpha", self.alpha)
         lr = _positive_float("lr", self.lr)
         weight = _reconstruction_weight(self.reconstruction_weight)
         _checks.finite_number("tol", self.tol, low=0)
@@ -781,6 +782,7 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
             codes, n_clusters, random_state=random.randint(np.iinfo(np.int32).max),
             n_init=self.n_init,
         )  # fmt: skip
+        self.alpha_ = alpha
         self.kmeans_labels_ = kmeans.labels_
         self.labels_ = kmeans.labels_.copy()
         self.n_iter_ = 0
@@ -796,11 +798,14 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
         return self
 
     def _module(self, reconstruction_weight: float = 0.0) -> DECModule:
-        """The fitted encoder with the current centres (the encoder is shared, not copied)."""
+        """The fitted encoder with the current centres and the fitted kernel's alpha (the
+        encoder is shared, not copied)."""
         ae = self.autoencoder_
         ae._sync_device()
         centers = torch.tensor(self.cluster_centers_, dtype=torch.float32, device=ae.device_)
-        return DECModule(ae.module_, centers, float(self.alpha), reconstruction_weight)
+        # a model pickled before alpha_ was kept: the alpha it was fitted with
+        alpha = self.alpha_ if hasattr(self, "alpha_") else float(self.alpha)
+        return DECModule(ae.module_, centers, alpha, reconstruction_weight)
 
     def _refine(self, module, x: Tensor, epochs: int, interval: int, lr: float, random) -> None:
         ae = self.autoencoder_

@@ -782,7 +782,9 @@ class ModelChoiceMixin:
     def _learning_rate(self) -> float:
         """``lr="auto"``: Adam's rate for the model (a VAE's training diverges at the
         autoencoder's rate on standardized inputs)."""
-        if isinstance(self.lr, str) and self.lr == "auto":
+        if isinstance(self.lr, str):
+            if self.lr != "auto":
+                raise ValueError(f'lr must be "auto" or a positive number, got {self.lr!r}')
             return VAE_LR if self.model == "vae" else AUTOENCODER_LR
         return super()._learning_rate()
 

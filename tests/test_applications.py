@@ -609,6 +609,11 @@ def test_dec_soft_assignments_and_distances(dtype):
         dec.transform(x[:, :5])
     with pytest.raises(NotFittedError):
         DECClustering(3).predict_proba(x)
+    # the fitted kernel's alpha, whatever alpha is set to after fit
+    assert dec.alpha_ == 2.0
+    for alpha in (0.0, 5.0, "x"):
+        dec.set_params(alpha=alpha)
+        np.testing.assert_array_equal(dec.predict_proba(x), q)
 
 
 def test_dec_arguments_and_estimators():

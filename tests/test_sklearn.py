@@ -1123,8 +1123,13 @@ def test_the_auto_learning_rate_follows_the_model(model, rate):
         assert fitted.lr == "auto" and fitted._optimizer_state["param_groups"][0]["lr"] == rate
         fitted = make(2, model=model, lr=0.05, random_state=0).partial_fit(x)
         assert fitted._optimizer_state["param_groups"][0]["lr"] == 0.05
-    with pytest.raises(TypeError, match="^lr must be a real number, got str"):
-        AutoencoderTransformer(2, lr="fast").fit(x)
+    for text in ("fast", "AUTO"):  # a str is "auto" or nothing
+        with pytest.raises(
+            ValueError, match=f'^lr must be "auto" or a positive number, got {text!r}'
+        ):
+            AutoencoderTransformer(2, lr=text).fit(x)
+    with pytest.raises(TypeError, match="^lr must be a real number, got list"):
+        AutoencoderTransformer(2, lr=[0.1]).fit(x)
 
 
 def test_numpy_scalar_parameters():
