@@ -931,6 +931,17 @@ def test_a_case_of_two_runs_is_warned_about():
     assert row["providers"]["fastae"] is later and fb.speedup(row, "eager") == 3.0
 
 
+def test_the_figures_come_after_the_timed_calls(monkeypatch):
+    """The figures profile a call (on CUDA the profiler's tracing may slow the launches after
+    it): measure times every provider first."""
+    events = []
+    monkeypatch.setattr(fb, "figures", lambda bench: events.append("figures") or {})
+    timed = fb.time_calls
+    monkeypatch.setattr(fb, "time_calls", lambda *a: events.append("timed") or timed(*a))
+    fb.measure("plain", ["eager", "fastae"], fb.Size.parse("8x16x16"), "fp32", "cpu", 2)
+    assert events == ["timed"] * 4 + ["figures"] * 2
+
+
 def test_the_cache_is_flushed_between_rounds_on_cuda_only(monkeypatch):
     """Each timed round on CUDA starts with the L2 cache evicted, untimed; the CPU has none
     to flush."""
