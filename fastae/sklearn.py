@@ -1198,7 +1198,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         """Scale X, train on it, and set ``threshold_``/``offset_`` from its rows' scores
         (``contamination``); y is ignored."""
         self._check_model_params()
-        self._set_threshold(self._fit_autoencoder(X))
+        self._set_threshold(self._fit_autoencoder(X), "fit")
         return self
 
     @all_or_nothing
@@ -1211,30 +1211,42 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         than 1 / ``contamination`` rows cannot hold one outlier at that rate: its threshold is
         a tiny sample's (a UserWarning says so)."""
         self._check_model_params()
-        X = self._fit_autoencoder(X, partial=True)
-        if len(X) * self.contamination < 1:
-            _checks.warn_caller(
-                f"partial_fit set threshold_ from X's {len(X)} row{'s' * (len(X) != 1)}, fewer "
-                f"than 1 / contamination = {1 / self.contamination:.4g}: a quantile of so "
-                "few scores may flag far more or fewer than that share of later rows; pass "
-                "larger chunks"
-            )
-        self._set_threshold(X)
+        self._set_threshold(self._fit_autoencoder(X, partial=True), "partial_fit")
         return self
 
-    def _set_threshold(self, X: np.ndarray) -> None:
-        """PyOD's fitted attributes and ``offset_`` from the anomaly scores of validated X."""
-        self.decision_scores_ = self._anomaly_scores(X)
-        bad = int((~np.isfinite(self.decision_scores_)).sum())
+    def _set_threshold(self, X: np.ndarray, caller: str | None = None) -> None:
+        """PyOD's fitted attributes and ``offset_`` from the anomaly scores of validated X.
+        ``labels_`` flags the scores above PyOD's threshold, the (1 - contamination) quantile;
+        ``threshold_`` is set halfway between the highest score left in and the lowest flagged
+        (the quantile lies between them: the labels are PyOD's), so that no training row lies
+        on it and ``predict`` gives a training row its label even where its score comes out a
+        rounding apart (another batching or precision). ``caller`` (fit, partial_fit) warns
+        where X holds fewer than 1 / contamination rows."""
+        if caller is not None and len(X) * self.contamination < 1:
+            _checks.warn_caller(
+                f"{caller} set threshold_ from X's {len(X)} row{'s' * (len(X) != 1)}, fewer "
+                f"than 1 / contamination = {1 / self.contamination:.4g}: a quantile of so "
+                "few scores may flag far more or fewer than that share of later rows; pass "
+                f"{'larger chunks' if caller == 'partial_fit' else 'more rows'}"
+            )
+        scores = self.decision_scores_ = self._anomaly_scores(X)
+        bad = int((~np.isfinite(scores)).sum())
         if bad:  # weights finite but large (a VAE's variance overflows): no threshold to set
             raise ValueError(
                 f"training diverged: {bad} of the {len(X)} training rows score NaN or inf "
                 f"after training; {self._advice()}"
             )
         c = self.contamination
-        self.threshold_ = float(np.percentile(self.decision_scores_, 100.0 * (1.0 - c)))
-        self.offset_ = -self.threshold_
-        self.labels_ = (self.decision_scores_ > self.threshold_).astype(int)
+        threshold = float(np.percentile(scores, 100.0 * (1.0 - c)))
+        flagged = scores > threshold
+        if flagged.any():  # else every row ties at the top: none flagged, the quantile kept
+            highest_in, lowest_flagged = scores[~flagged].max(), scores[flagged].min()
+            halfway = float(highest_in + (lowest_flagged - highest_in) / 2)
+            # two adjacent floats have no float between them: the one left in
+            threshold = halfway if halfway < lowest_flagged else float(highest_in)
+        self.threshold_ = threshold
+        self.offset_ = -threshold
+        self.labels_ = flagged.astype(int)
         self._expected_outliers = _expected_outliers(len(X), c)  # with its threshold
 
     def score_samples(self, X):

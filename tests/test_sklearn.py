@@ -625,8 +625,8 @@ def test_cuda_graph_training_scores_like_eager_training(digits, model_kind):
 
 def test_outlier_detector_conventions(digits):
     x, _ = digits
-    # 501 rows: the 95th percentile of their scores is one of them (index 475), whose
-    # decision is exactly 0 and which is an inlier, as in IsolationForest
+    # 501 rows: the 95th percentile of their scores is one of them (index 475), an inlier
+    # as in PyOD (and IsolationForest); the threshold lies halfway to the lowest flagged score
     train, test = x[:501], x[501:701]
     detector = AutoencoderOutlierDetector(8, scale=None, contamination=0.05, epochs=5)
     detector.set_params(random_state=0).fit(train)
@@ -638,10 +638,18 @@ def test_outlier_detector_conventions(digits):
     )
     # PyOD's attributes: higher = more abnormal, labels 0/1 on the training data
     np.testing.assert_allclose(detector.decision_scores_, -detector.score_samples(train))
-    assert detector.threshold_ == pytest.approx(-detector.offset_)
-    assert (detector.decision_function(train) == 0).sum() == 1
+    assert detector.threshold_ == -detector.offset_
+    scores = detector.decision_scores_
+    quantile = np.percentile(scores, 95.0)
+    assert (scores == quantile).sum() == 1
+    np.testing.assert_array_equal(detector.labels_, scores > quantile)  # PyOD's labels
+    assert detector.labels_.sum() == 25  # above the quantile: 5% of 500 others
+    highest_in, lowest_flagged = quantile, scores[scores > quantile].min()
+    assert detector.threshold_ == pytest.approx((highest_in + lowest_flagged) / 2, rel=1e-15)
     np.testing.assert_array_equal(detector.labels_, (detector.predict(train) == -1).astype(int))
-    assert detector.labels_.sum() == 25  # above the threshold: 5% of 500 others
+    # a training row rescored a rounding apart (another batching or dtype) keeps its label
+    nudged = scores * (1 + 1e-9 * np.where(detector.labels_, -1, 1))
+    np.testing.assert_array_equal(detector.labels_, nudged > detector.threshold_)
 
 
 @pytest.mark.parametrize("method", ["linear", "unify"])
@@ -1501,8 +1509,13 @@ def test_detector_partial_fit_trains_as_the_transformer_and_thresholds_the_last_
             twin.partial_fit(chunk)
         scores = -detector.score_samples(chunk)
         np.testing.assert_allclose(detector.decision_scores_, scores, rtol=1e-12)
-        assert detector.threshold_ == pytest.approx(np.percentile(scores, 80.0))
+        quantile = np.percentile(scores, 80.0)
+        lowest_flagged = scores[scores > quantile].min()
+        highest_in = scores[scores <= quantile].max()
+        assert highest_in < detector.threshold_ < lowest_flagged
+        assert detector.threshold_ == pytest.approx((highest_in + lowest_flagged) / 2)
         assert detector.offset_ == -detector.threshold_
+        np.testing.assert_array_equal(detector.labels_, scores > quantile)
         np.testing.assert_array_equal(detector.labels_, scores > detector.threshold_)
     assert detector.n_iter_ == 3 and len(detector.decision_scores_) == 120
     torch.testing.assert_close(detector.module_.state_dict(), twin.module_.state_dict())
@@ -1590,7 +1603,7 @@ def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):
     """ExCeeD on the training rows themselves: each row's own score counts among those at or
     below it (searchsorted side="right"), and the row whose score is the threshold (decision
     0, 501 rows at contamination 0.05: the 95th percentile is one of them) is an inlier, so
-    its confidence is the inlier's (1 - the outlier's)."""
+    its confidence is the inlier's (1 - the outlier's), its decision positive."""
     from scipy.stats import binom
 
     x, _ = digits
@@ -1603,8 +1616,9 @@ def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):
     outlier = binom.sf(n - int(n * 0.05), n, (1 + below) / (n + 2.0))
     predicted = detector.predict(train)
     expected = np.where(predicted == -1, outlier, 1 - outlier)
-    on_threshold = detector.decision_function(train) == 0
-    assert on_threshold.sum() == 1 and predicted[on_threshold][0] == 1
+    on_quantile = scores == np.percentile(scores, 95.0)
+    assert on_quantile.sum() == 1 and predicted[on_quantile][0] == 1
+    assert detector.decision_function(train)[on_quantile][0] > 0
     np.testing.assert_allclose(detector.predict_confidence(train), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -1631,6 +1645,30 @@ def test_a_minmax_column_spanning_exactly_ten_epsilons_is_kept():
     assert (np.ptp(x, axis=0) == span).all()
     model = AutoencoderTransformer(2, scale="minmax", epochs=1, random_state=0).fit(x)
     np.testing.assert_allclose(model.scaler_.transform(x)[:, 0], np.linspace(0.0, 1.0, 20))
+
+
+def test_the_threshold_lies_between_the_scores_it_separates(digits, monkeypatch):
+    """Halfway between the highest score left in and the lowest flagged; where those are
+    adjacent floats (none between), the one left in; where the top rows tie (none above the
+    quantile), the quantile itself, flagging none."""
+    x = digits[0][:20]
+    detector = AutoencoderOutlierDetector(2, contamination=0.05, epochs=1, random_state=0).fit(x)
+    # adjacent floats whose halfway rounds up (to the even mantissa) onto the flagged one
+    left_in = np.nextafter(1.0, 2.0)
+    adjacent = np.r_[np.zeros(18), left_in, np.nextafter(left_in, 2.0)]
+    assert adjacent[18] + (adjacent[19] - adjacent[18]) / 2 == adjacent[19]
+    ties = np.r_[np.zeros(10), np.full(10, 5.0)]
+    for scores, threshold, flagged in ((adjacent, left_in, [19]), (ties, 5.0, [])):
+        monkeypatch.setattr(detector, "_anomaly_scores", lambda X, scores=scores: scores)
+        detector._set_threshold(x)
+        assert detector.threshold_ == threshold and detector.offset_ == -threshold
+        assert np.flatnonzero(detector.labels_).tolist() == flagged
+
+
+def test_fit_warns_where_x_cannot_hold_one_outlier_at_the_contamination(digits):
+    x = digits[0][:10]
+    with pytest.warns(UserWarning, match=r"^fit set threshold_ from X's 10 rows, fewer than "):
+        AutoencoderOutlierDetector(2, contamination=0.05, epochs=1, random_state=0).fit(x)
 
 
 def test_contamination_one_half_is_allowed_and_just_above_is_not(digits):
