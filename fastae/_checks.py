@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Mapping, Set
 
@@ -15,6 +17,19 @@ import torch
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+# warnings.catch_warnings swaps the process-wide list of filters (before Python 3.14): fastae's
+# own uses take turns, else two threads would put back each other's lists and leave a filter
+_FILTERS = threading.RLock()
+
+
+@contextlib.contextmanager
+def ignoring(message: str):
+    """Warnings whose message starts with ``message`` ignored inside (a thread at a time)."""
+    with _FILTERS, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def warn_caller(message: str) -> None:

@@ -9,7 +9,6 @@ time.
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -189,9 +188,8 @@ class GraphedStep:
         if self.max_grad_norm is not None:  # no host sync: it captures
             clip_grad_norm_(self.params, self.max_grad_norm)
         if self.optimizer is not None:
-            with warnings.catch_warnings():
-                # the warm-up and eager steps of an optimizer made capturable for the capture
-                warnings.filterwarnings("ignore", message=_UNCAPTURED_WARNING)
+            # the warm-up and eager steps of an optimizer made capturable for the capture
+            with _checks.ignoring(_UNCAPTURED_WARNING):
                 self.optimizer.step()
         return loss.detach()
 

@@ -25,7 +25,6 @@ import fractions
 import functools
 import math
 import numbers
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,6 +51,7 @@ from .backend import use_backend
 from .modules import Autoencoder, DeepAutoencoder, KLSparsity, L1Sparsity
 from .noise import check_noise
 from .training import (
+    SEEDED_RUNS,
     History,
     LossNotFinite,
     default_optimizer,
@@ -211,18 +211,14 @@ def _as_dtype(array: np.ndarray, like: torch.Tensor) -> np.ndarray:
     return array.astype(np.float32 if like.dtype == torch.float32 else np.float64, copy=False)
 
 
-# held while a fit has torch's process-wide generators forked and seeded: fits from several
-# threads run one at a time (another's draws would interleave with theirs)
-_GENERATORS = threading.RLock()
-
-
 @contextlib.contextmanager
 def _seeded(seed: int):
     """torch's generators (CPU and every CUDA device) forked and seeded with ``seed``: runs
     repeat, and the caller's global generator state is left as it was; other threads' seeded
-    fits wait (``_GENERATORS``), their other torch draws do not (they share the generators)."""
+    fits wait (``SEEDED_RUNS``, as ``fit``'s with a seed), their other torch draws do not
+    (they share the generators)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with _GENERATORS, torch.random.fork_rng(devices=devices):
+    with SEEDED_RUNS, torch.random.fork_rng(devices=devices):
         seed_torch(seed)
         yield
 

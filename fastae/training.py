@@ -9,8 +9,8 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -76,8 +76,7 @@ def _as_tensor(name: str, data, like: torch.Tensor, own_model: bool) -> torch.Te
             data = data.astype(np.float64)  # the widest dtype a model computes in
         if not (data.flags.writeable or own_model):
             data = np.array(data)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        with _checks.ignoring("The given NumPy array is not writable"):
             return torch.as_tensor(data, dtype=like.dtype, device="cpu")  # moved by _resident
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
@@ -106,6 +105,24 @@ def _with_autograd(function):
             return function(*args, **kwargs)
 
     return with_grad
+
+
+# held while torch's process-wide generators are seeded for a run (fit's seed, an estimator's
+# random_state): seeded runs from several threads take turns (another's draws would interleave
+# with theirs and reseed the generators under them); other torch draws do not wait
+SEEDED_RUNS = threading.RLock()
+
+
+def _one_seeded_run_at_a_time(function):
+    """``function`` (``fit``) run holding :data:`SEEDED_RUNS` where it is given a seed."""
+
+    @functools.wraps(function)
+    def seeded_alone(*args, **kwargs):
+        held = SEEDED_RUNS if kwargs.get("seed") is not None else contextlib.nullcontext()
+        with held:
+            return function(*args, **kwargs)
+
+    return seeded_alone
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -263,6 +280,9 @@ class _Progress:
 
 
 def _own_model(model: nn.Module) -> bool:
+    """Whether the model is one of fastae's own classes, whose forward never writes to its
+    input and takes batches of its dtype and width; a subclass of one, whose forward may
+    differ, is checked as any other model."""
     return type(_unwrap(model)).__module__.split(".")[0] == __name__.split(".")[0]
 
 
@@ -513,6 +533,7 @@ def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
 DEFAULT_LR = 1e-3  # fit's default Adam's, Keras's and PyTorch's
 
 
+@_one_seeded_run_at_a_time
 @_with_autograd
 def fit(
     model: nn.Module,

@@ -103,6 +103,48 @@ def test_same_seed_gives_bitwise_identical_steps(backend):
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
 
 
+def test_seeded_fits_from_threads_repeat_their_runs_alone():
+    """fit's seed seeds torch's process-wide generator, from which the noise seeds are drawn:
+    seeded fits in several threads take turns (as the estimators' do), each as run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    base = fastae.Autoencoder(12, 6, noise=fastae.MaskingNoise(0.2))
+    x = torch.rand(128, 12)
+
+    def run(seed: int) -> list[torch.Tensor]:
+        model = copy.deepcopy(base)
+        fastae.fit(model, x, epochs=3, batch_size=32, seed=seed, progress=False)
+        return [p.detach() for p in model.parameters()]
+
+    alone = [run(seed) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, range(4)))
+    for got, want in zip(together, alone, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_fits_from_threads_leave_the_warning_filters_as_they_were():
+    """fit ignores torch's warning on a read-only numpy array (fastae's models never write to
+    it) inside a catch_warnings that fastae's threads take in turns: none is left behind."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    data = np.random.default_rng(0).random((16, 5)).astype(np.float32)
+    data.flags.writeable = False
+    before = list(warnings.filters)
+
+    def run(_):
+        for _ in range(10):
+            fastae.fit(fastae.Autoencoder(5, 2), data, epochs=1, batch_size=16, progress=False)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(run, range(8)))
+    assert warnings.filters == before
+
+
 def test_state_dict_round_trip_and_resume():
     """A model saved mid-training and loaded resumes to the same result as an uninterrupted one."""
     x = _data(64)
