@@ -623,6 +623,22 @@ def wide_index(*tensors: torch.Tensor) -> bool:
     return any(t.numel() > 0 and last_offset(t) >= INDEX_LIMIT for t in tensors)
 
 
+DIMENSION_LIMIT = 2**31
+
+
+def check_sizes(*tensors: torch.Tensor) -> None:
+    """The kernels number rows and columns (tiles, programs) in int32, computing element
+    offsets from them in int64 where these can pass 2^31 - 1 (:func:`wide_index`): a dimension
+    of 2^31 or more would wrap, so it is refused."""
+    for t in tensors:
+        if any(size >= DIMENSION_LIMIT for size in t.shape):
+            raise ValueError(
+                f"the triton backend takes dimensions below 2**31, got a tensor of shape "
+                f"{tuple(t.shape)}: run this on the reference backend "
+                "(fastae.use_backend('reference'))"
+            )
+
+
 def wide_shape(rows: int, cols: int) -> bool:
     """Whether an element offset of a contiguous (rows, cols) tensor can pass 2^31 - 1."""
     return rows * cols - 1 >= INDEX_LIMIT

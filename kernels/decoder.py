@@ -37,6 +37,7 @@ from .common import (
     acc_dtype,
     autotune,
     cdiv,
+    check_sizes,
     column_index,
     dot_precision,
     elementwise_configs,
@@ -342,6 +343,7 @@ def decode_forward(
     """(per-sample loss, d ell / d z^) as ``fastae.reference.decode_forward``; with
     ``with_reconstruction`` also x^ from the same tiles (no second GEMM); without
     ``with_gradient`` d ell / d z^ is neither stored nor returned (None)."""
+    check_sizes(h, weight)
     batch, hidden = h.shape
     features = weight.shape[0]
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else None

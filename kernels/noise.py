@@ -14,6 +14,7 @@ from .common import (
     NOISE_CODES,
     acc_dtype,
     autotune,
+    check_sizes,
     column_index,
     corrupt_tile,
     element_offsets,
@@ -62,6 +63,7 @@ def _corrupt_kernel(
 
 
 def _launch(x, kind, level, low, high, seed, base, grad):
+    check_sizes(x)
     batch, features = x.shape
     out = empty(x.shape, x.device, x.dtype)
     launch(_corrupt_kernel, grid_tiles(batch, features),
