@@ -125,6 +125,41 @@ def _one_seeded_run_at_a_time(function):
     return seeded_alone
 
 
+# Keras's Model.fit arguments that fit takes otherwise: what to write instead
+KERAS_ARGUMENTS = {
+    "y": "fit(model, data) takes no target: the model reconstructs data",
+    "x": "the data is fit's second argument, data",
+    "verbose": "use progress=True or False",
+    "callbacks": "pass one function as callback=, called as callback(epoch, history)",
+    "learning_rate": "use lr=",
+    "initial_epoch": "a second fit starts at epoch 1; pass the same optimizer= to continue it",
+    "validation_freq": "fit validates after every epoch",
+    "steps_per_epoch": "an epoch is one pass over data: pass fewer rows or a DataLoader",
+    "sample_weight": "fit weighs every row alike",
+    "class_weight": "fit weighs every row alike",
+}
+
+
+def _keras_hints(function):
+    """``function`` (``fit``) whose argument errors name what to write instead of Keras's
+    ``Model.fit`` arguments (a target, ``verbose``, ``callbacks``, ...)."""
+    parameters = inspect.signature(function).parameters
+
+    @functools.wraps(function)
+    def hinted(*args, **kwargs):
+        if len(args) > 2:
+            raise TypeError(
+                f"fit takes 2 positional arguments (model, data), got {len(args)}: "
+                f"{KERAS_ARGUMENTS['y']} (Keras's fit(x, x) is fit(model, x))"
+            )
+        for name in kwargs:
+            if name in KERAS_ARGUMENTS and name not in parameters:
+                raise TypeError(f"fit got Keras's argument {name!r}: {KERAS_ARGUMENTS[name]}")
+        return function(*args, **kwargs)
+
+    return hinted
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper, else the model."""
     return model.module if isinstance(model, DistributedDataParallel) else model
@@ -250,6 +285,26 @@ def _resident(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _first(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _warn_unread_target(batch) -> None:
+    """Warns where a batch is (input, target) with a float target of the input's shape, as
+    Keras's ``fit(noisy, clean)``: fit reconstructs the input, and the target goes unread."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) > 1):
+        return
+    x, target = batch[0], batch[1]
+    if (
+        isinstance(x, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and target.is_floating_point()
+        and target.shape == x.shape
+    ):
+        _checks.warn_caller(
+            "data yields (input, target) pairs of one shape: fit trains the model to "
+            "reconstruct the input, a batch's first item, and does not read the second; for "
+            "fixed (noisy, clean) pairs write the loop with fastae.ops.decode_loss(..., "
+            "target=clean) (README: Coming from Keras)"
+        )
 
 
 class _Progress:
@@ -533,6 +588,7 @@ def _from_process_zero(value: int, device: torch.device, parallel: bool) -> int:
 DEFAULT_LR = 1e-3  # fit's default Adam's, Keras's and PyTorch's
 
 
+@_keras_hints
 @_one_seeded_run_at_a_time
 @_with_autograd
 def fit(
@@ -801,6 +857,8 @@ def fit(
             total, count = torch.zeros((), dtype=torch.float64, device=like.device), 0
             history.lr.append(float(optimizer.param_groups[0]["lr"]))
             for batch in train:
+                if epoch == 0 and count == 0:
+                    _warn_unread_target(batch)
                 x = _on_device(batch, like.device, "data", form)
                 if step is not None:
                     loss = step(x)
@@ -893,7 +951,12 @@ def _batching(data, validation_data, batch_size, shuffle) -> tuple[int, bool]:
 def _check_callback(callback) -> None:
     """A callable that takes (epoch, history), checked before the first epoch's training."""
     if not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        hint = (
+            ": one function, not a list of Keras callbacks"
+            if isinstance(callback, list | tuple)
+            else ""
+        )
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}{hint}")
     try:  # the signature of what fit calls (a functools.wraps wrapper's own)
         signature = inspect.signature(callback, follow_wrapped=False)
     except (TypeError, ValueError, NameError):  # none to read (some builtins, annotations)

@@ -3,6 +3,7 @@
 import copy
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -483,6 +484,50 @@ def test_fit_bad_arguments(kwargs, error, arg):
     data = kwargs.pop("data")
     with pytest.raises(error, match=names(arg)):
         fastae.fit(model, data, **kwargs)
+
+
+def test_fit_names_what_to_write_for_keras_arguments():
+    """Keras's Model.fit arguments that fit takes otherwise: a TypeError saying what to write
+    (Python's own message for any other unknown argument), before anything trains."""
+    model = fastae.Autoencoder(5, 3)
+    before = model.weight.detach().clone()
+    x = torch.rand(6, 5)
+    with pytest.raises(
+        TypeError, match=r"^fit takes 2 positional arguments \(model, data\), got 3"
+    ):
+        fastae.fit(model, x, x)
+    hints = {
+        "y": "takes no target",
+        "verbose": "use progress=",
+        "callbacks": "pass one function as callback=",
+        "learning_rate": "use lr=",
+        "initial_epoch": "pass the same optimizer=",
+        "sample_weight": "every row alike",
+    }
+    for name, hint in hints.items():
+        with pytest.raises(TypeError, match=rf"^fit got Keras's argument '{name}': .*{hint}"):
+            fastae.fit(model, x, **{name: 1})
+    with pytest.raises(TypeError, match=r"^fit\(\) got an unexpected keyword argument 'bogus'"):
+        fastae.fit(model, x, bogus=1)
+    with pytest.raises(TypeError, match=r"^callback must be callable or None, got list: one func"):
+        fastae.fit(model, x, callback=[print])
+    assert torch.equal(model.weight, before)
+
+
+def test_fit_warns_that_a_target_shaped_as_the_input_goes_unread():
+    """Keras's fit(noisy, clean) ported as a DataLoader of (noisy, clean) pairs: fit trains
+    on the batch's first item alone, and says so once; labels (integers) draw no warning."""
+    noisy, clean = torch.rand(12, 5), torch.rand(12, 5)
+    pairs = DataLoader(TensorDataset(noisy, clean), batch_size=4)
+    with pytest.warns(
+        UserWarning, match=r"^data yields \(input, target\) pairs of one shape"
+    ) as got:
+        fastae.fit(fastae.Autoencoder(5, 3), pairs, epochs=2, progress=False)
+    assert len(got) == 1 and {w.filename for w in got} == {__file__}
+    labelled = DataLoader(TensorDataset(noisy, torch.arange(12)), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastae.fit(fastae.Autoencoder(5, 3), labelled, epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("loss", ["bce", "mse"])
