@@ -28,7 +28,7 @@ def load(paths: list[str]) -> list[dict]:
     return records
 
 
-def run_conditions(paths: list[str]) -> list[str]:
+def run_lines(paths: list[str]) -> list[str]:
     """A line per JSON: the commit it was measured at (pytest-benchmark's commit_info) and,
     where its machine_info holds them, the run's conditions (fb.run_conditions)."""
     lines = []
@@ -41,7 +41,8 @@ def run_conditions(paths: list[str]) -> list[str]:
         if "torch_threads" in info:
             parts.append(f"{info['torch_threads']} torch threads")
         if info.get("load_average"):
-            parts.append("load average " + " / ".join(map(str, info["load_average"])))
+            loads = " / ".join(map(str, info["load_average"]))
+            parts.append(f"load average {loads} (1, 5, 15 minutes, at the end)")
         before, after = info.get("launch_us_before_profiling"), info.get("launch_us_at_end")
         if before is not None and after is not None:
             parts.append(
@@ -88,10 +89,9 @@ def _settings(records: list[dict]) -> str:
 def summary_markdown(records: list[dict], sources: list[str]) -> str:
     lines = ["# fastae benchmark summary", ""]
     lines.append(f"From {', '.join(Path(s).name for s in sources)}.")
-    conditions = run_conditions(sources)
-    if conditions:
-        lines += ["", "Runs (load averages over 1, 5 and 15 minutes, at the end):", ""]
-        lines += [f"- {line}" for line in conditions]
+    runs = run_lines(sources)
+    if runs:
+        lines += ["", "Runs:", ""] + [f"- {line}" for line in runs]
     lines += [
         "",
         "Median time of one call: an op's forward plus backward into its trainable inputs "

@@ -1141,9 +1141,9 @@ def _agreement_part(against: str, records: list[dict]) -> str:
     beyond = [r for r in records if beyond_rounding(r)]
     where = " ".join(str(worst.get(k, "")) for k in ("case", "size", "dtype", "provider"))
     return (
-        f"numbers checked against {against}: {len(records)} calls, largest relative "
-        f"difference {worst['rel_diff_vs_reference']:.1e} ({where}), {len(beyond)} beyond "
-        "rounding at their dtype"
+        f"numbers checked against {against}: {len(records)} call{'s' * (len(records) != 1)}, "
+        f"largest relative difference {worst['rel_diff_vs_reference']:.1e} ({where}), "
+        f"{len(beyond)} beyond rounding at their dtype"
     )
 
 
@@ -1243,7 +1243,7 @@ def measure(
     device: str,
     rounds: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Build, warm up (compile), count and time one case for each provider: flat records.
+    """Build, warm up (compile), time and count one case for each provider: flat records.
     The timed calls alternate between the providers, one call each per round, so a busy or
     throttled machine slows them alike and their ratios hold; on CUDA each starts with the L2
     cache evicted (:func:`cache_flush`, untimed)."""

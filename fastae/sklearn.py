@@ -1091,8 +1091,10 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
 
     Fitted attributes with PyOD's meaning (higher = more abnormal):
         decision_scores_: anomaly score of each training sample (= -score_samples).
-        threshold_: the (1 - contamination) percentile of decision_scores_ (= -offset_).
-        labels_: 0 (inlier) / 1 (outlier) for the training data, decision_scores_ > threshold_.
+        labels_: 0 (inlier) / 1 (outlier) for the training data: 1 where decision_scores_
+            lies above their (1 - contamination) percentile, as PyOD's.
+        threshold_: halfway between the highest training score left in and the lowest
+            flagged (where PyOD's is that percentile, which lies between them; = -offset_).
     and anomaly_score_: the score fitted ("elbo" or "reconstruction"), which predictions use
     until the next fit, whatever ``anomaly_score`` is set to meanwhile.
     ``predict_proba(X, method="linear")`` maps anomaly scores onto [0, 1] by them, and
@@ -1214,10 +1216,10 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         """PyOD's fitted attributes and ``offset_`` from the anomaly scores of validated X.
         ``labels_`` flags the scores above PyOD's threshold, the (1 - contamination) quantile;
         ``threshold_`` is set halfway between the highest score left in and the lowest flagged
-        (the quantile lies between them: the labels are PyOD's), so that no training row lies
-        on it and ``predict`` gives a training row its label even where its score comes out a
-        rounding apart (another batching or precision). ``caller`` (fit, partial_fit) warns
-        where X holds fewer than 1 / contamination rows."""
+        (the quantile lies between them: the labels are PyOD's), so that ``predict`` gives a
+        training row its label even where its score comes out a rounding apart (another
+        batching or precision); where those two scores are adjacent floats, the one left in.
+        ``caller`` (fit, partial_fit) warns where X holds fewer than 1 / contamination rows."""
         if caller is not None and len(X) * self.contamination < 1:
             _checks.warn_caller(
                 f"{caller} set threshold_ from X's {len(X)} row{'s' * (len(X) != 1)}, fewer "
@@ -1235,7 +1237,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         c = self.contamination
         threshold = float(np.percentile(scores, 100.0 * (1.0 - c)))
         flagged = scores > threshold
-        if flagged.any():  # else every row ties at the top: none flagged, the quantile kept
+        if flagged.any():  # else the top rows tie: none flagged, the quantile kept
             highest_in, lowest_flagged = scores[~flagged].max(), scores[flagged].min()
             halfway = float(highest_in + (lowest_flagged - highest_in) / 2)
             # two adjacent floats have no float between them: the one left in

@@ -648,8 +648,11 @@ def fit(
     training-loss epoch when ``patience`` stopped the run. An ``optimizer`` passed in keeps its
     state from every step, a diverged one's too (Adam's moments may then hold NaN): build a
     fresh one to train on after :class:`LossNotFinite`. ``seed`` seeds torch's generator
-    (``torch.manual_seed``, left seeded after fit), so noise seeds and shuffling repeat exactly.
-    The model is left in eval mode (its forward then corrupts nothing and a VAE takes z = mu),
+    (``torch.manual_seed``, left seeded after fit), so noise seeds and shuffling repeat exactly;
+    a seeded fit holds :data:`SEEDED_RUNS` while it trains (as the estimators' fits do), so
+    seeded fits from several threads take turns, each drawing alone from the seeded generator
+    (a callback that waits on another thread's seeded fit would wait forever). The model is
+    left in eval mode (its forward then corrupts nothing and a VAE takes z = mu),
     however fit ends: call ``model.train()`` before training it further in a loop of your own.
     ``validation_split``: the share of the rows of tensor or array ``data`` held out as
     validation data instead of ``validation_data``, as Keras's: the last rows, taken before any

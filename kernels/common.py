@@ -623,19 +623,21 @@ def wide_index(*tensors: torch.Tensor) -> bool:
     return any(t.numel() > 0 and last_offset(t) >= INDEX_LIMIT for t in tensors)
 
 
-DIMENSION_LIMIT = 2**31
+# below 2^31 by a margin for the loops that step a block past the last index
+DIMENSION_LIMIT = 2**31 - 2**16
 
 
-def check_sizes(*tensors: torch.Tensor) -> None:
-    """The kernels number rows and columns (tiles, programs) in int32, computing element
-    offsets from them in int64 where these can pass 2^31 - 1 (:func:`wide_index`): a dimension
-    of 2^31 or more would wrap, so it is refused."""
-    for t in tensors:
+def check_sizes(**tensors: torch.Tensor) -> None:
+    """The kernels number rows and columns (tiles, programs, loop counters) in int32,
+    computing element offsets from them in int64 where these can pass 2^31 - 1
+    (:func:`wide_index`): a dimension near 2^31 would wrap, so it is refused, naming the
+    tensor's argument."""
+    for name, t in tensors.items():
         if any(size >= DIMENSION_LIMIT for size in t.shape):
             raise ValueError(
-                f"the triton backend takes dimensions below 2**31, got a tensor of shape "
-                f"{tuple(t.shape)}: run this on the reference backend "
-                "(fastae.use_backend('reference'))"
+                f"{name} has shape {tuple(t.shape)}: the triton backend takes dimensions below "
+                "2**31 - 2**16; run this on the reference backend (with "
+                "fastae.use_backend('reference'): or fastae.set_backend('reference'))"
             )
 
 

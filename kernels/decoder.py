@@ -343,7 +343,7 @@ def decode_forward(
     """(per-sample loss, d ell / d z^) as ``fastae.reference.decode_forward``; with
     ``with_reconstruction`` also x^ from the same tiles (no second GEMM); without
     ``with_gradient`` d ell / d z^ is neither stored nor returned (None)."""
-    check_sizes(h, weight)
+    check_sizes(h=h, weight=weight)
     batch, hidden = h.shape
     features = weight.shape[0]
     x_hat = empty((batch, features), h.device, h.dtype) if with_reconstruction else None

@@ -398,7 +398,7 @@ def encode_forward(
 ):  # fmt: skip
     """(h, rho_hat, jac, stats) with stats = [c; w] (2, H); same math as the reference.
     Without ``statistics``: one launch, h only (and the reference's empty placeholders)."""
-    check_sizes(x, weight)
+    check_sizes(x=x, weight=weight)
     batch, features = x.shape
     hidden = weight.shape[0]
     acc = acc_dtype(x.dtype)

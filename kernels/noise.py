@@ -63,7 +63,7 @@ def _corrupt_kernel(
 
 
 def _launch(x, kind, level, low, high, seed, base, grad):
-    check_sizes(x)
+    check_sizes(**{"grad" if grad else "x": x})
     batch, features = x.shape
     out = empty(x.shape, x.device, x.dtype)
     launch(_corrupt_kernel, grid_tiles(batch, features),

@@ -149,7 +149,7 @@ def reparameterize_forward(mu, logvar, seed):
     """(z, kl) as ``fastae.reference.reparameterize_forward``; eps equals ``tl.randn`` at
     (seed, row * k + col). z is contiguous in mu's dtype, kl (B,) float32 (float64 for
     float64 inputs)."""
-    check_sizes(mu)
+    check_sizes(mu=mu)
     batch, latent = mu.shape
     z = empty((batch, latent), mu.device, mu.dtype)
     kl = stat_buffer(mu, batch)

@@ -318,9 +318,9 @@ def test_a_difference_beyond_rounding_is_marked(bench_run):
     # and the line names what such records were compared with, apart from the float64 checks
     stale = dict(old, rel_diff_vs_reference=0.0)
     assert fb.agreement_line([record, stale]) == (
-        "numbers checked against the float64 reference: 1 calls, largest relative difference "
+        "numbers checked against the float64 reference: 1 call, largest relative difference "
         f"{record['rel_diff_vs_reference']:.1e} ({where}), 0 beyond rounding at their dtype; "
-        "numbers checked against the reference backend at their dtype: 1 calls, largest "
+        "numbers checked against the reference backend at their dtype: 1 call, largest "
         f"relative difference {0.0:.1e} ({where}), 0 beyond rounding at their dtype"
     )
     assert fb.agreement_line([]) == "numbers checked against the float64 reference: none"
@@ -574,8 +574,8 @@ def test_summary_lists_the_run_conditions(bench_run, tmp_path, monkeypatch):
     conditions.update(launch_us_before_profiling=4.5, launch_us_at_end=6.5)
     summary = _summarize(records, tmp_path, monkeypatch, conditions)
     assert (
-        "- bench.json: 2 torch threads, load average 1.5 / 0.75 / 0.5, a kernel launch 4.5 us "
-        "before the first profile, 6.5 us at the end\n"
+        "- bench.json: 2 torch threads, load average 1.5 / 0.75 / 0.5 (1, 5, 15 minutes, at the "
+        "end), a kernel launch 4.5 us before the first profile, 6.5 us at the end\n"
     ) in summary
 
 

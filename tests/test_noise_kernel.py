@@ -174,14 +174,15 @@ def test_wide_column_variant_matches_reference(monkeypatch):
     assert torch.equal(got, reference.corrupt_input_grad(x, "masking_rescale", 0.3, 6))
 
 
-def test_the_kernels_refuse_a_dimension_of_2_to_the_31():
-    """Rows and columns are numbered in int32 in the kernels: a dimension of 2^31 would wrap
-    (reads and writes before the tensor), so each kernel entry refuses it up front; expanded
-    tensors hold the shapes without their memory."""
+def test_the_kernels_refuse_a_dimension_near_2_to_the_31():
+    """Rows and columns are numbered in int32 in the kernels: a dimension near 2^31 would wrap
+    (reads and writes before the tensor), so each kernel entry refuses it up front, naming
+    the argument; expanded tensors hold the shapes without their memory."""
     from fastae.kernels import decoder, encoder, vae
 
-    tall = torch.zeros(1, 3, device=DEVICE).expand(2**31, 3)
-    wide = torch.zeros(3, 1, device=DEVICE).expand(3, 2**31)
+    limit = common.DIMENSION_LIMIT
+    tall = torch.zeros(1, 3, device=DEVICE).expand(limit, 3)
+    wide = torch.zeros(3, 1, device=DEVICE).expand(3, limit)
     weight = torch.zeros(2, 3, device=DEVICE)
     calls = [
         lambda: noise.corrupt(tall, "masking", 0.5, 0.0, 0.0, 1),
@@ -190,8 +191,8 @@ def test_the_kernels_refuse_a_dimension_of_2_to_the_31():
         lambda: decoder.decode_forward(tall, weight.t(), weight[0], tall, "sigmoid", "bce"),
         lambda: vae.reparameterize_forward(wide, wide, 1),
     ]
-    for call in calls:
-        with pytest.raises(ValueError, match=r"^the triton backend takes dimensions below 2\*\*31"):
+    for call, name in zip(calls, ["x", "grad", "x", "h", "mu"], strict=True):
+        with pytest.raises(ValueError, match=rf"^{name} has shape .*: the triton backend takes"):
             call()
-    # a dimension of 2^31 - 1 passes
-    assert common.check_sizes(torch.zeros(1, 1).expand(1, 2**31 - 1)) is None
+    # one below passes
+    assert common.check_sizes(x=torch.zeros(1, 1).expand(1, limit - 1)) is None

@@ -134,15 +134,49 @@ def test_fits_from_threads_leave_the_warning_filters_as_they_were():
 
     data = np.random.default_rng(0).random((16, 5)).astype(np.float32)
     data.flags.writeable = False
-    before = list(warnings.filters)
 
     def run(_):
-        for _ in range(10):
+        for _ in range(25):
             fastae.fit(fastae.Autoencoder(5, 2), data, epochs=1, batch_size=16, progress=False)
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(run, range(8)))
+    run(0)  # what a first fit imports (sympy, ...) adds its own filters first
+    before = list(warnings.filters)
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: an unguarded swap would interleave
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(run, range(8)))
+    finally:
+        sys.setswitchinterval(switching)
     assert warnings.filters == before
+    # the turns themselves: a second thread enters only after the first has left
+    import threading
+    import time
+
+    from fastae import _checks
+
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def first():
+        with _checks.ignoring("first"):
+            inside.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second():
+        inside.wait(10)
+        with _checks.ignoring("second"):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    order.append("released")
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["released", "first out", "second in"]
 
 
 def test_state_dict_round_trip_and_resume():

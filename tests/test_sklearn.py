@@ -1601,9 +1601,9 @@ def test_predict_confidence_counts_the_outliers_exactly_at_the_fitted_contaminat
 
 def test_predict_confidence_of_the_training_rows_counts_ties_as_below(digits):
     """ExCeeD on the training rows themselves: each row's own score counts among those at or
-    below it (searchsorted side="right"), and the row whose score is the threshold (decision
-    0, 501 rows at contamination 0.05: the 95th percentile is one of them) is an inlier, so
-    its confidence is the inlier's (1 - the outlier's), its decision positive."""
+    below it (searchsorted side="right"), and the row whose score is the 95th percentile (501
+    rows at contamination 0.05: the percentile is one of them) is an inlier, its decision
+    positive, so its confidence is the inlier's (1 - the outlier's)."""
     from scipy.stats import binom
 
     x, _ = digits
