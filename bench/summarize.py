@@ -61,26 +61,15 @@ def by_card(records: list[dict]) -> dict[str, list[dict]]:
     return dict(cards)
 
 
-def _backends(records: list[dict]) -> str:
-    seen = sorted(
-        {
-            f"{op}={name}"
-            for record in records
-            if record.get("provider") == "fastae"
-            for op, name in (record.get("fastae_backends") or {}).items()
-        }
-    )
-    return ", ".join(seen) or "-"
-
-
-def _settings(records: list[dict]) -> str:
-    """The fastae provider's environment (fusion, launch path), as its records hold it."""
+def _fastae_pairs(records: list[dict], field: str) -> str:
+    """The fastae provider's ``field`` (a dict: its ops' backends, its environment's fusion and
+    launch settings) over ``records``, as sorted name=value pairs."""
     seen = sorted(
         {
             f"{name}={value}"
             for record in records
             if record.get("provider") == "fastae"
-            for name, value in (record.get("env") or {}).items()
+            for name, value in (record.get(field) or {}).items()
         }
     )
     return ", ".join(seen) or "-"
@@ -117,8 +106,9 @@ def summary_markdown(records: list[dict], sources: list[str]) -> str:
         torch_versions = sorted({str(r.get("torch")) for r in card_records})
         lines += ["", f"## {card}", ""]
         lines.append(
-            f"torch {', '.join(torch_versions)}; fastae backends: {_backends(card_records)}; "
-            f"fastae's settings: {_settings(card_records)}"
+            f"torch {', '.join(torch_versions)}; fastae backends: "
+            f"{_fastae_pairs(card_records, 'fastae_backends')}; fastae's settings: "
+            f"{_fastae_pairs(card_records, 'env')}"
         )
         lines += ["", "### Time and speedup", "", fb.ratio_table(card_records, markdown=True)]
         lines += ["", "### Device-independent figures", ""]
