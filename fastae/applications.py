@@ -65,7 +65,7 @@ try:
     from sklearn.metrics import accuracy_score
     from sklearn.utils import check_array, check_consistent_length
     from sklearn.utils.multiclass import check_classification_targets
-    from sklearn.utils.validation import check_is_fitted
+    from sklearn.utils.validation import check_is_fitted, column_or_1d
 except ImportError as error:  # pragma: no cover - fastae.sklearn raises first
     raise ImportError(
         "fastae.applications needs scikit-learn: pip install 'fastae[apps]'"
@@ -127,6 +127,15 @@ class SemiSupervisedModule(nn.Module):
             code_width(autoencoder), n_classes, device=like.device, dtype=like.dtype
         )
         self.reconstruction_weight = float(reconstruction_weight)
+
+    def extra_repr(self) -> str:
+        """The autoencoder's own description, the classes and the loss's weight: what names
+        this module in messages (a warm start's that no longer fits)."""
+        autoencoder = f"{type(self.autoencoder).__name__}({self.autoencoder.extra_repr()})"
+        return (
+            f"{autoencoder}, n_classes={self.head.out_features}, "
+            f"reconstruction_weight={self.reconstruction_weight}"
+        )
 
     def encode(self, x: Tensor) -> Tensor:
         return self.autoencoder.encode(x)
@@ -319,10 +328,10 @@ class SemiSupervisedAutoencoder(
         """Mean accuracy of ``predict(X)`` against y's labels (scikit-learn's), y read as
         ``fit`` reads it (a torch tensor too): the samples labelled -1 are left out, so that
         a cross-validation on semi-supervised y scores its labelled samples."""
-        y = np.asarray(host_array("y", y))
+        y = column_or_1d(np.asarray(host_array("y", y)), warn=True)  # as fit reads it
         _check_no_missing_labels(y)
-        labeled = ~_unlabeled_mask(y) if y.ndim == 1 else None
-        if labeled is None or labeled.all():
+        labeled = ~_unlabeled_mask(y)
+        if labeled.all():
             return super().score(X, y, sample_weight)
         if not labeled.any():
             raise ValueError("y has no labelled sample to score: all are -1 (unlabelled)")
@@ -338,8 +347,10 @@ class SemiSupervisedAutoencoder(
         return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict_proba(self, X):
-        """Class probabilities (n_samples, n_classes), columns in ``classes_`` order."""
-        return self._map_chunks(lambda m, chunk: m.logits(chunk).softmax(1), self._prepared(X))
+        """Class probabilities (n_samples, n_classes), columns in ``classes_`` order: the
+        softmax of the logits taken in float64, so each row sums to 1 to float64's rounding
+        whatever X's precision."""
+        return np.exp(self.predict_log_proba(X))
 
     def predict_log_proba(self, X):
         """The log of :meth:`predict_proba`, computed from the logits."""

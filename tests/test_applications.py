@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits, make_blobs  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.exceptions import NotFittedError  # noqa: E402
+from sklearn.exceptions import DataConversionWarning, NotFittedError  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
@@ -98,6 +98,11 @@ def test_semi_supervised_learns_from_few_labels(digits):
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(model.predict(x_te[:20]), model.classes_[proba.argmax(1)])
     np.testing.assert_allclose(np.exp(model.predict_log_proba(x_te[:20])), proba, rtol=1e-6)
+    # float32 input (the float32 model's logits): the softmax in float64, each row summing to
+    # 1 as scikit-learn's log_loss checks, to float64's rounding
+    single = model.predict_proba(x_te[:20].astype(np.float32))
+    assert single.dtype == np.float64
+    np.testing.assert_allclose(single.sum(1), 1.0, rtol=0, atol=1e-14)
     assert model.encode(x_te[:7]).shape == (7, 32)
 
 
@@ -230,7 +235,11 @@ def test_semi_supervised_warm_start(digits):
     fewer = np.where(np.isin(y[:400], [0, 1]), y[:400], -1)
     with pytest.raises(ValueError, match=r"^warm_start=True needs y's labelled samples to hold"):
         model.fit(x[:400], fewer)
-    with pytest.raises(ValueError, match=r"^warm_start=True trains on from the fitted"):
+    with pytest.raises(
+        ValueError,
+        match=r"^warm_start=True trains on from the fitted Semi"
+        r"SupervisedModule\(Autoencoder\(64 -> 8, .*n_classes=10",
+    ):
         model.set_params(n_components=9).fit(x[:400], y_semi)
     assert model.n_iter_ == 5 and len(model.classes_) == 10
 
@@ -894,6 +903,9 @@ def test_score_leaves_out_the_unlabelled_samples():
     weights = rng.random(60)
     assert model.score(x, labels, weights) == model.score(x[kept], classes[kept], weights[kept])
     assert model.score(x, classes) == np.mean(model.predict(x) == classes)
+    # a column vector, as fit reads it (flattened, with scikit-learn's warning)
+    with pytest.warns(DataConversionWarning):
+        assert model.score(x, labels[:, None]) == model.score(x, labels)
     with pytest.raises(ValueError, match="^y has no labelled sample to score"):
         model.score(x, np.full(60, -1))
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
