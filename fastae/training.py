@@ -1031,8 +1031,8 @@ def default_optimizer(
     model: nn.Module, lr: float, capturable: bool = False, lr_tensor: bool = False
 ):
     """``fit``'s Adam: fused where every parameter is on a CUDA device (by PyTorch's design
-    the update of all of them in one kernel, where the default multi-tensor Adam launches
-    several) or every one on the CPU (one
+    the update of all of them in one kernel, plus one for the step counters, where the default
+    multi-tensor Adam launches several) or every one on the CPU (one
     vectorized loop a parameter: several times faster than the default single-tensor Adam
     there, ``bench/optimizer_time.py``),
     else PyTorch's default. ``lr_tensor``: the learning rate is a tensor on the parameters'
