@@ -303,7 +303,7 @@ class SemiSupervisedAutoencoder(
         labels = torch.tensor(index, dtype=torch.float32, device=device)[:, None]
         data = torch.cat([self._tensor(scaled, device=device), labels], dim=1)
         seed = self._draw_seed()
-        with _seeded(seed):
+        with _seeded(seed, device):
             autoencoder = self._layer(X.shape[1], n_components, self.loss_)
             module = SemiSupervisedModule(autoencoder, len(classes), weight)
             module = module.to(device=device, dtype=torch.float32)
@@ -537,7 +537,7 @@ class StackedAutoencoder(
         layers, self.pretrain_loss_, self.n_iter_ = [], [], 0
         self.pretrain_validation_loss_ = [] if early else None
         self.validation_loss_curve_ = self.best_validation_loss_ = None
-        with _seeded(seed):
+        with _seeded(seed, device):
             codes = data
             for k, size in enumerate(sizes):
                 loss = self.loss_ if k == 0 else self._upper_loss()
@@ -575,7 +575,7 @@ class StackedAutoencoder(
         data = self._tensor(self._rescaled(X, "warm_start=True"), device=device)
         seed = self._draw_seed()
         rows = hold_out(len(X), early["fraction"], seed) if early else None
-        with _seeded(seed):
+        with _seeded(seed, device):
             widths = (X.shape[1], *sizes)
             layers = [
                 self._layer(widths[k], size, self.loss_ if k == 0 else self._upper_loss())
@@ -824,7 +824,7 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
         # with the autoencoder's cuda_graph, its fit replays the refinement steps too
         optimizer = default_optimizer(module, lr, capturable=bool(ae.cuda_graph))
         previous = self.labels_
-        with _seeded(seed):
+        with _seeded(seed, ae.device_):
             while self.n_iter_ < epochs:
                 q = ae._map_chunks(_soft_assignments, x, module)
                 labels = q.argmax(1)

@@ -305,7 +305,7 @@ def run_once(settings: Settings, keep_figures: bool) -> Result:
     vae_row = f"VAE {x_tr.shape[1]}-{VAE_HIDDEN}-{VAE_LATENT}"
     vae_reconstruction_row = "VAE, reconstruction score"  # the same detectors, scored so
     vae_settings = {"model": "vae", "hidden": VAE_HIDDEN, "lr": VAE_LR}
-    with _seeded(seed):
+    with _seeded(seed, torch.device(s.device)):
         vae = VAE(x_tr.shape[1], VAE_HIDDEN, VAE_LATENT).to(s.device)
         start = time.perf_counter()
         train = torch.tensor(x_tr, dtype=torch.float32, device=s.device)

@@ -54,6 +54,7 @@ from .training import (
     SEEDED_RUNS,
     History,
     LossNotFinite,
+    cuda_index,
     default_optimizer,
     fit,
     recording_autograd,
@@ -212,14 +213,16 @@ def _as_dtype(array: np.ndarray, like: torch.Tensor) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    """torch's generators (CPU and every CUDA device) forked and seeded with ``seed``: runs
-    repeat, and the caller's global generator state is left as it was; other threads' seeded
-    fits wait (``SEEDED_RUNS``, as ``fit``'s with a seed), their other torch draws do not
-    (they share the generators)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+def _seeded(seed: int, device: torch.device):
+    """torch's generators that a run on ``device`` draws from (the CPU's, and ``device``'s
+    where it is a CUDA device) forked and seeded with ``seed``: runs repeat, the caller's
+    generator states are left as they were, and a run on the CPU does not start CUDA (in a
+    process forked from one that did, it could not); other threads' seeded fits wait
+    (``SEEDED_RUNS``, as ``fit``'s with a seed), their other torch draws do not (they share
+    the generators)."""
+    devices = [cuda_index(device)] if device.type == "cuda" else []
     with SEEDED_RUNS, torch.random.fork_rng(devices=devices):
-        seed_torch(seed)
+        seed_torch(seed, device)
         yield
 
 
@@ -905,7 +908,7 @@ class _AutoencoderEstimator(
             scaled = self._fit_scaling(X)
         data = self._tensor(scaled, device=device)
         seed = self._partial_seed() if partial else self._draw_seed()
-        with _seeded(seed):
+        with _seeded(seed, device):
             layer = self._layer(X.shape[1], n_components, self.loss_)
             layer = layer.to(device=device, dtype=torch.float32)
             if more:

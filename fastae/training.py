@@ -647,8 +647,10 @@ def fit(
     when it is interrupted (Ctrl-C, a callback's error); without, those of the best
     training-loss epoch when ``patience`` stopped the run. An ``optimizer`` passed in keeps its
     state from every step, a diverged one's too (Adam's moments may then hold NaN): build a
-    fresh one to train on after :class:`LossNotFinite`. ``seed`` seeds torch's generator
-    (``torch.manual_seed``, left seeded after fit), so noise seeds and shuffling repeat exactly;
+    fresh one to train on after :class:`LossNotFinite`. ``seed`` seeds the torch generators
+    the run draws from (the CPU's, and the model's CUDA device's: as ``torch.manual_seed``
+    there, left seeded after fit; other devices' are left alone), so noise seeds and shuffling
+    repeat exactly (the initial weights, drawn when the model was built, are the caller's);
     a seeded fit holds :data:`SEEDED_RUNS` while it trains (as the estimators' fits do), so
     seeded fits from several threads take turns, each drawing alone from the seeded generator
     (a callback that waits on another thread's seeded fit would wait forever). The model is
@@ -774,7 +776,7 @@ def fit(
     if seed is not None:
         # data-parallel, one stream per process: with one seed, the noise (and a VAE's eps)
         # of row i of every process's batch would be the same
-        seed_torch((seed + rank) % 2**64)
+        seed_torch((seed + rank) % 2**64, like.device)
     data, validation_data = _plain_array(data), _plain_array(validation_data)
     batch_size, shuffle = _batching(data, validation_data, batch_size, shuffle)
     # the shuffling seed, drawn only where tensor data is shuffled (an unused draw would
@@ -1017,14 +1019,27 @@ def _check_adam_dtype(model: nn.Module) -> None:
         )
 
 
-def seed_torch(seed: int) -> None:
-    """``torch.manual_seed(seed)``; on a machine without accelerators, the CPU generator's
-    alone, which is all it seeds there (without its stack trace kept to seed CUDA lazily,
+def seed_torch(seed: int, device: torch.device | None = None) -> None:
+    """The generators a run on ``device`` draws from seeded with ``seed``: the CPU's, and
+    ``device``'s own where it is a CUDA device; other devices' are left as they were, and a
+    run on the CPU does not start CUDA. ``device`` None (or another accelerator): every
+    generator, as ``torch.manual_seed(seed)`` (on a machine without accelerators, the CPU's
+    alone, which is all it seeds there, without its stack trace kept to seed CUDA lazily:
     about 0.1 ms a call)."""
-    if torch.accelerator.is_available():
+    if device is not None and device.type in ("cpu", "cuda"):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.init()
+            torch.cuda.default_generators[cuda_index(device)].manual_seed(seed)
+    elif torch.accelerator.is_available():
         torch.manual_seed(seed)
     else:
         torch.default_generator.manual_seed(seed)
+
+
+def cuda_index(device: torch.device) -> int:
+    """The index of CUDA device ``device`` (``cuda`` alone: the current device)."""
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def default_optimizer(

@@ -337,7 +337,7 @@ def test_fit_tensor_input():
 
 def test_fit_seeds_torch_as_manual_seed_does(monkeypatch):
     """fit's seed: the draws of torch.manual_seed(seed), which it skips (its CUDA
-    bookkeeping) where there is no accelerator to seed."""
+    bookkeeping) where there is no accelerator to seed or the run is on the CPU."""
     fastae.training.seed_torch(5)
     draws = torch.rand(4), torch.randint(0, 9, (3,))
     torch.manual_seed(5)
@@ -346,6 +346,18 @@ def test_fit_seeds_torch_as_manual_seed_does(monkeypatch):
     monkeypatch.setattr(torch, "manual_seed", lambda seed: calls.append(seed))
     fastae.training.seed_torch(5)
     assert calls == ([5] if torch.accelerator.is_available() else [])
+    # a run on the CPU seeds the CPU's generator alone, accelerators or not
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    calls.clear()
+    fastae.training.seed_torch(5, torch.device("cpu"))
+    assert torch.equal(draws[0], torch.rand(4)) and calls == []
+    # a run on a GPU: the CPU's and that GPU's own
+    generators = (torch.Generator(), torch.Generator())
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    fastae.training.seed_torch(7, torch.device("cuda", 1))
+    assert [g.initial_seed() for g in generators] == [torch.Generator().initial_seed(), 7]
+    assert torch.initial_seed() == 7 and calls == []
 
 
 def test_fit_dataloader_numpy_and_list_inputs():

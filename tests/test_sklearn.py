@@ -161,6 +161,27 @@ def test_regularizers_reach_the_module(digits):
         AutoencoderTransformer(noise="masking").fit(x[:20])
 
 
+def test_a_seeded_cpu_fit_leaves_cuda_alone(digits, monkeypatch):
+    """On a machine with GPUs, a fit on the CPU neither reads nor seeds their generators:
+    it does not start CUDA (which a process forked from one that had could not)."""
+    x, _ = digits
+    expected = AutoencoderTransformer(6, epochs=2, random_state=3, device="cpu")
+    expected = expected.fit(x[:200]).transform(x[:20])
+
+    def starts_cuda(*args, **kwargs):
+        raise AssertionError("CUDA started by a fit on the CPU")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    for name in ("init", "get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, starts_cuda)
+    before = _rng_state()
+    model = AutoencoderTransformer(6, epochs=2, random_state=3, device="cpu").fit(x[:200])
+    np.testing.assert_array_equal(model.transform(x[:20]), expected)
+    assert torch.equal(before, _rng_state())
+
+
 def test_random_state_is_resolved_in_fit_and_leaves_torch_alone(digits):
     x, _ = digits
     before = _rng_state()
