@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)
+    # host time is one thread's (a GPU run's host work): the tiny CPU ops' thread pool,
+    # waking on a loaded machine, would swing them by milliseconds
+    torch.set_num_threads(1)
     stub_kernels()
     if args.deep:
         for name, means in time_deep(args.rounds, args.calls, args.backend).items():

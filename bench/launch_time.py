@@ -25,6 +25,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels: before Triton is imported
 
 import fake_driver  # noqa: E402
+import torch  # noqa: E402
 
 import fastae  # noqa: E402
 from fastae import backend  # noqa: E402
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)
+    # host time is one thread's (a GPU run's host work): the tiny CPU ops' thread pool,
+    # waking on a loaded machine, would swing them by milliseconds
+    torch.set_num_threads(1)
     # the triton backend on CPU tensors: their data pointers reach the stand-in driver only
     backend._triton_can_run = lambda device: (True, "")
     providers = {"fastae, Triton's launch": "0", "fastae, direct launch": "1", "eager": None}

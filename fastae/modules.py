@@ -109,7 +109,8 @@ def global_column_mean(column_mean: Tensor, batch: int) -> Tensor:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return column_mean
     total = _SumOverProcesses.apply(column_mean * batch)
-    count = torch.tensor(float(batch), device=column_mean.device, dtype=column_mean.dtype)
+    # a fill, not a copy from the host (which would wait for the GPU at every step)
+    count = torch.full((), float(batch), device=column_mean.device, dtype=column_mean.dtype)
     torch.distributed.all_reduce(count)
     return total / count
 
@@ -269,7 +270,8 @@ class Autoencoder(RegularizerOptions, nn.Module):
         sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
         contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
-            ``fastae.fit`` checks tensor or array data once and skips the per-step check; a
+            ``fastae.fit`` checks tensor or array data once and skips the per-step check, and
+            checks a DataLoader's batches on the host before their copy, without a sync; a
             ``torch.compile`` graph skips it too).
         sync_statistics: under torch.distributed, in training mode, all-reduce the sparsity
             column sums so the KL penalty sees the mean activation of the global batch (like

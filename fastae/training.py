@@ -373,27 +373,35 @@ def _check_finite_data(model: nn.Module, tensors: list) -> None:
 
 @dataclass
 class _TargetCheck:
-    """Whether fit paused a BCE model's per-step target check, and the ``check_targets`` the
-    caller set (a callback may change it): the model's again when fit ends."""
+    """Whether fit paused a BCE model's per-step target check, whether it checks each batch
+    instead (``per_batch``), and the ``check_targets`` the caller set (a callback may change
+    it): the model's again when fit ends."""
 
     paused: bool = False
+    per_batch: bool = False
     setting: bool = True
+
+    def of_batches(self) -> bool:
+        """Whether each batch is checked as it arrives (:func:`_on_device`)."""
+        return self.per_batch and self.setting
 
 
 @contextlib.contextmanager
 def _targets_checked_once(model: nn.Module, tensors: list):
     """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
-    without the per-step check (a device sync each step)."""
+    without the model's per-step check (a device sync each step). Fed batches (a DataLoader,
+    a list), each batch is checked where it arrives, before its copy to the device: on the
+    host, without a sync, for the batches a DataLoader yields there."""
     module = _unwrap(model)
     if not (getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"):
         yield _TargetCheck()
         return
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        yield _TargetCheck()
-        return
-    for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
-        check_unit_interval(name, tensor, MODEL_BCE_ADVICE)
-    check = _TargetCheck(paused=True)
+    if all(isinstance(t, torch.Tensor) for t in tensors):
+        for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
+            check_unit_interval(name, tensor, MODEL_BCE_ADVICE)
+        check = _TargetCheck(paused=True)
+    else:
+        check = _TargetCheck(paused=True, per_batch=True)
     module.check_targets = False
     try:
         yield check
@@ -414,12 +422,16 @@ def _targets_resumed(model: nn.Module, check: _TargetCheck):
         module.check_targets = False
 
 
-def _on_device(batch, device: torch.device, name: str = "data", form=None) -> torch.Tensor:
+def _on_device(
+    batch, device: torch.device, name: str = "data", form=None, in_unit_interval: bool = False
+) -> torch.Tensor:
     """The batch's input on ``device``; copied to a GPU asynchronously where it is in pinned
     memory (``DataLoader(pin_memory=True)``). A copy to the host stays blocking: an
     asynchronous one could be read before it lands. A batch made under inference mode is
     copied (autograd cannot save it for backward). With ``form`` (:func:`_batch_form`), its
-    dtype and width are checked, the error naming ``name``."""
+    dtype and width are checked, the error naming ``name``; with ``in_unit_interval``, that
+    its values lie in [0, 1] (a BCE model's targets), where it arrives (on the host: no
+    device sync)."""
     x = _first(batch)
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -431,6 +443,8 @@ def _on_device(batch, device: torch.device, name: str = "data", form=None) -> to
             f"{name} must yield batches of rows (2-D), got a batch of shape {tuple(x.shape)}: "
             "a dataset of single rows is batched by DataLoader(dataset, batch_size=...)"
         )
+    if in_unit_interval:
+        check_unit_interval(name, x, MODEL_BCE_ADVICE)
     x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
     if form is not None:
         like, in_features = form
@@ -478,14 +492,16 @@ def _used_up(name: str, count: int, epoch: int, parallel: bool) -> None:
         )
 
 
-def _mean_loss(model: nn.Module, batches, device, epoch: int = 0) -> float:
+def _mean_loss(
+    model: nn.Module, batches, device, epoch: int = 0, in_unit_interval: bool = False
+) -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     form = _batch_form(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _on_device(batch, device, "validation_data", form)
+            x = _on_device(batch, device, "validation_data", form, in_unit_interval)
             total.add_(_checks.model_loss(model(x)), alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
@@ -864,7 +880,7 @@ def fit(
             for batch in train:
                 if epoch == 0 and count == 0:
                     _warn_unread_target(batch)
-                x = _on_device(batch, like.device, "data", form)
+                x = _on_device(batch, like.device, "data", form, target_check.of_batches())
                 if step is not None:
                     loss = step(x)
                 else:
@@ -882,7 +898,9 @@ def fit(
             stats = {"loss": history.loss[-1]}
             monitored = history.loss[-1]
             if val is not None:
-                history.val_loss.append(_mean_loss(model, val, like.device, epoch))
+                history.val_loss.append(
+                    _mean_loss(model, val, like.device, epoch, target_check.of_batches())
+                )
                 check_finite(history.val_loss[-1], "validation", epoch)
                 stats["val_loss"] = monitored = history.val_loss[-1]
             bar.update(epoch, stats)

@@ -101,7 +101,8 @@ class VAE(OutputOptions, nn.Module):
             "mse".
         beta: weight of the KL term in the training objective (beta-VAE; 1 = the ELBO).
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
-            ``fastae.fit`` checks tensor or array data once and skips the per-step check).
+            ``fastae.fit`` checks tensor or array data once and skips the per-step check, and
+            checks a DataLoader's batches on the host before their copy, without a sync).
         device, dtype: where and in which dtype the parameters are made and initialised, as
             ``torch.nn.Linear``'s (None: torch's defaults).
     """

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
-from fastae.backend import triton_interpreting  # noqa: E402
+from fastae.backend import triton_interpreting, triton_missing  # noqa: E402
 
 # Property tests: a small profile for CI, FASTAE_HYPOTHESIS_PROFILE=long for a thorough run.
 _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -107,8 +107,10 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` are skipped without a CUDA device. Every test that needs one carries
     the mark (a skip condition whose reason names CUDA or a GPU without it is an error), so
-    ``pytest -m cuda`` selects them all: bench/gpu_check.sh runs them first."""
+    ``pytest -m cuda`` selects them all: bench/gpu_check.sh runs them first. Tests of the
+    triton backend are skipped without Triton."""
     needs_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    needs_triton = pytest.mark.skip(reason="needs Triton installed: pip install '.[triton]'")
     for item in items:
         marked = item.get_closest_marker("cuda") is not None
         for mark in item.iter_markers("skipif"):
@@ -119,7 +121,18 @@ def pytest_collection_modifyitems(config, items):
                 )
         if marked and not torch.cuda.is_available():
             item.add_marker(needs_cuda)
+        if triton_missing() and _runs_the_triton_backend(item):
+            item.add_marker(needs_triton)
     _select_shard(config, items)
+
+
+def _runs_the_triton_backend(item) -> bool:
+    """Whether ``item`` is parametrized with the triton backend (``backend`` or
+    ``backend_name``): without Triton installed (no 'fastae[triton]') it is skipped, as the
+    kernel test modules skip themselves."""
+    params = getattr(item, "callspec", None)
+    params = params.params if params is not None else {}
+    return "triton" in (params.get("backend"), params.get("backend_name"))
 
 
 def _select_shard(config, items) -> None:

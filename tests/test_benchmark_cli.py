@@ -500,6 +500,7 @@ def test_warm_cache_jobs_follow_the_run_order(warm_cache):
 
 
 def test_warm_cache_runs_every_job(warm_cache, monkeypatch, capsys):
+    pytest.importorskip("triton")
     monkeypatch.setenv("FASTAE_BACKEND", "triton")  # on the GPU, or interpreted on the CPU
     device = "cuda" if torch.cuda.is_available() else "cpu"
     argv = ["--fastae-device", device, "--fastae-sizes", "16x12x8", "--fastae-dtypes", "fp32"]

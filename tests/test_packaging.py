@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import fastae
+
 
 def test_the_wheel_holds_the_kernels_and_the_typing_marker(tmp_path):
     pytest.importorskip("setuptools", minversion="77")  # pyproject's build requirement
@@ -24,7 +26,9 @@ def test_the_wheel_holds_the_kernels_and_the_typing_marker(tmp_path):
          str(source), "-w", str(tmp_path / "dist")],
         check=True,
     )  # fmt: skip
-    names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    assert wheel.name.startswith(f"fastae-{fastae.__version__}-")  # the version, said once
+    names = set(zipfile.ZipFile(wheel).namelist())
     assert "fastae/py.typed" in names
     kernels = {f"fastae/kernels/{path.name}" for path in (root / "kernels").glob("*.py")}
     assert kernels and kernels <= names

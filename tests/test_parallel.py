@@ -15,7 +15,7 @@ def _collected(jobs: int) -> tuple[int, list[str]]:
     environment = {k: v for k, v in os.environ.items() if k != "FASTAE_TEST_SHARD"}
     result = subprocess.run(
         [sys.executable, str(HERE / "parallel.py"), str(jobs), "--collect-only",
-         "-p", "no:cacheprovider", str(HERE / "test_sparsity.py")],
+         "-p", "no:cacheprovider", str(HERE / "test_philox.py")],
         capture_output=True, text=True, env=environment, cwd=HERE.parent, timeout=300,
     )  # fmt: skip
     return result.returncode, [line for line in result.stdout.splitlines() if "::" in line]

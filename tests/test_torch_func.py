@@ -183,6 +183,7 @@ def test_vmap_of_a_target_check_says_what_to_do():
 
 
 def test_the_triton_backend_is_refused_under_torch_func(monkeypatch):
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the triton backend could run
     x, weight = _rand(3, 5), _rand(4, 5)
     refused = pytest.raises(RuntimeError, match="'triton' was requested for encode, but under")

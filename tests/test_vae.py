@@ -586,6 +586,25 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
     assert model.check_targets
     with pytest.raises(ValueError, match="data must lie in"):
         fastae.fit(model, torch.rand(40, 6) * 3, epochs=1, progress=False)
+    # batches: each checked where it arrives (a DataLoader's on the host, before their copy
+    # to the device: no sync), the model's own check (named x) paused meanwhile
+    checked.clear()
+    loader = torch.utils.data.DataLoader(torch.rand(40, 6), batch_size=8)
+    val = [torch.rand(5, 6), torch.rand(3, 6)]
+    fastae.fit(model, loader, epochs=2, validation_data=val, progress=False)
+    assert checked == (["data"] * 5 + ["validation_data"] * 2) * 2 and model.check_targets
+
+    def stop_checking(epoch, history):
+        model.check_targets = False
+
+    checked.clear()
+    fastae.fit(model, loader, epochs=2, callback=stop_checking, progress=False)
+    assert checked == ["data"] * 5 and not model.check_targets
+    model.check_targets = True
+    bad = [torch.rand(8, 6), torch.rand(8, 6) * 3]
+    with pytest.raises(ValueError, match=r"^data must lie in \[0, 1\] .*MinMaxScaler"):
+        fastae.fit(model, bad, epochs=1, progress=False)
+    assert model.check_targets
 
 
 def test_a_callback_anneals_beta_between_epochs():
