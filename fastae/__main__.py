@@ -33,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo.run(args)
-    return benchmark.run(args)  # the subparsers are required: the command is bench
+    try:
+        if args.command == "demo":
+            return demo.run(args)
+        return benchmark.run(args)  # the subparsers are required: the command is bench
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the shell's status for SIGINT
+        print(f"\n{prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

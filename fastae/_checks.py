@@ -32,10 +32,10 @@ def ignoring(message: str):
         yield
 
 
-def warn_caller(message: str) -> None:
-    """A UserWarning at the first line outside fastae (and scikit-learn, whose mixins call
-    the estimators' fit: fit_transform) on the stack: the line of the user's call, however
-    deep in the packages the warning is found."""
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """A warning (``category``) at the first line outside fastae (and scikit-learn, whose
+    mixins call the estimators' fit: fit_transform) on the stack: the line of the user's call,
+    however deep in the packages the warning is found."""
     packages = [_PACKAGE]
     if "sklearn" in sys.modules and sys.modules["sklearn"].__file__:
         packages.append(os.path.dirname(os.path.abspath(sys.modules["sklearn"].__file__)) + os.sep)
@@ -44,7 +44,7 @@ def warn_caller(message: str) -> None:
         tuple(packages)
     ):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def dense(name: str, value: torch.Tensor) -> None:

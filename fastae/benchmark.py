@@ -143,7 +143,8 @@ class Size(NamedTuple):
         parts = text.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(
-                f"{what} must look like BATCHxINPUTSxHIDDEN (256x784x1024), got {text!r}"
+                f"{what} must look like BATCHxINPUTSxHIDDEN (256x784x1024), three positive "
+                f"ints, got {text!r}"
             )
         batch, inputs, hidden = map(int, parts)
         if max(batch * inputs, batch * hidden, inputs * hidden) >= 2**63:
@@ -1194,6 +1195,28 @@ def _format(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*cells) for cells in lines])
 
 
+# what the ratio table's columns hold, printed under it
+RATIO_LEGEND = (
+    "ms: the median over the rounds of one call; vs eager, vs compile: their ms over fastae's "
+    "(above 1: fastae is faster); precision: torch's float32 matmul precision (highest: IEEE "
+    "float32, high: tf32)"
+)
+
+
+def _busy_host() -> str | None:
+    """A warning where the host's load (the last minute's average) exceeds its cores: other
+    processes then share the cores, and CPU timings swing with them."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (
+        f"warning: the host was busy (load average {load:.1f} on {cores} cores): the timings "
+        "swing with the other processes; rerun on an idle machine to compare them"
+    )
+
+
 def run_conditions(device: torch.device | str, launch_us_before: float | None) -> dict[str, Any]:
     """What a run's timings depend on beyond the cases, for the JSON's machine_info: torch's
     threads and the host's load averages (1, 5, 15 minutes; on a shared CPU the timings swing
@@ -1422,6 +1445,10 @@ def run(args: argparse.Namespace) -> int:
             records.append(record)
     if records:
         print(ratio_table(records))
+        print(RATIO_LEGEND)
+        busy = _busy_host()
+        if busy:
+            print(busy, file=sys.stderr)
         if args.figures:
             print()
             print(figures_table(records))

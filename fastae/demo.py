@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"epochs per model (default: {FULL_EPOCHS}, {QUICK_EPOCHS} with --quick)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch's CPU threads (default: %(default)s: the demo's models are too small to gain "
+        "from more, and on a busy machine each extra thread waits for a core)",
+    )
 
 
 def regularizers(name: str) -> dict:
@@ -136,10 +143,13 @@ def _argument_error(args: argparse.Namespace) -> str | None:
     missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
     if missing:
         return f"the demo needs {' and '.join(missing)}: pip install 'fastae[apps]'"
-    for name in ("repeats", "hidden", "epochs"):
+    for name in ("repeats", "hidden", "epochs", "threads"):
         value = getattr(args, name)
         if value is not None and not 1 <= value < 2**63:
             return f"--{name} must be a positive int below 2**63, got {value}"
+    cores = os.cpu_count() or 1
+    if args.threads > cores:
+        return f"--threads must be at most {cores} (the machine's cores), got {args.threads}"
     if args.hidden > DIGITS_PIXELS:
         return f"--hidden must be at most {DIGITS_PIXELS} (the digits' pixels), got {args.hidden}"
     last = args.seed + args.repeats - 1
@@ -656,6 +666,15 @@ def run(args: argparse.Namespace) -> int:
     from .sklearn import resolve_device
 
     device = resolve_device(args.device)  # checked above
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run_checked(args, epochs, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_checked(args: argparse.Namespace, epochs: int, device: torch.device) -> int:
     print(
         f"fastae demo: digits (1797 x 64), code size {args.hidden}, {epochs} epochs, "
         f"device {device}, seed{'s' if args.repeats > 1 else ''} "

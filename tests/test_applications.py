@@ -3,6 +3,7 @@
 import copy
 import math
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -14,7 +15,11 @@ pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.datasets import load_digits, make_blobs  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.exceptions import DataConversionWarning, NotFittedError  # noqa: E402
+from sklearn.exceptions import (  # noqa: E402
+    ConvergenceWarning,
+    DataConversionWarning,
+    NotFittedError,
+)
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
@@ -628,7 +633,12 @@ def test_dec_soft_assignments_and_distances(dtype):
 def test_dec_arguments_and_estimators():
     x = np.random.default_rng(0).random((60, 5))
     small = AutoencoderTransformer(3, epochs=1)
-    for tol, error in (("x", TypeError), (-1.0, ValueError), (float("nan"), ValueError)):
+    for tol, error in (
+        ("x", TypeError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (2, ValueError),
+    ):
         with pytest.raises(error, match=r"^tol\b"):
             DECClustering(3, autoencoder=small, tol=tol).fit(x)
     for unsupported in (SemiSupervisedAutoencoder(3, epochs=1), PCA(3)):
@@ -981,6 +991,25 @@ def test_stack_stages_draw_their_own_seeds(digits, monkeypatch):
     ).fit(digits[0][:60])
     seeds = [kwargs["seed"] for _, _, kwargs in calls]
     assert len(seeds) == 4 and len(set(seeds)) == 4
+
+
+def test_dec_warns_of_clusters_its_refinement_emptied():
+    """As KMeans warns of fewer distinct clusters than n_clusters: DEC's sharpening can merge
+    a small cluster into its neighbours."""
+    x, _ = make_blobs(
+        300, n_features=10, centers=5, cluster_std=[0.5, 0.5, 3, 3, 3], random_state=3
+    )
+    small = AutoencoderTransformer(3, epochs=20)
+    params = {"autoencoder": small, "reconstruction_weight": 0.0, "tol": 0.0, "lr": 1e-2}
+    message = r"^DEC's refinement left (\d) of the 5 clusters without a sample \(k-means used 5\)"
+    with pytest.warns(ConvergenceWarning, match=message) as caught:
+        dec = DECClustering(5, refine_epochs=100, random_state=0, **params).fit(x)
+    assert caught[0].filename == __file__ and len(caught) == 1
+    emptied = int(re.match(message, str(caught[0].message)).group(1))
+    assert len(np.unique(dec.labels_)) == 5 - emptied and len(np.unique(dec.kmeans_labels_)) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        DECClustering(5, refine_epochs=2, random_state=0, **params).fit(x)
 
 
 def test_dec_refinement_runs_its_epochs_and_stops_on_tol():

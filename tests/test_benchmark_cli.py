@@ -53,6 +53,18 @@ def test_prints_ratio_table(bench_run):
         assert "64x48x32" in row and "fp32" in row
         # cells: case size dtype precision eager compile fastae, then fastae vs eager
         assert row.split()[7].endswith("x")  # e.g. "0.85x"
+    # the legend says what the ratios hold, under the table (its line after the last row)
+    legend = lines.index(fb.RATIO_LEGEND)
+    assert legend > max(lines.index(next(x for x in lines if x.startswith(c))) for c in CASES)
+    assert "their ms over fastae's (above 1: fastae is faster)" in lines[legend]
+
+
+def test_a_busy_host_is_warned_of(monkeypatch):
+    monkeypatch.setattr(fb.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fb.os, "getloadavg", lambda: (5.0, 1.0, 1.0))
+    assert fb._busy_host().startswith("warning: the host was busy (load average 5.0 on 2 cores)")
+    monkeypatch.setattr(fb.os, "getloadavg", lambda: (1.5, 9.0, 9.0))
+    assert fb._busy_host() is None
 
 
 def test_json_needs_the_file_writable_where_it_exists_else_its_folder(monkeypatch, tmp_path):
@@ -154,7 +166,7 @@ def test_a_size_too_large_for_the_memory_is_an_error_naming_it(error, monkeypatc
     with redirect_stdout(stdout), redirect_stderr(stderr):
         options = ["--cases", "plain", "--size", "8x4x2,9x4x2,10x4x2", "--json", str(saved)]
         assert cli.main(["bench", "--device", "cpu", *options]) == 2
-    assert len(calls) == 2 and stdout.getvalue() == "table of 1\n"
+    assert len(calls) == 2 and stdout.getvalue() == f"table of 1\n{fb.RATIO_LEGEND}\n"
     assert json.loads(saved.read_text()) == {"records": 1}
     first_line = str(error).splitlines()[0]
     assert stderr.getvalue().endswith(

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from fastae import demo  # noqa: E402
+from fastae import benchmark, demo  # noqa: E402
 from fastae.__main__ import main  # noqa: E402
 
 PNGS = (
@@ -19,9 +20,18 @@ PNGS = (
 )
 
 
-def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys):
+def test_quick_demo_prints_the_table_and_writes_pngs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "figures"
+    threads, used = torch.get_num_threads(), []
+    run_checked = demo._run_checked
+
+    def counted(*args):
+        used.append(torch.get_num_threads())
+        return run_checked(*args)
+
+    monkeypatch.setattr(demo, "_run_checked", counted)
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1"]) == 0
+    assert used == [1] and torch.get_num_threads() == threads  # one thread, then the caller's
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("model"))
     for column in ("recon MSE", "probe acc", "k-means NMI", "AUROC digit", "AUROC cancer",
@@ -81,6 +91,8 @@ def test_an_unusable_device_is_a_usage_error(capsys, tmp_path):
         (["--out", "FILE/inside"], "is not a folder that can be made"),
         (["--out", ""], "--out must name a folder, got ''"),
         (["--epochs", str(2**63)], f"--epochs must be a positive int below 2**63, got {2**63}"),
+        (["--threads", "0"], "--threads must be a positive int below 2**63, got 0"),
+        (["--threads", "100000"], "--threads must be at most "),
     ],
 )
 def test_bad_options_are_usage_errors_before_any_training(
@@ -121,6 +133,16 @@ def test_the_demo_names_a_missing_extra_before_any_training(tmp_path, capsys, mo
     assert capsys.readouterr().err == (
         "error: the demo needs matplotlib: pip install 'fastae[apps]'\n"
     )
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo if command == "demo" else benchmark, "run", interrupted)
+    assert main([command]) == 130
+    assert capsys.readouterr().err == f"\npython -m fastae {command}: interrupted\n"
 
 
 @pytest.mark.parametrize("command", ["demo", "bench"])
