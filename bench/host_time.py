@@ -170,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", default="triton", choices=("triton", "reference"),
         help="with --deep or --routes: stubbed kernels (triton) or the reference backend's math",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=fb.positive_int, default=1,
+        help="torch's CPU threads (default 1, a GPU run's host work: the tiny CPU ops' thread "
+        "pool, waking on a loaded machine, swings them by milliseconds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)
-    # host time is one thread's (a GPU run's host work): the tiny CPU ops' thread pool,
-    # waking on a loaded machine, would swing them by milliseconds
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     stub_kernels()
     if args.deep:
         for name, means in time_deep(args.rounds, args.calls, args.backend).items():

@@ -48,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=tuple(fb.DTYPES))
     parser.add_argument("--rounds", type=fb.positive_int, default=7)
     parser.add_argument("--calls", type=fb.positive_int, default=200, help="calls per round")
+    parser.add_argument(
+        "--threads", type=fb.positive_int, default=1,
+        help="torch's CPU threads (default 1, a GPU run's host work: the tiny CPU ops' thread "
+        "pool, waking on a loaded machine, swings them by milliseconds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cases = fb.parse_list(args.cases, fb.CASES, "cases")
     size = fb.Size.parse(args.size)
-    # host time is one thread's (a GPU run's host work): the tiny CPU ops' thread pool,
-    # waking on a loaded machine, would swing them by milliseconds
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     # the triton backend on CPU tensors: their data pointers reach the stand-in driver only
     backend._triton_can_run = lambda device: (True, "")
     providers = {"fastae, Triton's launch": "0", "fastae, direct launch": "1", "eager": None}

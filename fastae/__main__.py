@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+
+INTERRUPTED = 130  # main's status after Ctrl-C: the shell's for SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +41,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return demo.run(args)
         return benchmark.run(args)  # the subparsers are required: the command is bench
-    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the shell's status for SIGINT
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback
         print(f"\n{prog} {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def entry() -> None:
+    """The command: exits with :func:`main`'s status; after Ctrl-C, by SIGINT itself (as
+    Python does for an uncaught KeyboardInterrupt), so that a shell's loop running the command
+    stops too."""
+    status = main()
+    if status == INTERRUPTED and os.name == "posix":
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -711,15 +711,16 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
     2017) as KL + w * (the autoencoder's loss: summed over features, mean over rows); IDEC's
     code minimizes MSE + gamma KL with the squared error averaged over features too, so w is not
     its gamma (w = 1 / (gamma d) matches it for squared error over d features). Training stops
-    early when fewer than ``tol`` of the labels change between target updates. ``lr``: Adam's
-    learning rate in the refinement; ``n_init``: k-means restarts (or "auto"); ``random_state``
-    seeds k-means, the refinement and the autoencoder clone when its own ``random_state`` is
-    None. ``verbose`` shows the refinement's progress. Refinement trains as the autoencoder was
-    trained: with its ``cuda_graph=True``, each step is replayed from a CUDA graph (captured
-    anew after each target update). The refinement sharpens the clusters k-means found; it
-    need not find better ones (on the 8x8 digits' contractive codes it leaves NMI where k-means
-    put it, on a plain autoencoder's it loses up to 0.03, and it warns where it empties a
-    cluster): compare ``kmeans_labels_`` with ``labels_``, or fit with ``refine_epochs=0``.
+    early when fewer than ``tol`` (in [0, 1]) of the labels change between target updates.
+    ``lr``: Adam's learning rate in the refinement; ``n_init``: k-means restarts (or "auto");
+    ``random_state`` seeds k-means, the refinement and the autoencoder clone when its own
+    ``random_state`` is None. ``verbose`` shows the refinement's progress. Refinement trains as
+    the autoencoder was trained: with its ``cuda_graph=True``, each step is replayed from a
+    CUDA graph (captured anew after each target update). The refinement sharpens the clusters
+    k-means found; it need not find better ones (on the 8x8 digits' contractive codes it leaves
+    NMI where k-means put it, on a plain autoencoder's it loses up to 0.03, and it warns where
+    it empties a cluster): compare ``kmeans_labels_`` with ``labels_``, or fit with
+    ``refine_epochs=0``.
 
     Attributes: ``labels_``, ``kmeans_labels_`` (before refinement), ``cluster_centers_`` (in
     code space), ``alpha_`` (the kernel's alpha fitted with, which ``predict`` uses whatever
@@ -808,13 +809,14 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
             x = self.autoencoder_._tensor(self.autoencoder_._scale(X))
             self._refine(module, x, refine_epochs, update_interval, lr, random)
             self.cluster_centers_ = module.centers.detach().double().cpu().numpy()
-            used = len(np.unique(self.labels_))
-            if used < n_clusters:
+            # KMeans warns itself of clusters it found no sample for
+            before = len(np.unique(self.kmeans_labels_))
+            after = len(np.unique(self.labels_))
+            if after < before:
                 _checks.warn_caller(
-                    f"DEC's refinement left {n_clusters - used} of the {n_clusters} clusters "
-                    f"without a sample (k-means used {len(np.unique(self.kmeans_labels_))}): "
-                    "compare kmeans_labels_ with labels_, or refine for fewer epochs, at a "
-                    "lower lr or with a larger reconstruction_weight",
+                    f"DEC's refinement emptied {before - after} of the {before} clusters k-means "
+                    "found: compare kmeans_labels_ with labels_, or refine for fewer epochs, at "
+                    "a lower lr or with a larger reconstruction_weight",
                     ConvergenceWarning,
                 )
             if isinstance(self.autoencoder_, AutoencoderOutlierDetector):

@@ -1195,6 +1195,13 @@ def _format(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*cells) for cells in lines])
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 # what the ratio table's columns hold, printed under it
 RATIO_LEGEND = (
     "ms: the median over the rounds of one call; vs eager, vs compile: their ms over fastae's "
@@ -1204,11 +1211,11 @@ RATIO_LEGEND = (
 
 
 def _busy_host() -> str | None:
-    """A warning where the host's load (the last minute's average) exceeds its cores: other
-    processes then share the cores, and CPU timings swing with them."""
+    """A warning where the host's load (the last minute's average) exceeds the cores this
+    process may run on: other processes then share them, and CPU timings swing with them."""
     if not hasattr(os, "getloadavg"):
         return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    load, cores = os.getloadavg()[0], usable_cores()
     if load <= cores:
         return None
     return (
@@ -1424,6 +1431,7 @@ def run(args: argparse.Namespace) -> int:
         if provider != JACREV:  # asked for every case by default, it computes one
             print(f"skip {case} {provider}: {why}", file=sys.stderr)
     records, failure = [], None
+    busy = _busy_host()  # before the run's own threads add to the load
     launch_us_before = launch_probe(device)
     for size, dtype, case in itertools.product(sizes, dtypes, cases):
         try:
@@ -1446,7 +1454,6 @@ def run(args: argparse.Namespace) -> int:
     if records:
         print(ratio_table(records))
         print(RATIO_LEGEND)
-        busy = _busy_host()
         if busy:
             print(busy, file=sys.stderr)
         if args.figures:

@@ -147,9 +147,11 @@ def _argument_error(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not 1 <= value < 2**63:
             return f"--{name} must be a positive int below 2**63, got {value}"
-    cores = os.cpu_count() or 1
-    if args.threads > cores:
-        return f"--threads must be at most {cores} (the machine's cores), got {args.threads}"
+    from .benchmark import usable_cores
+
+    cores = usable_cores()
+    if args.threads is not None and args.threads > cores:
+        return f"--threads must be at most {cores} (the cores it may run on), got {args.threads}"
     if args.hidden > DIGITS_PIXELS:
         return f"--hidden must be at most {DIGITS_PIXELS} (the digits' pixels), got {args.hidden}"
     last = args.seed + args.repeats - 1
@@ -667,7 +669,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # checked above
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or threads)
     try:
         return _run_checked(args, epochs, device)
     finally:

@@ -143,6 +143,13 @@ class OutputOptions(FixedAtBuild):
 
     _OPTIONS = ("activation", "output", "loss_name")
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._OPTIONS:  # through its property's check, whatever the value
+            # (nn.Module's __setattr__ would take a module for a child module instead)
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     def __setstate__(self, state: dict) -> None:
         # a model pickled while the options were plain attributes holds them by those names
         for name in self._OPTIONS:
@@ -361,7 +368,7 @@ class Autoencoder(RegularizerOptions, nn.Module):
         return self.weight.t() if self.decoder_weight is None else self.decoder_weight
 
     def encode(self, x: Tensor) -> Tensor:
-        """Codes h (B, H) of clean inputs."""
+        """Codes h (B, H) of x as given (never corrupted, in either mode)."""
         x = _checks.model_input(x, self.weight, self.in_features)
         h, _, _ = ops.encode(
             x, self.weight, self.bias, activation=self.activation, statistics=False
@@ -380,7 +387,8 @@ class Autoencoder(RegularizerOptions, nn.Module):
         return reference.reconstruct(h, weight, self.decoder_bias, self.output, logits)
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Reconstruction x^ (B, d) of clean inputs: ``decode(encode(x))``."""
+        """Reconstruction x^ (B, d) of x as given, never corrupted: ``decode(encode(x))`` (a
+        denoising model's reconstruction of a noisy x denoises it)."""
         return self.decode(self.encode(x))
 
     def reconstruction_error(self, x: Tensor) -> Tensor:
@@ -578,7 +586,7 @@ class DeepAutoencoder(RegularizerOptions, nn.Module):
         )  # fmt: skip
 
     def encode(self, x: Tensor) -> Tensor:
-        """Codes h_L (B, s_L) of clean inputs."""
+        """Codes h_L (B, s_L) of x as given (never corrupted, in either mode)."""
         x = _checks.model_input(x, self.weights[0], self.in_features)
         return self._encode(x, None, statistics=False)[0]
 
@@ -596,7 +604,8 @@ class DeepAutoencoder(RegularizerOptions, nn.Module):
         )  # fmt: skip
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Reconstruction x^ (B, d) of clean inputs: ``decode(encode(x))``."""
+        """Reconstruction x^ (B, d) of x as given, never corrupted: ``decode(encode(x))`` (a
+        denoising model's reconstruction of a noisy x denoises it)."""
         return self.decode(self.encode(x))
 
     def reconstruction_error(self, x: Tensor) -> Tensor:

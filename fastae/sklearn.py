@@ -995,7 +995,9 @@ class AutoencoderTransformer(
         tied: decoder weight is the encoder weight transposed (half the weights). Untied
             reconstructs closer to PCA: on standardized digits, 32 codes, 1.10x PCA's
             squared error against 1.75x tied (``bench/peers.py --parts streaming``).
-        noise: a fastae GaussianNoise / MaskingNoise / SaltPepperNoise (denoising), or None.
+        noise: a fastae GaussianNoise / MaskingNoise / SaltPepperNoise (denoising), or None;
+            it corrupts the scaled inputs (after standardizing, sigma is in each feature's
+            standard deviations and masking sets a feature to its mean).
         sparsity: fastae.KLSparsity (sigmoid activation) or fastae.L1Sparsity, or None.
         contractive: weight of the contractive penalty (mean squared Frobenius norm of the
             encoder Jacobian).

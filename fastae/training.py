@@ -352,14 +352,14 @@ def _batch_form(model: nn.Module) -> tuple[torch.Tensor, int] | None:
     return next(model.parameters()), in_features
 
 
-def _check_finite_data(model: nn.Module, tensors: list) -> None:
+def _check_finite_data(model: nn.Module, sources: dict) -> None:
     """Tensor data (and validation data) for one of fastae's models free of NaN and inf,
     which would make its loss NaN an epoch later: their extremes in one pass, one sync. A
     model of another package's (or the caller's) may read NaN as a missing value; batches a
     DataLoader yields are not read ahead (a NaN there ends training with LossNotFinite)."""
     if not _own_model(model):
         return
-    for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
+    for name, tensor in sources.items():
         if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
             continue
         lo, hi = torch.aminmax(tensor.detach())
@@ -373,35 +373,39 @@ def _check_finite_data(model: nn.Module, tensors: list) -> None:
 
 @dataclass
 class _TargetCheck:
-    """Whether fit paused a BCE model's per-step target check, whether it checks each batch
-    instead (``per_batch``), and the ``check_targets`` the caller set (a callback may change
-    it): the model's again when fit ends."""
+    """Whether fit paused a BCE model's per-step target check, the data sources it checks
+    batch by batch instead (``per_batch``: "data", "validation_data"), and the
+    ``check_targets`` the caller set (a callback may change it): the model's again when fit
+    ends."""
 
     paused: bool = False
-    per_batch: bool = False
+    per_batch: tuple[str, ...] = ()
     setting: bool = True
 
-    def of_batches(self) -> bool:
-        """Whether each batch is checked as it arrives (:func:`_on_device`)."""
-        return self.per_batch and self.setting
+    def of_batches(self, name: str) -> bool:
+        """Whether each batch of ``name`` is checked as it arrives (:func:`_on_device`)."""
+        return name in self.per_batch and self.setting
 
 
 @contextlib.contextmanager
-def _targets_checked_once(model: nn.Module, tensors: list):
-    """For a BCE model fed tensors: check the whole data lies in [0, 1] once, then train
-    without the model's per-step check (a device sync each step). Fed batches (a DataLoader,
-    a list), each batch is checked where it arrives, before its copy to the device: on the
-    host, without a sync, for the batches a DataLoader yields there."""
+def _targets_checked_by_fit(model: nn.Module, sources: dict):
+    """For one of fastae's BCE models (a subclass's forward may change its input first),
+    the model's per-step check (a device sync each step) paused: tensor sources (``data``,
+    ``validation_data``) checked whole, once; batched ones (a DataLoader, a list) batch by
+    batch where each arrives, before its copy to the device (on the host, without a sync, for
+    the batches a DataLoader yields there)."""
     module = _unwrap(model)
-    if not (getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"):
+    bce = getattr(module, "check_targets", False) and getattr(module, "loss_name", "") == "bce"
+    if not (bce and _own_model(model)):
         yield _TargetCheck()
         return
-    if all(isinstance(t, torch.Tensor) for t in tensors):
-        for name, tensor in zip(("data", "validation_data"), tensors, strict=False):
-            check_unit_interval(name, tensor, MODEL_BCE_ADVICE)
-        check = _TargetCheck(paused=True)
-    else:
-        check = _TargetCheck(paused=True, per_batch=True)
+    per_batch = []
+    for name, source in sources.items():
+        if isinstance(source, torch.Tensor):
+            check_unit_interval(name, source, MODEL_BCE_ADVICE)
+        else:
+            per_batch.append(name)
+    check = _TargetCheck(paused=True, per_batch=tuple(per_batch))
     module.check_targets = False
     try:
         yield check
@@ -411,7 +415,7 @@ def _targets_checked_once(model: nn.Module, tensors: list):
 
 @contextlib.contextmanager
 def _targets_resumed(model: nn.Module, check: _TargetCheck):
-    """The target check :func:`_targets_checked_once` paused, as the caller set it for a
+    """The target check :func:`_targets_checked_by_fit` paused, as the caller set it for a
     while: the callback sees (and may save, copy or change) the model as the caller would."""
     module = _unwrap(model)
     module.check_targets = check.setting
@@ -851,12 +855,16 @@ def fit(
         raise LossNotFinite(which, epoch + 1, loss, history, restored)
 
     start = time.perf_counter()
-    # the tensors batched (converted once), for the BCE range check
-    given = [b.tensor if isinstance(b, TensorBatches) else b for b in (train, val) if b is not None]
+    # the tensors batched (converted once), for the data's checks, else the batches
+    sources = {
+        name: batches.tensor if isinstance(batches, TensorBatches) else batches
+        for name, batches in (("data", train), ("validation_data", val))
+        if batches is not None
+    }
     with contextlib.ExitStack() as stack:
         stack.callback(model.eval)  # however fit ends: an interrupt, a callback's error
-        _check_finite_data(model, given)
-        target_check = stack.enter_context(_targets_checked_once(model, given))
+        _check_finite_data(model, sources)
+        target_check = stack.enter_context(_targets_checked_by_fit(model, sources))
         # after the data's checks: data refused shows no progress bar
         bar = _Progress(epochs, progress and rank == 0, type(_unwrap(model)).__name__)
         stack.callback(bar.close)
@@ -880,7 +888,7 @@ def fit(
             for batch in train:
                 if epoch == 0 and count == 0:
                     _warn_unread_target(batch)
-                x = _on_device(batch, like.device, "data", form, target_check.of_batches())
+                x = _on_device(batch, like.device, "data", form, target_check.of_batches("data"))
                 if step is not None:
                     loss = step(x)
                 else:
@@ -899,7 +907,9 @@ def fit(
             monitored = history.loss[-1]
             if val is not None:
                 history.val_loss.append(
-                    _mean_loss(model, val, like.device, epoch, target_check.of_batches())
+                    _mean_loss(
+                        model, val, like.device, epoch, target_check.of_batches("validation_data")
+                    )
                 )
                 check_finite(history.val_loss[-1], "validation", epoch)
                 stats["val_loss"] = monitored = history.val_loss[-1]

@@ -110,7 +110,7 @@ def pytest_collection_modifyitems(config, items):
     ``pytest -m cuda`` selects them all: bench/gpu_check.sh runs them first. Tests of the
     triton backend are skipped without Triton."""
     needs_cuda = pytest.mark.skip(reason="needs a CUDA device")
-    needs_triton = pytest.mark.skip(reason="needs Triton installed: pip install '.[triton]'")
+    needs_triton = pytest.mark.skip(reason=triton_missing() or "Triton")
     for item in items:
         marked = item.get_closest_marker("cuda") is not None
         for mark in item.iter_markers("skipif"):

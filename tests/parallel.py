@@ -19,8 +19,9 @@ NO_TESTS = 5  # pytest's exit status when a process was given no test
 
 def main(argv: list[str]) -> int:
     jobs, arguments = int(argv[0]), argv[1:]
-    # -P: the installed fastae, not the checkout's fastae/ (whose kernels/ installs beside it
-    # as fastae.kernels), where the install is not an editable one
+    # -P (Python 3.11+; on 3.10 the checkout's fastae/ still comes first): the installed
+    # fastae, not the checkout's fastae/ (whose kernels/ installs beside it as fastae.kernels),
+    # where the install is not an editable one
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     command = [sys.executable, *safe_path, "-m", "pytest", "-q", *arguments]
     if jobs <= 1:

@@ -999,9 +999,9 @@ def test_dec_warns_of_clusters_its_refinement_emptied():
     x, _ = make_blobs(
         300, n_features=10, centers=5, cluster_std=[0.5, 0.5, 3, 3, 3], random_state=3
     )
-    small = AutoencoderTransformer(3, epochs=20)
+    small = AutoencoderTransformer(3, epochs=20, device="cpu")
     params = {"autoencoder": small, "reconstruction_weight": 0.0, "tol": 0.0, "lr": 1e-2}
-    message = r"^DEC's refinement left (\d) of the 5 clusters without a sample \(k-means used 5\)"
+    message = r"^DEC's refinement emptied (\d) of the 5 clusters k-means found"
     with pytest.warns(ConvergenceWarning, match=message) as caught:
         dec = DECClustering(5, refine_epochs=100, random_state=0, **params).fit(x)
     assert caught[0].filename == __file__ and len(caught) == 1
@@ -1010,6 +1010,13 @@ def test_dec_warns_of_clusters_its_refinement_emptied():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         DECClustering(5, refine_epochs=2, random_state=0, **params).fit(x)
+    # clusters k-means left empty (three distinct rows, five clusters) are KMeans' to warn of
+    three = np.repeat(np.eye(3, 10), 20, axis=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dec = DECClustering(5, refine_epochs=2, random_state=0, **params).fit(three)
+    assert not [w for w in caught if "DEC's refinement" in str(w.message)]
+    assert len(np.unique(dec.kmeans_labels_)) == 3
 
 
 def test_dec_refinement_runs_its_epochs_and_stops_on_tol():

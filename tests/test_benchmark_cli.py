@@ -60,7 +60,7 @@ def test_prints_ratio_table(bench_run):
 
 
 def test_a_busy_host_is_warned_of(monkeypatch):
-    monkeypatch.setattr(fb.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fb, "usable_cores", lambda: 2)
     monkeypatch.setattr(fb.os, "getloadavg", lambda: (5.0, 1.0, 1.0))
     assert fb._busy_host().startswith("warning: the host was busy (load average 5.0 on 2 cores)")
     monkeypatch.setattr(fb.os, "getloadavg", lambda: (1.5, 9.0, 9.0))

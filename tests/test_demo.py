@@ -1,5 +1,10 @@
 """The main job: ``python -m fastae demo --quick`` prints its table and writes its PNGs."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +148,17 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, capsys, monk
     monkeypatch.setattr(demo if command == "demo" else benchmark, "run", interrupted)
     assert main([command]) == 130
     assert capsys.readouterr().err == f"\npython -m fastae {command}: interrupted\n"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_the_command_ends_by_sigint_after_ctrl_c():
+    """As Python's own exit on an uncaught KeyboardInterrupt: a shell loop running the
+    command sees SIGINT and stops too."""
+    code = "import fastae.__main__ as m; m.main = lambda: m.INTERRUPTED; m.entry()"
+    result = subprocess.run([sys.executable, "-c", code], timeout=120, check=False)
+    assert result.returncode == -signal.SIGINT
+    finished = "import fastae.__main__ as m; m.main = lambda: 0; m.entry()"
+    assert subprocess.run([sys.executable, "-c", finished], timeout=120).returncode == 0
 
 
 @pytest.mark.parametrize("command", ["demo", "bench"])

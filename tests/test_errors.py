@@ -308,6 +308,10 @@ SET_UP = {
         ("vae", "loss_name", "l1", ValueError, "^loss must be one of"),
         ("autoencoder", "noise", 0.3, TypeError, "^noise must be None, GaussianNoise"),
         ("deep", "sparsity", 0.1, TypeError, "^sparsity must be None, KLSparsity"),
+        # a torch module too, which nn.Module would otherwise take for a child module
+        ("autoencoder", "noise", torch.nn.Dropout(0.3), TypeError, "^noise .*, got Dropout$"),
+        ("deep", "sparsity", torch.nn.Identity(), TypeError, "^sparsity .*, got Identity$"),
+        ("vae", "activation", torch.nn.ReLU(), ValueError, "^activation must be one of"),
         ("autoencoder", "output", "identity", ValueError, "^loss 'bce' needs output 'sigmoid'"),
         ("vae", "output", "identity", ValueError, "^loss 'bce' needs output 'sigmoid'"),
     ],
@@ -319,7 +323,9 @@ def test_options_set_later_are_checked_at_the_assignment(model, attribute, value
     before = getattr(made, attribute)
     with pytest.raises(error, match=message):
         setattr(made, attribute, value)
-    assert getattr(made, attribute) == before
+    assert getattr(made, attribute) == before and attribute not in dict(made.named_children())
+    with pytest.raises(error, match=message):
+        SET_UP[model](**{"loss" if attribute == "loss_name" else attribute: value})
 
 
 @pytest.mark.parametrize("model", ["autoencoder", "deep"])

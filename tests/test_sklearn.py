@@ -182,6 +182,20 @@ def test_a_seeded_cpu_fit_leaves_cuda_alone(digits, monkeypatch):
     assert torch.equal(before, _rng_state())
 
 
+@pytest.mark.cuda
+def test_a_seeded_gpu_run_draws_as_manual_seed_and_puts_the_generators_back():
+    device = torch.device("cuda")
+    fastae.training.seed_torch(11, device)
+    on_gpu, on_cpu = torch.rand(5, device=device), torch.rand(3)
+    torch.manual_seed(11)
+    assert torch.equal(on_gpu, torch.rand(5, device=device)) and torch.equal(on_cpu, torch.rand(3))
+    before = torch.cuda.get_rng_state(), torch.get_rng_state()
+    with fastae.sklearn._seeded(3, device):
+        torch.rand(4, device=device), torch.rand(4)
+    assert torch.equal(torch.cuda.get_rng_state(), before[0])
+    assert torch.equal(torch.get_rng_state(), before[1])
+
+
 def test_random_state_is_resolved_in_fit_and_leaves_torch_alone(digits):
     x, _ = digits
     before = _rng_state()

@@ -605,6 +605,23 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
     with pytest.raises(ValueError, match=r"^data must lie in \[0, 1\] .*MinMaxScaler"):
         fastae.fit(model, bad, epochs=1, progress=False)
     assert model.check_targets
+    # each source as it is: tensor data whole and once, a list of batches batch by batch
+    checked.clear()
+    fastae.fit(
+        model, torch.rand(40, 6), epochs=2, batch_size=8, validation_data=val, progress=False
+    )
+    assert checked == ["data"] + ["validation_data"] * 4
+    # a subclass's forward may change its input first: its own check judges it
+    checked.clear()
+
+    class Scaled(fastae.VAE):
+        def forward(self, x, seed=None):
+            return super().forward(x / 255, seed)
+
+    scaled = Scaled(6, 5, 2)
+    fastae.fit(scaled, torch.rand(40, 6) * 255, epochs=1, batch_size=8, progress=False)
+    fastae.fit(scaled, [torch.rand(8, 6) * 255], epochs=1, progress=False)
+    assert checked == ["x"] * 6 and scaled.check_targets
 
 
 def test_a_callback_anneals_beta_between_epochs():
