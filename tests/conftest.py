@@ -110,7 +110,8 @@ def pytest_collection_modifyitems(config, items):
     ``pytest -m cuda`` selects them all: bench/gpu_check.sh runs them first. Tests of the
     triton backend are skipped without Triton."""
     needs_cuda = pytest.mark.skip(reason="needs a CUDA device")
-    needs_triton = pytest.mark.skip(reason=triton_missing() or "Triton")
+    triton_absent = triton_missing()
+    needs_triton = pytest.mark.skip(reason=triton_absent or "Triton")
     for item in items:
         marked = item.get_closest_marker("cuda") is not None
         for mark in item.iter_markers("skipif"):
@@ -121,7 +122,7 @@ def pytest_collection_modifyitems(config, items):
                 )
         if marked and not torch.cuda.is_available():
             item.add_marker(needs_cuda)
-        if triton_missing() and _runs_the_triton_backend(item):
+        if triton_absent and _runs_the_triton_backend(item):
             item.add_marker(needs_triton)
     _select_shard(config, items)
 

@@ -174,6 +174,8 @@ def test_a_seeded_cpu_fit_leaves_cuda_alone(digits, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    # what Adam asks where CUDA is available (without a context: False, starting none)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for name in ("init", "get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
         monkeypatch.setattr(torch.cuda, name, starts_cuda)
     before = _rng_state()
