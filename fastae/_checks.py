@@ -175,9 +175,11 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def widths(name: str, value: object, empty: bool = False) -> tuple[int, ...]:
-    """A sequence of layer widths (positive ints) as a tuple; ``empty``: () is allowed."""
+def widths(name: str, value: object, empty: bool = False, one: bool = False) -> tuple[int, ...]:
+    """A sequence of layer widths (positive ints) as a tuple; ``empty``: () is allowed;
+    ``one``: the message says a single int is allowed too (the caller took it)."""
     kind = "a sequence" if empty else "a non-empty sequence"
+    kind = f"a positive int or {kind}" if one else kind
     if isinstance(value, (Set, Mapping)):  # no order to take the layers in
         raise TypeError(f"{name} must be {kind} (a tuple or list) of positive ints, got {value!r}")
     try:

@@ -440,7 +440,10 @@ class StackedAutoencoder(
     this estimator's ``noise`` / ``sparsity`` / ``contractive`` regularizers, on the clean codes
     of layer k-1 (layer 0 on the scaled inputs). The bottom layer uses ``loss_``; upper layers
     reconstruct codes with BCE for sigmoid units and MSE otherwise. Then the whole stack is
-    fine-tuned for ``finetune_epochs`` as one deep autoencoder (:class:`StackModule`).
+    fine-tuned for ``finetune_epochs`` as one deep autoencoder (:class:`StackModule`), the
+    regularizers kept: the bottom layer's noise corrupts the input, and every layer's sparsity
+    and contractive terms (each layer's Jacobian with respect to its own input, not the whole
+    encoder's) join the loss.
 
     ``transform`` gives the top codes (``sizes[-1]`` columns), ``inverse_transform`` decodes
     them back to input space, ``score_samples`` is minus the stack's reconstruction error.

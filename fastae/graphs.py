@@ -57,7 +57,9 @@ class GraphedStep:
     - parameters or optimizer state replaced after the capture (``model.to(...)``,
       ``.double()``, ``optimizer.load_state_dict``) drop the graph: the next calls warm up
       and capture afresh (``model.load_state_dict`` copies into the same memory and keeps
-      it).
+      it), as does a parameter frozen or thawed (``requires_grad``) since: the steps then
+      compute, clip and update the parameters that require gradients (a frozen one's
+      ``.grad`` is cleared, so the optimizer no longer steps it).
 
     The capture is thread-local (``capture_error_mode="thread_local"``): another thread's
     CUDA calls, such as a ``DataLoader(pin_memory=True)`` pinning the next batches, do not
@@ -128,6 +130,7 @@ class GraphedStep:
             return self._step(x)
 
     def _step(self, x: Tensor) -> Tensor:
+        self._follow_trainable()
         if self.graph is not None and not self._graph_is_current():
             self._drop_graph()
         if self.shape is None:
@@ -155,6 +158,23 @@ class GraphedStep:
             self.calls += 1  # once done: a failed warm-up made no optimizer state to capture
             return loss
         return self._capture(self._static_input)
+
+    def _follow_trainable(self) -> None:
+        """Step the parameters that require gradients now: after a layer is frozen or thawed
+        (by a callback between epochs, say) the graph is dropped, and a frozen parameter's
+        gradient cleared (the optimizer skips a parameter whose ``.grad`` is None)."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if len(trainable) == len(self.params) and all(
+            now is then for now, then in zip(trainable, self.params, strict=True)
+        ):
+            return
+        if not trainable:
+            raise ValueError("model must have parameters that require gradients")
+        for p in self.params:
+            if not p.requires_grad:
+                p.grad = None
+        self.params = trainable
+        self._drop_graph()
 
     def _graph_is_current(self) -> bool:
         """Whether the graph still works on the parameters' and the optimizer's memory:

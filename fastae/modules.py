@@ -59,7 +59,8 @@ class AutoencoderOutput:
     loss: total = reconstruction_loss + sum(penalties.values()); reconstruction_loss: batch mean
     of the per-sample loss; penalties: each regularizer's term by name ("sparsity",
     "contractive"); code: h (B, H); per_sample: per-sample reconstruction loss (B,);
-    jacobian_norm: batch mean of ||J_enc(x_i)||_F^2 (``Autoencoder`` only; None when no penalty
+    jacobian_norm: batch mean of ||J_enc(x_i)||_F^2 at the encoder's input (x~ with noise in
+    training mode; ``Autoencoder`` only; None when no penalty
     needed the encoder's statistics, and always None from ``DeepAutoencoder``, whose one
     penalty, on the code, is "sparsity", and ``StackModule``, which names its penalties per
     layer: "sparsity0", "contractive0", "sparsity1", ...).
@@ -275,7 +276,9 @@ class Autoencoder(RegularizerOptions, nn.Module):
         noise: a GaussianNoise / MaskingNoise / SaltPepperNoise spec for denoising training
             (applied in training mode only; a spec without seed draws a fresh one each step).
         sparsity: KLSparsity (sigmoid only) or L1Sparsity, or None.
-        contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2.
+        contractive: weight lambda of the contractive penalty lambda * mean_i ||J_enc(x_i)||_F^2,
+            the Jacobian taken where the encoder is evaluated: at the corrupted x~_i in
+            training mode with noise, at the clean x_i otherwise (eval mode, as validation).
         check_targets: for BCE, check every batch lies in [0, 1] (one device sync per step;
             ``fastae.fit`` checks tensor or array data once and skips the per-step check, and
             checks a DataLoader's batches on the host before their copy, without a sync; a

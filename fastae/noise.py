@@ -133,11 +133,12 @@ class SaltPepperNoise(_Noise):
 Noise = GaussianNoise | MaskingNoise | SaltPepperNoise
 
 
-def check_noise(noise: object) -> Noise | None:
-    """``noise`` itself when it is None or one of the three specs; else TypeError."""
-    if noise is None or isinstance(noise, (GaussianNoise, MaskingNoise, SaltPepperNoise)):
+def check_noise(noise: object, optional: bool = True) -> Noise | None:
+    """``noise`` itself when it is one of the three specs, or None where ``optional``; else
+    TypeError."""
+    specs = (GaussianNoise, MaskingNoise, SaltPepperNoise)
+    if isinstance(noise, specs) or (optional and noise is None):
         return noise
-    raise TypeError(
-        f"noise must be None, GaussianNoise, MaskingNoise or SaltPepperNoise, "
-        f"got {type(noise).__name__}"
-    )
+    allowed = "GaussianNoise, MaskingNoise or SaltPepperNoise"
+    allowed = f"None, {allowed}" if optional else allowed
+    raise TypeError(f"noise must be {allowed}, got {type(noise).__name__}")

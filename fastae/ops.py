@@ -191,14 +191,30 @@ def _backward_call(op, body, *args):
     return body(*args)
 
 
-def _autocast(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+def _autocast(device: torch.device, **tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Inside ``torch.autocast`` for this device, cast float16/bfloat16/float32 inputs to the
-    autocast dtype (as autocast does for matmul ops); float64 and everything else stay."""
+    autocast dtype (as autocast does for matmul ops); float64 and everything else stay, and a
+    float64 input beside a cast one is refused naming both dtypes as passed."""
     if not (_checks.autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
-        return tensors
+        return tuple(tensors.values())
     dtype = torch.get_autocast_dtype(device.type)
     low = (torch.float16, torch.bfloat16, torch.float32)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in low else t for t in tensors)
+    (first_name, first), *others = tensors.items()
+    for name, value in others:
+        if (
+            isinstance(value, Tensor)
+            and value.is_floating_point()
+            and first.is_floating_point()
+            and (value.dtype in low) != (first.dtype in low)
+        ):
+            raise TypeError(
+                f"{name} must have the dtype of {first_name} ({first.dtype}), got {value.dtype} "
+                f"(under torch.autocast float16, bfloat16 and float32 mix: they are cast to "
+                f"{dtype})"
+            )
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.dtype in low else t for t in tensors.values()
+    )
 
 
 # encode's seed argument without noise (never read as a seed, never written): one tensor
@@ -355,22 +371,44 @@ def _check_input(x: object) -> Tensor:
     return x
 
 
+# Box-Muller with u1 clamped at 1e-7 (tl.randn, philox.box_muller): |eps| <= sqrt(-2 ln 1e-7)
+_LARGEST_NORMAL_DRAW = math.sqrt(-2.0 * math.log(np.float32(1.0e-7)))
+
+
+def _overflow(dtype: torch.dtype) -> float:
+    """The magnitude from which rounding to nearest in ``dtype`` gives inf: half an ulp above
+    the largest value (largest = (2 - eps) 2^e, its ulp eps 2^e)."""
+    info = torch.finfo(dtype)
+    return info.max + info.eps * info.max / (2 - info.eps) / 2
+
+
 def _noise_params(noise: Noise, x: Tensor) -> tuple[str, float, float, float]:
-    """``noise.params()``, with salt-and-pepper's fill values checked to fit x's dtype."""
+    """``noise.params()``, with the values it puts into x~ checked to fit x's dtype: a
+    salt-and-pepper fill, a Gaussian draw (sigma eps, computed in float32) and a rescaled
+    mask's factor 1 / (1 - p) must not round to inf (the parameters are finite in float32)."""
     kind, level, low, high = noise.params()
+    # float32 and float64 inputs: the noise is computed in float32
+    bound = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    overflow = _overflow(bound)
+    largest = f"{bound}'s range (largest magnitude {torch.finfo(bound).max:.6g})"
+    level32 = float(np.float32(level))
     if kind == "salt_pepper" and x.dtype in (torch.float16, torch.bfloat16):
-        info = torch.finfo(x.dtype)  # (the fill values are finite in float32, checked)
-        largest = info.max
-        # rounding to nearest reaches inf from half an ulp above the largest value on
-        # (largest = (2 - eps) 2^e, its ulp eps 2^e)
-        overflow = largest + info.eps * largest / (2 - info.eps) / 2
         for name, value in (("low", low), ("high", high)):
             # the kernels and the reference fill in float32 first: compare that rounding
             if abs(float(np.float32(value))) >= overflow:
                 raise ValueError(
-                    f"noise's {name}={value!r} is beyond {x.dtype}'s range (largest "
-                    f"magnitude {largest:.6g}): x would be filled with inf"
+                    f"noise's {name}={value!r} is beyond {largest}: x would be filled with inf"
                 )
+    elif kind == "gaussian" and level32 * _LARGEST_NORMAL_DRAW >= overflow:
+        raise ValueError(
+            f"noise's sigma={level!r} times the largest normal draw "
+            f"({_LARGEST_NORMAL_DRAW:.4g}) is beyond {largest}: x~ could hold inf"
+        )
+    elif kind == "masking_rescale" and 1.0 / (1.0 - level32) >= overflow:
+        raise ValueError(
+            f"noise's p={level!r} rescales the kept entries by 1 / (1 - p) = "
+            f"{1.0 / (1.0 - level32):.6g}, beyond {largest}: x~ would hold inf"
+        )
     return kind, level, low, high
 
 
@@ -380,9 +418,7 @@ def corrupt(x: Tensor, noise: Noise) -> Tensor:
     The gradient with respect to ``x`` regenerates the mask from the seed.
     """
     x = _check_input(x)
-    if noise is None:
-        raise TypeError("noise must be GaussianNoise, MaskingNoise or SaltPepperNoise, got None")
-    noise = check_noise(noise)
+    noise = check_noise(noise, optional=False)
     kind, level, low, high = _noise_params(noise, x)
     name = _backend_for("corrupt", "noise", x.device)
     return _corrupt(x, kind, level, low, high, _seed_tensor(noise.seed, name, x.device), name)
@@ -587,7 +623,9 @@ def encode(
 
     Returns:
         h (B, H) = a(x~ W^T + b); rho_hat (H,) = mean_i h_i (float32 at least);
-        jac () = (1/B) sum_i ||J_enc(x_i)||_F^2 = (1/B) sum_ij a'(z_ij)^2 ||W_j||^2.
+        jac () = (1/B) sum_i ||J_enc(x~_i)||_F^2 = (1/B) sum_ij a'(z_ij)^2 ||W_j||^2, the
+        Jacobian of h with respect to the input it is computed from (x~ with noise: not the
+        clean-input Jacobian of Rifai et al.'s CAE, which has no corruption).
     """
     h, rho_hat, jac, _ = _encode(*_encode_args(x, weight, bias, activation, noise, statistics))
     return (h, rho_hat, jac) if statistics else (h, None, None)
@@ -598,7 +636,7 @@ def _encode_args(x, weight, bias, activation, noise, statistics) -> tuple:
     ``_encode`` (x~ then stands in for x, and the noise is "none")."""
     statistics = _checks.flag("statistics", statistics)
     x = _check_input(x)
-    x, weight, bias = _autocast(x.device, x, weight, bias)
+    x, weight, bias = _autocast(x.device, x=x, weight=weight, bias=bias)
     weight, bias = _check_layer(x, weight, bias)
     if weight.shape[0] == 0:
         raise ValueError(
@@ -899,7 +937,8 @@ def _check_target(target: Tensor, name: str = "target", advice: str = "") -> Non
         raise RuntimeError(
             "decode_loss checks that a BCE target lies in [0, 1] by reading its values, which "
             "torch.func.vmap does not allow: check the data before the transform and pass "
-            "check_target=False (a model: Autoencoder or VAE(..., check_targets=False))"
+            "check_target=False (a model: Autoencoder, DeepAutoencoder or VAE(..., "
+            "check_targets=False))"
         ) from error
 
 
@@ -938,7 +977,7 @@ def decode_loss(
     """
     h = _checks.tensor("h", h, 2)
     _checks.rows("h", h)
-    h, weight, bias, target = _autocast(h.device, h, weight, bias, target)
+    h, weight, bias, target = _autocast(h.device, h=h, weight=weight, bias=bias, target=target)
     weight, bias = _check_layer(h, weight, bias, "h")
     if h.shape[1] == 0:
         raise ValueError(

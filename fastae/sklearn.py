@@ -417,6 +417,16 @@ class AutoencoderEstimatorMixin:
                 f"{caller} keeps the fitted loss_ {self.loss_!r}, so loss must be 'auto' or "
                 f"{self.loss_!r}, got loss={self.loss!r}; refit from scratch to change it"
             )
+        if isinstance(self.scaler_, MinMaxScaler):
+            unclipped = self._scale(X, clip=False)
+            outside = float(np.mean((unclipped < 0.0) | (unclipped > 1.0)))
+            if outside > 0.5:  # a drifted stream: most of it trains as the range's bounds
+                _checks.warn_caller(
+                    f"{caller}: {outside:.0%} of X's values lie outside the range scaler_ was "
+                    "fitted to (scale='minmax', by the first fit) and train clipped to its "
+                    "bounds, where the model cannot tell them apart; refit on representative "
+                    "rows, or pass scale=None and data you scale yourself"
+                )
         scaled = self._scale(X)
         self._check_bce_range(scaled)
         return scaled
@@ -1057,7 +1067,9 @@ class AutoencoderTransformer(
         Adam's moments carry from one call to the next (``fit`` starts afresh, with or
         without ``warm_start``). The first call (on an unfitted estimator) fits the scaler
         and resolves ``loss_`` on its X, which later calls keep: give it representative
-        rows, or ``scale=None`` and data you scale yourself. ``n_iter_`` counts epochs. As
+        rows, or ``scale=None`` and data you scale yourself (a stream whose normal drifts from
+        the first chunk's range; under ``scale="minmax"`` a chunk mostly outside it trains
+        clipped to its bounds, and a UserWarning says so). ``n_iter_`` counts epochs. As
         for scikit-learn's MLP, ``early_stopping`` serves ``fit`` alone: partial_fit holds
         no rows out. With ``cuda_graph`` each call captures its graph afresh: worth it for
         chunks of many batches."""
@@ -1210,7 +1222,8 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         :meth:`AutoencoderTransformer.partial_fit` (Adam's moments carried between calls, the
         first call's scaler and ``loss_`` kept), then ``decision_scores_``, ``threshold_``
         (``offset_``) and ``labels_`` from X's rows, scored by the updated model: the
-        threshold follows the latest chunk, for streams whose normal drifts. A chunk of fewer
+        threshold follows the latest chunk (the scaler stays the first chunk's: for a stream
+        whose normal drifts, ``scale=None`` and chunks you scale yourself). A chunk of fewer
         than 1 / ``contamination`` rows cannot hold one outlier at that rate: its threshold is
         a tiny sample's (a UserWarning says so)."""
         self._check_model_params()

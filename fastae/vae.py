@@ -84,7 +84,7 @@ def hidden_widths(hidden: object) -> tuple[int, ...]:
     """A VAE's ``hidden``, checked, as its widths: an int H is one layer, (H,)."""
     if _is_int(hidden):
         return (_checks.positive_int("hidden", hidden),)
-    return _checks.widths("hidden", hidden)
+    return _checks.widths("hidden", hidden, one=True)
 
 
 class VAE(OutputOptions, nn.Module):

@@ -104,12 +104,16 @@ def test_encode_good_input_passes():
         (torch.randint(0, 2, (3, 4)), MaskingNoise(0.5), TypeError, "x"),
         (torch.rand(3, 4), None, TypeError, "noise"),
         (torch.rand(3, 4), "masking", TypeError, "noise"),
+        (torch.rand(3, 4), 0.5, TypeError, "noise"),
         (torch.rand(3, 0), MaskingNoise(0.5), ValueError, "x"),
     ],
 )
 def test_corrupt_bad_input(x, noise, error, arg):
-    with pytest.raises(error, match=names(arg)):
+    with pytest.raises(error, match=names(arg)) as raised:
         ops.corrupt(x, noise)
+    if arg == "noise":  # corrupt needs a spec: the message does not offer None
+        allowed = "GaussianNoise, MaskingNoise or SaltPepperNoise"
+        assert str(raised.value) == f"noise must be {allowed}, got {type(noise).__name__}"
 
 
 # ----------------------------------------------------------------------------- noise specs
@@ -680,6 +684,34 @@ def test_salt_and_pepper_fill_values_must_fit_the_dtype(backend, kernel_device):
             ops.corrupt(x.to(dtype), SaltPepperNoise(0.9, low=0.0, high=high, seed=1))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gaussian_draws_and_rescaled_masks_must_fit_the_dtype(backend, kernel_device):
+    """sigma eps reaches 5.68 sigma (Box-Muller with u1 >= 1e-7) and a rescaled mask scales
+    kept entries by 1 / (1 - p): where either rounds to inf in x's dtype (float32 for float32
+    and float64 inputs, where the noise is computed), refused naming the value; just inside,
+    x~ stays finite."""
+    device = kernel_device if backend == "triton" else "cpu"
+    half = torch.rand(64, 64, dtype=torch.float16, device=device)
+    weight = torch.rand(3, 64, dtype=torch.float16, device=device)
+    sigma_limit = 65520.0 / ops._LARGEST_NORMAL_DRAW  # float16 rounds 65520 up to inf
+    with fastae.use_backend(backend):
+        with pytest.raises(ValueError, match=r"^noise's sigma=100000.0 times the largest"):
+            ops.corrupt(half, GaussianNoise(1e5, seed=1))
+        with pytest.raises(ValueError, match=r"^noise's sigma=11540.0 times .* torch.float16"):
+            ops.encode(half, weight, noise=GaussianNoise(11540.0, seed=1))
+        with pytest.raises(ValueError, match=r"range \(largest magnitude 3.40282e\+38\)"):
+            ops.corrupt(half.double(), GaussianNoise(1e38, seed=1))
+        with pytest.raises(ValueError, match=r"^noise's p=0.99999237.* = 131072, beyond torch"):
+            ops.corrupt(half, MaskingNoise(1 - 2**-17, rescale=True, seed=1))
+        kept = ops.corrupt(half, GaussianNoise(math.floor(sigma_limit), seed=1))
+        rescaled = ops.corrupt(half, MaskingNoise(1 - 2**-15, rescale=True, seed=1))
+        unscaled = ops.corrupt(half, MaskingNoise(1 - 2**-17, seed=1))  # no factor: allowed
+        in_float32 = ops.corrupt(half.float(), MaskingNoise(1 - 2**-17, rescale=True, seed=1))
+    assert math.floor(sigma_limit) == 11539
+    assert kept.isfinite().all() and kept.abs().max() > 1000
+    assert rescaled.isfinite().all() and unscaled.isfinite().all() and in_float32.isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32", torch.float8_e4m3fn])
 def test_load_digits_needs_a_floating_point_dtype(dtype):
     with pytest.raises(
@@ -718,6 +750,24 @@ def test_fit_refuses_float16_parameters_for_its_default_adam():
     with torch.autocast("cpu", dtype=torch.float16):
         history = fastae.fit(model, data.float(), epochs=2, seed=0, progress=False)
     assert all(math.isfinite(loss) for loss in history.loss)
+
+
+def test_autocast_mixing_float64_names_the_dtypes_as_passed():
+    """Under autocast float16/bfloat16/float32 inputs are cast and mix; float64 beside them is
+    refused with the dtypes the caller passed (not the autocast dtype they were cast to)."""
+    mixed = "float16, bfloat16 and float32 mix: they are cast to torch.bfloat16"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"^weight .* x \(torch.float64\), got torch.float32"):
+            ops.encode(torch.rand(4, 5).double(), torch.randn(3, 5))
+        with pytest.raises(TypeError, match=r"^bias .* x \(torch.float32\), got torch.float64 "):
+            ops.encode(torch.rand(4, 5), torch.randn(3, 5), torch.randn(3).double())
+        with pytest.raises(TypeError, match=r"^target .* h \(torch.float32\), got torch.float64"):
+            ops.decode_loss(torch.rand(4, 3), torch.randn(5, 3), target=torch.rand(4, 5).double())
+        with pytest.raises(TypeError, match=mixed):
+            ops.decode_loss(torch.rand(4, 3).double(), torch.randn(5, 3), target=torch.rand(4, 5))
+        cast, _, _ = ops.encode(torch.rand(4, 5).half(), torch.randn(3, 5), torch.randn(3))
+        kept, _, _ = ops.encode(torch.rand(4, 5).double(), torch.randn(3, 5).double())
+    assert cast.dtype == torch.bfloat16 and kept.dtype == torch.float64
 
 
 @pytest.mark.parametrize("where", ["training", "validation"])

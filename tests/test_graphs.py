@@ -261,6 +261,35 @@ def test_replaced_memory_drops_the_graph(cpu_graphs, replace):
     assert len(_FakeGraph.captures) == 2 and _FakeGraph.replays == 4
 
 
+def test_freezing_or_thawing_a_parameter_drops_the_graph(cpu_graphs):
+    """A replay computes and updates the parameters captured: after one is frozen the step
+    captures afresh without it (its stale gradient cleared, so SGD with momentum no longer
+    moves it), and after it is thawed, with it again."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = GraphedStep(model, optimizer, warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x), step(x)
+    assert step.graphed and len(_FakeGraph.captures) == 1
+    weight = model.weight
+    weight.requires_grad_(False)
+    frozen = weight.detach().clone()
+    step(x)  # a warm-up: eager, without the frozen weight
+    assert not step.graphed and weight.grad is None and torch.equal(weight, frozen)
+    step(x), step(x)
+    assert step.graphed and len(_FakeGraph.captures) == 2 and torch.equal(weight, frozen)
+    assert all(p is not weight for p in step.params)
+    weight.requires_grad_(True)
+    step(x)
+    assert not step.graphed and not torch.equal(weight, frozen)  # stepped again, eagerly
+    step(x)
+    assert len(_FakeGraph.captures) == 3 and any(p is weight for p in step.params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="^model must have parameters that require gradients"):
+        step(x)
+
+
 def test_a_scheduled_lr_must_be_on_the_models_device():
     """A fused CUDA optimizer reads a CPU lr tensor on the host, once, at capture: refused."""
     from fastae.training import _scheduler

@@ -785,6 +785,39 @@ def test_fit_clips_each_steps_gradients_to_max_grad_norm():
             torch.testing.assert_close(moved, factor * grads[name], rtol=1e-4, atol=1e-7)
 
 
+def test_fit_clips_the_layers_a_callback_thaws():
+    """The parameters clipped are read at each epoch's start: a layer a callback thaws after
+    the first epoch counts in the second's norm (each step's total norm stays at the bound),
+    and a layer it freezes stops moving."""
+    torch.manual_seed(0)
+    data = torch.rand(64, 20)
+    model = fastae.DeepAutoencoder(20, (16, 8), activation="sigmoid")
+    first = (model.weights[0], model.biases[0])
+    for p in first:
+        p.requires_grad_(False)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms.append((len(grads), float(torch.nn.utils.get_total_norm(grads))))
+
+    sgd.register_step_pre_hook(record)
+
+    def thaw_then_freeze(epoch, history):
+        for p in first:
+            p.requires_grad_(epoch == 1)
+
+    bound = 0.01
+    fastae.fit(
+        model, data, epochs=3, batch_size=64, optimizer=sgd, max_grad_norm=bound,
+        callback=thaw_then_freeze, progress=False,
+    )  # fmt: skip
+    count = len(list(model.parameters()))
+    assert [n for n, _ in norms] == [count - 2, count, count - 2]
+    assert norms[1][1] > 0 and all(norm == pytest.approx(bound, rel=1e-4) for _, norm in norms)
+
+
 def _step_lr(gamma):
     return lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma)
 
@@ -842,6 +875,12 @@ def test_fit_refuses_a_scheduler_it_cannot_step():
     other = torch.optim.SGD(new_model().parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"^scheduler steps another optimizer"):
         fit(scheduler=torch.optim.lr_scheduler.StepLR(other, 1))
+    # a scheduler class: built from the optimizer where its other arguments have defaults
+    message = r"^scheduler=StepLR \(a class\) cannot be built from the optimizer alone \(.*step"
+    with pytest.raises(TypeError, match=message):
+        fit(scheduler=torch.optim.lr_scheduler.StepLR)
+    history = fit(scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert len(history.lr) == 1
 
 
 def test_fit_calls_back_after_each_epoch_and_stops_when_asked():

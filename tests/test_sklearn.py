@@ -911,7 +911,7 @@ def test_vae_detector_arguments(digits):
         AutoencoderOutlierDetector(model="vae", hidden=0).fit(small)
     with pytest.raises(ValueError, match=r"^hidden\[1\] must be a positive int"):
         AutoencoderOutlierDetector(model="vae", hidden=(8, 0)).fit(small)
-    with pytest.raises(TypeError, match=r"^hidden must be a non-empty sequence"):
+    with pytest.raises(TypeError, match=r"^hidden must be a positive int or a non-empty sequence"):
         AutoencoderOutlierDetector(model="vae", hidden="8").fit(small)
     deep = AutoencoderOutlierDetector(2, model="vae", hidden=(16, 8), epochs=2, random_state=0)
     deep.fit(small)
@@ -1070,6 +1070,27 @@ def test_detector_partial_fit_warns_of_a_chunk_too_small_for_its_threshold():
     assert caught[0].filename == __file__
     with pytest.warns(UserWarning, match=r"from X's 1 row, fewer than 1 / contamination = 10:"):
         detector.partial_fit(x[19:20])
+
+
+@pytest.mark.parametrize("make", [AutoencoderOutlierDetector, AutoencoderTransformer])
+def test_partial_fit_warns_of_a_chunk_mostly_outside_the_minmax_range(make):
+    """The scaler stays the first chunk's: a drifted chunk beyond its range would train as a
+    constant (clipped to its bounds), which a warning says; a chunk with a few values beyond
+    the range (or under scale="standard") trains without one."""
+    rng = np.random.default_rng(0)
+    first, near, drifted = rng.random((40, 4)), rng.random((40, 4)) * 1.1, 5 + rng.random((40, 4))
+    estimator = make(2, scale="minmax", random_state=0).partial_fit(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimator.partial_fit(near)  # about 9% of the values beyond 1
+        make(2, random_state=0).partial_fit(first).partial_fit(drifted)  # standardized
+    message = r"^partial_fit: 100% of X's values lie outside the range scaler_ was fitted to "
+    with pytest.warns(UserWarning, match=message) as caught:
+        estimator.partial_fit(drifted)
+    assert caught[0].filename == __file__
+    assert np.all(estimator._scale(drifted) == 1.0)  # what it trained on
+    with pytest.warns(UserWarning, match=r"^warm_start=True: 100% of X's values lie outside"):
+        make(2, scale="minmax", warm_start=True, epochs=1, random_state=0).fit(first).fit(drifted)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the ValueError alone
