@@ -1193,9 +1193,10 @@ def bernoulli_kl(rho_hat: Tensor, rho: float) -> Tensor:
     """The KL sparsity penalty sum_j KL(rho || rho_hat_j) of Bernoulli means.
 
     Args:
-        rho_hat: (H,) mean activation of each unit (``encode``'s second output), in (0, 1);
-            clamped to [2^-20, 1 - 2^-20] (2^-20 about 1e-6), so a unit that is always off or
-            on stays finite (its gradient is zero where the clamp acts).
+        rho_hat: (H,) mean activation of each unit (``encode``'s second output), in [0, 1]
+            (not checked, which would read the values: a device sync); clamped to
+            [2^-20, 1 - 2^-20] (2^-20 about 1e-6), so a unit that is always off or on stays
+            finite (its gradient is zero where the clamp acts, as for any value outside).
         rho: the target mean activation, in (0, 1).
 
     Returns:

@@ -662,13 +662,15 @@ def test_split_k_candidates_only_where_they_can_pay():
 @pytest.mark.parametrize("hidden", [40, 65])
 def test_finish_across_programs(fusion, hidden, monkeypatch):
     """The finish kernel over several column blocks (16 columns each) whose shares of jac the
-    last program adds two at a time: rho_hat, jac and the gradients match the reference, twice
-    in a row (each launch's ticket starts nonzero under poisoned outputs, so the first kernel
-    must zero it)."""
+    last program adds two at a time, each summing the row tiles' partial sums two at a time
+    (70 rows: 5 tiles of 16 rows in the interpreter): rho_hat, jac and the gradients match
+    the reference, twice in a row (each launch's ticket starts nonzero under poisoned outputs,
+    so the first kernel must zero it)."""
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
     monkeypatch.setattr(encoder, "FINISH_BLOCK", 16)
     monkeypatch.setattr(encoder, "FINISH_SHARES", 2)
-    leaves, upstream = _inputs(19, 6, hidden, torch.float64)
+    monkeypatch.setattr(encoder, "FINISH_ROWS", 2)
+    leaves, upstream = _inputs(70, 6, hidden, torch.float64)
     for _ in range(2):
         got = _run("triton", *leaves, upstream, activation="softplus")
         want = _run("reference", *leaves, upstream, activation="softplus")

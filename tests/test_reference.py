@@ -230,10 +230,16 @@ def test_jacobian_matches_naive_slope_formula():
         torch.testing.assert_close(naive, brute, **F64)
 
 
+@pytest.mark.parametrize("mode", ["store", "regenerate"])
 @pytest.mark.parametrize("kind", list(NOISES))
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 @pytest.mark.parametrize("batch, d, hidden", [(1, 1, 1), (7, 5, 17), (33, 784, 100)])
-def test_encode_with_noise_matches_explicit_mask_oracle(batch, d, hidden, activation, kind):
+def test_encode_with_noise_matches_explicit_mask_oracle(
+    batch, d, hidden, activation, kind, mode, monkeypatch
+):
+    """Stored x~ (corrupt, then a noise-free encode) or regenerated (the noisy encode and its
+    backward draw the mask again from the seed): both equal the explicit-mask oracle."""
+    monkeypatch.setenv("FASTAE_CORRUPTED_INPUT", mode)
     noise = NOISES[kind]
     x, weight, bias = make_layer(batch, d, hidden)
     out = fastae.ops.encode(x, weight, bias, activation=activation, noise=noise)
