@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import os
@@ -250,6 +251,22 @@ def finite_number(
     if high is not None and value >= high:
         raise ValueError(f"{name} must be < {high}, got {value}")
     return value
+
+
+def steps_without_closure(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose ``step`` needs a closure (L-BFGS re-evaluates the loss),
+    which a training loop that calls ``optimizer.step()`` cannot give."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: let the step say
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        name = type(optimizer).__name__
+        raise TypeError(
+            f"optimizer must step without a closure (optimizer.step()), but {name}.step "
+            "needs one that recomputes the loss: write that loop yourself (the closure zeroes "
+            "the gradients, computes model(x).loss and calls its backward)"
+        )
 
 
 def model_loss(output: object) -> torch.Tensor:

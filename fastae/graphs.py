@@ -85,7 +85,9 @@ class GraphedStep:
                 "model must not be DistributedDataParallel: its gradient all-reduce cannot be "
                 "captured in a CUDA graph here; train it eagerly"
             )
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._all_params = list(model.parameters())
+        self._trainable = [p.requires_grad for p in self._all_params]
+        self.params = [p for p in self._all_params if p.requires_grad]
         if not self.params:
             raise ValueError("model must have parameters that require gradients")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -101,6 +103,7 @@ class GraphedStep:
         # the device before the optimizer's capturable flag, which matters only on CUDA
         device = _cuda_device([*model.parameters(), *model.buffers()])
         if optimizer is not None:
+            _checks.steps_without_closure(optimizer)
             _check_capturable(optimizer)
         self.model, self.optimizer, self.warmup = model, optimizer, int(warmup)
         self.max_grad_norm = max_grad_norm
@@ -163,17 +166,16 @@ class GraphedStep:
         """Step the parameters that require gradients now: after a layer is frozen or thawed
         (by a callback between epochs, say) the graph is dropped, and a frozen parameter's
         gradient cleared (the optimizer skips a parameter whose ``.grad`` is None)."""
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if len(trainable) == len(self.params) and all(
-            now is then for now, then in zip(trainable, self.params, strict=True)
-        ):
+        trainable = [p.requires_grad for p in self._all_params]
+        if trainable == self._trainable:
             return
-        if not trainable:
+        params = [p for p in self._all_params if p.requires_grad]
+        if not params:
             raise ValueError("model must have parameters that require gradients")
         for p in self.params:
             if not p.requires_grad:
                 p.grad = None
-        self.params = trainable
+        self.params, self._trainable = params, trainable
         self._drop_graph()
 
     def _graph_is_current(self) -> bool:

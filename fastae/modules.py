@@ -16,7 +16,9 @@ from .noise import Noise, check_noise
 @dataclass(frozen=True)
 class KLSparsity:
     """weight * sum_j KL(rho || rho_hat_j): Bernoulli KL against the target mean activation
-    (:func:`fastae.ops.bernoulli_kl`; rho_hat clamped to [2^-20, 1 - 2^-20])."""
+    (:func:`fastae.ops.bernoulli_kl`; rho_hat clamped to [2^-20, 1 - 2^-20], so a unit whose
+    batch mean falls outside is no longer pulled toward rho). rho_hat is each batch's mean:
+    ``fit(..., batch_size=len(x))`` takes the training set's, as full-batch objectives do."""
 
     rho: float
     weight: float = 1.0

@@ -209,7 +209,7 @@ def _autocast(device: torch.device, **tensors: Tensor | None) -> tuple[Tensor | 
         ):
             raise TypeError(
                 f"{name} must have the dtype of {first_name} ({first.dtype}), got {value.dtype} "
-                f"(under torch.autocast float16, bfloat16 and float32 mix: they are cast to "
+                f"(under torch.autocast, float16, bfloat16 and float32 mix: they are cast to "
                 f"{dtype})"
             )
     return tuple(
@@ -382,6 +382,9 @@ def _overflow(dtype: torch.dtype) -> float:
     return info.max + info.eps * info.max / (2 - info.eps) / 2
 
 
+_OVERFLOW = {dtype: _overflow(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32)}
+
+
 def _noise_params(noise: Noise, x: Tensor) -> tuple[str, float, float, float]:
     """``noise.params()``, with the values it puts into x~ checked to fit x's dtype: a
     salt-and-pepper fill, a Gaussian draw (sigma eps, computed in float32) and a rescaled
@@ -389,27 +392,34 @@ def _noise_params(noise: Noise, x: Tensor) -> tuple[str, float, float, float]:
     kind, level, low, high = noise.params()
     # float32 and float64 inputs: the noise is computed in float32
     bound = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    overflow = _overflow(bound)
-    largest = f"{bound}'s range (largest magnitude {torch.finfo(bound).max:.6g})"
-    level32 = float(np.float32(level))
-    if kind == "salt_pepper" and x.dtype in (torch.float16, torch.bfloat16):
+    overflow = _OVERFLOW[bound]
+    if kind == "salt_pepper" and bound != torch.float32:
         for name, value in (("low", low), ("high", high)):
             # the kernels and the reference fill in float32 first: compare that rounding
             if abs(float(np.float32(value))) >= overflow:
                 raise ValueError(
-                    f"noise's {name}={value!r} is beyond {largest}: x would be filled with inf"
+                    f"noise's {name}={value!r} is beyond {_range(bound, x)}: x would be filled "
+                    "with inf"
                 )
-    elif kind == "gaussian" and level32 * _LARGEST_NORMAL_DRAW >= overflow:
+    elif kind == "gaussian" and float(np.float32(level)) * _LARGEST_NORMAL_DRAW >= overflow:
         raise ValueError(
             f"noise's sigma={level!r} times the largest normal draw "
-            f"({_LARGEST_NORMAL_DRAW:.4g}) is beyond {largest}: x~ could hold inf"
+            f"({_LARGEST_NORMAL_DRAW:.4g}) is beyond {_range(bound, x)}: x~ could hold inf"
         )
-    elif kind == "masking_rescale" and 1.0 / (1.0 - level32) >= overflow:
+    elif kind == "masking_rescale" and 1.0 / (1.0 - float(np.float32(level))) >= overflow:
         raise ValueError(
             f"noise's p={level!r} rescales the kept entries by 1 / (1 - p) = "
-            f"{1.0 / (1.0 - level32):.6g}, beyond {largest}: x~ would hold inf"
+            f"{1.0 / (1.0 - float(np.float32(level))):.6g}, beyond {_range(bound, x)}: x~ "
+            "could hold inf"
         )
     return kind, level, low, high
+
+
+def _range(dtype: torch.dtype, x: Tensor) -> str:
+    """``dtype``'s range, for a message; saying where x's dtype came from autocast."""
+    cast = _checks.autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    where = " (x's under torch.autocast)" if cast and dtype == x.dtype else ""
+    return f"{dtype}'s range{where} (largest magnitude {torch.finfo(dtype).max:.6g})"
 
 
 def corrupt(x: Tensor, noise: Noise) -> Tensor:

@@ -732,7 +732,7 @@ class DeepLayerMixin:
         sizes = self.hidden_layer_sizes
         if isinstance(sizes, numbers.Integral) and not isinstance(sizes, (bool, np.bool_)):
             sizes = (sizes,)
-        sizes = _checks.widths("hidden_layer_sizes", sizes, empty=True)
+        sizes = _checks.widths("hidden_layer_sizes", sizes, empty=True, one=True)
         if sizes and self.contractive != 0:
             raise ValueError(
                 "contractive needs hidden_layer_sizes=(): the exact penalty is one layer's "

@@ -692,8 +692,10 @@ def fit(
     the default Adam, which only fit sees). ``History.lr`` records each epoch's rate.
     ``max_grad_norm``: clip the gradients of each step to this total 2-norm (over the
     parameters that require gradients, as :func:`torch.nn.utils.clip_grad_norm_`; read at
-    each epoch's start, so a layer a callback thaws is clipped too) before the optimizer's
-    update, as Keras's ``global_clipnorm``; None (default) leaves them as they are.
+    each epoch's start, so a layer a callback thaws is clipped too; DistributedDataParallel
+    fixes the parameters it synchronizes when it wraps the model: thaw none under it) before
+    the optimizer's update, as Keras's ``global_clipnorm``; None (default) leaves them as they
+    are.
     ``callback``: called after each epoch as ``callback(epoch, history)`` (epoch from 1, the
     history so far, the model in training mode): to log, checkpoint or plot; returning True
     stops training there (``History.stopped_early``; the weights stay the last epoch's where
@@ -758,6 +760,8 @@ def fit(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
+    if optimizer is not None:
+        _checks.steps_without_closure(optimizer)
     like = next(model.parameters(), None)
     if like is None:
         raise TypeError(f"model must have parameters to train, got {type(model).__name__}")
@@ -833,7 +837,6 @@ def fit(
         except ValueError as error:  # said of cuda_graph, the argument that asked for it
             raise ValueError(f"cuda_graph=True: {error}") from None
     trained = [p for p in model.parameters() if p.requires_grad]
-    ever_trained = dict.fromkeys(trained)  # the final check's (a callback may freeze some)
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(id(p) in stepped for p in trained):
         raise ValueError(
@@ -884,7 +887,6 @@ def fit(
             model.train()
             if epoch:  # a callback may have frozen or thawed layers
                 trained = [p for p in model.parameters() if p.requires_grad]
-                ever_trained.update(dict.fromkeys(trained))
             if isinstance(getattr(train, "sampler", None), DistributedSampler):
                 train.sampler.set_epoch(epoch)
             # one sync per epoch; a float64 sum keeps a float64 model's loss exact
@@ -953,7 +955,10 @@ def fit(
     history.graphed_steps = step.replays if step is not None else 0
     # the last step's update shows in no loss: a model that diverged there is not returned
     # as trained (the parameters the optimizer steps, on whichever devices they live)
-    updated = [p for p in ever_trained if id(p) in stepped and not is_lazy(p)]
+    # (those a callback added with add_param_group too; one it froze before the last epoch
+    # would have made that epoch's loss non-finite)
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    updated = [p for p in trained if id(p) in stepped and not is_lazy(p)]
     finite = [p.detach().isfinite().all() for p in updated]  # launched, then read: one wait
     if not all(bool(flag) for flag in finite):
         raise LossNotFinite("parameters", len(history.loss), math.nan, history, restored)
@@ -1106,16 +1111,17 @@ def _scheduler(scheduler, optimizer: torch.optim.Optimizer, cuda_graph: bool, de
                 "scheduler must be a torch.optim.lr_scheduler scheduler, a callable that builds "
                 f"one from the optimizer, or None; got {type(scheduler).__name__}"
             )
-        try:
-            built = scheduler(optimizer)
-        except TypeError as error:
-            if not isinstance(scheduler, type):
-                raise
-            name = scheduler.__name__
-            raise TypeError(
-                f"scheduler={name} (a class) cannot be built from the optimizer alone ({error}): "
-                f"pass a scheduler, or a callable such as lambda opt: {name}(opt, ...)"
-            ) from error
+        if isinstance(scheduler, type):
+            try:
+                inspect.signature(scheduler).bind(optimizer)
+            except TypeError as error:
+                name = scheduler.__name__
+                raise TypeError(
+                    f"scheduler={name} (a class) cannot be built from the optimizer alone "
+                    f"({error}): pass a scheduler, or a callable such as "
+                    f"lambda opt: {name}(opt, ...)"
+                ) from error
+        built = scheduler(optimizer)
         if not isinstance(built, _SCHEDULERS):
             raise TypeError(
                 "scheduler(optimizer) must return a torch.optim.lr_scheduler scheduler, got "

@@ -755,7 +755,7 @@ def test_fit_refuses_float16_parameters_for_its_default_adam():
 def test_autocast_mixing_float64_names_the_dtypes_as_passed():
     """Under autocast float16/bfloat16/float32 inputs are cast and mix; float64 beside them is
     refused with the dtypes the caller passed (not the autocast dtype they were cast to)."""
-    mixed = "float16, bfloat16 and float32 mix: they are cast to torch.bfloat16"
+    mixed = "torch.autocast, float16, bfloat16 and float32 mix: they are cast to torch.bfloat16"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(TypeError, match=r"^weight .* x \(torch.float64\), got torch.float32"):
             ops.encode(torch.rand(4, 5).double(), torch.randn(3, 5))
@@ -879,6 +879,21 @@ def test_fit_refuses_to_return_weights_its_last_step_made_non_finite():
     sgd = torch.optim.SGD(holder.model.parameters(), lr=0.1)
     history = fastae.fit(holder, data, optimizer=sgd, **kwargs)
     assert len(history.loss) == 2 and history.graphed_steps == 0
+    # a parameter a callback thaws into a new parameter group is checked as well: the
+    # epoch's one step leaves it infinite
+    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    model.bias.requires_grad_(False)
+    sgd = torch.optim.SGD([model.weight, model.decoder_bias], lr=0.1)
+
+    def thaw(epoch, history):
+        if epoch == 1:
+            model.bias.requires_grad_(True)
+            sgd.add_param_group({"params": [model.bias]})
+            sgd.register_step_post_hook(lambda *args: model.bias.detach().fill_(math.inf))
+
+    with pytest.raises(fastae.LossNotFinite, match=r"^the parameters hold NaN or inf after"):
+        fastae.fit(model, data, epochs=2, batch_size=32, optimizer=sgd, callback=thaw,
+                   seed=0, progress=False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- backend

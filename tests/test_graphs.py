@@ -102,6 +102,12 @@ def cpu_graphs(monkeypatch):
     return models
 
 
+def test_an_optimizer_that_steps_with_a_closure_is_refused(cpu_graphs):
+    model = _model()
+    with pytest.raises(TypeError, match=r"^optimizer must step without a closure .* LBFGS.step"):
+        GraphedStep(model, torch.optim.LBFGS(model.parameters()))
+
+
 def test_warmup_then_one_capture_then_replays(cpu_graphs):
     model = _model()
     cpu_graphs.append(model)

@@ -785,6 +785,16 @@ def test_fit_clips_each_steps_gradients_to_max_grad_norm():
             torch.testing.assert_close(moved, factor * grads[name], rtol=1e-4, atol=1e-7)
 
 
+def test_fit_refuses_an_optimizer_that_steps_with_a_closure():
+    """L-BFGS's step(closure) re-evaluates the loss, which fit's optimizer.step() cannot give:
+    refused before any step, the model untouched (no gradients left on it)."""
+    model = new_model()
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(TypeError, match=r"^optimizer must step without a closure .*LBFGS.step"):
+        fastae.fit(model, small_problem(32), epochs=1, optimizer=lbfgs, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_fit_clips_the_layers_a_callback_thaws():
     """The parameters clipped are read at each epoch's start: a layer a callback thaws after
     the first epoch counts in the second's norm (each step's total norm stays at the bound),

@@ -1277,7 +1277,8 @@ def test_hidden_layer_sizes_are_checked():
     one = AutoencoderTransformer(2, hidden_layer_sizes=np.int64(8), epochs=1).fit(x)
     assert one.module_.sizes == (8, 2)
     for value in (8.0, "8", True):
-        with pytest.raises(TypeError, match=r"^hidden_layer_sizes must be a sequence"):
+        message = r"^hidden_layer_sizes must be a positive int or a sequence"
+        with pytest.raises(TypeError, match=message):
             AutoencoderTransformer(2, hidden_layer_sizes=value).fit(x)
     with pytest.raises(ValueError, match=r"^hidden_layer_sizes\[0\] must be a positive int"):
         AutoencoderTransformer(2, hidden_layer_sizes=0).fit(x)
