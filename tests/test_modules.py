@@ -798,7 +798,7 @@ def test_fit_refuses_an_optimizer_that_steps_with_a_closure():
 def test_fit_clips_the_layers_a_callback_thaws():
     """The parameters clipped are read at each epoch's start: a layer a callback thaws after
     the first epoch counts in the second's norm (each step's total norm stays at the bound),
-    and a layer it freezes stops moving."""
+    and once frozen again, drops out of the third's."""
     torch.manual_seed(0)
     data = torch.rand(64, 20)
     model = fastae.DeepAutoencoder(20, (16, 8), activation="sigmoid")

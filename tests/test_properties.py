@@ -91,7 +91,7 @@ def _noise_tol_dtype(noise, dtype: torch.dtype) -> torch.dtype:
     """The tolerance's dtype: Gaussian noise's eps is bit-equal to the kernel's on the CPU,
     within about an ulp of float32 on a GPU (as the VAE's, :data:`EPS_TOL_DTYPE`)."""
     gaussian = noise is not None and noise.kind == "gaussian"
-    return EPS_TOL_DTYPE or dtype if gaussian else dtype
+    return (EPS_TOL_DTYPE or dtype) if gaussian else dtype
 
 
 def _close(got, want, dtype):
