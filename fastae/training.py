@@ -21,7 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import clip_grad_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    TensorDataset,
+    default_collate,
+)
 
 from . import _checks
 from .graphs import GraphedStep
@@ -31,10 +38,13 @@ from .ops import MODEL_BCE_ADVICE, check_unit_interval
 
 @dataclass
 class History:
-    """Per-epoch mean training loss, validation loss (if given) and learning rate (the first
-    parameter group's, as the epoch trained with it), what stopped the run and, with
-    ``cuda_graph``, how many steps replayed the captured graph; ``seconds``: the wall time of
-    training (validation and callbacks included; inside a callback, so far). ``best_epoch``
+    """Per-epoch mean training loss (over the epoch's rows, each batch's loss weighted by its
+    rows, as the model computed it while training: in training mode, corrupted, its weights
+    changing from step to step), validation loss (if given: over its rows, after the epoch)
+    and learning rate (the first parameter group's, as the epoch trained with it), what
+    stopped the run and, with ``cuda_graph``, how many steps replayed the captured graph;
+    ``seconds``: the wall time of training (validation and callbacks included; inside a
+    callback, so far). ``best_epoch``
     indexes ``loss`` and ``val_loss`` (0-based: epoch ``best_epoch + 1`` as callbacks count;
     -1 before the first epoch)."""
 
@@ -182,44 +192,64 @@ class TensorBatches:
     every pass follows a fresh permutation drawn from a CPU generator seeded with ``seed``;
     with a ``sampler`` (this process's shard: a DistributedSampler, or any sized iterable of
     row indices), the rows and order it gives (a DistributedSampler's for the epoch its
-    ``set_epoch`` set), batched as a DataLoader would."""
+    ``set_epoch`` set), batched as a DataLoader would; ``drop_last``: without the last batch
+    where it is shorter than ``batch_size``."""
 
     def __init__(
-        self, tensor: torch.Tensor, batch_size: int, shuffle: bool, seed: int, sampler=None
+        self,
+        tensor: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        sampler=None,
+        drop_last: bool = False,
     ):
         self.tensor, self.batch_size, self.shuffle = tensor, batch_size, shuffle
         self.generator = torch.Generator().manual_seed(seed)
-        self.sampler = sampler
+        self.sampler, self.drop_last = sampler, drop_last
+
+    def _rows(self) -> int:
+        return self.tensor.shape[0] if self.sampler is None else len(self.sampler)
 
     def __len__(self) -> int:
-        rows = self.tensor.shape[0] if self.sampler is None else len(self.sampler)
-        return math.ceil(rows / self.batch_size)
+        round_ = math.floor if self.drop_last else math.ceil
+        return round_(self._rows() / self.batch_size)
 
     def __iter__(self):
-        rows = self.tensor.shape[0]
+        ends = range(self.batch_size, len(self) * self.batch_size + 1, self.batch_size)
         if self.sampler is not None:
             order = torch.tensor(list(self.sampler), dtype=torch.int64, device="cpu")
         elif self.shuffle:
-            order = torch.randperm(rows, generator=self.generator, device="cpu")
+            order = torch.randperm(self._rows(), generator=self.generator, device="cpu")
         else:
-            for start in range(0, rows, self.batch_size):
-                yield self.tensor[start : start + self.batch_size]
+            for end in ends:
+                yield self.tensor[end - self.batch_size : end]
             return
         order = order.to(self.tensor.device)
-        for start in range(0, len(order), self.batch_size):
-            yield self.tensor[order[start : start + self.batch_size]]
+        for end in ends:
+            yield self.tensor[order[end - self.batch_size : end]]
 
 
-def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, seed: int):
-    """Batches of a tensor (for a data-parallel model, each process's shard: through a
-    DistributedSampler for training, every row once for validation); any other re-iterable
-    of batches is used as it is. A tensor must have at least one row and the model's dtype
-    and width (its ``in_features``)."""
+def _batches(
+    name: str,
+    data,
+    model: nn.Module,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+):
+    """Batches of a tensor or a map-style dataset (for a data-parallel model, each process's
+    shard: through a DistributedSampler for training, every row once for validation); any
+    other re-iterable of batches is used as it is. A tensor must have at least one row and the
+    model's dtype and width (its ``in_features``)."""
     if isinstance(data, (str, bytes, Mapping)):
         raise TypeError(
-            f"{name} must be a tensor, numpy array, DataLoader or iterable of batches, got "
-            f"{type(data).__name__}"
+            f"{name} must be a tensor, numpy array, Dataset, DataLoader or iterable of batches, "
+            f"got {type(data).__name__}"
         )
+    if _map_style(data):
+        return _dataset_batches(name, data, model, batch_size, shuffle, seed, drop_last)
     if isinstance(data, tuple):
         raise TypeError(
             f"{name} must not be a tuple: pass the inputs alone (Keras's (x, x) is x here: an "
@@ -232,8 +262,12 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
         )
     if isinstance(data, list) and not all(isinstance(_first(b), torch.Tensor) for b in data):
         raise TypeError(
-            f"{name} as a list must hold batch tensors; for rows of numbers pass a tensor or "
-            "array (torch.tensor(rows)) or a DataLoader"
+            f"{name} as a list must hold batch tensors (or tuples whose first item is one)"
+            + (
+                _MAPPING_HINT
+                if any(isinstance(_first(b), Mapping) for b in data)
+                else "; for rows of numbers pass a tensor or array (torch.tensor(rows))"
+            )
         )
     if isinstance(data, (DataLoader, Iterable)) and not isinstance(
         data, (torch.Tensor, np.ndarray)
@@ -247,7 +281,7 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
     if tensor.dtype != like.dtype:
         raise TypeError(
             f"{name} must have the dtype of the model's parameters ({like.dtype}), "
-            f"got {tensor.dtype}"
+            f"got {tensor.dtype}" + _conversion_hint(tensor.dtype)
         )
     in_features = getattr(_unwrap(model), "in_features", None)
     if isinstance(in_features, int) and tensor.shape[1] != in_features:
@@ -255,15 +289,70 @@ def _batches(name: str, data, model: nn.Module, batch_size: int, shuffle: bool, 
             f"{name} must have {in_features} columns (the model's in_features), "
             f"got shape {tuple(tensor.shape)}"
         )
-    sampler = None
-    if _data_parallel(model) and name == "validation_data":
-        # every row once over the processes (no padding: evaluation runs no collective per
-        # batch, so the shards may differ in length), for an exact mean over the set
+    sampler = _shard_sampler(name, tensor.shape[0], model, shuffle, seed)
+    tensor = _resident(tensor, like.device)
+    return TensorBatches(tensor, batch_size, shuffle, seed, sampler, drop_last)
+
+
+_MAPPING_HINT = (
+    ": its batches are dicts; pass each one's input tensor (batch['x']), or give a DataLoader "
+    "a collate_fn that returns it"
+)
+
+
+def _map_style(data) -> bool:
+    """A torch Dataset read by index (not an IterableDataset, which yields batches itself)."""
+    return isinstance(data, Dataset) and not isinstance(data, IterableDataset)
+
+
+def _dataset_batches(
+    name: str, dataset, model: nn.Module, batch_size: int, shuffle: bool, seed: int, drop_last
+) -> DatasetBatches:
+    """Batches of a map-style dataset, in the order fit gives tensor data of as many rows."""
+    try:
+        rows = len(dataset)
+    except TypeError:
+        raise TypeError(
+            f"{name} is a {type(dataset).__name__}, a Dataset without __len__: define it, or "
+            "pass a DataLoader over it"
+        ) from None
+    if rows == 0:
+        raise ValueError(f"{name} must have at least one row, got an empty dataset")
+    sampler = _shard_sampler(name, rows, model, shuffle, seed)
+    order = TensorBatches(torch.arange(rows), batch_size, shuffle, seed, sampler, drop_last)
+    return DatasetBatches(dataset, order)
+
+
+class DatasetBatches:
+    """Batches of a map-style dataset: its items at the indices ``order`` (a
+    :class:`TensorBatches` of row numbers) gives, collated as a DataLoader collates them (row
+    by row: a TensorDataset's tensor, batched whole, is faster)."""
+
+    def __init__(self, dataset, order: TensorBatches):
+        self.dataset, self.order, self.sampler = dataset, order, order.sampler
+
+    def _rows(self) -> int:
+        return self.order._rows()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for indices in self.order:
+            yield default_collate([self.dataset[i] for i in indices.tolist()])
+
+
+def _shard_sampler(name: str, rows: int, model: nn.Module, shuffle: bool, seed: int):
+    """For a data-parallel model, the rows of this process's shard (of training data, equal
+    shards, padded: a DistributedSampler; of validation data every row once), else None."""
+    if not _data_parallel(model):
+        return None
+    if name == "validation_data":
+        # no padding: evaluation runs no collective per batch, so the shards may differ in
+        # length, and the mean over the set is exact
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        sampler = range(rank, tensor.shape[0], world)
-    elif _data_parallel(model):  # equal shards (padded), so that every process steps alike
-        sampler = DistributedSampler(range(tensor.shape[0]), shuffle=shuffle, seed=seed)
-    return TensorBatches(_resident(tensor, like.device), batch_size, shuffle, seed, sampler)
+        return range(rank, rows, world)
+    return DistributedSampler(range(rows), shuffle=shuffle, seed=seed)
 
 
 # Data that takes at most this share of a CUDA device's free memory moves there once, and each
@@ -356,7 +445,7 @@ def _check_finite_data(model: nn.Module, sources: dict) -> None:
     """Tensor data (and validation data) for one of fastae's models free of NaN and inf,
     which would make its loss NaN an epoch later: their extremes in one pass, one sync. A
     model of another package's (or the caller's) may read NaN as a missing value; batches a
-    DataLoader yields are not read ahead (a NaN there ends training with LossNotFinite)."""
+    DataLoader yields are checked as they arrive (:func:`_check_batch_values`), not ahead."""
     if not _own_model(model):
         return
     for name, tensor in sources.items():
@@ -440,29 +529,55 @@ def _on_device(
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name} must yield tensors (or tuples whose first item is one), got a batch of "
-            f"{type(x).__name__}"
+            f"{type(x).__name__}" + (_MAPPING_HINT if isinstance(x, Mapping) else "")
         )
     if x.dim() < 2:
         raise ValueError(
             f"{name} must yield batches of rows (2-D), got a batch of shape {tuple(x.shape)}: "
             "a dataset of single rows is batched by DataLoader(dataset, batch_size=...)"
         )
-    if in_unit_interval:
-        check_unit_interval(name, x, MODEL_BCE_ADVICE)
-    x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} yielded an empty batch, of shape {tuple(x.shape)}")
     if form is not None:
         like, in_features = form
         if x.dtype != like.dtype and not _checks.autocast_together(x, like):
             raise TypeError(
                 f"{name} must yield batches of the dtype of the model's parameters "
-                f"({like.dtype}), got a batch of {x.dtype}"
+                f"({like.dtype}), got a batch of {x.dtype}{_conversion_hint(x.dtype)}"
             )
         if x.shape[1:] != (in_features,):
             raise ValueError(
                 f"{name} must yield batches of {in_features} columns (the model's "
                 f"in_features), got a batch of shape {tuple(x.shape)}"
             )
+        if x.device.type == "cpu":
+            _check_batch_values(name, x, in_unit_interval)
+        elif in_unit_interval:
+            check_unit_interval(name, x, MODEL_BCE_ADVICE)
+    x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
     return x.clone() if x.is_inference() else x
+
+
+def _conversion_hint(dtype: torch.dtype) -> str:
+    """How to convert batches of an integer or bool ``dtype`` (images of 8-bit pixels)."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return ""
+    return " (convert it, and rescale 8-bit pixels: x.float() / 255)"
+
+
+def _check_batch_values(name: str, x: torch.Tensor, in_unit_interval: bool) -> None:
+    """A host batch for one of fastae's models free of NaN and inf (which would make the
+    epoch's loss NaN, each later step training on NaN weights) and, for a BCE model's,
+    in [0, 1]: the extremes in one pass, no device sync."""
+    lo, hi = torch.aminmax(x.detach())
+    bounds = torch.stack([lo.double(), hi.double()]).tolist()
+    if not all(math.isfinite(bound) for bound in bounds):
+        raise ValueError(
+            f"{name} yielded a batch holding NaN or inf: training on it makes the loss NaN; "
+            "drop or impute those values first"
+        )
+    if in_unit_interval and not (bounds[0] >= 0 and bounds[1] <= 1):
+        check_unit_interval(name, x, MODEL_BCE_ADVICE)  # raises, saying so
 
 
 def _global_mean(name: str, total: torch.Tensor, count: int, parallel: bool) -> float:
@@ -548,6 +663,8 @@ class LossNotFinite(FloatingPointError):
 def _asked_to_stop(answer, device: torch.device, parallel: bool) -> bool:
     """Whether a callback's ``answer`` stops training; data-parallel, whether any process's
     does (one all-reduce), so that all stop at the same epoch."""
+    if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+        answer = bool(answer)  # a comparison of tensor losses
     if answer is not None and not isinstance(answer, (bool, np.bool_)):
         _checks.warn_caller(
             f"callback returned {answer!r} ({type(answer).__name__}), not True, False or None: "
@@ -631,24 +748,30 @@ def fit(
     scheduler=None,
     callback=None,
     max_grad_norm: float | None = None,
+    drop_last: bool = False,
 ) -> History:
     """Train ``model`` (whose forward returns an object with ``.loss``) on ``data`` for at most
     ``epochs`` passes, stepping ``optimizer`` (by default Adam at ``lr``) once a minibatch
-    (of tensor or array data, ``batch_size`` rows, 128 where None; an epoch's last batch holds
-    the rest).
+    (of tensor, array or Dataset data, ``batch_size`` rows, 128 where None; an epoch's last
+    batch holds the rest, or is dropped with ``drop_last``, where it is shorter: a BatchNorm
+    layer cannot train on a batch of one row).
 
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (or array-likes, as a pandas
     DataFrame, read as the array ``np.asarray`` makes; batched here; the training
     rows reshuffled every epoch, by a generator seeded from ``seed``, unless ``shuffle`` is
-    False) or any iterable of batches but a tuple (a DataLoader or
-    a list; a batch may be a tensor or a tuple whose first item is the input, the model
-    reconstructing it: its other items, labels or targets, are not read. A tuple of
-    tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is passed
-    here; batches of the caller's come as they are: ``batch_size`` and ``shuffle`` given
-    for them alone are an error, not dropped). Batches move to the model's device:
+    False), a map-style ``torch.utils.data.Dataset`` (batched and shuffled alike, its items
+    collated row by row as a DataLoader collates them; a ``TensorDataset``'s first tensor is
+    batched as tensor data is, whole) or any iterable of batches but a tuple (a DataLoader,
+    an IterableDataset or a list; a batch may be a tensor or a tuple whose first item is the
+    input, the model reconstructing it: its other items, labels or targets, are not read. A
+    tuple of tensors as ``data`` is refused, as it would be Keras's (x, x), whose x alone is
+    passed here; batches of the caller's come as they are: ``batch_size``, ``shuffle`` and
+    ``drop_last`` given for them alone are an error, not dropped). Batches move to the
+    model's device:
     tensor or array data on the host moves to a CUDA model's GPU once, if it takes at most a
     quarter of the free GPU memory (batches are then gathered there), else batch by batch.
-    Numpy arrays take the model's dtype (converted once; a masked array must mask nothing, a
+    Numpy arrays take the model's dtype (converted once, not rescaled: divide 8-bit pixels by
+    255 first; a masked array must mask nothing, a
     read-only one is shared with fastae's models, which never write to their input, and
     copied for others), tensors must already have it; both
     are read detached (a tensor that requires grad gets none; the training batches of data
@@ -803,19 +926,27 @@ def fit(
         # of row i of every process's batch would be the same
         seed_torch((seed + rank) % 2**64, like.device)
     data, validation_data = _plain_array(data), _plain_array(validation_data)
-    batch_size, shuffle = _batching(data, validation_data, batch_size, shuffle)
+    drop_last = _checks.flag("drop_last", drop_last)
+    batch_size, shuffle = _batching(data, validation_data, batch_size, shuffle, drop_last)
     # the shuffling seed, drawn only where tensor data is shuffled (an unused draw would
     # shift the noise drawn after it, and a run resumed from a checkpoint with it), and
     # process 0's on every process: a DistributedSampler's shards are disjoint only where all
     # processes shuffle alike
     shuffle_seed = 0 if seed is None else seed
-    if shuffle and isinstance(data, (torch.Tensor, np.ndarray)):
+    if shuffle and _batched_here(data):
         shuffle_seed = _from_process_zero(
             draw_seed() if seed is None else seed, like.device, parallel
         )
     if validation_split is not None:
         data, validation_data = _split_off(data, validation_data, validation_split)
-    train = _batches("data", data, model, batch_size, shuffle, shuffle_seed)
+    train = _batches("data", data, model, batch_size, shuffle, shuffle_seed, drop_last)
+    if drop_last and len(train) == 0:
+        rows = train._rows()
+        raise ValueError(
+            f"drop_last=True with batch_size={batch_size} leaves no batch of data's {rows} rows"
+            + (" (this process's shard)" if parallel else "")
+            + " to train on: lower batch_size"
+        )
     val = None
     if validation_data is not None:
         val = _batches("validation_data", validation_data, model, batch_size, False, 0)
@@ -968,21 +1099,26 @@ def fit(
 DEFAULT_BATCH_SIZE = 128
 
 
-def _batching(data, validation_data, batch_size, shuffle) -> tuple[int, bool]:
+def _batched_here(data) -> bool:
+    """Whether fit batches ``data``: a tensor, an array or a map-style Dataset."""
+    return isinstance(data, (torch.Tensor, np.ndarray)) or _map_style(data)
+
+
+def _batching(data, validation_data, batch_size, shuffle, drop_last) -> tuple[int, bool]:
     """``batch_size`` (128 where None) and ``shuffle`` (True where None), which apply to the
-    tensor or array data fit batches: given for batches of the caller's alone (a DataLoader
-    batches and shuffles as it was built), either would be dropped, so it is an error."""
-    arrays = (torch.Tensor, np.ndarray)
-    if shuffle is not None and not isinstance(data, arrays):
+    tensor, array or Dataset data fit batches, as ``drop_last`` does: given for batches of the
+    caller's alone (a DataLoader batches and shuffles as it was built), any would be dropped,
+    so it is an error."""
+    for option, given in (("shuffle", shuffle is not None), ("drop_last", drop_last)):
+        if given and not _batched_here(data):
+            raise ValueError(
+                f"{option} applies to tensor, array or Dataset data, which fit batches; "
+                f"{type(data).__name__} data is taken as it comes (a DataLoader batches and "
+                f"shuffles as built: {option}=True there)"
+            )
+    if batch_size is not None and not (_batched_here(data) or _batched_here(validation_data)):
         raise ValueError(
-            f"shuffle applies to tensor or array data, which fit batches; {type(data).__name__} "
-            "data is taken as it comes (a DataLoader shuffles as built: shuffle=True there)"
-        )
-    if batch_size is not None and not (
-        isinstance(data, arrays) or isinstance(validation_data, arrays)
-    ):
-        raise ValueError(
-            f"batch_size applies to tensor or array data, which fit batches; "
+            f"batch_size applies to tensor, array or Dataset data, which fit batches; "
             f"{type(data).__name__} data is taken as it comes (a DataLoader batches as built)"
         )
     return (
@@ -1015,8 +1151,11 @@ def _check_callback(callback) -> None:
 
 def _plain_array(data):
     """An array-like that is not a tensor, array or DataLoader (a pandas or polars DataFrame,
-    whose iteration yields its column names) as the numpy array it holds; anything else as
-    given."""
+    whose iteration yields its column names) as the numpy array it holds, a TensorDataset as
+    its first tensor (the input: the labels beside it are not read; batched whole, not
+    collated row by row); anything else as given."""
+    if type(data) is TensorDataset and data.tensors:
+        return data.tensors[0]
     if hasattr(data, "__array__") and not isinstance(data, (torch.Tensor, np.ndarray, DataLoader)):
         return np.asarray(data)
     return data

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import fastae
 from fastae import ops
@@ -583,20 +583,48 @@ def test_fit_says_why_batches_may_hold_no_rows():
 
 
 def test_fit_refuses_batching_options_its_batches_would_drop():
-    """batch_size and shuffle apply to the tensor data fit batches: given for a DataLoader's
-    (or a list's) batches alone they are errors; batch_size batches tensor validation data
-    beside them."""
+    """batch_size, shuffle and drop_last apply to the tensor, array or Dataset data fit
+    batches: given for a DataLoader's (or a list's) batches alone they are errors; batch_size
+    batches tensor validation data beside them."""
     model, rows = fastae.Autoencoder(5, 3), torch.rand(16, 5)
     loader = DataLoader(TensorDataset(rows), batch_size=4)
-    for kwargs, name in [({"batch_size": 8}, "batch_size"), ({"shuffle": False}, "shuffle")]:
-        with pytest.raises(ValueError, match=names(name) + " applies to tensor or array data"):
+    applies = " applies to tensor, array or Dataset data"
+    for kwargs in [{"batch_size": 8}, {"shuffle": False}, {"drop_last": True}]:
+        with pytest.raises(ValueError, match=names(next(iter(kwargs))) + applies):
             fastae.fit(model, loader, epochs=1, progress=False, **kwargs)
-    with pytest.raises(ValueError, match=names("shuffle") + " applies to tensor or array data"):
+    with pytest.raises(ValueError, match=names("shuffle") + applies):
         fastae.fit(model, list(rows.split(4)), epochs=1, progress=False, shuffle=True)
     history = fastae.fit(
         model, loader, validation_data=rows, batch_size=8, epochs=1, progress=False
     )
     assert len(history.val_loss) == 1
+
+
+def test_fit_says_what_drop_last_leaves_and_which_datasets_it_reads():
+    model, rows = fastae.Autoencoder(5, 3), torch.rand(10, 5)
+    before = copy.deepcopy(model.state_dict())
+    leaves = r"^drop_last=True with batch_size=16 leaves no batch of data's 10 rows to train on"
+    for data in (rows, rows.numpy(), TensorDataset(rows), Subset(TensorDataset(rows), range(10))):
+        with pytest.raises(ValueError, match=leaves):
+            fastae.fit(model, data, batch_size=16, drop_last=True, progress=False)
+    with pytest.raises(TypeError, match=names("drop_last") + " must be a bool, got int"):
+        fastae.fit(model, rows, drop_last=1, progress=False)
+
+    class Unsized(torch.utils.data.Dataset):
+        def __getitem__(self, index):
+            return rows[index]
+
+    with pytest.raises(TypeError, match=names("data") + " is a Unsized, a Dataset without __len__"):
+        fastae.fit(model, Unsized(), progress=False)
+    with pytest.raises(ValueError, match=names("validation_data") + " must have at least one row"):
+        fastae.fit(model, rows, validation_data=Subset(TensorDataset(rows), []), progress=False)
+    with pytest.raises(TypeError, match=names("data") + " must be a tensor, numpy array, Dataset,"):
+        fastae.fit(model, {"x": rows}, progress=False)
+    pixels = r"got torch.uint8 \(convert it, and rescale 8-bit pixels: x.float\(\) / 255\)$"
+    with pytest.raises(TypeError, match=names("data") + r" must have the dtype .*" + pixels):
+        fastae.fit(model, (rows * 255).to(torch.uint8), progress=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 def test_fit_needs_a_model_with_parameters():
@@ -772,10 +800,15 @@ def test_autocast_mixing_float64_names_the_dtypes_as_passed():
 
 @pytest.mark.parametrize("where", ["training", "validation"])
 def test_fit_stops_at_a_non_finite_loss(where):
-    """A NaN in batches a DataLoader yields (not read ahead, and MSE lets it through) makes
-    the epoch's loss NaN: fit raises, naming the loss and the epoch, instead of training on
-    and reporting NaN."""
-    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    """A NaN in batches a DataLoader yields to a model of the caller's (whose batches fit
+    does not check: it may read NaN as missing; MSE lets it through) makes the epoch's loss
+    NaN: fit raises, naming the loss and the epoch, instead of training on and reporting
+    NaN."""
+
+    class Mine(fastae.Autoencoder):
+        pass
+
+    model = Mine(5, 3, output="identity", loss="mse")
     data, val = torch.rand(32, 5), torch.rand(8, 5)
     (data if where == "training" else val)[3, 2] = math.nan
     loaders = [DataLoader(TensorDataset(t), batch_size=8) for t in (data, val)]
@@ -787,9 +820,35 @@ def test_fit_stops_at_a_non_finite_loss(where):
     assert math.isnan((history.loss if where == "training" else history.val_loss)[-1])
     assert error.value.restored_epoch is None  # no validation data kept a best epoch
     data[3, 2], val[3, 2] = math.inf, 0.5
-    model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+    model = Mine(5, 3, output="identity", loss="mse")
     with pytest.raises(FloatingPointError, match="^the training loss is (nan|inf) in epoch 1"):
         fastae.fit(model, loaders[0], validation_data=val, epochs=3, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+@pytest.mark.parametrize("where", ["data", "validation_data"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_fit_refuses_a_batch_with_nan_or_inf_before_its_step(loss, where, value):
+    """A DataLoader's batch for one of fastae's models is checked on the host as it arrives
+    (no device sync), before the step it would poison: the batch before it trains, none after.
+    """
+    output = "sigmoid" if loss == "bce" else "identity"
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(5, 3, output=output, loss=loss)
+    expected = copy.deepcopy(model)
+    rows = {"data": torch.rand(32, 5), "validation_data": torch.rand(16, 5)}
+    rows[where][9, 2] = value  # in the second batch of data, or the second of validation_data
+    loaders = {name: DataLoader(t, batch_size=8) for name, t in rows.items()}
+    with pytest.raises(
+        ValueError, match=rf"^{where} yielded a batch holding NaN or inf: training on it makes"
+    ):
+        fastae.fit(model, loaders["data"], validation_data=loaders["validation_data"],
+                   epochs=2, progress=False)  # fmt: skip
+    # the first batch's step; for validation_data, the first epoch's four (validation follows)
+    trained = list(rows["data"].split(8))[: 1 if where == "data" else 4]
+    fastae.fit(expected, trained, epochs=1, progress=False)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, expected.state_dict()[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("loss", ["mse", "bce"])
@@ -959,13 +1018,25 @@ def test_fit_names_batches_that_are_not_tensors_of_rows(where):
     message = rf"^{where} must yield batches of rows \(2-D\), got a batch of shape \(5,\): "
     with pytest.raises(ValueError, match=message + r".*DataLoader\(dataset, batch_size=\.\.\.\)$"):
         fit(list(rows))  # single rows
-    with pytest.raises(TypeError, match=rf"^{where} must yield tensors .*, got a batch of dict$"):
+    dicts = r"its batches are dicts; pass each one's input tensor \(batch\['x'\]\), or give a "
+    with pytest.raises(TypeError, match=rf"^{where} must yield tensors .*, got a batch of dict: "):
         fit(DataLoader([{"x": row} for row in rows], batch_size=4))
+    with pytest.raises(TypeError, match=rf"^{where} as a list must hold batch tensors .*: {dicts}"):
+        fit([{"x": rows}])
     message = rf"^{where} must yield batches of the dtype of the model's parameters "
     with pytest.raises(
         TypeError, match=message + r"\(torch.float32\), got a batch of torch.float64$"
     ):
         fit(DataLoader(TensorDataset(rows.double()), batch_size=4))
+    # the dtype is named before the values are checked (8-bit pixels lie outside [0, 1])
+    pixels = (rows * 255).to(torch.uint8)
+    scale = r" \(convert it, and rescale 8-bit pixels: x.float\(\) / 255\)$"
+    with pytest.raises(
+        TypeError, match=message + r"\(torch.float32\), got a batch of torch.uint8" + scale
+    ):
+        fit(DataLoader(pixels, batch_size=4))
+    with pytest.raises(ValueError, match=rf"^{where} yielded an empty batch, of shape \(0, 5\)$"):
+        fit([rows[:8], rows[:0]])
     message = rf"^{where} must yield batches of 5 columns \(the model's in_features\), got a "
     with pytest.raises(ValueError, match=message + r"batch of shape \(8, 4\)$"):
         fit([rows[:8, :4]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import fastae
 from fastae import ops
@@ -367,14 +367,50 @@ def test_fit_dataloader_numpy_and_list_inputs():
     kwargs = dict(epochs=3, lr=0.03, seed=1, progress=False)
     batching = dict(shuffle=False, batch_size=16)  # of the tensor data fit batches itself
     histories = []
+    dataset = Subset(TensorDataset(data), range(len(data)))  # collated row by row
     for source, more in ((loader, {}), (numpy_data, batching), (list(data.split(16)), {}),
-                         (data, batching)):  # fmt: skip
+                         (data, batching), (TensorDataset(data), batching),
+                         (dataset, batching)):  # fmt: skip
         model = new_model(seed=3)
         histories.append(fastae.fit(model, source, **kwargs, **more).loss)
     assert histories[0][-1] < histories[0][0]
     # the same batches in the same order: identical training whatever the container
     for other in histories[1:]:
         assert other == pytest.approx(histories[0], rel=1e-6)
+
+
+def test_fit_shuffles_and_drops_a_dataset_as_it_does_a_tensor():
+    """A map-style Dataset is batched as tensor data is: the same permutation an epoch from
+    the same seed, and with drop_last the same shorter last batch left out (here 100 rows in
+    batches of 16: 96 rows an epoch)."""
+    data = small_problem(n=100)
+    dataset = Subset(TensorDataset(data), range(len(data)))
+    kwargs = dict(epochs=3, lr=0.03, seed=1, progress=False, batch_size=16)
+    for more in ({}, {"drop_last": True}):
+        losses = [fastae.fit(new_model(seed=3), source, **kwargs, **more).loss
+                  for source in (data, TensorDataset(data), dataset)]  # fmt: skip
+        assert losses[1] == losses[0] and losses[2] == pytest.approx(losses[0], rel=1e-6)
+    ordered = dict(kwargs, shuffle=False)
+    dropped = fastae.fit(new_model(seed=3), data, drop_last=True, **ordered).loss
+    assert dropped == fastae.fit(new_model(seed=3), data[:96], **ordered).loss
+    assert dropped != fastae.fit(new_model(seed=3), data, **ordered).loss
+
+
+def test_fit_drop_last_spares_batch_norm_a_batch_of_one_row():
+    class Normalized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.BatchNorm1d(3))
+            self.decoder = torch.nn.Linear(3, 6)
+
+        def forward(self, x):
+            return SimpleNamespace(loss=(self.decoder(self.encoder(x)) - x).pow(2).mean())
+
+    rows = torch.rand(129, 6)  # batches of 128 leave one row
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fastae.fit(Normalized(), rows, epochs=1, progress=False)
+    history = fastae.fit(Normalized(), rows, epochs=2, drop_last=True, progress=False)
+    assert len(history.loss) == 2 and all(math.isfinite(loss) for loss in history.loss)
 
 
 @pytest.mark.parametrize("container", ["tensor", "list"])
@@ -932,6 +968,10 @@ def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
         logged = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: 7, **kwargs)
     assert {w.filename for w in got} == {__file__}  # the caller's line
     assert len(logged.loss) == 3 and not logged.stopped_early
+    # a comparison of tensor losses, a 0-d bool tensor, answers as True and False do
+    asked = fastae.fit(new_model(), data, epochs=5, callback=lambda e, _: torch.tensor(e) >= 2,
+                       **kwargs)  # fmt: skip
+    assert len(asked.loss) == 2 and asked.stopped_early
     with pytest.raises(TypeError, match=r"^callback must be callable or None, got str"):
         fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
     model = new_model()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Subset, TensorDataset
 
 import fastae
 from fastae.modules import StackModule
@@ -531,6 +531,19 @@ def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
         torch.distributed.all_gather_object(records, (*record, whole, only))
         if rank == 0:
             torch.save(records, result_path + ".val")
+        # a map-style Dataset is sharded, shuffled and validated as tensor data is
+        sourced = []
+        for source in (x, Subset(TensorDataset(x), range(len(x)))):
+            torch.manual_seed(3)
+            net = fastae.Autoencoder(x.shape[1], 5)
+            history = fastae.fit(
+                torch.nn.parallel.DistributedDataParallel(net), source, validation_data=source,
+                epochs=2, batch_size=3, seed=0, progress=False, drop_last=True,
+            )  # fmt: skip
+            flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+            sourced.append((history.loss, history.val_loss, flat))
+        if rank == 0:
+            torch.save(sourced, result_path + ".dataset")
         # fit(seed=s) seeds process r with s + r: masks differ across processes, repeatably
         # (a probe drawn after fit shows the generator's state); without a seed, every
         # process shuffles with process 0's seed, whatever the generators hold
@@ -638,6 +651,12 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
     assert len(shuffle_0) == 2 and shuffle_0 == shuffle_1 and shuffle_0[1] == 5
+    (tensor_loss, tensor_val, tensor_params), (dataset_loss, dataset_val, dataset_params) = (
+        torch.load(result + ".dataset", weights_only=True)
+    )
+    assert dataset_loss == pytest.approx(tensor_loss, rel=1e-6)
+    assert dataset_val == pytest.approx(tensor_val, rel=1e-6)
+    torch.testing.assert_close(dataset_params, tensor_params, rtol=1e-5, atol=1e-7)
     for refused in (refused_0, refused_1):
         assert len(refused) == 3
         assert all(r.startswith("data differs between the processes (") for r in refused[:2])
