@@ -398,6 +398,20 @@ def _oracle_per_sample(model, x, z=None):
     return reconstruction, kl
 
 
+def test_eval_mode_gradients_match_a_float64_oracle():
+    """Gradients of the eval-mode negative ELBO (z = mu; an anomaly score's saliency), into
+    the input and every layer, are autograd's through the plain-torch oracle."""
+    torch.manual_seed(0)
+    model = fastae.VAE(10, 7, 3).double().eval()
+    x = torch.rand(6, 10, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *model.parameters()]
+    got = torch.autograd.grad(model(x).per_sample.sum(), inputs)
+    reconstruction, kl = _oracle_per_sample(model, x)
+    want = torch.autograd.grad((reconstruction + kl).sum(), inputs)
+    for name, grad, expected in zip(["x", *dict(model.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(grad, expected, msg=name)
+
+
 def test_deep_vae_matches_a_float64_oracle():
     model = fastae.VAE(10, (8, 7, 5), 3, beta=0.5).double()
     assert model.hidden == model.hidden_sizes == (8, 7, 5)
@@ -553,6 +567,10 @@ def test_sample_and_decode():
     assert samples.shape == (7, 16) and torch.equal(samples, again)
     assert ((samples >= 0) & (samples <= 1)).all() and not samples.requires_grad
     assert model.decode(torch.zeros(3, 2)).shape == (3, 16)
+    # the prior's draws, z ~ N(0, I) from the generator, decoded as they are (a scaled or
+    # shifted z gives other pixels, by about 0.09 here)
+    z = torch.randn(7, 2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(samples, model.decode(z))
 
 
 @pytest.mark.cuda
