@@ -55,6 +55,29 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[_START] = time.monotonic()
+    config.stash[_CHOSEN] = _chosen(config)
+
+
+def _chosen(config) -> dict:
+    """The device and the sizes, dtypes and providers to run, from the options (their
+    defaults on that device); a usage error naming the option of a bad one."""
+    try:
+        device = fb.parse_device(config.getoption("--fastae-device"), "--fastae-device")
+        sizes = config.getoption("--fastae-sizes") or fb.default_sizes(device)
+        dtypes = config.getoption("--fastae-dtypes") or fb.default_dtypes(device)
+        providers = config.getoption("--fastae-providers") or fb.default_providers(device)
+        chosen = {
+            "device": device,
+            "size": fb.parse_sizes(sizes, "--fastae-sizes"),
+            "dtype": fb.parse_list(dtypes, fb.DTYPES, "--fastae-dtypes"),
+            "provider": fb.parse_list(providers, fb.ALL_PROVIDERS, "--fastae-providers"),
+        }
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    budget = config.getoption("--fastae-budget-s")
+    if budget is not None and not budget > 0:
+        raise pytest.UsageError(f"--fastae-budget-s must be a positive number, got {budget:g}")
+    return chosen
 
 
 def pytest_collection_modifyitems(config, items):
@@ -80,6 +103,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 _START = pytest.StashKey[float]()
+_CHOSEN = pytest.StashKey[dict]()
 _LAUNCH_US = pytest.StashKey["float | None"]()
 
 
@@ -90,21 +114,14 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def _device(config) -> str:
-    return config.getoption("--fastae-device") or fb.default_device()
+    return config.stash[_CHOSEN]["device"]
 
 
 def pytest_generate_tests(metafunc):
-    config = metafunc.config
-    device = _device(config)
-    if "size" in metafunc.fixturenames:
-        sizes = fb.parse_sizes(config.getoption("--fastae-sizes") or fb.default_sizes(device))
-        metafunc.parametrize("size", sizes, ids=str)
-    if "dtype" in metafunc.fixturenames:
-        dtypes = config.getoption("--fastae-dtypes") or fb.default_dtypes(device)
-        metafunc.parametrize("dtype", fb.parse_list(dtypes, fb.DTYPES, "--fastae-dtypes"))
-    if "provider" in metafunc.fixturenames:
-        providers = config.getoption("--fastae-providers") or fb.default_providers(device)
-        metafunc.parametrize("provider", fb.parse_list(providers, fb.ALL_PROVIDERS, "providers"))
+    chosen = metafunc.config.stash[_CHOSEN]
+    for name in ("size", "dtype", "provider"):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, chosen[name], ids=str)
 
 
 @pytest.fixture
@@ -114,9 +131,7 @@ def device(request) -> str:
 
 @pytest.fixture
 def first_dtype(request) -> str:
-    device = _device(request.config)
-    dtypes = request.config.getoption("--fastae-dtypes") or fb.default_dtypes(device)
-    return fb.parse_list(dtypes, fb.DTYPES, "--fastae-dtypes")[0]
+    return request.config.stash[_CHOSEN]["dtype"][0]
 
 
 @pytest.fixture

@@ -176,8 +176,22 @@ def main(argv: list[str] | None = None) -> int:
         "pool, waking on a loaded machine, swings them by milliseconds)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    cases = fb.parse_list(args.cases, fb.CASES, "cases")
-    size = fb.Size.parse(args.size)
+    try:
+        cases = fb.parse_list(args.cases, fb.CASES, "--cases")
+        size = fb.Size.parse(args.size, "--size")
+    except ValueError as error:
+        parser.error(str(error))
+    if args.backend != "triton" and not (args.routes or args.deep):
+        # the reference backend launches nothing (its time beside eager's is what
+        # python -m fastae bench --device cpu measures)
+        parser.error(
+            f"--backend {args.backend} needs --routes or --deep: without them the cases time "
+            "fastae's launches with the kernels stubbed"
+        )
+    if args.routes:
+        for case in cases:
+            if case not in fb.STEPS:
+                parser.error(f"--routes times training steps, got --cases {case}")
     torch.set_num_threads(args.threads)
     stub_kernels()
     if args.deep:
@@ -191,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.routes:
         for case in cases:
-            if case not in fb.STEPS:
-                parser.error(f"--routes times training steps, got {case!r}")
             routes = time_routes(case, size, args.rounds, args.calls, args.backend)
             for name, means in routes.items():
                 print(

@@ -148,11 +148,17 @@ def finish_times(device: str = "cuda") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="4096x784x1024,4096x784x1000,8192x4096x4096")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "tf32", "fp32"))
     parser.add_argument("--finish", action="store_true", help="the finishing kernel alone")
     args = parser.parse_args(argv)
+    try:
+        sizes = fb.parse_sizes(args.sizes, "--sizes")
+    except ValueError as error:
+        parser.error(str(error))
     if not torch.cuda.is_available():
         print("kernel_times: needs CUDA", file=sys.stderr)
         return 1
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FASTAE_ENCODER_FUSION"] = os.environ["FASTAE_DECODER_FUSION"] = "gemm"
     dtype, precision = fb.DTYPES[args.dtype]
     with fb.matmul_precision(precision):
-        for size in fb.parse_sizes(args.sizes):
+        for size in sizes:
             for name, fn in variants(size, dtype).items():
                 us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
                 print(f"{size} {args.dtype} {name:36s} {us:9.1f} us", flush=True)

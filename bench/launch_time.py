@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         "pool, waking on a loaded machine, swings them by milliseconds)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    cases = fb.parse_list(args.cases, fb.CASES, "cases")
-    size = fb.Size.parse(args.size)
+    try:
+        cases = fb.parse_list(args.cases, fb.CASES, "--cases")
+        size = fb.Size.parse(args.size, "--size")
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     # the triton backend on CPU tensors: their data pointers reach the stand-in driver only
     backend._triton_can_run = lambda device: (True, "")

@@ -20,11 +20,33 @@ from pathlib import Path
 from fastae import benchmark as fb
 
 
+class BadInput(ValueError):
+    """A JSON file that holds no benchmark run."""
+
+
+def read_run(path: str) -> dict:
+    """The JSON object in ``path``, checked to be a benchmark run (BadInput naming the file)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadInput(f"{path}: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise BadInput(f"{path}: not the JSON of a benchmark run (an object with 'benchmarks')")
+    return data
+
+
 def load(paths: list[str]) -> list[dict]:
+    """The records of every file, each with its ``source`` (the file's name): ratios between
+    records of different files are marked as such (fb.ratio_table)."""
     records = []
     for path in paths:
-        with open(path) as f:
-            records += fb.records_from_json(json.load(f))
+        found = fb.records_from_json(read_run(path))
+        for record in found:
+            if "provider" not in record:
+                raise BadInput(f"{path}: a record of case {record['case']!r} has no provider")
+            record["source"] = str(path)
+        records += found
     return records
 
 
@@ -33,8 +55,7 @@ def run_lines(paths: list[str]) -> list[str]:
     where its machine_info holds them, the run's conditions (fb.run_conditions)."""
     lines = []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = read_run(path)
         info = data.get("machine_info") or {}
         commit = (data.get("commit_info") or {}).get("id")
         parts = [f"commit {commit[:7]}"] if commit else []
@@ -178,14 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", nargs="+", help="benchmark JSON file(s)")
     parser.add_argument("--out", default=".", help="folder for SUMMARY.md and speedup.png")
     args = parser.parse_args(argv)
-    paths = [p for p in args.json if Path(p).is_file()]
-    for missing in sorted(set(args.json) - set(paths)):
-        print(f"no such file: {missing}", file=sys.stderr)
-    records = load(paths)
+    missing = [p for p in args.json if not Path(p).is_file()]
+    if missing:
+        parser.error(f"json: no such file: {', '.join(missing)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    try:
+        records = load(args.json)
+    except BadInput as error:
+        parser.error(f"json: {error}")
+    paths = args.json
     if not records:
         print("no fastae benchmark records found", file=sys.stderr)
         return 1
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "SUMMARY.md").write_text(summary_markdown(records, paths))
     charted = bar_chart(records, out / "speedup.png")

@@ -60,7 +60,7 @@ def measure(lr: float, seed: int, x, y, split) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lrs", default="1e-2,3e-3,1e-3")
     parser.add_argument("--seeds", default="0,1,2,3")
     args = parser.parse_args(argv)

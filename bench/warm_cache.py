@@ -19,7 +19,20 @@ import os
 import sys
 import time
 
+import torch
+
 from fastae import benchmark as fb
+
+# What else the suite's options (gpu_check.sh's BENCH_ARGS) may hold, read by pytest and
+# ignored here: pytest-benchmark's --benchmark-*, pytest's short options (-k EXPR, -m EXPR, -x,
+# -q, -p NAME, -rfE; this script has none of its own), these long ones, and the values and
+# test paths that follow them (words without a leading dash).
+PYTEST_LONG_OPTIONS = (
+    "--maxfail", "--exitfirst", "--tb", "--durations", "--co", "--collect-only", "--lf", "--ff",
+    "--last-failed", "--failed-first", "--strict-markers", "--deselect", "--ignore", "--timeout",
+    "--import-mode", "--rootdir", "--override-ini", "--verbose", "--quiet", "--capture",
+    "--color", "--showlocals", "--junitxml", "--runxfail",
+)  # fmt: skip
 
 
 def _launch_each_candidate_once(kernel_call, quantiles):
@@ -54,24 +67,40 @@ def jobs(args: argparse.Namespace) -> list[tuple]:
     """One job per (case, dtype) for the fastae providers and one for compile, in the order of
     a benchmark run (fb.CASE_ORDER): a job's providers share kernels, so one process compiles
     them once."""
-    sizes = tuple(fb.parse_sizes(args.sizes))
-    fastae = [p for p in fb.VARIANTS if p in args.providers.split(",")]
+    sizes = tuple(fb.parse_sizes(args.sizes, "--sizes"))
+    providers = fb.parse_list(args.providers, fb.ALL_PROVIDERS, "--providers")
+    fastae = [p for p in fb.VARIANTS if p in providers]
+    scope = getattr(args, "compile_cases", None) or "all"  # the suite's default on CUDA
+    compiled = {"all": fb.CASES, "steps": fb.STEPS, "none": ()}[scope]
     out = []
     for dtype in fb.parse_list(args.dtypes, fb.DTYPES, "--dtypes"):
         for case in fb.CASE_ORDER:
             mine = tuple(p for p in fastae if not fb.unavailable(p, args.device, case))
             if mine:
                 out.append((case, dtype, mine, sizes, args.device))
-            if "compile" in args.providers.split(","):
+            if "compile" in providers and case in compiled:
                 out.append((case, dtype, ("compile",), sizes, args.device))
     return out
+
+
+def _not_the_suites(extras: list[str]) -> list[str]:
+    """The options among ``extras`` (what this parser did not know) that are not the suite's
+    (see PYTEST_LONG_OPTIONS): misspelled, or meant for another tool."""
+    return [
+        extra
+        for extra in extras
+        if extra.startswith("--")
+        and not extra.startswith("--benchmark-")
+        and extra.split("=", 1)[0] not in PYTEST_LONG_OPTIONS
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The benchmark suite's --fastae-* spellings are accepted, and its other options "
-        "ignored, so one set of options serves both.",
+        epilog="The benchmark suite's --fastae-* spellings are accepted, and its pytest options "
+        "(--benchmark-*, -k EXPR, -x, ...) ignored, so one set of options serves both; other "
+        "options are errors.",
     )
     parser.add_argument("--device", "--fastae-device", default="cuda")
     parser.add_argument("--sizes", "--fastae-sizes", default="lean", help="as --fastae-sizes")
@@ -84,12 +113,36 @@ def main(argv: list[str] | None = None) -> int:
         default="compile,fastae,fastae_gemm,fastae_split,fastae_regenerate",
         help="which to warm (eager and floor compile nothing)",
     )
-    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)))
+    parser.add_argument(
+        "--fastae-compile-cases",
+        dest="compile_cases",
+        choices=("all", "steps", "none"),
+        default=None,
+        help="as the suite's: which cases to warm compile for (default: all)",
+    )
+    parser.add_argument("--fastae-budget-s", help="the suite's: ignored (see --budget-s)")
+    parser.add_argument(
+        "--workers", type=fb.positive_int, default=max(1, min(8, (os.cpu_count() or 2) - 2))
+    )
     parser.add_argument(
         "--budget-s", type=float, default=None, help="stop waiting for jobs after this long"
     )
-    args, _ = parser.parse_known_args(argv)
-    todo = jobs(args)
+    args, extras = parser.parse_known_args(argv)
+    unknown = _not_the_suites(extras)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be a positive number of seconds, got {args.budget_s:g}")
+    try:
+        args.device = fb.parse_device(args.device, "--device")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}, but CUDA is not available")
+        todo = jobs(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if not todo:
+        print(f"nothing to warm: none of the providers compiles on {args.device}", flush=True)
+        return 0
     print(f"warming {len(todo)} jobs in {args.workers} processes", flush=True)
     start = time.monotonic()
     context = multiprocessing.get_context("spawn")

@@ -1023,8 +1023,25 @@ def _over(slow: dict | None, fast: dict | None) -> float | None:
     return slow["median_s"] / fast["median_s"]
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}x"
+def _ratio(value: float | None, *records: dict | None) -> str:
+    """``value`` as a ratio, marked ``*`` where ``records`` (those it divides) come from
+    different runs (their ``source``, the JSON file each was read from)."""
+    if value is None:
+        return "-"
+    return f"{value:.3g}x" + ("*" if _across_runs(*records) else "")
+
+
+def _across_runs(*records: dict | None) -> bool:
+    return len({record.get("source") for record in records if record}) > 1
+
+
+def _vs(row: dict, other: str) -> str:
+    """``other``'s time over fastae's in ``row``, as a ratio (:func:`_ratio`)."""
+    providers = row["providers"]
+    return _ratio(speedup(row, other), providers.get(other), providers.get("fastae"))
+
+
+ACROSS_RUNS_NOTE = "*: the two times come from different runs (JSON files), not side by side"
 
 
 def ratio_table(records: Iterable[dict], markdown: bool = False, compact: bool = False) -> str:
@@ -1056,20 +1073,24 @@ def ratio_table(records: Iterable[dict], markdown: bool = False, compact: bool =
         cells = [first["case"], first.get("size", ""), first.get("dtype", "")]
         cells.append(first.get("matmul_precision", ""))
         cells += [_ms(prov.get(p)) for p in PROVIDERS]
-        cells += [_ratio(speedup(row, "eager")), _ratio(speedup(row, "compile"))]
+        cells += [_vs(row, "eager"), _vs(row, "compile")]
         if with_jacrev:
-            cells += [_ms(prov.get(JACREV)), _ratio(speedup(row, JACREV))]
+            cells += [_ms(prov.get(JACREV)), _vs(row, JACREV)]
         for variant in variants:
-            cells += [_ms(prov.get(variant)), _ratio(speedup(row, variant))]
+            cells += [_ms(prov.get(variant)), _vs(row, variant)]
         if with_floor:
             floor = speedup(row, FLOOR)
-            cells += [_ms(prov.get(FLOOR)), _ratio(1 / floor if floor else None)]
+            over_floor = _ratio(1 / floor if floor else None, prov.get(FLOOR), prov.get("fastae"))
+            cells += [_ms(prov.get(FLOOR)), over_floor]
         if with_graphs:
-            graph = prov.get(GRAPH)
-            cells += [_ms(graph), _ratio(_over(prov.get("eager"), graph))]
-            cells += [_ms(prov.get(COMPILE_GRAPH)), _ratio(_over(prov.get(COMPILE_GRAPH), graph))]
+            graph, eager, compiled = prov.get(GRAPH), prov.get("eager"), prov.get(COMPILE_GRAPH)
+            cells += [_ms(graph), _ratio(_over(eager, graph), eager, graph)]
+            cells += [_ms(compiled), _ratio(_over(compiled, graph), compiled, graph)]
         lines.append(cells)
-    return _format(header, lines, markdown)
+    table = _format(header, lines, markdown)
+    if any(cell.endswith("x*") for cells in lines for cell in cells):
+        table += "\n\n" + ACROSS_RUNS_NOTE
+    return table
 
 
 def _mb(value: int | None) -> str:
@@ -1200,6 +1221,23 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def backends_line(records: Iterable[dict]) -> str:
+    """Which backends fastae's ops ran on in ``records``: on the CPU the reference's PyTorch
+    ops, so its times there are no measure of the kernels."""
+    backends = sorted(
+        {
+            backend
+            for record in records
+            if str(record.get("provider", "")).startswith("fastae")
+            for backend in (record.get("fastae_backends") or {}).values()
+        }
+    )
+    line = f"fastae's ops ran on: {', '.join(backends) or '-'}"
+    if backends == ["reference"]:
+        line += " (its PyTorch code; the Triton kernels run on CUDA devices)"
+    return line
 
 
 # what the ratio table's columns hold, printed under it
@@ -1344,7 +1382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
 
 
-def _check_writable_file(option: str, path: str) -> None:
+def check_writable_file(option: str, path: str) -> None:
     """ValueError unless ``path`` names a file that can be written (checked before the run:
     one that cannot would lose the results at its end)."""
     where = os.path.dirname(path) or "."
@@ -1402,7 +1440,7 @@ def run(args: argparse.Namespace) -> int:
         if args.rounds is not None and args.rounds < 1:
             raise ValueError(f"--rounds must be a positive int, got {args.rounds}")
         if args.json is not None:
-            _check_writable_file("--json", args.json)
+            check_writable_file("--json", args.json)
         if "deep" in cases:
             for size in sizes:
                 try:
@@ -1454,6 +1492,7 @@ def run(args: argparse.Namespace) -> int:
     if records:
         print(ratio_table(records))
         print(RATIO_LEGEND)
+        print(backends_line(records))
         if busy:
             print(busy, file=sys.stderr)
         if args.figures:

@@ -1,12 +1,14 @@
 """``python -m fastae bench``: the ratio table, the figures, and the eager baselines' math;
-``bench/warm_cache.py``: its jobs and a run of them."""
+``bench/warm_cache.py``: its jobs and a run of them; the bench scripts' options."""
 
 import argparse
 import importlib
+import importlib.util
 import io
 import json
 import os
 import re
+import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -57,6 +59,19 @@ def test_prints_ratio_table(bench_run):
     legend = lines.index(fb.RATIO_LEGEND)
     assert legend > max(lines.index(next(x for x in lines if x.startswith(c))) for c in CASES)
     assert "their ms over fastae's (above 1: fastae is faster)" in lines[legend]
+    # on the CPU fastae's ops run the reference's PyTorch code, and the run says so
+    assert lines[legend + 1] == (
+        "fastae's ops ran on: reference (its PyTorch code; the Triton kernels run on CUDA devices)"
+    )
+
+
+def test_the_backends_line_names_each_backend_of_fastaes_providers():
+    records = [
+        {"provider": "eager", "fastae_backends": {"encode": "ignored"}},
+        {"provider": "fastae", "fastae_backends": {"encode": "triton", "corrupt": "reference"}},
+        {"provider": fb.GEMM, "fastae_backends": {"encode": "triton"}},
+    ]
+    assert fb.backends_line(records) == "fastae's ops ran on: reference, triton"
 
 
 def test_a_busy_host_is_warned_of(monkeypatch):
@@ -76,7 +91,7 @@ def test_json_needs_the_file_writable_where_it_exists_else_its_folder(monkeypatc
     monkeypatch.setattr(fb.os, "access", lambda path, mode: asked.append(str(path)) or False)
     for path, checked in ((existing, existing), (tmp_path / "new.json", tmp_path)):
         with pytest.raises(ValueError, match=r"^--json .* is not writable"):
-            fb._check_writable_file("--json", str(path))
+            fb.check_writable_file("--json", str(path))
         assert asked[-1] == str(checked)
 
 
@@ -166,7 +181,8 @@ def test_a_size_too_large_for_the_memory_is_an_error_naming_it(error, monkeypatc
     with redirect_stdout(stdout), redirect_stderr(stderr):
         options = ["--cases", "plain", "--size", "8x4x2,9x4x2,10x4x2", "--json", str(saved)]
         assert cli.main(["bench", "--device", "cpu", *options]) == 2
-    assert len(calls) == 2 and stdout.getvalue() == f"table of 1\n{fb.RATIO_LEGEND}\n"
+    backends = "fastae's ops ran on: -"  # the stand-in records name none
+    assert len(calls) == 2 and stdout.getvalue() == f"table of 1\n{fb.RATIO_LEGEND}\n{backends}\n"
     assert json.loads(saved.read_text()) == {"records": 1}
     first_line = str(error).splitlines()[0]
     assert stderr.getvalue().endswith(
@@ -578,6 +594,67 @@ def test_summary_shows_where_the_gpu_time_goes(bench_run, tmp_path, monkeypatch)
     assert cells[9].startswith("a_long_kernel_name_a_long_kernel_name_a_long_...")
     assert "(x2)" in cells[9] and "; k " in cells[9]
     assert "| denoising" not in section  # no profile, no row
+
+
+def _load_summarize(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    return importlib.import_module("summarize")
+
+
+def test_summary_marks_ratios_across_runs(bench_run, tmp_path, monkeypatch):
+    """Ratios are side by side within one run: where two files hold one case's providers,
+    the ratio between them is marked and the note says why."""
+    _, records = bench_run
+    sparse = [r for r in records if r["case"] == "sparse"]
+    fastae_run = [r for r in sparse if r["provider"] == "fastae"]
+    eager_run = [r for r in sparse if r["provider"] == "eager"]
+    paths = []
+    for name, part in (("one.json", fastae_run), ("two.json", eager_run)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(fb.to_json(part, None)))
+    summarize = _load_summarize(monkeypatch)
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        assert summarize.main([*map(str, paths), "--out", str(tmp_path / "out")]) == 0
+    # the compact ratio table, printed last
+    row = [line for line in stdout.getvalue().splitlines() if line.startswith("sparse")][-1]
+    assert row.split()[7].endswith("x*")  # vs eager
+    assert fb.ACROSS_RUNS_NOTE in stdout.getvalue()
+    assert fb.ACROSS_RUNS_NOTE in (tmp_path / "out" / "SUMMARY.md").read_text()
+    # one file: no mark, no note
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps(fb.to_json(sparse, None)))
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        assert summarize.main([str(both), "--out", str(tmp_path / "out")]) == 0
+    assert "x*" not in stdout.getvalue() and fb.ACROSS_RUNS_NOTE not in stdout.getvalue()
+
+
+def test_summarize_names_a_bad_input_file(bench_run, tmp_path, monkeypatch, capsys):
+    _, records = bench_run
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(fb.to_json(records[:2], None)))
+    summarize = _load_summarize(monkeypatch)
+    no_provider = {"benchmarks": [{"extra_info": {"case": "plain"}, "stats": {"median": 1.0}}]}
+    bad = {
+        "{not json": "Expecting property name",
+        "[1, 2]": "not the JSON of a benchmark run",
+        json.dumps(no_provider): "a record of case 'plain' has no provider",
+    }
+    for text, says in bad.items():
+        path = tmp_path / "bad.json"
+        path.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            summarize.main([str(good), str(path), "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+        assert f"error: json: {path}: {says}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        summarize.main([str(good), str(tmp_path / "missing.json")])
+    assert f"json: no such file: {tmp_path / 'missing.json'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        summarize.main([str(good), "--out", str(good)])
+    assert f"--out {good} is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written on any refusal
 
 
 def test_summary_lists_the_run_conditions(bench_run, tmp_path, monkeypatch):
@@ -1011,3 +1088,249 @@ def test_the_launch_probe_times_a_launch_on_cuda():
     conditions = fb.run_conditions("cuda", before)
     assert 0 < before < 1e3 and 0 < conditions["launch_us_at_end"] < 1e3
     assert conditions["launch_us_before_profiling"] == before
+
+
+# ----------------------------------------------------------------------------- the scripts' options
+
+
+def _bench_script(monkeypatch, name: str):
+    """bench/<name>.py as a module."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    return importlib.import_module(name)
+
+
+def _usage_error(main, argv: list[str], capsys) -> str:
+    """What ``main(argv)`` wrote to stderr, exiting as argparse does on a bad option (2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--sizez", "8x16x16"], "error: unrecognized arguments: --sizez\n"),
+        (["--fastae-sizes-typo", "8x16x16"], "error: unrecognized arguments: --fastae-sizes-typo"),
+        (["--providers", "bogus"], "--providers must be among ('eager', "),
+        (["--workers", "0"], "argument --workers: must be a positive int, got '0'"),
+        (["--sizes", "0x8x8"], "--sizes must look like BATCHxINPUTSxHIDDEN"),
+        (["--fastae-dtypes", "fp64"], "--dtypes must be among ('fp32', 'tf32', 'bf16')"),
+        (["--budget-s", "0"], "--budget-s must be a positive number of seconds, got 0"),
+        (["--device", "gpu"], "--device must be cpu or cuda[:N], got 'gpu'"),
+        (["--fastae-device", "cuda"], "--device cuda, but CUDA is not available"),
+    ],
+)
+def test_warm_cache_refuses_bad_options_before_warming(
+    warm_cache, monkeypatch, capsys, options, message
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(warm_cache.multiprocessing, "get_context", lambda *a: pytest.fail("ran"))
+    argv = ["--device", "cpu", "--sizes", "8x16x16", "--providers", "fastae", *options]
+    assert message in _usage_error(warm_cache.main, argv, capsys)
+
+
+def test_warm_cache_reads_the_suites_options_and_ignores_pytests(warm_cache, capsys):
+    """bench/gpu_check.sh passes its BENCH_ARGS, the suite's options, to both."""
+    argv = ["--fastae-device", "cpu", "--fastae-sizes", "8x16x16", "--fastae-dtypes", "fp32"]
+    argv += ["--fastae-providers", "eager,floor", "--fastae-budget-s", "30", "--benchmark-only"]
+    argv += ["--benchmark-json=out.json", "-k", "not (deep or vae)", "-q", "-p", "no:cacheprovider"]
+    argv += ["--maxfail", "2", "--fastae-compile-cases", "steps"]
+    assert warm_cache.main(argv) == 0
+    assert capsys.readouterr().out == "nothing to warm: none of the providers compiles on cpu\n"
+
+
+def test_warm_cache_compiles_the_cases_the_suite_compiles(warm_cache):
+    args = argparse.Namespace(device="cpu", sizes="8x16x16", dtypes="fp32", providers="compile")
+    for scope, cases in ((None, fb.CASES), ("all", fb.CASES), ("steps", fb.STEPS), ("none", ())):
+        args.compile_cases = scope
+        assert sorted(case for case, *_ in warm_cache.jobs(args)) == sorted(cases)
+
+
+@pytest.fixture
+def bench_conftest():
+    """bench/conftest.py as a plain module (its helpers called directly)."""
+    path = Path(__file__).parents[1] / "bench" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("bench_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _options(**values):
+    """A stand-in for pytest's config with these ``--fastae-*`` options (fastae_device=...)."""
+    names = {"--" + name.replace("_", "-"): value for name, value in values.items()}
+    return argparse.Namespace(getoption=names.get)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("fastae_device", "gpu", "--fastae-device must be cpu or cuda[:N], got 'gpu'"),
+        ("fastae_sizes", "0x8x8", "--fastae-sizes must look like BATCHxINPUTSxHIDDEN"),
+        ("fastae_dtypes", "fp64", "--fastae-dtypes must be among ('fp32', 'tf32', 'bf16')"),
+        ("fastae_providers", "bogus", "--fastae-providers must be among ('eager', "),
+        ("fastae_budget_s", -1.0, "--fastae-budget-s must be a positive number, got -1"),
+        ("fastae_budget_s", 0.0, "--fastae-budget-s must be a positive number, got 0"),
+    ],
+)
+def test_the_suites_options_are_checked_by_name(bench_conftest, option, value, message):
+    with pytest.raises(pytest.UsageError, match=re.escape(message)):
+        bench_conftest._chosen(_options(**{"fastae_device": "cpu", option: value}))
+
+
+def test_the_suites_defaults_on_the_cpu(bench_conftest):
+    assert bench_conftest._chosen(_options(fastae_device="cpu", fastae_budget_s=5.0)) == {
+        "device": "cpu",
+        "size": [fb.Size(256, 784, 1024)],
+        "dtype": ["fp32"],
+        "provider": ["eager", "compile", "fastae"],
+    }
+
+
+def test_the_suite_stops_at_a_bad_option_before_collecting():
+    """pytest's usage error (status 4) naming the option, not a failure per case."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "--fastae-device", "gpu"],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "ERROR: --fastae-device must be cpu or cuda[:N], got 'gpu'" in done.stderr
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--calls"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_optimizer_time_counts_are_positive_ints(monkeypatch, capsys, option, value):
+    optimizer_time = _bench_script(monkeypatch, "optimizer_time")
+    monkeypatch.setattr(optimizer_time, "update_times", lambda *a: pytest.fail("timed"))
+    message = f"argument {option}: must be a positive int, got '{value}'"
+    assert message in _usage_error(optimizer_time.main, [option, value], capsys)
+
+
+def test_optimizer_time_warms_each_optimizer_up_and_alternates_turns(monkeypatch):
+    optimizer_time = _bench_script(monkeypatch, "optimizer_time")
+    steps = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self):
+            steps.append(self.name)
+
+    makers = {name: lambda model, lr, name=name: Recorder(name) for name in ("a", "b")}
+    monkeypatch.setattr(optimizer_time, "OPTIMIZERS", makers)
+    optimizer_time.update_times([(2, 3)], rounds=3, calls=2)
+    warm_up = ["a"] * optimizer_time.WARM_UP_STEPS + ["b"] * optimizer_time.WARM_UP_STEPS
+    assert steps == warm_up + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+
+
+def test_optimizer_time_fits_once_untimed_and_alternates_turns(monkeypatch):
+    optimizer_time = _bench_script(monkeypatch, "optimizer_time")
+    fits = []
+
+    class Detector:
+        def __init__(self, *args, epochs, **kwargs):
+            self.epochs = epochs
+
+        def fit(self, x):
+            fits.append((fastae.training.default_optimizer, self.epochs))
+
+    monkeypatch.setattr(fastae, "AutoencoderOutlierDetector", Detector)
+    fused, single = optimizer_time.OPTIMIZERS.values()
+    seconds = optimizer_time.detector_fit_seconds(2, epochs=7)
+    assert fits == [(fused, 1), (single, 1), (fused, 7), (single, 7), (single, 7), (fused, 7)]
+    assert list(seconds) == list(optimizer_time.OPTIMIZERS)
+    assert fastae.training.default_optimizer is fused
+
+
+@HOST_TIME
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--size", "0x8x8"], "--size must look like BATCHxINPUTSxHIDDEN"),
+        (["--size", "8x16"], "--size must look like BATCHxINPUTSxHIDDEN"),
+        (["--cases", "bogus"], "--cases must be among ('encode', "),
+        (["--backend", "reference"], "--backend reference needs --routes or --deep"),
+        (
+            ["--routes", "--cases", "all,encode"],
+            "--routes times training steps, got --cases encode",
+        ),
+    ],
+)
+def test_host_time_refuses_bad_options_before_timing(monkeypatch, capsys, options, message):
+    host_time = _bench_script(monkeypatch, "host_time")
+    monkeypatch.setattr(host_time, "stub_kernels", lambda: pytest.fail("ran"))
+    assert message in _usage_error(host_time.main, options, capsys)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--size", "0x8x8"], "--size must look like BATCHxINPUTSxHIDDEN"),
+        (["--cases", "bogus"], "--cases must be among ('encode', "),
+    ],
+)
+def test_launch_time_refuses_bad_options(options, message):
+    """In a process of its own: bench/launch_time.py unsets TRITON_INTERPRET on import."""
+    pytest.importorskip("triton")
+    script = Path(__file__).parents[1] / "bench" / "launch_time.py"
+    done = subprocess.run(
+        [sys.executable, str(script), *options], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--parts", "bogus"], "--parts must be among ('anomaly', 'training', 'streaming')"),
+        (["--digits", "11"], "argument --digits: must be comma-separated ints from 0 to 9"),
+        (["--digits", "1,"], "argument --digits: must be comma-separated ints from 0 to 9"),
+        (["--seeds", "a"], "argument --seeds: must be comma-separated ints from 0 to"),
+        (["--seeds", "-1"], "argument --seeds: must be comma-separated ints from 0 to"),
+        (["--epochs", "0"], "argument --epochs: must be a positive int, got '0'"),
+        (["--out", "missing/peers.md"], "--out 'missing/peers.md': its folder 'missing' does not"),
+    ],
+)
+def test_peers_refuses_bad_options_before_running(
+    peers, monkeypatch, capsys, tmp_path, options, message
+):
+    monkeypatch.chdir(tmp_path)
+    for part in ("run", "training", "streaming"):
+        monkeypatch.setattr(peers, part, lambda *a: pytest.fail("ran"))
+    assert message in _usage_error(peers.main, options, capsys)
+
+
+def test_peers_warm_every_detector_up_before_timing(peers, monkeypatch):
+    calls = []
+
+    def detectors(task, seed, epochs, pyod):
+        def detector(name):
+            def detect(normal, test):
+                calls.append((name, len(normal), epochs))
+                return np.arange(len(test))
+
+            return detect
+
+        return {name: detector(name) for name in ("a", "b")}
+
+    monkeypatch.setattr(peers, "detectors", detectors)
+    peers.run(seeds=[0], held_out=[1], epochs=5)
+    assert calls[:2] == [("a", peers.WARM_UP_ROWS, 1), ("b", peers.WARM_UP_ROWS, 1)]
+    assert len(calls) == 2 + 2 * 2  # then digits and breast_cancer, timed
+    assert all(rows > peers.WARM_UP_ROWS and epochs == 5 for _, rows, epochs in calls[2:])
+
+
+@pytest.mark.parametrize("name", ["kernel_times", "vae_learning_rate", "peers"])
+def test_the_scripts_help_gives_the_first_paragraph_whole(name, monkeypatch, capsys):
+    if name == "kernel_times" and not fastae.backend.triton_available():
+        pytest.skip("kernel_times needs Triton")
+    script = _bench_script(monkeypatch, name)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--help"])
+    assert exit_.value.code == 0
+    first = " ".join(script.__doc__.split("\n\n")[0].split())
+    assert first.endswith(".") or first.endswith(":")
+    assert first in " ".join(capsys.readouterr().out.split())
