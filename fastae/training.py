@@ -441,6 +441,12 @@ def _batch_form(model: nn.Module) -> tuple[torch.Tensor, int] | None:
     return next(model.parameters()), in_features
 
 
+def _unchecked_form(model: nn.Module, batches):
+    """:func:`_batch_form` for batches that come unchecked; None for a tensor's, whose dtype,
+    width and values fit checked whole."""
+    return None if isinstance(batches, TensorBatches) else _batch_form(model)
+
+
 def _check_finite_data(model: nn.Module, sources: dict) -> None:
     """Tensor data (and validation data) for one of fastae's models free of NaN and inf,
     which would make its loss NaN an epoch later: their extremes in one pass, one sync. A
@@ -615,7 +621,7 @@ def _mean_loss(
     model: nn.Module, batches, device, epoch: int = 0, in_unit_interval: bool = False
 ) -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    form = _batch_form(model)
+    form = _unchecked_form(model, batches)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -976,7 +982,7 @@ def fit(
     scheduler = _scheduler(scheduler, optimizer, cuda_graph, like.device)
 
     history = History()
-    form = _batch_form(model)
+    form = _unchecked_form(model, train)
     best, best_state, waited, patience_stopped = math.inf, None, 0, False
 
     def check_finite(loss: float, which: str, epoch: int) -> None:

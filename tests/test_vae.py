@@ -605,19 +605,30 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
     with pytest.raises(ValueError, match="data must lie in"):
         fastae.fit(model, torch.rand(40, 6) * 3, epochs=1, progress=False)
     # batches: each checked where it arrives (a DataLoader's on the host, before their copy
-    # to the device: no sync), the model's own check (named x) paused meanwhile
+    # to the device: no sync; in [0, 1] while the model checks its targets, finite always),
+    # the model's own check (named x) paused meanwhile
+    batches_checked = []
+    check_batch = fastae.training._check_batch_values
+
+    def counted_batch(name, x, in_unit_interval):
+        batches_checked.append((name, in_unit_interval))
+        check_batch(name, x, in_unit_interval)
+
+    monkeypatch.setattr(fastae.training, "_check_batch_values", counted_batch)
     checked.clear()
     loader = torch.utils.data.DataLoader(torch.rand(40, 6), batch_size=8)
     val = [torch.rand(5, 6), torch.rand(3, 6)]
     fastae.fit(model, loader, epochs=2, validation_data=val, progress=False)
-    assert checked == (["data"] * 5 + ["validation_data"] * 2) * 2 and model.check_targets
+    in_unit = [("data", True)] * 5 + [("validation_data", True)] * 2
+    assert checked == [] and batches_checked == in_unit * 2 and model.check_targets
 
     def stop_checking(epoch, history):
         model.check_targets = False
 
-    checked.clear()
+    batches_checked.clear()
     fastae.fit(model, loader, epochs=2, callback=stop_checking, progress=False)
-    assert checked == ["data"] * 5 and not model.check_targets
+    assert batches_checked == [("data", True)] * 5 + [("data", False)] * 5
+    assert checked == [] and not model.check_targets
     model.check_targets = True
     bad = [torch.rand(8, 6), torch.rand(8, 6) * 3]
     with pytest.raises(ValueError, match=r"^data must lie in \[0, 1\] .*MinMaxScaler"):
@@ -625,10 +636,11 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
     assert model.check_targets
     # each source as it is: tensor data whole and once, a list of batches batch by batch
     checked.clear()
+    batches_checked.clear()
     fastae.fit(
         model, torch.rand(40, 6), epochs=2, batch_size=8, validation_data=val, progress=False
     )
-    assert checked == ["data"] + ["validation_data"] * 4
+    assert checked == ["data"] and batches_checked == [("validation_data", True)] * 4
     # a subclass's forward may change its input first: its own check judges it
     checked.clear()
 
