@@ -59,17 +59,34 @@ def measure(lr: float, seed: int, x, y, split) -> tuple[float, float, float]:
     return _or_nan(detector), _or_nan(probe), _or_nan(semi_supervised)
 
 
+def _listed(kind, what: str, valid):
+    """An argparse type: comma-separated values of ``kind`` for which ``valid`` holds."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(valid(value) for value in values):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}")
+        return values
+
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrs", default="1e-2,3e-3,1e-3")
-    parser.add_argument("--seeds", default="0,1,2,3")
+    rates = _listed(float, "positive finite numbers", lambda lr: 0 < lr < float("inf"))
+    seeds = _listed(int, "ints from 0 to 2**32 - 1", lambda seed: 0 <= seed < 2**32)
+    parser.add_argument("--lrs", type=rates, default="1e-2,3e-3,1e-3")
+    parser.add_argument("--seeds", type=seeds, default="0,1,2,3")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     x, y = load_digits(return_X_y=True)
     split = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
     print("lr      seed  detector AUROC  probe acc  semi-supervised acc")
-    for lr in (float(text) for text in args.lrs.split(",")):
-        for seed in (int(text) for text in args.seeds.split(",")):
+    for lr in args.lrs:
+        for seed in args.seeds:
             auroc, probe, semi = measure(lr, seed, x, y, split)
             print(f"{lr:<7g} {seed:<5d} {auroc:14.3f} {probe:10.3f} {semi:20.3f}", flush=True)
     return 0

@@ -1199,6 +1199,21 @@ def test_the_suite_stops_at_a_bad_option_before_collecting():
     assert "ERROR: --fastae-device must be cpu or cuda[:N], got 'gpu'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--lrs", "0"], "argument --lrs: must be comma-separated positive finite numbers"),
+        (["--lrs", "1e-3,nan"], "argument --lrs: must be comma-separated positive finite numbers"),
+        (["--seeds", "0,-1"], "argument --seeds: must be comma-separated ints from 0 to 2**32"),
+        (["--seeds", "a"], "argument --seeds: must be comma-separated ints from 0 to 2**32"),
+    ],
+)
+def test_vae_learning_rate_refuses_bad_options(monkeypatch, capsys, options, message):
+    script = _bench_script(monkeypatch, "vae_learning_rate")
+    monkeypatch.setattr(script, "measure", lambda *a: pytest.fail("measured"))
+    assert message in _usage_error(script.main, options, capsys)
+
+
 @pytest.mark.parametrize("option", ["--rounds", "--calls"])
 @pytest.mark.parametrize("value", ["0", "-3", "x"])
 def test_optimizer_time_counts_are_positive_ints(monkeypatch, capsys, option, value):
