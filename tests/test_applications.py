@@ -670,6 +670,15 @@ def test_dec_checks_its_clusters_before_training(monkeypatch):
             DECClustering(3, n_init=n_init).fit(x)
 
 
+def test_dec_takes_as_many_clusters_as_samples():
+    """n_clusters may equal the number of samples (KMeans' bound): a cluster for each row."""
+    x = np.random.default_rng(0).random((6, 4))
+    dec = DECClustering(
+        6, autoencoder=AutoencoderTransformer(2, epochs=2), refine_epochs=0, random_state=0
+    ).fit(x)
+    assert sorted(dec.kmeans_labels_.tolist()) == list(range(6))
+
+
 def test_cluster_codes_checks_its_arguments_by_name():
     """KMeans itself would take True for 1 (n_clusters, n_init, random_state)."""
     codes = np.random.default_rng(0).random((20, 3))
@@ -684,6 +693,7 @@ def test_cluster_codes_checks_its_arguments_by_name():
             cluster_codes(codes, **({"n_clusters": 3} | kwargs))
     fitted = cluster_codes(codes, 3, random_state=0, n_init="auto")
     assert fitted.get_params()["random_state"] == 0 and fitted.labels_.shape == (20,)
+    assert cluster_codes(codes, 3, random_state=0, n_init=7).n_init == 7  # the restarts asked
 
 
 def test_dec_keeps_the_feature_names_of_a_dataframe():
@@ -993,6 +1003,33 @@ def test_stack_stages_draw_their_own_seeds(digits, monkeypatch):
     assert len(seeds) == 4 and len(set(seeds)) == 4
 
 
+def test_dec_target_intervals_draw_their_own_seeds(monkeypatch):
+    """Each refinement interval (one per target update) trains from a seed of its own: no two
+    replay the same shuffling."""
+    calls = _spy_on_fit(monkeypatch)
+    x = np.random.default_rng(0).random((60, 5))
+    DECClustering(
+        3, autoencoder=AutoencoderTransformer(3, epochs=1), refine_epochs=3, update_interval=1,
+        tol=0.0, random_state=0,
+    ).fit(x)  # fmt: skip
+    seeds = [kwargs["seed"] for module, _, kwargs in calls if isinstance(module, DECModule)]
+    assert len(seeds) == 3 and len(set(seeds)) == 3
+
+
+def test_dec_draws_the_kmeans_seed_from_its_random_state():
+    """For one autoencoder (its own random_state fixed), DEC's random_state seeds k-means:
+    another value finds another solution."""
+    x = np.random.default_rng(0).random((60, 5))
+    ae = AutoencoderTransformer(3, epochs=1, random_state=0)
+    fitted = [
+        DECClustering(5, autoencoder=ae, n_init=1, refine_epochs=0, random_state=seed).fit(x)
+        for seed in (0, 1)
+    ]
+    np.testing.assert_array_equal(*(dec.autoencoder_.transform(x) for dec in fitted))
+    centres = [np.sort(dec.cluster_centers_[:, 0]) for dec in fitted]
+    assert not np.allclose(*centres)
+
+
 def test_dec_warns_of_clusters_its_refinement_emptied():
     """As KMeans warns of fewer distinct clusters than n_clusters: DEC's sharpening can merge
     a small cluster into its neighbours."""
@@ -1019,6 +1056,24 @@ def test_dec_warns_of_clusters_its_refinement_emptied():
     assert len(np.unique(dec.kmeans_labels_)) == 3
 
 
+def test_dec_warns_of_a_single_cluster_its_refinement_emptied(monkeypatch):
+    """One emptied cluster warns too (the refinement stubbed to merge cluster 0 into 1)."""
+    refine = DECClustering._refine
+
+    def merged(self, *args, **kwargs):
+        refine(self, *args, **kwargs)
+        self.labels_ = np.where(self.labels_ == 0, 1, self.labels_).astype(np.int32)
+
+    monkeypatch.setattr(DECClustering, "_refine", merged)
+    x, _ = make_blobs(90, n_features=4, centers=3, random_state=0)
+    dec = DECClustering(
+        3, autoencoder=AutoencoderTransformer(2, epochs=2), refine_epochs=1, random_state=0
+    )
+    with pytest.warns(ConvergenceWarning, match=r"^DEC's refinement emptied 1 of the 3 ") as got:
+        dec.fit(x)
+    assert len([w for w in got if "DEC's refinement" in str(w.message)]) == 1
+
+
 def test_dec_refinement_runs_its_epochs_and_stops_on_tol():
     """refine_epochs bounds the refinement exactly (a last target interval is cut short:
     3 epochs at update_interval=2 are 2 + 1); tol=0 never stops early (no fewer than 0 labels
@@ -1033,3 +1088,16 @@ def test_dec_refinement_runs_its_epochs_and_stops_on_tol():
     assert never.n_iter_ == 4
     early = DECClustering(3, refine_epochs=4, update_interval=1, tol=1.0, **params).fit(x)
     assert early.n_iter_ == 1
+
+
+def test_dec_tol_counts_the_labels_changed_since_the_last_target_update():
+    """tol compares each target update's labels with the previous update's, not with
+    k-means': a refinement that moves a fifth of the labels away from k-means' still stops
+    once they settle."""
+    x, _ = make_blobs(90, n_features=4, centers=3, cluster_std=2.0, random_state=0)
+    dec = DECClustering(
+        3, autoencoder=AutoencoderTransformer(2, epochs=5, random_state=0),
+        reconstruction_weight=0.0, tol=0.02, lr=3e-2, refine_epochs=30, random_state=0,
+    ).fit(x)  # fmt: skip
+    assert dec.n_iter_ < 30
+    assert np.mean(dec.labels_ != dec.kmeans_labels_) > 0.1

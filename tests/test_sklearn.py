@@ -954,6 +954,23 @@ def test_detector_scores_grow_outside_the_training_range(scale, model, loss):
     np.testing.assert_allclose(detector.decision_scores_, -detector.score_samples(x))
 
 
+def test_bce_reads_inputs_beyond_zero_one_clipped():
+    """With BCE (scale=None on [0, 1] data) the module sees X clipped to [0, 1]: rows beyond
+    it have the clipped rows' codes, and the detector scores them as the clipped rows plus
+    the squared excess sum_k e_k^2."""
+    x = np.random.default_rng(0).random((60, 4))
+    beyond = x[:5] + 0.7
+    clipped = np.clip(beyond, 0.0, 1.0)
+    model = AutoencoderTransformer(3, scale=None, epochs=2, random_state=0).fit(x)
+    assert model.loss_ == "bce"
+    np.testing.assert_array_equal(model.transform(beyond), model.transform(clipped))
+    detector = AutoencoderOutlierDetector(3, scale=None, epochs=2, random_state=0).fit(x)
+    excess = np.square(beyond - clipped).sum(1)
+    np.testing.assert_allclose(
+        -detector.score_samples(beyond), -detector.score_samples(clipped) + excess, rtol=1e-12
+    )
+
+
 def test_estimators_train_in_float32_under_a_float64_default_dtype(digits):
     """Modules built while torch's default dtype is float64 (or its default device the meta
     device) train in float32 on the CPU, on the float32 data the estimators make, and fit
@@ -1454,6 +1471,23 @@ def test_warm_start_trains_on_from_the_fitted_weights(digits, model):
     assert fresh.n_iter_ == 3 and fresh.loss_curve_ == first_curve
 
 
+def test_warm_start_adds_its_training_time_to_train_seconds(monkeypatch):
+    """train_seconds_ sums the wall time of the fit and of each warm-started fit after it."""
+    histories = []
+
+    def spy(module, data, **kwargs):
+        histories.append(fastae.fit(module, data, **kwargs))
+        return histories[-1]
+
+    monkeypatch.setattr(fastae.sklearn, "fit", spy)
+    x = np.random.default_rng(0).random((40, 5))
+    model = AutoencoderTransformer(3, epochs=2, random_state=0).fit(x)
+    first = model.train_seconds_
+    assert first == histories[0].seconds
+    model.set_params(warm_start=True, epochs=1).fit(x)
+    assert model.train_seconds_ == first + histories[1].seconds > first
+
+
 def test_warm_start_refuses_a_model_it_cannot_continue(digits):
     x = digits[0][:200]
     model = AutoencoderOutlierDetector(4, epochs=1, warm_start=True, random_state=0).fit(x)
@@ -1722,6 +1756,8 @@ def test_the_threshold_lies_between_the_scores_it_separates(digits, monkeypatch)
         detector._set_threshold(x)
         assert detector.threshold_ == threshold and detector.offset_ == -threshold
         assert np.flatnonzero(detector.labels_).tolist() == flagged
+        # predict gives each row its label: a score on the threshold (decision 0) is an inlier
+        np.testing.assert_array_equal(detector.predict(x) == -1, detector.labels_ == 1)
 
 
 def test_fit_warns_where_x_cannot_hold_one_outlier_at_the_contamination(digits):
@@ -1753,6 +1789,17 @@ def test_continuing_a_fit_checks_x_against_the_fitted_features(digits, how):
     with pytest.raises(ValueError, match=message):
         model.fit(x[:, :63]) if how == "warm_start" else model.partial_fit(x[:, :63])
     assert model.n_features_in_ == 64
+
+
+def test_predictions_check_x_against_the_fitted_features():
+    """transform validates X against n_features_in_ without resetting it: scikit-learn's
+    error naming the estimator (not the scaler's), and the fitted count kept."""
+    x = np.random.default_rng(0).random((40, 5))
+    model = AutoencoderTransformer(3, epochs=2, random_state=0).fit(x)
+    message = r"^X has 4 features, but AutoencoderTransformer is expecting 5"
+    with pytest.raises(ValueError, match=message):
+        model.transform(x[:, :4])
+    assert model.n_features_in_ == 5
 
 
 def test_predictions_run_in_eval_mode_and_restore_the_modules_mode(digits):
