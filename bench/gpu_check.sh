@@ -62,6 +62,14 @@ until_() { echo $(($1 - $(date +%s))); }  # seconds from now to a deadline
 tests_deadline=$((start + BUDGET_S * 33 / 100))
 bench_deadline=$((start + BUDGET_S * 85 / 100))
 log() { echo "== [$(($(date +%s) - start)) s] $*" | tee -a "$OUT/bench.log"; }
+# check_rc RC WHAT LOG: a pytest run's exit status, a failure (listed in failed) unless 0, or
+# 124 (stopped at its time limit) where LOG lists no test failed before the stop
+failed=()
+check_rc() {
+    [ "$1" = 0 ] && return 0
+    [ "$1" = 124 ] && ! grep -qE "^(FAILED|ERROR) " "$3" && return 0
+    failed+=("$2 (exit $1)")
+}
 : >"$OUT/bench.log"
 
 log "environment"
@@ -81,8 +89,8 @@ else:
     print("device: no CUDA")
 EOF
 tail -n 3 "$OUT/bench.log"
-if grep -q "^device: no CUDA" "$OUT/bench.log" && [[ "$BENCH_ARGS" != *"--fastae-device cpu"* ]]
-then
+if grep -q "^device: no CUDA" "$OUT/bench.log" \
+    && ! [[ "$BENCH_ARGS" =~ --fastae-device[=\ ]cpu ]]; then
     log "no CUDA device: nothing to check (BENCH_ARGS with --fastae-device cpu runs on the CPU)"
     exit 1
 fi
@@ -141,6 +149,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     FASTAE_AUTOTUNE=0 timeout -s INT -k 20 "$limit" "$PYTHON" -m pytest -q -rfE -m cuda \
         tests/test_launch.py -p no:cacheprovider >"$OUT/tests_launch.log" 2>&1
     launch_rc=$?
+    check_rc "$launch_rc" "the launch check" "$OUT/tests_launch.log"
     tail -n 1 "$OUT/tests_launch.log"
     if [ "$launch_rc" = 1 ]; then
         export FASTAE_DIRECT_LAUNCH=0
@@ -166,6 +175,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     FASTAE_AUTOTUNE=0 timeout -s INT -k 30 "$limit" "$PYTHON" -m pytest -q -rfE -m cuda tests \
         -p no:cacheprovider "${parallel[@]}" >"$OUT/tests_cuda.log" 2>&1
     tests_rc=$?
+    check_rc "$tests_rc" "the tests marked cuda" "$OUT/tests_cuda.log"
     tail -n 3 "$OUT/tests_cuda.log"
     rest=$(until_ "$tests_deadline")
     if [ "$tests_rc" != 124 ] && [ "$rest" -ge 20 ]; then
@@ -173,6 +183,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
         FASTAE_AUTOTUNE=0 timeout -s INT -k 30 "$rest" "$PYTHON" -m pytest -q -rfE -m "not cuda" \
             "${files[@]}" -p no:cacheprovider "${parallel[@]}" >"$OUT/tests.log" 2>&1
         rc=$?
+        check_rc "$rc" "the other tests" "$OUT/tests.log"
         [ "$rc" -gt "$tests_rc" ] && tests_rc=$rc
         tail -n 3 "$OUT/tests.log"
     fi
@@ -198,6 +209,7 @@ bench_case() {
         "bench/test_$file.py" -q -p no:cacheprovider --benchmark-only "$@" --fastae-device cuda --fastae-sizes "$sizes" \
         --fastae-dtypes "$dtypes" --fastae-providers "$providers" --fastae-budget-s "$budget" \
         --benchmark-json "$OUT/bench_$name.json" >>"$OUT/bench.log" 2>&1
+    check_rc $? "the benchmarks $name" "$OUT/bench.log"
     [ -s "$OUT/bench_$name.json" ] && jsons+=("$OUT/bench_$name.json")
 }
 
@@ -220,6 +232,7 @@ timeout -s INT -k 10 "$(cap $((budget + 90)))" "$PYTHON" -m pytest bench -q -p n
     --benchmark-columns=median,mean,stddev,rounds -k "not ($timed)" $BENCH_ARGS \
     >>"$OUT/bench.log" 2>&1
 bench_rc=$?
+check_rc "$bench_rc" "the benchmarks" "$OUT/bench.log"
 grep -E "(passed|failed|skipped|error)" "$OUT/bench.log" | tail -n 1
 bundle >/dev/null  # a checkpoint
 
@@ -292,11 +305,7 @@ for spec in "encode_stats ops $base,fastae_triton_launch" \
 done
 
 log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
-# the exit status: 1 where a test or benchmark failed (one stopped at its time limit, 124,
-# did not fail), else summarize's
-failed=0
-case "$tests_rc" in 0 | skipped | 124) ;; *) failed=1 ;; esac
-case "$bench_rc" in 0 | 124) ;; *) failed=1 ;; esac
+
 all=()
 [ -s "$OUT/bench.json" ] && all+=("$OUT/bench.json")
 for json in "${jsons[@]}"; do
@@ -308,5 +317,8 @@ if [ "${#all[@]}" = 0 ]; then
 fi
 [ -s "$OUT/bench.json" ] || log "no bench.json (the lean set); summarizing the others"
 "$PYTHON" bench/summarize.py "${all[@]}" --out "$OUT" || exit
-[ "$failed" = 0 ] || log "FAILED: tests exit $tests_rc, benchmarks exit $bench_rc (logs in $OUT)"
-exit "$failed"
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf -v list '%s; ' "${failed[@]}"
+    log "FAILED: ${list%; } (logs in $OUT)"
+    exit 1
+fi

@@ -31,7 +31,8 @@ def read_run(path: str) -> dict:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadInput(f"{path}: {error}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+    entries = data.get("benchmarks", []) if isinstance(data, dict) else None
+    if not (isinstance(entries, list) and all(isinstance(entry, dict) for entry in entries)):
         raise BadInput(f"{path}: not the JSON of a benchmark run (an object with 'benchmarks')")
     return data
 

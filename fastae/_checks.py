@@ -124,17 +124,20 @@ def autocast_available(device_type: str) -> bool:
 autocast_available._dynamo_marked_constant = True
 
 
-def autocast_together(value: torch.Tensor, like: torch.Tensor) -> bool:
+def autocast_together(
+    value: torch.Tensor, like: torch.Tensor, device: torch.device | None = None
+) -> bool:
     """Whether inside ``torch.autocast`` for their device the dtypes of ``value`` and ``like``
     pass together: float16, bfloat16 and float32, which the ops cast to the autocast dtype (a
-    layer before the model under autocast hands it bfloat16 activations)."""
-    device_type = value.device.type
+    layer before the model under autocast hands it bfloat16 activations). ``device``: where
+    ``value`` is going (a batch on the host, before its copy), where it is if None."""
+    device = value.device if device is None else device
     return (
         value.dtype in _AUTOCAST_KINDS
         and like.dtype in _AUTOCAST_KINDS
-        and value.device == like.device
-        and autocast_available(device_type)
-        and torch.is_autocast_enabled(device_type)
+        and device == like.device
+        and autocast_available(device.type)
+        and torch.is_autocast_enabled(device.type)
     )
 
 

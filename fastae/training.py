@@ -211,6 +211,10 @@ class TensorBatches:
     def _rows(self) -> int:
         return self.tensor.shape[0] if self.sampler is None else len(self.sampler)
 
+    def edges(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The whole tensor's rows, first row and last row."""
+        return self.tensor.shape[0], self.tensor[0], self.tensor[-1]
+
     def __len__(self) -> int:
         round_ = math.floor if self.drop_last else math.ceil
         return round_(self._rows() / self.batch_size)
@@ -333,6 +337,17 @@ class DatasetBatches:
 
     def _rows(self) -> int:
         return self.order._rows()
+
+    def edges(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The whole dataset's items, and its first and last inputs (empty where an item holds
+        no tensor input: its count alone is compared)."""
+
+        def input_of(index: int) -> torch.Tensor:
+            x = _first(default_collate([self.dataset[index]]))
+            return x[0] if isinstance(x, torch.Tensor) else torch.empty(0)
+
+        rows = len(self.dataset)
+        return rows, input_of(0), input_of(rows - 1)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -522,15 +537,22 @@ def _targets_resumed(model: nn.Module, check: _TargetCheck):
 
 
 def _on_device(
-    batch, device: torch.device, name: str = "data", form=None, in_unit_interval: bool = False
+    batch,
+    device: torch.device,
+    name: str = "data",
+    form=None,
+    in_unit_interval: bool = False,
+    finite: bool = True,
 ) -> torch.Tensor:
     """The batch's input on ``device``; copied to a GPU asynchronously where it is in pinned
     memory (``DataLoader(pin_memory=True)``). A copy to the host stays blocking: an
     asynchronous one could be read before it lands. A batch made under inference mode is
     copied (autograd cannot save it for backward). With ``form`` (:func:`_batch_form`), its
-    dtype and width are checked, the error naming ``name``; with ``in_unit_interval``, that
-    its values lie in [0, 1] (a BCE model's targets), where it arrives (on the host: no
-    device sync)."""
+    dtype and width are checked, the error naming ``name``, and on the host (no device sync)
+    that its values are finite (with ``finite``: not under data-parallel training, where one
+    process raising alone would leave the others waiting in a collective; the loss, averaged
+    over them, shows NaN to all) and with ``in_unit_interval`` that they lie in [0, 1] (a BCE
+    model's targets; on a GPU too)."""
     x = _first(batch)
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -546,7 +568,9 @@ def _on_device(
         raise ValueError(f"{name} yielded an empty batch, of shape {tuple(x.shape)}")
     if form is not None:
         like, in_features = form
-        if x.dtype != like.dtype and not _checks.autocast_together(x, like):
+        # (checked where the batch arrives: under autocast on the model's device, a host
+        # batch of another autocast dtype passes too)
+        if x.dtype != like.dtype and not _checks.autocast_together(x, like, like.device):
             raise TypeError(
                 f"{name} must yield batches of the dtype of the model's parameters "
                 f"({like.dtype}), got a batch of {x.dtype}{_conversion_hint(x.dtype)}"
@@ -557,7 +581,7 @@ def _on_device(
                 f"in_features), got a batch of shape {tuple(x.shape)}"
             )
         if x.device.type == "cpu":
-            _check_batch_values(name, x, in_unit_interval)
+            _check_batch_values(name, x, in_unit_interval, finite)
         elif in_unit_interval:
             check_unit_interval(name, x, MODEL_BCE_ADVICE)
     x = x.detach().to(device, non_blocking=torch.device(device).type == "cuda")
@@ -571,13 +595,17 @@ def _conversion_hint(dtype: torch.dtype) -> str:
     return " (convert it, and rescale 8-bit pixels: x.float() / 255)"
 
 
-def _check_batch_values(name: str, x: torch.Tensor, in_unit_interval: bool) -> None:
-    """A host batch for one of fastae's models free of NaN and inf (which would make the
-    epoch's loss NaN, each later step training on NaN weights) and, for a BCE model's,
-    in [0, 1]: the extremes in one pass, no device sync."""
+def _check_batch_values(
+    name: str, x: torch.Tensor, in_unit_interval: bool, finite: bool = True
+) -> None:
+    """A host batch for one of fastae's models free of NaN and inf (with ``finite``: they
+    would make the epoch's loss NaN, each later step training on NaN weights) and, for a BCE
+    model's, in [0, 1]: the extremes in one pass, no device sync."""
+    if not (finite or in_unit_interval):
+        return
     lo, hi = torch.aminmax(x.detach())
     bounds = torch.stack([lo.double(), hi.double()]).tolist()
-    if not all(math.isfinite(bound) for bound in bounds):
+    if finite and not all(math.isfinite(bound) for bound in bounds):
         raise ValueError(
             f"{name} yielded a batch holding NaN or inf: training on it makes the loss NaN; "
             "drop or impute those values first"
@@ -622,15 +650,15 @@ def _mean_loss(
 ) -> float:
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     form = _unchecked_form(model, batches)
+    parallel = _data_parallel(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = _on_device(batch, device, "validation_data", form, in_unit_interval)
+            x = _on_device(batch, device, "validation_data", form, in_unit_interval, not parallel)
             total.add_(_checks.model_loss(model(x)), alpha=x.shape[0])
             count += x.shape[0]
     model.train(was_training)
-    parallel = _data_parallel(model)
     _used_up("validation_data", count, epoch, parallel)
     return _global_mean("validation_data", total, count, parallel)
 
@@ -693,25 +721,25 @@ def _fingerprint(row: torch.Tensor) -> torch.Tensor:
     return (data * weights).sum()
 
 
-def _check_whole_on_every_process(name: str, tensor: torch.Tensor, device) -> None:
-    """Tensor data under data-parallel training is the same whole data on every process (fit
-    shards it): rows, columns and a digest of the first and last rows compared in one
-    all-reduce. Data split per process beforehand would be split again, and differing row
-    counts desynchronize the processes' collectives."""
-    rows = tensor.shape[0]
+def _check_whole_on_every_process(name: str, batches, device) -> None:
+    """Tensor or Dataset data under data-parallel training is the same whole data on every
+    process (fit shards it): rows, columns and a digest of the first and last rows compared
+    in one all-reduce. Data split per process beforehand would be split again, and differing
+    row counts desynchronize the processes' collectives."""
+    rows, first, last = batches.edges()
     summary = torch.stack(
         [
             torch.tensor(rows, dtype=torch.int64),
-            torch.tensor(tensor.shape[1], dtype=torch.int64),
-            _fingerprint(tensor[0]).cpu(),
-            _fingerprint(tensor[rows - 1]).cpu(),
+            torch.tensor(first.numel(), dtype=torch.int64),
+            _fingerprint(first).cpu(),
+            _fingerprint(last).cpu(),
         ]
     ).to(device)
     extremes = torch.cat([summary, -summary])  # the maxima and minus the minima, one collective
     torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
     if not torch.equal(extremes[:4], -extremes[4:]):
         raise ValueError(
-            f"{name} differs between the processes ({rows} rows of {tensor.shape[1]} here): "
+            f"{name} differs between the processes ({rows} rows of {first.numel()} here): "
             "under data-parallel training pass the whole data on every process, which fit "
             "shards (or each process's own batches, in a DataLoader)"
         )
@@ -958,8 +986,8 @@ def fit(
         val = _batches("validation_data", validation_data, model, batch_size, False, 0)
     if parallel:
         for name, batches in (("data", train), ("validation_data", val)):
-            if isinstance(batches, TensorBatches):
-                _check_whole_on_every_process(name, batches.tensor, like.device)
+            if isinstance(batches, (TensorBatches, DatasetBatches)):
+                _check_whole_on_every_process(name, batches, like.device)
     cuda_graph = _checks.flag("cuda_graph", cuda_graph)
     if optimizer is None:
         _check_adam_dtype(model)
@@ -1032,7 +1060,9 @@ def fit(
             for batch in train:
                 if epoch == 0 and count == 0:
                     _warn_unread_target(batch)
-                x = _on_device(batch, like.device, "data", form, target_check.of_batches("data"))
+                x = _on_device(
+                    batch, like.device, "data", form, target_check.of_batches("data"), not parallel
+                )
                 if step is not None:
                     loss = step(x)
                 else:
@@ -1161,6 +1191,7 @@ def _plain_array(data):
     its first tensor (the input: the labels beside it are not read; batched whole, not
     collated row by row); anything else as given."""
     if type(data) is TensorDataset and data.tensors:
+        _warn_unread_target(data.tensors)  # as its batches would warn
         return data.tensors[0]
     if hasattr(data, "__array__") and not isinstance(data, (torch.Tensor, np.ndarray, DataLoader)):
         return np.asarray(data)

@@ -639,6 +639,7 @@ def test_summarize_names_a_bad_input_file(bench_run, tmp_path, monkeypatch, caps
     bad = {
         "{not json": "Expecting property name",
         "[1, 2]": "not the JSON of a benchmark run",
+        '{"benchmarks": [1]}': "not the JSON of a benchmark run",
         json.dumps(no_provider): "a record of case 'plain' has no provider",
     }
     for text, says in bad.items():

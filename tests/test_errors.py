@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import fastae
-from fastae import ops
+from fastae import _checks, ops
 from fastae.data import load_digits
 from fastae.modules import StackModule
 from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
@@ -528,16 +528,18 @@ def test_fit_warns_that_a_target_shaped_as_the_input_goes_unread():
     """Keras's fit(noisy, clean) ported as a DataLoader of (noisy, clean) pairs: fit trains
     on the batch's first item alone, and says so once; labels (integers) draw no warning."""
     noisy, clean = torch.rand(12, 5), torch.rand(12, 5)
-    pairs = DataLoader(TensorDataset(noisy, clean), batch_size=4)
-    with pytest.warns(
-        UserWarning, match=r"^data yields \(input, target\) pairs of one shape"
-    ) as got:
-        fastae.fit(fastae.Autoencoder(5, 3), pairs, epochs=2, progress=False)
-    assert len(got) == 1 and {w.filename for w in got} == {__file__}
-    labelled = DataLoader(TensorDataset(noisy, torch.arange(12)), batch_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fastae.fit(fastae.Autoencoder(5, 3), labelled, epochs=1, progress=False)
+    for pairs in (DataLoader(TensorDataset(noisy, clean), batch_size=4),
+                  TensorDataset(noisy, clean)):  # fmt: skip
+        with pytest.warns(
+            UserWarning, match=r"^data yields \(input, target\) pairs of one shape"
+        ) as got:
+            fastae.fit(fastae.Autoencoder(5, 3), pairs, epochs=2, progress=False)
+        assert len(got) == 1 and {w.filename for w in got} == {__file__}
+    for labelled in (DataLoader(TensorDataset(noisy, torch.arange(12)), batch_size=4),
+                     TensorDataset(noisy, torch.arange(12))):  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fastae.fit(fastae.Autoencoder(5, 3), labelled, epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("loss", ["bce", "mse"])
@@ -1044,6 +1046,26 @@ def test_fit_names_batches_that_are_not_tensors_of_rows(where):
         fit([rows[:8, :, None]])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 batches pass under autocast
         fit([rows.bfloat16()])
+
+
+def test_a_host_batch_passes_as_it_would_on_the_models_device(monkeypatch):
+    """fit checks a batch's dtype on the host, before its copy: under autocast on the model's
+    device (a stand-in for CUDA here), a bfloat16 host batch passes for a float32 model."""
+    batch, weight = torch.rand(4, 5).bfloat16(), torch.empty(3, 5, device="meta")
+    monkeypatch.setattr(_checks, "autocast_available", lambda device_type: True)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type: device_type == "meta")
+    assert _checks.autocast_together(batch, weight, torch.device("meta"))
+    assert not _checks.autocast_together(batch, weight)  # where it is: not the model's device
+    assert not _checks.autocast_together(batch.double(), weight, torch.device("meta"))
+
+
+@pytest.mark.cuda
+def test_fit_takes_host_batches_of_the_autocast_dtype_for_a_cuda_model():
+    model = fastae.Autoencoder(5, 3).cuda()
+    batches = [torch.rand(8, 5).bfloat16() for _ in range(2)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        history = fastae.fit(model, batches, validation_data=batches, epochs=1, progress=False)
+    assert math.isfinite(history.loss[0]) and math.isfinite(history.val_loss[0])
 
 
 def test_fit_checks_batches_only_for_fastaes_models():

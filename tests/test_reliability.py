@@ -542,8 +542,27 @@ def _ddp_worker(rank, world, store_path, x, state, deep_state, result_path):
             )  # fmt: skip
             flat = torch.cat([p.detach().flatten() for p in net.parameters()])
             sourced.append((history.loss, history.val_loss, flat))
+        # a Dataset split per process beforehand is refused on every process, as tensor data
+        # is; a NaN in one process's batch (not checked per batch there: a process raising
+        # alone would leave the other waiting) ends the run on both, through the mean loss
+        outcomes = []
+        mine = Subset(TensorDataset(x), range(rank, len(x), world))
+        poisoned = [x[:4].clone(), x[4:8]]
+        poisoned[0][1, 2] = float("nan") if rank == 1 else 0.5
+        mse = fastae.Autoencoder(x.shape[1], 5, output="identity", loss="mse")
+        for data, wrapped in [
+            (mine, torch.nn.parallel.DistributedDataParallel(fastae.Autoencoder(x.shape[1], 5))),
+            (poisoned, torch.nn.parallel.DistributedDataParallel(mse)),
+        ]:  # fmt: skip
+            try:
+                fastae.fit(wrapped, data, epochs=1, progress=False)
+                outcomes.append("trained")
+            except (ValueError, fastae.LossNotFinite) as error:
+                outcomes.append(f"{type(error).__name__}: {error}")
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, outcomes)
         if rank == 0:
-            torch.save(sourced, result_path + ".dataset")
+            torch.save((sourced, gathered), result_path + ".dataset")
         # fit(seed=s) seeds process r with s + r: masks differ across processes, repeatably
         # (a probe drawn after fit shows the generator's state); without a seed, every
         # process shuffles with process 0's seed, whatever the generators hold
@@ -651,9 +670,11 @@ def test_ddp_sync_statistics_equals_one_process_on_the_whole_batch(tmp_path):
     assert torch.equal(probes_0[0], probes_0[1]) and torch.equal(probes_1[0], probes_1[1])
     assert not torch.equal(probes_0[0], probes_1[0])
     assert len(shuffle_0) == 2 and shuffle_0 == shuffle_1 and shuffle_0[1] == 5
-    (tensor_loss, tensor_val, tensor_params), (dataset_loss, dataset_val, dataset_params) = (
-        torch.load(result + ".dataset", weights_only=True)
-    )
+    sourced, outcomes = torch.load(result + ".dataset", weights_only=True)
+    (tensor_loss, tensor_val, tensor_params), (dataset_loss, dataset_val, dataset_params) = sourced
+    for split, poisoned in outcomes:  # each process's
+        assert split.startswith("ValueError: data differs between the processes (8 rows of 12")
+        assert poisoned.startswith("LossNotFinite: the training loss is nan in epoch 1")
     assert dataset_loss == pytest.approx(tensor_loss, rel=1e-6)
     assert dataset_val == pytest.approx(tensor_val, rel=1e-6)
     torch.testing.assert_close(dataset_params, tensor_params, rtol=1e-5, atol=1e-7)

@@ -610,9 +610,10 @@ def test_bce_targets_are_checked_per_call_or_once_by_fit(monkeypatch):
     batches_checked = []
     check_batch = fastae.training._check_batch_values
 
-    def counted_batch(name, x, in_unit_interval):
+    def counted_batch(name, x, in_unit_interval, finite):
+        assert finite  # (not data-parallel)
         batches_checked.append((name, in_unit_interval))
-        check_batch(name, x, in_unit_interval)
+        check_batch(name, x, in_unit_interval, finite)
 
     monkeypatch.setattr(fastae.training, "_check_batch_values", counted_batch)
     checked.clear()
