@@ -870,8 +870,9 @@ def fit(
 
     Under ``torchrun`` (an initialized process group) a DistributedDataParallel model (over
     the default group) trains data-parallel, and every process must call fit with the same
-    whole tensor data (checked; or its own batches in a DataLoader): tensor data is sharded
-    across processes with a DistributedSampler (shuffled alike on all: process 0's seed, given
+    whole tensor or Dataset data (checked; or its own batches in a DataLoader; a batch holding
+    NaN ends the run on every process through the mean loss, not refused by one alone): tensor
+    or Dataset data is sharded across processes with a DistributedSampler (shuffled alike on all: process 0's seed, given
     or drawn; it pads the training
     rows to a multiple of the processes with repeated rows, which are trained on and counted;
     validation data in unpadded shards, each row once), the losses in the history are means
