@@ -305,7 +305,6 @@ for spec in "encode_stats ops $base,fastae_triton_launch" \
 done
 
 log "summary (tests exit $tests_rc, benchmarks exit $bench_rc)"
-
 all=()
 [ -s "$OUT/bench.json" ] && all+=("$OUT/bench.json")
 for json in "${jsons[@]}"; do

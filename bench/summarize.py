@@ -38,7 +38,7 @@ def read_run(path: str) -> dict:
 
 
 def load(paths: list[str]) -> list[dict]:
-    """The records of every file, each with its ``source`` (the file's name): ratios between
+    """The records of every file, each with its ``source`` (the file's path): ratios between
     records of different files are marked as such (fb.ratio_table)."""
     records = []
     for path in paths:
