@@ -597,13 +597,22 @@ def test_tensor_batches_cover_every_row_once_per_pass():
     assert torch.equal(torch.cat(list(again)), first)  # the seed fixes the orders
     in_order = TensorBatches(data, 8, shuffle=False, seed=4)
     assert torch.equal(torch.cat(list(in_order)), data)
+    # drop_last: the same orders, less each pass's last 1 row
+    dropped = TensorBatches(data, 8, shuffle=True, seed=4, drop_last=True)
+    assert len(dropped) == 3 and [b.shape[0] for b in dropped] == [8, 8, 8]
+    dropped = TensorBatches(data, 8, shuffle=True, seed=4, drop_last=True)
+    assert torch.equal(torch.cat(list(dropped)), first[:24])
+    in_order = TensorBatches(data, 8, shuffle=False, seed=4, drop_last=True)
+    assert torch.equal(torch.cat(list(in_order)), data[:24])
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_tensor_batches_of_a_shard_follow_its_sampler(shuffle):
+def test_tensor_batches_of_a_shard_follow_its_sampler(shuffle, drop_last):
     """Data-parallel batches: each process's rows in its DistributedSampler's order for the
     epoch set, batched as a DataLoader over the same sampler would (one gather a batch, not
-    one a row); the shards together hold every row (25 rows on 2 processes: one repeated)."""
+    one a row; with drop_last, without a shard's shorter last batch); the shards together
+    hold every row (25 rows on 2 processes: one repeated)."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from fastae.training import TensorBatches
@@ -612,17 +621,19 @@ def test_tensor_batches_of_a_shard_follow_its_sampler(shuffle):
     shards = []
     for rank in (0, 1):
         sampler = DistributedSampler(range(25), num_replicas=2, rank=rank, shuffle=shuffle, seed=3)
-        batches = TensorBatches(data, 4, shuffle, 3, sampler)
-        loader = DataLoader(TensorDataset(data), batch_size=4, sampler=sampler)
+        batches = TensorBatches(data, 4, shuffle, 3, sampler, drop_last)
+        loader = DataLoader(TensorDataset(data), 4, sampler=sampler, drop_last=drop_last)
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
             ours, theirs = list(batches), [batch for (batch,) in loader]
-            assert len(batches) == len(loader) == 4 and len(ours) == 4
+            # 13 rows a shard: 3 batches of 4, and one of 1 unless dropped
+            assert len(batches) == len(loader) == len(ours) == (3 if drop_last else 4)
             for a, b in zip(ours, theirs, strict=True):
                 assert torch.equal(a, b)
         shards.append(torch.cat(ours))
     rows = torch.cat(shards)[:, 0].tolist()
-    assert len(rows) == 26 and set(rows) == set(data[:, 0].tolist())
+    if not drop_last:
+        assert len(rows) == 26 and set(rows) == set(data[:, 0].tolist())
 
 
 def test_host_data_moves_to_a_cuda_model_once_where_it_fits(monkeypatch):
