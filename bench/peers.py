@@ -470,33 +470,16 @@ def _installed(module: str, name: str):
     return found, f"{name} {found.__version__}"
 
 
-def _ints(low: int, high: int):
-    """An argparse type: comma-separated ints from ``low`` to ``high``."""
-
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",")]
-        except ValueError:
-            values = []
-        if not values or not all(low <= value <= high for value in values):
-            raise argparse.ArgumentTypeError(
-                f"must be comma-separated ints from {low} to {high}, got {text!r}"
-            )
-        return values
-
-    return parse
-
-
 PARTS = ("anomaly", "training", "streaming")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # scikit-learn's random_state: below 2**32
-    parser.add_argument("--seeds", type=_ints(0, 2**32 - 1), default="0", help="comma-separated")
-    parser.add_argument(
-        "--digits", type=_ints(0, 9), default="0,1,2,3,4,5,6,7,8,9", help="held-out classes"
-    )
+    seeds = fb.listed(int, "ints from 0 to 2**32 - 1", lambda seed: 0 <= seed < 2**32)
+    digits = fb.listed(int, "ints from 0 to 9", lambda digit: 0 <= digit <= 9)
+    parser.add_argument("--seeds", type=seeds, default="0", help="comma-separated")
+    parser.add_argument("--digits", type=digits, default="0,1,2,3,4,5,6,7,8,9", help="held out")
     parser.add_argument(
         "--epochs", type=fb.positive_int, default=EPOCHS, help="fastae's epochs (passes)"
     )

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 import fastae
+from fastae import benchmark as fb
 
 
 def _or_nan(score) -> float:
@@ -59,25 +60,10 @@ def measure(lr: float, seed: int, x, y, split) -> tuple[float, float, float]:
     return _or_nan(detector), _or_nan(probe), _or_nan(semi_supervised)
 
 
-def _listed(kind, what: str, valid):
-    """An argparse type: comma-separated values of ``kind`` for which ``valid`` holds."""
-
-    def parse(text: str) -> list:
-        try:
-            values = [kind(part) for part in text.split(",")]
-        except ValueError:
-            values = []
-        if not values or not all(valid(value) for value in values):
-            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}")
-        return values
-
-    return parse
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    rates = _listed(float, "positive finite numbers", lambda lr: 0 < lr < float("inf"))
-    seeds = _listed(int, "ints from 0 to 2**32 - 1", lambda seed: 0 <= seed < 2**32)
+    rates = fb.listed(float, "positive finite numbers", lambda lr: 0 < lr < float("inf"))
+    seeds = fb.listed(int, "ints from 0 to 2**32 - 1", lambda seed: 0 <= seed < 2**32)
     parser.add_argument("--lrs", type=rates, default="1e-2,3e-3,1e-3")
     parser.add_argument("--seeds", type=seeds, default="0,1,2,3")
     args = parser.parse_args(argv)

@@ -201,6 +201,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def listed(kind, what: str, valid):
+    """An argparse type: comma-separated values of ``kind`` (``what`` they must be) for which
+    ``valid`` holds."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(valid(value) for value in values):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}")
+        return values
+
+    return parse
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -872,11 +872,11 @@ def fit(
     the default group) trains data-parallel, and every process must call fit with the same
     whole tensor or Dataset data (checked; or its own batches in a DataLoader; a batch holding
     NaN ends the run on every process through the mean loss, not refused by one alone): tensor
-    or Dataset data is sharded across processes with a DistributedSampler (shuffled alike on all: process 0's seed, given
-    or drawn; it pads the training
-    rows to a multiple of the processes with repeated rows, which are trained on and counted;
-    validation data in unpadded shards, each row once), the losses in the history are means
-    over every process's rows (one all-reduce an epoch), so all processes stop early, keep
+    or Dataset data is sharded across processes with a DistributedSampler (shuffled alike on
+    all: process 0's seed, given or drawn; it pads the training rows to a multiple of the
+    processes with repeated rows, which are trained on and counted; validation data in
+    unpadded shards, each row once), the losses in the history are means over every
+    process's rows (one all-reduce an epoch), so all processes stop early, keep
     and restore the same epoch's weights, and ``seed`` seeds process r's generator with
     ``seed + r``, so that their noise differs (without ``seed``, seed each process's generator
     differently yourself). Any other model trains on the calling process's data alone, with
