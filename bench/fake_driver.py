@@ -2,7 +2,7 @@
 
 Kernels compile for an H100/H200 (sm_90, with the ptxas that Triton ships) and every launch
 reaches a recording launcher instead of the device: nothing runs, outputs stay unwritten.
-For measuring the host time of launches (``bench/host_time.py --launch-path``) and for
+For measuring the host time of launches (``bench/launch_time.py``) and for
 checking that fastae's direct launches hand the launcher exactly what Triton's own path does
 (``tests/test_launch.py``). Tensors may live on the CPU; only their data pointers are used.
 

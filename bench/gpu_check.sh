@@ -27,8 +27,9 @@
 # timed-out step gets SIGINT first, so pytest stops cleanly and pytest-benchmark still writes
 # the JSON of the cases it finished; no step's limit reaches past the budget (the summary and
 # the bundle take a few seconds after it).
-# Exit status: 1 where a test or benchmark failed (not where one stopped at its time limit)
-# or there is no CUDA device (unless BENCH_ARGS asks for --fastae-device cpu), else 0.
+# Exit status: 1 where a test or benchmark failed (not where one stopped at its time limit),
+# there is no CUDA device (unless BENCH_ARGS asks for --fastae-device cpu), fastae does not
+# import or no benchmark JSON was written; summarize.py's where it fails; else 0.
 # Knobs: PYTHON (default python3); BUDGET_S, the whole run's seconds (default 400); BENCH_ARGS,
 # the suite's options (default: the lean CUDA set; bench/warm_cache.py reads the same);
 # SKIP_INSTALL=1, SKIP_WARM=1 and SKIP_TESTS=1 leave those steps out.

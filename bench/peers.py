@@ -10,8 +10,9 @@ on the other nine classes' training rows, AUROC on the test split, mean over the
 classes), and breast_cancer (trained on the benign training rows, malignant = anomaly). Per
 detector, AUROC and the seconds to fit and score (digits: the mean over the ten), mean ± std
 over the seeds (each seed splits the data and seeds every detector); the detectors take turns
-on each task, so a busy machine slows them alike, after an untimed fit of each (one epoch on
-128 rows) that takes the process's one-off costs. Detectors:
+on each task, so a busy machine slows them alike, after an untimed fit of each on 128 rows
+(one epoch, or the fixed epochs of a row that does not take ``--epochs``) that takes the
+process's one-off costs. Detectors:
 
 - fastae: ``AutoencoderOutlierDetector`` as the demo trains it (one sigmoid layer of 32 units
   on digits, 8 on breast_cancer, standardized there; 50 epochs, batch 64, Adam 1e-2), plain
@@ -214,8 +215,9 @@ WARM_UP_ROWS = 128
 
 
 def warm_up(seed: int, held_out: list[int], pyod: bool = True) -> None:
-    """Untimed: each detector fits once, one epoch on a few rows, so the first one timed is
-    not charged the process's one-off costs (imports, thread pools, first calls)."""
+    """Untimed: each detector fits once on a few rows (one epoch where its epochs are ours),
+    so the first one timed is not charged the process's one-off costs (imports, thread pools,
+    first calls)."""
     task, normal, test, _ = next(tasks(seed, held_out))
     for detect in detectors(task, seed, 1, pyod).values():
         detect(normal[:WARM_UP_ROWS], test[:WARM_UP_ROWS])

@@ -1,11 +1,13 @@
 """Turn benchmark JSON into SUMMARY.md and a bar chart of fastae's speedups.
 
-    python bench/summarize.py results.json [more.json ...] --out bench/results
+    python bench/summarize.py results.json [more.json ...] --out summary
 
 Reads the JSON of ``pytest bench --benchmark-json`` (or of ``python -m fastae bench --json``),
 prints the ratio table, and writes ``SUMMARY.md`` (per card: median time per provider and
 fastae's speedup per case, with dtype and float32 matmul precision, then the
 device-independent figures) and ``speedup.png`` (matplotlib; skipped when it is missing).
+Ratios are meant within one run: in the tables a ratio whose two times come from different
+files is marked ``*``; a missing or malformed file is an error naming it.
 """
 
 from __future__ import annotations

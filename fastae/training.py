@@ -89,7 +89,10 @@ def _as_tensor(name: str, data, like: torch.Tensor, own_model: bool) -> torch.Te
         with _checks.ignoring("The given NumPy array is not writable"):
             return torch.as_tensor(data, dtype=like.dtype, device="cpu")  # moved by _resident
     if not isinstance(data, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, numpy array or DataLoader, got {type(data)}")
+        raise TypeError(
+            f"{name} must be a tensor, numpy array, Dataset, DataLoader or iterable of batches, "
+            f"got {type(data).__name__}"
+        )
     _checks.dense(name, data)
     if data.is_meta:
         raise ValueError(f"{name} is on the meta device: it holds no values to train on")
@@ -466,7 +469,8 @@ def _check_finite_data(model: nn.Module, sources: dict) -> None:
     """Tensor data (and validation data) for one of fastae's models free of NaN and inf,
     which would make its loss NaN an epoch later: their extremes in one pass, one sync. A
     model of another package's (or the caller's) may read NaN as a missing value; batches a
-    DataLoader yields are checked as they arrive (:func:`_check_batch_values`), not ahead."""
+    DataLoader yields on the host are checked as they arrive (:func:`_check_batch_values`;
+    for NaN not under data-parallel training), not ahead."""
     if not _own_model(model):
         return
     for name, tensor in sources.items():
@@ -788,7 +792,7 @@ def fit(
     ``epochs`` passes, stepping ``optimizer`` (by default Adam at ``lr``) once a minibatch
     (of tensor, array or Dataset data, ``batch_size`` rows, 128 where None; an epoch's last
     batch holds the rest, or is dropped with ``drop_last``, where it is shorter: a BatchNorm
-    layer cannot train on a batch of one row).
+    layer cannot train on a batch of one row; validation reads every row).
 
     ``data`` and ``validation_data`` are (N, d) tensors or arrays (or array-likes, as a pandas
     DataFrame, read as the array ``np.asarray`` makes; batched here; the training
@@ -857,7 +861,8 @@ def fit(
     history so far, the model in training mode): to log, checkpoint or plot; returning True
     stops training there (``History.stopped_early``; the weights stay the last epoch's where
     no validation data is given; under data-parallel training a stop asked by any process
-    stops all); a return other than True, False or None is warned about and does not stop it.
+    stops all; a one-element bool tensor, a comparison of tensor losses, answers as its value);
+    a return other than these, False or None is warned about and does not stop it.
 
     ``cuda_graph``: replay each training step from a CUDA graph (:class:`fastae.GraphedStep`:
     one launch a step instead of a dozen, for batches whose GPU work is shorter than the
@@ -871,7 +876,8 @@ def fit(
     Under ``torchrun`` (an initialized process group) a DistributedDataParallel model (over
     the default group) trains data-parallel, and every process must call fit with the same
     whole tensor or Dataset data (checked; or its own batches in a DataLoader; a batch holding
-    NaN ends the run on every process through the mean loss, not refused by one alone): tensor
+    NaN ends an MSE model's run on every process through the mean loss, where a BCE model's
+    target check refuses it on that process alone, the others waiting): tensor
     or Dataset data is sharded across processes with a DistributedSampler (shuffled alike on
     all: process 0's seed, given or drawn; it pads the training rows to a multiple of the
     processes with repeated rows, which are trained on and counted; validation data in
@@ -963,7 +969,7 @@ def fit(
     data, validation_data = _plain_array(data), _plain_array(validation_data)
     drop_last = _checks.flag("drop_last", drop_last)
     batch_size, shuffle = _batching(data, validation_data, batch_size, shuffle, drop_last)
-    # the shuffling seed, drawn only where tensor data is shuffled (an unused draw would
+    # the shuffling seed, drawn only where fit shuffles the data (an unused draw would
     # shift the noise drawn after it, and a run resumed from a checkpoint with it), and
     # process 0's on every process: a DistributedSampler's shards are disjoint only where all
     # processes shuffle alike
