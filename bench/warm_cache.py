@@ -14,6 +14,7 @@ compiled graphs in inductor's FX graph cache, and times and tunes as usual.
 from __future__ import annotations
 
 import argparse
+import difflib
 import multiprocessing
 import os
 import sys
@@ -22,17 +23,6 @@ import time
 import torch
 
 from fastae import benchmark as fb
-
-# What else the suite's options (gpu_check.sh's BENCH_ARGS) may hold, read by pytest and
-# ignored here: pytest-benchmark's --benchmark-*, pytest's short options (-k EXPR, -m EXPR, -x,
-# -q, -p NAME, -rfE; this script has none of its own), these long ones, and the values and
-# test paths that follow them (words without a leading dash).
-PYTEST_LONG_OPTIONS = (
-    "--maxfail", "--exitfirst", "--tb", "--durations", "--co", "--collect-only", "--lf", "--ff",
-    "--last-failed", "--failed-first", "--strict-markers", "--deselect", "--ignore", "--timeout",
-    "--import-mode", "--rootdir", "--override-ini", "--verbose", "--quiet", "--capture",
-    "--color", "--showlocals", "--junitxml", "--runxfail",
-)  # fmt: skip
 
 
 def _launch_each_candidate_once(kernel_call, quantiles):
@@ -83,15 +73,15 @@ def jobs(args: argparse.Namespace) -> list[tuple]:
     return out
 
 
-def _not_the_suites(extras: list[str]) -> list[str]:
-    """The options among ``extras`` (what this parser did not know) that are not the suite's
-    (see PYTEST_LONG_OPTIONS): misspelled, or meant for another tool."""
+def _misspelled(extras: list[str], known: list[str]) -> list[str]:
+    """The options among ``extras`` (what this parser did not know) that are meant for it: an
+    unknown ``--fastae-*`` one, or one close to a ``known`` spelling (``--sizez``). The
+    suite's pytest options (``--benchmark-*``, ``-k EXPR``, ``--maxfail 2``) pass."""
+    names = [extra.split("=", 1)[0] for extra in extras if extra.startswith("--")]
     return [
-        extra
-        for extra in extras
-        if extra.startswith("--")
-        and not extra.startswith("--benchmark-")
-        and extra.split("=", 1)[0] not in PYTEST_LONG_OPTIONS
+        name
+        for name in names
+        if name.startswith("--fastae-") or difflib.get_close_matches(name, known, n=1, cutoff=0.8)
     ]
 
 
@@ -99,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="The benchmark suite's --fastae-* spellings are accepted, and its pytest options "
-        "(--benchmark-*, -k EXPR, -x, ...) ignored, so one set of options serves both; other "
-        "options are errors.",
+        "(--benchmark-*, -k EXPR, -x, ...) ignored, so one set of options serves both; an "
+        "unknown --fastae-* option, or a misspelling of one of these, is an error.",
     )
     parser.add_argument("--device", "--fastae-device", default="cuda")
     parser.add_argument("--sizes", "--fastae-sizes", default="lean", help="as --fastae-sizes")
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=None, help="stop waiting for jobs after this long"
     )
     args, extras = parser.parse_known_args(argv)
-    unknown = _not_the_suites(extras)
+    unknown = _misspelled(extras, [o for a in parser._actions for o in a.option_strings])
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.budget_s is not None and not args.budget_s > 0:
