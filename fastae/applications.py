@@ -234,6 +234,7 @@ class SemiSupervisedAutoencoder(
         epochs: int = 50,
         batch_size: int = 64,
         lr: float | str = "auto",
+        weight_decay: float = 0.0,
         device="auto",
         random_state=None,
         verbose: bool = False,
@@ -260,6 +261,7 @@ class SemiSupervisedAutoencoder(
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.weight_decay = weight_decay
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -481,6 +483,7 @@ class StackedAutoencoder(
         finetune_epochs: int = 30,
         batch_size: int = 64,
         lr: float = 1e-2,
+        weight_decay: float = 0.0,
         device="auto",
         random_state=None,
         verbose: bool = False,
@@ -503,6 +506,7 @@ class StackedAutoencoder(
         self.finetune_epochs = finetune_epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.weight_decay = weight_decay
         self.device = device
         self.random_state = random_state
         self.verbose = verbose

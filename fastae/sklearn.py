@@ -309,6 +309,7 @@ class AutoencoderEstimatorMixin:
         _checks.positive_int("batch_size", self.batch_size)
         _checks.verbosity("verbose", self.verbose)
         self._learning_rate()
+        self._weight_decay()
         device = resolve_device(self.device)
         if _checks.flag("cuda_graph", self.cuda_graph) and not _graphs_possible(device):
             raise ValueError(
@@ -337,6 +338,9 @@ class AutoencoderEstimatorMixin:
 
     def _learning_rate(self) -> float:
         return _positive_float("lr", self.lr)
+
+    def _weight_decay(self) -> float:
+        return _checks.finite_number("weight_decay", self.weight_decay, low=0, float32=True)
 
     def _draw_seed(self) -> int:
         return int(random_state_generator(self.random_state).randint(_SEED_BOUND))
@@ -520,7 +524,7 @@ class AutoencoderEstimatorMixin:
         progress = _checks.verbosity("verbose", self.verbose)
         kwargs = {"progress": progress, "cuda_graph": bool(self.cuda_graph)} | kwargs
         if "optimizer" not in kwargs:
-            kwargs["lr"] = self._learning_rate()
+            kwargs |= {"lr": self._learning_rate(), "weight_decay": self._weight_decay()}
         try:
             history = fit(module, data, epochs=epochs, batch_size=batch_size, seed=seed, **kwargs)
         except LossNotFinite as error:
@@ -861,6 +865,7 @@ class _AutoencoderEstimator(
         epochs: int = 50,
         batch_size: int = 64,
         lr: float | str = "auto",
+        weight_decay: float = 0.0,
         device="auto",
         random_state=None,
         verbose: bool = False,
@@ -886,6 +891,7 @@ class _AutoencoderEstimator(
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.weight_decay = weight_decay
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -948,7 +954,10 @@ class _AutoencoderEstimator(
         settings of now: ``lr``, and fused / capturable for the device and ``cuda_graph``
         (which decide where the loaded step counts go)."""
         optimizer = default_optimizer(
-            layer, self._learning_rate(), capturable=bool(self.cuda_graph)
+            layer,
+            self._learning_rate(),
+            capturable=bool(self.cuda_graph),
+            weight_decay=self._weight_decay(),
         )
         saved = getattr(self, "_optimizer_state", None)
         if saved is not None:
@@ -1014,6 +1023,9 @@ class AutoencoderTransformer(
         epochs, batch_size, lr: Adam training through :func:`fastae.fit`; ``lr="auto"`` is
             1e-2 for an autoencoder, 3e-3 for a VAE (whose training diverges at 1e-2 on
             standardized inputs: ``bench/vae_learning_rate.py``).
+        weight_decay: Adam's L2 penalty (``torch.optim.Adam``'s, on every weight and bias:
+            scikit-learn's MLP ``alpha`` spares the biases; PyOD's AutoEncoder sets 1e-5);
+            0 (default) for none.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         random_state: int, RandomState or None (numpy's global generator, as scikit-learn's:
             ``np.random.seed``, not ``torch.manual_seed``, repeats such fits); ``fit`` draws the
@@ -1147,6 +1159,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
         epochs: int = 50,
         batch_size: int = 64,
         lr: float | str = "auto",
+        weight_decay: float = 0.0,
         device="auto",
         random_state=None,
         verbose: bool = False,
@@ -1173,6 +1186,7 @@ class AutoencoderOutlierDetector(OutlierMixin, _AutoencoderEstimator):
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
+            weight_decay=weight_decay,
             device=device,
             random_state=random_state,
             verbose=verbose,

@@ -773,6 +773,7 @@ def fit(
     epochs: int = 20,
     batch_size: int | None = None,
     lr: float | None = None,
+    weight_decay: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     validation_data=None,
     validation_split: float | None = None,
@@ -846,6 +847,10 @@ def fit(
     ``optimizer``: by default :func:`default_optimizer`'s Adam at ``lr`` (1e-3 where None;
     PyTorch's fused Adam on CUDA and on the CPU); an optimizer passed in holds its own rate,
     and ``lr`` must then be None.
+    ``weight_decay``: the default Adam's L2 penalty (``torch.optim.Adam``'s: each step adds
+    ``weight_decay * p`` to every parameter's gradient, the gradient of
+    ``weight_decay / 2 * ||p||^2``, biases included); 0 (default) for none. With
+    ``optimizer`` given it must be 0: set it on the optimizer.
     ``scheduler``: a learning-rate scheduler stepped once an epoch, after its losses (a
     ``ReduceLROnPlateau`` with the loss ``patience`` watches: validation if given, else
     training): one built on ``optimizer``, or a callable that builds one from the optimizer
@@ -908,6 +913,12 @@ def fit(
         )
     lr = DEFAULT_LR if lr is None else lr
     lr = _checks.finite_number("lr", lr, low=0, open_low=True, float32=True)
+    weight_decay = _checks.finite_number("weight_decay", weight_decay, low=0, float32=True)
+    if weight_decay and optimizer is not None:
+        raise ValueError(
+            "weight_decay sets the L2 penalty of fit's default Adam: with optimizer given, "
+            "leave it 0 and set weight_decay on the optimizer"
+        )
     min_delta = _checks.finite_number("min_delta", min_delta, low=0)
     seed = check_seed(seed)
     if shuffle is not None:
@@ -1000,7 +1011,9 @@ def fit(
         _check_adam_dtype(model)
         # a graph replays an lr it reads from memory: a tensor the scheduler fills
         lr_on_device = cuda_graph and scheduler is not None
-        optimizer = default_optimizer(model, lr, capturable=cuda_graph, lr_tensor=lr_on_device)
+        optimizer = default_optimizer(
+            model, lr, capturable=cuda_graph, lr_tensor=lr_on_device, weight_decay=weight_decay
+        )
     # every step through the graphed step: it runs eagerly until it captures
     step = None
     if cuda_graph:
@@ -1264,7 +1277,11 @@ def cuda_index(device: torch.device) -> int:
 
 
 def default_optimizer(
-    model: nn.Module, lr: float, capturable: bool = False, lr_tensor: bool = False
+    model: nn.Module,
+    lr: float,
+    capturable: bool = False,
+    lr_tensor: bool = False,
+    weight_decay: float = 0.0,
 ):
     """``fit``'s Adam: fused where every parameter is on a CUDA device (by PyTorch's design
     the update of all of them in one kernel, plus one for the step counters, where the default
@@ -1273,12 +1290,18 @@ def default_optimizer(
     there, ``bench/optimizer_time.py``),
     else PyTorch's default. ``lr_tensor``: the learning rate is a tensor on the parameters'
     device (a CUDA graph reads it from memory at each replay, so a scheduler's updates take
-    effect)."""
+    effect); ``weight_decay``: Adam's L2 penalty on every parameter."""
     devices = {p.device.type for p in model.parameters()}
     fused = devices in ({"cuda"}, {"cpu"})
     if lr_tensor:
         lr = torch.tensor(lr, dtype=torch.float32, device=next(model.parameters()).device)
-    return torch.optim.Adam(model.parameters(), lr=lr, capturable=capturable, fused=fused or None)
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=lr,
+        weight_decay=weight_decay,
+        capturable=capturable,
+        fused=fused or None,
+    )
 
 
 _SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, ReduceLROnPlateau)

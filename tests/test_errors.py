@@ -465,6 +465,9 @@ def test_autoencoder_forward_bad_input():
         (dict(max_grad_norm=-1), ValueError, "max_grad_norm"),
         (dict(max_grad_norm=math.nan), ValueError, "max_grad_norm"),
         (dict(max_grad_norm="1"), TypeError, "max_grad_norm"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(weight_decay=math.inf), ValueError, "weight_decay"),
+        (dict(weight_decay=True), TypeError, "weight_decay"),
         # strings and mappings are iterable, but not of batches
         (dict(data="abc"), TypeError, "data"),
         (dict(data={"x": torch.rand(6, 5)}), TypeError, "data"),
@@ -662,6 +665,8 @@ def test_fit_checks_its_model_and_optimizer():
     with pytest.raises(ValueError, match=names("lr") + " sets the rate of fit's default Adam"):
         fastae.fit(model, data, epochs=1, optimizer=sgd, lr=0.5, progress=False)
     assert fastae.fit(model, data, epochs=1, optimizer=sgd, progress=False).lr == [0.1]
+    with pytest.raises(ValueError, match=names("weight_decay") + " sets the L2 penalty of fit's"):
+        fastae.fit(model, data, epochs=1, optimizer=sgd, weight_decay=0.1, progress=False)
     assert fastae.fit(model, data, epochs=1, progress=False).lr == [1e-3]
 
 

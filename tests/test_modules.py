@@ -879,6 +879,27 @@ def _step_lr(gamma):
     return lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma)
 
 
+def test_fit_weight_decay_is_the_gradient_of_an_l2_penalty_on_every_parameter():
+    """weight_decay=w: Adam on the loss plus (w / 2) * sum ||p||^2 over all parameters, biases
+    included (the oracle: a plain Adam without decay, the penalty in its loss)."""
+    torch.manual_seed(0)
+    model, data, decay = fastae.Autoencoder(5, 3, tied=False), torch.rand(8, 5), 0.5
+    oracle, plain = copy.deepcopy(model), copy.deepcopy(model)
+    fastae.fit(model, data, epochs=5, batch_size=8, lr=1e-2, weight_decay=decay, progress=False)
+    fastae.fit(plain, data, epochs=5, batch_size=8, lr=1e-2, progress=False)
+    adam = torch.optim.Adam(oracle.parameters(), lr=1e-2, foreach=False)
+    for _ in range(5):
+        penalty = sum(p.pow(2).sum() for p in oracle.parameters())
+        (oracle(data).loss + decay / 2 * penalty).backward()
+        adam.step()
+        adam.zero_grad()
+    for (name, trained), expected, undecayed in zip(
+        model.named_parameters(), oracle.parameters(), plain.parameters(), strict=True
+    ):
+        torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6, msg=name)
+        assert (trained - undecayed).abs().max() > 1e-4, name
+
+
 def test_fit_steps_the_scheduler_once_an_epoch():
     data = small_problem()
     kwargs = {"batch_size": 16, "lr": 0.03, "seed": 0, "progress": False}

@@ -145,6 +145,58 @@ def test_drop_in_for_pca_in_a_pipeline(digits):
     assert search.best_params_["autoencodertransformer__n_components"] in (4, 8)
 
 
+def test_weight_decay_reaches_every_adam_the_estimators_train_with(digits, monkeypatch):
+    """weight_decay is the L2 penalty of each Adam an estimator builds: fit's, partial_fit's
+    (read again at each call), the stack's pretraining and fine-tuning, the classifier's."""
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(default_optimizer(*args, **kwargs))
+        return made[-1]
+
+    default_optimizer = fastae.training.default_optimizer
+    monkeypatch.setattr(fastae.training, "default_optimizer", recording)
+    monkeypatch.setattr(fastae.sklearn, "default_optimizer", recording)
+    x, y = digits[0][:60], digits[1][:60]
+    decayed = {"weight_decay": 0.03, "random_state": 0}
+    small = {"epochs": 1} | decayed
+    for estimator, target in (
+        (AutoencoderTransformer(4, **small), None),
+        (AutoencoderOutlierDetector(4, hidden_layer_sizes=(8,), **small), None),
+        (fastae.SemiSupervisedAutoencoder(4, **small), y),
+        (fastae.StackedAutoencoder([8, 4], pretrain_epochs=1, finetune_epochs=1, **decayed), None),
+    ):
+        made.clear()
+        estimator.fit(x, target)
+        expected = 3 if isinstance(estimator, fastae.StackedAutoencoder) else 1
+        decays = [group["weight_decay"] for adam in made for group in adam.param_groups]
+        assert decays == [0.03] * expected, type(estimator).__name__
+    streaming = AutoencoderTransformer(4, **small).partial_fit(x)
+    assert streaming._optimizer_state["param_groups"][0]["weight_decay"] == 0.03
+    streaming.set_params(weight_decay=0.5).partial_fit(x)
+    assert streaming._optimizer_state["param_groups"][0]["weight_decay"] == 0.5
+    assert made[-1].state  # the moments of the first call, carried into the second
+
+
+def test_weight_decay_shrinks_the_weights_and_is_checked(digits):
+    x = digits[0][:200]
+    norms = [
+        AutoencoderTransformer(8, tied=False, weight_decay=decay, epochs=10, random_state=0)
+        .fit(x)
+        .module_.weight.norm()
+        .item()
+        for decay in (0.0, 0.1)
+    ]
+    assert norms[1] < 0.8 * norms[0], norms
+    for value, error, message in (
+        (-1e-3, ValueError, r"^weight_decay must be >= 0, got -0.001"),
+        (float("nan"), ValueError, r"^weight_decay must be finite"),
+        ("1e-3", TypeError, r"^weight_decay must be a real number, got str"),
+    ):
+        with pytest.raises(error, match=message):
+            AutoencoderTransformer(4, weight_decay=value, epochs=1).fit(x)
+
+
 def test_regularizers_reach_the_module(digits):
     x, _ = digits
     noise, sparsity = fastae.MaskingNoise(0.2), fastae.KLSparsity(0.05, 0.1)
