@@ -719,7 +719,8 @@ class DECClustering(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMi
     code minimizes MSE + gamma KL with the squared error averaged over features too, so w is not
     its gamma (w = 1 / (gamma d) matches it for squared error over d features). Training stops
     early when fewer than ``tol`` (in [0, 1]) of the labels change between target updates.
-    ``lr``: Adam's learning rate in the refinement; ``n_init``: k-means restarts (or "auto");
+    ``lr``: Adam's learning rate in the refinement (which decays no weight: the autoencoder's
+    ``weight_decay`` is its pretraining's alone); ``n_init``: k-means restarts (or "auto");
     ``random_state`` seeds k-means, the refinement and the autoencoder clone when its own
     ``random_state`` is None. ``verbose`` shows the refinement's progress. Refinement trains as
     the autoencoder was trained: with its ``cuda_graph=True``, each step is replayed from a
