@@ -977,7 +977,8 @@ def fit(
         # data-parallel, one stream per process: with one seed, the noise (and a VAE's eps)
         # of row i of every process's batch would be the same
         seed_torch((seed + rank) % 2**64, like.device)
-    data, validation_data = _plain_array(data), _plain_array(validation_data)
+    data = _plain_array("data", data)
+    validation_data = _plain_array("validation_data", validation_data)
     drop_last = _checks.flag("drop_last", drop_last)
     batch_size, shuffle = _batching(data, validation_data, batch_size, shuffle, drop_last)
     # the shuffling seed, drawn only where fit shuffles the data (an unused draw would
@@ -1205,12 +1206,14 @@ def _check_callback(callback) -> None:
         ) from None
 
 
-def _plain_array(data):
+def _plain_array(name: str, data):
     """An array-like that is not a tensor, array or DataLoader (a pandas or polars DataFrame,
     whose iteration yields its column names) as the numpy array it holds, a TensorDataset as
     its first tensor (the input: the labels beside it are not read; batched whole, not
     collated row by row); anything else as given."""
-    if type(data) is TensorDataset and data.tensors:
+    if type(data) is TensorDataset:
+        if not data.tensors:  # whose len() raises IndexError
+            raise ValueError(f"{name} is a TensorDataset of no tensors: it holds no rows")
         _warn_unread_target(data.tensors)  # as its batches would warn
         return data.tensors[0]
     if hasattr(data, "__array__") and not isinstance(data, (torch.Tensor, np.ndarray, DataLoader)):

@@ -481,6 +481,8 @@ def test_autoencoder_forward_bad_input():
             "validation_data",
         ),  # fmt: skip
         (dict(validation_data=[(0.5,)]), TypeError, "validation_data"),
+        (dict(data=TensorDataset()), ValueError, "data"),
+        (dict(validation_data=TensorDataset()), ValueError, "validation_data"),
         # arrays and tensors that hold no usable numbers
         (dict(data=np.array([["a"] * 5] * 6)), TypeError, "data"),
         (dict(data=np.ones((6, 5), dtype=object)), TypeError, "data"),
