@@ -716,6 +716,24 @@ class StackModule(nn.Module):
             h = layer.decode(h)
         return self.layers[0].decode(h, logits=logits)
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Reconstruction x^ (B, d) of x as given, never corrupted: ``decode(encode(x))``."""
+        return self.decode(self.encode(x))
+
+    def reconstruction_error(self, x: Tensor) -> Tensor:
+        """Per-sample reconstruction loss (B,) of clean inputs (the bottom layer's loss; the
+        anomaly score): the ``per_sample`` of the forward in eval mode, without its penalties."""
+        bottom = self.layers[0]
+        x = _checks.model_input(x, bottom.weight, bottom.in_features)
+        h = self.encode(x)
+        for layer in reversed(self.layers[1:]):
+            h = layer.decode(h)
+        steps.check_bce_input(bottom, x)
+        return ops.decode_loss(
+            h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
+            loss=bottom.loss_name, check_target=False,
+        )  # fmt: skip
+
     def _is_deep_autoencoder(self) -> bool:
         """Whether the stack is a sigmoid DeepAutoencoder's network without penalties (the
         one-node deep step has a sparsity term on the code only)."""

@@ -424,7 +424,37 @@ def test_stack_module_loss_terms():
         clean = stack(x)
         expected = bottom.decode(top.decode(top.encode(bottom.encode(x))))
     torch.testing.assert_close(stack.decode(stack.encode(x)), expected)
+    torch.testing.assert_close(stack.reconstruct(x), expected)
     assert torch.isfinite(clean.per_sample).all()
+
+
+@pytest.mark.parametrize("bottom_loss", ["bce", "mse"])
+def test_stack_module_reconstruction_error_is_the_eval_per_sample_loss(bottom_loss):
+    """reconstruction_error: the bottom layer's per-sample loss of the clean reconstruction, as
+    the eval forward gives it (float64 sums written out for the oracle), the input never
+    corrupted, even in training mode."""
+    torch.manual_seed(0)
+    output = "sigmoid" if bottom_loss == "bce" else "identity"
+    bottom = fastae.Autoencoder(
+        10, 6, output=output, loss=bottom_loss, noise=fastae.MaskingNoise(0.5), contractive=0.5,
+        dtype=torch.float64,
+    )  # fmt: skip
+    top = fastae.Autoencoder(
+        6, 3, activation="tanh", output="identity", loss="mse", dtype=torch.float64
+    )
+    stack, x = StackModule([bottom, top]).train(), torch.rand(5, 10, dtype=torch.float64)
+    with torch.no_grad():
+        error = stack.reconstruction_error(x)
+        expected = stack.eval()(x).per_sample
+        p = stack.reconstruct(x)
+    torch.testing.assert_close(error, expected, rtol=1e-12, atol=1e-12)
+    if bottom_loss == "bce":
+        oracle = -(x * p.log() + (1 - x) * (1 - p).log()).sum(1)
+    else:
+        oracle = (x - p).pow(2).sum(1)
+    torch.testing.assert_close(error, oracle, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match=r"^x must have size 10 in dim 1"):
+        stack.reconstruction_error(x[:, :9])
 
 
 def test_stack_module_corrupts_the_input_only():
