@@ -54,12 +54,13 @@ class GraphedStep:
       that its forward reads (a VAE's ``beta``, a sparsity or contractive weight); a step
       in the other train/eval mode than the capture's runs eagerly (before the capture, a
       change of mode starts the warm-ups again: they and the capture share one mode);
-    - parameters or optimizer state replaced after the capture (``model.to(...)``,
-      ``.double()``, ``optimizer.load_state_dict``) drop the graph: the next calls warm up
-      and capture afresh (``model.load_state_dict`` copies into the same memory and keeps
-      it), as does a parameter frozen or thawed (``requires_grad``) since: the steps then
-      compute, clip and update the parameters that require gradients (a frozen one's
-      ``.grad`` is cleared, so the optimizer no longer steps it).
+    - parameters, buffers or optimizer state replaced after the capture (``model.to(...)``,
+      to another CUDA device too, which the steps then follow; ``.double()``,
+      ``optimizer.load_state_dict``) drop the graph: the next calls warm up and capture
+      afresh (``model.load_state_dict`` copies into the same memory and keeps it), as does
+      a parameter frozen or thawed (``requires_grad``) since: the steps compute, clip and
+      update the parameters that require gradients (a frozen one's ``.grad``, one left from
+      before it was frozen too, is cleared, so the optimizer does not step it).
 
     The capture is thread-local (``capture_error_mode="thread_local"``): another thread's
     CUDA calls, such as a ``DataLoader(pin_memory=True)`` pinning the next batches, do not
@@ -117,7 +118,7 @@ class GraphedStep:
         self._stream: torch.cuda.Stream | None = None
         self._training: bool | None = None  # the model's mode in the warm-ups and capture
         self._static_grads: list[Tensor | None] = []  # the gradients a replay writes
-        self._captured_pointers: list[int] = []  # the parameters' memory at capture
+        self._captured_pointers: list[int] = []  # the parameters' and buffers' memory
         self._captured_state: dict | None = None  # the optimizer's state at capture
 
     @property
@@ -127,6 +128,10 @@ class GraphedStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         x = _checks.tensor("x", x, 2)
+        if self._all_params[0].device != self.device:  # model.to(another device): follow it
+            self.device = _cuda_device([*self.model.parameters(), *self.model.buffers()])
+            self._stream = None
+            self._drop_graph()
         if x.device != self.device:
             raise ValueError(f"x must be on the model's device {self.device}, got {x.device}")
         with torch.cuda.device(self.device):
@@ -157,7 +162,12 @@ class GraphedStep:
             self._static_input = torch.empty_like(x)
         self._static_input.copy_(x.detach())
         if self.calls < self.warmup:
-            loss = self._warmup_step(self._static_input)
+            try:
+                loss = self._warmup_step(self._static_input)
+            except BaseException:
+                if self.calls == 0:  # the next batch sets the shape (this one may be bad)
+                    self.shape = self._static_input = None
+                raise
             self.calls += 1  # once done: a failed warm-up made no optimizer state to capture
             return loss
         return self._capture(self._static_input)
@@ -184,8 +194,12 @@ class GraphedStep:
         replay would write where it no longer is."""
         if self.optimizer is not None and self.optimizer.state is not self._captured_state:
             return False
-        pointers = zip(self.params, self._captured_pointers, strict=True)
-        return all(p.data_ptr() == pointer for p, pointer in pointers)
+        return self._memory() == self._captured_pointers
+
+    def _memory(self) -> list[int]:
+        """Where the tensors a replay reads live: every parameter (frozen ones too) and
+        buffer (a BatchNorm's running statistics)."""
+        return [t.data_ptr() for t in (*self._all_params, *self.model.buffers())]
 
     def _drop_graph(self) -> None:
         """Forget the graph: the next calls warm up and capture afresh."""
@@ -196,6 +210,9 @@ class GraphedStep:
         return self.params[0].dtype
 
     def _zero_grads(self) -> None:
+        for p, trainable in zip(self._all_params, self._trainable, strict=True):
+            if not trainable:  # a gradient left from before it was frozen: not stepped
+                p.grad = None
         if self.graph is None:
             for p in self.params:
                 p.grad = None
@@ -254,7 +271,7 @@ class GraphedStep:
             )
         self.graph, self._static_loss = graph, static_loss
         self._static_grads = [p.grad for p in self.params]
-        self._captured_pointers = [p.data_ptr() for p in self.params]
+        self._captured_pointers = self._memory()
         self._captured_state = None if self.optimizer is None else self.optimizer.state
         graph.replay()  # a capture runs nothing: this is the step of this batch
         self.replays += 1

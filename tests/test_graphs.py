@@ -2,6 +2,7 @@
 equals eager training step for step."""
 
 import contextlib
+import copy
 import types
 import warnings
 
@@ -265,6 +266,123 @@ def test_replaced_memory_drops_the_graph(cpu_graphs, replace):
     model.load_state_dict(model.state_dict())  # copies into the same memory: the graph stays
     step(x)
     assert len(_FakeGraph.captures) == 2 and _FakeGraph.replays == 4
+
+
+class _Scaled(torch.nn.Module):
+    """An autoencoder of its input times a buffer: a model whose replays read a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.autoencoder = _model()
+        self.register_buffer("scale", torch.ones(12))
+
+    def forward(self, x):
+        return self.autoencoder(x * self.scale)
+
+
+@pytest.mark.parametrize("replace", ["a trainable parameter", "a frozen parameter", "a buffer"])
+def test_memory_a_replay_reads_replaced_drops_the_graph(cpu_graphs, replace):
+    """Every tensor a replay reads, trainable or not, parameter or buffer: memory put in its
+    place (``.data =``) leaves the graph reading freed memory, so the graph is dropped."""
+    model = _Scaled()
+    model.autoencoder.bias.requires_grad_(False)
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x)
+    assert step.graphed
+    tensor = {
+        "a trainable parameter": model.autoencoder.weight,
+        "a frozen parameter": model.autoencoder.bias,
+        "a buffer": model.scale,
+    }[replace]
+    tensor.data = tensor.data.clone()
+    step(x)  # a warm-up again
+    assert not step.graphed and len(_FakeGraph.captures) == 1
+    step(x)
+    assert step.graphed and len(_FakeGraph.captures) == 2
+
+
+def test_a_dropped_graph_captures_at_the_next_batch_shape(cpu_graphs):
+    """After the graph is dropped the next batches set the shape captured, not the old one."""
+    model = _model()
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
+    step(torch.rand(16, 12)), step(torch.rand(16, 12))
+    model.double()
+    x = torch.rand(8, 12, dtype=torch.float64)
+    step(x), step(x)
+    assert step.graphed and step.shape == (8, 12) and len(_FakeGraph.captures) == 2
+
+
+def test_a_failed_first_step_does_not_fix_the_shape(cpu_graphs):
+    """A first batch the model refuses leaves no shape behind: later good batches graph."""
+    model = _model()
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
+    with pytest.raises(ValueError, match=r"^x must have size 12 in dim 1"):
+        step(torch.rand(16, 11))
+    x = torch.rand(16, 12)
+    step(x), step(x)
+    assert step.graphed and step.shape == (16, 12)
+
+
+def test_batches_off_the_models_device_or_dtype_are_refused(cpu_graphs):
+    """A batch on another device, or of another dtype (which the graph's buffer would cast
+    silently), is refused after the capture as before it."""
+    model = _model()
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x)
+    assert step.graphed
+    with pytest.raises(ValueError, match=r"^x must be on the model's device cpu, got meta"):
+        step(x.to("meta"))
+    with pytest.raises(TypeError, match=r"^x must have the dtype of the model's parameters"):
+        step(x.double())
+    assert _FakeGraph.replays == 1
+
+
+def test_returned_losses_and_capture_gradients_are_the_steps_own(cpu_graphs):
+    """Warm-up and eager losses are detached; the capture's gradients are that batch's alone
+    (the warm-up's cleared before it, not summed into it)."""
+    model = _model()
+    step = GraphedStep(model, warmup=1)  # no optimizer: the parameters stay
+    x = torch.rand(16, 12)
+    assert not step(x).requires_grad  # a warm-up
+    assert not step(torch.rand(8, 12)).requires_grad  # eager: another shape
+    step(x)  # the capture
+    assert step.graphed
+    fresh = copy.deepcopy(model)
+    fresh.zero_grad(set_to_none=True)
+    fresh(x).loss.backward()
+    for mine, expected in zip(model.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, expected.grad, rtol=0, atol=0)
+
+
+def test_a_parameter_frozen_before_the_step_is_built_is_not_stepped(cpu_graphs):
+    """A gradient left on a parameter frozen before the step was made (by an eager fit, say)
+    is cleared, so the optimizer, which holds every parameter, does not step it."""
+    model = _model()
+    model(torch.rand(16, 12)).loss.backward()  # every parameter has a gradient
+    model.bias.requires_grad_(False)
+    frozen = model.bias.detach().clone()
+    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x), step(x)
+    assert step.graphed and model.bias.grad is None and torch.equal(model.bias, frozen)
+
+
+def test_the_step_follows_the_model_to_another_device(cpu_graphs):
+    """After model.to(another CUDA device) (which keeps the Parameter objects; on the CPU:
+    the step's recorded device made another one's) the graph is dropped and the steps run
+    where the parameters are, instead of refusing every batch there."""
+    model = _model()
+    step = GraphedStep(model, warmup=1)
+    x = torch.rand(16, 12)
+    step(x), step(x)
+    assert step.graphed
+    step.device = torch.device("meta")  # where the parameters were at the capture
+    step(x)  # a warm-up on the parameters' device
+    assert step.device == torch.device("cpu") and not step.graphed
+    step(x)
+    assert step.graphed and len(_FakeGraph.captures) == 2
 
 
 def test_freezing_or_thawing_a_parameter_drops_the_graph(cpu_graphs):
