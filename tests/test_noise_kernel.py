@@ -60,6 +60,25 @@ def test_kernel_equals_reference(kind, level, low, high, base, dtype):
     assert torch.equal(got_grad, reference.corrupt_input_grad(grad, kind, level, seed, base))
 
 
+@pytest.mark.parametrize("kind,low,high", [(k, low, high) for k, _, low, high in KINDS[1:]])
+@pytest.mark.parametrize("impl", [reference, noise], ids=["reference", "triton"])
+def test_an_element_whose_uniform_equals_the_level_is_kept(impl, kind, low, high):
+    """keep = u >= p, on both sides: at a level equal to one element's uniform (a float32
+    value, so exactly that), the element and its gradient are kept, the elements of the
+    uniforms below it dropped."""
+    seed = 2**45 + 123
+    x = _x(19, 37)
+    uniforms = fastae.philox.element_uniforms(seed, 19, 37, x.device)[0]
+    row, col = divmod(int((uniforms - 0.3).abs().argmin()), 37)
+    level = float(uniforms[row, col])
+    got = impl.corrupt(x, kind, level, low, high, seed, 0)
+    level32 = torch.tensor(level, dtype=torch.float32)  # levels act in float32
+    keep_rate = 1 - level32 if kind == "masking_rescale" else 1
+    assert got[row, col] == x[row, col] / keep_rate
+    grad = impl.corrupt_input_grad(torch.ones_like(x), kind, level, seed, 0)
+    assert grad[row, col] == 1 / keep_rate and (grad[uniforms < level] == 0).all()
+
+
 @pytest.mark.parametrize("kind,level,low,high", KINDS[1:])
 @pytest.mark.parametrize("impl", [reference, noise], ids=["reference", "triton"])
 def test_non_finite_inputs(impl, kind, level, low, high):

@@ -4,6 +4,8 @@ float64, and a gradient penalty on a whole training step against a naive torch o
 The first-order gradients come from each backend's own backward; their derivatives are plain
 torch ops on either backend, so the kernels need no second-order variants."""
 
+import math
+
 import pytest
 import torch
 from test_ops import ACTIVATIONS, DECODERS, NOISES, decoder_inputs, layer
@@ -172,6 +174,26 @@ def test_decode_loss_hessian_vector_products_match_naive_oracle(backend_name, ou
     _, want = torch.autograd.functional.hvp(naive_loss, inputs, vectors)
     for got_product, want_product in zip(got, want, strict=True):
         torch.testing.assert_close(got_product, want_product, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_decode_loss_bce_curvature_in_the_sigmoid_tails(backend_name, dtype):
+    """d^2 BCE / dc^2 = sum over rows of sigmoid'(z), at saturated logits too: sigmoid'(20) is
+    2.06e-9 and sigmoid'(40) 4.2e-18, which sigmoid(z) (1 - sigmoid(z)) rounds to 0 (in
+    float32 from z = 17, in float64 from z = 37)."""
+    logits = [40.0, -40.0, 20.0, -20.0, 0.5]
+    rows = 3
+    h = torch.zeros(rows, 2, dtype=dtype)
+    weight = torch.zeros(len(logits), 2, dtype=dtype)
+    bias = torch.tensor(logits, dtype=dtype, requires_grad=True)
+    target = torch.rand(rows, len(logits), dtype=dtype)
+    loss = ops.decode_loss(h, weight, bias, target=target).sum()
+    (grad,) = torch.autograd.grad(loss, bias, create_graph=True)
+    (curvature,) = torch.autograd.grad(grad.sum(), bias)
+    exact = [rows * math.exp(-abs(z)) / (1 + math.exp(-abs(z))) ** 2 for z in logits]
+    want = torch.tensor(exact, dtype=torch.float64)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(curvature.double().cpu(), want, rtol=rtol, atol=0)
 
 
 def test_decode_loss_third_derivative_is_refused(backend_name):

@@ -77,6 +77,30 @@ def test_float32_penalty_of_a_rho_near_its_bounds(impl, rho):
     torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("rho", [1e-4, 1e-3])
+@pytest.mark.parametrize("impl", [reference, sparsity])
+def test_float32_penalty_of_a_small_rho(impl, rho):
+    """A small target rate (rho = 1e-4: the KL of rho_hat 10% off is 5e-7) in float32: the
+    (1 - rho) log((1 - rho) / (1 - q)) term is log1p's, not log(1 - q)'s, whose rounding of
+    1 - q alone puts the KL 13% off. Nearer rho the KL's two terms cancel to float32's
+    absolute error (a few 1e-12): its gradient stays exact to float32 rounding there."""
+    factors = [0.1, 0.5, 0.9, 1.1, 2.0, 10.0]
+    rho_hat = torch.tensor([rho * f for f in factors], dtype=torch.float32, device=DEVICE)
+    kl, grad = impl.bernoulli_kl(rho_hat, rho)
+    want_kl, want_grad = _oracle(rho_hat, rho)
+    assert kl.item() == pytest.approx(want_kl, rel=1e-4)
+    for unit, factor in enumerate(factors):  # each unit's KL alone (the sum hides the small)
+        one_kl, _ = impl.bernoulli_kl(rho_hat[unit : unit + 1], rho)
+        one_want, _ = _oracle(rho_hat[unit : unit + 1], rho)
+        assert one_kl.item() == pytest.approx(one_want, rel=1e-3), factor
+    near = torch.tensor([rho * (1 + 1e-3), rho * (1 - 1e-2)], dtype=torch.float32, device=DEVICE)
+    near_grad = impl.bernoulli_kl(near, rho)[1]
+    want_near = torch.tensor(_oracle(near, rho)[1], dtype=torch.float64)
+    torch.testing.assert_close(near_grad.double().cpu(), want_near, rtol=1e-6, atol=0)
+    want_grad = torch.tensor(want_grad, dtype=torch.float64)
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("rho", [0.05, 0.5, 0.95, 0.999])
 def test_float64_gradient_next_to_rho(rho):
     """In float64 the kernel's gradient (q - rho) / (q (1 - q)) near q = rho matches the
