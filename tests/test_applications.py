@@ -408,6 +408,9 @@ def test_stack_warm_start_fine_tunes_the_fitted_stack(digits):
     assert fresh.fit(x[:300]).loss_curve_ == curve  # without warm_start: afresh
 
 
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+
+
 def test_stack_module_loss_terms():
     torch.manual_seed(0)
     bottom = fastae.Autoencoder(10, 6, noise=fastae.GaussianNoise(0.1), contractive=0.5)
@@ -428,31 +431,42 @@ def test_stack_module_loss_terms():
     assert torch.isfinite(clean.per_sample).all()
 
 
-@pytest.mark.parametrize("bottom_loss", ["bce", "mse"])
-def test_stack_module_reconstruction_error_is_the_eval_per_sample_loss(bottom_loss):
-    """reconstruction_error: the bottom layer's per-sample loss of the clean reconstruction, as
-    the eval forward gives it (float64 sums written out for the oracle), the input never
-    corrupted, even in training mode."""
+@pytest.mark.parametrize(
+    "bottom_loss, top", [("bce", ("tanh", "identity", "mse")), ("mse", ("relu", "sigmoid", "bce"))]
+)
+def test_stack_module_reconstruction_error_is_the_eval_per_sample_loss(bottom_loss, top):
+    """reconstruction_error: the bottom layer's per-sample loss of the clean reconstruction
+    (each upper layer decoding with its own output, whatever its hidden activation), as the
+    eval forward gives it and as written out in float64, the input never corrupted, even in
+    training mode."""
     torch.manual_seed(0)
     output = "sigmoid" if bottom_loss == "bce" else "identity"
     bottom = fastae.Autoencoder(
         10, 6, output=output, loss=bottom_loss, noise=fastae.MaskingNoise(0.5), contractive=0.5,
         dtype=torch.float64,
     )  # fmt: skip
-    top = fastae.Autoencoder(
-        6, 3, activation="tanh", output="identity", loss="mse", dtype=torch.float64
+    activation, top_output, top_loss = top
+    upper = fastae.Autoencoder(
+        6, 3, activation=activation, output=top_output, loss=top_loss, dtype=torch.float64
     )
-    stack, x = StackModule([bottom, top]).train(), torch.rand(5, 10, dtype=torch.float64)
+    stack, x = StackModule([bottom, upper]).train(), torch.rand(5, 10, dtype=torch.float64)
     with torch.no_grad():
         error = stack.reconstruction_error(x)
-        expected = stack.eval()(x).per_sample
         p = stack.reconstruct(x)
-    torch.testing.assert_close(error, expected, rtol=1e-12, atol=1e-12)
+        expected = stack.eval()(x).per_sample
+        h = torch.sigmoid(x @ bottom.weight.t() + bottom.bias)
+        code = ACTIVATIONS[activation](h @ upper.weight.t() + upper.bias)
+        h_hat = code @ upper.weight + upper.decoder_bias
+        h_hat = torch.sigmoid(h_hat) if top_output == "sigmoid" else h_hat
+        x_hat = h_hat @ bottom.weight + bottom.decoder_bias
+        x_hat = torch.sigmoid(x_hat) if output == "sigmoid" else x_hat
+    torch.testing.assert_close(p, x_hat, rtol=1e-12, atol=1e-12)
     if bottom_loss == "bce":
-        oracle = -(x * p.log() + (1 - x) * (1 - p).log()).sum(1)
+        oracle = -(x * x_hat.log() + (1 - x) * (1 - x_hat).log()).sum(1)
     else:
-        oracle = (x - p).pow(2).sum(1)
+        oracle = (x - x_hat).pow(2).sum(1)
     torch.testing.assert_close(error, oracle, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(expected, oracle, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match=r"^x must have size 10 in dim 1"):
         stack.reconstruction_error(x[:, :9])
 

@@ -1,5 +1,6 @@
 """fastae.Autoencoder, its penalties, fastae.fit, and behaviour on the digits data set."""
 
+import contextlib
 import copy
 import functools
 import math
@@ -142,6 +143,96 @@ def test_encode_decode_reconstruct_and_error():
     torch.testing.assert_close(error, F.binary_cross_entropy(x_hat, x, reduction="none").sum(1))
     model.eval()
     torch.testing.assert_close(model(x).per_sample, error, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "activation, output, loss, tied",
+    [
+        ("tanh", "identity", "mse", False),
+        ("relu", "sigmoid", "mse", True),
+        ("softplus", "identity", "mse", True),
+        ("sigmoid", "sigmoid", "bce", False),
+    ],
+)
+def test_encode_and_reconstruction_error_follow_the_layers_and_never_corrupt(
+    activation, output, loss, tied
+):
+    """encode, reconstruct and reconstruction_error with each activation, output and loss,
+    in float64 by hand, of the clean input also in training mode (noise corrupts the forward
+    alone), equal to the eval forward's code and per-sample loss."""
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(
+        7, 4, activation=activation, output=output, loss=loss, tied=tied,
+        noise=fastae.MaskingNoise(0.5), dtype=torch.float64,
+    ).train()  # fmt: skip
+    x = torch.rand(5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        h = ACT_FN[activation](x @ model.weight.t() + model.bias)
+        logits = h @ model.decoder_matrix.t() + model.decoder_bias
+        x_hat = torch.sigmoid(logits) if output == "sigmoid" else logits
+        if loss == "bce":
+            want = -(x * x_hat.log() + (1 - x) * (1 - x_hat).log()).sum(1)
+        else:
+            want = (x_hat - x).square().sum(1)
+        tol = dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.encode(x), h, **tol)
+        torch.testing.assert_close(model.reconstruct(x), x_hat, **tol)
+        torch.testing.assert_close(model.reconstruction_error(x), want, **tol)
+        clean = model.eval()(x)
+    torch.testing.assert_close(clean.code, h, **tol)
+    torch.testing.assert_close(clean.per_sample, want, **tol)
+
+
+def test_deep_encode_and_reconstruction_error_never_corrupt():
+    """A deep model's noise corrupts its training forward alone: encode and
+    reconstruction_error in training mode read the clean input, as the eval forward does."""
+    torch.manual_seed(0)
+    model = fastae.DeepAutoencoder(7, (6, 4), noise=fastae.MaskingNoise(0.5, seed=1)).train()
+    x = torch.rand(5, 7)
+    with torch.no_grad():
+        code, error = model.encode(x), model.reconstruction_error(x)
+        assert not torch.equal(model(x).code, code)  # the training forward is corrupted
+        clean = model.eval()(x)
+    torch.testing.assert_close(code, clean.code, rtol=0, atol=0)
+    torch.testing.assert_close(error, clean.per_sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", ["no_grad", "input requires grad"])
+def test_bce_inputs_are_checked_off_the_one_node_step_too(grad):
+    """The forward composed from the ops (no gradient to record, or a gradient for x, which
+    the one-node step does not give) checks a BCE model's inputs as the one node does."""
+    model, x = fastae.Autoencoder(6, 5), torch.rand(4, 6) * 3
+    context = torch.no_grad() if grad == "no_grad" else contextlib.nullcontext()
+    if grad != "no_grad":
+        x.requires_grad_()
+    with context, pytest.raises(ValueError, match=r"^x must lie in \[0, 1\]"):
+        model(x)
+
+
+def test_initialisation_is_xavier_uniform_with_zero_biases():
+    """Weights as torch.nn.init.xavier_uniform_ draws them, in construction order (encoder,
+    then an untied decoder), under the same seed; biases zero."""
+    for tied in (True, False):
+        torch.manual_seed(3)
+        model = fastae.Autoencoder(9, 4, tied=tied)
+        torch.manual_seed(3)
+        weight = torch.nn.init.xavier_uniform_(torch.empty(4, 9))
+        torch.testing.assert_close(model.weight, weight, rtol=0, atol=0)
+        if not tied:
+            decoder = torch.nn.init.xavier_uniform_(torch.empty(9, 4))
+            torch.testing.assert_close(model.decoder_weight, decoder, rtol=0, atol=0)
+        assert not model.bias.any() and not model.decoder_bias.any()
+
+
+def test_repr_names_the_regularizers_set():
+    plain = fastae.Autoencoder(6, 3)
+    assert "sparsity" not in repr(plain) and "contractive" not in repr(plain)
+    model = fastae.Autoencoder(
+        6, 3, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.3, noise=fastae.MaskingNoise(0.2)
+    )
+    text = repr(model)
+    for part in (repr(model.sparsity), "contractive=0.3", repr(model.noise)):
+        assert part in text, part
 
 
 @pytest.mark.parametrize(
@@ -1276,6 +1367,10 @@ def test_a_models_layout_is_fixed_and_its_flags_checked(make, fixed):
     model = make()
     for name in fixed:
         setattr(model, name, getattr(model, name))  # the same value again: nothing changes
+        held = getattr(model, name)
+        if isinstance(held, (bool, int)):  # an equal value of another type is refused too
+            with pytest.raises(AttributeError, match=rf"^{name} is fixed"):
+                setattr(model, name, float(held))
     for name, value in fixed.items():
         message = (
             rf"^{name} is fixed when the model is built \(.*\): build a new {type(model).__name__}$"
