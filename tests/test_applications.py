@@ -211,9 +211,41 @@ def test_semi_supervised_with_a_vae(digits):
     module = SemiSupervisedModule(fastae.VAE(64, 16, 4), 10, reconstruction_weight=0.0)
     module(batch).loss.backward()
     assert module.autoencoder.posterior.weight.grad[:4].abs().sum() > 0  # the rows giving mu
+    # the head reads mu, not the sampled z: no gradient reaches the rows giving logvar
+    assert not module.autoencoder.posterior.weight.grad[4:].any()
     assert module.autoencoder.encoder.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="noise applies to model='autoencoder'"):
         SemiSupervisedAutoencoder(model="vae", noise=fastae.MaskingNoise(0.2)).fit(x_tr, y_semi)
+
+
+def test_semi_supervised_head_reads_the_code_the_autoencoder_computes():
+    """With noise, the head reads the code of the corrupted input in training mode (the one
+    the autoencoder's loss is of), the clean code in eval mode."""
+    torch.manual_seed(0)
+    autoencoder = fastae.Autoencoder(6, 4, noise=fastae.MaskingNoise(0.5, seed=3))
+    module = SemiSupervisedModule(autoencoder, 3, reconstruction_weight=0.5).train()
+    x = torch.rand(8, 6)
+    batch = torch.cat([x, torch.tensor([0, 1, 2, -1, 0, 1, 2, -1.0])[:, None]], 1)
+    with torch.no_grad():
+        out = module(batch)
+        torch.testing.assert_close(out.logits, module.head(out.autoencoder.code), rtol=0, atol=0)
+        assert not torch.allclose(out.logits, module.head(autoencoder.encode(x)))
+        clean = module.eval()(batch)
+        torch.testing.assert_close(clean.logits, module.logits(x), rtol=0, atol=0)
+
+
+def test_semi_supervised_binary_decision_function(digits):
+    """Two classes: the logit of classes_[1] less that of classes_[0], positive where predict
+    gives classes_[1]; more classes: the logits themselves."""
+    x, y = digits
+    pick = (y == 3) | (y == 8)
+    x2, y2 = x[pick][:200], np.where(y[pick][:200] == 3, "three", "eight")
+    model = SemiSupervisedAutoencoder(8, epochs=3, random_state=0).fit(x2, y2)
+    logits = model._map_chunks(fastae.applications._logits, model._prepared(x2))
+    scores = model.decision_function(x2)
+    np.testing.assert_array_equal(scores, logits[:, 1] - logits[:, 0])
+    np.testing.assert_array_equal(scores > 0, model.predict(x2) == model.classes_[1])
+    assert list(model.classes_) == ["eight", "three"]
 
 
 def test_semi_supervised_warm_start(digits):
@@ -370,6 +402,33 @@ def test_stack_stops_early_on_the_same_held_out_rows(digits, monkeypatch):
     assert plain.n_iter_ == 3
 
 
+def test_stack_pretrain_loss_is_each_layers_last_epoch_and_the_stack_is_left_in_eval(
+    monkeypatch,
+):
+    """Without early stopping each layer keeps its last epoch's weights, and pretrain_loss_
+    holds that epoch's loss; without fine-tuning the stack, built from the layers, is left in
+    eval mode as after a fine-tuning (a module_ call then corrupts nothing)."""
+    histories = []
+
+    def recording(*args, **kwargs):
+        histories.append(train(*args, **kwargs))
+        return histories[-1]
+
+    train = fastae.sklearn.fit
+    monkeypatch.setattr(fastae.sklearn, "fit", recording)
+    x = np.random.default_rng(0).random((80, 6))
+    stack = StackedAutoencoder(
+        (4, 2), pretrain_epochs=4, finetune_epochs=0, noise=fastae.MaskingNoise(0.5),
+        random_state=0,
+    ).fit(x)  # fmt: skip
+    assert len(histories) == 2 and all(len(h.loss) == 4 for h in histories)
+    assert stack.pretrain_loss_ == [h.loss[-1] for h in histories]
+    assert not stack.module_.training
+    rows = torch.tensor(stack.scaler_.transform(x), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(stack.module_(rows).per_sample, stack.module_(rows).per_sample)
+
+
 def test_stack_warm_start_fine_tunes_the_fitted_stack(digits):
     x = digits[0]
     params = {"pretrain_epochs": 2, "batch_size": 32, "random_state": 0, "warm_start": True}
@@ -422,6 +481,7 @@ def test_stack_module_loss_terms():
     assert out.code.shape == (5, 3)
     total = out.reconstruction_loss + sum(out.penalties.values())
     torch.testing.assert_close(out.loss, total)
+    torch.testing.assert_close(out.reconstruction_loss, out.per_sample.mean(), rtol=0, atol=0)
     stack.eval()
     with torch.no_grad():
         clean = stack(x)
