@@ -1223,6 +1223,7 @@ def _plain_array(name: str, data):
 
 def _split_off(data, validation_data, share):
     """``data``'s first rows and its last ``share`` of rows (at least one each)."""
+    written = share
     share = _checks.finite_number("validation_split", share, low=0, high=1, open_low=True)
     if validation_data is not None:
         raise ValueError("validation_split must be None where validation_data is given")
@@ -1233,8 +1234,10 @@ def _split_off(data, validation_data, share):
         )
     rows = data.shape[0] if data.ndim else 0
     # the training rows rounded down, as Keras's, in exact arithmetic on the share as written
-    # (0.9 of 10 rows holds out 9, where float64 makes 10 * (1 - 0.9) 0.99999...)
-    split = math.floor(rows * (1 - fractions.Fraction(repr(share))))
+    # (0.9 of 10 rows holds out 9, where float64 makes 10 * (1 - 0.9) 0.99999...); a numpy
+    # scalar as its own precision writes it (np.float32(0.1) is 0.1, not 0.10000000149)
+    exact = isinstance(written, (np.floating, fractions.Fraction))
+    split = math.floor(rows * (1 - fractions.Fraction(str(written) if exact else repr(share))))
     if not 0 < split < rows:
         raise ValueError(
             f"validation_split={share} of {rows} rows leaves {split} to train on and "

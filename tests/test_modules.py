@@ -2,9 +2,11 @@
 
 import contextlib
 import copy
+import fractions
 import functools
 import math
 import pickle
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -860,6 +862,94 @@ def test_fit_refuses_bce_data_outside_the_unit_interval_before_any_progress(caps
         )  # fmt: skip
 
 
+def test_fit_a_tied_validation_loss_is_no_improvement():
+    """Patience counts epochs that lower the loss by more than min_delta (0): with the weights
+    still (lr 0) every validation loss ties the first, so training stops after patience."""
+    data = small_problem(32)
+    model = new_model()
+    still = torch.optim.SGD(model.parameters(), lr=0.0)
+    history = fastae.fit(
+        model, data, validation_data=data, epochs=10, patience=2, optimizer=still,
+        shuffle=False, progress=False,
+    )  # fmt: skip
+    assert len(set(history.val_loss)) == 1
+    assert history.stopped_early and len(history.val_loss) == 3 and history.best_epoch == 0
+
+
+def test_fit_epoch_loss_weights_each_batch_by_its_rows():
+    """100 rows in batches of 32, 32, 32 and 4: the epoch's loss is the mean over the rows
+    (float64, weights still), not the mean of the four batch means."""
+    model = new_model().double()
+    data = small_problem(100).double()
+    still = torch.optim.SGD(model.parameters(), lr=0.0)
+    history = fastae.fit(
+        model, data, epochs=1, batch_size=32, optimizer=still, shuffle=False, progress=False
+    )
+    with torch.no_grad():
+        exact = float(model.train()(data).per_sample.mean())
+    assert history.loss == [pytest.approx(exact, rel=1e-13)]
+
+
+def test_fit_validation_reads_every_row_with_drop_last():
+    data, validation = small_problem(64), small_problem(20)
+    model = new_model()
+    history = fastae.fit(
+        model, data, validation_data=validation, epochs=1, batch_size=16, drop_last=True,
+        seed=0, progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        assert history.val_loss == [pytest.approx(float(model.eval()(validation).loss), rel=1e-6)]
+
+
+def test_fit_interrupted_without_validation_keeps_the_last_weights():
+    """Ctrl-C restores the best epoch's weights only where validation data chose them: with
+    patience on the training loss alone the model stays at its last step (gradient ascent
+    makes the first epoch the best)."""
+    data = small_problem()
+    kwargs = dict(batch_size=16, seed=0, progress=False)
+
+    def ascent(model):
+        return torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+
+    three = new_model()
+    fastae.fit(three, data, epochs=3, optimizer=ascent(three), **kwargs)
+    model = new_model()
+
+    def interrupt(epoch, history):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fastae.fit(
+            model, data, epochs=10, patience=5, optimizer=ascent(model), callback=interrupt,
+            **kwargs,
+        )  # fmt: skip
+    for name, value in three.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_fit_records_the_first_param_groups_lr():
+    model = new_model()
+    sgd = torch.optim.SGD(
+        [{"params": [model.weight], "lr": 0.1}, {"params": [model.bias, model.decoder_bias]}],
+        lr=0.01,
+    )
+    history = fastae.fit(model, small_problem(), epochs=2, optimizer=sgd, progress=False)
+    assert history.lr == [0.1, 0.1]
+
+
+def test_fit_progress_without_tqdm_prints_a_line_an_epoch(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: the stderr lines
+    history = fastae.fit(
+        new_model(), small_problem(32), validation_data=small_problem(8), epochs=2, seed=0
+    )
+    lines = [
+        f"epoch {epoch}: loss={loss:.4g} val_loss={val:.4g}\n"
+        for epoch, loss, val in zip((1, 2), history.loss, history.val_loss, strict=True)
+    ]
+    assert capsys.readouterr().err == "".join(lines)
+
+
 def test_fit_patience_without_validation_monitors_training_loss():
     data = small_problem()
     model = new_model()
@@ -893,10 +983,17 @@ def test_fit_validation_split_holds_out_the_last_rows(as_array):
         assert float(best(data[22:]).loss) == pytest.approx(min(split.val_loss), rel=1e-6)
 
 
-@pytest.mark.parametrize("rows, share, held_out", [(10, 0.9, 9), (100, 0.9, 90), (90, 0.3, 27)])
+@pytest.mark.parametrize(
+    "rows, share, held_out",
+    [
+        (10, 0.9, 9), (100, 0.9, 90), (90, 0.3, 27), (10, np.float32(0.1), 1),
+        (10, np.float32(0.3), 3), (10, np.float16(0.9), 9), (7, fractions.Fraction(2, 7), 2),
+    ],
+)  # fmt: skip
 def test_fit_validation_split_counts_the_share_as_written(rows, share, held_out):
     """0.9 of 10 rows is 9 (float64's 10 * (1 - 0.9) is 0.9999999999999998, which would
-    leave no training row)."""
+    leave no training row); a numpy float32 0.1 is 0.1 (widened, 0.10000000149 of 10 rows
+    would hold out 2)."""
     train, held = fastae.training._split_off(small_problem(rows), None, share)
     assert (len(train), len(held)) == (rows - held_out, held_out)
 
@@ -1091,10 +1188,29 @@ def test_fit_calls_back_after_each_epoch_and_stops_when_asked():
         logged = fastae.fit(new_model(), data, epochs=3, callback=lambda *_: 7, **kwargs)
     assert {w.filename for w in got} == {__file__}  # the caller's line
     assert len(logged.loss) == 3 and not logged.stopped_early
-    # a comparison of tensor losses, a 0-d bool tensor, answers as True and False do
-    asked = fastae.fit(new_model(), data, epochs=5, callback=lambda e, _: torch.tensor(e) >= 2,
-                       **kwargs)  # fmt: skip
-    assert len(asked.loss) == 2 and asked.stopped_early
+    # a comparison of tensor losses, a 0-d bool tensor, answers as True and False do, as
+    # does numpy's bool, without a warning
+    for answer in (lambda e, _: torch.tensor(e) >= 2, lambda e, _: np.bool_(e >= 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            asked = fastae.fit(new_model(), data, epochs=5, callback=answer, **kwargs)
+        assert len(asked.loss) == 2 and asked.stopped_early
+    # a callback that answers None or False leaves patience's stopping as it is
+    for answer in (None, False):
+        patient = fastae.fit(
+            new_model(), data, epochs=10, patience=1, min_delta=1e6,
+            callback=lambda *_, answer=answer: answer, **kwargs,
+        )  # fmt: skip
+        assert patient.stopped_early and len(patient.loss) == 2
+    # the model is in training mode at each epoch's start, whatever a callback left it in
+    modes, model = [], new_model()
+
+    def scoring(epoch, history):
+        modes.append(model.training)
+        model.eval()
+
+    fastae.fit(model, data, epochs=3, callback=scoring, **kwargs)
+    assert modes == [True, True, True]
     with pytest.raises(TypeError, match=r"^callback must be callable or None, got str"):
         fastae.fit(new_model(), data, epochs=1, callback="print", **kwargs)
     model = new_model()
