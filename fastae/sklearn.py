@@ -287,6 +287,8 @@ class AutoencoderEstimatorMixin:
     returns an object with ``loss``, ``code`` and ``per_sample``).
     """
 
+    weight_decay = 0.0  # the default of an estimator pickled before it was a parameter
+
     # -- parameters --------------------------------------------------------------------------
 
     def _check_common_params(self) -> torch.device:

@@ -178,6 +178,20 @@ def test_weight_decay_reaches_every_adam_the_estimators_train_with(digits, monke
     assert made[-1].state  # the moments of the first call, carried into the second
 
 
+def test_an_estimator_pickled_before_weight_decay_trains_on_without_it(digits):
+    """An estimator whose state holds no weight_decay (pickled before it was a parameter)
+    reports, clones and trains with the default, 0."""
+    x = digits[0][:60]
+    model = AutoencoderTransformer(4, epochs=1, random_state=0).partial_fit(x)
+    state = model.__getstate__()
+    del state["weight_decay"]
+    older = AutoencoderTransformer.__new__(AutoencoderTransformer)
+    older.__setstate__(state)
+    assert older.get_params()["weight_decay"] == 0.0 and clone(older).weight_decay == 0.0
+    older.partial_fit(x)
+    assert older._optimizer_state["param_groups"][0]["weight_decay"] == 0.0
+
+
 def test_weight_decay_shrinks_the_weights_and_is_checked(digits):
     x = digits[0][:200]
     norms = [
