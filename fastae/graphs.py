@@ -55,9 +55,11 @@ class GraphedStep:
       in the other train/eval mode than the capture's runs eagerly (before the capture, a
       change of mode starts the warm-ups again: they and the capture share one mode);
     - parameters, buffers or optimizer state replaced after the capture (``model.to(...)``,
-      to another CUDA device too, which the steps then follow; ``.double()``,
-      ``optimizer.load_state_dict``) drop the graph: the next calls warm up and capture
-      afresh (``model.load_state_dict`` copies into the same memory and keeps it), as does
+      to another CUDA device too, which the steps then follow, the optimizer's state moved
+      with it; ``.double()``, ``optimizer.load_state_dict``) drop the graph: the next calls
+      warm up and capture afresh (``model.load_state_dict`` copies into the same memory and
+      keeps it; the step keeps the Parameter objects it was built with: build another for a
+      model whose conversions make new ones), as does
       a parameter frozen or thawed (``requires_grad``) since: the steps compute, clip and
       update the parameters that require gradients (a frozen one's ``.grad``, one left from
       before it was frozen too, is cleared, so the optimizer does not step it).
@@ -132,6 +134,7 @@ class GraphedStep:
             self.device = _cuda_device([*self.model.parameters(), *self.model.buffers()])
             self._stream = None
             self._drop_graph()
+            self._check_optimizer_followed()
         if x.device != self.device:
             raise ValueError(f"x must be on the model's device {self.device}, got {x.device}")
         with torch.cuda.device(self.device):
@@ -141,8 +144,16 @@ class GraphedStep:
         self._follow_trainable()
         if self.graph is not None and not self._graph_is_current():
             self._drop_graph()
-        if self.shape is None:
-            self.shape = tuple(x.shape)
+        if self.shape is not None:
+            return self._step_at_shape(x)
+        self.shape = tuple(x.shape)
+        try:
+            return self._step_at_shape(x)
+        except BaseException:  # a batch the step failed on sets no shape: the next one does
+            self.shape = self._static_input = None
+            raise
+
+    def _step_at_shape(self, x: Tensor) -> Tensor:
         mode = self.model.training
         if self.graph is None and mode != self._training:
             self.calls, self._training = 0, mode  # the warm-ups and the capture share a mode
@@ -162,29 +173,21 @@ class GraphedStep:
             self._static_input = torch.empty_like(x)
         self._static_input.copy_(x.detach())
         if self.calls < self.warmup:
-            try:
-                loss = self._warmup_step(self._static_input)
-            except BaseException:
-                if self.calls == 0:  # the next batch sets the shape (this one may be bad)
-                    self.shape = self._static_input = None
-                raise
+            loss = self._warmup_step(self._static_input)
             self.calls += 1  # once done: a failed warm-up made no optimizer state to capture
             return loss
         return self._capture(self._static_input)
 
     def _follow_trainable(self) -> None:
         """Step the parameters that require gradients now: after a layer is frozen or thawed
-        (by a callback between epochs, say) the graph is dropped, and a frozen parameter's
-        gradient cleared (the optimizer skips a parameter whose ``.grad`` is None)."""
+        (by a callback between epochs, say) the graph is dropped, and the next step clears a
+        frozen parameter's gradient (the optimizer skips a parameter whose ``.grad`` is None)."""
         trainable = [p.requires_grad for p in self._all_params]
         if trainable == self._trainable:
             return
         params = [p for p in self._all_params if p.requires_grad]
         if not params:
             raise ValueError("model must have parameters that require gradients")
-        for p in self.params:
-            if not p.requires_grad:
-                p.grad = None
         self.params, self._trainable = params, trainable
         self._drop_graph()
 
@@ -277,6 +280,19 @@ class GraphedStep:
         self.replays += 1
         self.calls += 1
         return static_loss
+
+    def _check_optimizer_followed(self) -> None:
+        """After the model moved: the optimizer's state tensors moved with it (its step would
+        mix devices)."""
+        states = [] if self.optimizer is None else self.optimizer.state.values()
+        for state in states:
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.device != self.device:
+                    raise ValueError(
+                        f"model moved to {self.device}, but optimizer keeps its state {name!r} "
+                        f"on {value.device}: move it too "
+                        "(optimizer.load_state_dict(optimizer.state_dict()) does)"
+                    )
 
     def _check_optimizer_state(self) -> None:
         """The optimizer's state tensors (made in the warm-up) on the graph's device: one

@@ -1240,7 +1240,7 @@ def _split_off(data, validation_data, share):
     split = math.floor(rows * (1 - fractions.Fraction(str(written) if exact else repr(share))))
     if not 0 < split < rows:
         raise ValueError(
-            f"validation_split={share} of {rows} rows leaves {split} to train on and "
+            f"validation_split={written} of {rows} rows leaves {split} to train on and "
             f"{rows - split} to validate: both need at least one"
         )
     return data[:split], data[split:]

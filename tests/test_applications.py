@@ -424,7 +424,7 @@ def test_stack_pretrain_loss_is_each_layers_last_epoch_and_the_stack_is_left_in_
     assert len(histories) == 2 and all(len(h.loss) == 4 for h in histories)
     assert stack.pretrain_loss_ == [h.loss[-1] for h in histories]
     assert not stack.module_.training
-    rows = torch.tensor(stack.scaler_.transform(x), dtype=torch.float32)
+    rows = torch.tensor(stack.scaler_.transform(x), dtype=torch.float32, device=stack.device_)
     with torch.no_grad():
         assert torch.equal(stack.module_(rows).per_sample, stack.module_(rows).per_sample)
 

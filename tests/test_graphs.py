@@ -315,13 +315,14 @@ def test_a_dropped_graph_captures_at_the_next_batch_shape(cpu_graphs):
 
 def test_a_failed_first_step_does_not_fix_the_shape(cpu_graphs):
     """A first batch the model refuses leaves no shape behind: later good batches graph."""
-    model = _model()
-    step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
-    with pytest.raises(ValueError, match=r"^x must have size 12 in dim 1"):
-        step(torch.rand(16, 11))
-    x = torch.rand(16, 12)
-    step(x), step(x)
-    assert step.graphed and step.shape == (16, 12)
+    for bad, error in ((torch.rand(16, 11), ValueError), (torch.rand(16, 11).double(), TypeError)):
+        model = _model()
+        step = GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup=1)
+        with pytest.raises(error, match=r"^x must"):
+            step(bad)  # a warm-up, or (another dtype than the model's) an eager step
+        x = torch.rand(16, 12)
+        step(x), step(x)
+        assert step.graphed and step.shape == (16, 12)
 
 
 def test_batches_off_the_models_device_or_dtype_are_refused(cpu_graphs):
@@ -383,6 +384,15 @@ def test_the_step_follows_the_model_to_another_device(cpu_graphs):
     assert step.device == torch.device("cpu") and not step.graphed
     step(x)
     assert step.graphed and len(_FakeGraph.captures) == 2
+    # an optimizer whose state stayed where the model was: named, not a step across devices
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = GraphedStep(model, optimizer, warmup=1)
+    step(x)
+    optimizer.state[model.weight]["momentum_buffer"] = torch.empty(8, 12, device="meta")
+    step.device = torch.device("meta")  # the model was on meta, with that state
+    message = r"^model moved to cpu, but optimizer keeps its state 'momentum_buffer' on meta"
+    with pytest.raises(ValueError, match=message):
+        step(x)
 
 
 def test_freezing_or_thawing_a_parameter_drops_the_graph(cpu_graphs):

@@ -199,9 +199,9 @@ def test_weight_decay_shrinks_the_weights_and_is_checked(digits):
         .fit(x)
         .module_.weight.norm()
         .item()
-        for decay in (0.0, 0.1)
+        for decay in (0.0, 0.3)
     ]
-    assert norms[1] < 0.8 * norms[0], norms
+    assert norms[1] < 0.7 * norms[0], norms  # 0.59 on the CPU
     for value, error, message in (
         (-1e-3, ValueError, r"^weight_decay must be >= 0, got -0.001"),
         (float("nan"), ValueError, r"^weight_decay must be finite"),
