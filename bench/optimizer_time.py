@@ -35,9 +35,11 @@ PARAMETER_SETS = {
 }  # fmt: skip
 
 
-def single_tensor_adam(model, lr, capturable=False, lr_tensor=False):
+def single_tensor_adam(model, lr, capturable=False, lr_tensor=False, weight_decay=0.0):
     """PyTorch's Adam as it is built without ``fused``: the single-tensor loop on the CPU."""
-    return torch.optim.Adam(model.parameters(), lr=lr, capturable=capturable, foreach=False)
+    return torch.optim.Adam(
+        model.parameters(), lr=lr, weight_decay=weight_decay, capturable=capturable, foreach=False
+    )
 
 
 OPTIMIZERS = {

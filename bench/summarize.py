@@ -33,7 +33,7 @@ def read_run(path: str) -> dict:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadInput(f"{path}: {error}") from None
-    entries = data.get("benchmarks", []) if isinstance(data, dict) else None
+    entries = data.get("benchmarks") if isinstance(data, dict) else None
     if not (isinstance(entries, list) and all(isinstance(entry, dict) for entry in entries)):
         raise BadInput(f"{path}: not the JSON of a benchmark run (an object with 'benchmarks')")
     return data
@@ -45,6 +45,8 @@ def load(paths: list[str]) -> list[dict]:
     records = []
     for path in paths:
         found = fb.records_from_json(read_run(path))
+        if not found:
+            raise BadInput(f"{path}: no fastae benchmark record (an entry with extra_info 'case')")
         for record in found:
             if "provider" not in record:
                 raise BadInput(f"{path}: a record of case {record['case']!r} has no provider")
@@ -53,11 +55,20 @@ def load(paths: list[str]) -> list[dict]:
     return records
 
 
+def labels(paths: list[str]) -> list[str]:
+    """Each file's name, or its path where two files share a name (two runs' bench.json)."""
+    names = [Path(path).name for path in paths]
+    return [
+        name if names.count(name) == 1 else str(path)
+        for name, path in zip(names, paths, strict=True)
+    ]
+
+
 def run_lines(paths: list[str]) -> list[str]:
     """A line per JSON: the commit it was measured at (pytest-benchmark's commit_info) and,
     where its machine_info holds them, the run's conditions (fb.run_conditions)."""
     lines = []
-    for path in paths:
+    for path, label in zip(paths, labels(paths), strict=True):
         data = read_run(path)
         info = data.get("machine_info") or {}
         commit = (data.get("commit_info") or {}).get("id")
@@ -74,7 +85,7 @@ def run_lines(paths: list[str]) -> list[str]:
                 " end"
             )
         if parts:
-            lines.append(f"{Path(path).name}: {', '.join(parts)}")
+            lines.append(f"{label}: {', '.join(parts)}")
     return lines
 
 
@@ -101,7 +112,7 @@ def _fastae_pairs(records: list[dict], field: str) -> str:
 
 def summary_markdown(records: list[dict], sources: list[str]) -> str:
     lines = ["# fastae benchmark summary", ""]
-    lines.append(f"From {', '.join(Path(s).name for s in sources)}.")
+    lines.append(f"From {', '.join(labels(sources))}.")
     runs = run_lines(sources)
     if runs:
         lines += ["", "Runs:", ""] + [f"- {line}" for line in runs]

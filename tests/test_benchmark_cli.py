@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -640,6 +641,9 @@ def test_summarize_names_a_bad_input_file(bench_run, tmp_path, monkeypatch, caps
         "{not json": "Expecting property name",
         "[1, 2]": "not the JSON of a benchmark run",
         '{"benchmarks": [1]}': "not the JSON of a benchmark run",
+        '{"benchmarks": [{}, 1]}': "not the JSON of a benchmark run",
+        "{}": "not the JSON of a benchmark run",  # another program's JSON object
+        '{"benchmarks": [{"name": "other"}]}': "no fastae benchmark record",  # another suite's
         json.dumps(no_provider): "a record of case 'plain' has no provider",
     }
     for text, says in bad.items():
@@ -1350,3 +1354,106 @@ def test_the_scripts_help_gives_the_first_paragraph_whole(name, monkeypatch, cap
     first = " ".join(script.__doc__.split("\n\n")[0].split())
     assert first.endswith(".") or first.endswith(":")
     assert first in " ".join(capsys.readouterr().out.split())
+
+
+# ----------------------------------------------------------------------------- ratio math
+
+
+def _record(provider, ms, source="a.json", size="8x4x2", dtype="float32", **extra):
+    """A synthetic record: ``provider``'s median ``ms`` for the sparse case."""
+    record = {"case": "sparse", "size": size, "dtype": dtype, "provider": provider}
+    record |= {"median_s": ms / 1e3, "source": source, "device_name": "cpu"}
+    return record | {"matmul_precision": "highest"} | extra
+
+
+def _table_rows(table: str) -> list[list[str]]:
+    return [re.split(r"\s{2,}", line) for line in table.splitlines() if line.startswith("sparse")]
+
+
+def test_stats_are_the_medians_and_spread_of_the_rounds():
+    stats = fb.stats_of([1.0, 2.0, 10.0])
+    assert stats == pytest.approx(
+        {"min": 1.0, "max": 10.0, "mean": 13 / 3, "median": 2.0, "stddev": 4.9328828623,
+         "rounds": 3}
+    )  # fmt: skip
+    record = _record("fastae", 1.0) | {"mean_s": 0.005, "min_s": 0.0005, "stddev_s": 0.002}
+    record["rounds"] = 3
+    (back,) = fb.records_from_json(json.loads(json.dumps(fb.to_json([record]))))
+    for key in ("median_s", "mean_s", "min_s", "stddev_s", "rounds"):
+        assert back[key] == record[key], key
+
+
+def test_ratios_pair_records_of_one_size_and_dtype():
+    """A row per (case, size, dtype): a size timed by fastae alone has no ratio, and each
+    dtype's ratio divides its own times (3 sig. figures)."""
+    records = [
+        _record("eager", 3.0), _record("fastae", 1.0), _record("fastae", 2.0, size="16x4x2"),
+        _record("eager", 1.2345, dtype="bfloat16"), _record("fastae", 1.0, dtype="bfloat16"),
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no provider twice in a row
+        rows = _table_rows(fb.ratio_table(records, compact=True))
+    by_key = {(row[1], row[2]): row for row in rows}
+    assert len(rows) == 3
+    assert by_key[("8x4x2", "float32")][3:8] == ["highest", "3.000", "-", "1.000", "3x"]
+    assert by_key[("16x4x2", "float32")][4] == "-" and by_key[("16x4x2", "float32")][7] == "-"
+    assert by_key[("8x4x2", "bfloat16")][7] == "1.23x"
+
+
+def test_floor_and_graph_ratios_are_marked_across_runs():
+    """fastae over the floor, eager and compile's graphs over fastae's graph: plain within one
+    run; a row mixing runs is marked and the note given, whichever row it is."""
+    same = [
+        _record("eager", 2.0), _record("fastae", 1.0), _record(fb.FLOOR, 0.25),
+        _record(fb.GRAPH, 0.5), _record(fb.COMPILE_GRAPH, 1.0),
+    ]  # fmt: skip
+    table = fb.ratio_table(same)
+    (row,) = _table_rows(table)
+    header = re.split(r"\s{2,}", table.splitlines()[0])
+    cell = dict(zip(header, row, strict=True))
+    assert (cell["fastae/floor"], cell["eager/graph"], cell["cgraph/graph"]) == ("4x", "4x", "2x")
+    assert fb.ACROSS_RUNS_NOTE not in table
+    for provider in (fb.FLOOR, fb.GRAPH):
+        mixed = [dict(r, size="16x4x2") for r in same]
+        for record in mixed:
+            if record["provider"] == provider:
+                record["source"] = "b.json"
+        table = fb.ratio_table(same + mixed)
+        first, second = _table_rows(table)
+        assert not any(c.endswith("x*") for c in first)
+        marked = dict(zip(header, second, strict=True))
+        if provider == fb.FLOOR:
+            assert marked["fastae/floor"] == "4x*" and marked["eager/graph"] == "4x"
+        else:
+            assert (marked["eager/graph"], marked["cgraph/graph"]) == ("4x*", "2x*")
+        assert table.endswith(fb.ACROSS_RUNS_NOTE)
+
+
+def test_summary_sections_per_card(tmp_path, monkeypatch):
+    """A section per card name (two CUDA cards are two), each with its own records, its torch
+    versions, fastae's settings (not its variants'), the commit of the run; two files of one
+    name are told apart by their paths."""
+    summarize = _load_summarize(monkeypatch)
+    cards = {"H100": "2.11.0", "H200": "2.13.0"}
+    records = []
+    for card, version in cards.items():
+        for provider, ms in (("eager", 2.0), ("fastae", 1.0)):
+            extra = {"device_name": card, "device": "cuda", "torch": version}
+            records.append(_record(provider, ms, **extra, env={"FASTAE_FUSION": "auto"}))
+    gemm = {"device_name": "H100", "device": "cuda", "torch": "2.12.0"}  # a second run
+    records.append(_record(fb.GEMM, 1.1, **gemm, env={"FASTAE_FUSION": "gemm"}))
+    paths = []
+    for folder, part in (("one", records[:2] + records[4:]), ("two", records[2:4])):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "bench.json")
+        run = fb.to_json(part) | {"commit_info": {"id": "abcdef123456"}}
+        paths[-1].write_text(json.dumps(run))
+    summary = summarize.summary_markdown(summarize.load(paths), paths)
+    assert f"From {paths[0]}, {paths[1]}." in summary
+    assert f"- {paths[0]}: commit abcdef1" in summary
+    sections = summary.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == ["H100", "H200"]
+    for section, versions in zip(sections, ("2.11.0, 2.12.0", "2.13.0"), strict=True):
+        assert f"torch {versions};" in section and "FASTAE_FUSION=auto" in section
+        assert "FASTAE_FUSION=gemm" not in section
+        assert section.count("| sparse |") == 2  # its own row, in the time and figures tables
