@@ -1457,3 +1457,17 @@ def test_summary_sections_per_card(tmp_path, monkeypatch):
         assert f"torch {versions};" in section and "FASTAE_FUSION=auto" in section
         assert "FASTAE_FUSION=gemm" not in section
         assert section.count("| sparse |") == 2  # its own row, in the time and figures tables
+
+
+def test_figures_table_shows_mib_and_the_backends_line_every_fastae_provider():
+    """Saved bytes in MiB (2^20 bytes); the backends line gathers every fastae provider's."""
+    records = [
+        _record("fastae", 1.0, saved_bytes_beyond_inputs=3 * 2**20),
+        _record(fb.GEMM, 1.0, fastae_backends={"encode": "triton"}),
+        _record("eager", 1.0, fastae_backends={"encode": "eager's own"}),
+    ]
+    records[0]["fastae_backends"] = {"encode": "reference"}
+    (row,) = _table_rows(fb.figures_table(records))
+    header = re.split(r"\s{2,}", fb.figures_table(records).splitlines()[0])
+    assert dict(zip(header, row, strict=True))["saved MiB fastae"] == "3"
+    assert fb.backends_line(records) == "fastae's ops ran on: reference, triton"
