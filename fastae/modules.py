@@ -398,7 +398,10 @@ class Autoencoder(RegularizerOptions, nn.Module):
 
     def reconstruction_error(self, x: Tensor) -> Tensor:
         """Per-sample reconstruction loss (B,) of clean inputs: the anomaly score."""
-        h = self.encode(x)
+        return self._per_sample(self.encode(x), x)
+
+    def _per_sample(self, h: Tensor, x: Tensor) -> Tensor:
+        """The per-sample loss (B,) of the reconstruction from ``h`` against the input x."""
         steps.check_bce_input(self, x)
         return ops.decode_loss(
             h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
@@ -421,11 +424,7 @@ class Autoencoder(RegularizerOptions, nn.Module):
             x, self.weight, self.bias, activation=self.activation, noise=noise,
             statistics=self.needs_statistics,
         )  # fmt: skip
-        steps.check_bce_input(self, x)
-        per_sample = ops.decode_loss(
-            h, self.decoder_matrix, self.decoder_bias, target=x, output=self.output,
-            loss=self.loss_name, check_target=False,
-        )  # fmt: skip
+        per_sample = self._per_sample(h, x)
         reconstruction_loss = per_sample.mean()
         if isinstance(self.sparsity, KLSparsity) and self.sync_statistics and self.training:
             rho_hat = global_column_mean(rho_hat, x.shape[0])
@@ -728,11 +727,7 @@ class StackModule(nn.Module):
         h = self.encode(x)
         for layer in reversed(self.layers[1:]):
             h = layer.decode(h)
-        steps.check_bce_input(bottom, x)
-        return ops.decode_loss(
-            h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
-            loss=bottom.loss_name, check_target=False,
-        )  # fmt: skip
+        return bottom._per_sample(h, x)
 
     def _is_deep_autoencoder(self) -> bool:
         """Whether the stack is a sigmoid DeepAutoencoder's network without penalties (the
@@ -778,11 +773,7 @@ class StackModule(nn.Module):
                 )[0]  # fmt: skip
             else:
                 h = layer.decode(h)
-        steps.check_bce_input(bottom, x)
-        per_sample = ops.decode_loss(
-            h, bottom.decoder_matrix, bottom.decoder_bias, target=x, output=bottom.output,
-            loss=bottom.loss_name, check_target=False,
-        )  # fmt: skip
+        per_sample = bottom._per_sample(h, x)
         reconstruction_loss = per_sample.mean()
         loss = reconstruction_loss
         for term in penalties.values():
