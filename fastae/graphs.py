@@ -59,10 +59,10 @@ class GraphedStep:
       with it; ``.double()``, ``optimizer.load_state_dict``) drop the graph: the next calls
       warm up and capture afresh (``model.load_state_dict`` copies into the same memory and
       keeps it; the step keeps the Parameter objects it was built with: build another for a
-      model whose conversions make new ones), as does
-      a parameter frozen or thawed (``requires_grad``) since: the steps compute, clip and
-      update the parameters that require gradients (a frozen one's ``.grad``, one left from
-      before it was frozen too, is cleared, so the optimizer does not step it).
+      model whose conversions make new ones), as does a parameter frozen or thawed
+      (``requires_grad``) since: the steps compute, clip and update the parameters that
+      require gradients (a frozen one's ``.grad``, one left from before it was frozen too, is
+      cleared, so the optimizer does not step it).
 
     The capture is thread-local (``capture_error_mode="thread_local"``): another thread's
     CUDA calls, such as a ``DataLoader(pin_memory=True)`` pinning the next batches, do not

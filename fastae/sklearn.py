@@ -953,8 +953,8 @@ class _AutoencoderEstimator(
 
     def _partial_optimizer(self, layer) -> torch.optim.Optimizer:
         """Adam on ``layer`` with the moments of the last partial_fit (if any) and the
-        settings of now: ``lr``, and fused / capturable for the device and ``cuda_graph``
-        (which decide where the loaded step counts go)."""
+        settings of now: ``lr``, ``weight_decay``, and fused / capturable for the device and
+        ``cuda_graph`` (which decide where the loaded step counts go)."""
         optimizer = default_optimizer(
             layer,
             self._learning_rate(),
