@@ -3,6 +3,7 @@
 import copy
 import math
 import pickle
+import types
 import warnings
 
 import numpy as np
@@ -893,6 +894,35 @@ def test_a_bce_check_names_nan_as_nan():
         ValueError, match=r"^x holds NaN, where loss 'bce' needs values in \[0, 1\]$"
     ):
         fastae.Autoencoder(5, 3)(x)
+
+
+def test_fit_names_the_epoch_it_restored_when_those_weights_are_not_finite_either():
+    """Patience stops after epoch 2 and puts back epoch 1's weights, which hold an infinite
+    parameter too (one the loss reads through a clamp, so every loss stays finite): the error
+    says which epoch's weights the model holds, counted from 1 as the epochs are."""
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = fastae.Autoencoder(5, 3, output="identity", loss="mse")
+            self.extra = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            out = self.model(x)
+            return types.SimpleNamespace(loss=out.loss + 0 * self.extra.clamp(-1, 1).sum())
+
+    torch.manual_seed(0)
+    holder = Holder()
+    sgd = torch.optim.SGD(holder.parameters(), lr=0.1)
+    sgd.register_step_post_hook(lambda *_: holder.extra.detach().fill_(math.inf))
+    with pytest.raises(fastae.LossNotFinite, match="back at the weights of epoch 1") as error:
+        fastae.fit(
+            holder, torch.rand(32, 5), epochs=5, batch_size=32, optimizer=sgd, patience=1,
+            min_delta=1e6, seed=0, progress=False,
+        )  # fmt: skip
+    assert (error.value.which, error.value.epoch, error.value.restored_epoch) == (
+        "parameters", 2, 1,
+    )  # fmt: skip
 
 
 def test_fit_refuses_to_return_weights_its_last_step_made_non_finite():

@@ -302,6 +302,26 @@ def test_memory_a_replay_reads_replaced_drops_the_graph(cpu_graphs, replace):
     assert step.graphed and len(_FakeGraph.captures) == 2
 
 
+def test_warm_ups_run_on_a_side_stream_that_waits_both_ways(cpu_graphs, monkeypatch):
+    """As torch.cuda.graphs asks: the side stream waits for the work queued before a warm-up
+    (the batch copied in), and the current stream for the warm-up before what follows."""
+    order = []
+
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            order.append((self.name, other.name))
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args: Named("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Named("current"))
+    model = _model()
+    step = GraphedStep(model, warmup=2)
+    step(torch.rand(16, 12))
+    assert order == [("side", "current"), ("current", "side")]
+
+
 def test_a_dropped_graph_captures_at_the_next_batch_shape(cpu_graphs):
     """After the graph is dropped the next batches set the shape captured, not the old one."""
     model = _model()
