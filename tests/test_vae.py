@@ -729,6 +729,7 @@ HIDDEN = "^hidden must be a positive int or a non-empty sequence"
         ((8, 4, 2), {"beta": -1.0}, ValueError, "beta"),
         ((8, 4, 2), {"beta": float("nan")}, ValueError, "beta"),
         ((8, 4, 2), {"beta": 1e39}, ValueError, "beta"),
+        ((8, 4, 2), {"check_targets": "no"}, TypeError, "^check_targets must be a bool, got str$"),
         ((8, 4, 2), {"output": "identity"}, ValueError, "bce"),
         ((8, 4, 2), {"activation": "gelu"}, ValueError, "activation"),
         ((8, 0, 2), {}, ValueError, r"^hidden must be a positive int"),
@@ -875,3 +876,90 @@ def test_samples_look_like_digits(trained_on_digits):
     assert got > 0.1 + 0.25 and got > baseline + 0.05, (got, baseline)
     labels = classifier.predict(samples)
     assert len(np.unique(labels)) >= 8, np.bincount(labels, minlength=10)
+
+
+def test_sample_and_log_likelihood_draw_on_the_generators_device():
+    """A model elsewhere (meta here, CUDA in use) draws z from a CPU generator on the CPU:
+    the generator advances as it does for a CPU model, and the draws reach the model."""
+    cpu = fastae.VAE(6, 5, 2, check_targets=False)
+    meta = fastae.VAE(6, 5, 2, check_targets=False).to("meta")
+    x = torch.rand(3, 6)
+    for call in (
+        lambda m, g: m.sample(4, generator=g),
+        lambda m, g: m.log_likelihood(x.to(m.encoder.weight.device), 7, generator=g),
+    ):
+        g_cpu, g_meta = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        call(cpu, g_cpu)
+        out = call(meta, g_meta)
+        assert out.is_meta
+        assert torch.equal(g_meta.get_state(), g_cpu.get_state())
+
+
+def test_log_likelihood_decodes_in_several_passes_when_rows_fill_one(monkeypatch):
+    """A batch of more rows than a pass holds is decoded whole, one draw a pass."""
+    model = fastae.VAE(6, 5, 2)
+    x = torch.rand(5, 6)
+    monkeypatch.setattr(fastae.vae, "LOG_LIKELIHOOD_ROWS", 2)
+    got = model.log_likelihood(x, 3, generator=torch.Generator().manual_seed(0))
+    assert got.shape == (5,) and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_log_likelihood_of_a_collapsed_posterior_is_finite(dtype):
+    """sigma = exp(logvar / 2) underflows to 0 in float32 (logvar = -300): z = mu, rounded to
+    the dtype, is not mu, and (z - mu) / sigma would be infinite; the draw eps is kept."""
+    torch.manual_seed(0)
+    model = fastae.VAE(8, 6, 3)
+    with torch.no_grad():
+        model.posterior.weight.zero_()
+        model.posterior.bias[:3] = torch.tensor([0.1, 0.3, 0.7])  # not exact in half precision
+        model.posterior.bias[3:] = -300.0
+    model.to(dtype)
+    x = (torch.rand(4, 8) > 0.5).to(dtype)
+    got = model.log_likelihood(x, 5, generator=torch.Generator().manual_seed(0))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+def test_anomaly_score_defaults_to_the_negative_elbo():
+    model = fastae.VAE(6, 5, 2).eval()
+    x = torch.rand(4, 6)
+    torch.testing.assert_close(model.anomaly_score(x), model.negative_elbo(x), rtol=0, atol=0)
+
+
+def test_save_image_grid_draws_on_a_fixed_unit_gray_scale(monkeypatch, tmp_path):
+    """Pixels in [0, 1] are drawn on the scale [0, 1] (0 blank, 1 full ink), not stretched
+    to the images' own range; a wider range widens it. Image i sits at row i // columns."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from fastae.vae import save_image_grid
+
+    drawn = []
+    imshow = Axes.imshow
+
+    def recording(self, array, **kwargs):
+        drawn.append((array.copy(), kwargs["vmin"], kwargs["vmax"]))
+        return imshow(self, array, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", recording)
+    images = torch.tensor([[0.2, 0.3], [0.4, 0.6], [0.5, 0.5]])  # three 1x2 images
+    save_image_grid(images, tmp_path / "a.png", (1, 2), columns=2)
+    mosaic, low, high = drawn[-1]
+    assert (low, high) == (0.0, 1.0)
+    assert mosaic.shape == (5, 7) and (mosaic[0] == 0.0).all()  # blank border at low
+    assert mosaic[1, 1:3].tolist() == pytest.approx([0.2, 0.3])
+    assert mosaic[1, 4:6].tolist() == pytest.approx([0.4, 0.6])
+    assert mosaic[3, 1:3].tolist() == pytest.approx([0.5, 0.5])
+    save_image_grid(images * 4 - 1, tmp_path / "b.png", (1, 2), columns=2)
+    assert drawn[-1][1:] == (pytest.approx(-0.2), pytest.approx(1.4))
+
+
+def test_repr_shows_beta():
+    model = fastae.VAE(8, 4, 2, beta=0.5)
+    assert "8 -> 4 -> 2, activation='relu', output='sigmoid', loss='bce', beta=0.5" in repr(model)
+
+
+def test_log_likelihood_carries_no_gradient():
+    model = fastae.VAE(6, 5, 2)
+    estimate = model.log_likelihood(torch.rand(3, 6), 4)
+    assert not estimate.requires_grad and estimate.grad_fn is None
