@@ -1121,3 +1121,68 @@ def test_fit_checks_batches_only_for_fastaes_models():
     tokens = torch.randint(0, 10, (16, 7))
     history = fastae.fit(Embedded(), [tokens], validation_data=[tokens], epochs=1, progress=False)
     assert len(history.loss) == len(history.val_loss) == 1
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_tensors_are_refused_as_nested_whatever_their_layout(layout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # strided nested tensors are a prototype
+        x = torch.nested.nested_tensor([torch.rand(2, 5), torch.rand(3, 5)], layout=layout)
+    with pytest.raises(
+        TypeError, match=r"^x must be a dense \(strided\) tensor, got a nested one$"
+    ):
+        ops.encode(x, torch.randn(3, 5), torch.randn(3))
+
+
+def test_autocast_does_not_relax_a_float64_models_dtype_check():
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(
+            TypeError,
+            match=r"^x must have the dtype of the model's parameters \(torch.float64\), "
+            r"got torch.float32$",
+        ),
+    ):
+        fastae.Autoencoder(5, 3).double()(torch.rand(4, 5))
+
+
+def test_autocast_does_not_relax_a_models_device_check():
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(
+            ValueError,
+            match=r"^x must be on the device of the model's parameters \(meta\), got cpu$",
+        ),
+    ):
+        fastae.Autoencoder(5, 3).to("meta")(torch.rand(4, 5))
+
+
+def test_a_models_empty_batch_is_named_by_the_model():
+    with pytest.raises(ValueError, match=r"^x must have at least one row, got shape \(0, 5\)$"):
+        fastae.Autoencoder(5, 3)(torch.rand(0, 5))
+
+
+def test_an_option_must_be_a_str_not_a_0d_numpy_array():
+    with pytest.raises(
+        ValueError,
+        match=r"^activation must be one of \('sigmoid', 'tanh', 'relu', 'softplus'\), "
+        r"got array\('relu', dtype='<U4'\)$",
+    ):
+        ops.encode(torch.rand(4, 5), torch.randn(3, 5), activation=np.array("relu"))
+
+
+def test_fit_needs_a_scalar_loss():
+    class PerSampleLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = fastae.Autoencoder(5, 3)
+
+        def forward(self, x):
+            return types.SimpleNamespace(loss=self.inner(x).per_sample)
+
+    with pytest.raises(
+        TypeError,
+        match=r"^model's forward must return an object whose \.loss is a scalar tensor, as "
+        r"fastae's models do; got SimpleNamespace$",
+    ):
+        fastae.fit(PerSampleLoss(), torch.rand(8, 5), epochs=1, progress=False)

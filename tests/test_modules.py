@@ -1568,3 +1568,20 @@ def test_fit_leaves_nan_to_models_not_fastaes():
     assert all(math.isfinite(loss) for loss in history.loss)
     with pytest.raises(ValueError, match=r"^data holds NaN or inf"):
         fastae.fit(fastae.Autoencoder(5, 3, output="identity", loss="mse"), data, progress=False)
+
+
+def test_fit_takes_an_optimizer_whose_step_has_no_readable_signature():
+    class Opaque:  # a wrapped step whose signature inspect cannot read
+        __signature__ = "not a signature"
+
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, *args, **kwargs):
+            return self.step(*args, **kwargs)
+
+    model = fastae.Autoencoder(5, 3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.step = Opaque(sgd.step)
+    history = fastae.fit(model, torch.rand(8, 5), epochs=1, optimizer=sgd, progress=False)
+    assert len(history.loss) == 1

@@ -1888,3 +1888,7 @@ def test_verbose_zero_trains_silently(capsys):
     assert capsys.readouterr().err == ""
     AutoencoderTransformer(2, epochs=2, verbose=1, random_state=0).fit(x)
     assert "loss=" in capsys.readouterr().err
+    AutoencoderTransformer(2, epochs=2, verbose=np.bool_(False), random_state=0).fit(x)
+    assert capsys.readouterr().err == ""
+    AutoencoderTransformer(2, epochs=2, verbose=np.bool_(True), random_state=0).fit(x)
+    assert "loss=" in capsys.readouterr().err
