@@ -1892,3 +1892,139 @@ def test_verbose_zero_trains_silently(capsys):
     assert capsys.readouterr().err == ""
     AutoencoderTransformer(2, epochs=2, verbose=np.bool_(True), random_state=0).fit(x)
     assert "loss=" in capsys.readouterr().err
+
+
+def _unit_rows(rows=40, cols=4, seed=0):
+    """Rows in [0, 1] whose columns span exactly [0, 1]."""
+    x = np.random.default_rng(seed).random((rows, cols))
+    x[0], x[1] = 0.0, 1.0
+    return x
+
+
+def test_a_minmax_range_of_ten_epsilons_times_the_largest_magnitude_is_noise():
+    """The rounding-noise bound is strict: a column spanning exactly 10 * eps * max|X| is taken
+    for a constant, not refused."""
+    eps = np.finfo(np.float64).eps
+    n = 20
+    x = np.empty((n, 2))
+    x[:, 0] = np.where(np.arange(n) % 2, 0.5, 0.5 - 5 * eps)  # range 5 eps = 10 eps * 0.5
+    x[:, 1] = np.linspace(0.0, 0.5, n)
+    assert np.ptp(x[:, 0]) == 10 * eps * np.abs(x).max()
+    model = AutoencoderTransformer(2, scale="minmax", epochs=1, random_state=0).fit(x)
+    assert np.ptp(model.scaler_.transform(x)[:, 0]) < 1e-12  # dropped as a constant
+
+
+def test_partial_fit_does_not_warn_when_exactly_half_of_x_lies_outside_the_minmax_range():
+    """The drift warning needs most of X (strictly more than half) outside the fitted range."""
+    model = AutoencoderTransformer(2, scale="minmax", random_state=0).partial_fit(_unit_rows())
+    half = np.tile([0.5, 2.0], (10, 2))  # 20 of 40 values beyond 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.partial_fit(half)
+    with pytest.warns(UserWarning, match=r"^partial_fit: 55% of X's values lie outside"):
+        model.partial_fit(np.r_[half[:9], np.full((1, 4), 2.0)])  # 22 of 40: most
+
+
+def test_bce_excess_of_float32_rows_is_scored_in_float64():
+    """A float32 row far beyond [0, 1] (scale=None, BCE) scores its squared excess in float64
+    (1e40, finite), not float32 (inf)."""
+    model = AutoencoderOutlierDetector(2, scale=None, epochs=1, random_state=0).fit(_unit_rows())
+    assert model.loss_ == "bce"
+    row = np.full((1, 4), 0.5, dtype=np.float32)
+    row[0, 0] = 1e20
+    score = -model.score_samples(row)
+    assert np.isfinite(score).all()
+    np.testing.assert_allclose(score, 1e40, rtol=1e-6)
+
+
+def test_float32_predictions_put_the_modules_own_mode_back():
+    """float32 X runs the fitted module_ itself (no float64 copy); its mode is put back as found."""
+    x = _unit_rows().astype(np.float32)
+    model = AutoencoderTransformer(2, epochs=1, random_state=0).fit(x)
+    model.module_.eval()
+    model.transform(x)
+    assert not model.module_.training
+    model.module_.train()
+    model.transform(x)
+    assert model.module_.training
+
+
+def test_float64_predictions_use_the_reference_backend_whatever_the_backend_set():
+    """float64 predictions are the reference float64 pass even where the triton backend is set."""
+    x = _unit_rows()
+    model = AutoencoderTransformer(2, epochs=1, random_state=0, device="cpu").fit(x)
+    expected = model.transform(x)
+    with fastae.use_backend("triton"):
+        np.testing.assert_array_equal(model.transform(x), expected)
+
+
+def test_a_warm_start_fit_keeps_partial_fits_seed_stream(monkeypatch):
+    """Only a fit from scratch starts partial_fit's seed stream afresh: after a warm-started
+    fit the next partial_fit draws the stream's next seed, not its first again."""
+    seeds = []
+
+    def spy(module, data, **kwargs):
+        seeds.append(kwargs["seed"])
+        return fastae.fit(module, data, **kwargs)
+
+    monkeypatch.setattr(fastae.sklearn, "fit", spy)
+    x = _unit_rows()
+    model = AutoencoderTransformer(2, epochs=1, warm_start=True, random_state=0)
+    model.partial_fit(x).fit(x).partial_fit(x)
+    stream = np.random.RandomState(model._draw_seed())
+    first, second = (int(stream.randint(np.iinfo(np.int32).max)) for _ in range(2))
+    assert seeds == [first, model._draw_seed(), second]
+
+
+def test_predict_proba_zero_spread_counts_as_one_inside_the_unit_range():
+    """With every training score equal the spread counts as 1: (s - min) / 1 for scores within
+    1 of it, not +-inf clipped to 0 or 1."""
+    x = _unit_rows(60)
+    detector = AutoencoderOutlierDetector(2, epochs=1, random_state=0).fit(x)
+    scores = -detector.score_samples(x[:5])
+    low = scores[0] - 0.5
+    detector.decision_scores_ = np.full(60, low)
+    proba = detector.predict_proba(x[:5], method="linear")
+    assert proba[0, 1] == pytest.approx(0.5)
+    np.testing.assert_allclose(proba[:, 1], np.clip(scores - low, 0.0, 1.0), rtol=1e-9)
+
+
+def test_confidence_of_a_score_on_the_threshold_is_an_inliers(monkeypatch):
+    """A score equal to threshold_ (top rows tied: none flagged) is predicted an inlier, so its
+    confidence is the inlier's, 1 - P(Binomial(n, p) > n - expected)."""
+    from scipy.stats import binom
+
+    x = _unit_rows(20)
+    detector = AutoencoderOutlierDetector(2, contamination=0.05, epochs=1, random_state=0)
+    detector.fit(x)
+    ties = np.r_[np.zeros(10), np.full(10, 5.0)]
+    monkeypatch.setattr(detector, "_anomaly_scores", lambda X: ties)
+    detector._set_threshold(x)
+    assert detector.threshold_ == 5.0 and (detector.predict(x) == 1).all()
+    below = np.searchsorted(np.sort(ties), ties, side="right")
+    outlier = binom.sf(20 - 1, 20, (1 + below) / 22.0)
+    np.testing.assert_allclose(detector.predict_confidence(x), 1.0 - outlier, rtol=1e-12)
+
+
+def test_minmax_mse_feature_scores_of_rows_beyond_the_range_sum_to_their_score():
+    """Under scale="minmax" and squared error, rows beyond the training range are not clipped,
+    as score_samples scores them."""
+    x = _unit_rows(60, 5)
+    detector = AutoencoderOutlierDetector(2, scale="minmax", loss="mse", epochs=2,
+                                          random_state=0).fit(x)  # fmt: skip
+    beyond = x[:10] * 3.0 - 1.0
+    np.testing.assert_allclose(
+        detector.feature_scores(beyond).sum(1), -detector.score_samples(beyond), rtol=1e-9
+    )
+
+
+def test_inverse_transform_keeps_the_codes_precision():
+    """float32 codes decode to float32 rows, float64 codes to float64 rows (as transform keeps
+    X's)."""
+    x = _unit_rows()
+    model = AutoencoderTransformer(2, epochs=1, random_state=0).fit(x)
+    codes32 = model.transform(x.astype(np.float32))
+    assert codes32.dtype == np.float32
+    assert model.inverse_transform(codes32).dtype == np.float32
+    assert model.inverse_transform(codes32.astype(np.float64)).dtype == np.float64
+    assert model.inverse_transform(torch.tensor(codes32)).dtype == np.float32
