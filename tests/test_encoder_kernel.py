@@ -741,3 +741,17 @@ def test_fusion_rule(monkeypatch):
         assert encoder.fusion(4095, 784, 1024, dtype) == "gemm"  # any batch size
     monkeypatch.setenv("FASTAE_ENCODER_FUSION", "gemm")
     assert encoder.fusion(8192, 4096, 4096, torch.float32) == "gemm"
+
+
+@pytest.mark.parametrize("fusion", ["gemm", "split"])
+def test_relu_keeps_a_nan_pre_activation_nan(fusion, monkeypatch):
+    """h = relu(z) propagates NaN as torch.relu (tl.maximum with PropagateNan.ALL; the
+    default maxnum would give 0)."""
+    monkeypatch.setenv("FASTAE_ENCODER_FUSION", fusion)
+    x = torch.tensor([[1.0, math.nan], [0.5, -2.0]], device=DEVICE)
+    weight = torch.tensor([[1.0, 1.0], [-1.0, 1.0]], device=DEVICE)
+    with fastae.use_backend("triton"):
+        h, _, _ = ops.encode(x, weight, activation="relu", statistics=False)
+    want = torch.relu(x @ weight.t())
+    assert want.isnan().sum() == 2
+    torch.testing.assert_close(h, want, rtol=0, atol=0, equal_nan=True)

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from guard_bands import guarded_input, guarded_outputs
 
 import fastae
-from fastae import ops, reference
+from fastae import ops, philox, reference
 
 pytest.importorskip("triton")
 from fastae.kernels import common, noise  # noqa: E402
@@ -215,3 +216,55 @@ def test_the_kernels_refuse_a_dimension_near_2_to_the_31():
             call()
     # one below passes
     assert common.check_sizes(x=torch.zeros(1, 1).expand(1, limit - 1)) is None
+
+
+# Philox (seed 5, offset 1881619): word 1's uniform is exactly 0.5, word 0's 0.0219 (about
+# one offset in 2^21 has it).
+HALF_SEED, HALF_OFFSET = 5, 1881619
+
+
+def test_salt_pepper_salts_an_element_whose_second_uniform_is_exactly_one_half():
+    """salt = u1 >= 0.5, as the reference: at u1 == 0.5 the dropped element gets ``high``."""
+    u0, u1 = philox.element_uniforms(HALF_SEED, 1, 1, torch.device("cpu"), HALF_OFFSET, count=2)
+    assert u1.item() == 0.5 and u0.item() < 0.5  # the precondition the test relies on
+    x = torch.zeros(1, 1, device=DEVICE)
+    got = noise.corrupt(x, "salt_pepper", 0.5, -1.0, 3.0, HALF_SEED, HALF_OFFSET)
+    want = reference.corrupt(x, "salt_pepper", 0.5, -1.0, 3.0, HALF_SEED, HALF_OFFSET)
+    assert want.item() == 3.0
+    assert torch.equal(got, want)
+
+
+def test_rescaled_masking_of_a_value_whose_rescale_overflows_matches_the_reference():
+    """x / (1 - p) * m in float32, as the reference: a dropped entry whose x / (1 - p)
+    overflows is inf * 0 = NaN, a kept one inf (x * m / (1 - p) would give 0 there)."""
+    x = torch.full((2, 40), 3e38, device=DEVICE)
+    got = noise.corrupt(x, "masking_rescale", 0.5, 0.0, 0.0, 11)
+    want = reference.corrupt(x, "masking_rescale", 0.5, 0.0, 0.0, 11)
+    assert want.isnan().any() and want.isinf().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["masking", "salt_pepper"])
+def test_base_just_below_2_to_the_31(kind):
+    """A base that fits int32 while base + row * d does not: the counter is formed in int64
+    (the interpreter types such a base i32), every run, not only when a property test's draw
+    lands there."""
+    x = torch.randn(3, 7, device=DEVICE)
+    base = 2**31 - 5
+    got = noise.corrupt(x, kind, 0.4, -1.0, 2.0, 9, base)
+    assert torch.equal(got, reference.corrupt(x, kind, 0.4, -1.0, 2.0, 9, base))
+    grad = noise.corrupt_input_grad(x, kind, 0.4, 9, base)
+    assert torch.equal(grad, reference.corrupt_input_grad(x, kind, 0.4, 9, base))
+
+
+@pytest.mark.parametrize("kind", ["masking", "salt_pepper"])
+def test_corrupt_stores_nothing_past_its_output(kind, monkeypatch):
+    """The tail masks of rows and columns: nothing is stored past the output (a stray store
+    would crash the interpreter or, on a GPU, corrupt memory silently)."""
+    guards = guarded_outputs(monkeypatch, noise)
+    x = guarded_input(torch.randn(19, 37, device=DEVICE))
+    got = noise.corrupt(x, kind, 0.4, -1.0, 2.0, 3)
+    grad = noise.corrupt_input_grad(x, kind, 0.4, 3)
+    assert torch.equal(got, reference.corrupt(x, kind, 0.4, -1.0, 2.0, 3))
+    assert torch.equal(grad, reference.corrupt_input_grad(x, kind, 0.4, 3))
+    assert len(guards) == 2 and all(g.isnan().all() for g in guards)

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from guard_bands import guarded_input, guarded_outputs
 from precision import assert_within_twice_torchs_error
 
 import fastae
@@ -963,3 +964,36 @@ def test_log_likelihood_carries_no_gradient():
     model = fastae.VAE(6, 5, 2)
     estimate = model.log_likelihood(torch.rand(3, 6), 4)
     assert not estimate.requires_grad and estimate.grad_fn is None
+
+
+def test_backward_exp_minus_one_is_accurate_near_zero():
+    """dlogvar's KL term g_kl (exp(logvar) - 1) / 2 without cancellation near logvar = 0 (as
+    the forward's KL: test_exp_minus_one_is_accurate_near_zero); exp(lv) - 1 is 2e-4 off at
+    lv = 3e-4 in float32."""
+    vae = _kernels()
+    mu = torch.zeros(2, 16, device=DEVICE)
+    logvar = torch.full((2, 16), 3e-4, device=DEVICE)
+    grad_kl = torch.ones(2, device=DEVICE)
+    dmu, dlogvar = vae.reparameterize_backward(None, grad_kl, mu, logvar, 0)
+    exact = 0.5 * math.expm1(torch.tensor(3e-4, dtype=torch.float32).item())
+    torch.testing.assert_close(dlogvar, torch.full_like(dlogvar, exact), rtol=1e-5, atol=0)
+    assert torch.equal(dmu, torch.zeros_like(dmu))
+
+
+def test_reparameterize_stores_nothing_past_its_outputs(monkeypatch):
+    """The tail masks of both kernels: z, kl, dmu and dlogvar store nothing past their ends
+    (a stray store would crash the interpreter or, on a GPU, corrupt memory silently)."""
+    vae = _kernels()
+    guards = guarded_outputs(monkeypatch, vae, common)  # vae.empty: z, dmu, dlv; kl: common
+    mu, logvar = (guarded_input(torch.randn(7, 13, device=DEVICE)) for _ in range(2))
+    z, kl = vae.reparameterize_forward(mu, logvar, 5)
+    want_z, want_kl = reference.reparameterize_forward(mu, logvar, 5)
+    torch.testing.assert_close(z, want_z, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(kl, want_kl, rtol=1e-5, atol=1e-5)
+    g_z = guarded_input(torch.randn(7, 13, device=DEVICE))
+    g_kl = guarded_input(torch.randn(7, device=DEVICE))
+    got = vae.reparameterize_backward(g_z, g_kl, mu, logvar, 5)
+    want = reference.reparameterize_backward(g_z, g_kl, mu, logvar, 5)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(guards) == 4 and all(g.isnan().all() for g in guards)
