@@ -618,6 +618,21 @@ def test_a_triton_older_than_the_kernels_need(monkeypatch, version):
     assert backend.triton_available()
 
 
+@pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")
+@pytest.mark.parametrize("version", ["3.6.0", "3.6.0+git1a2b3c", "4.0.0"])
+def test_the_oldest_triton_the_kernels_need_and_newer_are_taken(monkeypatch, version):
+    """backend.MIN_TRITON itself (3.6, a local build included) is new enough."""
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    backend.triton_missing.cache_clear()
+    try:
+        assert backend.triton_missing() == ""
+    finally:
+        monkeypatch.undo()
+        backend.triton_missing.cache_clear()
+
+
 def test_triton_asked_for_without_it_says_where_its_kernels_run(monkeypatch):
     """On a machine without Triton (and without CUDA) installing it alone would not run the
     kernels on CPU tensors: the error says both."""
