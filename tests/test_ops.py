@@ -147,6 +147,20 @@ def test_decode_loss_without_a_gradient(output, loss):
         out[0].sum().backward()
 
 
+@pytest.mark.parametrize("output, loss", [("sigmoid", "bce"), ("identity", "mse")])
+def test_gradient_of_the_target_alone(output, loss):
+    """Only the target requires a gradient (h, weight and bias frozen): decode_loss still
+    keeps d ell / d z^ and differentiates with respect to the target."""
+    h, weight, bias, target = (t.detach() for t in decoder_inputs(4, 5, 3))
+
+    def fn(target):
+        return ops.decode_loss(h, weight, bias, target=target, output=output, loss=loss).sum()
+
+    leaf = target.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fn(leaf), leaf)
+    torch.testing.assert_close(grad, torch.func.grad(fn)(target))
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
 def test_gradcheck_tied_encode_decode(activation):
     x, weight, bias = layer(4, 5, 3, x_grad=False)
@@ -241,6 +255,38 @@ def test_opcheck_decode_loss(output, loss, target_grad):
 
     ops_seen = _opcheck_public_call(forward, [h, weight, bias])
     assert any("decode" in name for name in ops_seen)
+
+
+def test_opcheck_decode_loss_with_tied_weights():
+    """A tied decoder weight (the encoder's, transposed: column-major) gets its gradient back
+    in that layout, in the fake kernel too."""
+    x, weight, _ = layer(5, 6, 3, x_grad=False)
+    h = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def forward(h, weight, c):
+        return [ops.decode_loss(h, weight.t(), c, target=x)]
+
+    ops_seen = _opcheck_public_call(forward, [h, weight, c])
+    assert any("decode" in name for name in ops_seen)
+
+
+def test_fake_outputs_keep_the_statistics_dtype_of_low_precision_inputs():
+    """The fake (meta) kernels give float32 statistics for bfloat16 inputs, as the real ops
+    do: decode_loss' per-sample loss, reparameterize's KL and bernoulli_kl's penalty."""
+    bf16 = torch.bfloat16
+    h, weight, bias, target = (t.detach().to(bf16) for t in decoder_inputs(4, 5, 3))
+    calls = [
+        (torch.ops.fastae.decode_loss.default,
+         (h, weight, bias, target, "sigmoid", "bce", "reference", True, True)),
+        (torch.ops.fastae.reparameterize.default,
+         (torch.randn(4, 3, dtype=bf16), torch.randn(4, 3, dtype=bf16),
+          torch.tensor(7), "reference")),
+        (torch.ops.fastae.bernoulli_kl.default,
+         (torch.rand(6, dtype=bf16) * 0.8 + 0.1, 0.2, "reference")),
+    ]  # fmt: skip
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils="test_faketensor")
 
 
 @pytest.mark.parametrize("stored", [True, False])
@@ -589,12 +635,41 @@ def test_kernel_modules_load_only_for_the_triton_backend(monkeypatch):
             ops.encode(x, weight)
 
 
+@pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")
+def test_a_kernel_files_missing_dependency_propagates(monkeypatch):
+    """A kernel file that exists but imports a missing module raises; only the kernel file's
+    own absence reads as "no kernel"."""
+    import importlib
+
+    real_import = importlib.import_module
+
+    def import_module(name, *args):
+        if name == "fastae.kernels.encoder":
+            raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.setattr(ops, "_kernel_modules", {})
+    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
+        ops._kernel_module("encoder")
+
+
 def test_default_backend_is_auto_and_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTAE_BACKEND", raising=False)
     assert fastae.get_backend() == "auto"
     for interpret in ("0", "1"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         assert backend.resolve("encode", torch.device("cpu")) == "reference"
+
+
+@pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")
+def test_auto_takes_triton_for_cuda_tensors(monkeypatch):
+    """auto picks the kernels for CUDA tensors where Triton is new enough, and the reference
+    for an op without a kernel (decided on the device object alone: no GPU needed)."""
+    monkeypatch.delenv("FASTAE_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert backend.resolve("encode", cuda) == "triton"
+    assert backend.resolve("encode", cuda, supported=False) == "reference"
 
 
 @pytest.mark.skipif(not backend.triton_available(), reason="needs Triton installed")

@@ -138,6 +138,19 @@ def test_forward_mode_matches_reverse_mode():
     torch.testing.assert_close(z_tangent, mu)  # dz/dmu is the identity
 
 
+def test_dual_tensors_of_leaves_that_require_grad():
+    """Forward-mode AD (torch.autograd.forward_ad) through a parameter that also requires a
+    gradient, as a module's weight does: the tangent is jvp's."""
+    x = torch.rand(5, 4, dtype=torch.float64)
+    weight = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    direction = torch.randn_like(weight)
+    _, want = jvp(lambda w: ops.encode(x, w)[0], (weight.detach(),), (direction,))
+    with forward_ad.dual_level():
+        h = ops.encode(x, forward_ad.make_dual(weight, direction))[0]
+        got = forward_ad.unpack_dual(h).tangent
+    torch.testing.assert_close(got, want)
+
+
 def test_hessian_matches_double_backward():
     """Second order through torch.func equals double backward through the ops' formulas."""
     x, weight, bias = _rand(6, 5), _rand(4, 5, low=-1), _rand(4, low=-0.5, high=0.5)
