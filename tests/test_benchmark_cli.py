@@ -6,10 +6,12 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -1471,3 +1473,321 @@ def test_figures_table_shows_mib_and_the_backends_line_every_fastae_provider():
     header = re.split(r"\s{2,}", fb.figures_table(records).splitlines()[0])
     assert dict(zip(header, row, strict=True))["saved MiB fastae"] == "3"
     assert fb.backends_line(records) == "fastae's ops ran on: reference, triton"
+
+
+def test_a_size_needs_three_positive_ints_in_any_case():
+    """BxDxH with an upper-case X too; four parts are refused with the size's own message."""
+    assert fb.Size.parse("8X16x4") == fb.Size(8, 16, 4)
+    for text in ("1x2x3x4", "8x16", "8x16x"):
+        with pytest.raises(ValueError, match=r"^size must look like BATCHxINPUTSxHIDDEN"):
+            fb.Size.parse(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"2x{2**62}x1", f"1x{2**32}x{2**31}", f"{2**40}x1x{2**23}"],
+    ids=["batch*inputs", "inputs*hidden", "batch*hidden"],
+)
+def test_a_size_of_2_to_the_63_elements_in_any_tensor_is_refused(text):
+    """Every matrix of a case (x: BxD, h: BxH, W: HxD) must stay under 2**63 elements; one
+    element fewer is accepted."""
+    with pytest.raises(ValueError, match=r"makes a tensor of 2\*\*63 elements or more"):
+        fb.Size.parse(text)
+    batch, inputs, hidden = map(int, text.split("x"))
+    smaller = fb.Size.parse(f"{batch}x{inputs}x{hidden - 1}" if hidden > 1 else
+                            f"{batch}x{inputs - 1}x{hidden}")  # fmt: skip
+    assert smaller.batch == batch
+
+
+def test_sizes_are_comma_separated_with_spaces_allowed():
+    assert fb.parse_sizes("cpu, 8x4x2 ,host") == [
+        fb.Size(256, 784, 1024), fb.Size(8, 4, 2), fb.Size(64, 784, 1024)
+    ]  # fmt: skip
+
+
+def test_rounds_fit_the_budget_within_the_devices_bounds():
+    """Half a second on the CPU (3 to 30 rounds), 0.3 s on CUDA (10 to 200)."""
+    assert fb.rounds_for(0.1, "cpu") == 5
+    assert fb.rounds_for(0.001, "cpu") == 30 and fb.rounds_for(1.0, "cpu") == 3
+    assert fb.rounds_for(0.01, "cuda") == 30
+    assert fb.rounds_for(1e-4, "cuda") == 200 and fb.rounds_for(1.0, "cuda") == 10
+    assert fb.rounds_for(0.1, "cpu", budget_s=2.0) == 20
+    assert fb.rounds_for(0.0, "cpu") == 30  # a call too short to time: the most rounds
+
+
+def test_a_single_round_has_no_spread():
+    assert fb.stats_of([0.25]) == {
+        "min": 0.25, "max": 0.25, "mean": 0.25, "median": 0.25, "stddev": 0.0, "rounds": 1
+    }  # fmt: skip
+
+
+def test_warm_up_calls_twice_or_four_times_for_compiles_cuda_graphs():
+    """compile_graph's CUDA-graph trees record at the third call: it warms up four times; the
+    seconds returned are the last call's."""
+    for provider, calls in (("eager", 2), (fb.COMPILE_GRAPH, 4)):
+        runs = []
+        bench = types.SimpleNamespace(provider=provider, run=lambda runs=runs: runs.append(1))
+        assert math.isfinite(fb.warm_up(bench)) and len(runs) == calls
+    runs = []
+    assert fb.warm_up(types.SimpleNamespace(provider="eager", run=lambda: runs.append(1)), 5)
+    assert len(runs) == 5
+
+
+def test_what_cannot_run_where_is_named():
+    """Each provider's limits, case by case (on a machine without CUDA)."""
+    assert fb.unavailable(fb.JACREV, "cpu") is None  # no case: it can run one
+    assert fb.unavailable(fb.JACREV, "cpu", "contractive") is None
+    assert fb.unavailable(fb.JACREV, "cpu", "plain").startswith("the jacrev provider only")
+    assert fb.unavailable(fb.FLOOR, "cpu", "reparameterize") == (
+        "no matrix-product floor for reparameterize"
+    )
+    assert fb.unavailable(fb.FLOOR, "cpu", "corrupt") is None
+    for provider in (fb.GEMM, fb.SPLIT):
+        assert fb.unavailable(provider, "cpu", "corrupt").startswith("a fusion boundary")
+        assert fb.unavailable(provider, "cpu", "decode_loss") is None
+    assert fb.unavailable(fb.TRITON_LAUNCH, "cpu", "plain") == (
+        "Triton's launch path is fastae's on CUDA only"
+    )
+
+
+def test_a_cuda_graph_provider_runs_training_steps_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for provider in fb.GRAPH_PROVIDERS:
+        assert fb.unavailable(provider, "cuda", "encode") == (
+            "a CUDA graph replays a whole training step"
+        )
+    assert fb.unavailable(fb.GRAPH, "cuda", "plain") is None
+
+
+def test_compile_on_the_cpu_needs_one_of_the_cpp_compilers(monkeypatch):
+    """c++ or g++ will do; with neither, the compile providers cannot run on the CPU."""
+    for found, expected in [({"c++"}, None), ({"g++"}, None), (set(), "needs a C++ compiler")]:
+        monkeypatch.setattr(fb.shutil, "which", lambda name, found=found: name if name in found
+                            else None)  # fmt: skip
+        why = fb.unavailable("compile", "cpu", "plain")
+        assert why == expected if expected is None else expected in why
+
+
+def test_a_cases_environment_and_precision_are_restored_after_it():
+    """A variable the case set is removed again, one it changed gets its value back; the
+    matmul precision too."""
+    name, kept = "FASTAE_TEST_SET_BY_A_CASE", "FASTAE_TEST_CHANGED_BY_A_CASE"
+    os.environ.pop(name, None)
+    os.environ[kept] = "before"
+    try:
+        with fb._environment({name: "1", kept: "during"}):
+            assert os.environ[name] == "1" and os.environ[kept] == "during"
+        assert name not in os.environ and os.environ[kept] == "before"
+    finally:
+        os.environ.pop(kept, None)
+    saved = torch.get_float32_matmul_precision()
+    with fb.matmul_precision("medium" if saved != "medium" else "high"):
+        assert torch.get_float32_matmul_precision() != saved
+    assert torch.get_float32_matmul_precision() == saved
+
+
+def test_bfloat16_records_no_float32_matmul_precision():
+    def info(dtype):
+        size, cpu = fb.Size(8, 4, 2), torch.device("cpu")
+        bench = fb.Bench(case="plain", provider="eager", size=size, dtype=dtype, device=cpu,
+                         forward=lambda: (), params=[], inputs=[])  # fmt: skip
+        return bench.info()
+
+    assert info("bf16")["matmul_precision"] == "n/a"
+    assert info("tf32")["matmul_precision"] == "high"
+    assert info("fp32")["matmul_precision"] == "highest"
+
+
+def test_a_stored_verdict_beats_the_old_fixed_limit():
+    """A record's own ``beyond_rounding`` is what counts; only records without one compare
+    with the fixed limit, which itself is still within rounding."""
+    limit = fb.AGREEMENT_LIMITS["fp32"]
+    assert not fb.beyond_rounding({"dtype": "fp32", "rel_diff_vs_reference": 10 * limit,
+                                   "beyond_rounding": False})  # fmt: skip
+    assert fb.beyond_rounding({"dtype": "fp32", "rel_diff_vs_reference": 0.0,
+                               "beyond_rounding": True})  # fmt: skip
+    assert not fb.beyond_rounding({"dtype": "fp32", "rel_diff_vs_reference": limit})
+
+
+def test_relative_differences_divide_by_the_reference():
+    """|got - want| / |want| per tensor (Frobenius norms); a zero reference: the absolute
+    difference; NaN: inf."""
+    want = torch.tensor([3.0, 4.0])
+    got = [2 * want, want, torch.tensor([3.0, 4.0]), torch.tensor([float("nan"), 0.0])]
+    wants = [want, want, torch.zeros(2), want]
+    assert fb._relative_differences(got, wants) == [1.0, 0.0, 5.0, math.inf]
+
+
+def test_the_agreement_verdict_weighs_the_references_own_rounding_and_the_floor(monkeypatch):
+    """Beyond rounding: some tensor's difference exceeds twice the reference's own at the
+    dtype and the dtype's floor; the figures are the largest differences. (The differences
+    are given: this pins the verdict, not the computation.)"""
+    bench = fb.build("plain", "fastae", fb.Size(4, 6, 5))
+    monkeypatch.setattr(fb, "_outputs_and_grads", lambda bench, backend, upstream=None: ([], None))
+    floor = fb.AGREEMENT_FLOOR["fp32"]
+
+    def verdict(ours, theirs):
+        given = iter([ours, theirs])
+        monkeypatch.setattr(fb, "_relative_differences", lambda got, want: next(given))
+        return fb.agreement(bench)
+
+    # within twice the reference's own, above the floor
+    assert not verdict([1.5 * floor], [floor])["beyond_rounding"]
+    # above twice the reference's own, under the floor
+    assert not verdict([floor / 2], [floor / 100])["beyond_rounding"]
+    # one tensor of two beyond both
+    assert verdict([0.0, 100 * floor], [3 * floor / 100, floor / 100]) == {
+        "rel_diff_vs_reference": 100 * floor,
+        "reference_rel_diff": 3 * floor / 100,
+        "beyond_rounding": True,
+    }
+
+
+def test_rows_follow_case_size_and_dtype_order():
+    """Rows sort by case (the order of CASES), then inputs, hidden and batch, then dtype
+    (fp32, tf32, bf16), whatever order the records come in."""
+
+    def record(case, batch, inputs, hidden, dtype="fp32"):
+        return {"case": case, "size": f"{batch}x{inputs}x{hidden}", "batch": batch,
+                "inputs": inputs, "hidden": hidden, "dtype": dtype, "provider": "eager",
+                "device_name": "cpu", "median_s": 1e-3}  # fmt: skip
+
+    records = [
+        record("deep", 8, 4, 2), record("plain", 8, 4, 2, "bf16"), record("plain", 8, 4, 2),
+        record("plain", 5, 20, 5), record("plain", 50, 10, 50), record("plain", 8, 4, 2, "tf32"),
+    ]  # fmt: skip
+    order = [(row["first"]["case"], row["first"]["size"], row["first"]["dtype"])
+             for row in fb.group_rows(records)]  # fmt: skip
+    assert order == [
+        ("plain", "8x4x2", "fp32"), ("plain", "8x4x2", "tf32"), ("plain", "8x4x2", "bf16"),
+        ("plain", "50x10x50", "fp32"), ("plain", "5x20x5", "fp32"), ("deep", "8x4x2", "fp32"),
+    ]  # fmt: skip
+
+
+def test_no_ratio_over_a_time_of_zero():
+    row = {"providers": {"eager": {"median_s": 1e-3}, "fastae": {"median_s": 0.0}}}
+    assert fb.speedup(row, "eager") is None
+
+
+def test_kernel_table_counts_copies_apart_and_keeps_the_longest_kernels():
+    events = [_event("Memcpy HtoD (Pageable -> Device)", 20.0), _event("Memset (Device)", 5.0)]
+    events += [_event(f"kernel{i}", float(i)) for i in range(1, 11)]
+    table = fb.kernel_table(events, 1)
+    assert table["copies"] == 2 and table["copy_time_us"] == pytest.approx(25.0)
+    assert table["kernel_launches"] == 10 and table["kernel_time_us"] == pytest.approx(55.0)
+    assert [name for name, _, _ in table["kernels"]] == [f"kernel{i}" for i in range(10, 2, -1)]
+
+
+def test_kernel_time_table_counts_copies_as_busy_and_lists_the_top_kernels():
+    record = {"case": "plain", "size": "8x4x2", "dtype": "fp32", "provider": "fastae",
+              "device_name": "card", "median_s": 2e-3, "kernel_time_us": 900.0,
+              "copy_time_us": 100.0, "kernel_launches": 5, "copies": 1,
+              "kernels": [[f"k{i}", 1.0, 100.0 * i] for i in range(5, 0, -1)]}  # fmt: skip
+    header, _, row = fb.kernel_time_table([record], markdown=True).splitlines()
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5:9] == ["1.000", "50%", "5", "1"]
+    assert cells[9] == "k5 500.0 (x1); k4 400.0 (x1); k3 300.0 (x1); k2 200.0 (x1)"
+
+
+def test_a_load_equal_to_the_cores_is_not_busy(monkeypatch):
+    monkeypatch.setattr(fb, "usable_cores", lambda: 2)
+    monkeypatch.setattr(fb.os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    assert fb._busy_host() is None
+
+
+def test_the_json_names_each_benchmark_and_keeps_stats_apart():
+    record = {"case": "plain", "provider": "eager", "size": "8x4x2", "dtype": "fp32",
+              "median_s": 1e-3, "min_s": 5e-4, "rounds": 5, "aten_ops": 7}  # fmt: skip
+    (entry,) = fb.to_json([record])["benchmarks"]
+    assert entry["name"] == "plain[eager-8x4x2-fp32]" and entry["group"] == "plain 8x4x2 fp32"
+    assert entry["stats"] == {"median": 1e-3, "min": 5e-4, "rounds": 5}
+    assert entry["extra_info"] == {"case": "plain", "provider": "eager", "size": "8x4x2",
+                                   "dtype": "fp32", "aten_ops": 7}  # fmt: skip
+
+
+def test_records_of_other_benchmarks_are_skipped():
+    data = {"benchmarks": [
+        {"extra_info": {"name": "other"}, "stats": {"median": 1.0}},
+        {"extra_info": {"case": "plain", "provider": "eager"}, "stats": {"median": 2.0}},
+    ]}  # fmt: skip
+    assert fb.records_from_json(data) == [
+        {"case": "plain", "provider": "eager", "median_s": 2.0, "rounds": None}
+    ]
+
+
+def test_jacrev_left_out_of_other_cases_is_not_reported(monkeypatch):
+    """Asked for every case, jacrev computes the contractive one: no skip line for the rest,
+    unlike another provider that cannot run a case."""
+    monkeypatch.setattr(fb, "measure", lambda *args: [])
+    stderr = io.StringIO()
+    argv = ["bench", "--device", "cpu", "--cases", "plain,contractive,encode", "--size", "8x4x2"]
+    with redirect_stderr(stderr), redirect_stdout(io.StringIO()):
+        assert cli.main([*argv, "--providers", f"eager,{fb.JACREV},{fb.REGENERATE}"]) == 0
+    lines = stderr.getvalue().splitlines()
+    assert not any("jacrev" in line for line in lines if line.startswith("skip"))
+    assert (
+        "skip plain fastae_regenerate: the regenerated corrupted input needs a denoising case"
+        in lines
+    )
+
+
+def test_measure_times_as_many_rounds_as_the_slowest_provider_fits(monkeypatch):
+    """Without --rounds: the fewest any provider's budget allows (rounds alternate, so every
+    provider gets the same count)."""
+    seconds = {"eager": 0.1, "fastae": 0.01}  # 5 and 30 rounds on the CPU
+    monkeypatch.setattr(fb, "warm_up", lambda bench: seconds[bench.provider])
+    monkeypatch.setattr(fb, "figures", lambda bench: {})
+    records = fb.measure("plain", ["eager", "fastae"], fb.Size(4, 6, 5), "fp32", "cpu")
+    assert [r["rounds"] for r in records] == [5, 5]
+
+
+def test_figures_mark_an_old_record_beyond_its_fixed_limit():
+    """A record made before the float64 check (no verdict stored) is marked by its limit."""
+    limit = fb.AGREEMENT_LIMITS["fp32"]
+    old = {"case": "plain", "size": "8x4x2", "dtype": "fp32", "provider": "fastae",
+           "device_name": "cpu", "rel_diff_vs_reference": 2 * limit}  # fmt: skip
+    assert fb.figures_table([old]).endswith(" !")
+    assert not fb.figures_table([dict(old, rel_diff_vs_reference=limit / 2)]).endswith("!")
+
+
+def test_a_run_with_any_cuda_record_shows_the_cuda_figures():
+    cpu = {"case": "plain", "size": "8x4x2", "dtype": "fp32", "provider": "eager",
+           "device_name": "cpu", "device": "cpu", "aten_ops": 3}  # fmt: skip
+    cuda = dict(cpu, device_name="card", device="cuda", peak_allocated_beyond_start_bytes=2**20)
+    header = fb.figures_table([cpu, cuda]).splitlines()[0]
+    assert "peak MiB eager" in header and "kernels eager" in header
+    assert "peak MiB" not in fb.figures_table([cpu]).splitlines()[0]
+
+
+def test_decode_loss_upstream_gradient_is_the_mean_over_the_batch():
+    bench = fb.build("decode_loss", "eager", fb.Size(8, 6, 5))
+    (upstream,) = bench.grads(bench.forward())
+    assert torch.equal(upstream, torch.full_like(upstream, 1 / 8))
+
+
+def test_defaults_per_device_kind():
+    """On any CUDA device (an index too) the suite's defaults add fastae's variants and the
+    floor, both CUDA dtypes and the full size set; the CPU keeps to fp32 and one size."""
+    for device in ("cuda", "cuda:1"):
+        assert fb.default_providers(device).split(",") == [
+            "eager", "compile", "fastae", fb.GEMM, fb.SPLIT, fb.REGENERATE, fb.FLOOR
+        ]  # fmt: skip
+        assert fb.default_dtypes(device) == "tf32,bf16"
+        assert fb.default_sizes(device) == "full"
+    assert fb.default_providers("cpu") == "eager,compile,fastae"
+    assert (fb.default_dtypes("cpu"), fb.default_sizes("cpu")) == ("fp32", "cpu")
+
+
+def test_a_cuda_run_defaults_to_tf32_at_the_mnist_batch_of_4096(monkeypatch):
+    """Without --dtype and --size a CUDA run times tf32 at 4096x784x1024 (CUDA stood in for:
+    nothing runs on it here)."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fb, "device_name", lambda device: "a card")
+    monkeypatch.setattr(fb, "launch_probe", lambda device: None)
+    monkeypatch.setattr(fb, "measure", lambda *args: seen.append(args[2:5]) or [])
+    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        assert (
+            cli.main(["bench", "--device", "cuda", "--cases", "plain", "--providers", "eager"]) == 0
+        )
+    assert seen == [(fb.Size(4096, 784, 1024), "tf32", "cuda")]

@@ -9,9 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import fastae
-from fastae import GraphedStep
+from fastae import GraphedStep, graphs
 
 
 def _model(**kwargs):
@@ -788,3 +789,110 @@ def test_target_checks_are_paused_for_the_capture_only():
     step(x)
     step(x)
     assert step.graphed and model.check_targets
+
+
+def test_a_distributed_data_parallel_model_is_refused_by_name():
+    """DDP's gradient all-reduce cannot be captured: a DDP-wrapped model is refused (an
+    uninitialised DDP object: no process group is needed to see the refusal)."""
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)
+    with pytest.raises(ValueError, match=r"^model must not be DistributedDataParallel"):
+        GraphedStep(ddp)
+
+
+def test_an_optimizer_without_capturable_is_refused_before_any_step(cpu_graphs):
+    """The capturable flag is checked when the step is built, not at the capture after the
+    warm-ups have already trained the model."""
+    model = _model()
+    with pytest.raises(ValueError, match=r"^optimizer must be created with capturable=True"):
+        GraphedStep(model, torch.optim.Adam(model.parameters(), capturable=False))
+
+
+def test_a_model_off_cuda_is_refused_whatever_its_device():
+    """Not only a CPU model: one on any device but CUDA (here meta) is refused, naming it."""
+    with pytest.raises(ValueError, match=r"^model must be on a CUDA device .*got meta$"):
+        GraphedStep(_model().to("meta"))
+
+
+def test_a_model_on_two_devices_names_them_sorted():
+    """A parameter on CUDA and a buffer left on the CPU: both devices named, in sorted order."""
+    on = [types.SimpleNamespace(device=torch.device(d)) for d in ("cuda:0", "cpu")]
+    with pytest.raises(ValueError, match=r"one CUDA device for a CUDA graph, got cpu, cuda:0$"):
+        graphs._cuda_device(on)
+
+
+def test_the_device_check_covers_the_buffers(monkeypatch):
+    """A model whose parameters are on the graph's device but a buffer elsewhere is refused
+    (meta stands in for the CUDA device: the real check sees it as cuda:0)."""
+    real = graphs._cuda_device
+
+    def as_cuda(tensors):
+        cuda = torch.device("cuda:0")
+        devices = [cuda if t.device.type == "meta" else t.device for t in tensors]
+        return real([types.SimpleNamespace(device=device) for device in devices])
+
+    monkeypatch.setattr(graphs, "_cuda_device", as_cuda)
+    model = _Scaled()
+    model.autoencoder.to("meta")  # the parameters; the buffer stays on the CPU
+    with pytest.raises(ValueError, match=r"one CUDA device for a CUDA graph, got cpu, cuda:0$"):
+        GraphedStep(model)
+    model.to("meta")  # the buffer too: accepted
+    assert GraphedStep(model).device == torch.device("cuda:0")
+
+
+def test_after_the_model_moves_the_warm_ups_run_on_a_stream_of_its_device(
+    cpu_graphs,
+    monkeypatch,
+):
+    """A side stream belongs to one device: after ``model.to(another device)`` (here the CPU
+    to meta, the Parameter objects kept) the warm-ups run on a stream made for the new one."""
+    made = []
+    monkeypatch.setattr(
+        torch.cuda, "Stream", lambda device=None: made.append(device) or _FakeStream()
+    )
+    model = _model()
+    step = GraphedStep(model, warmup=3)
+    step(torch.rand(16, 12))
+    assert made == [torch.device("cpu")]
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert model.weight is step.params[0]
+    step(torch.rand(16, 12, device="meta"))
+    assert step.device == torch.device("meta")
+    assert made == [torch.device("cpu"), torch.device("meta")]
+
+
+def test_an_eager_step_beside_the_graph_computes_its_own_batchs_gradients(cpu_graphs):
+    """A batch of another shape after the capture leaves in ``.grad`` that batch's gradients,
+    not added to the replay's; also after ``zero_grad()`` set them to None."""
+    model = _model()
+    step = GraphedStep(model, warmup=1)  # no optimizer: the parameters stay
+    x = torch.rand(16, 12)
+    step(x), step(x)  # a warm-up, the capture (its gradients in .grad)
+    assert step.graphed and all(p.grad is not None for p in model.parameters())
+    for zeroed in (False, True):
+        if zeroed:
+            model.zero_grad(set_to_none=True)
+        short = torch.rand(5, 12)
+        step(short)
+        fresh = copy.deepcopy(model)
+        fresh.zero_grad(set_to_none=True)
+        fresh(short).loss.backward()
+        for mine, expected in zip(model.parameters(), fresh.parameters(), strict=True):
+            torch.testing.assert_close(mine.grad, expected.grad)
+
+
+def test_calls_count_warm_ups_and_capture_and_replays_the_graphed_steps(cpu_graphs):
+    """``calls``: the warm-ups and the capture at the graphed shape; ``replays``: the steps run
+    from the graph (the captured batch's own included); an eager step of another shape counts
+    in neither."""
+    step = GraphedStep(_model(), warmup=2)
+    x = torch.rand(16, 12)
+    counts = []
+    for batch in (x, x, x, x, torch.rand(5, 12)):
+        step(batch)
+        counts.append((step.calls, step.replays))
+    assert counts == [(1, 0), (2, 0), (3, 1), (3, 2), (3, 2)]
