@@ -1205,3 +1205,89 @@ def test_dec_tol_counts_the_labels_changed_since_the_last_target_update():
     ).fit(x)  # fmt: skip
     assert dec.n_iter_ < 30
     assert np.mean(dec.labels_ != dec.kmeans_labels_) > 0.1
+
+
+def _three_class_data():
+    rng = np.random.default_rng(0)
+    x = rng.random((45, 5)).astype(np.float32)
+    y = np.array([0, 1, 2] * 15)
+    return x, y
+
+
+def test_semi_supervised_decision_function_is_the_heads_logits():
+    """decision_function gives the classifier head's logits of the (unscaled) rows, and
+    predict_proba their softmax (float64), for three classes."""
+    x, y = _three_class_data()
+    model = SemiSupervisedAutoencoder(3, scale=None, epochs=2, random_state=0).fit(x, y)
+    module = model.module_.eval()
+    with torch.no_grad():
+        logits = module.logits(torch.from_numpy(x)).double().numpy()
+    got = model.decision_function(x)
+    np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-6)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(
+        model.predict_proba(x), shifted / shifted.sum(axis=1, keepdims=True), rtol=1e-5
+    )
+
+
+def test_reconstruction_weight_must_be_finite_in_float32():
+    """A reconstruction_weight beyond float32's range (the training math runs in float32) is
+    refused by name, by the semi-supervised and the DEC estimator alike."""
+    x, y = _three_class_data()
+    with pytest.raises(ValueError, match=r"^reconstruction_weight must be finite in float32"):
+        SemiSupervisedAutoencoder(2, reconstruction_weight=1e39, epochs=1).fit(x, y)
+    small = AutoencoderTransformer(2, epochs=1)
+    with pytest.raises(ValueError, match=r"^reconstruction_weight must be finite in float32"):
+        DECClustering(3, autoencoder=small, reconstruction_weight=1e39, refine_epochs=1).fit(x)
+
+
+def test_bytes_labels_holding_minus_one_are_refused():
+    """numpy turns -1 among bytes labels into b"-1" (dtype S): refused as the string dtype,
+    and b"-1" among object labels as the string marker, instead of training on a class
+    named b"-1"."""
+    x, _ = _three_class_data()
+    as_bytes = np.array([b"cat", b"dog", -1] * 15)
+    assert as_bytes.dtype.kind == "S"
+    with pytest.raises(ValueError, match=r"^y has a string dtype \(\|S\d+\) and holds b'-1'"):
+        SemiSupervisedAutoencoder(2, epochs=1).fit(x, as_bytes)
+    with pytest.raises(ValueError, match=r"^y holds the string '-1'"):
+        SemiSupervisedAutoencoder(2, epochs=1).fit(x, as_bytes.astype(object))
+
+
+def test_float_labels_of_minus_one_mark_unlabelled_samples():
+    """A float y (labels read from a float column) marks unlabelled samples with -1.0 as an
+    int y does: they are no class, not counted as labelled, and left out of score."""
+    x, _ = _three_class_data()
+    y = np.array([0.0, 1.0, -1.0] * 15)
+    model = SemiSupervisedAutoencoder(2, epochs=1, random_state=0).fit(x, y)
+    np.testing.assert_array_equal(model.classes_, [0.0, 1.0])
+    assert model.n_labeled_ == 30
+    kept = y != -1.0
+    want = float(np.mean(model.predict(x[kept]) == y[kept]))
+    assert model.score(x, y) == want
+
+
+def test_cluster_codes_takes_a_numpy_integer_n_init():
+    """n_init as a numpy integer (e.g. read from an array of settings) is a positive int
+    like Python's: the restarts asked are passed to KMeans."""
+    codes = np.random.default_rng(0).random((20, 3))
+    assert cluster_codes(codes, 3, random_state=0, n_init=np.int64(2)).n_init == 2
+
+
+def test_applications_star_import_gives_the_lazy_estimators():
+    """``from fastae.applications import *`` exports exactly the names that fastae loads
+    lazily from fastae.applications."""
+    namespace = {}
+    exec("from fastae.applications import *", namespace)
+    exported = {name for name in namespace if not name.startswith("__")}
+    lazy = {name for name, module in fastae._LAZY.items() if module == "applications"}
+    assert (
+        exported
+        == lazy
+        == {
+            "DECClustering",
+            "SemiSupervisedAutoencoder",
+            "StackedAutoencoder",
+            "cluster_codes",
+        }
+    )

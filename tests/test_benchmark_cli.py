@@ -1791,3 +1791,131 @@ def test_a_cuda_run_defaults_to_tf32_at_the_mnist_batch_of_4096(monkeypatch):
             cli.main(["bench", "--device", "cuda", "--cases", "plain", "--providers", "eager"]) == 0
         )
     assert seen == [(fb.Size(4096, 784, 1024), "tf32", "cuda")]
+
+
+def _brute_params(d=6, hidden=4, batch=5):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, d, generator=g, dtype=torch.float64)
+    W = torch.randn(hidden, d, generator=g, dtype=torch.float64)
+    b = torch.randn(hidden, generator=g, dtype=torch.float64)
+    c = torch.randn(d, generator=g, dtype=torch.float64)
+    return x, W, b, c
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def _brute_encode(x, W, b):
+    """h_ij = sigmoid(sum_k x_ik W_jk + b_j), element by element."""
+    h = []
+    for xi in x:
+        dots = [sum(xk * wk for xk, wk in zip(xi, wj, strict=True)) for wj in W]
+        pre = [dot + bj for dot, bj in zip(dots, b, strict=True)]
+        h.append([_sigmoid(v) for v in pre])
+    return h
+
+
+def _brute_mask(x, u):
+    """x with the entries whose uniform is below MASK_P zeroed (lists of lists)."""
+    return [
+        [xi if ui >= baselines.MASK_P else 0.0 for xi, ui in zip(xr, ur, strict=True)]
+        for xr, ur in zip(x.tolist(), u.tolist(), strict=True)
+    ]
+
+
+def _brute_bce(h, W, c, target):
+    """Per-sample sum_k BCE(sigmoid(sum_j h_ij W_jk + c_k), target_ik)."""
+    losses = []
+    for hi, ti in zip(h, target, strict=True):
+        total = 0.0
+        for k, (ck, tk) in enumerate(zip(c, ti, strict=True)):
+            p = _sigmoid(sum(hj * wj[k] for hj, wj in zip(hi, W, strict=True)) + ck)
+            total -= tk * math.log(p) + (1 - tk) * math.log(1 - p)
+        losses.append(total)
+    return losses
+
+
+def _brute_kl(h, rho, weight):
+    total = 0.0
+    for j in range(len(h[0])):
+        q = sum(row[j] for row in h) / len(h)
+        q = min(max(q, 2.0**-20), 1 - 2.0**-20)
+        total += rho * math.log(rho / q) + (1 - rho) * math.log((1 - rho) / (1 - q))
+    return weight * total
+
+
+def _brute_contractive(h, W):
+    """mean_i ||J_i||_F^2 with J_i[j, k] = h_ij (1 - h_ij) W_jk."""
+    per_sample = [
+        sum((hj * (1 - hj) * w) ** 2 for hj, wj in zip(hi, W, strict=True) for w in wj) for hi in h
+    ]
+    return sum(per_sample) / len(per_sample)
+
+
+def _fixed_uniforms(shape):
+    """Uniforms for torch.rand_like: exactly MASK_P (kept: u >= p), just above it, well below
+    and well above, so the mask does not follow from scaling or a flipped comparison."""
+    values = [baselines.MASK_P, 0.32, 0.05, 0.9, 0.29, 0.6, 0.31, 0.1, 0.75, 0.2]
+    flat = [values[i % len(values)] for i in range(math.prod(shape))]
+    return torch.tensor(flat, dtype=torch.float64).reshape(shape)
+
+
+def test_baseline_encode_is_the_sigmoid_layer_with_its_bias():
+    """baselines.encode is h = sigmoid(x W^T + b): the bias counts and the nonlinearity is the
+    logistic sigmoid."""
+    x, W, b, _ = _brute_params()
+    want = torch.tensor(_brute_encode(x.tolist(), W.tolist(), b.tolist()), dtype=torch.float64)
+    torch.testing.assert_close(baselines.encode(x, W, b), want)
+
+
+def test_baseline_corrupt_keeps_the_entries_whose_uniform_reaches_p(monkeypatch):
+    """corrupt zeroes x where torch.rand_like's uniform is below p and keeps it where the
+    uniform is >= p (a uniform equal to p keeps the entry, as fastae's masking does)."""
+    x = torch.rand(4, 5, dtype=torch.float64) + 0.5
+    u = _fixed_uniforms(x.shape)
+    monkeypatch.setattr(torch, "rand_like", lambda like: u)
+    want = _brute_mask(x, u)
+    assert baselines.corrupt(x).tolist() == want
+
+
+def test_baseline_kl_sparsity_clamps_a_dead_unit():
+    """A unit never active (batch mean 0) gives the finite KL of the clamped mean KL_EPS, not
+    inf, as fastae's KL sparsity does."""
+    h = torch.rand(6, 3, dtype=torch.float64)
+    h[:, 1] = 0.0
+    h[:, 2] = 1.0
+    got = baselines.kl_sparsity(h)
+    assert math.isfinite(got.item())
+    want = _brute_kl(h.tolist(), baselines.RHO, baselines.SPARSITY_WEIGHT)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_baseline_denoising_step_encodes_the_corrupted_input_and_reconstructs_the_clean_one(
+    monkeypatch,
+):
+    """denoising_step: the mask u >= MASK_P applied to x, the code of the corrupted input, and
+    the BCE against the clean x (batch mean)."""
+    x, W, b, c = _brute_params()
+    u = _fixed_uniforms(x.shape)
+    monkeypatch.setattr(torch, "rand_like", lambda like: u)
+    x_tilde = _brute_mask(x, u)
+    h = _brute_encode(x_tilde, W.tolist(), b.tolist())
+    losses = _brute_bce(h, W.tolist(), c.tolist(), x.tolist())
+    want = sum(losses) / len(losses)
+    assert baselines.denoising_step(x, W, b, c).item() == pytest.approx(want, rel=1e-10)
+
+
+def test_baseline_all_step_adds_sparsity_and_contraction_to_the_denoising_loss(monkeypatch):
+    """all_step: the denoising BCE (clean target) + the KL sparsity of the corrupted input's
+    code + CONTRACTIVE times the Jacobian penalty at the corrupted input."""
+    x, W, b, c = _brute_params()
+    u = _fixed_uniforms(x.shape)
+    monkeypatch.setattr(torch, "rand_like", lambda like: u)
+    x_tilde = _brute_mask(x, u)
+    h = _brute_encode(x_tilde, W.tolist(), b.tolist())
+    losses = _brute_bce(h, W.tolist(), c.tolist(), x.tolist())
+    want = sum(losses) / len(losses)
+    want += _brute_kl(h, baselines.RHO, baselines.SPARSITY_WEIGHT)
+    want += baselines.CONTRACTIVE * _brute_contractive(h, W.tolist())
+    assert baselines.all_step(x, W, b, c).item() == pytest.approx(want, rel=1e-10)
