@@ -1585,3 +1585,165 @@ def test_fit_takes_an_optimizer_whose_step_has_no_readable_signature():
     sgd.step = Opaque(sgd.step)
     history = fastae.fit(model, torch.rand(8, 5), epochs=1, optimizer=sgd, progress=False)
     assert len(history.loss) == 1
+
+
+class _Recorder(torch.nn.Module):
+    """A model whose loss is the squared distance of a scale to its batch's rows; it records
+    the row numbers (column 0) of every training batch it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        self.seen = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(x[:, 0].long().tolist())
+        return SimpleNamespace(loss=(self.scale - x[:, 1]).square().mean())
+
+
+def _numbered(rows):
+    return torch.stack(
+        [torch.arange(rows, dtype=torch.float64), torch.linspace(0, 1, rows, dtype=torch.float64)],
+        1,
+    )
+
+
+def test_fit_shuffles_tensor_rows_with_a_generator_seeded_from_seed():
+    """With ``seed``, each epoch's batches follow the next permutation of a CPU generator
+    seeded with that seed, cut into batches of ``batch_size`` rows (the last holding the
+    rest)."""
+    model = _Recorder()
+    fastae.fit(model, _numbered(10), epochs=2, batch_size=4, seed=123, progress=False)
+    generator = torch.Generator().manual_seed(123)
+    want = []
+    for _ in range(2):
+        order = torch.randperm(10, generator=generator).tolist()
+        want += [order[0:4], order[4:8], order[8:10]]
+    assert model.seen == want
+
+
+def test_fit_without_progress_writes_nothing(capsys):
+    """``progress=False`` shows no bar and prints no line an epoch: nothing on stdout or
+    stderr."""
+    model = _Recorder()
+    fastae.fit(model, _numbered(6), epochs=2, batch_size=4, seed=0, progress=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_callback_answering_a_tensor_of_several_bools_is_warned_about_and_training_goes_on():
+    """Only a one-element bool tensor answers as its value: a callback that returns a bool
+    tensor of several elements is warned about, as any other answer that is not True, False
+    or None, and training runs all its epochs."""
+    model = _Recorder()
+    with pytest.warns(UserWarning, match="callback returned"):
+        history = fastae.fit(
+            model, _numbered(6), epochs=3, batch_size=6, seed=0, progress=False,
+            callback=lambda epoch, history: torch.tensor([True, True]),
+        )  # fmt: skip
+    assert len(history.loss) == 3 and not history.stopped_early
+
+
+def test_fit_batches_128_rows_by_default():
+    """Without ``batch_size`` tensor data is cut into batches of 128 rows, the last holding
+    the rest."""
+    model = _Recorder()
+    fastae.fit(model, _numbered(200), epochs=1, shuffle=False, progress=False)
+    assert [len(rows) for rows in model.seen] == [128, 72]
+    assert model.seen[0] == list(range(128)) and model.seen[1] == list(range(128, 200))
+
+
+def test_fit_trains_a_model_holding_a_lazy_layer_it_never_calls():
+    """A model holding a lazy layer its forward never calls (whose parameters stay
+    uninitialized) trains and returns its history: the check of the stepped parameters for NaN
+    or inf after the last step passes over the uninitialized ones."""
+
+    class WithSpare(_Recorder):
+        def __init__(self):
+            super().__init__()
+            self.spare = torch.nn.LazyLinear(3, dtype=torch.float64)
+
+    model = WithSpare()
+    history = fastae.fit(model, _numbered(8), epochs=2, batch_size=4, seed=0, progress=False)
+    assert len(history.loss) == 2 and all(map(torch.isfinite, torch.tensor(history.loss)))
+    assert torch.nn.parameter.is_lazy(model.spare.weight)
+
+
+def test_callback_answer_is_checked_in_the_epoch_patience_stops():
+    """In the epoch where ``patience`` stops training, a callback's answer that is not True,
+    False or None is still warned about (and training stops there, by patience)."""
+    answers = {2: "stop"}  # a string, not a bool: warned about
+
+    class Constant(_Recorder):  # the same loss every epoch: no improvement after the first
+        def forward(self, x):
+            return SimpleNamespace(loss=x[:, 1].square().mean() + 0 * self.scale)
+
+    model = Constant()
+    with pytest.warns(UserWarning, match="callback returned 'stop'"):
+        history = fastae.fit(
+            model, _numbered(4), epochs=5, batch_size=4, shuffle=False, patience=1,
+            progress=False, callback=lambda epoch, history: answers.get(epoch),
+        )  # fmt: skip
+    assert len(history.loss) == 2 and history.stopped_early
+
+
+class _Scripted(_Recorder):
+    """A model whose loss in epoch e (counted by the callback fit calls after each epoch) is
+    ``losses[e]``, whatever its weight."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.losses, self.epoch = losses, 0
+
+    def forward(self, x):
+        loss = torch.tensor(self.losses[self.epoch], dtype=torch.float64) + 0 * self.scale
+        return SimpleNamespace(loss=loss)
+
+
+def test_patience_counts_the_epochs_since_the_last_improvement():
+    """``patience`` counts consecutive epochs without improvement: an improvement starts the
+    count again. Losses 1, 2, 0.5, 0.9, 0.8, 0.7 with patience 2 stop after epoch 5 (two epochs
+    without improvement after the best, epoch 3), not earlier."""
+    model = _Scripted([1.0, 2.0, 0.5, 0.9, 0.8, 0.7])
+
+    def count(epoch, history):
+        model.epoch = epoch
+
+    history = fastae.fit(
+        model, _numbered(4), epochs=6, batch_size=4, patience=2, progress=False, callback=count
+    )
+    assert history.loss == [1.0, 2.0, 0.5, 0.9, 0.8]
+    assert history.stopped_early and history.best_epoch == 2
+
+
+def test_batches_with_float_labels_of_another_shape_train_without_the_target_warning(recwarn):
+    """Batches of (input, float label per row) pairs, labels not of the input's shape, are not
+    taken for Keras's (noisy, clean) pairs: no warning that the second item goes unread."""
+    data = _numbered(8)
+    labels = torch.linspace(0, 1, 4, dtype=torch.float64)
+    batches = [(data[:4], labels), (data[4:], labels)]
+    history = fastae.fit(_Recorder(), batches, epochs=2, progress=False)
+    assert len(history.loss) == 2
+    assert not [w for w in recwarn if "(input, target)" in str(w.message)]
+
+
+def test_batches_of_input_and_target_pairs_are_warned_about():
+    """Batches of (input, float target of the input's shape) pairs, as Keras's fit(noisy,
+    clean), are warned about: fit reconstructs the input and never reads the target."""
+    data = _numbered(8)
+    batches = [(data[:4], data[:4] + 1), (data[4:], data[4:] + 1)]
+    with pytest.warns(UserWarning, match=r"\(input, target\) pairs"):
+        fastae.fit(_Recorder(), batches, epochs=1, progress=False)
+
+
+def test_default_optimizer_is_fused_adam_on_the_cpu():
+    """fit's default optimizer for a model on the CPU is PyTorch's fused Adam at the given
+    rate and L2 penalty, over every parameter."""
+    model = fastae.Autoencoder(7, 5)
+    optimizer = fastae.training.default_optimizer(model, 0.01, weight_decay=0.5)
+    assert isinstance(optimizer, torch.optim.Adam)
+    (group,) = optimizer.param_groups
+    assert group["fused"] is True
+    assert group["lr"] == 0.01 and group["weight_decay"] == 0.5
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]

@@ -715,3 +715,122 @@ def test_backward_traced_by_compiled_autograd(kind, monkeypatch):
 
     for got, want in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("low_precision", [False, True], ids=["wide", "bfloat16"])
+def test_l1_sparsity_step_through_the_kernels_equals_the_ops_composed(low_precision, monkeypatch):
+    """With an L1 penalty the gradient of the sparsity term reaches each code unit (one value
+    per unit, broadcast by autograd through the sum): through the kernels (interpreted on the
+    CPU) the one node gives the ops' gradients."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _triton_dtype(low_precision, device)
+    model = _model(dict(activation="sigmoid", sparsity=fastae.L1Sparsity(0.2)), dtype).to(device)
+    x = torch.rand(6, 7, dtype=dtype, device=device)
+    with fastae.use_backend("triton"):
+        _assert_same(model, x, [lambda out: out.loss], monkeypatch)
+
+
+def _kl_penalty(rho_hat, rho, weight):
+    return (
+        weight
+        * (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    )
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "penalty"),
+    [
+        (fastae.L1Sparsity(0.2), lambda rho_hat: 0.2 * rho_hat.sum()),
+        (fastae.KLSparsity(0.1, 0.5), lambda rho_hat: _kl_penalty(rho_hat, 0.1, 0.5)),
+    ],
+    ids=["l1", "kl"],
+)
+def test_sparsity_penalty_alone_reaches_the_encoder(sparsity, penalty):
+    """Backpropagating the sparsity penalty alone (no reconstruction loss) gives the encoder's
+    weight and bias the gradient of the penalty on the mean sigmoid activations, derived here
+    from h = sigmoid(x W^T + b) in float64."""
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(7, 5, activation="sigmoid", sparsity=sparsity).double()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    out = model(x)
+    assert "Step" in type(out.loss.grad_fn).__name__  # the one-node step
+    out.penalties["sparsity"].backward()
+
+    weight = model.weight.detach().clone().requires_grad_(True)
+    bias = model.bias.detach().clone().requires_grad_(True)
+    rho_hat = torch.sigmoid(x @ weight.t() + bias).mean(0)
+    want_weight, want_bias = torch.autograd.grad(penalty(rho_hat), (weight, bias))
+    assert model.weight.grad is not None and model.bias.grad is not None
+    torch.testing.assert_close(model.weight.grad, want_weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.bias.grad, want_bias, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("hidden", [5, (6, 5, 4)], ids=["one_layer", "deep"])
+def test_vae_posterior_bias_alone_trainable_keeps_the_latents_differentiable(hidden):
+    """With the encoder layers and the posterior weight frozen but the posterior bias
+    trainable, mu, logvar, z and the KL term still depend on a trainable parameter, so they
+    require a gradient; d sum(mu) / d bq is the batch size for mu's entries of bq and zero for
+    logvar's (posterior = h Wq^T + bq, mu its first half)."""
+    torch.manual_seed(0)
+    model = fastae.VAE(7, hidden, 3).double()
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in ("encoder", "encoder_stack") or name == "posterior.weight":
+            p.requires_grad_(False)
+    x = torch.rand(6, 7, dtype=torch.float64)
+    out = model(x, seed=11)
+    assert "VAEStep" in type(out.loss.grad_fn).__name__  # the one-node step
+    assert out.mu.requires_grad and out.logvar.requires_grad
+    assert out.z.requires_grad and out.kl.requires_grad
+    out.mu.sum().backward()
+    want = torch.tensor([6.0, 6.0, 6.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(model.posterior.bias.grad, want, rtol=0, atol=0)
+
+
+def test_training_forward_on_a_dual_input_carries_the_tangent():
+    """A training-mode forward (parameters requiring gradients) on an input carrying a
+    forward-mode tangent (torch.autograd.forward_ad) gives the loss the directional derivative
+    along it, matching a float64 central difference, and still backpropagates to the
+    weights."""
+    import torch.autograd.forward_ad as forward_ad
+
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(7, 5, activation="sigmoid").double()
+    x = torch.rand(6, 7, dtype=torch.float64) * 0.8 + 0.1
+    direction = torch.randn(6, 7, dtype=torch.float64)
+    with forward_ad.dual_level():
+        out = model(forward_ad.make_dual(x, direction))
+        tangent = forward_ad.unpack_dual(out.loss).tangent
+        out.loss.backward()
+    eps = 1e-6
+    with torch.no_grad():
+        ahead = model(x + eps * direction).loss
+        behind = model(x - eps * direction).loss
+    assert tangent is not None
+    torch.testing.assert_close(tangent, (ahead - behind) / (2 * eps), rtol=1e-6, atol=1e-9)
+    assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
+
+
+def test_reconstruction_loss_alone_of_an_l1_model_has_the_reconstruction_gradient():
+    """A model with an L1 penalty whose reconstruction loss alone is backpropagated (the
+    penalty left out) gives the gradients of mean_i ||h_i W + c - x_i||^2, h =
+    sigmoid(x W^T + b) (tied MSE autoencoder), derived here in float64."""
+    torch.manual_seed(0)
+    model = fastae.Autoencoder(
+        7, 5, activation="sigmoid", output="identity", loss="mse", sparsity=fastae.L1Sparsity(0.2)
+    ).double()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    out = model(x)
+    assert "Step" in type(out.loss.grad_fn).__name__  # the one-node step
+    out.reconstruction_loss.backward()
+
+    weight, bias, decoder_bias = (
+        p.detach().clone().requires_grad_(True)
+        for p in (model.weight, model.bias, model.decoder_bias)
+    )
+    h = torch.sigmoid(x @ weight.t() + bias)
+    loss = (h @ weight + decoder_bias - x).square().sum(1).mean()
+    want = torch.autograd.grad(loss, (weight, bias, decoder_bias))
+    got = (model.weight.grad, model.bias.grad, model.decoder_bias.grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
