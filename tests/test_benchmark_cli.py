@@ -1919,3 +1919,178 @@ def test_baseline_all_step_adds_sparsity_and_contraction_to_the_denoising_loss(m
     want += _brute_kl(h, baselines.RHO, baselines.SPARSITY_WEIGHT)
     want += baselines.CONTRACTIVE * _brute_contractive(h, W.tolist())
     assert baselines.all_step(x, W, b, c).item() == pytest.approx(want, rel=1e-10)
+
+
+def test_the_command_names_itself_after_the_script_that_ran_it(monkeypatch, capsys):
+    """Run as an installed ``fastae`` script the usage line says ``fastae``; otherwise (or with
+    no argv at all, as in an embedded interpreter) ``python -m fastae``."""
+    for argv0, prog in (("/usr/local/bin/fastae", "fastae"), ("-c", "python -m fastae")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["--help"])
+        assert exited.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+    monkeypatch.setattr(sys, "argv", [])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m fastae ")
+
+
+def test_a_missing_command_is_a_usage_error(capsys, monkeypatch):
+    """No subcommand: argparse's usage error (status 2), nothing is run."""
+    from fastae import benchmark, demo
+
+    def ran(args):
+        raise AssertionError("nothing should run")
+
+    monkeypatch.setattr(demo, "run", ran)
+    monkeypatch.setattr(benchmark, "run", ran)
+    with pytest.raises(SystemExit) as exited:
+        cli.main([])
+    assert exited.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status", [0, 1, 2])
+def test_the_command_exits_with_mains_status(status, monkeypatch):
+    """entry() exits with main's status, whatever it is (a usage error's 2 included)."""
+    monkeypatch.setattr(cli, "main", lambda: status)
+    with pytest.raises(SystemExit) as exited:
+        cli.entry()
+    assert exited.value.code == status
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_each_command_runs_its_own_job(command, monkeypatch):
+    """``demo`` runs the demo, ``bench`` the benchmark, and main returns the job's status."""
+    from fastae import benchmark, demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda args: calls.append(("demo", args.command)) or 3)
+    monkeypatch.setattr(benchmark, "run", lambda args: calls.append(("bench", args.command)) or 4)
+    assert cli.main([command]) == (3 if command == "demo" else 4)
+    assert calls == [(command, command)]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_the_command_ends_by_sigint_even_where_sigint_was_ignored():
+    """After Ctrl-C the command restores SIGINT's default action before signalling itself:
+    started with SIGINT ignored (as a background job is), it still ends by SIGINT."""
+    import signal
+    import subprocess
+
+    code = (
+        "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "import fastae.__main__ as m; m.main = lambda: m.INTERRUPTED; m.entry()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], timeout=120, check=False)
+    assert result.returncode == -signal.SIGINT
+
+
+@pytest.fixture
+def summarize(monkeypatch):
+    return _load_summarize(monkeypatch)
+
+
+def _rec(provider, ms, **extra):
+    """A synthetic sparse-case record: ``provider``'s median of ``ms`` milliseconds."""
+    record = {"case": "sparse", "size": "8x4x2", "dtype": "float32", "provider": provider}
+    record |= {"median_s": ms / 1e3, "device_name": "cpu", "matmul_precision": "highest"}
+    return record | extra
+
+
+def _write(path, records, conditions=None, **top):
+    path.write_text(json.dumps(fb.to_json(records, conditions) | top))
+    return path
+
+
+def _pair(**extra):
+    return [_rec("eager", 2.0, **extra), _rec("fastae", 1.0, **extra)]
+
+
+def test_summarize_names_a_file_that_is_not_text(summarize, tmp_path, capsys):
+    """Bytes that are not UTF-8 are a usage error naming the file, not a traceback."""
+    good = _write(tmp_path / "good.json", _pair())
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'{"benchmarks": ["\xff\xfe"]}')
+    with pytest.raises(SystemExit) as exited:
+        summarize.main([str(good), str(binary), "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert f"error: json: {binary}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_lines_abbreviate_the_commit_to_seven_characters(summarize, tmp_path):
+    """The commit is shown as git's short hash: its first seven characters."""
+    path = _write(tmp_path / "one.json", _pair(), commit_info={"id": "0123456789abcdef"})
+    assert summarize.run_lines([str(path)]) == ["one.json: commit 0123456"]
+
+
+def test_run_lines_need_both_launch_times(summarize, tmp_path):
+    """The launch-time phrase needs both figures; one alone is left out (no crash)."""
+    for key in ("launch_us_before_profiling", "launch_us_at_end"):
+        path = _write(tmp_path / "one.json", _pair(), {"torch_threads": 3, key: 4.5})
+        assert summarize.run_lines([str(path)]) == ["one.json: 3 torch threads"]
+    path = _write(tmp_path / "one.json", _pair(), {"launch_us_at_end": 4.5, "load_average": []})
+    assert summarize.run_lines([str(path)]) == []
+
+
+def test_summary_without_commit_or_conditions_lists_no_runs(summarize, tmp_path):
+    """A file with neither a commit nor run conditions adds no line, and with none the summary
+    has no "Runs:" list."""
+    path = _write(tmp_path / "one.json", _pair())
+    assert summarize.run_lines([str(path)]) == []
+    summary = summarize.summary_markdown(summarize.load([str(path)]), [str(path)])
+    assert "Runs:" not in summary
+    assert summary.startswith("# fastae benchmark summary\n\nFrom one.json.\n\nMedian time")
+
+
+def test_summary_of_records_without_settings_or_checks(summarize, tmp_path):
+    """No device name: the section is "unknown"; no fastae backends or settings: "-"; no
+    numbers checked: the agreement line says so, as a sentence; no profile: no GPU-time
+    section."""
+    records = [{k: v for k, v in r.items() if k != "device_name"} for r in _pair()]
+    path = _write(tmp_path / "one.json", records)
+    summary = summarize.summary_markdown(summarize.load([str(path)]), [str(path)])
+    assert "\n## unknown\n" in summary
+    assert "fastae backends: -; fastae's settings: -\n" in summary
+    assert "\nnumbers checked against the float64 reference: none.\n" in summary
+    assert "Where the GPU time goes" not in summary
+
+
+def test_summarize_writes_the_chart_into_a_new_nested_folder(summarize, tmp_path):
+    """--out may name folders that do not exist yet; SUMMARY.md and speedup.png are written
+    there and the first line of the output names both."""
+    pytest.importorskip("matplotlib")
+    path = _write(tmp_path / "one.json", _pair())
+    out = tmp_path / "a" / "b"
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        assert summarize.main([str(path), "--out", str(out)]) == 0
+    lines = stdout.getvalue().splitlines()
+    assert lines[0] == f"wrote {out / 'SUMMARY.md'} and {out / 'speedup.png'}"
+    assert (out / "SUMMARY.md").read_text().startswith("# fastae benchmark summary")
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_prints_each_cards_tables_then_the_compact_ones(summarize, tmp_path):
+    """Per card: its name, the figures table, the ratio table and the agreement line; then,
+    last, each card's compact ratio table."""
+    records = _pair() + [
+        _rec(p, ms, device_name="H100") for p, ms in (("eager", 3.0), ("fastae", 1.0))
+    ]
+    path = _write(tmp_path / "one.json", records)
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        assert summarize.main([str(path), "--out", str(tmp_path)]) == 0
+    text = stdout.getvalue()
+    for card in ("cpu", "H100"):
+        mine = [r for r in summarize.load([str(path)]) if r["device_name"] == card]
+        block = "\n".join(
+            [f"\n{card}\n", fb.figures_table(mine), "", fb.ratio_table(mine), ""]
+            + [fb.agreement_line(mine)]
+        )
+        assert block in text
+        assert f"\n{card}: fastae against eager and compile\n\n" in text
+    tail = text.split("\ncpu: fastae against eager and compile\n", 1)[1]
+    assert "numbers checked" not in tail

@@ -4,15 +4,17 @@ Oracles: ``torch.func.jacrev`` Jacobians for the contractive term, autograd thro
 torch compositions for every gradient, explicit masks for the noise.
 """
 
+import dataclasses
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import fastae
 from fastae import philox, reference
-from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise
+from fastae.noise import GaussianNoise, MaskingNoise, SaltPepperNoise, check_seed, draw_seed
 
 ACTIVATIONS = reference.ACTIVATIONS
 ACT_FN = {
@@ -442,3 +444,187 @@ def test_tied_weights_gradients_add_up(activation, noise):
     h = fastae.ops.encode(x, weight, bias, activation=activation, noise=noise)[0]
     decoder_only = fastae.ops.decode_loss(h.detach(), weight.t(), dec_bias, target=x).mean()
     assert not torch.allclose(grads_of(decoder_only, [weight])[0], got_grads[0])
+
+
+def test_salt_and_pepper_checks_its_seed():
+    """SaltPepperNoise refuses a negative, too large or non-integer seed, as the others do."""
+    with pytest.raises(ValueError, match="seed"):
+        SaltPepperNoise(p=0.2, seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        SaltPepperNoise(p=0.2, seed=2**63)
+    with pytest.raises(TypeError, match="seed"):
+        SaltPepperNoise(p=0.2, seed="3")
+    assert SaltPepperNoise(p=0.2, seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_seeds_of_numpy_integers_become_python_ints():
+    """A numpy integer seed is stored as a plain int (the op schemas take Python ints)."""
+    assert type(check_seed(np.int64(7))) is int
+    for spec in (
+        GaussianNoise(0.1, seed=np.int64(7)),
+        MaskingNoise(0.5, seed=np.uint32(7)),
+        SaltPepperNoise(0.5, seed=np.int16(7)),
+    ):
+        assert type(spec.seed) is int and spec.seed == 7
+    assert type(MaskingNoise(0.5).with_seed(np.int64(9)).seed) is int
+
+
+def test_noise_levels_are_stored_as_floats():
+    """Integer or numpy levels are kept as Python floats (their repr says so)."""
+    gaussian = GaussianNoise(sigma=1)
+    assert type(gaussian.sigma) is float and gaussian.sigma == 1.0
+    masking = MaskingNoise(p=np.float32(0.5))
+    assert type(masking.p) is float and masking.p == 0.5
+    salt = SaltPepperNoise(p=0, low=-1, high=2)
+    assert all(type(v) is float for v in (salt.p, salt.low, salt.high))
+
+
+def test_noise_spec_reprs_show_every_field():
+    """Each spec's repr names its class and all of its fields (the kind is not a field)."""
+    assert repr(GaussianNoise(sigma=1)) == "GaussianNoise(sigma=1.0, seed=None)"
+    assert repr(MaskingNoise(0.25, rescale=True, seed=3)) == (
+        "MaskingNoise(p=0.25, rescale=True, seed=3)"
+    )
+    assert repr(SaltPepperNoise(0.1, low=-1.0, high=2.0, seed=4)) == (
+        "SaltPepperNoise(p=0.1, low=-1.0, high=2.0, seed=4)"
+    )
+
+
+def test_noise_specs_are_immutable_and_hashable():
+    """Specs are frozen values: no field can be reassigned, equal specs hash alike."""
+    spec = SaltPepperNoise(0.3, seed=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.p = 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GaussianNoise(0.1).sigma = 0.2
+    assert hash(spec) == hash(SaltPepperNoise(0.3, seed=1))
+    assert {MaskingNoise(0.2), MaskingNoise(0.2)} == {MaskingNoise(0.2)}
+
+
+def test_noise_params_are_the_schema_arguments():
+    """params() gives (kind, level, low, high) in that order for each spec."""
+    assert GaussianNoise(0.3).params() == ("gaussian", 0.3, 0.0, 0.0)
+    assert MaskingNoise(0.2).params() == ("masking", 0.2, 0.0, 0.0)
+    assert MaskingNoise(0.2, rescale=True).params() == ("masking_rescale", 0.2, 0.0, 0.0)
+    assert SaltPepperNoise(0.1, low=-2.0, high=3.0).params() == ("salt_pepper", 0.1, -2.0, 3.0)
+
+
+def test_drawn_seeds_span_a_wide_range_and_follow_torchs_seed():
+    """draw_seed gives non-negative 62-bit seeds (spread far beyond 32 bits), repeatable with
+    torch.manual_seed."""
+    torch.manual_seed(11)
+    seeds = [draw_seed() for _ in range(64)]
+    torch.manual_seed(11)
+    assert seeds == [draw_seed() for _ in range(64)]
+    assert all(type(s) is int and 0 <= s < 2**62 for s in seeds)
+    assert max(seeds) > 2**40
+    assert len(set(seeds)) == 64
+
+
+def test_weight_gradients_keep_the_weights_layout():
+    """A row-major weight is not column-major, its transpose is; the empty gradient buffer and
+    the decoder's weight gradient take the weight's own strides, with the values of dz^T h."""
+    weight = torch.randn(5, 3, dtype=torch.float64)
+    assert not reference.column_major(weight) and reference.column_major(weight.t())
+    for w in (weight, weight.t()):
+        assert reference.empty_in_layout(w).stride() == w.stride()
+        assert reference.empty_in_layout(w).shape == w.shape
+    h = torch.rand(4, 3, dtype=torch.float64)
+    for v in (weight, torch.randn(3, 5, dtype=torch.float64).t()):
+        target = torch.rand(4, 5, dtype=torch.float64)
+        _, grad_z = reference.decode_forward(h, v, None, target, "identity", "mse")
+        grad_loss = torch.rand(4, dtype=torch.float64)
+        grad_v = reference.decode_backward(grad_loss, h, v, grad_z, False)[0]
+        assert grad_v.stride() == v.stride()
+        z = h @ v.t()
+        want = (2 * (z - target) * grad_loss[:, None]).t() @ h
+        torch.testing.assert_close(grad_v, want, rtol=1e-12, atol=1e-12)
+
+
+def test_softplus_slope_keeps_tiny_values_in_float32():
+    """softplus' slope 1 - e^-h = sigmoid(z) stays accurate where h is tiny (z far below 0):
+    the contractive statistics of a float32 softplus layer with z = -25 match sigmoid(z)."""
+    h = torch.tensor([1e-10, 1e-20, 3e-30], dtype=torch.float32)
+    want = -torch.expm1(-h.double())
+    torch.testing.assert_close(reference.slope(h, "softplus").double(), want, rtol=1e-6, atol=0)
+    x = torch.ones(3, 2)
+    weight = torch.full((4, 2), -12.5)
+    _, _, jac, stats = reference.encode_forward(x, weight, None, "softplus", "none", 0, 0, 0, 0)
+    s = torch.sigmoid(torch.tensor(-25.0, dtype=torch.float64))
+    torch.testing.assert_close(stats[0].double(), (3 * s * s).expand(4), rtol=1e-4, atol=0)
+    want_jac = 4 * (3 * s * s) * (2 * 12.5**2) / 3
+    torch.testing.assert_close(jac.double(), want_jac, rtol=1e-4, atol=0)
+
+
+def test_softplus_curvature_survives_a_slope_that_rounds_to_one():
+    """softplus'' = sigmoid(z) sigmoid(-z) stays nonzero in float32 where sigmoid(z) rounds to 1
+    (z = 18): the contractive term's gradient into the bias is (2/B) w_j sum_i s a'' there."""
+    batch = 2
+    x = torch.ones(batch, 1)
+    weight = torch.full((3, 1), 18.0)
+    h, _, jac, stats = reference.encode_forward(x, weight, None, "softplus", "none", 0, 0, 0, 0)
+    assert float(reference.slope(h.double(), "softplus")[0, 0]) < 1  # float64: below 1
+    _, grad_bias, _ = reference.encode_backward(
+        torch.zeros_like(h), None, torch.tensor(1.0), x, weight, h, stats, "softplus", "none",
+        0, 0, 0, 0, False,
+    )  # fmt: skip
+    z = torch.tensor(18.0, dtype=torch.float64)
+    s, tail = torch.sigmoid(z), torch.sigmoid(-z)
+    want = (2 / batch) * 18.0**2 * batch * s * (s * tail)
+    torch.testing.assert_close(grad_bias.double(), want.expand(3), rtol=1e-4, atol=0)
+
+
+def test_encode_bias_gradient_sums_before_rounding_to_half():
+    """In float16 the bias gradient sum_i dz_i is taken over the float32 dz and rounded once:
+    two rows of nearly equal slopes and opposite upstream gradients leave their small
+    difference, to float16's rounding of the result."""
+    hidden = 64
+    gen = torch.Generator().manual_seed(0)
+    first = (0.05 + 0.4 * torch.rand(hidden, generator=gen)).half()
+    h = torch.stack([first, torch.nextafter(first, torch.ones_like(first))])
+    grad_h = torch.tensor([[1.0], [-1.0]]).expand(2, hidden).half()
+    x = torch.rand(2, 3, generator=gen).half()
+    weight = torch.randn(hidden, 3, generator=gen).half()
+    stats = torch.zeros(2, hidden)
+    _, grad_bias, _ = reference.encode_backward(
+        grad_h, None, None, x, weight, h, stats, "sigmoid", "none", 0, 0, 0, 0, False
+    )
+    assert grad_bias.dtype == torch.float16
+    h64 = h.double()
+    want = (h64 * (1 - h64) * grad_h.double()).sum(0)
+    torch.testing.assert_close(grad_bias.double(), want, rtol=2**-10, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "output, loss", [("identity", "mse"), ("sigmoid", "mse"), ("sigmoid", "bce")]
+)
+def test_decode_reconstruction_is_the_output_activation_of_the_logits(output, loss):
+    """decode_forward's x^ is h V^T + c for the identity output and its sigmoid for the
+    sigmoid output, whatever the loss."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    weight = 3 * torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64)
+    target = torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    out = reference.decode_forward(h, weight, bias, target, output, loss, with_reconstruction=True)
+    logits = torch.einsum("bk,dk->bd", h, weight) + bias
+    want = logits if output == "identity" else 1 / (1 + torch.exp(-logits))
+    torch.testing.assert_close(out[2], want, rtol=1e-12, atol=1e-12)
+
+
+def test_reparameterize_outputs_are_contiguous_for_a_transposed_mu():
+    """z, dmu and dlogvar come back contiguous even for transposed mu and logvar, with the
+    values of mu + exp(logvar / 2) eps and of the analytic backward."""
+    gen = torch.Generator().manual_seed(2)
+    mu = torch.randn(4, 3, generator=gen, dtype=torch.float64).t()
+    logvar = torch.randn(4, 3, generator=gen, dtype=torch.float64).t()
+    z, kl = reference.reparameterize_forward(mu, logvar, 7)
+    eps = reference.standard_normal(7, 3, 4, mu.device).double()
+    assert z.is_contiguous()
+    torch.testing.assert_close(z, mu + torch.exp(logvar / 2) * eps, rtol=1e-12, atol=1e-12)
+    grad_z = torch.randn(4, 3, generator=gen, dtype=torch.float64).t()
+    dmu, dlogvar = reference.reparameterize_backward(grad_z, None, mu, logvar, 7)
+    assert dmu.is_contiguous() and dlogvar.is_contiguous()
+    torch.testing.assert_close(dmu, grad_z, rtol=0, atol=0)
+    want = grad_z * eps * torch.exp(logvar / 2) / 2
+    torch.testing.assert_close(dlogvar, want, rtol=1e-12, atol=1e-12)
