@@ -2075,10 +2075,9 @@ def test_summarize_writes_the_chart_into_a_new_nested_folder(summarize, tmp_path
 
 def test_summarize_prints_each_cards_tables_then_the_compact_ones(summarize, tmp_path):
     """Per card: its name, the figures table, the ratio table and the agreement line; then,
-    last, each card's compact ratio table."""
-    records = _pair() + [
-        _rec(p, ms, device_name="H100") for p, ms in (("eager", 3.0), ("fastae", 1.0))
-    ]
+    last, each card's compact ratio table (without the other providers' columns)."""
+    records = _pair() + [_rec(fb.GEMM, 1.2)]
+    records += [_rec(p, ms, device_name="H100") for p, ms in (("eager", 3.0), ("fastae", 1.0))]
     path = _write(tmp_path / "one.json", records)
     stdout = io.StringIO()
     with redirect_stdout(stdout):
@@ -2092,5 +2091,10 @@ def test_summarize_prints_each_cards_tables_then_the_compact_ones(summarize, tmp
         )
         assert block in text
         assert f"\n{card}: fastae against eager and compile\n\n" in text
-    tail = text.split("\ncpu: fastae against eager and compile\n", 1)[1]
-    assert "numbers checked" not in tail
+    compact = ""
+    for card in ("cpu", "H100"):
+        mine = [r for r in summarize.load([str(path)]) if r["device_name"] == card]
+        compact += f"\n{card}: fastae against eager and compile\n\n"
+        compact += fb.ratio_table(mine, compact=True) + "\n"
+    assert text.endswith(compact)
+    assert "gemm/fastae" in text and "gemm/fastae" not in compact  # the full table's column
