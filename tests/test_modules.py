@@ -1747,3 +1747,290 @@ def test_default_optimizer_is_fused_adam_on_the_cpu():
     assert group["fused"] is True
     assert group["lr"] == 0.01 and group["weight_decay"] == 0.5
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "softplus"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: fastae.Autoencoder(5, 3, **kw),
+        lambda **kw: fastae.DeepAutoencoder(5, (4, 3), **kw),
+    ],
+    ids=["autoencoder", "deep"],
+)
+def test_kl_sparsity_is_refused_with_every_activation_but_sigmoid(make, activation):
+    """The Bernoulli KL needs codes in (0, 1): tanh, relu and softplus codes (softplus is
+    positive but unbounded) are refused with a KLSparsity, at construction and when either
+    option is set later; an L1Sparsity is taken with each of them."""
+    with pytest.raises(ValueError, match=r"^sparsity KLSparsity needs activation 'sigmoid'"):
+        make(activation=activation, sparsity=fastae.KLSparsity(0.1))
+    model = make(activation=activation, sparsity=fastae.L1Sparsity(0.1))
+    with pytest.raises(ValueError, match=r"^sparsity KLSparsity needs activation 'sigmoid'"):
+        model.sparsity = fastae.KLSparsity(0.1)
+    kl = make(activation="sigmoid", sparsity=fastae.KLSparsity(0.1))
+    with pytest.raises(ValueError, match=rf"got activation '{activation}'$"):
+        kl.activation = activation
+    assert kl.activation == "sigmoid"
+
+
+def test_a_stack_refuses_layers_on_different_devices():
+    """One device for the stack: a layer on another device than the bottom layer's (here
+    the meta device) is refused, as a layer of another dtype is."""
+    bottom = fastae.Autoencoder(6, 4)
+    with pytest.raises(ValueError, match=r"^layers\[1\] is torch.float32 on meta, but layers\[0\]"):
+        StackModule([bottom, fastae.Autoencoder(4, 3, device="meta")])
+    assert StackModule([bottom, fastae.Autoencoder(4, 3)]).hidden_features == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "node"),
+    [
+        (lambda **kw: fastae.Autoencoder(7, 5, **kw), "AutoencoderStep"),
+        (lambda **kw: fastae.DeepAutoencoder(7, (6, 5), activation="sigmoid", **kw),
+         "DeepAutoencoderStep"),
+    ],
+    ids=["autoencoder", "deep"],
+)  # fmt: skip
+def test_synced_kl_statistics_leave_the_one_node_step_in_training_mode_only(make, node):
+    """sync_statistics sums the KL term's code means over processes in training mode only:
+    there the forward composes the ops (a sum over processes cannot run inside the node); in
+    eval mode each process takes its own batch's means and the forward runs as one node."""
+    torch.manual_seed(0)
+    model = make(sparsity=fastae.KLSparsity(0.1, 0.5), sync_statistics=True)
+    x = torch.rand(6, 7)
+    assert node not in type(model.train()(x).loss.grad_fn).__name__
+    assert node in type(model.eval()(x).loss.grad_fn).__name__
+    unsynced = make(sparsity=fastae.KLSparsity(0.1, 0.5))
+    assert node in type(unsynced.train()(x).loss.grad_fn).__name__
+
+
+def test_deep_repr_names_its_widths_and_the_regularizers_set():
+    """A deep model's repr gives every width in order, its options, and its noise and
+    sparsity only when set."""
+    plain = repr(fastae.DeepAutoencoder(9, (6, 4, 2)))
+    assert "9 -> 6 -> 4 -> 2" in plain and "tied=False" in plain
+    assert "sparsity" not in plain and "noise" not in plain
+    model = fastae.DeepAutoencoder(
+        9, (6, 4), activation="sigmoid", sparsity=fastae.KLSparsity(0.1, 0.5),
+        noise=fastae.MaskingNoise(0.2),
+    )  # fmt: skip
+    text = repr(model)
+    for part in (f"sparsity={model.sparsity!r}", f"noise={model.noise!r}", "activation='sigmoid'"):
+        assert part in text, part
+    l1 = repr(fastae.DeepAutoencoder(9, (6, 4), sparsity=fastae.L1Sparsity(0.3)))
+    assert "sparsity=L1Sparsity(weight=0.3)" in l1
+
+
+def test_a_sigmoid_stack_whose_upper_layer_reconstructs_linearly_decodes_it_linearly():
+    """In a stack of sigmoid layers, an upper layer with an identity output decodes the code
+    without a sigmoid: the training forward's loss is that network's, here by hand in
+    float64 (z1 = sig(x W0^T + b0), z2 = sig(z1 W1^T + b1), g = z2 W1 + c1, x^ = sig(g W0 +
+    c0), BCE against x)."""
+    torch.manual_seed(0)
+    bottom = fastae.Autoencoder(7, 5, dtype=torch.float64)
+    top = fastae.Autoencoder(5, 3, output="identity", loss="mse", dtype=torch.float64)
+    with torch.no_grad():
+        top.decoder_bias.uniform_(-1, 1)
+        bottom.decoder_bias.uniform_(-1, 1)
+    stack = StackModule([bottom, top]).train()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    out = stack(x)
+    with torch.no_grad():
+        z1 = torch.sigmoid(x @ bottom.weight.T + bottom.bias)
+        z2 = torch.sigmoid(z1 @ top.weight.T + top.bias)
+        g = z2 @ top.weight + top.decoder_bias
+        x_hat = torch.sigmoid(g @ bottom.weight + bottom.decoder_bias)
+        want = -(x * x_hat.log() + (1 - x) * (1 - x_hat).log()).sum(1)
+    torch.testing.assert_close(out.per_sample.detach(), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.loss.detach(), want.mean(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.code.detach(), z2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sizes", [(4,), (6, 4), (6, 5, 4)], ids=str)
+@pytest.mark.parametrize("width", [3, 6, 7])
+def test_deep_decode_refuses_codes_of_another_width_naming_the_code_size(sizes, width):
+    """A deep model's decode takes codes of the last width s_L: codes of any other width
+    (the input's, a hidden layer's) are refused by name before any product is tried."""
+    model = fastae.DeepAutoencoder(7, sizes)
+    message = (
+        r"^h must have size 4 in dim 1 \(the model's code has that many units\), "
+        rf"got shape \(2, {width}\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        model.decode(torch.rand(2, width))
+    assert model.decode(torch.rand(2, 4)).shape == (2, 7)
+
+
+def test_stack_repr_gives_every_width_from_the_input_up():
+    """A stack's repr reads as a deep model's widths: the bottom layer's input size, then
+    each layer's code size in order."""
+    stack = StackModule(
+        [fastae.Autoencoder(9, 6), fastae.Autoencoder(6, 4), fastae.Autoencoder(4, 2)]
+    )
+    assert stack.extra_repr() == "9 -> 6 -> 4 -> 2"
+    assert (stack.in_features, stack.hidden_features) == (9, 2)
+
+
+def _three_layer_stack():
+    """Sigmoid layers 8 -> 6 -> 5 -> 3 in float64, random decoder biases, the top one's
+    output identity (a stack other than a DeepAutoencoder's network)."""
+    torch.manual_seed(1)
+    layers = [
+        fastae.Autoencoder(8, 6, tied=False, dtype=torch.float64),
+        fastae.Autoencoder(6, 5, dtype=torch.float64),
+        fastae.Autoencoder(5, 3, output="identity", loss="mse", dtype=torch.float64),
+    ]
+    with torch.no_grad():
+        for layer in layers:
+            layer.bias.uniform_(-0.5, 0.5)
+            layer.decoder_bias.uniform_(-0.5, 0.5)
+    return StackModule(layers)
+
+
+def _by_hand(stack, x):
+    """(code, x^, per-sample BCE) of a stack by the layers' formulas, layer by layer."""
+    bottom, middle, top = stack.layers
+    z1 = torch.sigmoid(x @ bottom.weight.T + bottom.bias)
+    z2 = torch.sigmoid(z1 @ middle.weight.T + middle.bias)
+    z3 = torch.sigmoid(z2 @ top.weight.T + top.bias)
+    g2 = z3 @ top.weight + top.decoder_bias  # identity output
+    g1 = torch.sigmoid(g2 @ middle.weight + middle.decoder_bias)
+    x_hat = torch.sigmoid(g1 @ bottom.decoder_weight.T + bottom.decoder_bias)
+    bce = -(x * x_hat.log() + (1 - x) * (1 - x_hat).log()).sum(1)
+    return z3, x_hat, bce
+
+
+def test_a_three_layer_stack_decodes_top_down():
+    """encode runs the layers bottom-up and decode, reconstruct, reconstruction_error and
+    the forward (training mode, no noise) run their decoders top-down, as by hand."""
+    stack = _three_layer_stack().train()
+    x = torch.rand(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        code, x_hat, bce = _by_hand(stack, x)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stack.encode(x), code, **tol)
+    torch.testing.assert_close(stack.decode(code), x_hat, **tol)
+    torch.testing.assert_close(stack.reconstruct(x), x_hat, **tol)
+    torch.testing.assert_close(stack.reconstruction_error(x), bce, **tol)
+    out = stack(x)
+    torch.testing.assert_close(out.code.detach(), code, **tol)
+    torch.testing.assert_close(out.per_sample.detach(), bce, **tol)
+    torch.testing.assert_close(out.loss.detach(), bce.mean(), **tol)
+
+
+def _naive_kl(rho, rho_hat):
+    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+
+def test_a_stack_names_and_sums_every_layers_penalties():
+    """Each layer's penalties join a stack's forward under the layer's index ("sparsity0",
+    "contractive0", "sparsity1"), each from that layer's codes, and the loss is the
+    reconstruction loss plus all of them, here by hand in float64."""
+    torch.manual_seed(2)
+    bottom = fastae.Autoencoder(
+        7, 5, sparsity=fastae.KLSparsity(0.1, 0.5), contractive=0.3, dtype=torch.float64
+    )
+    top = fastae.Autoencoder(5, 3, sparsity=fastae.KLSparsity(0.2, 2.0), dtype=torch.float64)
+    stack = StackModule([bottom, top]).train()
+    x = torch.rand(6, 7, dtype=torch.float64)
+    out = stack(x)
+    with torch.no_grad():
+        z1 = torch.sigmoid(x @ bottom.weight.T + bottom.bias)
+        z2 = torch.sigmoid(z1 @ top.weight.T + top.bias)
+        # ||J||_F^2 of a sigmoid layer: sum_j (z_j (1 - z_j))^2 ||W_j||^2
+        jac = ((z1 * (1 - z1)).square() * bottom.weight.square().sum(1)).sum(1).mean()
+        want = {
+            "sparsity0": 0.5 * _naive_kl(0.1, z1.mean(0)),
+            "contractive0": 0.3 * jac,
+            "sparsity1": 2.0 * _naive_kl(0.2, z2.mean(0)),
+        }
+    assert sorted(out.penalties) == sorted(want)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    for name, value in want.items():
+        torch.testing.assert_close(out.penalties[name].detach(), value, **tol)
+    total = out.reconstruction_loss.detach() + sum(want.values())
+    torch.testing.assert_close(out.loss.detach(), total, **tol)
+
+
+class _TwoProcesses:
+    """torch.distributed as two processes see it, the other one with a batch of as many rows
+    whose code means are all 0.5: the all-reduced count doubles, each column sum gains
+    rows * 0.5. Records the all-reduces it answers."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, 0
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.calls += 1
+        if tensor.dim() == 0:
+            tensor.mul_(2)
+        else:
+            tensor.add_(0.5 * self.rows)
+
+
+def _kl_models():
+    torch.manual_seed(3)
+    made = dict(sparsity=fastae.KLSparsity(0.1, 0.5), sync_statistics=True, dtype=torch.float64)
+    return {
+        "autoencoder": fastae.Autoencoder(7, 4, **made),
+        "deep": fastae.DeepAutoencoder(7, (5, 4), activation="sigmoid", **made),
+        "stack": StackModule([fastae.Autoencoder(7, 4, **made)]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "deep", "stack"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_synced_kl_term_takes_the_global_code_means_in_training_mode_only(kind, grad, monkeypatch):
+    """Under a process group, sync_statistics makes the KL term of a training forward take
+    the code means of all processes' batches ((local + other) / 2 for two equal batches);
+    an eval forward takes its own batch's, with no collective at all."""
+    model = _kl_models()[kind]
+    x = torch.rand(6, 7, dtype=torch.float64)
+    group = _TwoProcesses(rows=6)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", group.all_reduce)
+    name = "sparsity0" if kind == "stack" else "sparsity"
+    with torch.no_grad():
+        if kind == "deep":
+            encoder = list(zip(model.weights, model.biases, strict=True))
+        else:
+            layer = model.layers[0] if kind == "stack" else model
+            encoder = [(layer.weight, layer.bias)]
+        h = x
+        for weight, bias in encoder:
+            h = torch.sigmoid(h @ weight.T + bias)
+        local = h.mean(0)
+    with torch.set_grad_enabled(grad):
+        trained = model.train()(x).penalties[name].detach()
+        assert group.calls >= 2
+        group.calls = 0
+        evaluated = model.eval()(x).penalties[name].detach()
+        assert group.calls == 0
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trained, 0.5 * _naive_kl(0.1, (local + 0.5) / 2), **tol)
+    torch.testing.assert_close(evaluated, 0.5 * _naive_kl(0.1, local), **tol)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_deep_initialisation_is_xavier_uniform_in_construction_order(tied):
+    """A deep model's weights are torch.nn.init.xavier_uniform_'s draws under the same seed,
+    the encoder's layers first, then an untied decoder's; biases zero. reset_parameters
+    draws them again in that order and zeroes every bias."""
+    torch.manual_seed(5)
+    model = fastae.DeepAutoencoder(9, (6, 4), tied=tied)
+    torch.manual_seed(5)
+    shapes = [(6, 9), (4, 6)] + ([] if tied else [(9, 6), (6, 4)])
+    want = [torch.nn.init.xavier_uniform_(torch.empty(shape)) for shape in shapes]
+    got = [w.detach().clone() for w in (*model.weights, *([] if tied else model.decoder_weights))]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.manual_seed(5)
+    model.reset_parameters()
+    again = [*model.weights, *([] if tied else model.decoder_weights)]
+    for a, b, w in zip(got, again, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
+        torch.testing.assert_close(b.detach(), w, rtol=0, atol=0)
+    for bias in [*model.biases, *model.decoder_biases]:
+        assert not bias.any()
