@@ -1891,31 +1891,30 @@ def test_baseline_kl_sparsity_clamps_a_dead_unit():
     assert got.item() == pytest.approx(want, rel=1e-12)
 
 
+def _brute_denoising(monkeypatch):
+    """Parameters, the code of the masked input and the mean BCE against the clean x, by
+    hand, with torch.rand_like giving fixed uniforms."""
+    x, W, b, c = _brute_params()
+    u = _fixed_uniforms(x.shape)
+    monkeypatch.setattr(torch, "rand_like", lambda like: u)
+    h = _brute_encode(_brute_mask(x, u), W.tolist(), b.tolist())
+    losses = _brute_bce(h, W.tolist(), c.tolist(), x.tolist())
+    return (x, W, b, c), h, sum(losses) / len(losses)
+
+
 def test_baseline_denoising_step_encodes_the_corrupted_input_and_reconstructs_the_clean_one(
     monkeypatch,
 ):
     """denoising_step: the mask u >= MASK_P applied to x, the code of the corrupted input, and
     the BCE against the clean x (batch mean)."""
-    x, W, b, c = _brute_params()
-    u = _fixed_uniforms(x.shape)
-    monkeypatch.setattr(torch, "rand_like", lambda like: u)
-    x_tilde = _brute_mask(x, u)
-    h = _brute_encode(x_tilde, W.tolist(), b.tolist())
-    losses = _brute_bce(h, W.tolist(), c.tolist(), x.tolist())
-    want = sum(losses) / len(losses)
+    (x, W, b, c), h, want = _brute_denoising(monkeypatch)
     assert baselines.denoising_step(x, W, b, c).item() == pytest.approx(want, rel=1e-10)
 
 
 def test_baseline_all_step_adds_sparsity_and_contraction_to_the_denoising_loss(monkeypatch):
     """all_step: the denoising BCE (clean target) + the KL sparsity of the corrupted input's
     code + CONTRACTIVE times the Jacobian penalty at the corrupted input."""
-    x, W, b, c = _brute_params()
-    u = _fixed_uniforms(x.shape)
-    monkeypatch.setattr(torch, "rand_like", lambda like: u)
-    x_tilde = _brute_mask(x, u)
-    h = _brute_encode(x_tilde, W.tolist(), b.tolist())
-    losses = _brute_bce(h, W.tolist(), c.tolist(), x.tolist())
-    want = sum(losses) / len(losses)
+    (x, W, b, c), h, want = _brute_denoising(monkeypatch)
     want += _brute_kl(h, baselines.RHO, baselines.SPARSITY_WEIGHT)
     want += baselines.CONTRACTIVE * _brute_contractive(h, W.tolist())
     assert baselines.all_step(x, W, b, c).item() == pytest.approx(want, rel=1e-10)

@@ -1821,6 +1821,12 @@ def test_deep_repr_names_its_widths_and_the_regularizers_set():
     assert "sparsity=L1Sparsity(weight=0.3)" in l1
 
 
+def _two_codes(x, bottom, top):
+    """The codes of a stack of two sigmoid layers, by hand."""
+    z1 = torch.sigmoid(x @ bottom.weight.T + bottom.bias)
+    return z1, torch.sigmoid(z1 @ top.weight.T + top.bias)
+
+
 def test_a_sigmoid_stack_whose_upper_layer_reconstructs_linearly_decodes_it_linearly():
     """In a stack of sigmoid layers, an upper layer with an identity output decodes the code
     without a sigmoid: the training forward's loss is that network's, here by hand in
@@ -1836,8 +1842,7 @@ def test_a_sigmoid_stack_whose_upper_layer_reconstructs_linearly_decodes_it_line
     x = torch.rand(6, 7, dtype=torch.float64)
     out = stack(x)
     with torch.no_grad():
-        z1 = torch.sigmoid(x @ bottom.weight.T + bottom.bias)
-        z2 = torch.sigmoid(z1 @ top.weight.T + top.bias)
+        z1, z2 = _two_codes(x, bottom, top)
         g = z2 @ top.weight + top.decoder_bias
         x_hat = torch.sigmoid(g @ bottom.weight + bottom.decoder_bias)
         want = -(x * x_hat.log() + (1 - x) * (1 - x_hat).log()).sum(1)
@@ -1935,8 +1940,7 @@ def test_a_stack_names_and_sums_every_layers_penalties():
     x = torch.rand(6, 7, dtype=torch.float64)
     out = stack(x)
     with torch.no_grad():
-        z1 = torch.sigmoid(x @ bottom.weight.T + bottom.bias)
-        z2 = torch.sigmoid(z1 @ top.weight.T + top.bias)
+        z1, z2 = _two_codes(x, bottom, top)
         # ||J||_F^2 of a sigmoid layer: sum_j (z_j (1 - z_j))^2 ||W_j||^2
         jac = ((z1 * (1 - z1)).square() * bottom.weight.square().sum(1)).sum(1).mean()
         want = {
