@@ -1923,10 +1923,6 @@ def test_a_three_layer_stack_decodes_top_down():
     torch.testing.assert_close(out.loss.detach(), bce.mean(), **tol)
 
 
-def _naive_kl(rho, rho_hat):
-    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
-
-
 def test_a_stack_names_and_sums_every_layers_penalties():
     """Each layer's penalties join a stack's forward under the layer's index ("sparsity0",
     "contractive0", "sparsity1"), each from that layer's codes, and the loss is the
@@ -1944,9 +1940,9 @@ def test_a_stack_names_and_sums_every_layers_penalties():
         # ||J||_F^2 of a sigmoid layer: sum_j (z_j (1 - z_j))^2 ||W_j||^2
         jac = ((z1 * (1 - z1)).square() * bottom.weight.square().sum(1)).sum(1).mean()
         want = {
-            "sparsity0": 0.5 * _naive_kl(0.1, z1.mean(0)),
+            "sparsity0": 0.5 * naive_kl(0.1, z1.mean(0)),
             "contractive0": 0.3 * jac,
-            "sparsity1": 2.0 * _naive_kl(0.2, z2.mean(0)),
+            "sparsity1": 2.0 * naive_kl(0.2, z2.mean(0)),
         }
     assert sorted(out.penalties) == sorted(want)
     tol = dict(rtol=1e-10, atol=1e-10)
@@ -2012,8 +2008,8 @@ def test_synced_kl_term_takes_the_global_code_means_in_training_mode_only(kind, 
         evaluated = model.eval()(x).penalties[name].detach()
         assert group.calls == 0
     tol = dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(trained, 0.5 * _naive_kl(0.1, (local + 0.5) / 2), **tol)
-    torch.testing.assert_close(evaluated, 0.5 * _naive_kl(0.1, local), **tol)
+    torch.testing.assert_close(trained, 0.5 * naive_kl(0.1, (local + 0.5) / 2), **tol)
+    torch.testing.assert_close(evaluated, 0.5 * naive_kl(0.1, local), **tol)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from test_modules import naive_kl
 
 import fastae
 from fastae import steps
@@ -731,18 +732,11 @@ def test_l1_sparsity_step_through_the_kernels_equals_the_ops_composed(low_precis
         _assert_same(model, x, [lambda out: out.loss], monkeypatch)
 
 
-def _kl_penalty(rho_hat, rho, weight):
-    return (
-        weight
-        * (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
-    )
-
-
 @pytest.mark.parametrize(
     ("sparsity", "penalty"),
     [
         (fastae.L1Sparsity(0.2), lambda rho_hat: 0.2 * rho_hat.sum()),
-        (fastae.KLSparsity(0.1, 0.5), lambda rho_hat: _kl_penalty(rho_hat, 0.1, 0.5)),
+        (fastae.KLSparsity(0.1, 0.5), lambda rho_hat: 0.5 * naive_kl(0.1, rho_hat)),
     ],
     ids=["l1", "kl"],
 )
